@@ -1,0 +1,249 @@
+//! The model-level interface every tier implements, and the reference's implementation.
+
+use crate::config::MambaConfig;
+use crate::error::{Error, Result};
+use crate::float::Float;
+use crate::loss::cross_entropy;
+use crate::model::{backward, forward, Batch};
+use crate::optim::{AdamW, AdamWConfig, StepStats};
+use crate::params::{param_specs, Params};
+use crate::state::State;
+use crate::tensor::Tensor;
+
+/// Result of [`Engine::loss_and_backward`].
+#[derive(Clone, Debug)]
+pub struct LossOutput {
+    /// Mean cross-entropy over the masked target positions (not multiplied by `grad_scale`).
+    pub loss: f64,
+    /// Number of target positions the mean is over.
+    pub n_targets: usize,
+    /// Gradient of `grad_scale · loss` w.r.t. the initial state (zeros stand for "no state").
+    pub grad_state: State<f32>,
+}
+
+/// Named f32 tensors in canonical order (parameters, gradients, optimizer moments).
+pub type NamedTensors = Vec<(String, Tensor<f32>)>;
+
+/// AdamW state for checkpoints.
+#[derive(Clone, Debug, PartialEq)]
+pub struct OptimizerState {
+    pub step: u64,
+    pub m: NamedTensors,
+    pub v: NamedTensors,
+}
+
+/// A Mamba model on some device. Every tier implements this; the trainer, `vet-chat` and the
+/// conformance suite only talk to models through it. Values cross the boundary as f32.
+pub trait Engine {
+    /// Short name of the tier ("reference-f64", "simd", "cuda:0").
+    fn name(&self) -> String;
+    fn config(&self) -> &MambaConfig;
+    /// Logits `[batch, seq_len, vocab]` and the state after the last position.
+    fn forward(
+        &mut self,
+        input: &Batch,
+        state: Option<&State<f32>>,
+    ) -> Result<(Tensor<f32>, State<f32>)>;
+    /// Forward, masked cross-entropy against `targets` `[batch, seq_len]`, and backward of
+    /// `grad_scale · loss`, *adding* to the gradient buffers.
+    fn loss_and_backward(
+        &mut self,
+        input: &Batch,
+        targets: &[u32],
+        mask: Option<&[bool]>,
+        state: Option<&State<f32>>,
+        grad_scale: f64,
+    ) -> Result<LossOutput>;
+    /// Clears the gradient buffers.
+    fn zero_grad(&mut self);
+    /// Clips and applies AdamW with learning rate `lr`. A non-finite gradient skips the step.
+    fn optimizer_step(&mut self, hp: &AdamWConfig, lr: f64) -> Result<StepStats>;
+    /// One token per row (`tokens` `[batch]`), updating `state` in place; returns logits
+    /// `[batch, vocab]`. `resets[b]` starts row `b` afresh.
+    fn step(
+        &mut self,
+        tokens: &[u32],
+        resets: Option<&[bool]>,
+        state: &mut State<f32>,
+    ) -> Result<Tensor<f32>>;
+    fn parameters(&self) -> NamedTensors;
+    fn set_parameters(&mut self, named: &[(String, Tensor<f32>)]) -> Result<()>;
+    fn gradients(&self) -> NamedTensors;
+    fn optimizer_state(&self) -> OptimizerState;
+    fn set_optimizer_state(&mut self, state: &OptimizerState) -> Result<()>;
+}
+
+/// The specification as an engine: scalar loops in `T` (`f32` or `f64`).
+#[derive(Clone, Debug)]
+pub struct ReferenceEngine<T> {
+    pub cfg: MambaConfig,
+    pub params: Params<T>,
+    pub grads: Params<T>,
+    pub opt: AdamW<T>,
+}
+
+impl<T: Float> ReferenceEngine<T> {
+    pub fn new(cfg: MambaConfig, params: Params<T>) -> Self {
+        let grads = Params::zeros(&cfg);
+        let opt = AdamW::new(&cfg);
+        ReferenceEngine {
+            cfg,
+            params,
+            grads,
+            opt,
+        }
+    }
+}
+
+fn to_named<T: Float>(cfg: &MambaConfig, p: &Params<T>) -> NamedTensors {
+    p.named(cfg)
+        .into_iter()
+        .map(|(n, t)| (n, t.cast()))
+        .collect()
+}
+
+/// Checks `named` against the spec (names, order, shapes) and builds `Params<T>`.
+pub fn params_from_named<T: Float>(
+    cfg: &MambaConfig,
+    named: &[(String, Tensor<f32>)],
+) -> Result<Params<T>> {
+    let specs = param_specs(cfg);
+    let mismatch = specs.len() != named.len()
+        || specs
+            .iter()
+            .zip(named)
+            .any(|((sn, ss), (n, t))| sn != n || ss != &t.shape);
+    if mismatch {
+        let want: Vec<_> = specs.iter().map(|(n, s)| format!("{n} {s:?}")).collect();
+        let got: Vec<_> = named
+            .iter()
+            .map(|(n, t)| format!("{n} {:?}", t.shape))
+            .collect();
+        return Err(Error::Shape {
+            op: "set_parameters",
+            msg: format!("got [{}], expected [{}]", got.join(", "), want.join(", ")),
+        });
+    }
+    Ok(Params::from_ordered(
+        cfg,
+        named.iter().map(|(_, t)| t.cast()).collect(),
+    ))
+}
+
+impl<T: Float> Engine for ReferenceEngine<T> {
+    fn name(&self) -> String {
+        format!("reference-{}", T::NAME)
+    }
+
+    fn config(&self) -> &MambaConfig {
+        &self.cfg
+    }
+
+    fn forward(
+        &mut self,
+        input: &Batch,
+        state: Option<&State<f32>>,
+    ) -> Result<(Tensor<f32>, State<f32>)> {
+        let st = state.map(|s| s.cast::<T>());
+        let (logits, out, _) = forward(&self.cfg, &self.params, input, st.as_ref(), false)?;
+        Ok((logits.cast(), out.cast()))
+    }
+
+    fn loss_and_backward(
+        &mut self,
+        input: &Batch,
+        targets: &[u32],
+        mask: Option<&[bool]>,
+        state: Option<&State<f32>>,
+        grad_scale: f64,
+    ) -> Result<LossOutput> {
+        let st = state.map(|s| s.cast::<T>());
+        let (logits, _, cache) = forward(&self.cfg, &self.params, input, st.as_ref(), true)?;
+        let lo = cross_entropy(
+            &logits.data,
+            targets,
+            mask,
+            self.cfg.vocab_size,
+            T::from_f64(grad_scale),
+        )?;
+        let cache = cache.expect("forward keeps the cache when asked");
+        let gs = backward(
+            &self.cfg,
+            &self.params,
+            input,
+            st.as_ref(),
+            &cache,
+            &lo.d_logits,
+            &mut self.grads,
+        )?;
+        Ok(LossOutput {
+            loss: lo.loss.to_f64(),
+            n_targets: lo.n_targets,
+            grad_state: gs.cast(),
+        })
+    }
+
+    fn zero_grad(&mut self) {
+        for t in self.grads.tensors_mut() {
+            t.fill(T::ZERO);
+        }
+    }
+
+    fn optimizer_step(&mut self, hp: &AdamWConfig, lr: f64) -> Result<StepStats> {
+        Ok(self
+            .opt
+            .step(&self.cfg, &mut self.params, &mut self.grads, hp, lr))
+    }
+
+    fn step(
+        &mut self,
+        tokens: &[u32],
+        resets: Option<&[bool]>,
+        state: &mut State<f32>,
+    ) -> Result<Tensor<f32>> {
+        let batch = tokens.len();
+        let input = Batch {
+            batch,
+            seq_len: 1,
+            tokens,
+            resets,
+        };
+        let st = state.cast::<T>();
+        let (logits, out, _) = forward(&self.cfg, &self.params, &input, Some(&st), false)?;
+        *state = out.cast();
+        Ok(Tensor::from_vec(
+            &[batch, self.cfg.vocab_size],
+            logits.cast::<f32>().data,
+        ))
+    }
+
+    fn parameters(&self) -> NamedTensors {
+        to_named(&self.cfg, &self.params)
+    }
+
+    fn set_parameters(&mut self, named: &[(String, Tensor<f32>)]) -> Result<()> {
+        self.params = params_from_named(&self.cfg, named)?;
+        Ok(())
+    }
+
+    fn gradients(&self) -> NamedTensors {
+        to_named(&self.cfg, &self.grads)
+    }
+
+    fn optimizer_state(&self) -> OptimizerState {
+        OptimizerState {
+            step: self.opt.step,
+            m: to_named(&self.cfg, &self.opt.m),
+            v: to_named(&self.cfg, &self.opt.v),
+        }
+    }
+
+    fn set_optimizer_state(&mut self, state: &OptimizerState) -> Result<()> {
+        self.opt = AdamW {
+            m: params_from_named(&self.cfg, &state.m)?,
+            v: params_from_named(&self.cfg, &state.v)?,
+            step: state.step,
+        };
+        Ok(())
+    }
+}

@@ -1,0 +1,569 @@
+//! safetensors I/O: reading checkpoints (f32, f64, bf16, f16 -> f32 or f64), checking them
+//! against the config's parameter list, and writing them atomically.
+//!
+//! Files are read tensor by tensor (header first, then each tensor's bytes), so loading a
+//! model needs memory for the model plus one tensor, not for the whole file twice. Every
+//! malformed file (truncated, bad header, garbage) is an [`Error::Checkpoint`] naming the path.
+//! All byte conversions are explicitly little-endian.
+
+use std::borrow::Cow;
+use std::collections::{HashMap, HashSet};
+use std::fs::{self, File};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use half::{bf16, f16};
+use safetensors::tensor::{Metadata, TensorInfo};
+use safetensors::{Dtype, View};
+
+use crate::config::MambaConfig;
+use crate::error::{Error, Result};
+use crate::float::Float;
+use crate::params::{param_specs, Params};
+use crate::tensor::Tensor;
+
+/// The largest header accepted (the safetensors crate's own limit).
+const MAX_HEADER_LEN: u64 = 100_000_000;
+
+/// The mamba_ssm spelling of the embedding, renamed on load.
+const MAMBA_SSM_EMBEDDING: &str = "backbone.embedding.weight";
+const EMBEDDING: &str = "backbone.embeddings.weight";
+const LM_HEAD: &str = "lm_head.weight";
+
+fn ckpt_err(path: &Path, msg: impl Into<String>) -> Error {
+    Error::Checkpoint {
+        path: path.display().to_string(),
+        msg: msg.into(),
+    }
+}
+
+/// An open safetensors file whose header has been read and checked against the file size.
+struct Header {
+    path: PathBuf,
+    file: File,
+    /// Byte offset of the tensor data (8 + header length).
+    data_start: u64,
+    /// Every tensor, in file order.
+    entries: Vec<(String, TensorInfo)>,
+}
+
+impl Header {
+    fn open(path: &Path) -> Result<Header> {
+        let mut file = File::open(path).map_err(|e| Error::io(path, e))?;
+        let file_len = file.metadata().map_err(|e| Error::io(path, e))?.len();
+        if file_len < 8 {
+            return Err(ckpt_err(
+                path,
+                format!("file is {file_len} bytes, too short for a safetensors header"),
+            ));
+        }
+        let mut len_bytes = [0u8; 8];
+        file.read_exact(&mut len_bytes)
+            .map_err(|e| ckpt_err(path, format!("reading the header length: {e}")))?;
+        let header_len = u64::from_le_bytes(len_bytes);
+        if header_len > MAX_HEADER_LEN {
+            return Err(ckpt_err(
+                path,
+                format!("header length {header_len} is over the {MAX_HEADER_LEN}-byte limit (not a safetensors file?)"),
+            ));
+        }
+        if header_len > file_len - 8 {
+            return Err(ckpt_err(
+                path,
+                format!("header length {header_len} runs past the end of the {file_len}-byte file (truncated or not a safetensors file)"),
+            ));
+        }
+        // Bounded by MAX_HEADER_LEN above, so the cast cannot truncate.
+        let mut header = vec![0u8; header_len as usize];
+        file.read_exact(&mut header)
+            .map_err(|e| ckpt_err(path, format!("reading the header: {e}")))?;
+        let meta: Metadata = serde_json::from_slice(&header)
+            .map_err(|e| ckpt_err(path, format!("invalid safetensors header: {e}")))?;
+        let data_start = 8 + header_len;
+        let data_len = meta.data_len() as u64;
+        if data_start.checked_add(data_len) != Some(file_len) {
+            return Err(ckpt_err(
+                path,
+                format!(
+                    "header describes {data_len} bytes of tensor data but the file holds {} (truncated or corrupt file)",
+                    file_len - data_start
+                ),
+            ));
+        }
+        let entries = meta
+            .offset_keys()
+            .into_iter()
+            .filter_map(|name| meta.info(&name).cloned().map(|info| (name, info)))
+            .collect();
+        Ok(Header {
+            path: path.to_path_buf(),
+            file,
+            data_start,
+            entries,
+        })
+    }
+
+    fn info(&self, name: &str) -> Option<&TensorInfo> {
+        self.entries.iter().find(|(n, _)| n == name).map(|(_, i)| i)
+    }
+
+    /// The raw little-endian bytes of one tensor.
+    fn read_bytes(&mut self, name: &str, info: &TensorInfo) -> Result<Vec<u8>> {
+        let (start, end) = info.data_offsets;
+        let mut bytes = vec![0u8; end - start];
+        self.file
+            .seek(SeekFrom::Start(self.data_start + start as u64))
+            .and_then(|_| self.file.read_exact(&mut bytes))
+            .map_err(|e| ckpt_err(&self.path, format!("reading tensor `{name}`: {e}")))?;
+        Ok(bytes)
+    }
+
+    /// One floating-point tensor, converted to `T`.
+    fn read_float<T: Float>(&mut self, name: &str, info: &TensorInfo) -> Result<Tensor<T>> {
+        check_float_dtype(&self.path, name, info.dtype)?;
+        let bytes = self.read_bytes(name, info)?;
+        Ok(Tensor {
+            shape: info.shape.clone(),
+            data: decode_float(&bytes, info.dtype),
+        })
+    }
+}
+
+fn is_float_dtype(dtype: Dtype) -> bool {
+    matches!(dtype, Dtype::F32 | Dtype::F64 | Dtype::BF16 | Dtype::F16)
+}
+
+fn check_float_dtype(path: &Path, name: &str, dtype: Dtype) -> Result<()> {
+    if is_float_dtype(dtype) {
+        Ok(())
+    } else {
+        Err(ckpt_err(
+            path,
+            format!("tensor `{name}` has dtype {dtype}; expected F32, F64, BF16 or F16"),
+        ))
+    }
+}
+
+/// Converts little-endian bytes of a float dtype (checked by the caller) to `T`. f64 goes to
+/// `T` directly, so an f64 file read as f64 keeps every bit.
+fn decode_float<T: Float>(bytes: &[u8], dtype: Dtype) -> Vec<T> {
+    fn arr<const N: usize>(c: &[u8]) -> [u8; N] {
+        let mut a = [0u8; N];
+        a.copy_from_slice(c);
+        a
+    }
+    match dtype {
+        Dtype::F64 => bytes
+            .chunks_exact(8)
+            .map(|c| T::from_f64(f64::from_le_bytes(arr(c))))
+            .collect(),
+        Dtype::F32 => bytes
+            .chunks_exact(4)
+            .map(|c| T::from_f32(f32::from_le_bytes(arr(c))))
+            .collect(),
+        Dtype::BF16 => bytes
+            .chunks_exact(2)
+            .map(|c| T::from_f32(bf16::from_bits(u16::from_le_bytes(arr(c))).to_f32()))
+            .collect(),
+        Dtype::F16 => bytes
+            .chunks_exact(2)
+            .map(|c| T::from_f32(f16::from_bits(u16::from_le_bytes(arr(c))).to_f32()))
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// Every tensor of a safetensors file as f32 (F32, F64, BF16 and F16 are converted), sorted by
+/// name. Another dtype is an error naming the tensor.
+pub fn read_tensors(path: &Path) -> Result<Vec<(String, Tensor<f32>)>> {
+    let mut h = Header::open(path)?;
+    if let Some((name, info)) = h.entries.iter().find(|(_, i)| !is_float_dtype(i.dtype)) {
+        return Err(ckpt_err(
+            path,
+            format!(
+                "tensor `{name}` has dtype {}; expected F32, F64, BF16 or F16",
+                info.dtype
+            ),
+        ));
+    }
+    let entries = h.entries.clone();
+    let mut out = Vec::with_capacity(entries.len());
+    for (name, info) in &entries {
+        out.push((name.clone(), h.read_float(name, info)?));
+    }
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(out)
+}
+
+/// One integer tensor (I64 or I32) of a safetensors file, e.g. token ids: `(shape, values)`.
+pub fn read_i64(path: &Path, name: &str) -> Result<(Vec<usize>, Vec<i64>)> {
+    let mut h = Header::open(path)?;
+    let Some(info) = h.info(name).cloned() else {
+        let names: Vec<&str> = h.entries.iter().map(|(n, _)| n.as_str()).collect();
+        return Err(ckpt_err(
+            path,
+            format!("no tensor `{name}` (the file has: {})", names.join(", ")),
+        ));
+    };
+    let bytes = h.read_bytes(name, &info)?;
+    let data = match info.dtype {
+        Dtype::I64 => bytes
+            .chunks_exact(8)
+            .map(|c| {
+                let mut a = [0u8; 8];
+                a.copy_from_slice(c);
+                i64::from_le_bytes(a)
+            })
+            .collect(),
+        Dtype::I32 => bytes
+            .chunks_exact(4)
+            .map(|c| {
+                let mut a = [0u8; 4];
+                a.copy_from_slice(c);
+                i64::from(i32::from_le_bytes(a))
+            })
+            .collect(),
+        other => {
+            return Err(ckpt_err(
+                path,
+                format!("tensor `{name}` has dtype {other}; expected I64 or I32"),
+            ))
+        }
+    };
+    Ok((info.shape, data))
+}
+
+/// `dir/model.safetensors` when `path` is a directory, else `path`.
+fn model_file(path: &Path) -> PathBuf {
+    if path.is_dir() {
+        path.join("model.safetensors")
+    } else {
+        path.to_path_buf()
+    }
+}
+
+/// Maps each canonical parameter name to the name it has in the file: accepts mamba_ssm's
+/// `backbone.embedding.weight` and ignores `lm_head.weight` when the config ties it.
+fn canonical_names(path: &Path, h: &Header, cfg: &MambaConfig) -> Result<HashMap<String, String>> {
+    let mut map = HashMap::new();
+    for (name, _) in &h.entries {
+        let canonical = if name == MAMBA_SSM_EMBEDDING {
+            EMBEDDING
+        } else if name == LM_HEAD && cfg.tie_embeddings {
+            continue;
+        } else {
+            name.as_str()
+        };
+        if map.insert(canonical.to_string(), name.clone()).is_some() {
+            return Err(ckpt_err(
+                path,
+                format!("holds both `{EMBEDDING}` and `{MAMBA_SSM_EMBEDDING}`"),
+            ));
+        }
+    }
+    Ok(map)
+}
+
+/// Checks the file's tensors against [`param_specs`]; one error lists every problem.
+fn check_against_specs(
+    h: &Header,
+    names: &HashMap<String, String>,
+    specs: &[(String, Vec<usize>)],
+) -> Result<()> {
+    let expected: HashSet<&str> = specs.iter().map(|(n, _)| n.as_str()).collect();
+    let mut missing = Vec::new();
+    let mut shapes = Vec::new();
+    let mut dtypes = Vec::new();
+    for (name, shape) in specs {
+        let Some(info) = names.get(name).and_then(|file_name| h.info(file_name)) else {
+            missing.push(name.clone());
+            continue;
+        };
+        if &info.shape != shape {
+            shapes.push(format!("{name}: got {:?}, expected {shape:?}", info.shape));
+        }
+        if !is_float_dtype(info.dtype) {
+            dtypes.push(format!("{name}: {}", info.dtype));
+        }
+    }
+    let mut unexpected: Vec<&String> = names
+        .values()
+        .filter(|n| !expected.contains(n.as_str()))
+        .collect();
+    unexpected.sort();
+    let mut problems = Vec::new();
+    if !missing.is_empty() {
+        problems.push(format!("missing tensors: {}", missing.join(", ")));
+    }
+    if !unexpected.is_empty() {
+        let list: Vec<&str> = unexpected.iter().map(|s| s.as_str()).collect();
+        problems.push(format!("unexpected tensors: {}", list.join(", ")));
+    }
+    if !shapes.is_empty() {
+        problems.push(format!("wrong shapes: {}", shapes.join("; ")));
+    }
+    if !dtypes.is_empty() {
+        problems.push(format!(
+            "unsupported dtypes (expected F32, F64, BF16 or F16): {}",
+            dtypes.join(", ")
+        ));
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(ckpt_err(
+            &h.path,
+            format!("does not match the config: {}", problems.join("; ")),
+        ))
+    }
+}
+
+/// Loads the parameters of `cfg` from a safetensors file (or `path/model.safetensors` when
+/// `path` is a directory), converting to `T`. Accepts mamba_ssm's `backbone.embedding.weight`;
+/// ignores `lm_head.weight` when the config ties it to the embedding. Missing, unexpected and
+/// wrongly shaped tensors are reported together in one error.
+pub fn load_params<T: Float>(path: &Path, cfg: &MambaConfig) -> Result<Params<T>> {
+    cfg.validate()?;
+    let path = model_file(path);
+    let mut h = Header::open(&path)?;
+    let names = canonical_names(&path, &h, cfg)?;
+    let specs = param_specs(cfg);
+    check_against_specs(&h, &names, &specs)?;
+    let mut tensors = Vec::with_capacity(specs.len());
+    for (name, _) in &specs {
+        let file_name = &names[name];
+        let info = h
+            .info(file_name)
+            .cloned()
+            .ok_or_else(|| ckpt_err(&path, format!("tensor `{file_name}` vanished")))?;
+        tensors.push(h.read_float::<T>(file_name, &info)?);
+    }
+    Ok(Params::from_ordered(cfg, tensors))
+}
+
+/// The element type a checkpoint is written in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SaveDtype {
+    F32,
+    Bf16,
+    F16,
+}
+
+impl SaveDtype {
+    fn dtype(self) -> Dtype {
+        match self {
+            SaveDtype::F32 => Dtype::F32,
+            SaveDtype::Bf16 => Dtype::BF16,
+            SaveDtype::F16 => Dtype::F16,
+        }
+    }
+}
+
+/// A tensor to write with [`write_tensors`].
+#[derive(Clone, Debug, PartialEq)]
+pub enum TensorOut {
+    F32 { shape: Vec<usize>, data: Vec<f32> },
+    Bf16 { shape: Vec<usize>, data: Vec<bf16> },
+    F16 { shape: Vec<usize>, data: Vec<f16> },
+    I64 { shape: Vec<usize>, data: Vec<i64> },
+}
+
+/// A tensor whose bytes are produced only when the serializer writes it.
+struct LazyView<'a> {
+    dtype: Dtype,
+    shape: Vec<usize>,
+    byte_len: usize,
+    bytes: Box<dyn Fn() -> Vec<u8> + 'a>,
+}
+
+impl View for LazyView<'_> {
+    fn dtype(&self) -> Dtype {
+        self.dtype
+    }
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    fn data(&self) -> Cow<'_, [u8]> {
+        Cow::Owned((self.bytes)())
+    }
+    fn data_len(&self) -> usize {
+        self.byte_len
+    }
+}
+
+impl TensorOut {
+    /// The shape, the number of values, and a lazy view for the serializer.
+    fn view(&self) -> (&[usize], usize, LazyView<'_>) {
+        let (dtype, shape, n): (Dtype, &[usize], usize) = match self {
+            TensorOut::F32 { shape, data } => (Dtype::F32, shape, data.len()),
+            TensorOut::Bf16 { shape, data } => (Dtype::BF16, shape, data.len()),
+            TensorOut::F16 { shape, data } => (Dtype::F16, shape, data.len()),
+            TensorOut::I64 { shape, data } => (Dtype::I64, shape, data.len()),
+        };
+        let bytes: Box<dyn Fn() -> Vec<u8> + '_> = match self {
+            TensorOut::F32 { data, .. } => Box::new(|| le_bytes(data, |v| v.to_le_bytes())),
+            TensorOut::Bf16 { data, .. } => {
+                Box::new(|| le_bytes(data, |v| v.to_bits().to_le_bytes()))
+            }
+            TensorOut::F16 { data, .. } => {
+                Box::new(|| le_bytes(data, |v| v.to_bits().to_le_bytes()))
+            }
+            TensorOut::I64 { data, .. } => Box::new(|| le_bytes(data, |v| v.to_le_bytes())),
+        };
+        let byte_len = n * dtype.bitsize() / 8;
+        let view = LazyView {
+            dtype,
+            shape: shape.to_vec(),
+            byte_len,
+            bytes,
+        };
+        (shape, n, view)
+    }
+}
+
+fn le_bytes<V: Copy, const N: usize>(data: &[V], f: impl Fn(V) -> [u8; N]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(data.len() * N);
+    for &v in data {
+        out.extend_from_slice(&f(v));
+    }
+    out
+}
+
+/// Writes f32 / bf16 / f16 / i64 tensors to a safetensors file atomically, with the metadata
+/// `{"format": "pt"}` that transformers requires.
+pub fn write_tensors(path: &Path, tensors: &[(String, TensorOut)]) -> Result<()> {
+    let mut views = Vec::with_capacity(tensors.len());
+    for (name, t) in tensors {
+        let (shape, n, view) = t.view();
+        let numel = shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
+        if numel != Some(n) {
+            return Err(ckpt_err(
+                path,
+                format!("tensor `{name}`: shape {shape:?} does not match its {n} values"),
+            ));
+        }
+        views.push((name.clone(), view));
+    }
+    write_views(path, views)
+}
+
+/// Saves `params` under their canonical names in `dtype` (`path/model.safetensors` when `path`
+/// is a directory), atomically, with metadata `{"format": "pt"}`.
+pub fn save_params<T: Float>(
+    path: &Path,
+    cfg: &MambaConfig,
+    params: &Params<T>,
+    dtype: SaveDtype,
+) -> Result<()> {
+    let path = model_file(path);
+    let specs = param_specs(cfg);
+    let tensors = params.tensors();
+    if specs.len() != tensors.len() {
+        return Err(Error::Shape {
+            op: "save_params",
+            msg: format!(
+                "params hold {} tensors, the config has {}",
+                tensors.len(),
+                specs.len()
+            ),
+        });
+    }
+    let mut views = Vec::with_capacity(specs.len());
+    for ((name, shape), t) in specs.into_iter().zip(tensors) {
+        if t.shape != shape || t.data.len() != shape.iter().product::<usize>() {
+            return Err(Error::Shape {
+                op: "save_params",
+                msg: format!(
+                    "{name} is {:?} with {} values, expected {shape:?}",
+                    t.shape,
+                    t.data.len()
+                ),
+            });
+        }
+        let data = &t.data;
+        let bytes: Box<dyn Fn() -> Vec<u8> + '_> = match dtype {
+            SaveDtype::F32 => Box::new(move || le_bytes(data, |v| v.to_f32().to_le_bytes())),
+            SaveDtype::Bf16 => Box::new(move || {
+                le_bytes(data, |v| bf16::from_f32(v.to_f32()).to_bits().to_le_bytes())
+            }),
+            SaveDtype::F16 => Box::new(move || {
+                le_bytes(data, |v| f16::from_f32(v.to_f32()).to_bits().to_le_bytes())
+            }),
+        };
+        let dt = dtype.dtype();
+        let view = LazyView {
+            dtype: dt,
+            byte_len: data.len() * dt.bitsize() / 8,
+            shape,
+            bytes,
+        };
+        views.push((name, view));
+    }
+    write_views(&path, views)
+}
+
+/// Serialises `views` (names must be unique) to `path` through a temporary file.
+fn write_views(path: &Path, views: Vec<(String, LazyView<'_>)>) -> Result<()> {
+    let mut seen = HashSet::new();
+    for (name, _) in &views {
+        if name == "__metadata__" || !seen.insert(name.as_str()) {
+            return Err(ckpt_err(
+                path,
+                format!("tensor name `{name}` is reserved or repeated"),
+            ));
+        }
+    }
+    let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
+    write_atomically(path, |tmp| {
+        safetensors::serialize_to_file(views, Some(metadata), tmp)
+            .map_err(|e| ckpt_err(path, format!("writing safetensors: {e}")))
+    })
+}
+
+/// Writes `bytes` to `path` atomically: a temporary file in the same directory, fsync, rename.
+/// A crash leaves either the old file or the new one, never half of one.
+pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<()> {
+    write_atomically(path, |tmp| {
+        let mut f = File::create(tmp).map_err(|e| Error::io(tmp, e))?;
+        f.write_all(bytes).map_err(|e| Error::io(tmp, e))
+    })
+}
+
+/// Runs `write` on a fresh temporary path beside `path`, fsyncs it, renames it over `path`
+/// and fsyncs the directory. The temporary file is removed on any error.
+fn write_atomically(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let file_name = path
+        .file_name()
+        .ok_or_else(|| ckpt_err(path, "is not a file path"))?;
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let tmp = dir.join(format!(
+        ".{}.tmp-{}-{}",
+        file_name.to_string_lossy(),
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    ));
+    let result = write(&tmp)
+        .and_then(|()| {
+            File::options()
+                .write(true)
+                .open(&tmp)
+                .and_then(|f| f.sync_all())
+                .map_err(|e| Error::io(&tmp, e))
+        })
+        .and_then(|()| fs::rename(&tmp, path).map_err(|e| Error::io(path, e)));
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+        return result;
+    }
+    // Make the rename itself durable. Not every platform or file system can fsync a
+    // directory; the file is already complete and in place, so a failure here is ignored.
+    if let Ok(d) = File::open(&dir) {
+        let _ = d.sync_all();
+    }
+    Ok(())
+}
