@@ -252,22 +252,25 @@ impl MambaConfig {
             prefix: "",
             source_name,
         };
-        let (cfg, names) = match map.get("model_type") {
-            Some(Value::String(t)) if t == "mamba" => (parse_hf(&top)?, &HF_KEYS),
-            Some(v) if !map.contains_key("d_model") => {
+        match map.get("model_type") {
+            None => {}
+            Some(Value::String(t)) if t == "mamba" => {}
+            Some(v) => {
                 return Err(top.err(
                     "model_type",
                     format!("is {}; only Mamba-1 (\"mamba\") is supported", describe(v)),
                 ))
             }
-            _ if map.contains_key("hidden_size") => (parse_hf(&top)?, &HF_KEYS),
-            _ if map.contains_key("d_model") => (parse_mamba_ssm(&top)?, &SSM_KEYS),
-            _ => {
-                return Err(top.err(
-                    "hidden_size",
-                    "is missing (neither a Hugging Face `hidden_size` nor a mamba_ssm `d_model` key is present)",
-                ))
-            }
+        }
+        let (cfg, names) = if map.contains_key("hidden_size") || map.contains_key("model_type") {
+            (parse_hf(&top)?, &HF_KEYS)
+        } else if map.contains_key("d_model") {
+            (parse_mamba_ssm(&top)?, &SSM_KEYS)
+        } else {
+            return Err(top.err(
+                "hidden_size",
+                "is missing (neither a Hugging Face `hidden_size` nor a mamba_ssm `d_model` key is present)",
+            ));
         };
         cfg.validate_with(source_name, names)?;
         Ok(cfg)
@@ -316,7 +319,7 @@ impl MambaConfig {
                 return Err(err(key, "must be at least 1, got 0".to_string()));
             }
         }
-        if self.vocab_size % self.pad_vocab_size_multiple != 0 {
+        if self.vocab_size.checked_rem(self.pad_vocab_size_multiple) != Some(0) {
             return Err(err(
                 k.vocab_size,
                 format!(
@@ -399,9 +402,9 @@ fn parse_hf(o: &Obj) -> Result<MambaConfig> {
     };
     let vocab_size = o.usize_req("vocab_size")?;
     // transformers ignores `pad_vocab_size_multiple` (its `vocab_size` is the row count); keep
-    // it only when it describes this vocabulary.
+    // it only when it describes this vocabulary, else treat the vocabulary as unpadded (1).
     let pad = match o.usize_or("pad_vocab_size_multiple", 1)? {
-        p if p >= 1 && vocab_size % p == 0 => p,
+        p if p >= 1 && vocab_size.checked_rem(p) == Some(0) => p,
         _ => 1,
     };
     Ok(MambaConfig {

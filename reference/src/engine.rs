@@ -4,7 +4,7 @@ use crate::config::MambaConfig;
 use crate::error::{Error, Result};
 use crate::float::Float;
 use crate::loss::cross_entropy;
-use crate::model::{backward, forward, Batch};
+use crate::model::{backward, forward, step, Batch};
 use crate::optim::{AdamW, AdamWConfig, StepStats};
 use crate::params::{param_specs, Params};
 use crate::state::State;
@@ -201,20 +201,10 @@ impl<T: Float> Engine for ReferenceEngine<T> {
         resets: Option<&[bool]>,
         state: &mut State<f32>,
     ) -> Result<Tensor<f32>> {
-        let batch = tokens.len();
-        let input = Batch {
-            batch,
-            seq_len: 1,
-            tokens,
-            resets,
-        };
-        let st = state.cast::<T>();
-        let (logits, out, _) = forward(&self.cfg, &self.params, &input, Some(&st), false)?;
-        *state = out.cast();
-        Ok(Tensor::from_vec(
-            &[batch, self.cfg.vocab_size],
-            logits.cast::<f32>().data,
-        ))
+        let mut st = state.cast::<T>();
+        let logits = step(&self.cfg, &self.params, tokens, resets, &mut st)?;
+        *state = st.cast();
+        Ok(logits.cast())
     }
 
     fn parameters(&self) -> NamedTensors {

@@ -288,8 +288,9 @@ fn check_against_specs(
         }
     }
     let mut unexpected: Vec<&String> = names
-        .values()
-        .filter(|n| !expected.contains(n.as_str()))
+        .iter()
+        .filter(|(canonical, _)| !expected.contains(canonical.as_str()))
+        .map(|(_, file_name)| file_name)
         .collect();
     unexpected.sort();
     let mut problems = Vec::new();
@@ -332,11 +333,9 @@ pub fn load_params<T: Float>(path: &Path, cfg: &MambaConfig) -> Result<Params<T>
     check_against_specs(&h, &names, &specs)?;
     let mut tensors = Vec::with_capacity(specs.len());
     for (name, _) in &specs {
-        let file_name = &names[name];
-        let info = h
-            .info(file_name)
-            .cloned()
-            .ok_or_else(|| ckpt_err(&path, format!("tensor `{file_name}` vanished")))?;
+        let missing = || ckpt_err(&path, format!("tensor `{name}` is missing"));
+        let file_name = names.get(name).ok_or_else(missing)?;
+        let info = h.info(file_name).cloned().ok_or_else(missing)?;
         tensors.push(h.read_float::<T>(file_name, &info)?);
     }
     Ok(Params::from_ordered(cfg, tensors))
@@ -345,8 +344,11 @@ pub fn load_params<T: Float>(path: &Path, cfg: &MambaConfig) -> Result<Params<T>
 /// The element type a checkpoint is written in.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SaveDtype {
+    /// IEEE single precision (f64 parameters are rounded to it).
     F32,
+    /// bfloat16, rounded to nearest even from f32.
     Bf16,
+    /// IEEE half precision, rounded to nearest even from f32.
     F16,
 }
 
@@ -363,9 +365,13 @@ impl SaveDtype {
 /// A tensor to write with [`write_tensors`].
 #[derive(Clone, Debug, PartialEq)]
 pub enum TensorOut {
+    /// Written as `F32`.
     F32 { shape: Vec<usize>, data: Vec<f32> },
+    /// Written as `BF16`.
     Bf16 { shape: Vec<usize>, data: Vec<bf16> },
+    /// Written as `F16`.
     F16 { shape: Vec<usize>, data: Vec<f16> },
+    /// Written as `I64` (token ids, counters).
     I64 { shape: Vec<usize>, data: Vec<i64> },
 }
 

@@ -1,1 +1,10 @@
+//! # trainer — the `vet-train` tool
+//!
+//! Checkpoint directories, the `debug-state` dump for cross-checking other implementations,
+//! and text generation. The training loop, data pipeline and chat UI grow here in later issues.
+
+pub mod checkpoint;
 pub mod debug_state;
+pub mod device;
+pub mod generate;
+pub mod tokenizer;

@@ -210,3 +210,26 @@ pub fn forward<T: Float>(
     });
     Ok((logits, out_state, cache))
 }
+
+/// The recurrent single-token step: one token per row (`tokens` `[batch]`), continuing from
+/// `state` and updating it in place. Returns logits `[batch, vocab]`. `resets[b]` starts row `b`
+/// afresh. It is the forward at `seq_len = 1`, so it runs the same operations in the same order
+/// and gives the same bits as the full forward.
+pub fn step<T: Float>(
+    cfg: &MambaConfig,
+    params: &Params<T>,
+    tokens: &[u32],
+    resets: Option<&[bool]>,
+    state: &mut State<T>,
+) -> Result<Tensor<T>> {
+    let batch = tokens.len();
+    let input = Batch {
+        batch,
+        seq_len: 1,
+        tokens,
+        resets,
+    };
+    let (logits, out, _) = forward(cfg, params, &input, Some(state), false)?;
+    *state = out;
+    Ok(Tensor::from_vec(&[batch, cfg.vocab_size], logits.data))
+}

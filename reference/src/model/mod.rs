@@ -4,7 +4,7 @@ mod backward;
 mod forward;
 
 pub use backward::backward;
-pub use forward::{forward, ForwardCache, LayerCache};
+pub use forward::{forward, step, ForwardCache, LayerCache};
 
 use crate::config::MambaConfig;
 use crate::error::{Error, Result};
