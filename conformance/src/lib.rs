@@ -4,6 +4,7 @@
 //!
 //! Every random input comes from a seed derived from the test case's name; nothing is zeros.
 
+pub mod goldens;
 pub mod tol;
 
 use reference::rng::{fnv1a64, Rng};

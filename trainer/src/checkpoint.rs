@@ -36,11 +36,19 @@ pub fn load(dir: &Path) -> Result<Checkpoint> {
 
 /// Writes `config.json`, `model.safetensors` (f32) and a copy of `tokenizer` (when given) to
 /// `dir`, atomically: into `dir.tmp` first, then renamed over `dir`.
-pub fn save(dir: &Path, cfg: &MambaConfig, params: &Params<f32>, tokenizer: Option<&Path>) -> Result<()> {
+pub fn save(
+    dir: &Path,
+    cfg: &MambaConfig,
+    params: &Params<f32>,
+    tokenizer: Option<&Path>,
+) -> Result<()> {
     let name = dir
         .file_name()
         .with_context(|| format!("checkpoint path {} has no final component", dir.display()))?;
-    let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let parent = dir
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
     let tmp = parent.join(format!(".{}.tmp", name.to_string_lossy()));
     if tmp.exists() {
@@ -58,7 +66,8 @@ pub fn save(dir: &Path, cfg: &MambaConfig, params: &Params<f32>, tokenizer: Opti
         if dir.exists() {
             fs::remove_dir_all(dir).with_context(|| format!("replacing {}", dir.display()))?;
         }
-        fs::rename(&tmp, dir).with_context(|| format!("renaming {} to {}", tmp.display(), dir.display()))?;
+        fs::rename(&tmp, dir)
+            .with_context(|| format!("renaming {} to {}", tmp.display(), dir.display()))?;
         fs::File::open(parent).and_then(|d| d.sync_all()).ok();
         Ok(())
     })();

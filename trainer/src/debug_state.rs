@@ -21,12 +21,19 @@ pub struct DebugState {
 /// Reads `input_ids` (`[batch, seq_len]`, i64) from `tokens`, runs `engine`, writes `logits`,
 /// `loss` (mean next-token cross-entropy) and `grad.<name>` for every parameter to `out`.
 pub fn run(engine: &mut dyn Engine, tokens: &Path, out: &Path) -> Result<DebugState> {
-    let (shape, ids) = read_i64(tokens, "input_ids").with_context(|| format!("reading tokens {}", tokens.display()))?;
+    let (shape, ids) = read_i64(tokens, "input_ids")
+        .with_context(|| format!("reading tokens {}", tokens.display()))?;
     let [batch, seq_len] = shape[..] else {
-        bail!("{}: input_ids is {shape:?}, expected [batch, seq_len]", tokens.display());
+        bail!(
+            "{}: input_ids is {shape:?}, expected [batch, seq_len]",
+            tokens.display()
+        );
     };
     if seq_len < 2 {
-        bail!("{}: input_ids has seq_len {seq_len}; the loss needs at least 2 positions", tokens.display());
+        bail!(
+            "{}: input_ids has seq_len {seq_len}; the loss needs at least 2 positions",
+            tokens.display()
+        );
     }
     let vocab = engine.config().vocab_size;
     let mut ids32 = Vec::with_capacity(ids.len());
@@ -47,11 +54,29 @@ pub fn run(engine: &mut dyn Engine, tokens: &Path, out: &Path) -> Result<DebugSt
     engine.zero_grad();
     let lo = engine.loss_and_backward(&input, &targets, Some(&mask), None, 1.0)?;
     let mut tensors = vec![
-        ("logits".to_string(), TensorOut::F32 { shape: logits.shape.clone(), data: logits.data }),
-        ("loss".to_string(), TensorOut::F32 { shape: vec![], data: vec![lo.loss as f32] }),
+        (
+            "logits".to_string(),
+            TensorOut::F32 {
+                shape: logits.shape.clone(),
+                data: logits.data,
+            },
+        ),
+        (
+            "loss".to_string(),
+            TensorOut::F32 {
+                shape: vec![],
+                data: vec![lo.loss as f32],
+            },
+        ),
     ];
     for (name, g) in engine.gradients() {
-        tensors.push((format!("grad.{name}"), TensorOut::F32 { shape: g.shape, data: g.data }));
+        tensors.push((
+            format!("grad.{name}"),
+            TensorOut::F32 {
+                shape: g.shape,
+                data: g.data,
+            },
+        ));
     }
     write_tensors(out, &tensors).with_context(|| format!("writing {}", out.display()))?;
     Ok(DebugState {

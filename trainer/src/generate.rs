@@ -32,7 +32,10 @@ fn sample(logits: &[f32], temperature: f64, rng: &mut Rng) -> u32 {
         return argmax(logits);
     }
     let m = logits.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) as f64;
-    let w: Vec<f64> = logits.iter().map(|&v| libm_exp((v as f64 - m) / temperature)).collect();
+    let w: Vec<f64> = logits
+        .iter()
+        .map(|&v| libm_exp((v as f64 - m) / temperature))
+        .collect();
     let total: f64 = w.iter().sum();
     let mut r = rng.next_f64() * total;
     for (i, &wi) in w.iter().enumerate() {
@@ -60,7 +63,8 @@ pub fn generate(
         bail!("the prompt is empty: give at least one token");
     }
     let vocab = engine.config().vocab_size;
-    let (logits, mut state): (_, State<f32>) = engine.forward(&Batch::new(prompt, 1, prompt.len()), None)?;
+    let (logits, mut state): (_, State<f32>) =
+        engine.forward(&Batch::new(prompt, 1, prompt.len()), None)?;
     let mut last = logits.data[(prompt.len() - 1) * vocab..].to_vec();
     let mut rng = Rng::new(s.seed);
     let mut out = Vec::new();

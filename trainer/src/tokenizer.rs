@@ -17,7 +17,8 @@ pub fn load(path: &Path, vocab_size: usize) -> Result<Tokenizer> {
     if !path.is_file() {
         bail!("tokenizer {}: no such file", path.display());
     }
-    let tok = Tokenizer::from_file(path).map_err(|e| anyhow!("tokenizer {}: {e}", path.display()))?;
+    let tok =
+        Tokenizer::from_file(path).map_err(|e| anyhow!("tokenizer {}: {e}", path.display()))?;
     let n = tok.get_vocab_size(true);
     if n > vocab_size {
         bail!(
@@ -33,7 +34,8 @@ fn byte_chars() -> Vec<char> {
     let mut out = vec!['\0'; 256];
     let mut extra = 0u32;
     for b in 0..256u32 {
-        let printable = (0x21..=0x7E).contains(&b) || (0xA1..=0xAC).contains(&b) || (0xAE..=0xFF).contains(&b);
+        let printable =
+            (0x21..=0x7E).contains(&b) || (0xA1..=0xAC).contains(&b) || (0xAE..=0xFF).contains(&b);
         out[b as usize] = if printable {
             char::from_u32(b).unwrap_or('\0')
         } else {
@@ -74,5 +76,6 @@ pub fn encode(tok: &Tokenizer, text: &str) -> Result<Vec<u32>> {
 
 /// Text of `ids`, special tokens dropped.
 pub fn decode(tok: &Tokenizer, ids: &[u32]) -> Result<String> {
-    tok.decode(ids, true).map_err(|e| anyhow!("detokenizing: {e}"))
+    tok.decode(ids, true)
+        .map_err(|e| anyhow!("detokenizing: {e}"))
 }

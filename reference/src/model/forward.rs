@@ -40,6 +40,9 @@ pub struct LayerCache<T> {
     pub gated: Vec<T>,
 }
 
+/// Logits `[batch, seq_len, vocab]`, the final state, and the cache when it was kept.
+pub type ForwardResult<T> = Result<(Tensor<T>, State<T>, Option<ForwardCache<T>>)>;
+
 /// Everything the backward needs.
 #[derive(Clone, Debug)]
 pub struct ForwardCache<T> {
@@ -163,7 +166,7 @@ pub fn forward<T: Float>(
     input: &Batch,
     state: Option<&State<T>>,
     keep: bool,
-) -> Result<(Tensor<T>, State<T>, Option<ForwardCache<T>>)> {
+) -> ForwardResult<T> {
     input.check(cfg, "forward")?;
     if let Some(s) = state {
         s.check(cfg, input.batch, "forward")?;
@@ -202,7 +205,7 @@ pub fn forward<T: Float>(
     );
     let logits = linear_fwd(&hf, &params.lm_head_weight().data, None, n, dm, v);
     let logits = Tensor::from_vec(&[input.batch, input.seq_len, v], logits);
-    let cache = keep.then(|| ForwardCache {
+    let cache = keep.then_some(ForwardCache {
         layers: caches,
         resid_final: resid,
         norm_f_stats,

@@ -8,7 +8,11 @@ use clap::{Parser, Subcommand};
 use trainer::{checkpoint, debug_state, device, generate, tokenizer};
 
 #[derive(Parser)]
-#[command(name = "vet-train", version, about = "Train, run and debug Vet-Mamba (Mamba-1) language models")]
+#[command(
+    name = "vet-train",
+    version,
+    about = "Train, run and debug Vet-Mamba (Mamba-1) language models"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -53,7 +57,12 @@ enum Cmd {
 
 fn main() -> Result<()> {
     match Cli::parse().cmd {
-        Cmd::DebugState { model, tokens, out, device } => {
+        Cmd::DebugState {
+            model,
+            tokens,
+            out,
+            device,
+        } => {
             let ck = checkpoint::load(&model)?;
             let mut engine = device::engine(&device, &ck.config, ck.params)?;
             let s = debug_state::run(engine.as_mut(), &tokens, &out)?;
@@ -67,13 +76,25 @@ fn main() -> Result<()> {
                 out.display()
             );
         }
-        Cmd::Generate { model, prompt, max_new_tokens, temperature, seed, device } => {
+        Cmd::Generate {
+            model,
+            prompt,
+            max_new_tokens,
+            temperature,
+            seed,
+            device,
+        } => {
             let ck = checkpoint::load(&model)?;
             let tok = tokenizer::load(&model.join("tokenizer.json"), ck.config.vocab_size)?;
             let ids = tokenizer::encode(&tok, &prompt)?;
             let stop = tok.token_to_id(tokenizer::EOT);
             let mut engine = device::engine(&device, &ck.config, ck.params)?;
-            let s = generate::Sampling { temperature, max_new_tokens, seed, stop_token: stop };
+            let s = generate::Sampling {
+                temperature,
+                max_new_tokens,
+                seed,
+                stop_token: stop,
+            };
             print!("{prompt}");
             let mut out = std::io::stdout();
             let mut pending: Vec<u32> = Vec::new();

@@ -1,0 +1,214 @@
+//! Property tests of the reference over random small configs and inputs: recurrence, chaining,
+//! directional derivatives against central differences, and AdamW's contracts.
+
+use conformance::{random_flags, random_params, random_state, random_tokens, SmallModel};
+use proptest::prelude::*;
+use reference::loss::{cross_entropy, next_token_targets};
+use reference::model::{backward, forward, step, Batch};
+use reference::optim::{grad_norm, AdamW};
+use reference::params::is_no_decay;
+use reference::rng::Rng;
+use reference::{param_specs, AdamWConfig, MambaConfig, NormKind, Params, State};
+
+fn small_model() -> impl Strategy<Value = SmallModel> {
+    (
+        1usize..9,
+        1usize..3,
+        2usize..13,
+        1usize..6,
+        1usize..5,
+        1usize..3,
+        any::<[bool; 4]>(),
+    )
+        .prop_map(
+            |(d_model, n_layer, vocab, d_state, d_conv, expand, f)| SmallModel {
+                d_model,
+                n_layer,
+                vocab,
+                d_state,
+                d_conv,
+                expand,
+                norm: if f[0] { NormKind::Rms } else { NormKind::Layer },
+                tied: f[1],
+                bias: f[2],
+                conv_bias: f[3],
+            },
+        )
+}
+
+struct Inputs {
+    cfg: MambaConfig,
+    params: Params<f64>,
+    tokens: Vec<u32>,
+    resets: Vec<bool>,
+    state: State<f64>,
+}
+
+fn inputs(m: &SmallModel, seed: u64, batch: usize, seq_len: usize) -> Inputs {
+    let cfg = m.config();
+    let mut rng = Rng::new(seed);
+    Inputs {
+        params: random_params(&cfg, seed),
+        tokens: random_tokens(&mut rng, &cfg, batch * seq_len),
+        resets: random_flags(&mut rng, batch * seq_len, 0.2),
+        state: random_state(&mut rng, &cfg, batch),
+        cfg,
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+    /// Chained single-token steps give the same bits as the full forward, resets included.
+    #[test]
+    fn steps_equal_forward(m in small_model(), seed in any::<u64>(), batch in 1usize..4, seq_len in 1usize..12) {
+        let x = inputs(&m, seed, batch, seq_len);
+        let input = Batch { batch, seq_len, tokens: &x.tokens, resets: Some(&x.resets) };
+        let (logits, last, _) = forward(&x.cfg, &x.params, &input, Some(&x.state), false).unwrap();
+        let mut s = x.state.clone();
+        let v = x.cfg.vocab_size;
+        for t in 0..seq_len {
+            let col: Vec<u32> = (0..batch).map(|b| x.tokens[b * seq_len + t]).collect();
+            let rs: Vec<bool> = (0..batch).map(|b| x.resets[b * seq_len + t]).collect();
+            let l = step(&x.cfg, &x.params, &col, Some(&rs), &mut s).unwrap();
+            for b in 0..batch {
+                prop_assert_eq!(&l.data[b * v..(b + 1) * v], &logits.data[(b * seq_len + t) * v..(b * seq_len + t + 1) * v]);
+            }
+        }
+        prop_assert_eq!(s, last);
+    }
+
+    /// The loss's derivative along a random direction matches the analytic gradient.
+    #[test]
+    fn directional_derivative_matches_central_difference(m in small_model(), seed in any::<u64>(), seq_len in 2usize..8) {
+        let batch = 2;
+        let x = inputs(&m, seed, batch, seq_len);
+        let input = Batch { batch, seq_len, tokens: &x.tokens, resets: Some(&x.resets) };
+        let (targets, mask) = next_token_targets(&x.tokens, batch, seq_len);
+        let loss = |p: &Params<f64>, s: &State<f64>| {
+            let (l, _, _) = forward(&x.cfg, p, &input, Some(s), false).unwrap();
+            cross_entropy(&l.data, &targets, Some(&mask), x.cfg.vocab_size, 1.0).unwrap().loss
+        };
+        let (l, _, cache) = forward(&x.cfg, &x.params, &input, Some(&x.state), true).unwrap();
+        let lo = cross_entropy(&l.data, &targets, Some(&mask), x.cfg.vocab_size, 1.0).unwrap();
+        let mut g = Params::zeros(&x.cfg);
+        let gs = backward(&x.cfg, &x.params, &input, Some(&x.state), &cache.unwrap(), &lo.d_logits, &mut g).unwrap();
+        // Direction: N(0, 1) over every parameter and state element.
+        let mut rng = Rng::new(seed ^ 0xd1);
+        let mut dir_p: Params<f64> = Params::zeros(&x.cfg);
+        let mut dir_s = State::zeros(&x.cfg, batch);
+        let mut analytic = 0.0;
+        for (d, gt) in dir_p.tensors_mut().into_iter().zip(g.tensors()) {
+            for (dv, gv) in d.data.iter_mut().zip(&gt.data) {
+                *dv = rng.normal();
+                analytic += *dv * gv;
+            }
+        }
+        for (d, gv) in dir_s.conv.data.iter_mut().chain(dir_s.ssm.data.iter_mut()).zip(gs.conv.data.iter().chain(&gs.ssm.data)) {
+            *d = rng.normal();
+            analytic += *d * gv;
+        }
+        let h = 1e-6;
+        let shifted = |sign: f64| {
+            let mut p = x.params.clone();
+            for (t, d) in p.tensors_mut().into_iter().zip(dir_p.tensors()) {
+                for (v, dv) in t.data.iter_mut().zip(&d.data) { *v += sign * h * dv; }
+            }
+            let mut s = x.state.clone();
+            for (v, dv) in s.conv.data.iter_mut().chain(s.ssm.data.iter_mut()).zip(dir_s.conv.data.iter().chain(&dir_s.ssm.data)) {
+                *v += sign * h * dv;
+            }
+            loss(&p, &s)
+        };
+        let fd = (shifted(1.0) - shifted(-1.0)) / (2.0 * h);
+        prop_assert!((fd - analytic).abs() <= 1e-6 * analytic.abs().max(1.0), "fd {fd} vs analytic {analytic}");
+    }
+}
+
+fn adamw_case(seed: u64) -> (MambaConfig, Params<f32>) {
+    let m = SmallModel {
+        norm: NormKind::Layer,
+        bias: true,
+        tied: false,
+        ..SmallModel::default()
+    };
+    let cfg = m.config();
+    let p = random_params::<f32>(&cfg, seed);
+    (cfg, p)
+}
+
+#[test]
+fn adamw_decays_only_the_decay_set() {
+    // With zero gradients the moments stay zero, so the only change is the decoupled decay.
+    let (cfg, p0) = adamw_case(7);
+    let mut p = p0.clone();
+    let mut g = Params::zeros(&cfg);
+    let mut opt = AdamW::new(&cfg);
+    let hp = AdamWConfig {
+        weight_decay: 0.1,
+        max_grad_norm: None,
+        ..AdamWConfig::default()
+    };
+    let lr = 0.5;
+    opt.step(&cfg, &mut p, &mut g, &hp, lr);
+    let decay = (1.0 - lr * hp.weight_decay) as f32;
+    for (((name, _), before), after) in param_specs(&cfg).iter().zip(p0.tensors()).zip(p.tensors())
+    {
+        for (b, a) in before.data.iter().zip(&after.data) {
+            let want = if is_no_decay(name) { *b } else { *b * decay };
+            assert_eq!(a.to_bits(), want.to_bits(), "{name}: {b} became {a}");
+        }
+    }
+    assert!(param_specs(&cfg)
+        .iter()
+        .any(|(n, _)| n.ends_with("A_log") && is_no_decay(n)));
+    assert!(!is_no_decay("backbone.layers.0.mixer.in_proj.weight"));
+}
+
+#[test]
+fn adamw_first_step_moves_each_weight_by_lr_against_its_gradient_sign() {
+    // Step 1 with no decay: m̂ = g, v̂ = g², so the update is lr · g / (|g| + eps) ≈ lr · sign(g).
+    let (cfg, p0) = adamw_case(8);
+    let mut p = p0.clone();
+    let mut g: Params<f32> = random_params(&cfg, 9);
+    let g0 = g.clone();
+    let mut opt = AdamW::new(&cfg);
+    let hp = AdamWConfig {
+        weight_decay: 0.0,
+        max_grad_norm: None,
+        ..AdamWConfig::default()
+    };
+    opt.step(&cfg, &mut p, &mut g, &hp, 1e-2);
+    for ((b, a), gt) in p0.tensors().iter().zip(p.tensors()).zip(g0.tensors()) {
+        for ((bv, av), gv) in b.data.iter().zip(&a.data).zip(&gt.data) {
+            let want = bv - 1e-2 * gv.signum();
+            assert!((av - want).abs() < 1e-5, "{bv} -> {av}, gradient {gv}");
+        }
+    }
+    assert_eq!(opt.step, 1);
+}
+
+#[test]
+fn clipping_scales_the_global_norm_down_to_the_limit_and_nan_skips_the_step() {
+    let (cfg, p0) = adamw_case(10);
+    let mut p = p0.clone();
+    let mut g: Params<f32> = random_params(&cfg, 11);
+    let before = grad_norm(&g);
+    assert!(before > 1.0);
+    let mut opt = AdamW::new(&cfg);
+    let st = opt.step(&cfg, &mut p, &mut g, &AdamWConfig::default(), 1e-3);
+    assert!(st.clipped && !st.skipped);
+    assert!((st.grad_norm - before).abs() < 1e-9);
+    assert!(
+        (grad_norm(&g) - 1.0).abs() < 1e-5,
+        "clipped norm {}",
+        grad_norm(&g)
+    );
+    // A NaN gradient: nothing moves and the step count stays.
+    let mut q = p.clone();
+    g.layers[0].d.data[0] = f32::NAN;
+    let st = opt.step(&cfg, &mut q, &mut g, &AdamWConfig::default(), 1e-3);
+    assert!(st.skipped);
+    assert_eq!(q, p);
+    assert_eq!(opt.step, 1);
+}
