@@ -4,7 +4,9 @@
 //! and text generation. The training loop, data pipeline and chat UI grow here in later issues.
 
 pub mod checkpoint;
+pub mod data;
 pub mod debug_state;
 pub mod device;
 pub mod generate;
 pub mod tokenizer;
+pub mod tokenizer_train;

@@ -1,0 +1,35 @@
+//! `vet-data`: tokenizers and corpus preparation for Vet-Mamba.
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+use trainer::data::{inspect, prepare};
+use trainer::tokenizer_train;
+
+#[derive(Parser)]
+#[command(
+    name = "vet-data",
+    version,
+    about = "Train tokenizers and turn veterinary text corpora into token shards"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Train a byte-level BPE tokenizer on a corpus and save tokenizer.json.
+    Tokenizer(tokenizer_train::Args),
+    /// Tokenize .txt / .jsonl corpora (plain, .gz or .zst) into train/val token shards + manifest.
+    Prepare(prepare::Args),
+    /// Print a shard's header, counts and a decoded sample, and verify its checksums.
+    Inspect(inspect::Args),
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().cmd {
+        Cmd::Tokenizer(a) => tokenizer_train::run(a),
+        Cmd::Prepare(a) => prepare::run(a),
+        Cmd::Inspect(a) => inspect::run(a),
+    }
+}

@@ -1,0 +1,6 @@
+//! The data path: token shards, their manifest, corpus preparation and the batch loader.
+
+pub mod inspect;
+pub mod manifest;
+pub mod prepare;
+pub mod shard;
