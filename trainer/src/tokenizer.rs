@@ -79,3 +79,14 @@ pub fn decode(tok: &Tokenizer, ids: &[u32]) -> Result<String> {
     tok.decode(ids, true)
         .map_err(|e| anyhow!("detokenizing: {e}"))
 }
+
+/// Padding token of Vet-Mamba tokenizers (never a loss target).
+pub const PAD: &str = "<|pad|>";
+/// QA prompt markers: a fine-tuning example is
+/// `<|question|> {question}\n<|answer|> {answer}<|endoftext|>` (see [`QA_TEMPLATE`]).
+pub const QUESTION: &str = "<|question|>";
+pub const ANSWER: &str = "<|answer|>";
+/// The default QA prompt; `{question}` is replaced, the answer and `<|endoftext|>` follow it.
+pub const QA_TEMPLATE: &str = "<|question|> {question}\n<|answer|> ";
+/// Special tokens `vet-data tokenizer` adds, in id order from 0.
+pub const SPECIAL_TOKENS: [&str; 4] = [EOT, PAD, QUESTION, ANSWER];
