@@ -10,3 +10,4 @@ pub mod device;
 pub mod generate;
 pub mod tokenizer;
 pub mod tokenizer_train;
+pub mod train;

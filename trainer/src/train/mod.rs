@@ -1,0 +1,5 @@
+//! The training loop's parts: schedules, fp16 loss scaling.
+
+pub mod deepspeed;
+pub mod loss_scale;
+pub mod schedule;
