@@ -2,4 +2,5 @@
 
 pub mod deepspeed;
 pub mod loss_scale;
+pub mod run_config;
 pub mod schedule;
