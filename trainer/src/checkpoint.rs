@@ -35,13 +35,35 @@ pub fn load(dir: &Path) -> Result<Checkpoint> {
 }
 
 /// Writes `config.json`, `model.safetensors` (f32) and a copy of `tokenizer` (when given) to
-/// `dir`, atomically: into `dir.tmp` first, then renamed over `dir`.
+/// `dir`, atomically (see [`save_dir_atomically`]).
 pub fn save(
     dir: &Path,
     cfg: &MambaConfig,
     params: &Params<f32>,
     tokenizer: Option<&Path>,
 ) -> Result<()> {
+    save_dir_atomically(dir, |tmp| write_model_files(tmp, cfg, params, tokenizer))
+}
+
+/// The model files of a checkpoint, written into `dir`.
+pub fn write_model_files(
+    dir: &Path,
+    cfg: &MambaConfig,
+    params: &Params<f32>,
+    tokenizer: Option<&Path>,
+) -> Result<()> {
+    cfg.save(&dir.join("config.json"))?;
+    save_params(&dir.join("model.safetensors"), cfg, params, SaveDtype::F32)?;
+    if let Some(tok) = tokenizer {
+        let bytes = fs::read(tok).with_context(|| format!("reading {}", tok.display()))?;
+        reference::io::atomic_write(&dir.join("tokenizer.json"), &bytes)?;
+    }
+    Ok(())
+}
+
+/// Builds a directory with `write` inside `.NAME.tmp` beside `dir`, fsyncs it, then renames it
+/// over `dir`. On any error the temporary directory is removed and `dir` is left as it was.
+pub fn save_dir_atomically(dir: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
     let name = dir
         .file_name()
         .with_context(|| format!("checkpoint path {} has no final component", dir.display()))?;
@@ -56,12 +78,7 @@ pub fn save(
     }
     let result = (|| -> Result<()> {
         fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-        cfg.save(&tmp.join("config.json"))?;
-        save_params(&tmp.join("model.safetensors"), cfg, params, SaveDtype::F32)?;
-        if let Some(tok) = tokenizer {
-            let bytes = fs::read(tok).with_context(|| format!("reading {}", tok.display()))?;
-            reference::io::atomic_write(&tmp.join("tokenizer.json"), &bytes)?;
-        }
+        write(&tmp).with_context(|| format!("writing checkpoint {}", dir.display()))?;
         fs::File::open(&tmp).and_then(|d| d.sync_all()).ok();
         if dir.exists() {
             fs::remove_dir_all(dir).with_context(|| format!("replacing {}", dir.display()))?;

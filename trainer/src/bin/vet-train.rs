@@ -5,21 +5,64 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
+use trainer::train::deepspeed::{apply_deepspeed, DsConfig};
+use trainer::train::run::{train, RunOptions};
+use trainer::train::run_config::RunConfig;
 use trainer::{checkpoint, debug_state, device, generate, tokenizer};
 
 #[derive(Parser)]
 #[command(
     name = "vet-train",
     version,
-    about = "Train, run and debug Vet-Mamba (Mamba-1) language models"
+    about = "Train, run and debug Vet-Mamba (Mamba-1) language models",
+    long_about = "Train, run and debug Vet-Mamba (Mamba-1) language models.\n\n\
+        `vet-train --config run.toml [--device reference|cpu|cuda[:N]] [--resume]` runs the job a TOML \
+        run config describes (bundled ones are in trainer/configs/).",
+    args_conflicts_with_subcommands = true
 )]
 struct Cli {
     #[command(subcommand)]
-    cmd: Cmd,
+    cmd: Option<Cmd>,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+/// Running a training job from a config.
+#[derive(clap::Args)]
+struct RunArgs {
+    /// TOML run config (see trainer/configs/).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// reference (f32 spec), reference-f64, cpu or cuda[:N].
+    #[arg(long, default_value = "reference")]
+    device: String,
+    /// Continue from the newest checkpoint in the run's output directory.
+    #[arg(long)]
+    resume: bool,
+    /// A DeepSpeed ds_config.json; its values override the TOML ("auto" keeps the TOML's).
+    #[arg(long)]
+    deepspeed: Option<PathBuf>,
+    /// Override train.steps.
+    #[arg(long)]
+    steps: Option<u64>,
+    /// Override out_dir.
+    #[arg(long)]
+    out_dir: Option<PathBuf>,
+    /// Override optim.lr.
+    #[arg(long)]
+    lr: Option<f64>,
 }
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// Draw a run's loss curve (metrics.jsonl) as a PNG.
+    Plot {
+        /// Run directory (holding metrics.jsonl) or a metrics.jsonl file.
+        run: PathBuf,
+        /// Output PNG [default: RUN/loss_curve.png].
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// Dump logits, loss and every gradient for given tokens, to compare with other implementations.
     DebugState {
         /// Checkpoint directory (config.json + model.safetensors).
@@ -55,8 +98,76 @@ enum Cmd {
     },
 }
 
+fn run_job(a: RunArgs) -> Result<()> {
+    let Some(path) = a.config else {
+        // No config: the bundled quickstart (prepare, pretrain, fine-tune, evaluate, answer).
+        let mut o = trainer::quickstart::QuickstartOptions::full(
+            a.out_dir.unwrap_or_else(|| "runs/quickstart".into()),
+        );
+        o.device = a.device;
+        trainer::quickstart::run(&o)?;
+        return Ok(());
+    };
+    let mut cfg = RunConfig::load(&path)?;
+    if let Some(ds) = &a.deepspeed {
+        let ds = DsConfig::load(ds)?;
+        for field in apply_deepspeed(&mut cfg, &ds)? {
+            eprintln!("warning: DeepSpeed field `{field}` is not supported and has no effect");
+        }
+    }
+    if let Some(s) = a.steps {
+        cfg.train.steps = Some(s);
+        cfg.train.epochs = None;
+    }
+    if let Some(o) = a.out_dir {
+        cfg.out_dir = o;
+    }
+    if let Some(lr) = a.lr {
+        cfg.optim.lr = lr;
+    }
+    cfg.validate()?;
+    let opts = RunOptions {
+        device: a.device,
+        resume: a.resume,
+        ..RunOptions::default()
+    };
+    let s = train(cfg, &opts)?;
+    println!(
+        "{} steps{}, final loss {:.4}{}, {:.0} tokens/s; checkpoint {}",
+        s.steps,
+        if s.interrupted { " (interrupted)" } else { "" },
+        s.losses.last().copied().unwrap_or(f64::NAN),
+        s.val_loss
+            .map(|v| format!(", validation loss {v:.4}"))
+            .unwrap_or_default(),
+        s.tokens_per_s,
+        s.checkpoint.display()
+    );
+    Ok(())
+}
+
 fn main() -> Result<()> {
-    match Cli::parse().cmd {
+    let cli = Cli::parse();
+    let Some(cmd) = cli.cmd else {
+        return run_job(cli.run);
+    };
+    match cmd {
+        Cmd::Plot { run, out } => {
+            let metrics = if run.is_dir() {
+                run.join("metrics.jsonl")
+            } else {
+                run.clone()
+            };
+            let dir = metrics.parent().map(PathBuf::from).unwrap_or_default();
+            let out = out.unwrap_or_else(|| dir.join("loss_curve.png"));
+            let s = trainer::train::plot::loss_curve_png(&metrics, &out, "Vet-Mamba: loss")?;
+            println!(
+                "{} training and {} validation points -> {}",
+                s.points,
+                s.val_points,
+                out.display()
+            );
+        }
         Cmd::DebugState {
             model,
             tokens,

@@ -304,6 +304,81 @@ impl DsConfig {
     }
 }
 
+/// Applies a DeepSpeed config to a run config: every value it sets (not `"auto"`) wins over
+/// the TOML. Returns the fields that are not supported, for the caller to report.
+pub fn apply_deepspeed(
+    cfg: &mut super::run_config::RunConfig,
+    ds: &DsConfig,
+) -> Result<Vec<String>> {
+    use super::run_config::ScheduleKind;
+    let t = &mut cfg.train;
+    if let Some(m) = ds.micro_batch {
+        t.batch = m;
+    }
+    if let Some(a) = ds.grad_accum {
+        t.grad_accum = a;
+    }
+    if let Some(total) = ds.train_batch_size {
+        // One process: train_batch_size = micro batch × accumulation × world size (1).
+        if total != t.batch * t.grad_accum {
+            bail!(
+                "DeepSpeed `train_batch_size` {total} != train_micro_batch_size_per_gpu {} × gradient_accumulation_steps {} × 1 GPU",
+                t.batch,
+                t.grad_accum
+            );
+        }
+    }
+    let o = &mut cfg.optim;
+    if let Some(c) = ds.grad_clip {
+        o.grad_clip = c;
+    }
+    if let Some(p) = ds.precision {
+        o.precision = p;
+    }
+    if let Some(lr) = ds.lr {
+        o.lr = lr;
+    }
+    if let Some((b1, b2)) = ds.betas {
+        o.betas = [b1, b2];
+    }
+    if let Some(e) = ds.eps {
+        o.eps = e;
+    }
+    if let Some(w) = ds.weight_decay {
+        o.weight_decay = w;
+    }
+    if let Some(LossScaling::Dynamic(ls)) = &ds.loss_scaling {
+        o.loss_scale = Some(ls.clone());
+    }
+    if let Some(LossScaling::Static(s)) = &ds.loss_scaling {
+        bail!("a static fp16 `loss_scale` ({s}) is not supported; use 0 (dynamic)");
+    }
+    if let Some(s) = &ds.scheduler {
+        if !s.decay {
+            bail!("`scheduler.type` WarmupLR (no decay) is not supported; use WarmupDecayLR");
+        }
+        o.schedule = ScheduleKind::WarmupDecay;
+        if let Some(v) = s.min_lr {
+            o.min_lr = v;
+        }
+        if let Some(v) = s.max_lr {
+            o.lr = v;
+        }
+        if let Some(v) = s.warmup_steps {
+            o.warmup_steps = v;
+        }
+        if s.warmup_type == Some(WarmupType::Linear) {
+            bail!("`scheduler.params.warmup_type` linear is read but runs are log warm-up only for now");
+        }
+        if let Some(v) = s.total_steps {
+            cfg.train.steps = Some(v);
+            cfg.train.epochs = None;
+        }
+    }
+    cfg.validate()?;
+    Ok(ds.unsupported.clone())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

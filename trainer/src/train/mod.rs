@@ -1,6 +1,12 @@
 //! The training loop's parts: schedules, fp16 loss scaling.
 
 pub mod deepspeed;
+pub mod eval;
 pub mod loss_scale;
+pub mod plot;
+pub mod qa_eval;
+pub mod run;
 pub mod run_config;
 pub mod schedule;
+pub mod source;
+pub mod state;

@@ -115,6 +115,9 @@ pub struct OptimSection {
     pub grad_clip: f64,
     #[serde(default = "f32p")]
     pub precision: Precision,
+    /// fp16 dynamic loss scaling (DeepSpeed's defaults when absent).
+    #[serde(default)]
+    pub loss_scale: Option<super::loss_scale::LossScaleConfig>,
 }
 
 fn cosine() -> ScheduleKind {

@@ -1,0 +1,446 @@
+//! The training loop shared by every engine: pretraining on token shards and QA fine-tuning.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+use reference::model::Batch;
+use reference::{AdamWConfig, Engine, MambaConfig, Params};
+use serde_json::json;
+
+use super::deepspeed::Precision;
+use super::eval::eval_loss;
+use super::run_config::{preset, RunConfig, ScheduleKind, Stage};
+use super::schedule::{Schedule, WarmupType};
+use super::source::{Source, TrainBatch};
+use super::state::{self, TrainerState};
+use crate::data::loader::{LoaderConfig, Position};
+use crate::data::manifest::sha256_file;
+use crate::data::qa::QaConfig;
+use crate::{checkpoint, device, tokenizer};
+
+/// Set by Ctrl-C / SIGTERM: the loop finishes its step, checkpoints and stops.
+static STOP: AtomicBool = AtomicBool::new(false);
+
+/// Installs the Ctrl-C / SIGTERM handler once per process.
+pub fn install_signal_handler() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let _ = ctrlc::set_handler(|| STOP.store(true, Ordering::SeqCst));
+    });
+}
+
+/// How a run is launched (what the command line adds to the config).
+#[derive(Clone, Debug)]
+pub struct RunOptions {
+    pub device: String,
+    pub resume: bool,
+    /// Stop after this many consecutive non-finite steps.
+    pub max_consecutive_skips: u32,
+    /// Print one line every this many steps.
+    pub log_every: u64,
+}
+
+impl Default for RunOptions {
+    fn default() -> Self {
+        RunOptions {
+            device: "reference".into(),
+            resume: false,
+            max_consecutive_skips: 5,
+            log_every: 10,
+        }
+    }
+}
+
+/// What a run did.
+#[derive(Clone, Debug)]
+pub struct RunSummary {
+    pub steps: u64,
+    pub losses: Vec<f64>,
+    pub val_loss: Option<f64>,
+    pub tokens: u64,
+    pub tokens_per_s: f64,
+    pub skipped_steps: u64,
+    pub checkpoint: PathBuf,
+    pub interrupted: bool,
+}
+
+/// Everything a run holds.
+struct Run {
+    cfg: RunConfig,
+    mcfg: MambaConfig,
+    engine: Box<dyn Engine>,
+    tokenizer_path: PathBuf,
+    source: Source,
+    state: TrainerState,
+    total_steps: u64,
+    schedule: Schedule,
+    hp: AdamWConfig,
+}
+
+fn schedule(cfg: &RunConfig, total: u64) -> Schedule {
+    let o = &cfg.optim;
+    match o.schedule {
+        ScheduleKind::Constant => Schedule::Constant { lr: o.lr },
+        ScheduleKind::Cosine => Schedule::Cosine {
+            min_lr: o.min_lr,
+            max_lr: o.lr,
+            warmup_steps: o.warmup_steps,
+            total_steps: total,
+        },
+        ScheduleKind::WarmupDecay => Schedule::WarmupDecay {
+            min_lr: o.min_lr,
+            max_lr: o.lr,
+            warmup_steps: o.warmup_steps,
+            total_steps: total,
+            warmup_type: WarmupType::Log,
+        },
+    }
+}
+
+/// The tokenizer: `data.tokenizer`, else the starting checkpoint's.
+fn tokenizer_path(cfg: &RunConfig) -> Result<PathBuf> {
+    if let Some(t) = &cfg.data.tokenizer {
+        return Ok(t.clone());
+    }
+    if let Some(from) = &cfg.model.from {
+        return Ok(from.join("tokenizer.json"));
+    }
+    bail!("no tokenizer: set `data.tokenizer` (or start from a checkpoint that has tokenizer.json)")
+}
+
+/// The model to start from: a checkpoint, or a preset initialised from the seed.
+fn starting_model(cfg: &RunConfig, tok_vocab: usize) -> Result<(MambaConfig, Params<f32>)> {
+    if let Some(from) = &cfg.model.from {
+        let ck = checkpoint::load(from)?;
+        return Ok((ck.config, ck.params));
+    }
+    let name = cfg.model.preset.as_deref().unwrap_or_default();
+    let mut mcfg = preset(name)?;
+    if matches!(name, "quickstart" | "tiny") {
+        mcfg.vocab_size = tok_vocab.div_ceil(8) * 8;
+        mcfg.pad_vocab_size_multiple = 8;
+    }
+    Ok((
+        mcfg.clone(),
+        reference::init::init_params(&mcfg, cfg.train.seed),
+    ))
+}
+
+fn open_source(
+    cfg: &RunConfig,
+    split_train: bool,
+    tok: &tokenizers::Tokenizer,
+    tok_sha: &str,
+    vocab: usize,
+) -> Result<Source> {
+    let t = &cfg.train;
+    match cfg.stage {
+        Stage::Pretrain | Stage::Eval if cfg.data.manifest.is_some() => {
+            let manifest = cfg.data.manifest.as_deref().unwrap_or(Path::new(""));
+            let lc = LoaderConfig {
+                batch: t.batch,
+                seq_len: t.seq_len,
+                seed: t.seed,
+                rank: 0,
+                world_size: 1,
+            };
+            Source::tokens(
+                manifest,
+                if split_train { "train" } else { "val" },
+                lc,
+                Some(tok_sha),
+                vocab,
+            )
+        }
+        _ => {
+            let path = if split_train {
+                cfg.data.qa_train.as_deref()
+            } else {
+                cfg.data.qa_eval.as_deref()
+            };
+            let path =
+                path.context("no QA file for this stage: set `data.qa_train` / `data.qa_eval`")?;
+            let qc = QaConfig {
+                batch: t.batch,
+                seq_len: t.seq_len,
+                seed: t.seed,
+                rank: 0,
+                world_size: 1,
+                pack: true,
+            };
+            Source::qa(path, tok, qc)
+        }
+    }
+}
+
+impl Run {
+    fn open(cfg: RunConfig, opts: &RunOptions) -> Result<Run> {
+        if cfg.optim.precision != Precision::F32 && !opts.device.starts_with("cuda") {
+            bail!(
+                "precision {:?} needs --device cuda; the CPU engines train in f32",
+                cfg.optim.precision
+            );
+        }
+        std::fs::create_dir_all(&cfg.out_dir)
+            .with_context(|| format!("creating output directory {}", cfg.out_dir.display()))?;
+        let tokenizer_path = tokenizer_path(&cfg)?;
+        let tok_sha = sha256_file(&tokenizer_path)?;
+        let probe = tokenizer::load(&tokenizer_path, usize::MAX)?;
+        let latest = if opts.resume {
+            state::list(&cfg.out_dir)?.pop()
+        } else {
+            None
+        };
+        let (mcfg, params) = match &latest {
+            Some((_, dir)) => {
+                let ck = checkpoint::load(dir)?;
+                (ck.config, ck.params)
+            }
+            None => starting_model(&cfg, probe.get_vocab_size(true))?,
+        };
+        let tok = tokenizer::load(&tokenizer_path, mcfg.vocab_size)?;
+        let mut engine = device::engine(&opts.device, &mcfg, params)?;
+        let mut source = open_source(&cfg, true, &tok, &tok_sha, mcfg.vocab_size)?;
+        let total_steps = match (cfg.train.steps, cfg.train.epochs) {
+            (Some(s), _) => s,
+            (None, Some(e)) => e * source.steps_per_epoch(),
+            _ => 0,
+        };
+        let mut state = TrainerState {
+            step: 0,
+            tokens_seen: 0,
+            data_position: Position { epoch: 0, step: 0 },
+            loss_scaler: None,
+            skipped_steps: 0,
+            adam_step: 0,
+            config_toml: cfg.to_toml()?,
+        };
+        if let Some((_, dir)) = &latest {
+            let (opt, st) = state::load(dir, &mcfg)?;
+            engine.set_optimizer_state(&opt)?;
+            source.seek(st.data_position)?;
+            state = TrainerState {
+                config_toml: cfg.to_toml()?,
+                ..st
+            };
+            eprintln!("resuming from {} (step {})", dir.display(), state.step);
+        }
+        std::fs::write(cfg.out_dir.join("run.toml"), cfg.to_toml()?)
+            .with_context(|| format!("writing {}", cfg.out_dir.join("run.toml").display()))?;
+        let o = &cfg.optim;
+        let hp = AdamWConfig {
+            beta1: o.betas[0],
+            beta2: o.betas[1],
+            eps: o.eps,
+            weight_decay: o.weight_decay,
+            max_grad_norm: (o.grad_clip > 0.0).then_some(o.grad_clip),
+        };
+        Ok(Run {
+            schedule: schedule(&cfg, total_steps),
+            cfg,
+            mcfg,
+            engine,
+            tokenizer_path,
+            source,
+            state,
+            total_steps,
+            hp,
+        })
+    }
+
+    /// One optimizer step over `grad_accum` micro-batches. Returns (mean loss, stats) or
+    /// `None` loss when it was skipped.
+    fn step(&mut self) -> Result<(Option<f64>, f64, usize)> {
+        self.engine.zero_grad();
+        let accum = self.cfg.train.grad_accum;
+        let mut loss_sum = 0.0;
+        let mut tokens = 0;
+        let mut finite = true;
+        for _ in 0..accum {
+            let b: TrainBatch = self.source.next_batch()?;
+            let input = Batch {
+                batch: b.batch,
+                seq_len: b.seq_len,
+                tokens: &b.inputs,
+                resets: Some(&b.resets),
+            };
+            let lo = self.engine.loss_and_backward(
+                &input,
+                &b.targets,
+                b.mask.as_deref(),
+                None,
+                1.0 / accum as f64,
+            )?;
+            finite &= lo.loss.is_finite();
+            loss_sum += lo.loss;
+            tokens += b.inputs.len();
+        }
+        let lr = self.schedule.lr(self.state.step);
+        let stats = if finite {
+            Some(self.engine.optimizer_step(&self.hp, lr)?)
+        } else {
+            None
+        };
+        let ok = stats.is_some_and(|s| !s.skipped);
+        Ok((
+            ok.then_some(loss_sum / accum as f64),
+            stats.map_or(f64::NAN, |s| s.grad_norm),
+            tokens,
+        ))
+    }
+
+    fn checkpoint(&self) -> Result<PathBuf> {
+        let keep = self.cfg.checkpoint.as_ref().map_or(3, |c| c.keep_last);
+        state::save(
+            &self.cfg.out_dir,
+            &self.mcfg,
+            self.engine.as_ref(),
+            Some(&self.tokenizer_path),
+            &self.state,
+            keep,
+        )
+    }
+}
+
+fn progress(total: u64, start: u64) -> ProgressBar {
+    let pb = ProgressBar::new(total);
+    pb.set_position(start);
+    pb.set_style(
+        ProgressStyle::with_template("{elapsed_precise} [{wide_bar}] {pos}/{len} {msg} ETA {eta}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    pb
+}
+
+/// Runs the training job `cfg` describes.
+pub fn train(cfg: RunConfig, opts: &RunOptions) -> Result<RunSummary> {
+    install_signal_handler();
+    let mut run = Run::open(cfg, opts)?;
+    let metrics_path = run.cfg.out_dir.join("metrics.jsonl");
+    let mut metrics = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&metrics_path)
+        .with_context(|| format!("opening {}", metrics_path.display()))?;
+    let pb = progress(run.total_steps, run.state.step);
+    let started = Instant::now();
+    let (mut losses, mut run_tokens, mut consecutive) = (Vec::new(), 0u64, 0u32);
+    let mut val_loss = None;
+    let mut interrupted = false;
+    while run.state.step < run.total_steps {
+        let (loss, grad_norm, tokens) = run.step()?;
+        let lr = run.schedule.lr(run.state.step);
+        match loss {
+            None => {
+                consecutive += 1;
+                run.state.skipped_steps += 1;
+                pb.println(format!(
+                    "step {}: non-finite loss or gradient (norm {grad_norm}); step skipped",
+                    run.state.step + 1
+                ));
+                writeln!(
+                    metrics,
+                    "{}",
+                    json!({"step": run.state.step + 1, "skipped": true, "grad_norm": grad_norm.to_string()})
+                )?;
+                if consecutive >= opts.max_consecutive_skips {
+                    bail!(
+                        "{consecutive} consecutive steps had a non-finite loss or gradient; stopping. The last good checkpoint is in {} — lower the learning rate or check the data",
+                        state::checkpoints_dir(&run.cfg.out_dir).display()
+                    );
+                }
+                continue;
+            }
+            Some(l) => {
+                consecutive = 0;
+                losses.push(l);
+                run.state.step += 1;
+                run.state.tokens_seen += tokens as u64;
+                run_tokens += tokens as u64;
+                run.state.data_position = run.source.position();
+                let tps = run_tokens as f64 / started.elapsed().as_secs_f64().max(1e-9);
+                let line = json!({"step": run.state.step, "loss": l, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tps, "tokens": run.state.tokens_seen});
+                writeln!(metrics, "{line}")?;
+                pb.set_position(run.state.step);
+                pb.set_message(format!("loss {l:.4} lr {lr:.2e} {tps:.0} tok/s"));
+                if run.state.step % opts.log_every == 0 && pb.is_hidden() {
+                    eprintln!("step {:>6}/{}  loss {l:.4}  lr {lr:.2e}  grad_norm {grad_norm:.3}  {tps:.0} tokens/s", run.state.step, run.total_steps);
+                }
+            }
+        }
+        let step = run.state.step;
+        if let Some(e) = run
+            .cfg
+            .eval
+            .clone()
+            .filter(|e| step % e.every == 0 && step < run.total_steps)
+        {
+            val_loss = Some(eval_now(&mut run, e.batches, &mut metrics, &pb)?);
+        }
+        if STOP.load(Ordering::SeqCst) {
+            interrupted = true;
+            pb.println(format!("interrupted: checkpointing at step {step}"));
+            break;
+        }
+        if run
+            .cfg
+            .checkpoint
+            .as_ref()
+            .is_some_and(|c| step % c.every == 0)
+            && step < run.total_steps
+        {
+            run.checkpoint()?;
+        }
+    }
+    pb.finish_and_clear();
+    if !interrupted {
+        if let Some(e) = run.cfg.eval.clone() {
+            val_loss = Some(eval_now(&mut run, e.batches, &mut metrics, &pb)?);
+        }
+    }
+    let checkpoint = run.checkpoint()?;
+    drop(metrics);
+    let png = run.cfg.out_dir.join("loss_curve.png");
+    let title = format!("Vet-Mamba {:?}: loss", run.cfg.stage);
+    if let Err(e) = super::plot::loss_curve_png(&metrics_path, &png, &title) {
+        eprintln!("warning: no loss curve: {e:#}");
+    }
+    let secs = started.elapsed().as_secs_f64();
+    Ok(RunSummary {
+        steps: run.state.step,
+        losses,
+        val_loss,
+        tokens: run_tokens,
+        tokens_per_s: run_tokens as f64 / secs.max(1e-9),
+        skipped_steps: run.state.skipped_steps,
+        checkpoint,
+        interrupted,
+    })
+}
+
+fn eval_now(
+    run: &mut Run,
+    batches: usize,
+    metrics: &mut std::fs::File,
+    pb: &ProgressBar,
+) -> Result<f64> {
+    let tok = tokenizer::load(&run.tokenizer_path, run.mcfg.vocab_size)?;
+    let sha = sha256_file(&run.tokenizer_path)?;
+    let mut src = open_source(&run.cfg, false, &tok, &sha, run.mcfg.vocab_size)?;
+    let loss = eval_loss(run.engine.as_mut(), &mut src, batches)?;
+    pb.println(format!(
+        "step {}: validation loss {loss:.4} (perplexity {:.2})",
+        run.state.step,
+        loss.exp()
+    ));
+    writeln!(
+        metrics,
+        "{}",
+        json!({"step": run.state.step, "val_loss": loss, "val_ppl": loss.exp()})
+    )?;
+    Ok(loss)
+}

@@ -1,0 +1,295 @@
+//! The training loop end to end on the reference engine: exact resume, NaN handling,
+//! checkpoint rotation and the checkpoint's layout.
+
+use std::path::{Path, PathBuf};
+
+use trainer::data::manifest::{
+    sha256_file, Manifest, ShardEntry, Skipped, Split, TokenizerRef, MANIFEST_FORMAT,
+    MANIFEST_VERSION,
+};
+use trainer::data::shard::{token_bytes_for, write_shard};
+use trainer::train::run::{train, RunOptions};
+use trainer::train::run_config::RunConfig;
+use trainer::train::state;
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("train-{name}"));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn tokenizer() -> PathBuf {
+    fixtures::tiny_checkpoint().join("tokenizer.json")
+}
+
+/// Byte-token shards of the first bundled corpus documents: train and val, plus manifest.
+fn shards(dir: &Path) -> PathBuf {
+    let text = std::fs::read_to_string(fixtures::data().join("corpus.jsonl")).unwrap();
+    let tok = tokenizer();
+    let sha = sha256_file(&tok).unwrap();
+    let mut sha_bytes = [0u8; 32];
+    for (i, b) in sha_bytes.iter_mut().enumerate() {
+        *b = u8::from_str_radix(&sha[2 * i..2 * i + 2], 16).unwrap();
+    }
+    let split = |name: &str, lines: std::ops::Range<usize>| {
+        let (mut tokens, mut starts) = (Vec::new(), Vec::new());
+        for line in text.lines().skip(lines.start).take(lines.len()) {
+            let v: serde_json::Value = serde_json::from_str(line).unwrap();
+            starts.push(tokens.len() as u64);
+            tokens.extend(
+                v["text"]
+                    .as_str()
+                    .unwrap()
+                    .bytes()
+                    .take(3000)
+                    .map(u32::from),
+            );
+            tokens.push(256);
+        }
+        let file = format!("{name}-0.bin");
+        let h = write_shard(&dir.join(&file), &tokens, &starts, 257, sha_bytes).unwrap();
+        Split {
+            shards: vec![ShardEntry {
+                file,
+                tokens: h.n_tokens,
+                docs: h.n_docs,
+                crc32: h.payload_crc32,
+            }],
+            tokens: h.n_tokens,
+            docs: h.n_docs,
+        }
+    };
+    let train = split("train", 0..8);
+    let val = split("val", 8..10);
+    let m = Manifest {
+        format: MANIFEST_FORMAT.into(),
+        version: MANIFEST_VERSION,
+        tokenizer: TokenizerRef {
+            sha256: sha,
+            vocab_size: 257,
+            eot_id: 256,
+            path: tok.display().to_string(),
+        },
+        token_bytes: token_bytes_for(257),
+        train,
+        val,
+        sources: vec![],
+        skipped: Skipped::default(),
+        val_fraction: 0.2,
+        split_seed: 0,
+    };
+    m.save(dir).unwrap();
+    dir.join("manifest.json")
+}
+
+fn config(out: &Path, manifest: &Path, steps: u64, lr: f64) -> RunConfig {
+    RunConfig::parse(&format!(
+        r#"
+        stage = "pretrain"
+        out_dir = "{}"
+        [model]
+        preset = "quickstart"
+        [data]
+        manifest = "{}"
+        tokenizer = "{}"
+        [train]
+        batch = 2
+        seq_len = 24
+        steps = {steps}
+        seed = 5
+        [optim]
+        lr = {lr:e}
+        min_lr = 0.0
+        warmup_steps = 2
+        [checkpoint]
+        every = 2
+        keep_last = 2
+        [eval]
+        every = 100
+        batches = 2
+        "#,
+        out.display(),
+        manifest.display(),
+        tokenizer().display()
+    ))
+    .unwrap()
+}
+
+fn metric_losses(out: &Path) -> Vec<u64> {
+    std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|v| v["loss"].as_f64())
+        .map(f64::to_bits)
+        .collect()
+}
+
+#[test]
+fn n_steps_plus_resume_for_n_more_equals_2n_steps_bit_for_bit() {
+    let dir = scratch("resume");
+    let manifest = shards(&dir);
+    let whole = dir.join("whole");
+    let s = train(config(&whole, &manifest, 6, 3e-3), &RunOptions::default()).unwrap();
+    assert_eq!(s.steps, 6);
+    let split = dir.join("split");
+    train(config(&split, &manifest, 3, 3e-3), &RunOptions::default()).unwrap();
+    // Same run length for the schedule: the resumed run is configured for 6 steps.
+    let resumed = train(
+        config(&split, &manifest, 6, 3e-3),
+        &RunOptions {
+            resume: true,
+            ..RunOptions::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(resumed.steps, 6);
+    assert_eq!(
+        metric_losses(&whole),
+        metric_losses(&split),
+        "losses differ after resume"
+    );
+    let a = std::fs::read(state::step_dir(&whole, 6).join("model.safetensors")).unwrap();
+    let b = std::fs::read(state::step_dir(&split, 6).join("model.safetensors")).unwrap();
+    assert!(a == b, "final weights differ after resume");
+    // keep_last = 2: only the two newest checkpoints remain.
+    let kept: Vec<u64> = state::list(&whole)
+        .unwrap()
+        .into_iter()
+        .map(|(n, _)| n)
+        .collect();
+    assert_eq!(kept, vec![4, 6]);
+    // The checkpoint is a model directory that loads as is.
+    let ck = trainer::checkpoint::load(&state::step_dir(&whole, 6)).unwrap();
+    assert_eq!(ck.config.vocab_size, 264);
+    assert!(state::step_dir(&whole, 6).join("tokenizer.json").is_file());
+    assert!(
+        s.losses.last().unwrap() < s.losses.first().unwrap(),
+        "loss did not fall: {:?}",
+        s.losses
+    );
+    assert!(s.val_loss.is_some_and(f64::is_finite));
+    // A loss curve is drawn at the end of the run.
+    let png = std::fs::read(whole.join("loss_curve.png")).unwrap();
+    assert_eq!(&png[1..4], b"PNG");
+}
+
+#[test]
+fn a_diverging_run_skips_non_finite_steps_then_stops_with_a_clear_message() {
+    let dir = scratch("nan");
+    let manifest = shards(&dir);
+    let out = dir.join("run");
+    let err = train(config(&out, &manifest, 20, 1e30), &RunOptions::default()).unwrap_err();
+    let msg = format!("{err:#}");
+    assert!(
+        msg.contains("consecutive steps had a non-finite loss"),
+        "{msg}"
+    );
+    let skipped = std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .matches("\"skipped\":true")
+        .count();
+    assert_eq!(skipped, 5, "five skipped steps are logged");
+}
+
+#[test]
+fn a_tokenizer_that_does_not_match_the_data_is_refused() {
+    let dir = scratch("mismatch");
+    let manifest = shards(&dir);
+    let other = dir.join("other-tokenizer.json");
+    let mut text = std::fs::read_to_string(tokenizer()).unwrap();
+    text.push('\n'); // same tokens, different bytes: a different tokenizer file as far as the data knows
+    std::fs::write(&other, text).unwrap();
+    let mut cfg = config(&dir.join("run"), &manifest, 2, 1e-3);
+    cfg.data.tokenizer = Some(other);
+    let err = train(cfg, &RunOptions::default()).unwrap_err();
+    assert!(
+        format!("{err:#}").contains("does not match the data"),
+        "{err:#}"
+    );
+}
+
+#[test]
+fn sigterm_finishes_the_step_writes_a_checkpoint_and_exits_cleanly() {
+    let dir = scratch("sigterm");
+    let manifest = shards(&dir);
+    let out = dir.join("run");
+    let cfg_path = dir.join("run.toml");
+    std::fs::write(
+        &cfg_path,
+        config(&out, &manifest, 100_000, 1e-3).to_toml().unwrap(),
+    )
+    .unwrap();
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_vet-train"))
+        .arg("--config")
+        .arg(&cfg_path)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let metrics = out.join("metrics.jsonl");
+    let t0 = std::time::Instant::now();
+    while std::fs::read_to_string(&metrics).map_or(0, |m| m.lines().count()) < 3 {
+        assert!(t0.elapsed().as_secs() < 120, "training never started");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let status = std::process::Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let output = child.wait_with_output().unwrap();
+    assert!(
+        output.status.success(),
+        "vet-train exited with {:?}",
+        output.status
+    );
+    assert!(String::from_utf8_lossy(&output.stdout).contains("interrupted"));
+    let (step, dir) = state::list(&out)
+        .unwrap()
+        .pop()
+        .expect("a checkpoint was written");
+    assert!((3..100_000).contains(&step), "checkpoint at step {step}");
+    trainer::checkpoint::load(&dir).unwrap();
+}
+
+#[test]
+fn a_failed_checkpoint_write_is_a_clear_error_and_keeps_the_last_good_checkpoint() {
+    let dir = scratch("diskfail");
+    let manifest = shards(&dir);
+    let out = dir.join("run");
+    train(config(&out, &manifest, 2, 1e-3), &RunOptions::default()).unwrap();
+    let good = state::step_dir(&out, 2);
+    let before = std::fs::read(good.join("model.safetensors")).unwrap();
+    // Something in the way of the next checkpoint's temporary directory: its write fails.
+    std::fs::write(
+        state::checkpoints_dir(&out).join(".step-00000004.tmp"),
+        b"in the way",
+    )
+    .unwrap();
+    let err = train(
+        config(&out, &manifest, 4, 1e-3),
+        &RunOptions {
+            resume: true,
+            ..RunOptions::default()
+        },
+    )
+    .unwrap_err();
+    assert!(format!("{err:#}").contains("step-00000004"), "{err:#}");
+    assert_eq!(
+        std::fs::read(good.join("model.safetensors")).unwrap(),
+        before,
+        "last good checkpoint changed"
+    );
+    // An output directory that cannot be created is named in the error.
+    let blocked = dir.join("a-file");
+    std::fs::write(&blocked, b"x").unwrap();
+    let err = train(
+        config(&blocked.join("run"), &manifest, 2, 1e-3),
+        &RunOptions::default(),
+    )
+    .unwrap_err();
+    assert!(format!("{err:#}").contains("a-file"), "{err:#}");
+}
