@@ -4,7 +4,7 @@
 Run on a machine with PyTorch and transformers (the lent GPU machine has both), from the
 repository root, with a release build of vet-train:
 
-    python3 conformance/scripts/hf_crosscheck.py target/release/vet-train
+    python3 conformance/scripts/hf_crosscheck.py target/release/vet-train [MODEL_DIR...]
 
 For each case it runs `vet-train debug-state` and transformers' (slow, pure PyTorch) path on
 the same checkpoint and tokens, and prints the relative error of logits, loss and every
@@ -100,6 +100,12 @@ def main():
         g = torch.Generator().manual_seed(seed)
         ids = torch.randint(0, kw["vocab_size"], (3, 40), generator=g)
         ok &= check(name, d, ids)
+    # Any further checkpoint directories given (e.g. ones vet-train wrote while training).
+    for i, d in enumerate(sys.argv[2:]):
+        vocab = MambaConfig.from_pretrained(d).vocab_size
+        g = torch.Generator().manual_seed(100 + i)
+        ids = torch.randint(0, vocab, (2, 48), generator=g)
+        ok &= check(f"{os.path.basename(d.rstrip('/'))} (ours -> HF)", d, ids)
     # The bundled tokenizer.json loads in HF tokenizers and is byte-level: ids are the bytes.
     from tokenizers import Tokenizer
     tok = Tokenizer.from_file(os.path.join(tiny, "tokenizer.json"))

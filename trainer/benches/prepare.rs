@@ -16,6 +16,7 @@
 //! The tokenizer is `fixtures/tokenizer/tokenizer.json` (the 4096-token BPE) when it exists,
 //! else the byte-level `fixtures/tiny/tokenizer.json`.
 
+use reference::rng::Rng;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -92,22 +93,6 @@ fn vet_data_binary() -> Result<PathBuf, String> {
     }
 }
 
-/// SplitMix64.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-}
-
 /// Sentences and species of the bundled corpus.
 fn sentences() -> Result<(Vec<String>, Vec<String>), String> {
     let path = fixtures::data().join("corpus.jsonl");
@@ -139,18 +124,18 @@ fn write_file(path: &Path, seed: u64, bytes: u64, src: &(Vec<String>, Vec<String
     } else {
         Box::new(BufWriter::new(file))
     };
-    let mut rng = Rng(seed);
+    let mut rng = Rng::new(seed);
     let (mut written, mut doc) = (0u64, 0u64);
     while written < bytes {
         let mut text = String::new();
-        for j in 0..3 + rng.below(40) {
-            text.push_str(&sents[rng.below(sents.len())]);
+        for j in 0..3 + rng.below(40) as usize {
+            text.push_str(&sents[rng.below(sents.len() as u64) as usize]);
             text.push_str(if j % 5 == 4 { ".\n\n" } else { ". " });
         }
         let line = serde_json::json!({
             "text": text,
             "title": format!("Case {seed}-{doc}"),
-            "species": species[rng.below(species.len())],
+            "species": species[rng.below(species.len() as u64) as usize],
         });
         let line = format!("{line}\n");
         out.write_all(line.as_bytes())

@@ -2,6 +2,7 @@
 
 pub mod deepspeed;
 pub mod eval;
+pub mod evaluate;
 pub mod loss_scale;
 pub mod plot;
 pub mod qa_eval;

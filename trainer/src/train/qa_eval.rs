@@ -83,13 +83,14 @@ pub struct QaScores {
 }
 
 /// Answers up to `limit` pairs greedily (at most `max_new_tokens` each, stopping at
-/// `<|endoftext|>`), scores them and writes one JSON line per answer to `report`.
+/// `<|endoftext|>`; `repetition_penalty` 1.0 for plain greedy), scores them and writes one JSON line per answer to `report`.
 pub fn evaluate_qa(
     engine: &mut dyn Engine,
     tok: &Tokenizer,
     pairs: &[QaPair],
     limit: usize,
     max_new_tokens: usize,
+    repetition_penalty: f32,
     report: &Path,
 ) -> Result<QaScores> {
     let template = QaTemplate::default();
@@ -99,6 +100,7 @@ pub fn evaluate_qa(
         max_new_tokens,
         seed: 0,
         stop_token: eot,
+        repetition_penalty,
     };
     let mut out = Vec::new();
     for p in pairs.iter().take(limit) {

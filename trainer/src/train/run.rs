@@ -179,6 +179,11 @@ fn open_source(
 
 impl Run {
     fn open(cfg: RunConfig, opts: &RunOptions) -> Result<Run> {
+        if cfg.stage == Stage::Eval {
+            bail!(
+                "stage eval does not train: run it with train::evaluate::evaluate (vet-train does)"
+            );
+        }
         if cfg.optim.precision != Precision::F32 && !opts.device.starts_with("cuda") {
             bail!(
                 "precision {:?} needs --device cuda; the CPU engines train in f32",

@@ -157,6 +157,16 @@ pub struct EvalSection {
     pub every: u64,
     #[serde(default = "twenty")]
     pub batches: usize,
+    /// QA pairs answered by the eval stage (all when absent).
+    #[serde(default)]
+    pub qa_limit: Option<usize>,
+    /// Longest greedy answer, in tokens.
+    #[serde(default = "sixty_four")]
+    pub max_new_tokens: usize,
+}
+
+fn sixty_four() -> usize {
+    64
 }
 
 fn twenty() -> usize {
