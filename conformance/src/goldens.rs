@@ -3,6 +3,7 @@
 
 use reference::loss::next_token_targets;
 use reference::model::Batch;
+use reference::rng::fnv1a64_bytes;
 use reference::{AdamWConfig, Engine, MambaConfig, Params, ReferenceEngine, Tensor};
 
 /// Seed of the tiny checkpoint's from-scratch init.
@@ -40,15 +41,6 @@ pub fn params_fingerprint(cfg: &MambaConfig, p: &Params<f32>) -> u64 {
         }
     }
     fnv1a64_bytes(&bytes)
-}
-
-fn fnv1a64_bytes(bytes: &[u8]) -> u64 {
-    let mut h: u64 = 0xCBF2_9CE4_8422_2325;
-    for &b in bytes {
-        h ^= b as u64;
-        h = h.wrapping_mul(0x0000_0100_0000_01B3);
-    }
-    h
 }
 
 /// Fingerprint of a fresh init of the tiny config from [`TINY_SEED`]: pins the RNG and the

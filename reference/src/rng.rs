@@ -20,8 +20,13 @@ fn splitmix64(state: &mut u64) -> u64 {
 
 /// 64-bit FNV-1a of a string: stream keys.
 pub fn fnv1a64(s: &str) -> u64 {
+    fnv1a64_bytes(s.as_bytes())
+}
+
+/// 64-bit FNV-1a of bytes.
+pub fn fnv1a64_bytes(bytes: &[u8]) -> u64 {
     let mut h: u64 = 0xCBF2_9CE4_8422_2325;
-    for b in s.bytes() {
+    for &b in bytes {
         h ^= b as u64;
         h = h.wrapping_mul(0x0000_0100_0000_01B3);
     }
