@@ -344,3 +344,20 @@ fn two_accumulated_micro_batches_train_like_one_batch_of_twice_the_size() {
     }
     assert!(a[3] != a[0], "the model did not change");
 }
+
+#[test]
+fn an_unusable_validation_split_is_refused_before_training_starts() {
+    let dir = scratch("noval");
+    let manifest = shards(&dir);
+    // Empty the val split in the manifest.
+    let (mut m, _) = Manifest::load(&manifest).unwrap();
+    m.val = Split::default();
+    m.save(&dir).unwrap();
+    let out = dir.join("run");
+    let err = train(config(&out, &manifest, 3, 1e-3), &RunOptions::default()).unwrap_err();
+    assert!(format!("{err:#}").contains("evaluation data"), "{err:#}");
+    assert!(
+        !out.join("metrics.jsonl").exists(),
+        "training started anyway"
+    );
+}

@@ -210,6 +210,11 @@ impl Run {
         let tok = tokenizer::load(&tokenizer_path, mcfg.vocab_size)?;
         let mut engine = device::engine(&opts.device, &mcfg, params)?;
         let mut source = open_source(&cfg, true, &tok, &tok_sha, mcfg.vocab_size)?;
+        if cfg.eval.is_some() {
+            // Fail now, not after hours of training, when the evaluation data is unusable.
+            open_source(&cfg, false, &tok, &tok_sha, mcfg.vocab_size)
+                .context("checking the evaluation data ([eval] is set): give a usable validation split or QA eval file, or remove [eval]")?;
+        }
         let total_steps = match (cfg.train.steps, cfg.train.epochs) {
             (Some(s), _) => s,
             (None, Some(e)) => e * source.steps_per_epoch(),
