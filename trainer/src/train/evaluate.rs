@@ -9,9 +9,8 @@ use super::qa_eval::{evaluate_qa, QaScores};
 use super::run::RunOptions;
 use super::run_config::RunConfig;
 use super::source::Source;
-use crate::data::loader::LoaderConfig;
 use crate::data::manifest::sha256_file;
-use crate::data::qa::{read_qa_jsonl, QaConfig};
+use crate::data::qa::read_qa_jsonl;
 use crate::{checkpoint, device, tokenizer};
 
 /// `OUT/eval_report.json`.
@@ -54,13 +53,7 @@ pub fn evaluate(cfg: &RunConfig, opts: &RunOptions) -> Result<EvalReport> {
         qa: None,
     };
     if let Some(m) = &cfg.data.manifest {
-        let lc = LoaderConfig {
-            batch: t.batch,
-            seq_len: t.seq_len,
-            seed: t.seed,
-            rank: 0,
-            world_size: 1,
-        };
+        let lc = t.loader_config();
         let mut src = Source::tokens(
             m,
             "val",
@@ -74,14 +67,7 @@ pub fn evaluate(cfg: &RunConfig, opts: &RunOptions) -> Result<EvalReport> {
         eprintln!("validation loss {loss:.4}, perplexity {:.2}", loss.exp());
     }
     if let Some(q) = &cfg.data.qa_eval {
-        let qc = QaConfig {
-            batch: t.batch,
-            seq_len: t.seq_len,
-            seed: t.seed,
-            rank: 0,
-            world_size: 1,
-            pack: true,
-        };
+        let qc = t.qa_config();
         let mut src = Source::qa(q, &tok, qc)?;
         let rows = src.steps_per_epoch().max(1) as usize;
         let loss = eval_loss(engine.as_mut(), &mut src, rows)?;

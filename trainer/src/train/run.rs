@@ -17,9 +17,8 @@ use super::run_config::{preset, RunConfig, ScheduleKind, Stage};
 use super::schedule::{Schedule, WarmupType};
 use super::source::{Source, TrainBatch};
 use super::state::{self, TrainerState};
-use crate::data::loader::{LoaderConfig, Position};
+use crate::data::loader::Position;
 use crate::data::manifest::sha256_file;
-use crate::data::qa::QaConfig;
 use crate::{checkpoint, device, tokenizer};
 
 /// Set by Ctrl-C / SIGTERM: the loop finishes its step, checkpoints and stops.
@@ -141,13 +140,7 @@ fn open_source(
     match cfg.stage {
         Stage::Pretrain | Stage::Eval if cfg.data.manifest.is_some() => {
             let manifest = cfg.data.manifest.as_deref().unwrap_or(Path::new(""));
-            let lc = LoaderConfig {
-                batch: t.batch,
-                seq_len: t.seq_len,
-                seed: t.seed,
-                rank: 0,
-                world_size: 1,
-            };
+            let lc = t.loader_config();
             Source::tokens(
                 manifest,
                 if split_train { "train" } else { "val" },
@@ -164,14 +157,7 @@ fn open_source(
             };
             let path =
                 path.context("no QA file for this stage: set `data.qa_train` / `data.qa_eval`")?;
-            let qc = QaConfig {
-                batch: t.batch,
-                seq_len: t.seq_len,
-                seed: t.seed,
-                rank: 0,
-                world_size: 1,
-                pack: true,
-            };
+            let qc = t.qa_config();
             Source::qa(path, tok, qc)
         }
     }

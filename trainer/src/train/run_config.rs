@@ -86,6 +86,31 @@ fn one() -> usize {
     1
 }
 
+impl TrainSection {
+    /// The shard loader's settings for this run (one process: rank 0 of 1).
+    pub fn loader_config(&self) -> crate::data::loader::LoaderConfig {
+        crate::data::loader::LoaderConfig {
+            batch: self.batch,
+            seq_len: self.seq_len,
+            seed: self.seed,
+            rank: 0,
+            world_size: 1,
+        }
+    }
+
+    /// The QA batcher's settings for this run (one process, packed rows).
+    pub fn qa_config(&self) -> crate::data::qa::QaConfig {
+        crate::data::qa::QaConfig {
+            batch: self.batch,
+            seq_len: self.seq_len,
+            seed: self.seed,
+            rank: 0,
+            world_size: 1,
+            pack: true,
+        }
+    }
+}
+
 /// Which schedule `[optim]` asks for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
