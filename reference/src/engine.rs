@@ -66,11 +66,58 @@ pub trait Engine {
         resets: Option<&[bool]>,
         state: &mut State<f32>,
     ) -> Result<Tensor<f32>>;
+    /// [`Engine::step`] into a caller-owned `logits` buffer (`[batch, vocab]`). Fast tiers
+    /// override it so that decoding allocates nothing per token.
+    fn step_into(
+        &mut self,
+        tokens: &[u32],
+        resets: Option<&[bool]>,
+        state: &mut State<f32>,
+        logits: &mut [f32],
+    ) -> Result<()> {
+        let l = self.step(tokens, resets, state)?;
+        check_len("step_into", "logits", logits.len(), l.data.len())?;
+        logits.copy_from_slice(&l.data);
+        Ok(())
+    }
+    /// Prefill of one sequence (batch 1): runs `tokens` from `state`, leaves the state after
+    /// the last token in `state` and that token's logits (`[vocab]`) in `logits`. Only the last
+    /// position goes through the lm_head, so fast tiers override it.
+    fn prefill(
+        &mut self,
+        tokens: &[u32],
+        state: &mut State<f32>,
+        logits: &mut [f32],
+    ) -> Result<()> {
+        let vocab = self.config().vocab_size;
+        check_len("prefill", "logits", logits.len(), vocab)?;
+        if tokens.is_empty() {
+            return Err(Error::Shape {
+                op: "prefill",
+                msg: "no tokens to prefill".into(),
+            });
+        }
+        let (l, st) = self.forward(&Batch::new(tokens, 1, tokens.len()), Some(state))?;
+        logits.copy_from_slice(&l.data[(tokens.len() - 1) * vocab..]);
+        *state = st;
+        Ok(())
+    }
     fn parameters(&self) -> NamedTensors;
     fn set_parameters(&mut self, named: &[(String, Tensor<f32>)]) -> Result<()>;
     fn gradients(&self) -> NamedTensors;
     fn optimizer_state(&self) -> OptimizerState;
     fn set_optimizer_state(&mut self, state: &OptimizerState) -> Result<()>;
+}
+
+/// An error unless a caller's buffer has the length an op needs.
+pub fn check_len(op: &'static str, what: &str, got: usize, want: usize) -> Result<()> {
+    if got != want {
+        return Err(Error::Shape {
+            op,
+            msg: format!("{what} has {got} elements, expected {want}"),
+        });
+    }
+    Ok(())
 }
 
 /// The specification as an engine: scalar loops in `T` (`f32` or `f64`).

@@ -19,6 +19,9 @@ pub enum Error {
     /// Inputs to an op have the wrong shape or values (token id out of range, ...).
     #[error("{op}: {msg}")]
     Shape { op: &'static str, msg: String },
+    /// A tier cannot run here, or its device failed (no CUDA driver, out of memory, ...).
+    #[error("{device}: {msg}")]
+    Device { device: String, msg: String },
     /// A file-system error, with the path.
     #[error("{path}: {source}")]
     Io {

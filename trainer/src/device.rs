@@ -1,23 +1,84 @@
 //! `--device`: which tier runs the model.
 
-use anyhow::{bail, Result};
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
 use reference::{Engine, MambaConfig, Params, ReferenceEngine};
+pub use simd::WeightDtype;
+
+/// Settings that pick and shape an engine beyond the device name.
+#[derive(Clone, Debug, Default)]
+pub struct EngineOptions {
+    /// CPU worker threads (0 = every core).
+    pub threads: usize,
+    /// Inference weight storage on the CPU (`simd`); the reference always runs f32/f64.
+    pub dtype: WeightDtype,
+    /// CUDA precision.
+    pub precision: gpu::Precision,
+}
+
+/// Builds the engine `device` names with default options.
+pub fn engine(device: &str, cfg: &MambaConfig, params: Params<f32>) -> Result<Box<dyn Engine>> {
+    engine_with(device, cfg, params, &EngineOptions::default())
+}
+
+/// Parses `cuda` / `cuda:N` into the ordinal.
+pub fn cuda_ordinal(device: &str) -> Result<Option<usize>> {
+    if device == "cuda" {
+        return Ok(Some(0));
+    }
+    match device.strip_prefix("cuda:") {
+        None => Ok(None),
+        Some(n) => n
+            .parse()
+            .map(Some)
+            .with_context(|| format!("--device {device}: expected cuda:N with N a device number")),
+    }
+}
 
 /// Builds the engine `device` names. `cpu` is the fastest CPU engine available: the `simd`
-/// tier once it exists, the f32 reference until then. `cuda` says clearly that its tier is not
-/// written yet.
-pub fn engine(device: &str, cfg: &MambaConfig, params: Params<f32>) -> Result<Box<dyn Engine>> {
+/// tier once it exists, the f32 reference until then.
+pub fn engine_with(
+    device: &str,
+    cfg: &MambaConfig,
+    params: Params<f32>,
+    opts: &EngineOptions,
+) -> Result<Box<dyn Engine>> {
+    if opts.dtype != WeightDtype::F32 && !matches!(device, "cpu") {
+        bail!(
+            "--dtype {}: only --device cpu stores weights in reduced precision",
+            opts.dtype.name()
+        );
+    }
+    if let Some(ordinal) = cuda_ordinal(device)? {
+        let o = gpu::GpuOptions {
+            ordinal,
+            precision: opts.precision,
+        };
+        return Ok(gpu::engine(cfg, params, &o)?);
+    }
     match device {
         "reference" => Ok(Box::new(ReferenceEngine::new(cfg.clone(), params))),
         "reference-f64" => Ok(Box::new(ReferenceEngine::<f64>::new(cfg.clone(), params.cast(cfg)))),
         "cpu" => match simd::available() {
-            Err(_) => Ok(Box::new(ReferenceEngine::new(cfg.clone(), params))),
+            Err(_) if opts.dtype == WeightDtype::F32 => {
+                Ok(Box::new(ReferenceEngine::new(cfg.clone(), params)))
+            }
+            Err(e) => bail!("--dtype {}: {e}", opts.dtype.name()),
             Ok(()) => bail!("--device cpu: the simd tier reports ready but has no engine"),
-        },
-        d if d == "cuda" || d.starts_with("cuda:") => match gpu::available() {
-            Err(e) => bail!("--device {d}: {e}"),
-            Ok(()) => bail!("--device {d}: the CUDA tier reports ready but has no engine"),
         },
         other => bail!("--device {other}: unknown device (expected reference, reference-f64, cpu, cuda or cuda:N)"),
     }
+}
+
+/// Loads the model checkpoint in `dir` (config.json + model.safetensors, HF or mamba_ssm) onto
+/// `device` for inference. Returns the engine and the model config.
+pub fn load_for_inference(
+    dir: &Path,
+    device: &str,
+    opts: &EngineOptions,
+) -> Result<(Box<dyn Engine>, MambaConfig)> {
+    let ck = crate::checkpoint::load(dir)?;
+    let e = engine_with(device, &ck.config, ck.params, opts)?;
+    Ok((e, ck.config))
 }
