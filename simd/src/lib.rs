@@ -3,6 +3,8 @@
 //! Implements [`reference::Engine`] with `wide` vectors, `matrixmultiply` GEMMs and a thread
 //! pool. Inference weights can be f32, bf16 or int8 (per-row scales); training runs in f32.
 
+pub mod gemm;
+
 use std::str::FromStr;
 
 /// How the large matrices (embedding, projections, lm_head) are stored for inference.

@@ -1,0 +1,423 @@
+//! f32 GEMM on a thread pool, and the `nn.Linear` forward / backward built on it.
+//!
+//! [`sgemm`] computes `C = alpha · A · B + beta · C` for strided `A` `[m, k]`, `B` `[k, n]` and
+//! `C` `[m, n]` (row stride, column stride per matrix, so a transpose is just swapped strides).
+//! It cuts `C` into blocks of rows (or of columns, whichever dimension is longer) and runs
+//! single-threaded `matrixmultiply::sgemm` on each block in the pool. Every element of `C` is
+//! computed by exactly one call over the full `k`, so the result does not depend on the thread
+//! count. Small products run on the calling thread.
+
+use rayon::ThreadPool;
+
+/// Below this many multiply-adds (`m · k · n`) a product runs on the calling thread.
+const PAR_MIN_FLOPS: usize = 1 << 16;
+
+/// Blocks are multiples of this many rows / columns (the microkernel's tile edge).
+const TILE: usize = 16;
+
+/// Largest index `(rows − 1) · rs + (cols − 1) · cs` of a strided matrix, plus one.
+fn extent(rows: usize, cols: usize, rs: usize, cs: usize) -> usize {
+    if rows == 0 || cols == 0 {
+        0
+    } else {
+        (rows - 1) * rs + (cols - 1) * cs + 1
+    }
+}
+
+/// A raw pointer that may cross to pool threads; each thread touches a disjoint block.
+#[derive(Clone, Copy)]
+struct SendPtr(*mut f32);
+// SAFETY: the pointer is only used by `sgemm` to write disjoint blocks of `C`, whose borrow
+// outlives the scope that the threads run in.
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+
+/// `C = alpha · A · B + beta · C` with `A` `[m, k]` (strides `rsa`, `csa`), `B` `[k, n]`
+/// (`rsb`, `csb`) and `C` `[m, n]` (`rsc`, `csc`), threaded over blocks of `C` on `pool`.
+/// With `beta = 0`, `C` is not read. Panics when a slice is too short for its shape and strides
+/// or when `C`'s strides make two elements share memory.
+#[allow(clippy::too_many_arguments)]
+pub fn sgemm(
+    pool: &ThreadPool,
+    m: usize,
+    k: usize,
+    n: usize,
+    alpha: f32,
+    a: &[f32],
+    rsa: usize,
+    csa: usize,
+    b: &[f32],
+    rsb: usize,
+    csb: usize,
+    beta: f32,
+    c: &mut [f32],
+    rsc: usize,
+    csc: usize,
+) {
+    assert!(
+        a.len() >= extent(m, k, rsa, csa)
+            && b.len() >= extent(k, n, rsb, csb)
+            && c.len() >= extent(m, n, rsc, csc),
+        "sgemm: slices of {} / {} / {} values are too short for A [{m}, {k}] strides ({rsa}, {csa}), \
+         B [{k}, {n}] ({rsb}, {csb}), C [{m}, {n}] ({rsc}, {csc})",
+        a.len(),
+        b.len(),
+        c.len()
+    );
+    if m == 0 || n == 0 {
+        return;
+    }
+    // No two elements of C may share memory (then any split of C writes disjoint memory).
+    assert!(
+        m == 1 || n == 1 || rsc > (n - 1) * csc || csc > (m - 1) * rsc,
+        "sgemm: elements of C overlap (rsc {rsc}, csc {csc}, [{m}, {n}])"
+    );
+    let by_rows = m >= n;
+    let len = if by_rows { m } else { n };
+    let threads = pool.current_num_threads().max(1);
+    let blocks = if m.saturating_mul(k).saturating_mul(n) < PAR_MIN_FLOPS {
+        1
+    } else {
+        threads.min(len.div_ceil(TILE)).max(1)
+    };
+    let per = len.div_ceil(blocks).div_ceil(TILE) * TILE;
+    let cp = SendPtr(c.as_mut_ptr());
+    let run = |start: usize, cp: SendPtr| {
+        let end = (start + per).min(len);
+        let cnt = end - start;
+        // SAFETY: the asserts above keep every index inside `a`, `b` and `c`; the block
+        // [start, end) of rows (or columns) of C is written by this call alone, and no other
+        // reference to `c` is used while the calls run. `cp` points to `c`, borrowed mutably
+        // for the whole function.
+        unsafe {
+            if by_rows {
+                matrixmultiply::sgemm(
+                    cnt,
+                    k,
+                    n,
+                    alpha,
+                    a.as_ptr().add(start * rsa),
+                    rsa as isize,
+                    csa as isize,
+                    b.as_ptr(),
+                    rsb as isize,
+                    csb as isize,
+                    beta,
+                    cp.0.add(start * rsc),
+                    rsc as isize,
+                    csc as isize,
+                );
+            } else {
+                matrixmultiply::sgemm(
+                    m,
+                    k,
+                    cnt,
+                    alpha,
+                    a.as_ptr(),
+                    rsa as isize,
+                    csa as isize,
+                    b.as_ptr().add(start * csb),
+                    rsb as isize,
+                    csb as isize,
+                    beta,
+                    cp.0.add(start * csc),
+                    rsc as isize,
+                    csc as isize,
+                );
+            }
+        }
+    };
+    if blocks == 1 {
+        run(0, cp);
+        return;
+    }
+    pool.scope(|s| {
+        let run = &run;
+        for start in (per..len).step_by(per) {
+            s.spawn(move |_| run(start, cp));
+        }
+        run(0, cp);
+    });
+}
+
+/// `y = x · Wᵀ + bias` into `y` `[n, d_out]`: `x` `[n, d_in]`, `w` `[d_out, d_in]`,
+/// `bias` `[d_out]`.
+#[allow(clippy::too_many_arguments)]
+pub fn linear_fwd_into(
+    pool: &ThreadPool,
+    x: &[f32],
+    w: &[f32],
+    bias: Option<&[f32]>,
+    n: usize,
+    d_in: usize,
+    d_out: usize,
+    y: &mut [f32],
+) {
+    assert!(
+        x.len() == n * d_in
+            && w.len() == d_out * d_in
+            && y.len() == n * d_out
+            && bias.is_none_or(|b| b.len() == d_out),
+        "linear_fwd: x {} / w {} / y {} / bias {:?} values, expected [n, d_in] = [{n}, {d_in}], \
+         [d_out, d_in] = [{d_out}, {d_in}], [n, d_out], [d_out]",
+        x.len(),
+        w.len(),
+        y.len(),
+        bias.map(|b| b.len())
+    );
+    let beta = match bias {
+        Some(b) => {
+            for row in y.chunks_exact_mut(d_out) {
+                row.copy_from_slice(b);
+            }
+            1.0
+        }
+        None => 0.0,
+    };
+    sgemm(
+        pool, n, d_in, d_out, 1.0, x, d_in, 1, w, 1, d_in, beta, y, d_out, 1,
+    );
+}
+
+/// `x · Wᵀ + bias` as a new `[n, d_out]` buffer; see [`linear_fwd_into`].
+pub fn linear_fwd(
+    pool: &ThreadPool,
+    x: &[f32],
+    w: &[f32],
+    bias: Option<&[f32]>,
+    n: usize,
+    d_in: usize,
+    d_out: usize,
+) -> Vec<f32> {
+    let mut y = vec![0.0; n * d_out];
+    linear_fwd_into(pool, x, w, bias, n, d_in, d_out, &mut y);
+    y
+}
+
+/// `grad_w[d_out, d_in] += dyᵀ · x` for `dy` `[n, d_out]`, `x` `[n, d_in]`.
+pub fn linear_bwd_weight(
+    pool: &ThreadPool,
+    x: &[f32],
+    dy: &[f32],
+    n: usize,
+    d_in: usize,
+    d_out: usize,
+    grad_w: &mut [f32],
+) {
+    assert!(
+        x.len() == n * d_in && dy.len() == n * d_out && grad_w.len() == d_out * d_in,
+        "linear_bwd_weight: x {} / dy {} / grad_w {} values, expected [{n}, {d_in}], [{n}, {d_out}], [{d_out}, {d_in}]",
+        x.len(),
+        dy.len(),
+        grad_w.len()
+    );
+    sgemm(
+        pool, d_out, n, d_in, 1.0, dy, 1, d_out, x, d_in, 1, 1.0, grad_w, d_in, 1,
+    );
+}
+
+/// `grad_bias[o] += Σ_r dy[r, o]`, rows in increasing order.
+pub fn linear_bwd_bias(dy: &[f32], n: usize, d_out: usize, grad_bias: &mut [f32]) {
+    assert!(
+        dy.len() == n * d_out && grad_bias.len() == d_out,
+        "linear_bwd_bias: dy {} / grad_bias {} values, expected [{n}, {d_out}], [{d_out}]",
+        dy.len(),
+        grad_bias.len()
+    );
+    for row in dy.chunks_exact(d_out) {
+        for (g, &d) in grad_bias.iter_mut().zip(row) {
+            *g += d;
+        }
+    }
+}
+
+/// `dx[n, d_in] = dy · W` for `dy` `[n, d_out]`, `w` `[d_out, d_in]`, into `dx` (overwritten).
+pub fn linear_bwd_input_into(
+    pool: &ThreadPool,
+    w: &[f32],
+    dy: &[f32],
+    n: usize,
+    d_in: usize,
+    d_out: usize,
+    dx: &mut [f32],
+) {
+    assert!(
+        w.len() == d_out * d_in && dy.len() == n * d_out && dx.len() == n * d_in,
+        "linear_bwd_input: w {} / dy {} / dx {} values, expected [{d_out}, {d_in}], [{n}, {d_out}], [{n}, {d_in}]",
+        w.len(),
+        dy.len(),
+        dx.len()
+    );
+    sgemm(
+        pool, n, d_out, d_in, 1.0, dy, d_out, 1, w, d_in, 1, 0.0, dx, d_in, 1,
+    );
+}
+
+/// Backward of [`linear_fwd`], as `reference::ops::linear::linear_bwd`: accumulates
+/// `grad_w += dyᵀ · x` and `grad_bias += Σ_r dy`, returns `dx = dy · W`.
+#[allow(clippy::too_many_arguments)]
+pub fn linear_bwd(
+    pool: &ThreadPool,
+    x: &[f32],
+    w: &[f32],
+    dy: &[f32],
+    n: usize,
+    d_in: usize,
+    d_out: usize,
+    grad_w: &mut [f32],
+    grad_bias: Option<&mut [f32]>,
+) -> Vec<f32> {
+    linear_bwd_weight(pool, x, dy, n, d_in, d_out, grad_w);
+    if let Some(gb) = grad_bias {
+        linear_bwd_bias(dy, n, d_out, gb);
+    }
+    let mut dx = vec![0.0; n * d_in];
+    linear_bwd_input_into(pool, w, dy, n, d_in, d_out, &mut dx);
+    dx
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pool(t: usize) -> ThreadPool {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(t)
+            .build()
+            .unwrap()
+    }
+
+    /// Deterministic values in [-1, 1).
+    fn vals(n: usize, seed: u32) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(2654435761).wrapping_add(12345);
+        (0..n)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 17;
+                s ^= s << 5;
+                (s >> 8) as f32 / (1u32 << 23) as f32 - 1.0
+            })
+            .collect()
+    }
+
+    fn naive(m: usize, k: usize, n: usize, a: &[f32], b: &[f32]) -> Vec<f64> {
+        let mut c = vec![0.0f64; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                for l in 0..k {
+                    c[i * n + j] += a[i * k + l] as f64 * b[l * n + j] as f64;
+                }
+            }
+        }
+        c
+    }
+
+    #[test]
+    fn sgemm_matches_naive_for_odd_shapes_and_thread_counts() {
+        for &(m, k, n) in &[
+            (1, 1, 1),
+            (3, 5, 7),
+            (67, 33, 129),
+            (130, 17, 5),
+            (5, 40, 300),
+        ] {
+            let a = vals(m * k, 1);
+            let b = vals(k * n, 2);
+            let want = naive(m, k, n, &a, &b);
+            let mut first: Option<Vec<f32>> = None;
+            for t in [1, 2, 3] {
+                let mut c = vec![f32::NAN; m * n];
+                sgemm(
+                    &pool(t),
+                    m,
+                    k,
+                    n,
+                    1.0,
+                    &a,
+                    k,
+                    1,
+                    &b,
+                    n,
+                    1,
+                    0.0,
+                    &mut c,
+                    n,
+                    1,
+                );
+                for (g, w) in c.iter().zip(&want) {
+                    assert!(
+                        (*g as f64 - w).abs() <= 1e-5 * (k as f64),
+                        "{m}x{k}x{n}: {g} vs {w}"
+                    );
+                }
+                // Transposed C (column-major) gives the same values.
+                let mut ct = vec![0.0f32; m * n];
+                sgemm(
+                    &pool(t),
+                    m,
+                    k,
+                    n,
+                    1.0,
+                    &a,
+                    k,
+                    1,
+                    &b,
+                    n,
+                    1,
+                    0.0,
+                    &mut ct,
+                    1,
+                    m,
+                );
+                for i in 0..m {
+                    for j in 0..n {
+                        assert_eq!(ct[j * m + i].to_bits(), c[i * n + j].to_bits());
+                    }
+                }
+                match &first {
+                    None => first = Some(c),
+                    Some(f) => assert_eq!(f, &c, "thread count changed the bits"),
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn linear_bwd_matches_its_definition() {
+        let (n, d_in, d_out) = (37, 19, 23);
+        let p = pool(2);
+        let x = vals(n * d_in, 3);
+        let w = vals(d_out * d_in, 4);
+        let dy = vals(n * d_out, 5);
+        let b = vals(d_out, 6);
+        let y = linear_fwd(&p, &x, &w, Some(&b), n, d_in, d_out);
+        let mut gw = vals(d_out * d_in, 7);
+        let gw0 = gw.clone();
+        let mut gb = vec![0.5f32; d_out];
+        let dx = linear_bwd(&p, &x, &w, &dy, n, d_in, d_out, &mut gw, Some(&mut gb));
+        for r in 0..n {
+            for o in 0..d_out {
+                let s: f64 = (0..d_in)
+                    .map(|j| w[o * d_in + j] as f64 * x[r * d_in + j] as f64)
+                    .sum();
+                assert!((y[r * d_out + o] as f64 - s - b[o] as f64).abs() < 1e-5);
+            }
+            for j in 0..d_in {
+                let s: f64 = (0..d_out)
+                    .map(|o| w[o * d_in + j] as f64 * dy[r * d_out + o] as f64)
+                    .sum();
+                assert!((dx[r * d_in + j] as f64 - s).abs() < 1e-5);
+            }
+        }
+        for o in 0..d_out {
+            let sb: f64 = (0..n).map(|r| dy[r * d_out + o] as f64).sum();
+            assert!((gb[o] as f64 - 0.5 - sb).abs() < 1e-5);
+            for j in 0..d_in {
+                let s: f64 = (0..n)
+                    .map(|r| dy[r * d_out + o] as f64 * x[r * d_in + j] as f64)
+                    .sum();
+                assert!((gw[o * d_in + j] as f64 - gw0[o * d_in + j] as f64 - s).abs() < 1e-5);
+            }
+        }
+    }
+}
