@@ -211,6 +211,8 @@ fn main() -> Result<()> {
             let mut engine = device::engine(&device, &ck.config, ck.params)?;
             let s = generate::Sampling {
                 temperature,
+                top_k: 0,
+                top_p: 1.0,
                 max_new_tokens,
                 seed,
                 stop_token: stop,

@@ -97,6 +97,8 @@ pub fn evaluate_qa(
     let eot = tok.token_to_id(EOT);
     let sampling = Sampling {
         temperature: 0.0,
+        top_k: 0,
+        top_p: 1.0,
         max_new_tokens,
         seed: 0,
         stop_token: eot,

@@ -1,0 +1,283 @@
+//! `vet-chat`: ask a Vet-Mamba checkpoint questions — interactively, once, or a file at a time.
+
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+use reference::MambaConfig;
+use trainer::chat::{batch, repl, ChatConfig, Session};
+use trainer::data::qa::QaTemplate;
+use trainer::device::{self, EngineOptions, WeightDtype};
+use trainer::generate::{generate, Sampling};
+use trainer::tokenizer;
+
+#[derive(Parser)]
+#[command(
+    name = "vet-chat",
+    version,
+    about = "Ask a Vet-Mamba (Mamba-1) checkpoint veterinary questions",
+    long_about = "Ask a Vet-Mamba (Mamba-1) checkpoint veterinary questions.\n\n\
+        With no --question, --prompt, --input or --tokens it is an interactive chat: one question \
+        per line, the answer streams as it is written, and the conversation continues from the \
+        model's state (earlier turns are not re-read). /reset starts over, /help lists the \
+        commands, /quit or Ctrl-D leaves. After each answer one timing line goes to stderr.\n\n\
+        Questions are wrapped in the fine-tuning QA template \
+        (\"<|question|> {question}\\n<|answer|> \"); answers end at <|endoftext|>, a --stop \
+        string or --max-new-tokens.\n\n\
+        Sampling applies, in this order: repetition penalty, temperature, top-k, top-p. \
+        --greedy (or --temperature 0) takes the most likely token instead and is deterministic."
+)]
+struct Cli {
+    /// Checkpoint directory: config.json + model.safetensors (Hugging Face or mamba_ssm
+    /// format) + tokenizer.json.
+    #[arg(long)]
+    model: PathBuf,
+    /// cpu (the fastest CPU engine available), reference (the f32 spec), cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Weight storage on --device cpu: f32, bf16 or int8.
+    #[arg(long, default_value = "f32")]
+    dtype: WeightDtype,
+    /// CPU worker threads (0 = every core).
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+    #[command(flatten)]
+    mode: Mode,
+    /// Batch mode: where the answers go (JSON Lines; appended to, so an interrupted run
+    /// resumes where it stopped).
+    #[arg(long, requires = "input")]
+    output: Option<PathBuf>,
+    /// Batch mode: the field each answer is written to.
+    #[arg(long, default_value = "answer", requires = "input")]
+    answer_field: String,
+    #[command(flatten)]
+    sampling: SamplingArgs,
+}
+
+/// What to answer (at most one; none = interactive).
+#[derive(clap::Args)]
+#[group(multiple = false)]
+struct Mode {
+    /// Answer one question (wrapped in the QA template) and exit.
+    #[arg(long)]
+    question: Option<String>,
+    /// Continue raw text (no template) and exit; prints only the continuation.
+    #[arg(long)]
+    prompt: Option<String>,
+    /// Batch mode: a JSON Lines file of objects with a "question" field (needs --output).
+    #[arg(long, requires = "output")]
+    input: Option<PathBuf>,
+    /// Generate from comma-separated token ids and print the new ids on one line: exactly
+    /// --max-new-tokens of them, no stop token, no tokenizer needed (for cross-checks with
+    /// other implementations, usually with --greedy).
+    #[arg(long, value_delimiter = ',', num_args = 1)]
+    tokens: Option<Vec<String>>,
+}
+
+#[derive(clap::Args)]
+struct SamplingArgs {
+    /// Always take the most likely token (deterministic). Repetition penalty is off unless
+    /// given; --top-k 1 is greedy with the default penalty.
+    #[arg(long, conflicts_with_all = ["temperature", "top_k", "top_p"])]
+    greedy: bool,
+    /// Softmax temperature (0 = greedy).
+    #[arg(long, default_value_t = 0.7)]
+    temperature: f64,
+    /// Draw only from the K most likely tokens (0 = off).
+    #[arg(long, default_value_t = 40)]
+    top_k: usize,
+    /// Draw only from the most likely tokens whose probabilities sum to P (1 = off).
+    #[arg(long, default_value_t = 0.9)]
+    top_p: f64,
+    /// Penalty on tokens already in the question or the answer (1 = off)
+    /// [default: 1.1, or 1.0 with --greedy].
+    #[arg(long)]
+    repetition_penalty: Option<f32>,
+    /// Random seed [default: drawn from the clock and printed, so a run can be repeated].
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Most tokens per answer.
+    #[arg(long, default_value_t = 256)]
+    max_new_tokens: usize,
+    /// Cut the answer before this string and stop (repeatable).
+    #[arg(long = "stop", value_name = "STRING")]
+    stops: Vec<String>,
+}
+
+impl SamplingArgs {
+    fn sampling(&self, seed: u64) -> Sampling {
+        let greedy = self.greedy;
+        Sampling {
+            temperature: if greedy { 0.0 } else { self.temperature },
+            top_k: if greedy { 0 } else { self.top_k },
+            top_p: if greedy { 1.0 } else { self.top_p },
+            max_new_tokens: self.max_new_tokens,
+            seed,
+            stop_token: None,
+            repetition_penalty: self
+                .repetition_penalty
+                .unwrap_or(if greedy { 1.0 } else { 1.1 }),
+        }
+    }
+}
+
+fn clock_seed() -> u64 {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    reference::rng::fnv1a64(&format!("{t}:{}", std::process::id()))
+}
+
+/// Token ids from `--tokens`, each checked against the vocabulary.
+fn parse_tokens(raw: &[String], vocab: usize) -> Result<Vec<u32>> {
+    let ids = raw
+        .iter()
+        .map(|s| s.trim())
+        .filter(|s| !s.is_empty())
+        .map(|s| {
+            let id: u32 = s
+                .parse()
+                .with_context(|| format!("--tokens: {s:?} is not a token id"))?;
+            if id as usize >= vocab {
+                bail!("--tokens: id {id} is outside the model's vocabulary of {vocab}");
+            }
+            Ok(id)
+        })
+        .collect::<Result<Vec<u32>>>()?;
+    if ids.is_empty() {
+        bail!("--tokens: no token ids given");
+    }
+    Ok(ids)
+}
+
+fn load_engine(cli: &Cli) -> Result<(Box<dyn reference::Engine>, MambaConfig)> {
+    let opts = EngineOptions {
+        threads: cli.threads,
+        dtype: cli.dtype,
+        ..EngineOptions::default()
+    };
+    device::load_for_inference(&cli.model, &cli.device, &opts)
+        .with_context(|| format!("loading {} on --device {}", cli.model.display(), cli.device))
+}
+
+fn run_tokens(cli: &Cli, raw: &[String], seed: u64) -> Result<()> {
+    let (mut engine, cfg) = load_engine(cli)?;
+    let ids = parse_tokens(raw, cfg.vocab_size)?;
+    let s = cli.sampling.sampling(seed);
+    let new = generate(engine.as_mut(), &ids, &s, |_| {})?;
+    let line: Vec<String> = new.iter().map(u32::to_string).collect();
+    println!("{}", line.join(","));
+    Ok(())
+}
+
+fn open_session(cli: &Cli, seed: u64) -> Result<Session> {
+    let dir = &cli.model;
+    if !dir.is_dir() {
+        bail!("checkpoint {}: no such directory", dir.display());
+    }
+    // The config and tokenizer first: they are quick to check, the weights are not.
+    let cfg = MambaConfig::load(&dir.join("config.json"))
+        .with_context(|| format!("loading checkpoint {}", dir.display()))?;
+    let tok = tokenizer::load(&dir.join("tokenizer.json"), cfg.vocab_size)
+        .with_context(|| format!("loading checkpoint {}", dir.display()))?;
+    let (engine, _) = load_engine(cli)?;
+    let chat = ChatConfig {
+        sampling: cli.sampling.sampling(seed),
+        stop_strings: cli.sampling.stops.clone(),
+        template: QaTemplate::default(),
+    };
+    let session = Session::new(engine, tok, chat)?;
+    if !session.has_eot() {
+        eprintln!(
+            "warning: the tokenizer has no {}: answers end only at --max-new-tokens or --stop",
+            tokenizer::EOT
+        );
+    }
+    Ok(session)
+}
+
+fn one_shot(session: &mut Session, text: &str, templated: bool) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    let a = if templated {
+        session.ask(text, &mut out)?
+    } else {
+        session.complete(text, &mut out)?
+    };
+    writeln!(out)?;
+    out.flush()?;
+    eprintln!("{}", a.timing_line());
+    Ok(())
+}
+
+fn run(cli: Cli) -> Result<()> {
+    let seed = cli.sampling.seed.unwrap_or_else(clock_seed);
+    let sampling = cli.sampling.sampling(seed);
+    sampling.check()?;
+    if let Some(raw) = &cli.mode.tokens {
+        if !cli.sampling.stops.is_empty() {
+            bail!("--stop needs text; --tokens mode works on ids only");
+        }
+        return run_tokens(&cli, raw, seed);
+    }
+    if let Some(q) = &cli.mode.question {
+        if q.trim().is_empty() {
+            bail!("--question: the question is empty");
+        }
+    }
+    if cli.mode.prompt.as_deref() == Some("") {
+        bail!("--prompt: the prompt is empty");
+    }
+    let mut session = open_session(&cli, seed)?;
+    if !sampling.is_greedy() && cli.sampling.seed.is_none() {
+        eprintln!("sampling with seed {seed} (pass --seed {seed} to repeat)");
+    }
+    if let Some(q) = &cli.mode.question {
+        return one_shot(&mut session, q, true);
+    }
+    if let Some(p) = &cli.mode.prompt {
+        return one_shot(&mut session, p, false);
+    }
+    if let (Some(input), Some(output)) = (&cli.mode.input, &cli.output) {
+        let o = batch::BatchOptions {
+            input: input.clone(),
+            output: output.clone(),
+            answer_field: cli.answer_field.clone(),
+            seed,
+            progress: true,
+        };
+        let s = batch::run(&mut session, &o)?;
+        eprintln!("{}", s.line(output));
+        return Ok(());
+    }
+    interactive(&mut session, &cli.model)
+}
+
+fn interactive(session: &mut Session, model: &Path) -> Result<()> {
+    let stdin = std::io::stdin();
+    let terminal = stdin.is_terminal();
+    eprintln!(
+        "vet-chat: {} on {}. Type a question; /help for commands, /quit to leave.",
+        model.display(),
+        session.engine_name()
+    );
+    repl::run(
+        session,
+        &mut stdin.lock(),
+        &mut std::io::stdout().lock(),
+        &mut std::io::stderr().lock(),
+        terminal.then_some("> "),
+    )
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
