@@ -24,3 +24,56 @@ pub const STEP_VS_FORWARD_F64: f64 = 1e-12;
 /// Same for f32: measured 0 (bit-identical) on the random cases of `reference_recurrence`,
 /// for the same reason as the f64 case. Kept at 0 so any reordering is noticed.
 pub const STEP_VS_FORWARD_F32: f64 = 0.0;
+
+// ---- simd inference ----
+
+/// simd forward / prefill / decode against the reference on the same (possibly rounded)
+/// weights, f32 arithmetic: relative L2 error of logits and states. The simd tier sums in
+/// another order (8 accumulators, FMA, GEMM blocking) and uses polynomial exp/ln, each a few
+/// ulp per op; errors compound through the layers. Measured worst: see
+/// `cargo test -p conformance --test simd_inference`: worst seen 6.1e-6 (a 1e-4 change of D
+/// alone gives 5e-5).
+pub const SIMD_INFER_F32: f64 = 2e-5;
+
+/// bf16 weights against f32 weights (same model, simd both): bf16 keeps 8 significant bits,
+/// a relative rounding of ≤ 2^-9 per weight, which averages down in the dot products.
+/// Measured on the 64 × 2 test model: see `reduced_precision_stays_close_to_f32`.
+pub const SIMD_QUANT_BF16: f64 = 1e-2;
+
+/// int8 (per-row symmetric scale) weights against f32 weights: rounding of ≤ max|w|/254 per
+/// weight. Measured as for bf16.
+pub const SIMD_QUANT_INT8: f64 = 3e-2;
+
+// simd training ---------------------------------------------------------------------------
+// The simd tier's backward, cross-entropy and AdamW against the f32 reference
+// (`conformance/tests/simd_training.rs`; measured values: run it with `-- --nocapture`).
+
+/// Every parameter gradient of `simd::backward::backward` against the f32 reference, relative
+/// L2 per tensor. Both are f32; the simd tier sums in another order (blocked GEMMs, lane-wise
+/// scan sums over channels) and uses vector `exp` / `log1p` (a few ulp from libm's), so each
+/// gradient carries O(1e-7 · sqrt(terms)) of rounding that the reverse scan over 300
+/// positions and the layers chained back can amplify. Measured worst 2.0e-6 (48 proptest
+/// shapes; the table's worst is 1.8e-6, LayerNorm d_model 3, untied); a reset that leaks the
+/// state gradient backwards already shows 1.2e-4 on a 9-position row.
+pub const SIMD_BACKWARD_F32: f64 = 2e-5;
+
+/// The initial conv window and SSM state gradients of the same backward, relative L2; same
+/// reasons. Measured worst 4.3e-7 (proptest), 2.8e-7 on the table (d_inner 69, 300 positions).
+pub const SIMD_BACKWARD_STATE_F32: f64 = 1e-5;
+
+/// Masked mean cross-entropy, relative. The simd tier sums each row's `exp` in eight f32
+/// lanes and the rows in f64; the reference sums both sequentially in f32, whose own rounding
+/// over a 50280-token vocabulary is the larger part. Measured worst 2.7e-6 (vocab 50280,
+/// logits N(0, 3²)); 0 to 7e-8 for vocabularies up to 300.
+pub const SIMD_CE_LOSS_F32: f64 = 1e-5;
+
+/// `d_logits` of the cross-entropy, relative L2: every element is `exp(logit − lse) · k`, so
+/// the log-sum-exp's difference (above) and the vector `exp` show up in all of them. Measured
+/// worst 5.5e-6 (vocab 50280), 2.2e-7 for vocabularies up to 300.
+pub const SIMD_CE_GRAD_F32: f64 = 3e-5;
+
+/// One AdamW step (parameters, both moments, the clipped gradients), relative L2 per
+/// tensor. The per-element update repeats the reference's operations in order, so only the
+/// gradient norm (f64, summed in blocks) can differ, in its last bits, and move the f32 clip
+/// coefficient by an ulp. Measured 0 (bit-identical) on every case.
+pub const SIMD_ADAMW_F32: f64 = 1e-6;

@@ -15,7 +15,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use half::{bf16, f16};
 use safetensors::tensor::{Metadata, TensorInfo};
-use safetensors::{Dtype, View};
+pub use safetensors::Dtype;
+use safetensors::View;
 
 use crate::config::MambaConfig;
 use crate::error::{Error, Result};
@@ -339,6 +340,52 @@ pub fn load_params<T: Float>(path: &Path, cfg: &MambaConfig) -> Result<Params<T>
         tensors.push(h.read_float::<T>(file_name, &info)?);
     }
     Ok(Params::from_ordered(cfg, tensors))
+}
+
+/// Where one parameter's bytes lie in a safetensors file (see [`locate_params`]).
+#[derive(Clone, Debug, PartialEq)]
+pub struct TensorLocation {
+    /// Canonical (Hugging Face) name.
+    pub name: String,
+    pub dtype: Dtype,
+    pub shape: Vec<usize>,
+    /// Absolute byte offset of the little-endian data in the file.
+    pub offset: u64,
+    /// Byte length.
+    pub len: usize,
+}
+
+/// Checks a checkpoint (file, or directory holding `model.safetensors`) against `cfg` exactly
+/// as [`load_params`] does, without reading the tensor data, and returns the file and where
+/// every parameter lies in it, in canonical order. For readers that memory-map the file.
+pub fn locate_params(path: &Path, cfg: &MambaConfig) -> Result<(PathBuf, Vec<TensorLocation>)> {
+    cfg.validate()?;
+    let path = model_file(path);
+    let h = Header::open(&path)?;
+    let names = canonical_names(&path, &h, cfg)?;
+    let specs = param_specs(cfg);
+    check_against_specs(&h, &names, &specs)?;
+    let mut out = Vec::with_capacity(specs.len());
+    for (name, _) in &specs {
+        let missing = || ckpt_err(&path, format!("tensor `{name}` is missing"));
+        let file_name = names.get(name).ok_or_else(missing)?;
+        let info = h.info(file_name).ok_or_else(missing)?;
+        let (start, end) = info.data_offsets;
+        out.push(TensorLocation {
+            name: name.clone(),
+            dtype: info.dtype,
+            shape: info.shape.clone(),
+            offset: h.data_start + start as u64,
+            len: end - start,
+        });
+    }
+    Ok((path, out))
+}
+
+/// Converts the little-endian bytes of an F32, F64, BF16 or F16 tensor to f32 (other dtypes
+/// give an empty vector; [`locate_params`] has refused them already).
+pub fn bytes_to_f32(bytes: &[u8], dtype: Dtype) -> Vec<f32> {
+    decode_float(bytes, dtype)
 }
 
 /// The element type a checkpoint is written in.

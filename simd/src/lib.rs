@@ -3,7 +3,23 @@
 //! Implements [`reference::Engine`] with `wide` vectors, `matrixmultiply` GEMMs and a thread
 //! pool. Inference weights can be f32, bf16 or int8 (per-row scales); training runs in f32.
 
+pub mod backward;
 pub mod gemm;
+pub mod loss;
+pub mod optim;
+
+pub mod conv;
+pub mod engine;
+pub mod forward;
+pub mod kernels;
+pub mod load;
+pub mod model;
+pub mod scan;
+pub mod vecmath;
+pub mod weights;
+
+pub use engine::SimdEngine;
+pub use kernels::Isa;
 
 use std::str::FromStr;
 
@@ -48,9 +64,52 @@ pub struct SimdOptions {
     /// Worker threads; 0 = one per available core.
     pub threads: usize,
     pub dtype: WeightDtype,
+    /// Force an instruction set (tests); `None` = the best this CPU has.
+    pub isa: Option<Isa>,
 }
 
-/// Whether this tier can run models yet.
-pub fn available() -> Result<(), &'static str> {
-    Err("the simd CPU tier is not implemented yet; use --device reference")
+/// Whether this tier can run here, and with which instruction set.
+pub fn available() -> Result<Isa, &'static str> {
+    Ok(Isa::detect())
+}
+
+/// A raw pointer shared by pool tasks that write disjoint elements of one buffer.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct SyncPtr<T>(pub *mut T);
+
+// SAFETY: every user hands each task a disjoint set of indices (stated at each use), so no
+// element is accessed by two threads.
+unsafe impl<T> Send for SyncPtr<T> {}
+unsafe impl<T> Sync for SyncPtr<T> {}
+
+impl<T: Copy> SyncPtr<T> {
+    /// # Safety
+    /// `i` is in bounds and no other thread touches element `i` meanwhile.
+    #[inline(always)]
+    pub(crate) unsafe fn read(self, i: usize) -> T {
+        *self.0.add(i)
+    }
+
+    /// # Safety
+    /// As for [`SyncPtr::read`].
+    #[inline(always)]
+    pub(crate) unsafe fn write(self, i: usize, v: T) {
+        *self.0.add(i) = v;
+    }
+
+    /// The address of element `i` (for APIs that take raw pointers).
+    ///
+    /// # Safety
+    /// `i` is in bounds.
+    #[inline(always)]
+    pub(crate) unsafe fn at(self, i: usize) -> *mut T {
+        self.0.add(i)
+    }
+
+    /// # Safety
+    /// `i..i + v.len()` is in bounds and touched by no other thread meanwhile.
+    #[inline(always)]
+    pub(crate) unsafe fn write_slice(self, i: usize, v: &[T]) {
+        std::ptr::copy_nonoverlapping(v.as_ptr(), self.0.add(i), v.len());
+    }
 }

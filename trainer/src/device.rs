@@ -36,8 +36,8 @@ pub fn cuda_ordinal(device: &str) -> Result<Option<usize>> {
     }
 }
 
-/// Builds the engine `device` names. `cpu` is the fastest CPU engine available: the `simd`
-/// tier once it exists, the f32 reference until then.
+/// Builds the engine `device` names: `reference` / `reference-f64` (the spec), `cpu` (the
+/// `simd` tier: vectorised, threaded, f32/bf16/int8 weights), `cuda[:N]` (the CUDA tier).
 pub fn engine_with(
     device: &str,
     cfg: &MambaConfig,
@@ -60,13 +60,14 @@ pub fn engine_with(
     match device {
         "reference" => Ok(Box::new(ReferenceEngine::new(cfg.clone(), params))),
         "reference-f64" => Ok(Box::new(ReferenceEngine::<f64>::new(cfg.clone(), params.cast(cfg)))),
-        "cpu" => match simd::available() {
-            Err(_) if opts.dtype == WeightDtype::F32 => {
-                Ok(Box::new(ReferenceEngine::new(cfg.clone(), params)))
-            }
-            Err(e) => bail!("--dtype {}: {e}", opts.dtype.name()),
-            Ok(()) => bail!("--device cpu: the simd tier reports ready but has no engine"),
-        },
+        "cpu" => {
+            let o = simd::SimdOptions {
+                threads: opts.threads,
+                dtype: opts.dtype,
+                isa: None,
+            };
+            Ok(Box::new(simd::SimdEngine::new(cfg.clone(), params, &o)?))
+        }
         other => bail!("--device {other}: unknown device (expected reference, reference-f64, cpu, cuda or cuda:N)"),
     }
 }
@@ -78,6 +79,18 @@ pub fn load_for_inference(
     device: &str,
     opts: &EngineOptions,
 ) -> Result<(Box<dyn Engine>, MambaConfig)> {
+    if device == "cpu" {
+        // Memory-maps the weights when the file already holds the precision asked for.
+        let o = simd::SimdOptions {
+            threads: opts.threads,
+            dtype: opts.dtype,
+            isa: None,
+        };
+        let e = simd::SimdEngine::load(dir, &o)
+            .with_context(|| format!("loading {}", dir.display()))?;
+        let cfg = e.config().clone();
+        return Ok((Box::new(e), cfg));
+    }
     let ck = crate::checkpoint::load(dir)?;
     let e = engine_with(device, &ck.config, ck.params, opts)?;
     Ok((e, ck.config))

@@ -1,0 +1,389 @@
+//! [`SimdEngine`]: the CPU tier behind `reference::Engine`.
+
+use std::path::Path;
+
+use reference::engine::{check_len, params_from_named, LossOutput, NamedTensors, OptimizerState};
+use reference::model::Batch;
+use reference::optim::{AdamW, StepStats};
+use reference::{AdamWConfig, Engine, Error, MambaConfig, Params, Result, State, Tensor};
+
+use crate::forward::{forward, Logits, Scratch};
+use crate::kernels::Isa;
+use crate::model::Weights;
+use crate::{SimdOptions, WeightDtype};
+
+/// The fast CPU engine. Inference reads [`Weights`] (f32, bf16 or int8, possibly
+/// memory-mapped); training keeps f32 master parameters, gradients and AdamW moments and
+/// refreshes the f32 weights after each optimizer step.
+pub struct SimdEngine {
+    cfg: MambaConfig,
+    isa: Isa,
+    pool: rayon::ThreadPool,
+    weights: Weights,
+    /// f32 master parameters: present from [`SimdEngine::new`], made from the weights on the
+    /// first training call of a loaded model.
+    params: Option<Params<f32>>,
+    /// The weights no longer match `params` (after an optimizer step).
+    stale: bool,
+    grads: Option<Params<f32>>,
+    opt: Option<AdamW<f32>>,
+    scratch: Scratch,
+    logits: Vec<f32>,
+}
+
+fn pool(threads: usize) -> Result<rayon::ThreadPool> {
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .thread_name(|i| format!("simd-{i}"))
+        .build()
+        .map_err(|e| Error::Device {
+            device: "cpu".into(),
+            msg: format!("cannot start {threads} worker threads: {e}"),
+        })
+}
+
+impl SimdEngine {
+    /// An engine over `params`, storing the inference matrices as `opts.dtype`.
+    pub fn new(cfg: MambaConfig, params: Params<f32>, opts: &SimdOptions) -> Result<SimdEngine> {
+        cfg.validate()?;
+        let weights = Weights::from_params(&cfg, &params, opts.dtype);
+        Self::build(cfg, weights, Some(params), opts)
+    }
+
+    /// Loads `dir` (config.json + model.safetensors, HF or mamba_ssm names), memory-mapping the
+    /// matrices whose file precision is the one asked for.
+    pub fn load(dir: &Path, opts: &SimdOptions) -> Result<SimdEngine> {
+        let cfg = MambaConfig::load(&dir.join("config.json"))?;
+        let weights = crate::load::load_weights(dir, &cfg, opts.dtype)?;
+        Self::build(cfg, weights, None, opts)
+    }
+
+    fn build(
+        cfg: MambaConfig,
+        weights: Weights,
+        params: Option<Params<f32>>,
+        opts: &SimdOptions,
+    ) -> Result<SimdEngine> {
+        let threads = if opts.threads == 0 {
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        } else {
+            opts.threads
+        };
+        Ok(SimdEngine {
+            isa: opts.isa.unwrap_or_else(Isa::detect),
+            pool: pool(threads)?,
+            cfg,
+            weights,
+            params,
+            stale: false,
+            grads: None,
+            opt: None,
+            scratch: Scratch::default(),
+            logits: Vec::new(),
+        })
+    }
+
+    pub fn isa(&self) -> Isa {
+        self.isa
+    }
+
+    pub fn threads(&self) -> usize {
+        self.pool.current_num_threads()
+    }
+
+    pub fn dtype(&self) -> WeightDtype {
+        self.weights.dtype
+    }
+
+    /// The inference weights.
+    pub fn weights(&self) -> &Weights {
+        &self.weights
+    }
+
+    /// f32 master parameters, made from the weights the first time a loaded model trains.
+    fn master(&mut self) -> &mut Params<f32> {
+        if self.params.is_none() {
+            let named = crate::load::weights_to_named(&self.cfg, &self.weights);
+            let p = params_from_named(&self.cfg, &named).expect("weights follow param_specs");
+            self.params = Some(p);
+        }
+        self.params.as_mut().expect("set above")
+    }
+
+    /// Makes the inference weights match the master parameters after an update.
+    fn refresh(&mut self) {
+        if self.stale {
+            if let Some(p) = &self.params {
+                self.weights = Weights::from_params(&self.cfg, p, self.weights.dtype);
+            }
+            self.stale = false;
+        }
+    }
+
+    fn require_f32(&self, op: &str) -> Result<()> {
+        if self.weights.dtype != WeightDtype::F32 {
+            return Err(Error::Device {
+                device: "cpu".into(),
+                msg: format!(
+                    "{op} needs f32 weights; this engine stores {} weights for inference",
+                    self.weights.dtype.name()
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    fn grads_mut(&mut self) -> &mut Params<f32> {
+        let cfg = &self.cfg;
+        self.grads.get_or_insert_with(|| Params::zeros(cfg))
+    }
+}
+
+impl Engine for SimdEngine {
+    fn name(&self) -> String {
+        format!(
+            "simd ({}, {} weights, {} threads)",
+            self.isa.name(),
+            self.weights.dtype.name(),
+            self.threads()
+        )
+    }
+
+    fn config(&self) -> &MambaConfig {
+        &self.cfg
+    }
+
+    fn forward(
+        &mut self,
+        input: &Batch,
+        state: Option<&State<f32>>,
+    ) -> Result<(Tensor<f32>, State<f32>)> {
+        self.refresh();
+        let mut st = state
+            .cloned()
+            .unwrap_or_else(|| State::zeros(&self.cfg, input.batch));
+        let mut logits = Vec::new();
+        let (isa, cfg, w, s) = (self.isa, &self.cfg, &self.weights, &mut self.scratch);
+        self.pool.install(|| {
+            forward(
+                isa,
+                cfg,
+                w,
+                input,
+                &mut st,
+                s,
+                Logits::All(&mut logits),
+                false,
+            )
+        })?;
+        let shape = [input.batch, input.seq_len, self.cfg.vocab_size];
+        Ok((Tensor::from_vec(&shape, logits), st))
+    }
+
+    fn loss_and_backward(
+        &mut self,
+        input: &Batch,
+        targets: &[u32],
+        mask: Option<&[bool]>,
+        state: Option<&State<f32>>,
+        grad_scale: f64,
+    ) -> Result<LossOutput> {
+        self.require_f32("training")?;
+        self.refresh();
+        self.master();
+        self.grads_mut();
+        let mut st = state
+            .cloned()
+            .unwrap_or_else(|| State::zeros(&self.cfg, input.batch));
+        let init = st.clone();
+        let mut logits = std::mem::take(&mut self.logits);
+        let (isa, cfg, w, s) = (self.isa, &self.cfg, &self.weights, &mut self.scratch);
+        let params = self.params.as_ref().expect("made by master()");
+        let grads = self.grads.as_mut().expect("made by grads_mut()");
+        let out = self.pool.install(|| -> Result<LossOutput> {
+            let cache = forward(
+                isa,
+                cfg,
+                w,
+                input,
+                &mut st,
+                s,
+                Logits::All(&mut logits),
+                true,
+            )?
+            .expect("kept");
+            let lo = reference::loss::cross_entropy(
+                &logits,
+                targets,
+                mask,
+                cfg.vocab_size,
+                grad_scale as f32,
+            )?;
+            let gs = reference::model::backward(
+                cfg,
+                params,
+                input,
+                Some(&init),
+                &cache,
+                &lo.d_logits,
+                grads,
+            )?;
+            Ok(LossOutput {
+                loss: lo.loss as f64,
+                n_targets: lo.n_targets,
+                grad_state: gs,
+            })
+        });
+        self.logits = logits;
+        out
+    }
+
+    fn zero_grad(&mut self) {
+        if let Some(g) = &mut self.grads {
+            for t in g.tensors_mut() {
+                t.fill(0.0);
+            }
+        }
+    }
+
+    fn optimizer_step(&mut self, hp: &AdamWConfig, lr: f64) -> Result<StepStats> {
+        self.require_f32("training")?;
+        self.master();
+        self.grads_mut();
+        let cfg = &self.cfg;
+        let opt = self.opt.get_or_insert_with(|| AdamW::new(cfg));
+        let (params, grads) = (
+            self.params.as_mut().expect("made by master()"),
+            self.grads.as_mut().expect("made by grads_mut()"),
+        );
+        let stats = self.pool.install(|| opt.step(cfg, params, grads, hp, lr));
+        if !stats.skipped {
+            self.stale = true;
+        }
+        Ok(stats)
+    }
+
+    fn step(
+        &mut self,
+        tokens: &[u32],
+        resets: Option<&[bool]>,
+        state: &mut State<f32>,
+    ) -> Result<Tensor<f32>> {
+        let mut out = vec![0f32; tokens.len() * self.cfg.vocab_size];
+        self.step_into(tokens, resets, state, &mut out)?;
+        Ok(Tensor::from_vec(&[tokens.len(), self.cfg.vocab_size], out))
+    }
+
+    fn step_into(
+        &mut self,
+        tokens: &[u32],
+        resets: Option<&[bool]>,
+        state: &mut State<f32>,
+        logits: &mut [f32],
+    ) -> Result<()> {
+        self.refresh();
+        check_len(
+            "step_into",
+            "logits",
+            logits.len(),
+            tokens.len() * self.cfg.vocab_size,
+        )?;
+        let input = Batch {
+            batch: tokens.len(),
+            seq_len: 1,
+            tokens,
+            resets,
+        };
+        let (isa, cfg, w, s) = (self.isa, &self.cfg, &self.weights, &mut self.scratch);
+        self.pool
+            .install(|| forward(isa, cfg, w, &input, state, s, Logits::Last(logits), false))?;
+        Ok(())
+    }
+
+    fn prefill(
+        &mut self,
+        tokens: &[u32],
+        state: &mut State<f32>,
+        logits: &mut [f32],
+    ) -> Result<()> {
+        self.refresh();
+        if tokens.is_empty() {
+            return Err(Error::Shape {
+                op: "prefill",
+                msg: "no tokens to prefill".into(),
+            });
+        }
+        let input = Batch::new(tokens, 1, tokens.len());
+        let (isa, cfg, w, s) = (self.isa, &self.cfg, &self.weights, &mut self.scratch);
+        self.pool
+            .install(|| forward(isa, cfg, w, &input, state, s, Logits::Last(logits), false))?;
+        Ok(())
+    }
+
+    fn parameters(&self) -> NamedTensors {
+        match &self.params {
+            Some(p) => p
+                .named(&self.cfg)
+                .into_iter()
+                .map(|(n, t)| (n, t.clone()))
+                .collect(),
+            None => crate::load::weights_to_named(&self.cfg, &self.weights),
+        }
+    }
+
+    fn set_parameters(&mut self, named: &[(String, Tensor<f32>)]) -> Result<()> {
+        let p = params_from_named(&self.cfg, named)?;
+        self.weights = Weights::from_params(&self.cfg, &p, self.weights.dtype);
+        self.params = Some(p);
+        self.stale = false;
+        Ok(())
+    }
+
+    fn gradients(&self) -> NamedTensors {
+        let zeros;
+        let g = match &self.grads {
+            Some(g) => g,
+            None => {
+                zeros = Params::zeros(&self.cfg);
+                &zeros
+            }
+        };
+        g.named(&self.cfg)
+            .into_iter()
+            .map(|(n, t)| (n, t.clone()))
+            .collect()
+    }
+
+    fn optimizer_state(&self) -> OptimizerState {
+        let named = |p: &Params<f32>| -> NamedTensors {
+            p.named(&self.cfg)
+                .into_iter()
+                .map(|(n, t)| (n, t.clone()))
+                .collect()
+        };
+        match &self.opt {
+            Some(o) => OptimizerState {
+                step: o.step,
+                m: named(&o.m),
+                v: named(&o.v),
+            },
+            None => {
+                let z = Params::zeros(&self.cfg);
+                OptimizerState {
+                    step: 0,
+                    m: named(&z),
+                    v: named(&z),
+                }
+            }
+        }
+    }
+
+    fn set_optimizer_state(&mut self, state: &OptimizerState) -> Result<()> {
+        self.opt = Some(AdamW {
+            m: params_from_named(&self.cfg, &state.m)?,
+            v: params_from_named(&self.cfg, &state.v)?,
+            step: state.step,
+        });
+        Ok(())
+    }
+}

@@ -1,0 +1,333 @@
+//! The forward over a batch of sequences, the prefill and the one-token decode step, on the
+//! current rayon pool. Activations live in a reusable [`Scratch`], so a decode step allocates
+//! nothing once the buffers have grown to the batch size. With `keep`, it also returns the
+//! `reference::model::ForwardCache` the backward consumes.
+
+use reference::config::NormKind;
+use reference::model::{Batch, ForwardCache, LayerCache};
+use reference::ops::norm::NormStats;
+use reference::{MambaConfig, State};
+
+use crate::conv::{conv_fwd, conv_step};
+use crate::kernels::Isa;
+use crate::model::{LayerWeights, Weights};
+use crate::scan::{scan_fwd, Scan};
+use crate::vecmath::silu_into;
+use crate::weights::{dequant_rows, linear, sub_rows};
+
+/// Reusable activation buffers.
+#[derive(Debug, Default)]
+pub struct Scratch {
+    resid: Vec<f32>,
+    hn: Vec<f32>,
+    x: Vec<f32>,
+    z: Vec<f32>,
+    u: Vec<f32>,
+    xs: Vec<f32>,
+    dtr: Vec<f32>,
+    bm: Vec<f32>,
+    cm: Vec<f32>,
+    delta: Vec<f32>,
+    gated: Vec<f32>,
+    out: Vec<f32>,
+    conv_init: Vec<f32>,
+    last_rows: Vec<f32>,
+    mean: Vec<f32>,
+    rstd: Vec<f32>,
+}
+
+/// Sets `v` to `n` zeros; grows the allocation only when it is too small.
+fn fit(v: &mut Vec<f32>, n: usize) {
+    v.clear();
+    v.resize(n, 0.0);
+}
+
+/// Which logits to compute.
+pub enum Logits<'a> {
+    /// Every position: `[batch, seq_len, vocab]`.
+    All(&'a mut Vec<f32>),
+    /// The last position of each row: `[batch, vocab]`.
+    Last(&'a mut [f32]),
+}
+
+/// Normalises one row; returns `(mean, rstd)` (mean 0 for RMSNorm). Same formula as
+/// `reference::ops::norm`.
+#[inline]
+fn norm_row(
+    kind: NormKind,
+    x: &[f32],
+    w: &[f32],
+    b: Option<&[f32]>,
+    eps: f32,
+    y: &mut [f32],
+) -> (f32, f32) {
+    let d = x.len() as f32;
+    let mean = match kind {
+        NormKind::Rms => 0.0,
+        NormKind::Layer => x.iter().sum::<f32>() / d,
+    };
+    let ss: f32 = x.iter().map(|&v| (v - mean) * (v - mean)).sum();
+    let rstd = 1.0 / (ss / d + eps).sqrt();
+    for j in 0..x.len() {
+        y[j] = (x[j] - mean) * rstd * w[j] + b.map_or(0.0, |b| b[j]);
+    }
+    (mean, rstd)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn norm_rows(
+    kind: NormKind,
+    x: &[f32],
+    w: &[f32],
+    b: Option<&[f32]>,
+    eps: f64,
+    d: usize,
+    y: &mut [f32],
+    mean: &mut [f32],
+    rstd: &mut [f32],
+) {
+    use rayon::prelude::*;
+    let eps = eps as f32;
+    type Row<'a> = ((&'a [f32], &'a mut [f32]), (&'a mut f32, &'a mut f32));
+    let job = |((xr, yr), (m, r)): Row| {
+        (*m, *r) = norm_row(kind, xr, w, b, eps, yr);
+    };
+    let rows = x.chunks(d).zip(y.chunks_mut(d));
+    let stats = mean.iter_mut().zip(rstd.iter_mut());
+    if x.len() < 1 << 14 {
+        rows.zip(stats).for_each(job);
+    } else {
+        x.par_chunks(d)
+            .zip(y.par_chunks_mut(d))
+            .zip(mean.par_iter_mut().zip(rstd.par_iter_mut()))
+            .for_each(job);
+    }
+}
+
+fn stats(s: &Scratch) -> NormStats<f32> {
+    NormStats {
+        mean: s.mean.clone(),
+        rstd: s.rstd.clone(),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+/// One residual block: adds the mixer's output to `s.resid` and advances layer `i` of `state`.
+fn layer(
+    isa: Isa,
+    cfg: &MambaConfig,
+    lw: &LayerWeights,
+    input: &Batch,
+    i: usize,
+    state: &mut State<f32>,
+    s: &mut Scratch,
+    keep: bool,
+) -> Option<LayerCache<f32>> {
+    let n = input.rows();
+    let (dm, di, ds, r, dc) = (
+        cfg.d_model,
+        cfg.d_inner,
+        cfg.d_state,
+        cfg.dt_rank,
+        cfg.d_conv,
+    );
+    for (v, len) in [(&mut s.hn, n * dm), (&mut s.out, n * dm)] {
+        fit(v, len);
+    }
+    for v in [
+        &mut s.x,
+        &mut s.z,
+        &mut s.u,
+        &mut s.xs,
+        &mut s.delta,
+        &mut s.gated,
+    ] {
+        fit(v, n * di);
+    }
+    fit(&mut s.dtr, n * r);
+    fit(&mut s.bm, n * ds);
+    fit(&mut s.cm, n * ds);
+    fit(&mut s.mean, n);
+    fit(&mut s.rstd, n);
+    let nb = lw.norm_b.as_deref();
+    norm_rows(
+        cfg.norm,
+        &s.resid,
+        &lw.norm_w,
+        nb,
+        cfg.norm_eps,
+        dm,
+        &mut s.hn,
+        &mut s.mean,
+        &mut s.rstd,
+    );
+    let inp = lw.in_proj.view();
+    let ib = lw.in_proj_b.as_deref();
+    linear(
+        isa,
+        sub_rows(inp, dm, 0, di),
+        &s.hn,
+        ib.map(|b| &b[..di]),
+        dm,
+        &mut s.x,
+    );
+    linear(
+        isa,
+        sub_rows(inp, dm, di, 2 * di),
+        &s.hn,
+        ib.map(|b| &b[di..]),
+        dm,
+        &mut s.z,
+    );
+    let cb = lw.conv_b.as_deref();
+    if input.seq_len == 1 {
+        let win = state.conv_layer_mut(i);
+        conv_step(
+            &s.x,
+            &lw.conv_w,
+            cb,
+            input.resets,
+            win,
+            (input.batch, di, dc),
+            &mut s.u,
+        );
+    } else {
+        s.conv_init.clear();
+        s.conv_init.extend_from_slice(state.conv_layer(i));
+        let dims = (input.batch, input.seq_len, di, dc);
+        let last = state.conv_layer_mut(i);
+        conv_fwd(
+            &s.x,
+            &lw.conv_w,
+            cb,
+            input.resets,
+            Some(&s.conv_init),
+            dims,
+            &mut s.u,
+            last,
+        );
+    }
+    silu_into(&s.u, &mut s.xs);
+    let xp = lw.x_proj.view();
+    linear(isa, sub_rows(xp, di, 0, r), &s.xs, None, di, &mut s.dtr);
+    linear(isa, sub_rows(xp, di, r, r + ds), &s.xs, None, di, &mut s.bm);
+    linear(
+        isa,
+        sub_rows(xp, di, r + ds, r + 2 * ds),
+        &s.xs,
+        None,
+        di,
+        &mut s.cm,
+    );
+    linear(isa, lw.dt_proj.view(), &s.dtr, None, r, &mut s.delta);
+    let scan = Scan {
+        u: &s.xs,
+        delta: &s.delta,
+        a: &lw.a,
+        b: &s.bm,
+        c: &s.cm,
+        d: &lw.d,
+        z: &s.z,
+        delta_bias: &lw.dt_b,
+        resets: input.resets,
+        batch: input.batch,
+        seq_len: input.seq_len,
+        d_inner: di,
+        d_state: ds,
+    };
+    scan_fwd(&scan, state.ssm_layer_mut(i), &mut s.gated);
+    linear(
+        isa,
+        lw.out_proj.view(),
+        &s.gated,
+        lw.out_b.as_deref(),
+        di,
+        &mut s.out,
+    );
+    let cache = keep.then(|| LayerCache {
+        resid_in: s.resid.clone(),
+        norm_stats: stats(s),
+        hn: s.hn.clone(),
+        x_pre: s.x.clone(),
+        z: s.z.clone(),
+        u: s.u.clone(),
+        xs: s.xs.clone(),
+        dt_raw: s.dtr.clone(),
+        b: s.bm.clone(),
+        c: s.cm.clone(),
+        delta: s.delta.clone(),
+        a: lw.a.clone(),
+        gated: s.gated.clone(),
+    });
+    for (v, o) in s.resid.iter_mut().zip(&s.out) {
+        *v += *o;
+    }
+    cache
+}
+
+/// Runs `input` from `state` (the initial state; zeros for none), leaving the final state in
+/// it, and writes the requested logits. Checks the batch against `cfg`.
+#[allow(clippy::too_many_arguments)]
+pub fn forward(
+    isa: Isa,
+    cfg: &MambaConfig,
+    w: &Weights,
+    input: &Batch,
+    state: &mut State<f32>,
+    s: &mut Scratch,
+    logits: Logits,
+    keep: bool,
+) -> reference::Result<Option<ForwardCache<f32>>> {
+    input.check(cfg, "simd forward")?;
+    state.check(cfg, input.batch, "simd forward")?;
+    let (n, dm, vocab) = (input.rows(), cfg.d_model, cfg.vocab_size);
+    fit(&mut s.resid, n * dm);
+    let emb = w.embed.view();
+    for (t, &tok) in input.tokens.iter().enumerate() {
+        dequant_rows(emb, dm, tok as usize, &mut s.resid[t * dm..(t + 1) * dm]);
+    }
+    let mut layers = Vec::new();
+    for (i, lw) in w.layers.iter().enumerate() {
+        if let Some(c) = layer(isa, cfg, lw, input, i, state, s, keep) {
+            layers.push(c);
+        }
+    }
+    fit(&mut s.hn, n * dm);
+    fit(&mut s.mean, n);
+    fit(&mut s.rstd, n);
+    let fb = w.norm_f_b.as_deref();
+    norm_rows(
+        cfg.norm,
+        &s.resid,
+        &w.norm_f_w,
+        fb,
+        cfg.norm_eps,
+        dm,
+        &mut s.hn,
+        &mut s.mean,
+        &mut s.rstd,
+    );
+    let head = w.head().view();
+    match logits {
+        Logits::All(out) => {
+            fit(out, n * vocab);
+            linear(isa, head, &s.hn, None, dm, out);
+        }
+        Logits::Last(out) => {
+            let (b, l) = (input.batch, input.seq_len);
+            reference::engine::check_len("simd forward", "logits", out.len(), b * vocab)?;
+            fit(&mut s.last_rows, b * dm);
+            for bi in 0..b {
+                let src = (bi * l + l - 1) * dm;
+                s.last_rows[bi * dm..(bi + 1) * dm].copy_from_slice(&s.hn[src..src + dm]);
+            }
+            linear(isa, head, &s.last_rows, None, dm, out);
+        }
+    }
+    Ok(keep.then(|| ForwardCache {
+        layers,
+        resid_final: s.resid.clone(),
+        norm_f_stats: stats(s),
+        hf: s.hn.clone(),
+    }))
+}
