@@ -1,0 +1,734 @@
+//! `vet-chat` on the bundled tiny byte-level checkpoint: state carried between turns equals
+//! re-reading the history, `--tokens` equals argmax over full forwards, stop strings, UTF-8
+//! streaming, seeds, batch mode with resume, the interactive loop, and bad input.
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::Cell;
+use std::io::Write;
+use std::ops::ControlFlow;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+use reference::engine::{LossOutput, NamedTensors, OptimizerState};
+use reference::model::{forward, Batch};
+use reference::optim::StepStats;
+use reference::rng::Rng;
+use reference::{AdamWConfig, Engine, MambaConfig, State, Tensor};
+use trainer::chat::{ChatConfig, Session, StopReason};
+use trainer::checkpoint;
+use trainer::data::qa::QaTemplate;
+use trainer::generate::{Generator, Sampling};
+use trainer::tokenizer::{self, encode};
+
+// ---- allocation counting (for the allocation-free decode loop) ----
+
+thread_local! {
+    static ALLOCS: Cell<u64> = const { Cell::new(0) };
+}
+
+/// The system allocator, counting allocations per thread.
+struct Counting;
+
+fn count() {
+    let _ = ALLOCS.try_with(|c| c.set(c.get() + 1));
+}
+
+// SAFETY: every call forwards to `System` with the caller's arguments unchanged; counting
+// touches only a const-initialised thread-local `Cell`, which never allocates.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        count();
+        // SAFETY: the caller upholds `GlobalAlloc::alloc`'s contract, which `System` shares.
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        count();
+        // SAFETY: as for `alloc`.
+        unsafe { System.alloc_zeroed(layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        count();
+        // SAFETY: `ptr` came from this allocator, i.e. from `System`.
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: `ptr` came from this allocator, i.e. from `System`.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+}
+
+#[global_allocator]
+static ALLOCATOR: Counting = Counting;
+
+fn allocations() -> u64 {
+    ALLOCS.with(|c| c.get())
+}
+
+// ---- helpers ----
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("chat-{name}"));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn tiny() -> PathBuf {
+    fixtures::tiny_checkpoint()
+}
+
+/// A veterinary-sounding question drawn from `seed`.
+fn question(seed: u64) -> String {
+    const SPECIES: [&str; 6] = ["dog", "cat", "ewe", "horse", "rabbit", "calf"];
+    const SIGNS: [&str; 6] = [
+        "fever",
+        "lameness",
+        "diarrhoea",
+        "a cough",
+        "weight loss",
+        "itchy skin",
+    ];
+    let mut r = Rng::new(seed);
+    let s = SPECIES[r.below(6) as usize];
+    let g = SIGNS[r.below(6) as usize];
+    format!("What should I do for a {s} with {g}?")
+}
+
+fn greedy(max_new_tokens: usize) -> Sampling {
+    Sampling {
+        max_new_tokens,
+        ..Sampling::default()
+    }
+}
+
+fn session(sampling: Sampling, stops: &[&str]) -> Session {
+    let ck = checkpoint::load(&tiny()).unwrap();
+    let tok = tokenizer::load(&tiny().join("tokenizer.json"), ck.config.vocab_size).unwrap();
+    let engine = trainer::device::engine("reference", &ck.config, ck.params).unwrap();
+    let cfg = ChatConfig {
+        sampling,
+        stop_strings: stops.iter().map(|s| s.to_string()).collect(),
+        template: QaTemplate::default(),
+    };
+    Session::new(engine, tok, cfg).unwrap()
+}
+
+/// Greedy continuation of `prefix` by `n` tokens, each from a fresh full forward over the
+/// whole sequence so far (no state, no step, no sampler).
+fn argmax_by_full_forward(prefix: &[u32], n: usize) -> Vec<u32> {
+    let ck = checkpoint::load(&tiny()).unwrap();
+    let v = ck.config.vocab_size;
+    let mut seq = prefix.to_vec();
+    for _ in 0..n {
+        let (logits, _, _) = forward(
+            &ck.config,
+            &ck.params,
+            &Batch::new(&seq, 1, seq.len()),
+            None,
+            false,
+        )
+        .unwrap();
+        let last = &logits.data[(seq.len() - 1) * v..];
+        let mut best = 0;
+        for i in 1..v {
+            if last[i] > last[best] {
+                best = i;
+            }
+        }
+        seq.push(best as u32);
+    }
+    seq[prefix.len()..].to_vec()
+}
+
+fn vet_chat(args: &[&str], stdin: Option<&str>) -> Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_vet-chat"))
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut pipe = child.stdin.take().unwrap();
+    pipe.write_all(stdin.unwrap_or("").as_bytes()).unwrap();
+    drop(pipe);
+    child.wait_with_output().unwrap()
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// Runs vet-chat expecting failure; returns stderr.
+fn fails(args: &[&str]) -> String {
+    let out = vet_chat(args, None);
+    let err = text(&out.stderr);
+    assert!(!out.status.success(), "{args:?} succeeded: {err}");
+    assert!(!err.contains("panicked"), "{args:?} panicked: {err}");
+    err
+}
+
+fn succeeds(args: &[&str], stdin: Option<&str>) -> (String, String) {
+    let out = vet_chat(args, stdin);
+    let (o, e) = (text(&out.stdout), text(&out.stderr));
+    assert!(out.status.success(), "{args:?} failed: {e}");
+    (o, e)
+}
+
+/// A copy of the tiny checkpoint in a scratch folder.
+fn tiny_copy(name: &str) -> PathBuf {
+    let dir = scratch(name).join("ck");
+    std::fs::create_dir_all(&dir).unwrap();
+    for f in ["config.json", "model.safetensors", "tokenizer.json"] {
+        std::fs::copy(tiny().join(f), dir.join(f)).unwrap();
+    }
+    dir
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+// ---- the model state between turns ----
+
+#[test]
+fn second_turn_from_the_kept_state_equals_rereading_the_whole_history() {
+    let tok = tokenizer::load(&tiny().join("tokenizer.json"), 264).unwrap();
+    let eot = tok.token_to_id(tokenizer::EOT).unwrap();
+    let template = QaTemplate::default();
+    for seed in [1, 2] {
+        let (q1, q2) = (question(seed), question(seed + 100));
+        let mut chat = session(greedy(14), &[]);
+        let a1 = chat.ask(&q1, &mut Vec::new()).unwrap();
+        let a2 = chat.ask(&q2, &mut Vec::new()).unwrap();
+        // The history the second turn continues, built independently of the session.
+        let mut history = encode(&tok, &template.render(&q1)).unwrap();
+        history.extend(&a1.tokens);
+        if a1.stop != StopReason::EndOfText {
+            history.push(eot);
+        }
+        let p2 = encode(&tok, &template.render(&q2)).unwrap();
+        // Turn 2 prefilled only its question, after the answer's last token (which decoding
+        // never feeds to the model) and the end token the session appended.
+        let appended = usize::from(a1.stop != StopReason::EndOfText);
+        assert_eq!(a2.prompt_tokens, 1 + appended + p2.len());
+        history.extend(&p2);
+        assert_eq!(&chat.history()[..history.len()], &history[..]);
+        let want = argmax_by_full_forward(&history, a2.tokens.len());
+        assert_eq!(
+            a2.tokens, want,
+            "seed {seed}: carried state != re-read history"
+        );
+    }
+}
+
+#[test]
+fn prefill_through_carried_state_is_bit_identical_to_one_forward() {
+    // The reference promises the same bits when a sequence is split and chained through the
+    // state, so the logits must be equal, not merely close.
+    let ck = checkpoint::load(&tiny()).unwrap();
+    let mut engine = trainer::device::engine("reference", &ck.config, ck.params).unwrap();
+    let mut r = Rng::new(7);
+    let seq: Vec<u32> = (0..61).map(|_| r.below(264) as u32).collect();
+    let v = 264;
+    let mut logits = vec![0.0f32; v];
+    let mut state = State::zeros(&ck.config, 1);
+    for chunk in [&seq[..23], &seq[23..24], &seq[24..]] {
+        engine.prefill(chunk, &mut state, &mut logits).unwrap();
+    }
+    let (whole, whole_state) = engine
+        .forward(&Batch::new(&seq, 1, seq.len()), None)
+        .unwrap();
+    assert_eq!(&logits[..], &whole.data[(seq.len() - 1) * v..]);
+    assert_eq!(state, whole_state);
+}
+
+#[test]
+fn reset_starts_the_conversation_over() {
+    let mut chat = session(greedy(10), &[]);
+    let first = chat.ask(&question(3), &mut Vec::new()).unwrap();
+    chat.ask(&question(4), &mut Vec::new()).unwrap();
+    assert_eq!(chat.turns(), 2);
+    chat.reset();
+    assert!(chat.history().is_empty());
+    let again = chat.ask(&question(3), &mut Vec::new()).unwrap();
+    assert_eq!(again.tokens, first.tokens);
+    assert_eq!(again.prompt_tokens, first.prompt_tokens);
+}
+
+// ---- decoding ----
+
+#[test]
+fn tokens_mode_prints_the_argmax_of_full_forwards() {
+    for seed in [11, 12, 13] {
+        // Random lower-case bytes and spaces: text-like, so the greedy continuation varies
+        // (after random bytes the tiny model tends to repeat one token, which checks little).
+        let mut r = Rng::new(seed);
+        let ids: Vec<u32> = (0..9)
+            .map(|_| match r.below(27) {
+                26 => 32,
+                c => 97 + c as u32,
+            })
+            .collect();
+        let arg: Vec<String> = ids.iter().map(u32::to_string).collect();
+        let arg = arg.join(",");
+        let (out, _) = succeeds(
+            &[
+                "--model",
+                s(&tiny()),
+                "--device",
+                "reference",
+                "--tokens",
+                &arg,
+                "--greedy",
+                "--max-new-tokens",
+                "12",
+            ],
+            None,
+        );
+        let got: Vec<u32> = out.trim().split(',').map(|t| t.parse().unwrap()).collect();
+        assert_eq!(got, argmax_by_full_forward(&ids, 12), "prefix {arg}");
+        let mut distinct = got.clone();
+        distinct.sort_unstable();
+        distinct.dedup();
+        assert!(distinct.len() >= 3, "prefix {arg}: {got:?} checks little");
+    }
+}
+
+#[test]
+fn a_seed_repeats_its_draws_and_another_seed_does_not() {
+    let run = |seed: &str| {
+        succeeds(
+            &[
+                "--model",
+                s(&tiny()),
+                "--tokens",
+                "72,111,114,115,101",
+                "--temperature",
+                "1.5",
+                "--top-k",
+                "0",
+                "--top-p",
+                "1",
+                "--seed",
+                seed,
+                "--max-new-tokens",
+                "40",
+            ],
+            None,
+        )
+        .0
+    };
+    let a = run("5");
+    assert_eq!(a, run("5"));
+    assert_ne!(a, run("6"));
+    assert_eq!(a.trim().split(',').count(), 40);
+}
+
+#[test]
+fn stop_strings_cut_the_answer_before_them() {
+    let q = question(21);
+    let full = session(greedy(40), &[]).ask(&q, &mut Vec::new()).unwrap();
+    assert_eq!(full.stop, StopReason::MaxNewTokens);
+    // A stop string taken from the middle of the greedy answer.
+    let chars: Vec<(usize, char)> = full.text.char_indices().collect();
+    let (from, to) = (chars[chars.len() / 2].0, chars[chars.len() / 2 + 3].0);
+    let stop = &full.text[from..to];
+    let cut = full.text.find(stop).unwrap();
+    let mut shown = Vec::new();
+    let a = session(greedy(40), &[stop, "never appears"])
+        .ask(&q, &mut shown)
+        .unwrap();
+    assert_eq!(a.stop, StopReason::StopString);
+    assert_eq!(a.text, full.text[..cut]);
+    assert_eq!(
+        text(&shown),
+        a.text,
+        "streamed text differs from the answer"
+    );
+    assert!(a.tokens.len() < full.tokens.len());
+}
+
+#[test]
+fn streamed_pieces_join_to_the_answer_even_through_broken_utf8() {
+    // A hot, unfiltered byte-level model draws arbitrary bytes: split and invalid UTF-8.
+    for seed in 0..4 {
+        let s = Sampling {
+            temperature: 3.0,
+            max_new_tokens: 120,
+            seed,
+            ..Sampling::default()
+        };
+        let mut shown = Vec::new();
+        let a = session(s, &[]).ask(&question(seed), &mut shown).unwrap();
+        let tok = tokenizer::load(&tiny().join("tokenizer.json"), 264).unwrap();
+        let full = tokenizer::decode(&tok, &a.tokens).unwrap();
+        assert_eq!(text(&shown), full, "seed {seed}");
+        assert_eq!(a.text, full, "seed {seed}");
+        assert!(
+            a.tokens.iter().any(|t| (128..256).contains(t)),
+            "seed {seed}: no non-ASCII byte drawn, the test shows nothing"
+        );
+    }
+}
+
+/// An engine whose `step_into` allocates nothing: logits are a hash of the token, the
+/// position and the vocabulary index.
+struct NoAllocEngine {
+    cfg: MambaConfig,
+}
+
+impl NoAllocEngine {
+    fn fill(&self, token: u32, state: &mut State<f32>, logits: &mut [f32]) {
+        state.ssm.data[0] += 1.0;
+        let pos = state.ssm.data[0] as u64;
+        for (i, l) in logits.iter_mut().enumerate() {
+            let h = reference::rng::fnv1a64_bytes(&[(token as u64 ^ pos ^ i as u64) as u8]);
+            *l = (h % 1000) as f32 / 100.0 + (i % 7) as f32;
+        }
+    }
+}
+
+impl Engine for NoAllocEngine {
+    fn name(&self) -> String {
+        "no-alloc".into()
+    }
+    fn config(&self) -> &MambaConfig {
+        &self.cfg
+    }
+    fn forward(
+        &mut self,
+        _: &Batch,
+        _: Option<&State<f32>>,
+    ) -> reference::Result<(Tensor<f32>, State<f32>)> {
+        unimplemented!("the decode loop uses prefill and step_into only")
+    }
+    fn loss_and_backward(
+        &mut self,
+        _: &Batch,
+        _: &[u32],
+        _: Option<&[bool]>,
+        _: Option<&State<f32>>,
+        _: f64,
+    ) -> reference::Result<LossOutput> {
+        unimplemented!()
+    }
+    fn zero_grad(&mut self) {}
+    fn optimizer_step(&mut self, _: &AdamWConfig, _: f64) -> reference::Result<StepStats> {
+        unimplemented!()
+    }
+    fn step(
+        &mut self,
+        _: &[u32],
+        _: Option<&[bool]>,
+        _: &mut State<f32>,
+    ) -> reference::Result<Tensor<f32>> {
+        unimplemented!("the decode loop uses step_into")
+    }
+    fn step_into(
+        &mut self,
+        tokens: &[u32],
+        _: Option<&[bool]>,
+        state: &mut State<f32>,
+        logits: &mut [f32],
+    ) -> reference::Result<()> {
+        self.fill(tokens[0], state, logits);
+        Ok(())
+    }
+    fn prefill(
+        &mut self,
+        tokens: &[u32],
+        state: &mut State<f32>,
+        logits: &mut [f32],
+    ) -> reference::Result<()> {
+        for &t in tokens {
+            self.fill(t, state, logits);
+        }
+        Ok(())
+    }
+    fn parameters(&self) -> NamedTensors {
+        Vec::new()
+    }
+    fn set_parameters(&mut self, _: &[(String, Tensor<f32>)]) -> reference::Result<()> {
+        Ok(())
+    }
+    fn gradients(&self) -> NamedTensors {
+        Vec::new()
+    }
+    fn optimizer_state(&self) -> OptimizerState {
+        unimplemented!()
+    }
+    fn set_optimizer_state(&mut self, _: &OptimizerState) -> reference::Result<()> {
+        Ok(())
+    }
+}
+
+#[test]
+fn the_decode_loop_allocates_nothing_per_token() {
+    let mut cfg = checkpoint::load(&tiny()).unwrap().config;
+    cfg.vocab_size = 1000;
+    let mut engine = NoAllocEngine { cfg: cfg.clone() };
+    let samplings = [
+        greedy(0),
+        Sampling {
+            temperature: 0.7,
+            top_k: 40,
+            top_p: 0.9,
+            repetition_penalty: 1.1,
+            seed: 3,
+            ..greedy(0)
+        },
+        Sampling {
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 0.5,
+            seed: 4,
+            ..greedy(0)
+        },
+        Sampling {
+            temperature: 1.0,
+            seed: 5,
+            ..greedy(0)
+        },
+    ];
+    for s in samplings {
+        for n in [8, 200] {
+            let s = Sampling {
+                max_new_tokens: n,
+                ..s.clone()
+            };
+            let mut g = Generator::new(&s, 1000).unwrap();
+            let mut state = State::zeros(&cfg, 1);
+            g.prefill(&mut engine, &[1, 2, 3], &mut state).unwrap();
+            g.sampler.observe(&[1, 2, 3]);
+            let before = allocations();
+            let mut seen = 0;
+            g.run(&mut engine, &mut state, |_| {
+                seen += 1;
+                ControlFlow::Continue(())
+            })
+            .unwrap();
+            let during = allocations() - before;
+            assert_eq!(seen, n);
+            assert_eq!(during, 0, "{n} tokens with {s:?}: {during} allocations");
+        }
+    }
+}
+
+// ---- the binary ----
+
+#[test]
+fn batch_mode_answers_every_line_keeps_fields_and_resumes() {
+    let dir = scratch("batch");
+    let input = dir.join("questions.jsonl");
+    let output = dir.join("answers.jsonl");
+    let qs: Vec<String> = (0..3).map(|i| question(40 + i)).collect();
+    let mut lines = String::new();
+    for (i, q) in qs.iter().enumerate() {
+        let v = serde_json::json!({"question": q, "species": "dog", "id": i});
+        lines.push_str(&format!("{v}\n"));
+        if i == 0 {
+            lines.push('\n'); // blank lines are skipped
+        }
+    }
+    std::fs::write(&input, lines).unwrap();
+    let args = |out: &Path| {
+        vec![
+            "--model".to_string(),
+            s(&tiny()).into(),
+            "--device".into(),
+            "reference".into(),
+            "--greedy".into(),
+            "--max-new-tokens".into(),
+            "12".into(),
+            "--input".into(),
+            s(&input).into(),
+            "--output".into(),
+            s(out).into(),
+        ]
+    };
+    let argv = args(&output);
+    let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+    let (_, err) = succeeds(&argv, None);
+    assert!(err.contains("3 answers written"), "{err}");
+    let full = std::fs::read_to_string(&output).unwrap();
+    let rows: Vec<serde_json::Value> = full
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rows.len(), 3);
+    for (i, r) in rows.iter().enumerate() {
+        assert_eq!(r["question"], qs[i].as_str());
+        assert_eq!(r["species"], "dog");
+        assert_eq!(r["id"], i);
+        assert!(r["answer"].is_string());
+        assert!(r["prompt_tokens"].as_u64().unwrap() > 10);
+        assert!(r["new_tokens"].as_u64().unwrap() <= 12);
+    }
+    // Each question is answered on its own, as a one-shot --question would.
+    let (one, _) = succeeds(
+        &[
+            "--model",
+            s(&tiny()),
+            "--device",
+            "reference",
+            "--greedy",
+            "--max-new-tokens",
+            "12",
+            "--question",
+            &qs[1],
+        ],
+        None,
+    );
+    assert_eq!(one.trim(), rows[1]["answer"].as_str().unwrap());
+    // A crash after the first answer and half of the second: the rerun completes the file.
+    let first_end = full.find('\n').unwrap() + 1;
+    std::fs::write(&output, &full[..first_end + 20]).unwrap();
+    let (_, err) = succeeds(&argv, None);
+    assert!(err.contains("2 answers written"), "{err}");
+    assert!(err.contains("1 were already there"), "{err}");
+    assert_eq!(std::fs::read_to_string(&output).unwrap(), full);
+    // An output that belongs to other questions is refused, not extended.
+    let other = dir.join("other.jsonl");
+    std::fs::write(
+        &other,
+        "{\"question\": \"something else\", \"answer\": \"x\"}\n",
+    )
+    .unwrap();
+    let argv2 = args(&other);
+    let argv2: Vec<&str> = argv2.iter().map(String::as_str).collect();
+    let err = fails(&argv2);
+    assert!(
+        err.contains("other.jsonl:1") && err.contains("questions.jsonl:1"),
+        "{err}"
+    );
+}
+
+#[test]
+fn batch_mode_reports_a_bad_line_as_file_and_line() {
+    let dir = scratch("batch-bad");
+    let output = dir.join("answers.jsonl");
+    let cases = [
+        (
+            "{\"question\": \"ok?\"}\n{\"question\": 3}\n",
+            ":2",
+            "must be a string",
+        ),
+        (
+            "{\"question\": \"ok?\"}\n\n{not json\n",
+            ":3",
+            "not valid JSON",
+        ),
+        ("{\"q\": \"ok?\"}\n", ":1", "missing \"question\""),
+        ("{\"question\": \"  \"}\n", ":1", "empty"),
+        (
+            "{\"question\": \"a?\", \"answer\": \"b\"}\n",
+            ":1",
+            "--answer-field",
+        ),
+    ];
+    for (i, (body, line, msg)) in cases.iter().enumerate() {
+        let input = dir.join(format!("q{i}.jsonl"));
+        std::fs::write(&input, body).unwrap();
+        let err = fails(&[
+            "--model",
+            s(&tiny()),
+            "--input",
+            s(&input),
+            "--output",
+            s(&output),
+        ]);
+        let at = format!("q{i}.jsonl{line}");
+        assert!(err.contains(&at) && err.contains(msg), "case {i}: {err}");
+        assert!(!output.exists(), "case {i}: output written for bad input");
+    }
+}
+
+#[test]
+fn interactive_mode_carries_state_and_resets_through_piped_stdin() {
+    let (q1, q2) = (question(60), question(61));
+    let stdin = format!("{q1}\n\n{q2}\n/help\n/reset\n{q1}\n/nonsense\n/quit\n{q2}\n");
+    let (out, err) = succeeds(
+        &[
+            "--model",
+            s(&tiny()),
+            "--device",
+            "reference",
+            "--greedy",
+            "--max-new-tokens",
+            "16",
+            "--stop",
+            "\n",
+        ],
+        Some(&stdin),
+    );
+    let mut chat = session(greedy(16), &["\n"]);
+    let a1 = chat.ask(&q1, &mut Vec::new()).unwrap().text;
+    let a2 = chat.ask(&q2, &mut Vec::new()).unwrap().text;
+    let help_lines = trainer::chat::repl::HELP.lines().count();
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 3 + help_lines, "{out}");
+    assert_eq!(lines[0], a1);
+    assert_eq!(lines[1], a2);
+    assert_eq!(
+        lines[2 + help_lines],
+        a1,
+        "after /reset the first answer repeats"
+    );
+    assert_ne!(a1, a2);
+    assert_eq!(err.matches("tok/s decode").count(), 3, "{err}");
+    assert!(err.contains("conversation reset"), "{err}");
+    assert!(err.contains("unknown command /nonsense"), "{err}");
+    // End of input without /quit ends cleanly too.
+    let (out, _) = succeeds(
+        &["--model", s(&tiny()), "--greedy", "--max-new-tokens", "4"],
+        Some("Why?"),
+    );
+    assert_eq!(out.lines().count(), 1);
+}
+
+#[test]
+fn bad_input_is_a_clear_error_never_a_panic() {
+    // Missing files, each named.
+    for f in ["config.json", "model.safetensors", "tokenizer.json"] {
+        let ck = tiny_copy(&format!("missing-{f}"));
+        std::fs::remove_file(ck.join(f)).unwrap();
+        let err = fails(&["--model", s(&ck), "--question", "Is it safe?"]);
+        assert!(err.contains(s(&ck.join(f))), "{f}: {err}");
+    }
+    let err = fails(&[
+        "--model",
+        "/no/such/checkpoint",
+        "--question",
+        "Is it safe?",
+    ]);
+    assert!(err.contains("/no/such/checkpoint"), "{err}");
+    // The 4096-token tokenizer does not fit the 264-row tiny model.
+    let ck = tiny_copy("mismatch");
+    std::fs::copy(fixtures::tokenizer(), ck.join("tokenizer.json")).unwrap();
+    let err = fails(&["--model", s(&ck), "--question", "Is it safe?"]);
+    assert!(
+        err.contains("do not belong together") && err.contains("tokenizer.json"),
+        "{err}"
+    );
+    // Empty questions and prompts, bad token ids, conflicting flags.
+    let m = s(&tiny()).to_string();
+    for (args, msg) in [
+        (vec!["--question", "   "], "question is empty"),
+        (vec!["--prompt", ""], "prompt is empty"),
+        (vec!["--tokens", "1,x,3"], "\"x\" is not a token id"),
+        (
+            vec!["--tokens", "1,999"],
+            "outside the model's vocabulary of 264",
+        ),
+        (vec!["--tokens", "1", "--stop", "a"], "--stop"),
+        (vec!["--greedy", "--temperature", "0.5"], "--temperature"),
+        (vec!["--top-p", "0"], "top-p"),
+        (vec!["--dtype", "fp8"], "fp8"),
+        (vec!["--question", "a", "--prompt", "b"], "--prompt"),
+    ] {
+        let mut argv = vec!["--model", m.as_str()];
+        argv.extend(args.iter().copied());
+        let err = fails(&argv);
+        assert!(err.contains(msg), "{args:?}: {err}");
+    }
+}
