@@ -75,5 +75,7 @@ pub const SIMD_CE_GRAD_F32: f64 = 3e-5;
 /// One AdamW step (parameters, both moments, the clipped gradients), relative L2 per
 /// tensor. The per-element update repeats the reference's operations in order, so only the
 /// gradient norm (f64, summed in blocks) can differ, in its last bits, and move the f32 clip
-/// coefficient by an ulp. Measured 0 (bit-identical) on every case.
-pub const SIMD_ADAMW_F32: f64 = 1e-6;
+/// coefficient by an ulp (odds ~2⁻²⁹ per step). Measured 0 (bit-identical) on every case;
+/// kept at 0 so that any reordering of the update is noticed (`step_size · m / denom` instead
+/// of `step_size · (m / denom)` fails it).
+pub const SIMD_ADAMW_F32: f64 = 0.0;

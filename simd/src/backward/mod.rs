@@ -1,0 +1,304 @@
+//! The model backward on the pool: the fast twin of `reference::model::backward`.
+//!
+//! Same semantics (every parameter gradient is *added* to `grads`; the initial state's
+//! gradient is returned, zeros standing for "no state"), computed with threaded GEMMs for
+//! every linear layer and the lm_head, rows of the norms in parallel, and the conv and the
+//! selective scan over channel blocks with eight-lane vectors. Every sum that crosses tasks
+//! runs in a fixed order set by the shapes alone, so the gradients are the same bits for any
+//! thread count.
+
+mod conv;
+mod norm;
+mod scan;
+mod vmath;
+
+use rayon::prelude::*;
+use rayon::ThreadPool;
+use reference::model::{Batch, ForwardCache, LayerCache};
+use reference::{Error, LayerParams, MambaConfig, Params, Result, State};
+
+use crate::gemm::{linear_bwd, linear_bwd_bias, linear_bwd_input_into, linear_bwd_weight};
+use conv::{conv1d_bwd, ConvBwdInputs};
+use norm::norm_bwd;
+use scan::{selective_scan_bwd, ScanBwdInputs};
+
+/// Elements per task of the element-wise loops.
+const ELEMS: usize = 1 << 14;
+
+/// A mutable f32 buffer that pool tasks write through at disjoint indices.
+#[derive(Clone, Copy)]
+pub(crate) struct Shared {
+    ptr: *mut f32,
+    len: usize,
+}
+
+// SAFETY: a `Shared` is only dereferenced through `slice`, whose callers guarantee that no two
+// threads touch the same elements and that the buffer outlives every task.
+unsafe impl Send for Shared {}
+unsafe impl Sync for Shared {}
+
+impl Shared {
+    pub(crate) fn new(s: &mut [f32]) -> Self {
+        Shared {
+            ptr: s.as_mut_ptr(),
+            len: s.len(),
+        }
+    }
+
+    /// `n` elements from `i`.
+    ///
+    /// # Safety
+    /// While the returned slice lives, no other slice of the same elements may exist, and the
+    /// buffer given to [`Shared::new`] must neither move nor be used otherwise.
+    #[allow(clippy::mut_from_ref)]
+    pub(crate) unsafe fn slice<'a>(self, i: usize, n: usize) -> &'a mut [f32] {
+        assert!(i + n <= self.len, "Shared::slice: {i} + {n} > {}", self.len);
+        // SAFETY: in bounds (checked above); exclusivity is the caller's contract.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.add(i), n) }
+    }
+}
+
+/// Joins `[n, a]`, `[n, b]`, ... column blocks into `[n, a + b + ...]`.
+fn concat_cols(parts: &[(&[f32], usize)], n: usize) -> Vec<f32> {
+    let total: usize = parts.iter().map(|p| p.1).sum();
+    let mut out = Vec::with_capacity(n * total);
+    for r in 0..n {
+        for &(p, w) in parts {
+            out.extend_from_slice(&p[r * w..(r + 1) * w]);
+        }
+    }
+    out
+}
+
+/// Backward of one layer given the gradient of its output `d_out`; as the reference's
+/// `layer_bwd`. Returns the gradient w.r.t. the layer input (mixer path only) and the initial
+/// conv window and SSM state gradients.
+#[allow(clippy::too_many_arguments)]
+fn layer_bwd(
+    pool: &ThreadPool,
+    cfg: &MambaConfig,
+    lp: &LayerParams<f32>,
+    lc: &LayerCache<f32>,
+    input: &Batch,
+    conv_init: Option<&[f32]>,
+    ssm_init: Option<&[f32]>,
+    d_out: &[f32],
+    gl: &mut LayerParams<f32>,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let n = input.rows();
+    let (dm, di, ds, r) = (cfg.d_model, cfg.d_inner, cfg.d_state, cfg.dt_rank);
+    let d_gated = linear_bwd(
+        pool,
+        &lc.gated,
+        &lp.out_proj_weight.data,
+        d_out,
+        n,
+        di,
+        dm,
+        &mut gl.out_proj_weight.data,
+        gl.out_proj_bias.as_mut().map(|t| &mut t.data[..]),
+    );
+    let scan = ScanBwdInputs {
+        u: &lc.xs,
+        delta: &lc.delta,
+        a: &lc.a,
+        b: &lc.b,
+        c: &lc.c,
+        d: &lp.d.data,
+        z: &lc.z,
+        delta_bias: &lp.dt_proj_bias.data,
+        resets: input.resets,
+        h0: ssm_init,
+        batch: input.batch,
+        seq_len: input.seq_len,
+        d_inner: di,
+        d_state: ds,
+    };
+    let sg = selective_scan_bwd(pool, &scan, &d_gated);
+    // A = −exp(A_log), so dA/dA_log = A.
+    for ((g, &ga), &a) in gl.a_log.data.iter_mut().zip(&sg.a).zip(&lc.a) {
+        *g += ga * a;
+    }
+    for (g, &v) in gl.d.data.iter_mut().zip(&sg.d) {
+        *g += v;
+    }
+    for (g, &v) in gl.dt_proj_bias.data.iter_mut().zip(&sg.delta_bias) {
+        *g += v;
+    }
+    let d_dt_raw = linear_bwd(
+        pool,
+        &lc.dt_raw,
+        &lp.dt_proj_weight.data,
+        &sg.delta,
+        n,
+        r,
+        di,
+        &mut gl.dt_proj_weight.data,
+        None,
+    );
+    let d_xdbl = concat_cols(&[(&d_dt_raw, r), (&sg.b, ds), (&sg.c, ds)], n);
+    let mut du = linear_bwd(
+        pool,
+        &lc.xs,
+        &lp.x_proj_weight.data,
+        &d_xdbl,
+        n,
+        di,
+        r + 2 * ds,
+        &mut gl.x_proj_weight.data,
+        None,
+    );
+    // du = (d_xs + scan's du) · silu'(u), in place over d_xs.
+    pool.install(|| {
+        du.par_chunks_mut(ELEMS)
+            .zip(sg.u.par_chunks(ELEMS))
+            .zip(lc.u.par_chunks(ELEMS))
+            .for_each(|((o, s), u)| {
+                for ((o, &s), &u) in o.iter_mut().zip(s).zip(u) {
+                    *o = (s + *o) * vmath::silu_grad(u);
+                }
+            })
+    });
+    let conv = ConvBwdInputs {
+        x: &lc.x_pre,
+        w: &lp.conv1d_weight.data,
+        resets: input.resets,
+        init: conv_init,
+        batch: input.batch,
+        seq_len: input.seq_len,
+        d_inner: di,
+        d_conv: cfg.d_conv,
+    };
+    let (dx_pre, d_conv_init) = conv1d_bwd(
+        pool,
+        &conv,
+        &du,
+        &mut gl.conv1d_weight.data,
+        gl.conv1d_bias.as_mut().map(|t| &mut t.data[..]),
+    );
+    // in_proj: rows 0..d_inner make x, the rest z; two GEMMs per product instead of a concat.
+    let (gw_x, gw_z) = gl.in_proj_weight.data.split_at_mut(di * dm);
+    linear_bwd_weight(pool, &lc.hn, &dx_pre, n, dm, di, gw_x);
+    linear_bwd_weight(pool, &lc.hn, &sg.z, n, dm, di, gw_z);
+    if let Some(gb) = gl.in_proj_bias.as_mut() {
+        let (gb_x, gb_z) = gb.data.split_at_mut(di);
+        linear_bwd_bias(&dx_pre, n, di, gb_x);
+        linear_bwd_bias(&sg.z, n, di, gb_z);
+    }
+    let (w_x, w_z) = lp.in_proj_weight.data.split_at(di * dm);
+    let mut d_hn = vec![0.0; n * dm];
+    linear_bwd_input_into(pool, w_x, &dx_pre, n, dm, di, &mut d_hn);
+    crate::gemm::sgemm(
+        pool, n, di, dm, 1.0, &sg.z, di, 1, w_z, dm, 1, 1.0, &mut d_hn, dm, 1,
+    );
+    let d_resid = norm_bwd(
+        pool,
+        cfg.norm,
+        &lc.resid_in,
+        &lp.norm_weight.data,
+        &lc.norm_stats,
+        &d_hn,
+        n,
+        dm,
+        &mut gl.norm_weight.data,
+        gl.norm_bias.as_mut().map(|t| &mut t.data[..]),
+    );
+    (d_resid, d_conv_init, sg.h0)
+}
+
+/// Backward from `d_logits` `[batch, seq_len, vocab]`, as `reference::model::backward`:
+/// adds every parameter gradient to `grads` and returns the initial state's gradient. `cache`
+/// is the forward's (`reference::model::forward` with `keep`, or this tier's own).
+#[allow(clippy::too_many_arguments)]
+pub fn backward(
+    pool: &ThreadPool,
+    cfg: &MambaConfig,
+    params: &Params<f32>,
+    input: &Batch,
+    state: Option<&State<f32>>,
+    cache: &ForwardCache<f32>,
+    d_logits: &[f32],
+    grads: &mut Params<f32>,
+) -> Result<State<f32>> {
+    input.check(cfg, "simd backward")?;
+    if let Some(s) = state {
+        s.check(cfg, input.batch, "simd backward")?;
+    }
+    let (n, dm, v) = (input.rows(), cfg.d_model, cfg.vocab_size);
+    if d_logits.len() != n * v {
+        return Err(Error::Shape {
+            op: "simd backward",
+            msg: format!(
+                "d_logits has {} values, expected [batch, seq_len, vocab] = [{}, {}, {}]",
+                d_logits.len(),
+                input.batch,
+                input.seq_len,
+                v
+            ),
+        });
+    }
+    if cache.layers.len() != cfg.n_layer || cache.hf.len() != n * dm {
+        return Err(Error::Shape {
+            op: "simd backward",
+            msg: format!(
+                "cache has {} layers and {} norm_f outputs, expected n_layer = {} and [batch * seq_len, d_model] = [{n}, {dm}]",
+                cache.layers.len(),
+                cache.hf.len(),
+                cfg.n_layer
+            ),
+        });
+    }
+    let head = match grads.lm_head.as_mut() {
+        Some(t) => &mut t.data,
+        None => &mut grads.embeddings.data,
+    };
+    let d_hf = linear_bwd(
+        pool,
+        &cache.hf,
+        &params.lm_head_weight().data,
+        d_logits,
+        n,
+        dm,
+        v,
+        head,
+        None,
+    );
+    let mut d_resid = norm_bwd(
+        pool,
+        cfg.norm,
+        &cache.resid_final,
+        &params.norm_f_weight.data,
+        &cache.norm_f_stats,
+        &d_hf,
+        n,
+        dm,
+        &mut grads.norm_f_weight.data,
+        grads.norm_f_bias.as_mut().map(|t| &mut t.data[..]),
+    );
+    let mut d_state = State::zeros(cfg, input.batch);
+    for i in (0..cfg.n_layer).rev() {
+        let (d_in, d_conv, d_ssm) = layer_bwd(
+            pool,
+            cfg,
+            &params.layers[i],
+            &cache.layers[i],
+            input,
+            state.map(|s| s.conv_layer(i)),
+            state.map(|s| s.ssm_layer(i)),
+            &d_resid,
+            &mut grads.layers[i],
+        );
+        for (g, d) in d_resid.iter_mut().zip(&d_in) {
+            *g += *d;
+        }
+        d_state.conv_layer_mut(i).copy_from_slice(&d_conv);
+        d_state.ssm_layer_mut(i).copy_from_slice(&d_ssm);
+    }
+    for (i, &tok) in input.tokens.iter().enumerate() {
+        let row = &mut grads.embeddings.data[tok as usize * dm..(tok as usize + 1) * dm];
+        for (g, d) in row.iter_mut().zip(&d_resid[i * dm..(i + 1) * dm]) {
+            *g += *d;
+        }
+    }
+    Ok(d_state)
+}

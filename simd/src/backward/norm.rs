@@ -1,0 +1,81 @@
+//! Backward of RMSNorm / LayerNorm (`reference::ops::norm::norm_bwd`), rows in parallel.
+//!
+//! Rows go in blocks of [`ROWS`]; each block sums its own weight / bias gradient, and the
+//! blocks are added in row order, so the result does not depend on the thread count.
+
+use rayon::prelude::*;
+use rayon::ThreadPool;
+use reference::ops::norm::NormStats;
+use reference::NormKind;
+
+/// Rows per task.
+const ROWS: usize = 16;
+
+/// Accumulates `grad_w` (and `grad_bias`), returns `dx` `[n, d]`. `x`, `dy` are `[n, d]`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn norm_bwd(
+    pool: &ThreadPool,
+    kind: NormKind,
+    x: &[f32],
+    w: &[f32],
+    stats: &NormStats<f32>,
+    dy: &[f32],
+    n: usize,
+    d: usize,
+    grad_w: &mut [f32],
+    grad_bias: Option<&mut [f32]>,
+) -> Vec<f32> {
+    let mut dx = vec![0.0; n * d];
+    if n == 0 || d == 0 {
+        return dx;
+    }
+    let inv_d = 1.0 / d as f32;
+    let parts: Vec<(Vec<f32>, Vec<f32>)> = pool.install(|| {
+        dx.par_chunks_mut(ROWS * d)
+            .enumerate()
+            .map(|(k, dxb)| {
+                let mut gw = vec![0f32; d];
+                let mut gb = vec![0f32; d];
+                let mut g = vec![0f32; d];
+                let mut xhat = vec![0f32; d];
+                for (i, dxr) in dxb.chunks_exact_mut(d).enumerate() {
+                    let r = k * ROWS + i;
+                    let (mean, rstd) = (stats.mean[r], stats.rstd[r]);
+                    let xr = &x[r * d..(r + 1) * d];
+                    let dyr = &dy[r * d..(r + 1) * d];
+                    let (mut sum_g, mut sum_gx) = (0f32, 0f32);
+                    for j in 0..d {
+                        xhat[j] = (xr[j] - mean) * rstd;
+                        g[j] = dyr[j] * w[j];
+                        gw[j] += dyr[j] * xhat[j];
+                        gb[j] += dyr[j];
+                        sum_g += g[j];
+                        sum_gx += g[j] * xhat[j];
+                    }
+                    let mean_g = match kind {
+                        NormKind::Rms => 0.0,
+                        NormKind::Layer => sum_g * inv_d,
+                    };
+                    let mean_gx = sum_gx * inv_d;
+                    for j in 0..d {
+                        dxr[j] = rstd * (g[j] - mean_g - xhat[j] * mean_gx);
+                    }
+                }
+                (gw, gb)
+            })
+            .collect()
+    });
+    for (gw, _) in &parts {
+        for (acc, v) in grad_w.iter_mut().zip(gw) {
+            *acc += v;
+        }
+    }
+    if let Some(gbias) = grad_bias {
+        for (_, gb) in &parts {
+            for (acc, v) in gbias.iter_mut().zip(gb) {
+                *acc += v;
+            }
+        }
+    }
+    dx
+}

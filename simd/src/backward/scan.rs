@@ -1,0 +1,346 @@
+//! Backward of the selective scan (`reference::ops::selective_scan::selective_scan_bwd`),
+//! eight channels per vector, tasks of [`CHUNK`] channels of one batch row on the pool.
+//!
+//! Each group of eight channels recomputes its states forward (keeping `h_t` and the decay
+//! `exp(dt · A)` for every position), then runs the recurrence in reverse. Gradients that sum
+//! over channels (`B`, `C` per position) are summed lane-wise over a task's groups, then across
+//! lanes, then over tasks in channel order; those that sum over batch rows (`A`, `D`, the dt
+//! bias) are summed over tasks in batch order. Tasks are fixed by the shapes, never by the
+//! thread count, so the result is the same bits for every pool size.
+
+use rayon::prelude::*;
+use rayon::ThreadPool;
+use reference::ops::doc_starts;
+use wide::f32x8;
+
+use super::vmath::{load, silu_and_grad8, softplus8, softplus_grad8, store, LANES};
+use super::Shared;
+
+/// Channels per task.
+const CHUNK: usize = 64;
+
+/// Inputs, as `reference::ops::selective_scan::ScanInputs` with the gate `z` always present.
+#[derive(Clone, Copy)]
+pub(crate) struct ScanBwdInputs<'a> {
+    pub u: &'a [f32],
+    pub delta: &'a [f32],
+    pub a: &'a [f32],
+    pub b: &'a [f32],
+    pub c: &'a [f32],
+    pub d: &'a [f32],
+    pub z: &'a [f32],
+    pub delta_bias: &'a [f32],
+    pub resets: Option<&'a [bool]>,
+    pub h0: Option<&'a [f32]>,
+    pub batch: usize,
+    pub seq_len: usize,
+    pub d_inner: usize,
+    pub d_state: usize,
+}
+
+/// Gradients of every scan input (`reference::ops::selective_scan::ScanGrads`).
+pub(crate) struct ScanBwdGrads {
+    pub u: Vec<f32>,
+    pub delta: Vec<f32>,
+    pub z: Vec<f32>,
+    /// `[batch * seq_len, d_state]`
+    pub b: Vec<f32>,
+    pub c: Vec<f32>,
+    /// `[d_inner, d_state]`
+    pub a: Vec<f32>,
+    pub d: Vec<f32>,
+    pub delta_bias: Vec<f32>,
+    /// `[batch, d_inner, d_state]`
+    pub h0: Vec<f32>,
+}
+
+/// What one task sums over its channels / adds for its channels.
+struct TaskOut {
+    /// `[seq_len, d_state]` each, summed over the task's channels.
+    b: Vec<f32>,
+    c: Vec<f32>,
+    /// `[channels, d_state]`, `[channels]`, `[channels]`.
+    a: Vec<f32>,
+    d: Vec<f32>,
+    delta_bias: Vec<f32>,
+}
+
+/// Per-group scratch: states, decays and lane-wise `B` / `C` gradient sums.
+struct Scratch {
+    hs: Vec<f32x8>,
+    decay: Vec<f32x8>,
+    dts: Vec<f32x8>,
+    ys: Vec<f32x8>,
+    db: Vec<f32x8>,
+    dc: Vec<f32x8>,
+}
+
+/// Backward of the scan; `dout` is `[batch, seq_len, d_inner]`.
+pub(crate) fn selective_scan_bwd(
+    pool: &ThreadPool,
+    inp: &ScanBwdInputs,
+    dout: &[f32],
+) -> ScanBwdGrads {
+    let (batch, seq_len, di, ds) = (inp.batch, inp.seq_len, inp.d_inner, inp.d_state);
+    let act = batch * seq_len * di;
+    let mut g = ScanBwdGrads {
+        u: vec![0.0; act],
+        delta: vec![0.0; act],
+        z: vec![0.0; act],
+        b: vec![0.0; batch * seq_len * ds],
+        c: vec![0.0; batch * seq_len * ds],
+        a: vec![0.0; di * ds],
+        d: vec![0.0; di],
+        delta_bias: vec![0.0; di],
+        h0: vec![0.0; batch * di * ds],
+    };
+    let chunks = di.div_ceil(CHUNK);
+    let outs = {
+        let (su, sdelta, sz, sh0) = (
+            Shared::new(&mut g.u),
+            Shared::new(&mut g.delta),
+            Shared::new(&mut g.z),
+            Shared::new(&mut g.h0),
+        );
+        pool.install(|| {
+            (0..batch * chunks)
+                .into_par_iter()
+                .map(|task| {
+                    let (bi, k) = (task / chunks, task % chunks);
+                    let c0 = k * CHUNK;
+                    let c1 = (c0 + CHUNK).min(di);
+                    // SAFETY: task (bi, k) writes only rows of batch row `bi`, channels
+                    // c0..c1 of `u`, `delta`, `z` and `h0`; no two tasks share (bi, k).
+                    unsafe { chunk_bwd(inp, dout, bi, c0, c1, [su, sdelta, sz, sh0]) }
+                })
+                .collect::<Vec<TaskOut>>()
+        })
+    };
+    for (task, o) in outs.iter().enumerate() {
+        let (bi, k) = (task / chunks, task % chunks);
+        let rows = bi * seq_len * ds..(bi + 1) * seq_len * ds;
+        for (acc, v) in g.b[rows.clone()].iter_mut().zip(&o.b) {
+            *acc += v;
+        }
+        for (acc, v) in g.c[rows].iter_mut().zip(&o.c) {
+            *acc += v;
+        }
+        let c0 = k * CHUNK;
+        let nch = o.d.len();
+        for (acc, v) in g.a[c0 * ds..(c0 + nch) * ds].iter_mut().zip(&o.a) {
+            *acc += v;
+        }
+        for (acc, v) in g.d[c0..c0 + nch].iter_mut().zip(&o.d) {
+            *acc += v;
+        }
+        for (acc, v) in g.delta_bias[c0..c0 + nch].iter_mut().zip(&o.delta_bias) {
+            *acc += v;
+        }
+    }
+    g
+}
+
+/// Channels `c0..c1` of batch row `bi`, eight at a time.
+///
+/// # Safety
+/// No other thread may access, while this runs, row `bi`'s channels `c0..c1` of the buffers
+/// behind `out` = `[u, delta, z, h0]` (`[batch, seq_len, d_inner]` ×3, `[batch, d_inner,
+/// d_state]`).
+unsafe fn chunk_bwd(
+    inp: &ScanBwdInputs,
+    dout: &[f32],
+    bi: usize,
+    c0: usize,
+    c1: usize,
+    out: [Shared; 4],
+) -> TaskOut {
+    let (seq_len, ds) = (inp.seq_len, inp.d_state);
+    let nch = c1 - c0;
+    let mut o = TaskOut {
+        b: vec![0.0; seq_len * ds],
+        c: vec![0.0; seq_len * ds],
+        a: vec![0.0; nch * ds],
+        d: vec![0.0; nch],
+        delta_bias: vec![0.0; nch],
+    };
+    let z8 = f32x8::ZERO;
+    let mut s = Scratch {
+        hs: vec![z8; (seq_len + 1) * ds],
+        decay: vec![z8; seq_len * ds],
+        dts: vec![z8; seq_len],
+        ys: vec![z8; seq_len],
+        db: vec![z8; seq_len * ds],
+        dc: vec![z8; seq_len * ds],
+    };
+    let resets = inp.resets.map(|r| &r[bi * seq_len..(bi + 1) * seq_len]);
+    let starts = doc_starts(resets, seq_len);
+    let h0_visible = inp.h0.is_some() && starts.first().is_none_or(|s| s.is_none());
+    let mut cg = c0;
+    while cg < c1 {
+        let w = LANES.min(c1 - cg);
+        group_fwd(inp, bi, cg, w, resets, h0_visible, &mut s);
+        group_bwd(inp, dout, bi, cg, w, c0, resets, &mut s, &mut o, out);
+        cg += w;
+    }
+    // Lane sums of the B / C gradients, lanes in increasing channel order.
+    for (dst, src) in o.b.iter_mut().zip(&s.db) {
+        *dst = src.to_array().iter().sum();
+    }
+    for (dst, src) in o.c.iter_mut().zip(&s.dc) {
+        *dst = src.to_array().iter().sum();
+    }
+    o
+}
+
+/// `A[c, n]` for channels `cg..cg + w`, one vector per `n` (zero lanes past `w`).
+fn a_lanes(inp: &ScanBwdInputs, cg: usize, w: usize) -> Vec<f32x8> {
+    let ds = inp.d_state;
+    (0..ds)
+        .map(|n| {
+            let mut v = [0f32; LANES];
+            for (l, x) in v.iter_mut().take(w).enumerate() {
+                *x = inp.a[(cg + l) * ds + n];
+            }
+            f32x8::from(v)
+        })
+        .collect()
+}
+
+/// Forward recompute of one group: `hs[t + 1] = h_t`, `hs[0]` = the state before position 0,
+/// `decay[t] = exp(dt_t · A)`, `dts[t]`, `ys[t]` (the ungated output).
+fn group_fwd(
+    inp: &ScanBwdInputs,
+    bi: usize,
+    cg: usize,
+    w: usize,
+    resets: Option<&[bool]>,
+    h0_visible: bool,
+    s: &mut Scratch,
+) {
+    let (seq_len, di, ds) = (inp.seq_len, inp.d_inner, inp.d_state);
+    let a = a_lanes(inp, cg, w);
+    let dvec = load(inp.d, cg, w);
+    let bias = load(inp.delta_bias, cg, w);
+    for n in 0..ds {
+        let mut v = [0f32; LANES];
+        if let (true, Some(h0)) = (h0_visible, inp.h0) {
+            for (l, x) in v.iter_mut().take(w).enumerate() {
+                *x = h0[(bi * di + cg + l) * ds + n];
+            }
+        }
+        s.hs[n] = f32x8::from(v);
+    }
+    for t in 0..seq_len {
+        let row = bi * seq_len + t;
+        let reset = resets.is_some_and(|r| r[t]);
+        let x = load(inp.u, row * di + cg, w);
+        let dt = softplus8(load(inp.delta, row * di + cg, w) + bias);
+        let dtx = dt * x;
+        let bt = &inp.b[row * ds..(row + 1) * ds];
+        let ct = &inp.c[row * ds..(row + 1) * ds];
+        let (prev, cur) = s.hs[t * ds..(t + 2) * ds].split_at_mut(ds);
+        let decay = &mut s.decay[t * ds..(t + 1) * ds];
+        let mut acc = f32x8::ZERO;
+        for n in 0..ds {
+            let dec = (dt * a[n]).exp();
+            let hp = if reset { f32x8::ZERO } else { prev[n] };
+            let h = dec * hp + dtx * f32x8::splat(bt[n]);
+            cur[n] = h;
+            decay[n] = dec;
+            acc += f32x8::splat(ct[n]) * h;
+        }
+        s.dts[t] = dt;
+        s.ys[t] = acc + dvec * x;
+    }
+}
+
+/// Reverse recurrence of one group; adds to the task's sums in `o` and writes `u`, `delta`,
+/// `z` and (unless row `bi` resets at position 0) `h0` gradients through `out`.
+///
+/// # Safety
+/// As [`chunk_bwd`], for channels `cg..cg + w`.
+#[allow(clippy::too_many_arguments)]
+unsafe fn group_bwd(
+    inp: &ScanBwdInputs,
+    dout: &[f32],
+    bi: usize,
+    cg: usize,
+    w: usize,
+    c0: usize,
+    resets: Option<&[bool]>,
+    s: &mut Scratch,
+    o: &mut TaskOut,
+    out: [Shared; 4],
+) {
+    let (seq_len, di, ds) = (inp.seq_len, inp.d_inner, inp.d_state);
+    let [su, sdelta, sz, sh0] = out;
+    let a = a_lanes(inp, cg, w);
+    let dvec = load(inp.d, cg, w);
+    let bias = load(inp.delta_bias, cg, w);
+    let mut dh = vec![f32x8::ZERO; ds];
+    let mut ga = vec![f32x8::ZERO; ds];
+    let mut gd = f32x8::ZERO;
+    let mut gbias = f32x8::ZERO;
+    for t in (0..seq_len).rev() {
+        let row = bi * seq_len + t;
+        let i = row * di + cg;
+        let reset = resets.is_some_and(|r| r[t]);
+        let x = load(inp.u, i, w);
+        let dt = s.dts[t];
+        let dtx = dt * x;
+        let g_out = load(dout, i, w);
+        let (sz_v, sz_g) = silu_and_grad8(load(inp.z, i, w));
+        let dy = g_out * sz_v;
+        // SAFETY: (row, cg..cg + w) lies in this task's block (caller's contract).
+        store(g_out * s.ys[t] * sz_g, unsafe { sz.slice(i, w) }, 0, w);
+        gd += dy * x;
+        let mut dx = dy * dvec;
+        let mut ddt = f32x8::ZERO;
+        let bt = &inp.b[row * ds..(row + 1) * ds];
+        let ct = &inp.c[row * ds..(row + 1) * ds];
+        let ht = &s.hs[(t + 1) * ds..(t + 2) * ds];
+        let hprev = &s.hs[t * ds..(t + 1) * ds];
+        let decay = &s.decay[t * ds..(t + 1) * ds];
+        let db = &mut s.db[t * ds..(t + 1) * ds];
+        let dc = &mut s.dc[t * ds..(t + 1) * ds];
+        for n in 0..ds {
+            let bn = f32x8::splat(bt[n]);
+            let mut d = dh[n] + dy * f32x8::splat(ct[n]);
+            dc[n] += dy * ht[n];
+            if !reset {
+                let g_decay = d * hprev[n] * decay[n];
+                ddt += g_decay * a[n];
+                ga[n] += g_decay * dt;
+            }
+            ddt += d * x * bn;
+            dx += d * dt * bn;
+            db[n] += d * dtx;
+            d = if reset { f32x8::ZERO } else { d * decay[n] };
+            dh[n] = d;
+        }
+        let ddelta = ddt * softplus_grad8(load(inp.delta, i, w) + bias);
+        gbias += ddelta;
+        // SAFETY: as above.
+        unsafe {
+            store(ddelta, sdelta.slice(i, w), 0, w);
+            store(dx, su.slice(i, w), 0, w);
+        }
+    }
+    let resets_at_0 = seq_len > 0 && resets.is_some_and(|r| r[0]);
+    if !resets_at_0 {
+        for (n, d) in dh.iter().enumerate() {
+            for (l, &x) in d.to_array().iter().take(w).enumerate() {
+                // SAFETY: (bi, cg + l) is one of this task's lanes.
+                unsafe { sh0.slice((bi * di + cg + l) * ds + n, 1)[0] = x };
+            }
+        }
+    }
+    let lo = cg - c0;
+    for (n, g) in ga.iter().enumerate() {
+        for (l, &x) in g.to_array().iter().take(w).enumerate() {
+            o.a[(lo + l) * ds + n] += x;
+        }
+    }
+    store(gd, &mut o.d, lo, w);
+    store(gbias, &mut o.delta_bias, lo, w);
+}
