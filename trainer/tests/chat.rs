@@ -694,6 +694,23 @@ fn bad_input_is_a_clear_error_never_a_panic() {
         std::fs::remove_file(ck.join(f)).unwrap();
         let err = fails(&["--model", s(&ck), "--question", "Is it safe?"]);
         assert!(err.contains(s(&ck.join(f))), "{f}: {err}");
+        assert!(err.contains("is missing"), "{f}: {err}");
+        if f == "tokenizer.json" {
+            // Token ids need no tokenizer.
+            let (out, _) = succeeds(
+                &[
+                    "--model",
+                    s(&ck),
+                    "--tokens",
+                    "1,2",
+                    "--greedy",
+                    "--max-new-tokens",
+                    "3",
+                ],
+                None,
+            );
+            assert_eq!(out.trim().split(',').count(), 3);
+        }
     }
     let err = fails(&[
         "--model",

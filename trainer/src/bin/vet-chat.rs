@@ -153,6 +153,30 @@ fn parse_tokens(raw: &[String], vocab: usize) -> Result<Vec<u32>> {
     Ok(ids)
 }
 
+/// Names the first missing file of the checkpoint in `dir` before anything slow starts.
+fn check_checkpoint(dir: &Path, tokenizer: bool) -> Result<()> {
+    if !dir.is_dir() {
+        bail!("checkpoint {}: no such directory", dir.display());
+    }
+    let files: &[&str] = if tokenizer {
+        &["config.json", "model.safetensors", "tokenizer.json"]
+    } else {
+        &["config.json", "model.safetensors"]
+    };
+    for f in files {
+        let path = dir.join(f);
+        if !path.is_file() {
+            bail!(
+                "checkpoint {}: {} is missing (a checkpoint directory holds {})",
+                dir.display(),
+                path.display(),
+                files.join(", ")
+            );
+        }
+    }
+    Ok(())
+}
+
 fn load_engine(cli: &Cli) -> Result<(Box<dyn reference::Engine>, MambaConfig)> {
     let opts = EngineOptions {
         threads: cli.threads,
@@ -164,6 +188,7 @@ fn load_engine(cli: &Cli) -> Result<(Box<dyn reference::Engine>, MambaConfig)> {
 }
 
 fn run_tokens(cli: &Cli, raw: &[String], seed: u64) -> Result<()> {
+    check_checkpoint(&cli.model, false)?;
     let (mut engine, cfg) = load_engine(cli)?;
     let ids = parse_tokens(raw, cfg.vocab_size)?;
     let s = cli.sampling.sampling(seed);
@@ -175,9 +200,7 @@ fn run_tokens(cli: &Cli, raw: &[String], seed: u64) -> Result<()> {
 
 fn open_session(cli: &Cli, seed: u64) -> Result<Session> {
     let dir = &cli.model;
-    if !dir.is_dir() {
-        bail!("checkpoint {}: no such directory", dir.display());
-    }
+    check_checkpoint(dir, true)?;
     // The config and tokenizer first: they are quick to check, the weights are not.
     let cfg = MambaConfig::load(&dir.join("config.json"))
         .with_context(|| format!("loading checkpoint {}", dir.display()))?;
