@@ -50,6 +50,16 @@ impl SimdEngine {
         Self::build(cfg, weights, Some(params), opts)
     }
 
+    /// An inference engine over prepared weights (no f32 master copy until it trains).
+    pub fn from_weights(
+        cfg: MambaConfig,
+        weights: Weights,
+        opts: &SimdOptions,
+    ) -> Result<SimdEngine> {
+        cfg.validate()?;
+        Self::build(cfg, weights, None, opts)
+    }
+
     /// Loads `dir` (config.json + model.safetensors, HF or mamba_ssm names), memory-mapping the
     /// matrices whose file precision is the one asked for.
     pub fn load(dir: &Path, opts: &SimdOptions) -> Result<SimdEngine> {

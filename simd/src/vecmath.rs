@@ -26,15 +26,15 @@ pub fn silu8(x: f32x8) -> f32x8 {
     x * sigmoid8(x)
 }
 
-/// `v` above 20, else `log1p(exp(v))`, with `log1p(e) ≈ e − e²/2` for tiny `e` so that very
-/// negative inputs keep their relative precision.
+/// `v` above 20, else `log1p(exp(v))`. `log1p(e)` is computed as `ln(u) · e / (u − 1)` with
+/// `u = 1 + e` (Goldberg's trick), which cancels the rounding of `1 + e`, so very negative
+/// inputs keep their relative precision.
 #[inline(always)]
 pub fn softplus8(v: f32x8) -> f32x8 {
     let e = v.min(f32x8::splat(SOFTPLUS_THRESHOLD)).exp();
-    let small = e.simd_lt(f32x8::splat(1e-4));
-    let series = e - e * e * f32x8::splat(0.5);
-    let lg = (f32x8::ONE + e).ln();
-    let r = small.select(series, lg);
+    let u = f32x8::ONE + e;
+    let d = u - f32x8::ONE;
+    let r = d.simd_eq(f32x8::ZERO).select(e, u.ln() * (e / d));
     v.simd_gt(f32x8::splat(SOFTPLUS_THRESHOLD)).select(v, r)
 }
 

@@ -1,0 +1,255 @@
+//! CPU inference benchmark at batch 1: prefill tokens/s of a 512-token prompt and decode
+//! tokens/s over 128 tokens, for random-weight models of the mamba-130m and mamba-1.4b shapes,
+//! for each weight precision, against the decode limit that the machine's measured memory
+//! bandwidth sets (weights read per token ÷ bandwidth).
+//!
+//! ```sh
+//! cargo bench -p simd --bench inference                       # both shapes, every precision
+//! cargo bench -p simd --bench inference -- --models 130m --dtypes f32,int8 --threads 2
+//! ```
+
+use std::time::Instant;
+
+use reference::{Engine, MambaConfig, NormKind, State};
+use simd::model::{a_from_log, LayerWeights, Weights};
+use simd::weights::Mat;
+use simd::{SimdEngine, SimdOptions, WeightDtype};
+
+struct Args {
+    models: Vec<String>,
+    dtypes: Vec<WeightDtype>,
+    threads: usize,
+    prompt: usize,
+    decode: usize,
+    runs: usize,
+}
+
+fn args() -> Args {
+    let mut a = Args {
+        models: vec!["130m".into(), "1.4b".into()],
+        dtypes: vec![WeightDtype::F32, WeightDtype::Bf16, WeightDtype::Int8],
+        threads: 0,
+        prompt: 512,
+        decode: 128,
+        runs: 3,
+    };
+    let argv: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|s| s != "--bench")
+        .collect();
+    let mut it = argv.iter();
+    while let Some(k) = it.next() {
+        let mut val = || it.next().cloned().unwrap_or_default();
+        match k.as_str() {
+            "--models" => a.models = val().split(',').map(String::from).collect(),
+            "--dtypes" => {
+                a.dtypes = val()
+                    .split(',')
+                    .map(|s| s.parse().unwrap_or_else(|e| panic!("{e}")))
+                    .collect()
+            }
+            "--threads" => a.threads = val().parse().expect("--threads N"),
+            "--prompt" => a.prompt = val().parse().expect("--prompt N"),
+            "--decode" => a.decode = val().parse().expect("--decode N"),
+            "--runs" => a.runs = val().parse().expect("--runs N"),
+            other => panic!("unknown argument {other}"),
+        }
+    }
+    a
+}
+
+fn shape(name: &str) -> MambaConfig {
+    let (d, l) = match name {
+        "130m" => (768, 24),
+        "370m" => (1024, 48),
+        "790m" => (1536, 48),
+        "1.4b" => (2048, 48),
+        "2.8b" => (2560, 64),
+        o => panic!("unknown model shape {o}"),
+    };
+    let mut c = MambaConfig::new(d, l, 50280);
+    c.norm = NormKind::Rms;
+    c
+}
+
+/// xorshift values in [-s, s): fast enough to fill 1.4 B weights in seconds.
+struct Fill(u64);
+impl Fill {
+    fn vec(&mut self, n: usize, s: f32) -> Vec<f32> {
+        (0..n)
+            .map(|_| {
+                self.0 ^= self.0 << 13;
+                self.0 ^= self.0 >> 7;
+                self.0 ^= self.0 << 17;
+                ((self.0 >> 40) as f32 / (1u64 << 23) as f32 - 1.0) * s
+            })
+            .collect()
+    }
+}
+
+/// Random weights of `cfg`'s shape in `dtype`, built matrix by matrix (no f32 copy of the
+/// whole model).
+fn random_weights(cfg: &MambaConfig, dtype: WeightDtype) -> Weights {
+    let mut f = Fill(0x9e3779b97f4a7c15);
+    let (dm, di, ds, r, dc) = (
+        cfg.d_model,
+        cfg.d_inner,
+        cfg.d_state,
+        cfg.dt_rank,
+        cfg.d_conv,
+    );
+    let mut mat =
+        |rows: usize, cols: usize, s: f32| Mat::from_f32(rows, cols, f.vec(rows * cols, s), dtype);
+    let embed = mat(cfg.vocab_size, dm, 0.02);
+    let layers = (0..cfg.n_layer)
+        .map(|_| {
+            let a_log: Vec<f32> = (0..di * ds).map(|i| ((i % ds) as f32 + 1.0).ln()).collect();
+            LayerWeights {
+                norm_w: vec![1.0; dm],
+                norm_b: None,
+                in_proj: mat(2 * di, dm, 0.02),
+                in_proj_b: None,
+                conv_w: vec![0.25; di * dc],
+                conv_b: Some(vec![0.0; di]),
+                x_proj: mat(r + 2 * ds, di, 0.02),
+                dt_proj: mat(di, r, 0.1),
+                dt_b: vec![-4.0; di],
+                a: a_from_log(&a_log),
+                d: vec![1.0; di],
+                out_proj: mat(dm, di, 0.02),
+                out_b: None,
+            }
+        })
+        .collect();
+    Weights {
+        dtype,
+        embed,
+        layers,
+        norm_f_w: vec![1.0; dm],
+        norm_f_b: None,
+        lm_head: None,
+    }
+}
+
+/// Read bandwidth of `threads` threads streaming a 1 GiB buffer (best of 5).
+fn bandwidth(pool: &rayon::ThreadPool) -> f64 {
+    use rayon::prelude::*;
+    let words = (1usize << 30) / 8;
+    let buf: Vec<u64> = (0..words as u64).collect();
+    let mut best = 0f64;
+    for _ in 0..5 {
+        let t = Instant::now();
+        let s: u64 = pool.install(|| {
+            buf.par_chunks(1 << 16)
+                .map(|c| c.iter().fold(0u64, |a, &b| a.wrapping_add(b)))
+                .reduce(|| 0, |a, b| a.wrapping_add(b))
+        });
+        let gbs = (words * 8) as f64 / t.elapsed().as_secs_f64() / 1e9;
+        std::hint::black_box(s);
+        best = best.max(gbs);
+    }
+    best
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
+        .unwrap_or_else(|| std::env::consts::ARCH.to_string());
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    format!("{cpu}, {cores} cores, ISA {}", simd::Isa::detect().name())
+}
+
+fn main() {
+    let a = args();
+    let threads = if a.threads == 0 {
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    } else {
+        a.threads
+    };
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .expect("pool");
+    let bw = bandwidth(&pool);
+    println!("machine: {}", machine());
+    println!("memory read bandwidth, {threads} threads: {bw:.1} GB/s");
+    println!(
+        "batch 1, prompt {} tokens, {} decoded tokens, median of {} runs",
+        a.prompt, a.decode, a.runs
+    );
+    let mut rows = Vec::new();
+    for m in &a.models {
+        let cfg = shape(m);
+        for &dt in &a.dtypes {
+            let t0 = Instant::now();
+            let w = random_weights(&cfg, dt);
+            let bytes = w.decode_bytes() as f64;
+            let opts = SimdOptions {
+                threads,
+                dtype: dt,
+                isa: None,
+            };
+            let mut e = SimdEngine::from_weights(cfg.clone(), w, &opts).expect("engine");
+            eprintln!(
+                "{m} {}: weights ready in {:.1}s ({:.2} GB read per token)",
+                dt.name(),
+                t0.elapsed().as_secs_f64(),
+                bytes / 1e9
+            );
+            let prompt: Vec<u32> = (0..a.prompt as u32).map(|i| (i * 7919) % 50280).collect();
+            let mut logits = vec![0f32; cfg.vocab_size];
+            let (mut pre, mut dec) = (Vec::new(), Vec::new());
+            for _ in 0..a.runs {
+                let mut st = State::zeros(&cfg, 1);
+                let t = Instant::now();
+                e.prefill(&prompt, &mut st, &mut logits).expect("prefill");
+                pre.push(a.prompt as f64 / t.elapsed().as_secs_f64());
+                let mut tok = [simd_argmax(&logits)];
+                let t = Instant::now();
+                for _ in 0..a.decode {
+                    e.step_into(&tok, None, &mut st, &mut logits).expect("step");
+                    tok[0] = simd_argmax(&logits);
+                }
+                dec.push(a.decode as f64 / t.elapsed().as_secs_f64());
+            }
+            let (p, d) = (median(pre), median(dec));
+            let limit = bw * 1e9 / bytes;
+            eprintln!(
+                "{m} {}: prefill {p:.1} tok/s, decode {d:.2} tok/s ({:.0} % of {limit:.1})",
+                dt.name(),
+                100.0 * d / limit
+            );
+            rows.push((m.clone(), dt, p, d, limit));
+        }
+    }
+    println!();
+    println!("| model | weights | prefill tok/s | decode tok/s | decode limit | % of limit |");
+    println!("|---|---|---|---|---|---|");
+    for (m, dt, p, d, limit) in rows {
+        println!(
+            "| {m} | {} | {p:.1} | {d:.2} | {limit:.1} | {:.0} % |",
+            dt.name(),
+            100.0 * d / limit
+        );
+    }
+}
+
+fn simd_argmax(l: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &v) in l.iter().enumerate() {
+        if v > l[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
