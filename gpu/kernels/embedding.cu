@@ -1,0 +1,22 @@
+// Embedding lookup and its gradient (twin of the loops in reference/src/model/{forward,backward}.rs).
+
+// out[i, :] = emb[tokens[i], :]; grid (n), block 256.
+extern "C" __global__ void embedding_fwd_f32(const unsigned int* tokens, const float* emb, float* out, long d) {
+    long i = blockIdx.x;
+    long t = tokens[i];
+    for (long j = threadIdx.x; j < d; j += blockDim.x) out[i * d + j] = emb[t * d + j];
+}
+
+// For each distinct token u (sorted on the host), grad[tok[u], :] += d[pos, :] for its positions
+// in increasing order: the same order of additions as the reference, without atomics.
+// grid (n_unique, ceil(d / 256)), block 256.
+extern "C" __global__ void embedding_bwd_f32(const unsigned int* uniq, const int* offsets, const int* positions,
+                                             const float* dresid, float* grad, long d) {
+    long u = blockIdx.x;
+    long j = blockIdx.y * (long)blockDim.x + threadIdx.x;
+    if (j >= d) return;
+    long t = uniq[u];
+    float g = grad[t * d + j];
+    for (int p = offsets[u]; p < offsets[u + 1]; ++p) g += dresid[(long)positions[p] * d + j];
+    grad[t * d + j] = g;
+}

@@ -1,0 +1,31 @@
+// Fused softmax + masked cross-entropy + gradient over the vocabulary (twin of
+// reference/src/loss.rs). One block per position; the logits are overwritten by
+// d(scale · loss)/d logits. row_loss[r] = logsumexp − logit[target] (0 for masked rows);
+// the host sums it in f64 in position order.
+extern "C" __global__ void cross_entropy_fwd_bwd_f32(float* logits, const unsigned int* targets,
+                                                     const unsigned char* mask, long V, float k,
+                                                     float* row_loss) {
+    __shared__ float sh[33];
+    long r = blockIdx.x;
+    float* lr = logits + r * V;
+    if (mask && !mask[r]) {
+        for (long j = threadIdx.x; j < V; j += blockDim.x) lr[j] = 0.0f;
+        if (threadIdx.x == 0) row_loss[r] = 0.0f;
+        return;
+    }
+    long t = targets[r];
+    float lt = lr[t];
+    float m = -3.402823466e38f;
+    for (long j = threadIdx.x; j < V; j += blockDim.x) m = fmaxf(m, lr[j]);
+    m = block_max(m, sh);
+    float s = 0.0f;
+    for (long j = threadIdx.x; j < V; j += blockDim.x) s += expf(lr[j] - m);
+    s = block_sum(s, sh);
+    float lse = m + logf(s);
+    if (threadIdx.x == 0) row_loss[r] = lse - lt;
+    for (long j = threadIdx.x; j < V; j += blockDim.x) {
+        float g = expf(lr[j] - lse) * k;
+        if (j == t) g -= k;
+        lr[j] = g;
+    }
+}

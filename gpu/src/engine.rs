@@ -1,0 +1,466 @@
+//! `GpuEngine`: the model on one CUDA device. Parameters, gradients and AdamW moments live in
+//! flat f32 buffers (offsets in [`Layout`]); bf16 / fp16 modes keep a low-precision shadow of
+//! the parameters for the GEMMs and convert activation operands on the fly. The scan state, the
+//! residual stream, `A_log` and `D` are f32 throughout.
+
+use std::sync::Arc;
+
+use reference::model::Batch;
+use reference::{MambaConfig, NormKind, Result, State};
+
+use crate::cuda::{scan_bwd_smem, Arg, Buf, Dev, Dt, KernelShape};
+use crate::layout::Layout;
+use crate::work::{row_blocks, scan_blocks, Mode, Work};
+use crate::Precision;
+
+/// A GEMM operand: a parameter (element offset, row stride) or an activation (pointer, row
+/// stride, rows, cols) that bf16 / fp16 modes convert first.
+#[derive(Clone, Copy, Debug)]
+pub enum Opnd {
+    W(usize, usize),
+    A(u64, usize, usize, usize),
+}
+
+pub struct GpuEngine {
+    pub cfg: MambaConfig,
+    pub dev: Arc<Dev>,
+    pub precision: Precision,
+    pub shape: KernelShape,
+    pub layout: Layout,
+    pub params: Buf,
+    pub grads: Buf,
+    pub m: Buf,
+    pub v: Buf,
+    /// Low-precision copy of `params` (bf16 / fp16 modes).
+    pub shadow: Option<Buf>,
+    pub opt_step: u64,
+    pub norm_part: Buf,
+    pub norm_out: Buf,
+    pub train_ws: Option<Work>,
+    pub infer_ws: Option<Work>,
+    pub decode_ws: Option<Work>,
+    pub graph: Option<crate::graph::DecodeGraph>,
+}
+
+/// Blocks of the gradient-norm reduction (fixed, so the order never depends on the device).
+pub const NORM_BLOCKS: usize = 1024;
+
+/// Document starts per position: `−1` while the row has not been reset since position 0.
+pub fn doc_starts(resets: Option<&[bool]>, batch: usize, seq_len: usize) -> Vec<i32> {
+    let mut out = vec![-1i32; batch * seq_len];
+    if let Some(r) = resets {
+        for b in 0..batch {
+            let mut cur = -1i32;
+            for t in 0..seq_len {
+                if r[b * seq_len + t] {
+                    cur = t as i32;
+                }
+                out[b * seq_len + t] = cur;
+            }
+        }
+    }
+    out
+}
+
+impl GpuEngine {
+    pub fn dt(&self) -> Dt {
+        match self.precision {
+            Precision::F32 => Dt::F32,
+            Precision::Bf16 => Dt::Bf16,
+            Precision::Fp16 => Dt::F16,
+        }
+    }
+
+    pub fn p(&self, off: usize) -> u64 {
+        self.params.at::<f32>(off)
+    }
+
+    pub fn g(&self, off: usize) -> u64 {
+        self.grads.at::<f32>(off)
+    }
+
+    /// Converts the parameters into the low-precision shadow.
+    pub fn refresh_shadow(&self) -> Result<()> {
+        if let Some(s) = &self.shadow {
+            let n = self.layout.numel;
+            let mode = if self.precision == Precision::Fp16 {
+                1
+            } else {
+                0
+            };
+            self.dev.launch(
+                "cast_lowp_f32",
+                self.dev.grid1d(n),
+                256,
+                0,
+                &[
+                    Arg::P(self.params.ptr),
+                    Arg::L(1),
+                    Arg::L(n as i64),
+                    Arg::L(1),
+                    Arg::P(s.ptr),
+                    Arg::I(mode),
+                ],
+            )?;
+        }
+        Ok(())
+    }
+
+    fn operand(&self, ws: &Work, o: Opnd, slot: usize) -> Result<(u64, usize)> {
+        match (o, &self.shadow) {
+            (Opnd::W(off, ld), None) => Ok((self.p(off), ld)),
+            (Opnd::W(off, ld), Some(s)) => Ok((s.at::<u16>(off), ld)),
+            (Opnd::A(ptr, ld, _, _), None) => Ok((ptr, ld)),
+            (Opnd::A(ptr, ld, rows, cols), Some(_)) => {
+                let dst = &ws.lp[slot];
+                let mode = if self.precision == Precision::Fp16 {
+                    1
+                } else {
+                    0
+                };
+                self.dev.launch(
+                    "cast_lowp_f32",
+                    self.dev.grid1d(rows * cols),
+                    256,
+                    0,
+                    &[
+                        Arg::P(ptr),
+                        Arg::L(ld as i64),
+                        Arg::L(rows as i64),
+                        Arg::L(cols as i64),
+                        Arg::P(dst.ptr),
+                        Arg::I(mode),
+                    ],
+                )?;
+                Ok((dst.ptr, cols))
+            }
+        }
+    }
+
+    /// Column-major `C = op(A) op(B) + beta C` (see `Dev::gemm`) with precision handling.
+    #[allow(clippy::too_many_arguments)]
+    pub fn mm(
+        &self,
+        ws: &Work,
+        ta: bool,
+        tb: bool,
+        (m, n, k): (usize, usize, usize),
+        a: Opnd,
+        b: Opnd,
+        c: (u64, usize),
+        beta: f32,
+    ) -> Result<()> {
+        if m == 0 || n == 0 || k == 0 {
+            return Ok(());
+        }
+        let a = self.operand(ws, a, 0)?;
+        let b = self.operand(ws, b, 1)?;
+        self.dev.gemm(ta, tb, m, n, k, a, b, c, beta, self.dt())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn norm_fwd(
+        &self,
+        rows: usize,
+        x_in: u64,
+        add: u64,
+        x_out: u64,
+        y: u64,
+        mean: u64,
+        rstd: u64,
+        w: usize,
+        b: Option<usize>,
+    ) -> Result<()> {
+        let cfg = &self.cfg;
+        self.dev.launch(
+            "norm_fwd_f32",
+            (rows as u32, 1, 1),
+            256,
+            0,
+            &[
+                Arg::P(x_in),
+                Arg::P(add),
+                Arg::P(x_out),
+                Arg::P(y),
+                Arg::P(mean),
+                Arg::P(rstd),
+                Arg::P(self.p(w)),
+                Arg::P(b.map_or(0, |o| self.p(o))),
+                Arg::L(cfg.d_model as i64),
+                Arg::F(cfg.norm_eps as f32),
+                Arg::I((cfg.norm == NormKind::Layer) as i32),
+            ],
+        )
+    }
+
+    fn bias_add(
+        &self,
+        y: u64,
+        ld: usize,
+        rows: usize,
+        cols: usize,
+        b: Option<usize>,
+    ) -> Result<()> {
+        match b {
+            None => Ok(()),
+            Some(off) => self.dev.launch(
+                "bias_add_f32",
+                self.dev.grid1d(rows * cols),
+                256,
+                0,
+                &[
+                    Arg::P(y),
+                    Arg::L(ld as i64),
+                    Arg::L(rows as i64),
+                    Arg::L(cols as i64),
+                    Arg::P(self.p(off)),
+                ],
+            ),
+        }
+    }
+
+    /// Uploads tokens, document starts and the initial state into `ws`.
+    pub fn upload_inputs(
+        &self,
+        ws: &Work,
+        input: &Batch,
+        state: Option<&State<f32>>,
+    ) -> Result<()> {
+        ws.tokens.write(0, input.tokens)?;
+        ws.starts
+            .write(0, &doc_starts(input.resets, input.batch, input.seq_len))?;
+        if let Some(s) = state {
+            ws.state_in_conv.write(0, &s.conv.data)?;
+            ws.state_in_ssm.write(0, &s.ssm.data)?;
+        }
+        Ok(())
+    }
+
+    /// The forward over `ws` (inputs already uploaded). `has_state`: read the initial state.
+    /// The lm_head runs on `ws`'s head rows starting at row `head_row0`.
+    pub fn forward_dev(&self, ws: &Work, has_state: bool, head_row0: usize) -> Result<()> {
+        let cfg = &self.cfg;
+        let (n, dm, di, ds, r) = (ws.n, cfg.d_model, cfg.d_inner, cfg.d_state, cfg.dt_rank);
+        let (batch, seq_len) = (ws.batch, ws.seq_len);
+        let xr = cfg.x_proj_rows();
+        let km1 = cfg.d_conv - 1;
+        let train = ws.mode == Mode::Train;
+        let lay = &self.layout;
+        self.dev.launch(
+            "embedding_fwd_f32",
+            (n as u32, 1, 1),
+            256,
+            0,
+            &[
+                Arg::P(ws.tokens.ptr),
+                Arg::P(self.p(lay.emb)),
+                Arg::P(ws.layers[0].resid_in.ptr),
+                Arg::L(dm as i64),
+            ],
+        )?;
+        let nblk = scan_blocks(cfg, self.shape);
+        for (i, lo) in lay.layers.iter().enumerate() {
+            let la = &ws.layers[if train { i } else { 0 }];
+            // Fused residual add + norm: resid_in[i] = resid_in[i-1] + out[i-1].
+            let (x_in, add) = match (i, train) {
+                (0, _) => (la.resid_in.ptr, 0),
+                (_, true) => (ws.layers[i - 1].resid_in.ptr, ws.out.ptr),
+                (_, false) => (la.resid_in.ptr, ws.out.ptr),
+            };
+            self.norm_fwd(
+                n,
+                x_in,
+                add,
+                la.resid_in.ptr,
+                ws.hn.ptr,
+                la.mean.ptr,
+                la.rstd.ptr,
+                lo.norm_w,
+                lo.norm_b,
+            )?;
+            let hn = Opnd::A(ws.hn.ptr, dm, n, dm);
+            self.mm(
+                ws,
+                true,
+                false,
+                (2 * di, n, dm),
+                Opnd::W(lo.in_w, dm),
+                hn,
+                (la.xz.ptr, 2 * di),
+                0.0,
+            )?;
+            self.bias_add(la.xz.ptr, 2 * di, n, 2 * di, lo.in_b)?;
+            let init_conv = if has_state {
+                ws.state_in_conv.at::<f32>(i * batch * di * km1)
+            } else {
+                0
+            };
+            let init_ssm = if has_state {
+                ws.state_in_ssm.at::<f32>(i * batch * di * ds)
+            } else {
+                0
+            };
+            self.dev.launch(
+                "conv1d_fwd_f32",
+                self.dev.grid1d(n * di),
+                256,
+                0,
+                &[
+                    Arg::P(la.xz.ptr),
+                    Arg::L(2 * di as i64),
+                    Arg::P(self.p(lo.conv_w)),
+                    Arg::P(lo.conv_b.map_or(0, |o| self.p(o))),
+                    Arg::P(ws.starts.ptr),
+                    Arg::P(init_conv),
+                    Arg::P(la.u.ptr),
+                    Arg::P(ws.xs.ptr),
+                    Arg::L(batch as i64),
+                    Arg::L(seq_len as i64),
+                    Arg::L(di as i64),
+                ],
+            )?;
+            if km1 > 0 {
+                self.dev.launch(
+                    "conv1d_last_f32",
+                    self.dev.grid1d(batch * di * km1),
+                    256,
+                    0,
+                    &[
+                        Arg::P(la.xz.ptr),
+                        Arg::L(2 * di as i64),
+                        Arg::P(ws.starts.ptr),
+                        Arg::P(init_conv),
+                        Arg::P(ws.state_out_conv.at::<f32>(i * batch * di * km1)),
+                        Arg::L(batch as i64),
+                        Arg::L(seq_len as i64),
+                        Arg::L(di as i64),
+                    ],
+                )?;
+            }
+            let xs = Opnd::A(ws.xs.ptr, di, n, di);
+            self.mm(
+                ws,
+                true,
+                false,
+                (xr, n, di),
+                Opnd::W(lo.x_w, di),
+                xs,
+                (la.xdbl.ptr, xr),
+                0.0,
+            )?;
+            let dt_raw = Opnd::A(la.xdbl.ptr, xr, n, r);
+            self.mm(
+                ws,
+                true,
+                false,
+                (di, n, r),
+                Opnd::W(lo.dt_w, r),
+                dt_raw,
+                (la.delta.ptr, di),
+                0.0,
+            )?;
+            self.dev.launch(
+                "selective_scan_fwd_f32",
+                (nblk as u32, batch as u32, 1),
+                crate::cuda::SCAN_THREADS as u32,
+                0,
+                &[
+                    Arg::P(ws.xs.ptr),
+                    Arg::P(la.delta.ptr),
+                    Arg::P(self.p(lo.a_log)),
+                    Arg::P(la.xdbl.ptr),
+                    Arg::L(xr as i64),
+                    Arg::L(r as i64),
+                    Arg::P(self.p(lo.d)),
+                    Arg::P(la.xz.at::<f32>(di)),
+                    Arg::L(2 * di as i64),
+                    Arg::P(self.p(lo.dt_b)),
+                    Arg::P(ws.starts.ptr),
+                    Arg::P(init_ssm),
+                    Arg::P(la.gated.ptr),
+                    Arg::P(la.chunks.as_ref().map_or(0, |c| c.ptr)),
+                    Arg::P(ws.state_out_ssm.at::<f32>(i * batch * di * ds)),
+                    Arg::L(batch as i64),
+                    Arg::L(seq_len as i64),
+                    Arg::L(di as i64),
+                    Arg::L(ds as i64),
+                ],
+            )?;
+            let gated = Opnd::A(la.gated.ptr, di, n, di);
+            self.mm(
+                ws,
+                true,
+                false,
+                (dm, n, di),
+                Opnd::W(lo.out_w, di),
+                gated,
+                (ws.out.ptr, dm),
+                0.0,
+            )?;
+            self.bias_add(ws.out.ptr, dm, n, dm, lo.out_b)?;
+        }
+        let last = &ws.layers[if train { cfg.n_layer - 1 } else { 0 }];
+        let resid_final = if train {
+            ws.resid_final.ptr
+        } else {
+            last.resid_in.ptr
+        };
+        let add = if cfg.n_layer > 0 { ws.out.ptr } else { 0 };
+        self.norm_fwd(
+            n,
+            last.resid_in.ptr,
+            add,
+            resid_final,
+            ws.hf.ptr,
+            ws.fmean.ptr,
+            ws.frstd.ptr,
+            lay.norm_f_w,
+            lay.norm_f_b,
+        )?;
+        let head_rows = match ws.mode {
+            Mode::Train => n,
+            Mode::Infer { head_rows } => head_rows,
+        };
+        let hf = Opnd::A(ws.hf.at::<f32>(head_row0 * dm), dm, head_rows, dm);
+        let v = cfg.vocab_size;
+        self.mm(
+            ws,
+            true,
+            false,
+            (v, head_rows, dm),
+            Opnd::W(lay.head, dm),
+            hf,
+            (ws.logits.ptr, v),
+            0.0,
+        )
+    }
+}
+
+/// A workspace for `(batch, seq_len, mode)`, reused when the shape matches.
+pub fn ensure_ws(
+    slot: &mut Option<Work>,
+    dev: &Arc<Dev>,
+    cfg: &MambaConfig,
+    shape: KernelShape,
+    (batch, seq_len, mode): (usize, usize, Mode),
+    lowp: bool,
+) -> Result<()> {
+    let fits = slot
+        .as_ref()
+        .is_some_and(|w| w.batch == batch && w.seq_len == seq_len && w.mode == mode);
+    if !fits {
+        *slot = None;
+        *slot = Some(Work::new(dev, cfg, shape, batch, seq_len, mode, lowp)?);
+    }
+    Ok(())
+}
+
+/// Scan backward shared memory for this engine.
+pub fn scan_smem(shape: KernelShape) -> u32 {
+    scan_bwd_smem(shape) as u32
+}
+
+/// Row blocks for column sums over `n` rows (re-exported for the backward).
+pub fn col_blocks(n: usize) -> (usize, usize) {
+    row_blocks(n)
+}

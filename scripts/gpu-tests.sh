@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# The CUDA tier's tests and benchmark.
+#
+#   bash scripts/gpu-tests.sh            # here (no GPU needed): build the GPU test binaries and
+#                                        # gpu-bench into target/gpu-tests/ (stripped)
+#   bash scripts/gpu-tests.sh run        # on the GPU machine: run every GPU test binary
+#   bash scripts/gpu-tests.sh bench [train|scan|infer|all]   # on the GPU machine: the benchmark
+#
+# With the device tool: build here, then run with `carry: ["target/gpu-tests"]` and the command
+# `bash scripts/gpu-tests.sh run`. Without a CUDA device every GPU test prints a `skipping`
+# line and passes.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out=target/gpu-tests
+
+case "${1:-build}" in
+build)
+    mkdir -p "$out"
+    rm -f "$out"/*
+    cargo test --release -p gpu -p conformance --no-run --message-format=json 2>/dev/null \
+        | python3 -c '
+import json, sys
+for line in sys.stdin:
+    try:
+        m = json.loads(line)
+    except ValueError:
+        continue
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["profile"]["test"]:
+        name = m["target"]["name"]
+        if name == "gpu" or name.startswith("gpu_"):
+            print(m["executable"])
+' | while read -r exe; do
+        cp "$exe" "$out/$(basename "$exe" | sed 's/-[0-9a-f]*$//')"
+    done
+    cargo build --release -p gpu --bin gpu-bench
+    cp target/release/gpu-bench "$out/"
+    strip "$out"/* 2>/dev/null || true
+    ls -la "$out"
+    ;;
+run)
+    status=0
+    for t in "$out"/*; do
+        case "$(basename "$t")" in gpu-bench) continue ;; esac
+        echo "== $t"
+        "$t" --test-threads=1 --nocapture || status=1
+    done
+    exit $status
+    ;;
+bench)
+    "$out/gpu-bench" "${2:-all}"
+    ;;
+*)
+    echo "usage: bash scripts/gpu-tests.sh [build|run|bench [train|scan|infer|all]]" >&2
+    exit 2
+    ;;
+esac
