@@ -157,7 +157,9 @@ impl Engine for NoAllocEngine {
 
 #[test]
 fn the_decode_loop_allocates_nothing_per_token() {
-    let mut cfg = checkpoint::load(&fixtures::tiny_checkpoint()).unwrap().config;
+    let mut cfg = checkpoint::load(&fixtures::tiny_checkpoint())
+        .unwrap()
+        .config;
     cfg.vocab_size = 1000;
     let mut engine = NoAllocEngine { cfg: cfg.clone() };
     let samplings = [
