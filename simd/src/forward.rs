@@ -13,7 +13,7 @@ use crate::kernels::Isa;
 use crate::model::{LayerWeights, Weights};
 use crate::scan::{scan_fwd, Scan};
 use crate::vecmath::silu_into;
-use crate::weights::{dequant_rows, linear, sub_rows};
+use crate::weights::{dequant_rows, linear};
 
 /// Reusable activation buffers.
 #[derive(Debug, Default)]
@@ -31,6 +31,8 @@ pub struct Scratch {
     gated: Vec<f32>,
     out: Vec<f32>,
     conv_init: Vec<f32>,
+    /// A product's full output before its columns are split.
+    wide: Vec<f32>,
     last_rows: Vec<f32>,
     mean: Vec<f32>,
     rstd: Vec<f32>,
@@ -40,6 +42,14 @@ pub struct Scratch {
 fn fit(v: &mut Vec<f32>, n: usize) {
     v.clear();
     v.resize(n, 0.0);
+}
+
+/// Splits rows of `[a | b]` (each `w` wide) into `a` and `b`.
+fn split2(src: &[f32], w: usize, a: &mut [f32], b: &mut [f32]) {
+    for (row, s) in src.chunks(2 * w).enumerate() {
+        a[row * w..(row + 1) * w].copy_from_slice(&s[..w]);
+        b[row * w..(row + 1) * w].copy_from_slice(&s[w..]);
+    }
 }
 
 /// Which logits to compute.
@@ -161,24 +171,17 @@ fn layer(
         &mut s.mean,
         &mut s.rstd,
     );
-    let inp = lw.in_proj.view();
-    let ib = lw.in_proj_b.as_deref();
+    // One product per weight matrix (one pass over its bytes), then split the columns.
+    fit(&mut s.wide, n * 2 * di);
     linear(
         isa,
-        sub_rows(inp, dm, 0, di),
+        lw.in_proj.view(),
         &s.hn,
-        ib.map(|b| &b[..di]),
+        lw.in_proj_b.as_deref(),
         dm,
-        &mut s.x,
+        &mut s.wide,
     );
-    linear(
-        isa,
-        sub_rows(inp, dm, di, 2 * di),
-        &s.hn,
-        ib.map(|b| &b[di..]),
-        dm,
-        &mut s.z,
-    );
+    split2(&s.wide, di, &mut s.x, &mut s.z);
     let cb = lw.conv_b.as_deref();
     if input.seq_len == 1 {
         let win = state.conv_layer_mut(i);
@@ -208,17 +211,14 @@ fn layer(
         );
     }
     silu_into(&s.u, &mut s.xs);
-    let xp = lw.x_proj.view();
-    linear(isa, sub_rows(xp, di, 0, r), &s.xs, None, di, &mut s.dtr);
-    linear(isa, sub_rows(xp, di, r, r + ds), &s.xs, None, di, &mut s.bm);
-    linear(
-        isa,
-        sub_rows(xp, di, r + ds, r + 2 * ds),
-        &s.xs,
-        None,
-        di,
-        &mut s.cm,
-    );
+    let xw = r + 2 * ds;
+    fit(&mut s.wide, n * xw);
+    linear(isa, lw.x_proj.view(), &s.xs, None, di, &mut s.wide);
+    for (row, src) in s.wide.chunks(xw).enumerate() {
+        s.dtr[row * r..(row + 1) * r].copy_from_slice(&src[..r]);
+        s.bm[row * ds..(row + 1) * ds].copy_from_slice(&src[r..r + ds]);
+        s.cm[row * ds..(row + 1) * ds].copy_from_slice(&src[r + ds..]);
+    }
     linear(isa, lw.dt_proj.view(), &s.dtr, None, r, &mut s.delta);
     let scan = Scan {
         u: &s.xs,

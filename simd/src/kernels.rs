@@ -86,11 +86,25 @@ pub fn quantize_row(w: &[f32], q: &mut [i8]) -> f32 {
     scale
 }
 
+/// Longest `x` whose paired copy fits on the stack for the bf16 kernel (32 KiB).
+const PAIRED_MAX: usize = 8192;
+
 /// `y[i] = Σ_j W[rows.start + i, j] · x[j]` for a block of rows (`y.len()` rows), where W has
 /// `x.len()` columns. Int8 rows are multiplied by their scale.
 pub fn dot_rows(isa: Isa, w: MatRef, row0: usize, x: &[f32], y: &mut [f32]) {
     let k = x.len();
     let n = y.len();
+    // For bf16 on AVX2: `x` regrouped per 16 values as [even | odd], matching the two halves
+    // of each 32-bit word of bf16 pairs (see `avx2::dot4_bf16`).
+    let mut xd = [0f32; PAIRED_MAX];
+    if matches!(w, MatRef::Bf16(_)) && isa == Isa::Avx2Fma && k <= PAIRED_MAX {
+        for (blk, xs) in x.chunks_exact(16).enumerate() {
+            for i in 0..8 {
+                xd[blk * 16 + i] = xs[2 * i];
+                xd[blk * 16 + 8 + i] = xs[2 * i + 1];
+            }
+        }
+    }
     let mut r = 0;
     while r < n {
         let take = (n - r).min(4);
@@ -98,6 +112,11 @@ pub fn dot_rows(isa: Isa, w: MatRef, row0: usize, x: &[f32], y: &mut [f32]) {
         let base = (row0 + r) * k;
         match w {
             MatRef::F32(d) => dot4(isa, Fmt::F32(&d[base..base + take * k]), x, take, &mut out),
+            #[cfg(target_arch = "x86_64")]
+            MatRef::Bf16(d) if isa == Isa::Avx2Fma && k <= PAIRED_MAX => {
+                // SAFETY: AVX2 + FMA detected; `xd` holds the paired copy of `x`.
+                unsafe { avx2::dot4_bf16(&d[base..base + take * k], x, &xd[..k], take, &mut out) }
+            }
             MatRef::Bf16(d) => dot4(isa, Fmt::Bf16(&d[base..base + take * k]), x, take, &mut out),
             MatRef::Int8 { q, scales } => {
                 dot4(isa, Fmt::I8(&q[base..base + take * k]), x, take, &mut out);
@@ -188,6 +207,55 @@ mod avx2 {
                 let b = _mm_loadl_epi64(d.as_ptr().add(i) as *const __m128i);
                 _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b))
             }
+        }
+    }
+
+    /// bf16 rows read 16 at a time: each 32-bit word holds an (even, odd) pair, so shifting
+    /// left by 16 gives the even values as f32 and masking the low half gives the odd ones —
+    /// two FMAs per 256-bit load, against `xd`, which holds `x` regrouped per 16 values as
+    /// [8 even | 8 odd].
+    ///
+    /// # Safety
+    /// The CPU must support AVX2 and FMA; `w` holds `take * x.len()` values; `xd` is the
+    /// regrouped copy of `x` (same length).
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn dot4_bf16(w: &[u16], x: &[f32], xd: &[f32], take: usize, out: &mut [f32; 4]) {
+        match take {
+            4 => bf16_rows::<4>(w, x, xd, out),
+            3 => bf16_rows::<3>(w, x, xd, out),
+            2 => bf16_rows::<2>(w, x, xd, out),
+            _ => bf16_rows::<1>(w, x, xd, out),
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    unsafe fn bf16_rows<const T: usize>(w: &[u16], x: &[f32], xd: &[f32], out: &mut [f32; 4]) {
+        let k = x.len();
+        let body = k / 16 * 16;
+        let mask = _mm256_set1_epi32(0xFFFF_0000u32 as i32);
+        let wp = w.as_ptr();
+        let mut ae = [_mm256_setzero_ps(); T];
+        let mut ao = [_mm256_setzero_ps(); T];
+        let mut j = 0;
+        while j < body {
+            let xe = _mm256_loadu_ps(xd.as_ptr().add(j));
+            let xo = _mm256_loadu_ps(xd.as_ptr().add(j + 8));
+            for r in 0..T {
+                let v = _mm256_loadu_si256(wp.add(r * k + j) as *const __m256i);
+                let e = _mm256_castsi256_ps(_mm256_slli_epi32::<16>(v));
+                let o = _mm256_castsi256_ps(_mm256_and_si256(v, mask));
+                ae[r] = _mm256_fmadd_ps(e, xe, ae[r]);
+                ao[r] = _mm256_fmadd_ps(o, xo, ao[r]);
+            }
+            j += 16;
+        }
+        for r in 0..T {
+            let mut t = 0f32;
+            for jj in body..k {
+                t += super::bf16_to_f32(w[r * k + jj]) * x[jj];
+            }
+            out[r] = hsum(_mm256_add_ps(ae[r], ao[r])) + t;
         }
     }
 

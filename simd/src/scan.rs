@@ -7,8 +7,8 @@
 use rayon::prelude::*;
 use wide::f32x8;
 
-use crate::vecmath::{load, silu8, softplus8};
 use crate::kernels::Isa;
+use crate::vecmath::{load, silu8, softplus8};
 use crate::SyncPtr;
 
 /// Lanes kept on the stack; larger `d_state` falls back to the heap.
@@ -145,6 +145,7 @@ fn lanes(
 /// The same lanes with AVX2 + FMA intrinsics and an exp specialised for the scan (no NaN or
 /// infinity handling; arguments clamped to [−87, 88]), chosen at run time.
 #[cfg(target_arch = "x86_64")]
+#[allow(clippy::needless_range_loop)] // lanes indexed by state, as in the maths
 mod avx2 {
     use super::{Scan, STACK_STATES};
     use crate::vecmath::{silu8, softplus8};
@@ -156,18 +157,23 @@ mod avx2 {
     #[target_feature(enable = "avx2,fma")]
     #[inline]
     pub unsafe fn exp_ps(x: __m256) -> __m256 {
-        let x = _mm256_max_ps(_mm256_min_ps(x, _mm256_set1_ps(88.0)), _mm256_set1_ps(-87.0));
-        let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm256_mul_ps(
-            x,
-            _mm256_set1_ps(std::f32::consts::LOG2_E),
-        ));
+        let x = _mm256_max_ps(
+            _mm256_min_ps(x, _mm256_set1_ps(88.0)),
+            _mm256_set1_ps(-87.0),
+        );
+        let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+            _mm256_mul_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E)),
+        );
         let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693_359_4), x);
         let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.121_944_4e-4), r);
         let mut p = _mm256_set1_ps(1.0 / 720.0);
         for c in [1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
             p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
         }
-        let e = _mm256_slli_epi32::<23>(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)));
+        let e = _mm256_slli_epi32::<23>(_mm256_add_epi32(
+            _mm256_cvtps_epi32(n),
+            _mm256_set1_epi32(127),
+        ));
         _mm256_mul_ps(p, _mm256_castsi256_ps(e))
     }
 
