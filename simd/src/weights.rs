@@ -32,11 +32,13 @@ impl<T: Copy + 'static> Buf<T> {
     /// Borrows the mapped bytes as `T` when they are aligned; `None` otherwise (copy instead).
     pub fn mapped(map: &Arc<Mmap>, offset: usize, len: usize) -> Option<Buf<T>> {
         let bytes = map.get(offset..offset + len * std::mem::size_of::<T>())?;
-        (bytes.as_ptr() as usize).is_multiple_of(std::mem::align_of::<T>()).then(|| Buf::Mapped {
-            map: map.clone(),
-            offset,
-            len,
-        })
+        (bytes.as_ptr() as usize)
+            .is_multiple_of(std::mem::align_of::<T>())
+            .then(|| Buf::Mapped {
+                map: map.clone(),
+                offset,
+                len,
+            })
     }
 
     pub fn as_slice(&self) -> &[T] {

@@ -53,7 +53,10 @@ fn decode_steps_allocate_nothing() {
                 e.step_into(&tok, None, &mut st, &mut logits).unwrap();
             }
             let n = ALLOCS.load(Ordering::SeqCst) - before;
-            assert_eq!(n, 0, "{dtype:?} on {threads} threads: {n} allocations in 20 decode steps");
+            assert_eq!(
+                n, 0,
+                "{dtype:?} on {threads} threads: {n} allocations in 20 decode steps"
+            );
             assert!(logits.iter().all(|v| v.is_finite()));
         }
     }
