@@ -1,0 +1,102 @@
+//! Loading checkpoint directories: matrices stored in the file's own precision are
+//! memory-mapped, not copied; other combinations are converted at load; either way the model
+//! computes exactly what an engine built from the same values computes. Bad files are errors.
+
+use std::path::PathBuf;
+
+use reference::io::{save_params, SaveDtype};
+use reference::model::Batch;
+use reference::{Engine, MambaConfig, NormKind};
+use simd::{SimdEngine, SimdOptions, WeightDtype};
+
+fn tmp(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("vet-simd-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn model() -> (MambaConfig, reference::Params<f32>) {
+    let mut cfg = MambaConfig::new(24, 2, 97);
+    cfg.norm = NormKind::Rms;
+    cfg.tie_embeddings = false;
+    let p = reference::init::init_params::<f32>(&cfg, 31);
+    (cfg, p)
+}
+
+fn opts(dtype: WeightDtype) -> SimdOptions {
+    SimdOptions {
+        threads: 1,
+        dtype,
+        isa: None,
+    }
+}
+
+#[test]
+fn file_precision_is_mapped_and_computes_the_same_bits() {
+    let (cfg, p) = model();
+    let tokens: Vec<u32> = (0..20).map(|i| (i * 13 + 5) % 97).collect();
+    let batch = Batch::new(&tokens, 1, 20);
+    for (save, dtype, mapped) in [
+        (SaveDtype::F32, WeightDtype::F32, true),
+        (SaveDtype::Bf16, WeightDtype::Bf16, true),
+        (SaveDtype::F32, WeightDtype::Bf16, false),
+        (SaveDtype::Bf16, WeightDtype::F32, false),
+        (SaveDtype::F32, WeightDtype::Int8, false),
+    ] {
+        let dir = tmp(&format!("{save:?}-{dtype:?}"));
+        cfg.save(&dir.join("config.json")).unwrap();
+        save_params(&dir, &cfg, &p, save).unwrap();
+        let mut loaded = SimdEngine::load(&dir, &opts(dtype)).unwrap();
+        assert_eq!(
+            loaded.weights().is_mapped(),
+            mapped,
+            "{save:?} file as {dtype:?}"
+        );
+        // The same values through `new`: the file's values (bf16-rounded when saved so).
+        let file_params = reference::io::load_params::<f32>(&dir, &cfg).unwrap();
+        let mut built = SimdEngine::new(cfg.clone(), file_params, &opts(dtype)).unwrap();
+        let (a, _) = loaded.forward(&batch, None).unwrap();
+        let (b, _) = built.forward(&batch, None).unwrap();
+        let same = a
+            .data
+            .iter()
+            .zip(&b.data)
+            .all(|(x, y)| x.to_bits() == y.to_bits());
+        assert!(
+            same,
+            "{save:?} file as {dtype:?}: logits differ from the engine built from the same values"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
+
+#[test]
+fn truncated_or_mismatched_checkpoints_are_errors() {
+    let (cfg, p) = model();
+    let dir = tmp("bad");
+    cfg.save(&dir.join("config.json")).unwrap();
+    save_params(&dir, &cfg, &p, SaveDtype::F32).unwrap();
+    let f = dir.join("model.safetensors");
+    let len = std::fs::metadata(&f).unwrap().len();
+    let file = std::fs::OpenOptions::new().write(true).open(&f).unwrap();
+    file.set_len(len - 100).unwrap();
+    let err = SimdEngine::load(&dir, &opts(WeightDtype::F32))
+        .err()
+        .expect("truncated file must fail");
+    assert!(err.to_string().contains("truncated"), "{err}");
+    // A config that does not match the tensors.
+    save_params(&dir, &cfg, &p, SaveDtype::F32).unwrap();
+    let mut other = cfg.clone();
+    other.d_model = 32;
+    other.d_inner = 64;
+    other.save(&dir.join("config.json")).unwrap();
+    let err = SimdEngine::load(&dir, &opts(WeightDtype::F32))
+        .err()
+        .expect("mismatch must fail");
+    assert!(
+        err.to_string().contains("does not match the config"),
+        "{err}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
