@@ -295,7 +295,8 @@ impl Generator {
         Ok(Generator {
             sampler: Sampler::new(s, vocab)?,
             logits: vec![0.0; vocab],
-            tokens: Vec::with_capacity(s.max_new_tokens),
+            // Beyond 2^20 tokens the buffer grows by doubling (rarely, never per token).
+            tokens: Vec::with_capacity(s.max_new_tokens.min(1 << 20)),
         })
     }
 

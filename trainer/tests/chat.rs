@@ -207,6 +207,58 @@ fn reset_starts_the_conversation_over() {
     assert_eq!(again.prompt_tokens, first.prompt_tokens);
 }
 
+/// Output that raises the session's interrupt flag once it has received `after` bytes, as a
+/// Ctrl-C in the middle of an answer would.
+struct InterruptAfter {
+    flags: std::sync::Arc<trainer::chat::Interrupt>,
+    after: usize,
+    got: Vec<u8>,
+}
+
+impl Write for InterruptAfter {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.got.extend_from_slice(b);
+        if self.got.len() >= self.after {
+            self.flags
+                .stop
+                .store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[test]
+fn an_interrupt_ends_the_answer_and_the_conversation_goes_on() {
+    let q = question(30);
+    let mut chat = session(greedy(60), &[]);
+    let mut out = InterruptAfter {
+        flags: chat.interrupt(),
+        after: 5,
+        got: Vec::new(),
+    };
+    let a = chat.ask(&q, &mut out).unwrap();
+    assert_eq!(a.stop, StopReason::Interrupted);
+    assert!(
+        a.tokens.len() < 60 && !a.tokens.is_empty(),
+        "{}",
+        a.tokens.len()
+    );
+    assert_eq!(text(&out.got), a.text);
+    // The next turn continues from the interrupted answer (plus its end token).
+    let eot = 256;
+    let before = chat.history().len();
+    let b = chat.ask(&question(31), &mut Vec::new()).unwrap();
+    assert_eq!(b.stop, StopReason::MaxNewTokens, "the flag was cleared");
+    let h = chat.history();
+    assert_eq!(h[before - 1], eot);
+    assert_eq!(&h[before - 1 - a.tokens.len()..before - 1], &a.tokens[..]);
+    let want = argmax_by_full_forward(&h[..h.len() - b.tokens.len() - 1], b.tokens.len());
+    assert_eq!(b.tokens, want);
+}
+
 // ---- decoding ----
 
 #[test]
@@ -493,6 +545,55 @@ fn interactive_mode_carries_state_and_resets_through_piped_stdin() {
         Some("Why?"),
     );
     assert_eq!(out.lines().count(), 1);
+}
+
+#[test]
+fn ctrl_c_stops_the_answer_and_at_the_prompt_leaves() {
+    use std::io::{BufRead, BufReader, Read};
+    let spawn = || {
+        Command::new(env!("CARGO_BIN_EXE_vet-chat"))
+            .args(["--model", s(&tiny()), "--device", "reference", "--greedy"])
+            .args(["--max-new-tokens", "100000000"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let sigint = |pid: u32| {
+        let st = Command::new("kill")
+            .args(["-INT", &pid.to_string()])
+            .status()
+            .unwrap();
+        assert!(st.success());
+    };
+    // While an answer is being written: it stops there, and the session goes on.
+    let mut child = spawn();
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(b"Why do cats purr?\n").unwrap();
+    stdin.flush().unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    let mut first = [0u8; 16];
+    stdout.read_exact(&mut first).unwrap(); // the answer is streaming
+    sigint(child.id());
+    stdin.write_all(b"/quit\n").unwrap();
+    drop(stdin);
+    let mut rest = Vec::new();
+    stdout.read_to_end(&mut rest).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let err = text(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("stop: interrupted"), "{err}");
+    // At the prompt: the program ends with 130, as a shell expects after Ctrl-C.
+    let mut child = spawn();
+    let mut banner = String::new();
+    BufReader::new(child.stderr.take().unwrap())
+        .read_line(&mut banner)
+        .unwrap();
+    assert!(banner.contains("vet-chat"), "{banner}");
+    sigint(child.id());
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(130));
 }
 
 #[test]

@@ -3,6 +3,7 @@
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::atomic::Ordering;
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
@@ -22,7 +23,7 @@ use trainer::tokenizer;
         With no --question, --prompt, --input or --tokens it is an interactive chat: one question \
         per line, the answer streams as it is written, and the conversation continues from the \
         model's state (earlier turns are not re-read). /reset starts over, /help lists the \
-        commands, /quit or Ctrl-D leaves. After each answer one timing line goes to stderr.\n\n\
+        commands, /quit or Ctrl-D leaves; Ctrl-C stops the answer being written. After each answer one timing line goes to stderr.\n\n\
         Questions are wrapped in the fine-tuning QA template \
         (\"<|question|> {question}\\n<|answer|> \"); answers end at <|endoftext|>, a --stop \
         string or --max-new-tokens.\n\n\
@@ -279,6 +280,16 @@ fn run(cli: Cli) -> Result<()> {
 }
 
 fn interactive(session: &mut Session, model: &Path) -> Result<()> {
+    let flags = session.interrupt();
+    ctrlc::set_handler(move || {
+        if flags.busy.load(Ordering::SeqCst) {
+            flags.stop.store(true, Ordering::SeqCst);
+        } else {
+            // No printing here: the main thread may hold stderr's lock.
+            std::process::exit(130);
+        }
+    })
+    .context("installing the Ctrl-C handler")?;
     let stdin = std::io::stdin();
     let terminal = stdin.is_terminal();
     eprintln!(
@@ -289,8 +300,10 @@ fn interactive(session: &mut Session, model: &Path) -> Result<()> {
     repl::run(
         session,
         &mut stdin.lock(),
-        &mut std::io::stdout().lock(),
-        &mut std::io::stderr().lock(),
+        // Unlocked handles: the Ctrl-C handler's exit flushes stdout, which a lock held for
+        // the whole session would deadlock.
+        &mut std::io::stdout(),
+        &mut std::io::stderr(),
         terminal.then_some("> "),
     )
 }

@@ -13,6 +13,8 @@ pub mod stream;
 
 use std::io::Write;
 use std::ops::ControlFlow;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -33,6 +35,8 @@ pub enum StopReason {
     StopString,
     /// `--max-new-tokens` were drawn.
     MaxNewTokens,
+    /// The user interrupted it (Ctrl-C, see [`Interrupt`]).
+    Interrupted,
 }
 
 impl StopReason {
@@ -41,6 +45,7 @@ impl StopReason {
             StopReason::EndOfText => "eot",
             StopReason::StopString => "stop_string",
             StopReason::MaxNewTokens => "max_new_tokens",
+            StopReason::Interrupted => "interrupted",
         }
     }
 }
@@ -84,6 +89,15 @@ pub struct ChatConfig {
     pub template: QaTemplate,
 }
 
+/// Stopping an answer early from another thread (a Ctrl-C handler): while `busy` (an answer
+/// is being written), a handler sets `stop` and the answer ends at its next token, the
+/// conversation intact; otherwise the handler may end the program.
+#[derive(Debug, Default)]
+pub struct Interrupt {
+    pub busy: AtomicBool,
+    pub stop: AtomicBool,
+}
+
 /// A model, its tokenizer and the state of one conversation.
 pub struct Session {
     engine: Box<dyn Engine>,
@@ -98,6 +112,7 @@ pub struct Session {
     /// Every token of the conversation so far, `pending` included.
     history: Vec<u32>,
     turns: usize,
+    interrupt: Arc<Interrupt>,
 }
 
 impl Session {
@@ -118,6 +133,7 @@ impl Session {
             pending: Vec::new(),
             history: Vec::new(),
             turns: 0,
+            interrupt: Arc::default(),
         })
     }
 
@@ -130,6 +146,11 @@ impl Session {
     /// or a stop string).
     pub fn has_eot(&self) -> bool {
         self.eot.is_some()
+    }
+
+    /// The flags that stop an answer early (for a Ctrl-C handler).
+    pub fn interrupt(&self) -> Arc<Interrupt> {
+        Arc::clone(&self.interrupt)
     }
 
     /// Answered turns since the start or the last [`Session::reset`].
@@ -195,6 +216,10 @@ impl Session {
         let started = Instant::now();
         let (tok, stream) = (&self.tok, &mut self.stream);
         let mut failed: Option<anyhow::Error> = None;
+        let mut interrupted = false;
+        let flags = Arc::clone(&self.interrupt);
+        flags.stop.store(false, Ordering::SeqCst);
+        flags.busy.store(true, Ordering::SeqCst);
         let stop = self
             .gen
             .run(self.engine.as_mut(), &mut self.state, |id| {
@@ -209,10 +234,16 @@ impl Session {
                         ControlFlow::Break(())
                     }
                     Ok(()) if stream.stopped() => ControlFlow::Break(()),
+                    Ok(()) if flags.stop.swap(false, Ordering::SeqCst) => {
+                        interrupted = true;
+                        ControlFlow::Break(())
+                    }
                     Ok(()) => ControlFlow::Continue(()),
                 }
             })
-            .context("generating the answer")?;
+            .context("generating the answer");
+        flags.busy.store(false, Ordering::SeqCst);
+        let stop = stop?;
         if let Some(e) = failed {
             return Err(e.context("writing the answer"));
         }
@@ -237,6 +268,7 @@ impl Session {
             prompt_tokens: feed.len(),
             stop: match stop {
                 Stop::Token => StopReason::EndOfText,
+                Stop::Caller if interrupted => StopReason::Interrupted,
                 Stop::Caller => StopReason::StopString,
                 Stop::MaxTokens => StopReason::MaxNewTokens,
             },

@@ -13,7 +13,8 @@ The conversation continues from the model's state: earlier turns are not re-read
 Commands:
   /reset   forget the conversation and start over
   /help    show this help
-  /quit    leave (Ctrl-D works too)";
+  /quit    leave (Ctrl-D works too)
+Ctrl-C stops the answer being written (the conversation keeps what was written).";
 
 /// Reads lines from `input` until `/quit` or end of input. Answers go to `out`; the timing
 /// line after each answer and notices go to `err`. `prompt` is shown before each question
