@@ -29,6 +29,7 @@ pub struct SimdEngine {
     opt: Option<AdamW<f32>>,
     scratch: Scratch,
     logits: Vec<f32>,
+    d_logits: Vec<f32>,
 }
 
 fn pool(threads: usize) -> Result<rayon::ThreadPool> {
@@ -90,6 +91,7 @@ impl SimdEngine {
             opt: None,
             scratch: Scratch::default(),
             logits: Vec::new(),
+            d_logits: Vec::new(),
         })
     }
 
@@ -207,44 +209,43 @@ impl Engine for SimdEngine {
             .unwrap_or_else(|| State::zeros(&self.cfg, input.batch));
         let init = st.clone();
         let mut logits = std::mem::take(&mut self.logits);
+        let mut d_logits = std::mem::take(&mut self.d_logits);
         let (isa, cfg, w, s) = (self.isa, &self.cfg, &self.weights, &mut self.scratch);
         let params = self.params.as_ref().expect("made by master()");
         let grads = self.grads.as_mut().expect("made by grads_mut()");
-        let out = self.pool.install(|| -> Result<LossOutput> {
-            let cache = forward(
-                isa,
-                cfg,
-                w,
-                input,
-                &mut st,
-                s,
-                Logits::All(&mut logits),
-                true,
-            )?
-            .expect("kept");
-            let lo = reference::loss::cross_entropy(
+        let pool = &self.pool;
+        let out = pool.install(|| -> Result<LossOutput> {
+            let all = Logits::All(&mut logits);
+            let cache = forward(isa, cfg, w, input, &mut st, s, all, true)?.expect("kept");
+            d_logits.clear();
+            d_logits.resize(logits.len(), 0.0);
+            let (loss, n_targets) = crate::loss::cross_entropy_into(
+                pool,
                 &logits,
                 targets,
                 mask,
                 cfg.vocab_size,
                 grad_scale as f32,
+                &mut d_logits,
             )?;
-            let gs = reference::model::backward(
+            let grad_state = crate::backward::backward(
+                pool,
                 cfg,
                 params,
                 input,
                 Some(&init),
                 &cache,
-                &lo.d_logits,
+                &d_logits,
                 grads,
             )?;
             Ok(LossOutput {
-                loss: lo.loss as f64,
-                n_targets: lo.n_targets,
-                grad_state: gs,
+                loss,
+                n_targets,
+                grad_state,
             })
         });
         self.logits = logits;
+        self.d_logits = d_logits;
         out
     }
 
@@ -266,7 +267,7 @@ impl Engine for SimdEngine {
             self.params.as_mut().expect("made by master()"),
             self.grads.as_mut().expect("made by grads_mut()"),
         );
-        let stats = self.pool.install(|| opt.step(cfg, params, grads, hp, lr));
+        let stats = crate::optim::adamw_step(&self.pool, cfg, opt, params, grads, hp, lr);
         if !stats.skipped {
             self.stale = true;
         }
