@@ -16,7 +16,7 @@ out=target/gpu-tests
 case "${1:-build}" in
 build)
     mkdir -p "$out"
-    rm -f "$out"/*
+    find "$out" -maxdepth 1 -type f -delete
     cargo test --release -p gpu -p conformance --no-run --message-format=json 2>/dev/null \
         | python3 -c '
 import json, sys

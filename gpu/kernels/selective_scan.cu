@@ -60,7 +60,8 @@ selective_scan_fwd_f32(const float* u, const float* delta, const float* a_log, c
     long b = blockIdx.y;
     bool cval = c < di, nval = n < ds;
     long cc = cval ? c : di - 1;
-    float A = nval ? -expf(a_log[cc * ds + n]) : 0.0f;
+    // A · log2(e): exp(dt · A) = exp2(dt · A2), one MUFU instruction.
+    float A2 = nval ? -expf(a_log[cc * ds + n]) * 1.4426950408889634f : 0.0f;
     float h = (h0 && nval) ? h0[(b * di + cc) * ds + n] : 0.0f;
     float Dc = dvec[cc], bias = dt_bias[cc];
     long nchunks = (L + CHUNK - 1) / CHUNK;
@@ -77,20 +78,17 @@ selective_scan_fwd_f32(const float* u, const float* delta, const float* a_log, c
         float yc[NG];
 #pragma unroll
         for (int j = 0; j < NG; ++j) {
-            long t = t0 + j;
+            // Past the end (t >= L): x = dt = 0 leave h unchanged; that step's sum is not
+            // written. Rows are clamped so every load stays in bounds.
+            long row = b * L + min(t0 + j, L - 1);
             float x = group_bcast(xl, j);
             float dt = group_bcast(dtl, j);
             int rs = group_bcast_i(rl, j);
-            float cv = 0.0f;
-            if (t < L) {
-                long row = b * L + t;
-                if (rs) h = 0.0f;
-                float Bn = nval ? bc[row * ldbc] : 0.0f;
-                float Cn = nval ? bc[row * ldbc + ds] : 0.0f;
-                h = expf(dt * A) * h + (dt * x) * Bn;
-                cv = Cn * h;
-            }
-            yc[j] = cv;
+            if (rs) h = 0.0f;
+            float Bn = nval ? bc[row * ldbc] : 0.0f;
+            float Cn = nval ? bc[row * ldbc + ds] : 0.0f;
+            h = exp2f(dt * A2) * h + (dt * x) * Bn;
+            yc[j] = Cn * h;
         }
         float ys = group_reduce_scatter(yc, n);
         if (tv && cval) {
@@ -101,10 +99,38 @@ selective_scan_fwd_f32(const float* u, const float* delta, const float* a_log, c
     if (last && cval && nval) last[(b * di + c) * ds + n] = h;
 }
 
+// One group-block of NG steps of the forward recurrence from `h` (no outputs).
+__device__ __forceinline__ float scan_advance(float h, long t0, int n, long b, long L, long di, long cc,
+                                              const float* u, const float* delta, const float* bc, long ldbc,
+                                              const int* starts, float bias, float A2, bool nval) {
+    long tn = t0 + n;
+    bool tv = tn < L;
+    long rown = b * L + (tv ? tn : 0);
+    float xl = tv ? u[rown * di + cc] : 0.0f;
+    float dtl = tv ? softplus_f32(delta[rown * di + cc] + bias) : 0.0f;
+    int rl = tv ? (starts[rown] == tn) : 0;
+#pragma unroll
+    for (int j = 0; j < NG; ++j) {
+        long row = b * L + min(t0 + j, L - 1);
+        float x = group_bcast(xl, j);
+        float dt = group_bcast(dtl, j);
+        int rs = group_bcast_i(rl, j);
+        if (rs) h = 0.0f;
+        float Bn = nval ? bc[row * ldbc] : 0.0f;
+        h = exp2f(dt * A2) * h + (dt * x) * Bn;
+    }
+    return h;
+}
+
 // Backward. Writes du, ddelta ([B, L, di]), dz (row stride ldz_out) and per-block partial sums:
 // part_bc[blk, b * L + t, 0..2 ds] (dB then dC, summed over the block's channels),
 // part_a[b, c, n], part_d[b, c], part_db[b, c] (summed over positions), dh0[b, c, n].
-// Dynamic shared memory: 2 · CHUNK · SCAN_WARPS · NG floats.
+//
+// Chunks (CHUNK positions, one stored state each) are walked in reverse; inside a chunk,
+// windows of SUB positions in reverse: the state at the window's start is recomputed from
+// the chunk's state, the window's states go to registers (hist), then the reverse
+// recurrence runs over the window. SUB bounds the registers, CHUNK the stored states.
+// Dynamic shared memory: 2 · SUB · SCAN_WARPS · NG floats.
 extern "C" __global__ void __launch_bounds__(SCAN_THREADS)
 selective_scan_bwd_f32(const float* u, const float* delta, const float* a_log, const float* xbc, long ldbc,
                        long col_b, const float* dvec, const float* z, long ldz, const float* dt_bias,
@@ -113,135 +139,134 @@ selective_scan_bwd_f32(const float* u, const float* delta, const float* a_log, c
                        float* part_d, float* part_db, float* dh0, long batch, long L, long di, long ds) {
     extern __shared__ float smem[];
     float* sb = smem;
-    float* sc = smem + CHUNK * SCAN_WARPS * NG;
+    float* sc = smem + SUB * SCAN_WARPS * NG;
     int tid = threadIdx.x, n = tid % NG, lane = tid & 31, warp = tid >> 5;
     long c = blockIdx.x * (long)(SCAN_THREADS / NG) + tid / NG;
     long b = blockIdx.y;
     bool cval = c < di, nval = n < ds;
     long cc = cval ? c : di - 1;
     float A = nval ? -expf(a_log[cc * ds + n]) : 0.0f;
+    float A2 = A * 1.4426950408889634f;
     float Dc = dvec[cc], bias = dt_bias[cc];
     long nchunks = (L + CHUNK - 1) / CHUNK;
     const float* bc = xbc + col_b + n;
-    float hist[CHUNK];
+    float hist[SUB];
     float dh = 0.0f, dA = 0.0f, dD = 0.0f, ddb = 0.0f;
     for (long k = nchunks - 1; k >= 0; --k) {
-        long t0 = k * CHUNK;
-        float hs = (cval && nval) ? chunk_states[((b * nchunks + k) * di + c) * ds + n] : 0.0f;
-        float h = hs;
-        // Recompute the chunk's states into registers.
+        float hk = (cval && nval) ? chunk_states[((b * nchunks + k) * di + c) * ds + n] : 0.0f;
+        for (int w = CHUNK / SUB - 1; w >= 0; --w) {
+            long t0 = k * CHUNK + (long)w * SUB;
+            if (t0 >= L) continue;
+            float h = hk;
+            for (long ta = k * CHUNK; ta < t0; ta += NG)
+                h = scan_advance(h, ta, n, b, L, di, cc, u, delta, bc, ldbc, starts, bias, A2, nval);
+            float hs = h;
+            // The window's states into registers.
 #pragma unroll
-        for (int s = 0; s < CHUNK / NG; ++s) {
-            long tn = t0 + s * NG + n;
-            bool tv = tn < L;
-            long rown = b * L + (tv ? tn : 0);
-            float xl = tv ? u[rown * di + cc] : 0.0f;
-            float dtl = tv ? softplus_f32(delta[rown * di + cc] + bias) : 0.0f;
-            int rl = tv ? (starts[rown] == tn) : 0;
+            for (int s = 0; s < SUB / NG; ++s) {
+                long tn = t0 + s * NG + n;
+                bool tv = tn < L;
+                long rown = b * L + (tv ? tn : 0);
+                float xl = tv ? u[rown * di + cc] : 0.0f;
+                float dtl = tv ? softplus_f32(delta[rown * di + cc] + bias) : 0.0f;
+                int rl = tv ? (starts[rown] == tn) : 0;
 #pragma unroll
-            for (int j = 0; j < NG; ++j) {
-                long t = t0 + s * NG + j;
-                float x = group_bcast(xl, j);
-                float dt = group_bcast(dtl, j);
-                int rs = group_bcast_i(rl, j);
-                if (t < L) {
-                    long row = b * L + t;
+                for (int j = 0; j < NG; ++j) {
+                    long row = b * L + min(t0 + s * NG + j, L - 1);
+                    float x = group_bcast(xl, j);
+                    float dt = group_bcast(dtl, j);
+                    int rs = group_bcast_i(rl, j);
                     if (rs) h = 0.0f;
                     float Bn = nval ? bc[row * ldbc] : 0.0f;
-                    h = expf(dt * A) * h + (dt * x) * Bn;
+                    h = exp2f(dt * A2) * h + (dt * x) * Bn;
+                    hist[s * NG + j] = h;
                 }
-                hist[s * NG + j] = h;
             }
-        }
-        // Reverse recurrence over the chunk.
+            // Reverse recurrence over the window.
 #pragma unroll
-        for (int s = CHUNK / NG - 1; s >= 0; --s) {
-            long tn = t0 + s * NG + n;
-            bool tv = tn < L;
-            long rown = b * L + (tv ? tn : 0);
-            long il = rown * di + cc;
-            float xl = tv ? u[il] : 0.0f;
-            float vl = tv ? delta[il] + bias : 0.0f;
-            float dtl = tv ? softplus_f32(vl) : 0.0f;
-            float gl = tv ? dout[il] : 0.0f;
-            float zl = (tv && z) ? z[rown * ldz + cc] : 0.0f;
-            float dyl = z ? gl * silu_f32(zl) : gl;
-            int rl = tv ? (starts[rown] == tn) : 0;
-            float yc[NG], tc[NG], xc[NG];
+            for (int s = SUB / NG - 1; s >= 0; --s) {
+                long tn = t0 + s * NG + n;
+                bool tv = tn < L;
+                long rown = b * L + (tv ? tn : 0);
+                long il = rown * di + cc;
+                float xl = tv ? u[il] : 0.0f;
+                float vl = tv ? delta[il] + bias : 0.0f;
+                float dtl = tv ? softplus_f32(vl) : 0.0f;
+                float gl = tv ? dout[il] : 0.0f;
+                float zl = (tv && z) ? z[rown * ldz + cc] : 0.0f;
+                float dyl = z ? gl * silu_f32(zl) : gl;
+                int rl = tv ? (starts[rown] == tn) : 0;
+                float yc[NG], tc[NG], xc[NG];
 #pragma unroll
-            for (int j = NG - 1; j >= 0; --j) {
-                const int jj = s * NG + j;
-                long t = t0 + jj;
-                float x = group_bcast(xl, j);
-                float dt = group_bcast(dtl, j);
-                float dy = group_bcast(dyl, j);
-                int rs = group_bcast_i(rl, j);
-                float cbv = 0.0f, ccv = 0.0f, yv = 0.0f, tv_ = 0.0f, xv = 0.0f;
-                if (t < L) {
-                    long row = b * L + t;
+                for (int j = NG - 1; j >= 0; --j) {
+                    const int jj = s * NG + j;
+                    // Past the end, x = dt = dy = 0 and dh is still 0 (no later step): nothing
+                    // moves, and that step's outputs are not written.
+                    long row = b * L + min(t0 + jj, L - 1);
+                    float x = group_bcast(xl, j);
+                    float dt = group_bcast(dtl, j);
+                    float dy = group_bcast(dyl, j);
+                    int rs = group_bcast_i(rl, j);
                     float Bn = nval ? bc[row * ldbc] : 0.0f;
                     float Cn = nval ? bc[row * ldbc + ds] : 0.0f;
                     float hcur = hist[jj];
-                    yv = Cn * hcur;
+                    yc[j] = Cn * hcur;
                     dh += dy * Cn;
-                    ccv = dy * hcur;
+                    float ccv = dy * hcur;
                     float hp = rs ? 0.0f : (jj > 0 ? hist[jj > 0 ? jj - 1 : 0] : hs);
-                    float decay = expf(dt * A);
+                    float decay = exp2f(dt * A2);
                     float gdec = dh * hp * decay;
-                    tv_ = gdec * A + dh * x * Bn;
+                    tc[j] = gdec * A + dh * x * Bn;
                     dA += gdec * dt;
-                    xv = dh * dt * Bn;
-                    cbv = dh * (dt * x);
+                    xc[j] = dh * dt * Bn;
+                    float cbv = dh * (dt * x);
                     dh = rs ? 0.0f : dh * decay;
-                }
-                yc[j] = yv;
-                tc[j] = tv_;
-                xc[j] = xv;
-                if (!cval) {
-                    cbv = 0.0f;
-                    ccv = 0.0f;
-                }
+                    if (!cval) {
+                        cbv = 0.0f;
+                        ccv = 0.0f;
+                    }
 #pragma unroll
-                for (int o = NG; o < 32; o <<= 1) {
-                    cbv += __shfl_xor_sync(FULL_MASK, cbv, o);
-                    ccv += __shfl_xor_sync(FULL_MASK, ccv, o);
+                    for (int o = NG; o < 32; o <<= 1) {
+                        cbv += __shfl_xor_sync(FULL_MASK, cbv, o);
+                        ccv += __shfl_xor_sync(FULL_MASK, ccv, o);
+                    }
+                    if (lane < NG) {
+                        sb[(jj * SCAN_WARPS + warp) * NG + n] = cbv;
+                        sc[(jj * SCAN_WARPS + warp) * NG + n] = ccv;
+                    }
                 }
-                if (lane < NG) {
-                    sb[(jj * SCAN_WARPS + warp) * NG + n] = cbv;
-                    sc[(jj * SCAN_WARPS + warp) * NG + n] = ccv;
+                float ys = group_reduce_scatter(yc, n);
+                float ts = group_reduce_scatter(tc, n);
+                float xs = group_reduce_scatter(xc, n);
+                if (tv) {
+                    float y = ys + Dc * xl;
+                    float dd = ts * softplus_grad_f32(vl);
+                    if (cval) {
+                        if (z) dz_out[rown * ldz_out + c] = gl * y * silu_grad_f32(zl);
+                        ddelta_out[rown * di + c] = dd;
+                        du_out[rown * di + c] = dyl * Dc + xs;
+                    }
+                    dD += dyl * xl;
+                    ddb += dd;
                 }
             }
-            float ys = group_reduce_scatter(yc, n);
-            float ts = group_reduce_scatter(tc, n);
-            float xs = group_reduce_scatter(xc, n);
-            if (tv) {
-                float y = ys + Dc * xl;
-                float dd = ts * softplus_grad_f32(vl);
-                if (cval) {
-                    if (z) dz_out[rown * ldz_out + c] = gl * y * silu_grad_f32(zl);
-                    ddelta_out[rown * di + c] = dd;
-                    du_out[rown * di + c] = dyl * Dc + xs;
+            __syncthreads();
+            for (int idx = tid; idx < SUB * NG; idx += SCAN_THREADS) {
+                int j = idx / NG, nn = idx % NG;
+                long t = t0 + j;
+                if (t < L && nn < ds) {
+                    float sbv = 0.0f, scv = 0.0f;
+                    for (int w8 = 0; w8 < SCAN_WARPS; ++w8) {
+                        sbv += sb[(j * SCAN_WARPS + w8) * NG + nn];
+                        scv += sc[(j * SCAN_WARPS + w8) * NG + nn];
+                    }
+                    float* p = part_bc + ((blockIdx.x * batch + b) * L + t) * 2 * ds;
+                    p[nn] = sbv;
+                    p[ds + nn] = scv;
                 }
-                dD += dyl * xl;
-                ddb += dd;
             }
+            __syncthreads();
         }
-        __syncthreads();
-        for (int idx = tid; idx < CHUNK * NG; idx += SCAN_THREADS) {
-            int j = idx / NG, nn = idx % NG;
-            long t = t0 + j;
-            if (t < L && nn < ds) {
-                float sbv = 0.0f, scv = 0.0f;
-                for (int w = 0; w < SCAN_WARPS; ++w) {
-                    sbv += sb[(j * SCAN_WARPS + w) * NG + nn];
-                    scv += sc[(j * SCAN_WARPS + w) * NG + nn];
-                }
-                float* p = part_bc + ((blockIdx.x * batch + b) * L + t) * 2 * ds;
-                p[nn] = sbv;
-                p[ds + nn] = scv;
-            }
-        }
-        __syncthreads();
     }
     dD = group_sum(dD);
     ddb = group_sum(ddb);

@@ -9,6 +9,7 @@ use crate::backward::token_csr;
 use crate::cuda::Arg;
 use crate::engine::{ensure_ws, GpuEngine, NORM_BLOCKS};
 use crate::work::Mode;
+use crate::Precision;
 
 impl GpuEngine {
     fn lowp(&self) -> bool {
@@ -200,6 +201,7 @@ impl Engine for GpuEngine {
             });
         }
         let n_targets = (0..n).filter(|&i| counts(i)).count();
+        self.grad_scale_sum += grad_scale;
         if n_targets == 0 {
             return Ok(LossOutput {
                 loss: 0.0,
@@ -255,6 +257,7 @@ impl Engine for GpuEngine {
     }
 
     fn zero_grad(&mut self) {
+        self.grad_scale_sum = 0.0;
         let r = self.dev.bind().and_then(|_| self.grads.zero());
         if let Err(e) = r {
             panic!("zero_grad on {}: {e}", self.dev.name);
@@ -263,7 +266,14 @@ impl Engine for GpuEngine {
 
     fn optimizer_step(&mut self, hp: &AdamWConfig, lr: f64) -> Result<StepStats> {
         self.dev.bind()?;
-        let norm = self.grad_norm()?;
+        // fp16: the gradients hold loss_scale × gradient; divide it out here.
+        let unscale = match self.precision {
+            Precision::Fp16 if self.grad_scale_sum.is_finite() && self.grad_scale_sum > 0.0 => {
+                1.0 / self.grad_scale_sum
+            }
+            _ => 1.0,
+        };
+        let norm = self.grad_norm()? * unscale;
         if !norm.is_finite() {
             return Ok(StepStats {
                 grad_norm: norm,
@@ -272,14 +282,16 @@ impl Engine for GpuEngine {
             });
         }
         let mut clipped = false;
-        let mut coef = 1.0f32;
+        let mut coef = 1.0f64;
         if let Some(max) = hp.max_grad_norm {
             let c = max / (norm + 1e-6);
             if c < 1.0 {
                 clipped = true;
-                coef = c as f32;
+                coef = c;
             }
         }
+        let scale_grads = clipped || unscale != 1.0;
+        let coef = (coef * unscale) as f32;
         self.opt_step += 1;
         let t = self.opt_step as f64;
         let bc1 = 1.0 - hp.beta1.powf(t);
@@ -300,7 +312,7 @@ impl Engine for GpuEngine {
                     Arg::P(self.m.at::<f32>(s.off)),
                     Arg::P(self.v.at::<f32>(s.off)),
                     Arg::L(s.numel as i64),
-                    Arg::I(clipped as i32),
+                    Arg::I(scale_grads as i32),
                     Arg::F(coef),
                     Arg::F(hp.beta1 as f32),
                     Arg::F(hp.beta2 as f32),

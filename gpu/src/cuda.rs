@@ -51,8 +51,21 @@ const KERNELS: &[&str] = &[
     "adamw_f32",
 ];
 
-/// Positions per stored scan state (the scan backward recomputes inside a chunk).
-pub const SCAN_CHUNK: usize = 64;
+/// Positions per stored scan state (the scan backward recomputes inside a chunk, in
+/// windows of 16 positions in registers): the default of [`KernelShape::chunk`];
+/// `VET_SCAN_CHUNK` (16, 32 or 64) overrides it.
+pub const SCAN_CHUNK: usize = 32;
+
+/// The scan chunk this process uses.
+pub fn scan_chunk() -> usize {
+    match std::env::var("VET_SCAN_CHUNK")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        Some(c @ (16 | 32 | 64)) => c,
+        _ => SCAN_CHUNK,
+    }
+}
 /// Threads per scan block.
 pub const SCAN_THREADS: usize = 256;
 
@@ -62,6 +75,8 @@ pub struct KernelShape {
     /// Power of two ≥ d_state, at most 32.
     pub d_state_pad: usize,
     pub d_conv: usize,
+    /// Positions per stored scan state, a multiple of `scan_window`.
+    pub chunk: usize,
 }
 
 /// Compiled PTX keyed by (compute capability major, minor, shape).
@@ -385,9 +400,14 @@ impl Drop for Dev {
     }
 }
 
+/// Positions the scan backward keeps in registers at a time (a window of a chunk).
+pub fn scan_window(shape: KernelShape) -> usize {
+    shape.d_state_pad.max(16)
+}
+
 /// Dynamic shared memory of the scan backward.
 pub fn scan_bwd_smem(shape: KernelShape) -> usize {
-    2 * SCAN_CHUNK * (SCAN_THREADS / 32) * shape.d_state_pad * 4
+    2 * scan_window(shape) * (SCAN_THREADS / 32) * shape.d_state_pad * 4
 }
 
 fn compile(cc: (i32, i32), shape: KernelShape) -> std::result::Result<String, String> {
@@ -398,7 +418,8 @@ fn compile(cc: (i32, i32), shape: KernelShape) -> std::result::Result<String, St
         options: vec![
             format!("-DD_STATE_PAD={}", shape.d_state_pad),
             format!("-DD_CONV={}", shape.d_conv),
-            format!("-DCHUNK={SCAN_CHUNK}"),
+            format!("-DCHUNK={}", shape.chunk),
+            format!("-DSUB={}", scan_window(shape)),
             "-std=c++17".into(),
         ],
         ..Default::default()

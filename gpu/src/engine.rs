@@ -34,6 +34,8 @@ pub struct GpuEngine {
     /// Low-precision copy of `params` (bf16 / fp16 modes).
     pub shadow: Option<Buf>,
     pub opt_step: u64,
+    /// Σ grad_scale since `zero_grad`: the loss scale fp16 mode divides out in the step.
+    pub grad_scale_sum: f64,
     pub norm_part: Buf,
     pub norm_out: Buf,
     pub train_ws: Option<Work>,

@@ -17,6 +17,7 @@ pub mod cuda;
 mod engine;
 mod graph;
 pub mod layout;
+pub mod ops;
 mod work;
 
 use std::sync::Arc;
@@ -31,7 +32,10 @@ pub use engine::GpuEngine;
 pub enum Precision {
     #[default]
     Bf16,
-    /// fp16 GEMM inputs; the caller scales the loss (`grad_scale`) dynamically.
+    /// fp16 GEMM inputs; the caller scales the loss dynamically: it passes
+    /// `grad_scale = loss_scale / accumulation_steps`, and `optimizer_step` divides the
+    /// gradients by the sum of the `grad_scale`s since `zero_grad` (the loss scale) before
+    /// clipping and AdamW. An overflow makes the gradient non-finite: the step is skipped.
     Fp16,
     F32,
 }
@@ -91,9 +95,11 @@ impl GpuEngine {
         if cfg.n_layer == 0 {
             return Err(unsupported("a model with no layers".into()));
         }
+        let d_state_pad = cfg.d_state.next_power_of_two();
         let shape = cuda::KernelShape {
-            d_state_pad: cfg.d_state.next_power_of_two(),
+            d_state_pad,
             d_conv: cfg.d_conv,
+            chunk: cuda::scan_chunk().max(d_state_pad.max(16)),
         };
         let dev = Arc::new(cuda::Dev::open(opts.ordinal, shape)?);
         let layout = layout::Layout::new(cfg);
@@ -124,6 +130,7 @@ impl GpuEngine {
             v: dev.zeros(4 * numel)?,
             shadow,
             opt_step: 0,
+            grad_scale_sum: 0.0,
             norm_part: dev.alloc(8 * engine::NORM_BLOCKS)?,
             norm_out: dev.alloc(8)?,
             train_ws: None,

@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use reference::{MambaConfig, Result};
 
-use crate::cuda::{Buf, Dev, KernelShape, SCAN_CHUNK, SCAN_THREADS};
+use crate::cuda::{Buf, Dev, KernelShape, SCAN_THREADS};
 
 /// What a workspace is for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -32,7 +32,7 @@ pub struct LayerActs {
     pub delta: Buf,
     /// Gated scan output `[n, d_inner]`.
     pub gated: Buf,
-    /// Scan states every `SCAN_CHUNK` positions `[batch, n_chunks, d_inner, d_state]`.
+    /// Scan states every `shape.chunk` positions `[batch, n_chunks, d_inner, d_state]`.
     pub chunks: Option<Buf>,
 }
 
@@ -112,7 +112,7 @@ impl Work {
         let km1 = cfg.d_conv - 1;
         let f = |k: usize| dev.alloc(4 * k);
         let train = mode == Mode::Train;
-        let n_chunks = seq_len.div_ceil(SCAN_CHUNK);
+        let n_chunks = seq_len.div_ceil(shape.chunk);
         let n_layers = if train { cfg.n_layer } else { 1 };
         let mut layers = Vec::with_capacity(n_layers);
         for _ in 0..n_layers {

@@ -151,8 +151,16 @@ impl Events {
 }
 
 fn scan(rows: &mut Vec<String>) -> reference::Result<()> {
+    for chunk in [16, 32, 64] {
+        scan_one(rows, chunk)?;
+    }
+    Ok(())
+}
+
+fn scan_one(rows: &mut Vec<String>, chunk: usize) -> reference::Result<()> {
     let (batch, di, seq, ds, r) = (8usize, 4096usize, 2048usize, 16usize, 128usize);
     let shape = KernelShape {
+        chunk,
         d_state_pad: 16,
         d_conv: 4,
     };
@@ -178,7 +186,7 @@ fn scan(rows: &mut Vec<String>) -> reference::Result<()> {
     let dtb = dev.upload(&vec![0.0f32; di])?;
     let starts = dev.upload(&vec![-1i32; n])?;
     let out = dev.alloc(4 * n * di)?;
-    let chunks = dev.alloc(4 * batch * seq.div_ceil(gpu::cuda::SCAN_CHUNK) * di * ds)?;
+    let chunks = dev.alloc(4 * batch * seq.div_ceil(chunk) * di * ds)?;
     let last = dev.alloc(4 * batch * di * ds)?;
     let dout = dev.upload(&rnd(n * di, 1.0, 0.0, 5))?;
     let (du, ddelta, dz) = (
@@ -287,7 +295,7 @@ fn scan(rows: &mut Vec<String>) -> reference::Result<()> {
     let tb = median((0..10).map(|_| ev.time(&dev, || bwd(false))).collect());
     let tbr = median((0..10).map(|_| ev.time(&dev, || bwd(true))).collect());
     rows.push(format!(
-        "scan B {batch} d_inner {di} L {seq} d_state {ds} (f32 inputs, z gate, dt bias + softplus): forward {:.3} ms, backward {:.3} ms (+ dB/dC reduction: {:.3} ms)",
+        "scan B {batch} d_inner {di} L {seq} d_state {ds} chunk {chunk} (f32 inputs, z gate, dt bias + softplus): forward {:.3} ms, backward {:.3} ms (+ dB/dC reduction: {:.3} ms)",
         tf * 1e3, tb * 1e3, tbr * 1e3
     ));
     println!("{}", rows.last().unwrap());

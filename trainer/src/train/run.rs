@@ -13,6 +13,7 @@ use serde_json::json;
 
 use super::deepspeed::Precision;
 use super::eval::eval_loss;
+use super::loss_scale::DynamicLossScaler;
 use super::run_config::{preset, RunConfig, ScheduleKind, Stage};
 use super::schedule::{Schedule, WarmupType};
 use super::source::{Source, TrainBatch};
@@ -41,6 +42,8 @@ pub struct RunOptions {
     pub max_consecutive_skips: u32,
     /// Print one line every this many steps.
     pub log_every: u64,
+    /// CPU worker threads for `--device cpu` (0 = every core).
+    pub threads: usize,
 }
 
 impl Default for RunOptions {
@@ -50,6 +53,7 @@ impl Default for RunOptions {
             resume: false,
             max_consecutive_skips: 5,
             log_every: 10,
+            threads: 0,
         }
     }
 }
@@ -78,6 +82,14 @@ struct Run {
     total_steps: u64,
     schedule: Schedule,
     hp: AdamWConfig,
+    /// The last skipped step was an fp16 loss-scale overflow.
+    overflow_skip: bool,
+}
+
+/// fp16 trains with DeepSpeed's dynamic loss scaler; other precisions need none.
+fn new_loss_scaler(cfg: &RunConfig) -> Option<DynamicLossScaler> {
+    (cfg.optim.precision == Precision::Fp16)
+        .then(|| DynamicLossScaler::new(cfg.optim.loss_scale.clone().unwrap_or_default()))
 }
 
 fn schedule(cfg: &RunConfig, total: u64) -> Schedule {
@@ -194,7 +206,16 @@ impl Run {
             None => starting_model(&cfg, probe.get_vocab_size(true))?,
         };
         let tok = tokenizer::load(&tokenizer_path, mcfg.vocab_size)?;
-        let mut engine = device::engine(&opts.device, &mcfg, params)?;
+        let eopts = device::EngineOptions {
+            precision: match cfg.optim.precision {
+                Precision::F32 => gpu::Precision::F32,
+                Precision::Bf16 => gpu::Precision::Bf16,
+                Precision::Fp16 => gpu::Precision::Fp16,
+            },
+            threads: opts.threads,
+            ..Default::default()
+        };
+        let mut engine = device::engine_with(&opts.device, &mcfg, params, &eopts)?;
         let mut source = open_source(&cfg, true, &tok, &tok_sha, mcfg.vocab_size)?;
         if cfg.eval.is_some() {
             // Fail now, not after hours of training, when the evaluation data is unusable.
@@ -210,7 +231,7 @@ impl Run {
             step: 0,
             tokens_seen: 0,
             data_position: Position { epoch: 0, step: 0 },
-            loss_scaler: None,
+            loss_scaler: new_loss_scaler(&cfg),
             skipped_steps: 0,
             adam_step: 0,
             config_toml: cfg.to_toml()?,
@@ -221,6 +242,7 @@ impl Run {
             source.seek(st.data_position)?;
             state = TrainerState {
                 config_toml: cfg.to_toml()?,
+                loss_scaler: st.loss_scaler.clone().or_else(|| new_loss_scaler(&cfg)),
                 ..st
             };
             eprintln!("resuming from {} (step {})", dir.display(), state.step);
@@ -245,6 +267,7 @@ impl Run {
             state,
             total_steps,
             hp,
+            overflow_skip: false,
         })
     }
 
@@ -253,6 +276,9 @@ impl Run {
     fn step(&mut self) -> Result<(Option<f64>, f64, usize)> {
         self.engine.zero_grad();
         let accum = self.cfg.train.grad_accum;
+        // fp16: the loss scale multiplies grad_scale; the CUDA engine divides it out in
+        // optimizer_step and skips the step when the scaled gradient overflowed.
+        let loss_scale = self.state.loss_scaler.as_ref().map_or(1.0, |s| s.scale);
         let mut loss_sum = 0.0;
         let mut tokens = 0;
         let mut finite = true;
@@ -269,7 +295,7 @@ impl Run {
                 &b.targets,
                 b.mask.as_deref(),
                 None,
-                1.0 / accum as f64,
+                loss_scale / accum as f64,
             )?;
             finite &= lo.loss.is_finite();
             loss_sum += lo.loss;
@@ -282,6 +308,12 @@ impl Run {
             None
         };
         let ok = stats.is_some_and(|s| !s.skipped);
+        self.overflow_skip = false;
+        if let Some(scaler) = self.state.loss_scaler.as_mut() {
+            // A loss-scale overflow that the scaler can still answer is not a failure.
+            self.overflow_skip = !ok && scaler.scale > scaler.cfg.min_scale;
+            scaler.update(!ok);
+        }
         Ok((
             ok.then_some(loss_sum / accum as f64),
             stats.map_or(f64::NAN, |s| s.grad_norm),
@@ -332,7 +364,9 @@ pub fn train(cfg: RunConfig, opts: &RunOptions) -> Result<RunSummary> {
         let lr = run.schedule.lr(run.state.step);
         match loss {
             None => {
-                consecutive += 1;
+                if !run.overflow_skip {
+                    consecutive += 1;
+                }
                 run.state.skipped_steps += 1;
                 pb.println(format!(
                     "step {}: non-finite loss or gradient (norm {grad_norm}); step skipped",
