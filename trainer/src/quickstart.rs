@@ -32,11 +32,11 @@ pub struct QuickstartOptions {
 }
 
 impl QuickstartOptions {
-    /// The README's run: about 11 minutes on 2 CPU cores with the reference engine.
+    /// The README's run on the fast CPU tier (`--device cpu`).
     pub fn full(out: PathBuf) -> Self {
         QuickstartOptions {
             out,
-            device: "reference".into(),
+            device: "cpu".into(),
             batch: 8,
             seq_len: 128,
             pretrain_steps: 600,
@@ -50,7 +50,7 @@ impl QuickstartOptions {
     pub fn smoke(out: PathBuf) -> Self {
         QuickstartOptions {
             out,
-            device: "reference".into(),
+            device: "cpu".into(),
             batch: 4,
             seq_len: 64,
             pretrain_steps: 30,

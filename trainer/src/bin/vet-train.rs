@@ -33,9 +33,13 @@ struct RunArgs {
     /// TOML run config (see trainer/configs/).
     #[arg(long)]
     config: Option<PathBuf>,
-    /// reference (f32 spec), reference-f64, cpu or cuda[:N].
-    #[arg(long, default_value = "reference")]
+    /// cpu (the fast CPU tier), cuda[:N] (the GPU tier), reference (the f32 spec, scalar and
+    /// bit-exact) or reference-f64.
+    #[arg(long, default_value = "cpu")]
     device: String,
+    /// CPU worker threads for --device cpu (0 = every core).
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
     /// Continue from the newest checkpoint in the run's output directory.
     #[arg(long)]
     resume: bool,
@@ -96,7 +100,8 @@ enum Cmd {
         /// Penalty on tokens already seen (1.0 = off; 1.2–1.5 curbs loops in small models).
         #[arg(long, default_value_t = 1.0)]
         repetition_penalty: f32,
-        #[arg(long, default_value = "reference")]
+        /// cpu, cuda[:N], reference or reference-f64.
+        #[arg(long, default_value = "cpu")]
         device: String,
     },
 }
@@ -132,6 +137,7 @@ fn run_job(a: RunArgs) -> Result<()> {
     let opts = RunOptions {
         device: a.device,
         resume: a.resume,
+        threads: a.threads,
         ..RunOptions::default()
     };
     if cfg.stage == Stage::Eval {

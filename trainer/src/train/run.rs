@@ -49,7 +49,7 @@ pub struct RunOptions {
 impl Default for RunOptions {
     fn default() -> Self {
         RunOptions {
-            device: "reference".into(),
+            device: "cpu".into(),
             resume: false,
             max_consecutive_skips: 5,
             log_every: 10,
