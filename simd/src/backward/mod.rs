@@ -8,6 +8,7 @@
 //! thread count.
 
 mod conv;
+mod lanes;
 mod norm;
 mod scan;
 mod vmath;

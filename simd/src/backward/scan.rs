@@ -13,6 +13,7 @@ use rayon::ThreadPool;
 use reference::ops::doc_starts;
 use wide::f32x8;
 
+use super::lanes::Lanes;
 use super::vmath::{load, silu_and_grad8, softplus8, softplus_grad8, store, LANES};
 use super::Shared;
 
@@ -66,13 +67,13 @@ struct TaskOut {
 }
 
 /// Per-group scratch: states, decays and lane-wise `B` / `C` gradient sums.
-struct Scratch {
-    hs: Vec<f32x8>,
-    decay: Vec<f32x8>,
+struct Scratch<L> {
+    hs: Vec<L>,
+    decay: Vec<L>,
     dts: Vec<f32x8>,
     ys: Vec<f32x8>,
-    db: Vec<f32x8>,
-    dc: Vec<f32x8>,
+    db: Vec<L>,
+    dc: Vec<L>,
 }
 
 /// Backward of the scan; `dout` is `[batch, seq_len, d_inner]`.
@@ -140,13 +141,54 @@ pub(crate) fn selective_scan_bwd(
     g
 }
 
-/// Channels `c0..c1` of batch row `bi`, eight at a time.
+/// Channels `c0..c1` of batch row `bi`, eight at a time: in 256-bit AVX registers where the
+/// CPU has AVX2, else in `wide` vectors.
 ///
 /// # Safety
 /// No other thread may access, while this runs, row `bi`'s channels `c0..c1` of the buffers
 /// behind `out` = `[u, delta, z, h0]` (`[batch, seq_len, d_inner]` ×3, `[batch, d_inner,
 /// d_state]`).
 unsafe fn chunk_bwd(
+    inp: &ScanBwdInputs,
+    dout: &[f32],
+    bi: usize,
+    c0: usize,
+    c1: usize,
+    out: [Shared; 4],
+) -> TaskOut {
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU has AVX2 (checked above); the caller's contract is passed on.
+        return unsafe { chunk_bwd_avx2(inp, dout, bi, c0, c1, out) };
+    }
+    // SAFETY: the caller's contract is passed on.
+    unsafe { chunk_bwd_impl::<f32x8>(inp, dout, bi, c0, c1, out) }
+}
+
+/// [`chunk_bwd_impl`] on [`super::lanes::Avx8`], compiled for AVX2.
+///
+/// # Safety
+/// The CPU has AVX2, and the contract of [`chunk_bwd`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn chunk_bwd_avx2(
+    inp: &ScanBwdInputs,
+    dout: &[f32],
+    bi: usize,
+    c0: usize,
+    c1: usize,
+    out: [Shared; 4],
+) -> TaskOut {
+    // SAFETY: the caller's contract is passed on; AVX2 is present for `Avx8`.
+    unsafe { chunk_bwd_impl::<super::lanes::Avx8>(inp, dout, bi, c0, c1, out) }
+}
+
+/// The body of [`chunk_bwd`] on lanes `L`, inlined into each instruction-set variant.
+///
+/// # Safety
+/// As [`chunk_bwd`].
+#[inline(always)]
+unsafe fn chunk_bwd_impl<L: Lanes>(
     inp: &ScanBwdInputs,
     dout: &[f32],
     bi: usize,
@@ -163,14 +205,14 @@ unsafe fn chunk_bwd(
         d: vec![0.0; nch],
         delta_bias: vec![0.0; nch],
     };
-    let z8 = f32x8::ZERO;
+    let (z8, zl) = (f32x8::ZERO, L::zero());
     let mut s = Scratch {
-        hs: vec![z8; (seq_len + 1) * ds],
-        decay: vec![z8; seq_len * ds],
+        hs: vec![zl; (seq_len + 1) * ds],
+        decay: vec![zl; seq_len * ds],
         dts: vec![z8; seq_len],
         ys: vec![z8; seq_len],
-        db: vec![z8; seq_len * ds],
-        dc: vec![z8; seq_len * ds],
+        db: vec![zl; seq_len * ds],
+        dc: vec![zl; seq_len * ds],
     };
     let resets = inp.resets.map(|r| &r[bi * seq_len..(bi + 1) * seq_len]);
     let starts = doc_starts(resets, seq_len);
@@ -179,7 +221,8 @@ unsafe fn chunk_bwd(
     while cg < c1 {
         let w = LANES.min(c1 - cg);
         group_fwd(inp, bi, cg, w, resets, h0_visible, &mut s);
-        group_bwd(inp, dout, bi, cg, w, c0, resets, &mut s, &mut o, out);
+        // SAFETY: channels cg..cg + w lie in c0..c1 (caller's contract).
+        unsafe { group_bwd(inp, dout, bi, cg, w, c0, resets, &mut s, &mut o, out) };
         cg += w;
     }
     // Lane sums of the B / C gradients, lanes in increasing channel order.
@@ -193,7 +236,8 @@ unsafe fn chunk_bwd(
 }
 
 /// `A[c, n]` for channels `cg..cg + w`, one vector per `n` (zero lanes past `w`).
-fn a_lanes(inp: &ScanBwdInputs, cg: usize, w: usize) -> Vec<f32x8> {
+#[inline(always)]
+fn a_lanes<L: Lanes>(inp: &ScanBwdInputs, cg: usize, w: usize) -> Vec<L> {
     let ds = inp.d_state;
     (0..ds)
         .map(|n| {
@@ -201,24 +245,25 @@ fn a_lanes(inp: &ScanBwdInputs, cg: usize, w: usize) -> Vec<f32x8> {
             for (l, x) in v.iter_mut().take(w).enumerate() {
                 *x = inp.a[(cg + l) * ds + n];
             }
-            f32x8::from(v)
+            L::from_wide(f32x8::from(v))
         })
         .collect()
 }
 
 /// Forward recompute of one group: `hs[t + 1] = h_t`, `hs[0]` = the state before position 0,
 /// `decay[t] = exp(dt_t · A)`, `dts[t]`, `ys[t]` (the ungated output).
-fn group_fwd(
+#[inline(always)]
+fn group_fwd<L: Lanes>(
     inp: &ScanBwdInputs,
     bi: usize,
     cg: usize,
     w: usize,
     resets: Option<&[bool]>,
     h0_visible: bool,
-    s: &mut Scratch,
+    s: &mut Scratch<L>,
 ) {
     let (seq_len, di, ds) = (inp.seq_len, inp.d_inner, inp.d_state);
-    let a = a_lanes(inp, cg, w);
+    let a: Vec<L> = a_lanes(inp, cg, w);
     let dvec = load(inp.d, cg, w);
     let bias = load(inp.delta_bias, cg, w);
     for n in 0..ds {
@@ -228,29 +273,29 @@ fn group_fwd(
                 *x = h0[(bi * di + cg + l) * ds + n];
             }
         }
-        s.hs[n] = f32x8::from(v);
+        s.hs[n] = L::from_wide(f32x8::from(v));
     }
     for t in 0..seq_len {
         let row = bi * seq_len + t;
         let reset = resets.is_some_and(|r| r[t]);
         let x = load(inp.u, row * di + cg, w);
         let dt = softplus8(load(inp.delta, row * di + cg, w) + bias);
-        let dtx = dt * x;
+        let (dtv, dtx) = (L::from_wide(dt), L::from_wide(dt * x));
         let bt = &inp.b[row * ds..(row + 1) * ds];
         let ct = &inp.c[row * ds..(row + 1) * ds];
         let (prev, cur) = s.hs[t * ds..(t + 2) * ds].split_at_mut(ds);
         let decay = &mut s.decay[t * ds..(t + 1) * ds];
-        let mut acc = f32x8::ZERO;
+        let mut acc = L::zero();
         for n in 0..ds {
-            let dec = (dt * a[n]).exp();
-            let hp = if reset { f32x8::ZERO } else { prev[n] };
-            let h = dec * hp + dtx * f32x8::splat(bt[n]);
+            let dec = (dtv * a[n]).exp();
+            let hp = if reset { L::zero() } else { prev[n] };
+            let h = dec * hp + dtx * L::splat(bt[n]);
             cur[n] = h;
             decay[n] = dec;
-            acc += f32x8::splat(ct[n]) * h;
+            acc += L::splat(ct[n]) * h;
         }
         s.dts[t] = dt;
-        s.ys[t] = acc + dvec * x;
+        s.ys[t] = acc.to_wide() + dvec * x;
     }
 }
 
@@ -260,7 +305,8 @@ fn group_fwd(
 /// # Safety
 /// As [`chunk_bwd`], for channels `cg..cg + w`.
 #[allow(clippy::too_many_arguments)]
-unsafe fn group_bwd(
+#[inline(always)]
+unsafe fn group_bwd<L: Lanes>(
     inp: &ScanBwdInputs,
     dout: &[f32],
     bi: usize,
@@ -268,17 +314,17 @@ unsafe fn group_bwd(
     w: usize,
     c0: usize,
     resets: Option<&[bool]>,
-    s: &mut Scratch,
+    s: &mut Scratch<L>,
     o: &mut TaskOut,
     out: [Shared; 4],
 ) {
     let (seq_len, di, ds) = (inp.seq_len, inp.d_inner, inp.d_state);
     let [su, sdelta, sz, sh0] = out;
-    let a = a_lanes(inp, cg, w);
+    let a: Vec<L> = a_lanes(inp, cg, w);
     let dvec = load(inp.d, cg, w);
     let bias = load(inp.delta_bias, cg, w);
-    let mut dh = vec![f32x8::ZERO; ds];
-    let mut ga = vec![f32x8::ZERO; ds];
+    let mut dh = vec![L::zero(); ds];
+    let mut ga = vec![L::zero(); ds];
     let mut gd = f32x8::ZERO;
     let mut gbias = f32x8::ZERO;
     for t in (0..seq_len).rev() {
@@ -294,8 +340,10 @@ unsafe fn group_bwd(
         // SAFETY: (row, cg..cg + w) lies in this task's block (caller's contract).
         store(g_out * s.ys[t] * sz_g, unsafe { sz.slice(i, w) }, 0, w);
         gd += dy * x;
-        let mut dx = dy * dvec;
-        let mut ddt = f32x8::ZERO;
+        let (dyv, xv) = (L::from_wide(dy), L::from_wide(x));
+        let (dtv, dtxv) = (L::from_wide(dt), L::from_wide(dtx));
+        let mut dx = L::from_wide(dy * dvec);
+        let mut ddt = L::zero();
         let bt = &inp.b[row * ds..(row + 1) * ds];
         let ct = &inp.c[row * ds..(row + 1) * ds];
         let ht = &s.hs[(t + 1) * ds..(t + 2) * ds];
@@ -304,20 +352,21 @@ unsafe fn group_bwd(
         let db = &mut s.db[t * ds..(t + 1) * ds];
         let dc = &mut s.dc[t * ds..(t + 1) * ds];
         for n in 0..ds {
-            let bn = f32x8::splat(bt[n]);
-            let mut d = dh[n] + dy * f32x8::splat(ct[n]);
-            dc[n] += dy * ht[n];
+            let bn = L::splat(bt[n]);
+            let mut d = dh[n] + dyv * L::splat(ct[n]);
+            dc[n] += dyv * ht[n];
             if !reset {
                 let g_decay = d * hprev[n] * decay[n];
                 ddt += g_decay * a[n];
-                ga[n] += g_decay * dt;
+                ga[n] += g_decay * dtv;
             }
-            ddt += d * x * bn;
-            dx += d * dt * bn;
-            db[n] += d * dtx;
-            d = if reset { f32x8::ZERO } else { d * decay[n] };
+            ddt += d * xv * bn;
+            dx += d * dtv * bn;
+            db[n] += d * dtxv;
+            d = if reset { L::zero() } else { d * decay[n] };
             dh[n] = d;
         }
+        let (ddt, dx) = (ddt.to_wide(), dx.to_wide());
         let ddelta = ddt * softplus_grad8(load(inp.delta, i, w) + bias);
         gbias += ddelta;
         // SAFETY: as above.

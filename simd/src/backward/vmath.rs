@@ -12,6 +12,10 @@ const SOFTPLUS_THRESHOLD: f32 = 20.0;
 /// Loads `w ≤ 8` values from `s[i..]`, zero in the other lanes.
 #[inline(always)]
 pub(crate) fn load(s: &[f32], i: usize, w: usize) -> f32x8 {
+    if w == LANES {
+        let a: [f32; LANES] = s[i..i + LANES].try_into().unwrap_or([0.0; LANES]);
+        return f32x8::from(a);
+    }
     let mut a = [0f32; LANES];
     a[..w].copy_from_slice(&s[i..i + w]);
     f32x8::from(a)
@@ -20,6 +24,10 @@ pub(crate) fn load(s: &[f32], i: usize, w: usize) -> f32x8 {
 /// Stores the first `w ≤ 8` lanes of `v` to `s[i..]`.
 #[inline(always)]
 pub(crate) fn store(v: f32x8, s: &mut [f32], i: usize, w: usize) {
+    if w == LANES {
+        s[i..i + LANES].copy_from_slice(&v.to_array());
+        return;
+    }
     s[i..i + w].copy_from_slice(&v.to_array()[..w]);
 }
 
