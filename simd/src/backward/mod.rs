@@ -114,6 +114,7 @@ fn layer_bwd(
         seq_len: input.seq_len,
         d_inner: di,
         d_state: ds,
+        portable: false,
     };
     let sg = selective_scan_bwd(pool, &scan, &d_gated);
     // A = −exp(A_log), so dA/dA_log = A.
