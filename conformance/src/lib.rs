@@ -212,3 +212,37 @@ pub fn unravel(mut i: usize, shape: &[usize]) -> Vec<usize> {
 pub fn bits(t: &Tensor<f32>) -> Vec<u32> {
     t.data.iter().map(|v| v.to_bits()).collect()
 }
+
+/// Random small models for property tests: widths from the given ranges, 1–2 layers, `d_conv`
+/// 1–4, either norm, tied or untied, biases on or off.
+pub fn small_models(
+    d_model: std::ops::Range<usize>,
+    vocab: std::ops::Range<usize>,
+    d_state: std::ops::Range<usize>,
+    expand: std::ops::Range<usize>,
+) -> impl proptest::strategy::Strategy<Value = SmallModel> {
+    use proptest::prelude::*;
+    (
+        d_model,
+        1usize..3,
+        vocab,
+        d_state,
+        1usize..5,
+        expand,
+        any::<[bool; 4]>(),
+    )
+        .prop_map(
+            |(d_model, n_layer, vocab, d_state, d_conv, expand, f)| SmallModel {
+                d_model,
+                n_layer,
+                vocab,
+                d_state,
+                d_conv,
+                expand,
+                norm: if f[0] { NormKind::Rms } else { NormKind::Layer },
+                tied: f[1],
+                bias: f[2],
+                conv_bias: f[3],
+            },
+        )
+}

@@ -11,31 +11,9 @@ use reference::rng::Rng;
 use reference::{param_specs, AdamWConfig, MambaConfig, NormKind, Params, State};
 
 fn small_model() -> impl Strategy<Value = SmallModel> {
-    (
-        // d_model >= 2: at d_model 1 RMSNorm is x / sqrt(x² + eps), a near-step function whose
-        // curvature defeats any finite-difference step.
-        2usize..9,
-        1usize..3,
-        2usize..13,
-        1usize..6,
-        1usize..5,
-        1usize..3,
-        any::<[bool; 4]>(),
-    )
-        .prop_map(
-            |(d_model, n_layer, vocab, d_state, d_conv, expand, f)| SmallModel {
-                d_model,
-                n_layer,
-                vocab,
-                d_state,
-                d_conv,
-                expand,
-                norm: if f[0] { NormKind::Rms } else { NormKind::Layer },
-                tied: f[1],
-                bias: f[2],
-                conv_bias: f[3],
-            },
-        )
+    // d_model >= 2: at d_model 1 RMSNorm is x / sqrt(x² + eps), a near-step function whose
+    // curvature defeats any finite-difference step.
+    conformance::small_models(2..9, 2..13, 1..6, 1..3)
 }
 
 struct Inputs {

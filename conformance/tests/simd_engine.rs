@@ -183,8 +183,7 @@ fn reduced_precision_engines_refuse_to_train() {
         let toks = [1u32, 2, 3];
         let err = e
             .loss_and_backward(&Batch::new(&toks, 1, 3), &[2, 3, 4], None, None, 1.0)
-            .err()
-            .expect("must refuse");
+            .expect_err("must refuse");
         assert!(err.to_string().contains("needs f32 weights"), "{err}");
     }
 }

@@ -180,29 +180,7 @@ fn first_row(data: &[f32], n_layer: usize, batch: usize) -> Vec<f32> {
 }
 
 fn small_model() -> impl Strategy<Value = SmallModel> {
-    (
-        1usize..24,
-        1usize..3,
-        2usize..40,
-        1usize..20,
-        1usize..5,
-        1usize..4,
-        any::<[bool; 4]>(),
-    )
-        .prop_map(
-            |(d_model, n_layer, vocab, d_state, d_conv, expand, f)| SmallModel {
-                d_model,
-                n_layer,
-                vocab,
-                d_state,
-                d_conv,
-                expand,
-                norm: if f[0] { NormKind::Rms } else { NormKind::Layer },
-                tied: f[1],
-                bias: f[2],
-                conv_bias: f[3],
-            },
-        )
+    conformance::small_models(1..24, 2..40, 1..20, 1..4)
 }
 
 proptest! {

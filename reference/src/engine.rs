@@ -32,6 +32,26 @@ pub struct OptimizerState {
     pub v: NamedTensors,
 }
 
+impl OptimizerState {
+    /// The checkpointable state of `opt`.
+    pub fn of<T: Float>(cfg: &MambaConfig, opt: &AdamW<T>) -> OptimizerState {
+        OptimizerState {
+            step: opt.step,
+            m: to_named(cfg, &opt.m),
+            v: to_named(cfg, &opt.v),
+        }
+    }
+
+    /// Back to moments in `T`, checked against `cfg`.
+    pub fn to_adamw<T: Float>(&self, cfg: &MambaConfig) -> Result<AdamW<T>> {
+        Ok(AdamW {
+            m: params_from_named(cfg, &self.m)?,
+            v: params_from_named(cfg, &self.v)?,
+            step: self.step,
+        })
+    }
+}
+
 /// A Mamba model on some device. Every tier implements this; the trainer, `vet-chat` and the
 /// conformance suite only talk to models through it. Values cross the boundary as f32.
 pub trait Engine {
@@ -142,7 +162,8 @@ impl<T: Float> ReferenceEngine<T> {
     }
 }
 
-fn to_named<T: Float>(cfg: &MambaConfig, p: &Params<T>) -> NamedTensors {
+/// Parameters (or gradients, moments) as named f32 tensors in canonical order.
+pub fn to_named<T: Float>(cfg: &MambaConfig, p: &Params<T>) -> NamedTensors {
     p.named(cfg)
         .into_iter()
         .map(|(n, t)| (n, t.cast()))
@@ -268,19 +289,11 @@ impl<T: Float> Engine for ReferenceEngine<T> {
     }
 
     fn optimizer_state(&self) -> OptimizerState {
-        OptimizerState {
-            step: self.opt.step,
-            m: to_named(&self.cfg, &self.opt.m),
-            v: to_named(&self.cfg, &self.opt.v),
-        }
+        OptimizerState::of(&self.cfg, &self.opt)
     }
 
     fn set_optimizer_state(&mut self, state: &OptimizerState) -> Result<()> {
-        self.opt = AdamW {
-            m: params_from_named(&self.cfg, &state.m)?,
-            v: params_from_named(&self.cfg, &state.v)?,
-            step: state.step,
-        };
+        self.opt = state.to_adamw(&self.cfg)?;
         Ok(())
     }
 }

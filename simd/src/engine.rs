@@ -2,7 +2,9 @@
 
 use std::path::Path;
 
-use reference::engine::{check_len, params_from_named, LossOutput, NamedTensors, OptimizerState};
+use reference::engine::{
+    check_len, params_from_named, to_named, LossOutput, NamedTensors, OptimizerState,
+};
 use reference::model::Batch;
 use reference::optim::{AdamW, StepStats};
 use reference::{AdamWConfig, Engine, Error, MambaConfig, Params, Result, State, Tensor};
@@ -30,6 +32,15 @@ pub struct SimdEngine {
     scratch: Scratch,
     logits: Vec<f32>,
     d_logits: Vec<f32>,
+}
+
+impl std::fmt::Debug for SimdEngine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SimdEngine")
+            .field("engine", &self.name())
+            .field("config", &self.cfg)
+            .finish_non_exhaustive()
+    }
 }
 
 fn pool(threads: usize) -> Result<rayon::ThreadPool> {
@@ -333,11 +344,7 @@ impl Engine for SimdEngine {
 
     fn parameters(&self) -> NamedTensors {
         match &self.params {
-            Some(p) => p
-                .named(&self.cfg)
-                .into_iter()
-                .map(|(n, t)| (n, t.clone()))
-                .collect(),
+            Some(p) => to_named(&self.cfg, p),
             None => crate::load::weights_to_named(&self.cfg, &self.weights),
         }
     }
@@ -351,50 +358,21 @@ impl Engine for SimdEngine {
     }
 
     fn gradients(&self) -> NamedTensors {
-        let zeros;
-        let g = match &self.grads {
-            Some(g) => g,
-            None => {
-                zeros = Params::zeros(&self.cfg);
-                &zeros
-            }
-        };
-        g.named(&self.cfg)
-            .into_iter()
-            .map(|(n, t)| (n, t.clone()))
-            .collect()
+        match &self.grads {
+            Some(g) => to_named(&self.cfg, g),
+            None => to_named(&self.cfg, &Params::<f32>::zeros(&self.cfg)),
+        }
     }
 
     fn optimizer_state(&self) -> OptimizerState {
-        let named = |p: &Params<f32>| -> NamedTensors {
-            p.named(&self.cfg)
-                .into_iter()
-                .map(|(n, t)| (n, t.clone()))
-                .collect()
-        };
         match &self.opt {
-            Some(o) => OptimizerState {
-                step: o.step,
-                m: named(&o.m),
-                v: named(&o.v),
-            },
-            None => {
-                let z = Params::zeros(&self.cfg);
-                OptimizerState {
-                    step: 0,
-                    m: named(&z),
-                    v: named(&z),
-                }
-            }
+            Some(o) => OptimizerState::of(&self.cfg, o),
+            None => OptimizerState::of(&self.cfg, &AdamW::<f32>::new(&self.cfg)),
         }
     }
 
     fn set_optimizer_state(&mut self, state: &OptimizerState) -> Result<()> {
-        self.opt = Some(AdamW {
-            m: params_from_named(&self.cfg, &state.m)?,
-            v: params_from_named(&self.cfg, &state.v)?,
-            step: state.step,
-        });
+        self.opt = Some(state.to_adamw(&self.cfg)?);
         Ok(())
     }
 }

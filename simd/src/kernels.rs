@@ -312,12 +312,7 @@ mod avx2 {
 mod tests {
     use super::*;
 
-    fn lcg(seed: &mut u64) -> f32 {
-        *seed = seed
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        ((*seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-    }
+    use crate::test_rng::lcg;
 
     /// Every ISA, format, odd row count and odd width agrees with an f64 dot product.
     #[test]

@@ -73,6 +73,18 @@ pub fn available() -> Result<Isa, &'static str> {
     Ok(Isa::detect())
 }
 
+/// Seeded values for unit tests.
+#[cfg(test)]
+pub(crate) mod test_rng {
+    /// The next value in [-1, 1) of a 64-bit LCG.
+    pub fn lcg(seed: &mut u64) -> f32 {
+        *seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        ((*seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+    }
+}
+
 /// A raw pointer shared by pool tasks that write disjoint elements of one buffer.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct SyncPtr<T>(pub *mut T);

@@ -281,12 +281,7 @@ fn gemm(w: MatRef, x: &[f32], d_in: usize, d_out: usize, y: &mut [f32]) {
 mod tests {
     use super::*;
 
-    fn lcg(seed: &mut u64) -> f32 {
-        *seed = seed
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        ((*seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-    }
+    use crate::test_rng::lcg;
 
     /// Both product paths (few rows: dot products; many rows: GEMM), every storage format,
     /// against f64 sums over the dequantised weights, on one and on two threads.

@@ -81,9 +81,8 @@ fn truncated_or_mismatched_checkpoints_are_errors() {
     let len = std::fs::metadata(&f).unwrap().len();
     let file = std::fs::OpenOptions::new().write(true).open(&f).unwrap();
     file.set_len(len - 100).unwrap();
-    let err = SimdEngine::load(&dir, &opts(WeightDtype::F32))
-        .err()
-        .expect("truncated file must fail");
+    let err =
+        SimdEngine::load(&dir, &opts(WeightDtype::F32)).expect_err("truncated file must fail");
     assert!(err.to_string().contains("truncated"), "{err}");
     // A config that does not match the tensors.
     save_params(&dir, &cfg, &p, SaveDtype::F32).unwrap();
@@ -91,9 +90,7 @@ fn truncated_or_mismatched_checkpoints_are_errors() {
     other.d_model = 32;
     other.d_inner = 64;
     other.save(&dir.join("config.json")).unwrap();
-    let err = SimdEngine::load(&dir, &opts(WeightDtype::F32))
-        .err()
-        .expect("mismatch must fail");
+    let err = SimdEngine::load(&dir, &opts(WeightDtype::F32)).expect_err("mismatch must fail");
     assert!(
         err.to_string().contains("does not match the config"),
         "{err}"
