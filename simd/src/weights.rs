@@ -190,7 +190,8 @@ pub fn linear(isa: Isa, w: MatRef, x: &[f32], bias: Option<&[f32]>, d_in: usize,
 fn gemv(isa: Isa, w: MatRef, x: &[f32], d_in: usize, d_out: usize, y: &mut [f32]) {
     let n = x.len() / d_in;
     let threads = rayon::current_num_threads();
-    let chunk = if threads == 1 || d_out * d_in < 1 << 16 {
+    // Below ~256 K weights (x_proj, dt_proj) waking a second thread costs more than it saves.
+    let chunk = if threads == 1 || d_out * d_in < 1 << 18 {
         d_out
     } else {
         d_out.div_ceil(threads * 4).max(16)
