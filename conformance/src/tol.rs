@@ -58,7 +58,8 @@ pub const SIMD_QUANT_INT8: f64 = 3e-2;
 pub const SIMD_BACKWARD_F32: f64 = 2e-5;
 
 /// The initial conv window and SSM state gradients of the same backward, relative L2; same
-/// reasons. Measured worst 4.3e-7 (proptest), 2.8e-7 on the table (d_inner 69, 300 positions).
+/// reasons. Measured worst 5.0e-7 (table: d_model 96, d_state 16, 128 positions), 4.3e-7 over
+/// the proptest shapes.
 pub const SIMD_BACKWARD_STATE_F32: f64 = 1e-5;
 
 /// Masked mean cross-entropy, relative. The simd tier sums each row's `exp` in eight f32

@@ -376,6 +376,20 @@ fn backward_matches_reference_over_the_shape_table() {
                 ..b.clone()
             },
         ),
+        // Mamba-130M proportions (d_inner = 2 · d_model, d_state 16) at a size the scalar
+        // reference runs quickly: longer sums in every GEMM than the other cases.
+        (
+            "mamba_like_d_model_96",
+            Shape {
+                d_model: 96,
+                expand: 2,
+                d_state: 16,
+                dt_rank: 6,
+                vocab: 211,
+                seq_len: 128,
+                ..b.clone()
+            },
+        ),
     ];
     let mut worst = (0.0f64, 0.0f64);
     for (name, s) in &cases {
