@@ -12,6 +12,9 @@ use rayon::ThreadPool;
 /// Below this many multiply-adds (`m · k · n`) a product runs on the calling thread.
 const PAR_MIN_FLOPS: usize = 1 << 16;
 
+/// Blocks of C per pool thread.
+const BLOCKS_PER_THREAD: usize = 4;
+
 /// Blocks are multiples of this many rows / columns (the microkernel's tile edge).
 const TILE: usize = 16;
 
@@ -75,10 +78,13 @@ pub fn sgemm(
     let by_rows = m >= n;
     let len = if by_rows { m } else { n };
     let threads = pool.current_num_threads().max(1);
-    let blocks = if m.saturating_mul(k).saturating_mul(n) < PAR_MIN_FLOPS {
+    // A few blocks per thread, so that a thread slowed by other work on the machine does not
+    // hold the others up (each block repacks the shared operand, a small cost next to its
+    // products).
+    let blocks = if threads == 1 || m.saturating_mul(k).saturating_mul(n) < PAR_MIN_FLOPS {
         1
     } else {
-        threads.min(len.div_ceil(TILE)).max(1)
+        (BLOCKS_PER_THREAD * threads).min(len.div_ceil(TILE)).max(1)
     };
     let per = len.div_ceil(blocks).div_ceil(TILE) * TILE;
     let cp = SendPtr(c.as_mut_ptr());
