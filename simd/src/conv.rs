@@ -42,8 +42,8 @@ pub fn conv_fwd(
             let wk = &wt[k * di..(k + 1) * di];
             if p >= 0 && start.is_none_or(|s| p as usize >= s) {
                 let xr = &x[(b * seq_len + p as usize) * di..][..di];
-                for c in 0..di {
-                    ur[c] += wk[c] * xr[c];
+                for ((u, &w), &xv) in ur.iter_mut().zip(wk).zip(xr) {
+                    *u += w * xv;
                 }
             } else if let (true, None, Some(init)) = (p < 0, start, init) {
                 let j = (km1 as isize + p) as usize;

@@ -235,7 +235,7 @@ fn layer(
         d_inner: di,
         d_state: ds,
     };
-    scan_fwd(&scan, state.ssm_layer_mut(i), &mut s.gated);
+    scan_fwd(isa, &scan, state.ssm_layer_mut(i), &mut s.gated);
     linear(
         isa,
         lw.out_proj.view(),

@@ -1,8 +1,11 @@
 //! The selective scan, vectorised across channels: eight channels of one row advance together,
 //! each lane holding its own `h[n]` for every state index, so `y = Σ_n C[n]·h[n]` needs no
-//! horizontal sums and `B[t, n]`, `C[t, n]` are broadcasts. Work is split over (batch row,
-//! 8-channel block) pairs on the thread pool. Same maths as `reference::ops::selective_scan`
-//! (dt bias + softplus, D skip, z gate, per-position resets, initial state).
+//! horizontal sums and `B[t, n]`, `C[t, n]` are broadcasts. A task owns a group of up to 64
+//! channels of one batch row and walks the sequence once, updating every 8-channel block of
+//! its group at each position: each row of `u`, `delta`, `z` and `out` is then read in whole
+//! cache lines, and the group's state (≤ 16 KiB) stays in L1. Groups run in parallel on the
+//! thread pool. Same maths as `reference::ops::selective_scan` (dt bias + softplus, D skip,
+//! z gate, per-position resets, initial state).
 
 use rayon::prelude::*;
 use wide::f32x8;
@@ -11,8 +14,15 @@ use crate::kernels::Isa;
 use crate::vecmath::{load, silu8, softplus8};
 use crate::SyncPtr;
 
-/// Lanes kept on the stack; larger `d_state` falls back to the heap.
-const STACK_STATES: usize = 64;
+/// State vectors (8 lanes each) a task keeps on the stack: 16 KiB.
+const STACK_LANES: usize = 512;
+/// 8-channel blocks per task at most.
+const GROUP_BLOCKS: usize = 8;
+
+/// Blocks per group for `d_state`: as many as fit the stack budget, at least one.
+fn group_blocks(d_state: usize) -> usize {
+    (STACK_LANES / d_state.max(1)).clamp(1, GROUP_BLOCKS)
+}
 
 /// Shapes and inputs (batch-major, as in `reference`): `u`, `delta`, `z`: `[batch, seq_len,
 /// d_inner]`; `a` (= −exp(A_log)): `[d_inner, d_state]`; `b`, `c`: `[batch, seq_len, d_state]`;
@@ -37,8 +47,8 @@ pub struct Scan<'a> {
 /// Runs the scan. `h` `[batch, d_inner, d_state]` holds the initial state on entry (zeros for
 /// none) and the final state on return; `out` `[batch, seq_len, d_inner]` receives the gated
 /// output.
-pub fn scan_fwd(s: &Scan, h: &mut [f32], out: &mut [f32]) {
-    let blocks = s.d_inner.div_ceil(8);
+/// `isa` picks the AVX2 lanes or the portable `wide` lanes.
+pub fn scan_fwd(isa: Isa, s: &Scan, h: &mut [f32], out: &mut [f32]) {
     assert_eq!(
         h.len(),
         s.batch * s.d_inner * s.d_state,
@@ -51,93 +61,109 @@ pub fn scan_fwd(s: &Scan, h: &mut [f32], out: &mut [f32]) {
     );
     let hp = SyncPtr(h.as_mut_ptr());
     let op = SyncPtr(out.as_mut_ptr());
-    let work = s.seq_len * s.d_inner * s.d_state;
-    // Task `i` touches only the channels of block `i % blocks` of batch row `i / blocks`, in
-    // both `h` and `out`: no two tasks share an element.
-    let isa = Isa::detect();
-    let task = |i: usize| lane_block(isa, s, i / blocks, (i % blocks) * 8, hp, op);
-    if work * s.batch < 1 << 15 || rayon::current_num_threads() == 1 {
-        (0..s.batch * blocks).for_each(task);
+    let width = 8 * group_blocks(s.d_state);
+    let groups = s.d_inner.div_ceil(width);
+    // Task `i` touches only the channels `c0..c1` of batch row `i / groups`, in both `h` and
+    // `out`: no two tasks share an element.
+    let task = |i: usize| {
+        let c0 = (i % groups) * width;
+        let c1 = (c0 + width).min(s.d_inner);
+        group(isa, s, i / groups, c0, c1, hp, op);
+    };
+    let work = s.batch * s.seq_len * s.d_inner * s.d_state;
+    if work < 1 << 15 || rayon::current_num_threads() == 1 {
+        (0..s.batch * groups).for_each(task);
     } else {
-        (0..s.batch * blocks).into_par_iter().for_each(task);
+        (0..s.batch * groups).into_par_iter().for_each(task);
     }
 }
 
-fn lane_block(isa: Isa, s: &Scan, bi: usize, c0: usize, h: SyncPtr<f32>, out: SyncPtr<f32>) {
-    let ds = s.d_state;
+fn group(isa: Isa, s: &Scan, bi: usize, c0: usize, c1: usize, h: SyncPtr<f32>, out: SyncPtr<f32>) {
     #[cfg(target_arch = "x86_64")]
-    if isa == Isa::Avx2Fma && ds <= STACK_STATES {
-        // SAFETY: Avx2Fma is only detected on CPUs with AVX2 and FMA; the pointer contract
-        // is the one stated in `scan_fwd`.
-        unsafe { avx2::lanes(s, bi, c0, h, out) };
+    if isa == Isa::Avx2Fma && s.d_state <= STACK_LANES {
+        // SAFETY: Avx2Fma is only detected on CPUs with AVX2 and FMA; `c1 - c0` holds at most
+        // `group_blocks(d_state)` blocks; the pointer contract is the one stated in `scan_fwd`.
+        unsafe { avx2::group(s, bi, c0, c1, h, out) };
         return;
     }
     let _ = isa;
-    if ds <= STACK_STATES {
-        let mut hv = [f32x8::ZERO; STACK_STATES];
-        let mut av = [f32x8::ZERO; STACK_STATES];
-        lanes(s, bi, c0, h, out, &mut hv[..ds], &mut av[..ds]);
+    let lanes = s.d_state * (c1 - c0).div_ceil(8);
+    if lanes <= STACK_LANES {
+        let mut hv = [f32x8::ZERO; STACK_LANES];
+        let mut av = [f32x8::ZERO; STACK_LANES];
+        wide_group(s, bi, c0, c1, h, out, &mut hv[..lanes], &mut av[..lanes]);
     } else {
-        let mut hv = vec![f32x8::ZERO; ds];
-        let mut av = vec![f32x8::ZERO; ds];
-        lanes(s, bi, c0, h, out, &mut hv, &mut av);
+        let mut hv = vec![f32x8::ZERO; lanes];
+        let mut av = vec![f32x8::ZERO; lanes];
+        wide_group(s, bi, c0, c1, h, out, &mut hv, &mut av);
     }
 }
 
-#[inline(always)]
-fn lanes(
+/// Block `k` of a group covers channels `c0 + 8k ..`; its lane vectors are `hv[k·ds + n]`.
+/// Lane `l` of a block is channel `c0 + 8k + l`.
+#[allow(clippy::too_many_arguments)]
+fn wide_group(
     s: &Scan,
     bi: usize,
     c0: usize,
+    c1: usize,
     h: SyncPtr<f32>,
     out: SyncPtr<f32>,
     hv: &mut [f32x8],
     av: &mut [f32x8],
 ) {
     let (di, ds, l) = (s.d_inner, s.d_state, s.seq_len);
-    let w = (di - c0).min(8);
-    // Transpose this block's A and h into lanes: lane `k` is channel `c0 + k`.
-    for n in 0..ds {
-        let mut a = [0f32; 8];
-        let mut hh = [0f32; 8];
-        for k in 0..w {
-            a[k] = s.a[(c0 + k) * ds + n];
-            // SAFETY: in bounds (asserted lengths) and owned by this block.
-            hh[k] = unsafe { h.read((bi * di + c0 + k) * ds + n) };
+    let nb = (c1 - c0).div_ceil(8);
+    let width = |k: usize| (c1 - c0 - 8 * k).min(8);
+    for k in 0..nb {
+        let cb = c0 + 8 * k;
+        for n in 0..ds {
+            let mut a = [0f32; 8];
+            let mut hh = [0f32; 8];
+            for j in 0..width(k) {
+                a[j] = s.a[(cb + j) * ds + n];
+                // SAFETY: in bounds (asserted lengths) and owned by this task.
+                hh[j] = unsafe { h.read((bi * di + cb + j) * ds + n) };
+            }
+            av[k * ds + n] = f32x8::from(a);
+            hv[k * ds + n] = f32x8::from(hh);
         }
-        av[n] = f32x8::from(a);
-        hv[n] = f32x8::from(hh);
     }
-    let dv = load(s.d, c0, w);
-    let bias = load(s.delta_bias, c0, w);
     let resets = s.resets.map(|r| &r[bi * l..(bi + 1) * l]);
     for t in 0..l {
         if resets.is_some_and(|r| r[t]) {
             hv.iter_mut().for_each(|v| *v = f32x8::ZERO);
         }
         let row = bi * l + t;
-        let i = row * di + c0;
-        let x = load(s.u, i, w);
-        let dt = softplus8(load(s.delta, i, w) + bias);
-        let dtx = dt * x;
         let bt = &s.b[row * ds..(row + 1) * ds];
         let ct = &s.c[row * ds..(row + 1) * ds];
-        let mut acc = f32x8::ZERO;
-        for n in 0..ds {
-            let decay = (dt * av[n]).exp();
-            hv[n] = decay * hv[n] + dtx * f32x8::splat(bt[n]);
-            acc += f32x8::splat(ct[n]) * hv[n];
+        for k in 0..nb {
+            let (cb, w) = (c0 + 8 * k, width(k));
+            let i = row * di + cb;
+            let x = load(s.u, i, w);
+            let dt = softplus8(load(s.delta, i, w) + load(s.delta_bias, cb, w));
+            let dtx = dt * x;
+            let mut acc = f32x8::ZERO;
+            for n in 0..ds {
+                let decay = (dt * av[k * ds + n]).exp();
+                let hn = decay * hv[k * ds + n] + dtx * f32x8::splat(bt[n]);
+                hv[k * ds + n] = hn;
+                acc += f32x8::splat(ct[n]) * hn;
+            }
+            let y = acc + load(s.d, cb, w) * x;
+            let g = (y * silu8(load(s.z, i, w))).to_array();
+            // SAFETY: `i..i + w` is in bounds and these channels belong to this task.
+            unsafe { out.write_slice(i, &g[..w]) };
         }
-        let y = acc + dv * x;
-        let g = (y * silu8(load(s.z, i, w))).to_array();
-        // SAFETY: `i..i + w` is in bounds and these channels belong to this block.
-        unsafe { out.write_slice(i, &g[..w]) };
     }
-    for (n, v) in hv.iter().enumerate() {
-        let a = v.to_array();
-        for (k, &val) in a.iter().enumerate().take(w) {
-            // SAFETY: as above.
-            unsafe { h.write((bi * di + c0 + k) * ds + n, val) };
+    for k in 0..nb {
+        let cb = c0 + 8 * k;
+        for n in 0..ds {
+            let a = hv[k * ds + n].to_array();
+            for (j, &val) in a.iter().enumerate().take(width(k)) {
+                // SAFETY: as above.
+                unsafe { h.write((bi * di + cb + j) * ds + n, val) };
+            }
         }
     }
 }
@@ -147,7 +173,7 @@ fn lanes(
 #[cfg(target_arch = "x86_64")]
 #[allow(clippy::needless_range_loop)] // lanes indexed by state, as in the maths
 mod avx2 {
-    use super::{Scan, STACK_STATES};
+    use super::{Scan, STACK_LANES};
     use crate::vecmath::{silu8, softplus8};
     use crate::SyncPtr;
     use std::arch::x86_64::*;
@@ -203,56 +229,79 @@ mod avx2 {
         _mm256_loadu_ps(v.to_array().as_ptr())
     }
 
+    /// The group loop of `wide_group` on 256-bit registers.
+    ///
     /// # Safety
-    /// AVX2 and FMA present; `d_state ≤ STACK_STATES`; `h` and `out` as in `scan_fwd`.
+    /// AVX2 and FMA present; `c1 - c0` spans at most `group_blocks(d_state)` blocks; `h` and
+    /// `out` as in `scan_fwd`.
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn lanes(s: &Scan, bi: usize, c0: usize, h: SyncPtr<f32>, out: SyncPtr<f32>) {
+    pub unsafe fn group(
+        s: &Scan,
+        bi: usize,
+        c0: usize,
+        c1: usize,
+        h: SyncPtr<f32>,
+        out: SyncPtr<f32>,
+    ) {
         let (di, ds, l) = (s.d_inner, s.d_state, s.seq_len);
-        let w = (di - c0).min(8);
-        let mut hv = [_mm256_setzero_ps(); STACK_STATES];
-        let mut av = [_mm256_setzero_ps(); STACK_STATES];
-        for n in 0..ds {
-            let mut a = [0f32; 8];
-            let mut hh = [0f32; 8];
-            for k in 0..w {
-                a[k] = s.a[(c0 + k) * ds + n];
-                hh[k] = h.read((bi * di + c0 + k) * ds + n);
+        let nb = (c1 - c0).div_ceil(8);
+        let width = |k: usize| (c1 - c0 - 8 * k).min(8);
+        let mut hv = [_mm256_setzero_ps(); STACK_LANES];
+        let mut av = [_mm256_setzero_ps(); STACK_LANES];
+        for k in 0..nb {
+            let cb = c0 + 8 * k;
+            for n in 0..ds {
+                let mut a = [0f32; 8];
+                let mut hh = [0f32; 8];
+                for j in 0..width(k) {
+                    a[j] = s.a[(cb + j) * ds + n];
+                    hh[j] = h.read((bi * di + cb + j) * ds + n);
+                }
+                av[k * ds + n] = _mm256_loadu_ps(a.as_ptr());
+                hv[k * ds + n] = _mm256_loadu_ps(hh.as_ptr());
             }
-            av[n] = _mm256_loadu_ps(a.as_ptr());
-            hv[n] = _mm256_loadu_ps(hh.as_ptr());
         }
-        let dv = load(s.d, c0, w);
-        let bias = load(s.delta_bias, c0, w);
         let resets = s.resets.map(|r| &r[bi * l..(bi + 1) * l]);
         for t in 0..l {
             if resets.is_some_and(|r| r[t]) {
-                hv[..ds].iter_mut().for_each(|v| *v = _mm256_setzero_ps());
+                hv[..nb * ds]
+                    .iter_mut()
+                    .for_each(|v| *v = _mm256_setzero_ps());
             }
             let row = bi * l + t;
-            let i = row * di + c0;
-            let x = load(s.u, i, w);
-            let dt = from_wide(softplus8(to_wide(_mm256_add_ps(load(s.delta, i, w), bias))));
-            let dtx = _mm256_mul_ps(dt, x);
             let bt = &s.b[row * ds..(row + 1) * ds];
             let ct = &s.c[row * ds..(row + 1) * ds];
-            let mut acc = _mm256_setzero_ps();
-            for n in 0..ds {
-                let decay = exp_ps(_mm256_mul_ps(dt, av[n]));
-                let hn = _mm256_fmadd_ps(decay, hv[n], _mm256_mul_ps(dtx, _mm256_set1_ps(bt[n])));
-                hv[n] = hn;
-                acc = _mm256_fmadd_ps(_mm256_set1_ps(ct[n]), hn, acc);
+            for k in 0..nb {
+                let (cb, w) = (c0 + 8 * k, width(k));
+                let i = row * di + cb;
+                let x = load(s.u, i, w);
+                let pre = _mm256_add_ps(load(s.delta, i, w), load(s.delta_bias, cb, w));
+                let dt = from_wide(softplus8(to_wide(pre)));
+                let dtx = _mm256_mul_ps(dt, x);
+                let (hk, ak) = (&mut hv[k * ds..(k + 1) * ds], &av[k * ds..(k + 1) * ds]);
+                let mut acc = _mm256_setzero_ps();
+                for n in 0..ds {
+                    let decay = exp_ps(_mm256_mul_ps(dt, ak[n]));
+                    let hn =
+                        _mm256_fmadd_ps(decay, hk[n], _mm256_mul_ps(dtx, _mm256_set1_ps(bt[n])));
+                    hk[n] = hn;
+                    acc = _mm256_fmadd_ps(_mm256_set1_ps(ct[n]), hn, acc);
+                }
+                let y = _mm256_fmadd_ps(load(s.d, cb, w), x, acc);
+                let g = _mm256_mul_ps(y, from_wide(silu8(to_wide(load(s.z, i, w)))));
+                let mut ga = [0f32; 8];
+                _mm256_storeu_ps(ga.as_mut_ptr(), g);
+                out.write_slice(i, &ga[..w]);
             }
-            let y = _mm256_fmadd_ps(dv, x, acc);
-            let g = _mm256_mul_ps(y, from_wide(silu8(to_wide(load(s.z, i, w)))));
-            let mut ga = [0f32; 8];
-            _mm256_storeu_ps(ga.as_mut_ptr(), g);
-            out.write_slice(i, &ga[..w]);
         }
-        for n in 0..ds {
-            let mut a = [0f32; 8];
-            _mm256_storeu_ps(a.as_mut_ptr(), hv[n]);
-            for (k, &val) in a.iter().enumerate().take(w) {
-                h.write((bi * di + c0 + k) * ds + n, val);
+        for k in 0..nb {
+            let cb = c0 + 8 * k;
+            for n in 0..ds {
+                let mut a = [0f32; 8];
+                _mm256_storeu_ps(a.as_mut_ptr(), hv[k * ds + n]);
+                for (j, &val) in a.iter().enumerate().take(width(k)) {
+                    h.write((bi * di + cb + j) * ds + n, val);
+                }
             }
         }
     }
