@@ -226,7 +226,9 @@ fn gemv(isa: Isa, w: MatRef, x: &[f32], d_in: usize, d_out: usize, y: &mut [f32]
 fn gemm(w: MatRef, x: &[f32], d_in: usize, d_out: usize, y: &mut [f32]) {
     let n = x.len() / d_in;
     let threads = rayon::current_num_threads();
-    let per = d_out.div_ceil(threads).max(GEMM_BLOCK_ROWS.min(d_out));
+    // Two column blocks per thread: a thread slowed by other load leaves work to steal, while
+    // each block's GEMM still amortises its packing of `x`.
+    let per = d_out.div_ceil(2 * threads).max(GEMM_BLOCK_ROWS.min(d_out));
     let yp = SyncPtr(y.as_mut_ptr());
     let job = |ti: usize| {
         let (r0, r1) = (ti * per, ((ti + 1) * per).min(d_out));
