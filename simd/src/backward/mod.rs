@@ -156,8 +156,13 @@ fn layer_bwd(
             .zip(sg.u.par_chunks(ELEMS))
             .zip(lc.u.par_chunks(ELEMS))
             .for_each(|((o, s), u)| {
-                for ((o, &s), &u) in o.iter_mut().zip(s).zip(u) {
-                    *o = (s + *o) * vmath::silu_grad(u);
+                let mut i = 0;
+                while i < o.len() {
+                    let w = vmath::LANES.min(o.len() - i);
+                    let (_, grad) = vmath::silu_and_grad8(vmath::load(u, i, w));
+                    let v = (vmath::load(s, i, w) + vmath::load(o, i, w)) * grad;
+                    vmath::store(v, o, i, w);
+                    i += w;
                 }
             })
     });

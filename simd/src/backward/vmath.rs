@@ -59,13 +59,6 @@ pub(crate) fn silu_and_grad8(z: f32x8) -> (f32x8, f32x8) {
     (z * s, s * (f32x8::ONE + z * (f32x8::ONE - s)))
 }
 
-/// Scalar d silu / dx, as `reference::float::silu_grad` but with the platform's `exp`.
-#[inline(always)]
-pub(crate) fn silu_grad(x: f32) -> f32 {
-    let s = 1.0 / (1.0 + (-x).exp());
-    s * (1.0 + x * (1.0 - s))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
