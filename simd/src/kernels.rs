@@ -93,18 +93,25 @@ const PAIRED_MAX: usize = 8192;
 /// `x.len()` columns. Int8 rows are multiplied by their scale.
 pub fn dot_rows(isa: Isa, w: MatRef, row0: usize, x: &[f32], y: &mut [f32]) {
     let k = x.len();
-    let n = y.len();
-    // For bf16 on AVX2: `x` regrouped per 16 values as [even | odd], matching the two halves
-    // of each 32-bit word of bf16 pairs (see `avx2::dot4_bf16`).
-    let mut xd = [0f32; PAIRED_MAX];
     if matches!(w, MatRef::Bf16(_)) && isa == Isa::Avx2Fma && k <= PAIRED_MAX {
+        // For bf16 on AVX2: `x` regrouped per 16 values as [even | odd], matching the two
+        // halves of each 32-bit word of bf16 pairs (see `avx2::dot4_bf16`).
+        let mut xd = [0f32; PAIRED_MAX];
         for (blk, xs) in x.chunks_exact(16).enumerate() {
             for i in 0..8 {
                 xd[blk * 16 + i] = xs[2 * i];
                 xd[blk * 16 + 8 + i] = xs[2 * i + 1];
             }
         }
+        rows(isa, w, row0, x, &xd, y);
+    } else {
+        rows(isa, w, row0, x, &[], y);
     }
+}
+
+fn rows(isa: Isa, w: MatRef, row0: usize, x: &[f32], xd: &[f32], y: &mut [f32]) {
+    let k = x.len();
+    let n = y.len();
     let mut r = 0;
     while r < n {
         let take = (n - r).min(4);

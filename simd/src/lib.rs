@@ -118,6 +118,15 @@ impl<T: Copy> SyncPtr<T> {
         self.0.add(i)
     }
 
+    /// `len` elements from `i` as a slice.
+    ///
+    /// # Safety
+    /// `i..i + len` is in bounds, and nothing else reads or writes it while the slice lives.
+    #[inline(always)]
+    pub(crate) unsafe fn slice_mut<'a>(self, i: usize, len: usize) -> &'a mut [T] {
+        std::slice::from_raw_parts_mut(self.0.add(i), len)
+    }
+
     /// # Safety
     /// `i..i + v.len()` is in bounds and touched by no other thread meanwhile.
     #[inline(always)]

@@ -200,18 +200,13 @@ fn gemv(isa: Isa, w: MatRef, x: &[f32], d_in: usize, d_out: usize, y: &mut [f32]
     let job = |ci: usize| {
         let r0 = ci * chunk;
         let r1 = (r0 + chunk).min(d_out);
-        let mut buf = [0f32; 64];
         for r in 0..n {
             let xr = &x[r * d_in..(r + 1) * d_in];
-            let mut o = r0;
-            while o < r1 {
-                let take = (r1 - o).min(buf.len());
-                dot_rows(isa, w, o, xr, &mut buf[..take]);
-                // SAFETY: row `r`, columns `o..o + take` of `y` belong to this chunk only,
-                // and are in bounds (`y` is `[n, d_out]`, asserted by the caller).
-                unsafe { yp.write_slice(r * d_out + o, &buf[..take]) };
-                o += take;
-            }
+            // SAFETY: row `r`, columns `r0..r1` of `y` belong to this chunk only and are in
+            // bounds (`y` is `[n, d_out]`, asserted by the caller); `y` itself is not used
+            // while the jobs run.
+            let yr = unsafe { yp.slice_mut(r * d_out + r0, r1 - r0) };
+            dot_rows(isa, w, r0, xr, yr);
         }
     };
     let chunks = d_out.div_ceil(chunk);
