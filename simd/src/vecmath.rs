@@ -7,6 +7,9 @@
 
 use wide::f32x8;
 
+/// Lanes of one vector.
+pub const LANES: usize = 8;
+
 /// Threshold above which softplus is the identity (PyTorch, mamba_ssm, `reference`).
 const SOFTPLUS_THRESHOLD: f32 = 20.0;
 
@@ -36,6 +39,20 @@ pub fn softplus8(v: f32x8) -> f32x8 {
     let d = u - f32x8::ONE;
     let r = d.simd_eq(f32x8::ZERO).select(e, u.ln() * (e / d));
     v.simd_gt(f32x8::splat(SOFTPLUS_THRESHOLD)).select(v, r)
+}
+
+/// d softplus / dv: 1 above 20, else sigmoid(v).
+#[inline(always)]
+pub fn softplus_grad8(v: f32x8) -> f32x8 {
+    let t = f32x8::splat(SOFTPLUS_THRESHOLD);
+    v.simd_gt(t).select(f32x8::ONE, sigmoid8(v))
+}
+
+/// `(silu(z), silu'(z))` with `s = sigmoid(z)`: `z · s` and `s · (1 + z · (1 − s))`.
+#[inline(always)]
+pub fn silu_and_grad8(z: f32x8) -> (f32x8, f32x8) {
+    let s = sigmoid8(z);
+    (z * s, s * (f32x8::ONE + z * (f32x8::ONE - s)))
 }
 
 /// Loads `n ≤ 8` values from `s[i..]`, zero-padding the rest.
@@ -82,7 +99,7 @@ pub fn silu_into(x: &[f32], out: &mut [f32]) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use reference::float::{silu, softplus};
+    use reference::float::{silu, silu_grad, softplus, softplus_grad};
 
     fn rel(a: f32, b: f64) -> f64 {
         (a as f64 - b).abs() / b.abs().max(1e-30)
@@ -124,6 +141,25 @@ mod tests {
             worst.iter().all(|&w| w < 2e-6),
             "worst relative errors {worst:?}"
         );
+    }
+
+    /// The derivatives the backward uses, against the reference's formulas.
+    #[test]
+    fn derivatives_match_the_reference() {
+        let mut worst = [0f64; 2];
+        for i in (0..4000).step_by(8) {
+            let xs: [f32; 8] = std::array::from_fn(|l| -30.0 + ((i + l) as f32) * 0.0151);
+            let v = f32x8::from(xs);
+            let spg = softplus_grad8(v).to_array();
+            let (_, sig) = silu_and_grad8(v);
+            let sig = sig.to_array();
+            for l in 0..8 {
+                let x = xs[l] as f64;
+                worst[0] = worst[0].max(rel(spg[l], softplus_grad(x)));
+                worst[1] = worst[1].max((sig[l] as f64 - silu_grad(x)).abs());
+            }
+        }
+        assert!(worst.iter().all(|&w| w < 4e-6), "worst errors {worst:?}");
     }
 
     #[test]

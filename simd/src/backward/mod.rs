@@ -11,7 +11,6 @@ mod conv;
 mod lanes;
 mod norm;
 mod scan;
-mod vmath;
 
 use rayon::prelude::*;
 use rayon::ThreadPool;
@@ -158,10 +157,10 @@ fn layer_bwd(
             .for_each(|((o, s), u)| {
                 let mut i = 0;
                 while i < o.len() {
-                    let w = vmath::LANES.min(o.len() - i);
-                    let (_, grad) = vmath::silu_and_grad8(vmath::load(u, i, w));
-                    let v = (vmath::load(s, i, w) + vmath::load(o, i, w)) * grad;
-                    vmath::store(v, o, i, w);
+                    let w = crate::vecmath::LANES.min(o.len() - i);
+                    let (_, grad) = crate::vecmath::silu_and_grad8(crate::vecmath::load(u, i, w));
+                    let v = (crate::vecmath::load(s, i, w) + crate::vecmath::load(o, i, w)) * grad;
+                    crate::vecmath::store(v, o, i, w);
                     i += w;
                 }
             })
