@@ -35,6 +35,9 @@ for line in sys.stdin:
     cargo build --release -p gpu --bin gpu-bench
     cp target/release/gpu-bench "$out/"
     strip "$out"/* 2>/dev/null || true
+    for f in gpu-bench gpu_conformance gpu_ops; do
+        [ -x "$out/$f" ] || { echo "gpu-tests.sh: $out/$f was not built" >&2; exit 1; }
+    done
     ls -la "$out"
     ;;
 run)

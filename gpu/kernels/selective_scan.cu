@@ -131,12 +131,12 @@ __device__ __forceinline__ float scan_advance(float h, long t0, int n, long b, l
 // the chunk's state, the window's states go to registers (hist), then the reverse
 // recurrence runs over the window. SUB bounds the registers, CHUNK the stored states.
 // Dynamic shared memory: 2 · SUB · SCAN_WARPS · NG floats.
-extern "C" __global__ void __launch_bounds__(SCAN_THREADS)
-selective_scan_bwd_f32(const float* u, const float* delta, const float* a_log, const float* xbc, long ldbc,
-                       long col_b, const float* dvec, const float* z, long ldz, const float* dt_bias,
-                       const int* starts, const float* chunk_states, const float* dout, float* du_out,
-                       float* ddelta_out, float* dz_out, long ldz_out, float* part_bc, float* part_a,
-                       float* part_d, float* part_db, float* dh0, long batch, long L, long di, long ds) {
+__device__ __forceinline__ void
+selective_scan_bwd_body(const float* u, const float* delta, const float* a_log, const float* xbc, long ldbc,
+                        long col_b, const float* dvec, const float* z, long ldz, const float* dt_bias,
+                        const int* starts, const float* chunk_states, const float* dout, float* du_out,
+                        float* ddelta_out, float* dz_out, long ldz_out, float* part_bc, float* part_a,
+                        float* part_d, float* part_db, float* dh0, long batch, long L, long di, long ds) {
     extern __shared__ float smem[];
     float* sb = smem;
     float* sc = smem + SUB * SCAN_WARPS * NG;
@@ -278,6 +278,25 @@ selective_scan_bwd_f32(const float* u, const float* delta, const float* a_log, c
         part_d[b * di + c] = dD;
         part_db[b * di + c] = ddb;
     }
+}
+
+#define SCAN_BWD_PARAMS                                                                                  \
+    const float *u, const float *delta, const float *a_log, const float *xbc, long ldbc, long col_b,         \
+        const float *dvec, const float *z, long ldz, const float *dt_bias, const int *starts,                \
+        const float *chunk_states, const float *dout, float *du_out, float *ddelta_out, float *dz_out,       \
+        long ldz_out, float *part_bc, float *part_a, float *part_d, float *part_db, float *dh0, long batch,  \
+        long L, long di, long ds
+#define SCAN_BWD_ARGS                                                                                     \
+    u, delta, a_log, xbc, ldbc, col_b, dvec, z, ldz, dt_bias, starts, chunk_states, dout, du_out, ddelta_out, \
+        dz_out, ldz_out, part_bc, part_a, part_d, part_db, dh0, batch, L, di, ds
+
+// Two builds of the same backward: registers as the compiler likes (one block per SM), and
+// capped for two blocks per SM (`_2b`, may spill). The engine picks one (gpu/src/cuda.rs).
+extern "C" __global__ void __launch_bounds__(SCAN_THREADS) selective_scan_bwd_f32(SCAN_BWD_PARAMS) {
+    selective_scan_bwd_body(SCAN_BWD_ARGS);
+}
+extern "C" __global__ void __launch_bounds__(SCAN_THREADS, 2) selective_scan_bwd_2b_f32(SCAN_BWD_PARAMS) {
+    selective_scan_bwd_body(SCAN_BWD_ARGS);
 }
 
 // out[row * ldo + col] = Σ_blk part_bc[blk, row, col] (blocks in order), col < 2 ds.

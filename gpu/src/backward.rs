@@ -228,7 +228,7 @@ impl GpuEngine {
                 0
             };
             self.dev.launch(
-                "selective_scan_bwd_f32",
+                crate::cuda::scan_bwd_kernel(),
                 (nblk as u32, batch as u32, 1),
                 SCAN_THREADS as u32,
                 scan_smem(self.shape),

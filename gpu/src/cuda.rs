@@ -43,6 +43,7 @@ const KERNELS: &[&str] = &[
     "conv1d_bwd_dw_partial_f32",
     "selective_scan_fwd_f32",
     "selective_scan_bwd_f32",
+    "selective_scan_bwd_2b_f32",
     "scan_reduce_bc_f32",
     "scan_reduce_batch_f32",
     "cross_entropy_fwd_bwd_f32",
@@ -55,6 +56,16 @@ const KERNELS: &[&str] = &[
 /// windows of 16 positions in registers): the default of [`KernelShape::chunk`];
 /// `VET_SCAN_CHUNK` (16, 32 or 64) overrides it.
 pub const SCAN_CHUNK: usize = 32;
+
+/// The scan backward build this process uses: `selective_scan_bwd_f32` (one block per SM,
+/// no register cap) unless `VET_SCAN_BWD=2b` picks the build capped for two blocks per SM
+/// (measured 10–15 % slower on the H200: it spills).
+pub fn scan_bwd_kernel() -> &'static str {
+    match std::env::var("VET_SCAN_BWD").as_deref() {
+        Ok("2b") => "selective_scan_bwd_2b_f32",
+        _ => "selective_scan_bwd_f32",
+    }
+}
 
 /// The scan chunk this process uses.
 pub fn scan_chunk() -> usize {
@@ -208,15 +219,17 @@ impl Dev {
             funcs.insert(k, f);
         }
         let smem = scan_bwd_smem(shape) as i32;
-        // SAFETY: a valid function handle; the value is within the H100/H200 limit (227 KiB).
-        unsafe {
-            drv::function::set_function_attribute(
-                funcs["selective_scan_bwd_f32"],
-                drv_sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                smem,
-            )
+        for k in ["selective_scan_bwd_f32", "selective_scan_bwd_2b_f32"] {
+            // SAFETY: a valid function handle; the value is within the H200 limit (227 KiB).
+            unsafe {
+                drv::function::set_function_attribute(
+                    funcs[k],
+                    drv_sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    smem,
+                )
+            }
+            .map_err(|e| dev_err(&name, "scan backward shared memory", e))?;
         }
-        .map_err(|e| dev_err(&name, "scan backward shared memory", e))?;
         let handle = cublas::create_handle().map_err(|e| dev_err(&name, "cuBLAS handle", e))?;
         // SAFETY: handle and stream are valid and belong to this context.
         unsafe { cublas::set_stream(handle, stream.cu_stream() as _) }

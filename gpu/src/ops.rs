@@ -178,7 +178,7 @@ impl OpDev {
         );
         let dh0 = self.out(d.batch * di * ds, "scan dh0")?;
         self.dev.launch(
-            "selective_scan_bwd_f32",
+            crate::cuda::scan_bwd_kernel(),
             (nblk as u32, d.batch as u32, 1),
             SCAN_THREADS as u32,
             scan_bwd_smem(self.shape) as u32,
