@@ -508,3 +508,24 @@ pub fn token_csr(tokens: &[u32]) -> (Vec<u32>, Vec<i32>, Vec<i32>) {
     offs.push(idx.len() as i32);
     (uniq, offs, idx.into_iter().map(|i| i as i32).collect())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::token_csr;
+    use crate::engine::doc_starts;
+
+    #[test]
+    fn token_csr_lists_each_tokens_positions_in_order() {
+        let (uniq, offs, pos) = token_csr(&[5, 2, 5, 9, 2, 5]);
+        assert_eq!(uniq, vec![2, 5, 9]);
+        assert_eq!(offs, vec![0, 2, 5, 6]);
+        assert_eq!(pos, vec![1, 4, 0, 2, 5, 3]);
+    }
+
+    #[test]
+    fn doc_starts_follow_resets_per_row() {
+        let r = [false, true, false, true, false, false];
+        assert_eq!(doc_starts(Some(&r), 2, 3), vec![-1, 1, 1, 0, 0, 0]);
+        assert_eq!(doc_starts(None, 1, 2), vec![-1, -1]);
+    }
+}
