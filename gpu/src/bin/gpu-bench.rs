@@ -120,8 +120,8 @@ fn train(rows: &mut Vec<String>) -> reference::Result<()> {
         let act = e.train_activation_bytes_per_token().unwrap_or(0.0);
         let mem = used_memory();
         rows.push(format!(
-            "train {name:<5} {d_model}x{n_layer} batch {batch}x{seq}: {:.0} params, step {:.3} s, {:.0} tokens/s, MFU {:.1} %, loss {:.3}, activations {:.1} KiB/token ({:.2} MiB/token/layer... total {:.1} GiB), device memory used {:.1} GiB",
-            n_params, t, tps, 100.0 * mfu, loss, act / 1024.0, act / 1048576.0 / n_layer as f64, gib(act * (batch * seq) as f64), mem
+            "train {name:<5} {d_model}x{n_layer} batch {batch}x{seq}: {:.0} params, step {:.3} s, {:.0} tokens/s, MFU {:.1} %, loss {:.3}, activations {:.1} KiB/token ({:.1} KiB/token/layer, {:.1} GiB for the batch), device memory used {:.1} GiB",
+            n_params, t, tps, 100.0 * mfu, loss, act / 1024.0, act / 1024.0 / n_layer as f64, gib(act * (batch * seq) as f64), mem
         ));
         println!("{}", rows.last().unwrap());
     }
