@@ -154,6 +154,18 @@ fn dot4(isa: Isa, w: Fmt, x: &[f32], take: usize, out: &mut [f32; 4]) {
     }
 }
 
+impl Fmt<'_> {
+    /// The address of element `i`, which may lie past the end (only ever prefetched).
+    #[inline(always)]
+    fn ptr_at(self, i: usize) -> *const i8 {
+        match self {
+            Fmt::F32(d) => d.as_ptr().wrapping_add(i) as *const i8,
+            Fmt::Bf16(d) => d.as_ptr().wrapping_add(i) as *const i8,
+            Fmt::I8(d) => d.as_ptr().wrapping_add(i) as *const i8,
+        }
+    }
+}
+
 #[inline(always)]
 fn widen(w: Fmt, i: usize) -> f32 {
     match w {
@@ -199,6 +211,12 @@ mod avx2 {
         let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
         let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
         _mm_cvtss_f32(s)
+    }
+
+    /// Asks for the cache line at `p` (never faults, whatever the address).
+    #[inline(always)]
+    unsafe fn prefetch(p: *const i8) {
+        _mm_prefetch::<_MM_HINT_T0>(p);
     }
 
     /// Eight weights starting at element `i` of `w`, widened to f32.
@@ -249,6 +267,8 @@ mod avx2 {
             let xe = _mm256_loadu_ps(xd.as_ptr().add(j));
             let xo = _mm256_loadu_ps(xd.as_ptr().add(j + 8));
             for r in 0..T {
+                // The next block of rows, so short rows do not outrun the prefetcher.
+                prefetch(wp.wrapping_add((T + r) * k + j) as *const i8);
                 let v = _mm256_loadu_si256(wp.add(r * k + j) as *const __m256i);
                 let e = _mm256_castsi256_ps(_mm256_slli_epi32::<16>(v));
                 let o = _mm256_castsi256_ps(_mm256_and_si256(v, mask));
@@ -280,6 +300,7 @@ mod avx2 {
                 let x0 = _mm256_loadu_ps(xp.add(j));
                 let x1 = _mm256_loadu_ps(xp.add(j + 8));
                 for r in 0..4 {
+                    prefetch(w.ptr_at((4 + r) * k + j));
                     a[2 * r] = _mm256_fmadd_ps(load8(w, r * k + j), x0, a[2 * r]);
                     a[2 * r + 1] = _mm256_fmadd_ps(load8(w, r * k + j + 8), x1, a[2 * r + 1]);
                 }
