@@ -267,8 +267,8 @@ mod avx2 {
             let xe = _mm256_loadu_ps(xd.as_ptr().add(j));
             let xo = _mm256_loadu_ps(xd.as_ptr().add(j + 8));
             for r in 0..T {
-                // The next block of rows, so short rows do not outrun the prefetcher.
-                prefetch(wp.wrapping_add((T + r) * k + j) as *const i8);
+                // Two blocks of rows ahead, so short rows do not outrun the prefetcher.
+                prefetch(wp.wrapping_add((2 * T + r) * k + j) as *const i8);
                 let v = _mm256_loadu_si256(wp.add(r * k + j) as *const __m256i);
                 let e = _mm256_castsi256_ps(_mm256_slli_epi32::<16>(v));
                 let o = _mm256_castsi256_ps(_mm256_and_si256(v, mask));
@@ -300,7 +300,7 @@ mod avx2 {
                 let x0 = _mm256_loadu_ps(xp.add(j));
                 let x1 = _mm256_loadu_ps(xp.add(j + 8));
                 for r in 0..4 {
-                    prefetch(w.ptr_at((4 + r) * k + j));
+                    prefetch(w.ptr_at((8 + r) * k + j));
                     a[2 * r] = _mm256_fmadd_ps(load8(w, r * k + j), x0, a[2 * r]);
                     a[2 * r + 1] = _mm256_fmadd_ps(load8(w, r * k + j + 8), x1, a[2 * r + 1]);
                 }
