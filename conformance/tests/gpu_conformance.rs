@@ -13,8 +13,7 @@ use reference::model::Batch;
 use reference::rng::Rng;
 use reference::{AdamWConfig, Engine, NormKind, ReferenceEngine, State};
 
-mod gpu_tol;
-use gpu_tol as tol;
+use conformance::tol::gpu as tol;
 
 #[derive(Clone, Copy)]
 struct Tols {

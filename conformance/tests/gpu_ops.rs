@@ -4,7 +4,7 @@
 //! distributions the ops see in training; every output carries sentinel padding that must
 //! come back untouched (`gpu::ops`). Skips without a CUDA device.
 
-mod gpu_tol;
+use conformance::tol::gpu as gpu_tol;
 
 use conformance::{diff, random_flags, seed_of};
 use gpu::ops::OpDev;
