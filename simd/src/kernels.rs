@@ -161,7 +161,7 @@ impl Fmt<'_> {
         match self {
             Fmt::F32(d) => d.as_ptr().wrapping_add(i) as *const i8,
             Fmt::Bf16(d) => d.as_ptr().wrapping_add(i) as *const i8,
-            Fmt::I8(d) => d.as_ptr().wrapping_add(i) as *const i8,
+            Fmt::I8(d) => d.as_ptr().wrapping_add(i),
         }
     }
 }
