@@ -47,6 +47,8 @@ struct Header {
     data_start: u64,
     /// Every tensor, in file order.
     entries: Vec<(String, TensorInfo)>,
+    /// The header's `__metadata__` strings.
+    metadata: HashMap<String, String>,
 }
 
 impl Header {
@@ -97,11 +99,13 @@ impl Header {
             .into_iter()
             .filter_map(|name| meta.info(&name).cloned().map(|info| (name, info)))
             .collect();
+        let metadata = meta.metadata().clone().unwrap_or_default();
         Ok(Header {
             path: path.to_path_buf(),
             file,
             data_start,
             entries,
+            metadata,
         })
     }
 
@@ -382,6 +386,28 @@ pub fn locate_params(path: &Path, cfg: &MambaConfig) -> Result<(PathBuf, Vec<Ten
     Ok((path, out))
 }
 
+/// Every tensor of a safetensors file (or `path/model.safetensors`) with where its bytes lie,
+/// in file order, plus the header's metadata strings. The header is checked against the file
+/// size; names, dtypes and shapes are the caller's to check.
+pub fn list_tensors(
+    path: &Path,
+) -> Result<(PathBuf, HashMap<String, String>, Vec<TensorLocation>)> {
+    let path = model_file(path);
+    let h = Header::open(&path)?;
+    let locs = h
+        .entries
+        .iter()
+        .map(|(name, info)| TensorLocation {
+            name: name.clone(),
+            dtype: info.dtype,
+            shape: info.shape.clone(),
+            offset: h.data_start + info.data_offsets.0 as u64,
+            len: info.data_offsets.1 - info.data_offsets.0,
+        })
+        .collect();
+    Ok((path, h.metadata, locs))
+}
+
 /// Converts the little-endian bytes of an F32, F64, BF16 or F16 tensor to f32 (other dtypes
 /// give an empty vector; [`locate_params`] has refused them already).
 pub fn bytes_to_f32(bytes: &[u8], dtype: Dtype) -> Vec<f32> {
@@ -420,6 +446,8 @@ pub enum TensorOut {
     F16 { shape: Vec<usize>, data: Vec<f16> },
     /// Written as `I64` (token ids, counters).
     I64 { shape: Vec<usize>, data: Vec<i64> },
+    /// Written as `I8` (quantised weights).
+    I8 { shape: Vec<usize>, data: Vec<i8> },
 }
 
 /// A tensor whose bytes are produced only when the serializer writes it.
@@ -453,6 +481,7 @@ impl TensorOut {
             TensorOut::Bf16 { shape, data } => (Dtype::BF16, shape, data.len()),
             TensorOut::F16 { shape, data } => (Dtype::F16, shape, data.len()),
             TensorOut::I64 { shape, data } => (Dtype::I64, shape, data.len()),
+            TensorOut::I8 { shape, data } => (Dtype::I8, shape, data.len()),
         };
         let bytes: Box<dyn Fn() -> Vec<u8> + '_> = match self {
             TensorOut::F32 { data, .. } => Box::new(|| le_bytes(data, |v| v.to_le_bytes())),
@@ -463,6 +492,7 @@ impl TensorOut {
                 Box::new(|| le_bytes(data, |v| v.to_bits().to_le_bytes()))
             }
             TensorOut::I64 { data, .. } => Box::new(|| le_bytes(data, |v| v.to_le_bytes())),
+            TensorOut::I8 { data, .. } => Box::new(|| le_bytes(data, |v| v.to_le_bytes())),
         };
         let byte_len = n * dtype.bitsize() / 8;
         let view = LazyView {
@@ -486,6 +516,15 @@ fn le_bytes<V: Copy, const N: usize>(data: &[V], f: impl Fn(V) -> [u8; N]) -> Ve
 /// Writes f32 / bf16 / f16 / i64 tensors to a safetensors file atomically, with the metadata
 /// `{"format": "pt"}` that transformers requires.
 pub fn write_tensors(path: &Path, tensors: &[(String, TensorOut)]) -> Result<()> {
+    write_tensors_with_metadata(path, tensors, &[])
+}
+
+/// [`write_tensors`] with extra `__metadata__` strings beside `{"format": "pt"}`.
+pub fn write_tensors_with_metadata(
+    path: &Path,
+    tensors: &[(String, TensorOut)],
+    extra: &[(&str, &str)],
+) -> Result<()> {
     let mut views = Vec::with_capacity(tensors.len());
     for (name, t) in tensors {
         let (shape, n, view) = t.view();
@@ -498,7 +537,7 @@ pub fn write_tensors(path: &Path, tensors: &[(String, TensorOut)]) -> Result<()>
         }
         views.push((name.clone(), view));
     }
-    write_views(path, views)
+    write_views(path, views, extra)
 }
 
 /// Saves `params` under their canonical names in `dtype` (`path/model.safetensors` when `path`
@@ -553,11 +592,15 @@ pub fn save_params<T: Float>(
         };
         views.push((name, view));
     }
-    write_views(&path, views)
+    write_views(&path, views, &[])
 }
 
 /// Serialises `views` (names must be unique) to `path` through a temporary file.
-fn write_views(path: &Path, views: Vec<(String, LazyView<'_>)>) -> Result<()> {
+fn write_views(
+    path: &Path,
+    views: Vec<(String, LazyView<'_>)>,
+    extra: &[(&str, &str)],
+) -> Result<()> {
     let mut seen = HashSet::new();
     for (name, _) in &views {
         if name == "__metadata__" || !seen.insert(name.as_str()) {
@@ -567,7 +610,8 @@ fn write_views(path: &Path, views: Vec<(String, LazyView<'_>)>) -> Result<()> {
             ));
         }
     }
-    let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
+    let mut metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
+    metadata.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
     write_atomically(path, |tmp| {
         safetensors::serialize_to_file(views, Some(metadata), tmp)
             .map_err(|e| ckpt_err(path, format!("writing safetensors: {e}")))

@@ -1,36 +1,84 @@
 //! Loading a checkpoint directory into [`Weights`], memory-mapping the matrices whose file
 //! precision is the one asked for.
 
+use std::collections::HashMap;
 use std::fs::File;
 use std::path::Path;
 use std::sync::Arc;
 
 use memmap2::Mmap;
 use reference::engine::NamedTensors;
-use reference::io::{bytes_to_f32, locate_params, Dtype, TensorLocation};
+use reference::io::{
+    bytes_to_f32, list_tensors, locate_params, write_tensors_with_metadata, Dtype, TensorLocation,
+    TensorOut,
+};
 use reference::{Error, MambaConfig, Tensor};
 
 use crate::model::{a_from_log, LayerWeights, Weights};
 use crate::weights::{Buf, Mat, MatData};
 use crate::WeightDtype;
 
+/// `__metadata__` key and value marking a Vet-Mamba int8 checkpoint ([`save_int8`]).
+pub const QUANT_KEY: &str = "vet_mamba.quantization";
+pub const QUANT_INT8: &str = "int8-rowwise";
+
+/// The parameters stored as matrices (the ones `dtype` applies to).
+pub fn is_matrix(name: &str) -> bool {
+    name == "backbone.embeddings.weight"
+        || name == "lm_head.weight"
+        || [
+            "in_proj.weight",
+            "x_proj.weight",
+            "dt_proj.weight",
+            "out_proj.weight",
+        ]
+        .iter()
+        .any(|s| name.ends_with(s))
+}
+
+fn map_file(path: &Path) -> reference::Result<Arc<Mmap>> {
+    let file = File::open(path).map_err(|e| Error::io(path, e))?;
+    // SAFETY: the map is read-only; a checkpoint rewritten under a running process is the
+    // same hazard as for every mmap-based loader (llama.cpp, safetensors), and checkpoints
+    // are written by rename, never in place.
+    Ok(Arc::new(
+        unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?,
+    ))
+}
+
 /// Opens `dir/model.safetensors` (checked against `cfg` like `reference::io::load_params`)
-/// and builds the weights in `dtype`.
+/// and builds the weights in `dtype`. An int8 checkpoint written by [`save_int8`] is mapped
+/// as it is (it needs `dtype` int8).
 pub fn load_weights(
     dir: &Path,
     cfg: &MambaConfig,
     dtype: WeightDtype,
 ) -> reference::Result<Weights> {
+    let (path, meta, list) = list_tensors(dir)?;
+    if meta.get(QUANT_KEY).map(String::as_str) == Some(QUANT_INT8) {
+        return load_int8(&path, cfg, dtype, list);
+    }
     let (path, locs) = locate_params(dir, cfg)?;
-    let file = File::open(&path).map_err(|e| Error::io(&path, e))?;
-    // SAFETY: the map is read-only; a checkpoint rewritten under a running process is the
-    // same hazard as for every mmap-based loader (llama.cpp, safetensors), and checkpoints
-    // are written by rename, never in place.
-    let map = Arc::new(unsafe { Mmap::map(&file) }.map_err(|e| Error::io(&path, e))?);
+    let map = map_file(&path)?;
+    Ok(assemble(
+        cfg,
+        dtype,
+        &locs,
+        |l| f32s(&map, l),
+        |l| mat(&map, l, dtype),
+    ))
+}
+
+/// Builds the weights from locations in canonical parameter order.
+fn assemble(
+    cfg: &MambaConfig,
+    dtype: WeightDtype,
+    locs: &[TensorLocation],
+    vecf: impl Fn(&TensorLocation) -> Vec<f32>,
+    matf: impl Fn(&TensorLocation) -> Mat,
+) -> Weights {
     let mut it = locs.iter();
-    let mut next = || it.next().expect("locate_params follows param_specs");
-    let vecf = |l: &TensorLocation| f32s(&map, l);
-    let matf = |l: &TensorLocation| mat(&map, l, dtype);
+    let mut next = || it.next().expect("locations follow param_specs");
     let embed = matf(next());
     let mut layers = Vec::with_capacity(cfg.n_layer);
     for _ in 0..cfg.n_layer {
@@ -66,14 +114,145 @@ pub fn load_weights(
     let norm_f_w = vecf(next());
     let norm_f_b = (cfg.norm == reference::NormKind::Layer).then(|| vecf(next()));
     let lm_head = (!cfg.tie_embeddings).then(|| matf(next()));
-    Ok(Weights {
+    Weights {
         dtype,
         embed,
         layers,
         norm_f_w,
         norm_f_b,
         lm_head,
-    })
+    }
+}
+
+/// An int8 checkpoint: every matrix `name` as I8 `[rows, cols]` plus `name.scale` F32
+/// `[rows]`, every other parameter as a float tensor. Checked name by name against `cfg`.
+fn load_int8(
+    path: &Path,
+    cfg: &MambaConfig,
+    dtype: WeightDtype,
+    list: Vec<TensorLocation>,
+) -> reference::Result<Weights> {
+    let err = |msg: String| Error::Checkpoint {
+        path: path.display().to_string(),
+        msg,
+    };
+    if dtype != WeightDtype::Int8 {
+        return Err(err(format!(
+            "is an int8-quantised checkpoint; load it with --dtype int8 (asked: {})",
+            dtype.name()
+        )));
+    }
+    cfg.validate()?;
+    let by_name: HashMap<&str, &TensorLocation> =
+        list.iter().map(|l| (l.name.as_str(), l)).collect();
+    let specs = reference::param_specs(cfg);
+    let mut problems = Vec::new();
+    let mut locs = Vec::with_capacity(specs.len());
+    let mut used = 0;
+    for (name, shape) in &specs {
+        let want = if is_matrix(name) {
+            Dtype::I8
+        } else {
+            Dtype::F32
+        };
+        match by_name.get(name.as_str()) {
+            Some(l) if l.dtype == want && &l.shape == shape => locs.push((*l).clone()),
+            Some(l) => problems.push(format!(
+                "{name}: {} {:?}, expected {want} {shape:?}",
+                l.dtype, l.shape
+            )),
+            None => problems.push(format!("{name}: missing")),
+        }
+        used += 1;
+        if is_matrix(name) {
+            let sname = format!("{name}.scale");
+            match by_name.get(sname.as_str()) {
+                Some(l) if l.dtype == Dtype::F32 && l.shape == [shape[0]] => {}
+                _ => problems.push(format!("{sname}: missing or not F32 [{}]", shape[0])),
+            }
+            used += 1;
+        }
+    }
+    if used != list.len() {
+        problems.push(format!(
+            "{} tensors in the file, {used} expected",
+            list.len()
+        ));
+    }
+    if !problems.is_empty() {
+        return Err(err(format!(
+            "does not match the config: {}",
+            problems.join("; ")
+        )));
+    }
+    let map = map_file(path)?;
+    let scale = |name: &str| f32s(&map, by_name[format!("{name}.scale").as_str()]);
+    let w = assemble(
+        cfg,
+        dtype,
+        &locs,
+        |l| f32s(&map, l),
+        |l| {
+            let (rows, cols) = (l.shape[0], l.shape[1..].iter().product());
+            let q = Buf::mapped(&map, l.offset as usize, rows * cols)
+                .unwrap_or_else(|| Buf::Owned(bytes(&map, l).iter().map(|&b| b as i8).collect()));
+            Mat {
+                rows,
+                cols,
+                data: MatData::Int8 {
+                    q,
+                    scales: scale(&l.name),
+                },
+            }
+        },
+    );
+    Ok(w)
+}
+
+/// Writes `w` (int8 weights) as a checkpoint directory `dir`: `config.json` and a
+/// `model.safetensors` that [`load_weights`] maps without converting (4× smaller than f32).
+/// Not loadable by transformers (it has no int8 Mamba format).
+pub fn save_int8(dir: &Path, cfg: &MambaConfig, w: &Weights) -> reference::Result<()> {
+    if w.dtype != WeightDtype::Int8 {
+        return Err(Error::Shape {
+            op: "save_int8",
+            msg: format!("the weights are {}, not int8", w.dtype.name()),
+        });
+    }
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let vals = values(w, &|_| Vec::new());
+    let mut mi = matrices(w).into_iter();
+    let mut out = Vec::with_capacity(vals.len() * 2);
+    for ((name, shape), v) in reference::param_specs(cfg).into_iter().zip(vals) {
+        if is_matrix(&name) {
+            let m = mi.next().expect("one matrix per matrix name");
+            let MatData::Int8 { q, scales } = &m.data else {
+                unreachable!("checked int8 above")
+            };
+            let data = q.as_slice().to_vec();
+            out.push((name.clone(), TensorOut::I8 { shape, data }));
+            let (shape, data) = (vec![m.rows], scales.clone());
+            out.push((format!("{name}.scale"), TensorOut::F32 { shape, data }));
+        } else {
+            out.push((name, TensorOut::F32 { shape, data: v }));
+        }
+    }
+    cfg.save(&dir.join("config.json"))?;
+    write_tensors_with_metadata(
+        &dir.join("model.safetensors"),
+        &out,
+        &[(QUANT_KEY, QUANT_INT8)],
+    )
+}
+
+/// The matrices of `w` in canonical parameter order.
+fn matrices(w: &Weights) -> Vec<&Mat> {
+    let mut v = vec![&w.embed];
+    for l in &w.layers {
+        v.extend([&l.in_proj, &l.x_proj, &l.dt_proj, &l.out_proj]);
+    }
+    v.extend(w.lm_head.as_ref());
+    v
 }
 
 fn bytes<'a>(map: &'a Mmap, l: &TensorLocation) -> &'a [u8] {
@@ -105,32 +284,36 @@ fn mat(map: &Arc<Mmap>, l: &TensorLocation, dtype: WeightDtype) -> Mat {
 
 /// The weights as named f32 tensors in canonical order (dequantised where stored in less).
 pub fn weights_to_named(cfg: &MambaConfig, w: &Weights) -> NamedTensors {
-    let specs = reference::param_specs(cfg);
-    let mut vals: Vec<Vec<f32>> = vec![w.embed.to_f32()];
+    reference::param_specs(cfg)
+        .into_iter()
+        .zip(values(w, &|m: &Mat| m.to_f32()))
+        .map(|((n, shape), v)| (n, Tensor::from_vec(&shape, v)))
+        .collect()
+}
+
+/// Every parameter's values in canonical order, matrices through `mat`.
+fn values(w: &Weights, mat: &dyn Fn(&Mat) -> Vec<f32>) -> Vec<Vec<f32>> {
+    let mut vals: Vec<Vec<f32>> = vec![mat(&w.embed)];
     for l in &w.layers {
         vals.push(l.norm_w.clone());
         vals.extend(l.norm_b.clone());
-        vals.push(l.in_proj.to_f32());
+        vals.push(mat(&l.in_proj));
         vals.extend(l.in_proj_b.clone());
         vals.push(l.conv_w.clone());
         vals.extend(l.conv_b.clone());
-        vals.push(l.x_proj.to_f32());
-        vals.push(l.dt_proj.to_f32());
+        vals.push(mat(&l.x_proj));
+        vals.push(mat(&l.dt_proj));
         vals.push(l.dt_b.clone());
         // A_log = ln(−A): exact inverse of the load up to one rounding.
         vals.push(l.a.iter().map(|&a| libm::logf(-a)).collect());
         vals.push(l.d.clone());
-        vals.push(l.out_proj.to_f32());
+        vals.push(mat(&l.out_proj));
         vals.extend(l.out_b.clone());
     }
     vals.push(w.norm_f_w.clone());
     vals.extend(w.norm_f_b.clone());
     if let Some(h) = &w.lm_head {
-        vals.push(h.to_f32());
+        vals.push(mat(h));
     }
-    specs
-        .into_iter()
-        .zip(vals)
-        .map(|((n, shape), v)| (n, Tensor::from_vec(&shape, v)))
-        .collect()
+    vals
 }

@@ -70,7 +70,7 @@ pub struct Mat {
 pub enum MatData {
     F32(Buf<f32>),
     Bf16(Buf<u16>),
-    Int8 { q: Vec<i8>, scales: Vec<f32> },
+    Int8 { q: Buf<i8>, scales: Vec<f32> },
 }
 
 impl Mat {
@@ -91,7 +91,10 @@ impl Mat {
                         )
                     })
                     .collect();
-                MatData::Int8 { q, scales }
+                MatData::Int8 {
+                    q: Buf::Owned(q),
+                    scales,
+                }
             }
         };
         Mat { rows, cols, data }
@@ -101,7 +104,10 @@ impl Mat {
         match &self.data {
             MatData::F32(b) => MatRef::F32(b.as_slice()),
             MatData::Bf16(b) => MatRef::Bf16(b.as_slice()),
-            MatData::Int8 { q, scales } => MatRef::Int8 { q, scales },
+            MatData::Int8 { q, scales } => MatRef::Int8 {
+                q: q.as_slice(),
+                scales,
+            },
         }
     }
 
@@ -125,7 +131,7 @@ impl Mat {
         match &self.data {
             MatData::F32(b) => b.is_mapped(),
             MatData::Bf16(b) => b.is_mapped(),
-            MatData::Int8 { .. } => false,
+            MatData::Int8 { q, .. } => q.is_mapped(),
         }
     }
 }

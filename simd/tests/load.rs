@@ -97,3 +97,53 @@ fn truncated_or_mismatched_checkpoints_are_errors() {
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// An int8 checkpoint written by `save_int8` is memory-mapped as it is and computes exactly
+/// what quantising at load computes; other dtypes are refused with a message; a damaged
+/// int8 file is an error.
+#[test]
+fn int8_checkpoints_round_trip_mapped() {
+    let (cfg, p) = model();
+    let tokens: Vec<u32> = (0..17).map(|i| (i * 7 + 2) % 97).collect();
+    let batch = Batch::new(&tokens, 1, 17);
+    let mut at_load = SimdEngine::new(cfg.clone(), p.clone(), &opts(WeightDtype::Int8)).unwrap();
+    let dir = tmp("int8");
+    simd::load::save_int8(&dir, &cfg, at_load.weights()).unwrap();
+    let f32_bytes = {
+        let d = tmp("int8-f32");
+        save_params(&d, &cfg, &p, SaveDtype::F32).unwrap();
+        let n = std::fs::metadata(d.join("model.safetensors"))
+            .unwrap()
+            .len();
+        std::fs::remove_dir_all(&d).unwrap();
+        n
+    };
+    let int8_bytes = std::fs::metadata(dir.join("model.safetensors"))
+        .unwrap()
+        .len();
+    assert!(
+        int8_bytes * 2 < f32_bytes,
+        "int8 file {int8_bytes} B vs f32 {f32_bytes} B"
+    );
+    let mut loaded = SimdEngine::load(&dir, &opts(WeightDtype::Int8)).unwrap();
+    assert!(loaded.weights().is_mapped());
+    let (a, _) = loaded.forward(&batch, None).unwrap();
+    let (b, _) = at_load.forward(&batch, None).unwrap();
+    assert!(a
+        .data
+        .iter()
+        .zip(&b.data)
+        .all(|(x, y)| x.to_bits() == y.to_bits()));
+    let err = SimdEngine::load(&dir, &opts(WeightDtype::F32)).expect_err("f32 of an int8 file");
+    assert!(err.to_string().contains("--dtype int8"), "{err}");
+    // A config with another width no longer matches the tensors.
+    let mut other = cfg.clone();
+    other.vocab_size = 98;
+    other.save(&dir.join("config.json")).unwrap();
+    let err = SimdEngine::load(&dir, &opts(WeightDtype::Int8)).expect_err("mismatch");
+    assert!(
+        err.to_string().contains("does not match the config"),
+        "{err}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -86,8 +86,7 @@ pub fn load_for_inference(
             dtype: opts.dtype,
             isa: None,
         };
-        let e = simd::SimdEngine::load(dir, &o)
-            .with_context(|| format!("loading {}", dir.display()))?;
+        let e = simd::SimdEngine::load(dir, &o)?;
         let cfg = e.config().clone();
         return Ok((Box::new(e), cfg));
     }
