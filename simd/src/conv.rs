@@ -53,7 +53,7 @@ pub fn conv_fwd(
             }
         }
     };
-    if batch * seq_len * di * dc < 1 << 15 {
+    if batch * seq_len * di * dc < 1 << 15 || crate::threads() == 1 {
         u.chunks_mut(di).enumerate().for_each(row);
     } else {
         u.par_chunks_mut(di).enumerate().for_each(row);

@@ -43,6 +43,17 @@ impl std::fmt::Debug for SimdEngine {
     }
 }
 
+/// Runs an inference call: on the caller's thread for a one-thread engine (no job reaches
+/// rayon, so a decode step allocates nothing at all: rayon's job queue grows a block every
+/// 63 injected jobs), on the pool otherwise.
+fn on_pool<R: Send>(pool: &rayon::ThreadPool, f: impl FnOnce() -> R + Send) -> R {
+    if pool.current_num_threads() == 1 {
+        crate::serial(f)
+    } else {
+        pool.install(f)
+    }
+}
+
 fn pool(threads: usize) -> Result<rayon::ThreadPool> {
     rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
@@ -187,7 +198,7 @@ impl Engine for SimdEngine {
             .unwrap_or_else(|| State::zeros(&self.cfg, input.batch));
         let mut logits = Vec::new();
         let (isa, cfg, w, s) = (self.isa, &self.cfg, &self.weights, &mut self.scratch);
-        self.pool.install(|| {
+        on_pool(&self.pool, || {
             forward(
                 isa,
                 cfg,
@@ -317,8 +328,9 @@ impl Engine for SimdEngine {
             resets,
         };
         let (isa, cfg, w, s) = (self.isa, &self.cfg, &self.weights, &mut self.scratch);
-        self.pool
-            .install(|| forward(isa, cfg, w, &input, state, s, Logits::Last(logits), false))?;
+        on_pool(&self.pool, || {
+            forward(isa, cfg, w, &input, state, s, Logits::Last(logits), false)
+        })?;
         Ok(())
     }
 
@@ -337,8 +349,9 @@ impl Engine for SimdEngine {
         }
         let input = Batch::new(tokens, 1, tokens.len());
         let (isa, cfg, w, s) = (self.isa, &self.cfg, &self.weights, &mut self.scratch);
-        self.pool
-            .install(|| forward(isa, cfg, w, &input, state, s, Logits::Last(logits), false))?;
+        on_pool(&self.pool, || {
+            forward(isa, cfg, w, &input, state, s, Logits::Last(logits), false)
+        })?;
         Ok(())
     }
 

@@ -104,7 +104,7 @@ fn norm_rows(
     };
     let rows = x.chunks(d).zip(y.chunks_mut(d));
     let stats = mean.iter_mut().zip(rstd.iter_mut());
-    if x.len() < 1 << 14 {
+    if x.len() < 1 << 14 || crate::threads() == 1 {
         rows.zip(stats).for_each(job);
     } else {
         x.par_chunks(d)

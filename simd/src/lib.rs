@@ -73,6 +73,32 @@ pub fn available() -> Result<Isa, &'static str> {
     Ok(Isa::detect())
 }
 
+thread_local! {
+    static SERIAL: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Threads the current call may split work over: 1 inside [`serial`], else the current
+/// rayon pool's.
+pub(crate) fn threads() -> usize {
+    if SERIAL.with(|s| s.get()) {
+        1
+    } else {
+        rayon::current_num_threads()
+    }
+}
+
+/// Runs `f` on this thread with every split of work turned off (see [`threads`]).
+pub(crate) fn serial<R>(f: impl FnOnce() -> R) -> R {
+    struct Reset(bool);
+    impl Drop for Reset {
+        fn drop(&mut self) {
+            SERIAL.with(|s| s.set(self.0));
+        }
+    }
+    let _reset = Reset(SERIAL.with(|s| s.replace(true)));
+    f()
+}
+
 /// Seeded values for unit tests.
 #[cfg(test)]
 pub(crate) mod test_rng {

@@ -71,7 +71,7 @@ pub fn scan_fwd(isa: Isa, s: &Scan, h: &mut [f32], out: &mut [f32]) {
         group(isa, s, i / groups, c0, c1, hp, op);
     };
     let work = s.batch * s.seq_len * s.d_inner * s.d_state;
-    if work < 1 << 15 || rayon::current_num_threads() == 1 {
+    if work < 1 << 15 || crate::threads() == 1 {
         (0..s.batch * groups).for_each(task);
     } else {
         (0..s.batch * groups).into_par_iter().for_each(task);

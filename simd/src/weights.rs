@@ -195,7 +195,7 @@ pub fn linear(isa: Isa, w: MatRef, x: &[f32], bias: Option<&[f32]>, d_in: usize,
 /// `n` activation rows.
 fn gemv(isa: Isa, w: MatRef, x: &[f32], d_in: usize, d_out: usize, y: &mut [f32]) {
     let n = x.len() / d_in;
-    let threads = rayon::current_num_threads();
+    let threads = crate::threads();
     // Below ~256 K weights (x_proj, dt_proj) waking a second thread costs more than it saves.
     let chunk = if threads == 1 || d_out * d_in < 1 << 18 {
         d_out
@@ -226,7 +226,7 @@ fn gemv(isa: Isa, w: MatRef, x: &[f32], d_in: usize, d_out: usize, y: &mut [f32]
 /// GEMM through `matrixmultiply`, output columns split across threads.
 fn gemm(w: MatRef, x: &[f32], d_in: usize, d_out: usize, y: &mut [f32]) {
     let n = x.len() / d_in;
-    let threads = rayon::current_num_threads();
+    let threads = crate::threads();
     // Two column blocks per thread: a thread slowed by other load leaves work to steal, while
     // each block's GEMM still amortises its packing of `x`.
     let per = d_out.div_ceil(2 * threads).max(GEMM_BLOCK_ROWS.min(d_out));

@@ -1,15 +1,13 @@
 //! The decode loop allocates nothing per token: [`Generator::run`] with every sampler setting,
-//! on an engine whose `step_into` does not allocate, under a counting global allocator (its
-//! own test binary, so the allocator counts nothing else).
+//! on the simd engine with one thread (which then runs every step on the caller's thread and
+//! allocates nothing), under a global allocator that counts this thread's allocations.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 use std::ops::ControlFlow;
 
-use reference::engine::{LossOutput, NamedTensors, OptimizerState};
-use reference::model::Batch;
-use reference::optim::StepStats;
-use reference::{AdamWConfig, Engine, MambaConfig, State, Tensor};
+use reference::State;
+use simd::{SimdEngine, SimdOptions};
 use trainer::checkpoint;
 use trainer::generate::{Generator, Sampling};
 
@@ -64,104 +62,15 @@ fn greedy(max_new_tokens: usize) -> Sampling {
     }
 }
 
-/// An engine whose `step_into` allocates nothing: logits are a hash of the token, the
-/// position and the vocabulary index.
-struct NoAllocEngine {
-    cfg: MambaConfig,
-}
-
-impl NoAllocEngine {
-    fn fill(&self, token: u32, state: &mut State<f32>, logits: &mut [f32]) {
-        state.ssm.data[0] += 1.0;
-        let pos = state.ssm.data[0] as u64;
-        for (i, l) in logits.iter_mut().enumerate() {
-            let h = reference::rng::fnv1a64_bytes(&[(token as u64 ^ pos ^ i as u64) as u8]);
-            *l = (h % 1000) as f32 / 100.0 + (i % 7) as f32;
-        }
-    }
-}
-
-impl Engine for NoAllocEngine {
-    fn name(&self) -> String {
-        "no-alloc".into()
-    }
-    fn config(&self) -> &MambaConfig {
-        &self.cfg
-    }
-    fn forward(
-        &mut self,
-        _: &Batch,
-        _: Option<&State<f32>>,
-    ) -> reference::Result<(Tensor<f32>, State<f32>)> {
-        unimplemented!("the decode loop uses prefill and step_into only")
-    }
-    fn loss_and_backward(
-        &mut self,
-        _: &Batch,
-        _: &[u32],
-        _: Option<&[bool]>,
-        _: Option<&State<f32>>,
-        _: f64,
-    ) -> reference::Result<LossOutput> {
-        unimplemented!()
-    }
-    fn zero_grad(&mut self) {}
-    fn optimizer_step(&mut self, _: &AdamWConfig, _: f64) -> reference::Result<StepStats> {
-        unimplemented!()
-    }
-    fn step(
-        &mut self,
-        _: &[u32],
-        _: Option<&[bool]>,
-        _: &mut State<f32>,
-    ) -> reference::Result<Tensor<f32>> {
-        unimplemented!("the decode loop uses step_into")
-    }
-    fn step_into(
-        &mut self,
-        tokens: &[u32],
-        _: Option<&[bool]>,
-        state: &mut State<f32>,
-        logits: &mut [f32],
-    ) -> reference::Result<()> {
-        self.fill(tokens[0], state, logits);
-        Ok(())
-    }
-    fn prefill(
-        &mut self,
-        tokens: &[u32],
-        state: &mut State<f32>,
-        logits: &mut [f32],
-    ) -> reference::Result<()> {
-        for &t in tokens {
-            self.fill(t, state, logits);
-        }
-        Ok(())
-    }
-    fn parameters(&self) -> NamedTensors {
-        Vec::new()
-    }
-    fn set_parameters(&mut self, _: &[(String, Tensor<f32>)]) -> reference::Result<()> {
-        Ok(())
-    }
-    fn gradients(&self) -> NamedTensors {
-        Vec::new()
-    }
-    fn optimizer_state(&self) -> OptimizerState {
-        unimplemented!()
-    }
-    fn set_optimizer_state(&mut self, _: &OptimizerState) -> reference::Result<()> {
-        Ok(())
-    }
-}
-
 #[test]
 fn the_decode_loop_allocates_nothing_per_token() {
-    let mut cfg = checkpoint::load(&fixtures::tiny_checkpoint())
-        .unwrap()
-        .config;
-    cfg.vocab_size = 1000;
-    let mut engine = NoAllocEngine { cfg: cfg.clone() };
+    let ck = checkpoint::load(&fixtures::tiny_checkpoint()).unwrap();
+    let (cfg, vocab) = (ck.config.clone(), ck.config.vocab_size);
+    let opts = SimdOptions {
+        threads: 1,
+        ..Default::default()
+    };
+    let mut engine = SimdEngine::new(ck.config, ck.params, &opts).unwrap();
     let samplings = [
         greedy(0),
         Sampling {
@@ -191,7 +100,7 @@ fn the_decode_loop_allocates_nothing_per_token() {
                 max_new_tokens: n,
                 ..s.clone()
             };
-            let mut g = Generator::new(&s, 1000).unwrap();
+            let mut g = Generator::new(&s, vocab).unwrap();
             let mut state = State::zeros(&cfg, 1);
             g.prefill(&mut engine, &[1, 2, 3], &mut state).unwrap();
             g.sampler.observe(&[1, 2, 3]);
