@@ -15,30 +15,26 @@ use wide::f32x8;
 
 use super::lanes::Lanes;
 use super::Shared;
+use crate::scan::Scan;
 use crate::vecmath::{load, silu_and_grad8, softplus8, softplus_grad8, store, LANES};
 
 /// Channels per task.
 const CHUNK: usize = 64;
 
-/// Inputs, as `reference::ops::selective_scan::ScanInputs` with the gate `z` always present.
+/// Inputs: the forward's [`Scan`] plus the initial state (`[batch, d_inner, d_state]`).
 #[derive(Clone, Copy)]
 pub(crate) struct ScanBwdInputs<'a> {
-    pub u: &'a [f32],
-    pub delta: &'a [f32],
-    pub a: &'a [f32],
-    pub b: &'a [f32],
-    pub c: &'a [f32],
-    pub d: &'a [f32],
-    pub z: &'a [f32],
-    pub delta_bias: &'a [f32],
-    pub resets: Option<&'a [bool]>,
+    pub scan: Scan<'a>,
     pub h0: Option<&'a [f32]>,
-    pub batch: usize,
-    pub seq_len: usize,
-    pub d_inner: usize,
-    pub d_state: usize,
     /// Use the portable `wide` lanes even where the CPU has AVX2 (to test that path).
     pub portable: bool,
+}
+
+impl<'a> std::ops::Deref for ScanBwdInputs<'a> {
+    type Target = Scan<'a>;
+    fn deref(&self) -> &Scan<'a> {
+        &self.scan
+    }
 }
 
 /// Gradients of every scan input (`reference::ops::selective_scan::ScanGrads`).
@@ -474,20 +470,22 @@ mod tests {
             .unwrap();
         for portable in [true, false] {
             let inp = ScanBwdInputs {
-                u: &u,
-                delta: &delta,
-                a: &a,
-                b: &b,
-                c: &c,
-                d: &d,
-                z: &z,
-                delta_bias: &delta_bias,
-                resets: Some(&resets),
+                scan: Scan {
+                    u: &u,
+                    delta: &delta,
+                    a: &a,
+                    b: &b,
+                    c: &c,
+                    d: &d,
+                    z: &z,
+                    delta_bias: &delta_bias,
+                    resets: Some(&resets),
+                    batch,
+                    seq_len,
+                    d_inner: di,
+                    d_state: ds,
+                },
                 h0: Some(&h0),
-                batch,
-                seq_len,
-                d_inner: di,
-                d_state: ds,
                 portable,
             };
             let g = selective_scan_bwd(&pool, &inp, &dout);
