@@ -7,6 +7,7 @@
 //! computed by exactly one call over the full `k`, so the result does not depend on the thread
 //! count. Small products run on the calling thread.
 
+use crate::SyncPtr;
 use rayon::ThreadPool;
 
 /// Below this many multiply-adds (`m · k · n`) a product runs on the calling thread.
@@ -26,14 +27,6 @@ fn extent(rows: usize, cols: usize, rs: usize, cs: usize) -> usize {
         (rows - 1) * rs + (cols - 1) * cs + 1
     }
 }
-
-/// A raw pointer that may cross to pool threads; each thread touches a disjoint block.
-#[derive(Clone, Copy)]
-struct SendPtr(*mut f32);
-// SAFETY: the pointer is only used by `sgemm` to write disjoint blocks of `C`, whose borrow
-// outlives the scope that the threads run in.
-unsafe impl Send for SendPtr {}
-unsafe impl Sync for SendPtr {}
 
 /// `C = alpha · A · B + beta · C` with `A` `[m, k]` (strides `rsa`, `csa`), `B` `[k, n]`
 /// (`rsb`, `csb`) and `C` `[m, n]` (`rsc`, `csc`), threaded over blocks of `C` on `pool`.
@@ -87,8 +80,8 @@ pub fn sgemm(
         (BLOCKS_PER_THREAD * threads).min(len.div_ceil(TILE)).max(1)
     };
     let per = len.div_ceil(blocks).div_ceil(TILE) * TILE;
-    let cp = SendPtr(c.as_mut_ptr());
-    let run = |start: usize, cp: SendPtr| {
+    let cp = SyncPtr::new(c);
+    let run = |start: usize, cp: SyncPtr<f32>| {
         let end = (start + per).min(len);
         let cnt = end - start;
         // SAFETY: the asserts above keep every index inside `a`, `b` and `c`; the block
@@ -109,7 +102,7 @@ pub fn sgemm(
                     rsb as isize,
                     csb as isize,
                     beta,
-                    cp.0.add(start * rsc),
+                    cp.at(start * rsc),
                     rsc as isize,
                     csc as isize,
                 );
@@ -126,7 +119,7 @@ pub fn sgemm(
                     rsb as isize,
                     csb as isize,
                     beta,
-                    cp.0.add(start * csc),
+                    cp.at(start * csc),
                     rsc as isize,
                     csc as isize,
                 );

@@ -111,28 +111,41 @@ pub(crate) mod test_rng {
     }
 }
 
-/// A raw pointer shared by pool tasks that write disjoint elements of one buffer.
+/// A buffer shared by pool tasks that write disjoint elements of it: a raw pointer and the
+/// length, so that the slices it hands out are bounds-checked.
 #[derive(Clone, Copy, Debug)]
-pub(crate) struct SyncPtr<T>(pub *mut T);
+pub(crate) struct SyncPtr<T> {
+    ptr: *mut T,
+    len: usize,
+}
 
 // SAFETY: every user hands each task a disjoint set of indices (stated at each use), so no
-// element is accessed by two threads.
+// element is accessed by two threads, and the buffer outlives the tasks.
 unsafe impl<T> Send for SyncPtr<T> {}
 unsafe impl<T> Sync for SyncPtr<T> {}
 
 impl<T: Copy> SyncPtr<T> {
+    pub(crate) fn new(s: &mut [T]) -> Self {
+        SyncPtr {
+            ptr: s.as_mut_ptr(),
+            len: s.len(),
+        }
+    }
+
     /// # Safety
-    /// `i` is in bounds and no other thread touches element `i` meanwhile.
+    /// No other thread touches element `i` meanwhile.
     #[inline(always)]
     pub(crate) unsafe fn read(self, i: usize) -> T {
-        *self.0.add(i)
+        debug_assert!(i < self.len);
+        *self.ptr.add(i)
     }
 
     /// # Safety
     /// As for [`SyncPtr::read`].
     #[inline(always)]
     pub(crate) unsafe fn write(self, i: usize, v: T) {
-        *self.0.add(i) = v;
+        debug_assert!(i < self.len);
+        *self.ptr.add(i) = v;
     }
 
     /// The address of element `i` (for APIs that take raw pointers).
@@ -141,22 +154,25 @@ impl<T: Copy> SyncPtr<T> {
     /// `i` is in bounds.
     #[inline(always)]
     pub(crate) unsafe fn at(self, i: usize) -> *mut T {
-        self.0.add(i)
+        debug_assert!(i <= self.len);
+        self.ptr.add(i)
     }
 
-    /// `len` elements from `i` as a slice.
+    /// `len` elements from `i` as a slice (bounds-checked).
     ///
     /// # Safety
-    /// `i..i + len` is in bounds, and nothing else reads or writes it while the slice lives.
+    /// Nothing else reads or writes these elements while the slice lives, and the buffer
+    /// given to [`SyncPtr::new`] neither moves nor is used otherwise meanwhile.
     #[inline(always)]
     pub(crate) unsafe fn slice_mut<'a>(self, i: usize, len: usize) -> &'a mut [T] {
-        std::slice::from_raw_parts_mut(self.0.add(i), len)
+        assert!(i + len <= self.len, "SyncPtr: {i} + {len} > {}", self.len);
+        std::slice::from_raw_parts_mut(self.ptr.add(i), len)
     }
 
     /// # Safety
-    /// `i..i + v.len()` is in bounds and touched by no other thread meanwhile.
+    /// As for [`SyncPtr::slice_mut`].
     #[inline(always)]
     pub(crate) unsafe fn write_slice(self, i: usize, v: &[T]) {
-        std::ptr::copy_nonoverlapping(v.as_ptr(), self.0.add(i), v.len());
+        self.slice_mut(i, v.len()).copy_from_slice(v);
     }
 }

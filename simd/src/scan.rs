@@ -59,8 +59,8 @@ pub fn scan_fwd(isa: Isa, s: &Scan, h: &mut [f32], out: &mut [f32]) {
         s.batch * s.seq_len * s.d_inner,
         "scan output length"
     );
-    let hp = SyncPtr(h.as_mut_ptr());
-    let op = SyncPtr(out.as_mut_ptr());
+    let hp = SyncPtr::new(h);
+    let op = SyncPtr::new(out);
     let width = 8 * group_blocks(s.d_state);
     let groups = s.d_inner.div_ceil(width);
     // Task `i` touches only the channels `c0..c1` of batch row `i / groups`, in both `h` and

@@ -202,7 +202,7 @@ fn gemv(isa: Isa, w: MatRef, x: &[f32], d_in: usize, d_out: usize, y: &mut [f32]
     } else {
         d_out.div_ceil(threads * 4).max(16)
     };
-    let yp = SyncPtr(y.as_mut_ptr());
+    let yp = SyncPtr::new(y);
     let job = |ci: usize| {
         let r0 = ci * chunk;
         let r1 = (r0 + chunk).min(d_out);
@@ -230,7 +230,7 @@ fn gemm(w: MatRef, x: &[f32], d_in: usize, d_out: usize, y: &mut [f32]) {
     // Two column blocks per thread: a thread slowed by other load leaves work to steal, while
     // each block's GEMM still amortises its packing of `x`.
     let per = d_out.div_ceil(2 * threads).max(GEMM_BLOCK_ROWS.min(d_out));
-    let yp = SyncPtr(y.as_mut_ptr());
+    let yp = SyncPtr::new(y);
     let job = |ti: usize| {
         let (r0, r1) = (ti * per, ((ti + 1) * per).min(d_out));
         let mut scratch = Vec::new();

@@ -12,8 +12,8 @@ use crate::ops::selective_scan::{selective_scan_bwd, ScanDims, ScanInputs};
 use crate::params::{LayerParams, Params};
 use crate::state::State;
 
-/// Joins `[n, a]` and `[n, b]` column blocks into `[n, a + b]`.
-fn concat_cols<T: Float>(parts: &[(&[T], usize)], n: usize) -> Vec<T> {
+/// Joins `[n, a]`, `[n, b]`, ... column blocks into `[n, a + b + ...]`.
+pub fn concat_cols<T: Float>(parts: &[(&[T], usize)], n: usize) -> Vec<T> {
     let total: usize = parts.iter().map(|p| p.1).sum();
     let mut out = Vec::with_capacity(n * total);
     for r in 0..n {

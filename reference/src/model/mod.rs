@@ -3,7 +3,7 @@
 mod backward;
 mod forward;
 
-pub use backward::backward;
+pub use backward::{backward, concat_cols};
 pub use forward::{forward, step, ForwardCache, LayerCache};
 
 use crate::config::MambaConfig;

@@ -126,7 +126,7 @@ unsafe fn chunk_bwd(
                         gwj[c] += g[c] * xs[c];
                     }
                     // SAFETY: channels c0..c1 of row `src` belong to this task.
-                    let dxr = unsafe { sdx.slice(src * di + c0, nch) };
+                    let dxr = unsafe { sdx.slice_mut(src * di + c0, nch) };
                     for c in 0..nch {
                         dxr[c] += wj[c] * g[c];
                     }
@@ -140,7 +140,7 @@ unsafe fn chunk_bwd(
                     for c in 0..nch {
                         // SAFETY: channel c0 + c of batch row b belongs to this task.
                         unsafe {
-                            sinit.slice((b * di + c0 + c) * km1 + slot, 1)[0] += wj[c] * g[c]
+                            sinit.slice_mut((b * di + c0 + c) * km1 + slot, 1)[0] += wj[c] * g[c]
                         };
                     }
                 }

@@ -26,49 +26,7 @@ use scan::{selective_scan_bwd, ScanBwdInputs};
 const ELEMS: usize = 1 << 14;
 
 /// A mutable f32 buffer that pool tasks write through at disjoint indices.
-#[derive(Clone, Copy)]
-pub(crate) struct Shared {
-    ptr: *mut f32,
-    len: usize,
-}
-
-// SAFETY: a `Shared` is only dereferenced through `slice`, whose callers guarantee that no two
-// threads touch the same elements and that the buffer outlives every task.
-unsafe impl Send for Shared {}
-unsafe impl Sync for Shared {}
-
-impl Shared {
-    pub(crate) fn new(s: &mut [f32]) -> Self {
-        Shared {
-            ptr: s.as_mut_ptr(),
-            len: s.len(),
-        }
-    }
-
-    /// `n` elements from `i`.
-    ///
-    /// # Safety
-    /// While the returned slice lives, no other slice of the same elements may exist, and the
-    /// buffer given to [`Shared::new`] must neither move nor be used otherwise.
-    #[allow(clippy::mut_from_ref)]
-    pub(crate) unsafe fn slice<'a>(self, i: usize, n: usize) -> &'a mut [f32] {
-        assert!(i + n <= self.len, "Shared::slice: {i} + {n} > {}", self.len);
-        // SAFETY: in bounds (checked above); exclusivity is the caller's contract.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr.add(i), n) }
-    }
-}
-
-/// Joins `[n, a]`, `[n, b]`, ... column blocks into `[n, a + b + ...]`.
-fn concat_cols(parts: &[(&[f32], usize)], n: usize) -> Vec<f32> {
-    let total: usize = parts.iter().map(|p| p.1).sum();
-    let mut out = Vec::with_capacity(n * total);
-    for r in 0..n {
-        for &(p, w) in parts {
-            out.extend_from_slice(&p[r * w..(r + 1) * w]);
-        }
-    }
-    out
-}
+pub(crate) type Shared = crate::SyncPtr<f32>;
 
 /// Backward of one layer given the gradient of its output `d_out`; as the reference's
 /// `layer_bwd`. Returns the gradient w.r.t. the layer input (mixer path only) and the initial
@@ -139,7 +97,7 @@ fn layer_bwd(
         &mut gl.dt_proj_weight.data,
         None,
     );
-    let d_xdbl = concat_cols(&[(&d_dt_raw, r), (&sg.b, ds), (&sg.c, ds)], n);
+    let d_xdbl = reference::model::concat_cols(&[(&d_dt_raw, r), (&sg.b, ds), (&sg.c, ds)], n);
     let mut du = linear_bwd(
         pool,
         &lc.xs,

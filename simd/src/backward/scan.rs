@@ -336,7 +336,7 @@ unsafe fn group_bwd<L: Lanes>(
         let (sz_v, sz_g) = silu_and_grad8(load(inp.z, i, w));
         let dy = g_out * sz_v;
         // SAFETY: (row, cg..cg + w) lies in this task's block (caller's contract).
-        store(g_out * s.ys[t] * sz_g, unsafe { sz.slice(i, w) }, 0, w);
+        store(g_out * s.ys[t] * sz_g, unsafe { sz.slice_mut(i, w) }, 0, w);
         gd += dy * x;
         let (dyv, xv) = (L::from_wide(dy), L::from_wide(x));
         let (dtv, dtxv) = (L::from_wide(dt), L::from_wide(dtx));
@@ -369,8 +369,8 @@ unsafe fn group_bwd<L: Lanes>(
         gbias += ddelta;
         // SAFETY: as above.
         unsafe {
-            store(ddelta, sdelta.slice(i, w), 0, w);
-            store(dx, su.slice(i, w), 0, w);
+            store(ddelta, sdelta.slice_mut(i, w), 0, w);
+            store(dx, su.slice_mut(i, w), 0, w);
         }
     }
     let resets_at_0 = seq_len > 0 && resets.is_some_and(|r| r[0]);
@@ -378,7 +378,7 @@ unsafe fn group_bwd<L: Lanes>(
         for (n, d) in dh.iter().enumerate() {
             for (l, &x) in d.to_array().iter().take(w).enumerate() {
                 // SAFETY: (bi, cg + l) is one of this task's lanes.
-                unsafe { sh0.slice((bi * di + cg + l) * ds + n, 1)[0] = x };
+                unsafe { sh0.slice_mut((bi * di + cg + l) * ds + n, 1)[0] = x };
             }
         }
     }
