@@ -17,7 +17,7 @@ case "${1:-build}" in
 build)
     mkdir -p "$out"
     find "$out" -maxdepth 1 -type f -delete
-    cargo test --release -p gpu -p conformance --no-run --message-format=json 2>/dev/null \
+    cargo test --release -p gpu -p conformance -p trainer --no-run --message-format=json 2>/dev/null \
         | python3 -c '
 import json, sys
 for line in sys.stdin:
@@ -32,10 +32,10 @@ for line in sys.stdin:
 ' | while read -r exe; do
         cp "$exe" "$out/$(basename "$exe" | sed 's/-[0-9a-f]*$//')"
     done
-    cargo build --release -p gpu --bin gpu-bench
-    cp target/release/gpu-bench "$out/"
+    cargo build --release -p gpu --bin gpu-bench -p trainer --bin vet-chat
+    cp target/release/gpu-bench target/release/vet-chat "$out/"
     strip "$out"/* 2>/dev/null || true
-    for f in gpu-bench gpu_conformance gpu_ops; do
+    for f in gpu-bench vet-chat gpu_conformance gpu_ops gpu_kernel_cache gpu_chat; do
         [ -x "$out/$f" ] || { echo "gpu-tests.sh: $out/$f was not built" >&2; exit 1; }
     done
     ls -la "$out"
@@ -43,10 +43,21 @@ for line in sys.stdin:
 run)
     status=0
     for t in "$out"/*; do
-        case "$(basename "$t")" in gpu-bench) continue ;; esac
+        case "$(basename "$t")" in gpu-bench | vet-chat) continue ;; esac
         echo "== $t"
         "$t" --test-threads=1 --nocapture || status=1
     done
+    # vet-chat's command line on the GPU: greedy ids equal to the reference's (f32).
+    echo "== vet-chat --device cuda"
+    ids=1,2,3,40,41,42
+    want=$("$out/vet-chat" --model fixtures/tiny --device reference --tokens "$ids" --greedy --max-new-tokens 24)
+    got=$("$out/vet-chat" --model fixtures/tiny --device cuda --precision f32 --tokens "$ids" --greedy --max-new-tokens 24)
+    echo "reference: $want"
+    echo "cuda f32:  $got"
+    if [ -z "$got" ] || [ "$got" != "$want" ]; then
+        echo "vet-chat --device cuda: FAILED (ids differ from the reference)"
+        status=1
+    fi
     exit $status
     ;;
 bench)

@@ -11,7 +11,7 @@ use conformance::{
 };
 use reference::model::Batch;
 use reference::rng::Rng;
-use reference::{AdamWConfig, Engine, NormKind, ReferenceEngine, State};
+use reference::{AdamWConfig, DecodeState, Engine, NormKind, ReferenceEngine, State};
 
 use conformance::tol::gpu as tol;
 
@@ -395,6 +395,97 @@ fn check_case(
         &f(&s_r.conv.data),
         t.fwd,
     );
+    // A state held in device memory: steps with a reset against the reference and against
+    // the host-state path of the same engine (same kernels: the same bits), then read back.
+    let st0: State<f32> = random_state(&mut rng, &cfg, case.batch);
+    let mut held = DecodeState::new(g.as_mut(), st0.clone()).unwrap();
+    assert!(
+        held.is_held(),
+        "{name}: the CUDA engine holds decode states"
+    );
+    let (mut s_r, mut s_h) = (st0.clone(), st0);
+    let mut host_logits = vec![0f32; case.batch * cfg.vocab_size];
+    for k in 0..3 {
+        let toks = random_tokens(&mut rng, &cfg, case.batch);
+        let resets: Vec<bool> = (0..case.batch)
+            .map(|b| k == 2 && b == case.batch - 1)
+            .collect();
+        held.step(g.as_mut(), &toks, Some(&resets), &mut logits)
+            .unwrap();
+        g.step_into(&toks, Some(&resets), &mut s_h, &mut host_logits)
+            .unwrap();
+        assert!(
+            logits
+                .iter()
+                .zip(&host_logits)
+                .all(|(a, b)| a.to_bits() == b.to_bits()),
+            "{name}: held-state step {k} differs from the host-state step"
+        );
+        let want = r.step(&toks, Some(&resets), &mut s_r).unwrap();
+        cmp(
+            rows,
+            format!("{name}: held decode step {k} logits"),
+            &logits,
+            &f(&want.data),
+            t.fwd,
+        );
+    }
+    let got = held.state(g.as_mut()).unwrap().clone();
+    assert_eq!(
+        got, s_h,
+        "{name}: held state read back differs from the host path"
+    );
+    cmp(
+        rows,
+        format!("{name}: held decode ssm state"),
+        &got.ssm.data,
+        &f(&s_r.ssm.data),
+        t.fwd,
+    );
+    cmp(
+        rows,
+        format!("{name}: held decode conv state"),
+        &got.conv.data,
+        &f(&s_r.conv.data),
+        t.fwd,
+    );
+    // Prefill then steps of one sequence on a held state; the first ticket is now stale.
+    let mut one = DecodeState::zeros(g.as_mut(), 1).unwrap();
+    let stale = held.step(g.as_mut(), &vec![0; case.batch], None, &mut logits);
+    assert!(
+        stale.is_err(),
+        "{name}: a replaced held state still stepped"
+    );
+    let mut s_r = State::zeros(&cfg, 1);
+    one.prefill(g.as_mut(), toks, &mut lg1).unwrap();
+    r.prefill(toks, &mut s_r, &mut lr1).unwrap();
+    cmp(
+        rows,
+        format!("{name}: held prefill logits"),
+        &lg1,
+        &f(&lr1),
+        t.fwd,
+    );
+    for k in 0..2 {
+        let tk = random_tokens(&mut rng, &cfg, 1);
+        one.step(g.as_mut(), &tk, None, &mut lg1).unwrap();
+        let want = r.step(&tk, None, &mut s_r).unwrap();
+        cmp(
+            rows,
+            format!("{name}: held step {k} after prefill logits"),
+            &lg1,
+            &f(&want.data),
+            t.fwd,
+        );
+    }
+    let got = one.state(g.as_mut()).unwrap();
+    cmp(
+        rows,
+        format!("{name}: held prefill+steps ssm state"),
+        &got.ssm.data,
+        &f(&s_r.ssm.data),
+        t.fwd,
+    );
     true
 }
 
@@ -519,5 +610,43 @@ fn gpu_engine_without_cuda_is_an_error_not_a_panic() {
             "CUDA available but the engine failed: {:?}",
             r.err()
         ),
+    }
+}
+
+/// At the 1.4B model's layer width (d_model 2048, d_inner 4096) and sequence 2048 (64 scan
+/// chunks): changing the token at position 1500 of row 0 leaves every logit before it, and
+/// all of row 1, bit for bit the same, and changes the logits at 1500 and just after (the
+/// conv window). A kernel that read past its position (a leak of the targets into the
+/// inputs) fails here.
+#[test]
+fn gpu_logits_are_causal_at_full_width() {
+    let mut cfg = reference::MambaConfig::new(2048, 2, 4096);
+    cfg.vocab_size = 4096;
+    let p = conformance::random_params::<f32>(&cfg, 41);
+    let Some(mut g) = gpu(
+        "gpu_logits_are_causal_at_full_width",
+        &cfg,
+        p,
+        gpu::Precision::Bf16,
+    ) else {
+        return;
+    };
+    let (batch, seq, v) = (2, 2048, cfg.vocab_size);
+    let mut rng = Rng::new(5);
+    let mut toks = random_tokens(&mut rng, &cfg, batch * seq);
+    let (a, _) = g.forward(&Batch::new(&toks, batch, seq), None).unwrap();
+    let at = 1500;
+    toks[at] = (toks[at] + 1) % v as u32;
+    let (b, _) = g.forward(&Batch::new(&toks, batch, seq), None).unwrap();
+    let same = |lo: usize, hi: usize| {
+        a.data[lo * v..hi * v]
+            .iter()
+            .zip(&b.data[lo * v..hi * v])
+            .all(|(x, y)| x.to_bits() == y.to_bits())
+    };
+    assert!(same(0, at), "a logit before the changed token moved");
+    assert!(same(seq, 2 * seq), "the other row moved");
+    for t in [at, at + 1, at + 3] {
+        assert!(!same(t, t + 1), "position {t} ignored the changed token");
     }
 }

@@ -3,11 +3,12 @@
 use reference::engine::{check_len, params_from_named, LossOutput, NamedTensors, OptimizerState};
 use reference::model::Batch;
 use reference::optim::StepStats;
-use reference::{AdamWConfig, Engine, Error, MambaConfig, Result, State, Tensor};
+use reference::{AdamWConfig, Engine, Error, HeldState, MambaConfig, Result, State, Tensor};
 
 use crate::backward::token_csr;
 use crate::cuda::Arg;
-use crate::engine::{ensure_ws, GpuEngine, NORM_BLOCKS};
+use crate::decode::StatePtrs;
+use crate::engine::{doc_starts, ensure_ws, GpuEngine, NORM_BLOCKS};
 use crate::work::Mode;
 use crate::Precision;
 
@@ -78,21 +79,10 @@ impl GpuEngine {
         Ok(ss[0].sqrt())
     }
 
-    /// One decode step on the device (inputs already in `decode_ws`), through the CUDA graph
-    /// when one could be captured.
-    fn decode_dev(&mut self) -> Result<()> {
-        let ws = self.decode_ws.take().expect("decode workspace");
-        let r = crate::graph::run_decode(self, &ws);
-        self.decode_ws = Some(ws);
-        r
-    }
-
-    fn step_common(
-        &mut self,
-        tokens: &[u32],
-        resets: Option<&[bool]>,
-        state: &State<f32>,
-    ) -> Result<usize> {
+    /// One decode step of `tokens` on the state `on` (a host state, copied into the decode
+    /// workspace and updated there, or the held state), through the CUDA graph when one could
+    /// be captured. Logits end in `decode_ws.logits`.
+    fn step_dev(&mut self, tokens: &[u32], resets: Option<&[bool]>, on: StepOn) -> Result<()> {
         let batch = tokens.len();
         let input = Batch {
             batch,
@@ -101,7 +91,17 @@ impl GpuEngine {
             resets,
         };
         input.check(&self.cfg, "step")?;
-        state.check(&self.cfg, batch, "step")?;
+        match on {
+            StepOn::Host(state) => state.check(&self.cfg, batch, "step")?,
+            StepOn::Held(h) => {
+                if h.batch != batch {
+                    return Err(Error::Shape {
+                        op: "step_held",
+                        msg: format!("{batch} tokens for a held state of {} rows", h.batch),
+                    });
+                }
+            }
+        }
         self.dev.bind()?;
         let had = self.decode_ws.as_ref().map(|w| w.batch);
         let key = (batch, 1, Mode::Infer { head_rows: batch });
@@ -117,11 +117,47 @@ impl GpuEngine {
         if had != Some(batch) {
             self.graph = None;
         }
-        let ws = self.decode_ws.as_ref().expect("decode workspace");
-        self.upload_inputs(ws, &input, Some(state))?;
-        self.decode_dev()?;
-        Ok(batch)
+        let ws = self.decode_ws.take().expect("decode workspace");
+        let r = (|| {
+            ws.tokens.write(0, tokens)?;
+            ws.starts.write(0, &doc_starts(resets, batch, 1))?;
+            let st = match on {
+                StepOn::Host(state) => {
+                    ws.state_in_conv.write(0, &state.conv.data)?;
+                    ws.state_in_ssm.write(0, &state.ssm.data)?;
+                    StatePtrs {
+                        conv: ws.state_in_conv.ptr,
+                        ssm: ws.state_in_ssm.ptr,
+                    }
+                }
+                StepOn::Held(h) => {
+                    let held = self.held(h, "step_held")?;
+                    StatePtrs {
+                        conv: held.conv.ptr,
+                        ssm: held.ssm.ptr,
+                    }
+                }
+            };
+            crate::graph::run_decode(self, &ws, st)
+        })();
+        self.decode_ws = Some(ws);
+        r
     }
+
+    /// Downloads the logits of the last step and the host state it updated.
+    fn step_out(&self, state: &mut State<f32>, logits: &mut [f32]) -> Result<()> {
+        let ws = self.decode_ws.as_ref().expect("decode workspace");
+        ws.logits.read(0, logits)?;
+        ws.state_in_conv.read(0, &mut state.conv.data)?;
+        ws.state_in_ssm.read(0, &mut state.ssm.data)
+    }
+}
+
+/// Where a decode step's state lives.
+#[derive(Clone, Copy)]
+enum StepOn<'a> {
+    Host(&'a State<f32>),
+    Held(HeldState),
 }
 
 impl Engine for GpuEngine {
@@ -341,12 +377,9 @@ impl Engine for GpuEngine {
         resets: Option<&[bool]>,
         state: &mut State<f32>,
     ) -> Result<Tensor<f32>> {
-        let batch = self.step_common(tokens, resets, state)?;
-        let ws = self.decode_ws.as_ref().expect("decode workspace");
-        let mut logits = Tensor::zeros(&[batch, self.cfg.vocab_size]);
-        ws.logits.read(0, &mut logits.data)?;
-        ws.state_out_conv.read(0, &mut state.conv.data)?;
-        ws.state_out_ssm.read(0, &mut state.ssm.data)?;
+        self.step_dev(tokens, resets, StepOn::Host(state))?;
+        let mut logits = Tensor::zeros(&[tokens.len(), self.cfg.vocab_size]);
+        self.step_out(state, &mut logits.data)?;
         Ok(logits)
     }
 
@@ -363,11 +396,80 @@ impl Engine for GpuEngine {
             logits.len(),
             tokens.len() * self.cfg.vocab_size,
         )?;
-        self.step_common(tokens, resets, state)?;
+        self.step_dev(tokens, resets, StepOn::Host(state))?;
+        self.step_out(state, logits)
+    }
+
+    fn hold_state(&mut self, state: &State<f32>) -> Result<Option<HeldState>> {
+        self.hold(state).map(Some)
+    }
+
+    fn read_held(&mut self, held: HeldState, state: &mut State<f32>) -> Result<()> {
+        state.check(&self.cfg, held.batch, "read_held")?;
+        self.dev.bind()?;
+        let h = self.held(held, "read_held")?;
+        h.conv.read(0, &mut state.conv.data)?;
+        h.ssm.read(0, &mut state.ssm.data)
+    }
+
+    fn step_held(
+        &mut self,
+        held: HeldState,
+        tokens: &[u32],
+        resets: Option<&[bool]>,
+        logits: &mut [f32],
+    ) -> Result<()> {
+        check_len(
+            "step_held",
+            "logits",
+            logits.len(),
+            tokens.len() * self.cfg.vocab_size,
+        )?;
+        self.step_dev(tokens, resets, StepOn::Held(held))?;
         let ws = self.decode_ws.as_ref().expect("decode workspace");
-        ws.logits.read(0, logits)?;
-        ws.state_out_conv.read(0, &mut state.conv.data)?;
-        ws.state_out_ssm.read(0, &mut state.ssm.data)
+        ws.logits.read(0, logits)
+    }
+
+    fn prefill_held(&mut self, held: HeldState, tokens: &[u32], logits: &mut [f32]) -> Result<()> {
+        check_len("prefill_held", "logits", logits.len(), self.cfg.vocab_size)?;
+        if tokens.is_empty() {
+            return Err(Error::Shape {
+                op: "prefill_held",
+                msg: "no tokens to prefill".into(),
+            });
+        }
+        if held.batch != 1 {
+            return Err(Error::Shape {
+                op: "prefill_held",
+                msg: format!(
+                    "prefill runs one sequence; the held state has {} rows",
+                    held.batch
+                ),
+            });
+        }
+        let input = Batch::new(tokens, 1, tokens.len());
+        input.check(&self.cfg, "prefill_held")?;
+        self.dev.bind()?;
+        self.held(held, "prefill_held")?;
+        let key = (1, tokens.len(), Mode::Infer { head_rows: 1 });
+        let lowp = self.lowp();
+        ensure_ws(
+            &mut self.infer_ws,
+            &self.dev,
+            &self.cfg,
+            self.shape,
+            key,
+            lowp,
+        )?;
+        let ws = self.infer_ws.as_ref().expect("workspace");
+        let h = self.held(held, "prefill_held")?;
+        self.upload_inputs(ws, &input, None)?;
+        ws.state_in_conv.copy_from(0, h.conv.ptr, h.conv.bytes)?;
+        ws.state_in_ssm.copy_from(0, h.ssm.ptr, h.ssm.bytes)?;
+        self.forward_dev(ws, true, tokens.len() - 1)?;
+        h.conv.copy_from(0, ws.state_out_conv.ptr, h.conv.bytes)?;
+        h.ssm.copy_from(0, ws.state_out_ssm.ptr, h.ssm.bytes)?;
+        ws.logits.read(0, logits)
     }
 
     fn prefill(

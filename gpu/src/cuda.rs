@@ -1,5 +1,6 @@
 //! The CUDA context of one device: stream, NVRTC module (compiled once per kernel
-//! configuration and cached per process), cuBLAS handle, raw device buffers and launches.
+//! configuration, cached per process and on disk, see [`kernel_cache_dir`]), cuBLAS handle,
+//! raw device buffers and launches.
 
 use std::collections::HashMap;
 use std::ffi::{c_void, CString};
@@ -12,13 +13,14 @@ use cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions};
 use reference::{Error, Result};
 
 /// Every kernel source, in the order they are concatenated into one NVRTC program.
-const SOURCES: [&str; 8] = [
+const SOURCES: [&str; 9] = [
     include_str!("../kernels/common.cuh"),
     include_str!("../kernels/elementwise.cu"),
     include_str!("../kernels/embedding.cu"),
     include_str!("../kernels/norm.cu"),
     include_str!("../kernels/conv1d.cu"),
     include_str!("../kernels/selective_scan.cu"),
+    include_str!("../kernels/decode.cu"),
     include_str!("../kernels/loss.cu"),
     include_str!("../kernels/adamw.cu"),
 ];
@@ -46,6 +48,8 @@ const KERNELS: &[&str] = &[
     "selective_scan_bwd_2b_f32",
     "scan_reduce_bc_f32",
     "scan_reduce_batch_f32",
+    "conv_update_f32",
+    "ssm_update_f32",
     "cross_entropy_fwd_bwd_f32",
     "sumsq_partial_f64",
     "sumsq_final_f64",
@@ -191,25 +195,47 @@ impl Dev {
         let sm_count =
             ctx.attribute(drv_sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
                 .map_err(|e| dev_err(&name, "reading the SM count", e))? as usize;
-        let ptx = {
+        let ptx_for = |fresh: bool| -> Result<(String, bool)> {
             let mut cache = ptx_cache().lock().unwrap_or_else(|p| p.into_inner());
-            match cache.get(&(cc.0, cc.1, shape)) {
-                Some(p) => p.clone(),
-                None => {
-                    let p = compile(cc, shape).map_err(|msg| Error::Device {
-                        device: name.clone(),
-                        msg,
-                    })?;
-                    cache.insert((cc.0, cc.1, shape), p.clone());
-                    p
+            if !fresh {
+                if let Some(p) = cache.get(&(cc.0, cc.1, shape)) {
+                    return Ok((p.clone(), false));
                 }
             }
+            let (p, from_disk) = if fresh {
+                (compile(cc, shape), false)
+            } else {
+                match compile_cached(kernel_cache_dir().as_deref(), cc, shape) {
+                    Ok(x) => (Ok(x.0), x.1),
+                    Err(e) => (Err(e), false),
+                }
+            };
+            let p = p.map_err(|msg| Error::Device {
+                device: name.clone(),
+                msg,
+            })?;
+            cache.insert((cc.0, cc.1, shape), p.clone());
+            Ok((p, from_disk))
         };
-        let cptx = CString::new(ptx).map_err(|e| dev_err(&name, "PTX", e))?;
-        // SAFETY: the context is current on this thread (CudaContext::new binds it); the image
-        // is a NUL-terminated PTX string that outlives the call.
-        let module = unsafe { drv::module::load_data(cptx.as_ptr() as *const c_void) }
-            .map_err(|e| dev_err(&name, "loading the kernel module", e))?;
+        let load = |ptx: String| -> Result<drv_sys::CUmodule> {
+            let cptx = CString::new(ptx).map_err(|e| dev_err(&name, "PTX", e))?;
+            // SAFETY: the context is current on this thread (CudaContext::new binds it); the
+            // image is a NUL-terminated PTX string that outlives the call.
+            unsafe { drv::module::load_data(cptx.as_ptr() as *const c_void) }
+                .map_err(|e| dev_err(&name, "loading the kernel module", e))
+        };
+        let (ptx, from_disk) = ptx_for(false)?;
+        let module = match load(ptx) {
+            Ok(m) => m,
+            // A cached entry the driver refuses (another toolkit wrote it, the disk damaged
+            // it): compile afresh.
+            Err(_) if from_disk => {
+                eprintln!("warning: the cached kernels did not load; compiling them again");
+                forget_cached(cc, shape);
+                load(ptx_for(true)?.0)?
+            }
+            Err(e) => return Err(e),
+        };
         let mut funcs = HashMap::new();
         for &k in KERNELS {
             let cname = CString::new(k).map_err(|e| dev_err(&name, "kernel name", e))?;
@@ -423,24 +449,128 @@ pub fn scan_bwd_smem(shape: KernelShape) -> usize {
     2 * scan_window(shape) * (SCAN_THREADS / 32) * shape.d_state_pad * 4
 }
 
+/// NVRTC options and architecture of one kernel build.
+fn compile_options(cc: (i32, i32), shape: KernelShape) -> (String, Vec<String>) {
+    let arch = format!("sm_{}{}", cc.0, cc.1);
+    let options = vec![
+        format!("-DD_STATE_PAD={}", shape.d_state_pad),
+        format!("-DD_CONV={}", shape.d_conv),
+        format!("-DCHUNK={}", shape.chunk),
+        format!("-DSUB={}", scan_window(shape)),
+        "-std=c++17".into(),
+    ];
+    (arch, options)
+}
+
 fn compile(cc: (i32, i32), shape: KernelShape) -> std::result::Result<String, String> {
-    let arch: &'static str = Box::leak(format!("sm_{}{}", cc.0, cc.1).into_boxed_str());
+    let (arch, options) = compile_options(cc, shape);
+    let arch: &'static str = Box::leak(arch.into_boxed_str());
     let src: String = SOURCES.concat();
     let opts = CompileOptions {
         arch: Some(arch),
-        options: vec![
-            format!("-DD_STATE_PAD={}", shape.d_state_pad),
-            format!("-DD_CONV={}", shape.d_conv),
-            format!("-DCHUNK={}", shape.chunk),
-            format!("-DSUB={}", scan_window(shape)),
-            "-std=c++17".into(),
-        ],
+        options,
         ..Default::default()
     };
     let ptx = std::panic::catch_unwind(|| compile_ptx_with_opts(&src, opts))
         .map_err(|_| "NVRTC panicked (library missing a symbol?)".to_string())?
         .map_err(|e| format!("NVRTC compile for {arch}: {e:?}"))?;
     Ok(ptx.to_src())
+}
+
+/// The on-disk PTX cache: `$VET_KERNEL_CACHE`, else `$XDG_CACHE_HOME/vet-mamba/kernels`, else
+/// `~/.cache/vet-mamba/kernels`; `VET_KERNEL_CACHE=off` turns it off.
+pub fn kernel_cache_dir() -> Option<std::path::PathBuf> {
+    use std::path::PathBuf;
+    match std::env::var_os("VET_KERNEL_CACHE") {
+        Some(v) if v == "off" || v == "0" || v.is_empty() => None,
+        Some(v) => Some(PathBuf::from(v)),
+        None => std::env::var_os("XDG_CACHE_HOME")
+            .map(PathBuf::from)
+            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+            .map(|c| c.join("vet-mamba").join("kernels")),
+    }
+}
+
+/// FNV-1a, 64 bits: the cache key of a build (sources, options, architecture, NVRTC version).
+fn fnv1a64(parts: &[&[u8]]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for p in parts {
+        for &b in *p {
+            h ^= b as u64;
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+        h ^= 0xff;
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}
+
+/// The first line of a cached file: the build it holds, checked on every read.
+pub fn cache_header(cc: (i32, i32), shape: KernelShape) -> (String, String) {
+    let (arch, options) = compile_options(cc, shape);
+    let mut nvrtc = (0i32, 0i32);
+    // SAFETY: two out-pointers to live integers; the library was probed before.
+    let _ = unsafe { cudarc::nvrtc::sys::nvrtcVersion(&mut nvrtc.0, &mut nvrtc.1) };
+    let src = SOURCES.concat();
+    let opts = options.join(" ");
+    let nv = format!("{}.{}", nvrtc.0, nvrtc.1);
+    let key = fnv1a64(&[
+        src.as_bytes(),
+        opts.as_bytes(),
+        arch.as_bytes(),
+        nv.as_bytes(),
+    ]);
+    let name = format!("{key:016x}-{arch}.ptx");
+    let header = format!("// vet-mamba kernels {key:016x} {arch} nvrtc {nv} {opts}\n");
+    (name, header)
+}
+
+/// PTX for (architecture, shape): from the on-disk cache when a valid entry exists, else
+/// compiled by NVRTC and stored there (written to a temporary file, then renamed, so a
+/// crash never leaves a partial entry). A cache that cannot be read or written is skipped
+/// with a warning, never an error. Returns the PTX and whether it came from the disk.
+/// `dir`: the cache folder ([`kernel_cache_dir`] for the engine), `None` for no cache.
+pub fn compile_cached(
+    dir: Option<&std::path::Path>,
+    cc: (i32, i32),
+    shape: KernelShape,
+) -> std::result::Result<(String, bool), String> {
+    let Some(dir) = dir else {
+        return Ok((compile(cc, shape)?, false));
+    };
+    let (name, header) = cache_header(cc, shape);
+    let path = dir.join(&name);
+    if let Ok(text) = std::fs::read_to_string(&path) {
+        if let Some(ptx) = text.strip_prefix(&header) {
+            if ptx.contains(".entry") {
+                return Ok((ptx.to_string(), true));
+            }
+        }
+        eprintln!(
+            "warning: ignoring the damaged kernel cache entry {}",
+            path.display()
+        );
+    }
+    let ptx = compile(cc, shape)?;
+    let tmp = dir.join(format!("{name}.{}.tmp", std::process::id()));
+    let stored = std::fs::create_dir_all(dir)
+        .and_then(|_| std::fs::write(&tmp, format!("{header}{ptx}")))
+        .and_then(|_| std::fs::rename(&tmp, &path));
+    if let Err(e) = stored {
+        let _ = std::fs::remove_file(&tmp);
+        eprintln!(
+            "warning: cannot store compiled kernels in {} ({e}); set VET_KERNEL_CACHE to another folder or to off",
+            dir.display()
+        );
+    }
+    Ok((ptx, false))
+}
+
+/// Drops a cache entry whose PTX the driver refused.
+fn forget_cached(cc: (i32, i32), shape: KernelShape) {
+    if let Some(dir) = kernel_cache_dir() {
+        let _ = std::fs::remove_file(dir.join(cache_header(cc, shape).0));
+    }
 }
 
 /// A raw device allocation, freed on drop.
@@ -507,6 +637,9 @@ impl Buf {
     pub fn copy_from(&self, dst_off_bytes: usize, src: u64, bytes: usize) -> Result<()> {
         if dst_off_bytes + bytes > self.bytes {
             return Err(self.dev.err("device copy", "out of bounds"));
+        }
+        if bytes == 0 {
+            return Ok(());
         }
         // SAFETY: bounds checked for the destination; the caller vouches for the source.
         unsafe {

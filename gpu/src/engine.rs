@@ -42,6 +42,10 @@ pub struct GpuEngine {
     pub infer_ws: Option<Work>,
     pub decode_ws: Option<Work>,
     pub graph: Option<crate::graph::DecodeGraph>,
+    /// The state decode steps run on in device memory (`Engine::hold_state`).
+    pub held: Option<crate::decode::Held>,
+    /// Tickets handed out so far.
+    pub next_held: u64,
 }
 
 /// Blocks of the gradient-norm reduction (fixed, so the order never depends on the device).
@@ -161,7 +165,7 @@ impl GpuEngine {
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn norm_fwd(
+    pub(crate) fn norm_fwd(
         &self,
         rows: usize,
         x_in: u64,
@@ -195,7 +199,7 @@ impl GpuEngine {
         )
     }
 
-    fn bias_add(
+    pub(crate) fn bias_add(
         &self,
         y: u64,
         ld: usize,

@@ -1,9 +1,11 @@
-//! The decode step as a CUDA graph: captured once per batch size on the decode workspace's
-//! fixed buffers, then replayed for every token. `VET_CUDA_GRAPHS=0` turns it off.
+//! The decode step as a CUDA graph: captured once per (batch size, state buffers) on the
+//! decode workspace's fixed buffers, then replayed for every token. `VET_CUDA_GRAPHS=0` turns
+//! it off.
 
 use cudarc::driver::{result as drv, sys as drv_sys};
 use reference::Result;
 
+use crate::decode::StatePtrs;
 use crate::engine::GpuEngine;
 use crate::work::Work;
 
@@ -11,6 +13,8 @@ use crate::work::Work;
 pub struct DecodeGraph {
     graph: drv_sys::CUgraph,
     exec: drv_sys::CUgraphExec,
+    /// The state the captured step updates.
+    state: StatePtrs,
     /// Capture failed: run the step eagerly from now on.
     pub failed: bool,
 }
@@ -33,21 +37,22 @@ fn graphs_enabled() -> bool {
     std::env::var("VET_CUDA_GRAPHS").map_or(true, |v| v != "0")
 }
 
-fn capture(e: &GpuEngine, ws: &Work) -> DecodeGraph {
+fn capture(e: &GpuEngine, ws: &Work, st: StatePtrs) -> DecodeGraph {
     let stream = e.dev.cu_stream();
     let failed = DecodeGraph {
         graph: std::ptr::null_mut(),
         exec: std::ptr::null_mut(),
+        state: st,
         failed: true,
     };
-    // SAFETY: the stream is valid; capture only records the launches of `forward_dev`, which
-    // neither allocates nor synchronises in inference mode.
+    // SAFETY: the stream is valid; capture only records the launches of `decode_dev`, which
+    // neither allocates nor synchronises.
     unsafe {
         let mode = drv_sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL;
         if drv::stream::begin_capture(stream, mode).is_err() {
             return failed;
         }
-        let launched = e.forward_dev(ws, true, 0);
+        let launched = e.decode_dev(ws, st);
         let graph = drv::stream::end_capture(stream);
         let graph = match (launched, graph) {
             (Ok(()), Ok(g)) if !g.is_null() => g,
@@ -63,6 +68,7 @@ fn capture(e: &GpuEngine, ws: &Work) -> DecodeGraph {
             Ok(exec) => DecodeGraph {
                 graph,
                 exec,
+                state: st,
                 failed: false,
             },
             Err(_) => {
@@ -73,17 +79,19 @@ fn capture(e: &GpuEngine, ws: &Work) -> DecodeGraph {
     }
 }
 
-/// Runs one decode step over `ws` (inputs uploaded), capturing the graph on first use.
-pub fn run_decode(e: &mut GpuEngine, ws: &Work) -> Result<()> {
+/// Runs one decode step over `ws` (tokens uploaded) on the state at `st`, capturing the
+/// graph on first use (and again when the state buffers change).
+pub fn run_decode(e: &mut GpuEngine, ws: &Work, st: StatePtrs) -> Result<()> {
     if !graphs_enabled() {
-        return e.forward_dev(ws, true, 0);
+        return e.decode_dev(ws, st);
     }
-    if e.graph.is_none() {
-        e.graph = Some(capture(e, ws));
+    if e.graph.as_ref().is_none_or(|g| g.state != st) {
+        e.graph = None;
+        e.graph = Some(capture(e, ws, st));
     }
     let g = e.graph.as_ref().expect("graph");
     if g.failed {
-        return e.forward_dev(ws, true, 0);
+        return e.decode_dev(ws, st);
     }
     // SAFETY: the graph was captured on this workspace's buffers, which are still alive
     // (a new decode workspace drops the graph first).

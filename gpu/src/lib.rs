@@ -14,6 +14,7 @@
 mod api;
 mod backward;
 pub mod cuda;
+mod decode;
 mod engine;
 mod graph;
 pub mod layout;
@@ -137,6 +138,8 @@ impl GpuEngine {
             infer_ws: None,
             decode_ws: None,
             graph: None,
+            held: None,
+            next_held: 0,
             layout,
             dev,
         };

@@ -1,6 +1,7 @@
 //! The model-level interface every tier implements, and the reference's implementation.
 
 use crate::config::MambaConfig;
+use crate::decode::{not_held, HeldState};
 use crate::error::{Error, Result};
 use crate::float::Float;
 use crate::loss::cross_entropy;
@@ -121,6 +122,35 @@ pub trait Engine {
         logits.copy_from_slice(&l.data[(tokens.len() - 1) * vocab..]);
         *state = st;
         Ok(())
+    }
+    /// Moves `state` onto the engine (device memory on a GPU), replacing any state it held,
+    /// and returns the ticket for it; `None` (the default): this engine decodes from host
+    /// memory, through [`Engine::step_into`] and [`Engine::prefill`]. Use it through
+    /// [`crate::decode::DecodeState`].
+    fn hold_state(&mut self, state: &State<f32>) -> Result<Option<HeldState>> {
+        let _ = state;
+        Ok(None)
+    }
+    /// Copies the held state into `state`.
+    fn read_held(&mut self, held: HeldState, state: &mut State<f32>) -> Result<()> {
+        let _ = state;
+        Err(not_held(&self.name(), "read_held", held))
+    }
+    /// [`Engine::step_into`] on the held state.
+    fn step_held(
+        &mut self,
+        held: HeldState,
+        tokens: &[u32],
+        resets: Option<&[bool]>,
+        logits: &mut [f32],
+    ) -> Result<()> {
+        let _ = (tokens, resets, logits);
+        Err(not_held(&self.name(), "step_held", held))
+    }
+    /// [`Engine::prefill`] on the held state (batch 1).
+    fn prefill_held(&mut self, held: HeldState, tokens: &[u32], logits: &mut [f32]) -> Result<()> {
+        let _ = (tokens, logits);
+        Err(not_held(&self.name(), "prefill_held", held))
     }
     fn parameters(&self) -> NamedTensors;
     fn set_parameters(&mut self, named: &[(String, Tensor<f32>)]) -> Result<()>;

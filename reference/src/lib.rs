@@ -11,6 +11,7 @@
 //! this crate.
 
 pub mod config;
+pub mod decode;
 pub mod engine;
 pub mod error;
 pub mod float;
@@ -26,6 +27,7 @@ pub mod state;
 pub mod tensor;
 
 pub use config::{MambaConfig, NormKind};
+pub use decode::{DecodeState, HeldState};
 pub use engine::{Engine, ReferenceEngine};
 pub use error::{Error, Result};
 pub use float::Float;

@@ -9,7 +9,7 @@ use std::ops::ControlFlow;
 
 use anyhow::{bail, Result};
 use reference::rng::Rng;
-use reference::{Engine, State};
+use reference::{DecodeState, Engine};
 
 /// How the next token is chosen.
 #[derive(Clone, Debug)]
@@ -276,9 +276,10 @@ pub enum Stop {
     Caller,
 }
 
-/// The decode loop: logits from a prefill, then one [`Engine::step_into`] per token into the
-/// same buffer. After [`Generator::prefill`] nothing in [`Generator::run`] allocates (given an
-/// engine whose `step_into` does not), so its cost per token is the model's.
+/// The decode loop: logits from a prefill, then one step per token into the same buffer, on a
+/// [`DecodeState`] (held in device memory by a GPU engine, so a step moves only the token in
+/// and the logits out). After [`Generator::prefill`] nothing in [`Generator::run`] allocates
+/// (given an engine whose `step_into` does not), so its cost per token is the model's.
 ///
 /// The last token drawn is *not* fed to the model (its logits are never needed): a caller that
 /// continues the sequence prefills it first.
@@ -301,26 +302,26 @@ impl Generator {
     }
 
     /// Runs `tokens` (at least one) from `state` and keeps the last position's logits.
-    pub fn prefill(
+    pub fn prefill<E: Engine + ?Sized>(
         &mut self,
-        engine: &mut dyn Engine,
+        engine: &mut E,
         tokens: &[u32],
-        state: &mut State<f32>,
+        state: &mut DecodeState,
     ) -> Result<()> {
         if tokens.is_empty() {
             bail!("the prompt is empty: give at least one token");
         }
-        engine.prefill(tokens, state, &mut self.logits)?;
+        state.prefill(engine, tokens, &mut self.logits)?;
         Ok(())
     }
 
     /// Draws up to `max_new_tokens` tokens after the current logits, stepping `state` through
     /// each but the last. `on_token` sees every token as it is drawn, the stop token included,
     /// and may stop the loop.
-    pub fn run(
+    pub fn run<E: Engine + ?Sized>(
         &mut self,
-        engine: &mut dyn Engine,
-        state: &mut State<f32>,
+        engine: &mut E,
+        state: &mut DecodeState,
         mut on_token: impl FnMut(u32) -> ControlFlow<()>,
     ) -> Result<Stop> {
         self.tokens.clear();
@@ -341,7 +342,7 @@ impl Generator {
             if n == max {
                 break;
             }
-            engine.step_into(&[t], None, state, &mut self.logits)?;
+            state.step(engine, &[t], None, &mut self.logits)?;
         }
         Ok(Stop::MaxTokens)
     }
@@ -359,7 +360,7 @@ pub fn generate(
         bail!("the prompt is empty: give at least one token");
     }
     let mut g = Generator::new(s, engine.config().vocab_size)?;
-    let mut state = State::zeros(engine.config(), 1);
+    let mut state = DecodeState::zeros(engine, 1)?;
     g.prefill(engine, prompt, &mut state)?;
     g.sampler.observe(prompt);
     g.run(engine, &mut state, |t| {

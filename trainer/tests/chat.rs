@@ -200,7 +200,7 @@ fn reset_starts_the_conversation_over() {
     let first = chat.ask(&question(3), &mut Vec::new()).unwrap();
     chat.ask(&question(4), &mut Vec::new()).unwrap();
     assert_eq!(chat.turns(), 2);
-    chat.reset();
+    chat.reset().unwrap();
     assert!(chat.history().is_empty());
     let again = chat.ask(&question(3), &mut Vec::new()).unwrap();
     assert_eq!(again.tokens, first.tokens);

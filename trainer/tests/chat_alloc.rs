@@ -6,7 +6,7 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 use std::ops::ControlFlow;
 
-use reference::State;
+use reference::{DecodeState, State};
 use simd::{SimdEngine, SimdOptions};
 use trainer::checkpoint;
 use trainer::generate::{Generator, Sampling};
@@ -101,7 +101,7 @@ fn the_decode_loop_allocates_nothing_per_token() {
                 ..s.clone()
             };
             let mut g = Generator::new(&s, vocab).unwrap();
-            let mut state = State::zeros(&cfg, 1);
+            let mut state = DecodeState::new(&mut engine, State::zeros(&cfg, 1)).unwrap();
             g.prefill(&mut engine, &[1, 2, 3], &mut state).unwrap();
             g.sampler.observe(&[1, 2, 3]);
             let before = allocations();

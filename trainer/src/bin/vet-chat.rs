@@ -41,6 +41,10 @@ struct Cli {
     /// Weight storage on --device cpu: f32, bf16 or int8.
     #[arg(long, default_value = "f32")]
     dtype: WeightDtype,
+    /// GEMM precision on --device cuda: bf16, fp16 or f32 (the scan state, the residual
+    /// stream, A_log and D are f32 in every case).
+    #[arg(long, default_value = "bf16", value_parser = ["bf16", "fp16", "f32"])]
+    precision: String,
     /// CPU worker threads (0 = every core).
     #[arg(long, default_value_t = 0)]
     threads: usize,
@@ -179,10 +183,21 @@ fn check_checkpoint(dir: &Path, tokenizer: bool) -> Result<()> {
 }
 
 fn load_engine(cli: &Cli) -> Result<(Box<dyn reference::Engine>, MambaConfig)> {
+    let precision = match cli.precision.as_str() {
+        "fp16" => gpu::Precision::Fp16,
+        "f32" => gpu::Precision::F32,
+        _ => gpu::Precision::Bf16,
+    };
+    if precision != gpu::Precision::Bf16 && !cli.device.starts_with("cuda") {
+        bail!(
+            "--precision {} applies to --device cuda; on the CPU --dtype sets the weights' precision",
+            cli.precision
+        );
+    }
     let opts = EngineOptions {
         threads: cli.threads,
         dtype: cli.dtype,
-        ..EngineOptions::default()
+        precision,
     };
     device::load_for_inference(&cli.model, &cli.device, &opts)
         .with_context(|| format!("loading {} on --device {}", cli.model.display(), cli.device))

@@ -191,7 +191,7 @@ pub fn run(session: &mut Session, o: &BatchOptions) -> Result<BatchSummary> {
     );
     bar.set_position(done as u64);
     for (i, rec) in records.iter().enumerate().skip(done) {
-        session.reset_with_seed(fnv1a64(&format!("{}:{i}", o.seed)));
+        session.reset_with_seed(fnv1a64(&format!("{}:{i}", o.seed)))?;
         let a = session
             .ask(rec.question(), &mut std::io::sink())
             .with_context(|| format!("answering {}:{}", o.input.display(), rec.line))?;

@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use reference::{Engine, State};
+use reference::{DecodeState, Engine, State};
 use tokenizers::Tokenizer;
 
 use crate::data::qa::QaTemplate;
@@ -106,7 +106,7 @@ pub struct Session {
     eot: Option<u32>,
     gen: Generator,
     stream: TextStream,
-    state: State<f32>,
+    state: DecodeState,
     /// Tokens of the conversation not yet run through the model (the last answer's end).
     pending: Vec<u32>,
     /// Every token of the conversation so far, `pending` included.
@@ -116,12 +116,12 @@ pub struct Session {
 }
 
 impl Session {
-    pub fn new(engine: Box<dyn Engine>, tok: Tokenizer, cfg: ChatConfig) -> Result<Session> {
+    pub fn new(mut engine: Box<dyn Engine>, tok: Tokenizer, cfg: ChatConfig) -> Result<Session> {
         let eot = tok.token_to_id(EOT);
         let mut sampling = cfg.sampling.clone();
         sampling.stop_token = eot;
         let gen = Generator::new(&sampling, engine.config().vocab_size)?;
-        let state = State::zeros(engine.config(), 1);
+        let state = DecodeState::zeros(engine.as_mut(), 1).context("starting the decode state")?;
         Ok(Session {
             stream: TextStream::new(&cfg.stop_strings),
             cfg: ChatConfig { sampling, ..cfg },
@@ -165,17 +165,27 @@ impl Session {
     }
 
     /// Forgets the conversation and restarts the random stream from the configured seed.
-    pub fn reset(&mut self) {
-        self.reset_with_seed(self.cfg.sampling.seed);
+    pub fn reset(&mut self) -> Result<()> {
+        self.reset_with_seed(self.cfg.sampling.seed)
     }
 
     /// Forgets the conversation and restarts the random stream from `seed`.
-    pub fn reset_with_seed(&mut self, seed: u64) {
-        self.state = State::zeros(self.engine.config(), 1);
+    pub fn reset_with_seed(&mut self, seed: u64) -> Result<()> {
+        let zeros = State::zeros(self.engine.config(), 1);
+        self.state
+            .set(self.engine.as_mut(), zeros)
+            .context("resetting the decode state")?;
         self.pending.clear();
         self.history.clear();
         self.turns = 0;
         self.gen.sampler.reseed(seed);
+        Ok(())
+    }
+
+    /// The recurrent state the conversation has reached (copied off the device for a GPU
+    /// engine).
+    pub fn state(&mut self) -> Result<&State<f32>> {
+        Ok(self.state.state(self.engine.as_mut())?)
     }
 
     /// Answers `question` (rendered with the QA template) in the current conversation,

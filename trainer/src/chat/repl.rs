@@ -44,7 +44,7 @@ pub fn run(
             "" => continue,
             "/quit" | "/exit" => return Ok(()),
             "/reset" => {
-                session.reset();
+                session.reset()?;
                 writeln!(err, "(conversation reset)")?;
             }
             "/help" => writeln!(out, "{HELP}")?,
