@@ -1,6 +1,8 @@
 //! `reference::Engine` for [`GpuEngine`].
 
-use reference::engine::{check_len, params_from_named, LossOutput, NamedTensors, OptimizerState};
+use reference::engine::{
+    check_len, params_from_named, LossOutput, MemoryUse, NamedTensors, OptimizerState,
+};
 use reference::model::Batch;
 use reference::optim::StepStats;
 use reference::{AdamWConfig, Engine, Error, HeldState, MambaConfig, Result, State, Tensor};
@@ -505,6 +507,16 @@ impl Engine for GpuEngine {
         ws.logits.read(0, logits)?;
         ws.state_out_conv.read(0, &mut state.conv.data)?;
         ws.state_out_ssm.read(0, &mut state.ssm.data)
+    }
+
+    fn memory(&self) -> Option<MemoryUse> {
+        self.dev.bind().ok()?;
+        let (free, total) = cudarc::driver::result::mem_get_info().ok()?;
+        Some(MemoryUse {
+            activation_bytes_per_token: self.train_activation_bytes_per_token(),
+            device_used: (total - free) as u64,
+            device_total: total as u64,
+        })
     }
 
     fn parameters(&self) -> NamedTensors {

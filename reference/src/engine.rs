@@ -22,6 +22,17 @@ pub struct LossOutput {
     pub grad_state: State<f32>,
 }
 
+/// What an engine with its own device memory reports ([`Engine::memory`]).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct MemoryUse {
+    /// Training activations kept for the backward, per token of the last batch (`None`
+    /// before the first `loss_and_backward`).
+    pub activation_bytes_per_token: Option<f64>,
+    /// Bytes in use on the device (every process), and its total.
+    pub device_used: u64,
+    pub device_total: u64,
+}
+
 /// Named f32 tensors in canonical order (parameters, gradients, optimizer moments).
 pub type NamedTensors = Vec<(String, Tensor<f32>)>;
 
@@ -151,6 +162,10 @@ pub trait Engine {
     fn prefill_held(&mut self, held: HeldState, tokens: &[u32], logits: &mut [f32]) -> Result<()> {
         let _ = (tokens, logits);
         Err(not_held(&self.name(), "prefill_held", held))
+    }
+    /// Device memory in use, for engines with their own memory (GPU); `None` by default.
+    fn memory(&self) -> Option<MemoryUse> {
+        None
     }
     fn parameters(&self) -> NamedTensors;
     fn set_parameters(&mut self, named: &[(String, Tensor<f32>)]) -> Result<()>;

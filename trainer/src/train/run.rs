@@ -395,6 +395,22 @@ pub fn train(cfg: RunConfig, opts: &RunOptions) -> Result<RunSummary> {
                 let tps = run_tokens as f64 / started.elapsed().as_secs_f64().max(1e-9);
                 let line = json!({"step": run.state.step, "loss": l, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tps, "tokens": run.state.tokens_seen});
                 writeln!(metrics, "{line}")?;
+                if run_tokens == tokens as u64 {
+                    if let Some(m) = run.engine.memory() {
+                        let per_token = m.activation_bytes_per_token.unwrap_or(0.0);
+                        let gib = |b: f64| b / (1u64 << 30) as f64;
+                        pb.println(format!(
+                            "memory on {}: activations {:.1} KiB/token ({:.2} GiB for a batch of {tokens} tokens); device {:.1} of {:.1} GiB in use",
+                            run.engine.name(),
+                            per_token / 1024.0,
+                            gib(per_token * tokens as f64),
+                            gib(m.device_used as f64),
+                            gib(m.device_total as f64)
+                        ));
+                        let mem = json!({"step": run.state.step, "activation_bytes_per_token": per_token, "device_used_bytes": m.device_used, "device_total_bytes": m.device_total});
+                        writeln!(metrics, "{mem}")?;
+                    }
+                }
                 pb.set_position(run.state.step);
                 pb.set_message(format!("loss {l:.4} lr {lr:.2e} {tps:.0} tok/s"));
                 if run.state.step % opts.log_every == 0 && pb.is_hidden() {
