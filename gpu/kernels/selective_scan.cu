@@ -225,6 +225,7 @@ selective_scan_fwd_f32(const float* __restrict__ u, const float* __restrict__ de
 //
 // Dynamic shared memory (floats): sbc CHUNK · 2 NG, sr CHUNK (ints), ck NW · NG · SCAN_THREADS
 // (window-start states), red CHUNK · SCAN_WARPS · 2 NG (warp sums of dB / dC).
+template <bool SHARE>
 __device__ __forceinline__ void
 selective_scan_bwd_body(const float* __restrict__ u, const float* __restrict__ delta,
                         const float* __restrict__ a_log, const float* __restrict__ xbc, long ldbc, long col_b,
@@ -325,17 +326,28 @@ selective_scan_bwd_body(const float* __restrict__ u, const float* __restrict__ d
         // This window's inputs; prefetch the next one's.
         long t0 = gw * SUB;
         int j0 = w * SUB;
-        float x[SUB], dt[SUB], sg[SUB], dy[SUB], gg[SUB], zz[SUB];
+        // softplus and its gradient share exp(v); silu and its gradient share sigmoid(z).
+        float x[SUB], dt[SUB], sg[SUB], dy[SUB], gg[SUB], zg[SUB];
 #pragma unroll
         for (int j = 0; j < SUB; ++j) {
             bool tv = t0 + j < L && cval;
             float v = nv[j] + bias;
             x[j] = nu[j];
-            dt[j] = tv ? softplus_f32(v) : 0.0f;
-            sg[j] = softplus_grad_f32(v);
             gg[j] = ng[j];
-            zz[j] = nz[j];
-            dy[j] = z ? ng[j] * silu_f32(nz[j]) : ng[j];
+            float zv = nz[j];
+            if (SHARE) {
+                float ev = expf(v);
+                dt[j] = tv ? (v > 20.0f ? v : log1pf(ev)) : 0.0f;
+                sg[j] = v > 20.0f ? 1.0f : ev / (1.0f + ev);
+                float sz = sigmoid_f32(zv);
+                zg[j] = sz * (1.0f + zv * (1.0f - sz));
+                dy[j] = z ? ng[j] * (zv * sz) : ng[j];
+            } else {
+                dt[j] = tv ? softplus_f32(v) : 0.0f;
+                sg[j] = softplus_grad_f32(v);
+                zg[j] = silu_grad_f32(zv);
+                dy[j] = z ? ng[j] * silu_f32(zv) : ng[j];
+            }
         }
         if (gw > 0) load_win(t0 - SUB);
         // Forward over the window: states into registers, y.
@@ -395,7 +407,7 @@ selective_scan_bwd_body(const float* __restrict__ u, const float* __restrict__ d
                 float yt = y[j] + Dc * x[j];
                 // Σ_n dh · (h_prev · decay · A + x · B); A = A2 · ln 2.
                 float dd = (tcs * LN2 + x[j] * s1) * sg[j];
-                if (z) dz_out[row * ldz_out + c] = gg[j] * yt * silu_grad_f32(zz[j]);
+                if (z) dz_out[row * ldz_out + c] = gg[j] * yt * zg[j];
                 ddelta_out[row * di + c] = dd;
                 du_out[row * di + c] = dy[j] * Dc + dt[j] * s1;
                 dD += dy[j] * x[j];
@@ -442,12 +454,14 @@ selective_scan_bwd_body(const float* __restrict__ u, const float* __restrict__ d
         dz_out, ldz_out, part_bc, part_a, part_d, part_db, dh0, batch, L, di, ds
 
 // Two builds of the same backward: registers as the compiler likes, and capped for two blocks
-// of SCAN_THREADS per SM (`_2b`). The engine picks one (gpu/src/cuda.rs).
+// of SCAN_THREADS per SM (`_2b`; at 128 threads both get 255 registers). The engine picks one
+// (gpu/src/cuda.rs). SHARE = false is the unshared softplus / SiLU path (same speed on the H200
+// at chunk 32, 3 % slower at chunk 16), kept for comparison.
 extern "C" __global__ void __launch_bounds__(SCAN_THREADS) selective_scan_bwd_f32(SCAN_BWD_PARAMS) {
-    selective_scan_bwd_body(SCAN_BWD_ARGS);
+    selective_scan_bwd_body<true>(SCAN_BWD_ARGS);
 }
 extern "C" __global__ void __launch_bounds__(SCAN_THREADS, 2) selective_scan_bwd_2b_f32(SCAN_BWD_PARAMS) {
-    selective_scan_bwd_body(SCAN_BWD_ARGS);
+    selective_scan_bwd_body<true>(SCAN_BWD_ARGS);
 }
 
 // out[row * ldo + col] = Σ_blk part_bc[blk, row, col] (blocks in order), col < 2 ds.
