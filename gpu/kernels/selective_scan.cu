@@ -1,280 +1,443 @@
 // The selective scan of Mamba-1 with dt bias + softplus, the D skip and the z gate fused in
 // (twin of reference/src/ops/selective_scan.rs).
 //
-// Layout: one thread per (batch b, channel c, state index n); D_STATE_PAD (a power of two
-// ≥ d_state, ≤ 32) neighbouring lanes of a warp hold the states of one channel and reduce
-// over n with xor butterflies (fixed order, every lane gets the same bits). Block: 256
-// threads = 256 / D_STATE_PAD channels. Grid: (ceil(d_inner / channels per block), batch).
+// Layout: one thread per (batch b, channel c) holds all D_STATE_PAD (a power of two ≥ d_state,
+// ≤ 32) states of its channel in registers and walks time. Block: SCAN_THREADS channels of one
+// batch row; grid (ceil(d_inner / SCAN_THREADS), batch). The block stages the B/C rows (and
+// the document-reset flags) of a tile of positions in shared memory once; every thread reads
+// them as broadcasts. Loads of u / delta / z / dout and stores of the outputs are coalesced
+// across channels. Per-channel scalars (softplus, SiLU) are computed once per (t, c).
 //
 // The forward stores the state at the start of every CHUNK positions (`chunk_states`,
-// [batch, n_chunks, d_inner, d_state]); the backward walks the chunks in reverse, recomputes
-// the states inside a chunk into registers and runs the reverse recurrence. No
-// [batch, seq_len, d_inner, d_state] tensor ever exists.
+// [batch, n_chunks, d_state, d_inner]); the backward walks the chunks in reverse: a first
+// pass over a chunk writes the state at the start of every window of SUB positions to shared
+// memory, then the windows run in reverse, each recomputing its SUB states into registers and
+// running the reverse recurrence. No [batch, seq_len, d_inner, d_state] tensor ever exists.
 //
 // B and C are read from x_proj's output `xbc` (row stride ldbc, B at column col_b, C right
 // after it); z from in_proj's output (row stride ldz).
+//
+// Determinism: dB / dC (sums over channels) are reduce-scattered inside a warp (fixed
+// butterfly), then summed over the block's warps in index order into per-block partials that
+// scan_reduce_bc_f32 sums over blocks in order. No atomics.
 
 #define NG D_STATE_PAD
-#define SCAN_THREADS 256
+#define SCAN_THREADS 128
 #define SCAN_WARPS (SCAN_THREADS / 32)
 #define FULL_MASK 0xffffffffu
+// Forward tile (positions staged in shared memory at a time); divides CHUNK.
+#define FT 16
+#define NW (CHUNK / SUB)
+#define CKS (CHUNK - SUB > 0 ? CHUNK - SUB : 1)
+#define LOG2E 1.4426950408889634f
+#define LN2 0.6931471805599453f
 
-// Sum over the NG lanes of a group; every lane gets the same bits.
-__device__ __forceinline__ float group_sum(float v) {
-#pragma unroll
-    for (int o = NG / 2; o > 0; o >>= 1) v += __shfl_xor_sync(FULL_MASK, v, o);
-    return v;
+// 2^x (MUFU); x ≤ 0 here, results below 2^-126 flush to 0.
+__device__ __forceinline__ float ex2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
 }
 
-// Lane j's value within the group.
-__device__ __forceinline__ float group_bcast(float v, int j) { return __shfl_sync(FULL_MASK, v, j, NG); }
-__device__ __forceinline__ int group_bcast_i(int v, int j) { return __shfl_sync(FULL_MASK, v, j, NG); }
-
-// Reduce-scatter over the NG lanes of a group (recursive halving, fixed order): returns, on
-// lane n, Σ over the group's lanes of v[n]. NG − 1 shuffles for NG sums.
-__device__ __forceinline__ float group_reduce_scatter(float (&v)[NG], int n) {
+// Reduce-scatter over the 32 lanes of a warp (recursive halving, fixed order) of V values
+// (V a power of two). Afterwards lane l holds in v[0 .. max(V / 32, 1)) the warp sums of the
+// values with indices rs_base(l) + i.
+template <int V, int LVL>
+struct RsLevel {
+    static __device__ __forceinline__ void run(float (&v)[V], int lane) {
+        const int o = 16 >> LVL;
+        const int cnt = V >> LVL;
+        if (cnt > 1) {
+            const int half = cnt > 1 ? cnt / 2 : 1;
+            bool upper = (lane & o) != 0;
 #pragma unroll
-    for (int half = NG / 2; half >= 1; half >>= 1) {
-        bool upper = (n & half) != 0;
-#pragma unroll
-        for (int i = 0; i < half; ++i) {
-            float send = upper ? v[i] : v[i + half];
-            float keep = upper ? v[i + half] : v[i];
-            v[i] = keep + __shfl_xor_sync(FULL_MASK, send, half);
+            for (int i = 0; i < half; ++i) {
+                float send = upper ? v[i] : v[i + half];
+                float keep = upper ? v[i + half] : v[i];
+                v[i] = keep + __shfl_xor_sync(FULL_MASK, send, o);
+            }
+        } else {
+            v[0] += __shfl_xor_sync(FULL_MASK, v[0], o);
         }
+        RsLevel<V, LVL + 1>::run(v, lane);
     }
-    return v[0];
+};
+template <int V>
+struct RsLevel<V, 5> {
+    static __device__ __forceinline__ void run(float (&)[V], int) {}
+};
+template <int V>
+__device__ __forceinline__ void warp_reduce_scatter(float (&v)[V], int lane) {
+    RsLevel<V, 0>::run(v, lane);
+}
+template <int V>
+__device__ __forceinline__ int rs_base(int lane) {
+    return V >= 32 ? lane * (V / 32) : lane / (32 / V);
 }
 
-// Time runs in blocks of NG steps: lane n of a group computes the per-channel scalars of step
-// t0 + n once (softplus, SiLU: no 16-fold recomputation), the group broadcasts them step by
-// step, and the sums over n of the NG steps are reduce-scattered back so lane n finishes
-// step t0 + n.
+// B / C rows of positions [t0, t0 + NT) of batch row b into registers (this thread's share
+// of the NT × 2 NG tile; padding and positions past the end read as 0).
+template <int NT>
+struct BcTile {
+    static const int PER = (NT * 2 * NG + SCAN_THREADS - 1) / SCAN_THREADS;
+    float v[PER];
+    int r;
+    __device__ __forceinline__ void load(const float* __restrict__ xbc, long ldbc, long col_b,
+                                         const int* __restrict__ starts, long b, long t0, long L, long ds,
+                                         int tid) {
+#pragma unroll
+        for (int i = 0; i < PER; ++i) {
+            int idx = tid + i * SCAN_THREADS;
+            int j = idx / (2 * NG), k = idx % (2 * NG);
+            int n = k % NG;
+            long t = t0 + j;
+            float x = 0.0f;
+            if (idx < NT * 2 * NG && t < L && n < ds) x = xbc[(b * L + t) * ldbc + col_b + (k >= NG ? ds : 0) + n];
+            v[i] = x;
+        }
+        long t = t0 + tid;
+        r = (tid < NT && t < L) ? (starts[b * L + t] == t) : 0;
+    }
+    __device__ __forceinline__ void store(float* sbc, int* sr, int tid) const {
+#pragma unroll
+        for (int i = 0; i < PER; ++i) {
+            int idx = tid + i * SCAN_THREADS;
+            if (idx < NT * 2 * NG) sbc[idx] = v[i];
+        }
+        if (tid < NT) sr[tid] = r;
+    }
+};
+
 extern "C" __global__ void __launch_bounds__(SCAN_THREADS)
-selective_scan_fwd_f32(const float* u, const float* delta, const float* a_log, const float* xbc, long ldbc,
-                       long col_b, const float* dvec, const float* z, long ldz, const float* dt_bias,
-                       const int* starts, const float* h0, float* out, float* chunk_states, float* last,
-                       long batch, long L, long di, long ds) {
-    int tid = threadIdx.x, n = tid % NG;
-    long c = blockIdx.x * (long)(SCAN_THREADS / NG) + tid / NG;
+selective_scan_fwd_f32(const float* __restrict__ u, const float* __restrict__ delta,
+                       const float* __restrict__ a_log, const float* __restrict__ xbc, long ldbc, long col_b,
+                       const float* __restrict__ dvec, const float* __restrict__ z, long ldz,
+                       const float* __restrict__ dt_bias, const int* __restrict__ starts,
+                       const float* __restrict__ h0, float* __restrict__ out, float* __restrict__ chunk_states,
+                       float* __restrict__ last, long batch, long L, long di, long ds) {
+    __shared__ __align__(16) float sbc[FT * 2 * NG];
+    __shared__ int sr[FT];
+    int tid = threadIdx.x;
+    long c = blockIdx.x * (long)SCAN_THREADS + tid;
     long b = blockIdx.y;
-    bool cval = c < di, nval = n < ds;
+    bool cval = c < di;
     long cc = cval ? c : di - 1;
-    // A · log2(e): exp(dt · A) = exp2(dt · A2), one MUFU instruction.
-    float A2 = nval ? -expf(a_log[cc * ds + n]) * 1.4426950408889634f : 0.0f;
-    float h = (h0 && nval) ? h0[(b * di + cc) * ds + n] : 0.0f;
+    float A2[NG], h[NG];
+#pragma unroll
+    for (int n = 0; n < NG; ++n) {
+        // A · log2(e): exp(dt · A) = exp2(dt · A2), one MUFU instruction.
+        A2[n] = n < ds ? -expf(a_log[cc * ds + n]) * LOG2E : 0.0f;
+        h[n] = (h0 && n < ds) ? h0[(b * di + cc) * ds + n] : 0.0f;
+    }
     float Dc = dvec[cc], bias = dt_bias[cc];
     long nchunks = (L + CHUNK - 1) / CHUNK;
-    const float* bc = xbc + col_b + n;
-    for (long t0 = 0; t0 < L; t0 += NG) {
-        long tn = t0 + n;
-        bool tv = tn < L;
-        long rown = b * L + (tv ? tn : t0);
-        float xl = tv ? u[rown * di + cc] : 0.0f;
-        float dtl = tv ? softplus_f32(delta[rown * di + cc] + bias) : 0.0f;
-        int rl = tv ? (starts[rown] == tn) : 0;
-        if (chunk_states && (t0 % CHUNK) == 0 && cval && nval)
-            chunk_states[((b * nchunks + t0 / CHUNK) * di + c) * ds + n] = h;
-        float yc[NG];
+    // Register prefetch of the next tile: u, delta, z and the B/C share.
+    float pu[FT], pd[FT], pz[FT];
+    BcTile<FT> pbc;
+    auto load = [&](long t0) {
 #pragma unroll
-        for (int j = 0; j < NG; ++j) {
-            // Past the end (t >= L): x = dt = 0 leave h unchanged; that step's sum is not
-            // written. Rows are clamped so every load stays in bounds.
-            long row = b * L + min(t0 + j, L - 1);
-            float x = group_bcast(xl, j);
-            float dt = group_bcast(dtl, j);
-            int rs = group_bcast_i(rl, j);
-            if (rs) h = 0.0f;
-            float Bn = nval ? bc[row * ldbc] : 0.0f;
-            float Cn = nval ? bc[row * ldbc + ds] : 0.0f;
-            h = exp2f(dt * A2) * h + (dt * x) * Bn;
-            yc[j] = Cn * h;
+        for (int j = 0; j < FT; ++j) {
+            long t = t0 + j;
+            bool tv = t < L && cval;
+            long row = b * L + t;
+            pu[j] = tv ? u[row * di + c] : 0.0f;
+            pd[j] = tv ? delta[row * di + c] : 0.0f;
+            pz[j] = (tv && z) ? z[row * ldz + c] : 0.0f;
         }
-        float ys = group_reduce_scatter(yc, n);
-        if (tv && cval) {
-            float y = ys + Dc * xl;
-            out[rown * di + c] = z ? y * silu_f32(z[rown * ldz + cc]) : y;
+        pbc.load(xbc, ldbc, col_b, starts, b, t0, L, ds, tid);
+    };
+    load(0);
+    for (long t0 = 0; t0 < L; t0 += FT) {
+        float cu[FT], cd[FT], cz[FT];
+#pragma unroll
+        for (int j = 0; j < FT; ++j) {
+            cu[j] = pu[j];
+            cd[j] = pd[j];
+            cz[j] = pz[j];
+        }
+        __syncthreads();
+        pbc.store(sbc, sr, tid);
+        __syncthreads();
+        if (t0 + FT < L) load(t0 + FT);
+        if (chunk_states && (t0 % CHUNK) == 0 && cval) {
+#pragma unroll
+            for (int n = 0; n < NG; ++n)
+                if (n < ds) chunk_states[((b * nchunks + t0 / CHUNK) * ds + n) * di + c] = h[n];
+        }
+#pragma unroll
+        for (int j = 0; j < FT; ++j) {
+            // Past the end (t >= L) and for padding channels: x = dt = 0 leave h unchanged.
+            long t = t0 + j;
+            bool tv = t < L && cval;
+            float x = cu[j];
+            float dt = tv ? softplus_f32(cd[j] + bias) : 0.0f;
+            if (sr[j]) {
+#pragma unroll
+                for (int n = 0; n < NG; ++n) h[n] = 0.0f;
+            }
+            float dtx = dt * x;
+            const float4* row4 = reinterpret_cast<const float4*>(sbc + j * 2 * NG);
+            float y = 0.0f;
+#pragma unroll
+            for (int q = 0; q < (NG + 3) / 4; ++q) {
+                float bb[4], cv[4];
+                if (NG >= 4) {
+                    float4 B4 = row4[q], C4 = row4[NG / 4 + q];
+                    bb[0] = B4.x; bb[1] = B4.y; bb[2] = B4.z; bb[3] = B4.w;
+                    cv[0] = C4.x; cv[1] = C4.y; cv[2] = C4.z; cv[3] = C4.w;
+                } else {
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) {
+                        bb[e] = e < NG ? sbc[j * 2 * NG + e] : 0.0f;
+                        cv[e] = e < NG ? sbc[j * 2 * NG + NG + e] : 0.0f;
+                    }
+                }
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int n = q * 4 + e;
+                    if (n < NG) {
+                        h[n] = ex2(dt * A2[n]) * h[n] + dtx * bb[e];
+                        y += cv[e] * h[n];
+                    }
+                }
+            }
+            if (tv) {
+                y += Dc * x;
+                long row = b * L + t;
+                out[row * di + c] = z ? y * silu_f32(cz[j]) : y;
+            }
         }
     }
-    if (last && cval && nval) last[(b * di + c) * ds + n] = h;
+    if (last && cval) {
+#pragma unroll
+        for (int n = 0; n < NG; ++n)
+            if (n < ds) last[(b * di + c) * ds + n] = h[n];
+    }
 }
 
-// One group-block of NG steps of the forward recurrence from `h` (no outputs).
-__device__ __forceinline__ float scan_advance(float h, long t0, int n, long b, long L, long di, long cc,
-                                              const float* u, const float* delta, const float* bc, long ldbc,
-                                              const int* starts, float bias, float A2, bool nval) {
-    long tn = t0 + n;
-    bool tv = tn < L;
-    long rown = b * L + (tv ? tn : 0);
-    float xl = tv ? u[rown * di + cc] : 0.0f;
-    float dtl = tv ? softplus_f32(delta[rown * di + cc] + bias) : 0.0f;
-    int rl = tv ? (starts[rown] == tn) : 0;
-#pragma unroll
-    for (int j = 0; j < NG; ++j) {
-        long row = b * L + min(t0 + j, L - 1);
-        float x = group_bcast(xl, j);
-        float dt = group_bcast(dtl, j);
-        int rs = group_bcast_i(rl, j);
-        if (rs) h = 0.0f;
-        float Bn = nval ? bc[row * ldbc] : 0.0f;
-        h = exp2f(dt * A2) * h + (dt * x) * Bn;
-    }
-    return h;
-}
+// B and C of chunk-relative position j, state n, from the staged chunk rows.
+#define SB(j, n) sbc[(j) * 2 * NG + (n)]
+#define SC(j, n) sbc[(j) * 2 * NG + NG + (n)]
 
 // Backward. Writes du, ddelta ([B, L, di]), dz (row stride ldz_out) and per-block partial sums:
 // part_bc[blk, b * L + t, 0..2 ds] (dB then dC, summed over the block's channels),
 // part_a[b, c, n], part_d[b, c], part_db[b, c] (summed over positions), dh0[b, c, n].
 //
-// Chunks (CHUNK positions, one stored state each) are walked in reverse; inside a chunk,
-// windows of SUB positions in reverse: the state at the window's start is recomputed from
-// the chunk's state, the window's states go to registers (hist), then the reverse
-// recurrence runs over the window. SUB bounds the registers, CHUNK the stored states.
-// Dynamic shared memory: 2 · SUB · SCAN_WARPS · NG floats.
+// Dynamic shared memory (floats): sbc CHUNK · 2 NG, sr CHUNK (ints), ck NW · NG · SCAN_THREADS
+// (window-start states), red CHUNK · SCAN_WARPS · 2 NG (warp sums of dB / dC).
+template <bool SHARE>
 __device__ __forceinline__ void
-selective_scan_bwd_body(const float* u, const float* delta, const float* a_log, const float* xbc, long ldbc,
-                        long col_b, const float* dvec, const float* z, long ldz, const float* dt_bias,
-                        const int* starts, const float* chunk_states, const float* dout, float* du_out,
-                        float* ddelta_out, float* dz_out, long ldz_out, float* part_bc, float* part_a,
-                        float* part_d, float* part_db, float* dh0, long batch, long L, long di, long ds) {
-    extern __shared__ float smem[];
-    float* sb = smem;
-    float* sc = smem + SUB * SCAN_WARPS * NG;
-    int tid = threadIdx.x, n = tid % NG, lane = tid & 31, warp = tid >> 5;
-    long c = blockIdx.x * (long)(SCAN_THREADS / NG) + tid / NG;
+selective_scan_bwd_body(const float* __restrict__ u, const float* __restrict__ delta,
+                        const float* __restrict__ a_log, const float* __restrict__ xbc, long ldbc, long col_b,
+                        const float* __restrict__ dvec, const float* __restrict__ z, long ldz,
+                        const float* __restrict__ dt_bias, const int* __restrict__ starts,
+                        const float* __restrict__ chunk_states, const float* __restrict__ dout,
+                        float* __restrict__ du_out, float* __restrict__ ddelta_out, float* __restrict__ dz_out,
+                        long ldz_out, float* __restrict__ part_bc, float* __restrict__ part_a,
+                        float* __restrict__ part_d, float* __restrict__ part_db, float* __restrict__ dh0,
+                        long batch, long L, long di, long ds) {
+    extern __shared__ __align__(16) float smem[];
+    float* sbc = smem;
+    int* sr = reinterpret_cast<int*>(smem + CHUNK * 2 * NG);
+    float* ck = smem + CHUNK * 2 * NG + CHUNK;
+    float* red = ck + NW * NG * SCAN_THREADS;
+    int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    long c = blockIdx.x * (long)SCAN_THREADS + tid;
     long b = blockIdx.y;
-    bool cval = c < di, nval = n < ds;
+    bool cval = c < di;
     long cc = cval ? c : di - 1;
-    float A = nval ? -expf(a_log[cc * ds + n]) : 0.0f;
-    float A2 = A * 1.4426950408889634f;
+    float A2[NG], dh[NG], dA[NG];
+#pragma unroll
+    for (int n = 0; n < NG; ++n) {
+        A2[n] = n < ds ? -expf(a_log[cc * ds + n]) * LOG2E : 0.0f;
+        dh[n] = 0.0f;
+        dA[n] = 0.0f;
+    }
     float Dc = dvec[cc], bias = dt_bias[cc];
+    float dD = 0.0f, ddb = 0.0f;
     long nchunks = (L + CHUNK - 1) / CHUNK;
-    const float* bc = xbc + col_b + n;
-    float hist[SUB];
-    float dh = 0.0f, dA = 0.0f, dD = 0.0f, ddb = 0.0f;
-    for (long k = nchunks - 1; k >= 0; --k) {
-        float hk = (cval && nval) ? chunk_states[((b * nchunks + k) * di + c) * ds + n] : 0.0f;
-        for (int w = CHUNK / SUB - 1; w >= 0; --w) {
-            long t0 = k * CHUNK + (long)w * SUB;
-            if (t0 >= L) continue;
-            float h = hk;
-            for (long ta = k * CHUNK; ta < t0; ta += NG)
-                h = scan_advance(h, ta, n, b, L, di, cc, u, delta, bc, ldbc, starts, bias, A2, nval);
-            float hs = h;
-            // The window's states into registers.
+    long gw_last = L > 0 ? (L - 1) / SUB : -1;
+    // Prefetched inputs of the next window (the SUB positions before the current one).
+    float nu[SUB], nv[SUB], ng[SUB], nz[SUB];
+    auto load_win = [&](long t0) {
 #pragma unroll
-            for (int s = 0; s < SUB / NG; ++s) {
-                long tn = t0 + s * NG + n;
-                bool tv = tn < L;
-                long rown = b * L + (tv ? tn : 0);
-                float xl = tv ? u[rown * di + cc] : 0.0f;
-                float dtl = tv ? softplus_f32(delta[rown * di + cc] + bias) : 0.0f;
-                int rl = tv ? (starts[rown] == tn) : 0;
-#pragma unroll
-                for (int j = 0; j < NG; ++j) {
-                    long row = b * L + min(t0 + s * NG + j, L - 1);
-                    float x = group_bcast(xl, j);
-                    float dt = group_bcast(dtl, j);
-                    int rs = group_bcast_i(rl, j);
-                    if (rs) h = 0.0f;
-                    float Bn = nval ? bc[row * ldbc] : 0.0f;
-                    h = exp2f(dt * A2) * h + (dt * x) * Bn;
-                    hist[s * NG + j] = h;
-                }
-            }
-            // Reverse recurrence over the window.
-#pragma unroll
-            for (int s = SUB / NG - 1; s >= 0; --s) {
-                long tn = t0 + s * NG + n;
-                bool tv = tn < L;
-                long rown = b * L + (tv ? tn : 0);
-                long il = rown * di + cc;
-                float xl = tv ? u[il] : 0.0f;
-                float vl = tv ? delta[il] + bias : 0.0f;
-                float dtl = tv ? softplus_f32(vl) : 0.0f;
-                float gl = tv ? dout[il] : 0.0f;
-                float zl = (tv && z) ? z[rown * ldz + cc] : 0.0f;
-                float dyl = z ? gl * silu_f32(zl) : gl;
-                int rl = tv ? (starts[rown] == tn) : 0;
-                float yc[NG], tc[NG], xc[NG];
-#pragma unroll
-                for (int j = NG - 1; j >= 0; --j) {
-                    const int jj = s * NG + j;
-                    // Past the end, x = dt = dy = 0 and dh is still 0 (no later step): nothing
-                    // moves, and that step's outputs are not written.
-                    long row = b * L + min(t0 + jj, L - 1);
-                    float x = group_bcast(xl, j);
-                    float dt = group_bcast(dtl, j);
-                    float dy = group_bcast(dyl, j);
-                    int rs = group_bcast_i(rl, j);
-                    float Bn = nval ? bc[row * ldbc] : 0.0f;
-                    float Cn = nval ? bc[row * ldbc + ds] : 0.0f;
-                    float hcur = hist[jj];
-                    yc[j] = Cn * hcur;
-                    dh += dy * Cn;
-                    float ccv = dy * hcur;
-                    float hp = rs ? 0.0f : (jj > 0 ? hist[jj > 0 ? jj - 1 : 0] : hs);
-                    float decay = exp2f(dt * A2);
-                    float gdec = dh * hp * decay;
-                    tc[j] = gdec * A + dh * x * Bn;
-                    dA += gdec * dt;
-                    xc[j] = dh * dt * Bn;
-                    float cbv = dh * (dt * x);
-                    dh = rs ? 0.0f : dh * decay;
-                    if (!cval) {
-                        cbv = 0.0f;
-                        ccv = 0.0f;
-                    }
-#pragma unroll
-                    for (int o = NG; o < 32; o <<= 1) {
-                        cbv += __shfl_xor_sync(FULL_MASK, cbv, o);
-                        ccv += __shfl_xor_sync(FULL_MASK, ccv, o);
-                    }
-                    if (lane < NG) {
-                        sb[(jj * SCAN_WARPS + warp) * NG + n] = cbv;
-                        sc[(jj * SCAN_WARPS + warp) * NG + n] = ccv;
-                    }
-                }
-                float ys = group_reduce_scatter(yc, n);
-                float ts = group_reduce_scatter(tc, n);
-                float xs = group_reduce_scatter(xc, n);
-                if (tv) {
-                    float y = ys + Dc * xl;
-                    float dd = ts * softplus_grad_f32(vl);
-                    if (cval) {
-                        if (z) dz_out[rown * ldz_out + c] = gl * y * silu_grad_f32(zl);
-                        ddelta_out[rown * di + c] = dd;
-                        du_out[rown * di + c] = dyl * Dc + xs;
-                    }
-                    dD += dyl * xl;
-                    ddb += dd;
-                }
-            }
+        for (int j = 0; j < SUB; ++j) {
+            long t = t0 + j;
+            bool tv = t < L && cval;
+            long row = b * L + t;
+            nu[j] = tv ? u[row * di + c] : 0.0f;
+            nv[j] = tv ? delta[row * di + c] : 0.0f;
+            ng[j] = tv ? dout[row * di + c] : 0.0f;
+            nz[j] = (tv && z) ? z[row * ldz + c] : 0.0f;
+        }
+    };
+    if (gw_last >= 0) load_win(gw_last * SUB);
+    for (long gw = gw_last; gw >= 0; --gw) {
+        long k = gw / NW;
+        int w = (int)(gw % NW);
+        long tc0 = k * CHUNK;
+        if (gw == gw_last || w == NW - 1) {
+            // Chunk setup: stage B / C rows and reset flags, then the window-start states.
             __syncthreads();
-            for (int idx = tid; idx < SUB * NG; idx += SCAN_THREADS) {
-                int j = idx / NG, nn = idx % NG;
-                long t = t0 + j;
-                if (t < L && nn < ds) {
-                    float sbv = 0.0f, scv = 0.0f;
-                    for (int w8 = 0; w8 < SCAN_WARPS; ++w8) {
-                        sbv += sb[(j * SCAN_WARPS + w8) * NG + nn];
-                        scv += sc[(j * SCAN_WARPS + w8) * NG + nn];
+            for (int idx = tid; idx < CHUNK * 2 * NG; idx += SCAN_THREADS) {
+                int j = idx / (2 * NG), kk = idx % (2 * NG);
+                int n = kk % NG;
+                long t = tc0 + j;
+                sbc[idx] = (t < L && n < ds) ? xbc[(b * L + t) * ldbc + col_b + (kk >= NG ? ds : 0) + n] : 0.0f;
+            }
+            for (int j = tid; j < CHUNK; j += SCAN_THREADS) {
+                long t = tc0 + j;
+                sr[j] = t < L ? (starts[b * L + t] == t) : 0;
+            }
+            float cu[CKS], cdl[CKS];
+#pragma unroll
+            for (int j = 0; j < CKS; ++j) {
+                long t = tc0 + j;
+                bool tv = t < L && cval && j < CHUNK - SUB;
+                long row = b * L + t;
+                cu[j] = tv ? u[row * di + c] : 0.0f;
+                cdl[j] = tv ? delta[row * di + c] : 0.0f;
+            }
+            float h[NG];
+#pragma unroll
+            for (int n = 0; n < NG; ++n)
+                h[n] = (cval && n < ds) ? chunk_states[((b * nchunks + k) * ds + n) * di + c] : 0.0f;
+            __syncthreads();
+#pragma unroll
+            for (int ww = 0; ww < NW; ++ww) {
+#pragma unroll
+                for (int n = 0; n < NG; ++n) ck[(ww * NG + n) * SCAN_THREADS + tid] = h[n];
+                if (ww == NW - 1) break;
+#pragma unroll
+                for (int jj = 0; jj < SUB; ++jj) {
+                    const int j = ww * SUB + jj;
+                    long t = tc0 + j;
+                    float dt = (t < L && cval) ? softplus_f32(cdl[j] + bias) : 0.0f;
+                    float dtx = dt * cu[j];
+                    if (sr[j]) {
+#pragma unroll
+                        for (int n = 0; n < NG; ++n) h[n] = 0.0f;
                     }
-                    float* p = part_bc + ((blockIdx.x * batch + b) * L + t) * 2 * ds;
-                    p[nn] = sbv;
-                    p[ds + nn] = scv;
+#pragma unroll
+                    for (int n = 0; n < NG; ++n) h[n] = ex2(dt * A2[n]) * h[n] + dtx * SB(j, n);
                 }
             }
+        }
+        // This window's inputs; prefetch the next one's.
+        long t0 = gw * SUB;
+        int j0 = w * SUB;
+        // softplus and its gradient share exp(v); silu and its gradient share sigmoid(z).
+        float x[SUB], dt[SUB], sg[SUB], dy[SUB], gg[SUB], zg[SUB];
+#pragma unroll
+        for (int j = 0; j < SUB; ++j) {
+            bool tv = t0 + j < L && cval;
+            float v = nv[j] + bias;
+            x[j] = nu[j];
+            gg[j] = ng[j];
+            float zv = nz[j];
+            if (SHARE) {
+                float ev = expf(v);
+                dt[j] = tv ? (v > 20.0f ? v : log1pf(ev)) : 0.0f;
+                sg[j] = v > 20.0f ? 1.0f : ev / (1.0f + ev);
+                float sz = sigmoid_f32(zv);
+                zg[j] = sz * (1.0f + zv * (1.0f - sz));
+                dy[j] = z ? ng[j] * (zv * sz) : ng[j];
+            } else {
+                dt[j] = tv ? softplus_f32(v) : 0.0f;
+                sg[j] = softplus_grad_f32(v);
+                zg[j] = silu_grad_f32(zv);
+                dy[j] = z ? ng[j] * silu_f32(zv) : ng[j];
+            }
+        }
+        if (gw > 0) load_win(t0 - SUB);
+        // Forward over the window: states into registers, y.
+        float hist[SUB][NG], y[SUB];
+        {
+            float h[NG];
+#pragma unroll
+            for (int n = 0; n < NG; ++n) h[n] = ck[(w * NG + n) * SCAN_THREADS + tid];
+#pragma unroll
+            for (int j = 0; j < SUB; ++j) {
+                const int jc = j0 + j;
+                float dtx = dt[j] * x[j];
+                int rs = sr[jc];
+                float ys = 0.0f;
+#pragma unroll
+                for (int n = 0; n < NG; ++n) {
+                    float hp = rs ? 0.0f : h[n];
+                    h[n] = ex2(dt[j] * A2[n]) * hp + dtx * SB(jc, n);
+                    hist[j][n] = h[n];
+                    ys += SC(jc, n) * h[n];
+                }
+                y[j] = ys;
+            }
+        }
+        // Reverse recurrence over the window.
+#pragma unroll
+        for (int j = SUB - 1; j >= 0; --j) {
+            const int jc = j0 + j;
+            long t = t0 + j;
+            int rs = sr[jc];
+            float dtx = dt[j] * x[j];
+            float tcs = 0.0f, s1 = 0.0f;
+            float vv[2 * NG];
+#pragma unroll
+            for (int n = 0; n < NG; ++n) {
+                float Bn = SB(jc, n), Cn = SC(jc, n);
+                dh[n] += dy[j] * Cn;
+                vv[NG + n] = dy[j] * hist[j][n];
+                float hp = rs ? 0.0f : (j > 0 ? hist[j > 0 ? j - 1 : 0][n] : ck[(w * NG + n) * SCAN_THREADS + tid]);
+                float dec = ex2(dt[j] * A2[n]);
+                float gdec = dh[n] * hp * dec;
+                dA[n] += gdec * dt[j];
+                tcs += gdec * A2[n];
+                s1 += dh[n] * Bn;
+                vv[n] = dh[n] * dtx;
+                dh[n] = rs ? 0.0f : dh[n] * dec;
+            }
+            warp_reduce_scatter<2 * NG>(vv, lane);
+            {
+                const int R = (2 * NG) / 32 > 0 ? (2 * NG) / 32 : 1;
+                int base = rs_base<2 * NG>(lane);
+#pragma unroll
+                for (int i = 0; i < R; ++i) red[(jc * SCAN_WARPS + warp) * 2 * NG + base + i] = vv[i];
+            }
+            if (t < L && cval) {
+                long row = b * L + t;
+                float yt = y[j] + Dc * x[j];
+                // Σ_n dh · (h_prev · decay · A + x · B); A = A2 · ln 2.
+                float dd = (tcs * LN2 + x[j] * s1) * sg[j];
+                if (z) dz_out[row * ldz_out + c] = gg[j] * yt * zg[j];
+                ddelta_out[row * di + c] = dd;
+                du_out[row * di + c] = dy[j] * Dc + dt[j] * s1;
+                dD += dy[j] * x[j];
+                ddb += dd;
+            }
+        }
+        if (w == 0) {
+            // Chunk done: the block's dB / dC partials of its positions.
             __syncthreads();
+            for (int idx = tid; idx < CHUNK * 2 * NG; idx += SCAN_THREADS) {
+                int j = idx / (2 * NG), kk = idx % (2 * NG);
+                int n = kk % NG;
+                long t = tc0 + j;
+                if (t < L && n < ds) {
+                    float s = 0.0f;
+#pragma unroll
+                    for (int w8 = 0; w8 < SCAN_WARPS; ++w8) s += red[(j * SCAN_WARPS + w8) * 2 * NG + kk];
+                    part_bc[((blockIdx.x * batch + b) * L + t) * 2 * ds + (kk >= NG ? ds : 0) + n] = s;
+                }
+            }
         }
     }
-    dD = group_sum(dD);
-    ddb = group_sum(ddb);
-    if (cval && nval) {
-        part_a[(b * di + c) * ds + n] = dA;
-        if (dh0) dh0[(b * di + c) * ds + n] = dh;
-    }
-    if (cval && n == 0) {
+    if (cval) {
+#pragma unroll
+        for (int n = 0; n < NG; ++n) {
+            if (n < ds) {
+                part_a[(b * di + c) * ds + n] = dA[n];
+                if (dh0) dh0[(b * di + c) * ds + n] = dh[n];
+            }
+        }
         part_d[b * di + c] = dD;
         part_db[b * di + c] = ddb;
     }
@@ -290,13 +453,15 @@ selective_scan_bwd_body(const float* u, const float* delta, const float* a_log, 
     u, delta, a_log, xbc, ldbc, col_b, dvec, z, ldz, dt_bias, starts, chunk_states, dout, du_out, ddelta_out, \
         dz_out, ldz_out, part_bc, part_a, part_d, part_db, dh0, batch, L, di, ds
 
-// Two builds of the same backward: registers as the compiler likes (one block per SM), and
-// capped for two blocks per SM (`_2b`, may spill). The engine picks one (gpu/src/cuda.rs).
+// Two builds of the same backward: registers as the compiler likes, and capped for two blocks
+// of SCAN_THREADS per SM (`_2b`; at 128 threads both get 255 registers). The engine picks one
+// (gpu/src/cuda.rs). SHARE = false is the unshared softplus / SiLU path (same speed on the H200
+// at chunk 32, 3 % slower at chunk 16), kept for comparison.
 extern "C" __global__ void __launch_bounds__(SCAN_THREADS) selective_scan_bwd_f32(SCAN_BWD_PARAMS) {
-    selective_scan_bwd_body(SCAN_BWD_ARGS);
+    selective_scan_bwd_body<true>(SCAN_BWD_ARGS);
 }
 extern "C" __global__ void __launch_bounds__(SCAN_THREADS, 2) selective_scan_bwd_2b_f32(SCAN_BWD_PARAMS) {
-    selective_scan_bwd_body(SCAN_BWD_ARGS);
+    selective_scan_bwd_body<true>(SCAN_BWD_ARGS);
 }
 
 // out[row * ldo + col] = Σ_blk part_bc[blk, row, col] (blocks in order), col < 2 ds.

@@ -57,13 +57,13 @@ const KERNELS: &[&str] = &[
 ];
 
 /// Positions per stored scan state (the scan backward recomputes inside a chunk, in
-/// windows of 16 positions in registers): the default of [`KernelShape::chunk`];
+/// windows of [`scan_window`] positions in registers): the default of [`KernelShape::chunk`];
 /// `VET_SCAN_CHUNK` (16, 32 or 64) overrides it.
 pub const SCAN_CHUNK: usize = 32;
 
-/// The scan backward build this process uses: `selective_scan_bwd_f32` (one block per SM,
-/// no register cap) unless `VET_SCAN_BWD=2b` picks the build capped for two blocks per SM
-/// (measured 10–15 % slower on the H200: it spills).
+/// The scan backward build this process uses: `selective_scan_bwd_f32` (no register cap)
+/// unless `VET_SCAN_BWD=2b` picks the build capped for two blocks per SM (with 128-thread
+/// blocks both get 255 registers and measure the same on the H200).
 pub fn scan_bwd_kernel() -> &'static str {
     match std::env::var("VET_SCAN_BWD").as_deref() {
         Ok("2b") => "selective_scan_bwd_2b_f32",
@@ -81,8 +81,18 @@ pub fn scan_chunk() -> usize {
         _ => SCAN_CHUNK,
     }
 }
-/// Threads per scan block.
-pub const SCAN_THREADS: usize = 256;
+/// Scan chunk for a d_state padded to `d_state_pad`: [`scan_chunk`], at least 16, and 32 at
+/// d_state 32 (the backward's shared memory grows with chunk × d_state²).
+pub fn scan_chunk_for(d_state_pad: usize) -> usize {
+    if d_state_pad >= 32 {
+        32
+    } else {
+        scan_chunk().max(16)
+    }
+}
+
+/// Threads per scan block: one thread per channel (all d_state states in registers).
+pub const SCAN_THREADS: usize = 128;
 
 /// Compile-time shape constants of one kernel build.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -439,14 +449,18 @@ impl Drop for Dev {
     }
 }
 
-/// Positions the scan backward keeps in registers at a time (a window of a chunk).
+/// Positions the scan backward keeps in registers at a time (a window of a chunk): SUB ×
+/// d_state_pad states per thread (at most 64 up to d_state 16, 128 at 32).
 pub fn scan_window(shape: KernelShape) -> usize {
-    shape.d_state_pad.max(16)
+    (64 / shape.d_state_pad).clamp(4, 8).min(shape.chunk)
 }
 
-/// Dynamic shared memory of the scan backward.
+/// Dynamic shared memory of the scan backward (see selective_scan.cu): the chunk's B/C rows
+/// and reset flags, the window-start states of every thread, the warp sums of dB/dC.
 pub fn scan_bwd_smem(shape: KernelShape) -> usize {
-    2 * scan_window(shape) * (SCAN_THREADS / 32) * shape.d_state_pad * 4
+    let (ng, chunk) = (shape.d_state_pad, shape.chunk);
+    let windows = chunk / scan_window(shape);
+    4 * (chunk * 2 * ng + chunk + windows * ng * SCAN_THREADS + chunk * (SCAN_THREADS / 32) * 2 * ng)
 }
 
 /// NVRTC options and architecture of one kernel build.

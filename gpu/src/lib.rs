@@ -100,7 +100,7 @@ impl GpuEngine {
         let shape = cuda::KernelShape {
             d_state_pad,
             d_conv: cfg.d_conv,
-            chunk: cuda::scan_chunk().max(d_state_pad.max(16)),
+            chunk: cuda::scan_chunk_for(d_state_pad),
         };
         let dev = Arc::new(cuda::Dev::open(opts.ordinal, shape)?);
         let layout = layout::Layout::new(cfg);

@@ -9,7 +9,7 @@ use reference::ops::norm::NormStats;
 use reference::ops::selective_scan::{ScanGrads, ScanInputs};
 use reference::{Error, NormKind, Result};
 
-use crate::cuda::{scan_bwd_smem, scan_chunk, Arg, Buf, Dev, KernelShape, SCAN_THREADS};
+use crate::cuda::{scan_bwd_smem, Arg, Buf, Dev, KernelShape, SCAN_THREADS};
 use crate::engine::doc_starts;
 use crate::work::row_blocks;
 
@@ -43,7 +43,7 @@ impl OpDev {
         let shape = KernelShape {
             d_state_pad,
             d_conv,
-            chunk: scan_chunk().max(d_state_pad.max(16)),
+            chunk: crate::cuda::scan_chunk_for(d_state_pad),
         };
         Ok(OpDev {
             dev: Arc::new(Dev::open(0, shape)?),
@@ -114,7 +114,7 @@ impl OpDev {
         last: u64,
     ) -> Result<()> {
         let d = inp.dims;
-        let nblk = d.d_inner.div_ceil(SCAN_THREADS / self.shape.d_state_pad);
+        let nblk = d.d_inner.div_ceil(SCAN_THREADS);
         self.dev.launch(
             "selective_scan_fwd_f32",
             (nblk as u32, d.batch as u32, 1),
@@ -165,7 +165,7 @@ impl OpDev {
         let s = self.scan_common(inp)?;
         let tmp = self.dev.alloc(4 * n * di)?;
         self.scan_fwd_launch(inp, &s, tmp.ptr, 0)?;
-        let nblk = di.div_ceil(SCAN_THREADS / self.shape.d_state_pad);
+        let nblk = di.div_ceil(SCAN_THREADS);
         let dout = self.put(dout)?;
         let du = self.out(n * di, "scan du")?;
         let ddelta = self.out(n * di, "scan ddelta")?;

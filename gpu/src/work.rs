@@ -32,7 +32,7 @@ pub struct LayerActs {
     pub delta: Buf,
     /// Gated scan output `[n, d_inner]`.
     pub gated: Buf,
-    /// Scan states every `shape.chunk` positions `[batch, n_chunks, d_inner, d_state]`.
+    /// Scan states every `shape.chunk` positions `[batch, n_chunks, d_state, d_inner]`.
     pub chunks: Option<Buf>,
 }
 
@@ -92,8 +92,8 @@ pub fn row_blocks(n: usize) -> (usize, usize) {
 }
 
 /// Scan blocks along d_inner.
-pub fn scan_blocks(cfg: &MambaConfig, shape: KernelShape) -> usize {
-    cfg.d_inner.div_ceil(SCAN_THREADS / shape.d_state_pad)
+pub fn scan_blocks(cfg: &MambaConfig, _shape: KernelShape) -> usize {
+    cfg.d_inner.div_ceil(SCAN_THREADS)
 }
 
 impl Work {

@@ -196,7 +196,7 @@ fn scan_one(rows: &mut Vec<String>, chunk: usize) -> reference::Result<()> {
         dev.alloc(4 * n * di)?,
         dev.alloc(4 * n * 2 * di)?,
     );
-    let nblk = di.div_ceil(SCAN_THREADS / 16);
+    let nblk = di.div_ceil(SCAN_THREADS);
     let part_bc = dev.alloc(4 * nblk * n * 2 * ds)?;
     let (pa, pd, pdb) = (
         dev.alloc(4 * batch * di * ds)?,
