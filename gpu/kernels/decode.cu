@@ -5,9 +5,11 @@
 
 // Conv update: window [B, d_inner, km1] shifted in place; xs = silu(conv(window, x) + bias).
 // x: in_proj's x half (row stride ldx). Thread per (b, c). The sum runs in the order of
-// conv1d_fwd_f32 (taps ascending, then the bias), so both give the same bits.
+// conv1d_fwd_f32 (taps ascending, then the bias), so both give the same bits. xs_lp (may be
+// null): xs again in bf16 (lp_mode 0) or fp16 (1) for x_proj.
 extern "C" __global__ void conv_update_f32(const float* x, long ldx, const float* w, const float* bias,
-                                           const int* starts, float* window, float* xs, long batch, long di) {
+                                           const int* starts, float* window, float* xs, u16* xs_lp, int lp_mode,
+                                           long batch, long di) {
     const int km1 = D_CONV - 1;
     long total = batch * di;
     for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < total; i += (long)gridDim.x * blockDim.x) {
@@ -22,7 +24,9 @@ extern "C" __global__ void conv_update_f32(const float* x, long ldx, const float
 #pragma unroll
         for (int k = 0; k < D_CONV; ++k) acc += w[c * D_CONV + k] * vals[k];
         if (bias) acc += bias[c];
-        xs[i] = silu_f32(acc);
+        float v = silu_f32(acc);
+        xs[i] = v;
+        if (xs_lp) xs_lp[i] = lp_mode == 0 ? f32_to_bf16(v) : f32_to_f16(v);
 #pragma unroll
         for (int k = 0; k < km1; ++k) win[k] = vals[k + 1];
     }
@@ -39,11 +43,12 @@ __device__ __forceinline__ float decode_group_sum(float v) {
 //   dt = softplus(delta + dt_bias), h = exp(dt A) h + dt x B, y = C·h + D x, out = y silu(z).
 // h: [B, d_inner, d_state] in place. B and C sit in x_proj's output (row stride ldbc, B at
 // column col_b, C right after). Thread per (b, c, n): D_STATE_PAD lanes per channel, 256
-// threads per block; grid (ceil(d_inner / channels per block), batch).
+// threads per block; grid (ceil(d_inner / channels per block), batch). out_lp (may be null):
+// out again in bf16 (lp_mode 0) or fp16 (1) for out_proj.
 extern "C" __global__ void __launch_bounds__(256)
 ssm_update_f32(const float* xs, const float* delta, const float* a_log, const float* xbc, long ldbc, long col_b,
                const float* dvec, const float* z, long ldz, const float* dt_bias, const int* starts, float* h_state,
-               float* out, long batch, long di, long ds) {
+               float* out, u16* out_lp, int lp_mode, long batch, long di, long ds) {
     int tid = threadIdx.x, n = tid % D_STATE_PAD;
     long c = blockIdx.x * (long)(256 / D_STATE_PAD) + tid / D_STATE_PAD;
     long b = blockIdx.y;
@@ -62,6 +67,8 @@ ssm_update_f32(const float* xs, const float* delta, const float* a_log, const fl
     if (cval && nval) *hp = h;
     if (cval && n == 0) {
         y += dvec[cc] * x;
-        out[b * di + c] = z ? y * silu_f32(z[b * ldz + cc]) : y;
+        float o = z ? y * silu_f32(z[b * ldz + cc]) : y;
+        out[b * di + c] = o;
+        if (out_lp) out_lp[b * di + c] = lp_mode == 0 ? f32_to_bf16(o) : f32_to_f16(o);
     }
 }

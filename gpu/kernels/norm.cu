@@ -2,9 +2,10 @@
 
 // One block per row. x_out = x_in + add (add may be null: x_out = x_in, and x_out may be null
 // when add is null); y = norm(x_out). is_layer: LayerNorm (mean subtracted, bias b).
+// y_lp (may be null): y again in bf16 (lp_mode 0) or fp16 (1), the next GEMM's operand.
 extern "C" __global__ void norm_fwd_f32(const float* x_in, const float* add, float* x_out, float* y,
                                         float* mean_out, float* rstd_out, const float* w, const float* b,
-                                        long d, float eps, int is_layer) {
+                                        long d, float eps, int is_layer, u16* y_lp, int lp_mode) {
     __shared__ float sh[33];
     long r = blockIdx.x;
     const float* xr = x_in + r * d;
@@ -32,6 +33,7 @@ extern "C" __global__ void norm_fwd_f32(const float* x_in, const float* add, flo
             float v = (xs[j] - mean) * rstd * w[j];
             if (b) v += b[j];
             y[r * d + j] = v;
+            if (y_lp) y_lp[r * d + j] = lp_mode == 0 ? f32_to_bf16(v) : f32_to_f16(v);
         }
     }
     if (threadIdx.x == 0) {

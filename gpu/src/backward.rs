@@ -431,6 +431,8 @@ impl GpuEngine {
                     Arg::L(dm as i64),
                     Arg::F(cfg.norm_eps as f32),
                     Arg::I((cfg.norm == NormKind::Layer) as i32),
+                    Arg::P(0),
+                    Arg::I(0),
                 ],
             )?;
             let d_xz = Opnd::A(gw.d_xz.ptr, 2 * di, n, 2 * di);

@@ -56,6 +56,7 @@ impl GpuEngine {
         let blocks = di.div_ceil(256 / self.shape.d_state_pad);
         for (i, lo) in lay.layers.iter().enumerate() {
             let add = if i == 0 { 0 } else { ws.out.ptr };
+            let (hn_lp, hn) = self.lp_out(ws, ws.hn.ptr, dm, batch, dm);
             self.norm_fwd(
                 batch,
                 la.resid_in.ptr,
@@ -66,6 +67,7 @@ impl GpuEngine {
                 la.rstd.ptr,
                 lo.norm_w,
                 lo.norm_b,
+                hn_lp,
             )?;
             self.mm(
                 ws,
@@ -73,11 +75,12 @@ impl GpuEngine {
                 false,
                 (2 * di, batch, dm),
                 Opnd::W(lo.in_w, dm),
-                Opnd::A(ws.hn.ptr, dm, batch, dm),
+                hn,
                 (la.xz.ptr, 2 * di),
                 0.0,
             )?;
             self.bias_add(la.xz.ptr, 2 * di, batch, 2 * di, lo.in_b)?;
+            let (xs_lp, xs) = self.lp_out(ws, ws.xs.ptr, di, batch, di);
             self.dev.launch(
                 "conv_update_f32",
                 self.dev.grid1d(batch * di),
@@ -91,6 +94,8 @@ impl GpuEngine {
                     Arg::P(ws.starts.ptr),
                     Arg::P(st.conv + (4 * i * batch * di * km1) as u64),
                     Arg::P(ws.xs.ptr),
+                    Arg::P(xs_lp),
+                    Arg::I(self.lp_mode()),
                     Arg::L(batch as i64),
                     Arg::L(di as i64),
                 ],
@@ -101,7 +106,7 @@ impl GpuEngine {
                 false,
                 (xr, batch, di),
                 Opnd::W(lo.x_w, di),
-                Opnd::A(ws.xs.ptr, di, batch, di),
+                xs,
                 (la.xdbl.ptr, xr),
                 0.0,
             )?;
@@ -115,6 +120,7 @@ impl GpuEngine {
                 (la.delta.ptr, di),
                 0.0,
             )?;
+            let (gated_lp, gated) = self.lp_out(ws, la.gated.ptr, di, batch, di);
             self.dev.launch(
                 "ssm_update_f32",
                 (blocks as u32, batch as u32, 1),
@@ -134,6 +140,8 @@ impl GpuEngine {
                     Arg::P(ws.starts.ptr),
                     Arg::P(st.ssm + (4 * i * batch * di * ds) as u64),
                     Arg::P(la.gated.ptr),
+                    Arg::P(gated_lp),
+                    Arg::I(self.lp_mode()),
                     Arg::L(batch as i64),
                     Arg::L(di as i64),
                     Arg::L(ds as i64),
@@ -145,12 +153,13 @@ impl GpuEngine {
                 false,
                 (dm, batch, di),
                 Opnd::W(lo.out_w, di),
-                Opnd::A(la.gated.ptr, di, batch, di),
+                gated,
                 (ws.out.ptr, dm),
                 0.0,
             )?;
             self.bias_add(ws.out.ptr, dm, batch, dm, lo.out_b)?;
         }
+        let (hf_lp, hf) = self.lp_out(ws, ws.hf.ptr, dm, batch, dm);
         self.norm_fwd(
             batch,
             la.resid_in.ptr,
@@ -161,6 +170,7 @@ impl GpuEngine {
             ws.frstd.ptr,
             lay.norm_f_w,
             lay.norm_f_b,
+            hf_lp,
         )?;
         let v = cfg.vocab_size;
         self.mm(
@@ -169,7 +179,7 @@ impl GpuEngine {
             false,
             (v, batch, dm),
             Opnd::W(lay.head, dm),
-            Opnd::A(ws.hf.ptr, dm, batch, dm),
+            hf,
             (ws.logits.ptr, v),
             0.0,
         )

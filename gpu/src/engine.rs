@@ -19,6 +19,9 @@ use crate::Precision;
 pub enum Opnd {
     W(usize, usize),
     A(u64, usize, usize, usize),
+    /// An activation a kernel already wrote in the GEMM's low precision (pointer, row
+    /// stride); only in bf16 / fp16 modes.
+    Lp(u64, usize),
 }
 
 pub struct GpuEngine {
@@ -116,6 +119,7 @@ impl GpuEngine {
         match (o, &self.shadow) {
             (Opnd::W(off, ld), None) => Ok((self.p(off), ld)),
             (Opnd::W(off, ld), Some(s)) => Ok((s.at::<u16>(off), ld)),
+            (Opnd::Lp(ptr, ld), _) => Ok((ptr, ld)),
             (Opnd::A(ptr, ld, _, _), None) => Ok((ptr, ld)),
             (Opnd::A(ptr, ld, rows, cols), Some(_)) => {
                 let dst = &ws.lp[slot];
@@ -176,6 +180,7 @@ impl GpuEngine {
         rstd: u64,
         w: usize,
         b: Option<usize>,
+        y_lp: u64,
     ) -> Result<()> {
         let cfg = &self.cfg;
         self.dev.launch(
@@ -195,8 +200,25 @@ impl GpuEngine {
                 Arg::L(cfg.d_model as i64),
                 Arg::F(cfg.norm_eps as f32),
                 Arg::I((cfg.norm == NormKind::Layer) as i32),
+                Arg::P(y_lp),
+                Arg::I(self.lp_mode()),
             ],
         )
+    }
+
+    /// 0: bf16, 1: fp16 (the low-precision kernels' `mode` argument).
+    pub fn lp_mode(&self) -> i32 {
+        (self.precision == Precision::Fp16) as i32
+    }
+
+    /// Where a kernel writes the low-precision copy of the activation the next GEMM reads
+    /// (`ws.lp[1]`, the slot of a GEMM's second operand), and that operand; f32 mode: no copy
+    /// (`0`) and the f32 activation itself.
+    pub fn lp_out(&self, ws: &Work, f32_ptr: u64, ld: usize, rows: usize, cols: usize) -> (u64, Opnd) {
+        match &self.shadow {
+            Some(_) => (ws.lp[1].ptr, Opnd::Lp(ws.lp[1].ptr, cols)),
+            None => (0, Opnd::A(f32_ptr, ld, rows, cols)),
+        }
     }
 
     pub(crate) fn bias_add(
@@ -273,6 +295,7 @@ impl GpuEngine {
                 (_, true) => (ws.layers[i - 1].resid_in.ptr, ws.out.ptr),
                 (_, false) => (la.resid_in.ptr, ws.out.ptr),
             };
+            let (hn_lp, hn) = self.lp_out(ws, ws.hn.ptr, dm, n, dm);
             self.norm_fwd(
                 n,
                 x_in,
@@ -283,8 +306,8 @@ impl GpuEngine {
                 la.rstd.ptr,
                 lo.norm_w,
                 lo.norm_b,
+                hn_lp,
             )?;
-            let hn = Opnd::A(ws.hn.ptr, dm, n, dm);
             self.mm(
                 ws,
                 true,
@@ -412,6 +435,11 @@ impl GpuEngine {
             last.resid_in.ptr
         };
         let add = if cfg.n_layer > 0 { ws.out.ptr } else { 0 };
+        let head_rows = match ws.mode {
+            Mode::Train => n,
+            Mode::Infer { head_rows } => head_rows,
+        };
+        let (hf_lp, hf) = self.lp_out(ws, ws.hf.ptr, dm, n, dm);
         self.norm_fwd(
             n,
             last.resid_in.ptr,
@@ -422,12 +450,12 @@ impl GpuEngine {
             ws.frstd.ptr,
             lay.norm_f_w,
             lay.norm_f_b,
+            hf_lp,
         )?;
-        let head_rows = match ws.mode {
-            Mode::Train => n,
-            Mode::Infer { head_rows } => head_rows,
+        let hf = match hf {
+            Opnd::Lp(p, ld) => Opnd::Lp(p + (2 * head_row0 * dm) as u64, ld),
+            _ => Opnd::A(ws.hf.at::<f32>(head_row0 * dm), dm, head_rows, dm),
         };
-        let hf = Opnd::A(ws.hf.at::<f32>(head_row0 * dm), dm, head_rows, dm);
         let v = cfg.vocab_size;
         self.mm(
             ws,

@@ -479,6 +479,8 @@ impl OpDev {
                 Arg::L(d as i64),
                 Arg::F(eps as f32),
                 Arg::I((kind == NormKind::Layer) as i32),
+                Arg::P(0),
+                Arg::I(0),
             ],
         )?;
         let stats = NormStats {
