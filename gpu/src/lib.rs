@@ -2,7 +2,10 @@
 //!
 //! [`reference::Engine`] on one NVIDIA GPU through `cudarc`: kernels in `gpu/kernels/*.cu`
 //! (each the twin of a `reference` op), compiled by NVRTC for the device's architecture once
-//! per process, cuBLAS for the projections and the lm_head.
+//! and cached on disk ([`cuda::kernel_cache_dir`]), cuBLAS for the projections and the
+//! lm_head. Decoding can keep the recurrent state in device memory
+//! ([`reference::Engine::hold_state`], used through [`reference::DecodeState`]): a step then
+//! moves only tokens in and logits out, and replays a CUDA graph.
 //!
 //! Precision: f32 master weights and AdamW state always; bf16 (default) or fp16 GEMM inputs
 //! with f32 accumulation, or plain f32. `A_log`, `D`, the scan state and the residual stream
