@@ -460,7 +460,10 @@ pub fn scan_window(shape: KernelShape) -> usize {
 pub fn scan_bwd_smem(shape: KernelShape) -> usize {
     let (ng, chunk) = (shape.d_state_pad, shape.chunk);
     let windows = chunk / scan_window(shape);
-    4 * (chunk * 2 * ng + chunk + windows * ng * SCAN_THREADS + chunk * (SCAN_THREADS / 32) * 2 * ng)
+    4 * (chunk * 2 * ng
+        + chunk
+        + windows * ng * SCAN_THREADS
+        + chunk * (SCAN_THREADS / 32) * 2 * ng)
 }
 
 /// NVRTC options and architecture of one kernel build.

@@ -214,7 +214,14 @@ impl GpuEngine {
     /// Where a kernel writes the low-precision copy of the activation the next GEMM reads
     /// (`ws.lp[1]`, the slot of a GEMM's second operand), and that operand; f32 mode: no copy
     /// (`0`) and the f32 activation itself.
-    pub fn lp_out(&self, ws: &Work, f32_ptr: u64, ld: usize, rows: usize, cols: usize) -> (u64, Opnd) {
+    pub fn lp_out(
+        &self,
+        ws: &Work,
+        f32_ptr: u64,
+        ld: usize,
+        rows: usize,
+        cols: usize,
+    ) -> (u64, Opnd) {
         match &self.shadow {
             Some(_) => (ws.lp[1].ptr, Opnd::Lp(ws.lp[1].ptr, cols)),
             None => (0, Opnd::A(f32_ptr, ld, rows, cols)),

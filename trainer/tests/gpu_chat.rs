@@ -64,5 +64,8 @@ fn gpu_chat_answers_like_the_reference() {
         .map(|(a, b)| (a - b).abs() / (1.0 + b.abs()))
         .fold(0.0f32, f32::max);
     assert!(worst < 1e-4, "state after three turns differs by {worst}");
-    assert!(sg.ssm.data.iter().any(|&v| v != 0.0), "the state never moved");
+    assert!(
+        sg.ssm.data.iter().any(|&v| v != 0.0),
+        "the state never moved"
+    );
 }
