@@ -1,12 +1,15 @@
 // The selective scan of Mamba-1 with dt bias + softplus, the D skip and the z gate fused in
 // (twin of reference/src/ops/selective_scan.rs).
 //
-// Layout: one thread per (batch b, channel c) holds all D_STATE_PAD (a power of two ≥ d_state,
-// ≤ 32) states of its channel in registers and walks time. Block: SCAN_THREADS channels of one
-// batch row; grid (ceil(d_inner / SCAN_THREADS), batch). The block stages the B/C rows (and
-// the document-reset flags) of a tile of positions in shared memory once; every thread reads
-// them as broadcasts. Loads of u / delta / z / dout and stores of the outputs are coalesced
-// across channels. Per-channel scalars (softplus, SiLU) are computed once per (t, c).
+// Layout: two threads per (batch b, channel c), lanes 2k and 2k + 1 of a warp; each holds half
+// (HG) of the NP states of its channel in registers (NP: D_STATE_PAD, at least 2) and walks
+// time. Sums over the states (y = C · h, and in the backward those for du, d(delta), dD) take
+// one __shfl_xor with the partner. The per-position channel scalars (softplus, SiLU) are split
+// too: the thread of half `hf` owns the positions of parity hf (computes their scalars, loads
+// their inputs, writes their outputs) and the pair swaps what both need with __shfl_xor.
+// Block: SCAN_CH channels (SCAN_THREADS = 2 SCAN_CH threads) of one batch row; grid
+// (ceil(d_inner / SCAN_CH), batch). The block stages the B/C rows (and the document-reset
+// flags) of a tile of positions in shared memory once; every thread reads them as broadcasts.
 //
 // The forward stores the state at the start of every CHUNK positions (`chunk_states`,
 // [batch, n_chunks, d_state, d_inner]); the backward walks the chunks in reverse: a first
@@ -17,18 +20,22 @@
 // B and C are read from x_proj's output `xbc` (row stride ldbc, B at column col_b, C right
 // after it); z from in_proj's output (row stride ldz).
 //
-// Determinism: dB / dC (sums over channels) are reduce-scattered inside a warp (fixed
-// butterfly), then summed over the block's warps in index order into per-block partials that
-// scan_reduce_bc_f32 sums over blocks in order. No atomics.
+// Determinism: dB / dC (sums over channels) are reduce-scattered inside a warp over the 16
+// lanes of one half (fixed butterfly), then summed over the block's warps in index order into
+// per-block partials that scan_reduce_bc_f32 sums over blocks in order. Pair sums always add
+// the owner's half first. No atomics.
 
 #define NG D_STATE_PAD
-#define SCAN_THREADS 128
+#define NP (NG > 1 ? NG : 2)
+#define HG (NP / 2)
+#define SCAN_CH 128
+#define SCAN_THREADS (2 * SCAN_CH)
 #define SCAN_WARPS (SCAN_THREADS / 32)
 #define FULL_MASK 0xffffffffu
 // Forward tile (positions staged in shared memory at a time); divides CHUNK.
 #define FT 16
 #define NW (CHUNK / SUB)
-#define CKS (CHUNK - SUB > 0 ? CHUNK - SUB : 1)
+#define CKS (CHUNK - SUB > 0 ? CHUNK - SUB : 2)
 #define LOG2E 1.4426950408889634f
 #define LN2 0.6931471805599453f
 
@@ -39,9 +46,11 @@ __device__ __forceinline__ float ex2(float x) {
     return y;
 }
 
-// Reduce-scatter over the 32 lanes of a warp (recursive halving, fixed order) of V values
-// (V a power of two). Afterwards lane l holds in v[0 .. max(V / 32, 1)) the warp sums of the
-// values with indices rs_base(l) + i.
+__device__ __forceinline__ float pair_xchg(float v) { return __shfl_xor_sync(FULL_MASK, v, 1); }
+
+// Reduce-scatter (recursive halving, fixed order) of V values (V a power of two) over the 16
+// lanes of a warp with the same parity (xor offsets 16, 8, 4, 2). Afterwards lane l holds in
+// v[0 .. max(V / 16, 1)) the sums of the values with indices rs_base(l) + i.
 template <int V, int LVL>
 struct RsLevel {
     static __device__ __forceinline__ void run(float (&v)[V], int lane) {
@@ -63,23 +72,24 @@ struct RsLevel {
     }
 };
 template <int V>
-struct RsLevel<V, 5> {
+struct RsLevel<V, 4> {
     static __device__ __forceinline__ void run(float (&)[V], int) {}
 };
 template <int V>
-__device__ __forceinline__ void warp_reduce_scatter(float (&v)[V], int lane) {
+__device__ __forceinline__ void half_reduce_scatter(float (&v)[V], int lane) {
     RsLevel<V, 0>::run(v, lane);
 }
 template <int V>
 __device__ __forceinline__ int rs_base(int lane) {
-    return V >= 32 ? lane * (V / 32) : lane / (32 / V);
+    int p = lane >> 1;
+    return V >= 16 ? p * (V / 16) : p / (16 / V);
 }
 
 // B / C rows of positions [t0, t0 + NT) of batch row b into registers (this thread's share
-// of the NT × 2 NG tile; padding and positions past the end read as 0).
+// of the NT × 2 NP tile; padding and positions past the end read as 0).
 template <int NT>
 struct BcTile {
-    static const int PER = (NT * 2 * NG + SCAN_THREADS - 1) / SCAN_THREADS;
+    static const int PER = (NT * 2 * NP + SCAN_THREADS - 1) / SCAN_THREADS;
     float v[PER];
     int r;
     __device__ __forceinline__ void load(const float* __restrict__ xbc, long ldbc, long col_b,
@@ -88,11 +98,11 @@ struct BcTile {
 #pragma unroll
         for (int i = 0; i < PER; ++i) {
             int idx = tid + i * SCAN_THREADS;
-            int j = idx / (2 * NG), k = idx % (2 * NG);
-            int n = k % NG;
+            int j = idx / (2 * NP), k = idx % (2 * NP);
+            int n = k % NP;
             long t = t0 + j;
             float x = 0.0f;
-            if (idx < NT * 2 * NG && t < L && n < ds) x = xbc[(b * L + t) * ldbc + col_b + (k >= NG ? ds : 0) + n];
+            if (idx < NT * 2 * NP && t < L && n < ds) x = xbc[(b * L + t) * ldbc + col_b + (k >= NP ? ds : 0) + n];
             v[i] = x;
         }
         long t = t0 + tid;
@@ -102,58 +112,65 @@ struct BcTile {
 #pragma unroll
         for (int i = 0; i < PER; ++i) {
             int idx = tid + i * SCAN_THREADS;
-            if (idx < NT * 2 * NG) sbc[idx] = v[i];
+            if (idx < NT * 2 * NP) sbc[idx] = v[i];
         }
         if (tid < NT) sr[tid] = r;
     }
 };
 
-extern "C" __global__ void __launch_bounds__(SCAN_THREADS)
+// B and C of chunk-relative position j, this thread's state i (state hf · HG + i).
+#define SB(j, i) sbc[(j) * 2 * NP + hf * HG + (i)]
+#define SC(j, i) sbc[(j) * 2 * NP + NP + hf * HG + (i)]
+
+extern "C" __global__ void __launch_bounds__(SCAN_THREADS, 2)
 selective_scan_fwd_f32(const float* __restrict__ u, const float* __restrict__ delta,
                        const float* __restrict__ a_log, const float* __restrict__ xbc, long ldbc, long col_b,
                        const float* __restrict__ dvec, const float* __restrict__ z, long ldz,
                        const float* __restrict__ dt_bias, const int* __restrict__ starts,
                        const float* __restrict__ h0, float* __restrict__ out, float* __restrict__ chunk_states,
                        float* __restrict__ last, long batch, long L, long di, long ds) {
-    __shared__ __align__(16) float sbc[FT * 2 * NG];
+    __shared__ __align__(16) float sbc[FT * 2 * NP];
     __shared__ int sr[FT];
-    int tid = threadIdx.x;
-    long c = blockIdx.x * (long)SCAN_THREADS + tid;
+    int tid = threadIdx.x, hf = tid & 1;
+    long c = blockIdx.x * (long)SCAN_CH + (tid >> 1);
     long b = blockIdx.y;
     bool cval = c < di;
     long cc = cval ? c : di - 1;
-    float A2[NG], h[NG];
+    float A2[HG], h[HG];
 #pragma unroll
-    for (int n = 0; n < NG; ++n) {
+    for (int i = 0; i < HG; ++i) {
+        int n = hf * HG + i;
         // A · log2(e): exp(dt · A) = exp2(dt · A2), one MUFU instruction.
-        A2[n] = n < ds ? -expf(a_log[cc * ds + n]) * LOG2E : 0.0f;
-        h[n] = (h0 && n < ds) ? h0[(b * di + cc) * ds + n] : 0.0f;
+        A2[i] = n < ds ? -expf(a_log[cc * ds + n]) * LOG2E : 0.0f;
+        h[i] = (h0 && n < ds) ? h0[(b * di + cc) * ds + n] : 0.0f;
     }
     float Dc = dvec[cc], bias = dt_bias[cc];
     long nchunks = (L + CHUNK - 1) / CHUNK;
-    // Register prefetch of the next tile: u, delta, z and the B/C share.
-    float pu[FT], pd[FT], pz[FT];
+    // Register prefetch of the next tile: u, delta, z of this thread's positions (parity hf)
+    // and the B/C share.
+    const int FH = FT / 2;
+    float pu[FH], pd[FH], pz[FH];
     BcTile<FT> pbc;
     auto load = [&](long t0) {
 #pragma unroll
-        for (int j = 0; j < FT; ++j) {
-            long t = t0 + j;
+        for (int m = 0; m < FH; ++m) {
+            long t = t0 + 2 * m + hf;
             bool tv = t < L && cval;
             long row = b * L + t;
-            pu[j] = tv ? u[row * di + c] : 0.0f;
-            pd[j] = tv ? delta[row * di + c] : 0.0f;
-            pz[j] = (tv && z) ? z[row * ldz + c] : 0.0f;
+            pu[m] = tv ? u[row * di + c] : 0.0f;
+            pd[m] = tv ? delta[row * di + c] : 0.0f;
+            pz[m] = (tv && z) ? z[row * ldz + c] : 0.0f;
         }
         pbc.load(xbc, ldbc, col_b, starts, b, t0, L, ds, tid);
     };
     load(0);
     for (long t0 = 0; t0 < L; t0 += FT) {
-        float cu[FT], cd[FT], cz[FT];
+        float cu[FH], cd[FH], cz[FH];
 #pragma unroll
-        for (int j = 0; j < FT; ++j) {
-            cu[j] = pu[j];
-            cd[j] = pd[j];
-            cz[j] = pz[j];
+        for (int m = 0; m < FH; ++m) {
+            cu[m] = pu[m];
+            cd[m] = pd[m];
+            cz[m] = pz[m];
         }
         __syncthreads();
         pbc.store(sbc, sr, tid);
@@ -161,71 +178,64 @@ selective_scan_fwd_f32(const float* __restrict__ u, const float* __restrict__ de
         if (t0 + FT < L) load(t0 + FT);
         if (chunk_states && (t0 % CHUNK) == 0 && cval) {
 #pragma unroll
-            for (int n = 0; n < NG; ++n)
-                if (n < ds) chunk_states[((b * nchunks + t0 / CHUNK) * ds + n) * di + c] = h[n];
+            for (int i = 0; i < HG; ++i) {
+                int n = hf * HG + i;
+                if (n < ds) chunk_states[((b * nchunks + t0 / CHUNK) * ds + n) * di + c] = h[i];
+            }
         }
 #pragma unroll
-        for (int j = 0; j < FT; ++j) {
+        for (int m = 0; m < FH; ++m) {
+            // This thread's position 2m + hf: its dt and dt · x; the partner's by exchange.
             // Past the end (t >= L) and for padding channels: x = dt = 0 leave h unchanged.
-            long t = t0 + j;
-            bool tv = t < L && cval;
-            float x = cu[j];
-            float dt = tv ? softplus_f32(cd[j] + bias) : 0.0f;
-            if (sr[j]) {
+            long to = t0 + 2 * m + hf;
+            bool tvo = to < L && cval;
+            float dto = tvo ? softplus_f32(cd[m] + bias) : 0.0f;
+            float dtxo = dto * cu[m];
+            float dtp = pair_xchg(dto), dtxp = pair_xchg(dtxo);
+            float dtj[2], dtxj[2], yp[2];
+            dtj[0] = hf ? dtp : dto;
+            dtj[1] = hf ? dto : dtp;
+            dtxj[0] = hf ? dtxp : dtxo;
+            dtxj[1] = hf ? dtxo : dtxp;
 #pragma unroll
-                for (int n = 0; n < NG; ++n) h[n] = 0.0f;
-            }
-            float dtx = dt * x;
-            const float4* row4 = reinterpret_cast<const float4*>(sbc + j * 2 * NG);
-            float y = 0.0f;
+            for (int e = 0; e < 2; ++e) {
+                const int j = 2 * m + e;
+                if (sr[j]) {
 #pragma unroll
-            for (int q = 0; q < (NG + 3) / 4; ++q) {
-                float bb[4], cv[4];
-                if (NG >= 4) {
-                    float4 B4 = row4[q], C4 = row4[NG / 4 + q];
-                    bb[0] = B4.x; bb[1] = B4.y; bb[2] = B4.z; bb[3] = B4.w;
-                    cv[0] = C4.x; cv[1] = C4.y; cv[2] = C4.z; cv[3] = C4.w;
-                } else {
-#pragma unroll
-                    for (int e = 0; e < 4; ++e) {
-                        bb[e] = e < NG ? sbc[j * 2 * NG + e] : 0.0f;
-                        cv[e] = e < NG ? sbc[j * 2 * NG + NG + e] : 0.0f;
-                    }
+                    for (int i = 0; i < HG; ++i) h[i] = 0.0f;
                 }
+                float y = 0.0f;
 #pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    const int n = q * 4 + e;
-                    if (n < NG) {
-                        h[n] = ex2(dt * A2[n]) * h[n] + dtx * bb[e];
-                        y += cv[e] * h[n];
-                    }
+                for (int i = 0; i < HG; ++i) {
+                    h[i] = ex2(dtj[e] * A2[i]) * h[i] + dtxj[e] * SB(j, i);
+                    y += SC(j, i) * h[i];
                 }
+                yp[e] = y;
             }
-            if (tv) {
-                y += Dc * x;
-                long row = b * L + t;
-                out[row * di + c] = z ? y * silu_f32(cz[j]) : y;
+            // y of this thread's position: own half + the partner's half.
+            float y = (hf ? yp[1] : yp[0]) + pair_xchg(hf ? yp[0] : yp[1]);
+            if (tvo) {
+                y += Dc * cu[m];
+                long row = b * L + to;
+                out[row * di + c] = z ? y * silu_f32(cz[m]) : y;
             }
         }
     }
     if (last && cval) {
 #pragma unroll
-        for (int n = 0; n < NG; ++n)
-            if (n < ds) last[(b * di + c) * ds + n] = h[n];
+        for (int i = 0; i < HG; ++i) {
+            int n = hf * HG + i;
+            if (n < ds) last[(b * di + c) * ds + n] = h[i];
+        }
     }
 }
-
-// B and C of chunk-relative position j, state n, from the staged chunk rows.
-#define SB(j, n) sbc[(j) * 2 * NG + (n)]
-#define SC(j, n) sbc[(j) * 2 * NG + NG + (n)]
 
 // Backward. Writes du, ddelta ([B, L, di]), dz (row stride ldz_out) and per-block partial sums:
 // part_bc[blk, b * L + t, 0..2 ds] (dB then dC, summed over the block's channels),
 // part_a[b, c, n], part_d[b, c], part_db[b, c] (summed over positions), dh0[b, c, n].
 //
-// Dynamic shared memory (floats): sbc CHUNK · 2 NG, sr CHUNK (ints), ck NW · NG · SCAN_THREADS
-// (window-start states), red CHUNK · SCAN_WARPS · 2 NG (warp sums of dB / dC).
-template <bool SHARE>
+// Dynamic shared memory (floats): sbc CHUNK · 2 NP, sr CHUNK (ints), ck NW · NP · SCAN_CH
+// (window-start states), red CHUNK · SCAN_WARPS · 2 NP (warp sums of dB / dC).
 __device__ __forceinline__ void
 selective_scan_bwd_body(const float* __restrict__ u, const float* __restrict__ delta,
                         const float* __restrict__ a_log, const float* __restrict__ xbc, long ldbc, long col_b,
@@ -238,37 +248,40 @@ selective_scan_bwd_body(const float* __restrict__ u, const float* __restrict__ d
                         long batch, long L, long di, long ds) {
     extern __shared__ __align__(16) float smem[];
     float* sbc = smem;
-    int* sr = reinterpret_cast<int*>(smem + CHUNK * 2 * NG);
-    float* ck = smem + CHUNK * 2 * NG + CHUNK;
-    float* red = ck + NW * NG * SCAN_THREADS;
-    int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-    long c = blockIdx.x * (long)SCAN_THREADS + tid;
+    int* sr = reinterpret_cast<int*>(smem + CHUNK * 2 * NP);
+    float* ck = smem + CHUNK * 2 * NP + CHUNK;
+    float* red = ck + NW * HG * SCAN_THREADS;
+    int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, hf = tid & 1;
+    long c = blockIdx.x * (long)SCAN_CH + (tid >> 1);
     long b = blockIdx.y;
     bool cval = c < di;
     long cc = cval ? c : di - 1;
-    float A2[NG], dh[NG], dA[NG];
+    float A2[HG], dh[HG], dA[HG];
 #pragma unroll
-    for (int n = 0; n < NG; ++n) {
-        A2[n] = n < ds ? -expf(a_log[cc * ds + n]) * LOG2E : 0.0f;
-        dh[n] = 0.0f;
-        dA[n] = 0.0f;
+    for (int i = 0; i < HG; ++i) {
+        int n = hf * HG + i;
+        A2[i] = n < ds ? -expf(a_log[cc * ds + n]) * LOG2E : 0.0f;
+        dh[i] = 0.0f;
+        dA[i] = 0.0f;
     }
     float Dc = dvec[cc], bias = dt_bias[cc];
     float dD = 0.0f, ddb = 0.0f;
     long nchunks = (L + CHUNK - 1) / CHUNK;
     long gw_last = L > 0 ? (L - 1) / SUB : -1;
-    // Prefetched inputs of the next window (the SUB positions before the current one).
-    float nu[SUB], nv[SUB], ng[SUB], nz[SUB];
+    const int SH = SUB / 2;
+    // Prefetched inputs of this thread's positions (parity hf) of the next window (the SUB
+    // positions before the current one).
+    float nu[SH], nv[SH], ng[SH], nz[SH];
     auto load_win = [&](long t0) {
 #pragma unroll
-        for (int j = 0; j < SUB; ++j) {
-            long t = t0 + j;
+        for (int m = 0; m < SH; ++m) {
+            long t = t0 + 2 * m + hf;
             bool tv = t < L && cval;
             long row = b * L + t;
-            nu[j] = tv ? u[row * di + c] : 0.0f;
-            nv[j] = tv ? delta[row * di + c] : 0.0f;
-            ng[j] = tv ? dout[row * di + c] : 0.0f;
-            nz[j] = (tv && z) ? z[row * ldz + c] : 0.0f;
+            nu[m] = tv ? u[row * di + c] : 0.0f;
+            nv[m] = tv ? delta[row * di + c] : 0.0f;
+            ng[m] = tv ? dout[row * di + c] : 0.0f;
+            nz[m] = (tv && z) ? z[row * ldz + c] : 0.0f;
         }
     };
     if (gw_last >= 0) load_win(gw_last * SUB);
@@ -279,167 +292,204 @@ selective_scan_bwd_body(const float* __restrict__ u, const float* __restrict__ d
         if (gw == gw_last || w == NW - 1) {
             // Chunk setup: stage B / C rows and reset flags, then the window-start states.
             __syncthreads();
-            for (int idx = tid; idx < CHUNK * 2 * NG; idx += SCAN_THREADS) {
-                int j = idx / (2 * NG), kk = idx % (2 * NG);
-                int n = kk % NG;
+            for (int idx = tid; idx < CHUNK * 2 * NP; idx += SCAN_THREADS) {
+                int j = idx / (2 * NP), kk = idx % (2 * NP);
+                int n = kk % NP;
                 long t = tc0 + j;
-                sbc[idx] = (t < L && n < ds) ? xbc[(b * L + t) * ldbc + col_b + (kk >= NG ? ds : 0) + n] : 0.0f;
+                sbc[idx] = (t < L && n < ds) ? xbc[(b * L + t) * ldbc + col_b + (kk >= NP ? ds : 0) + n] : 0.0f;
             }
             for (int j = tid; j < CHUNK; j += SCAN_THREADS) {
                 long t = tc0 + j;
                 sr[j] = t < L ? (starts[b * L + t] == t) : 0;
             }
-            float cu[CKS], cdl[CKS];
+            // dt and dt · x of this thread's positions of the first CHUNK − SUB positions.
+            float cdt[CKS / 2], cdtx[CKS / 2];
 #pragma unroll
-            for (int j = 0; j < CKS; ++j) {
-                long t = tc0 + j;
-                bool tv = t < L && cval && j < CHUNK - SUB;
+            for (int m = 0; m < CKS / 2; ++m) {
+                long t = tc0 + 2 * m + hf;
+                bool tv = t < L && cval && 2 * m < CHUNK - SUB;
                 long row = b * L + t;
-                cu[j] = tv ? u[row * di + c] : 0.0f;
-                cdl[j] = tv ? delta[row * di + c] : 0.0f;
+                float xu = tv ? u[row * di + c] : 0.0f;
+                float dl = tv ? delta[row * di + c] : 0.0f;
+                cdt[m] = tv ? softplus_f32(dl + bias) : 0.0f;
+                cdtx[m] = cdt[m] * xu;
             }
-            float h[NG];
+            float h[HG];
 #pragma unroll
-            for (int n = 0; n < NG; ++n)
-                h[n] = (cval && n < ds) ? chunk_states[((b * nchunks + k) * ds + n) * di + c] : 0.0f;
+            for (int i = 0; i < HG; ++i) {
+                int n = hf * HG + i;
+                h[i] = (cval && n < ds) ? chunk_states[((b * nchunks + k) * ds + n) * di + c] : 0.0f;
+            }
             __syncthreads();
 #pragma unroll
             for (int ww = 0; ww < NW; ++ww) {
 #pragma unroll
-                for (int n = 0; n < NG; ++n) ck[(ww * NG + n) * SCAN_THREADS + tid] = h[n];
+                for (int i = 0; i < HG; ++i) ck[(ww * HG + i) * SCAN_THREADS + tid] = h[i];
                 if (ww == NW - 1) break;
 #pragma unroll
-                for (int jj = 0; jj < SUB; ++jj) {
-                    const int j = ww * SUB + jj;
-                    long t = tc0 + j;
-                    float dt = (t < L && cval) ? softplus_f32(cdl[j] + bias) : 0.0f;
-                    float dtx = dt * cu[j];
-                    if (sr[j]) {
+                for (int mm = 0; mm < SH; ++mm) {
+                    const int m = ww * SH + mm;
+                    float dtp = pair_xchg(cdt[m]), dtxp = pair_xchg(cdtx[m]);
+                    float dtj[2], dtxj[2];
+                    dtj[0] = hf ? dtp : cdt[m];
+                    dtj[1] = hf ? cdt[m] : dtp;
+                    dtxj[0] = hf ? dtxp : cdtx[m];
+                    dtxj[1] = hf ? cdtx[m] : dtxp;
 #pragma unroll
-                        for (int n = 0; n < NG; ++n) h[n] = 0.0f;
+                    for (int e = 0; e < 2; ++e) {
+                        const int j = 2 * m + e;
+                        if (sr[j]) {
+#pragma unroll
+                            for (int i = 0; i < HG; ++i) h[i] = 0.0f;
+                        }
+#pragma unroll
+                        for (int i = 0; i < HG; ++i) h[i] = ex2(dtj[e] * A2[i]) * h[i] + dtxj[e] * SB(j, i);
                     }
-#pragma unroll
-                    for (int n = 0; n < NG; ++n) h[n] = ex2(dt * A2[n]) * h[n] + dtx * SB(j, n);
                 }
             }
         }
         // This window's inputs; prefetch the next one's.
         long t0 = gw * SUB;
         int j0 = w * SUB;
-        // softplus and its gradient share exp(v); silu and its gradient share sigmoid(z).
-        float x[SUB], dt[SUB], sg[SUB], dy[SUB], gg[SUB], zg[SUB];
+        // Scalars of this thread's positions (o: own); softplus and its gradient share exp(v),
+        // silu and its gradient share sigmoid(z).
+        float xo[SH], sgo[SH], ggo[SH], zgo[SH];
+        // Both positions of each pair: dt, dt · x, dy.
+        float dt[SUB], dtx[SUB], dy[SUB];
 #pragma unroll
-        for (int j = 0; j < SUB; ++j) {
-            bool tv = t0 + j < L && cval;
-            float v = nv[j] + bias;
-            x[j] = nu[j];
-            gg[j] = ng[j];
-            float zv = nz[j];
-            if (SHARE) {
-                float ev = expf(v);
-                dt[j] = tv ? (v > 20.0f ? v : log1pf(ev)) : 0.0f;
-                sg[j] = v > 20.0f ? 1.0f : ev / (1.0f + ev);
-                float sz = sigmoid_f32(zv);
-                zg[j] = sz * (1.0f + zv * (1.0f - sz));
-                dy[j] = z ? ng[j] * (zv * sz) : ng[j];
-            } else {
-                dt[j] = tv ? softplus_f32(v) : 0.0f;
-                sg[j] = softplus_grad_f32(v);
-                zg[j] = silu_grad_f32(zv);
-                dy[j] = z ? ng[j] * silu_f32(zv) : ng[j];
-            }
+        for (int m = 0; m < SH; ++m) {
+            bool tv = t0 + 2 * m + hf < L && cval;
+            float v = nv[m] + bias;
+            float zv = nz[m];
+            float ev = expf(v);
+            float dto = tv ? (v > 20.0f ? v : log1pf(ev)) : 0.0f;
+            sgo[m] = v > 20.0f ? 1.0f : ev / (1.0f + ev);
+            float sz = sigmoid_f32(zv);
+            zgo[m] = sz * (1.0f + zv * (1.0f - sz));
+            float dyo = z ? ng[m] * (zv * sz) : ng[m];
+            xo[m] = nu[m];
+            ggo[m] = ng[m];
+            float dtxo = dto * nu[m];
+            float dtp = pair_xchg(dto), dtxp = pair_xchg(dtxo), dyp = pair_xchg(dyo);
+            dt[2 * m] = hf ? dtp : dto;
+            dt[2 * m + 1] = hf ? dto : dtp;
+            dtx[2 * m] = hf ? dtxp : dtxo;
+            dtx[2 * m + 1] = hf ? dtxo : dtxp;
+            dy[2 * m] = hf ? dyp : dyo;
+            dy[2 * m + 1] = hf ? dyo : dyp;
         }
         if (gw > 0) load_win(t0 - SUB);
-        // Forward over the window: states into registers, y.
-        float hist[SUB][NG], y[SUB];
+        // Forward over the window: states into registers, partial y (this half's states).
+        float hist[SUB][HG], yp[SUB];
         {
-            float h[NG];
+            float h[HG];
 #pragma unroll
-            for (int n = 0; n < NG; ++n) h[n] = ck[(w * NG + n) * SCAN_THREADS + tid];
+            for (int i = 0; i < HG; ++i) h[i] = ck[(w * HG + i) * SCAN_THREADS + tid];
 #pragma unroll
             for (int j = 0; j < SUB; ++j) {
                 const int jc = j0 + j;
-                float dtx = dt[j] * x[j];
                 int rs = sr[jc];
                 float ys = 0.0f;
 #pragma unroll
-                for (int n = 0; n < NG; ++n) {
-                    float hp = rs ? 0.0f : h[n];
-                    h[n] = ex2(dt[j] * A2[n]) * hp + dtx * SB(jc, n);
-                    hist[j][n] = h[n];
-                    ys += SC(jc, n) * h[n];
+                for (int i = 0; i < HG; ++i) {
+                    float hp = rs ? 0.0f : h[i];
+                    h[i] = ex2(dt[j] * A2[i]) * hp + dtx[j] * SB(jc, i);
+                    hist[j][i] = h[i];
+                    ys += SC(jc, i) * h[i];
                 }
-                y[j] = ys;
+                yp[j] = ys;
             }
         }
-        // Reverse recurrence over the window.
+        // Reverse recurrence over the window, a pair of positions at a time.
 #pragma unroll
-        for (int j = SUB - 1; j >= 0; --j) {
-            const int jc = j0 + j;
-            long t = t0 + j;
-            int rs = sr[jc];
-            float dtx = dt[j] * x[j];
-            float tcs = 0.0f, s1 = 0.0f;
-            float vv[2 * NG];
+        for (int m = SH - 1; m >= 0; --m) {
+            float tcp[2], s1p[2];
 #pragma unroll
-            for (int n = 0; n < NG; ++n) {
-                float Bn = SB(jc, n), Cn = SC(jc, n);
-                dh[n] += dy[j] * Cn;
-                vv[NG + n] = dy[j] * hist[j][n];
-                float hp = rs ? 0.0f : (j > 0 ? hist[j > 0 ? j - 1 : 0][n] : ck[(w * NG + n) * SCAN_THREADS + tid]);
-                float dec = ex2(dt[j] * A2[n]);
-                float gdec = dh[n] * hp * dec;
-                dA[n] += gdec * dt[j];
-                tcs += gdec * A2[n];
-                s1 += dh[n] * Bn;
-                vv[n] = dh[n] * dtx;
-                dh[n] = rs ? 0.0f : dh[n] * dec;
+            for (int e = 1; e >= 0; --e) {
+                const int j = 2 * m + e;
+                const int jc = j0 + j;
+                int rs = sr[jc];
+                float tcs = 0.0f, s1 = 0.0f;
+                float vv[2 * HG];
+#pragma unroll
+                for (int i = 0; i < HG; ++i) {
+                    float Bn = SB(jc, i), Cn = SC(jc, i);
+                    dh[i] += dy[j] * Cn;
+                    vv[HG + i] = dy[j] * hist[j][i];
+                    float hp = rs ? 0.0f : (j > 0 ? hist[j > 0 ? j - 1 : 0][i] : ck[(w * HG + i) * SCAN_THREADS + tid]);
+                    float dec = ex2(dt[j] * A2[i]);
+                    float gdec = dh[i] * hp * dec;
+                    dA[i] += gdec * dt[j];
+                    tcs += gdec * A2[i];
+                    s1 += dh[i] * Bn;
+                    vv[i] = dh[i] * dtx[j];
+                    dh[i] = rs ? 0.0f : dh[i] * dec;
+                }
+                tcp[e] = tcs;
+                s1p[e] = s1;
+                half_reduce_scatter<2 * HG>(vv, lane);
+                {
+                    const int R = (2 * HG) / 16 > 0 ? (2 * HG) / 16 : 1;
+                    int base = rs_base<2 * HG>(lane);
+#pragma unroll
+                    for (int r = 0; r < R; ++r) {
+                        int kx = base + r;
+                        int col = kx < HG ? hf * HG + kx : NP + hf * HG + (kx - HG);
+                        red[(jc * SCAN_WARPS + warp) * 2 * NP + col] = vv[r];
+                    }
+                }
             }
-            warp_reduce_scatter<2 * NG>(vv, lane);
-            {
-                const int R = (2 * NG) / 32 > 0 ? (2 * NG) / 32 : 1;
-                int base = rs_base<2 * NG>(lane);
-#pragma unroll
-                for (int i = 0; i < R; ++i) red[(jc * SCAN_WARPS + warp) * 2 * NG + base + i] = vv[i];
-            }
+            // Sums over all states of this thread's position 2m + hf: own half + partner's.
+            float tcs = (hf ? tcp[1] : tcp[0]) + pair_xchg(hf ? tcp[0] : tcp[1]);
+            float s1 = (hf ? s1p[1] : s1p[0]) + pair_xchg(hf ? s1p[0] : s1p[1]);
+            float ys = (hf ? yp[2 * m + 1] : yp[2 * m]) + pair_xchg(hf ? yp[2 * m] : yp[2 * m + 1]);
+            long t = t0 + 2 * m + hf;
             if (t < L && cval) {
                 long row = b * L + t;
-                float yt = y[j] + Dc * x[j];
+                float x = xo[m];
+                float dto = hf ? dt[2 * m + 1] : dt[2 * m];
+                float dyo = hf ? dy[2 * m + 1] : dy[2 * m];
+                float yt = ys + Dc * x;
                 // Σ_n dh · (h_prev · decay · A + x · B); A = A2 · ln 2.
-                float dd = (tcs * LN2 + x[j] * s1) * sg[j];
-                if (z) dz_out[row * ldz_out + c] = gg[j] * yt * zg[j];
+                float dd = (tcs * LN2 + x * s1) * sgo[m];
+                if (z) dz_out[row * ldz_out + c] = ggo[m] * yt * zgo[m];
                 ddelta_out[row * di + c] = dd;
-                du_out[row * di + c] = dy[j] * Dc + dt[j] * s1;
-                dD += dy[j] * x[j];
+                du_out[row * di + c] = dyo * Dc + dto * s1;
+                dD += dyo * x;
                 ddb += dd;
             }
         }
         if (w == 0) {
             // Chunk done: the block's dB / dC partials of its positions.
             __syncthreads();
-            for (int idx = tid; idx < CHUNK * 2 * NG; idx += SCAN_THREADS) {
-                int j = idx / (2 * NG), kk = idx % (2 * NG);
-                int n = kk % NG;
+            for (int idx = tid; idx < CHUNK * 2 * NP; idx += SCAN_THREADS) {
+                int j = idx / (2 * NP), kk = idx % (2 * NP);
+                int n = kk % NP;
                 long t = tc0 + j;
                 if (t < L && n < ds) {
                     float s = 0.0f;
 #pragma unroll
-                    for (int w8 = 0; w8 < SCAN_WARPS; ++w8) s += red[(j * SCAN_WARPS + w8) * 2 * NG + kk];
-                    part_bc[((blockIdx.x * batch + b) * L + t) * 2 * ds + (kk >= NG ? ds : 0) + n] = s;
+                    for (int w8 = 0; w8 < SCAN_WARPS; ++w8) s += red[(j * SCAN_WARPS + w8) * 2 * NP + kk];
+                    part_bc[((blockIdx.x * batch + b) * L + t) * 2 * ds + (kk >= NP ? ds : 0) + n] = s;
                 }
             }
         }
     }
+    // dD, d(dt bias): even positions (half 0) + odd positions (half 1).
+    float dDp = pair_xchg(dD), ddbp = pair_xchg(ddb);
     if (cval) {
 #pragma unroll
-        for (int n = 0; n < NG; ++n) {
+        for (int i = 0; i < HG; ++i) {
+            int n = hf * HG + i;
             if (n < ds) {
-                part_a[(b * di + c) * ds + n] = dA[n];
-                if (dh0) dh0[(b * di + c) * ds + n] = dh[n];
+                part_a[(b * di + c) * ds + n] = dA[i];
+                if (dh0) dh0[(b * di + c) * ds + n] = dh[i];
             }
         }
-        part_d[b * di + c] = dD;
-        part_db[b * di + c] = ddb;
+        if (hf == 0) {
+            part_d[b * di + c] = dD + dDp;
+            part_db[b * di + c] = ddb + ddbp;
+        }
     }
 }
 
@@ -453,15 +503,14 @@ selective_scan_bwd_body(const float* __restrict__ u, const float* __restrict__ d
     u, delta, a_log, xbc, ldbc, col_b, dvec, z, ldz, dt_bias, starts, chunk_states, dout, du_out, ddelta_out, \
         dz_out, ldz_out, part_bc, part_a, part_d, part_db, dh0, batch, L, di, ds
 
-// Two builds of the same backward: registers as the compiler likes, and capped for two blocks
-// of SCAN_THREADS per SM (`_2b`; at 128 threads both get 255 registers). The engine picks one
-// (gpu/src/cuda.rs). SHARE = false is the unshared softplus / SiLU path (same speed on the H200
-// at chunk 32, 3 % slower at chunk 16), kept for comparison.
+// Two builds of the same backward: registers as the compiler likes (at most 255, one block of
+// SCAN_THREADS per SM), and capped for two blocks per SM (`_2b`, at most 128 registers). The
+// engine picks one (gpu/src/cuda.rs).
 extern "C" __global__ void __launch_bounds__(SCAN_THREADS) selective_scan_bwd_f32(SCAN_BWD_PARAMS) {
-    selective_scan_bwd_body<true>(SCAN_BWD_ARGS);
+    selective_scan_bwd_body(SCAN_BWD_ARGS);
 }
 extern "C" __global__ void __launch_bounds__(SCAN_THREADS, 2) selective_scan_bwd_2b_f32(SCAN_BWD_PARAMS) {
-    selective_scan_bwd_body<true>(SCAN_BWD_ARGS);
+    selective_scan_bwd_body(SCAN_BWD_ARGS);
 }
 
 // out[row * ldo + col] = Σ_blk part_bc[blk, row, col] (blocks in order), col < 2 ds.
