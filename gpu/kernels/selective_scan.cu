@@ -1,15 +1,12 @@
 // The selective scan of Mamba-1 with dt bias + softplus, the D skip and the z gate fused in
 // (twin of reference/src/ops/selective_scan.rs).
 //
-// Layout: two threads per (batch b, channel c), lanes 2k and 2k + 1 of a warp; each holds half
-// (HG) of the NP states of its channel in registers (NP: D_STATE_PAD, at least 2) and walks
-// time. Sums over the states (y = C · h, and in the backward those for du, d(delta), dD) take
-// one __shfl_xor with the partner. The per-position channel scalars (softplus, SiLU) are split
-// too: the thread of half `hf` owns the positions of parity hf (computes their scalars, loads
-// their inputs, writes their outputs) and the pair swaps what both need with __shfl_xor.
-// Block: SCAN_CH channels (SCAN_THREADS = 2 SCAN_CH threads) of one batch row; grid
-// (ceil(d_inner / SCAN_CH), batch). The block stages the B/C rows (and the document-reset
-// flags) of a tile of positions in shared memory once; every thread reads them as broadcasts.
+// Layout (backward; the forward splits each channel over two threads, see below): one thread per (batch b, channel c) holds all D_STATE_PAD (a power of two ≥ d_state,
+// ≤ 32) states of its channel in registers and walks time. Block: SCAN_THREADS channels of one
+// batch row; grid (ceil(d_inner / SCAN_THREADS), batch). The block stages the B/C rows (and
+// the document-reset flags) of a tile of positions in shared memory once; every thread reads
+// them as broadcasts. Loads of u / delta / z / dout and stores of the outputs are coalesced
+// across channels. Per-channel scalars (softplus, SiLU) are computed once per (t, c).
 //
 // The forward stores the state at the start of every CHUNK positions (`chunk_states`,
 // [batch, n_chunks, d_state, d_inner]); the backward walks the chunks in reverse: a first
@@ -20,22 +17,18 @@
 // B and C are read from x_proj's output `xbc` (row stride ldbc, B at column col_b, C right
 // after it); z from in_proj's output (row stride ldz).
 //
-// Determinism: dB / dC (sums over channels) are reduce-scattered inside a warp over the 16
-// lanes of one half (fixed butterfly), then summed over the block's warps in index order into
-// per-block partials that scan_reduce_bc_f32 sums over blocks in order. Pair sums always add
-// the owner's half first. No atomics.
+// Determinism: dB / dC (sums over channels) are reduce-scattered inside a warp (fixed
+// butterfly), then summed over the block's warps in index order into per-block partials that
+// scan_reduce_bc_f32 sums over blocks in order. No atomics.
 
 #define NG D_STATE_PAD
-#define NP (NG > 1 ? NG : 2)
-#define HG (NP / 2)
-#define SCAN_CH 128
-#define SCAN_THREADS (2 * SCAN_CH)
+#define SCAN_THREADS 128
 #define SCAN_WARPS (SCAN_THREADS / 32)
 #define FULL_MASK 0xffffffffu
 // Forward tile (positions staged in shared memory at a time); divides CHUNK.
 #define FT 16
 #define NW (CHUNK / SUB)
-#define CKS (CHUNK - SUB > 0 ? CHUNK - SUB : 2)
+#define CKS (CHUNK - SUB > 0 ? CHUNK - SUB : 1)
 #define LOG2E 1.4426950408889634f
 #define LN2 0.6931471805599453f
 
@@ -46,11 +39,9 @@ __device__ __forceinline__ float ex2(float x) {
     return y;
 }
 
-__device__ __forceinline__ float pair_xchg(float v) { return __shfl_xor_sync(FULL_MASK, v, 1); }
-
-// Reduce-scatter (recursive halving, fixed order) of V values (V a power of two) over the 16
-// lanes of a warp with the same parity (xor offsets 16, 8, 4, 2). Afterwards lane l holds in
-// v[0 .. max(V / 16, 1)) the sums of the values with indices rs_base(l) + i.
+// Reduce-scatter over the 32 lanes of a warp (recursive halving, fixed order) of V values
+// (V a power of two). Afterwards lane l holds in v[0 .. max(V / 32, 1)) the warp sums of the
+// values with indices rs_base(l) + i.
 template <int V, int LVL>
 struct RsLevel {
     static __device__ __forceinline__ void run(float (&v)[V], int lane) {
@@ -72,24 +63,38 @@ struct RsLevel {
     }
 };
 template <int V>
-struct RsLevel<V, 4> {
+struct RsLevel<V, 5> {
     static __device__ __forceinline__ void run(float (&)[V], int) {}
 };
 template <int V>
-__device__ __forceinline__ void half_reduce_scatter(float (&v)[V], int lane) {
+__device__ __forceinline__ void warp_reduce_scatter(float (&v)[V], int lane) {
     RsLevel<V, 0>::run(v, lane);
 }
 template <int V>
 __device__ __forceinline__ int rs_base(int lane) {
-    int p = lane >> 1;
-    return V >= 16 ? p * (V / 16) : p / (16 / V);
+    return V >= 32 ? lane * (V / 32) : lane / (32 / V);
 }
 
+// Forward layout: two threads per (batch b, channel c), lanes 2k and 2k + 1 of a warp; each
+// holds half (FHG) of the FNP states of its channel in registers (FNP: D_STATE_PAD, at least 2).
+// y = C · h takes one __shfl_xor with the partner. The per-position channel scalars (softplus,
+// SiLU) are split too: the thread of half `hf` owns the positions of parity hf (loads their
+// inputs, computes their scalars, writes their outputs) and the pair swaps dt and dt · x with
+// __shfl_xor. Block: FWD_CH channels (FWD_THREADS = 2 FWD_CH threads); the grid is the same as
+// the backward's. (The same split in the backward was slower on the H200: 3.65 ms against
+// 3.58 ms at chunk 32.)
+#define FNP (NG > 1 ? NG : 2)
+#define FHG (FNP / 2)
+#define FWD_CH SCAN_THREADS
+#define FWD_THREADS (2 * FWD_CH)
+
+__device__ __forceinline__ float pair_xchg(float v) { return __shfl_xor_sync(FULL_MASK, v, 1); }
+
 // B / C rows of positions [t0, t0 + NT) of batch row b into registers (this thread's share
-// of the NT × 2 NP tile; padding and positions past the end read as 0).
+// of the NT × 2 FNP tile; padding and positions past the end read as 0).
 template <int NT>
-struct BcTile {
-    static const int PER = (NT * 2 * NP + SCAN_THREADS - 1) / SCAN_THREADS;
+struct FwdBcTile {
+    static const int PER = (NT * 2 * FNP + FWD_THREADS - 1) / FWD_THREADS;
     float v[PER];
     int r;
     __device__ __forceinline__ void load(const float* __restrict__ xbc, long ldbc, long col_b,
@@ -97,12 +102,12 @@ struct BcTile {
                                          int tid) {
 #pragma unroll
         for (int i = 0; i < PER; ++i) {
-            int idx = tid + i * SCAN_THREADS;
-            int j = idx / (2 * NP), k = idx % (2 * NP);
-            int n = k % NP;
+            int idx = tid + i * FWD_THREADS;
+            int j = idx / (2 * FNP), k = idx % (2 * FNP);
+            int n = k % FNP;
             long t = t0 + j;
             float x = 0.0f;
-            if (idx < NT * 2 * NP && t < L && n < ds) x = xbc[(b * L + t) * ldbc + col_b + (k >= NP ? ds : 0) + n];
+            if (idx < NT * 2 * FNP && t < L && n < ds) x = xbc[(b * L + t) * ldbc + col_b + (k >= FNP ? ds : 0) + n];
             v[i] = x;
         }
         long t = t0 + tid;
@@ -111,35 +116,35 @@ struct BcTile {
     __device__ __forceinline__ void store(float* sbc, int* sr, int tid) const {
 #pragma unroll
         for (int i = 0; i < PER; ++i) {
-            int idx = tid + i * SCAN_THREADS;
-            if (idx < NT * 2 * NP) sbc[idx] = v[i];
+            int idx = tid + i * FWD_THREADS;
+            if (idx < NT * 2 * FNP) sbc[idx] = v[i];
         }
         if (tid < NT) sr[tid] = r;
     }
 };
 
-// B and C of chunk-relative position j, this thread's state i (state hf · HG + i).
-#define SB(j, i) sbc[(j) * 2 * NP + hf * HG + (i)]
-#define SC(j, i) sbc[(j) * 2 * NP + NP + hf * HG + (i)]
+// B and C of chunk-relative position j, this thread's state i (state hf · FHG + i).
+#define FSB(j, i) sbc[(j) * 2 * FNP + hf * FHG + (i)]
+#define FSC(j, i) sbc[(j) * 2 * FNP + FNP + hf * FHG + (i)]
 
-extern "C" __global__ void __launch_bounds__(SCAN_THREADS, 2)
+extern "C" __global__ void __launch_bounds__(FWD_THREADS, 2)
 selective_scan_fwd_f32(const float* __restrict__ u, const float* __restrict__ delta,
                        const float* __restrict__ a_log, const float* __restrict__ xbc, long ldbc, long col_b,
                        const float* __restrict__ dvec, const float* __restrict__ z, long ldz,
                        const float* __restrict__ dt_bias, const int* __restrict__ starts,
                        const float* __restrict__ h0, float* __restrict__ out, float* __restrict__ chunk_states,
                        float* __restrict__ last, long batch, long L, long di, long ds) {
-    __shared__ __align__(16) float sbc[FT * 2 * NP];
+    __shared__ __align__(16) float sbc[FT * 2 * FNP];
     __shared__ int sr[FT];
     int tid = threadIdx.x, hf = tid & 1;
-    long c = blockIdx.x * (long)SCAN_CH + (tid >> 1);
+    long c = blockIdx.x * (long)FWD_CH + (tid >> 1);
     long b = blockIdx.y;
     bool cval = c < di;
     long cc = cval ? c : di - 1;
-    float A2[HG], h[HG];
+    float A2[FHG], h[FHG];
 #pragma unroll
-    for (int i = 0; i < HG; ++i) {
-        int n = hf * HG + i;
+    for (int i = 0; i < FHG; ++i) {
+        int n = hf * FHG + i;
         // A · log2(e): exp(dt · A) = exp2(dt · A2), one MUFU instruction.
         A2[i] = n < ds ? -expf(a_log[cc * ds + n]) * LOG2E : 0.0f;
         h[i] = (h0 && n < ds) ? h0[(b * di + cc) * ds + n] : 0.0f;
@@ -150,7 +155,7 @@ selective_scan_fwd_f32(const float* __restrict__ u, const float* __restrict__ de
     // and the B/C share.
     const int FH = FT / 2;
     float pu[FH], pd[FH], pz[FH];
-    BcTile<FT> pbc;
+    FwdBcTile<FT> pbc;
     auto load = [&](long t0) {
 #pragma unroll
         for (int m = 0; m < FH; ++m) {
@@ -178,8 +183,8 @@ selective_scan_fwd_f32(const float* __restrict__ u, const float* __restrict__ de
         if (t0 + FT < L) load(t0 + FT);
         if (chunk_states && (t0 % CHUNK) == 0 && cval) {
 #pragma unroll
-            for (int i = 0; i < HG; ++i) {
-                int n = hf * HG + i;
+            for (int i = 0; i < FHG; ++i) {
+                int n = hf * FHG + i;
                 if (n < ds) chunk_states[((b * nchunks + t0 / CHUNK) * ds + n) * di + c] = h[i];
             }
         }
@@ -202,13 +207,13 @@ selective_scan_fwd_f32(const float* __restrict__ u, const float* __restrict__ de
                 const int j = 2 * m + e;
                 if (sr[j]) {
 #pragma unroll
-                    for (int i = 0; i < HG; ++i) h[i] = 0.0f;
+                    for (int i = 0; i < FHG; ++i) h[i] = 0.0f;
                 }
                 float y = 0.0f;
 #pragma unroll
-                for (int i = 0; i < HG; ++i) {
-                    h[i] = ex2(dtj[e] * A2[i]) * h[i] + dtxj[e] * SB(j, i);
-                    y += SC(j, i) * h[i];
+                for (int i = 0; i < FHG; ++i) {
+                    h[i] = ex2(dtj[e] * A2[i]) * h[i] + dtxj[e] * FSB(j, i);
+                    y += FSC(j, i) * h[i];
                 }
                 yp[e] = y;
             }
@@ -223,19 +228,24 @@ selective_scan_fwd_f32(const float* __restrict__ u, const float* __restrict__ de
     }
     if (last && cval) {
 #pragma unroll
-        for (int i = 0; i < HG; ++i) {
-            int n = hf * HG + i;
+        for (int i = 0; i < FHG; ++i) {
+            int n = hf * FHG + i;
             if (n < ds) last[(b * di + c) * ds + n] = h[i];
         }
     }
 }
 
+// B and C of chunk-relative position j, state n, from the staged chunk rows.
+#define SB(j, n) sbc[(j) * 2 * NG + (n)]
+#define SC(j, n) sbc[(j) * 2 * NG + NG + (n)]
+
 // Backward. Writes du, ddelta ([B, L, di]), dz (row stride ldz_out) and per-block partial sums:
 // part_bc[blk, b * L + t, 0..2 ds] (dB then dC, summed over the block's channels),
 // part_a[b, c, n], part_d[b, c], part_db[b, c] (summed over positions), dh0[b, c, n].
 //
-// Dynamic shared memory (floats): sbc CHUNK · 2 NP, sr CHUNK (ints), ck NW · NP · SCAN_CH
-// (window-start states), red CHUNK · SCAN_WARPS · 2 NP (warp sums of dB / dC).
+// Dynamic shared memory (floats): sbc CHUNK · 2 NG, sr CHUNK (ints), ck NW · NG · SCAN_THREADS
+// (window-start states), red CHUNK · SCAN_WARPS · 2 NG (warp sums of dB / dC).
+template <bool SHARE>
 __device__ __forceinline__ void
 selective_scan_bwd_body(const float* __restrict__ u, const float* __restrict__ delta,
                         const float* __restrict__ a_log, const float* __restrict__ xbc, long ldbc, long col_b,
@@ -248,40 +258,37 @@ selective_scan_bwd_body(const float* __restrict__ u, const float* __restrict__ d
                         long batch, long L, long di, long ds) {
     extern __shared__ __align__(16) float smem[];
     float* sbc = smem;
-    int* sr = reinterpret_cast<int*>(smem + CHUNK * 2 * NP);
-    float* ck = smem + CHUNK * 2 * NP + CHUNK;
-    float* red = ck + NW * HG * SCAN_THREADS;
-    int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, hf = tid & 1;
-    long c = blockIdx.x * (long)SCAN_CH + (tid >> 1);
+    int* sr = reinterpret_cast<int*>(smem + CHUNK * 2 * NG);
+    float* ck = smem + CHUNK * 2 * NG + CHUNK;
+    float* red = ck + NW * NG * SCAN_THREADS;
+    int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    long c = blockIdx.x * (long)SCAN_THREADS + tid;
     long b = blockIdx.y;
     bool cval = c < di;
     long cc = cval ? c : di - 1;
-    float A2[HG], dh[HG], dA[HG];
+    float A2[NG], dh[NG], dA[NG];
 #pragma unroll
-    for (int i = 0; i < HG; ++i) {
-        int n = hf * HG + i;
-        A2[i] = n < ds ? -expf(a_log[cc * ds + n]) * LOG2E : 0.0f;
-        dh[i] = 0.0f;
-        dA[i] = 0.0f;
+    for (int n = 0; n < NG; ++n) {
+        A2[n] = n < ds ? -expf(a_log[cc * ds + n]) * LOG2E : 0.0f;
+        dh[n] = 0.0f;
+        dA[n] = 0.0f;
     }
     float Dc = dvec[cc], bias = dt_bias[cc];
     float dD = 0.0f, ddb = 0.0f;
     long nchunks = (L + CHUNK - 1) / CHUNK;
     long gw_last = L > 0 ? (L - 1) / SUB : -1;
-    const int SH = SUB / 2;
-    // Prefetched inputs of this thread's positions (parity hf) of the next window (the SUB
-    // positions before the current one).
-    float nu[SH], nv[SH], ng[SH], nz[SH];
+    // Prefetched inputs of the next window (the SUB positions before the current one).
+    float nu[SUB], nv[SUB], ng[SUB], nz[SUB];
     auto load_win = [&](long t0) {
 #pragma unroll
-        for (int m = 0; m < SH; ++m) {
-            long t = t0 + 2 * m + hf;
+        for (int j = 0; j < SUB; ++j) {
+            long t = t0 + j;
             bool tv = t < L && cval;
             long row = b * L + t;
-            nu[m] = tv ? u[row * di + c] : 0.0f;
-            nv[m] = tv ? delta[row * di + c] : 0.0f;
-            ng[m] = tv ? dout[row * di + c] : 0.0f;
-            nz[m] = (tv && z) ? z[row * ldz + c] : 0.0f;
+            nu[j] = tv ? u[row * di + c] : 0.0f;
+            nv[j] = tv ? delta[row * di + c] : 0.0f;
+            ng[j] = tv ? dout[row * di + c] : 0.0f;
+            nz[j] = (tv && z) ? z[row * ldz + c] : 0.0f;
         }
     };
     if (gw_last >= 0) load_win(gw_last * SUB);
@@ -292,204 +299,167 @@ selective_scan_bwd_body(const float* __restrict__ u, const float* __restrict__ d
         if (gw == gw_last || w == NW - 1) {
             // Chunk setup: stage B / C rows and reset flags, then the window-start states.
             __syncthreads();
-            for (int idx = tid; idx < CHUNK * 2 * NP; idx += SCAN_THREADS) {
-                int j = idx / (2 * NP), kk = idx % (2 * NP);
-                int n = kk % NP;
+            for (int idx = tid; idx < CHUNK * 2 * NG; idx += SCAN_THREADS) {
+                int j = idx / (2 * NG), kk = idx % (2 * NG);
+                int n = kk % NG;
                 long t = tc0 + j;
-                sbc[idx] = (t < L && n < ds) ? xbc[(b * L + t) * ldbc + col_b + (kk >= NP ? ds : 0) + n] : 0.0f;
+                sbc[idx] = (t < L && n < ds) ? xbc[(b * L + t) * ldbc + col_b + (kk >= NG ? ds : 0) + n] : 0.0f;
             }
             for (int j = tid; j < CHUNK; j += SCAN_THREADS) {
                 long t = tc0 + j;
                 sr[j] = t < L ? (starts[b * L + t] == t) : 0;
             }
-            // dt and dt · x of this thread's positions of the first CHUNK − SUB positions.
-            float cdt[CKS / 2], cdtx[CKS / 2];
+            float cu[CKS], cdl[CKS];
 #pragma unroll
-            for (int m = 0; m < CKS / 2; ++m) {
-                long t = tc0 + 2 * m + hf;
-                bool tv = t < L && cval && 2 * m < CHUNK - SUB;
+            for (int j = 0; j < CKS; ++j) {
+                long t = tc0 + j;
+                bool tv = t < L && cval && j < CHUNK - SUB;
                 long row = b * L + t;
-                float xu = tv ? u[row * di + c] : 0.0f;
-                float dl = tv ? delta[row * di + c] : 0.0f;
-                cdt[m] = tv ? softplus_f32(dl + bias) : 0.0f;
-                cdtx[m] = cdt[m] * xu;
+                cu[j] = tv ? u[row * di + c] : 0.0f;
+                cdl[j] = tv ? delta[row * di + c] : 0.0f;
             }
-            float h[HG];
+            float h[NG];
 #pragma unroll
-            for (int i = 0; i < HG; ++i) {
-                int n = hf * HG + i;
-                h[i] = (cval && n < ds) ? chunk_states[((b * nchunks + k) * ds + n) * di + c] : 0.0f;
-            }
+            for (int n = 0; n < NG; ++n)
+                h[n] = (cval && n < ds) ? chunk_states[((b * nchunks + k) * ds + n) * di + c] : 0.0f;
             __syncthreads();
 #pragma unroll
             for (int ww = 0; ww < NW; ++ww) {
 #pragma unroll
-                for (int i = 0; i < HG; ++i) ck[(ww * HG + i) * SCAN_THREADS + tid] = h[i];
+                for (int n = 0; n < NG; ++n) ck[(ww * NG + n) * SCAN_THREADS + tid] = h[n];
                 if (ww == NW - 1) break;
 #pragma unroll
-                for (int mm = 0; mm < SH; ++mm) {
-                    const int m = ww * SH + mm;
-                    float dtp = pair_xchg(cdt[m]), dtxp = pair_xchg(cdtx[m]);
-                    float dtj[2], dtxj[2];
-                    dtj[0] = hf ? dtp : cdt[m];
-                    dtj[1] = hf ? cdt[m] : dtp;
-                    dtxj[0] = hf ? dtxp : cdtx[m];
-                    dtxj[1] = hf ? cdtx[m] : dtxp;
+                for (int jj = 0; jj < SUB; ++jj) {
+                    const int j = ww * SUB + jj;
+                    long t = tc0 + j;
+                    float dt = (t < L && cval) ? softplus_f32(cdl[j] + bias) : 0.0f;
+                    float dtx = dt * cu[j];
+                    if (sr[j]) {
 #pragma unroll
-                    for (int e = 0; e < 2; ++e) {
-                        const int j = 2 * m + e;
-                        if (sr[j]) {
-#pragma unroll
-                            for (int i = 0; i < HG; ++i) h[i] = 0.0f;
-                        }
-#pragma unroll
-                        for (int i = 0; i < HG; ++i) h[i] = ex2(dtj[e] * A2[i]) * h[i] + dtxj[e] * SB(j, i);
+                        for (int n = 0; n < NG; ++n) h[n] = 0.0f;
                     }
+#pragma unroll
+                    for (int n = 0; n < NG; ++n) h[n] = ex2(dt * A2[n]) * h[n] + dtx * SB(j, n);
                 }
             }
         }
         // This window's inputs; prefetch the next one's.
         long t0 = gw * SUB;
         int j0 = w * SUB;
-        // Scalars of this thread's positions (o: own); softplus and its gradient share exp(v),
-        // silu and its gradient share sigmoid(z).
-        float xo[SH], sgo[SH], ggo[SH], zgo[SH];
-        // Both positions of each pair: dt, dt · x, dy.
-        float dt[SUB], dtx[SUB], dy[SUB];
+        // softplus and its gradient share exp(v); silu and its gradient share sigmoid(z).
+        float x[SUB], dt[SUB], sg[SUB], dy[SUB], gg[SUB], zg[SUB];
 #pragma unroll
-        for (int m = 0; m < SH; ++m) {
-            bool tv = t0 + 2 * m + hf < L && cval;
-            float v = nv[m] + bias;
-            float zv = nz[m];
-            float ev = expf(v);
-            float dto = tv ? (v > 20.0f ? v : log1pf(ev)) : 0.0f;
-            sgo[m] = v > 20.0f ? 1.0f : ev / (1.0f + ev);
-            float sz = sigmoid_f32(zv);
-            zgo[m] = sz * (1.0f + zv * (1.0f - sz));
-            float dyo = z ? ng[m] * (zv * sz) : ng[m];
-            xo[m] = nu[m];
-            ggo[m] = ng[m];
-            float dtxo = dto * nu[m];
-            float dtp = pair_xchg(dto), dtxp = pair_xchg(dtxo), dyp = pair_xchg(dyo);
-            dt[2 * m] = hf ? dtp : dto;
-            dt[2 * m + 1] = hf ? dto : dtp;
-            dtx[2 * m] = hf ? dtxp : dtxo;
-            dtx[2 * m + 1] = hf ? dtxo : dtxp;
-            dy[2 * m] = hf ? dyp : dyo;
-            dy[2 * m + 1] = hf ? dyo : dyp;
+        for (int j = 0; j < SUB; ++j) {
+            bool tv = t0 + j < L && cval;
+            float v = nv[j] + bias;
+            x[j] = nu[j];
+            gg[j] = ng[j];
+            float zv = nz[j];
+            if (SHARE) {
+                float ev = expf(v);
+                dt[j] = tv ? (v > 20.0f ? v : log1pf(ev)) : 0.0f;
+                sg[j] = v > 20.0f ? 1.0f : ev / (1.0f + ev);
+                float sz = sigmoid_f32(zv);
+                zg[j] = sz * (1.0f + zv * (1.0f - sz));
+                dy[j] = z ? ng[j] * (zv * sz) : ng[j];
+            } else {
+                dt[j] = tv ? softplus_f32(v) : 0.0f;
+                sg[j] = softplus_grad_f32(v);
+                zg[j] = silu_grad_f32(zv);
+                dy[j] = z ? ng[j] * silu_f32(zv) : ng[j];
+            }
         }
         if (gw > 0) load_win(t0 - SUB);
-        // Forward over the window: states into registers, partial y (this half's states).
-        float hist[SUB][HG], yp[SUB];
+        // Forward over the window: states into registers, y.
+        float hist[SUB][NG], y[SUB];
         {
-            float h[HG];
+            float h[NG];
 #pragma unroll
-            for (int i = 0; i < HG; ++i) h[i] = ck[(w * HG + i) * SCAN_THREADS + tid];
+            for (int n = 0; n < NG; ++n) h[n] = ck[(w * NG + n) * SCAN_THREADS + tid];
 #pragma unroll
             for (int j = 0; j < SUB; ++j) {
                 const int jc = j0 + j;
+                float dtx = dt[j] * x[j];
                 int rs = sr[jc];
                 float ys = 0.0f;
 #pragma unroll
-                for (int i = 0; i < HG; ++i) {
-                    float hp = rs ? 0.0f : h[i];
-                    h[i] = ex2(dt[j] * A2[i]) * hp + dtx[j] * SB(jc, i);
-                    hist[j][i] = h[i];
-                    ys += SC(jc, i) * h[i];
+                for (int n = 0; n < NG; ++n) {
+                    float hp = rs ? 0.0f : h[n];
+                    h[n] = ex2(dt[j] * A2[n]) * hp + dtx * SB(jc, n);
+                    hist[j][n] = h[n];
+                    ys += SC(jc, n) * h[n];
                 }
-                yp[j] = ys;
+                y[j] = ys;
             }
         }
-        // Reverse recurrence over the window, a pair of positions at a time.
+        // Reverse recurrence over the window.
 #pragma unroll
-        for (int m = SH - 1; m >= 0; --m) {
-            float tcp[2], s1p[2];
+        for (int j = SUB - 1; j >= 0; --j) {
+            const int jc = j0 + j;
+            long t = t0 + j;
+            int rs = sr[jc];
+            float dtx = dt[j] * x[j];
+            float tcs = 0.0f, s1 = 0.0f;
+            float vv[2 * NG];
 #pragma unroll
-            for (int e = 1; e >= 0; --e) {
-                const int j = 2 * m + e;
-                const int jc = j0 + j;
-                int rs = sr[jc];
-                float tcs = 0.0f, s1 = 0.0f;
-                float vv[2 * HG];
-#pragma unroll
-                for (int i = 0; i < HG; ++i) {
-                    float Bn = SB(jc, i), Cn = SC(jc, i);
-                    dh[i] += dy[j] * Cn;
-                    vv[HG + i] = dy[j] * hist[j][i];
-                    float hp = rs ? 0.0f : (j > 0 ? hist[j > 0 ? j - 1 : 0][i] : ck[(w * HG + i) * SCAN_THREADS + tid]);
-                    float dec = ex2(dt[j] * A2[i]);
-                    float gdec = dh[i] * hp * dec;
-                    dA[i] += gdec * dt[j];
-                    tcs += gdec * A2[i];
-                    s1 += dh[i] * Bn;
-                    vv[i] = dh[i] * dtx[j];
-                    dh[i] = rs ? 0.0f : dh[i] * dec;
-                }
-                tcp[e] = tcs;
-                s1p[e] = s1;
-                half_reduce_scatter<2 * HG>(vv, lane);
-                {
-                    const int R = (2 * HG) / 16 > 0 ? (2 * HG) / 16 : 1;
-                    int base = rs_base<2 * HG>(lane);
-#pragma unroll
-                    for (int r = 0; r < R; ++r) {
-                        int kx = base + r;
-                        int col = kx < HG ? hf * HG + kx : NP + hf * HG + (kx - HG);
-                        red[(jc * SCAN_WARPS + warp) * 2 * NP + col] = vv[r];
-                    }
-                }
+            for (int n = 0; n < NG; ++n) {
+                float Bn = SB(jc, n), Cn = SC(jc, n);
+                dh[n] += dy[j] * Cn;
+                vv[NG + n] = dy[j] * hist[j][n];
+                float hp = rs ? 0.0f : (j > 0 ? hist[j > 0 ? j - 1 : 0][n] : ck[(w * NG + n) * SCAN_THREADS + tid]);
+                float dec = ex2(dt[j] * A2[n]);
+                float gdec = dh[n] * hp * dec;
+                dA[n] += gdec * dt[j];
+                tcs += gdec * A2[n];
+                s1 += dh[n] * Bn;
+                vv[n] = dh[n] * dtx;
+                dh[n] = rs ? 0.0f : dh[n] * dec;
             }
-            // Sums over all states of this thread's position 2m + hf: own half + partner's.
-            float tcs = (hf ? tcp[1] : tcp[0]) + pair_xchg(hf ? tcp[0] : tcp[1]);
-            float s1 = (hf ? s1p[1] : s1p[0]) + pair_xchg(hf ? s1p[0] : s1p[1]);
-            float ys = (hf ? yp[2 * m + 1] : yp[2 * m]) + pair_xchg(hf ? yp[2 * m] : yp[2 * m + 1]);
-            long t = t0 + 2 * m + hf;
+            warp_reduce_scatter<2 * NG>(vv, lane);
+            {
+                const int R = (2 * NG) / 32 > 0 ? (2 * NG) / 32 : 1;
+                int base = rs_base<2 * NG>(lane);
+#pragma unroll
+                for (int i = 0; i < R; ++i) red[(jc * SCAN_WARPS + warp) * 2 * NG + base + i] = vv[i];
+            }
             if (t < L && cval) {
                 long row = b * L + t;
-                float x = xo[m];
-                float dto = hf ? dt[2 * m + 1] : dt[2 * m];
-                float dyo = hf ? dy[2 * m + 1] : dy[2 * m];
-                float yt = ys + Dc * x;
+                float yt = y[j] + Dc * x[j];
                 // Σ_n dh · (h_prev · decay · A + x · B); A = A2 · ln 2.
-                float dd = (tcs * LN2 + x * s1) * sgo[m];
-                if (z) dz_out[row * ldz_out + c] = ggo[m] * yt * zgo[m];
+                float dd = (tcs * LN2 + x[j] * s1) * sg[j];
+                if (z) dz_out[row * ldz_out + c] = gg[j] * yt * zg[j];
                 ddelta_out[row * di + c] = dd;
-                du_out[row * di + c] = dyo * Dc + dto * s1;
-                dD += dyo * x;
+                du_out[row * di + c] = dy[j] * Dc + dt[j] * s1;
+                dD += dy[j] * x[j];
                 ddb += dd;
             }
         }
         if (w == 0) {
             // Chunk done: the block's dB / dC partials of its positions.
             __syncthreads();
-            for (int idx = tid; idx < CHUNK * 2 * NP; idx += SCAN_THREADS) {
-                int j = idx / (2 * NP), kk = idx % (2 * NP);
-                int n = kk % NP;
+            for (int idx = tid; idx < CHUNK * 2 * NG; idx += SCAN_THREADS) {
+                int j = idx / (2 * NG), kk = idx % (2 * NG);
+                int n = kk % NG;
                 long t = tc0 + j;
                 if (t < L && n < ds) {
                     float s = 0.0f;
 #pragma unroll
-                    for (int w8 = 0; w8 < SCAN_WARPS; ++w8) s += red[(j * SCAN_WARPS + w8) * 2 * NP + kk];
-                    part_bc[((blockIdx.x * batch + b) * L + t) * 2 * ds + (kk >= NP ? ds : 0) + n] = s;
+                    for (int w8 = 0; w8 < SCAN_WARPS; ++w8) s += red[(j * SCAN_WARPS + w8) * 2 * NG + kk];
+                    part_bc[((blockIdx.x * batch + b) * L + t) * 2 * ds + (kk >= NG ? ds : 0) + n] = s;
                 }
             }
         }
     }
-    // dD, d(dt bias): even positions (half 0) + odd positions (half 1).
-    float dDp = pair_xchg(dD), ddbp = pair_xchg(ddb);
     if (cval) {
 #pragma unroll
-        for (int i = 0; i < HG; ++i) {
-            int n = hf * HG + i;
+        for (int n = 0; n < NG; ++n) {
             if (n < ds) {
-                part_a[(b * di + c) * ds + n] = dA[i];
-                if (dh0) dh0[(b * di + c) * ds + n] = dh[i];
+                part_a[(b * di + c) * ds + n] = dA[n];
+                if (dh0) dh0[(b * di + c) * ds + n] = dh[n];
             }
         }
-        if (hf == 0) {
-            part_d[b * di + c] = dD + dDp;
-            part_db[b * di + c] = ddb + ddbp;
-        }
+        part_d[b * di + c] = dD;
+        part_db[b * di + c] = ddb;
     }
 }
 
@@ -503,14 +473,15 @@ selective_scan_bwd_body(const float* __restrict__ u, const float* __restrict__ d
     u, delta, a_log, xbc, ldbc, col_b, dvec, z, ldz, dt_bias, starts, chunk_states, dout, du_out, ddelta_out, \
         dz_out, ldz_out, part_bc, part_a, part_d, part_db, dh0, batch, L, di, ds
 
-// Two builds of the same backward: registers as the compiler likes (at most 255, one block of
-// SCAN_THREADS per SM), and capped for two blocks per SM (`_2b`, at most 128 registers). The
-// engine picks one (gpu/src/cuda.rs).
+// Two builds of the same backward: registers as the compiler likes, and capped for two blocks
+// of SCAN_THREADS per SM (`_2b`; at 128 threads both get 255 registers). The engine picks one
+// (gpu/src/cuda.rs). SHARE = false is the unshared softplus / SiLU path (same speed on the H200
+// at chunk 32, 3 % slower at chunk 16), kept for comparison.
 extern "C" __global__ void __launch_bounds__(SCAN_THREADS) selective_scan_bwd_f32(SCAN_BWD_PARAMS) {
-    selective_scan_bwd_body(SCAN_BWD_ARGS);
+    selective_scan_bwd_body<true>(SCAN_BWD_ARGS);
 }
 extern "C" __global__ void __launch_bounds__(SCAN_THREADS, 2) selective_scan_bwd_2b_f32(SCAN_BWD_PARAMS) {
-    selective_scan_bwd_body(SCAN_BWD_ARGS);
+    selective_scan_bwd_body<true>(SCAN_BWD_ARGS);
 }
 
 // out[row * ldo + col] = Σ_blk part_bc[blk, row, col] (blocks in order), col < 2 ds.

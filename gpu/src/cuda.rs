@@ -91,12 +91,12 @@ pub fn scan_chunk_for(d_state_pad: usize) -> usize {
     }
 }
 
-/// Channels per scan block (the scan backward's per-block dB/dC partials are over these).
-pub const SCAN_CHANNELS: usize = 128;
+/// Threads per scan block: one thread per channel (all d_state states in registers).
+pub const SCAN_THREADS: usize = 128;
 
-/// Threads per scan block: two threads per channel, each with half of the d_state states in
-/// registers.
-pub const SCAN_THREADS: usize = 2 * SCAN_CHANNELS;
+/// Threads per scan forward block (same grid as the backward, [`SCAN_THREADS`] channels per
+/// block): two threads per channel, each with half of the d_state states in registers.
+pub const SCAN_FWD_THREADS: usize = 2 * SCAN_THREADS;
 
 /// Compile-time shape constants of one kernel build.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -454,24 +454,17 @@ impl Drop for Dev {
 }
 
 /// Positions the scan backward keeps in registers at a time (a window of a chunk): SUB ×
-/// d_state_pad / 2 states per thread (at most 32 up to d_state 16, 64 at 32). `VET_SCAN_SUB`
-/// (4 or 8) overrides it.
+/// d_state_pad states per thread (at most 64 up to d_state 16, 128 at 32).
 pub fn scan_window(shape: KernelShape) -> usize {
-    let sub = match std::env::var("VET_SCAN_SUB").as_deref() {
-        Ok("4") => 4,
-        Ok("8") => 8,
-        _ => (64 / shape.d_state_pad).clamp(4, 8),
-    };
-    sub.min(shape.chunk)
+    (64 / shape.d_state_pad).clamp(4, 8).min(shape.chunk)
 }
 
 /// Dynamic shared memory of the scan backward (see selective_scan.cu): the chunk's B/C rows
-/// and reset flags, the window-start states of every channel, the warp sums of dB/dC (states
-/// padded to at least 2, one half per thread of a channel's pair).
+/// and reset flags, the window-start states of every thread, the warp sums of dB/dC.
 pub fn scan_bwd_smem(shape: KernelShape) -> usize {
-    let (np, chunk) = (shape.d_state_pad.max(2), shape.chunk);
+    let (ng, chunk) = (shape.d_state_pad, shape.chunk);
     let windows = chunk / scan_window(shape);
-    4 * (chunk * 2 * np + chunk + windows * np * SCAN_CHANNELS + chunk * (SCAN_THREADS / 32) * 2 * np)
+    4 * (chunk * 2 * ng + chunk + windows * ng * SCAN_THREADS + chunk * (SCAN_THREADS / 32) * 2 * ng)
 }
 
 /// NVRTC options and architecture of one kernel build.

@@ -9,7 +9,7 @@ use reference::ops::norm::NormStats;
 use reference::ops::selective_scan::{ScanGrads, ScanInputs};
 use reference::{Error, NormKind, Result};
 
-use crate::cuda::{scan_bwd_smem, Arg, Buf, Dev, KernelShape, SCAN_CHANNELS, SCAN_THREADS};
+use crate::cuda::{scan_bwd_smem, Arg, Buf, Dev, KernelShape, SCAN_THREADS};
 use crate::engine::doc_starts;
 use crate::work::row_blocks;
 
@@ -114,11 +114,11 @@ impl OpDev {
         last: u64,
     ) -> Result<()> {
         let d = inp.dims;
-        let nblk = d.d_inner.div_ceil(SCAN_CHANNELS);
+        let nblk = d.d_inner.div_ceil(SCAN_THREADS);
         self.dev.launch(
             "selective_scan_fwd_f32",
             (nblk as u32, d.batch as u32, 1),
-            SCAN_THREADS as u32,
+            crate::cuda::SCAN_FWD_THREADS as u32,
             0,
             &[
                 Arg::P(s.u.ptr),
@@ -165,7 +165,7 @@ impl OpDev {
         let s = self.scan_common(inp)?;
         let tmp = self.dev.alloc(4 * n * di)?;
         self.scan_fwd_launch(inp, &s, tmp.ptr, 0)?;
-        let nblk = di.div_ceil(SCAN_CHANNELS);
+        let nblk = di.div_ceil(SCAN_THREADS);
         let dout = self.put(dout)?;
         let du = self.out(n * di, "scan du")?;
         let ddelta = self.out(n * di, "scan ddelta")?;

@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use reference::{MambaConfig, Result};
 
-use crate::cuda::{Buf, Dev, KernelShape, SCAN_CHANNELS};
+use crate::cuda::{Buf, Dev, KernelShape, SCAN_THREADS};
 
 /// What a workspace is for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -93,7 +93,7 @@ pub fn row_blocks(n: usize) -> (usize, usize) {
 
 /// Scan blocks along d_inner.
 pub fn scan_blocks(cfg: &MambaConfig, _shape: KernelShape) -> usize {
-    cfg.d_inner.div_ceil(SCAN_CHANNELS)
+    cfg.d_inner.div_ceil(SCAN_THREADS)
 }
 
 impl Work {

@@ -9,7 +9,7 @@
 use std::time::Instant;
 
 use cudarc::driver::{result as drv, sys as drv_sys};
-use gpu::cuda::{Arg, Dev, KernelShape, SCAN_CHANNELS, SCAN_THREADS};
+use gpu::cuda::{Arg, Dev, KernelShape, SCAN_THREADS};
 use gpu::{GpuEngine, GpuOptions, Precision};
 use reference::model::Batch;
 use reference::{
@@ -196,7 +196,7 @@ fn scan_one(rows: &mut Vec<String>, chunk: usize) -> reference::Result<()> {
         dev.alloc(4 * n * di)?,
         dev.alloc(4 * n * 2 * di)?,
     );
-    let nblk = di.div_ceil(SCAN_CHANNELS);
+    let nblk = di.div_ceil(SCAN_THREADS);
     let part_bc = dev.alloc(4 * nblk * n * 2 * ds)?;
     let (pa, pd, pdb) = (
         dev.alloc(4 * batch * di * ds)?,
@@ -208,7 +208,7 @@ fn scan_one(rows: &mut Vec<String>, chunk: usize) -> reference::Result<()> {
         dev.launch(
             "selective_scan_fwd_f32",
             (nblk as u32, batch as u32, 1),
-            SCAN_THREADS as u32,
+            gpu::cuda::SCAN_FWD_THREADS as u32,
             0,
             &[
                 Arg::P(u.ptr),
