@@ -94,6 +94,10 @@ pub fn scan_chunk_for(d_state_pad: usize) -> usize {
 /// Threads per scan block: one thread per channel (all d_state states in registers).
 pub const SCAN_THREADS: usize = 128;
 
+/// Threads per scan forward block (same grid as the backward, [`SCAN_THREADS`] channels per
+/// block): two threads per channel, each with half of the d_state states in registers.
+pub const SCAN_FWD_THREADS: usize = 2 * SCAN_THREADS;
+
 /// Compile-time shape constants of one kernel build.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct KernelShape {

@@ -398,7 +398,7 @@ impl GpuEngine {
             self.dev.launch(
                 "selective_scan_fwd_f32",
                 (nblk as u32, batch as u32, 1),
-                crate::cuda::SCAN_THREADS as u32,
+                crate::cuda::SCAN_FWD_THREADS as u32,
                 0,
                 &[
                     Arg::P(ws.xs.ptr),

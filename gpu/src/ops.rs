@@ -118,7 +118,7 @@ impl OpDev {
         self.dev.launch(
             "selective_scan_fwd_f32",
             (nblk as u32, d.batch as u32, 1),
-            SCAN_THREADS as u32,
+            crate::cuda::SCAN_FWD_THREADS as u32,
             0,
             &[
                 Arg::P(s.u.ptr),

@@ -208,7 +208,7 @@ fn scan_one(rows: &mut Vec<String>, chunk: usize) -> reference::Result<()> {
         dev.launch(
             "selective_scan_fwd_f32",
             (nblk as u32, batch as u32, 1),
-            SCAN_THREADS as u32,
+            gpu::cuda::SCAN_FWD_THREADS as u32,
             0,
             &[
                 Arg::P(u.ptr),
