@@ -155,6 +155,72 @@ impl GpuEngine {
     }
 }
 
+impl GpuEngine {
+    /// The inference workspace for `batch × seq_len` with `head_rows` rows through the
+    /// lm_head (reused when the shape matches).
+    fn infer_ws_for(&mut self, batch: usize, seq_len: usize, head_rows: usize) -> Result<()> {
+        let lowp = self.lowp();
+        let key = (batch, seq_len, Mode::Infer { head_rows });
+        ensure_ws(
+            &mut self.infer_ws,
+            &self.dev,
+            &self.cfg,
+            self.shape,
+            key,
+            lowp,
+        )
+    }
+
+    /// The forward of one sequence (`tokens`, batch 1) from the state `from` (copied into the
+    /// inference workspace), only the last position through the lm_head. Logits and the final
+    /// state end in `infer_ws`.
+    fn prefill_dev(
+        &mut self,
+        op: &'static str,
+        tokens: &[u32],
+        from: StepOn,
+        logits_len: usize,
+    ) -> Result<()> {
+        check_len(op, "logits", logits_len, self.cfg.vocab_size)?;
+        if tokens.is_empty() {
+            return Err(Error::Shape {
+                op,
+                msg: "no tokens to prefill".into(),
+            });
+        }
+        let input = Batch::new(tokens, 1, tokens.len());
+        input.check(&self.cfg, op)?;
+        match from {
+            StepOn::Host(state) => state.check(&self.cfg, 1, op)?,
+            StepOn::Held(h) if h.batch != 1 => {
+                return Err(Error::Shape {
+                    op,
+                    msg: format!(
+                        "prefill runs one sequence; the held state has {} rows",
+                        h.batch
+                    ),
+                })
+            }
+            StepOn::Held(h) => {
+                self.held(h, op)?;
+            }
+        }
+        self.dev.bind()?;
+        self.infer_ws_for(1, tokens.len(), 1)?;
+        let ws = self.infer_ws.as_ref().expect("workspace");
+        match from {
+            StepOn::Host(state) => self.upload_inputs(ws, &input, Some(state))?,
+            StepOn::Held(h) => {
+                self.upload_inputs(ws, &input, None)?;
+                let h = self.held(h, op)?;
+                ws.state_in_conv.copy_from(0, h.conv.ptr, h.conv.bytes)?;
+                ws.state_in_ssm.copy_from(0, h.ssm.ptr, h.ssm.bytes)?;
+            }
+        }
+        self.forward_dev(ws, true, tokens.len() - 1)
+    }
+}
+
 /// Where a decode step's state lives.
 #[derive(Clone, Copy)]
 enum StepOn<'a> {
@@ -181,17 +247,7 @@ impl Engine for GpuEngine {
             s.check(&self.cfg, input.batch, "forward")?;
         }
         self.dev.bind()?;
-        let n = input.rows();
-        let key = (input.batch, input.seq_len, Mode::Infer { head_rows: n });
-        let lowp = self.lowp();
-        ensure_ws(
-            &mut self.infer_ws,
-            &self.dev,
-            &self.cfg,
-            self.shape,
-            key,
-            lowp,
-        )?;
+        self.infer_ws_for(input.batch, input.seq_len, input.rows())?;
         let ws = self.infer_ws.as_ref().expect("workspace");
         self.upload_inputs(ws, input, state)?;
         self.forward_dev(ws, state.is_some(), 0)?;
@@ -433,42 +489,9 @@ impl Engine for GpuEngine {
     }
 
     fn prefill_held(&mut self, held: HeldState, tokens: &[u32], logits: &mut [f32]) -> Result<()> {
-        check_len("prefill_held", "logits", logits.len(), self.cfg.vocab_size)?;
-        if tokens.is_empty() {
-            return Err(Error::Shape {
-                op: "prefill_held",
-                msg: "no tokens to prefill".into(),
-            });
-        }
-        if held.batch != 1 {
-            return Err(Error::Shape {
-                op: "prefill_held",
-                msg: format!(
-                    "prefill runs one sequence; the held state has {} rows",
-                    held.batch
-                ),
-            });
-        }
-        let input = Batch::new(tokens, 1, tokens.len());
-        input.check(&self.cfg, "prefill_held")?;
-        self.dev.bind()?;
-        self.held(held, "prefill_held")?;
-        let key = (1, tokens.len(), Mode::Infer { head_rows: 1 });
-        let lowp = self.lowp();
-        ensure_ws(
-            &mut self.infer_ws,
-            &self.dev,
-            &self.cfg,
-            self.shape,
-            key,
-            lowp,
-        )?;
+        self.prefill_dev("prefill_held", tokens, StepOn::Held(held), logits.len())?;
         let ws = self.infer_ws.as_ref().expect("workspace");
         let h = self.held(held, "prefill_held")?;
-        self.upload_inputs(ws, &input, None)?;
-        ws.state_in_conv.copy_from(0, h.conv.ptr, h.conv.bytes)?;
-        ws.state_in_ssm.copy_from(0, h.ssm.ptr, h.ssm.bytes)?;
-        self.forward_dev(ws, true, tokens.len() - 1)?;
         h.conv.copy_from(0, ws.state_out_conv.ptr, h.conv.bytes)?;
         h.ssm.copy_from(0, ws.state_out_ssm.ptr, h.ssm.bytes)?;
         ws.logits.read(0, logits)
@@ -480,30 +503,8 @@ impl Engine for GpuEngine {
         state: &mut State<f32>,
         logits: &mut [f32],
     ) -> Result<()> {
-        check_len("prefill", "logits", logits.len(), self.cfg.vocab_size)?;
-        if tokens.is_empty() {
-            return Err(Error::Shape {
-                op: "prefill",
-                msg: "no tokens to prefill".into(),
-            });
-        }
-        let input = Batch::new(tokens, 1, tokens.len());
-        input.check(&self.cfg, "prefill")?;
-        state.check(&self.cfg, 1, "prefill")?;
-        self.dev.bind()?;
-        let key = (1, tokens.len(), Mode::Infer { head_rows: 1 });
-        let lowp = self.lowp();
-        ensure_ws(
-            &mut self.infer_ws,
-            &self.dev,
-            &self.cfg,
-            self.shape,
-            key,
-            lowp,
-        )?;
+        self.prefill_dev("prefill", tokens, StepOn::Host(state), logits.len())?;
         let ws = self.infer_ws.as_ref().expect("workspace");
-        self.upload_inputs(ws, &input, Some(state))?;
-        self.forward_dev(ws, true, tokens.len() - 1)?;
         ws.logits.read(0, logits)?;
         ws.state_out_conv.read(0, &mut state.conv.data)?;
         ws.state_out_ssm.read(0, &mut state.ssm.data)

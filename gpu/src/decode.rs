@@ -34,10 +34,9 @@ impl GpuEngine {
     /// One decode step over `ws` (tokens and starts uploaded) on the state at `st`.
     pub fn decode_dev(&self, ws: &Work, st: StatePtrs) -> Result<()> {
         let cfg = &self.cfg;
-        let (dm, di, ds, r) = (cfg.d_model, cfg.d_inner, cfg.d_state, cfg.dt_rank);
+        let (dm, di, ds) = (cfg.d_model, cfg.d_inner, cfg.d_state);
         let batch = ws.batch;
         debug_assert_eq!(ws.seq_len, 1);
-        let xr = cfg.x_proj_rows();
         let km1 = cfg.d_conv - 1;
         let lay = &self.layout;
         let la = &ws.layers[0];
@@ -56,30 +55,7 @@ impl GpuEngine {
         let blocks = di.div_ceil(256 / self.shape.d_state_pad);
         for (i, lo) in lay.layers.iter().enumerate() {
             let add = if i == 0 { 0 } else { ws.out.ptr };
-            let (hn_lp, hn) = self.lp_out(ws, ws.hn.ptr, dm, batch, dm);
-            self.norm_fwd(
-                batch,
-                la.resid_in.ptr,
-                add,
-                la.resid_in.ptr,
-                ws.hn.ptr,
-                la.mean.ptr,
-                la.rstd.ptr,
-                lo.norm_w,
-                lo.norm_b,
-                hn_lp,
-            )?;
-            self.mm(
-                ws,
-                true,
-                false,
-                (2 * di, batch, dm),
-                Opnd::W(lo.in_w, dm),
-                hn,
-                (la.xz.ptr, 2 * di),
-                0.0,
-            )?;
-            self.bias_add(la.xz.ptr, 2 * di, batch, 2 * di, lo.in_b)?;
+            self.norm_in_proj(ws, la, lo, batch, la.resid_in.ptr, add)?;
             let (xs_lp, xs) = self.lp_out(ws, ws.xs.ptr, di, batch, di);
             self.dev.launch(
                 "conv_update_f32",
@@ -100,26 +76,7 @@ impl GpuEngine {
                     Arg::L(di as i64),
                 ],
             )?;
-            self.mm(
-                ws,
-                true,
-                false,
-                (xr, batch, di),
-                Opnd::W(lo.x_w, di),
-                xs,
-                (la.xdbl.ptr, xr),
-                0.0,
-            )?;
-            self.mm(
-                ws,
-                true,
-                false,
-                (di, batch, r),
-                Opnd::W(lo.dt_w, r),
-                Opnd::A(la.xdbl.ptr, xr, batch, r),
-                (la.delta.ptr, di),
-                0.0,
-            )?;
+            self.x_dt_proj(ws, la, lo, batch, xs)?;
             let (gated_lp, gated) = self.lp_out(ws, la.gated.ptr, di, batch, di);
             self.dev.launch(
                 "ssm_update_f32",
@@ -127,25 +84,18 @@ impl GpuEngine {
                 256,
                 0,
                 &[
-                    Arg::P(ws.xs.ptr),
-                    Arg::P(la.delta.ptr),
-                    Arg::P(self.p(lo.a_log)),
-                    Arg::P(la.xdbl.ptr),
-                    Arg::L(xr as i64),
-                    Arg::L(r as i64),
-                    Arg::P(self.p(lo.d)),
-                    Arg::P(la.xz.at::<f32>(di)),
-                    Arg::L(2 * di as i64),
-                    Arg::P(self.p(lo.dt_b)),
-                    Arg::P(ws.starts.ptr),
-                    Arg::P(st.ssm + (4 * i * batch * di * ds) as u64),
-                    Arg::P(la.gated.ptr),
-                    Arg::P(gated_lp),
-                    Arg::I(self.lp_mode()),
-                    Arg::L(batch as i64),
-                    Arg::L(di as i64),
-                    Arg::L(ds as i64),
-                ],
+                    &self.scan_in_args(ws, la, lo)[..],
+                    &[
+                        Arg::P(st.ssm + (4 * i * batch * di * ds) as u64),
+                        Arg::P(la.gated.ptr),
+                        Arg::P(gated_lp),
+                        Arg::I(self.lp_mode()),
+                        Arg::L(batch as i64),
+                        Arg::L(di as i64),
+                        Arg::L(ds as i64),
+                    ],
+                ]
+                .concat(),
             )?;
             self.mm(
                 ws,

@@ -9,8 +9,8 @@ use reference::model::Batch;
 use reference::{MambaConfig, NormKind, Result, State};
 
 use crate::cuda::{scan_bwd_smem, Arg, Buf, Dev, Dt, KernelShape};
-use crate::layout::Layout;
-use crate::work::{row_blocks, scan_blocks, Mode, Work};
+use crate::layout::{LayerOffs, Layout};
+use crate::work::{row_blocks, scan_blocks, LayerActs, Mode, Work};
 use crate::Precision;
 
 /// A GEMM operand: a parameter (element offset, row stride) or an activation (pointer, row
@@ -147,6 +147,97 @@ impl GpuEngine {
         }
     }
 
+    /// Layer input of `rows` rows: `resid_in = x_in + add` (fused), the norm into `ws.hn`,
+    /// in_proj (+ bias) into `la.xz`.
+    pub(crate) fn norm_in_proj(
+        &self,
+        ws: &Work,
+        la: &LayerActs,
+        lo: &LayerOffs,
+        rows: usize,
+        x_in: u64,
+        add: u64,
+    ) -> Result<()> {
+        let (dm, di) = (self.cfg.d_model, self.cfg.d_inner);
+        let (hn_lp, hn) = self.lp_out(ws, ws.hn.ptr, dm, rows, dm);
+        self.norm_fwd(
+            rows,
+            x_in,
+            add,
+            la.resid_in.ptr,
+            ws.hn.ptr,
+            la.mean.ptr,
+            la.rstd.ptr,
+            lo.norm_w,
+            lo.norm_b,
+            hn_lp,
+        )?;
+        self.mm(
+            ws,
+            true,
+            false,
+            (2 * di, rows, dm),
+            Opnd::W(lo.in_w, dm),
+            hn,
+            (la.xz.ptr, 2 * di),
+            0.0,
+        )?;
+        self.bias_add(la.xz.ptr, 2 * di, rows, 2 * di, lo.in_b)
+    }
+
+    /// x_proj of `xs` (`rows` rows) into `la.xdbl` (dt, B, C), then dt_proj of its dt columns
+    /// into `la.delta` (no bias: the scan adds it).
+    pub(crate) fn x_dt_proj(
+        &self,
+        ws: &Work,
+        la: &LayerActs,
+        lo: &LayerOffs,
+        rows: usize,
+        xs: Opnd,
+    ) -> Result<()> {
+        let (di, r, xr) = (self.cfg.d_inner, self.cfg.dt_rank, self.cfg.x_proj_rows());
+        self.mm(
+            ws,
+            true,
+            false,
+            (xr, rows, di),
+            Opnd::W(lo.x_w, di),
+            xs,
+            (la.xdbl.ptr, xr),
+            0.0,
+        )?;
+        self.mm(
+            ws,
+            true,
+            false,
+            (di, rows, r),
+            Opnd::W(lo.dt_w, r),
+            Opnd::A(la.xdbl.ptr, xr, rows, r),
+            (la.delta.ptr, di),
+            0.0,
+        )
+    }
+
+    /// The arguments every scan kernel (forward, backward, decode update) starts with: x (the
+    /// conv output after SiLU), delta, A_log, B and C inside x_proj's output (row stride,
+    /// column of B), D, z inside in_proj's output (row stride), the dt bias, document starts.
+    pub(crate) fn scan_in_args(&self, ws: &Work, la: &LayerActs, lo: &LayerOffs) -> [Arg; 11] {
+        let (di, r) = (self.cfg.d_inner, self.cfg.dt_rank);
+        [
+            Arg::P(ws.xs.ptr),
+            Arg::P(la.delta.ptr),
+            Arg::P(self.p(lo.a_log)),
+            Arg::P(la.xdbl.ptr),
+            Arg::L(self.cfg.x_proj_rows() as i64),
+            Arg::L(r as i64),
+            Arg::P(self.p(lo.d)),
+            Arg::P(la.xz.at::<f32>(di)),
+            Arg::L(2 * di as i64),
+            Arg::P(self.p(lo.dt_b)),
+            Arg::P(ws.starts.ptr),
+        ]
+    }
+
     /// Column-major `C = op(A) op(B) + beta C` (see `Dev::gemm`) with precision handling.
     #[allow(clippy::too_many_arguments)]
     pub fn mm(
@@ -275,9 +366,8 @@ impl GpuEngine {
     /// The lm_head runs on `ws`'s head rows starting at row `head_row0`.
     pub fn forward_dev(&self, ws: &Work, has_state: bool, head_row0: usize) -> Result<()> {
         let cfg = &self.cfg;
-        let (n, dm, di, ds, r) = (ws.n, cfg.d_model, cfg.d_inner, cfg.d_state, cfg.dt_rank);
+        let (n, dm, di, ds) = (ws.n, cfg.d_model, cfg.d_inner, cfg.d_state);
         let (batch, seq_len) = (ws.batch, ws.seq_len);
-        let xr = cfg.x_proj_rows();
         let km1 = cfg.d_conv - 1;
         let train = ws.mode == Mode::Train;
         let lay = &self.layout;
@@ -302,30 +392,7 @@ impl GpuEngine {
                 (_, true) => (ws.layers[i - 1].resid_in.ptr, ws.out.ptr),
                 (_, false) => (la.resid_in.ptr, ws.out.ptr),
             };
-            let (hn_lp, hn) = self.lp_out(ws, ws.hn.ptr, dm, n, dm);
-            self.norm_fwd(
-                n,
-                x_in,
-                add,
-                la.resid_in.ptr,
-                ws.hn.ptr,
-                la.mean.ptr,
-                la.rstd.ptr,
-                lo.norm_w,
-                lo.norm_b,
-                hn_lp,
-            )?;
-            self.mm(
-                ws,
-                true,
-                false,
-                (2 * di, n, dm),
-                Opnd::W(lo.in_w, dm),
-                hn,
-                (la.xz.ptr, 2 * di),
-                0.0,
-            )?;
-            self.bias_add(la.xz.ptr, 2 * di, n, 2 * di, lo.in_b)?;
+            self.norm_in_proj(ws, la, lo, n, x_in, add)?;
             let init_conv = if has_state {
                 ws.state_in_conv.at::<f32>(i * batch * di * km1)
             } else {
@@ -373,54 +440,26 @@ impl GpuEngine {
                     ],
                 )?;
             }
-            let xs = Opnd::A(ws.xs.ptr, di, n, di);
-            self.mm(
-                ws,
-                true,
-                false,
-                (xr, n, di),
-                Opnd::W(lo.x_w, di),
-                xs,
-                (la.xdbl.ptr, xr),
-                0.0,
-            )?;
-            let dt_raw = Opnd::A(la.xdbl.ptr, xr, n, r);
-            self.mm(
-                ws,
-                true,
-                false,
-                (di, n, r),
-                Opnd::W(lo.dt_w, r),
-                dt_raw,
-                (la.delta.ptr, di),
-                0.0,
-            )?;
+            self.x_dt_proj(ws, la, lo, n, Opnd::A(ws.xs.ptr, di, n, di))?;
             self.dev.launch(
                 "selective_scan_fwd_f32",
                 (nblk as u32, batch as u32, 1),
                 crate::cuda::SCAN_FWD_THREADS as u32,
                 0,
                 &[
-                    Arg::P(ws.xs.ptr),
-                    Arg::P(la.delta.ptr),
-                    Arg::P(self.p(lo.a_log)),
-                    Arg::P(la.xdbl.ptr),
-                    Arg::L(xr as i64),
-                    Arg::L(r as i64),
-                    Arg::P(self.p(lo.d)),
-                    Arg::P(la.xz.at::<f32>(di)),
-                    Arg::L(2 * di as i64),
-                    Arg::P(self.p(lo.dt_b)),
-                    Arg::P(ws.starts.ptr),
-                    Arg::P(init_ssm),
-                    Arg::P(la.gated.ptr),
-                    Arg::P(la.chunks.as_ref().map_or(0, |c| c.ptr)),
-                    Arg::P(ws.state_out_ssm.at::<f32>(i * batch * di * ds)),
-                    Arg::L(batch as i64),
-                    Arg::L(seq_len as i64),
-                    Arg::L(di as i64),
-                    Arg::L(ds as i64),
-                ],
+                    &self.scan_in_args(ws, la, lo)[..],
+                    &[
+                        Arg::P(init_ssm),
+                        Arg::P(la.gated.ptr),
+                        Arg::P(la.chunks.as_ref().map_or(0, |c| c.ptr)),
+                        Arg::P(ws.state_out_ssm.at::<f32>(i * batch * di * ds)),
+                        Arg::L(batch as i64),
+                        Arg::L(seq_len as i64),
+                        Arg::L(di as i64),
+                        Arg::L(ds as i64),
+                    ],
+                ]
+                .concat(),
             )?;
             let gated = Opnd::A(la.gated.ptr, di, n, di);
             self.mm(
