@@ -225,7 +225,7 @@ fn sigterm_finishes_the_step_writes_a_checkpoint_and_exits_cleanly() {
         .arg("--config")
         .arg(&cfg_path)
         .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
     let metrics = out.join("metrics.jsonl");
@@ -247,6 +247,12 @@ fn sigterm_finishes_the_step_writes_a_checkpoint_and_exits_cleanly() {
         output.status
     );
     assert!(String::from_utf8_lossy(&output.stdout).contains("interrupted"));
+    // With stderr not a terminal the progress bar is hidden; the log line must still reach it.
+    let log = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        log.contains("interrupted: checkpointing at step"),
+        "stderr: {log}"
+    );
     let (step, dir) = state::list(&out)
         .unwrap()
         .pop()

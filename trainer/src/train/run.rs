@@ -334,6 +334,16 @@ impl Run {
     }
 }
 
+/// A line for the log: above the progress bar on a terminal, plain stderr otherwise (a hidden
+/// bar's `println` drops the line, and these must reach a job's log file).
+fn note(pb: &ProgressBar, msg: String) {
+    if pb.is_hidden() {
+        eprintln!("{msg}");
+    } else {
+        pb.println(msg);
+    }
+}
+
 fn progress(total: u64, start: u64) -> ProgressBar {
     let pb = ProgressBar::new(total);
     pb.set_position(start);
@@ -368,10 +378,13 @@ pub fn train(cfg: RunConfig, opts: &RunOptions) -> Result<RunSummary> {
                     consecutive += 1;
                 }
                 run.state.skipped_steps += 1;
-                pb.println(format!(
-                    "step {}: non-finite loss or gradient (norm {grad_norm}); step skipped",
-                    run.state.step + 1
-                ));
+                note(
+                    &pb,
+                    format!(
+                        "step {}: non-finite loss or gradient (norm {grad_norm}); step skipped",
+                        run.state.step + 1
+                    ),
+                );
                 writeln!(
                     metrics,
                     "{}",
@@ -399,7 +412,7 @@ pub fn train(cfg: RunConfig, opts: &RunOptions) -> Result<RunSummary> {
                     if let Some(m) = run.engine.memory() {
                         let per_token = m.activation_bytes_per_token.unwrap_or(0.0);
                         let gib = |b: f64| b / (1u64 << 30) as f64;
-                        pb.println(format!(
+                        note(&pb, format!(
                             "memory on {}: activations {:.1} KiB/token ({:.2} GiB for a batch of {tokens} tokens); device {:.1} of {:.1} GiB in use",
                             run.engine.name(),
                             per_token / 1024.0,
@@ -429,7 +442,7 @@ pub fn train(cfg: RunConfig, opts: &RunOptions) -> Result<RunSummary> {
         }
         if STOP.load(Ordering::SeqCst) {
             interrupted = true;
-            pb.println(format!("interrupted: checkpointing at step {step}"));
+            note(&pb, format!("interrupted: checkpointing at step {step}"));
             break;
         }
         if run
@@ -478,11 +491,14 @@ fn eval_now(
     let sha = sha256_file(&run.tokenizer_path)?;
     let mut src = open_source(&run.cfg, false, &tok, &sha, run.mcfg.vocab_size)?;
     let loss = eval_loss(run.engine.as_mut(), &mut src, batches)?;
-    pb.println(format!(
-        "step {}: validation loss {loss:.4} (perplexity {:.2})",
-        run.state.step,
-        loss.exp()
-    ));
+    note(
+        pb,
+        format!(
+            "step {}: validation loss {loss:.4} (perplexity {:.2})",
+            run.state.step,
+            loss.exp()
+        ),
+    );
     writeln!(
         metrics,
         "{}",
