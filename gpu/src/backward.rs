@@ -33,22 +33,7 @@ impl GpuEngine {
                 Arg::P(gw.colpart.ptr),
             ],
         )?;
-        self.colsum_final(gw.colpart.ptr, n_rb, cols, dst)
-    }
-
-    fn colsum_final(&self, part: u64, n_rb: usize, cols: usize, dst: u64) -> Result<()> {
-        self.dev.launch(
-            "colsum_final_f32",
-            (cols.div_ceil(256) as u32, 1, 1),
-            256,
-            0,
-            &[
-                Arg::P(part),
-                Arg::L(n_rb as i64),
-                Arg::L(cols as i64),
-                Arg::P(dst),
-            ],
-        )
+        self.dev.colsum_final(gw.colpart.ptr, n_rb, cols, dst)
     }
 
     /// Norm backward: `d_resid (+)= dx`, and the weight / bias gradients.
@@ -102,9 +87,10 @@ impl GpuEngine {
                 Arg::P(if b.is_some() { gw.colpart_b.ptr } else { 0 }),
             ],
         )?;
-        self.colsum_final(gw.colpart.ptr, n_rb, dm, self.g(w))?;
+        self.dev.colsum_final(gw.colpart.ptr, n_rb, dm, self.g(w))?;
         if let Some(b) = b {
-            self.colsum_final(gw.colpart_b.ptr, n_rb, dm, self.g(b))?;
+            self.dev
+                .colsum_final(gw.colpart_b.ptr, n_rb, dm, self.g(b))?;
         }
         Ok(())
     }
@@ -402,9 +388,11 @@ impl GpuEngine {
                     }),
                 ],
             )?;
-            self.colsum_final(gw.colpart.ptr, n_rb, di * dc, self.g(lo.conv_w))?;
+            self.dev
+                .colsum_final(gw.colpart.ptr, n_rb, di * dc, self.g(lo.conv_w))?;
             if let Some(b) = lo.conv_b {
-                self.colsum_final(gw.colpart_b.ptr, n_rb, di, self.g(b))?;
+                self.dev
+                    .colsum_final(gw.colpart_b.ptr, n_rb, di, self.g(b))?;
             }
             // in_proj (hn recomputed from the saved residual and statistics)
             self.dev.launch(

@@ -342,6 +342,22 @@ impl Dev {
     }
 
     /// Grid size for a grid-stride kernel over `n` items with 256 threads.
+    /// `dst[j] = Σ_r part[r, j]` over `n_rb` row-block partials of `cols` columns, in row order.
+    pub fn colsum_final(&self, part: u64, n_rb: usize, cols: usize, dst: u64) -> Result<()> {
+        self.launch(
+            "colsum_final_f32",
+            (cols.div_ceil(256) as u32, 1, 1),
+            256,
+            0,
+            &[
+                Arg::P(part),
+                Arg::L(n_rb as i64),
+                Arg::L(cols as i64),
+                Arg::P(dst),
+            ],
+        )
+    }
+
     pub fn grid1d(&self, n: usize) -> (u32, u32, u32) {
         let blocks = n.div_ceil(256).clamp(1, self.sm_count * 32);
         (blocks as u32, 1, 1)
@@ -512,20 +528,6 @@ pub fn kernel_cache_dir() -> Option<std::path::PathBuf> {
     }
 }
 
-/// FNV-1a, 64 bits: the cache key of a build (sources, options, architecture, NVRTC version).
-fn fnv1a64(parts: &[&[u8]]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for p in parts {
-        for &b in *p {
-            h ^= b as u64;
-            h = h.wrapping_mul(0x0100_0000_01b3);
-        }
-        h ^= 0xff;
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
-    h
-}
-
 /// The first line of a cached file: the build it holds, checked on every read.
 pub fn cache_header(cc: (i32, i32), shape: KernelShape) -> (String, String) {
     let (arch, options) = compile_options(cc, shape);
@@ -535,12 +537,8 @@ pub fn cache_header(cc: (i32, i32), shape: KernelShape) -> (String, String) {
     let src = SOURCES.concat();
     let opts = options.join(" ");
     let nv = format!("{}.{}", nvrtc.0, nvrtc.1);
-    let key = fnv1a64(&[
-        src.as_bytes(),
-        opts.as_bytes(),
-        arch.as_bytes(),
-        nv.as_bytes(),
-    ]);
+    // The cache key: sources, options, architecture and NVRTC version.
+    let key = reference::rng::fnv1a64(&format!("{src}\0{opts}\0{arch}\0{nv}"));
     let name = format!("{key:016x}-{arch}.ptx");
     let header = format!("// vet-mamba kernels {key:016x} {arch} nvrtc {nv} {opts}\n");
     (name, header)

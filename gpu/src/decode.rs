@@ -11,7 +11,7 @@ use reference::decode::{not_held, HeldState};
 use reference::{Result, State};
 
 use crate::cuda::{Arg, Buf};
-use crate::engine::{GpuEngine, Opnd};
+use crate::engine::GpuEngine;
 use crate::work::Work;
 
 /// A recurrent state kept in device memory between decode steps.
@@ -34,24 +34,13 @@ impl GpuEngine {
     /// One decode step over `ws` (tokens and starts uploaded) on the state at `st`.
     pub fn decode_dev(&self, ws: &Work, st: StatePtrs) -> Result<()> {
         let cfg = &self.cfg;
-        let (dm, di, ds) = (cfg.d_model, cfg.d_inner, cfg.d_state);
+        let (di, ds) = (cfg.d_inner, cfg.d_state);
         let batch = ws.batch;
         debug_assert_eq!(ws.seq_len, 1);
         let km1 = cfg.d_conv - 1;
         let lay = &self.layout;
         let la = &ws.layers[0];
-        self.dev.launch(
-            "embedding_fwd_f32",
-            (batch as u32, 1, 1),
-            256,
-            0,
-            &[
-                Arg::P(ws.tokens.ptr),
-                Arg::P(self.p(lay.emb)),
-                Arg::P(la.resid_in.ptr),
-                Arg::L(dm as i64),
-            ],
-        )?;
+        self.embed(ws, batch)?;
         let blocks = di.div_ceil(256 / self.shape.d_state_pad);
         for (i, lo) in lay.layers.iter().enumerate() {
             let add = if i == 0 { 0 } else { ws.out.ptr };
@@ -97,42 +86,10 @@ impl GpuEngine {
                 ]
                 .concat(),
             )?;
-            self.mm(
-                ws,
-                true,
-                false,
-                (dm, batch, di),
-                Opnd::W(lo.out_w, di),
-                gated,
-                (ws.out.ptr, dm),
-                0.0,
-            )?;
-            self.bias_add(ws.out.ptr, dm, batch, dm, lo.out_b)?;
+            self.out_proj(ws, lo, batch, gated)?;
         }
-        let (hf_lp, hf) = self.lp_out(ws, ws.hf.ptr, dm, batch, dm);
-        self.norm_fwd(
-            batch,
-            la.resid_in.ptr,
-            ws.out.ptr,
-            la.resid_in.ptr,
-            ws.hf.ptr,
-            ws.fmean.ptr,
-            ws.frstd.ptr,
-            lay.norm_f_w,
-            lay.norm_f_b,
-            hf_lp,
-        )?;
-        let v = cfg.vocab_size;
-        self.mm(
-            ws,
-            true,
-            false,
-            (v, batch, dm),
-            Opnd::W(lay.head, dm),
-            hf,
-            (ws.logits.ptr, v),
-            0.0,
-        )
+        let resid = la.resid_in.ptr;
+        self.final_head(ws, batch, (resid, ws.out.ptr, resid), batch, 0)
     }
 
     /// The held state behind `held`, or the error for a stale ticket.

@@ -366,23 +366,12 @@ impl GpuEngine {
     /// The lm_head runs on `ws`'s head rows starting at row `head_row0`.
     pub fn forward_dev(&self, ws: &Work, has_state: bool, head_row0: usize) -> Result<()> {
         let cfg = &self.cfg;
-        let (n, dm, di, ds) = (ws.n, cfg.d_model, cfg.d_inner, cfg.d_state);
+        let (n, di, ds) = (ws.n, cfg.d_inner, cfg.d_state);
         let (batch, seq_len) = (ws.batch, ws.seq_len);
         let km1 = cfg.d_conv - 1;
         let train = ws.mode == Mode::Train;
         let lay = &self.layout;
-        self.dev.launch(
-            "embedding_fwd_f32",
-            (n as u32, 1, 1),
-            256,
-            0,
-            &[
-                Arg::P(ws.tokens.ptr),
-                Arg::P(self.p(lay.emb)),
-                Arg::P(ws.layers[0].resid_in.ptr),
-                Arg::L(dm as i64),
-            ],
-        )?;
+        self.embed(ws, n)?;
         let nblk = scan_blocks(cfg, self.shape);
         for (i, lo) in lay.layers.iter().enumerate() {
             let la = &ws.layers[if train { i } else { 0 }];
@@ -461,18 +450,7 @@ impl GpuEngine {
                 ]
                 .concat(),
             )?;
-            let gated = Opnd::A(la.gated.ptr, di, n, di);
-            self.mm(
-                ws,
-                true,
-                false,
-                (dm, n, di),
-                Opnd::W(lo.out_w, di),
-                gated,
-                (ws.out.ptr, dm),
-                0.0,
-            )?;
-            self.bias_add(ws.out.ptr, dm, n, dm, lo.out_b)?;
+            self.out_proj(ws, lo, n, Opnd::A(la.gated.ptr, di, n, di))?;
         }
         let last = &ws.layers[if train { cfg.n_layer - 1 } else { 0 }];
         let resid_final = if train {
@@ -485,12 +463,71 @@ impl GpuEngine {
             Mode::Train => n,
             Mode::Infer { head_rows } => head_rows,
         };
-        let (hf_lp, hf) = self.lp_out(ws, ws.hf.ptr, dm, n, dm);
-        self.norm_fwd(
+        self.final_head(
+            ws,
             n,
-            last.resid_in.ptr,
+            (last.resid_in.ptr, add, resid_final),
+            head_rows,
+            head_row0,
+        )
+    }
+
+    /// The token embedding of `ws.tokens` (`rows` of them) into layer 0's residual input.
+    pub(crate) fn embed(&self, ws: &Work, rows: usize) -> Result<()> {
+        self.dev.launch(
+            "embedding_fwd_f32",
+            (rows as u32, 1, 1),
+            256,
+            0,
+            &[
+                Arg::P(ws.tokens.ptr),
+                Arg::P(self.p(self.layout.emb)),
+                Arg::P(ws.layers[0].resid_in.ptr),
+                Arg::L(self.cfg.d_model as i64),
+            ],
+        )
+    }
+
+    /// out_proj (+ bias) of the gated scan output (`rows` rows) into `ws.out`.
+    pub(crate) fn out_proj(
+        &self,
+        ws: &Work,
+        lo: &LayerOffs,
+        rows: usize,
+        gated: Opnd,
+    ) -> Result<()> {
+        let (dm, di) = (self.cfg.d_model, self.cfg.d_inner);
+        self.mm(
+            ws,
+            true,
+            false,
+            (dm, rows, di),
+            Opnd::W(lo.out_w, di),
+            gated,
+            (ws.out.ptr, dm),
+            0.0,
+        )?;
+        self.bias_add(ws.out.ptr, dm, rows, dm, lo.out_b)
+    }
+
+    /// The final norm over `rows` rows (`resid_out = x_in + add`, fused) into `ws.hf`, then the
+    /// lm_head over `head_rows` of them from row `head_row0` into `ws.logits`.
+    pub(crate) fn final_head(
+        &self,
+        ws: &Work,
+        rows: usize,
+        (x_in, add, resid_out): (u64, u64, u64),
+        head_rows: usize,
+        head_row0: usize,
+    ) -> Result<()> {
+        let (dm, v) = (self.cfg.d_model, self.cfg.vocab_size);
+        let lay = &self.layout;
+        let (hf_lp, hf) = self.lp_out(ws, ws.hf.ptr, dm, rows, dm);
+        self.norm_fwd(
+            rows,
+            x_in,
             add,
-            resid_final,
+            resid_out,
             ws.hf.ptr,
             ws.fmean.ptr,
             ws.frstd.ptr,
@@ -502,7 +539,6 @@ impl GpuEngine {
             Opnd::Lp(p, ld) => Opnd::Lp(p + (2 * head_row0 * dm) as u64, ld),
             _ => Opnd::A(ws.hf.at::<f32>(head_row0 * dm), dm, head_rows, dm),
         };
-        let v = cfg.vocab_size;
         self.mm(
             ws,
             true,

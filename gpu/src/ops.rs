@@ -412,8 +412,8 @@ impl OpDev {
         )?;
         let gw = self.zeros_guarded(di * dc, "conv1d_bwd grad_w")?;
         let gb = self.zeros_guarded(di, "conv1d_bwd grad_bias")?;
-        self.colsum_final(pw.ptr, n_rb, di * dc, gw.ptr())?;
-        self.colsum_final(pb.ptr, n_rb, di, gb.ptr())?;
+        self.dev.colsum_final(pw.ptr, n_rb, di * dc, gw.ptr())?;
+        self.dev.colsum_final(pb.ptr, n_rb, di, gb.ptr())?;
         Ok((
             self.take(dx)?,
             self.take(dinit)?,
@@ -426,21 +426,6 @@ impl OpDev {
         let g = self.out(len, what)?;
         g.buf.write(PAD, &vec![0f32; len])?;
         Ok(g)
-    }
-
-    fn colsum_final(&self, part: u64, n_rb: usize, cols: usize, dst: u64) -> Result<()> {
-        self.dev.launch(
-            "colsum_final_f32",
-            (cols.div_ceil(256) as u32, 1, 1),
-            256,
-            0,
-            &[
-                Arg::P(part),
-                Arg::L(n_rb as i64),
-                Arg::L(cols as i64),
-                Arg::P(dst),
-            ],
-        )
     }
 
     /// Fused residual add + norm: (x + add, norm(x + add), mean, rstd).
@@ -544,8 +529,8 @@ impl OpDev {
         )?;
         let gw = self.zeros_guarded(d, "norm_bwd grad_w")?;
         let gb = self.zeros_guarded(d, "norm_bwd grad_bias")?;
-        self.colsum_final(pw.ptr, n_rb, d, gw.ptr())?;
-        self.colsum_final(pb.ptr, n_rb, d, gb.ptr())?;
+        self.dev.colsum_final(pw.ptr, n_rb, d, gw.ptr())?;
+        self.dev.colsum_final(pb.ptr, n_rb, d, gb.ptr())?;
         Ok((self.take(dx)?, self.take(gw)?, self.take(gb)?))
     }
 

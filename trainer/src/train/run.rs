@@ -408,6 +408,7 @@ pub fn train(cfg: RunConfig, opts: &RunOptions) -> Result<RunSummary> {
                 let tps = run_tokens as f64 / started.elapsed().as_secs_f64().max(1e-9);
                 let line = json!({"step": run.state.step, "loss": l, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tps, "tokens": run.state.tokens_seen});
                 writeln!(metrics, "{line}")?;
+                // The first step of this process (a resumed run reports again).
                 if run_tokens == tokens as u64 {
                     if let Some(m) = run.engine.memory() {
                         let per_token = m.activation_bytes_per_token.unwrap_or(0.0);
