@@ -591,9 +591,23 @@ fn ctrl_c_stops_the_answer_and_at_the_prompt_leaves() {
         .read_line(&mut banner)
         .unwrap();
     assert!(banner.contains("vet-chat"), "{banner}");
+    // stdin stays open until the child has gone, as a terminal's would: closing it is an
+    // end of input, which ends the session with 0 if it wins the race with the signal's thread.
+    let stdin = child.stdin.take().unwrap();
     sigint(child.id());
-    let out = child.wait_with_output().unwrap();
-    assert_eq!(out.status.code(), Some(130));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        if std::time::Instant::now() > deadline {
+            child.kill().unwrap();
+            panic!("vet-chat ignored Ctrl-C at the prompt");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    };
+    drop(stdin);
+    assert_eq!(status.code(), Some(130));
 }
 
 #[test]
