@@ -341,7 +341,6 @@ impl Dev {
             .map_err(|e| self.err(&format!("launching {name}"), e))
     }
 
-    /// Grid size for a grid-stride kernel over `n` items with 256 threads.
     /// `dst[j] = Σ_r part[r, j]` over `n_rb` row-block partials of `cols` columns, in row order.
     pub fn colsum_final(&self, part: u64, n_rb: usize, cols: usize, dst: u64) -> Result<()> {
         self.launch(
@@ -358,6 +357,7 @@ impl Dev {
         )
     }
 
+    /// Grid size for a grid-stride kernel over `n` items with 256 threads.
     pub fn grid1d(&self, n: usize) -> (u32, u32, u32) {
         let blocks = n.div_ceil(256).clamp(1, self.sm_count * 32);
         (blocks as u32, 1, 1)
