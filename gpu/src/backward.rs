@@ -2,8 +2,9 @@
 
 use reference::{NormKind, Result};
 
-use crate::cuda::{Arg, SCAN_THREADS};
+use crate::cuda::Arg;
 use crate::engine::{col_blocks, scan_smem, GpuEngine, Opnd};
+use crate::kernels::SCAN_THREADS;
 use crate::work::{scan_blocks, Work};
 
 impl GpuEngine {
@@ -214,7 +215,7 @@ impl GpuEngine {
                 0
             };
             self.dev.launch(
-                crate::cuda::scan_bwd_kernel(),
+                crate::kernels::scan_bwd_kernel(),
                 (nblk as u32, batch as u32, 1),
                 SCAN_THREADS as u32,
                 scan_smem(self.shape),

@@ -1,121 +1,19 @@
-//! The CUDA context of one device: stream, NVRTC module (compiled once per kernel
-//! configuration, cached per process and on disk, see [`kernel_cache_dir`]), cuBLAS handle,
-//! raw device buffers and launches.
+//! The CUDA context of one device: stream, the kernel module (built by [`crate::kernels`]),
+//! cuBLAS handle, raw device buffers and launches.
 
 use std::collections::HashMap;
 use std::ffi::{c_void, CString};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::Arc;
 
 use cudarc::cublas::{result as cublas, sys as cublas_sys};
 use cudarc::driver::{result as drv, sys as drv_sys, CudaContext, CudaStream};
-use cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions};
 
 use reference::{Error, Result};
 
-/// Every kernel source, in the order they are concatenated into one NVRTC program.
-const SOURCES: [&str; 9] = [
-    include_str!("../kernels/common.cuh"),
-    include_str!("../kernels/elementwise.cu"),
-    include_str!("../kernels/embedding.cu"),
-    include_str!("../kernels/norm.cu"),
-    include_str!("../kernels/conv1d.cu"),
-    include_str!("../kernels/selective_scan.cu"),
-    include_str!("../kernels/decode.cu"),
-    include_str!("../kernels/loss.cu"),
-    include_str!("../kernels/adamw.cu"),
-];
-
-/// Kernels the engine calls (looked up once at start).
-const KERNELS: &[&str] = &[
-    "cast_lowp_f32",
-    "bias_add_f32",
-    "silu_fwd_f32",
-    "silu_bwd_f32",
-    "colsum_partial_f32",
-    "colsum_final_f32",
-    "embedding_fwd_f32",
-    "embedding_bwd_f32",
-    "norm_fwd_f32",
-    "norm_bwd_dx_f32",
-    "norm_bwd_dw_partial_f32",
-    "conv1d_fwd_f32",
-    "conv1d_last_f32",
-    "conv1d_bwd_dx_f32",
-    "conv1d_bwd_init_f32",
-    "conv1d_bwd_dw_partial_f32",
-    "selective_scan_fwd_f32",
-    "selective_scan_bwd_f32",
-    "selective_scan_bwd_2b_f32",
-    "scan_reduce_bc_f32",
-    "scan_reduce_batch_f32",
-    "conv_update_f32",
-    "ssm_update_f32",
-    "cross_entropy_fwd_bwd_f32",
-    "sumsq_partial_f64",
-    "sumsq_final_f64",
-    "adamw_f32",
-];
-
-/// Positions per stored scan state (the scan backward recomputes inside a chunk, in
-/// windows of [`scan_window`] positions in registers): the default of [`KernelShape::chunk`];
-/// `VET_SCAN_CHUNK` (16, 32 or 64) overrides it.
-pub const SCAN_CHUNK: usize = 32;
-
-/// The scan backward build this process uses: `selective_scan_bwd_f32` (no register cap)
-/// unless `VET_SCAN_BWD=2b` picks the build capped for two blocks per SM (with 128-thread
-/// blocks both get 255 registers and measure the same on the H200).
-pub fn scan_bwd_kernel() -> &'static str {
-    match std::env::var("VET_SCAN_BWD").as_deref() {
-        Ok("2b") => "selective_scan_bwd_2b_f32",
-        _ => "selective_scan_bwd_f32",
-    }
-}
-
-/// The scan chunk this process uses.
-pub fn scan_chunk() -> usize {
-    match std::env::var("VET_SCAN_CHUNK")
-        .ok()
-        .and_then(|v| v.parse().ok())
-    {
-        Some(c @ (16 | 32 | 64)) => c,
-        _ => SCAN_CHUNK,
-    }
-}
-/// Scan chunk for a d_state padded to `d_state_pad`: [`scan_chunk`], at least 16, and 32 at
-/// d_state 32 (the backward's shared memory grows with chunk × d_state²).
-pub fn scan_chunk_for(d_state_pad: usize) -> usize {
-    if d_state_pad >= 32 {
-        32
-    } else {
-        scan_chunk().max(16)
-    }
-}
-
-/// Threads per scan block: one thread per channel (all d_state states in registers).
-pub const SCAN_THREADS: usize = 128;
-
-/// Threads per scan forward block (same grid as the backward, [`SCAN_THREADS`] channels per
-/// block): two threads per channel, each with half of the d_state states in registers.
-pub const SCAN_FWD_THREADS: usize = 2 * SCAN_THREADS;
-
-/// Compile-time shape constants of one kernel build.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct KernelShape {
-    /// Power of two ≥ d_state, at most 32.
-    pub d_state_pad: usize,
-    pub d_conv: usize,
-    /// Positions per stored scan state, a multiple of `scan_window`.
-    pub chunk: usize,
-}
-
-/// Compiled PTX keyed by (compute capability major, minor, shape).
-type PtxCache = Mutex<HashMap<(i32, i32, KernelShape), String>>;
-
-/// PTX per (architecture, shape), shared by every engine of the process.
-fn ptx_cache() -> &'static PtxCache {
-    static CACHE: OnceLock<PtxCache> = OnceLock::new();
-    CACHE.get_or_init(|| Mutex::new(HashMap::new()))
-}
+use crate::kernels::{
+    compile, compile_cached, forget_cached, kernel_cache_dir, ptx_cache, scan_bwd_smem,
+    KernelShape, KERNELS,
+};
 
 /// A kernel argument: pointers, `long`, `int`, `float` (each in one 8-byte slot).
 #[derive(Clone, Copy, Debug)]
@@ -466,129 +364,6 @@ impl Drop for Dev {
             let _ = cublas::destroy_handle(self.cublas);
             let _ = drv::module::unload(self.module);
         }
-    }
-}
-
-/// Positions the scan backward keeps in registers at a time (a window of a chunk): SUB ×
-/// d_state_pad states per thread (at most 64 up to d_state 16, 128 at 32).
-pub fn scan_window(shape: KernelShape) -> usize {
-    (64 / shape.d_state_pad).clamp(4, 8).min(shape.chunk)
-}
-
-/// Dynamic shared memory of the scan backward (see selective_scan.cu): the chunk's B/C rows
-/// and reset flags, the window-start states of every thread, the warp sums of dB/dC.
-pub fn scan_bwd_smem(shape: KernelShape) -> usize {
-    let (ng, chunk) = (shape.d_state_pad, shape.chunk);
-    let windows = chunk / scan_window(shape);
-    4 * (chunk * 2 * ng
-        + chunk
-        + windows * ng * SCAN_THREADS
-        + chunk * (SCAN_THREADS / 32) * 2 * ng)
-}
-
-/// NVRTC options and architecture of one kernel build.
-fn compile_options(cc: (i32, i32), shape: KernelShape) -> (String, Vec<String>) {
-    let arch = format!("sm_{}{}", cc.0, cc.1);
-    let options = vec![
-        format!("-DD_STATE_PAD={}", shape.d_state_pad),
-        format!("-DD_CONV={}", shape.d_conv),
-        format!("-DCHUNK={}", shape.chunk),
-        format!("-DSUB={}", scan_window(shape)),
-        "-std=c++17".into(),
-    ];
-    (arch, options)
-}
-
-fn compile(cc: (i32, i32), shape: KernelShape) -> std::result::Result<String, String> {
-    let (arch, options) = compile_options(cc, shape);
-    let arch: &'static str = Box::leak(arch.into_boxed_str());
-    let src: String = SOURCES.concat();
-    let opts = CompileOptions {
-        arch: Some(arch),
-        options,
-        ..Default::default()
-    };
-    let ptx = std::panic::catch_unwind(|| compile_ptx_with_opts(&src, opts))
-        .map_err(|_| "NVRTC panicked (library missing a symbol?)".to_string())?
-        .map_err(|e| format!("NVRTC compile for {arch}: {e:?}"))?;
-    Ok(ptx.to_src())
-}
-
-/// The on-disk PTX cache: `$VET_KERNEL_CACHE`, else `$XDG_CACHE_HOME/vet-mamba/kernels`, else
-/// `~/.cache/vet-mamba/kernels`; `VET_KERNEL_CACHE=off` turns it off.
-pub fn kernel_cache_dir() -> Option<std::path::PathBuf> {
-    use std::path::PathBuf;
-    match std::env::var_os("VET_KERNEL_CACHE") {
-        Some(v) if v == "off" || v == "0" || v.is_empty() => None,
-        Some(v) => Some(PathBuf::from(v)),
-        None => std::env::var_os("XDG_CACHE_HOME")
-            .map(PathBuf::from)
-            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
-            .map(|c| c.join("vet-mamba").join("kernels")),
-    }
-}
-
-/// The first line of a cached file: the build it holds, checked on every read.
-pub fn cache_header(cc: (i32, i32), shape: KernelShape) -> (String, String) {
-    let (arch, options) = compile_options(cc, shape);
-    let mut nvrtc = (0i32, 0i32);
-    // SAFETY: two out-pointers to live integers; the library was probed before.
-    let _ = unsafe { cudarc::nvrtc::sys::nvrtcVersion(&mut nvrtc.0, &mut nvrtc.1) };
-    let src = SOURCES.concat();
-    let opts = options.join(" ");
-    let nv = format!("{}.{}", nvrtc.0, nvrtc.1);
-    // The cache key: sources, options, architecture and NVRTC version.
-    let key = reference::rng::fnv1a64(&format!("{src}\0{opts}\0{arch}\0{nv}"));
-    let name = format!("{key:016x}-{arch}.ptx");
-    let header = format!("// vet-mamba kernels {key:016x} {arch} nvrtc {nv} {opts}\n");
-    (name, header)
-}
-
-/// PTX for (architecture, shape): from the on-disk cache when a valid entry exists, else
-/// compiled by NVRTC and stored there (written to a temporary file, then renamed, so a
-/// crash never leaves a partial entry). A cache that cannot be read or written is skipped
-/// with a warning, never an error. Returns the PTX and whether it came from the disk.
-/// `dir`: the cache folder ([`kernel_cache_dir`] for the engine), `None` for no cache.
-pub fn compile_cached(
-    dir: Option<&std::path::Path>,
-    cc: (i32, i32),
-    shape: KernelShape,
-) -> std::result::Result<(String, bool), String> {
-    let Some(dir) = dir else {
-        return Ok((compile(cc, shape)?, false));
-    };
-    let (name, header) = cache_header(cc, shape);
-    let path = dir.join(&name);
-    if let Ok(text) = std::fs::read_to_string(&path) {
-        if let Some(ptx) = text.strip_prefix(&header) {
-            if ptx.contains(".entry") {
-                return Ok((ptx.to_string(), true));
-            }
-        }
-        eprintln!(
-            "warning: ignoring the damaged kernel cache entry {}",
-            path.display()
-        );
-    }
-    let ptx = compile(cc, shape)?;
-    let tmp = dir.join(format!("{name}.{}.tmp", std::process::id()));
-    let stored = std::fs::create_dir_all(dir)
-        .and_then(|_| std::fs::write(&tmp, format!("{header}{ptx}")))
-        .and_then(|_| std::fs::rename(&tmp, &path));
-    if let Err(e) = stored {
-        let _ = std::fs::remove_file(&tmp);
-        eprintln!(
-            "warning: cannot store compiled kernels in {} ({e}); set VET_KERNEL_CACHE to another folder or to off",
-            dir.display()
-        );
-    }
-    Ok((ptx, false))
-}
-
-/// Drops a cache entry whose PTX the driver refused.
-fn forget_cached(cc: (i32, i32), shape: KernelShape) {
-    if let Some(dir) = kernel_cache_dir() {
-        let _ = std::fs::remove_file(dir.join(cache_header(cc, shape).0));
     }
 }
 

@@ -8,7 +8,8 @@ use std::sync::Arc;
 use reference::model::Batch;
 use reference::{MambaConfig, NormKind, Result, State};
 
-use crate::cuda::{scan_bwd_smem, Arg, Buf, Dev, Dt, KernelShape};
+use crate::cuda::{Arg, Buf, Dev, Dt};
+use crate::kernels::{scan_bwd_smem, KernelShape};
 use crate::layout::{LayerOffs, Layout};
 use crate::work::{row_blocks, scan_blocks, LayerActs, Mode, Work};
 use crate::Precision;
@@ -433,7 +434,7 @@ impl GpuEngine {
             self.dev.launch(
                 "selective_scan_fwd_f32",
                 (nblk as u32, batch as u32, 1),
-                crate::cuda::SCAN_FWD_THREADS as u32,
+                crate::kernels::SCAN_FWD_THREADS as u32,
                 0,
                 &[
                     &self.scan_in_args(ws, la, lo)[..],

@@ -2,7 +2,7 @@
 //!
 //! [`reference::Engine`] on one NVIDIA GPU through `cudarc`: kernels in `gpu/kernels/*.cu`
 //! (each the twin of a `reference` op), compiled by NVRTC for the device's architecture once
-//! and cached on disk ([`cuda::kernel_cache_dir`]), cuBLAS for the projections and the
+//! and cached on disk ([`kernels::kernel_cache_dir`]), cuBLAS for the projections and the
 //! lm_head. Decoding can keep the recurrent state in device memory
 //! ([`reference::Engine::hold_state`], used through [`reference::DecodeState`]): a step then
 //! moves only tokens in and logits out, and replays a CUDA graph.
@@ -20,6 +20,7 @@ pub mod cuda;
 mod decode;
 mod engine;
 mod graph;
+pub mod kernels;
 pub mod layout;
 pub mod ops;
 mod work;
@@ -100,10 +101,10 @@ impl GpuEngine {
             return Err(unsupported("a model with no layers".into()));
         }
         let d_state_pad = cfg.d_state.next_power_of_two();
-        let shape = cuda::KernelShape {
+        let shape = kernels::KernelShape {
             d_state_pad,
             d_conv: cfg.d_conv,
-            chunk: cuda::scan_chunk_for(d_state_pad),
+            chunk: kernels::scan_chunk_for(d_state_pad),
         };
         let dev = Arc::new(cuda::Dev::open(opts.ordinal, shape)?);
         let layout = layout::Layout::new(cfg);

@@ -9,8 +9,9 @@ use reference::ops::norm::NormStats;
 use reference::ops::selective_scan::{ScanGrads, ScanInputs};
 use reference::{Error, NormKind, Result};
 
-use crate::cuda::{scan_bwd_smem, Arg, Buf, Dev, KernelShape, SCAN_THREADS};
+use crate::cuda::{Arg, Buf, Dev};
 use crate::engine::doc_starts;
+use crate::kernels::{scan_bwd_smem, KernelShape, SCAN_THREADS};
 use crate::work::row_blocks;
 
 /// Elements of sentinel padding on each side of every output.
@@ -43,7 +44,7 @@ impl OpDev {
         let shape = KernelShape {
             d_state_pad,
             d_conv,
-            chunk: crate::cuda::scan_chunk_for(d_state_pad),
+            chunk: crate::kernels::scan_chunk_for(d_state_pad),
         };
         Ok(OpDev {
             dev: Arc::new(Dev::open(0, shape)?),
@@ -118,7 +119,7 @@ impl OpDev {
         self.dev.launch(
             "selective_scan_fwd_f32",
             (nblk as u32, d.batch as u32, 1),
-            crate::cuda::SCAN_FWD_THREADS as u32,
+            crate::kernels::SCAN_FWD_THREADS as u32,
             0,
             &[
                 Arg::P(s.u.ptr),
@@ -178,7 +179,7 @@ impl OpDev {
         );
         let dh0 = self.out(d.batch * di * ds, "scan dh0")?;
         self.dev.launch(
-            crate::cuda::scan_bwd_kernel(),
+            crate::kernels::scan_bwd_kernel(),
             (nblk as u32, d.batch as u32, 1),
             SCAN_THREADS as u32,
             scan_bwd_smem(self.shape) as u32,

@@ -4,7 +4,8 @@ use std::sync::Arc;
 
 use reference::{MambaConfig, Result};
 
-use crate::cuda::{Buf, Dev, KernelShape, SCAN_THREADS};
+use crate::cuda::{Buf, Dev};
+use crate::kernels::{KernelShape, SCAN_THREADS};
 
 /// What a workspace is for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -3,7 +3,7 @@
 //! an error. Needs NVRTC (on the device: `bash scripts/gpu-tests.sh run`); without it the test
 //! prints a `skipping` line and passes.
 
-use gpu::cuda::{cache_header, compile_cached, KernelShape};
+use gpu::kernels::{cache_header, compile_cached, KernelShape};
 
 #[test]
 fn gpu_kernel_cache_compiles_once_and_survives_damage() {

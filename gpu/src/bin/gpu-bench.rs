@@ -9,7 +9,8 @@
 use std::time::Instant;
 
 use cudarc::driver::{result as drv, sys as drv_sys};
-use gpu::cuda::{Arg, Dev, KernelShape, SCAN_THREADS};
+use gpu::cuda::{Arg, Dev};
+use gpu::kernels::{KernelShape, SCAN_THREADS};
 use gpu::{GpuEngine, GpuOptions, Precision};
 use reference::model::Batch;
 use reference::{
@@ -208,7 +209,7 @@ fn scan_one(rows: &mut Vec<String>, chunk: usize) -> reference::Result<()> {
         dev.launch(
             "selective_scan_fwd_f32",
             (nblk as u32, batch as u32, 1),
-            gpu::cuda::SCAN_FWD_THREADS as u32,
+            gpu::kernels::SCAN_FWD_THREADS as u32,
             0,
             &[
                 Arg::P(u.ptr),
@@ -239,7 +240,7 @@ fn scan_one(rows: &mut Vec<String>, chunk: usize) -> reference::Result<()> {
             kernel,
             (nblk as u32, batch as u32, 1),
             SCAN_THREADS as u32,
-            gpu::cuda::scan_bwd_smem(shape) as u32,
+            gpu::kernels::scan_bwd_smem(shape) as u32,
             &[
                 Arg::P(u.ptr),
                 Arg::P(delta.ptr),
@@ -307,7 +308,7 @@ fn scan_one(rows: &mut Vec<String>, chunk: usize) -> reference::Result<()> {
     );
     let tbr = median(
         (0..10)
-            .map(|_| ev.time(&dev, || bwd(gpu::cuda::scan_bwd_kernel(), true)))
+            .map(|_| ev.time(&dev, || bwd(gpu::kernels::scan_bwd_kernel(), true)))
             .collect(),
     );
     rows.push(format!(
