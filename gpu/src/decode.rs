@@ -52,18 +52,17 @@ impl GpuEngine {
                 256,
                 0,
                 &[
-                    Arg::P(la.xz.ptr),
-                    Arg::L(2 * di as i64),
-                    Arg::P(self.p(lo.conv_w)),
-                    Arg::P(lo.conv_b.map_or(0, |o| self.p(o))),
-                    Arg::P(ws.starts.ptr),
-                    Arg::P(st.conv + (4 * i * batch * di * km1) as u64),
-                    Arg::P(ws.xs.ptr),
-                    Arg::P(xs_lp),
-                    Arg::I(self.lp_mode()),
-                    Arg::L(batch as i64),
-                    Arg::L(di as i64),
-                ],
+                    &self.conv_in_args(ws, la, lo)[..],
+                    &[
+                        Arg::P(st.conv + (4 * i * batch * di * km1) as u64),
+                        Arg::P(ws.xs.ptr),
+                        Arg::P(xs_lp),
+                        Arg::I(self.lp_mode()),
+                        Arg::L(batch as i64),
+                        Arg::L(di as i64),
+                    ],
+                ]
+                .concat(),
             )?;
             self.x_dt_proj(ws, la, lo, batch, xs)?;
             let (gated_lp, gated) = self.lp_out(ws, la.gated.ptr, di, batch, di);

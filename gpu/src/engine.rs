@@ -219,6 +219,18 @@ impl GpuEngine {
         )
     }
 
+    /// The leading arguments of the conv kernels (`conv1d_fwd_f32`, `conv_update_f32`): the x
+    /// half of xz and its row stride, the conv weight and bias, the reset flags.
+    pub(crate) fn conv_in_args(&self, ws: &Work, la: &LayerActs, lo: &LayerOffs) -> [Arg; 5] {
+        [
+            Arg::P(la.xz.ptr),
+            Arg::L(2 * self.cfg.d_inner as i64),
+            Arg::P(self.p(lo.conv_w)),
+            Arg::P(lo.conv_b.map_or(0, |o| self.p(o))),
+            Arg::P(ws.starts.ptr),
+        ]
+    }
+
     /// The arguments every scan kernel (forward, backward, decode update) starts with: x (the
     /// conv output after SiLU), delta, A_log, B and C inside x_proj's output (row stride,
     /// column of B), D, z inside in_proj's output (row stride), the dt bias, document starts.
@@ -399,18 +411,17 @@ impl GpuEngine {
                 256,
                 0,
                 &[
-                    Arg::P(la.xz.ptr),
-                    Arg::L(2 * di as i64),
-                    Arg::P(self.p(lo.conv_w)),
-                    Arg::P(lo.conv_b.map_or(0, |o| self.p(o))),
-                    Arg::P(ws.starts.ptr),
-                    Arg::P(init_conv),
-                    Arg::P(la.u.ptr),
-                    Arg::P(ws.xs.ptr),
-                    Arg::L(batch as i64),
-                    Arg::L(seq_len as i64),
-                    Arg::L(di as i64),
-                ],
+                    &self.conv_in_args(ws, la, lo)[..],
+                    &[
+                        Arg::P(init_conv),
+                        Arg::P(la.u.ptr),
+                        Arg::P(ws.xs.ptr),
+                        Arg::L(batch as i64),
+                        Arg::L(seq_len as i64),
+                        Arg::L(di as i64),
+                    ],
+                ]
+                .concat(),
             )?;
             if km1 > 0 {
                 self.dev.launch(
