@@ -3,17 +3,18 @@
 //! nothing once the buffers have grown to the batch size. With `keep`, it also returns the
 //! `reference::model::ForwardCache` the backward consumes.
 
-use reference::config::NormKind;
 use reference::model::{Batch, ForwardCache, LayerCache};
 use reference::ops::norm::NormStats;
 use reference::{MambaConfig, State};
 
-use crate::conv::{conv_fwd, conv_step};
 use crate::kernels::Isa;
 use crate::model::{LayerWeights, Weights};
-use crate::scan::{scan_fwd, Scan};
+use crate::ops::conv1d::{conv1d_fwd, conv1d_step};
+use crate::ops::linear::linear;
+use crate::ops::norm::norm_fwd;
+use crate::ops::selective_scan::{selective_scan_fwd, Scan};
 use crate::vecmath::silu_into;
-use crate::weights::{dequant_rows, linear};
+use crate::weights::dequant_rows;
 
 /// Reusable activation buffers.
 #[derive(Debug, Default)]
@@ -58,60 +59,6 @@ pub enum Logits<'a> {
     All(&'a mut Vec<f32>),
     /// The last position of each row: `[batch, vocab]`.
     Last(&'a mut [f32]),
-}
-
-/// Normalises one row; returns `(mean, rstd)` (mean 0 for RMSNorm). Same formula as
-/// `reference::ops::norm`.
-#[inline]
-fn norm_row(
-    kind: NormKind,
-    x: &[f32],
-    w: &[f32],
-    b: Option<&[f32]>,
-    eps: f32,
-    y: &mut [f32],
-) -> (f32, f32) {
-    let d = x.len() as f32;
-    let mean = match kind {
-        NormKind::Rms => 0.0,
-        NormKind::Layer => x.iter().sum::<f32>() / d,
-    };
-    let ss: f32 = x.iter().map(|&v| (v - mean) * (v - mean)).sum();
-    let rstd = 1.0 / (ss / d + eps).sqrt();
-    for j in 0..x.len() {
-        y[j] = (x[j] - mean) * rstd * w[j] + b.map_or(0.0, |b| b[j]);
-    }
-    (mean, rstd)
-}
-
-#[allow(clippy::too_many_arguments)]
-fn norm_rows(
-    kind: NormKind,
-    x: &[f32],
-    w: &[f32],
-    b: Option<&[f32]>,
-    eps: f64,
-    d: usize,
-    y: &mut [f32],
-    mean: &mut [f32],
-    rstd: &mut [f32],
-) {
-    use rayon::prelude::*;
-    let eps = eps as f32;
-    type Row<'a> = ((&'a [f32], &'a mut [f32]), (&'a mut f32, &'a mut f32));
-    let job = |((xr, yr), (m, r)): Row| {
-        (*m, *r) = norm_row(kind, xr, w, b, eps, yr);
-    };
-    let rows = x.chunks(d).zip(y.chunks_mut(d));
-    let stats = mean.iter_mut().zip(rstd.iter_mut());
-    if x.len() < 1 << 14 || crate::threads() == 1 {
-        rows.zip(stats).for_each(job);
-    } else {
-        x.par_chunks(d)
-            .zip(y.par_chunks_mut(d))
-            .zip(mean.par_iter_mut().zip(rstd.par_iter_mut()))
-            .for_each(job);
-    }
 }
 
 fn stats(s: &Scratch) -> NormStats<f32> {
@@ -160,7 +107,7 @@ fn layer(
     fit(&mut s.mean, n);
     fit(&mut s.rstd, n);
     let nb = lw.norm_b.as_deref();
-    norm_rows(
+    norm_fwd(
         cfg.norm,
         &s.resid,
         &lw.norm_w,
@@ -185,7 +132,7 @@ fn layer(
     let cb = lw.conv_b.as_deref();
     if input.seq_len == 1 {
         let win = state.conv_layer_mut(i);
-        conv_step(
+        conv1d_step(
             &s.x,
             &lw.conv_w,
             cb,
@@ -199,7 +146,7 @@ fn layer(
         s.conv_init.extend_from_slice(state.conv_layer(i));
         let dims = (input.batch, input.seq_len, di, dc);
         let last = state.conv_layer_mut(i);
-        conv_fwd(
+        conv1d_fwd(
             &s.x,
             &lw.conv_w,
             cb,
@@ -235,7 +182,7 @@ fn layer(
         d_inner: di,
         d_state: ds,
     };
-    scan_fwd(isa, &scan, state.ssm_layer_mut(i), &mut s.gated);
+    selective_scan_fwd(isa, &scan, state.ssm_layer_mut(i), &mut s.gated);
     linear(
         isa,
         lw.out_proj.view(),
@@ -296,7 +243,7 @@ pub fn forward(
     fit(&mut s.mean, n);
     fit(&mut s.rstd, n);
     let fb = w.norm_f_b.as_deref();
-    norm_rows(
+    norm_fwd(
         cfg.norm,
         &s.resid,
         &w.norm_f_w,

@@ -7,26 +7,18 @@
 //! runs in a fixed order set by the shapes alone, so the gradients are the same bits for any
 //! thread count.
 
-mod conv;
-mod lanes;
-mod norm;
-mod scan;
-
 use rayon::prelude::*;
 use rayon::ThreadPool;
 use reference::model::{Batch, ForwardCache, LayerCache};
 use reference::{Error, LayerParams, MambaConfig, Params, Result, State};
 
-use crate::gemm::{linear_bwd, linear_bwd_bias, linear_bwd_input_into, linear_bwd_weight};
-use conv::{conv1d_bwd, ConvBwdInputs};
-use norm::norm_bwd;
-use scan::{selective_scan_bwd, ScanBwdInputs};
+use crate::ops::conv1d::{conv1d_bwd, ConvBwdInputs};
+use crate::ops::linear::{linear_bwd, linear_bwd_bias, linear_bwd_input_into, linear_bwd_weight};
+use crate::ops::norm::norm_bwd;
+use crate::ops::selective_scan::{selective_scan_bwd, Scan, ScanBwdInputs};
 
 /// Elements per task of the element-wise loops.
 const ELEMS: usize = 1 << 14;
-
-/// A mutable f32 buffer that pool tasks write through at disjoint indices.
-pub(crate) type Shared = crate::SyncPtr<f32>;
 
 /// Backward of one layer given the gradient of its output `d_out`; as the reference's
 /// `layer_bwd`. Returns the gradient w.r.t. the layer input (mixer path only) and the initial
@@ -57,7 +49,7 @@ fn layer_bwd(
         gl.out_proj_bias.as_mut().map(|t| &mut t.data[..]),
     );
     let scan = ScanBwdInputs {
-        scan: crate::scan::Scan {
+        scan: Scan {
             u: &lc.xs,
             delta: &lc.delta,
             a: &lc.a,
