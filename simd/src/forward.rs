@@ -68,26 +68,9 @@ fn stats(s: &Scratch) -> NormStats<f32> {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-/// One residual block: adds the mixer's output to `s.resid` and advances layer `i` of `state`.
-fn layer(
-    isa: Isa,
-    cfg: &MambaConfig,
-    lw: &LayerWeights,
-    input: &Batch,
-    i: usize,
-    state: &mut State<f32>,
-    s: &mut Scratch,
-    keep: bool,
-) -> Option<LayerCache<f32>> {
-    let n = input.rows();
-    let (dm, di, ds, r, dc) = (
-        cfg.d_model,
-        cfg.d_inner,
-        cfg.d_state,
-        cfg.dt_rank,
-        cfg.d_conv,
-    );
+/// Sizes the buffers of one layer for `n` rows; `dims` = `(d_model, d_inner, d_state,
+/// dt_rank)`.
+fn fit_layer(s: &mut Scratch, n: usize, (dm, di, ds, r): (usize, usize, usize, usize)) {
     for (v, len) in [(&mut s.hn, n * dm), (&mut s.out, n * dm)] {
         fit(v, len);
     }
@@ -106,29 +89,19 @@ fn layer(
     fit(&mut s.cm, n * ds);
     fit(&mut s.mean, n);
     fit(&mut s.rstd, n);
-    let nb = lw.norm_b.as_deref();
-    norm_fwd(
-        cfg.norm,
-        &s.resid,
-        &lw.norm_w,
-        nb,
-        cfg.norm_eps,
-        dm,
-        &mut s.hn,
-        &mut s.mean,
-        &mut s.rstd,
-    );
-    // One product per weight matrix (one pass over its bytes), then split the columns.
-    fit(&mut s.wide, n * 2 * di);
-    linear(
-        isa,
-        lw.in_proj.view(),
-        &s.hn,
-        lw.in_proj_b.as_deref(),
-        dm,
-        &mut s.wide,
-    );
-    split2(&s.wide, di, &mut s.x, &mut s.z);
+}
+
+/// The conv of layer `i` over `s.x` into `s.u`: the one-token update for a sequence of one,
+/// else the forward from the state's window; either leaves the window after the last position
+/// in `state`. `dims` = `(d_inner, d_conv)`.
+fn conv(
+    lw: &LayerWeights,
+    input: &Batch,
+    i: usize,
+    state: &mut State<f32>,
+    s: &mut Scratch,
+    (di, dc): (usize, usize),
+) {
     let cb = lw.conv_b.as_deref();
     if input.seq_len == 1 {
         let win = state.conv_layer_mut(i);
@@ -157,6 +130,72 @@ fn layer(
             last,
         );
     }
+}
+
+/// What the backward needs of one layer's forward.
+fn layer_cache(s: &Scratch, lw: &LayerWeights) -> LayerCache<f32> {
+    LayerCache {
+        resid_in: s.resid.clone(),
+        norm_stats: stats(s),
+        hn: s.hn.clone(),
+        x_pre: s.x.clone(),
+        z: s.z.clone(),
+        u: s.u.clone(),
+        xs: s.xs.clone(),
+        dt_raw: s.dtr.clone(),
+        b: s.bm.clone(),
+        c: s.cm.clone(),
+        delta: s.delta.clone(),
+        a: lw.a.clone(),
+        gated: s.gated.clone(),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+/// One residual block: adds the mixer's output to `s.resid` and advances layer `i` of `state`.
+fn layer(
+    isa: Isa,
+    cfg: &MambaConfig,
+    lw: &LayerWeights,
+    input: &Batch,
+    i: usize,
+    state: &mut State<f32>,
+    s: &mut Scratch,
+    keep: bool,
+) -> Option<LayerCache<f32>> {
+    let n = input.rows();
+    let (dm, di, ds, r, dc) = (
+        cfg.d_model,
+        cfg.d_inner,
+        cfg.d_state,
+        cfg.dt_rank,
+        cfg.d_conv,
+    );
+    fit_layer(s, n, (dm, di, ds, r));
+    let nb = lw.norm_b.as_deref();
+    norm_fwd(
+        cfg.norm,
+        &s.resid,
+        &lw.norm_w,
+        nb,
+        cfg.norm_eps,
+        dm,
+        &mut s.hn,
+        &mut s.mean,
+        &mut s.rstd,
+    );
+    // One product per weight matrix (one pass over its bytes), then split the columns.
+    fit(&mut s.wide, n * 2 * di);
+    linear(
+        isa,
+        lw.in_proj.view(),
+        &s.hn,
+        lw.in_proj_b.as_deref(),
+        dm,
+        &mut s.wide,
+    );
+    split2(&s.wide, di, &mut s.x, &mut s.z);
+    conv(lw, input, i, state, s, (di, dc));
     silu_into(&s.u, &mut s.xs);
     let xw = r + 2 * ds;
     fit(&mut s.wide, n * xw);
@@ -191,21 +230,7 @@ fn layer(
         di,
         &mut s.out,
     );
-    let cache = keep.then(|| LayerCache {
-        resid_in: s.resid.clone(),
-        norm_stats: stats(s),
-        hn: s.hn.clone(),
-        x_pre: s.x.clone(),
-        z: s.z.clone(),
-        u: s.u.clone(),
-        xs: s.xs.clone(),
-        dt_raw: s.dtr.clone(),
-        b: s.bm.clone(),
-        c: s.cm.clone(),
-        delta: s.delta.clone(),
-        a: lw.a.clone(),
-        gated: s.gated.clone(),
-    });
+    let cache = keep.then(|| layer_cache(s, lw));
     for (v, o) in s.resid.iter_mut().zip(&s.out) {
         *v += *o;
     }
