@@ -209,10 +209,10 @@ fn check_backward(name: &str, s: &Shape) -> (f64, f64) {
     worst
 }
 
-#[test]
-fn backward_matches_reference_over_the_shape_table() {
+/// Named shapes, one knob at a time varied from [`base`].
+fn shape_table() -> Vec<(&'static str, Shape)> {
     let b = base();
-    let cases: Vec<(&str, Shape)> = vec![
+    vec![
         ("base_rms_tied", b.clone()),
         (
             "d_model_1",
@@ -326,7 +326,12 @@ fn backward_matches_reference_over_the_shape_table() {
                 ..b.clone()
             },
         ),
-    ];
+    ]
+}
+
+#[test]
+fn backward_matches_reference_over_the_shape_table() {
+    let cases = shape_table();
     let mut worst = (0.0f64, 0.0f64);
     for (name, s) in &cases {
         let w = check_backward(name, s);
