@@ -5,6 +5,7 @@
 //! Every random input comes from a seed derived from the test case's name; nothing is zeros.
 
 pub mod goldens;
+pub mod gpu_ops;
 pub mod shape;
 pub mod tol;
 

@@ -1,9 +1,15 @@
 //! The masked softmax cross-entropy (`reference::loss::cross_entropy`) in every tier: the simd
 //! twin (`simd::loss`) against the reference, on named cases and random shapes, with the same
-//! bits on 1 and 2 threads.
+//! bits on 1 and 2 threads; the CUDA kernel against the reference (f64) on named shapes.
+//!
+//! The GPU test draws its inputs per case from the distributions the op sees in training; every
+//! output carries sentinel padding that must come back untouched (`gpu::ops`). It skips without
+//! a CUDA device; on the device: `bash scripts/gpu-tests.sh run`.
 
+use conformance::gpu_ops::{f64s, normal, open, Report};
+use conformance::tol::gpu as gpu_tol;
 use conformance::tol::{SIMD_CE_GRAD_F32, SIMD_CE_LOSS_F32};
-use conformance::{assert_close, diff, pool, random_flags};
+use conformance::{assert_close, diff, pool, random_flags, seed_of};
 use proptest::prelude::*;
 use reference::loss::cross_entropy;
 use reference::rng::Rng;
@@ -88,4 +94,41 @@ proptest! {
     fn simd_cross_entropy_matches_reference_on_random_shapes(n in 1usize..20, vocab in 1usize..300, masked in any::<bool>(), seed in 0u64..1_000_000) {
         check_loss(&format!("prop_ce_{seed}"), n, vocab, masked, 0.5);
     }
+}
+
+#[test]
+fn gpu_cross_entropy_matches_reference() {
+    // (name, rows, vocab, masked)
+    let cases = [
+        ("tiny", 3, 11, false),
+        ("masked_odd", 9, 1001, true),
+        ("vocab_50280", 4, 50280, true),
+    ];
+    let mut rep = Report(Vec::new());
+    for (name, n, v, masked) in cases {
+        let Some(dev) = open("gpu_cross_entropy_matches_reference", 16, 4) else {
+            return;
+        };
+        let mut rng = Rng::new(seed_of(name));
+        let logits = normal(&mut rng, n * v, 0.0, 3.0);
+        let targets: Vec<u32> = (0..n).map(|_| rng.below(v as u64) as u32).collect();
+        let mut mask = random_flags(&mut rng, n, 0.7);
+        mask[0] = true;
+        let m = masked.then_some(&mask[..]);
+        let (loss, dl) = dev.cross_entropy(&logits, &targets, m, v, 0.5).unwrap();
+        let want = cross_entropy(&f64s(&logits), &targets, m, v, 0.5).unwrap();
+        rep.cmp(
+            format!("cross entropy {name}: loss"),
+            &[loss],
+            &[want.loss],
+            gpu_tol::OP_F32_FWD,
+        );
+        rep.cmp(
+            format!("cross entropy {name}: d logits"),
+            &dl,
+            &want.d_logits,
+            gpu_tol::OP_F32_FWD,
+        );
+    }
+    rep.finish("gpu_cross_entropy_matches_reference");
 }
