@@ -245,26 +245,36 @@ fn a_second_process_in_a_run_folder_fails_at_once_and_a_killed_ones_lock_is_take
     let manifest = shards(&dir);
     let out = dir.join("run");
     let cfg = config_file(&dir, "long.toml", &config(&out, &manifest, 100_000));
-    let mut first = Command::new(env!("CARGO_BIN_EXE_vet-train"))
-        .args(["--config", &cfg])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    /// Kills the child however the test ends (a failed assertion must not leave it training).
+    struct KillOnDrop(std::process::Child);
+    impl Drop for KillOnDrop {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut first = KillOnDrop(
+        Command::new(env!("CARGO_BIN_EXE_vet-train"))
+            .args(["--config", &cfg])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     let t0 = Instant::now();
     while steps_kept(&out).is_empty() {
         assert!(t0.elapsed().as_secs() < 120, "training never checkpointed");
         std::thread::sleep(Duration::from_millis(50));
     }
     let second = vet_train(&["--config", &cfg, "--resume", "--steps", "1"]);
-    let want = format!("already in use by PID {}", first.id());
+    let want = format!("already in use by PID {}", first.0.id());
     assert!(
         !second.status.success() && text(&second).contains(&want),
         "{}",
         text(&second)
     );
-    first.kill().unwrap(); // SIGKILL: no chance to clean up
-    first.wait().unwrap();
+    first.0.kill().unwrap(); // SIGKILL: no chance to clean up
+    first.0.wait().unwrap();
     let third = vet_train(&["--config", &cfg, "--resume", "--steps", "1"]);
     assert!(third.status.success(), "{}", text(&third));
 }

@@ -239,6 +239,8 @@ fn check_writable(out: &Path) -> Result<()> {
 /// Locks the output folder against other `prepare` runs: the whole folder, or with `--part`
 /// the folder shared with the other parts and this part alone.
 fn lock_output(opts: &Options) -> Result<Vec<DirLock>> {
+    std::fs::create_dir_all(&opts.out)
+        .with_context(|| format!("creating output folder {}", opts.out.display()))?;
     Ok(match opts.part {
         None => vec![DirLock::acquire(&opts.out)?],
         Some((i, n)) => vec![
@@ -260,8 +262,9 @@ pub fn prepare(opts: &Options) -> Result<Summary> {
     let tk = load_tokenizer(&opts.tokenizer)?;
     let sources = sources::discover(&opts.inputs, &mut |w| eprintln!("warning: {w}"))?;
     let units = sources::plan(&sources, opts.unit_bytes);
-    check_writable(&opts.out)?;
+    // Locked first: another run's write probe must not fail this one's.
     let _lock = lock_output(opts)?;
+    check_writable(&opts.out)?;
     let threads = opts.threads.unwrap_or_else(default_threads);
     let prints = fingerprint::unit_prints(opts, &tk.reference, &units, &sources, threads)?;
     let (mut kept, redo) = triage(opts, &units, &prints)?;
