@@ -420,3 +420,22 @@ fn prepare_refuses_an_output_folder_another_process_holds_and_takes_over_a_dead_
     FileExt::unlock(&f).unwrap();
     prepare(&prep_opts(&input, &out)).unwrap();
 }
+
+#[test]
+fn a_second_quickstart_in_the_same_folder_fails_at_once_naming_the_first() {
+    use fs4::FileExt;
+    let out = scratch("quickstart");
+    let f = std::fs::File::create(out.join(".vet-lock")).unwrap();
+    FileExt::try_lock(&f).unwrap();
+    std::fs::write(out.join(".vet-lock"), format!("{}\n", std::process::id())).unwrap();
+    let t0 = Instant::now();
+    let o = trainer::quickstart::QuickstartOptions::smoke(out.clone());
+    let err = format!("{:#}", trainer::quickstart::run(&o).unwrap_err());
+    let want = format!("already in use by PID {}", std::process::id());
+    assert!(err.contains(&want), "{err}");
+    assert!(
+        t0.elapsed() < Duration::from_secs(5),
+        "it did not fail at once"
+    );
+    assert!(!out.join("data").exists(), "it started work in the folder");
+}

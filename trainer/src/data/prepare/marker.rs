@@ -24,7 +24,8 @@ pub struct SkipNote {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct UnitMarker {
     pub unit: usize,
-    /// Hash of the options and the unit's source range; a mismatch means "redo".
+    /// Hash of the options, the unit's source range and the input's state (see
+    /// `fingerprint.rs`); a mismatch means "redo".
     pub fingerprint: String,
     pub source: String,
     pub start: u64,

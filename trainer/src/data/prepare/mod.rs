@@ -43,7 +43,9 @@ use writer::ShardMeta;
     after_help = "Inputs: .txt (one document per file) and .jsonl (one JSON object per \
     line, the document in --field), each plain, .gz or .zst; folders are walked recursively. \
     Parquet is not supported: convert it to JSON Lines first.\n\
-    Re-running with the same options resumes: finished units are kept."
+    Re-running with the same options resumes: a finished unit is kept while its input is \
+    unchanged (size, modification time and a hash of its bytes). One run per output folder \
+    (`--part` runs share it)."
 )]
 pub struct Args {
     /// Input files or folders (.txt, .jsonl, plain / .gz / .zst; not Parquet).
