@@ -6,3 +6,4 @@ pub mod manifest;
 pub mod prepare;
 pub mod qa;
 pub mod shard;
+pub mod verify;
