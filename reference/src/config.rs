@@ -614,6 +614,6 @@ impl MambaConfig {
                 msg: format!("cannot serialise: {e}"),
             })?;
         text.push('\n');
-        crate::io::atomic_write(path, text.as_bytes())
+        crate::fs::atomic_write(path, text.as_bytes())
     }
 }

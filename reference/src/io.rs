@@ -8,10 +8,9 @@
 
 use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
-use std::fs::{self, File};
-use std::io::{Read, Seek, SeekFrom, Write};
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use half::{bf16, f16};
 use safetensors::tensor::{Metadata, TensorInfo};
@@ -23,6 +22,9 @@ use crate::error::{Error, Result};
 use crate::float::Float;
 use crate::params::{param_specs, Params};
 use crate::tensor::Tensor;
+
+/// Kept for callers of the old path; the atomic write lives in [`crate::fs`].
+pub use crate::fs::atomic_write;
 
 /// The largest header accepted (the safetensors crate's own limit).
 const MAX_HEADER_LEN: u64 = 100_000_000;
@@ -612,55 +614,8 @@ fn write_views(
     }
     let mut metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
     metadata.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
-    write_atomically(path, |tmp| {
+    crate::fs::atomic_write_path(path, |tmp| {
         safetensors::serialize_to_file(views, Some(metadata), tmp)
             .map_err(|e| ckpt_err(path, format!("writing safetensors: {e}")))
     })
-}
-
-/// Writes `bytes` to `path` atomically: a temporary file in the same directory, fsync, rename.
-/// A crash leaves either the old file or the new one, never half of one.
-pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<()> {
-    write_atomically(path, |tmp| {
-        let mut f = File::create(tmp).map_err(|e| Error::io(tmp, e))?;
-        f.write_all(bytes).map_err(|e| Error::io(tmp, e))
-    })
-}
-
-/// Runs `write` on a fresh temporary path beside `path`, fsyncs it, renames it over `path`
-/// and fsyncs the directory. The temporary file is removed on any error.
-fn write_atomically(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let file_name = path
-        .file_name()
-        .ok_or_else(|| ckpt_err(path, "is not a file path"))?;
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    let tmp = dir.join(format!(
-        ".{}.tmp-{}-{}",
-        file_name.to_string_lossy(),
-        std::process::id(),
-        COUNTER.fetch_add(1, Ordering::Relaxed)
-    ));
-    let result = write(&tmp)
-        .and_then(|()| {
-            File::options()
-                .write(true)
-                .open(&tmp)
-                .and_then(|f| f.sync_all())
-                .map_err(|e| Error::io(&tmp, e))
-        })
-        .and_then(|()| fs::rename(&tmp, path).map_err(|e| Error::io(path, e)));
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
-        return result;
-    }
-    // Make the rename itself durable. Not every platform or file system can fsync a
-    // directory; the file is already complete and in place, so a failure here is ignored.
-    if let Ok(d) = File::open(&dir) {
-        let _ = d.sync_all();
-    }
-    Ok(())
 }

@@ -44,7 +44,7 @@ use writer::ShardMeta;
     Re-running with the same options resumes: finished units are kept."
 )]
 pub struct Args {
-    /// Input files or folders (.txt, .jsonl, plain / .gz / .zst; not Parquet).
+    /// Input files or folders (.txt, .jsonl, plain / .gz / .zst / .zstd; not Parquet).
     #[arg(long, required = true, num_args = 1..)]
     pub input: Vec<PathBuf>,
     /// The tokenizer.json to tokenize with (must have <|endoftext|>).
@@ -245,7 +245,7 @@ fn check_writable(out: &Path) -> Result<()> {
     std::fs::create_dir_all(out)
         .with_context(|| format!("creating output folder {}", out.display()))?;
     let probe = out.join(".vet-data-write-test");
-    reference::io::atomic_write(&probe, b"ok")
+    reference::fs::atomic_write(&probe, b"ok")
         .with_context(|| format!("output folder {} is not writable", out.display()))?;
     std::fs::remove_file(&probe)
         .with_context(|| format!("output folder {} is not writable", out.display()))
