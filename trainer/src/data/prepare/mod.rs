@@ -1,4 +1,5 @@
-//! `vet-data prepare`: turn `.txt` / `.jsonl` corpora (plain, `.gz`, `.zst`) into train/val
+//! `vet-data prepare`: turn `.txt` / `.jsonl` corpora (plain, `.gz`, `.zst` / `.zstd`; read
+//! through [`crate::data::inputs`], as `vet-data tokenizer` reads them) into train/val
 //! token shards and a `manifest.json`, at any scale.
 //!
 //! The inputs are cut into work units (see [`sources::plan`]) that run in parallel; each unit
@@ -39,8 +40,9 @@ use writer::ShardMeta;
 #[derive(clap::Args, Debug)]
 #[command(
     after_help = "Inputs: .txt (one document per file) and .jsonl (one JSON object per \
-    line, the document in --field), each plain, .gz or .zst; folders are walked recursively. \
-    Parquet is not supported: convert it to JSON Lines first.\n\
+    line, the document in --field), each plain, .gz or .zst / .zstd; folders are walked \
+    recursively (other files in them are skipped with a warning; a file named directly must be \
+    one of these). Parquet is not supported: convert it to JSON Lines first.\n\
     Re-running with the same options resumes: finished units are kept."
 )]
 pub struct Args {
