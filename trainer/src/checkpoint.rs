@@ -56,7 +56,7 @@ pub fn write_model_files(
     save_params(&dir.join("model.safetensors"), cfg, params, SaveDtype::F32)?;
     if let Some(tok) = tokenizer {
         let bytes = fs::read(tok).with_context(|| format!("reading {}", tok.display()))?;
-        reference::io::atomic_write(&dir.join("tokenizer.json"), &bytes)?;
+        reference::fs::atomic_write(&dir.join("tokenizer.json"), &bytes)?;
     }
     Ok(())
 }

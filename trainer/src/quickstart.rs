@@ -275,7 +275,7 @@ pub fn run(o: &QuickstartOptions) -> Result<QuickstartReport> {
         seconds: started.elapsed().as_secs_f64(),
     };
     let path = o.out.join("quickstart_report.json");
-    reference::io::atomic_write(&path, serde_json::to_string_pretty(&report)?.as_bytes())?;
+    reference::fs::atomic_write(&path, serde_json::to_string_pretty(&report)?.as_bytes())?;
     eprintln!(
         "\nquickstart done in {:.0} s; report in {}",
         report.seconds,

@@ -1,5 +1,6 @@
 //! The data path: token shards, their manifest, corpus preparation and the batch loader.
 
+pub mod inputs;
 pub mod inspect;
 pub mod loader;
 pub mod manifest;

@@ -437,20 +437,7 @@ pub fn train(cfg: RunConfig, opts: &RunOptions) -> Result<RunSummary> {
                 writeln!(metrics, "{line}")?;
                 // The first step of this process (a resumed run reports again).
                 if run_tokens == tokens as u64 {
-                    if let Some(m) = run.engine.memory() {
-                        let per_token = m.activation_bytes_per_token.unwrap_or(0.0);
-                        let gib = |b: f64| b / (1u64 << 30) as f64;
-                        note(&pb, format!(
-                            "memory on {}: activations {:.1} KiB/token ({:.2} GiB for a batch of {tokens} tokens); device {:.1} of {:.1} GiB in use",
-                            run.engine.name(),
-                            per_token / 1024.0,
-                            gib(per_token * tokens as f64),
-                            gib(m.device_used as f64),
-                            gib(m.device_total as f64)
-                        ));
-                        let mem = json!({"step": run.state.step, "activation_bytes_per_token": per_token, "device_used_bytes": m.device_used, "device_total_bytes": m.device_total});
-                        writeln!(metrics, "{mem}")?;
-                    }
+                    report_memory(&run, tokens, &mut metrics, &pb)?;
                 }
                 pb.set_position(run.state.step);
                 pb.set_message(format!("loss {l:.4} lr {lr:.2e} {tps:.0} tok/s"));
@@ -526,6 +513,31 @@ fn start_shard_check(cfg: &RunConfig) -> Result<Option<ShardCheck>> {
         &["train"]
     };
     ShardCheck::spawn(manifest, splits).map(Some)
+}
+
+/// Notes the engine's memory use after the first step of this process, on the terminal and
+/// in the metrics.
+fn report_memory(
+    run: &Run,
+    tokens: usize,
+    metrics: &mut std::fs::File,
+    pb: &ProgressBar,
+) -> Result<()> {
+    if let Some(m) = run.engine.memory() {
+        let per_token = m.activation_bytes_per_token.unwrap_or(0.0);
+        let gib = |b: f64| b / (1u64 << 30) as f64;
+        note(pb, format!(
+            "memory on {}: activations {:.1} KiB/token ({:.2} GiB for a batch of {tokens} tokens); device {:.1} of {:.1} GiB in use",
+            run.engine.name(),
+            per_token / 1024.0,
+            gib(per_token * tokens as f64),
+            gib(m.device_used as f64),
+            gib(m.device_total as f64)
+        ));
+        let mem = json!({"step": run.state.step, "activation_bytes_per_token": per_token, "device_used_bytes": m.device_used, "device_total_bytes": m.device_total});
+        writeln!(metrics, "{mem}")?;
+    }
+    Ok(())
 }
 
 fn eval_now(

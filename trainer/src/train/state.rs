@@ -143,7 +143,7 @@ pub fn save(
             ..state.clone()
         };
         let json = serde_json::to_string_pretty(&state)?;
-        reference::io::atomic_write(&tmp.join("trainer_state.json"), json.as_bytes())?;
+        reference::fs::atomic_write(&tmp.join("trainer_state.json"), json.as_bytes())?;
         Ok(())
     })?;
     let all = list(out_dir)?;

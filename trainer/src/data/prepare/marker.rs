@@ -59,7 +59,7 @@ pub fn marker_name(unit: usize) -> String {
 pub fn save(dir: &Path, m: &UnitMarker) -> Result<()> {
     let path = dir.join(marker_name(m.unit));
     let text = serde_json::to_string_pretty(m)?;
-    reference::io::atomic_write(&path, text.as_bytes())
+    reference::fs::atomic_write(&path, text.as_bytes())
         .with_context(|| format!("writing {} (is the disk full?)", path.display()))
 }
 

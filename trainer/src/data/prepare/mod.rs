@@ -1,4 +1,5 @@
-//! `vet-data prepare`: turn `.txt` / `.jsonl` corpora (plain, `.gz`, `.zst`) into train/val
+//! `vet-data prepare`: turn `.txt` / `.jsonl` corpora (plain, `.gz`, `.zst` / `.zstd`; read
+//! through [`crate::data::inputs`], as `vet-data tokenizer` reads them) into train/val
 //! token shards and a `manifest.json`, at any scale.
 //!
 //! The inputs are cut into work units (see [`sources::plan`]) that run in parallel; each unit
@@ -41,14 +42,15 @@ use writer::ShardMeta;
 #[derive(clap::Args, Debug)]
 #[command(
     after_help = "Inputs: .txt (one document per file) and .jsonl (one JSON object per \
-    line, the document in --field), each plain, .gz or .zst; folders are walked recursively. \
-    Parquet is not supported: convert it to JSON Lines first.\n\
+    line, the document in --field), each plain, .gz or .zst / .zstd; folders are walked \
+    recursively (other files in them are skipped with a warning; a file named directly must be \
+    one of these). Parquet is not supported: convert it to JSON Lines first.\n\
     Re-running with the same options resumes: a finished unit is kept while its input is \
     unchanged (size, modification time and a hash of its bytes). One run per output folder \
     (`--part` runs share it)."
 )]
 pub struct Args {
-    /// Input files or folders (.txt, .jsonl, plain / .gz / .zst; not Parquet).
+    /// Input files or folders (.txt, .jsonl, plain / .gz / .zst / .zstd; not Parquet).
     #[arg(long, required = true, num_args = 1..)]
     pub input: Vec<PathBuf>,
     /// The tokenizer.json to tokenize with (must have <|endoftext|>).
@@ -232,7 +234,7 @@ fn check_writable(out: &Path) -> Result<()> {
     std::fs::create_dir_all(out)
         .with_context(|| format!("creating output folder {}", out.display()))?;
     let probe = out.join(".vet-data-write-test");
-    reference::io::atomic_write(&probe, b"ok")
+    reference::fs::atomic_write(&probe, b"ok")
         .with_context(|| format!("output folder {} is not writable", out.display()))?;
     std::fs::remove_file(&probe)
         .with_context(|| format!("output folder {} is not writable", out.display()))
