@@ -1,17 +1,25 @@
-//! The model-level interface every tier implements, and the reference's implementation.
+//! The model-level interface every tier implements, in two parts: [`InferenceEngine`]
+//! (forward, prefill, decode steps, held states, a forward-only loss) and [`TrainingEngine`]
+//! built on it (loss + backward, gradients, the optimizer step, parameters and optimizer
+//! state in and out). The reference's implementation is [`ReferenceEngine`].
+
+mod reference;
+
+pub use self::reference::ReferenceEngine;
+
+use std::ops::Range;
 
 use crate::config::MambaConfig;
-use crate::decode::{not_held, HeldState};
 use crate::error::{Error, Result};
 use crate::float::Float;
-use crate::loss::cross_entropy;
-use crate::model::{backward, forward, step, Batch};
+use crate::loss::cross_entropy_loss;
+use crate::model::Batch;
 use crate::optim::{AdamW, AdamWConfig, StepStats};
 use crate::params::{param_specs, Params};
 use crate::state::State;
 use crate::tensor::Tensor;
 
-/// Result of [`Engine::loss_and_backward`].
+/// Result of [`TrainingEngine::loss_and_backward`].
 #[derive(Clone, Debug)]
 pub struct LossOutput {
     /// Mean cross-entropy over the masked target positions (not multiplied by `grad_scale`).
@@ -22,7 +30,16 @@ pub struct LossOutput {
     pub grad_state: State<f32>,
 }
 
-/// What an engine with its own device memory reports ([`Engine::memory`]).
+/// Result of the forward-only [`InferenceEngine::loss`].
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct EvalLoss {
+    /// Mean cross-entropy over the masked target positions (0 when there are none).
+    pub loss: f64,
+    /// Number of target positions the mean is over.
+    pub n_targets: usize,
+}
+
+/// What an engine with its own device memory reports ([`InferenceEngine::memory`]).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct MemoryUse {
     /// Training activations kept for the backward, per token of the last batch (`None`
@@ -64,9 +81,40 @@ impl OptimizerState {
     }
 }
 
-/// A Mamba model on some device. Every tier implements this; the trainer, `vet-chat` and the
-/// conformance suite only talk to models through it. Values cross the boundary as f32.
-pub trait Engine {
+/// A ticket for a state an engine holds (see [`InferenceEngine::hold_state`]). An engine
+/// holds one state at a time: holding another invalidates earlier tickets, and using a stale
+/// ticket is an error, never a silent use of someone else's state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HeldState {
+    /// Unique per engine and per call to [`InferenceEngine::hold_state`].
+    pub id: u64,
+    /// Rows of the held state.
+    pub batch: usize,
+}
+
+/// The error for a ticket an engine does not (or no longer) recognise.
+pub fn not_held(engine: &str, op: &'static str, held: HeldState) -> Error {
+    Error::Shape {
+        op,
+        msg: format!(
+            "{engine} does not hold state #{} any more (another state was moved onto it since)",
+            held.id
+        ),
+    }
+}
+
+/// The error of a tier that does not implement `op` yet.
+pub fn unsupported(engine: &str, op: &'static str) -> Error {
+    Error::Device {
+        device: engine.to_string(),
+        msg: format!("{op} is not supported by this engine yet"),
+    }
+}
+
+/// A Mamba model on some device, for inference. Every tier implements this; `vet-chat`,
+/// generation, evaluation and the app API (`trainer::assistant`) only need it. Values cross
+/// the boundary as f32; every method that touches a device returns `Result`.
+pub trait InferenceEngine {
     /// Short name of the tier ("reference-f64", "simd", "cuda:0").
     fn name(&self) -> String;
     fn config(&self) -> &MambaConfig;
@@ -76,20 +124,25 @@ pub trait Engine {
         input: &Batch,
         state: Option<&State<f32>>,
     ) -> Result<(Tensor<f32>, State<f32>)>;
-    /// Forward, masked cross-entropy against `targets` `[batch, seq_len]`, and backward of
-    /// `grad_scale · loss`, *adding* to the gradient buffers.
-    fn loss_and_backward(
+    /// Forward and masked mean cross-entropy against `targets` `[batch, seq_len]`, with no
+    /// backward: gradients are left untouched and no activation is kept for a backward. The
+    /// loss equals [`TrainingEngine::loss_and_backward`]'s (bit for bit on the reference).
+    /// The default runs [`InferenceEngine::forward`] and the cross-entropy on the host.
+    fn loss(
         &mut self,
         input: &Batch,
         targets: &[u32],
         mask: Option<&[bool]>,
         state: Option<&State<f32>>,
-        grad_scale: f64,
-    ) -> Result<LossOutput>;
-    /// Clears the gradient buffers.
-    fn zero_grad(&mut self);
-    /// Clips and applies AdamW with learning rate `lr`. A non-finite gradient skips the step.
-    fn optimizer_step(&mut self, hp: &AdamWConfig, lr: f64) -> Result<StepStats>;
+    ) -> Result<EvalLoss> {
+        let (logits, _) = self.forward(input, state)?;
+        let vocab = self.config().vocab_size;
+        let (loss, n_targets) = cross_entropy_loss(&logits.data, targets, mask, vocab)?;
+        Ok(EvalLoss {
+            loss: f64::from(loss),
+            n_targets,
+        })
+    }
     /// One token per row (`tokens` `[batch]`), updating `state` in place; returns logits
     /// `[batch, vocab]`. `resets[b]` starts row `b` afresh.
     fn step(
@@ -98,8 +151,8 @@ pub trait Engine {
         resets: Option<&[bool]>,
         state: &mut State<f32>,
     ) -> Result<Tensor<f32>>;
-    /// [`Engine::step`] into a caller-owned `logits` buffer (`[batch, vocab]`). Fast tiers
-    /// override it so that decoding allocates nothing per token.
+    /// [`InferenceEngine::step`] into a caller-owned `logits` buffer (`[batch, vocab]`). Fast
+    /// tiers override it so that decoding allocates nothing per token.
     fn step_into(
         &mut self,
         tokens: &[u32],
@@ -136,8 +189,8 @@ pub trait Engine {
     }
     /// Moves `state` onto the engine (device memory on a GPU), replacing any state it held,
     /// and returns the ticket for it; `None` (the default): this engine decodes from host
-    /// memory, through [`Engine::step_into`] and [`Engine::prefill`]. Use it through
-    /// [`crate::decode::DecodeState`].
+    /// memory, through [`InferenceEngine::step_into`] and [`InferenceEngine::prefill`]. Use
+    /// it through [`crate::decode::DecodeState`].
     fn hold_state(&mut self, state: &State<f32>) -> Result<Option<HeldState>> {
         let _ = state;
         Ok(None)
@@ -147,7 +200,7 @@ pub trait Engine {
         let _ = state;
         Err(not_held(&self.name(), "read_held", held))
     }
-    /// [`Engine::step_into`] on the held state.
+    /// [`InferenceEngine::step_into`] on the held state.
     fn step_held(
         &mut self,
         held: HeldState,
@@ -158,20 +211,101 @@ pub trait Engine {
         let _ = (tokens, resets, logits);
         Err(not_held(&self.name(), "step_held", held))
     }
-    /// [`Engine::prefill`] on the held state (batch 1).
+    /// [`InferenceEngine::prefill`] on the held state (batch 1).
     fn prefill_held(&mut self, held: HeldState, tokens: &[u32], logits: &mut [f32]) -> Result<()> {
         let _ = (tokens, logits);
         Err(not_held(&self.name(), "prefill_held", held))
     }
     /// Device memory in use, for engines with their own memory (GPU); `None` by default.
-    fn memory(&self) -> Option<MemoryUse> {
-        None
+    fn memory(&self) -> Result<Option<MemoryUse>> {
+        Ok(None)
     }
-    fn parameters(&self) -> NamedTensors;
+    /// The weights, read out as named f32 tensors in canonical order.
+    fn parameters(&self) -> Result<NamedTensors>;
+}
+
+/// A Mamba model that trains: [`InferenceEngine`] plus the backward, the gradient buffers,
+/// AdamW, and parameters and optimizer state in and out.
+///
+/// # What comes next: sharded and overlapped training
+///
+/// Two methods are here for the distributed trainer (DeepSpeed ZeRO, see DESIGN.md):
+/// - [`TrainingEngine::gradients_of_layer`] hands out one layer's gradients. Today it is
+///   called after the backward; a tier that overlaps communication with the backward will
+///   call a per-layer hook from inside its backward as each layer's gradients are final
+///   (layers finish in reverse order, `n_layer - 1` first, then the embedding and head),
+///   with the same tensors this method returns.
+/// - [`TrainingEngine::optimizer_step_range`] steps only a slice of the parameters (the
+///   rank's shard of the AdamW state), clipped with a global gradient norm the caller
+///   reduced over every rank.
+///
+/// A tier that does not implement one of them yet returns an error saying so.
+pub trait TrainingEngine: InferenceEngine {
+    /// Forward, masked cross-entropy against `targets` `[batch, seq_len]`, and backward of
+    /// `grad_scale · loss`, *adding* to the gradient buffers.
+    fn loss_and_backward(
+        &mut self,
+        input: &Batch,
+        targets: &[u32],
+        mask: Option<&[bool]>,
+        state: Option<&State<f32>>,
+        grad_scale: f64,
+    ) -> Result<LossOutput>;
+    /// Clears the gradient buffers.
+    fn zero_grad(&mut self) -> Result<()>;
+    /// The gradient buffers as named f32 tensors in canonical order.
+    fn gradients(&self) -> Result<NamedTensors>;
+    /// The gradients of layer `layer` (the tensors named `backbone.layers.{layer}.*`, in
+    /// canonical order). The default picks them out of [`TrainingEngine::gradients`].
+    fn gradients_of_layer(&self, layer: usize) -> Result<NamedTensors> {
+        check_layer(self.config(), layer)?;
+        let prefix = format!("backbone.layers.{layer}.");
+        let mut all = self.gradients()?;
+        all.retain(|(n, _)| n.starts_with(&prefix));
+        Ok(all)
+    }
+    /// Clips and applies AdamW with learning rate `lr`. A non-finite gradient skips the step.
+    fn optimizer_step(&mut self, hp: &AdamWConfig, lr: f64) -> Result<StepStats>;
+    /// AdamW on the parameters `range` (indices into [`param_specs`], canonical order) only,
+    /// clipped with `grad_norm`, the global gradient norm over every parameter (a sharded
+    /// optimizer reduces it over the ranks). The step count moves once per call. Over every
+    /// parameter with the engine's own norm this is [`TrainingEngine::optimizer_step`].
+    fn optimizer_step_range(
+        &mut self,
+        hp: &AdamWConfig,
+        lr: f64,
+        range: Range<usize>,
+        grad_norm: f64,
+    ) -> Result<StepStats> {
+        let _ = (hp, lr, range, grad_norm);
+        Err(unsupported(&self.name(), "optimizer_step_range"))
+    }
     fn set_parameters(&mut self, named: &[(String, Tensor<f32>)]) -> Result<()>;
-    fn gradients(&self) -> NamedTensors;
-    fn optimizer_state(&self) -> OptimizerState;
+    fn optimizer_state(&self) -> Result<OptimizerState>;
     fn set_optimizer_state(&mut self, state: &OptimizerState) -> Result<()>;
+}
+
+/// An error unless `layer` is a layer of `cfg`.
+fn check_layer(cfg: &MambaConfig, layer: usize) -> Result<()> {
+    if layer >= cfg.n_layer {
+        return Err(Error::Shape {
+            op: "gradients_of_layer",
+            msg: format!("layer {layer} of a model with {} layers", cfg.n_layer),
+        });
+    }
+    Ok(())
+}
+
+/// An error unless `range` is a range of parameter indices of `cfg`.
+pub fn check_param_range(cfg: &MambaConfig, range: &Range<usize>) -> Result<()> {
+    let n = param_specs(cfg).len();
+    if range.start > range.end || range.end > n {
+        return Err(Error::Shape {
+            op: "optimizer_step_range",
+            msg: format!("parameters {range:?} of a model with {n} parameter tensors"),
+        });
+    }
+    Ok(())
 }
 
 /// An error unless a caller's buffer has the length an op needs.
@@ -183,28 +317,6 @@ pub fn check_len(op: &'static str, what: &str, got: usize, want: usize) -> Resul
         });
     }
     Ok(())
-}
-
-/// The specification as an engine: scalar loops in `T` (`f32` or `f64`).
-#[derive(Clone, Debug)]
-pub struct ReferenceEngine<T> {
-    pub cfg: MambaConfig,
-    pub params: Params<T>,
-    pub grads: Params<T>,
-    pub opt: AdamW<T>,
-}
-
-impl<T: Float> ReferenceEngine<T> {
-    pub fn new(cfg: MambaConfig, params: Params<T>) -> Self {
-        let grads = Params::zeros(&cfg);
-        let opt = AdamW::new(&cfg);
-        ReferenceEngine {
-            cfg,
-            params,
-            grads,
-            opt,
-        }
-    }
 }
 
 /// Parameters (or gradients, moments) as named f32 tensors in canonical order.
@@ -241,104 +353,4 @@ pub fn params_from_named<T: Float>(
         cfg,
         named.iter().map(|(_, t)| t.cast()).collect(),
     ))
-}
-
-impl<T: Float> Engine for ReferenceEngine<T> {
-    fn name(&self) -> String {
-        format!("reference-{}", T::NAME)
-    }
-
-    fn config(&self) -> &MambaConfig {
-        &self.cfg
-    }
-
-    fn forward(
-        &mut self,
-        input: &Batch,
-        state: Option<&State<f32>>,
-    ) -> Result<(Tensor<f32>, State<f32>)> {
-        let st = state.map(|s| s.cast::<T>());
-        let (logits, out, _) = forward(&self.cfg, &self.params, input, st.as_ref(), false)?;
-        Ok((logits.cast(), out.cast()))
-    }
-
-    fn loss_and_backward(
-        &mut self,
-        input: &Batch,
-        targets: &[u32],
-        mask: Option<&[bool]>,
-        state: Option<&State<f32>>,
-        grad_scale: f64,
-    ) -> Result<LossOutput> {
-        let st = state.map(|s| s.cast::<T>());
-        let (logits, _, cache) = forward(&self.cfg, &self.params, input, st.as_ref(), true)?;
-        let lo = cross_entropy(
-            &logits.data,
-            targets,
-            mask,
-            self.cfg.vocab_size,
-            T::from_f64(grad_scale),
-        )?;
-        let cache = cache.expect("forward keeps the cache when asked");
-        let gs = backward(
-            &self.cfg,
-            &self.params,
-            input,
-            st.as_ref(),
-            &cache,
-            &lo.d_logits,
-            &mut self.grads,
-        )?;
-        Ok(LossOutput {
-            loss: lo.loss.to_f64(),
-            n_targets: lo.n_targets,
-            grad_state: gs.cast(),
-        })
-    }
-
-    fn zero_grad(&mut self) {
-        for t in self.grads.tensors_mut() {
-            t.fill(T::ZERO);
-        }
-    }
-
-    fn optimizer_step(&mut self, hp: &AdamWConfig, lr: f64) -> Result<StepStats> {
-        Ok(self
-            .opt
-            .step(&self.cfg, &mut self.params, &mut self.grads, hp, lr))
-    }
-
-    fn step(
-        &mut self,
-        tokens: &[u32],
-        resets: Option<&[bool]>,
-        state: &mut State<f32>,
-    ) -> Result<Tensor<f32>> {
-        let mut st = state.cast::<T>();
-        let logits = step(&self.cfg, &self.params, tokens, resets, &mut st)?;
-        *state = st.cast();
-        Ok(logits.cast())
-    }
-
-    fn parameters(&self) -> NamedTensors {
-        to_named(&self.cfg, &self.params)
-    }
-
-    fn set_parameters(&mut self, named: &[(String, Tensor<f32>)]) -> Result<()> {
-        self.params = params_from_named(&self.cfg, named)?;
-        Ok(())
-    }
-
-    fn gradients(&self) -> NamedTensors {
-        to_named(&self.cfg, &self.grads)
-    }
-
-    fn optimizer_state(&self) -> OptimizerState {
-        OptimizerState::of(&self.cfg, &self.opt)
-    }
-
-    fn set_optimizer_state(&mut self, state: &OptimizerState) -> Result<()> {
-        self.opt = state.to_adamw(&self.cfg)?;
-        Ok(())
-    }
 }

@@ -6,7 +6,7 @@ use std::io::Write;
 use std::path::Path;
 
 use anyhow::{Context, Result};
-use reference::Engine;
+use reference::InferenceEngine;
 use serde::Serialize;
 use tokenizers::Tokenizer;
 
@@ -85,7 +85,7 @@ pub struct QaScores {
 /// Answers up to `limit` pairs greedily (at most `max_new_tokens` each, stopping at
 /// `<|endoftext|>`; `repetition_penalty` 1.0 for plain greedy), scores them and writes one JSON line per answer to `report`.
 pub fn evaluate_qa(
-    engine: &mut dyn Engine,
+    engine: &mut dyn InferenceEngine,
     tok: &Tokenizer,
     pairs: &[QaPair],
     limit: usize,
