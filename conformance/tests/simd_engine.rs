@@ -1,5 +1,5 @@
 //! The simd tier as a whole training engine (its own forward feeding its backward, the loss,
-//! AdamW, checkpoint round trips) against `ReferenceEngine<f32>` through the `Engine` trait,
+//! AdamW, checkpoint round trips) against `ReferenceEngine<f32>` through the engine traits,
 //! as the trainer drives it.
 
 use approx::assert_relative_eq;

@@ -373,6 +373,7 @@ pub fn generate(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use approx::assert_abs_diff_eq;
 
     fn sampling(temperature: f64, top_k: usize, top_p: f64) -> Sampling {
         Sampling {
@@ -388,7 +389,7 @@ mod tests {
         for (g, w) in got.iter().zip(want) {
             assert_eq!(g.0, w.0, "{got:?} vs {want:?}");
             // Logits are f32: ln(p) rounds at ~1e-8 relative.
-            assert!((g.1 - w.1).abs() < 1e-7, "{got:?} vs {want:?}");
+            assert_abs_diff_eq!(g.1, w.1, epsilon = 1e-7);
         }
     }
 
