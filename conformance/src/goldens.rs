@@ -4,7 +4,9 @@
 use reference::loss::next_token_targets;
 use reference::model::Batch;
 use reference::rng::fnv1a64_bytes;
-use reference::{AdamWConfig, Engine, MambaConfig, Params, ReferenceEngine, Tensor};
+use reference::{
+    AdamWConfig, InferenceEngine, MambaConfig, Params, ReferenceEngine, Tensor, TrainingEngine,
+};
 
 /// Seed of the tiny checkpoint's from-scratch init.
 pub const TINY_SEED: u64 = 20261129;
@@ -73,13 +75,13 @@ pub fn compute(
             Tensor::from_vec(&[], vec![lo.loss as f32]),
         ),
     ];
-    for (name, g) in e.gradients() {
+    for (name, g) in e.gradients().expect("golden gradients") {
         out.push((format!("grad.{name}"), g));
     }
     let (hp, lr) = golden_adamw();
     let mut traj = Vec::with_capacity(10);
     for _ in 0..10 {
-        e.zero_grad();
+        e.zero_grad().expect("zero_grad");
         let lo = e
             .loss_and_backward(&input, &targets, Some(&mask), None, 1.0)
             .expect("golden trajectory");

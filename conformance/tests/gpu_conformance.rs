@@ -11,7 +11,9 @@ use conformance::{
 };
 use reference::model::Batch;
 use reference::rng::Rng;
-use reference::{AdamWConfig, DecodeState, Engine, NormKind, ReferenceEngine, State};
+use reference::{
+    AdamWConfig, DecodeState, InferenceEngine, NormKind, ReferenceEngine, State, TrainingEngine,
+};
 
 use conformance::tol::gpu as tol;
 
@@ -48,7 +50,7 @@ fn gpu(
     cfg: &reference::MambaConfig,
     p: reference::Params<f32>,
     precision: gpu::Precision,
-) -> Option<Box<dyn Engine>> {
+) -> Option<Box<dyn TrainingEngine>> {
     if let Err(e) = gpu::available() {
         println!("skipping {test}: {e}");
         return None;
@@ -277,7 +279,12 @@ fn check_case(
         t.loss,
     );
     assert_eq!(lg.n_targets, lr.n_targets, "{name}: n_targets");
-    for ((gn, gt), (rn, rt)) in g.gradients().iter().zip(r.gradients().iter()) {
+    for ((gn, gt), (rn, rt)) in g
+        .gradients()
+        .unwrap()
+        .iter()
+        .zip(r.gradients().unwrap().iter())
+    {
         assert_eq!(gn, rn);
         cmp(
             rows,
@@ -325,11 +332,13 @@ fn check_case(
     if t.adam.is_finite() {
         let gp: Vec<f32> = g
             .parameters()
+            .unwrap()
             .iter()
             .flat_map(|(_, t)| t.data.clone())
             .collect();
         let rp: Vec<f64> = r
             .parameters()
+            .unwrap()
             .iter()
             .flat_map(|(_, t)| f(&t.data))
             .collect();
@@ -340,8 +349,8 @@ fn check_case(
             &rp,
             t.adam,
         );
-        let om = g.optimizer_state();
-        let rm = r.optimizer_state();
+        let om = g.optimizer_state().unwrap();
+        let rm = r.optimizer_state().unwrap();
         assert_eq!(om.step, rm.step);
         let gm: Vec<f32> = om.m.iter().flat_map(|(_, t)| t.data.clone()).collect();
         let rmv: Vec<f64> = rm.m.iter().flat_map(|(_, t)| f(&t.data)).collect();
@@ -559,17 +568,17 @@ fn run_twice_bits(precision: gpu::Precision) -> Option<(Vec<u32>, Vec<u32>)> {
         )?;
         let mut bits = Vec::new();
         for _ in 0..2 {
-            g.zero_grad();
+            g.zero_grad().unwrap();
             let lo = g
                 .loss_and_backward(&batch, &inp.targets, inp.mask.as_deref(), None, 1.0)
                 .unwrap();
             bits.push((lo.loss as f32).to_bits());
-            for (_, t) in g.gradients() {
+            for (_, t) in g.gradients().unwrap() {
                 bits.extend(t.data.iter().map(|v| v.to_bits()));
             }
             g.optimizer_step(&AdamWConfig::default(), 1e-3).unwrap();
         }
-        for (_, t) in g.parameters() {
+        for (_, t) in g.parameters().unwrap() {
             bits.extend(t.data.iter().map(|v| v.to_bits()));
         }
         out.push(bits);

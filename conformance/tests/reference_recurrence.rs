@@ -6,7 +6,7 @@ use conformance::tol::{STEP_VS_FORWARD_F32, STEP_VS_FORWARD_F64};
 use conformance::{assert_close, random_params, random_state, random_tokens, seed_of, SmallModel};
 use reference::model::{forward, step, Batch};
 use reference::rng::Rng;
-use reference::{Engine, Float, MambaConfig, NormKind, ReferenceEngine, State};
+use reference::{Float, InferenceEngine, MambaConfig, NormKind, ReferenceEngine, State};
 
 fn engine<T: Float>(name: &str, m: &SmallModel) -> ReferenceEngine<T> {
     let cfg = m.config();
@@ -76,7 +76,7 @@ fn step_matches_forward<T: Float>(name: &str, m: SmallModel, tol: f64) {
     );
 }
 
-/// The engine's f32 boundary: `Engine::step` chained token by token equals `Engine::forward`.
+/// The engine's f32 boundary: `InferenceEngine::step` chained token by token equals `InferenceEngine::forward`.
 #[test]
 fn engine_step_equals_engine_forward() {
     let name = "engine_step";

@@ -1,9 +1,10 @@
 //! The simd tier as a whole training engine (its own forward feeding its backward, the loss,
-//! AdamW, checkpoint round trips) against `ReferenceEngine<f32>` through the `Engine` trait,
+//! AdamW, checkpoint round trips) against `ReferenceEngine<f32>` through the engine traits,
 //! as the trainer drives it.
 
+use approx::assert_relative_eq;
 use conformance::tol::{
-    SIMD_BACKWARD_F32, SIMD_BACKWARD_STATE_F32, SIMD_CE_LOSS_F32, SIMD_INFER_F32,
+    SIMD_BACKWARD_F32, SIMD_BACKWARD_STATE_F32, SIMD_CE_LOSS_F32, SIMD_INFER_F32, SIMD_QUANT_BF16,
 };
 use conformance::{
     assert_close, random_flags, random_params, random_state, random_tokens, SmallModel,
@@ -11,7 +12,7 @@ use conformance::{
 use reference::loss::next_token_targets;
 use reference::model::Batch;
 use reference::rng::Rng;
-use reference::{AdamWConfig, Engine, NormKind, ReferenceEngine};
+use reference::{AdamWConfig, InferenceEngine, NormKind, ReferenceEngine, TrainingEngine};
 use simd::{SimdEngine, SimdOptions};
 
 fn models() -> Vec<SmallModel> {
@@ -111,7 +112,12 @@ fn training_steps_match_the_reference() {
                 SIMD_BACKWARD_STATE_F32,
             );
         }
-        for ((name, g), (_, w)) in got.gradients().iter().zip(want.gradients().iter()) {
+        for ((name, g), (_, w)) in got
+            .gradients()
+            .unwrap()
+            .iter()
+            .zip(want.gradients().unwrap().iter())
+        {
             assert_close(
                 &format!("model {mi} accumulated grad {name}"),
                 &w.shape,
@@ -130,7 +136,12 @@ fn training_steps_match_the_reference() {
             &[ws.grad_norm],
             SIMD_BACKWARD_F32,
         );
-        for ((name, g), (_, w)) in got.parameters().iter().zip(want.parameters().iter()) {
+        for ((name, g), (_, w)) in got
+            .parameters()
+            .unwrap()
+            .iter()
+            .zip(want.parameters().unwrap().iter())
+        {
             assert_close(
                 &format!("model {mi} updated {name}"),
                 &w.shape,
@@ -153,14 +164,14 @@ fn training_steps_match_the_reference() {
             SIMD_INFER_F32,
         );
         // Optimizer state round trip (resume).
-        let st = got.optimizer_state();
+        let st = got.optimizer_state().unwrap();
         assert_eq!(st.step, 1);
         let mut again =
             SimdEngine::new(cfg.clone(), random_params(&cfg, 1), &SimdOptions::default()).unwrap();
-        again.set_parameters(&got.parameters()).unwrap();
+        again.set_parameters(&got.parameters().unwrap()).unwrap();
         again.set_optimizer_state(&st).unwrap();
-        assert_eq!(again.optimizer_state(), st);
-        assert_eq!(again.parameters(), got.parameters());
+        assert_eq!(again.optimizer_state().unwrap(), st);
+        assert_eq!(again.parameters().unwrap(), got.parameters().unwrap());
     }
 }
 
@@ -186,4 +197,61 @@ fn reduced_precision_engines_refuse_to_train() {
             .expect_err("must refuse");
         assert!(err.to_string().contains("needs f32 weights"), "{err}");
     }
+}
+
+/// The simd tier's forward-only loss: the training loss within `SIMD_CE_LOSS_F32` (and the
+/// reference's), gradients left exactly as they were, and it runs on bf16 weights, which
+/// cannot train.
+#[test]
+fn forward_only_loss_is_the_training_loss_and_keeps_the_gradients() {
+    let m = &models()[1];
+    let cfg = m.config();
+    let params = random_params::<f32>(&cfg, 77);
+    let mut rng = Rng::new(78);
+    let (b, l) = (3, 29);
+    let tokens = random_tokens(&mut rng, &cfg, b * l);
+    let resets = random_flags(&mut rng, b * l, 0.05);
+    let state = random_state::<f32>(&mut rng, &cfg, b);
+    let (targets, mut mask) = next_token_targets(&tokens, b, l);
+    mask.iter_mut()
+        .enumerate()
+        .for_each(|(i, m)| *m &= i % 4 != 1);
+    let batch = Batch {
+        batch: b,
+        seq_len: l,
+        tokens: &tokens,
+        resets: Some(&resets),
+    };
+    let simd = |dtype| {
+        let o = SimdOptions {
+            threads: 2,
+            dtype,
+            ..Default::default()
+        };
+        SimdEngine::new(cfg.clone(), params.clone(), &o).unwrap()
+    };
+    let mut got = simd(simd::WeightDtype::F32);
+    let mut want = ReferenceEngine::new(cfg.clone(), params.clone());
+    got.loss_and_backward(&batch, &targets, None, None, 1.0)
+        .unwrap();
+    let grads = got.gradients().unwrap();
+    let eval = got
+        .loss(&batch, &targets, Some(&mask), Some(&state))
+        .unwrap();
+    assert_eq!(got.gradients().unwrap(), grads, "loss moved the gradients");
+    let reference = want
+        .loss(&batch, &targets, Some(&mask), Some(&state))
+        .unwrap();
+    let trained = got
+        .loss_and_backward(&batch, &targets, Some(&mask), Some(&state), 1.0)
+        .unwrap();
+    assert_eq!(eval.n_targets, trained.n_targets);
+    assert_eq!(eval.n_targets, reference.n_targets);
+    assert_relative_eq!(eval.loss, trained.loss, max_relative = SIMD_CE_LOSS_F32);
+    assert_relative_eq!(eval.loss, reference.loss, max_relative = SIMD_CE_LOSS_F32);
+    let mut low = simd(simd::WeightDtype::Bf16);
+    let lowp = low
+        .loss(&batch, &targets, Some(&mask), Some(&state))
+        .unwrap();
+    assert_relative_eq!(lowp.loss, reference.loss, max_relative = SIMD_QUANT_BF16);
 }

@@ -14,7 +14,7 @@ use conformance::{
 use proptest::prelude::*;
 use reference::model::Batch;
 use reference::rng::Rng;
-use reference::{Engine, MambaConfig, NormKind, Params, ReferenceEngine, State};
+use reference::{InferenceEngine, MambaConfig, NormKind, Params, ReferenceEngine, State};
 use simd::weights::Mat;
 use simd::{Isa, SimdEngine, SimdOptions, WeightDtype};
 

@@ -1,11 +1,14 @@
-//! `reference::Engine` for [`GpuEngine`].
+//! `reference::InferenceEngine` and `reference::TrainingEngine` for [`GpuEngine`].
 
 use reference::engine::{
     check_len, params_from_named, LossOutput, MemoryUse, NamedTensors, OptimizerState,
 };
 use reference::model::Batch;
 use reference::optim::StepStats;
-use reference::{AdamWConfig, Engine, Error, HeldState, MambaConfig, Result, State, Tensor};
+use reference::{
+    AdamWConfig, Error, HeldState, InferenceEngine, MambaConfig, Result, State, Tensor,
+    TrainingEngine,
+};
 
 use crate::backward::token_csr;
 use crate::cuda::Arg;
@@ -228,7 +231,7 @@ enum StepOn<'a> {
     Held(HeldState),
 }
 
-impl Engine for GpuEngine {
+impl InferenceEngine for GpuEngine {
     fn name(&self) -> String {
         self.dev.name.clone()
     }
@@ -258,6 +261,107 @@ impl Engine for GpuEngine {
         Ok((logits, st))
     }
 
+    fn step(
+        &mut self,
+        tokens: &[u32],
+        resets: Option<&[bool]>,
+        state: &mut State<f32>,
+    ) -> Result<Tensor<f32>> {
+        self.step_dev(tokens, resets, StepOn::Host(state))?;
+        let mut logits = Tensor::zeros(&[tokens.len(), self.cfg.vocab_size]);
+        self.step_out(state, &mut logits.data)?;
+        Ok(logits)
+    }
+
+    fn step_into(
+        &mut self,
+        tokens: &[u32],
+        resets: Option<&[bool]>,
+        state: &mut State<f32>,
+        logits: &mut [f32],
+    ) -> Result<()> {
+        check_len(
+            "step_into",
+            "logits",
+            logits.len(),
+            tokens.len() * self.cfg.vocab_size,
+        )?;
+        self.step_dev(tokens, resets, StepOn::Host(state))?;
+        self.step_out(state, logits)
+    }
+
+    fn hold_state(&mut self, state: &State<f32>) -> Result<Option<HeldState>> {
+        self.hold(state).map(Some)
+    }
+
+    fn read_held(&mut self, held: HeldState, state: &mut State<f32>) -> Result<()> {
+        state.check(&self.cfg, held.batch, "read_held")?;
+        self.dev.bind()?;
+        let h = self.held(held, "read_held")?;
+        h.conv.read(0, &mut state.conv.data)?;
+        h.ssm.read(0, &mut state.ssm.data)
+    }
+
+    fn step_held(
+        &mut self,
+        held: HeldState,
+        tokens: &[u32],
+        resets: Option<&[bool]>,
+        logits: &mut [f32],
+    ) -> Result<()> {
+        check_len(
+            "step_held",
+            "logits",
+            logits.len(),
+            tokens.len() * self.cfg.vocab_size,
+        )?;
+        self.step_dev(tokens, resets, StepOn::Held(held))?;
+        let ws = self.decode_ws.as_ref().expect("decode workspace");
+        ws.logits.read(0, logits)
+    }
+
+    fn prefill_held(&mut self, held: HeldState, tokens: &[u32], logits: &mut [f32]) -> Result<()> {
+        self.prefill_dev("prefill_held", tokens, StepOn::Held(held), logits.len())?;
+        let ws = self.infer_ws.as_ref().expect("workspace");
+        let h = self.held(held, "prefill_held")?;
+        h.conv.copy_from(0, ws.state_out_conv.ptr, h.conv.bytes)?;
+        h.ssm.copy_from(0, ws.state_out_ssm.ptr, h.ssm.bytes)?;
+        ws.logits.read(0, logits)
+    }
+
+    fn prefill(
+        &mut self,
+        tokens: &[u32],
+        state: &mut State<f32>,
+        logits: &mut [f32],
+    ) -> Result<()> {
+        self.prefill_dev("prefill", tokens, StepOn::Host(state), logits.len())?;
+        let ws = self.infer_ws.as_ref().expect("workspace");
+        ws.logits.read(0, logits)?;
+        ws.state_out_conv.read(0, &mut state.conv.data)?;
+        ws.state_out_ssm.read(0, &mut state.ssm.data)
+    }
+
+    fn memory(&self) -> Result<Option<MemoryUse>> {
+        self.dev.bind()?;
+        let (free, total) = cudarc::driver::result::mem_get_info().map_err(|e| Error::Device {
+            device: self.dev.name.clone(),
+            msg: format!("reading the memory in use: {e}"),
+        })?;
+        Ok(Some(MemoryUse {
+            activation_bytes_per_token: self.train_activation_bytes_per_token(),
+            device_used: (total - free) as u64,
+            device_total: total as u64,
+        }))
+    }
+
+    fn parameters(&self) -> Result<NamedTensors> {
+        self.dev.bind()?;
+        Ok(self.named_from_flat(&self.download_flat(&self.params)?))
+    }
+}
+
+impl TrainingEngine for GpuEngine {
     fn loss_and_backward(
         &mut self,
         input: &Batch,
@@ -350,12 +454,10 @@ impl Engine for GpuEngine {
         r
     }
 
-    fn zero_grad(&mut self) {
+    fn zero_grad(&mut self) -> Result<()> {
         self.grad_scale_sum = 0.0;
-        let r = self.dev.bind().and_then(|_| self.grads.zero());
-        if let Err(e) = r {
-            panic!("zero_grad on {}: {e}", self.dev.name);
-        }
+        self.dev.bind()?;
+        self.grads.zero()
     }
 
     fn optimizer_step(&mut self, hp: &AdamWConfig, lr: f64) -> Result<StepStats> {
@@ -429,106 +531,6 @@ impl Engine for GpuEngine {
         })
     }
 
-    fn step(
-        &mut self,
-        tokens: &[u32],
-        resets: Option<&[bool]>,
-        state: &mut State<f32>,
-    ) -> Result<Tensor<f32>> {
-        self.step_dev(tokens, resets, StepOn::Host(state))?;
-        let mut logits = Tensor::zeros(&[tokens.len(), self.cfg.vocab_size]);
-        self.step_out(state, &mut logits.data)?;
-        Ok(logits)
-    }
-
-    fn step_into(
-        &mut self,
-        tokens: &[u32],
-        resets: Option<&[bool]>,
-        state: &mut State<f32>,
-        logits: &mut [f32],
-    ) -> Result<()> {
-        check_len(
-            "step_into",
-            "logits",
-            logits.len(),
-            tokens.len() * self.cfg.vocab_size,
-        )?;
-        self.step_dev(tokens, resets, StepOn::Host(state))?;
-        self.step_out(state, logits)
-    }
-
-    fn hold_state(&mut self, state: &State<f32>) -> Result<Option<HeldState>> {
-        self.hold(state).map(Some)
-    }
-
-    fn read_held(&mut self, held: HeldState, state: &mut State<f32>) -> Result<()> {
-        state.check(&self.cfg, held.batch, "read_held")?;
-        self.dev.bind()?;
-        let h = self.held(held, "read_held")?;
-        h.conv.read(0, &mut state.conv.data)?;
-        h.ssm.read(0, &mut state.ssm.data)
-    }
-
-    fn step_held(
-        &mut self,
-        held: HeldState,
-        tokens: &[u32],
-        resets: Option<&[bool]>,
-        logits: &mut [f32],
-    ) -> Result<()> {
-        check_len(
-            "step_held",
-            "logits",
-            logits.len(),
-            tokens.len() * self.cfg.vocab_size,
-        )?;
-        self.step_dev(tokens, resets, StepOn::Held(held))?;
-        let ws = self.decode_ws.as_ref().expect("decode workspace");
-        ws.logits.read(0, logits)
-    }
-
-    fn prefill_held(&mut self, held: HeldState, tokens: &[u32], logits: &mut [f32]) -> Result<()> {
-        self.prefill_dev("prefill_held", tokens, StepOn::Held(held), logits.len())?;
-        let ws = self.infer_ws.as_ref().expect("workspace");
-        let h = self.held(held, "prefill_held")?;
-        h.conv.copy_from(0, ws.state_out_conv.ptr, h.conv.bytes)?;
-        h.ssm.copy_from(0, ws.state_out_ssm.ptr, h.ssm.bytes)?;
-        ws.logits.read(0, logits)
-    }
-
-    fn prefill(
-        &mut self,
-        tokens: &[u32],
-        state: &mut State<f32>,
-        logits: &mut [f32],
-    ) -> Result<()> {
-        self.prefill_dev("prefill", tokens, StepOn::Host(state), logits.len())?;
-        let ws = self.infer_ws.as_ref().expect("workspace");
-        ws.logits.read(0, logits)?;
-        ws.state_out_conv.read(0, &mut state.conv.data)?;
-        ws.state_out_ssm.read(0, &mut state.ssm.data)
-    }
-
-    fn memory(&self) -> Option<MemoryUse> {
-        self.dev.bind().ok()?;
-        let (free, total) = cudarc::driver::result::mem_get_info().ok()?;
-        Some(MemoryUse {
-            activation_bytes_per_token: self.train_activation_bytes_per_token(),
-            device_used: (total - free) as u64,
-            device_total: total as u64,
-        })
-    }
-
-    fn parameters(&self) -> NamedTensors {
-        let flat = self
-            .dev
-            .bind()
-            .and_then(|_| self.download_flat(&self.params))
-            .unwrap_or_else(|e| panic!("parameters: {e}"));
-        self.named_from_flat(&flat)
-    }
-
     fn set_parameters(&mut self, named: &[(String, Tensor<f32>)]) -> Result<()> {
         self.dev.bind()?;
         self.upload_named(&self.params, named)?;
@@ -536,26 +538,19 @@ impl Engine for GpuEngine {
         self.dev.sync()
     }
 
-    fn gradients(&self) -> NamedTensors {
-        let flat = self
-            .dev
-            .bind()
-            .and_then(|_| self.download_flat(&self.grads))
-            .unwrap_or_else(|e| panic!("gradients: {e}"));
-        self.named_from_flat(&flat)
+    fn gradients(&self) -> Result<NamedTensors> {
+        self.dev.bind()?;
+        Ok(self.named_from_flat(&self.download_flat(&self.grads)?))
     }
 
-    fn optimizer_state(&self) -> OptimizerState {
-        let (m, v) = self
-            .dev
-            .bind()
-            .and_then(|_| Ok((self.download_flat(&self.m)?, self.download_flat(&self.v)?)))
-            .unwrap_or_else(|e| panic!("optimizer_state: {e}"));
-        OptimizerState {
+    fn optimizer_state(&self) -> Result<OptimizerState> {
+        self.dev.bind()?;
+        let (m, v) = (self.download_flat(&self.m)?, self.download_flat(&self.v)?);
+        Ok(OptimizerState {
             step: self.opt_step,
             m: self.named_from_flat(&m),
             v: self.named_from_flat(&v),
-        }
+        })
     }
 
     fn set_optimizer_state(&mut self, state: &OptimizerState) -> Result<()> {

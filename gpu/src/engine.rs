@@ -46,7 +46,7 @@ pub struct GpuEngine {
     pub infer_ws: Option<Work>,
     pub decode_ws: Option<Work>,
     pub graph: Option<crate::graph::DecodeGraph>,
-    /// The state decode steps run on in device memory (`Engine::hold_state`).
+    /// The state decode steps run on in device memory (`InferenceEngine::hold_state`).
     pub held: Option<crate::decode::Held>,
     /// Tickets handed out so far.
     pub next_held: u64,

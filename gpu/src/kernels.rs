@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::sync::{Mutex, OnceLock};
 
 use cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions};
+use reference::Error;
 
 /// Every kernel source, in the order they are concatenated into one NVRTC program.
 const SOURCES: [&str; 9] = [
@@ -57,32 +58,48 @@ pub const SCAN_CHUNK: usize = 32;
 
 /// The scan backward build this process uses: `selective_scan_bwd_f32` (no register cap)
 /// unless `VET_SCAN_BWD=2b` picks the build capped for two blocks per SM (with 128-thread
-/// blocks both get 255 registers and measure the same on the H200).
+/// blocks both get 255 registers and measure the same on the H200). A bad value is refused
+/// when an engine opens ([`scan_chunk_for`]); this falls back to the default.
 pub fn scan_bwd_kernel() -> &'static str {
-    match std::env::var("VET_SCAN_BWD").as_deref() {
-        Ok("2b") => "selective_scan_bwd_2b_f32",
-        _ => "selective_scan_bwd_f32",
+    let v = std::env::var("VET_SCAN_BWD").ok();
+    parse_scan_bwd(v.as_deref()).unwrap_or("selective_scan_bwd_f32")
+}
+
+/// `VET_SCAN_BWD`: unset or empty for the default build, `2b` for the capped one.
+pub fn parse_scan_bwd(value: Option<&str>) -> Result<&'static str, Error> {
+    match value {
+        None | Some("") => Ok("selective_scan_bwd_f32"),
+        Some("2b") => Ok("selective_scan_bwd_2b_f32"),
+        Some(v) => Err(env_error("VET_SCAN_BWD", v, "unset or 2b")),
     }
 }
 
-/// The scan chunk this process uses.
-pub fn scan_chunk() -> usize {
-    match std::env::var("VET_SCAN_CHUNK")
-        .ok()
-        .and_then(|v| v.parse().ok())
-    {
-        Some(c @ (16 | 32 | 64)) => c,
-        _ => SCAN_CHUNK,
+/// `VET_SCAN_CHUNK`: unset or empty for [`SCAN_CHUNK`], else 16, 32 or 64.
+pub fn parse_scan_chunk(value: Option<&str>) -> Result<usize, Error> {
+    match value {
+        None | Some("") => Ok(SCAN_CHUNK),
+        Some(v) => match v.trim().parse() {
+            Ok(c @ (16 | 32 | 64)) => Ok(c),
+            _ => Err(env_error("VET_SCAN_CHUNK", v, "16, 32 or 64")),
+        },
     }
 }
-/// Scan chunk for a d_state padded to `d_state_pad`: [`scan_chunk`], at least 16, and 32 at
-/// d_state 32 (the backward's shared memory grows with chunk × d_state²).
-pub fn scan_chunk_for(d_state_pad: usize) -> usize {
-    if d_state_pad >= 32 {
-        32
-    } else {
-        scan_chunk().max(16)
+
+fn env_error(var: &str, value: &str, accepted: &str) -> Error {
+    Error::Device {
+        device: "cuda".into(),
+        msg: format!("environment variable {var}={value:?} is not valid: expected {accepted}"),
     }
+}
+
+/// Scan chunk for a d_state padded to `d_state_pad`: `VET_SCAN_CHUNK` (default
+/// [`SCAN_CHUNK`]), at least 16, and 32 at d_state 32 (the backward's shared memory grows with
+/// chunk × d_state²). Errors on a bad `VET_SCAN_CHUNK` or `VET_SCAN_BWD`: every engine and
+/// op device opens through here.
+pub fn scan_chunk_for(d_state_pad: usize) -> Result<usize, Error> {
+    parse_scan_bwd(std::env::var("VET_SCAN_BWD").ok().as_deref())?;
+    let chunk = parse_scan_chunk(std::env::var("VET_SCAN_CHUNK").ok().as_deref())?;
+    Ok(if d_state_pad >= 32 { 32 } else { chunk.max(16) })
 }
 
 /// Threads per scan block: one thread per channel (all d_state states in registers).
@@ -232,5 +249,39 @@ pub fn compile_cached(
 pub(crate) fn forget_cached(cc: (i32, i32), shape: KernelShape) {
     if let Some(dir) = kernel_cache_dir() {
         let _ = std::fs::remove_file(dir.join(cache_header(cc, shape).0));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scan_chunk_accepts_16_32_64_and_names_the_variable_otherwise() {
+        assert_eq!(parse_scan_chunk(None).unwrap(), SCAN_CHUNK);
+        assert_eq!(parse_scan_chunk(Some("")).unwrap(), SCAN_CHUNK);
+        for c in [16, 32, 64] {
+            assert_eq!(parse_scan_chunk(Some(&c.to_string())).unwrap(), c);
+        }
+        for bad in ["8", "48", "128", "thirty-two", "-32"] {
+            let e = parse_scan_chunk(Some(bad)).unwrap_err().to_string();
+            assert!(e.contains("VET_SCAN_CHUNK"), "{e}");
+            assert!(e.contains(bad) && e.contains("16, 32 or 64"), "{e}");
+        }
+    }
+
+    #[test]
+    fn scan_bwd_accepts_unset_or_2b_and_names_the_variable_otherwise() {
+        assert_eq!(parse_scan_bwd(None).unwrap(), "selective_scan_bwd_f32");
+        assert_eq!(parse_scan_bwd(Some("")).unwrap(), "selective_scan_bwd_f32");
+        assert_eq!(
+            parse_scan_bwd(Some("2b")).unwrap(),
+            "selective_scan_bwd_2b_f32"
+        );
+        for bad in ["2B", "1b", "two"] {
+            let e = parse_scan_bwd(Some(bad)).unwrap_err().to_string();
+            assert!(e.contains("VET_SCAN_BWD") && e.contains(bad), "{e}");
+            assert!(e.contains("unset or 2b"), "{e}");
+        }
     }
 }

@@ -1,10 +1,10 @@
 //! # gpu — the CUDA tier
 //!
-//! [`reference::Engine`] on one NVIDIA GPU through `cudarc`: kernels in `gpu/kernels/*.cu`
+//! [`reference::InferenceEngine`] and [`reference::TrainingEngine`] on one NVIDIA GPU through `cudarc`: kernels in `gpu/kernels/*.cu`
 //! (each the twin of a `reference` op), compiled by NVRTC for the device's architecture once
 //! and cached on disk ([`kernels::kernel_cache_dir`]), cuBLAS for the projections and the
 //! lm_head. Decoding can keep the recurrent state in device memory
-//! ([`reference::Engine::hold_state`], used through [`reference::DecodeState`]): a step then
+//! ([`reference::InferenceEngine::hold_state`], used through [`reference::DecodeState`]): a step then
 //! moves only tokens in and logits out, and replays a CUDA graph.
 //!
 //! Precision: f32 master weights and AdamW state always; bf16 (default) or fp16 GEMM inputs
@@ -27,7 +27,7 @@ mod work;
 
 use std::sync::Arc;
 
-use reference::{Engine, Error, MambaConfig, Params};
+use reference::{Error, MambaConfig, Params, TrainingEngine};
 
 pub use engine::GpuEngine;
 
@@ -69,7 +69,7 @@ pub fn engine(
     cfg: &MambaConfig,
     params: Params<f32>,
     opts: &GpuOptions,
-) -> reference::Result<Box<dyn Engine>> {
+) -> reference::Result<Box<dyn TrainingEngine>> {
     Ok(Box::new(GpuEngine::new(cfg, params, opts)?))
 }
 
@@ -104,7 +104,7 @@ impl GpuEngine {
         let shape = kernels::KernelShape {
             d_state_pad,
             d_conv: cfg.d_conv,
-            chunk: kernels::scan_chunk_for(d_state_pad),
+            chunk: kernels::scan_chunk_for(d_state_pad)?,
         };
         let dev = Arc::new(cuda::Dev::open(opts.ordinal, shape)?);
         let layout = layout::Layout::new(cfg);

@@ -44,7 +44,7 @@ impl OpDev {
         let shape = KernelShape {
             d_state_pad,
             d_conv,
-            chunk: crate::kernels::scan_chunk_for(d_state_pad),
+            chunk: crate::kernels::scan_chunk_for(d_state_pad)?,
         };
         Ok(OpDev {
             dev: Arc::new(Dev::open(0, shape)?),

@@ -2,35 +2,15 @@
 //!
 //! A CPU engine steps a [`State`] in host memory. A GPU engine would copy that state to the
 //! device and back on every token (15 MB each way for a 1.4B model), so engines may *hold* a
-//! state themselves ([`Engine::hold_state`]): a step then moves only the tokens in and the
+//! state themselves ([`InferenceEngine::hold_state`]): a step then moves only the tokens in and the
 //! logits out. [`DecodeState`] hides the difference: it holds the state on the engine when the
 //! engine offers it, keeps it in host memory otherwise, and hands the host copy out on demand.
 
-use crate::engine::Engine;
-use crate::error::{Error, Result};
+use crate::engine::InferenceEngine;
+use crate::error::Result;
+// Re-exported where they used to live: they belong to the engine interface.
+pub use crate::engine::{not_held, HeldState};
 use crate::state::State;
-
-/// A ticket for a state an engine holds (see [`Engine::hold_state`]). An engine holds one
-/// state at a time: holding another invalidates earlier tickets, and using a stale ticket is
-/// an error, never a silent use of someone else's state.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct HeldState {
-    /// Unique per engine and per call to [`Engine::hold_state`].
-    pub id: u64,
-    /// Rows of the held state.
-    pub batch: usize,
-}
-
-/// The error for a ticket an engine does not (or no longer) recognise.
-pub fn not_held(engine: &str, op: &'static str, held: HeldState) -> Error {
-    Error::Shape {
-        op,
-        msg: format!(
-            "{engine} does not hold state #{} any more (another state was moved onto it since)",
-            held.id
-        ),
-    }
-}
 
 /// A decode state on the engine (when it can hold one) or in host memory.
 #[derive(Debug)]
@@ -44,7 +24,10 @@ pub struct DecodeState {
 impl DecodeState {
     /// `state` as the starting point of decoding on `engine` (moved onto it when it holds
     /// states).
-    pub fn new<E: Engine + ?Sized>(engine: &mut E, state: State<f32>) -> Result<DecodeState> {
+    pub fn new<E: InferenceEngine + ?Sized>(
+        engine: &mut E,
+        state: State<f32>,
+    ) -> Result<DecodeState> {
         state.check(engine.config(), state.batch(), "DecodeState::new")?;
         let held = engine.hold_state(&state)?;
         Ok(DecodeState {
@@ -55,7 +38,7 @@ impl DecodeState {
     }
 
     /// The all-zero state of `batch` rows.
-    pub fn zeros<E: Engine + ?Sized>(engine: &mut E, batch: usize) -> Result<DecodeState> {
+    pub fn zeros<E: InferenceEngine + ?Sized>(engine: &mut E, batch: usize) -> Result<DecodeState> {
         let st = State::zeros(engine.config(), batch);
         DecodeState::new(engine, st)
     }
@@ -70,13 +53,17 @@ impl DecodeState {
     }
 
     /// Replaces the state with `state` (e.g. zeros to start a new conversation).
-    pub fn set<E: Engine + ?Sized>(&mut self, engine: &mut E, state: State<f32>) -> Result<()> {
+    pub fn set<E: InferenceEngine + ?Sized>(
+        &mut self,
+        engine: &mut E,
+        state: State<f32>,
+    ) -> Result<()> {
         *self = DecodeState::new(engine, state)?;
         Ok(())
     }
 
-    /// [`Engine::prefill`] from this state (batch 1).
-    pub fn prefill<E: Engine + ?Sized>(
+    /// [`InferenceEngine::prefill`] from this state (batch 1).
+    pub fn prefill<E: InferenceEngine + ?Sized>(
         &mut self,
         engine: &mut E,
         tokens: &[u32],
@@ -92,8 +79,8 @@ impl DecodeState {
         }
     }
 
-    /// [`Engine::step_into`] from this state.
-    pub fn step<E: Engine + ?Sized>(
+    /// [`InferenceEngine::step_into`] from this state.
+    pub fn step<E: InferenceEngine + ?Sized>(
         &mut self,
         engine: &mut E,
         tokens: &[u32],
@@ -111,7 +98,7 @@ impl DecodeState {
     }
 
     /// The current state in host memory (copied off the engine if it moved since).
-    pub fn state<E: Engine + ?Sized>(&mut self, engine: &mut E) -> Result<&State<f32>> {
+    pub fn state<E: InferenceEngine + ?Sized>(&mut self, engine: &mut E) -> Result<&State<f32>> {
         if let (Some(h), true) = (self.held, self.host_stale) {
             engine.read_held(h, &mut self.host)?;
             self.host_stale = false;

@@ -7,7 +7,7 @@
 //!
 //! Bit-exact: generic over `f32` and `f64`, `libm` transcendentals, no fused multiply-add,
 //! one fixed order for every sum, no threads. The same inputs give the same bits on every
-//! machine. Every faster tier (`simd`, `gpu`) implements [`Engine`] and is checked against
+//! machine. Every faster tier (`simd`, `gpu`) implements [`InferenceEngine`] and [`TrainingEngine`] and is checked against
 //! this crate.
 
 pub mod config;
@@ -28,8 +28,8 @@ pub mod state;
 pub mod tensor;
 
 pub use config::{MambaConfig, NormKind};
-pub use decode::{DecodeState, HeldState};
-pub use engine::{Engine, ReferenceEngine};
+pub use decode::DecodeState;
+pub use engine::{HeldState, InferenceEngine, ReferenceEngine, TrainingEngine};
 pub use error::{Error, Result};
 pub use float::Float;
 pub use optim::AdamWConfig;

@@ -14,16 +14,8 @@ pub struct LossOut<T> {
     pub d_logits: Vec<T>,
 }
 
-/// `logits` `[n, vocab]`, `targets` `[n]`, `mask` `[n]` (`None` = every position counts).
-/// The returned gradient is of `scale · loss` (gradient accumulation passes `1 / steps`).
-/// With no position in the mask the loss is 0 and so is the gradient.
-pub fn cross_entropy<T: Float>(
-    logits: &[T],
-    targets: &[u32],
-    mask: Option<&[bool]>,
-    vocab: usize,
-    scale: T,
-) -> Result<LossOut<T>> {
+/// Checks shapes and targets; returns the number of counted positions.
+fn check<T>(logits: &[T], targets: &[u32], mask: Option<&[bool]>, vocab: usize) -> Result<usize> {
     let n = targets.len();
     if logits.len() != n * vocab || mask.is_some_and(|m| m.len() != n) {
         return Err(Error::Shape {
@@ -45,7 +37,35 @@ pub fn cross_entropy<T: Float>(
             ),
         });
     }
-    let n_targets = (0..n).filter(|&i| counts(i)).count();
+    Ok((0..n).filter(|&i| counts(i)).count())
+}
+
+/// `logsumexp(row)`, the row max subtracted first.
+fn logsumexp<T: Float>(row: &[T]) -> T {
+    let mut m = row[0];
+    for &v in row {
+        m = m.max(v);
+    }
+    let mut s = T::ZERO;
+    for &v in row {
+        s += (v - m).exp();
+    }
+    m + s.ln()
+}
+
+/// `logits` `[n, vocab]`, `targets` `[n]`, `mask` `[n]` (`None` = every position counts).
+/// The returned gradient is of `scale · loss` (gradient accumulation passes `1 / steps`).
+/// With no position in the mask the loss is 0 and so is the gradient.
+pub fn cross_entropy<T: Float>(
+    logits: &[T],
+    targets: &[u32],
+    mask: Option<&[bool]>,
+    vocab: usize,
+    scale: T,
+) -> Result<LossOut<T>> {
+    let n = targets.len();
+    let n_targets = check(logits, targets, mask, vocab)?;
+    let counts = |i: usize| mask.is_none_or(|m| m[i]);
     let mut d_logits = vec![T::ZERO; n * vocab];
     if n_targets == 0 {
         return Ok(LossOut {
@@ -58,15 +78,7 @@ pub fn cross_entropy<T: Float>(
     let mut total = T::ZERO;
     for i in (0..n).filter(|&i| counts(i)) {
         let row = &logits[i * vocab..(i + 1) * vocab];
-        let mut m = row[0];
-        for &v in row {
-            m = m.max(v);
-        }
-        let mut s = T::ZERO;
-        for &v in row {
-            s += (v - m).exp();
-        }
-        let lse = m + s.ln();
+        let lse = logsumexp(row);
         let t = targets[i] as usize;
         total += lse - row[t];
         let g = &mut d_logits[i * vocab..(i + 1) * vocab];
@@ -81,6 +93,29 @@ pub fn cross_entropy<T: Float>(
         n_targets,
         d_logits,
     })
+}
+
+/// The loss of [`cross_entropy`] alone (the same bits), without the gradient: mean loss over
+/// the counted positions and their number.
+pub fn cross_entropy_loss<T: Float>(
+    logits: &[T],
+    targets: &[u32],
+    mask: Option<&[bool]>,
+    vocab: usize,
+) -> Result<(T, usize)> {
+    let n = targets.len();
+    let n_targets = check(logits, targets, mask, vocab)?;
+    if n_targets == 0 {
+        return Ok((T::ZERO, 0));
+    }
+    let counts = |i: usize| mask.is_none_or(|m| m[i]);
+    let inv = T::ONE / T::from_f64(n_targets as f64);
+    let mut total = T::ZERO;
+    for i in (0..n).filter(|&i| counts(i)) {
+        let row = &logits[i * vocab..(i + 1) * vocab];
+        total += logsumexp(row) - row[targets[i] as usize];
+    }
+    Ok((total * inv, n_targets))
 }
 
 /// Next-token targets for `[batch, seq_len]` tokens: position `t` predicts `t + 1`; the last

@@ -88,6 +88,25 @@ impl<T: Float> AdamW<T> {
         lr: f64,
     ) -> StepStats {
         let norm = grad_norm(grads);
+        let all = 0..params.tensors().len();
+        self.step_range(cfg, params, grads, hp, lr, all, norm)
+    }
+
+    /// [`AdamW::step`] on the parameters `range` (indices in canonical order) only, clipped
+    /// with the global gradient norm `norm` given by the caller (a shard of the optimizer
+    /// computes it over every rank). The step count moves once per call. Over the whole range
+    /// with `norm = grad_norm(grads)` this is [`AdamW::step`], bit for bit.
+    #[allow(clippy::too_many_arguments)]
+    pub fn step_range(
+        &mut self,
+        cfg: &MambaConfig,
+        params: &mut Params<T>,
+        grads: &mut Params<T>,
+        hp: &AdamWConfig,
+        lr: f64,
+        range: std::ops::Range<usize>,
+        norm: f64,
+    ) -> StepStats {
         if !norm.is_finite() {
             return StepStats {
                 grad_norm: norm,
@@ -101,7 +120,7 @@ impl<T: Float> AdamW<T> {
             if coef < 1.0 {
                 clipped = true;
                 let c = T::from_f64(coef);
-                for t in grads.tensors_mut() {
+                for t in &mut grads.tensors_mut()[range.clone()] {
                     t.data.iter_mut().for_each(|g| *g *= c);
                 }
             }
@@ -121,7 +140,8 @@ impl<T: Float> AdamW<T> {
         let gs = grads.tensors();
         let ms = self.m.tensors_mut();
         let vs = self.v.tensors_mut();
-        for ((((p, g), m), v), (name, _)) in ps.into_iter().zip(gs).zip(ms).zip(vs).zip(&specs) {
+        let all = ps.into_iter().zip(gs).zip(ms).zip(vs).zip(&specs);
+        for ((((p, g), m), v), (name, _)) in all.skip(range.start).take(range.len()) {
             let decays = hp.weight_decay != 0.0 && !is_no_decay(name);
             for i in 0..p.data.len() {
                 let gi = g.data[i];

@@ -3,14 +3,12 @@
 //! state bit for bit as stepping a host `State`, the state copied off the engine only when
 //! asked (and once), stale tickets refused, and the defaults of engines that hold nothing.
 
-use reference::engine::{LossOutput, NamedTensors, OptimizerState};
+use reference::engine::NamedTensors;
 use reference::init::init_params;
 use reference::model::Batch;
-use reference::optim::StepStats;
 use reference::rng::Rng;
 use reference::{
-    AdamWConfig, DecodeState, Engine, HeldState, MambaConfig, ReferenceEngine, Result, State,
-    Tensor,
+    DecodeState, HeldState, InferenceEngine, MambaConfig, ReferenceEngine, Result, State, Tensor,
 };
 
 /// The reference, plus one held state in "device" memory.
@@ -26,12 +24,12 @@ impl Holding {
     fn slot(&mut self, h: HeldState, op: &'static str) -> Result<&mut State<f32>> {
         match &mut self.held {
             Some((t, s)) if *t == h => Ok(s),
-            _ => Err(reference::decode::not_held("holding", op, h)),
+            _ => Err(reference::engine::not_held("holding", op, h)),
         }
     }
 }
 
-impl Engine for Holding {
+impl InferenceEngine for Holding {
     fn name(&self) -> String {
         "holding".into()
     }
@@ -40,22 +38,6 @@ impl Engine for Holding {
     }
     fn forward(&mut self, i: &Batch, s: Option<&State<f32>>) -> Result<(Tensor<f32>, State<f32>)> {
         self.inner.forward(i, s)
-    }
-    fn loss_and_backward(
-        &mut self,
-        i: &Batch,
-        t: &[u32],
-        m: Option<&[bool]>,
-        s: Option<&State<f32>>,
-        g: f64,
-    ) -> Result<LossOutput> {
-        self.inner.loss_and_backward(i, t, m, s, g)
-    }
-    fn zero_grad(&mut self) {
-        self.inner.zero_grad()
-    }
-    fn optimizer_step(&mut self, hp: &AdamWConfig, lr: f64) -> Result<StepStats> {
-        self.inner.optimizer_step(hp, lr)
     }
     fn step(&mut self, t: &[u32], r: Option<&[bool]>, s: &mut State<f32>) -> Result<Tensor<f32>> {
         self.inner.step(t, r, s)
@@ -93,20 +75,8 @@ impl Engine for Holding {
         *self.slot(h, "prefill_held")? = st;
         Ok(())
     }
-    fn parameters(&self) -> NamedTensors {
+    fn parameters(&self) -> Result<NamedTensors> {
         self.inner.parameters()
-    }
-    fn set_parameters(&mut self, n: &[(String, Tensor<f32>)]) -> Result<()> {
-        self.inner.set_parameters(n)
-    }
-    fn gradients(&self) -> NamedTensors {
-        self.inner.gradients()
-    }
-    fn optimizer_state(&self) -> OptimizerState {
-        self.inner.optimizer_state()
-    }
-    fn set_optimizer_state(&mut self, s: &OptimizerState) -> Result<()> {
-        self.inner.set_optimizer_state(s)
     }
 }
 
@@ -210,5 +180,5 @@ fn engines_that_hold_nothing_say_so() {
         .is_err());
     let mut out = State::zeros(&cfg, 2);
     assert!(e.read_held(ticket, &mut out).is_err());
-    assert!(e.memory().is_none());
+    assert!(e.memory().unwrap().is_none());
 }

@@ -10,7 +10,7 @@
 
 use std::time::Instant;
 
-use reference::{Engine, MambaConfig, NormKind, State};
+use reference::{InferenceEngine, MambaConfig, NormKind, State};
 use simd::model::{a_from_log, LayerWeights, Weights};
 use simd::weights::Mat;
 use simd::{SimdEngine, SimdOptions, WeightDtype};

@@ -1,13 +1,16 @@
-//! [`SimdEngine`]: the CPU tier behind `reference::Engine`.
+//! [`SimdEngine`]: the CPU tier behind `reference::InferenceEngine` and
+//! `reference::TrainingEngine`.
 
 use std::path::Path;
 
 use reference::engine::{
-    check_len, params_from_named, to_named, LossOutput, NamedTensors, OptimizerState,
+    check_len, params_from_named, to_named, EvalLoss, LossOutput, NamedTensors, OptimizerState,
 };
 use reference::model::Batch;
 use reference::optim::{AdamW, StepStats};
-use reference::{AdamWConfig, Engine, Error, MambaConfig, Params, Result, State, Tensor};
+use reference::{
+    AdamWConfig, Error, InferenceEngine, MambaConfig, Params, Result, State, Tensor, TrainingEngine,
+};
 
 use crate::forward::{forward, Logits, Scratch};
 use crate::kernels::Isa;
@@ -173,7 +176,7 @@ impl SimdEngine {
     }
 }
 
-impl Engine for SimdEngine {
+impl InferenceEngine for SimdEngine {
     fn name(&self) -> String {
         format!(
             "simd ({}, {} weights, {} threads)",
@@ -214,86 +217,39 @@ impl Engine for SimdEngine {
         Ok((Tensor::from_vec(&shape, logits), st))
     }
 
-    fn loss_and_backward(
+    /// The forward without the backward's cache (logits into the engine's buffer) and the
+    /// loss of the training path's cross-entropy, without its gradient.
+    fn loss(
         &mut self,
         input: &Batch,
         targets: &[u32],
         mask: Option<&[bool]>,
         state: Option<&State<f32>>,
-        grad_scale: f64,
-    ) -> Result<LossOutput> {
-        self.require_f32("training")?;
+    ) -> Result<EvalLoss> {
         self.refresh();
-        self.master();
-        self.grads_mut();
         let mut st = state
             .cloned()
             .unwrap_or_else(|| State::zeros(&self.cfg, input.batch));
-        let init = st.clone();
         let mut logits = std::mem::take(&mut self.logits);
-        let mut d_logits = std::mem::take(&mut self.d_logits);
         let (isa, cfg, w, s) = (self.isa, &self.cfg, &self.weights, &mut self.scratch);
-        let params = self.params.as_ref().expect("made by master()");
-        let grads = self.grads.as_mut().expect("made by grads_mut()");
         let pool = &self.pool;
-        let out = pool.install(|| -> Result<LossOutput> {
-            let all = Logits::All(&mut logits);
-            let cache = forward(isa, cfg, w, input, &mut st, s, all, true)?.expect("kept");
-            d_logits.clear();
-            d_logits.resize(logits.len(), 0.0);
-            let (loss, n_targets) = crate::loss::cross_entropy_into(
-                pool,
-                &logits,
-                targets,
-                mask,
-                cfg.vocab_size,
-                grad_scale as f32,
-                &mut d_logits,
-            )?;
-            let grad_state = crate::backward::backward(
-                pool,
+        let out = pool.install(|| -> Result<EvalLoss> {
+            forward(
+                isa,
                 cfg,
-                params,
+                w,
                 input,
-                Some(&init),
-                &cache,
-                &d_logits,
-                grads,
+                &mut st,
+                s,
+                Logits::All(&mut logits),
+                false,
             )?;
-            Ok(LossOutput {
-                loss,
-                n_targets,
-                grad_state,
-            })
+            let (loss, n_targets) =
+                crate::loss::cross_entropy_loss(pool, &logits, targets, mask, cfg.vocab_size)?;
+            Ok(EvalLoss { loss, n_targets })
         });
         self.logits = logits;
-        self.d_logits = d_logits;
         out
-    }
-
-    fn zero_grad(&mut self) {
-        if let Some(g) = &mut self.grads {
-            for t in g.tensors_mut() {
-                t.fill(0.0);
-            }
-        }
-    }
-
-    fn optimizer_step(&mut self, hp: &AdamWConfig, lr: f64) -> Result<StepStats> {
-        self.require_f32("training")?;
-        self.master();
-        self.grads_mut();
-        let cfg = &self.cfg;
-        let opt = self.opt.get_or_insert_with(|| AdamW::new(cfg));
-        let (params, grads) = (
-            self.params.as_mut().expect("made by master()"),
-            self.grads.as_mut().expect("made by grads_mut()"),
-        );
-        let stats = crate::optim::adamw_step(&self.pool, cfg, opt, params, grads, hp, lr);
-        if !stats.skipped {
-            self.stale = true;
-        }
-        Ok(stats)
     }
 
     fn step(
@@ -355,11 +311,96 @@ impl Engine for SimdEngine {
         Ok(())
     }
 
-    fn parameters(&self) -> NamedTensors {
-        match &self.params {
+    fn parameters(&self) -> Result<NamedTensors> {
+        Ok(match &self.params {
             Some(p) => to_named(&self.cfg, p),
             None => crate::load::weights_to_named(&self.cfg, &self.weights),
+        })
+    }
+}
+
+impl TrainingEngine for SimdEngine {
+    fn loss_and_backward(
+        &mut self,
+        input: &Batch,
+        targets: &[u32],
+        mask: Option<&[bool]>,
+        state: Option<&State<f32>>,
+        grad_scale: f64,
+    ) -> Result<LossOutput> {
+        self.require_f32("training")?;
+        self.refresh();
+        self.master();
+        self.grads_mut();
+        let mut st = state
+            .cloned()
+            .unwrap_or_else(|| State::zeros(&self.cfg, input.batch));
+        let init = st.clone();
+        let mut logits = std::mem::take(&mut self.logits);
+        let mut d_logits = std::mem::take(&mut self.d_logits);
+        let (isa, cfg, w, s) = (self.isa, &self.cfg, &self.weights, &mut self.scratch);
+        let params = self.params.as_ref().expect("made by master()");
+        let grads = self.grads.as_mut().expect("made by grads_mut()");
+        let pool = &self.pool;
+        let out = pool.install(|| -> Result<LossOutput> {
+            let all = Logits::All(&mut logits);
+            let cache = forward(isa, cfg, w, input, &mut st, s, all, true)?.expect("kept");
+            d_logits.clear();
+            d_logits.resize(logits.len(), 0.0);
+            let (loss, n_targets) = crate::loss::cross_entropy_into(
+                pool,
+                &logits,
+                targets,
+                mask,
+                cfg.vocab_size,
+                grad_scale as f32,
+                &mut d_logits,
+            )?;
+            let grad_state = crate::backward::backward(
+                pool,
+                cfg,
+                params,
+                input,
+                Some(&init),
+                &cache,
+                &d_logits,
+                grads,
+            )?;
+            Ok(LossOutput {
+                loss,
+                n_targets,
+                grad_state,
+            })
+        });
+        self.logits = logits;
+        self.d_logits = d_logits;
+        out
+    }
+
+    fn zero_grad(&mut self) -> Result<()> {
+        if let Some(g) = &mut self.grads {
+            for t in g.tensors_mut() {
+                t.fill(0.0);
+            }
         }
+        Ok(())
+    }
+
+    fn optimizer_step(&mut self, hp: &AdamWConfig, lr: f64) -> Result<StepStats> {
+        self.require_f32("training")?;
+        self.master();
+        self.grads_mut();
+        let cfg = &self.cfg;
+        let opt = self.opt.get_or_insert_with(|| AdamW::new(cfg));
+        let (params, grads) = (
+            self.params.as_mut().expect("made by master()"),
+            self.grads.as_mut().expect("made by grads_mut()"),
+        );
+        let stats = crate::optim::adamw_step(&self.pool, cfg, opt, params, grads, hp, lr);
+        if !stats.skipped {
+            self.stale = true;
+        }
+        Ok(stats)
     }
 
     fn set_parameters(&mut self, named: &[(String, Tensor<f32>)]) -> Result<()> {
@@ -370,18 +411,18 @@ impl Engine for SimdEngine {
         Ok(())
     }
 
-    fn gradients(&self) -> NamedTensors {
-        match &self.grads {
+    fn gradients(&self) -> Result<NamedTensors> {
+        Ok(match &self.grads {
             Some(g) => to_named(&self.cfg, g),
             None => to_named(&self.cfg, &Params::<f32>::zeros(&self.cfg)),
-        }
+        })
     }
 
-    fn optimizer_state(&self) -> OptimizerState {
-        match &self.opt {
+    fn optimizer_state(&self) -> Result<OptimizerState> {
+        Ok(match &self.opt {
             Some(o) => OptimizerState::of(&self.cfg, o),
             None => OptimizerState::of(&self.cfg, &AdamW::<f32>::new(&self.cfg)),
-        }
+        })
     }
 
     fn set_optimizer_state(&mut self, state: &OptimizerState) -> Result<()> {

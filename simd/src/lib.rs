@@ -1,6 +1,6 @@
 //! # simd — the fast CPU tier
 //!
-//! Implements [`reference::Engine`] with `wide` vectors, `matrixmultiply` GEMMs and a thread
+//! Implements [`reference::InferenceEngine`] and [`reference::TrainingEngine`] with `wide` vectors, `matrixmultiply` GEMMs and a thread
 //! pool. Inference weights can be f32, bf16 or int8 (per-row scales); training runs in f32.
 
 pub mod backward;

@@ -123,6 +123,37 @@ pub fn cross_entropy_into(
     Ok((total / n_targets as f64, n_targets))
 }
 
+/// The loss of [`cross_entropy_into`] alone (the same bits), with no gradient: the mean loss
+/// over the counted positions (f64) and their number.
+pub fn cross_entropy_loss(
+    pool: &ThreadPool,
+    logits: &[f32],
+    targets: &[u32],
+    mask: Option<&[bool]>,
+    vocab: usize,
+) -> Result<(f64, usize)> {
+    let n_targets = check(logits.len(), targets, mask, vocab, logits.len())?;
+    if n_targets == 0 || vocab == 0 {
+        return Ok((0.0, n_targets));
+    }
+    let losses: Vec<f64> = pool.install(|| {
+        logits
+            .par_chunks(vocab)
+            .enumerate()
+            .map(|(i, row)| {
+                if mask.is_some_and(|m| !m[i]) {
+                    return 0.0;
+                }
+                let m = row.iter().copied().fold(row[0], f32::max);
+                let lse = m + exp_row(row, m, 1.0, None).ln();
+                f64::from(lse) - f64::from(row[targets[i] as usize])
+            })
+            .collect()
+    });
+    let total: f64 = losses.iter().sum();
+    Ok((total / n_targets as f64, n_targets))
+}
+
 /// Masked mean cross-entropy of `logits` `[n, vocab]` against `targets` `[n]` (`mask` `[n]`,
 /// `None` = every position counts) and the gradient of `scale · loss`, as
 /// `reference::loss::cross_entropy`. No counted position gives loss 0 and a zero gradient.

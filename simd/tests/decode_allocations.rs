@@ -5,7 +5,7 @@
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use reference::{Engine, MambaConfig, State};
+use reference::{InferenceEngine, MambaConfig, State};
 use simd::{SimdEngine, SimdOptions, WeightDtype};
 
 struct Counting;

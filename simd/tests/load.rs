@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use reference::io::{save_params, SaveDtype};
 use reference::model::Batch;
-use reference::{Engine, MambaConfig, NormKind};
+use reference::{InferenceEngine, MambaConfig, NormKind};
 use simd::{SimdEngine, SimdOptions, WeightDtype};
 
 fn tmp(name: &str) -> PathBuf {

@@ -77,7 +77,7 @@ fn main() -> anyhow::Result<()> {
         let hp = AdamWConfig::default();
         let started = Instant::now();
         for _ in 0..steps {
-            engine.zero_grad();
+            engine.zero_grad()?;
             engine.loss_and_backward(
                 &Batch::new(&inputs, batch, seq_len),
                 &targets,

@@ -7,7 +7,7 @@ use anyhow::{bail, Context, Result};
 use reference::io::{read_i64, write_tensors, TensorOut};
 use reference::loss::next_token_targets;
 use reference::model::Batch;
-use reference::Engine;
+use reference::TrainingEngine;
 
 /// What was written.
 #[derive(Clone, Debug)]
@@ -20,7 +20,7 @@ pub struct DebugState {
 
 /// Reads `input_ids` (`[batch, seq_len]`, i64) from `tokens`, runs `engine`, writes `logits`,
 /// `loss` (mean next-token cross-entropy) and `grad.<name>` for every parameter to `out`.
-pub fn run(engine: &mut dyn Engine, tokens: &Path, out: &Path) -> Result<DebugState> {
+pub fn run(engine: &mut dyn TrainingEngine, tokens: &Path, out: &Path) -> Result<DebugState> {
     let (shape, ids) = read_i64(tokens, "input_ids")
         .with_context(|| format!("reading tokens {}", tokens.display()))?;
     let [batch, seq_len] = shape[..] else {
@@ -51,7 +51,7 @@ pub fn run(engine: &mut dyn Engine, tokens: &Path, out: &Path) -> Result<DebugSt
     let input = Batch::new(&ids32, batch, seq_len);
     let (logits, _) = engine.forward(&input, None)?;
     let (targets, mask) = next_token_targets(&ids32, batch, seq_len);
-    engine.zero_grad();
+    engine.zero_grad()?;
     let lo = engine.loss_and_backward(&input, &targets, Some(&mask), None, 1.0)?;
     let mut tensors = vec![
         (
@@ -69,7 +69,7 @@ pub fn run(engine: &mut dyn Engine, tokens: &Path, out: &Path) -> Result<DebugSt
             },
         ),
     ];
-    for (name, g) in engine.gradients() {
+    for (name, g) in engine.gradients()? {
         tensors.push((
             format!("grad.{name}"),
             TensorOut::F32 {

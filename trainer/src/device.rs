@@ -3,7 +3,7 @@
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
-use reference::{Engine, MambaConfig, Params, ReferenceEngine};
+use reference::{InferenceEngine, MambaConfig, Params, ReferenceEngine, TrainingEngine};
 pub use simd::WeightDtype;
 
 /// Settings that pick and shape an engine beyond the device name.
@@ -18,7 +18,11 @@ pub struct EngineOptions {
 }
 
 /// Builds the engine `device` names with default options.
-pub fn engine(device: &str, cfg: &MambaConfig, params: Params<f32>) -> Result<Box<dyn Engine>> {
+pub fn engine(
+    device: &str,
+    cfg: &MambaConfig,
+    params: Params<f32>,
+) -> Result<Box<dyn TrainingEngine>> {
     engine_with(device, cfg, params, &EngineOptions::default())
 }
 
@@ -43,7 +47,7 @@ pub fn engine_with(
     cfg: &MambaConfig,
     params: Params<f32>,
     opts: &EngineOptions,
-) -> Result<Box<dyn Engine>> {
+) -> Result<Box<dyn TrainingEngine>> {
     if opts.dtype != WeightDtype::F32 && !matches!(device, "cpu") {
         bail!(
             "--dtype {}: only --device cpu stores weights in reduced precision",
@@ -78,7 +82,7 @@ pub fn load_for_inference(
     dir: &Path,
     device: &str,
     opts: &EngineOptions,
-) -> Result<(Box<dyn Engine>, MambaConfig)> {
+) -> Result<(Box<dyn InferenceEngine>, MambaConfig)> {
     if device == "cpu" {
         // Memory-maps the weights when the file already holds the precision asked for.
         let o = simd::SimdOptions {

@@ -1,4 +1,4 @@
-//! Text generation through any [`Engine`]: one prefill, then recurrent steps into a reused
+//! Text generation through any [`InferenceEngine`]: one prefill, then recurrent steps into a reused
 //! logits buffer, with an allocation-free sampler.
 //!
 //! Sampling follows Hugging Face's order: repetition penalty on the raw logits, then
@@ -9,7 +9,7 @@ use std::ops::ControlFlow;
 
 use anyhow::{bail, Result};
 use reference::rng::Rng;
-use reference::{DecodeState, Engine};
+use reference::{DecodeState, InferenceEngine};
 
 /// How the next token is chosen.
 #[derive(Clone, Debug)]
@@ -302,7 +302,7 @@ impl Generator {
     }
 
     /// Runs `tokens` (at least one) from `state` and keeps the last position's logits.
-    pub fn prefill<E: Engine + ?Sized>(
+    pub fn prefill<E: InferenceEngine + ?Sized>(
         &mut self,
         engine: &mut E,
         tokens: &[u32],
@@ -318,7 +318,7 @@ impl Generator {
     /// Draws up to `max_new_tokens` tokens after the current logits, stepping `state` through
     /// each but the last. `on_token` sees every token as it is drawn, the stop token included,
     /// and may stop the loop.
-    pub fn run<E: Engine + ?Sized>(
+    pub fn run<E: InferenceEngine + ?Sized>(
         &mut self,
         engine: &mut E,
         state: &mut DecodeState,
@@ -351,7 +351,7 @@ impl Generator {
 /// Generates after `prompt` (at least one token) from a zero state; calls `on_token` for each
 /// new token as it is produced. Returns the new tokens.
 pub fn generate(
-    engine: &mut dyn Engine,
+    engine: &mut dyn InferenceEngine,
     prompt: &[u32],
     s: &Sampling,
     mut on_token: impl FnMut(u32),
@@ -373,6 +373,7 @@ pub fn generate(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use approx::assert_abs_diff_eq;
 
     fn sampling(temperature: f64, top_k: usize, top_p: f64) -> Sampling {
         Sampling {
@@ -388,7 +389,7 @@ mod tests {
         for (g, w) in got.iter().zip(want) {
             assert_eq!(g.0, w.0, "{got:?} vs {want:?}");
             // Logits are f32: ln(p) rounds at ~1e-8 relative.
-            assert!((g.1 - w.1).abs() < 1e-7, "{got:?} vs {want:?}");
+            assert_abs_diff_eq!(g.1, w.1, epsilon = 1e-7);
         }
     }
 

@@ -3,6 +3,7 @@
 //! Checkpoint directories, the `debug-state` dump for cross-checking other implementations,
 //! and text generation. The training loop, data pipeline and chat UI grow here in later issues.
 
+pub mod assistant;
 pub mod chat;
 pub mod checkpoint;
 pub mod data;

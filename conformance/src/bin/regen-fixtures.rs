@@ -17,7 +17,7 @@ use conformance::goldens::{compute, golden_tokens, init_fingerprint, tiny_config
 use reference::io::{write_tensors, TensorOut};
 use reference::model::Batch;
 use reference::rng::Rng;
-use reference::{AdamWConfig, Engine, Params, ReferenceEngine};
+use reference::{AdamWConfig, Params, ReferenceEngine, TrainingEngine};
 
 const EOT: u32 = 256;
 
@@ -90,7 +90,7 @@ fn train(steps: usize, stream: &[u32]) -> Result<Params<f32>> {
             let p = (step - 20) as f64 / (steps - 20).max(1) as f64;
             3e-4 + 0.5 * (3e-3 - 3e-4) * (1.0 + (std::f64::consts::PI * p).cos())
         };
-        e.zero_grad();
+        e.zero_grad()?;
         let lo = e.loss_and_backward(
             &Batch::new(&inputs, batch, seq_len),
             &targets,

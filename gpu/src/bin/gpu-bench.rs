@@ -14,7 +14,8 @@ use gpu::kernels::{KernelShape, SCAN_THREADS};
 use gpu::{GpuEngine, GpuOptions, Precision};
 use reference::model::Batch;
 use reference::{
-    param_specs, AdamWConfig, DecodeState, Engine, MambaConfig, Params, State, Tensor,
+    param_specs, AdamWConfig, DecodeState, InferenceEngine, MambaConfig, Params, State, Tensor,
+    TrainingEngine,
 };
 
 const PEAK: f64 = 790e12;
@@ -110,7 +111,7 @@ fn train(rows: &mut Vec<String>) -> reference::Result<()> {
         let mut loss = 0.0;
         for it in 0..8 {
             let t0 = Instant::now();
-            e.zero_grad();
+            e.zero_grad()?;
             loss = e.loss_and_backward(&b, tgt, None, None, 1.0)?.loss;
             e.optimizer_step(&hp, 1e-4)?;
             if it >= 3 {

@@ -182,7 +182,7 @@ fn check_checkpoint(dir: &Path, tokenizer: bool) -> Result<()> {
     Ok(())
 }
 
-fn load_engine(cli: &Cli) -> Result<(Box<dyn reference::Engine>, MambaConfig)> {
+fn load_engine(cli: &Cli) -> Result<(Box<dyn reference::InferenceEngine>, MambaConfig)> {
     let precision = match cli.precision.as_str() {
         "fp16" => gpu::Precision::Fp16,
         "f32" => gpu::Precision::F32,

@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use reference::{DecodeState, Engine, State};
+use reference::{DecodeState, InferenceEngine, State};
 use tokenizers::Tokenizer;
 
 use crate::data::qa::QaTemplate;
@@ -100,7 +100,7 @@ pub struct Interrupt {
 
 /// A model, its tokenizer and the state of one conversation.
 pub struct Session {
-    engine: Box<dyn Engine>,
+    engine: Box<dyn InferenceEngine>,
     tok: Tokenizer,
     cfg: ChatConfig,
     eot: Option<u32>,
@@ -116,7 +116,11 @@ pub struct Session {
 }
 
 impl Session {
-    pub fn new(mut engine: Box<dyn Engine>, tok: Tokenizer, cfg: ChatConfig) -> Result<Session> {
+    pub fn new(
+        mut engine: Box<dyn InferenceEngine>,
+        tok: Tokenizer,
+        cfg: ChatConfig,
+    ) -> Result<Session> {
         let eot = tok.token_to_id(EOT);
         let mut sampling = cfg.sampling.clone();
         sampling.stop_token = eot;
@@ -135,6 +139,15 @@ impl Session {
             turns: 0,
             interrupt: Arc::default(),
         })
+    }
+
+    /// The engine, for calls beside the conversation (they must not touch its state).
+    pub fn engine_mut(&mut self) -> &mut dyn InferenceEngine {
+        self.engine.as_mut()
+    }
+
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.tok
     }
 
     /// The engine's name ("reference-f32", "simd", "cuda:0").

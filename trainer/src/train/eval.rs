@@ -2,13 +2,17 @@
 
 use anyhow::{bail, Result};
 use reference::model::Batch;
-use reference::Engine;
+use reference::InferenceEngine;
 
 use super::source::Source;
 
-/// Mean loss over `batches` batches of `src` (weighted by target positions). Gradients are
-/// computed and discarded: engines expose loss only together with its backward.
-pub fn eval_loss(engine: &mut dyn Engine, src: &mut Source, batches: usize) -> Result<f64> {
+/// Mean loss over `batches` batches of `src` (weighted by target positions), through the
+/// engine's forward-only loss: no backward runs and the gradients are left as they were.
+pub fn eval_loss(
+    engine: &mut dyn InferenceEngine,
+    src: &mut Source,
+    batches: usize,
+) -> Result<f64> {
     let (mut total, mut count) = (0.0, 0usize);
     for _ in 0..batches.max(1) {
         let b = src.next_batch()?;
@@ -18,12 +22,10 @@ pub fn eval_loss(engine: &mut dyn Engine, src: &mut Source, batches: usize) -> R
             tokens: &b.inputs,
             resets: Some(&b.resets),
         };
-        engine.zero_grad();
-        let lo = engine.loss_and_backward(&input, &b.targets, b.mask.as_deref(), None, 0.0)?;
+        let lo = engine.loss(&input, &b.targets, b.mask.as_deref(), None)?;
         total += lo.loss * lo.n_targets as f64;
         count += lo.n_targets;
     }
-    engine.zero_grad();
     if count == 0 {
         bail!("evaluation saw no target positions");
     }

@@ -6,7 +6,7 @@ use std::io::Write;
 use std::path::Path;
 
 use anyhow::{Context, Result};
-use reference::Engine;
+use reference::InferenceEngine;
 use serde::Serialize;
 use tokenizers::Tokenizer;
 
@@ -85,7 +85,7 @@ pub struct QaScores {
 /// Answers up to `limit` pairs greedily (at most `max_new_tokens` each, stopping at
 /// `<|endoftext|>`; `repetition_penalty` 1.0 for plain greedy), scores them and writes one JSON line per answer to `report`.
 pub fn evaluate_qa(
-    engine: &mut dyn Engine,
+    engine: &mut dyn InferenceEngine,
     tok: &Tokenizer,
     pairs: &[QaPair],
     limit: usize,
@@ -137,6 +137,7 @@ pub fn evaluate_qa(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use approx::assert_relative_eq;
 
     #[test]
     fn normalisation_drops_case_punctuation_and_articles() {
@@ -150,9 +151,9 @@ mod tests {
 
     #[test]
     fn f1_counts_overlapping_words_once_each() {
-        assert!((token_f1("fever and cough", "cough fever") - 0.8).abs() < 1e-12);
+        assert_relative_eq!(token_f1("fever and cough", "cough fever"), 0.8);
         assert_eq!(token_f1("x y z", "a b"), 0.0);
-        assert!((token_f1("cough cough", "cough") - 2.0 / 3.0).abs() < 1e-12);
+        assert_relative_eq!(token_f1("cough cough", "cough"), 2.0 / 3.0);
         assert_eq!(token_f1("", ""), 1.0);
     }
 }

@@ -8,7 +8,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use reference::model::Batch;
-use reference::{AdamWConfig, Engine, MambaConfig, Params};
+use reference::{AdamWConfig, MambaConfig, Params, TrainingEngine};
 use serde_json::json;
 
 use super::deepspeed::Precision;
@@ -80,7 +80,7 @@ pub struct RunSummary {
 struct Run {
     cfg: RunConfig,
     mcfg: MambaConfig,
-    engine: Box<dyn Engine>,
+    engine: Box<dyn TrainingEngine>,
     tokenizer_path: PathBuf,
     source: Source,
     state: TrainerState,
@@ -300,7 +300,7 @@ impl Run {
     /// One optimizer step over `grad_accum` micro-batches. Returns (mean loss, stats) or
     /// `None` loss when it was skipped.
     fn step(&mut self) -> Result<(Option<f64>, f64, usize)> {
-        self.engine.zero_grad();
+        self.engine.zero_grad()?;
         let accum = self.cfg.train.grad_accum;
         // fp16: the loss scale multiplies grad_scale; the CUDA engine divides it out in
         // optimizer_step and skips the step when the scaled gradient overflowed.
@@ -523,7 +523,7 @@ fn report_memory(
     metrics: &mut std::fs::File,
     pb: &ProgressBar,
 ) -> Result<()> {
-    if let Some(m) = run.engine.memory() {
+    if let Some(m) = run.engine.memory()? {
         let per_token = m.activation_bytes_per_token.unwrap_or(0.0);
         let gib = |b: f64| b / (1u64 << 30) as f64;
         note(pb, format!(

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use reference::engine::{params_from_named, OptimizerState};
 use reference::io::{read_tensors, write_tensors, TensorOut};
-use reference::{Engine, MambaConfig, Params};
+use reference::{MambaConfig, Params, TrainingEngine};
 use serde::{Deserialize, Serialize};
 
 use super::loss_scale::DynamicLossScaler;
@@ -115,14 +115,14 @@ pub fn claim_for_fresh_run(out_dir: &Path, overwrite: bool) -> Result<()> {
 pub fn save(
     out_dir: &Path,
     cfg: &MambaConfig,
-    engine: &dyn Engine,
+    engine: &dyn TrainingEngine,
     tokenizer: Option<&Path>,
     state: &TrainerState,
     keep_last: usize,
 ) -> Result<PathBuf> {
     let dir = step_dir(out_dir, state.step);
-    let params: Params<f32> = params_from_named(cfg, &engine.parameters())?;
-    let opt = engine.optimizer_state();
+    let params: Params<f32> = params_from_named(cfg, &engine.parameters()?)?;
+    let opt = engine.optimizer_state()?;
     save_dir_atomically(&dir, |tmp| {
         write_model_files(tmp, cfg, &params, tokenizer)?;
         let mut tensors = Vec::new();

@@ -1,0 +1,356 @@
+//! The model-level interface every tier implements, in two parts: [`InferenceEngine`]
+//! (forward, prefill, decode steps, held states, a forward-only loss) and [`TrainingEngine`]
+//! built on it (loss + backward, gradients, the optimizer step, parameters and optimizer
+//! state in and out). The reference's implementation is [`ReferenceEngine`].
+
+mod reference;
+
+pub use self::reference::ReferenceEngine;
+
+use std::ops::Range;
+
+use crate::config::MambaConfig;
+use crate::error::{Error, Result};
+use crate::float::Float;
+use crate::loss::cross_entropy_loss;
+use crate::model::Batch;
+use crate::optim::{AdamW, AdamWConfig, StepStats};
+use crate::params::{param_specs, Params};
+use crate::state::State;
+use crate::tensor::Tensor;
+
+/// Result of [`TrainingEngine::loss_and_backward`].
+#[derive(Clone, Debug)]
+pub struct LossOutput {
+    /// Mean cross-entropy over the masked target positions (not multiplied by `grad_scale`).
+    pub loss: f64,
+    /// Number of target positions the mean is over.
+    pub n_targets: usize,
+    /// Gradient of `grad_scale · loss` w.r.t. the initial state (zeros stand for "no state").
+    pub grad_state: State<f32>,
+}
+
+/// Result of the forward-only [`InferenceEngine::loss`].
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct EvalLoss {
+    /// Mean cross-entropy over the masked target positions (0 when there are none).
+    pub loss: f64,
+    /// Number of target positions the mean is over.
+    pub n_targets: usize,
+}
+
+/// What an engine with its own device memory reports ([`InferenceEngine::memory`]).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct MemoryUse {
+    /// Training activations kept for the backward, per token of the last batch (`None`
+    /// before the first `loss_and_backward`).
+    pub activation_bytes_per_token: Option<f64>,
+    /// Bytes in use on the device (every process), and its total.
+    pub device_used: u64,
+    pub device_total: u64,
+}
+
+/// Named f32 tensors in canonical order (parameters, gradients, optimizer moments).
+pub type NamedTensors = Vec<(String, Tensor<f32>)>;
+
+/// AdamW state for checkpoints.
+#[derive(Clone, Debug, PartialEq)]
+pub struct OptimizerState {
+    pub step: u64,
+    pub m: NamedTensors,
+    pub v: NamedTensors,
+}
+
+impl OptimizerState {
+    /// The checkpointable state of `opt`.
+    pub fn of<T: Float>(cfg: &MambaConfig, opt: &AdamW<T>) -> OptimizerState {
+        OptimizerState {
+            step: opt.step,
+            m: to_named(cfg, &opt.m),
+            v: to_named(cfg, &opt.v),
+        }
+    }
+
+    /// Back to moments in `T`, checked against `cfg`.
+    pub fn to_adamw<T: Float>(&self, cfg: &MambaConfig) -> Result<AdamW<T>> {
+        Ok(AdamW {
+            m: params_from_named(cfg, &self.m)?,
+            v: params_from_named(cfg, &self.v)?,
+            step: self.step,
+        })
+    }
+}
+
+/// A ticket for a state an engine holds (see [`InferenceEngine::hold_state`]). An engine
+/// holds one state at a time: holding another invalidates earlier tickets, and using a stale
+/// ticket is an error, never a silent use of someone else's state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HeldState {
+    /// Unique per engine and per call to [`InferenceEngine::hold_state`].
+    pub id: u64,
+    /// Rows of the held state.
+    pub batch: usize,
+}
+
+/// The error for a ticket an engine does not (or no longer) recognise.
+pub fn not_held(engine: &str, op: &'static str, held: HeldState) -> Error {
+    Error::Shape {
+        op,
+        msg: format!(
+            "{engine} does not hold state #{} any more (another state was moved onto it since)",
+            held.id
+        ),
+    }
+}
+
+/// The error of a tier that does not implement `op` yet.
+pub fn unsupported(engine: &str, op: &'static str) -> Error {
+    Error::Device {
+        device: engine.to_string(),
+        msg: format!("{op} is not supported by this engine yet"),
+    }
+}
+
+/// A Mamba model on some device, for inference. Every tier implements this; `vet-chat`,
+/// generation, evaluation and the app API (`trainer::assistant`) only need it. Values cross
+/// the boundary as f32; every method that touches a device returns `Result`.
+pub trait InferenceEngine {
+    /// Short name of the tier ("reference-f64", "simd", "cuda:0").
+    fn name(&self) -> String;
+    fn config(&self) -> &MambaConfig;
+    /// Logits `[batch, seq_len, vocab]` and the state after the last position.
+    fn forward(
+        &mut self,
+        input: &Batch,
+        state: Option<&State<f32>>,
+    ) -> Result<(Tensor<f32>, State<f32>)>;
+    /// Forward and masked mean cross-entropy against `targets` `[batch, seq_len]`, with no
+    /// backward: gradients are left untouched and no activation is kept for a backward. The
+    /// loss equals [`TrainingEngine::loss_and_backward`]'s (bit for bit on the reference).
+    /// The default runs [`InferenceEngine::forward`] and the cross-entropy on the host.
+    fn loss(
+        &mut self,
+        input: &Batch,
+        targets: &[u32],
+        mask: Option<&[bool]>,
+        state: Option<&State<f32>>,
+    ) -> Result<EvalLoss> {
+        let (logits, _) = self.forward(input, state)?;
+        let vocab = self.config().vocab_size;
+        let (loss, n_targets) = cross_entropy_loss(&logits.data, targets, mask, vocab)?;
+        Ok(EvalLoss {
+            loss: f64::from(loss),
+            n_targets,
+        })
+    }
+    /// One token per row (`tokens` `[batch]`), updating `state` in place; returns logits
+    /// `[batch, vocab]`. `resets[b]` starts row `b` afresh.
+    fn step(
+        &mut self,
+        tokens: &[u32],
+        resets: Option<&[bool]>,
+        state: &mut State<f32>,
+    ) -> Result<Tensor<f32>>;
+    /// [`InferenceEngine::step`] into a caller-owned `logits` buffer (`[batch, vocab]`). Fast
+    /// tiers override it so that decoding allocates nothing per token.
+    fn step_into(
+        &mut self,
+        tokens: &[u32],
+        resets: Option<&[bool]>,
+        state: &mut State<f32>,
+        logits: &mut [f32],
+    ) -> Result<()> {
+        let l = self.step(tokens, resets, state)?;
+        check_len("step_into", "logits", logits.len(), l.data.len())?;
+        logits.copy_from_slice(&l.data);
+        Ok(())
+    }
+    /// Prefill of one sequence (batch 1): runs `tokens` from `state`, leaves the state after
+    /// the last token in `state` and that token's logits (`[vocab]`) in `logits`. Only the last
+    /// position goes through the lm_head, so fast tiers override it.
+    fn prefill(
+        &mut self,
+        tokens: &[u32],
+        state: &mut State<f32>,
+        logits: &mut [f32],
+    ) -> Result<()> {
+        let vocab = self.config().vocab_size;
+        check_len("prefill", "logits", logits.len(), vocab)?;
+        if tokens.is_empty() {
+            return Err(Error::Shape {
+                op: "prefill",
+                msg: "no tokens to prefill".into(),
+            });
+        }
+        let (l, st) = self.forward(&Batch::new(tokens, 1, tokens.len()), Some(state))?;
+        logits.copy_from_slice(&l.data[(tokens.len() - 1) * vocab..]);
+        *state = st;
+        Ok(())
+    }
+    /// Moves `state` onto the engine (device memory on a GPU), replacing any state it held,
+    /// and returns the ticket for it; `None` (the default): this engine decodes from host
+    /// memory, through [`InferenceEngine::step_into`] and [`InferenceEngine::prefill`]. Use
+    /// it through [`crate::decode::DecodeState`].
+    fn hold_state(&mut self, state: &State<f32>) -> Result<Option<HeldState>> {
+        let _ = state;
+        Ok(None)
+    }
+    /// Copies the held state into `state`.
+    fn read_held(&mut self, held: HeldState, state: &mut State<f32>) -> Result<()> {
+        let _ = state;
+        Err(not_held(&self.name(), "read_held", held))
+    }
+    /// [`InferenceEngine::step_into`] on the held state.
+    fn step_held(
+        &mut self,
+        held: HeldState,
+        tokens: &[u32],
+        resets: Option<&[bool]>,
+        logits: &mut [f32],
+    ) -> Result<()> {
+        let _ = (tokens, resets, logits);
+        Err(not_held(&self.name(), "step_held", held))
+    }
+    /// [`InferenceEngine::prefill`] on the held state (batch 1).
+    fn prefill_held(&mut self, held: HeldState, tokens: &[u32], logits: &mut [f32]) -> Result<()> {
+        let _ = (tokens, logits);
+        Err(not_held(&self.name(), "prefill_held", held))
+    }
+    /// Device memory in use, for engines with their own memory (GPU); `None` by default.
+    fn memory(&self) -> Result<Option<MemoryUse>> {
+        Ok(None)
+    }
+    /// The weights, read out as named f32 tensors in canonical order.
+    fn parameters(&self) -> Result<NamedTensors>;
+}
+
+/// A Mamba model that trains: [`InferenceEngine`] plus the backward, the gradient buffers,
+/// AdamW, and parameters and optimizer state in and out.
+///
+/// # What comes next: sharded and overlapped training
+///
+/// Two methods are here for the distributed trainer (DeepSpeed ZeRO, see DESIGN.md):
+/// - [`TrainingEngine::gradients_of_layer`] hands out one layer's gradients. Today it is
+///   called after the backward; a tier that overlaps communication with the backward will
+///   call a per-layer hook from inside its backward as each layer's gradients are final
+///   (layers finish in reverse order, `n_layer - 1` first, then the embedding and head),
+///   with the same tensors this method returns.
+/// - [`TrainingEngine::optimizer_step_range`] steps only a slice of the parameters (the
+///   rank's shard of the AdamW state), clipped with a global gradient norm the caller
+///   reduced over every rank.
+///
+/// A tier that does not implement one of them yet returns an error saying so.
+pub trait TrainingEngine: InferenceEngine {
+    /// Forward, masked cross-entropy against `targets` `[batch, seq_len]`, and backward of
+    /// `grad_scale · loss`, *adding* to the gradient buffers.
+    fn loss_and_backward(
+        &mut self,
+        input: &Batch,
+        targets: &[u32],
+        mask: Option<&[bool]>,
+        state: Option<&State<f32>>,
+        grad_scale: f64,
+    ) -> Result<LossOutput>;
+    /// Clears the gradient buffers.
+    fn zero_grad(&mut self) -> Result<()>;
+    /// The gradient buffers as named f32 tensors in canonical order.
+    fn gradients(&self) -> Result<NamedTensors>;
+    /// The gradients of layer `layer` (the tensors named `backbone.layers.{layer}.*`, in
+    /// canonical order). The default picks them out of [`TrainingEngine::gradients`].
+    fn gradients_of_layer(&self, layer: usize) -> Result<NamedTensors> {
+        check_layer(self.config(), layer)?;
+        let prefix = format!("backbone.layers.{layer}.");
+        let mut all = self.gradients()?;
+        all.retain(|(n, _)| n.starts_with(&prefix));
+        Ok(all)
+    }
+    /// Clips and applies AdamW with learning rate `lr`. A non-finite gradient skips the step.
+    fn optimizer_step(&mut self, hp: &AdamWConfig, lr: f64) -> Result<StepStats>;
+    /// AdamW on the parameters `range` (indices into [`param_specs`], canonical order) only,
+    /// clipped with `grad_norm`, the global gradient norm over every parameter (a sharded
+    /// optimizer reduces it over the ranks). The step count moves once per call. Over every
+    /// parameter with the engine's own norm this is [`TrainingEngine::optimizer_step`].
+    fn optimizer_step_range(
+        &mut self,
+        hp: &AdamWConfig,
+        lr: f64,
+        range: Range<usize>,
+        grad_norm: f64,
+    ) -> Result<StepStats> {
+        let _ = (hp, lr, range, grad_norm);
+        Err(unsupported(&self.name(), "optimizer_step_range"))
+    }
+    fn set_parameters(&mut self, named: &[(String, Tensor<f32>)]) -> Result<()>;
+    fn optimizer_state(&self) -> Result<OptimizerState>;
+    fn set_optimizer_state(&mut self, state: &OptimizerState) -> Result<()>;
+}
+
+/// An error unless `layer` is a layer of `cfg`.
+fn check_layer(cfg: &MambaConfig, layer: usize) -> Result<()> {
+    if layer >= cfg.n_layer {
+        return Err(Error::Shape {
+            op: "gradients_of_layer",
+            msg: format!("layer {layer} of a model with {} layers", cfg.n_layer),
+        });
+    }
+    Ok(())
+}
+
+/// An error unless `range` is a range of parameter indices of `cfg`.
+pub fn check_param_range(cfg: &MambaConfig, range: &Range<usize>) -> Result<()> {
+    let n = param_specs(cfg).len();
+    if range.start > range.end || range.end > n {
+        return Err(Error::Shape {
+            op: "optimizer_step_range",
+            msg: format!("parameters {range:?} of a model with {n} parameter tensors"),
+        });
+    }
+    Ok(())
+}
+
+/// An error unless a caller's buffer has the length an op needs.
+pub fn check_len(op: &'static str, what: &str, got: usize, want: usize) -> Result<()> {
+    if got != want {
+        return Err(Error::Shape {
+            op,
+            msg: format!("{what} has {got} elements, expected {want}"),
+        });
+    }
+    Ok(())
+}
+
+/// Parameters (or gradients, moments) as named f32 tensors in canonical order.
+pub fn to_named<T: Float>(cfg: &MambaConfig, p: &Params<T>) -> NamedTensors {
+    p.named(cfg)
+        .into_iter()
+        .map(|(n, t)| (n, t.cast()))
+        .collect()
+}
+
+/// Checks `named` against the spec (names, order, shapes) and builds `Params<T>`.
+pub fn params_from_named<T: Float>(
+    cfg: &MambaConfig,
+    named: &[(String, Tensor<f32>)],
+) -> Result<Params<T>> {
+    let specs = param_specs(cfg);
+    let mismatch = specs.len() != named.len()
+        || specs
+            .iter()
+            .zip(named)
+            .any(|((sn, ss), (n, t))| sn != n || ss != &t.shape);
+    if mismatch {
+        let want: Vec<_> = specs.iter().map(|(n, s)| format!("{n} {s:?}")).collect();
+        let got: Vec<_> = named
+            .iter()
+            .map(|(n, t)| format!("{n} {:?}", t.shape))
+            .collect();
+        return Err(Error::Shape {
+            op: "set_parameters",
+            msg: format!("got [{}], expected [{}]", got.join(", "), want.join(", ")),
+        });
+    }
+    Ok(Params::from_ordered(
+        cfg,
+        named.iter().map(|(_, t)| t.cast()).collect(),
+    ))
+}
