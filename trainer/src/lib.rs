@@ -5,6 +5,7 @@
 
 pub mod chat;
 pub mod checkpoint;
+pub mod cli;
 pub mod data;
 pub mod debug_state;
 pub mod device;

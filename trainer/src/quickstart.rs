@@ -22,6 +22,8 @@ use crate::{checkpoint, device, tokenizer};
 pub struct QuickstartOptions {
     pub out: PathBuf,
     pub device: String,
+    /// CPU worker threads for `--device cpu` (0 = every core).
+    pub threads: usize,
     pub batch: usize,
     pub seq_len: usize,
     pub pretrain_steps: u64,
@@ -37,6 +39,7 @@ impl QuickstartOptions {
         QuickstartOptions {
             out,
             device: "cpu".into(),
+            threads: 0,
             batch: 8,
             seq_len: 128,
             pretrain_steps: 600,
@@ -51,6 +54,7 @@ impl QuickstartOptions {
         QuickstartOptions {
             out,
             device: "cpu".into(),
+            threads: 0,
             batch: 4,
             seq_len: 64,
             pretrain_steps: 30,
@@ -121,11 +125,24 @@ fn run_config(
     RunConfig::parse(&text).context("building the quickstart run config")
 }
 
+/// An engine for `--device` with the options' thread count.
+fn engine_for(
+    o: &QuickstartOptions,
+    cfg: &reference::MambaConfig,
+    params: reference::Params<f32>,
+) -> Result<Box<dyn reference::Engine>> {
+    let eopts = device::EngineOptions {
+        threads: o.threads,
+        ..Default::default()
+    };
+    device::engine_with(&o.device, cfg, params, &eopts)
+}
+
 /// Answer-only loss on the QA eval split for the checkpoint in `dir`.
 fn qa_loss(o: &QuickstartOptions, dir: &Path) -> Result<f64> {
     let ck = checkpoint::load(dir)?;
     let tok = tokenizer::load(&fixtures::tokenizer(), ck.config.vocab_size)?;
-    let mut engine = device::engine(&o.device, &ck.config, ck.params)?;
+    let mut engine = engine_for(o, &ck.config, ck.params)?;
     let qc = crate::data::qa::QaConfig {
         batch: o.batch,
         seq_len: o.seq_len,
@@ -142,7 +159,7 @@ fn qa_loss(o: &QuickstartOptions, dir: &Path) -> Result<f64> {
 fn qa_scores(o: &QuickstartOptions, dir: &Path, report: &Path) -> Result<QaScores> {
     let ck = checkpoint::load(dir)?;
     let tok = tokenizer::load(&fixtures::tokenizer(), ck.config.vocab_size)?;
-    let mut engine = device::engine(&o.device, &ck.config, ck.params)?;
+    let mut engine = engine_for(o, &ck.config, ck.params)?;
     let pairs = read_qa_jsonl(&fixtures::data().join("qa_eval.jsonl"))?;
     evaluate_qa(
         engine.as_mut(),
@@ -188,6 +205,7 @@ pub fn run(o: &QuickstartOptions) -> Result<QuickstartReport> {
     )?;
     let ropts = RunOptions {
         device: o.device.clone(),
+        threads: o.threads,
         ..RunOptions::default()
     };
     let pre: RunSummary = train(cfg, &ropts)?;
@@ -238,7 +256,7 @@ pub fn run(o: &QuickstartOptions) -> Result<QuickstartReport> {
     let only = [sample.clone()];
     let ck = checkpoint::load(&ft.checkpoint)?;
     let tok = tokenizer::load(&fixtures::tokenizer(), ck.config.vocab_size)?;
-    let mut engine = device::engine(&o.device, &ck.config, ck.params)?;
+    let mut engine = engine_for(o, &ck.config, ck.params)?;
     // The sample answer curbs the small model's loops with a repetition penalty.
     evaluate_qa(
         engine.as_mut(),

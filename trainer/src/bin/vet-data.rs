@@ -26,8 +26,13 @@ enum Cmd {
     Inspect(inspect::Args),
 }
 
-fn main() -> Result<()> {
-    match Cli::parse().cmd {
+fn main() -> std::process::ExitCode {
+    // `error: …` on one line, the same with or without RUST_BACKTRACE.
+    trainer::cli::finish(run(Cli::parse()))
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.cmd {
         Cmd::Tokenizer(a) => tokenizer_train::run(a),
         Cmd::Prepare(a) => prepare::run(a),
         Cmd::Inspect(a) => inspect::run(a),

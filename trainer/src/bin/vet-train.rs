@@ -169,10 +169,29 @@ fn quantize(model: &std::path::Path, out: &std::path::Path, dtype: &str) -> Resu
 fn run_job(a: RunArgs) -> Result<()> {
     let Some(path) = a.config else {
         // No config: the bundled quickstart (prepare, pretrain, fine-tune, evaluate, answer).
+        // It takes --device, --threads and --out-dir; the flags that change a training job
+        // have no single job to apply to there, so they are refused rather than ignored.
+        let refused = [
+            ("--steps", a.steps.is_some()),
+            ("--lr", a.lr.is_some()),
+            ("--resume", a.resume),
+            ("--deepspeed", a.deepspeed.is_some()),
+        ];
+        let given: Vec<&str> = refused.iter().filter(|f| f.1).map(|f| f.0).collect();
+        if !given.is_empty() {
+            anyhow::bail!(
+                "{} {} a training job's --config; without --config vet-train runs the bundled \
+                 quickstart, which takes only --device, --threads and --out-dir \
+                 (its own run configs are written under OUT/pretrain and OUT/finetune)",
+                given.join(", "),
+                if given.len() == 1 { "needs" } else { "need" }
+            );
+        }
         let mut o = trainer::quickstart::QuickstartOptions::full(
             a.out_dir.unwrap_or_else(|| "runs/quickstart".into()),
         );
         o.device = a.device;
+        o.threads = a.threads;
         trainer::quickstart::run(&o)?;
         return Ok(());
     };
@@ -220,8 +239,13 @@ fn run_job(a: RunArgs) -> Result<()> {
     Ok(())
 }
 
-fn main() -> Result<()> {
-    let cli = Cli::parse();
+fn main() -> std::process::ExitCode {
+    // `error: …` on one line, the same with or without RUST_BACKTRACE; 130 / 143 after a
+    // run that Ctrl-C / SIGTERM stopped.
+    trainer::cli::finish(run_cli(Cli::parse()))
+}
+
+fn run_cli(cli: Cli) -> Result<()> {
     let Some(cmd) = cli.cmd else {
         return run_job(cli.run);
     };

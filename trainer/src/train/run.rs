@@ -2,7 +2,6 @@
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
@@ -22,15 +21,15 @@ use crate::data::loader::Position;
 use crate::data::manifest::sha256_file;
 use crate::{checkpoint, device, tokenizer};
 
-/// Set by Ctrl-C / SIGTERM: the loop finishes its step, checkpoints and stops.
-static STOP: AtomicBool = AtomicBool::new(false);
-
-/// Installs the Ctrl-C / SIGTERM handler once per process.
+/// Installs the Ctrl-C / SIGTERM handler once per process: the loop finishes its step,
+/// checkpoints and stops; the binary then exits 130 / 143 ([`crate::cli::finish`]).
 pub fn install_signal_handler() {
-    static ONCE: std::sync::Once = std::sync::Once::new();
-    ONCE.call_once(|| {
-        let _ = ctrlc::set_handler(|| STOP.store(true, Ordering::SeqCst));
-    });
+    crate::cli::install_stop_handlers();
+}
+
+/// A stop was asked for (Ctrl-C, SIGTERM or SIGHUP).
+fn stop_requested() -> bool {
+    crate::cli::stop_signal().is_some()
 }
 
 /// How a run is launched (what the command line adds to the config).
@@ -441,7 +440,7 @@ pub fn train(cfg: RunConfig, opts: &RunOptions) -> Result<RunSummary> {
         {
             val_loss = Some(eval_now(&mut run, e.batches, &mut metrics, &pb)?);
         }
-        if STOP.load(Ordering::SeqCst) {
+        if stop_requested() {
             interrupted = true;
             note(&pb, format!("interrupted: checkpointing at step {step}"));
             break;

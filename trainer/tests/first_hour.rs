@@ -1,0 +1,124 @@
+//! What a demanding new user hit in the first hour (issue 18): flags that were silently
+//! ignored, errors that read differently under RUST_BACKTRACE, exit codes, odd inputs.
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("first-hour-{name}"));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn run(bin: &str, args: &[&str], backtrace: &str) -> Output {
+    Command::new(bin)
+        .args(args)
+        .env("RUST_BACKTRACE", backtrace)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+const TRAIN: &str = env!("CARGO_BIN_EXE_vet-train");
+const DATA: &str = env!("CARGO_BIN_EXE_vet-data");
+const CHAT: &str = env!("CARGO_BIN_EXE_vet-chat");
+
+#[test]
+fn training_flags_without_a_config_are_refused_not_ignored() {
+    let out = scratch("quickstart-flags");
+    let o = out.join("qs");
+    let o = o.to_str().unwrap();
+    for (flags, named) in [
+        (
+            vec!["--steps", "3", "--lr", "1e-9", "--threads", "1", "--resume"],
+            "--steps, --lr, --resume",
+        ),
+        (vec!["--steps", "3"], "--steps"),
+        (vec!["--resume"], "--resume"),
+        (vec!["--deepspeed", "ds.json"], "--deepspeed"),
+    ] {
+        let mut args = flags.clone();
+        args.extend(["--out-dir", o]);
+        let r = run(TRAIN, &args, "0");
+        let err = stderr(&r);
+        assert_eq!(r.status.code(), Some(1), "{flags:?}: {err}");
+        assert!(
+            err.contains(named) && err.contains("--config"),
+            "{flags:?}: {err}"
+        );
+        assert!(
+            !err.contains("1/5"),
+            "{flags:?} started the quickstart: {err}"
+        );
+        assert!(!std::path::Path::new(o).exists(), "{flags:?} wrote {o}");
+    }
+}
+
+/// Each failure reads the same with RUST_BACKTRACE=1 as without: `error: …`, no backtrace.
+#[test]
+fn a_users_error_reads_the_same_with_or_without_rust_backtrace() {
+    let dir = scratch("plain-errors");
+    let file = dir.join("a-file");
+    std::fs::write(&file, b"not a checkpoint").unwrap();
+    let bad_toml = dir.join("run.toml");
+    std::fs::write(&bad_toml, "stage = [").unwrap();
+    let (f, t) = (file.to_str().unwrap(), bad_toml.to_str().unwrap());
+    let tok = fixtures::tokenizer();
+    let tok = tok.to_str().unwrap();
+    let prep = dir.join("prepared");
+    let prep = prep.to_str().unwrap();
+    let cases: Vec<(&str, Vec<&str>)> = vec![
+        (TRAIN, vec!["--config", "/no/such/run.toml"]),
+        (TRAIN, vec!["--config", t]),
+        (TRAIN, vec!["--steps", "3"]),
+        (TRAIN, vec!["generate", "--model", f, "--prompt", "hi"]),
+        (
+            TRAIN,
+            vec!["quantize", "--model", "/no/such/ck", "--out", "/tmp/x"],
+        ),
+        (TRAIN, vec!["plot", "/no/such/run"]),
+        (DATA, vec!["inspect", "/no/such/shard.bin"]),
+        (
+            DATA,
+            vec![
+                "prepare",
+                "--input",
+                "/no/such.txt",
+                "--tokenizer",
+                tok,
+                "--out",
+                prep,
+            ],
+        ),
+        (CHAT, vec!["--model", f, "--question", "hi"]),
+        (CHAT, vec!["--model", "/no/such/ck", "--question", "hi"]),
+    ];
+    for (bin, args) in cases {
+        let plain = run(bin, &args, "0");
+        let traced = run(bin, &args, "1");
+        let (a, b) = (stderr(&plain), stderr(&traced));
+        assert!(!plain.status.success(), "{args:?} succeeded");
+        assert_eq!(a, b, "{args:?}: stderr differs under RUST_BACKTRACE=1");
+        assert_eq!(plain.status.code(), traced.status.code(), "{args:?}");
+        for bad in ["Stack backtrace", "Caused by", "panicked", "RUST_BACKTRACE"] {
+            assert!(!b.contains(bad), "{args:?}: {bad}: {b}");
+        }
+        assert!(
+            b.starts_with("error: ") || b.contains("\nerror: "),
+            "{args:?}: {b}"
+        );
+    }
+}
+
+#[test]
+fn a_missing_shard_names_the_os_error_once() {
+    let r = run(DATA, &["inspect", "/no/such/shard.bin"], "0");
+    let err = stderr(&r);
+    assert!(err.contains("/no/such/shard.bin"), "{err}");
+    assert_eq!(err.matches("os error 2").count(), 1, "{err}");
+}
