@@ -19,10 +19,13 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Train a byte-level BPE tokenizer on a corpus and save tokenizer.json.
+    #[command(allow_negative_numbers = true)]
     Tokenizer(tokenizer_train::Args),
     /// Tokenize .txt / .jsonl corpora (plain, .gz or .zst) into train/val token shards + manifest.
+    #[command(allow_negative_numbers = true)]
     Prepare(prepare::Args),
     /// Print a shard's header, counts and a decoded sample, and verify its checksums.
+    #[command(allow_negative_numbers = true)]
     Inspect(inspect::Args),
 }
 

@@ -18,7 +18,8 @@ use trainer::{checkpoint, debug_state, device, generate, tokenizer};
     long_about = "Train, run and debug Vet-Mamba (Mamba-1) language models.\n\n\
         `vet-train --config run.toml [--device reference|cpu|cuda[:N]] [--resume]` runs the job a TOML \
         run config describes (bundled ones are in trainer/configs/).",
-    args_conflicts_with_subcommands = true
+    args_conflicts_with_subcommands = true,
+    allow_negative_numbers = true
 )]
 struct Cli {
     #[command(subcommand)]
@@ -83,6 +84,7 @@ enum Cmd {
         device: String,
     },
     /// Continue a prompt with a checkpoint (greedy unless --temperature is set).
+    #[command(allow_negative_numbers = true)]
     Generate {
         /// Checkpoint directory (config.json + model.safetensors + tokenizer.json).
         #[arg(long)]
@@ -297,7 +299,7 @@ fn run_cli(cli: Cli) -> Result<()> {
         } => {
             let ck = checkpoint::load(&model)?;
             let tok = tokenizer::load(&model.join("tokenizer.json"), ck.config.vocab_size)?;
-            let ids = tokenizer::encode(&tok, &prompt)?;
+            let ids = tokenizer::encode_text(&tok, &prompt)?;
             let stop = tok.token_to_id(tokenizer::EOT);
             let mut engine = device::engine(&device, &ck.config, ck.params)?;
             let s = generate::Sampling {
