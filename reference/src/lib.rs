@@ -17,6 +17,7 @@ pub mod error;
 pub mod float;
 pub mod init;
 pub mod io;
+pub mod io_limits;
 pub mod loss;
 pub mod model;
 pub mod ops;
