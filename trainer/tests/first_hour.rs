@@ -122,3 +122,54 @@ fn a_missing_shard_names_the_os_error_once() {
     assert!(err.contains("/no/such/shard.bin"), "{err}");
     assert_eq!(err.matches("os error 2").count(), 1, "{err}");
 }
+
+#[test]
+fn prepare_refuses_an_input_with_no_documents() {
+    let dir = scratch("no-documents");
+    let empty = dir.join("empty.txt");
+    std::fs::write(&empty, b"").unwrap();
+    let garbage = dir.join("garbage.txt.zst");
+    std::fs::write(&garbage, b"not a zstd stream at all").unwrap();
+    let tok = fixtures::tokenizer();
+    for input in [&empty, &garbage] {
+        let out = dir.join(format!(
+            "out-{}",
+            input.file_name().unwrap().to_string_lossy()
+        ));
+        let args = [
+            "prepare",
+            "--input",
+            input.to_str().unwrap(),
+            "--tokenizer",
+            tok.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ];
+        let r = run(DATA, &args, "0");
+        let err = stderr(&r);
+        assert_eq!(r.status.code(), Some(1), "{input:?}: {err}");
+        assert!(err.contains("error: no documents in the input"), "{err}");
+        assert!(
+            !out.join("manifest.json").exists(),
+            "{input:?}: a manifest was written"
+        );
+    }
+}
+
+#[test]
+fn a_model_that_is_a_file_is_named_as_a_file() {
+    let file = fixtures::tiny_checkpoint().join("config.json");
+    let args = [
+        "generate",
+        "--model",
+        file.to_str().unwrap(),
+        "--prompt",
+        "hi",
+    ];
+    let r = run(TRAIN, &args, "0");
+    let err = stderr(&r);
+    assert!(
+        err.contains("is a file; expected a checkpoint directory"),
+        "{err}"
+    );
+}
