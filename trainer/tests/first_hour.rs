@@ -116,10 +116,29 @@ fn a_users_error_reads_the_same_with_or_without_rust_backtrace() {
 }
 
 #[test]
-fn a_missing_shard_names_the_os_error_once() {
+fn a_missing_file_names_the_os_error_once() {
     let r = run(DATA, &["inspect", "/no/such/shard.bin"], "0");
     let err = stderr(&r);
     assert!(err.contains("/no/such/shard.bin"), "{err}");
+    assert_eq!(err.matches("os error 2").count(), 1, "{err}");
+    // A checkpoint without its weights file.
+    let ck = scratch("no-weights");
+    for f in ["config.json", "tokenizer.json"] {
+        std::fs::copy(fixtures::tiny_checkpoint().join(f), ck.join(f)).unwrap();
+    }
+    let r = run(
+        TRAIN,
+        &[
+            "generate",
+            "--model",
+            ck.to_str().unwrap(),
+            "--prompt",
+            "hi",
+        ],
+        "0",
+    );
+    let err = stderr(&r);
+    assert!(err.contains("model.safetensors"), "{err}");
     assert_eq!(err.matches("os error 2").count(), 1, "{err}");
 }
 
