@@ -60,14 +60,16 @@ pub fn exit_code_after_run() -> ExitCode {
     }
 }
 
-/// Ends a binary: on error prints `error: {e:#}` (never a backtrace) and returns failure;
-/// on success, the code [`exit_code_after_run`] gives.
+/// Ends a binary: on error prints `error: {e:#}` (never a backtrace). The exit code is
+/// 128 + the signal's number when a signal stopped the run (even if it then failed), else 1
+/// on error and 0 on success.
 pub fn finish(result: anyhow::Result<()>) -> ExitCode {
-    match result {
-        Ok(()) => exit_code_after_run(),
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::FAILURE
-        }
+    if let Err(e) = &result {
+        eprintln!("error: {e:#}");
+    }
+    match (result, stop_signal()) {
+        (_, Some(_)) => exit_code_after_run(),
+        (Ok(()), None) => ExitCode::SUCCESS,
+        (Err(_), None) => ExitCode::FAILURE,
     }
 }

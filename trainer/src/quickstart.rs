@@ -172,6 +172,18 @@ fn qa_scores(o: &QuickstartOptions, dir: &Path, report: &Path) -> Result<QaScore
     )
 }
 
+/// After Ctrl-C / SIGTERM the quickstart stops at the end of the interrupted stage.
+fn stop_if_interrupted(s: &RunSummary, stage: &str) -> Result<()> {
+    if s.interrupted {
+        anyhow::bail!(
+            "interrupted during {stage} after {} steps (checkpoint {}); the quickstart stops here",
+            s.steps,
+            s.checkpoint.display()
+        );
+    }
+    Ok(())
+}
+
 fn step(n: usize, what: &str) {
     eprintln!("\n== {n}/5 {what}");
 }
@@ -209,6 +221,7 @@ pub fn run(o: &QuickstartOptions) -> Result<QuickstartReport> {
         ..RunOptions::default()
     };
     let pre: RunSummary = train(cfg, &ropts)?;
+    stop_if_interrupted(&pre, "pretraining")?;
     eprintln!(
         "pretrained {} steps: loss {:.4}, validation loss {:?}, {:.0} tokens/s",
         pre.steps,
@@ -236,6 +249,7 @@ pub fn run(o: &QuickstartOptions) -> Result<QuickstartReport> {
         )?,
         &ropts,
     )?;
+    stop_if_interrupted(&ft, "fine-tuning")?;
     step(
         4,
         "evaluate on the QA eval split, before and after fine-tuning",

@@ -192,3 +192,49 @@ fn a_model_that_is_a_file_is_named_as_a_file() {
         "{err}"
     );
 }
+
+/// Ctrl-C during the quickstart's pretraining: a checkpoint, then the quickstart stops there
+/// (no fine-tuning on an interrupted model) and exits 130.
+#[test]
+fn ctrl_c_stops_the_quickstart_after_its_checkpoint_with_130() {
+    use std::io::BufRead;
+    let out = scratch("quickstart-ctrl-c");
+    let mut child = Command::new(TRAIN)
+        .args(["--device", "cpu", "--threads", "1", "--out-dir"])
+        .arg(out.join("qs"))
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut log = String::new();
+    // The first logged training step: the stop handler is installed by then.
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        log += &line;
+        log.push('\n');
+        if line.trim_start().starts_with("step") {
+            break;
+        }
+    }
+    let kill = Command::new("kill")
+        .arg("-INT")
+        .arg(child.id().to_string())
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    for line in lines {
+        log += &line.unwrap();
+        log.push('\n');
+    }
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(130), "{log}");
+    assert!(
+        log.contains("error: interrupted during pretraining"),
+        "{log}"
+    );
+    assert!(!log.contains("3/5"), "fine-tuning started: {log}");
+    let ckpts = out.join("qs/pretrain/checkpoints");
+    assert_eq!(std::fs::read_dir(&ckpts).unwrap().count(), 1, "{log}");
+}
