@@ -22,22 +22,19 @@ pub enum Error {
     /// A tier cannot run here, or its device failed (no CUDA driver, out of memory, ...).
     #[error("{device}: {msg}")]
     Device { device: String, msg: String },
-    /// A file-system error, with the path.
-    #[error("{path}: {source}")]
-    Io {
-        path: String,
-        #[source]
-        source: std::io::Error,
-    },
+    /// A file-system error, with the path. The OS error is part of the message, not a
+    /// `source`: a caller printing the chain (`{:#}`) would show it twice.
+    #[error("{path}: {err}")]
+    Io { path: String, err: std::io::Error },
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
 
 impl Error {
-    pub fn io(path: impl AsRef<std::path::Path>, source: std::io::Error) -> Self {
+    pub fn io(path: impl AsRef<std::path::Path>, err: std::io::Error) -> Self {
         Error::Io {
             path: path.as_ref().display().to_string(),
-            source,
+            err,
         }
     }
 }

@@ -18,6 +18,7 @@ pub mod float;
 pub mod fs;
 pub mod init;
 pub mod io;
+pub mod io_limits;
 pub mod loss;
 pub mod model;
 pub mod ops;

@@ -143,6 +143,9 @@ fn load_int8(
         )));
     }
     cfg.validate()?;
+    // Sizes first: an absurd config must not build a list of a million names.
+    let data_len = list.iter().map(|l| l.len as u64).sum();
+    reference::io_limits::check_fits(path, cfg, data_len, 1)?;
     let by_name: HashMap<&str, &TensorLocation> =
         list.iter().map(|l| (l.name.as_str(), l)).collect();
     let specs = reference::param_specs(cfg);
@@ -182,7 +185,7 @@ fn load_int8(
     if !problems.is_empty() {
         return Err(err(format!(
             "does not match the config: {}",
-            problems.join("; ")
+            reference::io_limits::capped_list(&problems, "; ")
         )));
     }
     let map = map_file(path)?;

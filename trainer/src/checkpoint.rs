@@ -20,6 +20,12 @@ pub struct Checkpoint {
 
 /// Reads `dir/config.json` and `dir/model.safetensors`.
 pub fn load(dir: &Path) -> Result<Checkpoint> {
+    if dir.is_file() {
+        bail!(
+            "checkpoint {}: is a file; expected a checkpoint directory (config.json, model.safetensors, tokenizer.json)",
+            dir.display()
+        );
+    }
     if !dir.is_dir() {
         bail!("checkpoint {}: no such directory", dir.display());
     }

@@ -6,6 +6,7 @@
 pub mod assistant;
 pub mod chat;
 pub mod checkpoint;
+pub mod cli;
 pub mod data;
 pub mod debug_state;
 pub mod device;

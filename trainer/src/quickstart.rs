@@ -22,6 +22,8 @@ use crate::{checkpoint, device, tokenizer};
 pub struct QuickstartOptions {
     pub out: PathBuf,
     pub device: String,
+    /// CPU worker threads for `--device cpu` (0 = every core).
+    pub threads: usize,
     pub batch: usize,
     pub seq_len: usize,
     pub pretrain_steps: u64,
@@ -37,6 +39,7 @@ impl QuickstartOptions {
         QuickstartOptions {
             out,
             device: "cpu".into(),
+            threads: 0,
             batch: 8,
             seq_len: 128,
             pretrain_steps: 600,
@@ -51,6 +54,7 @@ impl QuickstartOptions {
         QuickstartOptions {
             out,
             device: "cpu".into(),
+            threads: 0,
             batch: 4,
             seq_len: 64,
             pretrain_steps: 30,
@@ -121,11 +125,24 @@ fn run_config(
     RunConfig::parse(&text).context("building the quickstart run config")
 }
 
+/// An engine for `--device` with the options' thread count.
+fn engine_for(
+    o: &QuickstartOptions,
+    cfg: &reference::MambaConfig,
+    params: reference::Params<f32>,
+) -> Result<Box<dyn reference::TrainingEngine>> {
+    let eopts = device::EngineOptions {
+        threads: o.threads,
+        ..Default::default()
+    };
+    device::engine_with(&o.device, cfg, params, &eopts)
+}
+
 /// Answer-only loss on the QA eval split for the checkpoint in `dir`.
 fn qa_loss(o: &QuickstartOptions, dir: &Path) -> Result<f64> {
     let ck = checkpoint::load(dir)?;
     let tok = tokenizer::load(&fixtures::tokenizer(), ck.config.vocab_size)?;
-    let mut engine = device::engine(&o.device, &ck.config, ck.params)?;
+    let mut engine = engine_for(o, &ck.config, ck.params)?;
     let qc = crate::data::qa::QaConfig {
         batch: o.batch,
         seq_len: o.seq_len,
@@ -142,7 +159,7 @@ fn qa_loss(o: &QuickstartOptions, dir: &Path) -> Result<f64> {
 fn qa_scores(o: &QuickstartOptions, dir: &Path, report: &Path) -> Result<QaScores> {
     let ck = checkpoint::load(dir)?;
     let tok = tokenizer::load(&fixtures::tokenizer(), ck.config.vocab_size)?;
-    let mut engine = device::engine(&o.device, &ck.config, ck.params)?;
+    let mut engine = engine_for(o, &ck.config, ck.params)?;
     let pairs = read_qa_jsonl(&fixtures::data().join("qa_eval.jsonl"))?;
     evaluate_qa(
         engine.as_mut(),
@@ -153,6 +170,18 @@ fn qa_scores(o: &QuickstartOptions, dir: &Path, report: &Path) -> Result<QaScore
         1.0,
         report,
     )
+}
+
+/// After Ctrl-C / SIGTERM the quickstart stops at the end of the interrupted stage.
+fn stop_if_interrupted(s: &RunSummary, stage: &str) -> Result<()> {
+    if s.interrupted {
+        anyhow::bail!(
+            "interrupted during {stage} after {} steps (checkpoint {}); the quickstart stops here",
+            s.steps,
+            s.checkpoint.display()
+        );
+    }
+    Ok(())
 }
 
 fn step(n: usize, what: &str) {
@@ -191,9 +220,11 @@ pub fn run(o: &QuickstartOptions) -> Result<QuickstartReport> {
     let ropts = RunOptions {
         device: o.device.clone(),
         overwrite: true,
+        threads: o.threads,
         ..RunOptions::default()
     };
     let pre: RunSummary = train(cfg, &ropts)?;
+    stop_if_interrupted(&pre, "pretraining")?;
     eprintln!(
         "pretrained {} steps: loss {:.4}, validation loss {:?}, {:.0} tokens/s",
         pre.steps,
@@ -221,6 +252,7 @@ pub fn run(o: &QuickstartOptions) -> Result<QuickstartReport> {
         )?,
         &ropts,
     )?;
+    stop_if_interrupted(&ft, "fine-tuning")?;
     step(
         4,
         "evaluate on the QA eval split, before and after fine-tuning",
@@ -241,7 +273,7 @@ pub fn run(o: &QuickstartOptions) -> Result<QuickstartReport> {
     let only = [sample.clone()];
     let ck = checkpoint::load(&ft.checkpoint)?;
     let tok = tokenizer::load(&fixtures::tokenizer(), ck.config.vocab_size)?;
-    let mut engine = device::engine(&o.device, &ck.config, ck.params)?;
+    let mut engine = engine_for(o, &ck.config, ck.params)?;
     // The sample answer curbs the small model's loops with a repetition penalty.
     evaluate_qa(
         engine.as_mut(),

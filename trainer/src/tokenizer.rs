@@ -77,6 +77,64 @@ pub fn encode(tok: &Tokenizer, text: &str) -> Result<Vec<u32>> {
         .to_vec())
 }
 
+/// Token ids of user text (a question, a prompt, an answer in a data file): text that spells
+/// a special token (`<|endoftext|>`, `<|answer|>`, …) is tokenised as plain text, never as
+/// the special token, so a user cannot end or restructure the prompt by typing one.
+pub fn encode_text(tok: &Tokenizer, text: &str) -> Result<Vec<u32>> {
+    let spells_special = tok
+        .get_added_tokens_decoder()
+        .values()
+        .any(|t| t.special && text.contains(&t.content));
+    if !spells_special {
+        return encode(tok, text);
+    }
+    let mut plain = tok.clone();
+    plain.set_encode_special_tokens(true);
+    encode(&plain, text)
+}
+
+/// Token ids of `template` with `{question}` replaced by `question`: the template's own
+/// special tokens are matched, the question's text never produces one ([`encode_text`]).
+/// Equal to `encode(template with the question)` whenever the question spells no special token
+/// (the tokenizer splits the text at special tokens before anything else).
+pub fn encode_templated(tok: &Tokenizer, template: &str, question: &str) -> Result<Vec<u32>> {
+    let specials: Vec<(String, u32)> = tok
+        .get_added_tokens_decoder()
+        .into_iter()
+        .filter(|(_, t)| t.special)
+        .map(|(id, t)| (t.content, id))
+        .collect();
+    if !specials.iter().any(|(s, _)| question.contains(s.as_str())) {
+        return encode(tok, &template.replace("{question}", question));
+    }
+    let mut ids = Vec::new();
+    let mut rest = template;
+    loop {
+        // The earliest special token the template spells (the longest at one position).
+        let next = specials
+            .iter()
+            .filter_map(|(s, id)| {
+                rest.find(s.as_str())
+                    .map(|at| (at, std::cmp::Reverse(s.len()), *id))
+            })
+            .min();
+        let (text, special) = match next {
+            Some((at, len, id)) => (&rest[..at], Some((at + len.0, id))),
+            None => (rest, None),
+        };
+        if !text.is_empty() {
+            ids.extend(encode_text(tok, &text.replace("{question}", question))?);
+        }
+        match special {
+            Some((end, id)) => {
+                ids.push(id);
+                rest = &rest[end..];
+            }
+            None => return Ok(ids),
+        }
+    }
+}
+
 /// Text of `ids`, special tokens dropped.
 pub fn decode(tok: &Tokenizer, ids: &[u32]) -> Result<String> {
     tok.decode(ids, true)

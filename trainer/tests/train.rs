@@ -191,6 +191,24 @@ fn a_diverging_run_skips_non_finite_steps_then_stops_with_a_clear_message() {
         .matches("\"skipped\":true")
         .count();
     assert_eq!(skipped, 5, "five skipped steps are logged");
+    // No checkpoint was ever written: the message says so instead of naming a missing folder.
+    assert!(!state::checkpoints_dir(&out).exists());
+    assert!(msg.contains("No checkpoint was written"), "{msg}");
+    assert!(
+        !msg.contains(&state::checkpoints_dir(&out).display().to_string()),
+        "{msg}"
+    );
+    // After a good checkpoint, the message names it.
+    let good = dir.join("good");
+    train(config(&good, &manifest, 2, 1e-3), &RunOptions::default()).unwrap();
+    let resumed = RunOptions {
+        resume: true,
+        ..RunOptions::default()
+    };
+    let err = train(config(&good, &manifest, 40, 1e30), &resumed).unwrap_err();
+    let msg = format!("{err:#}");
+    let want = format!("{} (step 2)", state::step_dir(&good, 2).display());
+    assert!(msg.contains(&want), "{msg}");
 }
 
 #[test]
@@ -210,9 +228,10 @@ fn a_tokenizer_that_does_not_match_the_data_is_refused() {
     );
 }
 
-#[test]
-fn sigterm_finishes_the_step_writes_a_checkpoint_and_exits_cleanly() {
-    let dir = scratch("sigterm");
+/// Stops a long run with `signal`; it finishes its step, writes a clean checkpoint and exits
+/// 128 + the signal's number, so a scheduler sees the interruption.
+fn a_signal_checkpoints_and_exits_with(signal: &str, code: i32) {
+    let dir = scratch(&format!("signal-{signal}"));
     let manifest = shards(&dir);
     let out = dir.join("run");
     let cfg_path = dir.join("run.toml");
@@ -235,15 +254,16 @@ fn sigterm_finishes_the_step_writes_a_checkpoint_and_exits_cleanly() {
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
     let status = std::process::Command::new("kill")
-        .arg("-TERM")
+        .arg(format!("-{signal}"))
         .arg(child.id().to_string())
         .status()
         .unwrap();
     assert!(status.success());
     let output = child.wait_with_output().unwrap();
-    assert!(
-        output.status.success(),
-        "vet-train exited with {:?}",
+    assert_eq!(
+        output.status.code(),
+        Some(code),
+        "vet-train exited with {:?} after SIG{signal}",
         output.status
     );
     assert!(String::from_utf8_lossy(&output.stdout).contains("interrupted"));
@@ -259,6 +279,16 @@ fn sigterm_finishes_the_step_writes_a_checkpoint_and_exits_cleanly() {
         .expect("a checkpoint was written");
     assert!((3..100_000).contains(&step), "checkpoint at step {step}");
     trainer::checkpoint::load(&dir).unwrap();
+}
+
+#[test]
+fn sigterm_finishes_the_step_writes_a_checkpoint_and_exits_143() {
+    a_signal_checkpoints_and_exits_with("TERM", 143);
+}
+
+#[test]
+fn ctrl_c_finishes_the_step_writes_a_checkpoint_and_exits_130() {
+    a_signal_checkpoints_and_exits_with("INT", 130);
 }
 
 #[test]
@@ -366,4 +396,130 @@ fn an_unusable_validation_split_is_refused_before_training_starts() {
         !out.join("metrics.jsonl").exists(),
         "training started anyway"
     );
+}
+
+fn vet_train(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_vet-train"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn resume_says_when_there_is_nothing_to_resume_and_warns_about_changed_keys() {
+    let dir = scratch("resume-notes");
+    let manifest = shards(&dir);
+    let out = dir.join("run");
+    let cfg_path = dir.join("run.toml");
+    std::fs::write(
+        &cfg_path,
+        config(&out, &manifest, 2, 1e-3).to_toml().unwrap(),
+    )
+    .unwrap();
+    let c = cfg_path.to_str().unwrap();
+    let first = vet_train(&["--config", c, "--device", "reference", "--resume"]);
+    let err = String::from_utf8_lossy(&first.stderr);
+    assert!(first.status.success(), "{err}");
+    let none = format!(
+        "--resume: no checkpoint in {}; starting from scratch",
+        state::checkpoints_dir(&out).display()
+    );
+    assert!(err.contains(&none), "{err}");
+    let args = [
+        "--config",
+        c,
+        "--device",
+        "reference",
+        "--resume",
+        "--steps",
+        "4",
+        "--lr",
+        "2e-3",
+    ];
+    let second = vet_train(&args);
+    let err = String::from_utf8_lossy(&second.stderr);
+    assert!(second.status.success(), "{err}");
+    assert!(!err.contains("starting from scratch"), "{err}");
+    let warning = err
+        .lines()
+        .find(|l| l.starts_with("warning: --resume: the run config changed"))
+        .unwrap_or_else(|| panic!("no warning: {err}"));
+    assert!(
+        warning.contains("optim.lr 0.001 -> 0.002") && warning.contains("train.steps 2 -> 4"),
+        "{warning}"
+    );
+    assert!(!warning.contains("train.batch"), "{warning}");
+}
+
+#[test]
+fn resume_into_another_model_shape_is_refused() {
+    let dir = scratch("resume-shape");
+    let manifest = shards(&dir);
+    let out = dir.join("run");
+    train(config(&out, &manifest, 2, 1e-3), &RunOptions::default()).unwrap();
+    let mut cfg = config(&out, &manifest, 4, 1e-3);
+    cfg.model.preset = Some("tiny".into());
+    let resumed = RunOptions {
+        resume: true,
+        ..RunOptions::default()
+    };
+    let err = format!("{:#}", train(cfg, &resumed).unwrap_err());
+    assert!(
+        err.contains("d_model 64 -> 128") && err.contains("n_layer 2 -> 4"),
+        "{err}"
+    );
+    assert!(
+        err.contains(&state::step_dir(&out, 2).display().to_string()),
+        "{err}"
+    );
+    assert_eq!(state::list(&out).unwrap().len(), 1, "training went on");
+}
+
+/// A run interrupted after its checkpoint: the resumed run marks where it went back to, and the
+/// stale rows past that point are dropped by readers.
+#[test]
+fn a_resumed_run_marks_resumed_from_in_the_metrics_and_the_plot_drops_stale_rows() {
+    let dir = scratch("resumed-from");
+    let manifest = shards(&dir);
+    let out = dir.join("run");
+    train(config(&out, &manifest, 4, 1e-3), &RunOptions::default()).unwrap();
+    // As if the process had died after step 4's metrics row but before its checkpoint.
+    std::fs::remove_dir_all(state::step_dir(&out, 4)).unwrap();
+    let resumed = RunOptions {
+        resume: true,
+        ..RunOptions::default()
+    };
+    train(config(&out, &manifest, 4, 1e-3), &resumed).unwrap();
+    let text = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    let rows: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let mark = rows
+        .iter()
+        .position(|r| r.get("resumed_from").is_some())
+        .expect("no resumed_from line");
+    assert_eq!(rows[mark]["resumed_from"], 2);
+    assert!(rows[mark]["checkpoint"]
+        .as_str()
+        .unwrap()
+        .ends_with("step-00000002"));
+    let steps = |rs: &[serde_json::Value]| -> Vec<u64> {
+        rs.iter()
+            .filter(|r| r.get("loss").is_some())
+            .map(|r| r["step"].as_u64().unwrap())
+            .collect()
+    };
+    assert_eq!(steps(&rows[..mark]), [1, 2, 3, 4]);
+    assert_eq!(steps(&rows[mark + 1..]), [3, 4]);
+    // A resumed run that ends earlier than the stale rows: the plot keeps only live points.
+    let m = dir.join("stale.jsonl");
+    let mut lines = String::new();
+    for step in 1..=6 {
+        lines += &format!("{{\"step\":{step},\"loss\":{}}}\n", 10 - step);
+    }
+    lines += "{\"resumed_from\":2}\n{\"step\":3,\"loss\":1.5}\n";
+    std::fs::write(&m, lines).unwrap();
+    let s = trainer::train::plot::loss_curve_png(&m, &dir.join("stale.png"), "t").unwrap();
+    assert_eq!((s.points, s.min_loss), (3, 1.5));
 }

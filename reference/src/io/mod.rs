@@ -18,6 +18,7 @@ pub use safetensors::Dtype;
 use crate::config::MambaConfig;
 use crate::error::{Error, Result};
 use crate::float::Float;
+use crate::io_limits::{self, capped_list, check_fits};
 use crate::params::{param_specs, Params};
 use crate::tensor::Tensor;
 use paths::{ckpt_err, model_file};
@@ -79,8 +80,13 @@ impl Header {
         let mut header = vec![0u8; header_len as usize];
         file.read_exact(&mut header)
             .map_err(|e| ckpt_err(path, format!("reading the header: {e}")))?;
-        let meta: Metadata = serde_json::from_slice(&header)
-            .map_err(|e| ckpt_err(path, format!("invalid safetensors header: {e}")))?;
+        let meta: Metadata = serde_json::from_slice(&header).map_err(|e| {
+            let why = io_limits::explain_header(&header, file_len - 8 - header_len);
+            ckpt_err(
+                path,
+                why.unwrap_or(format!("invalid safetensors header: {e}")),
+            )
+        })?;
         let data_start = 8 + header_len;
         let data_len = meta.data_len() as u64;
         if data_start.checked_add(data_len) != Some(file_len) {
@@ -105,6 +111,16 @@ impl Header {
             entries,
             metadata,
         })
+    }
+
+    /// Bytes of tensor data after the header.
+    fn data_len(&self) -> Result<u64> {
+        let len = self
+            .file
+            .metadata()
+            .map_err(|e| Error::io(&self.path, e))?
+            .len();
+        Ok(len.saturating_sub(self.data_start))
     }
 
     fn info(&self, name: &str) -> Option<&TensorInfo> {
@@ -289,19 +305,19 @@ fn check_against_specs(
     unexpected.sort();
     let mut problems = Vec::new();
     if !missing.is_empty() {
-        problems.push(format!("missing tensors: {}", missing.join(", ")));
+        problems.push(format!("missing tensors: {}", capped_list(&missing, ", ")));
     }
     if !unexpected.is_empty() {
-        let list: Vec<&str> = unexpected.iter().map(|s| s.as_str()).collect();
-        problems.push(format!("unexpected tensors: {}", list.join(", ")));
+        let list: Vec<String> = unexpected.iter().map(|s| s.to_string()).collect();
+        problems.push(format!("unexpected tensors: {}", capped_list(&list, ", ")));
     }
     if !shapes.is_empty() {
-        problems.push(format!("wrong shapes: {}", shapes.join("; ")));
+        problems.push(format!("wrong shapes: {}", capped_list(&shapes, "; ")));
     }
     if !dtypes.is_empty() {
         problems.push(format!(
             "unsupported dtypes (expected F32, F64, BF16 or F16): {}",
-            dtypes.join(", ")
+            capped_list(&dtypes, ", ")
         ));
     }
     if problems.is_empty() {
@@ -323,6 +339,7 @@ pub fn load_params<T: Float>(path: &Path, cfg: &MambaConfig) -> Result<Params<T>
     let path = model_file(path);
     let mut h = Header::open(&path)?;
     let names = canonical_names(&path, &h, cfg)?;
+    check_fits(&path, cfg, h.data_len()?, 2)?;
     let specs = param_specs(cfg);
     check_against_specs(&h, &names, &specs)?;
     let mut tensors = Vec::with_capacity(specs.len());
@@ -356,6 +373,7 @@ pub fn locate_params(path: &Path, cfg: &MambaConfig) -> Result<(PathBuf, Vec<Ten
     let path = model_file(path);
     let h = Header::open(&path)?;
     let names = canonical_names(&path, &h, cfg)?;
+    check_fits(&path, cfg, h.data_len()?, 2)?;
     let specs = param_specs(cfg);
     check_against_specs(&h, &names, &specs)?;
     let mut out = Vec::with_capacity(specs.len());

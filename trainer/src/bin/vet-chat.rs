@@ -28,7 +28,8 @@ use trainer::tokenizer;
         (\"<|question|> {question}\\n<|answer|> \"); answers end at <|endoftext|>, a --stop \
         string or --max-new-tokens.\n\n\
         Sampling applies, in this order: repetition penalty, temperature, top-k, top-p. \
-        --greedy (or --temperature 0) takes the most likely token instead and is deterministic."
+        --greedy (or --temperature 0) takes the most likely token instead and is deterministic.",
+    allow_negative_numbers = true
 )]
 struct Cli {
     /// Checkpoint directory: config.json + model.safetensors (Hugging Face or mamba_ssm
@@ -160,6 +161,12 @@ fn parse_tokens(raw: &[String], vocab: usize) -> Result<Vec<u32>> {
 
 /// Names the first missing file of the checkpoint in `dir` before anything slow starts.
 fn check_checkpoint(dir: &Path, tokenizer: bool) -> Result<()> {
+    if dir.is_file() {
+        bail!(
+            "checkpoint {}: is a file; --model expects a checkpoint directory (config.json, model.safetensors, tokenizer.json)",
+            dir.display()
+        );
+    }
     if !dir.is_dir() {
         bail!("checkpoint {}: no such directory", dir.display());
     }
@@ -182,6 +189,43 @@ fn check_checkpoint(dir: &Path, tokenizer: bool) -> Result<()> {
     Ok(())
 }
 
+/// `--threads`, capped at 4× the cores with a warning: far more threads than cores only
+/// adds switching (10,000 made 5 tokens take 34 s).
+fn capped_threads(threads: usize) -> usize {
+    let cores = std::thread::available_parallelism().map_or(1, usize::from);
+    let cap = 4 * cores;
+    if threads > cap {
+        eprintln!("warning: --threads {threads} is far above the {cores} cores here; using {cap}");
+        return cap;
+    }
+    threads
+}
+
+/// Refuses flag combinations that would be silently ignored or would do nothing.
+fn check_flags(cli: &Cli) -> Result<()> {
+    if let Some(out) = &cli.output {
+        if cli.mode.input.is_none() {
+            bail!(
+                "--output {} is for batch mode (--input FILE); --question, --prompt and --tokens print to stdout",
+                out.display()
+            );
+        }
+    }
+    if let (Some(input), Some(output)) = (&cli.mode.input, &cli.output) {
+        let same = match (input.canonicalize(), output.canonicalize()) {
+            (Ok(a), Ok(b)) => a == b,
+            _ => input == output,
+        };
+        if same {
+            bail!(
+                "--input and --output are the same file ({}): the answers are appended to --output, so give another file",
+                output.display()
+            );
+        }
+    }
+    Ok(())
+}
+
 fn load_engine(cli: &Cli) -> Result<(Box<dyn reference::InferenceEngine>, MambaConfig)> {
     let precision = match cli.precision.as_str() {
         "fp16" => gpu::Precision::Fp16,
@@ -195,7 +239,7 @@ fn load_engine(cli: &Cli) -> Result<(Box<dyn reference::InferenceEngine>, MambaC
         );
     }
     let opts = EngineOptions {
-        threads: cli.threads,
+        threads: capped_threads(cli.threads),
         dtype: cli.dtype,
         precision,
     };
@@ -252,6 +296,7 @@ fn one_shot(session: &mut Session, text: &str, templated: bool) -> Result<()> {
 }
 
 fn run(cli: Cli) -> Result<()> {
+    check_flags(&cli)?;
     let seed = cli.sampling.seed.unwrap_or_else(clock_seed);
     let sampling = cli.sampling.sampling(seed);
     sampling.check()?;

@@ -19,15 +19,23 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Train a byte-level BPE tokenizer on a corpus and save tokenizer.json.
+    #[command(allow_negative_numbers = true)]
     Tokenizer(tokenizer_train::Args),
     /// Tokenize .txt / .jsonl corpora (plain, .gz or .zst) into train/val token shards + manifest.
+    #[command(allow_negative_numbers = true)]
     Prepare(prepare::Args),
     /// Print a shard's header, counts and a decoded sample, and verify its checksums.
+    #[command(allow_negative_numbers = true)]
     Inspect(inspect::Args),
 }
 
-fn main() -> Result<()> {
-    match Cli::parse().cmd {
+fn main() -> std::process::ExitCode {
+    // `error: …` on one line, the same with or without RUST_BACKTRACE.
+    trainer::cli::finish(run(Cli::parse()))
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.cmd {
         Cmd::Tokenizer(a) => tokenizer_train::run(a),
         Cmd::Prepare(a) => prepare::run(a),
         Cmd::Inspect(a) => inspect::run(a),

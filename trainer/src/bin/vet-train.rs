@@ -18,7 +18,8 @@ use trainer::{checkpoint, debug_state, device, generate, tokenizer};
     long_about = "Train, run and debug Vet-Mamba (Mamba-1) language models.\n\n\
         `vet-train --config run.toml [--device reference|cpu|cuda[:N]] [--resume]` runs the job a TOML \
         run config describes (bundled ones are in trainer/configs/).",
-    args_conflicts_with_subcommands = true
+    args_conflicts_with_subcommands = true,
+    allow_negative_numbers = true
 )]
 struct Cli {
     #[command(subcommand)]
@@ -87,6 +88,7 @@ enum Cmd {
         device: String,
     },
     /// Continue a prompt with a checkpoint (greedy unless --temperature is set).
+    #[command(allow_negative_numbers = true)]
     Generate {
         /// Checkpoint directory (config.json + model.safetensors + tokenizer.json).
         #[arg(long)]
@@ -183,10 +185,29 @@ fn quantize(
 fn run_job(a: RunArgs) -> Result<()> {
     let Some(path) = a.config else {
         // No config: the bundled quickstart (prepare, pretrain, fine-tune, evaluate, answer).
+        // It takes --device, --threads and --out-dir; the flags that change a training job
+        // have no single job to apply to there, so they are refused rather than ignored.
+        let refused = [
+            ("--steps", a.steps.is_some()),
+            ("--lr", a.lr.is_some()),
+            ("--resume", a.resume),
+            ("--deepspeed", a.deepspeed.is_some()),
+        ];
+        let given: Vec<&str> = refused.iter().filter(|f| f.1).map(|f| f.0).collect();
+        if !given.is_empty() {
+            anyhow::bail!(
+                "{} {} a training job's --config; without --config vet-train runs the bundled \
+                 quickstart, which takes only --device, --threads and --out-dir \
+                 (its own run configs are written under OUT/pretrain and OUT/finetune)",
+                given.join(", "),
+                if given.len() == 1 { "needs" } else { "need" }
+            );
+        }
         let mut o = trainer::quickstart::QuickstartOptions::full(
             a.out_dir.unwrap_or_else(|| "runs/quickstart".into()),
         );
         o.device = a.device;
+        o.threads = a.threads;
         trainer::quickstart::run(&o)?;
         return Ok(());
     };
@@ -235,8 +256,13 @@ fn run_job(a: RunArgs) -> Result<()> {
     Ok(())
 }
 
-fn main() -> Result<()> {
-    let cli = Cli::parse();
+fn main() -> std::process::ExitCode {
+    // `error: …` on one line, the same with or without RUST_BACKTRACE; 130 / 143 after a
+    // run that Ctrl-C / SIGTERM stopped.
+    trainer::cli::finish(run_cli(Cli::parse()))
+}
+
+fn run_cli(cli: Cli) -> Result<()> {
     let Some(cmd) = cli.cmd else {
         return run_job(cli.run);
     };
@@ -293,7 +319,7 @@ fn main() -> Result<()> {
         } => {
             let ck = checkpoint::load(&model)?;
             let tok = tokenizer::load(&model.join("tokenizer.json"), ck.config.vocab_size)?;
-            let ids = tokenizer::encode(&tok, &prompt)?;
+            let ids = tokenizer::encode_text(&tok, &prompt)?;
             let stop = tok.token_to_id(tokenizer::EOT);
             let mut engine = device::engine(&device, &ck.config, ck.params)?;
             let s = generate::Sampling {

@@ -23,7 +23,7 @@ use tokenizers::Tokenizer;
 
 use crate::data::qa::QaTemplate;
 use crate::generate::{Generator, Sampling, Stop};
-use crate::tokenizer::{encode, EOT};
+use crate::tokenizer::{encode_templated, encode_text, EOT};
 pub use stream::TextStream;
 
 /// Why an answer ended.
@@ -207,8 +207,9 @@ impl Session {
         if question.trim().is_empty() {
             bail!("the question is empty");
         }
-        let prompt = self.cfg.template.render(question);
-        self.turn(&prompt, out)
+        // The question's text never produces a special token (encode_templated).
+        let ids = encode_templated(&self.tok, &self.cfg.template.prompt, question)?;
+        self.turn(&ids, &self.cfg.template.render(question), out)
     }
 
     /// Continues the conversation with raw `text` (no template).
@@ -216,11 +217,12 @@ impl Session {
         if text.is_empty() {
             bail!("the prompt is empty");
         }
-        self.turn(text, out)
+        let ids = encode_text(&self.tok, text)?;
+        self.turn(&ids, text, out)
     }
 
-    fn turn(&mut self, prompt: &str, out: &mut dyn Write) -> Result<Answer> {
-        let prompt_ids = encode(&self.tok, prompt)?;
+    fn turn(&mut self, ids: &[u32], prompt: &str, out: &mut dyn Write) -> Result<Answer> {
+        let prompt_ids = ids.to_vec();
         if prompt_ids.is_empty() {
             bail!("the prompt {prompt:?} encodes to no tokens");
         }

@@ -26,19 +26,34 @@ pub fn run(
     err: &mut dyn Write,
     prompt: Option<&str>,
 ) -> Result<()> {
-    let mut line = String::new();
+    let mut raw = Vec::new();
+    let mut number = 0usize;
     loop {
         if let Some(p) = prompt {
             write!(out, "{p}")?;
             out.flush()?;
         }
-        line.clear();
-        if input.read_line(&mut line).context("reading stdin")? == 0 {
+        raw.clear();
+        if input.read_until(b'\n', &mut raw).context("reading stdin")? == 0 {
             if prompt.is_some() {
                 writeln!(out)?;
             }
             return Ok(());
         }
+        number += 1;
+        let line = match std::str::from_utf8(&raw) {
+            Ok(line) => line,
+            Err(e) => {
+                // One bad line (a pasted binary, another encoding) must not end the chat.
+                writeln!(
+                    err,
+                    "line {number} is not valid UTF-8 (bad byte at offset {}): skipped; {}",
+                    e.valid_up_to(),
+                    String::from_utf8_lossy(&raw).trim_end()
+                )?;
+                continue;
+            }
+        };
         let q = line.trim();
         match q {
             "" => continue,

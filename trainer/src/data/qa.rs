@@ -23,7 +23,7 @@ use serde_json::{Map, Value};
 use tokenizers::Tokenizer;
 
 use super::loader::{check_config, epoch_order, Position};
-use crate::tokenizer::{encode, EOT, PAD, QA_TEMPLATE};
+use crate::tokenizer::{encode_templated, encode_text, EOT, PAD, QA_TEMPLATE};
 
 /// One question/answer pair; fields other than `question` and `answer` are kept in `extra`.
 #[derive(Clone, Debug, PartialEq)]
@@ -370,10 +370,10 @@ fn tokenize(
     let mut truncated = 0;
     let max = seq_len + 1;
     for (i, pair) in pairs.iter().enumerate() {
-        let prompt = encode(tok, &template.render(&pair.question))
+        let prompt = encode_templated(tok, &template.prompt, &pair.question)
             .with_context(|| format!("QA pair {}: question", i + 1))?;
         let mut answer =
-            encode(tok, &pair.answer).with_context(|| format!("QA pair {}: answer", i + 1))?;
+            encode_text(tok, &pair.answer).with_context(|| format!("QA pair {}: answer", i + 1))?;
         answer.push(eot);
         let n = prompt.len() + answer.len();
         if n < 2 {

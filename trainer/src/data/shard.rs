@@ -36,12 +36,9 @@ pub const HEADER_LEN: usize = 128;
 pub enum ShardError {
     #[error("shard {path}: {msg}")]
     Corrupt { path: String, msg: String },
-    #[error("shard {path}: {source}")]
-    Io {
-        path: String,
-        #[source]
-        source: std::io::Error,
-    },
+    /// The OS error is part of the message, not a `source`: `{:#}` would print it twice.
+    #[error("shard {path}: {err}")]
+    Io { path: String, err: std::io::Error },
 }
 
 fn corrupt(path: &Path, msg: impl Into<String>) -> ShardError {
@@ -51,10 +48,10 @@ fn corrupt(path: &Path, msg: impl Into<String>) -> ShardError {
     }
 }
 
-fn io_err(path: &Path, source: std::io::Error) -> ShardError {
+fn io_err(path: &Path, err: std::io::Error) -> ShardError {
     ShardError::Io {
         path: path.display().to_string(),
-        source,
+        err,
     }
 }
 

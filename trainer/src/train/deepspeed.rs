@@ -310,7 +310,7 @@ pub fn apply_deepspeed(cfg: &mut RunConfig, ds: &DsConfig) -> Result<Vec<String>
     }
     if let Some(total) = ds.train_batch_size {
         // One process: train_batch_size = micro batch × accumulation × world size (1).
-        if total != t.batch * t.grad_accum {
+        if Some(total) != t.batch.checked_mul(t.grad_accum) {
             bail!(
                 "DeepSpeed `train_batch_size` {total} != train_micro_batch_size_per_gpu {} × gradient_accumulation_steps {} × 1 GPU",
                 t.batch,

@@ -6,6 +6,7 @@ pub mod evaluate;
 pub mod loss_scale;
 pub mod plot;
 pub mod qa_eval;
+pub mod resume;
 pub mod run;
 pub mod run_config;
 pub mod schedule;

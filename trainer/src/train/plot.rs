@@ -96,6 +96,12 @@ fn read_metrics(path: &Path) -> Result<Series> {
 fn parse_line(line: &str, series: &mut Series) -> Result<()> {
     let value: Value = serde_json::from_str(line)?;
     let obj = value.as_object().context("expected a JSON object")?;
+    if let Some(from) = number(obj, "resumed_from")? {
+        // A resumed run writes the steps after its checkpoint again: drop the stale rows.
+        series.train.retain(|p| p.0 <= from);
+        series.val.retain(|p| p.0 <= from);
+        return Ok(());
+    }
     if obj.get("skipped").and_then(Value::as_bool) == Some(true) {
         return Ok(());
     }

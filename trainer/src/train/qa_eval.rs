@@ -12,7 +12,7 @@ use tokenizers::Tokenizer;
 
 use crate::data::qa::{QaPair, QaTemplate};
 use crate::generate::{generate, Sampling};
-use crate::tokenizer::{decode, encode, EOT};
+use crate::tokenizer::{decode, encode_templated, EOT};
 
 /// Words of `s` after SQuAD normalisation.
 pub fn normalize(s: &str) -> Vec<String> {
@@ -106,7 +106,7 @@ pub fn evaluate_qa(
     };
     let mut out = Vec::new();
     for p in pairs.iter().take(limit) {
-        let prompt = encode(tok, &template.render(&p.question))?;
+        let prompt = encode_templated(tok, &template.prompt, &p.question)?;
         let mut ids = generate(engine, &prompt, &sampling, |_| {})?;
         if ids.last().copied() == eot {
             ids.pop();

@@ -2,7 +2,6 @@
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
@@ -14,6 +13,7 @@ use serde_json::json;
 use super::deepspeed::Precision;
 use super::eval::eval_loss;
 use super::loss_scale::DynamicLossScaler;
+use super::resume;
 use super::run_config::{preset, RunConfig, ScheduleKind, Stage};
 use super::schedule::{Schedule, WarmupType};
 use super::source::{Source, TrainBatch};
@@ -24,15 +24,15 @@ use crate::data::verify::ShardCheck;
 use crate::lock::DirLock;
 use crate::{checkpoint, device, tokenizer};
 
-/// Set by Ctrl-C / SIGTERM: the loop finishes its step, checkpoints and stops.
-static STOP: AtomicBool = AtomicBool::new(false);
-
-/// Installs the Ctrl-C / SIGTERM handler once per process.
+/// Installs the Ctrl-C / SIGTERM handler once per process: the loop finishes its step,
+/// checkpoints and stops; the binary then exits 130 / 143 ([`crate::cli::finish`]).
 pub fn install_signal_handler() {
-    static ONCE: std::sync::Once = std::sync::Once::new();
-    ONCE.call_once(|| {
-        let _ = ctrlc::set_handler(|| STOP.store(true, Ordering::SeqCst));
-    });
+    crate::cli::install_stop_handlers();
+}
+
+/// A stop was asked for (Ctrl-C, SIGTERM or SIGHUP).
+fn stop_requested() -> bool {
+    crate::cli::stop_signal().is_some()
 }
 
 /// How a run is launched (what the command line adds to the config).
@@ -93,6 +93,8 @@ struct Run {
     shard_check: Option<ShardCheck>,
     /// `out_dir` is this process's while the run lives.
     _lock: DirLock,
+    /// The step of the checkpoint this process resumed from.
+    resumed_from: Option<(u64, PathBuf)>,
 }
 
 /// fp16 trains with DeepSpeed's dynamic loss scaler; other precisions need none.
@@ -132,22 +134,47 @@ fn tokenizer_path(cfg: &RunConfig) -> Result<PathBuf> {
     bail!("no tokenizer: set `data.tokenizer` (or start from a checkpoint that has tokenizer.json)")
 }
 
-/// The model to start from: a checkpoint, or a preset initialised from the seed.
-fn starting_model(cfg: &RunConfig, tok_vocab: usize) -> Result<(MambaConfig, Params<f32>)> {
-    if let Some(from) = &cfg.model.from {
-        let ck = checkpoint::load(from)?;
-        return Ok((ck.config, ck.params));
-    }
+/// The model a preset names, its vocabulary fitted to the tokenizer's for the small presets.
+fn preset_model(cfg: &RunConfig, tok_vocab: usize) -> Result<MambaConfig> {
     let name = cfg.model.preset.as_deref().unwrap_or_default();
     let mut mcfg = preset(name)?;
     if matches!(name, "quickstart" | "tiny") {
         mcfg.vocab_size = tok_vocab.div_ceil(8) * 8;
         mcfg.pad_vocab_size_multiple = 8;
     }
+    Ok(mcfg)
+}
+
+/// The model to start from: a checkpoint, or a preset initialised from the seed.
+fn starting_model(cfg: &RunConfig, tok_vocab: usize) -> Result<(MambaConfig, Params<f32>)> {
+    if let Some(from) = &cfg.model.from {
+        let ck = checkpoint::load(from)?;
+        return Ok((ck.config, ck.params));
+    }
+    let mcfg = preset_model(cfg, tok_vocab)?;
     Ok((
         mcfg.clone(),
         reference::init::init_params(&mcfg, cfg.train.seed),
     ))
+}
+
+/// `--resume` from `dir` (holding model `ck_model`): refuses a run config that now describes
+/// another model, warns about any other change ([`resume::check`]).
+fn check_resume(
+    cfg: &RunConfig,
+    dir: &Path,
+    ck_model: &MambaConfig,
+    tok_vocab: usize,
+) -> Result<()> {
+    let new_model = match &cfg.model.from {
+        Some(from) => MambaConfig::load(&from.join("config.json")).ok(),
+        None => preset_model(cfg, tok_vocab).ok(),
+    };
+    let saved = resume::saved_config_toml(dir)?;
+    if let Some(w) = resume::check(dir, ck_model, new_model.as_ref(), &saved, &cfg.to_toml()?)? {
+        eprintln!("{w}");
+    }
+    Ok(())
 }
 
 fn open_source(
@@ -211,12 +238,17 @@ impl Run {
         } else {
             None
         };
+        if opts.resume && latest.is_none() {
+            eprintln!("{}", resume::nothing_to_resume(&cfg.out_dir));
+        }
+        let tok_vocab = probe.get_vocab_size(true);
         let (mcfg, params) = match &latest {
             Some((_, dir)) => {
                 let ck = checkpoint::load(dir)?;
+                check_resume(&cfg, dir, &ck.config, tok_vocab)?;
                 (ck.config, ck.params)
             }
-            None => starting_model(&cfg, probe.get_vocab_size(true))?,
+            None => starting_model(&cfg, tok_vocab)?,
         };
         let tok = tokenizer::load(&tokenizer_path, mcfg.vocab_size)?;
         let eopts = device::EngineOptions {
@@ -271,6 +303,7 @@ impl Run {
             max_grad_norm: (o.grad_clip > 0.0).then_some(o.grad_clip),
         };
         let shard_check = start_shard_check(&cfg)?;
+        let resumed_from = latest.map(|(_, dir)| (state.step, dir));
         Ok(Run {
             schedule: schedule(&cfg, total_steps),
             cfg,
@@ -284,6 +317,7 @@ impl Run {
             overflow_skip: false,
             shard_check,
             _lock: lock,
+            resumed_from,
         })
     }
 
@@ -360,6 +394,17 @@ impl Run {
     }
 }
 
+/// Where a stopped run can go on from: the newest complete checkpoint, or that there is none.
+fn last_checkpoint_note(out_dir: &Path) -> String {
+    match state::list(out_dir).ok().and_then(|mut l| l.pop()) {
+        Some((step, dir)) => format!(
+            "The last good checkpoint is {} (step {step})",
+            dir.display()
+        ),
+        None => format!("No checkpoint was written in {}", out_dir.display()),
+    }
+}
+
 /// A line for the log: above the progress bar on a terminal, plain stderr otherwise (a hidden
 /// bar's `println` drops the line, and these must reach a job's log file).
 fn note(pb: &ProgressBar, msg: String) {
@@ -390,6 +435,12 @@ pub fn train(cfg: RunConfig, opts: &RunOptions) -> Result<RunSummary> {
         .append(true)
         .open(&metrics_path)
         .with_context(|| format!("opening {}", metrics_path.display()))?;
+    if let Some((step, dir)) = &run.resumed_from {
+        // Rows after this step are from the interrupted run and are written again: readers
+        // drop the earlier rows past `resumed_from` (plot does).
+        let line = json!({"resumed_from": step, "checkpoint": dir.display().to_string()});
+        writeln!(metrics, "{line}")?;
+    }
     let pb = progress(run.total_steps, run.state.step);
     let started = Instant::now();
     let (mut losses, mut run_tokens, mut consecutive) = (Vec::new(), 0u64, 0u32);
@@ -419,8 +470,8 @@ pub fn train(cfg: RunConfig, opts: &RunOptions) -> Result<RunSummary> {
                 )?;
                 if consecutive >= opts.max_consecutive_skips {
                     bail!(
-                        "{consecutive} consecutive steps had a non-finite loss or gradient; stopping. The last good checkpoint is in {} — lower the learning rate or check the data",
-                        state::checkpoints_dir(&run.cfg.out_dir).display()
+                        "{consecutive} consecutive steps had a non-finite loss or gradient; stopping. {} — lower the learning rate or check the data",
+                        last_checkpoint_note(&run.cfg.out_dir)
                     );
                 }
                 continue;
@@ -455,7 +506,7 @@ pub fn train(cfg: RunConfig, opts: &RunOptions) -> Result<RunSummary> {
         {
             val_loss = Some(eval_now(&mut run, e.batches, &mut metrics, &pb)?);
         }
-        if STOP.load(Ordering::SeqCst) {
+        if stop_requested() {
             interrupted = true;
             note(&pb, format!("interrupted: checkpointing at step {step}"));
             break;

@@ -446,6 +446,17 @@ fn assemble(
         summary.missing_units = missing;
         return Ok(());
     }
+    let (docs, tokens) = (t.train.docs + t.val.docs, t.train.tokens + t.val.tokens);
+    if tokens <= docs {
+        // An empty or unreadable input (no documents, or only empty ones: each is just its
+        // end-of-text token) must not look like a finished corpus.
+        bail!(
+            "no documents in the input ({} file(s), {} bytes; the lines above say what was skipped): no manifest written to {}",
+            sources.len(),
+            sources.iter().map(|s| s.bytes).sum::<u64>(),
+            opts.out.display()
+        );
+    }
     let manifest = Manifest {
         format: MANIFEST_FORMAT.into(),
         version: MANIFEST_VERSION,
