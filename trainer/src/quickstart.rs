@@ -9,7 +9,7 @@ use anyhow::{Context, Result};
 use serde::Serialize;
 
 use crate::data::prepare::{prepare, Options};
-use crate::data::qa::read_qa_jsonl;
+use crate::data::qa::{read_qa_jsonl, QaPair};
 use crate::train::eval::eval_loss;
 use crate::train::qa_eval::{evaluate_qa, QaScores};
 use crate::train::run::{train, RunOptions, RunSummary};
@@ -188,6 +188,40 @@ fn step(n: usize, what: &str) {
     eprintln!("\n== {n}/5 {what}");
 }
 
+/// Answers the first question of the QA eval split with the checkpoint in `dir` and prints it
+/// beside the reference answer; returns the pair and the answer.
+fn sample_answer(o: &QuickstartOptions, dir: &Path) -> Result<(QaPair, String)> {
+    let pairs = read_qa_jsonl(&fixtures::data().join("qa_eval.jsonl"))?;
+    let sample = pairs.first().context("the QA eval split is empty")?;
+    let one = o.out.join("sample_answer.jsonl");
+    let only = [sample.clone()];
+    let ck = checkpoint::load(dir)?;
+    let tok = tokenizer::load(&fixtures::tokenizer(), ck.config.vocab_size)?;
+    let mut engine = engine_for(o, &ck.config, ck.params)?;
+    // The sample answer curbs the small model's loops with a repetition penalty.
+    evaluate_qa(
+        engine.as_mut(),
+        &tok,
+        &only,
+        1,
+        o.max_new_tokens.max(48),
+        1.3,
+        &one,
+    )?;
+    let rec: serde_json::Value = serde_json::from_str(
+        std::fs::read_to_string(&one)?
+            .lines()
+            .next()
+            .unwrap_or("{}"),
+    )?;
+    let answer = rec["answer"].as_str().unwrap_or_default().to_string();
+    println!(
+        "Question: {}\nAnswer:   {answer}\n(reference: {})",
+        sample.question, sample.answer
+    );
+    Ok((sample.clone(), answer))
+}
+
 /// Runs the five steps, printing progress, and returns the measurements (also written to
 /// `OUT/quickstart_report.json`).
 pub fn run(o: &QuickstartOptions) -> Result<QuickstartReport> {
@@ -267,34 +301,7 @@ pub fn run(o: &QuickstartOptions) -> Result<QuickstartReport> {
         qa_after.questions, qa_before.exact_match, qa_after.exact_match, qa_before.f1, qa_after.f1
     );
     step(5, "answer a sample question");
-    let pairs = read_qa_jsonl(&fixtures::data().join("qa_eval.jsonl"))?;
-    let sample = pairs.first().context("the QA eval split is empty")?;
-    let one = o.out.join("sample_answer.jsonl");
-    let only = [sample.clone()];
-    let ck = checkpoint::load(&ft.checkpoint)?;
-    let tok = tokenizer::load(&fixtures::tokenizer(), ck.config.vocab_size)?;
-    let mut engine = engine_for(o, &ck.config, ck.params)?;
-    // The sample answer curbs the small model's loops with a repetition penalty.
-    evaluate_qa(
-        engine.as_mut(),
-        &tok,
-        &only,
-        1,
-        o.max_new_tokens.max(48),
-        1.3,
-        &one,
-    )?;
-    let rec: serde_json::Value = serde_json::from_str(
-        std::fs::read_to_string(&one)?
-            .lines()
-            .next()
-            .unwrap_or("{}"),
-    )?;
-    let answer = rec["answer"].as_str().unwrap_or_default().to_string();
-    println!(
-        "Question: {}\nAnswer:   {answer}\n(reference: {})",
-        sample.question, sample.answer
-    );
+    let (sample, answer) = sample_answer(o, &ft.checkpoint)?;
     let report = QuickstartReport {
         pretrain_final_loss: pre.losses.last().copied().unwrap_or(f64::NAN),
         pretrain_val_loss: pre.val_loss,

@@ -10,5 +10,6 @@ pub mod resume;
 pub mod run;
 pub mod run_config;
 pub mod schedule;
+mod setup;
 pub mod source;
 pub mod state;

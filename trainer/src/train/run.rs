@@ -7,15 +7,17 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use reference::model::Batch;
-use reference::{AdamWConfig, MambaConfig, Params, TrainingEngine};
+use reference::{AdamWConfig, MambaConfig, TrainingEngine};
 use serde_json::json;
 
 use super::deepspeed::Precision;
 use super::eval::eval_loss;
-use super::loss_scale::DynamicLossScaler;
 use super::resume;
-use super::run_config::{preset, RunConfig, ScheduleKind, Stage};
-use super::schedule::{Schedule, WarmupType};
+use super::run_config::{RunConfig, Stage};
+use super::schedule::Schedule;
+use super::setup::{
+    check_resume, new_loss_scaler, open_source, schedule, starting_model, tokenizer_path,
+};
 use super::source::{Source, TrainBatch};
 use super::state::{self, TrainerState};
 use crate::data::loader::Position;
@@ -95,120 +97,6 @@ struct Run {
     _lock: DirLock,
     /// The step of the checkpoint this process resumed from.
     resumed_from: Option<(u64, PathBuf)>,
-}
-
-/// fp16 trains with DeepSpeed's dynamic loss scaler; other precisions need none.
-fn new_loss_scaler(cfg: &RunConfig) -> Option<DynamicLossScaler> {
-    (cfg.optim.precision == Precision::Fp16)
-        .then(|| DynamicLossScaler::new(cfg.optim.loss_scale.clone().unwrap_or_default()))
-}
-
-fn schedule(cfg: &RunConfig, total: u64) -> Schedule {
-    let o = &cfg.optim;
-    match o.schedule {
-        ScheduleKind::Constant => Schedule::Constant { lr: o.lr },
-        ScheduleKind::Cosine => Schedule::Cosine {
-            min_lr: o.min_lr,
-            max_lr: o.lr,
-            warmup_steps: o.warmup_steps,
-            total_steps: total,
-        },
-        ScheduleKind::WarmupDecay => Schedule::WarmupDecay {
-            min_lr: o.min_lr,
-            max_lr: o.lr,
-            warmup_steps: o.warmup_steps,
-            total_steps: total,
-            warmup_type: WarmupType::Log,
-        },
-    }
-}
-
-/// The tokenizer: `data.tokenizer`, else the starting checkpoint's.
-fn tokenizer_path(cfg: &RunConfig) -> Result<PathBuf> {
-    if let Some(t) = &cfg.data.tokenizer {
-        return Ok(t.clone());
-    }
-    if let Some(from) = &cfg.model.from {
-        return Ok(from.join("tokenizer.json"));
-    }
-    bail!("no tokenizer: set `data.tokenizer` (or start from a checkpoint that has tokenizer.json)")
-}
-
-/// The model a preset names, its vocabulary fitted to the tokenizer's for the small presets.
-fn preset_model(cfg: &RunConfig, tok_vocab: usize) -> Result<MambaConfig> {
-    let name = cfg.model.preset.as_deref().unwrap_or_default();
-    let mut mcfg = preset(name)?;
-    if matches!(name, "quickstart" | "tiny") {
-        mcfg.vocab_size = tok_vocab.div_ceil(8) * 8;
-        mcfg.pad_vocab_size_multiple = 8;
-    }
-    Ok(mcfg)
-}
-
-/// The model to start from: a checkpoint, or a preset initialised from the seed.
-fn starting_model(cfg: &RunConfig, tok_vocab: usize) -> Result<(MambaConfig, Params<f32>)> {
-    if let Some(from) = &cfg.model.from {
-        let ck = checkpoint::load(from)?;
-        return Ok((ck.config, ck.params));
-    }
-    let mcfg = preset_model(cfg, tok_vocab)?;
-    Ok((
-        mcfg.clone(),
-        reference::init::init_params(&mcfg, cfg.train.seed),
-    ))
-}
-
-/// `--resume` from `dir` (holding model `ck_model`): refuses a run config that now describes
-/// another model, warns about any other change ([`resume::check`]).
-fn check_resume(
-    cfg: &RunConfig,
-    dir: &Path,
-    ck_model: &MambaConfig,
-    tok_vocab: usize,
-) -> Result<()> {
-    let new_model = match &cfg.model.from {
-        Some(from) => MambaConfig::load(&from.join("config.json")).ok(),
-        None => preset_model(cfg, tok_vocab).ok(),
-    };
-    let saved = resume::saved_config_toml(dir)?;
-    if let Some(w) = resume::check(dir, ck_model, new_model.as_ref(), &saved, &cfg.to_toml()?)? {
-        eprintln!("{w}");
-    }
-    Ok(())
-}
-
-fn open_source(
-    cfg: &RunConfig,
-    split_train: bool,
-    tok: &tokenizers::Tokenizer,
-    tok_sha: &str,
-    vocab: usize,
-) -> Result<Source> {
-    let t = &cfg.train;
-    match cfg.stage {
-        Stage::Pretrain | Stage::Eval if cfg.data.manifest.is_some() => {
-            let manifest = cfg.data.manifest.as_deref().unwrap_or(Path::new(""));
-            let lc = t.loader_config();
-            Source::tokens(
-                manifest,
-                if split_train { "train" } else { "val" },
-                lc,
-                Some(tok_sha),
-                vocab,
-            )
-        }
-        _ => {
-            let path = if split_train {
-                cfg.data.qa_train.as_deref()
-            } else {
-                cfg.data.qa_eval.as_deref()
-            };
-            let path =
-                path.context("no QA file for this stage: set `data.qa_train` / `data.qa_eval`")?;
-            let qc = t.qa_config();
-            Source::qa(path, tok, qc)
-        }
-    }
 }
 
 impl Run {
@@ -430,17 +318,7 @@ pub fn train(cfg: RunConfig, opts: &RunOptions) -> Result<RunSummary> {
     install_signal_handler();
     let mut run = Run::open(cfg, opts)?;
     let metrics_path = run.cfg.out_dir.join("metrics.jsonl");
-    let mut metrics = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&metrics_path)
-        .with_context(|| format!("opening {}", metrics_path.display()))?;
-    if let Some((step, dir)) = &run.resumed_from {
-        // Rows after this step are from the interrupted run and are written again: readers
-        // drop the earlier rows past `resumed_from` (plot does).
-        let line = json!({"resumed_from": step, "checkpoint": dir.display().to_string()});
-        writeln!(metrics, "{line}")?;
-    }
+    let mut metrics = open_metrics(&metrics_path, run.resumed_from.as_ref())?;
     let pb = progress(run.total_steps, run.state.step);
     let started = Instant::now();
     let (mut losses, mut run_tokens, mut consecutive) = (Vec::new(), 0u64, 0u32);
@@ -547,6 +425,22 @@ pub fn train(cfg: RunConfig, opts: &RunOptions) -> Result<RunSummary> {
         checkpoint,
         interrupted,
     })
+}
+
+/// Opens `metrics.jsonl` for appending; after a resume, first writes the `resumed_from` line:
+/// rows after that step are from the interrupted run and are written again, so readers drop
+/// the earlier rows past it (plot does).
+fn open_metrics(path: &Path, resumed_from: Option<&(u64, PathBuf)>) -> Result<std::fs::File> {
+    let mut metrics = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    if let Some((step, dir)) = resumed_from {
+        let line = json!({"resumed_from": step, "checkpoint": dir.display().to_string()});
+        writeln!(metrics, "{line}")?;
+    }
+    Ok(metrics)
 }
 
 /// The background check of the token shards a pretraining run reads (train, and val when
