@@ -1,5 +1,6 @@
-//! The CUDA context of one device: stream, the kernel module (built by [`crate::kernels`]),
-//! cuBLAS handle, raw device buffers and launches.
+//! The CUDA context of one device: stream, the kernel module (built by [`crate::kernels`],
+//! every kernel's parameters checked at load), cuBLAS handle, raw device buffers and typed
+//! launches ([`Dev::launch`]; the per-kernel launchers are in [`crate::ops`]).
 
 use std::collections::HashMap;
 use std::ffi::{c_void, CString};
@@ -11,18 +12,9 @@ use cudarc::driver::{result as drv, sys as drv_sys, CudaContext, CudaStream};
 use reference::{Error, Result};
 
 use crate::kernels::{
-    compile, compile_cached, forget_cached, kernel_cache_dir, ptx_cache, scan_bwd_smem,
-    KernelShape, KERNELS,
+    compile, compile_cached, forget_cached, kernel_cache_dir, ptx_cache, scan_bwd_smem, KernelShape,
 };
-
-/// A kernel argument: pointers, `long`, `int`, `float` (each in one 8-byte slot).
-#[derive(Clone, Copy, Debug)]
-pub enum Arg {
-    P(u64),
-    L(i64),
-    I(i32),
-    F(f32),
-}
+use crate::ops::params::{KernelInfo, KernelParams};
 
 /// GEMM operand type.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -41,6 +33,8 @@ pub struct Dev {
     funcs: HashMap<&'static str, drv_sys::CUfunction>,
     cublas: cublas_sys::cublasHandle_t,
     pub sm_count: usize,
+    /// The compile-time shape the kernels were built for.
+    pub shape: KernelShape,
 }
 
 /// Maps any CUDA-side error to `Error::Device`.
@@ -149,12 +143,16 @@ impl Dev {
             Err(e) => return Err(e),
         };
         let mut funcs = HashMap::new();
-        for &k in KERNELS {
-            let cname = CString::new(k).map_err(|e| dev_err(&name, "kernel name", e))?;
+        for k in crate::ops::all_kernels() {
+            let cname = CString::new(k.name).map_err(|e| dev_err(&name, "kernel name", e))?;
             // SAFETY: the module was just loaded and stays loaded while `Dev` lives.
             let f = unsafe { drv::module::get_function(module, cname) }
-                .map_err(|e| dev_err(&name, &format!("kernel {k}"), e))?;
-            funcs.insert(k, f);
+                .map_err(|e| dev_err(&name, &format!("kernel {}", k.name), e))?;
+            check_params(f, &k).map_err(|msg| Error::Device {
+                device: name.clone(),
+                msg,
+            })?;
+            funcs.insert(k.name, f);
         }
         let smem = scan_bwd_smem(shape) as i32;
         for k in ["selective_scan_bwd_f32", "selective_scan_bwd_2b_f32"] {
@@ -180,6 +178,7 @@ impl Dev {
             funcs,
             cublas: handle,
             sm_count,
+            shape,
         })
     }
 
@@ -204,55 +203,56 @@ impl Dev {
             .map_err(|e| self.err("synchronising the stream", e))
     }
 
-    /// Launches kernel `name`.
-    pub fn launch(
+    /// Launches the first kernel that takes `P` (see [`Dev::launch_build`]).
+    ///
+    /// # Safety
+    /// Every pointer in `p` is null where the kernel allows it, or else points to live device
+    /// memory of this context with the extent the kernel reads or writes for the shape in `p`
+    /// and this launch's grid (each launcher in [`crate::ops`] writes its contract down), and
+    /// no buffer the kernel writes is read or written by other work while it runs.
+    pub unsafe fn launch<P: KernelParams>(
+        &self,
+        grid: (u32, u32, u32),
+        block: u32,
+        smem: u32,
+        p: &P,
+    ) -> Result<()> {
+        let name = P::KERNELS
+            .first()
+            .ok_or_else(|| self.err("launch", "a parameter struct of no kernel"))?;
+        // SAFETY: the caller's contract.
+        unsafe { self.launch_build(name, grid, block, smem, p) }
+    }
+
+    /// Launches kernel `name`, one of the kernels that take `P`, with `p` as its one
+    /// parameter (the load checked that the kernel takes one parameter of `P`'s size).
+    ///
+    /// # Safety
+    /// As [`Dev::launch`].
+    pub unsafe fn launch_build<P: KernelParams>(
         &self,
         name: &'static str,
         grid: (u32, u32, u32),
         block: u32,
         smem: u32,
-        args: &[Arg],
+        p: &P,
     ) -> Result<()> {
+        if !P::KERNELS.contains(&name) {
+            return Err(self.err("launch", format!("{name} does not take these parameters")));
+        }
         let f = *self
             .funcs
             .get(name)
             .ok_or_else(|| self.err("launch", format!("no kernel {name}")))?;
-        let mut slots: Vec<u64> = args
-            .iter()
-            .map(|a| match *a {
-                Arg::P(p) => p,
-                Arg::L(v) => v as u64,
-                Arg::I(v) => v as u32 as u64,
-                Arg::F(v) => v.to_bits() as u64,
-            })
-            .collect();
-        let mut ptrs: Vec<*mut c_void> = slots
-            .iter_mut()
-            .map(|s| s as *mut u64 as *mut c_void)
-            .collect();
         if grid.0 == 0 || grid.1 == 0 || grid.2 == 0 {
             return Ok(());
         }
-        // SAFETY: every slot is 8 bytes, little-endian, so a 4-byte parameter reads its low
-        // half; the caller passes the kernel's parameters in order with live device pointers.
-        unsafe { drv::launch_kernel(f, grid, (block, 1, 1), smem, self.cu_stream(), &mut ptrs) }
+        let mut copy = *p;
+        let mut args = [&mut copy as *mut P as *mut c_void];
+        // SAFETY: the kernel takes one parameter, a struct of `P`'s size and layout (checked
+        // at load; its C twin is generated from `P`); the caller vouches for the pointers.
+        unsafe { drv::launch_kernel(f, grid, (block, 1, 1), smem, self.cu_stream(), &mut args) }
             .map_err(|e| self.err(&format!("launching {name}"), e))
-    }
-
-    /// `dst[j] = Σ_r part[r, j]` over `n_rb` row-block partials of `cols` columns, in row order.
-    pub fn colsum_final(&self, part: u64, n_rb: usize, cols: usize, dst: u64) -> Result<()> {
-        self.launch(
-            "colsum_final_f32",
-            (cols.div_ceil(256) as u32, 1, 1),
-            256,
-            0,
-            &[
-                Arg::P(part),
-                Arg::L(n_rb as i64),
-                Arg::L(cols as i64),
-                Arg::P(dst),
-            ],
-        )
     }
 
     /// Grid size for a grid-stride kernel over `n` items with 256 threads.
@@ -352,6 +352,43 @@ impl Dev {
         let b = self.alloc(std::mem::size_of_val(src))?;
         b.write(0, src)?;
         Ok(b)
+    }
+}
+
+/// Checks that kernel `k` takes exactly one parameter of its struct's size (where the driver
+/// can tell: `cuFuncGetParamInfo`, CUDA 12.4 and later).
+fn check_params(f: drv_sys::CUfunction, k: &KernelInfo) -> std::result::Result<(), String> {
+    let info = |i: usize| {
+        let (mut off, mut size) = (0usize, 0usize);
+        // SAFETY: a valid function handle and two out-pointers to live integers.
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| unsafe {
+            drv_sys::cuFuncGetParamInfo(f, i, &mut off, &mut size)
+        }));
+        match r {
+            Ok(drv_sys::CUresult::CUDA_SUCCESS) => Some(Some(size)),
+            Ok(drv_sys::CUresult::CUDA_ERROR_INVALID_VALUE) => Some(None),
+            // Not supported by this driver: nothing to check.
+            _ => None,
+        }
+    };
+    match (info(0), info(1)) {
+        (Some(Some(size)), Some(None)) if size == k.params_bytes => Ok(()),
+        (None, _) | (_, None) => Ok(()),
+        (first, second) => Err(format!(
+            "kernel {}: its parameters do not match the Rust struct ({} bytes, passed as the one \
+             parameter); the kernel takes {}{}",
+            k.name,
+            k.params_bytes,
+            match first {
+                Some(Some(s)) => format!("a first parameter of {s} bytes"),
+                _ => "no parameter".into(),
+            },
+            if matches!(second, Some(Some(_))) {
+                " and more"
+            } else {
+                ""
+            }
+        )),
     }
 }
 

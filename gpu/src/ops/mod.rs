@@ -1,0 +1,104 @@
+//! One module per kernel file: `ops/<op>.rs` holds the typed parameter structs and the one
+//! launcher of every kernel in `gpu/kernels/<op>.cu` (the structs' C twins are generated into
+//! `gpu/kernels/<op>.cuh`). The engine and the conformance suite launch through these alone.
+//! [`check::OpDev`] runs single ops on host data for the conformance suite.
+
+pub mod adamw;
+pub mod check;
+pub mod conv1d;
+pub mod decode;
+pub mod elementwise;
+pub mod embedding;
+pub mod loss;
+pub mod norm;
+pub mod params;
+pub mod selective_scan;
+
+pub use check::{OpDev, PAD, SENTINEL};
+
+/// Every kernel the loader looks up and checks.
+pub(crate) fn all_kernels() -> Vec<params::KernelInfo> {
+    [
+        elementwise::kernels(),
+        embedding::kernels(),
+        norm::kernels(),
+        conv1d::kernels(),
+        selective_scan::kernels(),
+        decode::kernels(),
+        loss::kernels(),
+        adamw::kernels(),
+    ]
+    .concat()
+}
+
+/// Each generated `.cuh`: (file name under `gpu/kernels/`, its text).
+pub fn generated_cuh() -> Vec<(&'static str, String)> {
+    vec![
+        ("elementwise.cuh", elementwise::params_cuh()),
+        ("embedding.cuh", embedding::params_cuh()),
+        ("norm.cuh", norm::params_cuh()),
+        ("conv1d.cuh", conv1d::params_cuh()),
+        ("selective_scan.cuh", selective_scan::params_cuh()),
+        ("decode.cuh", decode::params_cuh()),
+        ("loss.cuh", loss::params_cuh()),
+        ("adamw.cuh", adamw::params_cuh()),
+    ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The committed `.cuh` files are the ones the Rust structs generate (the kernels are
+    /// compiled against the committed files). `VET_WRITE_CUH=1` rewrites them.
+    #[test]
+    fn cuh_files_match_the_rust_param_structs() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("kernels");
+        let write = std::env::var_os("VET_WRITE_CUH").is_some_and(|v| v == "1");
+        let mut stale = Vec::new();
+        for (name, text) in generated_cuh() {
+            let path = dir.join(name);
+            if write {
+                std::fs::write(&path, &text).unwrap();
+            }
+            if std::fs::read_to_string(&path).ok().as_deref() != Some(text.as_str()) {
+                stale.push(name);
+            }
+        }
+        assert!(
+            stale.is_empty(),
+            "gpu/kernels/{stale:?} differ from the structs in gpu/src/ops; rewrite them with \
+             `VET_WRITE_CUH=1 cargo test -p gpu --lib cuh`"
+        );
+    }
+
+    #[test]
+    fn every_kernel_is_listed_once() {
+        let k = all_kernels();
+        let mut names: Vec<&str> = k.iter().map(|i| i.name).collect();
+        names.sort();
+        names.dedup();
+        assert_eq!(names.len(), k.len());
+        assert_eq!(k.len(), 27);
+    }
+
+    #[test]
+    fn macro_names_split_words() {
+        assert_eq!(params::macro_name("Conv1dFwdF32"), "CONV1D_FWD_F32");
+        assert_eq!(params::macro_name("ScanInF32"), "SCAN_IN_F32");
+    }
+
+    #[test]
+    fn nested_structs_unpack_in_order() {
+        let c = <decode::ConvUpdateF32 as params::KernelParams>::c_struct();
+        assert!(c.contains("    ConvInF32 conv;\n"), "{c}");
+        assert!(
+            c.contains("#define CONV_UPDATE_F32_ARGS(p) CONV_IN_F32_ARGS((p).conv), (p).window,"),
+            "{c}"
+        );
+        assert_eq!(
+            std::mem::size_of::<decode::ConvUpdateF32>(),
+            5 * 8 + 3 * 8 + 8 + 2 * 8
+        );
+    }
+}
