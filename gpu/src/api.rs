@@ -14,7 +14,7 @@ use crate::model::ensure_ws;
 use crate::ops::adamw::{
     adamw, sumsq_final, sumsq_partial, AdamwF32, SumsqFinalF64, SumsqPartialF64, NORM_BLOCKS,
 };
-use crate::ops::params::{Ptr, PtrMut};
+use crate::params::{Ptr, PtrMut};
 use crate::work::Mode;
 use crate::Precision;
 

@@ -19,11 +19,11 @@ use crate::ops::elementwise::{
 use crate::ops::embedding::{embedding_bwd, EmbeddingBwdF32};
 use crate::ops::loss::{cross_entropy_fwd_bwd, CrossEntropyFwdBwdF32};
 use crate::ops::norm::{norm_bwd_dw_partial, norm_bwd_dx, NormBwdDwPartialF32, NormBwdDxF32};
-use crate::ops::params::{Ptr, PtrMut};
 use crate::ops::selective_scan::{
     scan_blocks, scan_reduce_batch, scan_reduce_bc, selective_scan_bwd, ScanReduceBatchF32,
     ScanReduceBcF32, SelectiveScanBwdF32,
 };
+use crate::params::{Ptr, PtrMut};
 use crate::work::{row_blocks, GradWork, LayerActs, Work};
 
 /// Cross-entropy on `ws.logits` (overwritten by the gradient); per-row losses in
@@ -505,7 +505,7 @@ pub fn token_csr(tokens: &[u32]) -> (Vec<u32>, Vec<i32>, Vec<i32>) {
 #[cfg(test)]
 mod tests {
     use super::token_csr;
-    use crate::model::doc_starts;
+    use crate::work::doc_starts;
 
     #[test]
     fn token_csr_lists_each_tokens_positions_in_order() {

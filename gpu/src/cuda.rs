@@ -14,7 +14,7 @@ use reference::{Error, Result};
 use crate::kernels::{
     compile, compile_cached, forget_cached, kernel_cache_dir, ptx_cache, scan_bwd_smem, KernelShape,
 };
-use crate::ops::params::{KernelInfo, KernelParams};
+use crate::params::{KernelInfo, KernelParams};
 
 /// GEMM operand type.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -79,8 +79,9 @@ unsafe impl Send for Dev {}
 unsafe impl Sync for Dev {}
 
 impl Dev {
-    /// Opens device `ordinal` and builds the kernels for `shape`.
-    pub fn open(ordinal: usize, shape: KernelShape) -> Result<Dev> {
+    /// Opens device `ordinal`, builds the kernels for `shape` and looks up `kernels` (every
+    /// kernel a launch may name: `ops::all_kernels()`), checking their parameters.
+    pub fn open(ordinal: usize, shape: KernelShape, kernels: &[KernelInfo]) -> Result<Dev> {
         let name = format!("cuda:{ordinal}");
         probe_libraries().map_err(|msg| Error::Device {
             device: name.clone(),
@@ -101,59 +102,8 @@ impl Dev {
         let sm_count =
             ctx.attribute(drv_sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
                 .map_err(|e| dev_err(&name, "reading the SM count", e))? as usize;
-        let ptx_for = |fresh: bool| -> Result<(String, bool)> {
-            let mut cache = ptx_cache().lock().unwrap_or_else(|p| p.into_inner());
-            if !fresh {
-                if let Some(p) = cache.get(&(cc.0, cc.1, shape)) {
-                    return Ok((p.clone(), false));
-                }
-            }
-            let (p, from_disk) = if fresh {
-                (compile(cc, shape), false)
-            } else {
-                match compile_cached(kernel_cache_dir().as_deref(), cc, shape) {
-                    Ok(x) => (Ok(x.0), x.1),
-                    Err(e) => (Err(e), false),
-                }
-            };
-            let p = p.map_err(|msg| Error::Device {
-                device: name.clone(),
-                msg,
-            })?;
-            cache.insert((cc.0, cc.1, shape), p.clone());
-            Ok((p, from_disk))
-        };
-        let load = |ptx: String| -> Result<drv_sys::CUmodule> {
-            let cptx = CString::new(ptx).map_err(|e| dev_err(&name, "PTX", e))?;
-            // SAFETY: the context is current on this thread (CudaContext::new binds it); the
-            // image is a NUL-terminated PTX string that outlives the call.
-            unsafe { drv::module::load_data(cptx.as_ptr() as *const c_void) }
-                .map_err(|e| dev_err(&name, "loading the kernel module", e))
-        };
-        let (ptx, from_disk) = ptx_for(false)?;
-        let module = match load(ptx) {
-            Ok(m) => m,
-            // A cached entry the driver refuses (another toolkit wrote it, the disk damaged
-            // it): compile afresh.
-            Err(_) if from_disk => {
-                eprintln!("warning: the cached kernels did not load; compiling them again");
-                forget_cached(cc, shape);
-                load(ptx_for(true)?.0)?
-            }
-            Err(e) => return Err(e),
-        };
-        let mut funcs = HashMap::new();
-        for k in crate::ops::all_kernels() {
-            let cname = CString::new(k.name).map_err(|e| dev_err(&name, "kernel name", e))?;
-            // SAFETY: the module was just loaded and stays loaded while `Dev` lives.
-            let f = unsafe { drv::module::get_function(module, cname) }
-                .map_err(|e| dev_err(&name, &format!("kernel {}", k.name), e))?;
-            check_params(f, &k).map_err(|msg| Error::Device {
-                device: name.clone(),
-                msg,
-            })?;
-            funcs.insert(k.name, f);
-        }
+        let module = load_module(&name, cc, shape)?;
+        let funcs = load_functions(&name, module, kernels)?;
         let smem = scan_bwd_smem(shape) as i32;
         for k in ["selective_scan_bwd_f32", "selective_scan_bwd_2b_f32"] {
             // SAFETY: a valid function handle; the value is within the H200 limit (227 KiB).
@@ -355,6 +305,73 @@ impl Dev {
     }
 }
 
+/// The kernel module for (`cc`, `shape`): PTX from the process's cache, the disk cache or
+/// NVRTC, loaded into the current context (compiled afresh if a cached entry is refused).
+fn load_module(name: &str, cc: (i32, i32), shape: KernelShape) -> Result<drv_sys::CUmodule> {
+    let ptx_for = |fresh: bool| -> Result<(String, bool)> {
+        let mut cache = ptx_cache().lock().unwrap_or_else(|p| p.into_inner());
+        if !fresh {
+            if let Some(p) = cache.get(&(cc.0, cc.1, shape)) {
+                return Ok((p.clone(), false));
+            }
+        }
+        let (p, from_disk) = if fresh {
+            (compile(cc, shape), false)
+        } else {
+            match compile_cached(kernel_cache_dir().as_deref(), cc, shape) {
+                Ok(x) => (Ok(x.0), x.1),
+                Err(e) => (Err(e), false),
+            }
+        };
+        let p = p.map_err(|msg| Error::Device {
+            device: name.to_string(),
+            msg,
+        })?;
+        cache.insert((cc.0, cc.1, shape), p.clone());
+        Ok((p, from_disk))
+    };
+    let load = |ptx: String| -> Result<drv_sys::CUmodule> {
+        let cptx = CString::new(ptx).map_err(|e| dev_err(name, "PTX", e))?;
+        // SAFETY: the context is current on this thread (CudaContext::new binds it); the
+        // image is a NUL-terminated PTX string that outlives the call.
+        unsafe { drv::module::load_data(cptx.as_ptr() as *const c_void) }
+            .map_err(|e| dev_err(name, "loading the kernel module", e))
+    };
+    let (ptx, from_disk) = ptx_for(false)?;
+    match load(ptx) {
+        Ok(m) => Ok(m),
+        // A cached entry the driver refuses (another toolkit wrote it, the disk damaged
+        // it): compile afresh.
+        Err(_) if from_disk => {
+            eprintln!("warning: the cached kernels did not load; compiling them again");
+            forget_cached(cc, shape);
+            load(ptx_for(true)?.0)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Looks up every kernel of `kernels` in `module` and checks its parameters.
+fn load_functions(
+    name: &str,
+    module: drv_sys::CUmodule,
+    kernels: &[KernelInfo],
+) -> Result<HashMap<&'static str, drv_sys::CUfunction>> {
+    let mut funcs = HashMap::new();
+    for k in kernels {
+        let cname = CString::new(k.name).map_err(|e| dev_err(name, "kernel name", e))?;
+        // SAFETY: the module was just loaded and stays loaded while `Dev` lives.
+        let f = unsafe { drv::module::get_function(module, cname) }
+            .map_err(|e| dev_err(name, &format!("kernel {}", k.name), e))?;
+        check_params(f, k).map_err(|msg| Error::Device {
+            device: name.to_string(),
+            msg,
+        })?;
+        funcs.insert(k.name, f);
+    }
+    Ok(funcs)
+}
+
 /// Checks that kernel `k` takes exactly one parameter of its struct's size (where the driver
 /// can tell: `cuFuncGetParamInfo`, CUDA 12.4 and later).
 fn check_params(f: drv_sys::CUfunction, k: &KernelInfo) -> std::result::Result<(), String> {
@@ -365,31 +382,41 @@ fn check_params(f: drv_sys::CUfunction, k: &KernelInfo) -> std::result::Result<(
             drv_sys::cuFuncGetParamInfo(f, i, &mut off, &mut size)
         }));
         match r {
-            Ok(drv_sys::CUresult::CUDA_SUCCESS) => Some(Some(size)),
-            Ok(drv_sys::CUresult::CUDA_ERROR_INVALID_VALUE) => Some(None),
-            // Not supported by this driver: nothing to check.
-            _ => None,
+            Ok(drv_sys::CUresult::CUDA_SUCCESS) => ParamInfo::Size(size),
+            Ok(drv_sys::CUresult::CUDA_ERROR_INVALID_VALUE) => ParamInfo::Absent,
+            _ => ParamInfo::Unknown,
         }
     };
-    match (info(0), info(1)) {
-        (Some(Some(size)), Some(None)) if size == k.params_bytes => Ok(()),
-        (None, _) | (_, None) => Ok(()),
-        (first, second) => Err(format!(
-            "kernel {}: its parameters do not match the Rust struct ({} bytes, passed as the one \
-             parameter); the kernel takes {}{}",
-            k.name,
-            k.params_bytes,
-            match first {
-                Some(Some(s)) => format!("a first parameter of {s} bytes"),
-                _ => "no parameter".into(),
-            },
-            if matches!(second, Some(Some(_))) {
-                " and more"
-            } else {
-                ""
-            }
-        )),
-    }
+    params_mismatch(k, info(0), info(1)).map_or(Ok(()), Err)
+}
+
+/// What the driver says of one parameter of a kernel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ParamInfo {
+    /// It exists and has this many bytes.
+    Size(usize),
+    /// There is no such parameter.
+    Absent,
+    /// The driver cannot tell (too old).
+    Unknown,
+}
+
+/// The load error for kernel `k` whose first two parameters are `first` and `second`, if they
+/// are not one parameter of `k`'s struct size.
+fn params_mismatch(k: &KernelInfo, first: ParamInfo, second: ParamInfo) -> Option<String> {
+    use ParamInfo::*;
+    let takes = match (first, second) {
+        (Unknown, _) | (_, Unknown) => return None,
+        (Size(s), Absent) if s == k.params_bytes => return None,
+        (Size(s), Absent) => format!("one parameter of {s} bytes"),
+        (Size(s), Size(_)) => format!("several parameters (the first of {s} bytes)"),
+        (Absent, _) => "no parameter".to_string(),
+    };
+    Some(format!(
+        "kernel {}: takes {takes}, but its launcher passes one parameter struct of {} bytes \
+         (the kernel and gpu/src/ops disagree; regenerate gpu/kernels/*.cuh and rebuild)",
+        k.name, k.params_bytes
+    ))
 }
 
 impl Drop for Dev {
@@ -491,6 +518,50 @@ impl Drop for Buf {
         // SAFETY: allocated by `malloc_sync`, freed once.
         unsafe {
             let _ = drv::free_sync(self.ptr);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{params_mismatch, ParamInfo};
+    use crate::ops::adamw::AdamwF32;
+    use crate::params::{info, KernelInfo};
+
+    fn adamw() -> KernelInfo {
+        info::<AdamwF32>().next().unwrap()
+    }
+
+    #[test]
+    fn a_kernel_taking_its_struct_passes_the_load_check() {
+        let k = adamw();
+        let size = std::mem::size_of::<AdamwF32>();
+        assert_eq!(
+            params_mismatch(&k, ParamInfo::Size(size), ParamInfo::Absent),
+            None
+        );
+        // A driver that cannot tell checks nothing.
+        assert_eq!(
+            params_mismatch(&k, ParamInfo::Unknown, ParamInfo::Unknown),
+            None
+        );
+    }
+
+    #[test]
+    fn a_wrong_parameter_list_fails_the_load_naming_the_kernel() {
+        let k = adamw();
+        let size = std::mem::size_of::<AdamwF32>();
+        for (first, second) in [
+            // One field too many or too few in the kernel's struct.
+            (ParamInfo::Size(size + 4), ParamInfo::Absent),
+            (ParamInfo::Size(size - 8), ParamInfo::Absent),
+            // The old positional signature.
+            (ParamInfo::Size(8), ParamInfo::Size(8)),
+            (ParamInfo::Absent, ParamInfo::Absent),
+        ] {
+            let msg = params_mismatch(&k, first, second).expect("a mismatch");
+            assert!(msg.starts_with("kernel adamw_f32: takes "), "{msg}");
+            assert!(msg.contains(&format!("{size} bytes")), "{msg}");
         }
     }
 }

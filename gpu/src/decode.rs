@@ -13,10 +13,10 @@ use reference::{Error, Result, State};
 
 use crate::cuda::Buf;
 use crate::graph::{capture, graphs_enabled, Graph};
-use crate::model::{doc_starts, ensure_ws, Model};
+use crate::model::{ensure_ws, Model};
 use crate::ops::decode::{conv_update, ssm_update, ConvUpdateF32, SsmUpdateF32};
-use crate::ops::params::PtrMut;
-use crate::work::{Mode, Work};
+use crate::params::PtrMut;
+use crate::work::{doc_starts, Mode, Work};
 
 /// A recurrent state kept in device memory between decode steps.
 pub(crate) struct Held {

@@ -38,6 +38,20 @@ pub(crate) struct Training {
     pub(crate) ws: Option<Work>,
 }
 
+/// What the kernels support of `cfg`.
+fn check_config(cfg: &MambaConfig) -> std::result::Result<(), String> {
+    if cfg.d_state == 0 || cfg.d_state > 32 {
+        return Err(format!("d_state {} is not supported (1..=32)", cfg.d_state));
+    }
+    if cfg.d_conv == 0 || cfg.d_conv > 16 {
+        return Err(format!("d_conv {} is not supported (1..=16)", cfg.d_conv));
+    }
+    if cfg.n_layer == 0 {
+        return Err("a model with no layers".into());
+    }
+    Ok(())
+}
+
 impl GpuEngine {
     /// Uploads `params` to device `opts.ordinal`.
     pub fn new(
@@ -50,28 +64,14 @@ impl GpuEngine {
             device: device.clone(),
             msg,
         };
-        if cfg.d_state == 0 || cfg.d_state > 32 {
-            return Err(unsupported(format!(
-                "d_state {} is not supported (1..=32)",
-                cfg.d_state
-            )));
-        }
-        if cfg.d_conv == 0 || cfg.d_conv > 16 {
-            return Err(unsupported(format!(
-                "d_conv {} is not supported (1..=16)",
-                cfg.d_conv
-            )));
-        }
-        if cfg.n_layer == 0 {
-            return Err(unsupported("a model with no layers".into()));
-        }
+        check_config(cfg).map_err(unsupported)?;
         let d_state_pad = cfg.d_state.next_power_of_two();
         let shape = KernelShape {
             d_state_pad,
             d_conv: cfg.d_conv,
             chunk: scan_chunk_for(d_state_pad),
         };
-        let dev = Arc::new(Dev::open(opts.ordinal, shape)?);
+        let dev = Arc::new(Dev::open(opts.ordinal, shape, &crate::ops::all_kernels())?);
         let layout = Layout::new(cfg);
         let numel = layout.numel;
         let mut flat = Vec::with_capacity(numel);

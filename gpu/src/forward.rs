@@ -6,12 +6,12 @@ use reference::model::Batch;
 use reference::{Result, State};
 
 use crate::layout::LayerOffs;
-use crate::model::{doc_starts, Model, Opnd};
+use crate::model::{Model, Opnd};
 use crate::ops::conv1d::{conv1d_fwd, conv1d_last, Conv1dFwdF32, Conv1dLastF32, ConvInF32};
 use crate::ops::embedding::{embedding_fwd, EmbeddingFwdF32};
-use crate::ops::params::{Ptr, PtrMut};
 use crate::ops::selective_scan::{selective_scan_fwd, ScanInF32, SelectiveScanFwdF32};
-use crate::work::{LayerActs, Mode, Work};
+use crate::params::{Ptr, PtrMut};
+use crate::work::{doc_starts, LayerActs, Mode, Work};
 
 impl Model {
     /// Layer input of `rows` rows: `resid_in = x_in + add` (fused), the norm into `ws.hn`,

@@ -1,5 +1,5 @@
 //! CUDA graphs: a stream's launches captured once, then replayed. The decode step uses one
-//! ([`crate::decode`]); `VET_CUDA_GRAPHS=0` turns them off.
+//! (`decode.rs`); `VET_CUDA_GRAPHS=0` turns them off.
 
 use cudarc::driver::{result as drv, sys as drv_sys};
 use reference::Result;

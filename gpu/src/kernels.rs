@@ -66,6 +66,12 @@ pub fn scan_chunk_for(d_state_pad: usize) -> usize {
 /// Threads per scan block: one thread per channel (all d_state states in registers).
 pub const SCAN_THREADS: usize = 128;
 
+/// Blocks of the scan kernels along d_inner (one channel per thread in the backward,
+/// [`SCAN_THREADS`] channels per block forward and backward).
+pub fn scan_blocks(d_inner: usize) -> usize {
+    d_inner.div_ceil(SCAN_THREADS)
+}
+
 /// Threads per scan forward block (same grid as the backward, [`SCAN_THREADS`] channels per
 /// block): two threads per channel, each with half of the d_state states in registers.
 pub const SCAN_FWD_THREADS: usize = 2 * SCAN_THREADS;

@@ -25,6 +25,7 @@ pub mod kernels;
 pub mod layout;
 mod model;
 pub mod ops;
+pub mod params;
 mod work;
 
 use reference::{Engine, MambaConfig, Params};

@@ -13,7 +13,7 @@ use crate::kernels::KernelShape;
 use crate::layout::Layout;
 use crate::ops::elementwise::{bias_add, cast_lowp, BiasAddF32, CastLowpF32};
 use crate::ops::norm::{norm_fwd, NormFwdF32};
-use crate::ops::params::{Ptr, PtrMut};
+use crate::params::{Ptr, PtrMut};
 use crate::work::{Mode, Work};
 use crate::Precision;
 
@@ -29,7 +29,7 @@ pub enum Opnd {
 }
 
 /// The weights and the device (the engine's inference core; training state and decoding
-/// state live beside it in [`crate::engine::GpuEngine`]).
+/// state live beside it in `GpuEngine`).
 pub(crate) struct Model {
     pub(crate) cfg: MambaConfig,
     pub(crate) dev: Arc<Dev>,
@@ -39,23 +39,6 @@ pub(crate) struct Model {
     pub(crate) params: Buf,
     /// Low-precision copy of `params` (bf16 / fp16 modes).
     pub(crate) shadow: Option<Buf>,
-}
-
-/// Document starts per position: `−1` while the row has not been reset since position 0.
-pub fn doc_starts(resets: Option<&[bool]>, batch: usize, seq_len: usize) -> Vec<i32> {
-    let mut out = vec![-1i32; batch * seq_len];
-    if let Some(r) = resets {
-        for b in 0..batch {
-            let mut cur = -1i32;
-            for t in 0..seq_len {
-                if r[b * seq_len + t] {
-                    cur = t as i32;
-                }
-                out[b * seq_len + t] = cur;
-            }
-        }
-    }
-    out
 }
 
 impl Model {

@@ -11,11 +11,11 @@ use std::time::Instant;
 use cudarc::driver::{result as drv, sys as drv_sys};
 use gpu::cuda::Dev;
 use gpu::kernels::KernelShape;
-use gpu::ops::params::{Ptr, PtrMut};
 use gpu::ops::selective_scan::{
     scan_blocks, scan_reduce_bc, selective_scan_bwd_build, selective_scan_fwd, ScanInF32,
     ScanReduceBcF32, SelectiveScanBwdF32, SelectiveScanFwdF32,
 };
+use gpu::params::{Ptr, PtrMut};
 use gpu::{GpuEngine, GpuOptions, Precision};
 use reference::model::Batch;
 use reference::{
@@ -172,7 +172,7 @@ fn scan_one(rows: &mut Vec<String>, chunk: usize) -> reference::Result<()> {
         d_state_pad: 16,
         d_conv: 4,
     };
-    let dev = std::sync::Arc::new(Dev::open(0, shape)?);
+    let dev = std::sync::Arc::new(Dev::open(0, shape, &gpu::ops::all_kernels())?);
     let n = batch * seq;
     let xr = r + 2 * ds;
     let rnd = |k: usize, scale: f32, off: f32, seed: u64| -> Vec<f32> {
@@ -272,34 +272,41 @@ fn scan_one(rows: &mut Vec<String>, chunk: usize) -> reference::Result<()> {
             unsafe { scan_reduce_bc(&dev, &reduce_p) }.expect("reduce");
         }
     };
-    let ev = Events::new();
-    for _ in 0..3 {
-        fwd();
-        bwd("selective_scan_bwd_f32", true);
-        bwd("selective_scan_bwd_2b_f32", true);
-    }
-    let tf = median((0..10).map(|_| ev.time(&dev, fwd)).collect());
-    let tb = median(
-        (0..10)
-            .map(|_| ev.time(&dev, || bwd("selective_scan_bwd_f32", false)))
-            .collect(),
-    );
-    let tb2 = median(
-        (0..10)
-            .map(|_| ev.time(&dev, || bwd("selective_scan_bwd_2b_f32", false)))
-            .collect(),
-    );
-    let tbr = median(
-        (0..10)
-            .map(|_| ev.time(&dev, || bwd(gpu::kernels::scan_bwd_kernel(), true)))
-            .collect(),
-    );
+    let (tf, tb, tb2, tbr) = time_scan(&dev, &fwd, &bwd);
     rows.push(format!(
         "scan B {batch} d_inner {di} L {seq} d_state {ds} chunk {chunk} (f32 inputs, z gate, dt bias + softplus): forward {:.3} ms, backward {:.3} ms (1 block/SM build) / {:.3} ms (2 blocks/SM build); engine's build + dB/dC reduction: {:.3} ms",
         tf * 1e3, tb * 1e3, tb2 * 1e3, tbr * 1e3
     ));
     println!("{}", rows.last().unwrap());
     Ok(())
+}
+
+/// Median device times (s) of the scan forward, the two backward builds, and the engine's
+/// backward build with the dB/dC reduction, after 3 warm-up rounds.
+fn time_scan(dev: &Dev, fwd: &dyn Fn(), bwd: &dyn Fn(&'static str, bool)) -> (f64, f64, f64, f64) {
+    let ev = Events::new();
+    for _ in 0..3 {
+        fwd();
+        bwd("selective_scan_bwd_f32", true);
+        bwd("selective_scan_bwd_2b_f32", true);
+    }
+    let tf = median((0..10).map(|_| ev.time(dev, fwd)).collect());
+    let tb = median(
+        (0..10)
+            .map(|_| ev.time(dev, || bwd("selective_scan_bwd_f32", false)))
+            .collect(),
+    );
+    let tb2 = median(
+        (0..10)
+            .map(|_| ev.time(dev, || bwd("selective_scan_bwd_2b_f32", false)))
+            .collect(),
+    );
+    let tbr = median(
+        (0..10)
+            .map(|_| ev.time(dev, || bwd(gpu::kernels::scan_bwd_kernel(), true)))
+            .collect(),
+    );
+    (tf, tb, tb2, tbr)
 }
 
 fn infer(rows: &mut Vec<String>) -> reference::Result<()> {

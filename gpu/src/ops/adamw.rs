@@ -3,8 +3,8 @@
 
 use reference::Result;
 
-use super::params::{cuh, info, kernel_params, KernelInfo, KernelParams, Ptr, PtrMut};
 use crate::cuda::Dev;
+use crate::params::{cuh, info, kernel_params, KernelInfo, KernelParams, Ptr, PtrMut};
 
 /// Blocks of the gradient-norm reduction (fixed, so the order never depends on the device).
 pub const NORM_BLOCKS: usize = 1024;

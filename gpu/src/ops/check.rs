@@ -19,15 +19,14 @@ use super::loss::{cross_entropy_fwd_bwd, CrossEntropyFwdBwdF32};
 use super::norm::{
     norm_bwd_dw_partial, norm_bwd_dx, norm_fwd, NormBwdDwPartialF32, NormBwdDxF32, NormFwdF32,
 };
-use super::params::{Ptr, PtrMut};
 use super::selective_scan::{
     scan_blocks, scan_reduce_batch, scan_reduce_bc, selective_scan_bwd, selective_scan_fwd,
     ScanInF32, ScanReduceBatchF32, ScanReduceBcF32, SelectiveScanBwdF32, SelectiveScanFwdF32,
 };
 use crate::cuda::{Buf, Dev};
 use crate::kernels::KernelShape;
-use crate::model::doc_starts;
-use crate::work::row_blocks;
+use crate::params::{Ptr, PtrMut};
+use crate::work::{doc_starts, row_blocks};
 
 /// Elements of sentinel padding on each side of every output.
 pub const PAD: usize = 61;
@@ -70,7 +69,7 @@ impl OpDev {
             chunk: crate::kernels::scan_chunk_for(d_state_pad),
         };
         Ok(OpDev {
-            dev: Arc::new(Dev::open(0, shape)?),
+            dev: Arc::new(Dev::open(0, shape, &super::all_kernels())?),
             shape,
         })
     }
@@ -237,25 +236,7 @@ impl OpDev {
         };
         // SAFETY: the partials of the backward above; `dbc` holds `n * 2 d_state` f32.
         unsafe { scan_reduce_bc(&self.dev, &p) }?;
-        let da = self.zeros_guarded(di * ds, "scan dA")?;
-        let dd = self.zeros_guarded(di, "scan dD")?;
-        let ddb = self.zeros_guarded(di, "scan d delta_bias")?;
-        for (part, m, dst) in [
-            (pa.ptr, di * ds, da.ptr()),
-            (pd.ptr, di, dd.ptr()),
-            (pdb.ptr, di, ddb.ptr()),
-        ] {
-            // Destinations start at 0 (the kernel adds).
-            let p = ScanReduceBatchF32 {
-                part: Ptr::new(part),
-                batch: d.batch as i64,
-                m: m as i64,
-                dst,
-                a_log: Ptr::NULL,
-            };
-            // SAFETY: `part` holds `batch * m` partials, `dst` `m` f32.
-            unsafe { scan_reduce_batch(&self.dev, &p) }?;
-        }
+        let [da, dd, ddb] = self.scan_reduce_batch(d.batch, di, ds, [&pa, &pd, &pdb])?;
         let dbc = self.take(dbc)?;
         let (mut gb, mut gc) = (Vec::with_capacity(n * ds), Vec::with_capacity(n * ds));
         for r in 0..n {
@@ -274,6 +255,35 @@ impl OpDev {
             delta_bias: self.take(ddb)?,
             h0: self.take(dh0)?,
         })
+    }
+
+    /// The batch sums of the scan backward's partials `[part_a, part_d, part_db]`: (dA, dD, d
+    /// delta_bias), each from zero.
+    fn scan_reduce_batch(
+        &self,
+        batch: usize,
+        di: usize,
+        ds: usize,
+        parts: [&Buf; 3],
+    ) -> Result<[Guarded; 3]> {
+        let out = [
+            self.zeros_guarded(di * ds, "scan dA")?,
+            self.zeros_guarded(di, "scan dD")?,
+            self.zeros_guarded(di, "scan d delta_bias")?,
+        ];
+        for ((part, m), dst) in parts.iter().zip([di * ds, di, di]).zip(&out) {
+            // Destinations start at 0 (the kernel adds).
+            let p = ScanReduceBatchF32 {
+                part: ro(part),
+                batch: batch as i64,
+                m: m as i64,
+                dst: dst.ptr(),
+                a_log: Ptr::NULL,
+            };
+            // SAFETY: `part` holds `batch * m` partials, `dst` `m` f32.
+            unsafe { scan_reduce_batch(&self.dev, &p) }?;
+        }
+        Ok(out)
     }
 
     /// `conv1d_fwd` (+ the SiLU output the engine also writes): (u, silu(u), final window).

@@ -4,8 +4,8 @@
 
 use reference::Result;
 
-use super::params::{cuh, info, kernel_params, KernelInfo, KernelParams, Ptr, PtrMut};
 use crate::cuda::Dev;
+use crate::params::{cuh, info, kernel_params, KernelInfo, KernelParams, Ptr, PtrMut};
 
 kernel_params! {
     /// The leading parameters of the conv kernels (`conv1d_fwd_f32`, `conv_update_f32`): x

@@ -4,9 +4,9 @@
 use reference::Result;
 
 use super::conv1d::ConvInF32;
-use super::params::{cuh, info, kernel_params, KernelInfo, KernelParams, PtrMut};
 use super::selective_scan::ScanInF32;
 use crate::cuda::Dev;
+use crate::params::{cuh, info, kernel_params, KernelInfo, KernelParams, PtrMut};
 
 kernel_params! {
     /// The window `[batch, d_inner, d_conv − 1]` shifted in place; `xs = silu(conv(window, x)

@@ -4,8 +4,8 @@
 
 use reference::Result;
 
-use super::params::{cuh, info, kernel_params, KernelInfo, KernelParams, Ptr, PtrMut};
 use crate::cuda::Dev;
+use crate::params::{cuh, info, kernel_params, KernelInfo, KernelParams, Ptr, PtrMut};
 
 kernel_params! {
     /// `dst[r, j] = lowp(src[r * ld + j])`, dst contiguous `[rows, cols]`.

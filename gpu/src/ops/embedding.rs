@@ -2,8 +2,8 @@
 
 use reference::Result;
 
-use super::params::{cuh, info, kernel_params, KernelInfo, KernelParams, Ptr, PtrMut};
 use crate::cuda::Dev;
+use crate::params::{cuh, info, kernel_params, KernelInfo, KernelParams, Ptr, PtrMut};
 
 kernel_params! {
     /// `out[i, :] = emb[tokens[i], :]`.

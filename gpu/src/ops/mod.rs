@@ -11,13 +11,12 @@ pub mod elementwise;
 pub mod embedding;
 pub mod loss;
 pub mod norm;
-pub mod params;
 pub mod selective_scan;
 
 pub use check::{OpDev, PAD, SENTINEL};
 
-/// Every kernel the loader looks up and checks.
-pub(crate) fn all_kernels() -> Vec<params::KernelInfo> {
+/// Every kernel, for [`crate::cuda::Dev::open`] to look up and check.
+pub fn all_kernels() -> Vec<crate::params::KernelInfo> {
     [
         elementwise::kernels(),
         embedding::kernels(),
@@ -84,13 +83,13 @@ mod tests {
 
     #[test]
     fn macro_names_split_words() {
-        assert_eq!(params::macro_name("Conv1dFwdF32"), "CONV1D_FWD_F32");
-        assert_eq!(params::macro_name("ScanInF32"), "SCAN_IN_F32");
+        assert_eq!(crate::params::macro_name("Conv1dFwdF32"), "CONV1D_FWD_F32");
+        assert_eq!(crate::params::macro_name("ScanInF32"), "SCAN_IN_F32");
     }
 
     #[test]
     fn nested_structs_unpack_in_order() {
-        let c = <decode::ConvUpdateF32 as params::KernelParams>::c_struct();
+        let c = <decode::ConvUpdateF32 as crate::params::KernelParams>::c_struct();
         assert!(c.contains("    ConvInF32 conv;\n"), "{c}");
         assert!(
             c.contains("#define CONV_UPDATE_F32_ARGS(p) CONV_IN_F32_ARGS((p).conv), (p).window,"),

@@ -5,9 +5,10 @@
 
 use reference::Result;
 
-use super::params::{cuh, info, kernel_params, KernelInfo, KernelParams, Ptr, PtrMut};
 use crate::cuda::Dev;
+pub use crate::kernels::scan_blocks;
 use crate::kernels::{scan_bwd_kernel, scan_bwd_smem, SCAN_FWD_THREADS, SCAN_THREADS};
+use crate::params::{cuh, info, kernel_params, KernelInfo, KernelParams, Ptr, PtrMut};
 
 kernel_params! {
     /// The inputs every scan kernel (forward, backward, decode update) starts with: x (the
@@ -115,11 +116,6 @@ pub fn params_cuh() -> String {
             ScanReduceBatchF32::c_struct,
         ],
     )
-}
-
-/// Blocks of the scan kernels along d_inner (one thread per channel in the backward).
-pub fn scan_blocks(d_inner: usize) -> usize {
-    d_inner.div_ceil(SCAN_THREADS)
 }
 
 /// Launches `selective_scan_fwd_f32`.

@@ -2,8 +2,8 @@
 //! declared once, in Rust, with [`kernel_params!`], and its C twin in `gpu/kernels/<op>.cuh` is
 //! generated from that declaration ([`cuh`]; a test keeps the committed file equal to it).
 //! A kernel therefore reads exactly the fields the launcher writes, in the same order and with
-//! the same types; at load [`crate::cuda::Dev::open`] also checks, through the driver, that each
-//! kernel takes one parameter of the struct's size, and names the kernel when it does not.
+//! the same types; at load the device (`cuda::Dev::open`) also checks, through the driver, that
+//! each kernel takes one parameter of the struct's size, and names the kernel when it does not.
 
 use std::marker::PhantomData;
 
@@ -102,11 +102,11 @@ macro_rules! kernel_params {
             $($(#[$fm])* pub $f: $t),*
         }
 
-        impl $crate::ops::params::KernelParams for $name {
+        impl $crate::params::KernelParams for $name {
             const KERNELS: &'static [&'static str] = &[$($kernel),*];
 
             fn c_struct() -> String {
-                use $crate::ops::params::CType;
+                use $crate::params::CType;
                 let mut s = String::from("typedef struct {\n");
                 $(s += &format!("    {} {};\n", <$t>::c_name(), stringify!($f));)*
                 s += &format!("}} {};\n", stringify!($name));
@@ -114,14 +114,14 @@ macro_rules! kernel_params {
                     vec![$(<$t>::c_args(&format!("(p).{}", stringify!($f)))),*];
                 s += &format!(
                     "#define {}_ARGS(p) {}\n",
-                    $crate::ops::params::macro_name(stringify!($name)),
+                    $crate::params::macro_name(stringify!($name)),
                     args.join(", ")
                 );
                 s
             }
         }
 
-        impl $crate::ops::params::CType for $name {
+        impl $crate::params::CType for $name {
             fn c_name() -> String {
                 stringify!($name).to_string()
             }
@@ -129,7 +129,7 @@ macro_rules! kernel_params {
             fn c_args(expr: &str) -> String {
                 format!(
                     "{}_ARGS({expr})",
-                    $crate::ops::params::macro_name(stringify!($name))
+                    $crate::params::macro_name(stringify!($name))
                 )
             }
         }
