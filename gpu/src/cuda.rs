@@ -1,6 +1,6 @@
 //! The CUDA context of one device: stream, the kernel module (built by [`crate::kernels`],
 //! every kernel's parameters checked at load), cuBLAS handle, raw device buffers and typed
-//! launches ([`Dev::launch`]; the per-kernel launchers are in [`crate::ops`]).
+//! launches ([`Dev::launch`]; the per-kernel launchers are in `ops/<op>.rs`).
 
 use std::collections::HashMap;
 use std::ffi::{c_void, CString};
@@ -158,7 +158,7 @@ impl Dev {
     /// # Safety
     /// Every pointer in `p` is null where the kernel allows it, or else points to live device
     /// memory of this context with the extent the kernel reads or writes for the shape in `p`
-    /// and this launch's grid (each launcher in [`crate::ops`] writes its contract down), and
+    /// and this launch's grid (each launcher in `ops/<op>.rs` writes its contract down), and
     /// no buffer the kernel writes is read or written by other work while it runs.
     pub unsafe fn launch<P: KernelParams>(
         &self,
@@ -525,8 +525,18 @@ impl Drop for Buf {
 #[cfg(test)]
 mod tests {
     use super::{params_mismatch, ParamInfo};
-    use crate::ops::adamw::AdamwF32;
-    use crate::params::{info, KernelInfo};
+    use crate::params::{info, kernel_params, KernelInfo, Ptr, PtrMut};
+
+    kernel_params! {
+        /// A kernel's parameters as the launcher has them.
+        AdamwF32 => ["adamw_f32"] {
+            p: PtrMut<f32>,
+            g: Ptr<f32>,
+            n: i64,
+            clip: i32,
+            clip_c: f32,
+        }
+    }
 
     fn adamw() -> KernelInfo {
         info::<AdamwF32>().next().unwrap()
