@@ -1,5 +1,5 @@
 //! Typed kernel parameters. Every kernel takes one `#[repr(C)]` struct by value; the struct is
-//! declared once, in Rust, with [`kernel_params!`], and its C twin in `gpu/kernels/<op>.cuh` is
+//! declared once, in Rust, with `kernel_params!`, and its C twin in `gpu/kernels/<op>.cuh` is
 //! generated from that declaration ([`cuh`]; a test keeps the committed file equal to it).
 //! A kernel therefore reads exactly the fields the launcher writes, in the same order and with
 //! the same types; at load the device (`cuda::Dev::open`) also checks, through the driver, that
