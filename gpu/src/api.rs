@@ -156,8 +156,8 @@ impl GpuEngine {
             StepOn::Held(h) => {
                 self.model.upload_inputs(ws, &input, None)?;
                 let h = self.held(h, op)?;
-                ws.state_in_conv.copy_from(0, h.conv.ptr, h.conv.bytes)?;
-                ws.state_in_ssm.copy_from(0, h.ssm.ptr, h.ssm.bytes)?;
+                ws.state_in_conv.copy_from(0, &h.conv, h.conv.bytes)?;
+                ws.state_in_ssm.copy_from(0, &h.ssm, h.ssm.bytes)?;
             }
         }
         self.model.forward_dev(ws, true, tokens.len() - 1)
@@ -426,8 +426,8 @@ impl Engine for GpuEngine {
         self.prefill_dev("prefill_held", tokens, StepOn::Held(held), logits.len())?;
         let ws = self.infer_ws.as_ref().expect("workspace");
         let h = self.held(held, "prefill_held")?;
-        h.conv.copy_from(0, ws.state_out_conv.ptr, h.conv.bytes)?;
-        h.ssm.copy_from(0, ws.state_out_ssm.ptr, h.ssm.bytes)?;
+        h.conv.copy_from(0, &ws.state_out_conv, h.conv.bytes)?;
+        h.ssm.copy_from(0, &ws.state_out_ssm, h.ssm.bytes)?;
         ws.logits.read(0, logits)
     }
 

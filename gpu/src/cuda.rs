@@ -212,8 +212,13 @@ impl Dev {
     }
 
     /// Column-major GEMM `C = alpha · op(A) · op(B) + beta · C` with f32 C and f32 compute.
+    ///
+    /// # Safety
+    /// `a`, `b`, `c` are (device pointer, leading dimension) of live device memory of this
+    /// context holding `op(A)` `m × k`, `op(B)` `k × n` (elements of `dt`) and `C` `m × n` (f32)
+    /// at those leading dimensions; `c` overlaps neither `a` nor `b`.
     #[allow(clippy::too_many_arguments)]
-    pub fn gemm(
+    pub unsafe fn gemm(
         &self,
         ta: bool,
         tb: bool,
@@ -242,7 +247,7 @@ impl Dev {
             Dt::F16 => cublas_sys::cudaDataType_t::CUDA_R_16F,
         };
         let alpha = 1.0f32;
-        // SAFETY: the caller passes live device pointers whose extents match (m, n, k, ld).
+        // SAFETY: the caller's contract: live device pointers whose extents match (m, n, k, ld).
         unsafe {
             cublas::gemm_ex(
                 self.cublas,
@@ -491,19 +496,19 @@ impl Buf {
         self.dev.sync()
     }
 
-    /// Device-to-device copy of `bytes` from `src`.
-    pub fn copy_from(&self, dst_off_bytes: usize, src: u64, bytes: usize) -> Result<()> {
-        if dst_off_bytes + bytes > self.bytes {
+    /// Device-to-device copy of the first `bytes` of `src` to byte offset `dst_off_bytes`.
+    pub fn copy_from(&self, dst_off_bytes: usize, src: &Buf, bytes: usize) -> Result<()> {
+        if dst_off_bytes + bytes > self.bytes || bytes > src.bytes {
             return Err(self.dev.err("device copy", "out of bounds"));
         }
         if bytes == 0 {
             return Ok(());
         }
-        // SAFETY: bounds checked for the destination; the caller vouches for the source.
+        // SAFETY: both ranges checked against their live allocations above.
         unsafe {
             drv::memcpy_dtod_async(
                 self.ptr + dst_off_bytes as u64,
-                src,
+                src.ptr,
                 bytes,
                 self.dev.cu_stream(),
             )

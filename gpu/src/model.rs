@@ -132,7 +132,10 @@ impl Model {
         }
         let a = self.operand(ws, a, 0)?;
         let b = self.operand(ws, b, 1)?;
-        self.dev.gemm(ta, tb, m, n, k, a, b, c, beta, self.dt())
+        // SAFETY: a parameter operand is a tensor of the layout inside the flat buffers (or
+        // the shadow); activations and `c` are buffers of `ws` (or of the state), sized by
+        // `Work::new` for the shape the callers pass; the low-precision copies go to `ws.lp`.
+        unsafe { self.dev.gemm(ta, tb, m, n, k, a, b, c, beta, self.dt()) }
     }
 
     /// The norm parameters of `rows` rows with weight `w` and bias `b` (parameter offsets);
