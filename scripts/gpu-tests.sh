@@ -30,7 +30,8 @@ for line in sys.stdin:
         continue
     if m.get("reason") == "compiler-artifact" and m.get("executable") and m["profile"]["test"]:
         name = m["target"]["name"]
-        if name == "gpu" or name.startswith("gpu_"):
+        # The per-op conformance test files hold the GPU test of their op beside the others.
+        if name == "gpu" or name.startswith("gpu_") or name in ("selective_scan", "conv1d", "norm", "loss"):
             print(m["executable"])
 ' | while read -r exe; do
         cp "$exe" "$out/$(basename "$exe" | sed 's/-[0-9a-f]*$//')"
@@ -38,7 +39,7 @@ for line in sys.stdin:
     cargo build --release -p gpu --bin gpu-bench -p trainer --bin vet-chat --bin vet-train
     cp target/release/gpu-bench target/release/vet-chat target/release/vet-train "$out/"
     strip "$out"/* 2>/dev/null || true
-    for f in gpu-bench vet-chat gpu_conformance gpu_ops gpu_kernel_cache gpu_chat; do
+    for f in gpu-bench vet-chat gpu_conformance selective_scan conv1d norm loss gpu_kernel_cache gpu_chat; do
         [ -x "$out/$f" ] || { echo "gpu-tests.sh: $out/$f was not built" >&2; exit 1; }
     done
     ls -la "$out"

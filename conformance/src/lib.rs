@@ -5,10 +5,20 @@
 //! Every random input comes from a seed derived from the test case's name; nothing is zeros.
 
 pub mod goldens;
+pub mod gpu_ops;
+pub mod shape;
 pub mod tol;
 
 use reference::rng::{fnv1a64, Rng};
 use reference::{Float, MambaConfig, NormKind, Params, State, Tensor};
+
+/// A pool of `threads` threads, for the tiers that run on one (`simd`).
+pub fn pool(threads: usize) -> rayon::ThreadPool {
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .expect("thread pool")
+}
 
 /// Seed for a named case.
 pub fn seed_of(name: &str) -> u64 {

@@ -83,11 +83,11 @@ pub const SIMD_ADAMW_F32: f64 = 0.0;
 
 // ---- CUDA tier ----
 
-/// Every tolerance of the GPU conformance tests (`gpu_conformance.rs`, `gpu_ops.rs`), with
-/// its reason. Errors are relative L2 (‖got − want‖ / ‖want‖) per tensor against the f64
-/// reference run on the same f32 inputs; NaN anywhere fails. Measured values: the tables the
-/// tests print (`bash scripts/gpu-tests.sh run`); the figures below are the worst seen on the
-/// H200 when the limit was set.
+/// Every tolerance of the GPU conformance tests (`gpu_conformance.rs` and the `gpu_*` tests of
+/// the per-op files), with its reason. Errors are relative L2 (‖got − want‖ / ‖want‖) per
+/// tensor against the f64 reference run on the same f32 inputs; NaN anywhere fails. Measured
+/// values: the tables the tests print (`bash scripts/gpu-tests.sh run`); the figures below are
+/// the worst seen on the H200 when the limit was set.
 pub mod gpu {
     /// f32 forward (logits, final state, decode steps, prefill): only the summation order differs
     /// from the reference (cuBLAS blocking, butterfly reductions over d_state, fused
@@ -114,9 +114,9 @@ pub mod gpu {
     pub const FP16_LOSS: f64 = 1e-4;
     pub const FP16_GRAD: f64 = 1e-2;
 
-    /// Single f32 kernels against the f64 reference op (`gpu_ops.rs`): forward ops sum at most
-    /// d_state or d_conv terms per output in another order, plus the f32 rounding of the inputs
-    /// the reference sees exactly; a few ulps. Measured worst 1.1e-7 (scan out, decode_1tok).
+    /// Single f32 kernels against the f64 reference op (the `gpu_*` tests of the per-op files):
+    /// forward ops sum at most d_state or d_conv terms per output in another order, plus the
+    /// f32 rounding of the inputs the reference sees exactly; a few ulps. Measured worst 1.1e-7 (scan out, decode_1tok).
     pub const OP_F32_FWD: f64 = 2e-6;
     /// Backward ops sum over positions and channels (dB, dC, dA, dD, conv and norm weights) in
     /// a fixed order that differs from the reference's. Measured worst 4.3e-7 (scan dA,

@@ -1,5 +1,5 @@
-//! The simd tier's training half against the f32 reference: the backward (every parameter
-//! gradient and the initial state's), the masked cross-entropy, and one AdamW step.
+//! The simd tier's backward against the f32 reference: every parameter gradient and the
+//! initial state's. (Its loss and AdamW are checked in `loss.rs` and `adamw.rs`.)
 //!
 //! Each backward case runs the *reference* forward (with its cache), so these tests do not
 //! depend on the simd forward. Cases cover odd widths (d_model 1, 3, 5, 17; odd d_inner;
@@ -7,81 +7,17 @@
 //! tied and untied heads, RMSNorm and LayerNorm, biases on and off, and pools of 1 and 2
 //! threads (the same bits for both, and from run to run).
 
-use conformance::tol::{
-    SIMD_ADAMW_F32, SIMD_BACKWARD_F32, SIMD_BACKWARD_STATE_F32, SIMD_CE_GRAD_F32, SIMD_CE_LOSS_F32,
+use conformance::shape::{base, Shape};
+use conformance::tol::{SIMD_BACKWARD_F32, SIMD_BACKWARD_STATE_F32};
+use conformance::{
+    assert_close, diff, pool, random_flags, random_params, random_state, random_tokens,
 };
-use conformance::{assert_close, diff, random_flags, random_params, random_state, random_tokens};
 use proptest::prelude::*;
-use rayon::{ThreadPool, ThreadPoolBuilder};
+use rayon::ThreadPool;
 use reference::loss::{cross_entropy, next_token_targets};
 use reference::model::{backward, forward, Batch, ForwardCache};
-use reference::optim::{AdamW, StepStats};
 use reference::rng::Rng;
-use reference::{param_specs, AdamWConfig, MambaConfig, NormKind, Params, State};
-
-fn pool(threads: usize) -> ThreadPool {
-    ThreadPoolBuilder::new()
-        .num_threads(threads)
-        .build()
-        .expect("thread pool")
-}
-
-/// A backward case: the model's shape and the batch's.
-#[derive(Clone, Debug)]
-struct Shape {
-    d_model: usize,
-    expand: usize,
-    d_state: usize,
-    dt_rank: usize,
-    d_conv: usize,
-    n_layer: usize,
-    vocab: usize,
-    norm: NormKind,
-    tied: bool,
-    bias: bool,
-    conv_bias: bool,
-    batch: usize,
-    seq_len: usize,
-    resets: bool,
-    state: bool,
-}
-
-impl Shape {
-    fn config(&self) -> MambaConfig {
-        let mut c = MambaConfig::new(self.d_model, self.n_layer, self.vocab);
-        c.d_state = self.d_state;
-        c.d_conv = self.d_conv;
-        c.expand = self.expand;
-        c.d_inner = self.expand * self.d_model;
-        c.dt_rank = self.dt_rank;
-        c.norm = self.norm;
-        c.tie_embeddings = self.tied;
-        c.use_bias = self.bias;
-        c.conv_bias = self.conv_bias;
-        c
-    }
-}
-
-/// A small default to vary one knob at a time from.
-fn base() -> Shape {
-    Shape {
-        d_model: 5,
-        expand: 3,
-        d_state: 3,
-        dt_rank: 2,
-        d_conv: 4,
-        n_layer: 2,
-        vocab: 13,
-        norm: NormKind::Rms,
-        tied: true,
-        bias: false,
-        conv_bias: true,
-        batch: 2,
-        seq_len: 9,
-        resets: true,
-        state: true,
-    }
-}
+use reference::{param_specs, MambaConfig, NormKind, Params, State};
 
 struct Case {
     cfg: MambaConfig,
@@ -273,10 +209,10 @@ fn check_backward(name: &str, s: &Shape) -> (f64, f64) {
     worst
 }
 
-#[test]
-fn backward_matches_reference_over_the_shape_table() {
+/// Named shapes, one knob at a time varied from [`base`].
+fn shape_table() -> Vec<(&'static str, Shape)> {
     let b = base();
-    let cases: Vec<(&str, Shape)> = vec![
+    vec![
         ("base_rms_tied", b.clone()),
         (
             "d_model_1",
@@ -390,7 +326,12 @@ fn backward_matches_reference_over_the_shape_table() {
                 ..b.clone()
             },
         ),
-    ];
+    ]
+}
+
+#[test]
+fn backward_matches_reference_over_the_shape_table() {
+    let cases = shape_table();
     let mut worst = (0.0f64, 0.0f64);
     for (name, s) in &cases {
         let w = check_backward(name, s);
@@ -469,186 +410,6 @@ fn backward_rejects_a_bad_d_logits_length() {
     assert!(r.is_err());
 }
 
-fn check_loss(name: &str, n: usize, vocab: usize, masked: bool, scale: f32) -> (f64, f64) {
-    let mut rng = Rng::new(conformance::seed_of(name));
-    let logits: Vec<f32> = (0..n * vocab).map(|_| 3.0 * rng.normal() as f32).collect();
-    let targets: Vec<u32> = (0..n).map(|_| rng.below(vocab as u64) as u32).collect();
-    let mask = masked.then(|| random_flags(&mut rng, n, 0.7));
-    let want = cross_entropy(&logits, &targets, mask.as_deref(), vocab, scale).unwrap();
-    let mut first = None;
-    let mut worst = (0.0f64, 0.0f64);
-    for t in [1, 2] {
-        let got =
-            simd::loss::cross_entropy(&pool(t), &logits, &targets, mask.as_deref(), vocab, scale)
-                .unwrap();
-        assert_eq!(got.n_targets, want.n_targets, "{name}: n_targets");
-        let dl = diff(&[got.loss], &[want.loss]).rel;
-        assert!(
-            dl <= SIMD_CE_LOSS_F32 && got.loss.is_finite(),
-            "{name}: loss {} vs {} (relative {dl:.3e})",
-            got.loss,
-            want.loss
-        );
-        assert_close(
-            &format!("{name}: d_logits"),
-            &[n, vocab],
-            &got.d_logits,
-            &want.d_logits,
-            SIMD_CE_GRAD_F32,
-        );
-        worst = (
-            worst.0.max(dl),
-            worst.1.max(diff(&got.d_logits, &want.d_logits).rel),
-        );
-        let bits: Vec<u32> = got
-            .d_logits
-            .iter()
-            .map(|v| v.to_bits())
-            .chain([got.loss.to_bits()])
-            .collect();
-        match &first {
-            None => first = Some(bits),
-            Some(f) => assert_eq!(f, &bits, "{name}: 1 and 2 threads differ"),
-        }
-    }
-    println!(
-        "{name}: loss relative error {:.3e}, d_logits {:.3e}",
-        worst.0, worst.1
-    );
-    worst
-}
-
-#[test]
-fn cross_entropy_matches_reference() {
-    for (name, n, vocab, masked, scale) in [
-        ("ce_tiny_vocab", 5, 2, false, 1.0),
-        ("ce_odd_vocab_masked", 37, 101, true, 0.25),
-        ("ce_vocab_below_lanes", 9, 7, true, 1.0),
-        ("ce_gpt2_vocab", 6, 50280, true, 0.5),
-    ] {
-        check_loss(name, n, vocab, masked, scale);
-    }
-}
-
-#[test]
-fn cross_entropy_with_an_empty_mask_is_zero_and_rejects_bad_targets() {
-    let logits = vec![0.5f32; 3 * 4];
-    let p = pool(2);
-    let out =
-        simd::loss::cross_entropy(&p, &logits, &[1, 2, 3], Some(&[false; 3]), 4, 1.0).unwrap();
-    assert_eq!((out.loss, out.n_targets), (0.0, 0));
-    assert!(out.d_logits.iter().all(|&v| v == 0.0));
-    assert!(simd::loss::cross_entropy(&p, &logits, &[1, 9, 3], None, 4, 1.0).is_err());
-    assert!(simd::loss::cross_entropy(&p, &logits[1..], &[1, 2, 3], None, 4, 1.0).is_err());
-}
-
-/// Random parameters, gradients of scale `g_scale` and moments after `steps` earlier steps.
-fn adam_inputs(name: &str, g_scale: f64) -> (MambaConfig, Params<f32>, Params<f32>, AdamW<f32>) {
-    let s = Shape {
-        norm: NormKind::Layer,
-        tied: false,
-        bias: true,
-        ..base()
-    };
-    let cfg = s.config();
-    let seed = conformance::seed_of(name);
-    let params = random_params::<f32>(&cfg, seed);
-    let mut rng = Rng::new(seed ^ 1);
-    let mut grads = Params::<f32>::zeros(&cfg);
-    for t in grads.tensors_mut() {
-        t.data
-            .iter_mut()
-            .for_each(|v| *v = (g_scale * rng.normal()) as f32);
-    }
-    let mut opt = AdamW::<f32>::new(&cfg);
-    for t in opt.m.tensors_mut() {
-        t.data
-            .iter_mut()
-            .for_each(|v| *v = (0.01 * rng.normal()) as f32);
-    }
-    for t in opt.v.tensors_mut() {
-        t.data
-            .iter_mut()
-            .for_each(|v| *v = (1e-4 * rng.normal().abs()) as f32);
-    }
-    opt.step = 3;
-    (cfg, params, grads, opt)
-}
-
-fn check_adamw(name: &str, g_scale: f64, hp: &AdamWConfig, expect_clip: bool) -> f64 {
-    let (cfg, params, grads, opt) = adam_inputs(name, g_scale);
-    let (mut pw, mut gw, mut ow) = (params.clone(), grads.clone(), opt.clone());
-    let sw = ow.step(&cfg, &mut pw, &mut gw, hp, 3e-3);
-    let mut worst = 0.0f64;
-    for t in [1, 2] {
-        let (mut pg, mut gg, mut og) = (params.clone(), grads.clone(), opt.clone());
-        let sg: StepStats =
-            simd::optim::adamw_step(&pool(t), &cfg, &mut og, &mut pg, &mut gg, hp, 3e-3);
-        assert_eq!((sg.clipped, sg.skipped), (sw.clipped, sw.skipped), "{name}");
-        assert_eq!(sg.clipped, expect_clip, "{name}: clipping");
-        assert!(
-            (sg.grad_norm - sw.grad_norm).abs() <= 1e-12 * sw.grad_norm,
-            "{name}: grad norm {} vs {}",
-            sg.grad_norm,
-            sw.grad_norm
-        );
-        assert_eq!(og.step, ow.step, "{name}: step count");
-        for (what, g, w) in [
-            ("params", &pg, &pw),
-            ("m", &og.m, &ow.m),
-            ("v", &og.v, &ow.v),
-            ("clipped grads", &gg, &gw),
-        ] {
-            for (((pname, shape), a), b) in
-                param_specs(&cfg).iter().zip(g.tensors()).zip(w.tensors())
-            {
-                worst = worst.max(diff(&a.data, &b.data).rel);
-                assert_close(
-                    &format!("{name}: {what} {pname}"),
-                    shape,
-                    &a.data,
-                    &b.data,
-                    SIMD_ADAMW_F32,
-                );
-            }
-        }
-    }
-    println!("{name}: worst relative error {worst:.3e}");
-    worst
-}
-
-#[test]
-fn adamw_step_matches_reference() {
-    let hp = AdamWConfig::default();
-    check_adamw("adamw_clipped", 1.0, &hp, true);
-    check_adamw("adamw_unclipped", 1e-3, &hp, false);
-    let no_clip = AdamWConfig {
-        max_grad_norm: None,
-        weight_decay: 0.0,
-        ..hp.clone()
-    };
-    check_adamw("adamw_no_clip_no_decay", 1.0, &no_clip, false);
-}
-
-#[test]
-fn adamw_skips_a_non_finite_gradient() {
-    let (cfg, params, mut grads, opt) = adam_inputs("adamw_nan", 1.0);
-    grads.layers[0].d.data[1] = f32::NAN;
-    let (mut p, mut o) = (params.clone(), opt.clone());
-    let s = simd::optim::adamw_step(
-        &pool(2),
-        &cfg,
-        &mut o,
-        &mut p,
-        &mut grads,
-        &AdamWConfig::default(),
-        1e-3,
-    );
-    assert!(s.skipped && !s.clipped && !s.grad_norm.is_finite());
-    assert_eq!(p, params);
-    assert_eq!(o, opt);
-}
-
 fn shape_strategy() -> impl Strategy<Value = Shape> {
     (
         (1usize..18, 1usize..4, 1usize..18, 1usize..6, 1usize..5),
@@ -686,11 +447,5 @@ proptest! {
     #[test]
     fn backward_matches_reference_on_random_shapes(s in shape_strategy(), seed in 0u64..1_000_000) {
         check_backward(&format!("prop_{seed}"), &s);
-    }
-
-    /// Cross-entropy on random vocabularies and masks.
-    #[test]
-    fn cross_entropy_matches_reference_on_random_shapes(n in 1usize..20, vocab in 1usize..300, masked in any::<bool>(), seed in 0u64..1_000_000) {
-        check_loss(&format!("prop_ce_{seed}"), n, vocab, masked, 0.5);
     }
 }

@@ -196,12 +196,14 @@ pub fn compile_cached(
         );
     }
     let ptx = compile(cc, shape)?;
-    let tmp = dir.join(format!("{name}.{}.tmp", std::process::id()));
-    let stored = std::fs::create_dir_all(dir)
-        .and_then(|_| std::fs::write(&tmp, format!("{header}{ptx}")))
-        .and_then(|_| std::fs::rename(&tmp, &path));
+    let stored = std::fs::create_dir_all(dir).and_then(|_| {
+        reference::fs::atomic_write_with(&path, |f| {
+            use std::io::Write;
+            f.write_all(header.as_bytes())?;
+            f.write_all(ptx.as_bytes())
+        })
+    });
     if let Err(e) = stored {
-        let _ = std::fs::remove_file(&tmp);
         eprintln!(
             "warning: cannot store compiled kernels in {} ({e}); set VET_KERNEL_CACHE to another folder or to off",
             dir.display()

@@ -15,6 +15,7 @@ pub mod decode;
 pub mod engine;
 pub mod error;
 pub mod float;
+pub mod fs;
 pub mod init;
 pub mod io;
 pub mod loss;

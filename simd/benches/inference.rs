@@ -15,47 +15,34 @@ use simd::model::{a_from_log, LayerWeights, Weights};
 use simd::weights::Mat;
 use simd::{SimdEngine, SimdOptions, WeightDtype};
 
+/// CPU inference benchmark at batch 1.
+#[derive(clap::Parser)]
 struct Args {
+    /// Comma-separated model shapes (130m, 370m, 790m, 1.4b, 2.8b).
+    #[arg(long, default_value = "130m,1.4b", value_delimiter = ',', value_parser = ["130m", "370m", "790m", "1.4b", "2.8b"])]
     models: Vec<String>,
+    /// Comma-separated weight precisions.
+    #[arg(long, default_value = "f32,bf16,int8", value_delimiter = ',')]
     dtypes: Vec<WeightDtype>,
+    /// Threads (0: every core).
+    #[arg(long, default_value_t = 0)]
     threads: usize,
+    /// Prompt tokens.
+    #[arg(long, default_value_t = 512)]
     prompt: usize,
+    /// Decoded tokens.
+    #[arg(long, default_value_t = 128)]
     decode: usize,
+    /// Runs of each measurement (the median is reported).
+    #[arg(long, default_value_t = 3)]
     runs: usize,
+    /// Added by `cargo bench`; ignored.
+    #[arg(long, hide = true)]
+    bench: bool,
 }
 
 fn args() -> Args {
-    let mut a = Args {
-        models: vec!["130m".into(), "1.4b".into()],
-        dtypes: vec![WeightDtype::F32, WeightDtype::Bf16, WeightDtype::Int8],
-        threads: 0,
-        prompt: 512,
-        decode: 128,
-        runs: 3,
-    };
-    let argv: Vec<String> = std::env::args()
-        .skip(1)
-        .filter(|s| s != "--bench")
-        .collect();
-    let mut it = argv.iter();
-    while let Some(k) = it.next() {
-        let mut val = || it.next().cloned().unwrap_or_default();
-        match k.as_str() {
-            "--models" => a.models = val().split(',').map(String::from).collect(),
-            "--dtypes" => {
-                a.dtypes = val()
-                    .split(',')
-                    .map(|s| s.parse().unwrap_or_else(|e| panic!("{e}")))
-                    .collect()
-            }
-            "--threads" => a.threads = val().parse().expect("--threads N"),
-            "--prompt" => a.prompt = val().parse().expect("--prompt N"),
-            "--decode" => a.decode = val().parse().expect("--decode N"),
-            "--runs" => a.runs = val().parse().expect("--runs N"),
-            other => panic!("unknown argument {other}"),
-        }
-    }
-    a
+    <Args as clap::Parser>::parse()
 }
 
 fn shape(name: &str) -> MambaConfig {

@@ -3,17 +3,18 @@
 //! nothing once the buffers have grown to the batch size. With `keep`, it also returns the
 //! `reference::model::ForwardCache` the backward consumes.
 
-use reference::config::NormKind;
 use reference::model::{Batch, ForwardCache, LayerCache};
 use reference::ops::norm::NormStats;
 use reference::{MambaConfig, State};
 
-use crate::conv::{conv_fwd, conv_step};
 use crate::kernels::Isa;
 use crate::model::{LayerWeights, Weights};
-use crate::scan::{scan_fwd, Scan};
+use crate::ops::conv1d::{conv1d_fwd, conv1d_step};
+use crate::ops::linear::linear;
+use crate::ops::norm::norm_fwd;
+use crate::ops::selective_scan::{selective_scan_fwd, Scan};
 use crate::vecmath::silu_into;
-use crate::weights::{dequant_rows, linear};
+use crate::weights::dequant_rows;
 
 /// Reusable activation buffers.
 #[derive(Debug, Default)]
@@ -60,64 +61,93 @@ pub enum Logits<'a> {
     Last(&'a mut [f32]),
 }
 
-/// Normalises one row; returns `(mean, rstd)` (mean 0 for RMSNorm). Same formula as
-/// `reference::ops::norm`.
-#[inline]
-fn norm_row(
-    kind: NormKind,
-    x: &[f32],
-    w: &[f32],
-    b: Option<&[f32]>,
-    eps: f32,
-    y: &mut [f32],
-) -> (f32, f32) {
-    let d = x.len() as f32;
-    let mean = match kind {
-        NormKind::Rms => 0.0,
-        NormKind::Layer => x.iter().sum::<f32>() / d,
-    };
-    let ss: f32 = x.iter().map(|&v| (v - mean) * (v - mean)).sum();
-    let rstd = 1.0 / (ss / d + eps).sqrt();
-    for j in 0..x.len() {
-        y[j] = (x[j] - mean) * rstd * w[j] + b.map_or(0.0, |b| b[j]);
-    }
-    (mean, rstd)
-}
-
-#[allow(clippy::too_many_arguments)]
-fn norm_rows(
-    kind: NormKind,
-    x: &[f32],
-    w: &[f32],
-    b: Option<&[f32]>,
-    eps: f64,
-    d: usize,
-    y: &mut [f32],
-    mean: &mut [f32],
-    rstd: &mut [f32],
-) {
-    use rayon::prelude::*;
-    let eps = eps as f32;
-    type Row<'a> = ((&'a [f32], &'a mut [f32]), (&'a mut f32, &'a mut f32));
-    let job = |((xr, yr), (m, r)): Row| {
-        (*m, *r) = norm_row(kind, xr, w, b, eps, yr);
-    };
-    let rows = x.chunks(d).zip(y.chunks_mut(d));
-    let stats = mean.iter_mut().zip(rstd.iter_mut());
-    if x.len() < 1 << 14 || crate::threads() == 1 {
-        rows.zip(stats).for_each(job);
-    } else {
-        x.par_chunks(d)
-            .zip(y.par_chunks_mut(d))
-            .zip(mean.par_iter_mut().zip(rstd.par_iter_mut()))
-            .for_each(job);
-    }
-}
-
 fn stats(s: &Scratch) -> NormStats<f32> {
     NormStats {
         mean: s.mean.clone(),
         rstd: s.rstd.clone(),
+    }
+}
+
+/// Sizes the buffers of one layer for `n` rows; `dims` = `(d_model, d_inner, d_state,
+/// dt_rank)`.
+fn fit_layer(s: &mut Scratch, n: usize, (dm, di, ds, r): (usize, usize, usize, usize)) {
+    for (v, len) in [(&mut s.hn, n * dm), (&mut s.out, n * dm)] {
+        fit(v, len);
+    }
+    for v in [
+        &mut s.x,
+        &mut s.z,
+        &mut s.u,
+        &mut s.xs,
+        &mut s.delta,
+        &mut s.gated,
+    ] {
+        fit(v, n * di);
+    }
+    fit(&mut s.dtr, n * r);
+    fit(&mut s.bm, n * ds);
+    fit(&mut s.cm, n * ds);
+    fit(&mut s.mean, n);
+    fit(&mut s.rstd, n);
+}
+
+/// The conv of layer `i` over `s.x` into `s.u`: the one-token update for a sequence of one,
+/// else the forward from the state's window; either leaves the window after the last position
+/// in `state`. `dims` = `(d_inner, d_conv)`.
+fn conv(
+    lw: &LayerWeights,
+    input: &Batch,
+    i: usize,
+    state: &mut State<f32>,
+    s: &mut Scratch,
+    (di, dc): (usize, usize),
+) {
+    let cb = lw.conv_b.as_deref();
+    if input.seq_len == 1 {
+        let win = state.conv_layer_mut(i);
+        conv1d_step(
+            &s.x,
+            &lw.conv_w,
+            cb,
+            input.resets,
+            win,
+            (input.batch, di, dc),
+            &mut s.u,
+        );
+    } else {
+        s.conv_init.clear();
+        s.conv_init.extend_from_slice(state.conv_layer(i));
+        let dims = (input.batch, input.seq_len, di, dc);
+        let last = state.conv_layer_mut(i);
+        conv1d_fwd(
+            &s.x,
+            &lw.conv_w,
+            cb,
+            input.resets,
+            Some(&s.conv_init),
+            dims,
+            &mut s.u,
+            last,
+        );
+    }
+}
+
+/// What the backward needs of one layer's forward.
+fn layer_cache(s: &Scratch, lw: &LayerWeights) -> LayerCache<f32> {
+    LayerCache {
+        resid_in: s.resid.clone(),
+        norm_stats: stats(s),
+        hn: s.hn.clone(),
+        x_pre: s.x.clone(),
+        z: s.z.clone(),
+        u: s.u.clone(),
+        xs: s.xs.clone(),
+        dt_raw: s.dtr.clone(),
+        b: s.bm.clone(),
+        c: s.cm.clone(),
+        delta: s.delta.clone(),
+        a: lw.a.clone(),
+        gated: s.gated.clone(),
     }
 }
 
@@ -141,26 +171,9 @@ fn layer(
         cfg.dt_rank,
         cfg.d_conv,
     );
-    for (v, len) in [(&mut s.hn, n * dm), (&mut s.out, n * dm)] {
-        fit(v, len);
-    }
-    for v in [
-        &mut s.x,
-        &mut s.z,
-        &mut s.u,
-        &mut s.xs,
-        &mut s.delta,
-        &mut s.gated,
-    ] {
-        fit(v, n * di);
-    }
-    fit(&mut s.dtr, n * r);
-    fit(&mut s.bm, n * ds);
-    fit(&mut s.cm, n * ds);
-    fit(&mut s.mean, n);
-    fit(&mut s.rstd, n);
+    fit_layer(s, n, (dm, di, ds, r));
     let nb = lw.norm_b.as_deref();
-    norm_rows(
+    norm_fwd(
         cfg.norm,
         &s.resid,
         &lw.norm_w,
@@ -182,34 +195,7 @@ fn layer(
         &mut s.wide,
     );
     split2(&s.wide, di, &mut s.x, &mut s.z);
-    let cb = lw.conv_b.as_deref();
-    if input.seq_len == 1 {
-        let win = state.conv_layer_mut(i);
-        conv_step(
-            &s.x,
-            &lw.conv_w,
-            cb,
-            input.resets,
-            win,
-            (input.batch, di, dc),
-            &mut s.u,
-        );
-    } else {
-        s.conv_init.clear();
-        s.conv_init.extend_from_slice(state.conv_layer(i));
-        let dims = (input.batch, input.seq_len, di, dc);
-        let last = state.conv_layer_mut(i);
-        conv_fwd(
-            &s.x,
-            &lw.conv_w,
-            cb,
-            input.resets,
-            Some(&s.conv_init),
-            dims,
-            &mut s.u,
-            last,
-        );
-    }
+    conv(lw, input, i, state, s, (di, dc));
     silu_into(&s.u, &mut s.xs);
     let xw = r + 2 * ds;
     fit(&mut s.wide, n * xw);
@@ -235,7 +221,7 @@ fn layer(
         d_inner: di,
         d_state: ds,
     };
-    scan_fwd(isa, &scan, state.ssm_layer_mut(i), &mut s.gated);
+    selective_scan_fwd(isa, &scan, state.ssm_layer_mut(i), &mut s.gated);
     linear(
         isa,
         lw.out_proj.view(),
@@ -244,21 +230,7 @@ fn layer(
         di,
         &mut s.out,
     );
-    let cache = keep.then(|| LayerCache {
-        resid_in: s.resid.clone(),
-        norm_stats: stats(s),
-        hn: s.hn.clone(),
-        x_pre: s.x.clone(),
-        z: s.z.clone(),
-        u: s.u.clone(),
-        xs: s.xs.clone(),
-        dt_raw: s.dtr.clone(),
-        b: s.bm.clone(),
-        c: s.cm.clone(),
-        delta: s.delta.clone(),
-        a: lw.a.clone(),
-        gated: s.gated.clone(),
-    });
+    let cache = keep.then(|| layer_cache(s, lw));
     for (v, o) in s.resid.iter_mut().zip(&s.out) {
         *v += *o;
     }
@@ -296,7 +268,7 @@ pub fn forward(
     fit(&mut s.mean, n);
     fit(&mut s.rstd, n);
     let fb = w.norm_f_b.as_deref();
-    norm_rows(
+    norm_fwd(
         cfg.norm,
         &s.resid,
         &w.norm_f_w,

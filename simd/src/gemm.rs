@@ -1,4 +1,5 @@
-//! f32 GEMM on a thread pool, and the `nn.Linear` forward / backward built on it.
+//! f32 GEMM on a thread pool (the `nn.Linear` forward / backward on it are in
+//! [`crate::ops::linear`]).
 //!
 //! [`sgemm`] computes `C = alpha · A · B + beta · C` for strided `A` `[m, k]`, `B` `[k, n]` and
 //! `C` `[m, n]` (row stride, column stride per matrix, so a transpose is just swapped strides).
@@ -139,165 +140,10 @@ pub fn sgemm(
     });
 }
 
-/// `y = x · Wᵀ + bias` into `y` `[n, d_out]`: `x` `[n, d_in]`, `w` `[d_out, d_in]`,
-/// `bias` `[d_out]`.
-#[allow(clippy::too_many_arguments)]
-pub fn linear_fwd_into(
-    pool: &ThreadPool,
-    x: &[f32],
-    w: &[f32],
-    bias: Option<&[f32]>,
-    n: usize,
-    d_in: usize,
-    d_out: usize,
-    y: &mut [f32],
-) {
-    assert!(
-        x.len() == n * d_in
-            && w.len() == d_out * d_in
-            && y.len() == n * d_out
-            && bias.is_none_or(|b| b.len() == d_out),
-        "linear_fwd: x {} / w {} / y {} / bias {:?} values, expected [n, d_in] = [{n}, {d_in}], \
-         [d_out, d_in] = [{d_out}, {d_in}], [n, d_out], [d_out]",
-        x.len(),
-        w.len(),
-        y.len(),
-        bias.map(|b| b.len())
-    );
-    let beta = match bias {
-        Some(b) => {
-            for row in y.chunks_exact_mut(d_out) {
-                row.copy_from_slice(b);
-            }
-            1.0
-        }
-        None => 0.0,
-    };
-    sgemm(
-        pool, n, d_in, d_out, 1.0, x, d_in, 1, w, 1, d_in, beta, y, d_out, 1,
-    );
-}
-
-/// `x · Wᵀ + bias` as a new `[n, d_out]` buffer; see [`linear_fwd_into`].
-pub fn linear_fwd(
-    pool: &ThreadPool,
-    x: &[f32],
-    w: &[f32],
-    bias: Option<&[f32]>,
-    n: usize,
-    d_in: usize,
-    d_out: usize,
-) -> Vec<f32> {
-    let mut y = vec![0.0; n * d_out];
-    linear_fwd_into(pool, x, w, bias, n, d_in, d_out, &mut y);
-    y
-}
-
-/// `grad_w[d_out, d_in] += dyᵀ · x` for `dy` `[n, d_out]`, `x` `[n, d_in]`.
-pub fn linear_bwd_weight(
-    pool: &ThreadPool,
-    x: &[f32],
-    dy: &[f32],
-    n: usize,
-    d_in: usize,
-    d_out: usize,
-    grad_w: &mut [f32],
-) {
-    assert!(
-        x.len() == n * d_in && dy.len() == n * d_out && grad_w.len() == d_out * d_in,
-        "linear_bwd_weight: x {} / dy {} / grad_w {} values, expected [{n}, {d_in}], [{n}, {d_out}], [{d_out}, {d_in}]",
-        x.len(),
-        dy.len(),
-        grad_w.len()
-    );
-    sgemm(
-        pool, d_out, n, d_in, 1.0, dy, 1, d_out, x, d_in, 1, 1.0, grad_w, d_in, 1,
-    );
-}
-
-/// `grad_bias[o] += Σ_r dy[r, o]`, rows in increasing order.
-pub fn linear_bwd_bias(dy: &[f32], n: usize, d_out: usize, grad_bias: &mut [f32]) {
-    assert!(
-        dy.len() == n * d_out && grad_bias.len() == d_out,
-        "linear_bwd_bias: dy {} / grad_bias {} values, expected [{n}, {d_out}], [{d_out}]",
-        dy.len(),
-        grad_bias.len()
-    );
-    for row in dy.chunks_exact(d_out) {
-        for (g, &d) in grad_bias.iter_mut().zip(row) {
-            *g += d;
-        }
-    }
-}
-
-/// `dx[n, d_in] = dy · W` for `dy` `[n, d_out]`, `w` `[d_out, d_in]`, into `dx` (overwritten).
-pub fn linear_bwd_input_into(
-    pool: &ThreadPool,
-    w: &[f32],
-    dy: &[f32],
-    n: usize,
-    d_in: usize,
-    d_out: usize,
-    dx: &mut [f32],
-) {
-    assert!(
-        w.len() == d_out * d_in && dy.len() == n * d_out && dx.len() == n * d_in,
-        "linear_bwd_input: w {} / dy {} / dx {} values, expected [{d_out}, {d_in}], [{n}, {d_out}], [{n}, {d_in}]",
-        w.len(),
-        dy.len(),
-        dx.len()
-    );
-    sgemm(
-        pool, n, d_out, d_in, 1.0, dy, d_out, 1, w, d_in, 1, 0.0, dx, d_in, 1,
-    );
-}
-
-/// Backward of [`linear_fwd`], as `reference::ops::linear::linear_bwd`: accumulates
-/// `grad_w += dyᵀ · x` and `grad_bias += Σ_r dy`, returns `dx = dy · W`.
-#[allow(clippy::too_many_arguments)]
-pub fn linear_bwd(
-    pool: &ThreadPool,
-    x: &[f32],
-    w: &[f32],
-    dy: &[f32],
-    n: usize,
-    d_in: usize,
-    d_out: usize,
-    grad_w: &mut [f32],
-    grad_bias: Option<&mut [f32]>,
-) -> Vec<f32> {
-    linear_bwd_weight(pool, x, dy, n, d_in, d_out, grad_w);
-    if let Some(gb) = grad_bias {
-        linear_bwd_bias(dy, n, d_out, gb);
-    }
-    let mut dx = vec![0.0; n * d_in];
-    linear_bwd_input_into(pool, w, dy, n, d_in, d_out, &mut dx);
-    dx
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn pool(t: usize) -> ThreadPool {
-        rayon::ThreadPoolBuilder::new()
-            .num_threads(t)
-            .build()
-            .unwrap()
-    }
-
-    /// Deterministic values in [-1, 1).
-    fn vals(n: usize, seed: u32) -> Vec<f32> {
-        let mut s = seed.wrapping_mul(2654435761).wrapping_add(12345);
-        (0..n)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 17;
-                s ^= s << 5;
-                (s >> 8) as f32 / (1u32 << 23) as f32 - 1.0
-            })
-            .collect()
-    }
+    use crate::test_rng::{pool, vals};
 
     fn naive(m: usize, k: usize, n: usize, a: &[f32], b: &[f32]) -> Vec<f64> {
         let mut c = vec![0.0f64; m * n];
@@ -377,45 +223,6 @@ mod tests {
                     None => first = Some(c),
                     Some(f) => assert_eq!(f, &c, "thread count changed the bits"),
                 }
-            }
-        }
-    }
-
-    #[test]
-    fn linear_bwd_matches_its_definition() {
-        let (n, d_in, d_out) = (37, 19, 23);
-        let p = pool(2);
-        let x = vals(n * d_in, 3);
-        let w = vals(d_out * d_in, 4);
-        let dy = vals(n * d_out, 5);
-        let b = vals(d_out, 6);
-        let y = linear_fwd(&p, &x, &w, Some(&b), n, d_in, d_out);
-        let mut gw = vals(d_out * d_in, 7);
-        let gw0 = gw.clone();
-        let mut gb = vec![0.5f32; d_out];
-        let dx = linear_bwd(&p, &x, &w, &dy, n, d_in, d_out, &mut gw, Some(&mut gb));
-        for r in 0..n {
-            for o in 0..d_out {
-                let s: f64 = (0..d_in)
-                    .map(|j| w[o * d_in + j] as f64 * x[r * d_in + j] as f64)
-                    .sum();
-                assert!((y[r * d_out + o] as f64 - s - b[o] as f64).abs() < 1e-5);
-            }
-            for j in 0..d_in {
-                let s: f64 = (0..d_out)
-                    .map(|o| w[o * d_in + j] as f64 * dy[r * d_out + o] as f64)
-                    .sum();
-                assert!((dx[r * d_in + j] as f64 - s).abs() < 1e-5);
-            }
-        }
-        for o in 0..d_out {
-            let sb: f64 = (0..n).map(|r| dy[r * d_out + o] as f64).sum();
-            assert!((gb[o] as f64 - 0.5 - sb).abs() < 1e-5);
-            for j in 0..d_in {
-                let s: f64 = (0..n)
-                    .map(|r| dy[r * d_out + o] as f64 * x[r * d_in + j] as f64)
-                    .sum();
-                assert!((gw[o * d_in + j] as f64 - gw0[o * d_in + j] as f64 - s).abs() < 1e-5);
             }
         }
     }

@@ -6,15 +6,14 @@
 pub mod backward;
 pub mod gemm;
 pub mod loss;
+pub mod ops;
 pub mod optim;
 
-pub mod conv;
 pub mod engine;
 pub mod forward;
 pub mod kernels;
 pub mod load;
 pub mod model;
-pub mod scan;
 pub mod vecmath;
 pub mod weights;
 
@@ -108,6 +107,26 @@ pub(crate) mod test_rng {
             .wrapping_mul(6364136223846793005)
             .wrapping_add(1442695040888963407);
         ((*seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+    }
+    /// A pool of `t` threads.
+    pub fn pool(t: usize) -> rayon::ThreadPool {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(t)
+            .build()
+            .unwrap()
+    }
+
+    /// Deterministic values in [-1, 1).
+    pub fn vals(n: usize, seed: u32) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(2654435761).wrapping_add(12345);
+        (0..n)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 17;
+                s ^= s << 5;
+                (s >> 8) as f32 / (1u32 << 23) as f32 - 1.0
+            })
+            .collect()
     }
 }
 

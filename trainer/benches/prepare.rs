@@ -27,38 +27,32 @@ const GENERATOR_VERSION: u32 = 1;
 const FILES: usize = 8;
 const MB: f64 = 1e6;
 
+/// Benchmark of `vet-data prepare` on a synthetic veterinary corpus.
+#[derive(clap::Parser)]
 struct Config {
+    /// Size of the larger corpus in GB of text (a second one is a quarter of it).
+    #[arg(long, default_value_t = 1.0, value_parser = positive)]
     gb: f64,
+    /// Where the generated corpora (and prepare's output) go.
+    #[arg(long, default_value_os_t = std::env::temp_dir().join("vet-mamba-prepare-bench"))]
     dir: PathBuf,
+    /// Threads for `vet-data prepare` (default: every core).
+    #[arg(long, value_name = "N")]
     threads: Option<usize>,
+    /// The tokenizer.json to prepare with.
+    #[arg(long, default_value_os_t = default_tokenizer())]
     tokenizer: PathBuf,
+    /// Added by `cargo bench`; ignored.
+    #[arg(long, hide = true)]
+    bench: bool,
 }
 
-fn parse_args() -> Result<Config, String> {
-    let mut cfg = Config {
-        gb: 1.0,
-        dir: std::env::temp_dir().join("vet-mamba-prepare-bench"),
-        threads: None,
-        tokenizer: default_tokenizer(),
-    };
-    let mut args = std::env::args().skip(1);
-    while let Some(a) = args.next() {
-        let mut value = || args.next().ok_or(format!("{a} needs a value"));
-        match a.as_str() {
-            "--gb" => cfg.gb = value()?.parse().map_err(|e| format!("--gb: {e}"))?,
-            "--dir" => cfg.dir = value()?.into(),
-            "--threads" => {
-                cfg.threads = Some(value()?.parse().map_err(|e| format!("--threads: {e}"))?)
-            }
-            "--tokenizer" => cfg.tokenizer = value()?.into(),
-            "--bench" => {} // added by `cargo bench`
-            other => return Err(format!("unknown argument {other:?}")),
-        }
+fn positive(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v > 0.0 && v.is_finite() => Ok(v),
+        Ok(_) => Err("must be a positive number".into()),
+        Err(e) => Err(e.to_string()),
     }
-    if cfg.gb.is_nan() || cfg.gb <= 0.0 {
-        return Err("--gb must be positive".into());
-    }
-    Ok(cfg)
 }
 
 fn default_tokenizer() -> PathBuf {
@@ -223,7 +217,7 @@ fn main() {
 }
 
 fn bench() -> Result<(), String> {
-    let cfg = parse_args()?;
+    let cfg = <Config as clap::Parser>::parse();
     let bin = vet_data_binary()?;
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let threads = cfg.threads.unwrap_or(cores);

@@ -27,25 +27,30 @@ fn machine() -> String {
     format!("{cpu}, {cores} cores")
 }
 
+/// Training throughput on the CPU: tokens/s of a full step.
+#[derive(clap::Parser)]
+struct Args {
+    /// The engine (`--device` of vet-train).
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Comma-separated presets.
+    #[arg(long, default_value = "tiny,130m", value_delimiter = ',')]
+    presets: Vec<String>,
+    /// Added by `cargo bench`; ignored.
+    #[arg(long, hide = true)]
+    bench: bool,
+}
+
 fn main() -> anyhow::Result<()> {
-    let args: Vec<String> = std::env::args()
-        .skip(1)
-        .filter(|a| a != "--bench")
-        .collect();
-    let value = |flag: &str| {
-        args.iter()
-            .position(|a| a == flag)
-            .and_then(|i| args.get(i + 1))
-            .cloned()
-    };
-    let device = value("--device").unwrap_or_else(|| "cpu".into());
-    let presets = value("--presets").unwrap_or_else(|| "tiny,130m".into());
+    let Args {
+        device, presets, ..
+    } = <Args as clap::Parser>::parse();
     println!("machine: {}; device {device}", machine());
     println!(
         "{:<8} {:>12} {:>10} {:>6} {:>10} {:>12} {:>10}",
         "preset", "parameters", "batch×seq", "steps", "seconds", "tokens/s", "GFLOP/s"
     );
-    for name in presets.split(',') {
+    for name in presets.iter().map(String::as_str) {
         let mut cfg = preset(name)?;
         if name == "tiny" {
             cfg.vocab_size = 4096;

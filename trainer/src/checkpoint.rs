@@ -56,13 +56,16 @@ pub fn write_model_files(
     save_params(&dir.join("model.safetensors"), cfg, params, SaveDtype::F32)?;
     if let Some(tok) = tokenizer {
         let bytes = fs::read(tok).with_context(|| format!("reading {}", tok.display()))?;
-        reference::io::atomic_write(&dir.join("tokenizer.json"), &bytes)?;
+        reference::fs::atomic_write(&dir.join("tokenizer.json"), &bytes)?;
     }
     Ok(())
 }
 
 /// Builds a directory with `write` inside `.NAME.tmp` beside `dir`, fsyncs it, then renames it
-/// over `dir`. On any error the temporary directory is removed and `dir` is left as it was.
+/// to `dir`. An existing `dir` is first renamed to `.NAME.old`, and that is removed once the new
+/// one is in place, file by file, only the files a checkpoint holds ([`CHECKPOINT_FILES`]): the
+/// caller checks that `dir` is a checkpoint (see [`check_new_checkpoint_dir`]). On any error the
+/// temporary directory is removed and `dir` is left as it was.
 pub fn save_dir_atomically(dir: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
     let name = dir
         .file_name()
@@ -81,10 +84,25 @@ pub fn save_dir_atomically(dir: &Path, write: impl FnOnce(&Path) -> Result<()>) 
         write(&tmp).with_context(|| format!("writing checkpoint {}", dir.display()))?;
         fs::File::open(&tmp).and_then(|d| d.sync_all()).ok();
         if dir.exists() {
-            fs::remove_dir_all(dir).with_context(|| format!("replacing {}", dir.display()))?;
+            let old = parent.join(format!(".{}.old", name.to_string_lossy()));
+            if old.exists() {
+                remove_checkpoint_dir(&old)?;
+            }
+            fs::rename(dir, &old)
+                .with_context(|| format!("renaming {} to {}", dir.display(), old.display()))?;
+            if let Err(e) = fs::rename(&tmp, dir) {
+                // Put the old one back: `dir` is as it was.
+                let _ = fs::rename(&old, dir);
+                return Err(e)
+                    .with_context(|| format!("renaming {} to {}", tmp.display(), dir.display()));
+            }
+            if let Err(e) = remove_checkpoint_dir(&old) {
+                eprintln!("warning: {e:#}");
+            }
+        } else {
+            fs::rename(&tmp, dir)
+                .with_context(|| format!("renaming {} to {}", tmp.display(), dir.display()))?;
         }
-        fs::rename(&tmp, dir)
-            .with_context(|| format!("renaming {} to {}", tmp.display(), dir.display()))?;
         fs::File::open(parent).and_then(|d| d.sync_all()).ok();
         Ok(())
     })();
@@ -92,4 +110,132 @@ pub fn save_dir_atomically(dir: &Path, write: impl FnOnce(&Path) -> Result<()>) 
         let _ = fs::remove_dir_all(&tmp);
     }
     result
+}
+
+/// The files a checkpoint directory may hold: the Hugging Face model files and the training
+/// state. A folder holding anything else is not one, and no tool here deletes it.
+pub const CHECKPOINT_FILES: &[&str] = &[
+    "config.json",
+    "model.safetensors",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "generation_config.json",
+    "optimizer.safetensors",
+    "trainer_state.json",
+];
+
+/// Removes a checkpoint directory's files ([`CHECKPOINT_FILES`]) and then the directory; fails,
+/// naming them, when it holds anything else, which it leaves alone.
+fn remove_checkpoint_dir(dir: &Path) -> Result<()> {
+    for name in CHECKPOINT_FILES {
+        let f = dir.join(name);
+        if f.is_file() {
+            fs::remove_file(&f).with_context(|| format!("removing {}", f.display()))?;
+        }
+    }
+    let others = foreign_files(dir)?;
+    if !others.is_empty() {
+        bail!(
+            "{} holds files that are not part of a checkpoint ({}): left in place; move them and remove the folder",
+            dir.display(),
+            others.join(", ")
+        );
+    }
+    fs::remove_dir(dir).with_context(|| format!("removing {}", dir.display()))
+}
+
+/// The entries of `dir` that are not checkpoint files (at most a few named, then a count).
+fn foreign_files(dir: &Path) -> Result<Vec<String>> {
+    const SHOWN: usize = 5;
+    let mut out = Vec::new();
+    let mut more = 0usize;
+    for e in fs::read_dir(dir).with_context(|| format!("listing {}", dir.display()))? {
+        let e = e.with_context(|| format!("listing {}", dir.display()))?;
+        let name = e.file_name().to_string_lossy().into_owned();
+        let known = CHECKPOINT_FILES.contains(&name.as_str()) && e.path().is_file();
+        if known {
+            continue;
+        }
+        if out.len() < SHOWN {
+            out.push(name);
+        } else {
+            more += 1;
+        }
+    }
+    if more > 0 {
+        out.push(format!("and {more} more"));
+    }
+    Ok(out)
+}
+
+/// `path` made absolute with symbolic links resolved, also when its last components do not
+/// exist yet.
+fn resolved(path: &Path) -> Result<PathBuf> {
+    let mut rest = Vec::new();
+    let mut p = if path.is_absolute() {
+        path.to_path_buf()
+    } else {
+        std::env::current_dir()
+            .context("reading the current directory")?
+            .join(path)
+    };
+    loop {
+        if let Ok(c) = p.canonicalize() {
+            return Ok(rest
+                .into_iter()
+                .rev()
+                .fold(c, |acc: PathBuf, n| acc.join(n)));
+        }
+        match (p.file_name().map(|n| n.to_os_string()), p.parent()) {
+            (Some(n), Some(parent)) => {
+                rest.push(n);
+                p = parent.to_path_buf();
+            }
+            _ => bail!("cannot resolve {}", path.display()),
+        }
+    }
+}
+
+/// Checks that a checkpoint made from `source` may be written to `out`:
+/// - never `source` itself, nor a folder that contains it;
+/// - a missing or empty folder is fine;
+/// - a folder holding a checkpoint (only [`CHECKPOINT_FILES`]) is replaced only with `force`;
+/// - a folder holding anything else is refused even with `force`: its files are not ours to
+///   delete.
+pub fn check_new_checkpoint_dir(out: &Path, source: &Path, force: bool) -> Result<()> {
+    let (out_r, src_r) = (resolved(out)?, resolved(source)?);
+    if src_r.starts_with(&out_r) {
+        let what = if src_r == out_r { "is" } else { "contains" };
+        bail!(
+            "--out {} {what} the source checkpoint {}: writing there would destroy it; choose another folder",
+            out.display(),
+            source.display()
+        );
+    }
+    if !out.exists() {
+        return Ok(());
+    }
+    if !out.is_dir() {
+        bail!("--out {} is a file, not a folder", out.display());
+    }
+    let others = foreign_files(out)?;
+    if !others.is_empty() {
+        bail!(
+            "--out {} is not empty and is not a checkpoint (it holds {}): choose a new or empty folder (nothing there is deleted, even with --force)",
+            out.display(),
+            others.join(", ")
+        );
+    }
+    let empty = fs::read_dir(out)
+        .with_context(|| format!("listing {}", out.display()))?
+        .next()
+        .is_none();
+    if !empty && !force {
+        bail!(
+            "--out {} already holds a checkpoint: pass --force to replace it, or choose a new folder",
+            out.display()
+        );
+    }
+    Ok(())
 }

@@ -9,6 +9,7 @@ pub mod data;
 pub mod debug_state;
 pub mod device;
 pub mod generate;
+pub mod lock;
 pub mod quickstart;
 pub mod tokenizer;
 pub mod tokenizer_train;

@@ -164,6 +164,7 @@ fn step(n: usize, what: &str) {
 pub fn run(o: &QuickstartOptions) -> Result<QuickstartReport> {
     let started = Instant::now();
     std::fs::create_dir_all(&o.out).with_context(|| format!("creating {}", o.out.display()))?;
+    let _lock = crate::lock::DirLock::acquire(&o.out)?;
     step(1, "prepare the bundled corpus");
     let data_dir = o.out.join("data");
     let mut popts = Options::new(
@@ -186,8 +187,10 @@ pub fn run(o: &QuickstartOptions) -> Result<QuickstartReport> {
         3e-3,
         &pre_dir,
     )?;
+    // The pretrain and finetune folders are the quickstart's own: a rerun starts them afresh.
     let ropts = RunOptions {
         device: o.device.clone(),
+        overwrite: true,
         ..RunOptions::default()
     };
     let pre: RunSummary = train(cfg, &ropts)?;
@@ -272,7 +275,7 @@ pub fn run(o: &QuickstartOptions) -> Result<QuickstartReport> {
         seconds: started.elapsed().as_secs_f64(),
     };
     let path = o.out.join("quickstart_report.json");
-    reference::io::atomic_write(&path, serde_json::to_string_pretty(&report)?.as_bytes())?;
+    reference::fs::atomic_write(&path, serde_json::to_string_pretty(&report)?.as_bytes())?;
     eprintln!(
         "\nquickstart done in {:.0} s; report in {}",
         report.seconds,

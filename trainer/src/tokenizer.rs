@@ -29,19 +29,22 @@ pub fn load(path: &Path, vocab_size: usize) -> Result<Tokenizer> {
     Ok(tok)
 }
 
-/// GPT-2's reversible byte → printable-char map used by byte-level BPE.
-fn byte_chars() -> Vec<char> {
-    let mut out = vec!['\0'; 256];
+/// GPT-2's reversible byte -> printable character map (`ByteLevel`'s alphabet): printable
+/// Latin-1 bytes stand for themselves, the others for U+0100 onwards in byte order. The one
+/// copy of the table: the byte-level tokenizer and `prepare`'s fast BPE both use it.
+pub fn byte_chars() -> [char; 256] {
+    let mut out = ['\0'; 256];
     let mut extra = 0u32;
     for b in 0..256u32 {
         let printable =
             (0x21..=0x7E).contains(&b) || (0xA1..=0xAC).contains(&b) || (0xAE..=0xFF).contains(&b);
-        out[b as usize] = if printable {
-            char::from_u32(b).unwrap_or('\0')
+        let code = if printable {
+            b
         } else {
             extra += 1;
-            char::from_u32(255 + extra).unwrap_or('\0')
+            255 + extra
         };
+        out[b as usize] = char::from_u32(code).unwrap_or('\0');
     }
     out
 }
@@ -90,3 +93,20 @@ pub const ANSWER: &str = "<|answer|>";
 pub const QA_TEMPLATE: &str = "<|question|> {question}\n<|answer|> ";
 /// Special tokens `vet-data tokenizer` adds, in id order from 0.
 pub const SPECIAL_TOKENS: [&str; 4] = [EOT, PAD, QUESTION, ANSWER];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_byte_map_is_gpt2s_bytelevel_alphabet_one_char_per_byte() {
+        let chars = byte_chars();
+        let ours: std::collections::HashSet<char> = chars.iter().copied().collect();
+        assert_eq!(ours.len(), 256, "two bytes share a character");
+        let alphabet: std::collections::HashSet<char> = ByteLevel::alphabet().into_iter().collect();
+        assert_eq!(ours, alphabet);
+        // GPT-2's well-known spellings: space is 'Ġ', newline 'Ċ', 'a' itself.
+        assert_eq!((chars[b' ' as usize], chars[b'\n' as usize]), ('Ġ', 'Ċ'));
+        assert_eq!(chars[b'a' as usize], 'a');
+    }
+}

@@ -10,7 +10,8 @@
 //! for each record, every `--field` the record has, each as its own text (a record with none of
 //! them is an error naming the file and line). So the corpus and QA pairs train one tokenizer:
 //! `--input corpus.jsonl qa.jsonl --field text --field question --field answer`. `.gz` / `.zst`
-//! variants are decompressed on the fly; folders are walked, in sorted order. Texts stream
+//! variants are decompressed on the fly; folders are walked, in sorted order (the walk and the
+//! decompression are [`crate::data::inputs`], shared with `vet-data prepare`). Texts stream
 //! through the trainer: only the word counts are held in memory, never the corpus. Literal
 //! special tokens inside a text are cut out before counting, as encoding would cut them.
 //!
@@ -20,8 +21,8 @@
 //! vocabulary by id. `trainer/tests/tokenizer.rs` checks it in-process and across processes.
 
 use std::fs::File;
-use std::io::{BufRead, BufReader, Read, Write};
-use std::path::{Path, PathBuf};
+use std::io::{BufRead, Read, Write};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -34,6 +35,7 @@ use tokenizers::{
     AddedToken, NormalizerWrapper, OffsetReferential, OffsetType, PreTokenizer, Tokenizer, Trainer,
 };
 
+use crate::data::inputs::{self, InputFile, Kind};
 use crate::tokenizer::SPECIAL_TOKENS;
 
 /// Number of byte tokens every byte-level vocabulary holds.
@@ -45,7 +47,7 @@ pub const SAMPLE_BYTES: u64 = 16 << 20;
 /// Arguments of `vet-data tokenizer`.
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// Corpus files or folders: .txt (one text per line) or .jsonl, optionally .gz / .zst.
+    /// Corpus files or folders: .txt (one text per line) or .jsonl, optionally .gz / .zst / .zstd.
     /// Folders are walked in sorted order.
     #[arg(long, required = true, num_args = 1.., value_name = "PATH")]
     pub input: Vec<PathBuf>,
@@ -152,7 +154,7 @@ pub fn train(opts: &Options) -> Result<Tokenizer> {
 /// [`train`], also returning what was read.
 pub fn train_with_stats(opts: &Options) -> Result<(Tokenizer, CorpusStats)> {
     opts.validate()?;
-    let files = input_files(&opts.inputs)?;
+    let files = inputs::discover(&opts.inputs, &mut |w| eprintln!("warning: {w}"))?;
     let specials: Vec<AddedToken> = opts
         .special_tokens()
         .into_iter()
@@ -261,7 +263,8 @@ impl Ratio {
 
 /// Compression of `tok` on the first `max_bytes` of the texts `opts` names.
 pub fn sample_ratio(tok: &Tokenizer, opts: &Options, max_bytes: u64) -> Result<Ratio> {
-    let files = input_files(&opts.inputs)?;
+    // Warnings were given when training.
+    let files = inputs::discover(&opts.inputs, &mut |_| {})?;
     let failure = Mutex::new(None);
     let counters = Counters::default();
     let hidden = ProgressBar::hidden();
@@ -299,7 +302,7 @@ pub fn run(args: Args) -> Result<()> {
     if let Some(dir) = args.out.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
-    reference::io::atomic_write(&args.out, json.as_bytes())
+    reference::fs::atomic_write(&args.out, json.as_bytes())
         .with_context(|| format!("writing {}", args.out.display()))?;
     let trained = started.elapsed();
 
@@ -327,85 +330,19 @@ pub fn run(args: Args) -> Result<()> {
     Ok(())
 }
 
-/// How an input file is laid out.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Format {
-    Txt,
-    Jsonl,
-}
-
-/// How an input file is compressed.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Codec {
-    Plain,
-    Gzip,
-    Zstd,
-}
-
-/// The format and codec of `path` from its name, or `None` when it is not a corpus file.
-fn file_kind(path: &Path) -> Option<(Format, Codec)> {
-    let name = path.file_name()?.to_str()?.to_ascii_lowercase();
-    let (stem, codec) = if let Some(s) = name.strip_suffix(".gz") {
-        (s, Codec::Gzip)
-    } else if let Some(s) = name.strip_suffix(".zst") {
-        (s, Codec::Zstd)
-    } else {
-        (name.as_str(), Codec::Plain)
-    };
-    if stem.ends_with(".txt") {
-        Some((Format::Txt, codec))
-    } else if stem.ends_with(".jsonl") {
-        Some((Format::Jsonl, codec))
-    } else {
-        None
-    }
-}
-
-/// The corpus files `inputs` name: files as given, folders walked (sorted) for `.txt` /
-/// `.jsonl` files (optionally `.gz` / `.zst`).
+/// The corpus files `inputs` name: [`inputs::discover`] (files as given, folders walked in
+/// sorted order; other kinds of file in folders skipped with a warning).
 pub fn input_files(inputs: &[PathBuf]) -> Result<Vec<PathBuf>> {
-    let mut files = Vec::new();
-    for path in inputs {
-        if path.is_dir() {
-            walk(path, &mut files)?;
-        } else if path.is_file() {
-            if file_kind(path).is_none() {
-                bail!(
-                    "input {}: not a .txt or .jsonl file (optionally .gz / .zst)",
-                    path.display()
-                );
-            }
-            files.push(path.clone());
-        } else {
-            bail!("input {}: no such file or folder", path.display());
-        }
-    }
-    if files.is_empty() {
-        bail!("no .txt or .jsonl files in {}", list(inputs));
-    }
-    Ok(files)
+    Ok(
+        inputs::discover(inputs, &mut |w| eprintln!("warning: {w}"))?
+            .into_iter()
+            .map(|f| f.path)
+            .collect(),
+    )
 }
 
-fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
-    let mut entries = std::fs::read_dir(dir)
-        .and_then(|rd| {
-            rd.map(|e| e.map(|e| e.path()))
-                .collect::<std::io::Result<Vec<_>>>()
-        })
-        .with_context(|| format!("reading folder {}", dir.display()))?;
-    entries.sort();
-    for path in entries {
-        if path.is_dir() {
-            walk(&path, out)?;
-        } else if file_kind(&path).is_some() {
-            out.push(path);
-        }
-    }
-    Ok(())
-}
-
-fn list(files: &[PathBuf]) -> String {
-    let names: Vec<String> = files.iter().map(|p| p.display().to_string()).collect();
+fn list(files: &[InputFile]) -> String {
+    let names: Vec<String> = files.iter().map(|f| f.path.display().to_string()).collect();
     names.join(", ")
 }
 
@@ -423,33 +360,22 @@ impl<R: Read> Read for Counting<R> {
     }
 }
 
-fn open(path: &Path, codec: Codec, bar: ProgressBar) -> Result<Box<dyn BufRead + Send>> {
-    let file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    let raw = Counting { inner: file, bar };
-    let cap = 1 << 20;
-    Ok(match codec {
-        Codec::Plain => Box::new(BufReader::with_capacity(cap, raw)),
-        Codec::Gzip => Box::new(BufReader::with_capacity(
-            cap,
-            flate2::read::MultiGzDecoder::new(raw),
-        )),
-        Codec::Zstd => {
-            let dec = zstd::stream::read::Decoder::new(raw)
-                .with_context(|| format!("opening zstd stream {}", path.display()))?;
-            Box::new(BufReader::with_capacity(cap, dec))
-        }
-    })
+fn open(file: &InputFile, bar: ProgressBar) -> Result<Box<dyn BufRead + Send>> {
+    let path = &file.path;
+    let raw = File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    inputs::decode(Counting { inner: raw, bar }, file.compression)
+        .with_context(|| format!("opening the compressed stream {}", path.display()))
 }
 
 /// A bar over the input files' bytes on disk, hidden unless `show`.
-fn read_bar(files: &[PathBuf], show: bool) -> Result<ProgressBar> {
+fn read_bar(files: &[InputFile], show: bool) -> Result<ProgressBar> {
     if !show {
         return Ok(ProgressBar::hidden());
     }
     let mut total = 0;
     for f in files {
-        total += std::fs::metadata(f)
-            .with_context(|| format!("reading {}", f.display()))?
+        total += std::fs::metadata(&f.path)
+            .with_context(|| format!("reading {}", f.path.display()))?
             .len();
     }
     let style = ProgressStyle::with_template(
@@ -477,7 +403,7 @@ struct Counters {
 /// The texts of the input files, in order, as one stream. On a bad file or line it stores the
 /// error in `failure` and ends; the caller checks `failure` afterwards.
 struct Texts<'a> {
-    files: std::slice::Iter<'a, PathBuf>,
+    files: std::slice::Iter<'a, InputFile>,
     fields: &'a [String],
     failure: &'a Mutex<Option<anyhow::Error>>,
     counters: &'a Counters,
@@ -492,14 +418,14 @@ struct Texts<'a> {
 
 struct OpenFile {
     path: PathBuf,
-    format: Format,
+    kind: Kind,
     reader: Box<dyn BufRead + Send>,
     line_no: u64,
 }
 
 impl<'a> Texts<'a> {
     fn new(
-        files: &'a [PathBuf],
+        files: &'a [InputFile],
         fields: &'a [String],
         failure: &'a Mutex<Option<anyhow::Error>>,
         counters: &'a Counters,
@@ -534,16 +460,13 @@ impl<'a> Texts<'a> {
                 return Ok(Some(t));
             }
             let Some(file) = self.current.as_mut() else {
-                let Some(path) = self.files.next() else {
+                let Some(input) = self.files.next() else {
                     return Ok(None);
                 };
-                let (format, codec) = file_kind(path).ok_or_else(|| {
-                    anyhow!("input {}: not a .txt or .jsonl file", path.display())
-                })?;
-                let reader = open(path, codec, self.bar.clone())?;
+                let reader = open(input, self.bar.clone())?;
                 self.current = Some(OpenFile {
-                    path: path.clone(),
-                    format,
+                    path: input.path.clone(),
+                    kind: input.kind,
                     reader,
                     line_no: 0,
                 });
@@ -559,13 +482,13 @@ impl<'a> Texts<'a> {
                 self.current = None;
                 continue;
             }
-            match file.format {
-                Format::Txt => {
+            match file.kind {
+                Kind::Txt => {
                     if !line.trim().is_empty() {
                         return Ok(Some(std::mem::take(&mut line)));
                     }
                 }
-                Format::Jsonl => {
+                Kind::Jsonl => {
                     if line.trim().is_empty() {
                         continue;
                     }

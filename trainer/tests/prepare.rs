@@ -46,7 +46,7 @@ fn run(o: &Options) -> Summary {
     prepare(o).unwrap_or_else(|e| panic!("prepare failed: {e:#}"))
 }
 
-/// Every file of a folder and its bytes.
+/// Every file of a folder and its bytes (not the lock files, one per `--part`).
 fn snapshot(dir: &Path) -> BTreeMap<String, Vec<u8>> {
     std::fs::read_dir(dir)
         .unwrap()
@@ -55,6 +55,7 @@ fn snapshot(dir: &Path) -> BTreeMap<String, Vec<u8>> {
             let name = e.file_name().to_string_lossy().into_owned();
             (name, std::fs::read(e.path()).unwrap())
         })
+        .filter(|(name, _)| !name.starts_with(".vet-lock"))
         .collect()
 }
 

@@ -373,21 +373,40 @@ fn infer(rows: &mut Vec<String>) -> reference::Result<()> {
     Ok(())
 }
 
+/// What to measure.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum What {
+    Scan,
+    Infer,
+    Train,
+    All,
+}
+
+/// GPU benchmarks: the scan kernels, inference (prefill, decode) and training steps.
+#[derive(clap::Parser)]
+struct Args {
+    #[arg(value_enum, default_value_t = What::All)]
+    what: What,
+    /// Added by `cargo bench`; ignored.
+    #[arg(long, hide = true)]
+    bench: bool,
+}
+
 fn main() {
-    let what = std::env::args().nth(1).unwrap_or_else(|| "all".into());
+    let what = <Args as clap::Parser>::parse().what;
     if let Err(e) = gpu::available() {
         eprintln!("gpu-bench: {e}");
         std::process::exit(2);
     }
     let mut rows = Vec::new();
     let r = (|| {
-        if what == "scan" || what == "all" {
+        if what == What::Scan || what == What::All {
             scan(&mut rows)?;
         }
-        if what == "infer" || what == "all" {
+        if what == What::Infer || what == What::All {
             infer(&mut rows)?;
         }
-        if what == "train" || what == "all" {
+        if what == What::Train || what == What::All {
             train(&mut rows)?;
         }
         Ok::<(), reference::Error>(())

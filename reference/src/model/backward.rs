@@ -1,7 +1,7 @@
 //! The model backward: every parameter gradient and the initial state's gradient.
 
+use super::batch::Batch;
 use super::forward::{ForwardCache, LayerCache};
-use super::Batch;
 use crate::config::MambaConfig;
 use crate::error::{Error, Result};
 use crate::float::{silu_grad, Float};

@@ -1,6 +1,6 @@
 //! The model forward, keeping what the backward needs.
 
-use super::Batch;
+use super::batch::Batch;
 use crate::config::MambaConfig;
 use crate::error::Result;
 use crate::float::{silu, Float};

@@ -7,26 +7,68 @@
 //! runs in a fixed order set by the shapes alone, so the gradients are the same bits for any
 //! thread count.
 
-mod conv;
-mod lanes;
-mod norm;
-mod scan;
-
 use rayon::prelude::*;
 use rayon::ThreadPool;
 use reference::model::{Batch, ForwardCache, LayerCache};
 use reference::{Error, LayerParams, MambaConfig, Params, Result, State};
 
-use crate::gemm::{linear_bwd, linear_bwd_bias, linear_bwd_input_into, linear_bwd_weight};
-use conv::{conv1d_bwd, ConvBwdInputs};
-use norm::norm_bwd;
-use scan::{selective_scan_bwd, ScanBwdInputs};
+use crate::ops::conv1d::{conv1d_bwd, ConvBwdInputs};
+use crate::ops::linear::{linear_bwd, linear_bwd_bias, linear_bwd_input_into, linear_bwd_weight};
+use crate::ops::norm::norm_bwd;
+use crate::ops::selective_scan::{selective_scan_bwd, Scan, ScanBwdInputs};
 
 /// Elements per task of the element-wise loops.
 const ELEMS: usize = 1 << 14;
 
-/// A mutable f32 buffer that pool tasks write through at disjoint indices.
-pub(crate) type Shared = crate::SyncPtr<f32>;
+/// `du = (du + d_u_scan) · silu'(u)`, in place over `du` (the gradient w.r.t. the conv's
+/// output, from the x_proj path and the scan's input).
+fn silu_bwd_into(pool: &ThreadPool, du: &mut [f32], d_u_scan: &[f32], u: &[f32]) {
+    pool.install(|| {
+        du.par_chunks_mut(ELEMS)
+            .zip(d_u_scan.par_chunks(ELEMS))
+            .zip(u.par_chunks(ELEMS))
+            .for_each(|((o, s), u)| {
+                let mut i = 0;
+                while i < o.len() {
+                    let w = crate::vecmath::LANES.min(o.len() - i);
+                    let (_, grad) = crate::vecmath::silu_and_grad8(crate::vecmath::load(u, i, w));
+                    let v = (crate::vecmath::load(s, i, w) + crate::vecmath::load(o, i, w)) * grad;
+                    crate::vecmath::store(v, o, i, w);
+                    i += w;
+                }
+            })
+    });
+}
+
+/// Backward of in_proj given the gradients of its x half (`dx_pre`) and z half (`dz`), both
+/// `[n, d_inner]`: accumulates its weight (and bias) gradient into `gl`, returns the gradient
+/// w.r.t. its input `hn` `[n, d_model]`. `dims` = `(n, d_model, d_inner)`.
+fn in_proj_bwd(
+    pool: &ThreadPool,
+    lp: &LayerParams<f32>,
+    hn: &[f32],
+    dx_pre: &[f32],
+    dz: &[f32],
+    gl: &mut LayerParams<f32>,
+    (n, dm, di): (usize, usize, usize),
+) -> Vec<f32> {
+    // Rows 0..d_inner make x, the rest z; two GEMMs per product instead of a concat.
+    let (gw_x, gw_z) = gl.in_proj_weight.data.split_at_mut(di * dm);
+    linear_bwd_weight(pool, hn, dx_pre, n, dm, di, gw_x);
+    linear_bwd_weight(pool, hn, dz, n, dm, di, gw_z);
+    if let Some(gb) = gl.in_proj_bias.as_mut() {
+        let (gb_x, gb_z) = gb.data.split_at_mut(di);
+        linear_bwd_bias(dx_pre, n, di, gb_x);
+        linear_bwd_bias(dz, n, di, gb_z);
+    }
+    let (w_x, w_z) = lp.in_proj_weight.data.split_at(di * dm);
+    let mut d_hn = vec![0.0; n * dm];
+    linear_bwd_input_into(pool, w_x, dx_pre, n, dm, di, &mut d_hn);
+    crate::gemm::sgemm(
+        pool, n, di, dm, 1.0, dz, di, 1, w_z, dm, 1, 1.0, &mut d_hn, dm, 1,
+    );
+    d_hn
+}
 
 /// Backward of one layer given the gradient of its output `d_out`; as the reference's
 /// `layer_bwd`. Returns the gradient w.r.t. the layer input (mixer path only) and the initial
@@ -57,7 +99,7 @@ fn layer_bwd(
         gl.out_proj_bias.as_mut().map(|t| &mut t.data[..]),
     );
     let scan = ScanBwdInputs {
-        scan: crate::scan::Scan {
+        scan: Scan {
             u: &lc.xs,
             delta: &lc.delta,
             a: &lc.a,
@@ -110,21 +152,7 @@ fn layer_bwd(
         None,
     );
     // du = (d_xs + scan's du) · silu'(u), in place over d_xs.
-    pool.install(|| {
-        du.par_chunks_mut(ELEMS)
-            .zip(sg.u.par_chunks(ELEMS))
-            .zip(lc.u.par_chunks(ELEMS))
-            .for_each(|((o, s), u)| {
-                let mut i = 0;
-                while i < o.len() {
-                    let w = crate::vecmath::LANES.min(o.len() - i);
-                    let (_, grad) = crate::vecmath::silu_and_grad8(crate::vecmath::load(u, i, w));
-                    let v = (crate::vecmath::load(s, i, w) + crate::vecmath::load(o, i, w)) * grad;
-                    crate::vecmath::store(v, o, i, w);
-                    i += w;
-                }
-            })
-    });
+    silu_bwd_into(pool, &mut du, &sg.u, &lc.u);
     let conv = ConvBwdInputs {
         x: &lc.x_pre,
         w: &lp.conv1d_weight.data,
@@ -142,21 +170,7 @@ fn layer_bwd(
         &mut gl.conv1d_weight.data,
         gl.conv1d_bias.as_mut().map(|t| &mut t.data[..]),
     );
-    // in_proj: rows 0..d_inner make x, the rest z; two GEMMs per product instead of a concat.
-    let (gw_x, gw_z) = gl.in_proj_weight.data.split_at_mut(di * dm);
-    linear_bwd_weight(pool, &lc.hn, &dx_pre, n, dm, di, gw_x);
-    linear_bwd_weight(pool, &lc.hn, &sg.z, n, dm, di, gw_z);
-    if let Some(gb) = gl.in_proj_bias.as_mut() {
-        let (gb_x, gb_z) = gb.data.split_at_mut(di);
-        linear_bwd_bias(&dx_pre, n, di, gb_x);
-        linear_bwd_bias(&sg.z, n, di, gb_z);
-    }
-    let (w_x, w_z) = lp.in_proj_weight.data.split_at(di * dm);
-    let mut d_hn = vec![0.0; n * dm];
-    linear_bwd_input_into(pool, w_x, &dx_pre, n, dm, di, &mut d_hn);
-    crate::gemm::sgemm(
-        pool, n, di, dm, 1.0, &sg.z, di, 1, w_z, dm, 1, 1.0, &mut d_hn, dm, 1,
-    );
+    let d_hn = in_proj_bwd(pool, lp, &lc.hn, &dx_pre, &sg.z, gl, (n, dm, di));
     let d_resid = norm_bwd(
         pool,
         cfg.norm,

@@ -55,6 +55,10 @@ struct RunArgs {
     /// Override optim.lr.
     #[arg(long)]
     lr: Option<f64>,
+    /// Start afresh in an out_dir that holds another run's checkpoints, deleting them (and its
+    /// metrics.jsonl); without it such a run is refused.
+    #[arg(long, conflicts_with = "resume")]
+    overwrite: bool,
 }
 
 #[derive(Subcommand)]
@@ -111,9 +115,13 @@ enum Cmd {
         /// Checkpoint directory (config.json + model.safetensors [+ tokenizer.json]).
         #[arg(long)]
         model: PathBuf,
-        /// New checkpoint directory (written atomically; tokenizer.json is copied).
+        /// New checkpoint directory (written atomically; tokenizer.json is copied). It must be
+        /// new or empty, or hold a checkpoint that --force replaces.
         #[arg(long)]
         out: PathBuf,
+        /// Replace the checkpoint already in --out (other files are never deleted).
+        #[arg(long)]
+        force: bool,
         /// bf16 or int8.
         #[arg(long, default_value = "int8")]
         dtype: String,
@@ -121,8 +129,14 @@ enum Cmd {
 }
 
 /// `vet-train quantize`.
-fn quantize(model: &std::path::Path, out: &std::path::Path, dtype: &str) -> Result<()> {
+fn quantize(
+    model: &std::path::Path,
+    out: &std::path::Path,
+    dtype: &str,
+    force: bool,
+) -> Result<()> {
     let dt: trainer::device::WeightDtype = dtype.parse().map_err(anyhow::Error::msg)?;
+    checkpoint::check_new_checkpoint_dir(out, model, force)?;
     let ck = checkpoint::load(model)?;
     let tok = model.join("tokenizer.json");
     checkpoint::save_dir_atomically(out, |tmp| {
@@ -198,6 +212,7 @@ fn run_job(a: RunArgs) -> Result<()> {
         device: a.device,
         resume: a.resume,
         threads: a.threads,
+        overwrite: a.overwrite,
         ..RunOptions::default()
     };
     if cfg.stage == Stage::Eval {
@@ -226,7 +241,12 @@ fn main() -> Result<()> {
         return run_job(cli.run);
     };
     match cmd {
-        Cmd::Quantize { model, out, dtype } => quantize(&model, &out, &dtype)?,
+        Cmd::Quantize {
+            model,
+            out,
+            dtype,
+            force,
+        } => quantize(&model, &out, &dtype, force)?,
         Cmd::Plot { run, out } => {
             let metrics = if run.is_dir() {
                 run.join("metrics.jsonl")

@@ -100,7 +100,7 @@ impl Manifest {
     /// Writes `dir/manifest.json` atomically.
     pub fn save(&self, dir: &Path) -> Result<()> {
         let text = serde_json::to_string_pretty(self)?;
-        reference::io::atomic_write(&dir.join(MANIFEST_FILE), text.as_bytes())?;
+        reference::fs::atomic_write(&dir.join(MANIFEST_FILE), text.as_bytes())?;
         Ok(())
     }
 

@@ -192,18 +192,11 @@ pub fn write_shard(
         tokenizer_sha256,
         payload_crc32: crc32fast::hash(&payload),
     };
-    let tmp = PathBuf::from(format!("{}.tmp", path.display()));
-    let result = (|| {
-        let mut f = File::create(&tmp)?;
+    reference::fs::atomic_write_with(path, |f| {
         f.write_all(&header.encode())?;
-        f.write_all(&payload)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)
-    })();
-    if let Err(e) = result {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(io_err(path, e));
-    }
+        f.write_all(&payload)
+    })
+    .map_err(|e| io_err(path, e))?;
     Ok(header)
 }
 

@@ -13,16 +13,10 @@ use anyhow::{bail, Context, Result};
 use serde_json::{Map, Value};
 
 use super::loss_scale::LossScaleConfig;
+/// The precision lives beside the run config; re-exported for this module's callers.
+pub use super::run_config::Precision;
+use super::run_config::{RunConfig, ScheduleKind};
 use super::schedule::WarmupType;
-
-/// Training precision.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Precision {
-    F32,
-    Bf16,
-    Fp16,
-}
 
 /// How fp16 scales the loss.
 #[derive(Clone, Debug, PartialEq)]
@@ -306,11 +300,7 @@ impl DsConfig {
 
 /// Applies a DeepSpeed config to a run config: every value it sets (not `"auto"`) wins over
 /// the TOML. Returns the fields that are not supported, for the caller to report.
-pub fn apply_deepspeed(
-    cfg: &mut super::run_config::RunConfig,
-    ds: &DsConfig,
-) -> Result<Vec<String>> {
-    use super::run_config::ScheduleKind;
+pub fn apply_deepspeed(cfg: &mut RunConfig, ds: &DsConfig) -> Result<Vec<String>> {
     let t = &mut cfg.train;
     if let Some(m) = ds.micro_batch {
         t.batch = m;

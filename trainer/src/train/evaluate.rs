@@ -89,6 +89,6 @@ pub fn evaluate(cfg: &RunConfig, opts: &RunOptions) -> Result<EvalReport> {
         report.qa = Some(scores);
     }
     let path = cfg.out_dir.join("eval_report.json");
-    reference::io::atomic_write(&path, serde_json::to_string_pretty(&report)?.as_bytes())?;
+    reference::fs::atomic_write(&path, serde_json::to_string_pretty(&report)?.as_bytes())?;
     Ok(report)
 }

@@ -1,15 +1,15 @@
 //! Loss-curve plots: reads a run's `metrics.jsonl` and draws the training loss, its exponential
-//! moving average and the validation points into a PNG. Everything — lines, markers, axes and
-//! text (a built-in 5×7 bitmap font) — is rasterised here, so no font files or plotting crates
-//! are needed and the picture is identical on every machine.
+//! moving average and the validation points into `loss_curve.png`, with `plotters`' bitmap
+//! backend. Text goes through `ab_glyph` with a bundled font (a Latin-1 subset of DejaVu Sans,
+//! `trainer/assets/`), so no system fonts or fontconfig are needed and the picture is the same
+//! on every machine; the `png` crate encodes it.
 
-use anyhow::{bail, Context, Result};
-use plot_font::text_width;
-use serde_json::{Map, Value};
 use std::path::Path;
+use std::sync::OnceLock;
 
-#[path = "plot_font.rs"]
-mod plot_font;
+use anyhow::{anyhow, bail, Context, Result};
+use plotters::prelude::*;
+use serde_json::{Map, Value};
 
 /// What [`loss_curve_png`] plotted.
 #[derive(Debug, Clone, PartialEq)]
@@ -31,15 +31,17 @@ const HEIGHT: usize = 480;
 /// Smoothing factor of the exponential moving average drawn over the training loss.
 const EMA_ALPHA: f64 = 0.1;
 
-/// An RGB colour.
-type Rgb = [u8; 3];
-const WHITE: Rgb = [255, 255, 255];
-const INK: Rgb = [30, 30, 30];
-const GRID: Rgb = [228, 228, 228];
-const TRAIN: Rgb = [150, 185, 235];
-const EMA: Rgb = [20, 70, 170];
-const VAL: Rgb = [235, 120, 20];
-const VAL_EDGE: Rgb = [140, 60, 0];
+const PAPER: RGBColor = RGBColor(255, 255, 255);
+const INK: RGBColor = RGBColor(30, 30, 30);
+const GRID: RGBColor = RGBColor(228, 228, 228);
+const TRAIN: RGBColor = RGBColor(150, 185, 235);
+const EMA: RGBColor = RGBColor(20, 70, 170);
+const VAL: RGBColor = RGBColor(235, 120, 20);
+const VAL_EDGE: RGBColor = RGBColor(140, 60, 0);
+
+/// The bundled font, registered with plotters as its sans-serif face.
+const FONT: &[u8] = include_bytes!("../../assets/DejaVuSans-Latin1.ttf");
+const SANS: &str = "sans-serif";
 
 /// Reads `metrics.jsonl` (one JSON object per line; training lines have "step" and "loss", eval lines have "step" and "val_loss"; lines with "skipped": true have no loss) and writes a loss-curve PNG.
 ///
@@ -55,7 +57,7 @@ pub fn loss_curve_png(metrics: &Path, out_png: &Path, title: &str) -> Result<Plo
     }
     let (min_loss, max_loss) = span(series.train.iter().chain(&series.val).map(|p| p.1));
     let png = render(&series, title).with_context(|| format!("plotting {}", metrics.display()))?;
-    reference::io::atomic_write(out_png, &png)
+    reference::fs::atomic_write(out_png, &png)
         .with_context(|| format!("writing {}", out_png.display()))?;
     Ok(PlotSummary {
         points: series.train.len(),
@@ -150,49 +152,13 @@ fn span(values: impl Iterator<Item = f64>) -> (f64, f64) {
     })
 }
 
-/// A point in pixel coordinates.
-type Pt = (f64, f64);
-
-/// A rectangle in pixel coordinates.
-#[derive(Debug, Clone, Copy)]
-struct Rect {
-    left: f64,
-    top: f64,
-    right: f64,
-    bottom: f64,
-}
-
-impl Rect {
-    /// Whether pixel `(x, y)` lies inside (edges included).
-    fn contains(&self, x: i64, y: i64) -> bool {
-        let (x, y) = (x as f64, y as f64);
-        x >= self.left && x <= self.right && y >= self.top && y <= self.bottom
-    }
-}
-
-/// The plot area's edges in pixels.
-const AREA: Rect = rect(72.0, 44.0, 780.0, 430.0);
-/// The whole image.
-const WHOLE: Rect = rect(0.0, 0.0, WIDTH as f64, HEIGHT as f64);
-
-/// The rectangle with these edges.
-const fn rect(left: f64, top: f64, right: f64, bottom: f64) -> Rect {
-    Rect {
-        left,
-        top,
-        right,
-        bottom,
-    }
-}
-
-/// Maps data coordinates (step, loss) into the plot area.
+/// The data ranges of the plot: every point of `series`, with the loss axis padded by 5%.
 struct Frame {
     x: (f64, f64),
     y: (f64, f64),
 }
 
 impl Frame {
-    /// A frame spanning every point of `series`, with the loss axis padded by 5%.
     fn new(series: &Series) -> Result<Frame> {
         let pts = || series.train.iter().chain(&series.val);
         let (x0, x1) = span(pts().map(|p| p.0));
@@ -211,208 +177,121 @@ impl Frame {
         }
         Ok(Frame { x, y })
     }
-
-    /// The pixel position of data point `(step, loss)`.
-    fn px(&self, (step, loss): (f64, f64)) -> Pt {
-        let fx = (step - self.x.0) / (self.x.1 - self.x.0);
-        let fy = (loss - self.y.0) / (self.y.1 - self.y.0);
-        let (w, h) = (AREA.right - AREA.left, AREA.bottom - AREA.top);
-        (AREA.left + fx * w, AREA.bottom - fy * h)
-    }
 }
 
-/// An RGB raster of `WIDTH`×`HEIGHT` pixels, row by row.
-struct Canvas(Vec<u8>);
-
-impl Canvas {
-    /// Paints pixel `(x, y)`; coordinates off the canvas are ignored.
-    fn set(&mut self, x: i64, y: i64, c: Rgb) {
-        if (0..WIDTH as i64).contains(&x) && (0..HEIGHT as i64).contains(&y) {
-            let i = 3 * (y as usize * WIDTH + x as usize);
-            self.0[i..i + 3].copy_from_slice(&c);
-        }
-    }
-
-    /// Fills the pixels with `x0 <= x <= x1` and `y0 <= y <= y1`.
-    fn fill(&mut self, (x0, y0): (i64, i64), (x1, y1): (i64, i64), c: Rgb) {
-        for y in y0.max(0)..=y1.min(HEIGHT as i64) {
-            for x in x0.max(0)..=x1.min(WIDTH as i64) {
-                self.set(x, y, c);
-            }
-        }
-    }
-
-    /// Fills the disc of radius `r` centred on `(cx, cy)`, keeping inside `clip`.
-    fn disc(&mut self, cx: i64, cy: i64, r: i64, c: Rgb, clip: Rect) {
-        for (dx, dy) in (-r..=r).flat_map(|dy| (-r..=r).map(move |dx| (dx, dy))) {
-            if dx * dx + dy * dy <= r * r + r && clip.contains(cx + dx, cy + dy) {
-                self.set(cx + dx, cy + dy, c);
-            }
-        }
-    }
-
-    /// A validation marker: an outlined disc centred on `p`.
-    fn marker(&mut self, p: Pt) {
-        let (x, y) = (p.0.round() as i64, p.1.round() as i64);
-        self.disc(x, y, 5, VAL_EDGE, WHOLE);
-        self.disc(x, y, 4, VAL, WHOLE);
-    }
-
-    /// Draws the segment `a`–`b` with pen radius `r` (0 is one pixel wide), painting only inside
-    /// `clip`. Endpoints are clamped to the canvas (NaN to 0), which keeps the walk short; the
-    /// callers' segments lie inside it anyway, as the frame spans all the data.
-    fn line(&mut self, a: Pt, b: Pt, r: i64, c: Rgb, clip: Rect) {
-        let px = |v: f64, max: usize| v.clamp(0.0, max as f64).round() as i64;
-        let (mut x, mut y) = (px(a.0, WIDTH), px(a.1, HEIGHT));
-        let (x1, y1) = (px(b.0, WIDTH), px(b.1, HEIGHT));
-        let (dx, dy) = ((x1 - x).abs(), -(y1 - y).abs());
-        let (sx, sy) = ((x1 - x).signum(), (y1 - y).signum());
-        let mut err = dx + dy;
-        loop {
-            self.disc(x, y, r, c, clip);
-            if x == x1 && y == y1 {
-                break;
-            }
-            let e2 = 2 * err;
-            if e2 >= dy {
-                err += dy;
-                x += sx;
-            }
-            if e2 <= dx {
-                err += dx;
-                y += sy;
-            }
-        }
-    }
-
-    /// Draws `text` in the ink colour with its top-left corner at `(x, y)`.
-    fn text(&mut self, x: i64, y: i64, text: &str, scale: i64) {
-        plot_font::draw_text(x, y, text, scale, |px, py| self.set(px, py, INK));
-    }
-
-    /// Encodes the canvas as an 8-bit RGB PNG.
-    fn encode(&self) -> Result<Vec<u8>> {
-        let mut out = Vec::new();
-        let mut encoder = png::Encoder::new(&mut out, WIDTH as u32, HEIGHT as u32);
-        encoder.set_color(png::ColorType::Rgb);
-        encoder.set_depth(png::BitDepth::Eight);
-        let mut writer = encoder.write_header()?;
-        writer.write_image_data(&self.0)?;
-        writer.finish()?;
-        Ok(out)
-    }
-}
-
-/// Tick positions inside `lo..=hi`, about `target` of them at a 1-2-5 spacing of at least
-/// `min_step`, and that spacing.
-fn ticks(lo: f64, hi: f64, target: f64, min_step: f64) -> (Vec<f64>, f64) {
-    let raw = (hi - lo) / target;
-    let mag = 10f64.powf(raw.log10().floor());
-    let norm = raw / mag;
-    let nice = [1.0, 2.0, 5.0, 10.0][[1.5, 3.0, 7.0].iter().filter(|&&l| norm >= l).count()];
-    let step = (mag * nice).max(min_step);
-    if !(step.is_finite() && step > 0.0) {
-        return (vec![lo, hi], hi - lo);
-    }
-    let first = (lo / step).ceil();
-    let ticks = (0..50)
-        .map(|i| (first + i as f64) * step)
-        .take_while(|&t| t <= hi + step * 1e-9);
-    (ticks.collect(), step)
-}
-
-/// The label of tick `v` on an axis whose ticks are `step` apart.
-fn tick_label(v: f64, step: f64) -> String {
+/// The label of tick `v` on an axis `width` wide (about 6 ticks): as many decimals as the
+/// tick spacing needs, exponent notation for large values.
+fn tick_label(v: f64, width: f64) -> String {
     let v = v + 0.0; // turns -0 into 0
     if v.abs() >= 1e6 {
         return format!("{v:.2e}");
     }
-    let decimals = (-step.log10().floor()).clamp(0.0, 8.0) as usize;
+    let decimals = (-(width / 6.0).log10().floor()).clamp(0.0, 8.0) as usize;
     format!("{v:.decimals$}")
 }
 
-/// Draws the grid, axes, ticks, tick labels and axis names.
-fn draw_axes(canvas: &mut Canvas, frame: &Frame) {
-    let [l, t, r, b] = [AREA.left, AREA.top, AREA.right, AREA.bottom].map(|v| v as i64);
-    let (xticks, xstep) = ticks(frame.x.0, frame.x.1, 8.0, 1.0);
-    for &v in &xticks {
-        let x = frame.px((v, frame.y.0)).0.round() as i64;
-        canvas.fill((x, t), (x, b), GRID);
-        canvas.fill((x, b), (x, b + 5), INK);
-        let label = tick_label(v, xstep);
-        canvas.text(x - text_width(&label, 1) / 2, b + 9, &label, 1);
-    }
-    let (yticks, ystep) = ticks(frame.y.0, frame.y.1, 6.0, 0.0);
-    for &v in &yticks {
-        let y = frame.px((frame.x.0, v)).1.round() as i64;
-        canvas.fill((l, y), (r, y), GRID);
-        canvas.fill((l - 5, y), (l, y), INK);
-        let label = tick_label(v, ystep);
-        canvas.text(l - 9 - text_width(&label, 1), y - 3, &label, 1);
-    }
-    canvas.fill((l, t), (l, b), INK);
-    canvas.fill((l, b), (r, b), INK);
-    canvas.text((l + r - text_width("step", 1)) / 2, b + 24, "step", 1);
-    canvas.text(l - text_width("loss", 1) / 2, t - 14, "loss", 1);
+/// Registers the bundled font once; later calls return the first outcome.
+fn register_font() -> Result<()> {
+    static DONE: OnceLock<std::result::Result<(), String>> = OnceLock::new();
+    DONE.get_or_init(|| {
+        plotters::style::register_font(SANS, FontStyle::Normal, FONT)
+            .map_err(|_| "the bundled plot font does not parse".to_string())
+    })
+    .clone()
+    .map_err(|e| anyhow!(e))
 }
 
-/// Draws the training line, its moving average and the validation markers.
-fn draw_series(canvas: &mut Canvas, frame: &Frame, series: &Series) {
-    let pts: Vec<Pt> = series.train.iter().map(|&p| frame.px(p)).collect();
-    for w in pts.windows(2) {
-        canvas.line(w[0], w[1], 0, TRAIN, AREA);
-    }
-    let losses: Vec<f64> = series.train.iter().map(|p| p.1).collect();
-    let steps = series.train.iter().map(|p| p.0);
-    let smoothed = ema(&losses, EMA_ALPHA);
-    let smooth: Vec<Pt> = steps.zip(smoothed).map(|p| frame.px(p)).collect();
-    for w in smooth.windows(2) {
-        canvas.line(w[0], w[1], 1, EMA, AREA);
-    }
-    if let [only] = smooth[..] {
-        canvas.disc(only.0.round() as i64, only.1.round() as i64, 2, EMA, AREA);
-    }
-    for &p in &series.val {
-        canvas.marker(frame.px(p));
-    }
-}
-
-/// Draws the legend box in the plot area's top-right corner, listing the series present.
-/// Each entry's pen is a line (radius, colour) or, for `None`, a validation marker.
-fn draw_legend(canvas: &mut Canvas, series: &Series) {
-    let mut entries = Vec::new();
-    if !series.train.is_empty() {
-        entries.extend([("train", Some((0, TRAIN))), ("train (EMA)", Some((1, EMA)))]);
-    }
-    if !series.val.is_empty() {
-        entries.push(("val", None));
-    }
-    let w = 34 + text_width("train (EMA)", 1);
-    let h = 8 + 14 * entries.len() as i64;
-    let (x0, y0) = (AREA.right as i64 - w - 8, AREA.top as i64 + 8);
-    canvas.fill((x0, y0), (x0 + w, y0 + h), INK);
-    canvas.fill((x0 + 1, y0 + 1), (x0 + w - 1, y0 + h - 1), WHITE);
-    for (i, (label, pen)) in entries.into_iter().enumerate() {
-        let y = (y0 + 10 + 14 * i as i64) as f64;
-        let (a, b) = ((x0 + 6) as f64, (x0 + 24) as f64);
-        match pen {
-            Some((r, c)) => canvas.line((a, y), (b, y), r, c, WHOLE),
-            None => canvas.marker(((a + b) / 2.0, y)),
-        }
-        canvas.text(x0 + 30, y as i64 - 3, label, 1);
-    }
-}
-
-/// Renders `series` as a PNG titled `title` (cut to fit the width).
+/// Renders `series` as an RGB PNG titled `title` (cut to fit the width).
 fn render(series: &Series, title: &str) -> Result<Vec<u8>> {
     let frame = Frame::new(series)?;
-    let mut canvas = Canvas(WHITE.repeat(WIDTH * HEIGHT));
-    draw_axes(&mut canvas, &frame);
-    draw_series(&mut canvas, &frame, series);
-    draw_legend(&mut canvas, series);
-    let title: String = title.chars().take((WIDTH - 20) / 12).collect();
-    canvas.text((WIDTH as i64 - text_width(&title, 2)) / 2, 10, &title, 2);
-    canvas.encode()
+    register_font()?;
+    let mut pixels = vec![255u8; 3 * WIDTH * HEIGHT];
+    draw(&mut pixels, &frame, series, title).map_err(|e| anyhow!("drawing: {e}"))?;
+    let mut out = Vec::new();
+    let mut encoder = png::Encoder::new(&mut out, WIDTH as u32, HEIGHT as u32);
+    encoder.set_color(png::ColorType::Rgb);
+    encoder.set_depth(png::BitDepth::Eight);
+    let mut writer = encoder.write_header()?;
+    writer.write_image_data(&pixels)?;
+    writer.finish()?;
+    Ok(out)
+}
+
+type DrawResult = std::result::Result<(), Box<dyn std::error::Error>>;
+
+/// Draws the axes, the training line, its moving average, the validation markers and a legend
+/// into `pixels` (RGB, `WIDTH`×`HEIGHT`).
+fn draw(pixels: &mut [u8], frame: &Frame, series: &Series, title: &str) -> DrawResult {
+    let root =
+        BitMapBackend::with_buffer(pixels, (WIDTH as u32, HEIGHT as u32)).into_drawing_area();
+    root.fill(&PAPER)?;
+    let title: String = title.chars().take((WIDTH - 20) / 11).collect();
+    let (xw, yw) = (frame.x.1 - frame.x.0, frame.y.1 - frame.y.0);
+    let mut chart = ChartBuilder::on(&root)
+        .caption(title, (SANS, 20).into_font().color(&INK))
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(60)
+        .build_cartesian_2d(frame.x.0..frame.x.1, frame.y.0..frame.y.1)?;
+    chart
+        .configure_mesh()
+        .x_labels(8)
+        .y_labels(6)
+        .x_desc("step")
+        .y_desc("loss")
+        .x_label_formatter(&|v| tick_label(*v, xw.max(6.0)))
+        .y_label_formatter(&|v| tick_label(*v, yw))
+        .label_style((SANS, 12).into_font().color(&INK))
+        .axis_desc_style((SANS, 13).into_font().color(&INK))
+        .axis_style(INK)
+        .bold_line_style(GRID)
+        .light_line_style(TRANSPARENT)
+        .draw()?;
+    if !series.train.is_empty() {
+        let train = series.train.iter().copied();
+        chart
+            .draw_series(LineSeries::new(train, TRAIN))?
+            .label("train")
+            .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], TRAIN));
+        let losses: Vec<f64> = series.train.iter().map(|p| p.1).collect();
+        let steps = series.train.iter().map(|p| p.0);
+        let smooth: Vec<(f64, f64)> = steps.zip(ema(&losses, EMA_ALPHA)).collect();
+        let pen = EMA.stroke_width(2);
+        chart
+            .draw_series(
+                LineSeries::new(smooth, pen).point_size(if series.train.len() == 1 {
+                    2
+                } else {
+                    0
+                }),
+            )?
+            .label("train (EMA)")
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], pen));
+    }
+    if !series.val.is_empty() {
+        let marker = |p: (f64, f64)| {
+            EmptyElement::at(p)
+                + Circle::new((0, 0), 4, VAL.filled())
+                + Circle::new((0, 0), 4, VAL_EDGE)
+        };
+        chart
+            .draw_series(series.val.iter().map(|&p| marker(p)))?
+            .label("val")
+            .legend(move |(x, y)| {
+                EmptyElement::at((x + 9, y))
+                    + Circle::new((0, 0), 4, VAL.filled())
+                    + Circle::new((0, 0), 4, VAL_EDGE)
+            });
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperRight)
+        .background_style(PAPER)
+        .border_style(INK)
+        .label_font((SANS, 12).into_font().color(&INK))
+        .draw()?;
+    root.present()?;
+    Ok(())
 }
 
 #[cfg(test)]
@@ -489,8 +368,17 @@ mod tests {
     }
 
     /// How many pixels of `pixels` have colour `c`.
-    fn count(pixels: &[u8], c: Rgb) -> usize {
+    fn count(pixels: &[u8], c: RGBColor) -> usize {
+        let c = [c.0, c.1, c.2];
         pixels.chunks_exact(3).filter(|p| *p == c).count()
+    }
+
+    /// How many pixels in rows `y0..y1`, columns `x0..x1` are not white.
+    fn inked(pixels: &[u8], (x0, x1): (usize, usize), (y0, y1): (usize, usize)) -> usize {
+        (y0..y1)
+            .flat_map(|y| (x0..x1).map(move |x| 3 * (y * WIDTH + x)))
+            .filter(|&i| pixels[i..i + 3] != [255, 255, 255])
+            .count()
     }
 
     #[test]
@@ -500,14 +388,15 @@ mod tests {
         assert_eq!((summary.min_loss, summary.max_loss), (lo, hi));
         let (w, h, px) = decode(&out);
         assert_eq!((w, h), (WIDTH as u32, HEIGHT as u32));
-        assert!(px[..3] == WHITE && px[px.len() - 3..] == WHITE);
+        assert!(px[..3] == [255; 3] && px[px.len() - 3..] == [255; 3]);
         let [train, ema, val] = [TRAIN, EMA, VAL].map(|c| count(&px, c));
         assert!(train > 300 && ema > 600, "train {train}, EMA {ema} pixels");
         // The loss falls, so the EMA's pixels sit higher (smaller y) on the left than the right.
+        let emac = [EMA.0, EMA.1, EMA.2];
         let mean_y = |x0: usize, x1: usize| {
             let ys = (0..WIDTH * HEIGHT).filter(|i| (x0..x1).contains(&(i % WIDTH)));
             let ys: Vec<usize> = ys
-                .filter(|i| px[3 * i..3 * i + 3] == EMA)
+                .filter(|i| px[3 * i..3 * i + 3] == emac)
                 .map(|i| i / WIDTH)
                 .collect();
             ys.iter().sum::<usize>() as f64 / ys.len().max(1) as f64
@@ -517,9 +406,16 @@ mod tests {
             left > 0.0 && left + 150.0 < right,
             "EMA mean y: left {left}, right {right}"
         );
-        assert!(val > 6 * 40, "val marker pixels: {val}");
-        let title = count(&px[3 * WIDTH * 10..3 * WIDTH * 24], INK);
-        assert!(title > 200, "title text pixels: {title}");
+        assert!(val > 6 * 20, "val marker pixels: {val}");
+        // Text: the title across the top, the step label under the plot, the loss label at the
+        // left edge (rendered from the bundled font; an empty band means no glyphs were drawn).
+        let title = inked(&px, (0, WIDTH), (0, 34));
+        let step = inked(&px, (300, 500), (HEIGHT - 26, HEIGHT));
+        let loss = inked(&px, (0, 26), (100, 380));
+        assert!(
+            title > 300 && step > 20 && loss > 20,
+            "text pixels: title {title}, step {step}, loss {loss}"
+        );
         let files = std::fs::read_dir(out.parent().unwrap()).unwrap().count();
         assert_eq!(files, 2, "no temp file left beside loss.png");
         std::fs::remove_dir_all(out.parent().unwrap()).unwrap();
@@ -605,20 +501,12 @@ mod tests {
     }
 
     #[test]
-    fn tick_labels_are_round_numbers() {
-        let (t, step) = ticks(1.8, 6.3, 6.0, 0.0);
-        assert_eq!(step, 1.0);
-        let labels: Vec<String> = t.iter().map(|&v| tick_label(v, step)).collect();
-        assert_eq!(labels, ["2", "3", "4", "5", "6"]);
-        let (t, step) = ticks(0.0, 1.0, 6.0, 0.0);
-        assert_eq!(
-            ticks(4.0, 6.0, 8.0, 1.0),
-            (vec![4.0, 5.0, 6.0], 1.0),
-            "whole steps"
-        );
-        assert_eq!(tick_label(t[1], step), "0.2");
-        assert_eq!(tick_label(-0.0, 0.5), "0.0");
-        assert_eq!(tick_label(2.5e7, 5e6), "2.50e7");
+    fn tick_labels_have_the_decimals_their_spacing_needs() {
+        assert_eq!(tick_label(2.0, 12.0), "2");
+        assert_eq!(tick_label(0.2, 1.0), "0.2");
+        assert_eq!(tick_label(-0.0, 3.0), "0.0");
+        assert_eq!(tick_label(2.5e7, 3e7), "2.50e7");
+        assert_eq!(tick_label(150.0, 600.0), "150");
     }
 
     /// Writes an example plot for eyeballing: `cargo test -p trainer --lib plot -- --ignored`

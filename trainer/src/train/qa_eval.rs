@@ -124,7 +124,7 @@ pub fn evaluate_qa(
     for r in &out {
         writeln!(text, "{}", serde_json::to_string(r)?)?;
     }
-    reference::io::atomic_write(report, &text)
+    reference::fs::atomic_write(report, &text)
         .with_context(|| format!("writing QA report {}", report.display()))?;
     let n = out.len().max(1) as f64;
     Ok(QaScores {

@@ -20,6 +20,8 @@ use super::source::{Source, TrainBatch};
 use super::state::{self, TrainerState};
 use crate::data::loader::Position;
 use crate::data::manifest::sha256_file;
+use crate::data::verify::ShardCheck;
+use crate::lock::DirLock;
 use crate::{checkpoint, device, tokenizer};
 
 /// Set by Ctrl-C / SIGTERM: the loop finishes its step, checkpoints and stops.
@@ -44,6 +46,8 @@ pub struct RunOptions {
     pub log_every: u64,
     /// CPU worker threads for `--device cpu` (0 = every core).
     pub threads: usize,
+    /// A fresh run removes the checkpoints of an earlier run in `out_dir` instead of refusing.
+    pub overwrite: bool,
 }
 
 impl Default for RunOptions {
@@ -54,6 +58,7 @@ impl Default for RunOptions {
             max_consecutive_skips: 5,
             log_every: 10,
             threads: 0,
+            overwrite: false,
         }
     }
 }
@@ -84,6 +89,10 @@ struct Run {
     hp: AdamWConfig,
     /// The last skipped step was an fp16 loss-scale overflow.
     overflow_skip: bool,
+    /// The token shards' payload checksums, checked in the background.
+    shard_check: Option<ShardCheck>,
+    /// `out_dir` is this process's while the run lives.
+    _lock: DirLock,
 }
 
 /// fp16 trains with DeepSpeed's dynamic loss scaler; other precisions need none.
@@ -190,6 +199,10 @@ impl Run {
         }
         std::fs::create_dir_all(&cfg.out_dir)
             .with_context(|| format!("creating output directory {}", cfg.out_dir.display()))?;
+        let lock = DirLock::acquire(&cfg.out_dir)?;
+        if !opts.resume {
+            state::claim_for_fresh_run(&cfg.out_dir, opts.overwrite)?;
+        }
         let tokenizer_path = tokenizer_path(&cfg)?;
         let tok_sha = sha256_file(&tokenizer_path)?;
         let probe = tokenizer::load(&tokenizer_path, usize::MAX)?;
@@ -257,6 +270,7 @@ impl Run {
             weight_decay: o.weight_decay,
             max_grad_norm: (o.grad_clip > 0.0).then_some(o.grad_clip),
         };
+        let shard_check = start_shard_check(&cfg)?;
         Ok(Run {
             schedule: schedule(&cfg, total_steps),
             cfg,
@@ -268,7 +282,19 @@ impl Run {
             total_steps,
             hp,
             overflow_skip: false,
+            shard_check,
+            _lock: lock,
         })
+    }
+
+    /// Fails, naming the shard, once the background checksum pass has found a corrupt one;
+    /// with `wait`, first waits for the pass to end.
+    fn check_shards(&mut self, wait: bool) -> Result<()> {
+        match self.shard_check.as_mut() {
+            Some(c) if wait => c.wait(),
+            Some(c) => c.poll(),
+            None => Ok(()),
+        }
     }
 
     /// One optimizer step over `grad_accum` micro-batches. Returns (mean loss, stats) or
@@ -370,6 +396,7 @@ pub fn train(cfg: RunConfig, opts: &RunOptions) -> Result<RunSummary> {
     let mut val_loss = None;
     let mut interrupted = false;
     while run.state.step < run.total_steps {
+        run.check_shards(false)?;
         let (loss, grad_norm, tokens) = run.step()?;
         let lr = run.schedule.lr(run.state.step);
         match loss {
@@ -410,20 +437,7 @@ pub fn train(cfg: RunConfig, opts: &RunOptions) -> Result<RunSummary> {
                 writeln!(metrics, "{line}")?;
                 // The first step of this process (a resumed run reports again).
                 if run_tokens == tokens as u64 {
-                    if let Some(m) = run.engine.memory() {
-                        let per_token = m.activation_bytes_per_token.unwrap_or(0.0);
-                        let gib = |b: f64| b / (1u64 << 30) as f64;
-                        note(&pb, format!(
-                            "memory on {}: activations {:.1} KiB/token ({:.2} GiB for a batch of {tokens} tokens); device {:.1} of {:.1} GiB in use",
-                            run.engine.name(),
-                            per_token / 1024.0,
-                            gib(per_token * tokens as f64),
-                            gib(m.device_used as f64),
-                            gib(m.device_total as f64)
-                        ));
-                        let mem = json!({"step": run.state.step, "activation_bytes_per_token": per_token, "device_used_bytes": m.device_used, "device_total_bytes": m.device_total});
-                        writeln!(metrics, "{mem}")?;
-                    }
+                    report_memory(&run, tokens, &mut metrics, &pb)?;
                 }
                 pb.set_position(run.state.step);
                 pb.set_message(format!("loss {l:.4} lr {lr:.2e} {tps:.0} tok/s"));
@@ -458,6 +472,8 @@ pub fn train(cfg: RunConfig, opts: &RunOptions) -> Result<RunSummary> {
     }
     pb.finish_and_clear();
     if !interrupted {
+        // An interrupted run saves its checkpoint now, without waiting for the pass.
+        run.check_shards(true)?;
         if let Some(e) = run.cfg.eval.clone() {
             val_loss = Some(eval_now(&mut run, e.batches, &mut metrics, &pb)?);
         }
@@ -480,6 +496,48 @@ pub fn train(cfg: RunConfig, opts: &RunOptions) -> Result<RunSummary> {
         checkpoint,
         interrupted,
     })
+}
+
+/// The background check of the token shards a pretraining run reads (train, and val when
+/// `[eval]` is set); none for QA data.
+fn start_shard_check(cfg: &RunConfig) -> Result<Option<ShardCheck>> {
+    let Some(manifest) = cfg.data.manifest.as_deref() else {
+        return Ok(None);
+    };
+    if cfg.stage != Stage::Pretrain {
+        return Ok(None);
+    }
+    let splits: &[&str] = if cfg.eval.is_some() {
+        &["train", "val"]
+    } else {
+        &["train"]
+    };
+    ShardCheck::spawn(manifest, splits).map(Some)
+}
+
+/// Notes the engine's memory use after the first step of this process, on the terminal and
+/// in the metrics.
+fn report_memory(
+    run: &Run,
+    tokens: usize,
+    metrics: &mut std::fs::File,
+    pb: &ProgressBar,
+) -> Result<()> {
+    if let Some(m) = run.engine.memory() {
+        let per_token = m.activation_bytes_per_token.unwrap_or(0.0);
+        let gib = |b: f64| b / (1u64 << 30) as f64;
+        note(pb, format!(
+            "memory on {}: activations {:.1} KiB/token ({:.2} GiB for a batch of {tokens} tokens); device {:.1} of {:.1} GiB in use",
+            run.engine.name(),
+            per_token / 1024.0,
+            gib(per_token * tokens as f64),
+            gib(m.device_used as f64),
+            gib(m.device_total as f64)
+        ));
+        let mem = json!({"step": run.state.step, "activation_bytes_per_token": per_token, "device_used_bytes": m.device_used, "device_total_bytes": m.device_total});
+        writeln!(metrics, "{mem}")?;
+    }
+    Ok(())
 }
 
 fn eval_now(

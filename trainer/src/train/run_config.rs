@@ -40,7 +40,15 @@ use anyhow::{bail, Context, Result};
 use reference::{MambaConfig, NormKind};
 use serde::{Deserialize, Serialize};
 
-use super::deepspeed::Precision;
+/// Training precision (`[optim] precision` in the TOML, `fp16` / `bf16` in a DeepSpeed
+/// config).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    F32,
+    Bf16,
+    Fp16,
+}
 
 /// What a run does.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -69,6 +69,47 @@ pub fn list(out_dir: &Path) -> Result<Vec<(u64, PathBuf)>> {
     Ok(out)
 }
 
+/// Makes `out_dir` ready for a fresh run (no `--resume`). Checkpoints of an earlier run there
+/// would be continued by a later `--resume`, and `keep_last` would prune this run's own in their
+/// favour: so refuse, naming them, unless `overwrite`, which removes them and the earlier run's
+/// `metrics.jsonl`, saying so.
+pub fn claim_for_fresh_run(out_dir: &Path, overwrite: bool) -> Result<()> {
+    let found = list(out_dir)?;
+    if found.is_empty() {
+        return Ok(());
+    }
+    if !overwrite {
+        const SHOWN: usize = 3;
+        let mut names: Vec<String> = found
+            .iter()
+            .rev()
+            .take(SHOWN)
+            .map(|(_, d)| d.display().to_string())
+            .collect();
+        if found.len() > SHOWN {
+            names.push(format!("and {} older", found.len() - SHOWN));
+        }
+        bail!(
+            "{} already holds checkpoints of another run ({}): continue that run with --resume, \
+             give this one a new --out-dir, or pass --overwrite to delete them",
+            out_dir.display(),
+            names.join(", ")
+        );
+    }
+    for (_, dir) in &found {
+        eprintln!("--overwrite: removing checkpoint {}", dir.display());
+        std::fs::remove_dir_all(dir)
+            .with_context(|| format!("removing old checkpoint {}", dir.display()))?;
+    }
+    let metrics = out_dir.join("metrics.jsonl");
+    if metrics.is_file() {
+        eprintln!("--overwrite: removing {}", metrics.display());
+        std::fs::remove_file(&metrics)
+            .with_context(|| format!("removing {}", metrics.display()))?;
+    }
+    Ok(())
+}
+
 /// Saves the engine's weights and optimizer state with `state` as `OUT/checkpoints/step-N`,
 /// then deletes all but the newest `keep_last`.
 pub fn save(
@@ -102,7 +143,7 @@ pub fn save(
             ..state.clone()
         };
         let json = serde_json::to_string_pretty(&state)?;
-        reference::io::atomic_write(&tmp.join("trainer_state.json"), json.as_bytes())?;
+        reference::fs::atomic_write(&tmp.join("trainer_state.json"), json.as_bytes())?;
         Ok(())
     })?;
     let all = list(out_dir)?;

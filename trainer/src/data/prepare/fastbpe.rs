@@ -148,24 +148,6 @@ fn split_segment(re: &SysRegex, seg: &str, ascii: bool, piece: &mut impl FnMut(&
     }
 }
 
-/// GPT-2's reversible byte -> printable character map (`ByteLevel`'s alphabet).
-fn byte_chars() -> [char; 256] {
-    let mut out = ['\0'; 256];
-    let mut extra = 0u32;
-    for b in 0..256u32 {
-        let printable =
-            (0x21..=0x7E).contains(&b) || (0xA1..=0xAC).contains(&b) || (0xAE..=0xFF).contains(&b);
-        let code = if printable {
-            b
-        } else {
-            extra += 1;
-            255 + extra
-        };
-        out[b as usize] = char::from_u32(code).unwrap_or('\0');
-    }
-    out
-}
-
 /// Encodes text as a plain byte-level BPE `tokenizer.json` would, with a piece cache.
 pub struct FastBpe {
     re: SysRegex,
@@ -211,7 +193,7 @@ impl FastBpe {
             re: SysRegex::new(GPT2_PATTERN).ok()?,
             cache: PieceCache {
                 model: bpe.clone(),
-                chars: byte_chars(),
+                chars: crate::tokenizer::byte_chars(),
                 short: FxMap::default(),
                 long: FxMap::default(),
                 ids: Vec::new(),

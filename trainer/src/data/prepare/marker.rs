@@ -24,7 +24,8 @@ pub struct SkipNote {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct UnitMarker {
     pub unit: usize,
-    /// Hash of the options and the unit's source range; a mismatch means "redo".
+    /// Hash of the options, the unit's source range and the input's state (see
+    /// `fingerprint.rs`); a mismatch means "redo".
     pub fingerprint: String,
     pub source: String,
     pub start: u64,
@@ -58,13 +59,19 @@ pub fn marker_name(unit: usize) -> String {
 pub fn save(dir: &Path, m: &UnitMarker) -> Result<()> {
     let path = dir.join(marker_name(m.unit));
     let text = serde_json::to_string_pretty(m)?;
-    reference::io::atomic_write(&path, text.as_bytes())
+    reference::fs::atomic_write(&path, text.as_bytes())
         .with_context(|| format!("writing {} (is the disk full?)", path.display()))
 }
 
 /// Reads unit `unit`'s marker and checks it against `fingerprint` and its shards' headers
-/// and sizes; `Err` says why it cannot be kept.
-pub fn load_valid(dir: &Path, unit: usize, fingerprint: &str) -> Result<UnitMarker, String> {
+/// and sizes, and for a `strict` run that its unit skipped no record; `Err` says why it cannot
+/// be kept.
+pub fn load_valid(
+    dir: &Path,
+    unit: usize,
+    fingerprint: &str,
+    strict: bool,
+) -> Result<UnitMarker, String> {
     let path = dir.join(marker_name(unit));
     let text = match std::fs::read_to_string(&path) {
         Ok(t) => t,
@@ -77,6 +84,13 @@ pub fn load_valid(dir: &Path, unit: usize, fingerprint: &str) -> Result<UnitMark
         return Err(format!(
             "{} was made from other inputs or options",
             path.display()
+        ));
+    }
+    if strict && m.skipped > 0 {
+        return Err(format!(
+            "{} was made without --strict and skipped {} bad records",
+            path.display(),
+            m.skipped
         ));
     }
     for e in m.train.iter().chain(&m.val) {

@@ -1,4 +1,5 @@
-//! `vet-data prepare`: turn `.txt` / `.jsonl` corpora (plain, `.gz`, `.zst`) into train/val
+//! `vet-data prepare`: turn `.txt` / `.jsonl` corpora (plain, `.gz`, `.zst` / `.zstd`; read
+//! through [`crate::data::inputs`], as `vet-data tokenizer` reads them) into train/val
 //! token shards and a `manifest.json`, at any scale.
 //!
 //! The inputs are cut into work units (see [`sources::plan`]) that run in parallel; each unit
@@ -7,6 +8,7 @@
 //! the seed and their text, so the output does not depend on the thread count.
 
 mod fastbpe;
+mod fingerprint;
 mod marker;
 mod reader;
 mod report;
@@ -28,6 +30,7 @@ use crate::data::manifest::{
     hex, Manifest, SourceFile, TokenizerRef, MANIFEST_FILE, MANIFEST_FORMAT, MANIFEST_VERSION,
 };
 use crate::data::shard::token_bytes_for;
+use crate::lock::{DirLock, Mode, LOCK_FILE};
 use crate::tokenizer::EOT;
 pub use marker::UnitMarker;
 pub use report::Summary;
@@ -39,12 +42,15 @@ use writer::ShardMeta;
 #[derive(clap::Args, Debug)]
 #[command(
     after_help = "Inputs: .txt (one document per file) and .jsonl (one JSON object per \
-    line, the document in --field), each plain, .gz or .zst; folders are walked recursively. \
-    Parquet is not supported: convert it to JSON Lines first.\n\
-    Re-running with the same options resumes: finished units are kept."
+    line, the document in --field), each plain, .gz or .zst / .zstd; folders are walked \
+    recursively (other files in them are skipped with a warning; a file named directly must be \
+    one of these). Parquet is not supported: convert it to JSON Lines first.\n\
+    Re-running with the same options resumes: a finished unit is kept while its input is \
+    unchanged (size, modification time and a hash of its bytes). One run per output folder \
+    (`--part` runs share it)."
 )]
 pub struct Args {
-    /// Input files or folders (.txt, .jsonl, plain / .gz / .zst; not Parquet).
+    /// Input files or folders (.txt, .jsonl, plain / .gz / .zst / .zstd; not Parquet).
     #[arg(long, required = true, num_args = 1..)]
     pub input: Vec<PathBuf>,
     /// The tokenizer.json to tokenize with (must have <|endoftext|>).
@@ -223,32 +229,33 @@ fn load_tokenizer(path: &Path) -> Result<LoadedTokenizer> {
     })
 }
 
-/// Hash of the options and the unit's input range: a marker with another one is stale.
-fn fingerprint(opts: &Options, tok: &TokenizerRef, unit: &Unit, source: &Source) -> String {
-    let text = format!(
-        "vet-data prepare v1|{}|{:?}|{:?}|{}|{}|{}|{}|{}|{}",
-        tok.sha256,
-        opts.field,
-        opts.val_fraction,
-        opts.seed,
-        opts.shard_tokens,
-        source.path.display(),
-        source.bytes,
-        unit.start,
-        unit.end
-    );
-    hex(&Sha256::digest(text.as_bytes())[..12])
-}
-
 /// Fails early, with the folder named, when the output folder cannot be written.
 fn check_writable(out: &Path) -> Result<()> {
     std::fs::create_dir_all(out)
         .with_context(|| format!("creating output folder {}", out.display()))?;
     let probe = out.join(".vet-data-write-test");
-    reference::io::atomic_write(&probe, b"ok")
+    reference::fs::atomic_write(&probe, b"ok")
         .with_context(|| format!("output folder {} is not writable", out.display()))?;
     std::fs::remove_file(&probe)
         .with_context(|| format!("output folder {} is not writable", out.display()))
+}
+
+/// Locks the output folder against other `prepare` runs: the whole folder, or with `--part`
+/// the folder shared with the other parts and this part alone.
+fn lock_output(opts: &Options) -> Result<Vec<DirLock>> {
+    std::fs::create_dir_all(&opts.out)
+        .with_context(|| format!("creating output folder {}", opts.out.display()))?;
+    Ok(match opts.part {
+        None => vec![DirLock::acquire(&opts.out)?],
+        Some((i, n)) => vec![
+            DirLock::acquire_file(&opts.out, LOCK_FILE, Mode::Shared)?,
+            DirLock::acquire_file(
+                &opts.out,
+                &format!("{LOCK_FILE}-part-{i}-of-{n}"),
+                Mode::Exclusive,
+            )?,
+        ],
+    })
 }
 
 /// Prepares shards as `opts` says; returns what was done. The library entry point of
@@ -259,13 +266,12 @@ pub fn prepare(opts: &Options) -> Result<Summary> {
     let tk = load_tokenizer(&opts.tokenizer)?;
     let sources = sources::discover(&opts.inputs, &mut |w| eprintln!("warning: {w}"))?;
     let units = sources::plan(&sources, opts.unit_bytes);
-    let prints: Vec<String> = units
-        .iter()
-        .map(|u| fingerprint(opts, &tk.reference, u, &sources[u.source]))
-        .collect();
+    // Locked first: another run's write probe must not fail this one's.
+    let _lock = lock_output(opts)?;
     check_writable(&opts.out)?;
-    let (mut kept, redo) = triage(opts, &units, &prints)?;
     let threads = opts.threads.unwrap_or_else(default_threads);
+    let prints = fingerprint::unit_prints(opts, &tk.reference, &units, &sources, threads)?;
+    let (mut kept, redo) = triage(opts, &units, &prints)?;
     let todo: Vec<&Unit> = redo.iter().map(|&i| &units[i]).collect();
     let bytes_processed: u64 = todo.iter().map(|u| u.bytes()).sum();
     let pb = opts.progress.then(|| report::progress_bar(bytes_processed));
@@ -327,7 +333,7 @@ fn triage(
         .iter()
         .filter(|u| !opts.merge_only && u.index % part_n == part_i);
     for u in mine {
-        match marker::load_valid(&opts.out, u.index, &prints[u.index]) {
+        match marker::load_valid(&opts.out, u.index, &prints[u.index], opts.strict) {
             Ok(m) => drop(kept.insert(u.index, m)),
             Err(_) => redo.push(u.index),
         }
@@ -414,7 +420,7 @@ fn assemble(
         if markers.contains_key(&u.index) {
             continue;
         }
-        match marker::load_valid(&opts.out, u.index, &prints[u.index]) {
+        match marker::load_valid(&opts.out, u.index, &prints[u.index], opts.strict) {
             Ok(m) => drop(markers.insert(u.index, m)),
             Err(why) => missing.push(format!(
                 "unit {} ({} bytes {}..{}): {why}",

@@ -9,7 +9,7 @@ use std::io::{self, BufRead, BufReader, Read, Seek, SeekFrom};
 use indicatif::ProgressBar;
 use serde::de::{self, DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor};
 
-use super::sources::{Compression, Source};
+use super::sources::Source;
 
 /// Longest `.jsonl` line read; longer lines are skipped as bad input (memory stays bounded).
 pub const MAX_LINE_BYTES: usize = 256 << 20;
@@ -75,19 +75,7 @@ pub fn open(
         budget,
         pending: 0,
     };
-    Ok(match source.compression {
-        Compression::None => Box::new(BufReader::with_capacity(READ_BUF, raw)),
-        Compression::Gzip => {
-            let inner = BufReader::with_capacity(READ_BUF / 4, raw);
-            let dec = flate2::bufread::MultiGzDecoder::new(inner);
-            Box::new(BufReader::with_capacity(READ_BUF, dec))
-        }
-        Compression::Zstd => {
-            let inner = BufReader::with_capacity(READ_BUF / 4, raw);
-            let dec = zstd::stream::read::Decoder::with_buffer(inner)?;
-            Box::new(BufReader::with_capacity(READ_BUF, dec))
-        }
-    })
+    crate::data::inputs::decode(raw, source.compression)
 }
 
 /// What [`Lines::next_line`] found.

@@ -1,15 +1,72 @@
-//! Backward of RMSNorm / LayerNorm (`reference::ops::norm::norm_bwd`), rows in parallel.
+//! RMSNorm / LayerNorm, the fast CPU twin of `reference::ops::norm`: the forward and the
+//! backward, rows in parallel.
 //!
-//! Rows go in blocks of [`ROWS`]; each block sums its own weight / bias gradient, and the
-//! blocks are added in row order, so the result does not depend on the thread count.
+//! The backward takes rows in blocks of [`ROWS`]; each block sums its own weight / bias
+//! gradient, and the blocks are added in row order, so the result does not depend on the
+//! thread count.
 
 use rayon::prelude::*;
 use rayon::ThreadPool;
 use reference::ops::norm::NormStats;
 use reference::NormKind;
 
-/// Rows per task.
+/// Rows per task of the backward.
 const ROWS: usize = 16;
+
+/// Normalises one row; returns `(mean, rstd)` (mean 0 for RMSNorm). Same formula as
+/// `reference::ops::norm`.
+#[inline]
+fn norm_row(
+    kind: NormKind,
+    x: &[f32],
+    w: &[f32],
+    b: Option<&[f32]>,
+    eps: f32,
+    y: &mut [f32],
+) -> (f32, f32) {
+    let d = x.len() as f32;
+    let mean = match kind {
+        NormKind::Rms => 0.0,
+        NormKind::Layer => x.iter().sum::<f32>() / d,
+    };
+    let ss: f32 = x.iter().map(|&v| (v - mean) * (v - mean)).sum();
+    let rstd = 1.0 / (ss / d + eps).sqrt();
+    for j in 0..x.len() {
+        y[j] = (x[j] - mean) * rstd * w[j] + b.map_or(0.0, |b| b[j]);
+    }
+    (mean, rstd)
+}
+
+/// Normalises the `[n, d]` rows of `x` into `y`, rows in parallel on the current pool, and
+/// writes each row's `mean` and `rstd` (the `NormStats` the backward consumes).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn norm_fwd(
+    kind: NormKind,
+    x: &[f32],
+    w: &[f32],
+    b: Option<&[f32]>,
+    eps: f64,
+    d: usize,
+    y: &mut [f32],
+    mean: &mut [f32],
+    rstd: &mut [f32],
+) {
+    let eps = eps as f32;
+    type Row<'a> = ((&'a [f32], &'a mut [f32]), (&'a mut f32, &'a mut f32));
+    let job = |((xr, yr), (m, r)): Row| {
+        (*m, *r) = norm_row(kind, xr, w, b, eps, yr);
+    };
+    let rows = x.chunks(d).zip(y.chunks_mut(d));
+    let stats = mean.iter_mut().zip(rstd.iter_mut());
+    if x.len() < 1 << 14 || crate::threads() == 1 {
+        rows.zip(stats).for_each(job);
+    } else {
+        x.par_chunks(d)
+            .zip(y.par_chunks_mut(d))
+            .zip(mean.par_iter_mut().zip(rstd.par_iter_mut()))
+            .for_each(job);
+    }
+}
 
 /// Accumulates `grad_w` (and `grad_bias`), returns `dx` `[n, d]`. `x`, `dy` are `[n, d]`.
 #[allow(clippy::too_many_arguments)]

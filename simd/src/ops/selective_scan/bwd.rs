@@ -14,8 +14,8 @@ use reference::ops::doc_starts;
 use wide::f32x8;
 
 use super::lanes::Lanes;
-use super::Shared;
-use crate::scan::Scan;
+use super::Scan;
+use crate::ops::Shared;
 use crate::vecmath::{load, silu_and_grad8, softplus8, softplus_grad8, store, LANES};
 
 /// Channels per task.

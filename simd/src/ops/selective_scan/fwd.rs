@@ -10,6 +10,7 @@
 use rayon::prelude::*;
 use wide::f32x8;
 
+use super::Scan;
 use crate::kernels::Isa;
 use crate::vecmath::{load, silu8, softplus8};
 use crate::SyncPtr;
@@ -24,31 +25,11 @@ fn group_blocks(d_state: usize) -> usize {
     (STACK_LANES / d_state.max(1)).clamp(1, GROUP_BLOCKS)
 }
 
-/// Shapes and inputs (batch-major, as in `reference`): `u`, `delta`, `z`: `[batch, seq_len,
-/// d_inner]`; `a` (= −exp(A_log)): `[d_inner, d_state]`; `b`, `c`: `[batch, seq_len, d_state]`;
-/// `d`, `delta_bias`: `[d_inner]`; `resets`: `[batch, seq_len]`.
-#[derive(Clone, Copy)]
-pub struct Scan<'a> {
-    pub u: &'a [f32],
-    pub delta: &'a [f32],
-    pub a: &'a [f32],
-    pub b: &'a [f32],
-    pub c: &'a [f32],
-    pub d: &'a [f32],
-    pub z: &'a [f32],
-    pub delta_bias: &'a [f32],
-    pub resets: Option<&'a [bool]>,
-    pub batch: usize,
-    pub seq_len: usize,
-    pub d_inner: usize,
-    pub d_state: usize,
-}
-
 /// Runs the scan. `h` `[batch, d_inner, d_state]` holds the initial state on entry (zeros for
 /// none) and the final state on return; `out` `[batch, seq_len, d_inner]` receives the gated
 /// output.
 /// `isa` picks the AVX2 lanes or the portable `wide` lanes.
-pub fn scan_fwd(isa: Isa, s: &Scan, h: &mut [f32], out: &mut [f32]) {
+pub fn selective_scan_fwd(isa: Isa, s: &Scan, h: &mut [f32], out: &mut [f32]) {
     assert_eq!(
         h.len(),
         s.batch * s.d_inner * s.d_state,
@@ -82,7 +63,8 @@ fn group(isa: Isa, s: &Scan, bi: usize, c0: usize, c1: usize, h: SyncPtr<f32>, o
     #[cfg(target_arch = "x86_64")]
     if isa == Isa::Avx2Fma && s.d_state <= STACK_LANES {
         // SAFETY: Avx2Fma is only detected on CPUs with AVX2 and FMA; `c1 - c0` holds at most
-        // `group_blocks(d_state)` blocks; the pointer contract is the one stated in `scan_fwd`.
+        // `group_blocks(d_state)` blocks; the pointer contract is the one stated in
+        // `selective_scan_fwd`.
         unsafe { avx2::group(s, bi, c0, c1, h, out) };
         return;
     }
@@ -233,7 +215,7 @@ mod avx2 {
     ///
     /// # Safety
     /// AVX2 and FMA present; `c1 - c0` spans at most `group_blocks(d_state)` blocks; `h` and
-    /// `out` as in `scan_fwd`.
+    /// `out` as in `selective_scan_fwd`.
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn group(
         s: &Scan,

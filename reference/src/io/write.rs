@@ -1,0 +1,219 @@
+//! Writing safetensors files: any tensors ([`write_tensors`]) or a model's parameters
+//! ([`save_params`]), streamed tensor by tensor and written atomically.
+
+use std::borrow::Cow;
+use std::collections::{HashMap, HashSet};
+use std::path::Path;
+
+use half::{bf16, f16};
+use safetensors::{Dtype, View};
+
+use super::paths::{ckpt_err, model_file};
+use crate::config::MambaConfig;
+use crate::error::{Error, Result};
+use crate::float::Float;
+use crate::params::{param_specs, Params};
+
+/// The element type a checkpoint is written in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SaveDtype {
+    /// IEEE single precision (f64 parameters are rounded to it).
+    F32,
+    /// bfloat16, rounded to nearest even from f32.
+    Bf16,
+    /// IEEE half precision, rounded to nearest even from f32.
+    F16,
+}
+
+impl SaveDtype {
+    fn dtype(self) -> Dtype {
+        match self {
+            SaveDtype::F32 => Dtype::F32,
+            SaveDtype::Bf16 => Dtype::BF16,
+            SaveDtype::F16 => Dtype::F16,
+        }
+    }
+}
+
+/// A tensor to write with [`write_tensors`].
+#[derive(Clone, Debug, PartialEq)]
+pub enum TensorOut {
+    /// Written as `F32`.
+    F32 { shape: Vec<usize>, data: Vec<f32> },
+    /// Written as `BF16`.
+    Bf16 { shape: Vec<usize>, data: Vec<bf16> },
+    /// Written as `F16`.
+    F16 { shape: Vec<usize>, data: Vec<f16> },
+    /// Written as `I64` (token ids, counters).
+    I64 { shape: Vec<usize>, data: Vec<i64> },
+    /// Written as `I8` (quantised weights).
+    I8 { shape: Vec<usize>, data: Vec<i8> },
+}
+
+/// A tensor whose bytes are produced only when the serializer writes it.
+struct LazyView<'a> {
+    dtype: Dtype,
+    shape: Vec<usize>,
+    byte_len: usize,
+    bytes: Box<dyn Fn() -> Vec<u8> + 'a>,
+}
+
+impl View for LazyView<'_> {
+    fn dtype(&self) -> Dtype {
+        self.dtype
+    }
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    fn data(&self) -> Cow<'_, [u8]> {
+        Cow::Owned((self.bytes)())
+    }
+    fn data_len(&self) -> usize {
+        self.byte_len
+    }
+}
+
+impl TensorOut {
+    /// The shape, the number of values, and a lazy view for the serializer.
+    fn view(&self) -> (&[usize], usize, LazyView<'_>) {
+        let (dtype, shape, n): (Dtype, &[usize], usize) = match self {
+            TensorOut::F32 { shape, data } => (Dtype::F32, shape, data.len()),
+            TensorOut::Bf16 { shape, data } => (Dtype::BF16, shape, data.len()),
+            TensorOut::F16 { shape, data } => (Dtype::F16, shape, data.len()),
+            TensorOut::I64 { shape, data } => (Dtype::I64, shape, data.len()),
+            TensorOut::I8 { shape, data } => (Dtype::I8, shape, data.len()),
+        };
+        let bytes: Box<dyn Fn() -> Vec<u8> + '_> = match self {
+            TensorOut::F32 { data, .. } => Box::new(|| le_bytes(data, |v| v.to_le_bytes())),
+            TensorOut::Bf16 { data, .. } => {
+                Box::new(|| le_bytes(data, |v| v.to_bits().to_le_bytes()))
+            }
+            TensorOut::F16 { data, .. } => {
+                Box::new(|| le_bytes(data, |v| v.to_bits().to_le_bytes()))
+            }
+            TensorOut::I64 { data, .. } => Box::new(|| le_bytes(data, |v| v.to_le_bytes())),
+            TensorOut::I8 { data, .. } => Box::new(|| le_bytes(data, |v| v.to_le_bytes())),
+        };
+        let byte_len = n * dtype.bitsize() / 8;
+        let view = LazyView {
+            dtype,
+            shape: shape.to_vec(),
+            byte_len,
+            bytes,
+        };
+        (shape, n, view)
+    }
+}
+
+fn le_bytes<V: Copy, const N: usize>(data: &[V], f: impl Fn(V) -> [u8; N]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(data.len() * N);
+    for &v in data {
+        out.extend_from_slice(&f(v));
+    }
+    out
+}
+
+/// Writes f32 / bf16 / f16 / i64 tensors to a safetensors file atomically, with the metadata
+/// `{"format": "pt"}` that transformers requires.
+pub fn write_tensors(path: &Path, tensors: &[(String, TensorOut)]) -> Result<()> {
+    write_tensors_with_metadata(path, tensors, &[])
+}
+
+/// [`write_tensors`] with extra `__metadata__` strings beside `{"format": "pt"}`.
+pub fn write_tensors_with_metadata(
+    path: &Path,
+    tensors: &[(String, TensorOut)],
+    extra: &[(&str, &str)],
+) -> Result<()> {
+    let mut views = Vec::with_capacity(tensors.len());
+    for (name, t) in tensors {
+        let (shape, n, view) = t.view();
+        let numel = shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
+        if numel != Some(n) {
+            return Err(ckpt_err(
+                path,
+                format!("tensor `{name}`: shape {shape:?} does not match its {n} values"),
+            ));
+        }
+        views.push((name.clone(), view));
+    }
+    write_views(path, views, extra)
+}
+
+/// Saves `params` under their canonical names in `dtype` (`path/model.safetensors` when `path`
+/// is a directory), atomically, with metadata `{"format": "pt"}`.
+pub fn save_params<T: Float>(
+    path: &Path,
+    cfg: &MambaConfig,
+    params: &Params<T>,
+    dtype: SaveDtype,
+) -> Result<()> {
+    let path = model_file(path);
+    let specs = param_specs(cfg);
+    let tensors = params.tensors();
+    if specs.len() != tensors.len() {
+        return Err(Error::Shape {
+            op: "save_params",
+            msg: format!(
+                "params hold {} tensors, the config has {}",
+                tensors.len(),
+                specs.len()
+            ),
+        });
+    }
+    let mut views = Vec::with_capacity(specs.len());
+    for ((name, shape), t) in specs.into_iter().zip(tensors) {
+        if t.shape != shape || t.data.len() != shape.iter().product::<usize>() {
+            return Err(Error::Shape {
+                op: "save_params",
+                msg: format!(
+                    "{name} is {:?} with {} values, expected {shape:?}",
+                    t.shape,
+                    t.data.len()
+                ),
+            });
+        }
+        let data = &t.data;
+        let bytes: Box<dyn Fn() -> Vec<u8> + '_> = match dtype {
+            SaveDtype::F32 => Box::new(move || le_bytes(data, |v| v.to_f32().to_le_bytes())),
+            SaveDtype::Bf16 => Box::new(move || {
+                le_bytes(data, |v| bf16::from_f32(v.to_f32()).to_bits().to_le_bytes())
+            }),
+            SaveDtype::F16 => Box::new(move || {
+                le_bytes(data, |v| f16::from_f32(v.to_f32()).to_bits().to_le_bytes())
+            }),
+        };
+        let dt = dtype.dtype();
+        let view = LazyView {
+            dtype: dt,
+            byte_len: data.len() * dt.bitsize() / 8,
+            shape,
+            bytes,
+        };
+        views.push((name, view));
+    }
+    write_views(&path, views, &[])
+}
+
+/// Serialises `views` (names must be unique) to `path` through a temporary file.
+fn write_views(
+    path: &Path,
+    views: Vec<(String, LazyView<'_>)>,
+    extra: &[(&str, &str)],
+) -> Result<()> {
+    let mut seen = HashSet::new();
+    for (name, _) in &views {
+        if name == "__metadata__" || !seen.insert(name.as_str()) {
+            return Err(ckpt_err(
+                path,
+                format!("tensor name `{name}` is reserved or repeated"),
+            ));
+        }
+    }
+    let mut metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
+    metadata.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+    crate::fs::atomic_write_path(path, |tmp| {
+        safetensors::serialize_to_file(views, Some(metadata), tmp)
+            .map_err(|e| ckpt_err(path, format!("writing safetensors: {e}")))
+    })
+}
