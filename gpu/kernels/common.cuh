@@ -1,5 +1,8 @@
 // Shared helpers of every Vet-Mamba kernel. Compiled by NVRTC with -DD_STATE_PAD, -DD_CONV and
-// -DCHUNK set from the model config (see gpu/src/cuda.rs). No headers: NVRTC needs none.
+// -DCHUNK set from the model config (see gpu/src/kernels.rs). No headers: NVRTC needs none.
+//
+// Every kernel takes one parameter: its struct from <op>.cuh (generated from gpu/src/ops/<op>.rs,
+// the launcher's side), unpacked by <STRUCT>_ARGS(p) into the body's arguments, in order.
 //
 // Determinism: every reduction below has one fixed order (xor butterflies inside a warp, then
 // warps in index order). No floating-point atomics anywhere.

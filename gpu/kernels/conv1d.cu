@@ -15,7 +15,7 @@ __device__ __forceinline__ float conv_visible(long p, int start, long c, const f
 
 // u = conv(x) + bias, xs = silu(u). x: [B, L, ·] with row stride ldx (the x half of xz).
 // init: [B, d_inner, km1] or null. Thread per (b, t, c).
-extern "C" __global__ void conv1d_fwd_f32(const float* x, long ldx, const float* w, const float* bias,
+static __device__ __forceinline__ void conv1d_fwd_f32_body(const float* x, long ldx, const float* w, const float* bias,
                                           const int* starts, const float* init, float* u, float* xs,
                                           long batch, long L, long di) {
     long total = batch * L * di;
@@ -36,9 +36,10 @@ extern "C" __global__ void conv1d_fwd_f32(const float* x, long ldx, const float*
         if (xs) xs[i] = silu_f32(acc);
     }
 }
+extern "C" __global__ void conv1d_fwd_f32(const Conv1dFwdF32 p) { conv1d_fwd_f32_body(CONV1D_FWD_F32_ARGS(p)); }
 
 // The window after the last position, [B, d_inner, km1]. Thread per (b, c, j).
-extern "C" __global__ void conv1d_last_f32(const float* x, long ldx, const int* starts, const float* init,
+static __device__ __forceinline__ void conv1d_last_f32_body(const float* x, long ldx, const int* starts, const float* init,
                                            float* last, long batch, long L, long di) {
     const int km1 = D_CONV - 1;
     long total = batch * di * km1;
@@ -51,10 +52,11 @@ extern "C" __global__ void conv1d_last_f32(const float* x, long ldx, const int* 
         last[i] = conv_visible(p, st, c, x_row, ldx, ib, km1);
     }
 }
+extern "C" __global__ void conv1d_last_f32(const Conv1dLastF32 p) { conv1d_last_f32_body(CONV1D_LAST_F32_ARGS(p)); }
 
 // dx[b, p, c] = Σ_k w[c, k] · du[b, p + km1 − k, c] over the positions whose document sees p.
 // Written with row stride ldx (the x half of d_xz). Thread per (b, p, c).
-extern "C" __global__ void conv1d_bwd_dx_f32(const float* du, const float* w, const int* starts, float* dx,
+static __device__ __forceinline__ void conv1d_bwd_dx_f32_body(const float* du, const float* w, const int* starts, float* dx,
                                              long ldx, long batch, long L, long di) {
     const int km1 = D_CONV - 1;
     long total = batch * L * di;
@@ -72,9 +74,10 @@ extern "C" __global__ void conv1d_bwd_dx_f32(const float* du, const float* w, co
         dx[row * ldx + c] = acc;
     }
 }
+extern "C" __global__ void conv1d_bwd_dx_f32(const Conv1dBwdDxF32 p) { conv1d_bwd_dx_f32_body(CONV1D_BWD_DX_F32_ARGS(p)); }
 
 // Gradient of the initial window, [B, d_inner, km1]. Thread per (b, c, j).
-extern "C" __global__ void conv1d_bwd_init_f32(const float* du, const float* w, const int* starts,
+static __device__ __forceinline__ void conv1d_bwd_init_f32_body(const float* du, const float* w, const int* starts,
                                                float* dinit, long batch, long L, long di) {
     const int km1 = D_CONV - 1;
     long total = batch * di * km1;
@@ -88,10 +91,11 @@ extern "C" __global__ void conv1d_bwd_init_f32(const float* du, const float* w, 
         dinit[i] = acc;
     }
 }
+extern "C" __global__ void conv1d_bwd_init_f32(const Conv1dBwdInitF32 p) { conv1d_bwd_init_f32_body(CONV1D_BWD_INIT_F32_ARGS(p)); }
 
 // Partial weight / bias gradients over row blocks: part_w[rb, c, k], part_b[rb, c].
 // grid (ceil(di / blockDim), n_rb).
-extern "C" __global__ void conv1d_bwd_dw_partial_f32(const float* x, long ldx, const float* du, const int* starts,
+static __device__ __forceinline__ void conv1d_bwd_dw_partial_f32_body(const float* x, long ldx, const float* du, const int* starts,
                                                      const float* init, long batch, long L, long di, long rows_per,
                                                      float* part_w, float* part_b) {
     const int km1 = D_CONV - 1;
@@ -118,3 +122,4 @@ extern "C" __global__ void conv1d_bwd_dw_partial_f32(const float* x, long ldx, c
     for (int k = 0; k < D_CONV; ++k) part_w[(rb * di + c) * D_CONV + k] = aw[k];
     if (part_b) part_b[rb * di + c] = ab;
 }
+extern "C" __global__ void conv1d_bwd_dw_partial_f32(const Conv1dBwdDwPartialF32 p) { conv1d_bwd_dw_partial_f32_body(CONV1D_BWD_DW_PARTIAL_F32_ARGS(p)); }

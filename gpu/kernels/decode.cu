@@ -7,7 +7,7 @@
 // x: in_proj's x half (row stride ldx). Thread per (b, c). The sum runs in the order of
 // conv1d_fwd_f32 (taps ascending, then the bias), so both give the same bits. xs_lp (may be
 // null): xs again in bf16 (lp_mode 0) or fp16 (1) for x_proj.
-extern "C" __global__ void conv_update_f32(const float* x, long ldx, const float* w, const float* bias,
+static __device__ __forceinline__ void conv_update_f32_body(const float* x, long ldx, const float* w, const float* bias,
                                            const int* starts, float* window, float* xs, u16* xs_lp, int lp_mode,
                                            long batch, long di) {
     const int km1 = D_CONV - 1;
@@ -31,6 +31,7 @@ extern "C" __global__ void conv_update_f32(const float* x, long ldx, const float
         for (int k = 0; k < km1; ++k) win[k] = vals[k + 1];
     }
 }
+extern "C" __global__ void conv_update_f32(const ConvUpdateF32 p) { conv_update_f32_body(CONV_UPDATE_F32_ARGS(p)); }
 
 // Sum over the D_STATE_PAD lanes of a group (xor butterfly: every lane gets the same bits).
 __device__ __forceinline__ float decode_group_sum(float v) {
@@ -45,8 +46,7 @@ __device__ __forceinline__ float decode_group_sum(float v) {
 // column col_b, C right after). Thread per (b, c, n): D_STATE_PAD lanes per channel, 256
 // threads per block; grid (ceil(d_inner / channels per block), batch). out_lp (may be null):
 // out again in bf16 (lp_mode 0) or fp16 (1) for out_proj.
-extern "C" __global__ void __launch_bounds__(256)
-ssm_update_f32(const float* xs, const float* delta, const float* a_log, const float* xbc, long ldbc, long col_b,
+static __device__ __forceinline__ void ssm_update_f32_body(const float* xs, const float* delta, const float* a_log, const float* xbc, long ldbc, long col_b,
                const float* dvec, const float* z, long ldz, const float* dt_bias, const int* starts, float* h_state,
                float* out, u16* out_lp, int lp_mode, long batch, long di, long ds) {
     int tid = threadIdx.x, n = tid % D_STATE_PAD;
@@ -72,3 +72,4 @@ ssm_update_f32(const float* xs, const float* delta, const float* a_log, const fl
         if (out_lp) out_lp[b * di + c] = lp_mode == 0 ? f32_to_bf16(o) : f32_to_f16(o);
     }
 }
+extern "C" __global__ void __launch_bounds__(256) ssm_update_f32(const SsmUpdateF32 p) { ssm_update_f32_body(SSM_UPDATE_F32_ARGS(p)); }

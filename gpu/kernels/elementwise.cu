@@ -1,7 +1,7 @@
 // Small elementwise and reduction kernels: casts for the GEMM inputs, bias, SiLU, column sums.
 
 // dst[r, j] = lowp(src[r * ld + j]); mode 0: bf16, 1: fp16. dst is contiguous [rows, cols].
-extern "C" __global__ void cast_lowp_f32(const float* src, long ld, long rows, long cols,
+static __device__ __forceinline__ void cast_lowp_f32_body(const float* src, long ld, long rows, long cols,
                                          u16* dst, int mode) {
     long total = rows * cols;
     for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < total; i += (long)gridDim.x * blockDim.x) {
@@ -10,31 +10,35 @@ extern "C" __global__ void cast_lowp_f32(const float* src, long ld, long rows, l
         dst[i] = mode == 0 ? f32_to_bf16(v) : f32_to_f16(v);
     }
 }
+extern "C" __global__ void cast_lowp_f32(const CastLowpF32 p) { cast_lowp_f32_body(CAST_LOWP_F32_ARGS(p)); }
 
 // y[r * ld + j] += b[j]
-extern "C" __global__ void bias_add_f32(float* y, long ld, long rows, long cols, const float* b) {
+static __device__ __forceinline__ void bias_add_f32_body(float* y, long ld, long rows, long cols, const float* b) {
     long total = rows * cols;
     for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < total; i += (long)gridDim.x * blockDim.x) {
         long r = i / cols, j = i - r * cols;
         y[r * ld + j] += b[j];
     }
 }
+extern "C" __global__ void bias_add_f32(const BiasAddF32 p) { bias_add_f32_body(BIAS_ADD_F32_ARGS(p)); }
 
 // xs = silu(u)
-extern "C" __global__ void silu_fwd_f32(const float* u, float* xs, long n) {
+static __device__ __forceinline__ void silu_fwd_f32_body(const float* u, float* xs, long n) {
     for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x)
         xs[i] = silu_f32(u[i]);
 }
+extern "C" __global__ void silu_fwd_f32(const SiluFwdF32 p) { silu_fwd_f32_body(SILU_FWD_F32_ARGS(p)); }
 
 // g = g * silu'(u), in place
-extern "C" __global__ void silu_bwd_f32(const float* u, float* g, long n) {
+static __device__ __forceinline__ void silu_bwd_f32_body(const float* u, float* g, long n) {
     for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x)
         g[i] = g[i] * silu_grad_f32(u[i]);
 }
+extern "C" __global__ void silu_bwd_f32(const SiluBwdF32 p) { silu_bwd_f32_body(SILU_BWD_F32_ARGS(p)); }
 
 // partial[rb, j] = sum over rows r of block rb (increasing r) of src[r * ld + j].
 // grid (ceil(cols / blockDim), n_rb)
-extern "C" __global__ void colsum_partial_f32(const float* src, long ld, long rows, long cols,
+static __device__ __forceinline__ void colsum_partial_f32_body(const float* src, long ld, long rows, long cols,
                                               long rows_per, float* partial) {
     long j = blockIdx.x * (long)blockDim.x + threadIdx.x;
     long rb = blockIdx.y;
@@ -44,12 +48,14 @@ extern "C" __global__ void colsum_partial_f32(const float* src, long ld, long ro
     for (long r = r0; r < r1; ++r) acc += src[r * ld + j];
     partial[rb * cols + j] = acc;
 }
+extern "C" __global__ void colsum_partial_f32(const ColsumPartialF32 p) { colsum_partial_f32_body(COLSUM_PARTIAL_F32_ARGS(p)); }
 
 // dst[j] += sum over rb (increasing) of partial[rb, j]
-extern "C" __global__ void colsum_final_f32(const float* partial, long n_rb, long cols, float* dst) {
+static __device__ __forceinline__ void colsum_final_f32_body(const float* partial, long n_rb, long cols, float* dst) {
     long j = blockIdx.x * (long)blockDim.x + threadIdx.x;
     if (j >= cols) return;
     float acc = 0.0f;
     for (long rb = 0; rb < n_rb; ++rb) acc += partial[rb * cols + j];
     dst[j] += acc;
 }
+extern "C" __global__ void colsum_final_f32(const ColsumFinalF32 p) { colsum_final_f32_body(COLSUM_FINAL_F32_ARGS(p)); }

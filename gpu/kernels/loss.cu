@@ -2,7 +2,7 @@
 // reference/src/loss.rs). One block per position; the logits are overwritten by
 // d(scale · loss)/d logits. row_loss[r] = logsumexp − logit[target] (0 for masked rows);
 // the host sums it in f64 in position order.
-extern "C" __global__ void cross_entropy_fwd_bwd_f32(float* logits, const unsigned int* targets,
+static __device__ __forceinline__ void cross_entropy_fwd_bwd_f32_body(float* logits, const unsigned int* targets,
                                                      const unsigned char* mask, long V, float k,
                                                      float* row_loss) {
     __shared__ float sh[33];
@@ -29,3 +29,4 @@ extern "C" __global__ void cross_entropy_fwd_bwd_f32(float* logits, const unsign
         lr[j] = g;
     }
 }
+extern "C" __global__ void cross_entropy_fwd_bwd_f32(const CrossEntropyFwdBwdF32 p) { cross_entropy_fwd_bwd_f32_body(CROSS_ENTROPY_FWD_BWD_F32_ARGS(p)); }

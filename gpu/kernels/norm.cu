@@ -3,7 +3,7 @@
 // One block per row. x_out = x_in + add (add may be null: x_out = x_in, and x_out may be null
 // when add is null); y = norm(x_out). is_layer: LayerNorm (mean subtracted, bias b).
 // y_lp (may be null): y again in bf16 (lp_mode 0) or fp16 (1), the next GEMM's operand.
-extern "C" __global__ void norm_fwd_f32(const float* x_in, const float* add, float* x_out, float* y,
+static __device__ __forceinline__ void norm_fwd_f32_body(const float* x_in, const float* add, float* x_out, float* y,
                                         float* mean_out, float* rstd_out, const float* w, const float* b,
                                         long d, float eps, int is_layer, u16* y_lp, int lp_mode) {
     __shared__ float sh[33];
@@ -41,10 +41,11 @@ extern "C" __global__ void norm_fwd_f32(const float* x_in, const float* add, flo
         if (rstd_out) rstd_out[r] = rstd;
     }
 }
+extern "C" __global__ void norm_fwd_f32(const NormFwdF32 p) { norm_fwd_f32_body(NORM_FWD_F32_ARGS(p)); }
 
 // dx for one row per block: dx = rstd (g − mean(g) − xhat · mean(g · xhat)), g = dy · w.
 // accum: dx_out += dx, else dx_out = dx.
-extern "C" __global__ void norm_bwd_dx_f32(const float* x, const float* w, const float* mean_in,
+static __device__ __forceinline__ void norm_bwd_dx_f32_body(const float* x, const float* w, const float* mean_in,
                                            const float* rstd_in, const float* dy, float* dx_out, long d,
                                            int is_layer, int accum) {
     __shared__ float sh[33];
@@ -69,10 +70,11 @@ extern "C" __global__ void norm_bwd_dx_f32(const float* x, const float* w, const
         dx_out[r * d + j] = accum ? dx_out[r * d + j] + v : v;
     }
 }
+extern "C" __global__ void norm_bwd_dx_f32(const NormBwdDxF32 p) { norm_bwd_dx_f32_body(NORM_BWD_DX_F32_ARGS(p)); }
 
 // Partial column sums of dy · xhat (and dy for the bias) over row blocks.
 // grid (ceil(d / blockDim), n_rb).
-extern "C" __global__ void norm_bwd_dw_partial_f32(const float* x, const float* mean_in, const float* rstd_in,
+static __device__ __forceinline__ void norm_bwd_dw_partial_f32_body(const float* x, const float* mean_in, const float* rstd_in,
                                                    const float* dy, long rows, long d, long rows_per,
                                                    float* part_w, float* part_b) {
     long j = blockIdx.x * (long)blockDim.x + threadIdx.x;
@@ -88,3 +90,4 @@ extern "C" __global__ void norm_bwd_dw_partial_f32(const float* x, const float* 
     part_w[rb * d + j] = aw;
     if (part_b) part_b[rb * d + j] = ab;
 }
+extern "C" __global__ void norm_bwd_dw_partial_f32(const NormBwdDwPartialF32 p) { norm_bwd_dw_partial_f32_body(NORM_BWD_DW_PARTIAL_F32_ARGS(p)); }

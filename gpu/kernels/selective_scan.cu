@@ -127,8 +127,7 @@ struct FwdBcTile {
 #define FSB(j, i) sbc[(j) * 2 * FNP + hf * FHG + (i)]
 #define FSC(j, i) sbc[(j) * 2 * FNP + FNP + hf * FHG + (i)]
 
-extern "C" __global__ void __launch_bounds__(FWD_THREADS, 2)
-selective_scan_fwd_f32(const float* __restrict__ u, const float* __restrict__ delta,
+static __device__ __forceinline__ void selective_scan_fwd_f32_body(const float* __restrict__ u, const float* __restrict__ delta,
                        const float* __restrict__ a_log, const float* __restrict__ xbc, long ldbc, long col_b,
                        const float* __restrict__ dvec, const float* __restrict__ z, long ldz,
                        const float* __restrict__ dt_bias, const int* __restrict__ starts,
@@ -234,6 +233,7 @@ selective_scan_fwd_f32(const float* __restrict__ u, const float* __restrict__ de
         }
     }
 }
+extern "C" __global__ void __launch_bounds__(FWD_THREADS, 2) selective_scan_fwd_f32(const SelectiveScanFwdF32 p) { selective_scan_fwd_f32_body(SELECTIVE_SCAN_FWD_F32_ARGS(p)); }
 
 // B and C of chunk-relative position j, state n, from the staged chunk rows.
 #define SB(j, n) sbc[(j) * 2 * NG + (n)]
@@ -463,29 +463,19 @@ selective_scan_bwd_body(const float* __restrict__ u, const float* __restrict__ d
     }
 }
 
-#define SCAN_BWD_PARAMS                                                                                  \
-    const float *u, const float *delta, const float *a_log, const float *xbc, long ldbc, long col_b,         \
-        const float *dvec, const float *z, long ldz, const float *dt_bias, const int *starts,                \
-        const float *chunk_states, const float *dout, float *du_out, float *ddelta_out, float *dz_out,       \
-        long ldz_out, float *part_bc, float *part_a, float *part_d, float *part_db, float *dh0, long batch,  \
-        long L, long di, long ds
-#define SCAN_BWD_ARGS                                                                                     \
-    u, delta, a_log, xbc, ldbc, col_b, dvec, z, ldz, dt_bias, starts, chunk_states, dout, du_out, ddelta_out, \
-        dz_out, ldz_out, part_bc, part_a, part_d, part_db, dh0, batch, L, di, ds
-
 // Two builds of the same backward: registers as the compiler likes, and capped for two blocks
 // of SCAN_THREADS per SM (`_2b`; at 128 threads both get 255 registers). The engine picks one
-// (gpu/src/cuda.rs). SHARE = false is the unshared softplus / SiLU path (same speed on the H200
+// (gpu/src/kernels.rs). SHARE = false is the unshared softplus / SiLU path (same speed on the H200
 // at chunk 32, 3 % slower at chunk 16), kept for comparison.
-extern "C" __global__ void __launch_bounds__(SCAN_THREADS) selective_scan_bwd_f32(SCAN_BWD_PARAMS) {
-    selective_scan_bwd_body<true>(SCAN_BWD_ARGS);
+extern "C" __global__ void __launch_bounds__(SCAN_THREADS) selective_scan_bwd_f32(const SelectiveScanBwdF32 p) {
+    selective_scan_bwd_body<true>(SELECTIVE_SCAN_BWD_F32_ARGS(p));
 }
-extern "C" __global__ void __launch_bounds__(SCAN_THREADS, 2) selective_scan_bwd_2b_f32(SCAN_BWD_PARAMS) {
-    selective_scan_bwd_body<true>(SCAN_BWD_ARGS);
+extern "C" __global__ void __launch_bounds__(SCAN_THREADS, 2) selective_scan_bwd_2b_f32(const SelectiveScanBwdF32 p) {
+    selective_scan_bwd_body<true>(SELECTIVE_SCAN_BWD_F32_ARGS(p));
 }
 
 // out[row * ldo + col] = Σ_blk part_bc[blk, row, col] (blocks in order), col < 2 ds.
-extern "C" __global__ void scan_reduce_bc_f32(const float* part_bc, long nblk, long rows, long ds, float* out,
+static __device__ __forceinline__ void scan_reduce_bc_f32_body(const float* part_bc, long nblk, long rows, long ds, float* out,
                                               long ldo) {
     long total = rows * 2 * ds;
     for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < total; i += (long)gridDim.x * blockDim.x) {
@@ -495,9 +485,10 @@ extern "C" __global__ void scan_reduce_bc_f32(const float* part_bc, long nblk, l
         out[row * ldo + col] = acc;
     }
 }
+extern "C" __global__ void scan_reduce_bc_f32(const ScanReduceBcF32 p) { scan_reduce_bc_f32_body(SCAN_REDUCE_BC_F32_ARGS(p)); }
 
 // dst[i] += (Σ_b part[b, i]) · (a_log ? −exp(a_log[i]) : 1), batches in order.
-extern "C" __global__ void scan_reduce_batch_f32(const float* part, long batch, long m, float* dst,
+static __device__ __forceinline__ void scan_reduce_batch_f32_body(const float* part, long batch, long m, float* dst,
                                                  const float* a_log) {
     for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < m; i += (long)gridDim.x * blockDim.x) {
         float acc = 0.0f;
@@ -506,3 +497,4 @@ extern "C" __global__ void scan_reduce_batch_f32(const float* part, long batch, 
         dst[i] += acc;
     }
 }
+extern "C" __global__ void scan_reduce_batch_f32(const ScanReduceBatchF32 p) { scan_reduce_batch_f32_body(SCAN_REDUCE_BATCH_F32_ARGS(p)); }

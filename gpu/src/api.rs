@@ -10,26 +10,31 @@ use reference::{
     TrainingEngine,
 };
 
-use crate::backward::token_csr;
-use crate::cuda::Arg;
-use crate::decode::StatePtrs;
-use crate::engine::{doc_starts, ensure_ws, GpuEngine, NORM_BLOCKS};
+use crate::backward::{loss_dev, token_csr, Backward};
+use crate::decode::StepOn;
+use crate::engine::GpuEngine;
+use crate::model::ensure_ws;
+use crate::ops::adamw::{
+    adamw, sumsq_final, sumsq_partial, AdamwF32, SumsqFinalF64, SumsqPartialF64, NORM_BLOCKS,
+};
+use crate::params::{Ptr, PtrMut};
 use crate::work::Mode;
 use crate::Precision;
 
 impl GpuEngine {
     fn lowp(&self) -> bool {
-        self.shadow.is_some()
+        self.model.shadow.is_some()
     }
 
     fn download_flat(&self, buf: &crate::cuda::Buf) -> Result<Vec<f32>> {
-        let mut v = vec![0f32; self.layout.numel];
+        let mut v = vec![0f32; self.model.layout.numel];
         buf.read(0, &mut v)?;
         Ok(v)
     }
 
     fn named_from_flat(&self, flat: &[f32]) -> NamedTensors {
-        self.layout
+        self.model
+            .layout
             .slots
             .iter()
             .map(|s| {
@@ -40,8 +45,8 @@ impl GpuEngine {
     }
 
     fn upload_named(&self, buf: &crate::cuda::Buf, named: &[(String, Tensor<f32>)]) -> Result<()> {
-        params_from_named::<f32>(&self.cfg, named)?;
-        let mut flat = Vec::with_capacity(self.layout.numel);
+        params_from_named::<f32>(&self.model.cfg, named)?;
+        let mut flat = Vec::with_capacity(self.model.layout.numel);
         for (_, t) in named {
             flat.extend_from_slice(&t.data);
         }
@@ -49,7 +54,7 @@ impl GpuEngine {
     }
 
     fn read_state(&self, ws: &crate::work::Work, batch: usize) -> Result<State<f32>> {
-        let mut st = State::<f32>::zeros(&self.cfg, batch);
+        let mut st = State::<f32>::zeros(&self.model.cfg, batch);
         ws.state_out_conv.read(0, &mut st.conv.data)?;
         ws.state_out_ssm.read(0, &mut st.ssm.data)?;
         Ok(st)
@@ -57,104 +62,42 @@ impl GpuEngine {
 
     /// Global gradient norm: f64 partial sums over a fixed grid, then one ordered sum.
     fn grad_norm(&self) -> Result<f64> {
-        self.dev.launch(
-            "sumsq_partial_f64",
-            (NORM_BLOCKS as u32, 1, 1),
-            256,
-            0,
-            &[
-                Arg::P(self.grads.ptr),
-                Arg::L(self.layout.numel as i64),
-                Arg::P(self.norm_part.ptr),
-            ],
-        )?;
-        self.dev.launch(
-            "sumsq_final_f64",
-            (1, 1, 1),
-            32,
-            0,
-            &[
-                Arg::P(self.norm_part.ptr),
-                Arg::L(NORM_BLOCKS as i64),
-                Arg::P(self.norm_out.ptr),
-            ],
-        )?;
+        let dev = &self.model.dev;
+        let t = &self.train;
+        let partial = SumsqPartialF64 {
+            g: Ptr::new(t.grads.ptr),
+            n: self.model.layout.numel as i64,
+            part: PtrMut::new(t.norm_part.ptr),
+        };
+        let fin = SumsqFinalF64 {
+            part: Ptr::new(t.norm_part.ptr),
+            n: NORM_BLOCKS as i64,
+            out: PtrMut::new(t.norm_out.ptr),
+        };
+        // SAFETY: the gradients hold `numel` f32, the partials NORM_BLOCKS f64, the output
+        // one f64 (allocated in `GpuEngine::new`).
+        unsafe {
+            sumsq_partial(dev, &partial)?;
+            sumsq_final(dev, &fin)?;
+        }
         let mut ss = [0f64];
-        self.norm_out.read(0, &mut ss)?;
+        self.train.norm_out.read(0, &mut ss)?;
         Ok(ss[0].sqrt())
     }
 
-    /// One decode step of `tokens` on the state `on` (a host state, copied into the decode
-    /// workspace and updated there, or the held state), through the CUDA graph when one could
-    /// be captured. Logits end in `decode_ws.logits`.
+    /// One decode step (see [`crate::decode::Decoder::step`]); logits end in the decoder.
     fn step_dev(&mut self, tokens: &[u32], resets: Option<&[bool]>, on: StepOn) -> Result<()> {
-        let batch = tokens.len();
-        let input = Batch {
-            batch,
-            seq_len: 1,
-            tokens,
-            resets,
-        };
-        input.check(&self.cfg, "step")?;
-        match on {
-            StepOn::Host(state) => state.check(&self.cfg, batch, "step")?,
-            StepOn::Held(h) => {
-                if h.batch != batch {
-                    return Err(Error::Shape {
-                        op: "step_held",
-                        msg: format!("{batch} tokens for a held state of {} rows", h.batch),
-                    });
-                }
-            }
-        }
-        self.dev.bind()?;
-        let had = self.decode_ws.as_ref().map(|w| w.batch);
-        let key = (batch, 1, Mode::Infer { head_rows: batch });
-        let lowp = self.lowp();
-        ensure_ws(
-            &mut self.decode_ws,
-            &self.dev,
-            &self.cfg,
-            self.shape,
-            key,
-            lowp,
-        )?;
-        if had != Some(batch) {
-            self.graph = None;
-        }
-        let ws = self.decode_ws.take().expect("decode workspace");
-        let r = (|| {
-            ws.tokens.write(0, tokens)?;
-            ws.starts.write(0, &doc_starts(resets, batch, 1))?;
-            let st = match on {
-                StepOn::Host(state) => {
-                    ws.state_in_conv.write(0, &state.conv.data)?;
-                    ws.state_in_ssm.write(0, &state.ssm.data)?;
-                    StatePtrs {
-                        conv: ws.state_in_conv.ptr,
-                        ssm: ws.state_in_ssm.ptr,
-                    }
-                }
-                StepOn::Held(h) => {
-                    let held = self.held(h, "step_held")?;
-                    StatePtrs {
-                        conv: held.conv.ptr,
-                        ssm: held.ssm.ptr,
-                    }
-                }
-            };
-            crate::graph::run_decode(self, &ws, st)
-        })();
-        self.decode_ws = Some(ws);
-        r
+        self.decoder.step(&self.model, tokens, resets, on)
     }
 
     /// Downloads the logits of the last step and the host state it updated.
     fn step_out(&self, state: &mut State<f32>, logits: &mut [f32]) -> Result<()> {
-        let ws = self.decode_ws.as_ref().expect("decode workspace");
-        ws.logits.read(0, logits)?;
-        ws.state_in_conv.read(0, &mut state.conv.data)?;
-        ws.state_in_ssm.read(0, &mut state.ssm.data)
+        self.decoder.step_out(state, logits)
+    }
+
+    /// The held state behind `held`, or the error for a stale ticket.
+    fn held(&self, held: HeldState, op: &'static str) -> Result<&crate::decode::Held> {
+        self.decoder.held(&self.model.dev.name, held, op)
     }
 }
 
@@ -166,9 +109,9 @@ impl GpuEngine {
         let key = (batch, seq_len, Mode::Infer { head_rows });
         ensure_ws(
             &mut self.infer_ws,
-            &self.dev,
-            &self.cfg,
-            self.shape,
+            &self.model.dev,
+            &self.model.cfg,
+            self.model.shape,
             key,
             lowp,
         )
@@ -184,7 +127,7 @@ impl GpuEngine {
         from: StepOn,
         logits_len: usize,
     ) -> Result<()> {
-        check_len(op, "logits", logits_len, self.cfg.vocab_size)?;
+        check_len(op, "logits", logits_len, self.model.cfg.vocab_size)?;
         if tokens.is_empty() {
             return Err(Error::Shape {
                 op,
@@ -192,9 +135,9 @@ impl GpuEngine {
             });
         }
         let input = Batch::new(tokens, 1, tokens.len());
-        input.check(&self.cfg, op)?;
+        input.check(&self.model.cfg, op)?;
         match from {
-            StepOn::Host(state) => state.check(&self.cfg, 1, op)?,
+            StepOn::Host(state) => state.check(&self.model.cfg, 1, op)?,
             StepOn::Held(h) if h.batch != 1 => {
                 return Err(Error::Shape {
                     op,
@@ -208,36 +151,29 @@ impl GpuEngine {
                 self.held(h, op)?;
             }
         }
-        self.dev.bind()?;
+        self.model.dev.bind()?;
         self.infer_ws_for(1, tokens.len(), 1)?;
         let ws = self.infer_ws.as_ref().expect("workspace");
         match from {
-            StepOn::Host(state) => self.upload_inputs(ws, &input, Some(state))?,
+            StepOn::Host(state) => self.model.upload_inputs(ws, &input, Some(state))?,
             StepOn::Held(h) => {
-                self.upload_inputs(ws, &input, None)?;
+                self.model.upload_inputs(ws, &input, None)?;
                 let h = self.held(h, op)?;
-                ws.state_in_conv.copy_from(0, h.conv.ptr, h.conv.bytes)?;
-                ws.state_in_ssm.copy_from(0, h.ssm.ptr, h.ssm.bytes)?;
+                ws.state_in_conv.copy_from(0, &h.conv, h.conv.bytes)?;
+                ws.state_in_ssm.copy_from(0, &h.ssm, h.ssm.bytes)?;
             }
         }
-        self.forward_dev(ws, true, tokens.len() - 1)
+        self.model.forward_dev(ws, true, tokens.len() - 1)
     }
-}
-
-/// Where a decode step's state lives.
-#[derive(Clone, Copy)]
-enum StepOn<'a> {
-    Host(&'a State<f32>),
-    Held(HeldState),
 }
 
 impl InferenceEngine for GpuEngine {
     fn name(&self) -> String {
-        self.dev.name.clone()
+        self.model.dev.name.clone()
     }
 
     fn config(&self) -> &MambaConfig {
-        &self.cfg
+        &self.model.cfg
     }
 
     fn forward(
@@ -245,16 +181,16 @@ impl InferenceEngine for GpuEngine {
         input: &Batch,
         state: Option<&State<f32>>,
     ) -> Result<(Tensor<f32>, State<f32>)> {
-        input.check(&self.cfg, "forward")?;
+        input.check(&self.model.cfg, "forward")?;
         if let Some(s) = state {
-            s.check(&self.cfg, input.batch, "forward")?;
+            s.check(&self.model.cfg, input.batch, "forward")?;
         }
-        self.dev.bind()?;
+        self.model.dev.bind()?;
         self.infer_ws_for(input.batch, input.seq_len, input.rows())?;
         let ws = self.infer_ws.as_ref().expect("workspace");
-        self.upload_inputs(ws, input, state)?;
-        self.forward_dev(ws, state.is_some(), 0)?;
-        let v = self.cfg.vocab_size;
+        self.model.upload_inputs(ws, input, state)?;
+        self.model.forward_dev(ws, state.is_some(), 0)?;
+        let v = self.model.cfg.vocab_size;
         let mut logits = Tensor::zeros(&[input.batch, input.seq_len, v]);
         ws.logits.read(0, &mut logits.data)?;
         let st = self.read_state(ws, input.batch)?;
@@ -268,7 +204,7 @@ impl InferenceEngine for GpuEngine {
         state: &mut State<f32>,
     ) -> Result<Tensor<f32>> {
         self.step_dev(tokens, resets, StepOn::Host(state))?;
-        let mut logits = Tensor::zeros(&[tokens.len(), self.cfg.vocab_size]);
+        let mut logits = Tensor::zeros(&[tokens.len(), self.model.cfg.vocab_size]);
         self.step_out(state, &mut logits.data)?;
         Ok(logits)
     }
@@ -284,19 +220,19 @@ impl InferenceEngine for GpuEngine {
             "step_into",
             "logits",
             logits.len(),
-            tokens.len() * self.cfg.vocab_size,
+            tokens.len() * self.model.cfg.vocab_size,
         )?;
         self.step_dev(tokens, resets, StepOn::Host(state))?;
         self.step_out(state, logits)
     }
 
     fn hold_state(&mut self, state: &State<f32>) -> Result<Option<HeldState>> {
-        self.hold(state).map(Some)
+        self.decoder.hold(&self.model, state).map(Some)
     }
 
     fn read_held(&mut self, held: HeldState, state: &mut State<f32>) -> Result<()> {
-        state.check(&self.cfg, held.batch, "read_held")?;
-        self.dev.bind()?;
+        state.check(&self.model.cfg, held.batch, "read_held")?;
+        self.model.dev.bind()?;
         let h = self.held(held, "read_held")?;
         h.conv.read(0, &mut state.conv.data)?;
         h.ssm.read(0, &mut state.ssm.data)
@@ -313,19 +249,18 @@ impl InferenceEngine for GpuEngine {
             "step_held",
             "logits",
             logits.len(),
-            tokens.len() * self.cfg.vocab_size,
+            tokens.len() * self.model.cfg.vocab_size,
         )?;
         self.step_dev(tokens, resets, StepOn::Held(held))?;
-        let ws = self.decode_ws.as_ref().expect("decode workspace");
-        ws.logits.read(0, logits)
+        self.decoder.logits().read(0, logits)
     }
 
     fn prefill_held(&mut self, held: HeldState, tokens: &[u32], logits: &mut [f32]) -> Result<()> {
         self.prefill_dev("prefill_held", tokens, StepOn::Held(held), logits.len())?;
         let ws = self.infer_ws.as_ref().expect("workspace");
         let h = self.held(held, "prefill_held")?;
-        h.conv.copy_from(0, ws.state_out_conv.ptr, h.conv.bytes)?;
-        h.ssm.copy_from(0, ws.state_out_ssm.ptr, h.ssm.bytes)?;
+        h.conv.copy_from(0, &ws.state_out_conv, h.conv.bytes)?;
+        h.ssm.copy_from(0, &ws.state_out_ssm, h.ssm.bytes)?;
         ws.logits.read(0, logits)
     }
 
@@ -343,9 +278,9 @@ impl InferenceEngine for GpuEngine {
     }
 
     fn memory(&self) -> Result<Option<MemoryUse>> {
-        self.dev.bind()?;
+        self.model.dev.bind()?;
         let (free, total) = cudarc::driver::result::mem_get_info().map_err(|e| Error::Device {
-            device: self.dev.name.clone(),
+            device: self.model.dev.name.clone(),
             msg: format!("reading the memory in use: {e}"),
         })?;
         Ok(Some(MemoryUse {
@@ -356,8 +291,8 @@ impl InferenceEngine for GpuEngine {
     }
 
     fn parameters(&self) -> Result<NamedTensors> {
-        self.dev.bind()?;
-        Ok(self.named_from_flat(&self.download_flat(&self.params)?))
+        self.model.dev.bind()?;
+        Ok(self.named_from_flat(&self.download_flat(&self.model.params)?))
     }
 }
 
@@ -370,12 +305,12 @@ impl TrainingEngine for GpuEngine {
         state: Option<&State<f32>>,
         grad_scale: f64,
     ) -> Result<LossOutput> {
-        input.check(&self.cfg, "loss_and_backward")?;
+        input.check(&self.model.cfg, "loss_and_backward")?;
         if let Some(s) = state {
-            s.check(&self.cfg, input.batch, "loss_and_backward")?;
+            s.check(&self.model.cfg, input.batch, "loss_and_backward")?;
         }
         let n = input.rows();
-        let v = self.cfg.vocab_size;
+        let v = self.model.cfg.vocab_size;
         if targets.len() != n || mask.is_some_and(|m| m.len() != n) {
             return Err(Error::Shape {
                 op: "cross_entropy",
@@ -399,40 +334,41 @@ impl TrainingEngine for GpuEngine {
             });
         }
         let n_targets = (0..n).filter(|&i| counts(i)).count();
-        self.grad_scale_sum += grad_scale;
+        self.train.grad_scale_sum += grad_scale;
         if n_targets == 0 {
             return Ok(LossOutput {
                 loss: 0.0,
                 n_targets,
-                grad_state: State::zeros(&self.cfg, input.batch),
+                grad_state: State::zeros(&self.model.cfg, input.batch),
             });
         }
-        self.dev.bind()?;
+        self.model.dev.bind()?;
         let key = (input.batch, input.seq_len, Mode::Train);
         let lowp = self.lowp();
         ensure_ws(
-            &mut self.train_ws,
-            &self.dev,
-            &self.cfg,
-            self.shape,
+            &mut self.train.ws,
+            &self.model.dev,
+            &self.model.cfg,
+            self.model.shape,
             key,
             lowp,
         )?;
-        let ws = self.train_ws.take().expect("workspace");
+        let ws = self.train.ws.take().expect("workspace");
         let r = (|| {
-            self.upload_inputs(&ws, input, state)?;
+            self.model.upload_inputs(&ws, input, state)?;
             let gw = ws.grad.as_ref().expect("training workspace");
             gw.targets.write(0, targets)?;
             if let Some(m) = mask {
                 let bytes: Vec<u8> = m.iter().map(|&b| b as u8).collect();
                 gw.mask.write(0, &bytes)?;
             }
-            self.forward_dev(&ws, state.is_some(), 0)?;
+            self.model.forward_dev(&ws, state.is_some(), 0)?;
             let inv = 1.0f32 / n_targets as f32;
             let k = grad_scale as f32 * inv;
-            self.loss_dev(&ws, mask.is_some(), k)?;
+            loss_dev(&self.model, &ws, mask.is_some(), k)?;
             let csr = token_csr(input.tokens);
-            self.backward_dev(&ws, state.is_some(), (&csr.0, &csr.1, &csr.2))?;
+            Backward::new(&self.model, &ws, &self.train.grads, state.is_some())
+                .run((&csr.0, &csr.1, &csr.2))?;
             let mut rows = vec![0f32; n];
             gw.row_loss.read(0, &mut rows)?;
             let mut total = 0f32;
@@ -441,7 +377,7 @@ impl TrainingEngine for GpuEngine {
                     total += *l;
                 }
             }
-            let mut gs = State::<f32>::zeros(&self.cfg, input.batch);
+            let mut gs = State::<f32>::zeros(&self.model.cfg, input.batch);
             gw.gstate_conv.read(0, &mut gs.conv.data)?;
             gw.gstate_ssm.read(0, &mut gs.ssm.data)?;
             Ok(LossOutput {
@@ -450,22 +386,24 @@ impl TrainingEngine for GpuEngine {
                 grad_state: gs,
             })
         })();
-        self.train_ws = Some(ws);
+        self.train.ws = Some(ws);
         r
     }
 
     fn zero_grad(&mut self) -> Result<()> {
-        self.grad_scale_sum = 0.0;
-        self.dev.bind()?;
-        self.grads.zero()
+        self.train.grad_scale_sum = 0.0;
+        self.model.dev.bind()?;
+        self.train.grads.zero()
     }
 
     fn optimizer_step(&mut self, hp: &AdamWConfig, lr: f64) -> Result<StepStats> {
-        self.dev.bind()?;
+        self.model.dev.bind()?;
         // fp16: the gradients hold loss_scale × gradient; divide it out here.
-        let unscale = match self.precision {
-            Precision::Fp16 if self.grad_scale_sum.is_finite() && self.grad_scale_sum > 0.0 => {
-                1.0 / self.grad_scale_sum
+        let unscale = match self.model.precision {
+            Precision::Fp16
+                if self.train.grad_scale_sum.is_finite() && self.train.grad_scale_sum > 0.0 =>
+            {
+                1.0 / self.train.grad_scale_sum
             }
             _ => 1.0,
         };
@@ -488,42 +426,38 @@ impl TrainingEngine for GpuEngine {
         }
         let scale_grads = clipped || unscale != 1.0;
         let coef = (coef * unscale) as f32;
-        self.opt_step += 1;
-        let t = self.opt_step as f64;
+        self.train.opt_step += 1;
+        let t = self.train.opt_step as f64;
         let bc1 = 1.0 - hp.beta1.powf(t);
         let bc2 = 1.0 - hp.beta2.powf(t);
         let step_size = (lr / bc1) as f32;
         let sqrt_bc2 = bc2.sqrt() as f32;
         let decay = (1.0 - lr * hp.weight_decay) as f32;
-        for s in &self.layout.slots {
+        for s in &self.model.layout.slots {
             let decays = hp.weight_decay != 0.0 && s.decays;
-            self.dev.launch(
-                "adamw_f32",
-                self.dev.grid1d(s.numel),
-                256,
-                0,
-                &[
-                    Arg::P(self.params.at::<f32>(s.off)),
-                    Arg::P(self.grads.at::<f32>(s.off)),
-                    Arg::P(self.m.at::<f32>(s.off)),
-                    Arg::P(self.v.at::<f32>(s.off)),
-                    Arg::L(s.numel as i64),
-                    Arg::I(scale_grads as i32),
-                    Arg::F(coef),
-                    Arg::F(hp.beta1 as f32),
-                    Arg::F(hp.beta2 as f32),
-                    Arg::F((1.0 - hp.beta1) as f32),
-                    Arg::F((1.0 - hp.beta2) as f32),
-                    Arg::F(hp.eps as f32),
-                    Arg::I(decays as i32),
-                    Arg::F(decay),
-                    Arg::F(step_size),
-                    Arg::F(sqrt_bc2),
-                ],
-            )?;
+            let p = AdamwF32 {
+                p: PtrMut::new(self.model.params.at::<f32>(s.off)),
+                g: PtrMut::new(self.train.grads.at::<f32>(s.off)),
+                m: PtrMut::new(self.train.m.at::<f32>(s.off)),
+                v: PtrMut::new(self.train.v.at::<f32>(s.off)),
+                n: s.numel as i64,
+                clip: scale_grads as i32,
+                clip_c: coef,
+                b1: hp.beta1 as f32,
+                b2: hp.beta2 as f32,
+                omb1: (1.0 - hp.beta1) as f32,
+                omb2: (1.0 - hp.beta2) as f32,
+                eps: hp.eps as f32,
+                decays: decays as i32,
+                decay,
+                step_size,
+                sqrt_bc2,
+            };
+            // SAFETY: one slot of the layout in the four flat buffers of `numel` f32.
+            unsafe { adamw(&self.model.dev, &p) }?;
         }
-        self.refresh_shadow()?;
-        self.dev.sync()?;
+        self.model.refresh_shadow()?;
+        self.model.dev.sync()?;
         Ok(StepStats {
             grad_norm: norm,
             clipped,
@@ -532,32 +466,35 @@ impl TrainingEngine for GpuEngine {
     }
 
     fn set_parameters(&mut self, named: &[(String, Tensor<f32>)]) -> Result<()> {
-        self.dev.bind()?;
-        self.upload_named(&self.params, named)?;
-        self.refresh_shadow()?;
-        self.dev.sync()
+        self.model.dev.bind()?;
+        self.upload_named(&self.model.params, named)?;
+        self.model.refresh_shadow()?;
+        self.model.dev.sync()
     }
 
     fn gradients(&self) -> Result<NamedTensors> {
-        self.dev.bind()?;
-        Ok(self.named_from_flat(&self.download_flat(&self.grads)?))
+        self.model.dev.bind()?;
+        Ok(self.named_from_flat(&self.download_flat(&self.train.grads)?))
     }
 
     fn optimizer_state(&self) -> Result<OptimizerState> {
-        self.dev.bind()?;
-        let (m, v) = (self.download_flat(&self.m)?, self.download_flat(&self.v)?);
+        self.model.dev.bind()?;
+        let (m, v) = (
+            self.download_flat(&self.train.m)?,
+            self.download_flat(&self.train.v)?,
+        );
         Ok(OptimizerState {
-            step: self.opt_step,
+            step: self.train.opt_step,
             m: self.named_from_flat(&m),
             v: self.named_from_flat(&v),
         })
     }
 
     fn set_optimizer_state(&mut self, state: &OptimizerState) -> Result<()> {
-        self.dev.bind()?;
-        self.upload_named(&self.m, &state.m)?;
-        self.upload_named(&self.v, &state.v)?;
-        self.opt_step = state.step;
+        self.model.dev.bind()?;
+        self.upload_named(&self.train.m, &state.m)?;
+        self.upload_named(&self.train.v, &state.v)?;
+        self.train.opt_step = state.step;
         Ok(())
     }
 }

@@ -1,146 +1,100 @@
-//! Loss and backward on the device (twin of reference/src/model/backward.rs + loss.rs).
+//! Loss and backward on the device (twin of reference/src/model/backward.rs + loss.rs): the
+//! backward walks the layers in reverse, one method per step of a layer (out_proj, the scan,
+//! dt_proj and x_proj, SiLU and the conv, in_proj and the norm), each reading the activations
+//! the forward kept and writing the gradients into the flat gradient buffer.
 
 use reference::{NormKind, Result};
 
-use crate::cuda::Arg;
-use crate::engine::{col_blocks, scan_smem, GpuEngine, Opnd};
-use crate::kernels::SCAN_THREADS;
-use crate::work::{scan_blocks, Work};
+use crate::cuda::Buf;
+use crate::layout::LayerOffs;
+use crate::model::{Model, Opnd};
+use crate::ops::conv1d::{
+    conv1d_bwd_dw_partial, conv1d_bwd_dx, conv1d_bwd_init, Conv1dBwdDwPartialF32, Conv1dBwdDxF32,
+    Conv1dBwdInitF32,
+};
+use crate::ops::elementwise::{
+    colsum_final, colsum_partial, silu_bwd, silu_fwd, ColsumFinalF32, ColsumPartialF32, SiluBwdF32,
+    SiluFwdF32,
+};
+use crate::ops::embedding::{embedding_bwd, EmbeddingBwdF32};
+use crate::ops::loss::{cross_entropy_fwd_bwd, CrossEntropyFwdBwdF32};
+use crate::ops::norm::{norm_bwd_dw_partial, norm_bwd_dx, NormBwdDwPartialF32, NormBwdDxF32};
+use crate::ops::selective_scan::{
+    scan_blocks, scan_reduce_batch, scan_reduce_bc, selective_scan_bwd, ScanReduceBatchF32,
+    ScanReduceBcF32, SelectiveScanBwdF32,
+};
+use crate::params::{Ptr, PtrMut};
+use crate::work::{row_blocks, GradWork, LayerActs, Work};
 
-impl GpuEngine {
-    /// `dst[j] += Σ_rows src[r * ld + j]` in a fixed order.
-    fn colsum_add(
-        &self,
-        ws: &Work,
-        src: u64,
-        ld: usize,
-        rows: usize,
-        cols: usize,
-        dst: u64,
-    ) -> Result<()> {
-        let gw = ws.grad.as_ref().expect("training workspace");
-        let (n_rb, rows_per) = col_blocks(rows);
-        self.dev.launch(
-            "colsum_partial_f32",
-            (cols.div_ceil(256) as u32, n_rb as u32, 1),
-            256,
-            0,
-            &[
-                Arg::P(src),
-                Arg::L(ld as i64),
-                Arg::L(rows as i64),
-                Arg::L(cols as i64),
-                Arg::L(rows_per as i64),
-                Arg::P(gw.colpart.ptr),
-            ],
-        )?;
-        self.dev.colsum_final(gw.colpart.ptr, n_rb, cols, dst)
-    }
+/// Cross-entropy on `ws.logits` (overwritten by the gradient); per-row losses in
+/// `row_loss`. `k` = grad_scale / n_targets.
+pub(crate) fn loss_dev(m: &Model, ws: &Work, has_mask: bool, k: f32) -> Result<()> {
+    let gw = ws.grad.as_ref().expect("training workspace");
+    let p = CrossEntropyFwdBwdF32 {
+        logits: PtrMut::new(ws.logits.ptr),
+        targets: Ptr::new(gw.targets.ptr),
+        mask: Ptr::new(if has_mask { gw.mask.ptr } else { 0 }),
+        vocab: m.cfg.vocab_size as i64,
+        k,
+        row_loss: PtrMut::new(gw.row_loss.ptr),
+    };
+    // SAFETY: a training workspace holds `n` rows of logits, targets (checked against the
+    // vocabulary by the caller), mask bytes and row losses.
+    unsafe { cross_entropy_fwd_bwd(&m.dev, ws.n, &p) }
+}
 
-    /// Norm backward: `d_resid (+)= dx`, and the weight / bias gradients.
-    #[allow(clippy::too_many_arguments)]
-    fn norm_bwd(
-        &self,
-        ws: &Work,
-        x: u64,
-        mean: u64,
-        rstd: u64,
-        dy: u64,
-        w: usize,
-        b: Option<usize>,
-        accum: bool,
-    ) -> Result<()> {
+/// One backward over a training workspace whose forward and loss have run.
+pub(crate) struct Backward<'a> {
+    m: &'a Model,
+    ws: &'a Work,
+    gw: &'a GradWork,
+    grads: &'a Buf,
+    /// The forward read an initial state.
+    has_state: bool,
+}
+
+impl<'a> Backward<'a> {
+    /// `ws` must be a training workspace (`Mode::Train`); `grads` the flat gradient buffer
+    /// of `m`'s layout.
+    pub(crate) fn new(m: &'a Model, ws: &'a Work, grads: &'a Buf, has_state: bool) -> Self {
         let gw = ws.grad.as_ref().expect("training workspace");
-        let (n, dm) = (ws.n, self.cfg.d_model);
-        let is_layer = (self.cfg.norm == NormKind::Layer) as i32;
-        self.dev.launch(
-            "norm_bwd_dx_f32",
-            (n as u32, 1, 1),
-            256,
-            0,
-            &[
-                Arg::P(x),
-                Arg::P(self.p(w)),
-                Arg::P(mean),
-                Arg::P(rstd),
-                Arg::P(dy),
-                Arg::P(gw.d_resid.ptr),
-                Arg::L(dm as i64),
-                Arg::I(is_layer),
-                Arg::I(accum as i32),
-            ],
-        )?;
-        let (n_rb, rows_per) = col_blocks(n);
-        self.dev.launch(
-            "norm_bwd_dw_partial_f32",
-            (dm.div_ceil(256) as u32, n_rb as u32, 1),
-            256,
-            0,
-            &[
-                Arg::P(x),
-                Arg::P(mean),
-                Arg::P(rstd),
-                Arg::P(dy),
-                Arg::L(n as i64),
-                Arg::L(dm as i64),
-                Arg::L(rows_per as i64),
-                Arg::P(gw.colpart.ptr),
-                Arg::P(if b.is_some() { gw.colpart_b.ptr } else { 0 }),
-            ],
-        )?;
-        self.dev.colsum_final(gw.colpart.ptr, n_rb, dm, self.g(w))?;
-        if let Some(b) = b {
-            self.dev
-                .colsum_final(gw.colpart_b.ptr, n_rb, dm, self.g(b))?;
+        Backward {
+            m,
+            ws,
+            gw,
+            grads,
+            has_state,
         }
-        Ok(())
     }
 
-    /// Cross-entropy on `ws.logits` (overwritten by the gradient); per-row losses in
-    /// `row_loss`. `k` = grad_scale / n_targets.
-    pub fn loss_dev(&self, ws: &Work, has_mask: bool, k: f32) -> Result<()> {
-        let gw = ws.grad.as_ref().expect("training workspace");
-        self.dev.launch(
-            "cross_entropy_fwd_bwd_f32",
-            (ws.n as u32, 1, 1),
-            1024,
-            0,
-            &[
-                Arg::P(ws.logits.ptr),
-                Arg::P(gw.targets.ptr),
-                Arg::P(if has_mask { gw.mask.ptr } else { 0 }),
-                Arg::L(self.cfg.vocab_size as i64),
-                Arg::F(k),
-                Arg::P(gw.row_loss.ptr),
-            ],
-        )
+    /// Device address of the gradient at element offset `off`.
+    fn g(&self, off: usize) -> u64 {
+        self.grads.at::<f32>(off)
     }
 
-    /// The backward from the gradient in `ws.logits`. `has_state`: the forward read an
-    /// initial state. `emb_csr`: distinct tokens, offsets and positions for the embedding.
-    pub fn backward_dev(
-        &self,
-        ws: &Work,
-        has_state: bool,
-        emb_csr: (&[u32], &[i32], &[i32]),
-    ) -> Result<()> {
-        let cfg = &self.cfg;
-        let gw = ws.grad.as_ref().expect("training workspace");
-        let (n, dm, di, ds, r, v) = (
-            ws.n,
-            cfg.d_model,
-            cfg.d_inner,
-            cfg.d_state,
-            cfg.dt_rank,
-            cfg.vocab_size,
-        );
-        let (batch, seq_len) = (ws.batch, ws.seq_len);
-        let xr = cfg.x_proj_rows();
-        let (dc, km1) = (cfg.d_conv, cfg.d_conv - 1);
-        let lay = &self.layout;
+    /// The backward from the gradient in `ws.logits`. `emb_csr`: distinct tokens, offsets
+    /// and positions for the embedding ([`token_csr`]).
+    pub(crate) fn run(&self, emb_csr: (&[u32], &[i32], &[i32])) -> Result<()> {
+        self.head_bwd()?;
+        for (i, lo) in self.m.layout.layers.iter().enumerate().rev() {
+            let la = &self.ws.layers[i];
+            self.out_proj_bwd(la, lo)?;
+            self.scan_bwd(i, la, lo)?;
+            self.dt_x_proj_bwd(la, lo)?;
+            self.conv_bwd(i, la, lo)?;
+            self.in_proj_norm_bwd(la, lo)?;
+        }
+        self.embedding_bwd(emb_csr)?;
+        self.m.dev.sync()
+    }
+
+    /// The lm_head and the final norm: `d_resid = d norm_f(resid_final)`.
+    fn head_bwd(&self) -> Result<()> {
+        let (m, ws, gw) = (self.m, self.ws, self.gw);
+        let (n, dm, v) = (ws.n, m.cfg.d_model, m.cfg.vocab_size);
+        let lay = &m.layout;
         let dlogits = Opnd::A(ws.logits.ptr, v, n, v);
-        // lm_head
-        self.mm(
+        m.mm(
             ws,
             false,
             false,
@@ -151,7 +105,7 @@ impl GpuEngine {
             0.0,
         )?;
         let hf = Opnd::A(ws.hf.ptr, dm, n, dm);
-        self.mm(
+        m.mm(
             ws,
             false,
             true,
@@ -162,317 +116,372 @@ impl GpuEngine {
             1.0,
         )?;
         self.norm_bwd(
-            ws,
-            ws.resid_final.ptr,
-            ws.fmean.ptr,
-            ws.frstd.ptr,
+            (ws.resid_final.ptr, ws.fmean.ptr, ws.frstd.ptr),
             gw.d_hn.ptr,
-            lay.norm_f_w,
-            lay.norm_f_b,
+            (lay.norm_f_w, lay.norm_f_b),
             false,
+        )
+    }
+
+    /// out_proj: `d_gated` from `d_resid`, and the weight (and bias) gradients.
+    fn out_proj_bwd(&self, la: &LayerActs, lo: &LayerOffs) -> Result<()> {
+        let (m, ws, gw) = (self.m, self.ws, self.gw);
+        let (n, dm, di) = (ws.n, m.cfg.d_model, m.cfg.d_inner);
+        let d_out = Opnd::A(gw.d_resid.ptr, dm, n, dm);
+        m.mm(
+            ws,
+            false,
+            false,
+            (di, n, dm),
+            Opnd::W(lo.out_w, di),
+            d_out,
+            (gw.d_gated.ptr, di),
+            0.0,
         )?;
-        let nblk = scan_blocks(cfg, self.shape);
-        let (n_rb, rows_per) = col_blocks(n);
-        for (i, lo) in lay.layers.iter().enumerate().rev() {
-            let la = &ws.layers[i];
-            let d_out = Opnd::A(gw.d_resid.ptr, dm, n, dm);
-            // out_proj
-            self.mm(
-                ws,
-                false,
-                false,
-                (di, n, dm),
-                Opnd::W(lo.out_w, di),
-                d_out,
-                (gw.d_gated.ptr, di),
-                0.0,
-            )?;
-            let gated = Opnd::A(la.gated.ptr, di, n, di);
-            self.mm(
-                ws,
-                false,
-                true,
-                (di, dm, n),
-                gated,
-                d_out,
-                (self.g(lo.out_w), di),
-                1.0,
-            )?;
-            if let Some(b) = lo.out_b {
-                self.colsum_add(ws, gw.d_resid.ptr, dm, n, dm, self.g(b))?;
-            }
-            // scan
-            self.dev.launch(
-                "silu_fwd_f32",
-                self.dev.grid1d(n * di),
-                256,
-                0,
-                &[Arg::P(la.u.ptr), Arg::P(ws.xs.ptr), Arg::L((n * di) as i64)],
-            )?;
-            let init_conv = if has_state {
-                ws.state_in_conv.at::<f32>(i * batch * di * km1)
+        let gated = Opnd::A(la.gated.ptr, di, n, di);
+        m.mm(
+            ws,
+            false,
+            true,
+            (di, dm, n),
+            gated,
+            d_out,
+            (self.g(lo.out_w), di),
+            1.0,
+        )?;
+        if let Some(b) = lo.out_b {
+            self.colsum_add(gw.d_resid.ptr, dm, n, dm, self.g(b))?;
+        }
+        Ok(())
+    }
+
+    /// The scan of layer `i` (x recomputed as silu(u)): d x, d delta, d z, d B / d C (into
+    /// `d_xdbl`), the A_log, D and dt bias gradients, and the initial state's gradient.
+    fn scan_bwd(&self, i: usize, la: &LayerActs, lo: &LayerOffs) -> Result<()> {
+        let (m, ws, gw) = (self.m, self.ws, self.gw);
+        let (n, di, ds) = (ws.n, m.cfg.d_inner, m.cfg.d_state);
+        let batch = ws.batch;
+        let silu = SiluFwdF32 {
+            u: Ptr::new(la.u.ptr),
+            xs: PtrMut::new(ws.xs.ptr),
+            n: (n * di) as i64,
+        };
+        let scan = SelectiveScanBwdF32 {
+            scan: m.scan_in(ws, la, lo),
+            chunk_states: Ptr::or_null(la.chunks.as_ref().map(|c| c.ptr)),
+            dout: Ptr::new(gw.d_gated.ptr),
+            du_out: PtrMut::new(gw.d_xs.ptr),
+            ddelta_out: PtrMut::new(gw.d_delta.ptr),
+            dz_out: PtrMut::new(gw.d_xz.at::<f32>(di)),
+            ldz_out: 2 * di as i64,
+            part_bc: PtrMut::new(gw.part_bc.ptr),
+            part_a: PtrMut::new(gw.part_a.ptr),
+            part_d: PtrMut::new(gw.part_d.ptr),
+            part_db: PtrMut::new(gw.part_db.ptr),
+            dh0: PtrMut::new(gw.gstate_ssm.at::<f32>(i * batch * di * ds)),
+            batch: batch as i64,
+            seq_len: ws.seq_len as i64,
+            d_inner: di as i64,
+            d_state: ds as i64,
+        };
+        let reduce_bc = ScanReduceBcF32 {
+            part_bc: Ptr::new(gw.part_bc.ptr),
+            n_blocks: scan_blocks(di) as i64,
+            rows: n as i64,
+            d_state: ds as i64,
+            out: PtrMut::new(gw.d_xdbl.at::<f32>(m.cfg.dt_rank)),
+            ldo: m.cfg.x_proj_rows() as i64,
+        };
+        // SAFETY: every buffer is this training workspace's (sized by `Work::new` for its
+        // shape, with the chunk states of the forward that just ran) or the parameters' and
+        // gradients' of the layout.
+        unsafe {
+            silu_fwd(&m.dev, &silu)?;
+            selective_scan_bwd(&m.dev, &scan)?;
+            scan_reduce_bc(&m.dev, &reduce_bc)?;
+        }
+        for (part, len, dst, alog) in [
+            (gw.part_a.ptr, di * ds, self.g(lo.a_log), m.p(lo.a_log)),
+            (gw.part_d.ptr, di, self.g(lo.d), 0),
+            (gw.part_db.ptr, di, self.g(lo.dt_b), 0),
+        ] {
+            let p = ScanReduceBatchF32 {
+                part: Ptr::new(part),
+                batch: batch as i64,
+                m: len as i64,
+                dst: PtrMut::new(dst),
+                a_log: Ptr::new(alog),
+            };
+            // SAFETY: `part` holds `batch * len` partials, `dst` (and A_log) `len` f32.
+            unsafe { scan_reduce_batch(&m.dev, &p) }?;
+        }
+        Ok(())
+    }
+
+    /// dt_proj, then x_proj: `d_xs += x_proj^T d_xdbl` and the weight gradients.
+    fn dt_x_proj_bwd(&self, la: &LayerActs, lo: &LayerOffs) -> Result<()> {
+        let (m, ws, gw) = (self.m, self.ws, self.gw);
+        let (n, di, r, xr) = (ws.n, m.cfg.d_inner, m.cfg.dt_rank, m.cfg.x_proj_rows());
+        let d_delta = Opnd::A(gw.d_delta.ptr, di, n, di);
+        m.mm(
+            ws,
+            false,
+            false,
+            (r, n, di),
+            Opnd::W(lo.dt_w, r),
+            d_delta,
+            (gw.d_xdbl.ptr, xr),
+            0.0,
+        )?;
+        let dt_raw = Opnd::A(la.xdbl.ptr, xr, n, r);
+        m.mm(
+            ws,
+            false,
+            true,
+            (r, di, n),
+            dt_raw,
+            d_delta,
+            (self.g(lo.dt_w), r),
+            1.0,
+        )?;
+        let d_xdbl = Opnd::A(gw.d_xdbl.ptr, xr, n, xr);
+        m.mm(
+            ws,
+            false,
+            false,
+            (di, n, xr),
+            Opnd::W(lo.x_w, di),
+            d_xdbl,
+            (gw.d_xs.ptr, di),
+            1.0,
+        )?;
+        let xs = Opnd::A(ws.xs.ptr, di, n, di);
+        m.mm(
+            ws,
+            false,
+            true,
+            (di, xr, n),
+            xs,
+            d_xdbl,
+            (self.g(lo.x_w), di),
+            1.0,
+        )
+    }
+
+    /// SiLU and the conv of layer `i`: d x (into the x half of `d_xz`), the initial window's
+    /// gradient, the conv weight (and bias) gradients.
+    fn conv_bwd(&self, i: usize, la: &LayerActs, lo: &LayerOffs) -> Result<()> {
+        let (m, ws, gw) = (self.m, self.ws, self.gw);
+        let (n, di, dc) = (ws.n, m.cfg.d_inner, m.cfg.d_conv);
+        let (batch, seq_len, km1) = (ws.batch as i64, ws.seq_len as i64, dc - 1);
+        let conv_at = i * ws.batch * di * km1;
+        let init_conv = if self.has_state {
+            ws.state_in_conv.at::<f32>(conv_at)
+        } else {
+            0
+        };
+        let (n_rb, rows_per) = row_blocks(n);
+        let (d_xs, w, starts) = (
+            Ptr::new(gw.d_xs.ptr),
+            m.pin(lo.conv_w),
+            Ptr::new(ws.starts.ptr),
+        );
+        let silu = SiluBwdF32 {
+            u: Ptr::new(la.u.ptr),
+            g: PtrMut::new(gw.d_xs.ptr),
+            n: (n * di) as i64,
+        };
+        let dx = Conv1dBwdDxF32 {
+            du: d_xs,
+            w,
+            starts,
+            dx: PtrMut::new(gw.d_xz.ptr),
+            ldx: 2 * di as i64,
+            batch,
+            seq_len,
+            d_inner: di as i64,
+        };
+        let dinit = Conv1dBwdInitF32 {
+            du: d_xs,
+            w,
+            starts,
+            dinit: PtrMut::new(gw.gstate_conv.at::<f32>(conv_at)),
+            batch,
+            seq_len,
+            d_inner: di as i64,
+        };
+        let dw = Conv1dBwdDwPartialF32 {
+            x: Ptr::new(la.xz.ptr),
+            ldx: 2 * di as i64,
+            du: d_xs,
+            starts,
+            init: Ptr::new(init_conv),
+            batch,
+            seq_len,
+            d_inner: di as i64,
+            rows_per: rows_per as i64,
+            part_w: PtrMut::new(gw.colpart.ptr),
+            part_b: PtrMut::new(if lo.conv_b.is_some() {
+                gw.colpart_b.ptr
             } else {
                 0
-            };
-            self.dev.launch(
-                crate::kernels::scan_bwd_kernel(),
-                (nblk as u32, batch as u32, 1),
-                SCAN_THREADS as u32,
-                scan_smem(self.shape),
-                &[
-                    &self.scan_in_args(ws, la, lo)[..],
-                    &[
-                        Arg::P(la.chunks.as_ref().map_or(0, |c| c.ptr)),
-                        Arg::P(gw.d_gated.ptr),
-                        Arg::P(gw.d_xs.ptr),
-                        Arg::P(gw.d_delta.ptr),
-                        Arg::P(gw.d_xz.at::<f32>(di)),
-                        Arg::L(2 * di as i64),
-                        Arg::P(gw.part_bc.ptr),
-                        Arg::P(gw.part_a.ptr),
-                        Arg::P(gw.part_d.ptr),
-                        Arg::P(gw.part_db.ptr),
-                        Arg::P(gw.gstate_ssm.at::<f32>(i * batch * di * ds)),
-                        Arg::L(batch as i64),
-                        Arg::L(seq_len as i64),
-                        Arg::L(di as i64),
-                        Arg::L(ds as i64),
-                    ],
-                ]
-                .concat(),
-            )?;
-            self.dev.launch(
-                "scan_reduce_bc_f32",
-                self.dev.grid1d(n * 2 * ds),
-                256,
-                0,
-                &[
-                    Arg::P(gw.part_bc.ptr),
-                    Arg::L(nblk as i64),
-                    Arg::L(n as i64),
-                    Arg::L(ds as i64),
-                    Arg::P(gw.d_xdbl.at::<f32>(r)),
-                    Arg::L(xr as i64),
-                ],
-            )?;
-            for (part, m, dst, alog) in [
-                (gw.part_a.ptr, di * ds, self.g(lo.a_log), self.p(lo.a_log)),
-                (gw.part_d.ptr, di, self.g(lo.d), 0),
-                (gw.part_db.ptr, di, self.g(lo.dt_b), 0),
-            ] {
-                self.dev.launch(
-                    "scan_reduce_batch_f32",
-                    self.dev.grid1d(m),
-                    256,
-                    0,
-                    &[
-                        Arg::P(part),
-                        Arg::L(batch as i64),
-                        Arg::L(m as i64),
-                        Arg::P(dst),
-                        Arg::P(alog),
-                    ],
-                )?;
-            }
-            // dt_proj
-            let d_delta = Opnd::A(gw.d_delta.ptr, di, n, di);
-            self.mm(
-                ws,
-                false,
-                false,
-                (r, n, di),
-                Opnd::W(lo.dt_w, r),
-                d_delta,
-                (gw.d_xdbl.ptr, xr),
-                0.0,
-            )?;
-            let dt_raw = Opnd::A(la.xdbl.ptr, xr, n, r);
-            self.mm(
-                ws,
-                false,
-                true,
-                (r, di, n),
-                dt_raw,
-                d_delta,
-                (self.g(lo.dt_w), r),
-                1.0,
-            )?;
-            // x_proj
-            let d_xdbl = Opnd::A(gw.d_xdbl.ptr, xr, n, xr);
-            self.mm(
-                ws,
-                false,
-                false,
-                (di, n, xr),
-                Opnd::W(lo.x_w, di),
-                d_xdbl,
-                (gw.d_xs.ptr, di),
-                1.0,
-            )?;
-            let xs = Opnd::A(ws.xs.ptr, di, n, di);
-            self.mm(
-                ws,
-                false,
-                true,
-                (di, xr, n),
-                xs,
-                d_xdbl,
-                (self.g(lo.x_w), di),
-                1.0,
-            )?;
-            // SiLU and conv
-            self.dev.launch(
-                "silu_bwd_f32",
-                self.dev.grid1d(n * di),
-                256,
-                0,
-                &[
-                    Arg::P(la.u.ptr),
-                    Arg::P(gw.d_xs.ptr),
-                    Arg::L((n * di) as i64),
-                ],
-            )?;
-            let conv_w = self.p(lo.conv_w);
-            self.dev.launch(
-                "conv1d_bwd_dx_f32",
-                self.dev.grid1d(n * di),
-                256,
-                0,
-                &[
-                    Arg::P(gw.d_xs.ptr),
-                    Arg::P(conv_w),
-                    Arg::P(ws.starts.ptr),
-                    Arg::P(gw.d_xz.ptr),
-                    Arg::L(2 * di as i64),
-                    Arg::L(batch as i64),
-                    Arg::L(seq_len as i64),
-                    Arg::L(di as i64),
-                ],
-            )?;
-            if km1 > 0 {
-                self.dev.launch(
-                    "conv1d_bwd_init_f32",
-                    self.dev.grid1d(batch * di * km1),
-                    256,
-                    0,
-                    &[
-                        Arg::P(gw.d_xs.ptr),
-                        Arg::P(conv_w),
-                        Arg::P(ws.starts.ptr),
-                        Arg::P(gw.gstate_conv.at::<f32>(i * batch * di * km1)),
-                        Arg::L(batch as i64),
-                        Arg::L(seq_len as i64),
-                        Arg::L(di as i64),
-                    ],
-                )?;
-            }
-            self.dev.launch(
-                "conv1d_bwd_dw_partial_f32",
-                (di.div_ceil(256) as u32, n_rb as u32, 1),
-                256,
-                0,
-                &[
-                    Arg::P(la.xz.ptr),
-                    Arg::L(2 * di as i64),
-                    Arg::P(gw.d_xs.ptr),
-                    Arg::P(ws.starts.ptr),
-                    Arg::P(init_conv),
-                    Arg::L(batch as i64),
-                    Arg::L(seq_len as i64),
-                    Arg::L(di as i64),
-                    Arg::L(rows_per as i64),
-                    Arg::P(gw.colpart.ptr),
-                    Arg::P(if lo.conv_b.is_some() {
-                        gw.colpart_b.ptr
-                    } else {
-                        0
-                    }),
-                ],
-            )?;
-            self.dev
-                .colsum_final(gw.colpart.ptr, n_rb, di * dc, self.g(lo.conv_w))?;
-            if let Some(b) = lo.conv_b {
-                self.dev
-                    .colsum_final(gw.colpart_b.ptr, n_rb, di, self.g(b))?;
-            }
-            // in_proj (hn recomputed from the saved residual and statistics)
-            self.dev.launch(
-                "norm_fwd_f32",
-                (n as u32, 1, 1),
-                256,
-                0,
-                &[
-                    Arg::P(la.resid_in.ptr),
-                    Arg::P(0),
-                    Arg::P(0),
-                    Arg::P(ws.hn.ptr),
-                    Arg::P(0),
-                    Arg::P(0),
-                    Arg::P(self.p(lo.norm_w)),
-                    Arg::P(lo.norm_b.map_or(0, |o| self.p(o))),
-                    Arg::L(dm as i64),
-                    Arg::F(cfg.norm_eps as f32),
-                    Arg::I((cfg.norm == NormKind::Layer) as i32),
-                    Arg::P(0),
-                    Arg::I(0),
-                ],
-            )?;
-            let d_xz = Opnd::A(gw.d_xz.ptr, 2 * di, n, 2 * di);
-            self.mm(
-                ws,
-                false,
-                false,
-                (dm, n, 2 * di),
-                Opnd::W(lo.in_w, dm),
-                d_xz,
-                (gw.d_hn.ptr, dm),
-                0.0,
-            )?;
-            let hn = Opnd::A(ws.hn.ptr, dm, n, dm);
-            self.mm(
-                ws,
-                false,
-                true,
-                (dm, 2 * di, n),
-                hn,
-                d_xz,
-                (self.g(lo.in_w), dm),
-                1.0,
-            )?;
-            if let Some(b) = lo.in_b {
-                self.colsum_add(ws, gw.d_xz.ptr, 2 * di, n, 2 * di, self.g(b))?;
-            }
-            self.norm_bwd(
-                ws,
-                la.resid_in.ptr,
-                la.mean.ptr,
-                la.rstd.ptr,
-                gw.d_hn.ptr,
-                lo.norm_w,
-                lo.norm_b,
-                true,
-            )?;
+            }),
+        };
+        // SAFETY: every buffer is this training workspace's or the layout's; the column-sum
+        // partials hold `n_rb` rows of the widest sum (`Work::new`).
+        unsafe {
+            silu_bwd(&m.dev, &silu)?;
+            conv1d_bwd_dx(&m.dev, &dx)?;
+            conv1d_bwd_init(&m.dev, &dinit)?;
+            conv1d_bwd_dw_partial(&m.dev, &dw)?;
         }
-        // embedding
-        let (uniq, offs, pos) = emb_csr;
-        let d_uniq = self.dev.upload(uniq)?;
-        let d_offs = self.dev.upload(offs)?;
-        let d_pos = self.dev.upload(pos)?;
-        self.dev.launch(
-            "embedding_bwd_f32",
-            (uniq.len() as u32, dm.div_ceil(256) as u32, 1),
-            256,
-            0,
-            &[
-                Arg::P(d_uniq.ptr),
-                Arg::P(d_offs.ptr),
-                Arg::P(d_pos.ptr),
-                Arg::P(gw.d_resid.ptr),
-                Arg::P(self.g(lay.emb)),
-                Arg::L(dm as i64),
-            ],
+        self.colsum_final(gw.colpart.ptr, n_rb, di * dc, self.g(lo.conv_w))?;
+        if let Some(b) = lo.conv_b {
+            self.colsum_final(gw.colpart_b.ptr, n_rb, di, self.g(b))?;
+        }
+        Ok(())
+    }
+
+    /// in_proj (its input recomputed from the saved residual and statistics), then the
+    /// layer's norm: `d_resid += d norm(resid_in)`.
+    fn in_proj_norm_bwd(&self, la: &LayerActs, lo: &LayerOffs) -> Result<()> {
+        let (m, ws, gw) = (self.m, self.ws, self.gw);
+        let (n, dm, di) = (ws.n, m.cfg.d_model, m.cfg.d_inner);
+        let hn = crate::ops::norm::NormFwdF32 {
+            x_in: Ptr::new(la.resid_in.ptr),
+            y: PtrMut::new(ws.hn.ptr),
+            lp_mode: 0,
+            ..m.norm_params(lo.norm_w, lo.norm_b)
+        };
+        // SAFETY: the saved residual and `hn` hold `n` rows of `d_model` f32.
+        unsafe { crate::ops::norm::norm_fwd(&m.dev, n, &hn) }?;
+        let d_xz = Opnd::A(gw.d_xz.ptr, 2 * di, n, 2 * di);
+        m.mm(
+            ws,
+            false,
+            false,
+            (dm, n, 2 * di),
+            Opnd::W(lo.in_w, dm),
+            d_xz,
+            (gw.d_hn.ptr, dm),
+            0.0,
         )?;
-        self.dev.sync()
+        let hn = Opnd::A(ws.hn.ptr, dm, n, dm);
+        m.mm(
+            ws,
+            false,
+            true,
+            (dm, 2 * di, n),
+            hn,
+            d_xz,
+            (self.g(lo.in_w), dm),
+            1.0,
+        )?;
+        if let Some(b) = lo.in_b {
+            self.colsum_add(gw.d_xz.ptr, 2 * di, n, 2 * di, self.g(b))?;
+        }
+        self.norm_bwd(
+            (la.resid_in.ptr, la.mean.ptr, la.rstd.ptr),
+            gw.d_hn.ptr,
+            (lo.norm_w, lo.norm_b),
+            true,
+        )
+    }
+
+    /// The embedding's gradient: each distinct token's positions summed in order.
+    fn embedding_bwd(&self, (uniq, offs, pos): (&[u32], &[i32], &[i32])) -> Result<()> {
+        let m = self.m;
+        let d_uniq = m.dev.upload(uniq)?;
+        let d_offs = m.dev.upload(offs)?;
+        let d_pos = m.dev.upload(pos)?;
+        let p = EmbeddingBwdF32 {
+            uniq: Ptr::new(d_uniq.ptr),
+            offsets: Ptr::new(d_offs.ptr),
+            positions: Ptr::new(d_pos.ptr),
+            d_resid: Ptr::new(self.gw.d_resid.ptr),
+            grad: PtrMut::new(self.g(m.layout.emb)),
+            d: m.cfg.d_model as i64,
+        };
+        // SAFETY: the CSR comes from `token_csr` of this batch's tokens (ids inside the
+        // vocabulary, positions inside the batch); `d_resid` holds `n` rows of `d_model`.
+        unsafe { embedding_bwd(&m.dev, uniq.len(), &p) }
+    }
+
+    /// Norm backward on `(x, mean, rstd)`: `d_resid (+)= dx`, and the weight / bias
+    /// gradients.
+    fn norm_bwd(
+        &self,
+        (x, mean, rstd): (u64, u64, u64),
+        dy: u64,
+        (w, b): (usize, Option<usize>),
+        accum: bool,
+    ) -> Result<()> {
+        let (m, gw) = (self.m, self.gw);
+        let (n, dm) = (self.ws.n, m.cfg.d_model);
+        let (n_rb, rows_per) = row_blocks(n);
+        let dx = NormBwdDxF32 {
+            x: Ptr::new(x),
+            w: m.pin(w),
+            mean_in: Ptr::new(mean),
+            rstd_in: Ptr::new(rstd),
+            dy: Ptr::new(dy),
+            dx_out: PtrMut::new(gw.d_resid.ptr),
+            d: dm as i64,
+            is_layer: (m.cfg.norm == NormKind::Layer) as i32,
+            accum: accum as i32,
+        };
+        let dw = NormBwdDwPartialF32 {
+            x: Ptr::new(x),
+            mean_in: Ptr::new(mean),
+            rstd_in: Ptr::new(rstd),
+            dy: Ptr::new(dy),
+            rows: n as i64,
+            d: dm as i64,
+            rows_per: rows_per as i64,
+            part_w: PtrMut::new(gw.colpart.ptr),
+            part_b: PtrMut::new(if b.is_some() { gw.colpart_b.ptr } else { 0 }),
+        };
+        // SAFETY: `x`, `dy` and `d_resid` hold `n` rows of `d_model` f32, the statistics `n`
+        // f32; the column-sum partials `n_rb` rows of at least `d_model`.
+        unsafe {
+            norm_bwd_dx(&m.dev, n, &dx)?;
+            norm_bwd_dw_partial(&m.dev, &dw)?;
+        }
+        self.colsum_final(gw.colpart.ptr, n_rb, dm, self.g(w))?;
+        if let Some(b) = b {
+            self.colsum_final(gw.colpart_b.ptr, n_rb, dm, self.g(b))?;
+        }
+        Ok(())
+    }
+
+    /// `dst[j] += Σ_rows src[r * ld + j]` in a fixed order.
+    fn colsum_add(&self, src: u64, ld: usize, rows: usize, cols: usize, dst: u64) -> Result<()> {
+        let (n_rb, rows_per) = row_blocks(rows);
+        let p = ColsumPartialF32 {
+            src: Ptr::new(src),
+            ld: ld as i64,
+            rows: rows as i64,
+            cols: cols as i64,
+            rows_per: rows_per as i64,
+            partial: PtrMut::new(self.gw.colpart.ptr),
+        };
+        // SAFETY: `src` is a workspace buffer of `rows` rows at stride `ld`; the partials hold
+        // `n_rb` rows of at least `cols`.
+        unsafe { colsum_partial(&self.m.dev, &p) }?;
+        self.colsum_final(self.gw.colpart.ptr, n_rb, cols, dst)
+    }
+
+    /// `dst[j] += Σ_rb part[rb, j]` over `n_rb` row-block partials of `cols` columns.
+    fn colsum_final(&self, part: u64, n_rb: usize, cols: usize, dst: u64) -> Result<()> {
+        let p = ColsumFinalF32 {
+            partial: Ptr::new(part),
+            n_rb: n_rb as i64,
+            cols: cols as i64,
+            dst: PtrMut::new(dst),
+        };
+        // SAFETY: `part` is one of the workspace's partial buffers holding `n_rb * cols`
+        // values; `dst` a gradient of `cols` f32.
+        unsafe { colsum_final(&self.m.dev, &p) }
     }
 }
 
@@ -496,7 +505,7 @@ pub fn token_csr(tokens: &[u32]) -> (Vec<u32>, Vec<i32>, Vec<i32>) {
 #[cfg(test)]
 mod tests {
     use super::token_csr;
-    use crate::engine::doc_starts;
+    use crate::work::doc_starts;
 
     #[test]
     fn token_csr_lists_each_tokens_positions_in_order() {

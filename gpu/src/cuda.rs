@@ -1,5 +1,6 @@
-//! The CUDA context of one device: stream, the kernel module (built by [`crate::kernels`]),
-//! cuBLAS handle, raw device buffers and launches.
+//! The CUDA context of one device: stream, the kernel module (built by [`crate::kernels`],
+//! every kernel's parameters checked at load), cuBLAS handle, raw device buffers and typed
+//! launches ([`Dev::launch`]; the per-kernel launchers are in `ops/<op>.rs`).
 
 use std::collections::HashMap;
 use std::ffi::{c_void, CString};
@@ -11,18 +12,9 @@ use cudarc::driver::{result as drv, sys as drv_sys, CudaContext, CudaStream};
 use reference::{Error, Result};
 
 use crate::kernels::{
-    compile, compile_cached, forget_cached, kernel_cache_dir, ptx_cache, scan_bwd_smem,
-    KernelShape, KERNELS,
+    compile, compile_cached, forget_cached, kernel_cache_dir, ptx_cache, scan_bwd_smem, KernelShape,
 };
-
-/// A kernel argument: pointers, `long`, `int`, `float` (each in one 8-byte slot).
-#[derive(Clone, Copy, Debug)]
-pub enum Arg {
-    P(u64),
-    L(i64),
-    I(i32),
-    F(f32),
-}
+use crate::params::{KernelInfo, KernelParams};
 
 /// GEMM operand type.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -41,6 +33,8 @@ pub struct Dev {
     funcs: HashMap<&'static str, drv_sys::CUfunction>,
     cublas: cublas_sys::cublasHandle_t,
     pub sm_count: usize,
+    /// The compile-time shape the kernels were built for.
+    pub shape: KernelShape,
 }
 
 /// Maps any CUDA-side error to `Error::Device`.
@@ -85,8 +79,9 @@ unsafe impl Send for Dev {}
 unsafe impl Sync for Dev {}
 
 impl Dev {
-    /// Opens device `ordinal` and builds the kernels for `shape`.
-    pub fn open(ordinal: usize, shape: KernelShape) -> Result<Dev> {
+    /// Opens device `ordinal`, builds the kernels for `shape` and looks up `kernels` (every
+    /// kernel a launch may name: `ops::all_kernels()`), checking their parameters.
+    pub fn open(ordinal: usize, shape: KernelShape, kernels: &[KernelInfo]) -> Result<Dev> {
         let name = format!("cuda:{ordinal}");
         probe_libraries().map_err(|msg| Error::Device {
             device: name.clone(),
@@ -107,55 +102,8 @@ impl Dev {
         let sm_count =
             ctx.attribute(drv_sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
                 .map_err(|e| dev_err(&name, "reading the SM count", e))? as usize;
-        let ptx_for = |fresh: bool| -> Result<(String, bool)> {
-            let mut cache = ptx_cache().lock().unwrap_or_else(|p| p.into_inner());
-            if !fresh {
-                if let Some(p) = cache.get(&(cc.0, cc.1, shape)) {
-                    return Ok((p.clone(), false));
-                }
-            }
-            let (p, from_disk) = if fresh {
-                (compile(cc, shape), false)
-            } else {
-                match compile_cached(kernel_cache_dir().as_deref(), cc, shape) {
-                    Ok(x) => (Ok(x.0), x.1),
-                    Err(e) => (Err(e), false),
-                }
-            };
-            let p = p.map_err(|msg| Error::Device {
-                device: name.clone(),
-                msg,
-            })?;
-            cache.insert((cc.0, cc.1, shape), p.clone());
-            Ok((p, from_disk))
-        };
-        let load = |ptx: String| -> Result<drv_sys::CUmodule> {
-            let cptx = CString::new(ptx).map_err(|e| dev_err(&name, "PTX", e))?;
-            // SAFETY: the context is current on this thread (CudaContext::new binds it); the
-            // image is a NUL-terminated PTX string that outlives the call.
-            unsafe { drv::module::load_data(cptx.as_ptr() as *const c_void) }
-                .map_err(|e| dev_err(&name, "loading the kernel module", e))
-        };
-        let (ptx, from_disk) = ptx_for(false)?;
-        let module = match load(ptx) {
-            Ok(m) => m,
-            // A cached entry the driver refuses (another toolkit wrote it, the disk damaged
-            // it): compile afresh.
-            Err(_) if from_disk => {
-                eprintln!("warning: the cached kernels did not load; compiling them again");
-                forget_cached(cc, shape);
-                load(ptx_for(true)?.0)?
-            }
-            Err(e) => return Err(e),
-        };
-        let mut funcs = HashMap::new();
-        for &k in KERNELS {
-            let cname = CString::new(k).map_err(|e| dev_err(&name, "kernel name", e))?;
-            // SAFETY: the module was just loaded and stays loaded while `Dev` lives.
-            let f = unsafe { drv::module::get_function(module, cname) }
-                .map_err(|e| dev_err(&name, &format!("kernel {k}"), e))?;
-            funcs.insert(k, f);
-        }
+        let module = load_module(&name, cc, shape)?;
+        let funcs = load_functions(&name, module, kernels)?;
         let smem = scan_bwd_smem(shape) as i32;
         for k in ["selective_scan_bwd_f32", "selective_scan_bwd_2b_f32"] {
             // SAFETY: a valid function handle; the value is within the H200 limit (227 KiB).
@@ -180,6 +128,7 @@ impl Dev {
             funcs,
             cublas: handle,
             sm_count,
+            shape,
         })
     }
 
@@ -204,55 +153,56 @@ impl Dev {
             .map_err(|e| self.err("synchronising the stream", e))
     }
 
-    /// Launches kernel `name`.
-    pub fn launch(
+    /// Launches the first kernel that takes `P` (see [`Dev::launch_build`]).
+    ///
+    /// # Safety
+    /// Every pointer in `p` is null where the kernel allows it, or else points to live device
+    /// memory of this context with the extent the kernel reads or writes for the shape in `p`
+    /// and this launch's grid (each launcher in `ops/<op>.rs` writes its contract down), and
+    /// no buffer the kernel writes is read or written by other work while it runs.
+    pub unsafe fn launch<P: KernelParams>(
+        &self,
+        grid: (u32, u32, u32),
+        block: u32,
+        smem: u32,
+        p: &P,
+    ) -> Result<()> {
+        let name = P::KERNELS
+            .first()
+            .ok_or_else(|| self.err("launch", "a parameter struct of no kernel"))?;
+        // SAFETY: the caller's contract.
+        unsafe { self.launch_build(name, grid, block, smem, p) }
+    }
+
+    /// Launches kernel `name`, one of the kernels that take `P`, with `p` as its one
+    /// parameter (the load checked that the kernel takes one parameter of `P`'s size).
+    ///
+    /// # Safety
+    /// As [`Dev::launch`].
+    pub unsafe fn launch_build<P: KernelParams>(
         &self,
         name: &'static str,
         grid: (u32, u32, u32),
         block: u32,
         smem: u32,
-        args: &[Arg],
+        p: &P,
     ) -> Result<()> {
+        if !P::KERNELS.contains(&name) {
+            return Err(self.err("launch", format!("{name} does not take these parameters")));
+        }
         let f = *self
             .funcs
             .get(name)
             .ok_or_else(|| self.err("launch", format!("no kernel {name}")))?;
-        let mut slots: Vec<u64> = args
-            .iter()
-            .map(|a| match *a {
-                Arg::P(p) => p,
-                Arg::L(v) => v as u64,
-                Arg::I(v) => v as u32 as u64,
-                Arg::F(v) => v.to_bits() as u64,
-            })
-            .collect();
-        let mut ptrs: Vec<*mut c_void> = slots
-            .iter_mut()
-            .map(|s| s as *mut u64 as *mut c_void)
-            .collect();
         if grid.0 == 0 || grid.1 == 0 || grid.2 == 0 {
             return Ok(());
         }
-        // SAFETY: every slot is 8 bytes, little-endian, so a 4-byte parameter reads its low
-        // half; the caller passes the kernel's parameters in order with live device pointers.
-        unsafe { drv::launch_kernel(f, grid, (block, 1, 1), smem, self.cu_stream(), &mut ptrs) }
+        let mut copy = *p;
+        let mut args = [&mut copy as *mut P as *mut c_void];
+        // SAFETY: the kernel takes one parameter, a struct of `P`'s size and layout (checked
+        // at load; its C twin is generated from `P`); the caller vouches for the pointers.
+        unsafe { drv::launch_kernel(f, grid, (block, 1, 1), smem, self.cu_stream(), &mut args) }
             .map_err(|e| self.err(&format!("launching {name}"), e))
-    }
-
-    /// `dst[j] = Σ_r part[r, j]` over `n_rb` row-block partials of `cols` columns, in row order.
-    pub fn colsum_final(&self, part: u64, n_rb: usize, cols: usize, dst: u64) -> Result<()> {
-        self.launch(
-            "colsum_final_f32",
-            (cols.div_ceil(256) as u32, 1, 1),
-            256,
-            0,
-            &[
-                Arg::P(part),
-                Arg::L(n_rb as i64),
-                Arg::L(cols as i64),
-                Arg::P(dst),
-            ],
-        )
     }
 
     /// Grid size for a grid-stride kernel over `n` items with 256 threads.
@@ -262,8 +212,13 @@ impl Dev {
     }
 
     /// Column-major GEMM `C = alpha · op(A) · op(B) + beta · C` with f32 C and f32 compute.
+    ///
+    /// # Safety
+    /// `a`, `b`, `c` are (device pointer, leading dimension) of live device memory of this
+    /// context holding `op(A)` `m × k`, `op(B)` `k × n` (elements of `dt`) and `C` `m × n` (f32)
+    /// at those leading dimensions; `c` overlaps neither `a` nor `b`.
     #[allow(clippy::too_many_arguments)]
-    pub fn gemm(
+    pub unsafe fn gemm(
         &self,
         ta: bool,
         tb: bool,
@@ -292,7 +247,7 @@ impl Dev {
             Dt::F16 => cublas_sys::cudaDataType_t::CUDA_R_16F,
         };
         let alpha = 1.0f32;
-        // SAFETY: the caller passes live device pointers whose extents match (m, n, k, ld).
+        // SAFETY: the caller's contract: live device pointers whose extents match (m, n, k, ld).
         unsafe {
             cublas::gemm_ex(
                 self.cublas,
@@ -353,6 +308,120 @@ impl Dev {
         b.write(0, src)?;
         Ok(b)
     }
+}
+
+/// The kernel module for (`cc`, `shape`): PTX from the process's cache, the disk cache or
+/// NVRTC, loaded into the current context (compiled afresh if a cached entry is refused).
+fn load_module(name: &str, cc: (i32, i32), shape: KernelShape) -> Result<drv_sys::CUmodule> {
+    let ptx_for = |fresh: bool| -> Result<(String, bool)> {
+        let mut cache = ptx_cache().lock().unwrap_or_else(|p| p.into_inner());
+        if !fresh {
+            if let Some(p) = cache.get(&(cc.0, cc.1, shape)) {
+                return Ok((p.clone(), false));
+            }
+        }
+        let (p, from_disk) = if fresh {
+            (compile(cc, shape), false)
+        } else {
+            match compile_cached(kernel_cache_dir().as_deref(), cc, shape) {
+                Ok(x) => (Ok(x.0), x.1),
+                Err(e) => (Err(e), false),
+            }
+        };
+        let p = p.map_err(|msg| Error::Device {
+            device: name.to_string(),
+            msg,
+        })?;
+        cache.insert((cc.0, cc.1, shape), p.clone());
+        Ok((p, from_disk))
+    };
+    let load = |ptx: String| -> Result<drv_sys::CUmodule> {
+        let cptx = CString::new(ptx).map_err(|e| dev_err(name, "PTX", e))?;
+        // SAFETY: the context is current on this thread (CudaContext::new binds it); the
+        // image is a NUL-terminated PTX string that outlives the call.
+        unsafe { drv::module::load_data(cptx.as_ptr() as *const c_void) }
+            .map_err(|e| dev_err(name, "loading the kernel module", e))
+    };
+    let (ptx, from_disk) = ptx_for(false)?;
+    match load(ptx) {
+        Ok(m) => Ok(m),
+        // A cached entry the driver refuses (another toolkit wrote it, the disk damaged
+        // it): compile afresh.
+        Err(_) if from_disk => {
+            eprintln!("warning: the cached kernels did not load; compiling them again");
+            forget_cached(cc, shape);
+            load(ptx_for(true)?.0)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Looks up every kernel of `kernels` in `module` and checks its parameters.
+fn load_functions(
+    name: &str,
+    module: drv_sys::CUmodule,
+    kernels: &[KernelInfo],
+) -> Result<HashMap<&'static str, drv_sys::CUfunction>> {
+    let mut funcs = HashMap::new();
+    for k in kernels {
+        let cname = CString::new(k.name).map_err(|e| dev_err(name, "kernel name", e))?;
+        // SAFETY: the module was just loaded and stays loaded while `Dev` lives.
+        let f = unsafe { drv::module::get_function(module, cname) }
+            .map_err(|e| dev_err(name, &format!("kernel {}", k.name), e))?;
+        check_params(f, k).map_err(|msg| Error::Device {
+            device: name.to_string(),
+            msg,
+        })?;
+        funcs.insert(k.name, f);
+    }
+    Ok(funcs)
+}
+
+/// Checks that kernel `k` takes exactly one parameter of its struct's size (where the driver
+/// can tell: `cuFuncGetParamInfo`, CUDA 12.4 and later).
+fn check_params(f: drv_sys::CUfunction, k: &KernelInfo) -> std::result::Result<(), String> {
+    let info = |i: usize| {
+        let (mut off, mut size) = (0usize, 0usize);
+        // SAFETY: a valid function handle and two out-pointers to live integers.
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| unsafe {
+            drv_sys::cuFuncGetParamInfo(f, i, &mut off, &mut size)
+        }));
+        match r {
+            Ok(drv_sys::CUresult::CUDA_SUCCESS) => ParamInfo::Size(size),
+            Ok(drv_sys::CUresult::CUDA_ERROR_INVALID_VALUE) => ParamInfo::Absent,
+            _ => ParamInfo::Unknown,
+        }
+    };
+    params_mismatch(k, info(0), info(1)).map_or(Ok(()), Err)
+}
+
+/// What the driver says of one parameter of a kernel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ParamInfo {
+    /// It exists and has this many bytes.
+    Size(usize),
+    /// There is no such parameter.
+    Absent,
+    /// The driver cannot tell (too old).
+    Unknown,
+}
+
+/// The load error for kernel `k` whose first two parameters are `first` and `second`, if they
+/// are not one parameter of `k`'s struct size.
+fn params_mismatch(k: &KernelInfo, first: ParamInfo, second: ParamInfo) -> Option<String> {
+    use ParamInfo::*;
+    let takes = match (first, second) {
+        (Unknown, _) | (_, Unknown) => return None,
+        (Size(s), Absent) if s == k.params_bytes => return None,
+        (Size(s), Absent) => format!("one parameter of {s} bytes"),
+        (Size(s), Size(_)) => format!("several parameters (the first of {s} bytes)"),
+        (Absent, _) => "no parameter".to_string(),
+    };
+    Some(format!(
+        "kernel {}: takes {takes}, but its launcher passes one parameter struct of {} bytes \
+         (the kernel and gpu/src/ops disagree; regenerate gpu/kernels/*.cuh and rebuild)",
+        k.name, k.params_bytes
+    ))
 }
 
 impl Drop for Dev {
@@ -427,19 +496,19 @@ impl Buf {
         self.dev.sync()
     }
 
-    /// Device-to-device copy of `bytes` from `src`.
-    pub fn copy_from(&self, dst_off_bytes: usize, src: u64, bytes: usize) -> Result<()> {
-        if dst_off_bytes + bytes > self.bytes {
+    /// Device-to-device copy of the first `bytes` of `src` to byte offset `dst_off_bytes`.
+    pub fn copy_from(&self, dst_off_bytes: usize, src: &Buf, bytes: usize) -> Result<()> {
+        if dst_off_bytes + bytes > self.bytes || bytes > src.bytes {
             return Err(self.dev.err("device copy", "out of bounds"));
         }
         if bytes == 0 {
             return Ok(());
         }
-        // SAFETY: bounds checked for the destination; the caller vouches for the source.
+        // SAFETY: both ranges checked against their live allocations above.
         unsafe {
             drv::memcpy_dtod_async(
                 self.ptr + dst_off_bytes as u64,
-                src,
+                src.ptr,
                 bytes,
                 self.dev.cu_stream(),
             )
@@ -454,6 +523,60 @@ impl Drop for Buf {
         // SAFETY: allocated by `malloc_sync`, freed once.
         unsafe {
             let _ = drv::free_sync(self.ptr);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{params_mismatch, ParamInfo};
+    use crate::params::{info, kernel_params, KernelInfo, Ptr, PtrMut};
+
+    kernel_params! {
+        /// A kernel's parameters as the launcher has them.
+        AdamwF32 => ["adamw_f32"] {
+            p: PtrMut<f32>,
+            g: Ptr<f32>,
+            n: i64,
+            clip: i32,
+            clip_c: f32,
+        }
+    }
+
+    fn adamw() -> KernelInfo {
+        info::<AdamwF32>().next().unwrap()
+    }
+
+    #[test]
+    fn a_kernel_taking_its_struct_passes_the_load_check() {
+        let k = adamw();
+        let size = std::mem::size_of::<AdamwF32>();
+        assert_eq!(
+            params_mismatch(&k, ParamInfo::Size(size), ParamInfo::Absent),
+            None
+        );
+        // A driver that cannot tell checks nothing.
+        assert_eq!(
+            params_mismatch(&k, ParamInfo::Unknown, ParamInfo::Unknown),
+            None
+        );
+    }
+
+    #[test]
+    fn a_wrong_parameter_list_fails_the_load_naming_the_kernel() {
+        let k = adamw();
+        let size = std::mem::size_of::<AdamwF32>();
+        for (first, second) in [
+            // One field too many or too few in the kernel's struct.
+            (ParamInfo::Size(size + 4), ParamInfo::Absent),
+            (ParamInfo::Size(size - 8), ParamInfo::Absent),
+            // The old positional signature.
+            (ParamInfo::Size(8), ParamInfo::Size(8)),
+            (ParamInfo::Absent, ParamInfo::Absent),
+        ] {
+            let msg = params_mismatch(&k, first, second).expect("a mismatch");
+            assert!(msg.starts_with("kernel adamw_f32: takes "), "{msg}");
+            assert!(msg.contains(&format!("{size} bytes")), "{msg}");
         }
     }
 }

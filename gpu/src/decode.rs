@@ -8,101 +8,65 @@
 //! held state (nothing copied: only tokens in, logits out). Steps replay a CUDA graph.
 
 use reference::decode::{not_held, HeldState};
-use reference::{Result, State};
+use reference::model::Batch;
+use reference::{Error, Result, State};
 
-use crate::cuda::{Arg, Buf};
-use crate::engine::GpuEngine;
-use crate::work::Work;
+use crate::cuda::Buf;
+use crate::graph::{capture, graphs_enabled, Graph};
+use crate::model::{ensure_ws, Model};
+use crate::ops::decode::{conv_update, ssm_update, ConvUpdateF32, SsmUpdateF32};
+use crate::params::PtrMut;
+use crate::work::{doc_starts, Mode, Work};
 
 /// A recurrent state kept in device memory between decode steps.
-pub struct Held {
-    pub ticket: HeldState,
+pub(crate) struct Held {
+    pub(crate) ticket: HeldState,
     /// `[n_layer, batch, d_inner, d_conv − 1]`.
-    pub conv: Buf,
+    pub(crate) conv: Buf,
     /// `[n_layer, batch, d_inner, d_state]`.
-    pub ssm: Buf,
+    pub(crate) ssm: Buf,
 }
 
 /// Device pointers of the state one decode step updates in place (layer 0; layers follow).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct StatePtrs {
-    pub conv: u64,
-    pub ssm: u64,
+struct StatePtrs {
+    conv: u64,
+    ssm: u64,
 }
 
-impl GpuEngine {
-    /// One decode step over `ws` (tokens and starts uploaded) on the state at `st`.
-    pub fn decode_dev(&self, ws: &Work, st: StatePtrs) -> Result<()> {
-        let cfg = &self.cfg;
-        let (di, ds) = (cfg.d_inner, cfg.d_state);
-        let batch = ws.batch;
-        debug_assert_eq!(ws.seq_len, 1);
-        let km1 = cfg.d_conv - 1;
-        let lay = &self.layout;
-        let la = &ws.layers[0];
-        self.embed(ws, batch)?;
-        let blocks = di.div_ceil(256 / self.shape.d_state_pad);
-        for (i, lo) in lay.layers.iter().enumerate() {
-            let add = if i == 0 { 0 } else { ws.out.ptr };
-            self.norm_in_proj(ws, la, lo, batch, la.resid_in.ptr, add)?;
-            let (xs_lp, xs) = self.lp_out(ws, ws.xs.ptr, di, batch, di);
-            self.dev.launch(
-                "conv_update_f32",
-                self.dev.grid1d(batch * di),
-                256,
-                0,
-                &[
-                    &self.conv_in_args(ws, la, lo)[..],
-                    &[
-                        Arg::P(st.conv + (4 * i * batch * di * km1) as u64),
-                        Arg::P(ws.xs.ptr),
-                        Arg::P(xs_lp),
-                        Arg::I(self.lp_mode()),
-                        Arg::L(batch as i64),
-                        Arg::L(di as i64),
-                    ],
-                ]
-                .concat(),
-            )?;
-            self.x_dt_proj(ws, la, lo, batch, xs)?;
-            let (gated_lp, gated) = self.lp_out(ws, la.gated.ptr, di, batch, di);
-            self.dev.launch(
-                "ssm_update_f32",
-                (blocks as u32, batch as u32, 1),
-                256,
-                0,
-                &[
-                    &self.scan_in_args(ws, la, lo)[..],
-                    &[
-                        Arg::P(st.ssm + (4 * i * batch * di * ds) as u64),
-                        Arg::P(la.gated.ptr),
-                        Arg::P(gated_lp),
-                        Arg::I(self.lp_mode()),
-                        Arg::L(batch as i64),
-                        Arg::L(di as i64),
-                        Arg::L(ds as i64),
-                    ],
-                ]
-                .concat(),
-            )?;
-            self.out_proj(ws, lo, batch, gated)?;
-        }
-        let resid = la.resid_in.ptr;
-        self.final_head(ws, batch, (resid, ws.out.ptr, resid), batch, 0)
-    }
+/// Where a decode step's state lives.
+#[derive(Clone, Copy)]
+pub(crate) enum StepOn<'a> {
+    Host(&'a State<f32>),
+    Held(HeldState),
+}
 
+/// Decoding's own state: the workspace of one step, its CUDA graph, the held state.
+#[derive(Default)]
+pub(crate) struct Decoder {
+    ws: Option<Work>,
+    /// The graph of the last step and the state buffers it updates (`None` inside: capture
+    /// failed, steps run eagerly).
+    graph: Option<(StatePtrs, Option<Graph>)>,
+    /// The state decode steps run on in device memory (`Engine::hold_state`).
+    held: Option<Held>,
+    /// Tickets handed out so far.
+    next_held: u64,
+}
+
+impl Decoder {
     /// The held state behind `held`, or the error for a stale ticket.
-    pub fn held(&self, held: HeldState, op: &'static str) -> Result<&Held> {
+    pub(crate) fn held(&self, device: &str, held: HeldState, op: &'static str) -> Result<&Held> {
         match &self.held {
             Some(h) if h.ticket == held => Ok(h),
-            _ => Err(not_held(&self.dev.name, op, held)),
+            _ => Err(not_held(device, op, held)),
         }
     }
 
     /// Moves `state` into device memory (reusing the buffers when the batch matches).
-    pub fn hold(&mut self, state: &State<f32>) -> Result<HeldState> {
-        state.check(&self.cfg, state.batch(), "hold_state")?;
-        self.dev.bind()?;
+    pub(crate) fn hold(&mut self, m: &Model, state: &State<f32>) -> Result<HeldState> {
+        state.check(&m.cfg, state.batch(), "hold_state")?;
+        m.dev.bind()?;
         self.next_held += 1;
         let ticket = HeldState {
             id: self.next_held,
@@ -116,8 +80,8 @@ impl GpuEngine {
             self.held = None;
             self.held = Some(Held {
                 ticket,
-                conv: self.dev.alloc(4 * state.conv.data.len())?,
-                ssm: self.dev.alloc(4 * state.ssm.data.len())?,
+                conv: m.dev.alloc(4 * state.conv.data.len())?,
+                ssm: m.dev.alloc(4 * state.ssm.data.len())?,
             });
         }
         let h = self.held.as_mut().expect("held state");
@@ -126,4 +90,162 @@ impl GpuEngine {
         h.ssm.write(0, &state.ssm.data)?;
         Ok(ticket)
     }
+
+    /// Whether the last decode ran through a graph.
+    pub(crate) fn uses_graph(&self) -> bool {
+        self.graph.as_ref().is_some_and(|(_, g)| g.is_some())
+    }
+
+    /// The logits of the last step (`[batch, vocab]`).
+    pub(crate) fn logits(&self) -> &Buf {
+        &self.ws.as_ref().expect("decode workspace").logits
+    }
+
+    /// One decode step of `tokens` on the state `on` (a host state, copied into the decode
+    /// workspace and updated there, or the held state), through the CUDA graph when one could
+    /// be captured. Logits end in [`Decoder::logits`].
+    pub(crate) fn step(
+        &mut self,
+        m: &Model,
+        tokens: &[u32],
+        resets: Option<&[bool]>,
+        on: StepOn,
+    ) -> Result<()> {
+        let batch = tokens.len();
+        let input = Batch {
+            batch,
+            seq_len: 1,
+            tokens,
+            resets,
+        };
+        input.check(&m.cfg, "step")?;
+        match on {
+            StepOn::Host(state) => state.check(&m.cfg, batch, "step")?,
+            StepOn::Held(h) => {
+                if h.batch != batch {
+                    return Err(Error::Shape {
+                        op: "step_held",
+                        msg: format!("{batch} tokens for a held state of {} rows", h.batch),
+                    });
+                }
+            }
+        }
+        m.dev.bind()?;
+        let had = self.ws.as_ref().map(|w| w.batch);
+        let key = (batch, 1, Mode::Infer { head_rows: batch });
+        let lowp = m.shadow.is_some();
+        ensure_ws(&mut self.ws, &m.dev, &m.cfg, m.shape, key, lowp)?;
+        if had != Some(batch) {
+            self.graph = None;
+        }
+        let ws = self.ws.take().expect("decode workspace");
+        let r = self.step_on(m, &ws, tokens, resets, on);
+        self.ws = Some(ws);
+        r
+    }
+
+    fn step_on(
+        &mut self,
+        m: &Model,
+        ws: &Work,
+        tokens: &[u32],
+        resets: Option<&[bool]>,
+        on: StepOn,
+    ) -> Result<()> {
+        ws.tokens.write(0, tokens)?;
+        ws.starts.write(0, &doc_starts(resets, tokens.len(), 1))?;
+        let st = match on {
+            StepOn::Host(state) => {
+                ws.state_in_conv.write(0, &state.conv.data)?;
+                ws.state_in_ssm.write(0, &state.ssm.data)?;
+                StatePtrs {
+                    conv: ws.state_in_conv.ptr,
+                    ssm: ws.state_in_ssm.ptr,
+                }
+            }
+            StepOn::Held(h) => {
+                let held = self.held(&m.dev.name, h, "step_held")?;
+                StatePtrs {
+                    conv: held.conv.ptr,
+                    ssm: held.ssm.ptr,
+                }
+            }
+        };
+        self.run(m, ws, st)
+    }
+
+    /// Runs one decode step over `ws` (tokens uploaded) on the state at `st`, capturing the
+    /// graph on first use (and again when the state buffers change).
+    fn run(&mut self, m: &Model, ws: &Work, st: StatePtrs) -> Result<()> {
+        if !graphs_enabled() {
+            return decode_dev(m, ws, st);
+        }
+        if self.graph.as_ref().is_none_or(|(s, _)| *s != st) {
+            self.graph = None;
+            // SAFETY: `decode_dev` only launches kernels and GEMMs on the stream (no
+            // allocation, no synchronisation, no host copy); its buffers are the decode
+            // workspace's and the state's at `st`, and a new workspace or state drops the
+            // graph first.
+            let g = unsafe { capture(&m.dev, || decode_dev(m, ws, st)) };
+            self.graph = Some((st, g));
+        }
+        match &self.graph {
+            // SAFETY: captured on this workspace's and state's buffers, still alive.
+            Some((_, Some(g))) => unsafe { g.launch(&m.dev) },
+            _ => decode_dev(m, ws, st),
+        }
+    }
+
+    /// Downloads the logits of the last step and the host state it updated.
+    pub(crate) fn step_out(&self, state: &mut State<f32>, logits: &mut [f32]) -> Result<()> {
+        let ws = self.ws.as_ref().expect("decode workspace");
+        ws.logits.read(0, logits)?;
+        ws.state_in_conv.read(0, &mut state.conv.data)?;
+        ws.state_in_ssm.read(0, &mut state.ssm.data)
+    }
+}
+
+/// One decode step over `ws` (tokens and starts uploaded) on the state at `st`.
+fn decode_dev(m: &Model, ws: &Work, st: StatePtrs) -> Result<()> {
+    let cfg = &m.cfg;
+    let (di, ds) = (cfg.d_inner, cfg.d_state);
+    let batch = ws.batch;
+    debug_assert_eq!(ws.seq_len, 1);
+    let km1 = cfg.d_conv - 1;
+    let la = &ws.layers[0];
+    m.embed(ws, batch)?;
+    for (i, lo) in m.layout.layers.iter().enumerate() {
+        let add = if i == 0 { 0 } else { ws.out.ptr };
+        m.norm_in_proj(ws, la, lo, batch, (la.resid_in.ptr, add))?;
+        let (xs_lp, xs) = m.lp_out(ws, ws.xs.ptr, di, batch, di);
+        let conv = ConvUpdateF32 {
+            conv: m.conv_in(ws, la, lo),
+            window: PtrMut::new(st.conv + (4 * i * batch * di * km1) as u64),
+            xs: PtrMut::new(ws.xs.ptr),
+            xs_lp: PtrMut::new(xs_lp),
+            lp_mode: m.lp_mode(),
+            batch: batch as i64,
+            d_inner: di as i64,
+        };
+        // SAFETY: the decode workspace holds `batch` rows; the state at `st` holds `n_layer`
+        // layers of `batch × d_inner` windows (a host state's copy or a held state).
+        unsafe { conv_update(&m.dev, &conv) }?;
+        m.x_dt_proj(ws, la, lo, batch, xs)?;
+        let (gated_lp, gated) = m.lp_out(ws, la.gated.ptr, di, batch, di);
+        let scan = SsmUpdateF32 {
+            scan: m.scan_in(ws, la, lo),
+            h_state: PtrMut::new(st.ssm + (4 * i * batch * di * ds) as u64),
+            out: PtrMut::new(la.gated.ptr),
+            out_lp: PtrMut::new(gated_lp),
+            lp_mode: m.lp_mode(),
+            batch: batch as i64,
+            d_inner: di as i64,
+            d_state: ds as i64,
+        };
+        // SAFETY: as above, with `n_layer` layers of `batch × d_inner × d_state` states.
+        unsafe { ssm_update(&m.dev, &scan) }?;
+        m.out_proj(ws, lo, batch, gated)?;
+    }
+    let resid = la.resid_in.ptr;
+    m.final_head(ws, batch, (resid, ws.out.ptr, resid), batch, 0)
 }

@@ -7,48 +7,26 @@ use std::sync::{Mutex, OnceLock};
 use cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions};
 use reference::Error;
 
-/// Every kernel source, in the order they are concatenated into one NVRTC program.
-const SOURCES: [&str; 9] = [
+/// Every kernel source, in the order they are concatenated into one NVRTC program: each
+/// op's parameter structs (`<op>.cuh`, generated from `gpu/src/ops/<op>.rs`) before its kernels.
+const SOURCES: [&str; 17] = [
     include_str!("../kernels/common.cuh"),
+    include_str!("../kernels/elementwise.cuh"),
     include_str!("../kernels/elementwise.cu"),
+    include_str!("../kernels/embedding.cuh"),
     include_str!("../kernels/embedding.cu"),
+    include_str!("../kernels/norm.cuh"),
     include_str!("../kernels/norm.cu"),
+    include_str!("../kernels/conv1d.cuh"),
     include_str!("../kernels/conv1d.cu"),
+    include_str!("../kernels/selective_scan.cuh"),
     include_str!("../kernels/selective_scan.cu"),
+    include_str!("../kernels/decode.cuh"),
     include_str!("../kernels/decode.cu"),
+    include_str!("../kernels/loss.cuh"),
     include_str!("../kernels/loss.cu"),
+    include_str!("../kernels/adamw.cuh"),
     include_str!("../kernels/adamw.cu"),
-];
-
-/// Kernels the engine calls (looked up once at start).
-pub(crate) const KERNELS: &[&str] = &[
-    "cast_lowp_f32",
-    "bias_add_f32",
-    "silu_fwd_f32",
-    "silu_bwd_f32",
-    "colsum_partial_f32",
-    "colsum_final_f32",
-    "embedding_fwd_f32",
-    "embedding_bwd_f32",
-    "norm_fwd_f32",
-    "norm_bwd_dx_f32",
-    "norm_bwd_dw_partial_f32",
-    "conv1d_fwd_f32",
-    "conv1d_last_f32",
-    "conv1d_bwd_dx_f32",
-    "conv1d_bwd_init_f32",
-    "conv1d_bwd_dw_partial_f32",
-    "selective_scan_fwd_f32",
-    "selective_scan_bwd_f32",
-    "selective_scan_bwd_2b_f32",
-    "scan_reduce_bc_f32",
-    "scan_reduce_batch_f32",
-    "conv_update_f32",
-    "ssm_update_f32",
-    "cross_entropy_fwd_bwd_f32",
-    "sumsq_partial_f64",
-    "sumsq_final_f64",
-    "adamw_f32",
 ];
 
 /// Positions per stored scan state (the scan backward recomputes inside a chunk, in
@@ -104,6 +82,12 @@ pub fn scan_chunk_for(d_state_pad: usize) -> Result<usize, Error> {
 
 /// Threads per scan block: one thread per channel (all d_state states in registers).
 pub const SCAN_THREADS: usize = 128;
+
+/// Blocks of the scan kernels along d_inner (one channel per thread in the backward,
+/// [`SCAN_THREADS`] channels per block forward and backward).
+pub fn scan_blocks(d_inner: usize) -> usize {
+    d_inner.div_ceil(SCAN_THREADS)
+}
 
 /// Threads per scan forward block (same grid as the backward, [`SCAN_THREADS`] channels per
 /// block): two threads per channel, each with half of the d_state states in registers.

@@ -19,15 +19,16 @@ mod backward;
 pub mod cuda;
 mod decode;
 mod engine;
+mod forward;
 mod graph;
 pub mod kernels;
 pub mod layout;
+mod model;
 pub mod ops;
+pub mod params;
 mod work;
 
-use std::sync::Arc;
-
-use reference::{Error, MambaConfig, Params, TrainingEngine};
+use reference::{MambaConfig, Params, TrainingEngine};
 
 pub use engine::GpuEngine;
 
@@ -71,96 +72,4 @@ pub fn engine(
     opts: &GpuOptions,
 ) -> reference::Result<Box<dyn TrainingEngine>> {
     Ok(Box::new(GpuEngine::new(cfg, params, opts)?))
-}
-
-impl GpuEngine {
-    /// Uploads `params` to device `opts.ordinal`.
-    pub fn new(
-        cfg: &MambaConfig,
-        params: Params<f32>,
-        opts: &GpuOptions,
-    ) -> reference::Result<GpuEngine> {
-        let device = format!("cuda:{}", opts.ordinal);
-        let unsupported = |msg: String| Error::Device {
-            device: device.clone(),
-            msg,
-        };
-        if cfg.d_state == 0 || cfg.d_state > 32 {
-            return Err(unsupported(format!(
-                "d_state {} is not supported (1..=32)",
-                cfg.d_state
-            )));
-        }
-        if cfg.d_conv == 0 || cfg.d_conv > 16 {
-            return Err(unsupported(format!(
-                "d_conv {} is not supported (1..=16)",
-                cfg.d_conv
-            )));
-        }
-        if cfg.n_layer == 0 {
-            return Err(unsupported("a model with no layers".into()));
-        }
-        let d_state_pad = cfg.d_state.next_power_of_two();
-        let shape = kernels::KernelShape {
-            d_state_pad,
-            d_conv: cfg.d_conv,
-            chunk: kernels::scan_chunk_for(d_state_pad)?,
-        };
-        let dev = Arc::new(cuda::Dev::open(opts.ordinal, shape)?);
-        let layout = layout::Layout::new(cfg);
-        let numel = layout.numel;
-        let mut flat = Vec::with_capacity(numel);
-        for t in params.tensors() {
-            flat.extend_from_slice(&t.data);
-        }
-        if flat.len() != numel {
-            return Err(unsupported(format!(
-                "parameters hold {} values, the config {numel}",
-                flat.len()
-            )));
-        }
-        let params_buf = dev.upload(&flat)?;
-        drop(flat);
-        let shadow = match opts.precision {
-            Precision::F32 => None,
-            _ => Some(dev.alloc(2 * numel)?),
-        };
-        let e = GpuEngine {
-            cfg: cfg.clone(),
-            precision: opts.precision,
-            shape,
-            params: params_buf,
-            grads: dev.zeros(4 * numel)?,
-            m: dev.zeros(4 * numel)?,
-            v: dev.zeros(4 * numel)?,
-            shadow,
-            opt_step: 0,
-            grad_scale_sum: 0.0,
-            norm_part: dev.alloc(8 * engine::NORM_BLOCKS)?,
-            norm_out: dev.alloc(8)?,
-            train_ws: None,
-            infer_ws: None,
-            decode_ws: None,
-            graph: None,
-            held: None,
-            next_held: 0,
-            layout,
-            dev,
-        };
-        e.refresh_shadow()?;
-        e.dev.sync()?;
-        Ok(e)
-    }
-
-    /// Activation bytes per token of the training workspace (after a `loss_and_backward`).
-    pub fn train_activation_bytes_per_token(&self) -> Option<f64> {
-        self.train_ws
-            .as_ref()
-            .map(|w| w.activation_bytes_per_token())
-    }
-
-    /// Whether decode steps replay a CUDA graph.
-    pub fn decode_uses_graph(&self) -> bool {
-        graph::uses_graph(self)
-    }
 }

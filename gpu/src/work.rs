@@ -5,7 +5,7 @@ use std::sync::Arc;
 use reference::{MambaConfig, Result};
 
 use crate::cuda::{Buf, Dev};
-use crate::kernels::{KernelShape, SCAN_THREADS};
+use crate::kernels::{scan_blocks, KernelShape};
 
 /// What a workspace is for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -85,16 +85,28 @@ pub struct Work {
     pub grad: Option<GradWork>,
 }
 
+/// Document starts per position: `−1` while the row has not been reset since position 0.
+pub fn doc_starts(resets: Option<&[bool]>, batch: usize, seq_len: usize) -> Vec<i32> {
+    let mut out = vec![-1i32; batch * seq_len];
+    if let Some(r) = resets {
+        for b in 0..batch {
+            let mut cur = -1i32;
+            for t in 0..seq_len {
+                if r[b * seq_len + t] {
+                    cur = t as i32;
+                }
+                out[b * seq_len + t] = cur;
+            }
+        }
+    }
+    out
+}
+
 /// Rows per column-sum partial for `n` rows.
 pub fn row_blocks(n: usize) -> (usize, usize) {
     let n_rb = n.clamp(1, 256);
     let rows_per = n.div_ceil(n_rb).max(1);
     (n.div_ceil(rows_per).max(1), rows_per)
-}
-
-/// Scan blocks along d_inner.
-pub fn scan_blocks(cfg: &MambaConfig, _shape: KernelShape) -> usize {
-    cfg.d_inner.div_ceil(SCAN_THREADS)
 }
 
 impl Work {
@@ -141,7 +153,7 @@ impl Work {
         let st_ssm = cfg.n_layer * batch * di * ds;
         let grad = if train {
             let (n_rb, _) = row_blocks(n);
-            let nblk = scan_blocks(cfg, shape);
+            let nblk = scan_blocks(cfg.d_inner);
             Some(GradWork {
                 d_resid: f(n * dm)?,
                 d_hn: f(n * dm)?,

@@ -9,8 +9,13 @@
 use std::time::Instant;
 
 use cudarc::driver::{result as drv, sys as drv_sys};
-use gpu::cuda::{Arg, Dev};
-use gpu::kernels::{KernelShape, SCAN_THREADS};
+use gpu::cuda::Dev;
+use gpu::kernels::KernelShape;
+use gpu::ops::selective_scan::{
+    scan_blocks, scan_reduce_bc, selective_scan_bwd_build, selective_scan_fwd, ScanInF32,
+    ScanReduceBcF32, SelectiveScanBwdF32, SelectiveScanFwdF32,
+};
+use gpu::params::{Ptr, PtrMut};
 use gpu::{GpuEngine, GpuOptions, Precision};
 use reference::model::Batch;
 use reference::{
@@ -168,7 +173,7 @@ fn scan_one(rows: &mut Vec<String>, chunk: usize) -> reference::Result<()> {
         d_state_pad: 16,
         d_conv: 4,
     };
-    let dev = std::sync::Arc::new(Dev::open(0, shape)?);
+    let dev = std::sync::Arc::new(Dev::open(0, shape, &gpu::ops::all_kernels())?);
     let n = batch * seq;
     let xr = r + 2 * ds;
     let rnd = |k: usize, scale: f32, off: f32, seed: u64| -> Vec<f32> {
@@ -198,7 +203,7 @@ fn scan_one(rows: &mut Vec<String>, chunk: usize) -> reference::Result<()> {
         dev.alloc(4 * n * di)?,
         dev.alloc(4 * n * 2 * di)?,
     );
-    let nblk = di.div_ceil(SCAN_THREADS);
+    let nblk = scan_blocks(di);
     let part_bc = dev.alloc(4 * nblk * n * 2 * ds)?;
     let (pa, pd, pdb) = (
         dev.alloc(4 * batch * di * ds)?,
@@ -206,118 +211,103 @@ fn scan_one(rows: &mut Vec<String>, chunk: usize) -> reference::Result<()> {
         dev.alloc(4 * batch * di)?,
     );
     let dxbc = dev.alloc(4 * n * xr)?;
-    let fwd = || {
-        dev.launch(
-            "selective_scan_fwd_f32",
-            (nblk as u32, batch as u32, 1),
-            gpu::kernels::SCAN_FWD_THREADS as u32,
-            0,
-            &[
-                Arg::P(u.ptr),
-                Arg::P(delta.ptr),
-                Arg::P(a_log.ptr),
-                Arg::P(xbc.ptr),
-                Arg::L(xr as i64),
-                Arg::L(r as i64),
-                Arg::P(dvec.ptr),
-                Arg::P(z.at::<f32>(di)),
-                Arg::L(2 * di as i64),
-                Arg::P(dtb.ptr),
-                Arg::P(starts.ptr),
-                Arg::P(0),
-                Arg::P(out.ptr),
-                Arg::P(chunks.ptr),
-                Arg::P(last.ptr),
-                Arg::L(batch as i64),
-                Arg::L(seq as i64),
-                Arg::L(di as i64),
-                Arg::L(ds as i64),
-            ],
-        )
-        .expect("scan fwd")
+    let scan = ScanInF32 {
+        u: Ptr::new(u.ptr),
+        delta: Ptr::new(delta.ptr),
+        a_log: Ptr::new(a_log.ptr),
+        xbc: Ptr::new(xbc.ptr),
+        ldbc: xr as i64,
+        col_b: r as i64,
+        dvec: Ptr::new(dvec.ptr),
+        z: Ptr::new(z.at::<f32>(di)),
+        ldz: 2 * di as i64,
+        dt_bias: Ptr::new(dtb.ptr),
+        starts: Ptr::new(starts.ptr),
     };
+    let (b, l, d_inner, d_state) = (batch as i64, seq as i64, di as i64, ds as i64);
+    let fwd_p = SelectiveScanFwdF32 {
+        scan,
+        h0: Ptr::NULL,
+        out: PtrMut::new(out.ptr),
+        chunk_states: PtrMut::new(chunks.ptr),
+        last: PtrMut::new(last.ptr),
+        batch: b,
+        seq_len: l,
+        d_inner,
+        d_state,
+    };
+    let bwd_p = SelectiveScanBwdF32 {
+        scan,
+        chunk_states: Ptr::new(chunks.ptr),
+        dout: Ptr::new(dout.ptr),
+        du_out: PtrMut::new(du.ptr),
+        ddelta_out: PtrMut::new(ddelta.ptr),
+        dz_out: PtrMut::new(dz.at::<f32>(di)),
+        ldz_out: 2 * di as i64,
+        part_bc: PtrMut::new(part_bc.ptr),
+        part_a: PtrMut::new(pa.ptr),
+        part_d: PtrMut::new(pd.ptr),
+        part_db: PtrMut::new(pdb.ptr),
+        dh0: PtrMut::NULL,
+        batch: b,
+        seq_len: l,
+        d_inner,
+        d_state,
+    };
+    let reduce_p = ScanReduceBcF32 {
+        part_bc: Ptr::new(part_bc.ptr),
+        n_blocks: nblk as i64,
+        rows: n as i64,
+        d_state,
+        out: PtrMut::new(dxbc.at::<f32>(r)),
+        ldo: xr as i64,
+    };
+    // SAFETY (the three closures): every buffer above is allocated at the kernels' extents
+    // for (batch, seq, d_inner, d_state) and this device's chunk.
+    let fwd = || unsafe { selective_scan_fwd(&dev, &fwd_p) }.expect("scan fwd");
     let bwd = |kernel: &'static str, reduce: bool| {
-        dev.launch(
-            kernel,
-            (nblk as u32, batch as u32, 1),
-            SCAN_THREADS as u32,
-            gpu::kernels::scan_bwd_smem(shape) as u32,
-            &[
-                Arg::P(u.ptr),
-                Arg::P(delta.ptr),
-                Arg::P(a_log.ptr),
-                Arg::P(xbc.ptr),
-                Arg::L(xr as i64),
-                Arg::L(r as i64),
-                Arg::P(dvec.ptr),
-                Arg::P(z.at::<f32>(di)),
-                Arg::L(2 * di as i64),
-                Arg::P(dtb.ptr),
-                Arg::P(starts.ptr),
-                Arg::P(chunks.ptr),
-                Arg::P(dout.ptr),
-                Arg::P(du.ptr),
-                Arg::P(ddelta.ptr),
-                Arg::P(dz.at::<f32>(di)),
-                Arg::L(2 * di as i64),
-                Arg::P(part_bc.ptr),
-                Arg::P(pa.ptr),
-                Arg::P(pd.ptr),
-                Arg::P(pdb.ptr),
-                Arg::P(0),
-                Arg::L(batch as i64),
-                Arg::L(seq as i64),
-                Arg::L(di as i64),
-                Arg::L(ds as i64),
-            ],
-        )
-        .expect("scan bwd");
+        // SAFETY: see above.
+        unsafe { selective_scan_bwd_build(&dev, kernel, &bwd_p) }.expect("scan bwd");
         if reduce {
-            dev.launch(
-                "scan_reduce_bc_f32",
-                dev.grid1d(n * 2 * ds),
-                256,
-                0,
-                &[
-                    Arg::P(part_bc.ptr),
-                    Arg::L(nblk as i64),
-                    Arg::L(n as i64),
-                    Arg::L(ds as i64),
-                    Arg::P(dxbc.at::<f32>(r)),
-                    Arg::L(xr as i64),
-                ],
-            )
-            .expect("reduce");
+            // SAFETY: see above.
+            unsafe { scan_reduce_bc(&dev, &reduce_p) }.expect("reduce");
         }
     };
-    let ev = Events::new();
-    for _ in 0..3 {
-        fwd();
-        bwd("selective_scan_bwd_f32", true);
-        bwd("selective_scan_bwd_2b_f32", true);
-    }
-    let tf = median((0..10).map(|_| ev.time(&dev, fwd)).collect());
-    let tb = median(
-        (0..10)
-            .map(|_| ev.time(&dev, || bwd("selective_scan_bwd_f32", false)))
-            .collect(),
-    );
-    let tb2 = median(
-        (0..10)
-            .map(|_| ev.time(&dev, || bwd("selective_scan_bwd_2b_f32", false)))
-            .collect(),
-    );
-    let tbr = median(
-        (0..10)
-            .map(|_| ev.time(&dev, || bwd(gpu::kernels::scan_bwd_kernel(), true)))
-            .collect(),
-    );
+    let (tf, tb, tb2, tbr) = time_scan(&dev, &fwd, &bwd);
     rows.push(format!(
         "scan B {batch} d_inner {di} L {seq} d_state {ds} chunk {chunk} (f32 inputs, z gate, dt bias + softplus): forward {:.3} ms, backward {:.3} ms (1 block/SM build) / {:.3} ms (2 blocks/SM build); engine's build + dB/dC reduction: {:.3} ms",
         tf * 1e3, tb * 1e3, tb2 * 1e3, tbr * 1e3
     ));
     println!("{}", rows.last().unwrap());
     Ok(())
+}
+
+/// Median device times (s) of the scan forward, the two backward builds, and the engine's
+/// backward build with the dB/dC reduction, after 3 warm-up rounds.
+fn time_scan(dev: &Dev, fwd: &dyn Fn(), bwd: &dyn Fn(&'static str, bool)) -> (f64, f64, f64, f64) {
+    let ev = Events::new();
+    for _ in 0..3 {
+        fwd();
+        bwd("selective_scan_bwd_f32", true);
+        bwd("selective_scan_bwd_2b_f32", true);
+    }
+    let tf = median((0..10).map(|_| ev.time(dev, fwd)).collect());
+    let tb = median(
+        (0..10)
+            .map(|_| ev.time(dev, || bwd("selective_scan_bwd_f32", false)))
+            .collect(),
+    );
+    let tb2 = median(
+        (0..10)
+            .map(|_| ev.time(dev, || bwd("selective_scan_bwd_2b_f32", false)))
+            .collect(),
+    );
+    let tbr = median(
+        (0..10)
+            .map(|_| ev.time(dev, || bwd(gpu::kernels::scan_bwd_kernel(), true)))
+            .collect(),
+    );
+    (tf, tb, tb2, tbr)
 }
 
 fn infer(rows: &mut Vec<String>) -> reference::Result<()> {
@@ -374,7 +364,7 @@ fn infer(rows: &mut Vec<String>) -> reference::Result<()> {
         }
         let td = t0.elapsed().as_secs_f64() / 256.0;
         // Bytes a step must read at least: the bf16 weights (the embedding once, as lm_head).
-        let weights = 2.0 * e.layout.numel as f64;
+        let weights = 2.0 * e.layout().numel as f64;
         rows.push(format!(
             "infer {name:<5}: prefill 2048 tokens {:.1} ms = {:.0} tokens/s; decode (state held on the device) {:.3} ms/token = {:.0} tokens/s, {:.0} GB/s of bf16 weights ({:.0} % of 4.8 TB/s) (CUDA graph: {}); decode with the state copied to/from the host each token {:.3} ms/token = {:.0} tokens/s",
             tp * 1e3, 2048.0 / tp, td * 1e3, 1.0 / td, weights / td / 1e9, 100.0 * weights / td / 4.8e12, e.decode_uses_graph(), th * 1e3, 1.0 / th

@@ -1,6 +1,6 @@
-//! Single kernels on host data, for the conformance suite: each op runs one kernel (or the
-//! kernel and its fixed-order reduction) exactly as the engine does, with every output
-//! buffer wrapped in sentinel padding that must come back untouched.
+//! Single kernels on host data, for the conformance suite: each op uploads its inputs, runs
+//! the same launchers the engine runs (the kernel and its fixed-order reduction), and
+//! downloads the outputs, each wrapped in sentinel padding that must come back untouched.
 
 use std::sync::Arc;
 
@@ -9,10 +9,24 @@ use reference::ops::norm::NormStats;
 use reference::ops::selective_scan::{ScanGrads, ScanInputs};
 use reference::{Error, NormKind, Result};
 
-use crate::cuda::{Arg, Buf, Dev};
-use crate::engine::doc_starts;
-use crate::kernels::{scan_bwd_smem, KernelShape, SCAN_THREADS};
-use crate::work::row_blocks;
+use super::conv1d::{
+    conv1d_bwd_dw_partial, conv1d_bwd_dx, conv1d_bwd_init, conv1d_fwd, conv1d_last,
+    Conv1dBwdDwPartialF32, Conv1dBwdDxF32, Conv1dBwdInitF32, Conv1dFwdF32, Conv1dLastF32,
+    ConvInF32,
+};
+use super::elementwise::{colsum_final, ColsumFinalF32};
+use super::loss::{cross_entropy_fwd_bwd, CrossEntropyFwdBwdF32};
+use super::norm::{
+    norm_bwd_dw_partial, norm_bwd_dx, norm_fwd, NormBwdDwPartialF32, NormBwdDxF32, NormFwdF32,
+};
+use super::selective_scan::{
+    scan_blocks, scan_reduce_batch, scan_reduce_bc, selective_scan_bwd, selective_scan_fwd,
+    ScanInF32, ScanReduceBatchF32, ScanReduceBcF32, SelectiveScanBwdF32, SelectiveScanFwdF32,
+};
+use crate::cuda::{Buf, Dev};
+use crate::kernels::KernelShape;
+use crate::params::{Ptr, PtrMut};
+use crate::work::{doc_starts, row_blocks};
 
 /// Elements of sentinel padding on each side of every output.
 pub const PAD: usize = 61;
@@ -33,9 +47,17 @@ struct Guarded {
 }
 
 impl Guarded {
-    fn ptr(&self) -> u64 {
-        self.buf.at::<f32>(PAD)
+    fn ptr(&self) -> PtrMut<f32> {
+        PtrMut::new(self.buf.at::<f32>(PAD))
     }
+}
+
+fn ro(b: &Buf) -> Ptr<f32> {
+    Ptr::new(b.ptr)
+}
+
+fn ro_opt(b: &Option<Buf>) -> Ptr<f32> {
+    Ptr::or_null(b.as_ref().map(|b| b.ptr))
 }
 
 impl OpDev {
@@ -47,7 +69,7 @@ impl OpDev {
             chunk: crate::kernels::scan_chunk_for(d_state_pad)?,
         };
         Ok(OpDev {
-            dev: Arc::new(Dev::open(0, shape)?),
+            dev: Arc::new(Dev::open(0, shape, &super::all_kernels())?),
             shape,
         })
     }
@@ -107,42 +129,46 @@ impl OpDev {
         })
     }
 
+    fn scan_in(&self, inp: &ScanInputs<f32>, s: &ScanBufs) -> ScanInF32 {
+        let d = inp.dims;
+        ScanInF32 {
+            u: ro(&s.u),
+            delta: ro(&s.delta),
+            a_log: ro(&s.a_log),
+            xbc: ro(&s.xbc),
+            ldbc: 2 * d.d_state as i64,
+            col_b: 0,
+            dvec: ro(&s.d),
+            z: ro_opt(&s.z),
+            ldz: d.d_inner as i64,
+            dt_bias: ro(&s.bias),
+            starts: Ptr::new(s.starts.ptr),
+        }
+    }
+
     fn scan_fwd_launch(
         &self,
         inp: &ScanInputs<f32>,
         s: &ScanBufs,
-        out: u64,
-        last: u64,
+        out: PtrMut<f32>,
+        last: PtrMut<f32>,
     ) -> Result<()> {
         let d = inp.dims;
-        let nblk = d.d_inner.div_ceil(SCAN_THREADS);
-        self.dev.launch(
-            "selective_scan_fwd_f32",
-            (nblk as u32, d.batch as u32, 1),
-            crate::kernels::SCAN_FWD_THREADS as u32,
-            0,
-            &[
-                Arg::P(s.u.ptr),
-                Arg::P(s.delta.ptr),
-                Arg::P(s.a_log.ptr),
-                Arg::P(s.xbc.ptr),
-                Arg::L(2 * d.d_state as i64),
-                Arg::L(0),
-                Arg::P(s.d.ptr),
-                Arg::P(s.z.as_ref().map_or(0, |z| z.ptr)),
-                Arg::L(d.d_inner as i64),
-                Arg::P(s.bias.ptr),
-                Arg::P(s.starts.ptr),
-                Arg::P(s.h0.as_ref().map_or(0, |h| h.ptr)),
-                Arg::P(out),
-                Arg::P(s.chunks.ptr),
-                Arg::P(last),
-                Arg::L(d.batch as i64),
-                Arg::L(d.seq_len as i64),
-                Arg::L(d.d_inner as i64),
-                Arg::L(d.d_state as i64),
-            ],
-        )
+        let p = SelectiveScanFwdF32 {
+            scan: self.scan_in(inp, s),
+            h0: ro_opt(&s.h0),
+            out,
+            chunk_states: PtrMut::new(s.chunks.ptr),
+            last,
+            batch: d.batch as i64,
+            seq_len: d.seq_len as i64,
+            d_inner: d.d_inner as i64,
+            d_state: d.d_state as i64,
+        };
+        // SAFETY: `scan_common` uploaded every input at the shapes of `inp.dims` (checked by
+        // the caller's `ScanInputs`), and sized the chunk states for this build's chunk; `out`
+        // and `last` hold `batch * seq_len * d_inner` and `batch * d_inner * d_state` f32.
+        unsafe { selective_scan_fwd(&self.dev, &p) }
     }
 
     /// `selective_scan_fwd` on the device: (out, final state).
@@ -165,8 +191,8 @@ impl OpDev {
         let (n, di, ds) = (d.batch * d.seq_len, d.d_inner, d.d_state);
         let s = self.scan_common(inp)?;
         let tmp = self.dev.alloc(4 * n * di)?;
-        self.scan_fwd_launch(inp, &s, tmp.ptr, 0)?;
-        let nblk = di.div_ceil(SCAN_THREADS);
+        self.scan_fwd_launch(inp, &s, PtrMut::new(tmp.ptr), PtrMut::NULL)?;
+        let nblk = scan_blocks(di);
         let dout = self.put(dout)?;
         let du = self.out(n * di, "scan du")?;
         let ddelta = self.out(n * di, "scan ddelta")?;
@@ -178,78 +204,39 @@ impl OpDev {
             self.dev.alloc(4 * d.batch * di)?,
         );
         let dh0 = self.out(d.batch * di * ds, "scan dh0")?;
-        self.dev.launch(
-            crate::kernels::scan_bwd_kernel(),
-            (nblk as u32, d.batch as u32, 1),
-            SCAN_THREADS as u32,
-            scan_bwd_smem(self.shape) as u32,
-            &[
-                Arg::P(s.u.ptr),
-                Arg::P(s.delta.ptr),
-                Arg::P(s.a_log.ptr),
-                Arg::P(s.xbc.ptr),
-                Arg::L(2 * ds as i64),
-                Arg::L(0),
-                Arg::P(s.d.ptr),
-                Arg::P(s.z.as_ref().map_or(0, |z| z.ptr)),
-                Arg::L(di as i64),
-                Arg::P(s.bias.ptr),
-                Arg::P(s.starts.ptr),
-                Arg::P(s.chunks.ptr),
-                Arg::P(dout.ptr),
-                Arg::P(du.ptr()),
-                Arg::P(ddelta.ptr()),
-                Arg::P(dz.ptr()),
-                Arg::L(di as i64),
-                Arg::P(part_bc.ptr),
-                Arg::P(pa.ptr),
-                Arg::P(pd.ptr),
-                Arg::P(pdb.ptr),
-                Arg::P(dh0.ptr()),
-                Arg::L(d.batch as i64),
-                Arg::L(d.seq_len as i64),
-                Arg::L(di as i64),
-                Arg::L(ds as i64),
-            ],
-        )?;
+        let p = SelectiveScanBwdF32 {
+            scan: self.scan_in(inp, &s),
+            chunk_states: Ptr::new(s.chunks.ptr),
+            dout: ro(&dout),
+            du_out: du.ptr(),
+            ddelta_out: ddelta.ptr(),
+            dz_out: dz.ptr(),
+            ldz_out: di as i64,
+            part_bc: PtrMut::new(part_bc.ptr),
+            part_a: PtrMut::new(pa.ptr),
+            part_d: PtrMut::new(pd.ptr),
+            part_db: PtrMut::new(pdb.ptr),
+            dh0: dh0.ptr(),
+            batch: d.batch as i64,
+            seq_len: d.seq_len as i64,
+            d_inner: di as i64,
+            d_state: ds as i64,
+        };
+        // SAFETY: the inputs as in `scan_fwd_launch`, whose chunk states the forward above
+        // wrote; every output and partial buffer is allocated here at the kernel's extents.
+        unsafe { selective_scan_bwd(&self.dev, &p) }?;
         let dbc = self.out(n * 2 * ds, "scan dB/dC")?;
-        self.dev.launch(
-            "scan_reduce_bc_f32",
-            self.dev.grid1d(n * 2 * ds),
-            256,
-            0,
-            &[
-                Arg::P(part_bc.ptr),
-                Arg::L(nblk as i64),
-                Arg::L(n as i64),
-                Arg::L(ds as i64),
-                Arg::P(dbc.ptr()),
-                Arg::L(2 * ds as i64),
-            ],
-        )?;
-        let da = self.zeros_guarded(di * ds, "scan dA")?;
-        let dd = self.zeros_guarded(di, "scan dD")?;
-        let ddb = self.zeros_guarded(di, "scan d delta_bias")?;
-        for (part, m, dst) in [
-            (pa.ptr, di * ds, da.ptr()),
-            (pd.ptr, di, dd.ptr()),
-            (pdb.ptr, di, ddb.ptr()),
-        ] {
-            // Destinations start at 0 (the kernel adds).
-            self.dev.launch(
-                "scan_reduce_batch_f32",
-                self.dev.grid1d(m),
-                256,
-                0,
-                &[
-                    Arg::P(part),
-                    Arg::L(d.batch as i64),
-                    Arg::L(m as i64),
-                    Arg::P(dst),
-                    Arg::P(0),
-                ],
-            )?;
-        }
+        let p = ScanReduceBcF32 {
+            part_bc: Ptr::new(part_bc.ptr),
+            n_blocks: nblk as i64,
+            rows: n as i64,
+            d_state: ds as i64,
+            out: dbc.ptr(),
+            ldo: 2 * ds as i64,
+        };
+        // SAFETY: the partials of the backward above; `dbc` holds `n * 2 d_state` f32.
+        unsafe { scan_reduce_bc(&self.dev, &p) }?;
+        let [da, dd, ddb] = self.scan_reduce_batch(d.batch, di, ds, [&pa, &pd, &pdb])?;
         let dbc = self.take(dbc)?;
         let (mut gb, mut gc) = (Vec::with_capacity(n * ds), Vec::with_capacity(n * ds));
         for r in 0..n {
@@ -268,6 +255,35 @@ impl OpDev {
             delta_bias: self.take(ddb)?,
             h0: self.take(dh0)?,
         })
+    }
+
+    /// The batch sums of the scan backward's partials `[part_a, part_d, part_db]`: (dA, dD, d
+    /// delta_bias), each from zero.
+    fn scan_reduce_batch(
+        &self,
+        batch: usize,
+        di: usize,
+        ds: usize,
+        parts: [&Buf; 3],
+    ) -> Result<[Guarded; 3]> {
+        let out = [
+            self.zeros_guarded(di * ds, "scan dA")?,
+            self.zeros_guarded(di, "scan dD")?,
+            self.zeros_guarded(di, "scan d delta_bias")?,
+        ];
+        for ((part, m), dst) in parts.iter().zip([di * ds, di, di]).zip(&out) {
+            // Destinations start at 0 (the kernel adds).
+            let p = ScanReduceBatchF32 {
+                part: ro(part),
+                batch: batch as i64,
+                m: m as i64,
+                dst: dst.ptr(),
+                a_log: Ptr::NULL,
+            };
+            // SAFETY: `part` holds `batch * m` partials, `dst` `m` f32.
+            unsafe { scan_reduce_batch(&self.dev, &p) }?;
+        }
+        Ok(out)
     }
 
     /// `conv1d_fwd` (+ the SiLU output the engine also writes): (u, silu(u), final window).
@@ -294,42 +310,36 @@ impl OpDev {
             ib.as_ref().map_or(0, |b| b.ptr),
         );
         let (batch, l, di) = (dims.batch as i64, dims.seq_len as i64, dims.d_inner as i64);
-        self.dev.launch(
-            "conv1d_fwd_f32",
-            self.dev.grid1d(n * dims.d_inner),
-            256,
-            0,
-            &[
-                Arg::P(xb.ptr),
-                Arg::L(di),
-                Arg::P(wb.ptr),
-                Arg::P(bi),
-                Arg::P(starts.ptr),
-                Arg::P(ip),
-                Arg::P(u.ptr()),
-                Arg::P(xs.ptr()),
-                Arg::L(batch),
-                Arg::L(l),
-                Arg::L(di),
-            ],
-        )?;
-        if km1 > 0 {
-            self.dev.launch(
-                "conv1d_last_f32",
-                self.dev.grid1d(dims.batch * dims.d_inner * km1),
-                256,
-                0,
-                &[
-                    Arg::P(xb.ptr),
-                    Arg::L(di),
-                    Arg::P(starts.ptr),
-                    Arg::P(ip),
-                    Arg::P(last.ptr()),
-                    Arg::L(batch),
-                    Arg::L(l),
-                    Arg::L(di),
-                ],
-            )?;
+        let fwd = Conv1dFwdF32 {
+            conv: ConvInF32 {
+                x: ro(&xb),
+                ldx: di,
+                w: ro(&wb),
+                bias: Ptr::new(bi),
+                starts: Ptr::new(starts.ptr),
+            },
+            init: Ptr::new(ip),
+            u: u.ptr(),
+            xs: xs.ptr(),
+            batch,
+            seq_len: l,
+            d_inner: di,
+        };
+        let lastp = Conv1dLastF32 {
+            x: ro(&xb),
+            ldx: di,
+            starts: Ptr::new(starts.ptr),
+            init: Ptr::new(ip),
+            last: last.ptr(),
+            batch,
+            seq_len: l,
+            d_inner: di,
+        };
+        // SAFETY: every input uploaded here at the shapes of `dims` (the device was opened
+        // for `dims.d_conv`); the outputs are allocated at the kernels' extents.
+        unsafe {
+            conv1d_fwd(&self.dev, &fwd)?;
+            conv1d_last(&self.dev, &lastp)?;
         }
         Ok((self.take(u)?, self.take(xs)?, self.take(last)?))
     }
@@ -354,73 +364,73 @@ impl OpDev {
         let (batch, l, dil) = (dims.batch as i64, dims.seq_len as i64, di as i64);
         let dx = self.out(n * di, "conv1d_bwd dx")?;
         let dinit = self.out(dims.batch * di * km1, "conv1d_bwd dinit")?;
-        self.dev.launch(
-            "conv1d_bwd_dx_f32",
-            self.dev.grid1d(n * di),
-            256,
-            0,
-            &[
-                Arg::P(dub.ptr),
-                Arg::P(wb.ptr),
-                Arg::P(starts.ptr),
-                Arg::P(dx.ptr()),
-                Arg::L(dil),
-                Arg::L(batch),
-                Arg::L(l),
-                Arg::L(dil),
-            ],
-        )?;
-        if km1 > 0 {
-            self.dev.launch(
-                "conv1d_bwd_init_f32",
-                self.dev.grid1d(dims.batch * di * km1),
-                256,
-                0,
-                &[
-                    Arg::P(dub.ptr),
-                    Arg::P(wb.ptr),
-                    Arg::P(starts.ptr),
-                    Arg::P(dinit.ptr()),
-                    Arg::L(batch),
-                    Arg::L(l),
-                    Arg::L(dil),
-                ],
-            )?;
-        }
         let (n_rb, rows_per) = row_blocks(n);
         let (pw, pb) = (
             self.dev.alloc(4 * n_rb * di * dc)?,
             self.dev.alloc(4 * n_rb * di)?,
         );
-        self.dev.launch(
-            "conv1d_bwd_dw_partial_f32",
-            (di.div_ceil(256) as u32, n_rb as u32, 1),
-            256,
-            0,
-            &[
-                Arg::P(xb.ptr),
-                Arg::L(dil),
-                Arg::P(dub.ptr),
-                Arg::P(starts.ptr),
-                Arg::P(ip),
-                Arg::L(batch),
-                Arg::L(l),
-                Arg::L(dil),
-                Arg::L(rows_per as i64),
-                Arg::P(pw.ptr),
-                Arg::P(pb.ptr),
-            ],
-        )?;
+        let (du, w, st) = (ro(&dub), ro(&wb), Ptr::new(starts.ptr));
+        let dxp = Conv1dBwdDxF32 {
+            du,
+            w,
+            starts: st,
+            dx: dx.ptr(),
+            ldx: dil,
+            batch,
+            seq_len: l,
+            d_inner: dil,
+        };
+        let initp = Conv1dBwdInitF32 {
+            du,
+            w,
+            starts: st,
+            dinit: dinit.ptr(),
+            batch,
+            seq_len: l,
+            d_inner: dil,
+        };
+        let dwp = Conv1dBwdDwPartialF32 {
+            x: ro(&xb),
+            ldx: dil,
+            du,
+            starts: st,
+            init: Ptr::new(ip),
+            batch,
+            seq_len: l,
+            d_inner: dil,
+            rows_per: rows_per as i64,
+            part_w: PtrMut::new(pw.ptr),
+            part_b: PtrMut::new(pb.ptr),
+        };
+        // SAFETY: every input uploaded here at the shapes of `dims`; outputs and partials
+        // allocated at the kernels' extents.
+        unsafe {
+            conv1d_bwd_dx(&self.dev, &dxp)?;
+            conv1d_bwd_init(&self.dev, &initp)?;
+            conv1d_bwd_dw_partial(&self.dev, &dwp)?;
+        }
         let gw = self.zeros_guarded(di * dc, "conv1d_bwd grad_w")?;
         let gb = self.zeros_guarded(di, "conv1d_bwd grad_bias")?;
-        self.dev.colsum_final(pw.ptr, n_rb, di * dc, gw.ptr())?;
-        self.dev.colsum_final(pb.ptr, n_rb, di, gb.ptr())?;
+        self.colsum_final(&pw, n_rb, di * dc, gw.ptr())?;
+        self.colsum_final(&pb, n_rb, di, gb.ptr())?;
         Ok((
             self.take(dx)?,
             self.take(dinit)?,
             self.take(gw)?,
             self.take(gb)?,
         ))
+    }
+
+    /// `dst += Σ_rb part[rb, :]` over `n_rb` partials of `cols` columns.
+    fn colsum_final(&self, part: &Buf, n_rb: usize, cols: usize, dst: PtrMut<f32>) -> Result<()> {
+        let p = ColsumFinalF32 {
+            partial: ro(part),
+            n_rb: n_rb as i64,
+            cols: cols as i64,
+            dst,
+        };
+        // SAFETY: `part` holds `n_rb * cols` f32 (allocated by the caller), `dst` `cols`.
+        unsafe { colsum_final(&self.dev, &p) }
     }
 
     fn zeros_guarded(&self, len: usize, what: &'static str) -> Result<Guarded> {
@@ -448,27 +458,24 @@ impl OpDev {
         let y = self.out(n * d, "norm_fwd y")?;
         let mean = self.out(n, "norm_fwd mean")?;
         let rstd = self.out(n, "norm_fwd rstd")?;
-        self.dev.launch(
-            "norm_fwd_f32",
-            (n as u32, 1, 1),
-            256,
-            0,
-            &[
-                Arg::P(xb.ptr),
-                Arg::P(ab.ptr),
-                Arg::P(xo.ptr()),
-                Arg::P(y.ptr()),
-                Arg::P(mean.ptr()),
-                Arg::P(rstd.ptr()),
-                Arg::P(wb.ptr),
-                Arg::P(bb.as_ref().map_or(0, |b| b.ptr)),
-                Arg::L(d as i64),
-                Arg::F(eps as f32),
-                Arg::I((kind == NormKind::Layer) as i32),
-                Arg::P(0),
-                Arg::I(0),
-            ],
-        )?;
+        let p = NormFwdF32 {
+            x_in: ro(&xb),
+            add: ro(&ab),
+            x_out: xo.ptr(),
+            y: y.ptr(),
+            mean_out: mean.ptr(),
+            rstd_out: rstd.ptr(),
+            w: ro(&wb),
+            b: ro_opt(&bb),
+            d: d as i64,
+            eps: eps as f32,
+            is_layer: (kind == NormKind::Layer) as i32,
+            y_lp: PtrMut::NULL,
+            lp_mode: 0,
+        };
+        // SAFETY: inputs uploaded here (`n * d`, `d` values), outputs allocated at `n * d`
+        // and `n`.
+        unsafe { norm_fwd(&self.dev, n, &p) }?;
         let stats = NormStats {
             mean: self.take(mean)?,
             rstd: self.take(rstd)?,
@@ -492,46 +499,40 @@ impl OpDev {
         let (mb, rb) = (self.put(&stats.mean)?, self.put(&stats.rstd)?);
         let dx = self.out(n * d, "norm_bwd dx")?;
         let is_layer = (kind == NormKind::Layer) as i32;
-        self.dev.launch(
-            "norm_bwd_dx_f32",
-            (n as u32, 1, 1),
-            256,
-            0,
-            &[
-                Arg::P(xb.ptr),
-                Arg::P(wb.ptr),
-                Arg::P(mb.ptr),
-                Arg::P(rb.ptr),
-                Arg::P(dyb.ptr),
-                Arg::P(dx.ptr()),
-                Arg::L(d as i64),
-                Arg::I(is_layer),
-                Arg::I(0),
-            ],
-        )?;
         let (n_rb, rows_per) = row_blocks(n);
         let (pw, pb) = (self.dev.alloc(4 * n_rb * d)?, self.dev.alloc(4 * n_rb * d)?);
-        self.dev.launch(
-            "norm_bwd_dw_partial_f32",
-            (d.div_ceil(256) as u32, n_rb as u32, 1),
-            256,
-            0,
-            &[
-                Arg::P(xb.ptr),
-                Arg::P(mb.ptr),
-                Arg::P(rb.ptr),
-                Arg::P(dyb.ptr),
-                Arg::L(n as i64),
-                Arg::L(d as i64),
-                Arg::L(rows_per as i64),
-                Arg::P(pw.ptr),
-                Arg::P(pb.ptr),
-            ],
-        )?;
+        let dxp = NormBwdDxF32 {
+            x: ro(&xb),
+            w: ro(&wb),
+            mean_in: ro(&mb),
+            rstd_in: ro(&rb),
+            dy: ro(&dyb),
+            dx_out: dx.ptr(),
+            d: d as i64,
+            is_layer,
+            accum: 0,
+        };
+        let dwp = NormBwdDwPartialF32 {
+            x: ro(&xb),
+            mean_in: ro(&mb),
+            rstd_in: ro(&rb),
+            dy: ro(&dyb),
+            rows: n as i64,
+            d: d as i64,
+            rows_per: rows_per as i64,
+            part_w: PtrMut::new(pw.ptr),
+            part_b: PtrMut::new(pb.ptr),
+        };
+        // SAFETY: inputs uploaded here (`n * d`, `n`, `d` values); outputs and partials
+        // allocated at the kernels' extents.
+        unsafe {
+            norm_bwd_dx(&self.dev, n, &dxp)?;
+            norm_bwd_dw_partial(&self.dev, &dwp)?;
+        }
         let gw = self.zeros_guarded(d, "norm_bwd grad_w")?;
         let gb = self.zeros_guarded(d, "norm_bwd grad_bias")?;
-        self.dev.colsum_final(pw.ptr, n_rb, d, gw.ptr())?;
-        self.dev.colsum_final(pb.ptr, n_rb, d, gb.ptr())?;
+        self.colsum_final(&pw, n_rb, d, gw.ptr())?;
+        self.colsum_final(&pb, n_rb, d, gb.ptr())?;
         Ok((self.take(dx)?, self.take(gw)?, self.take(gb)?))
     }
 
@@ -555,20 +556,17 @@ impl OpDev {
             .transpose()?;
         let rows = self.out(n, "cross_entropy row loss")?;
         let inv = 1.0f32 / n_targets as f32;
-        self.dev.launch(
-            "cross_entropy_fwd_bwd_f32",
-            (n as u32, 1, 1),
-            1024,
-            0,
-            &[
-                Arg::P(g.ptr()),
-                Arg::P(tb.ptr),
-                Arg::P(mb.as_ref().map_or(0, |m| m.ptr)),
-                Arg::L(vocab as i64),
-                Arg::F(scale * inv),
-                Arg::P(rows.ptr()),
-            ],
-        )?;
+        let p = CrossEntropyFwdBwdF32 {
+            logits: g.ptr(),
+            targets: Ptr::new(tb.ptr),
+            mask: Ptr::or_null(mb.as_ref().map(|m| m.ptr)),
+            vocab: vocab as i64,
+            k: scale * inv,
+            row_loss: rows.ptr(),
+        };
+        // SAFETY: `n * vocab` logits, `n` targets (the caller's, below `vocab`), `n` mask
+        // bytes and row losses, all allocated here.
+        unsafe { cross_entropy_fwd_bwd(&self.dev, n, &p) }?;
         let rows = self.take(rows)?;
         let mut total = 0f32;
         for (i, l) in rows.iter().enumerate() {

@@ -1,0 +1,308 @@
+//! The forward on the device (twin of reference/src/model/forward.rs), and the per-layer
+//! pieces the decode step shares with it: the fused residual add + norm and in_proj, x_proj
+//! and dt_proj, out_proj, the final norm and the lm_head.
+
+use reference::model::Batch;
+use reference::{Result, State};
+
+use crate::layout::LayerOffs;
+use crate::model::{Model, Opnd};
+use crate::ops::conv1d::{conv1d_fwd, conv1d_last, Conv1dFwdF32, Conv1dLastF32, ConvInF32};
+use crate::ops::embedding::{embedding_fwd, EmbeddingFwdF32};
+use crate::ops::selective_scan::{selective_scan_fwd, ScanInF32, SelectiveScanFwdF32};
+use crate::params::{Ptr, PtrMut};
+use crate::work::{doc_starts, LayerActs, Mode, Work};
+
+impl Model {
+    /// Layer input of `rows` rows: `resid_in = x_in + add` (fused), the norm into `ws.hn`,
+    /// in_proj (+ bias) into `la.xz`.
+    pub(crate) fn norm_in_proj(
+        &self,
+        ws: &Work,
+        la: &LayerActs,
+        lo: &LayerOffs,
+        rows: usize,
+        (x_in, add): (u64, u64),
+    ) -> Result<()> {
+        let (dm, di) = (self.cfg.d_model, self.cfg.d_inner);
+        let (hn_lp, hn) = self.lp_out(ws, ws.hn.ptr, dm, rows, dm);
+        self.norm_fwd(
+            rows,
+            (x_in, add, la.resid_in.ptr),
+            ws.hn.ptr,
+            (la.mean.ptr, la.rstd.ptr),
+            (lo.norm_w, lo.norm_b),
+            hn_lp,
+        )?;
+        self.mm(
+            ws,
+            true,
+            false,
+            (2 * di, rows, dm),
+            Opnd::W(lo.in_w, dm),
+            hn,
+            (la.xz.ptr, 2 * di),
+            0.0,
+        )?;
+        self.bias_add(la.xz.ptr, 2 * di, rows, 2 * di, lo.in_b)
+    }
+
+    /// x_proj of `xs` (`rows` rows) into `la.xdbl` (dt, B, C), then dt_proj of its dt columns
+    /// into `la.delta` (no bias: the scan adds it).
+    pub(crate) fn x_dt_proj(
+        &self,
+        ws: &Work,
+        la: &LayerActs,
+        lo: &LayerOffs,
+        rows: usize,
+        xs: Opnd,
+    ) -> Result<()> {
+        let (di, r, xr) = (self.cfg.d_inner, self.cfg.dt_rank, self.cfg.x_proj_rows());
+        self.mm(
+            ws,
+            true,
+            false,
+            (xr, rows, di),
+            Opnd::W(lo.x_w, di),
+            xs,
+            (la.xdbl.ptr, xr),
+            0.0,
+        )?;
+        self.mm(
+            ws,
+            true,
+            false,
+            (di, rows, r),
+            Opnd::W(lo.dt_w, r),
+            Opnd::A(la.xdbl.ptr, xr, rows, r),
+            (la.delta.ptr, di),
+            0.0,
+        )
+    }
+
+    /// The leading parameters of the conv kernels (`conv1d_fwd_f32`, `conv_update_f32`): the
+    /// x half of xz and its row stride, the conv weight and bias, the document starts.
+    pub(crate) fn conv_in(&self, ws: &Work, la: &LayerActs, lo: &LayerOffs) -> ConvInF32 {
+        ConvInF32 {
+            x: Ptr::new(la.xz.ptr),
+            ldx: 2 * self.cfg.d_inner as i64,
+            w: self.pin(lo.conv_w),
+            bias: self.pin_opt(lo.conv_b),
+            starts: Ptr::new(ws.starts.ptr),
+        }
+    }
+
+    /// The parameters every scan kernel (forward, backward, decode update) starts with: x
+    /// (the conv output after SiLU), delta, A_log, B and C inside x_proj's output, D, z inside
+    /// in_proj's output, the dt bias, the document starts.
+    pub(crate) fn scan_in(&self, ws: &Work, la: &LayerActs, lo: &LayerOffs) -> ScanInF32 {
+        let di = self.cfg.d_inner;
+        ScanInF32 {
+            u: Ptr::new(ws.xs.ptr),
+            delta: Ptr::new(la.delta.ptr),
+            a_log: self.pin(lo.a_log),
+            xbc: Ptr::new(la.xdbl.ptr),
+            ldbc: self.cfg.x_proj_rows() as i64,
+            col_b: self.cfg.dt_rank as i64,
+            dvec: self.pin(lo.d),
+            z: Ptr::new(la.xz.at::<f32>(di)),
+            ldz: 2 * di as i64,
+            dt_bias: self.pin(lo.dt_b),
+            starts: Ptr::new(ws.starts.ptr),
+        }
+    }
+
+    /// Uploads tokens, document starts and the initial state into `ws`.
+    pub fn upload_inputs(
+        &self,
+        ws: &Work,
+        input: &Batch,
+        state: Option<&State<f32>>,
+    ) -> Result<()> {
+        ws.tokens.write(0, input.tokens)?;
+        ws.starts
+            .write(0, &doc_starts(input.resets, input.batch, input.seq_len))?;
+        if let Some(s) = state {
+            ws.state_in_conv.write(0, &s.conv.data)?;
+            ws.state_in_ssm.write(0, &s.ssm.data)?;
+        }
+        Ok(())
+    }
+
+    /// The forward over `ws` (inputs already uploaded). `has_state`: read the initial state.
+    /// The lm_head runs on `ws`'s head rows starting at row `head_row0`.
+    pub fn forward_dev(&self, ws: &Work, has_state: bool, head_row0: usize) -> Result<()> {
+        let cfg = &self.cfg;
+        let train = ws.mode == Mode::Train;
+        self.embed(ws, ws.n)?;
+        for (i, lo) in self.layout.layers.iter().enumerate() {
+            let la = &ws.layers[if train { i } else { 0 }];
+            // Fused residual add + norm: resid_in[i] = resid_in[i-1] + out[i-1].
+            let (x_in, add) = match (i, train) {
+                (0, _) => (la.resid_in.ptr, 0),
+                (_, true) => (ws.layers[i - 1].resid_in.ptr, ws.out.ptr),
+                (_, false) => (la.resid_in.ptr, ws.out.ptr),
+            };
+            self.norm_in_proj(ws, la, lo, ws.n, (x_in, add))?;
+            self.mixer_fwd(ws, i, la, lo, has_state)?;
+        }
+        let last = &ws.layers[if train { cfg.n_layer - 1 } else { 0 }];
+        let resid_final = if train {
+            ws.resid_final.ptr
+        } else {
+            last.resid_in.ptr
+        };
+        let add = if cfg.n_layer > 0 { ws.out.ptr } else { 0 };
+        let head_rows = match ws.mode {
+            Mode::Train => ws.n,
+            Mode::Infer { head_rows } => head_rows,
+        };
+        self.final_head(
+            ws,
+            ws.n,
+            (last.resid_in.ptr, add, resid_final),
+            head_rows,
+            head_row0,
+        )
+    }
+
+    /// Layer `i`'s mixer after in_proj: conv (+ its final window), x_proj and dt_proj, the
+    /// scan (+ its final state), out_proj into `ws.out`.
+    fn mixer_fwd(
+        &self,
+        ws: &Work,
+        i: usize,
+        la: &LayerActs,
+        lo: &LayerOffs,
+        has_state: bool,
+    ) -> Result<()> {
+        let cfg = &self.cfg;
+        let (n, di, ds) = (ws.n, cfg.d_inner, cfg.d_state);
+        let (batch, seq_len) = (ws.batch, ws.seq_len);
+        let km1 = cfg.d_conv - 1;
+        let (conv_at, ssm_at) = (i * batch * di * km1, i * batch * di * ds);
+        let init_conv = Ptr::new(if has_state {
+            ws.state_in_conv.at::<f32>(conv_at)
+        } else {
+            0
+        });
+        let init_ssm = Ptr::new(if has_state {
+            ws.state_in_ssm.at::<f32>(ssm_at)
+        } else {
+            0
+        });
+        let conv = Conv1dFwdF32 {
+            conv: self.conv_in(ws, la, lo),
+            init: init_conv,
+            u: PtrMut::new(la.u.ptr),
+            xs: PtrMut::new(ws.xs.ptr),
+            batch: batch as i64,
+            seq_len: seq_len as i64,
+            d_inner: di as i64,
+        };
+        let last = Conv1dLastF32 {
+            x: conv.conv.x,
+            ldx: conv.conv.ldx,
+            starts: conv.conv.starts,
+            init: init_conv,
+            last: PtrMut::new(ws.state_out_conv.at::<f32>(conv_at)),
+            batch: batch as i64,
+            seq_len: seq_len as i64,
+            d_inner: di as i64,
+        };
+        // SAFETY: every buffer is this workspace's (`Work::new` sizes them for `batch ×
+        // seq_len` and `n_layer` states) or a parameter of the layout.
+        unsafe {
+            conv1d_fwd(&self.dev, &conv)?;
+            conv1d_last(&self.dev, &last)?;
+        }
+        self.x_dt_proj(ws, la, lo, n, Opnd::A(ws.xs.ptr, di, n, di))?;
+        let scan = SelectiveScanFwdF32 {
+            scan: self.scan_in(ws, la, lo),
+            h0: init_ssm,
+            out: PtrMut::new(la.gated.ptr),
+            chunk_states: PtrMut::or_null(la.chunks.as_ref().map(|c| c.ptr)),
+            last: PtrMut::new(ws.state_out_ssm.at::<f32>(ssm_at)),
+            batch: batch as i64,
+            seq_len: seq_len as i64,
+            d_inner: di as i64,
+            d_state: ds as i64,
+        };
+        // SAFETY: as above; the chunk states (training only) hold every chunk of the kernels'
+        // build (`Work::new` uses the same `KernelShape`).
+        unsafe { selective_scan_fwd(&self.dev, &scan) }?;
+        self.out_proj(ws, lo, n, Opnd::A(la.gated.ptr, di, n, di))
+    }
+
+    /// The token embedding of `ws.tokens` (`rows` of them) into layer 0's residual input.
+    pub(crate) fn embed(&self, ws: &Work, rows: usize) -> Result<()> {
+        let p = EmbeddingFwdF32 {
+            tokens: Ptr::new(ws.tokens.ptr),
+            emb: self.pin(self.layout.emb),
+            out: PtrMut::new(ws.layers[0].resid_in.ptr),
+            d: self.cfg.d_model as i64,
+        };
+        // SAFETY: the tokens were checked against the vocabulary (`Batch::check`) and
+        // uploaded; the residual input holds `rows` rows of `d_model` f32.
+        unsafe { embedding_fwd(&self.dev, rows, &p) }
+    }
+
+    /// out_proj (+ bias) of the gated scan output (`rows` rows) into `ws.out`.
+    pub(crate) fn out_proj(
+        &self,
+        ws: &Work,
+        lo: &LayerOffs,
+        rows: usize,
+        gated: Opnd,
+    ) -> Result<()> {
+        let (dm, di) = (self.cfg.d_model, self.cfg.d_inner);
+        self.mm(
+            ws,
+            true,
+            false,
+            (dm, rows, di),
+            Opnd::W(lo.out_w, di),
+            gated,
+            (ws.out.ptr, dm),
+            0.0,
+        )?;
+        self.bias_add(ws.out.ptr, dm, rows, dm, lo.out_b)
+    }
+
+    /// The final norm over `rows` rows (`resid_out = x_in + add`, fused) into `ws.hf`, then the
+    /// lm_head over `head_rows` of them from row `head_row0` into `ws.logits`.
+    pub(crate) fn final_head(
+        &self,
+        ws: &Work,
+        rows: usize,
+        (x_in, add, resid_out): (u64, u64, u64),
+        head_rows: usize,
+        head_row0: usize,
+    ) -> Result<()> {
+        let (dm, v) = (self.cfg.d_model, self.cfg.vocab_size);
+        let lay = &self.layout;
+        let (hf_lp, hf) = self.lp_out(ws, ws.hf.ptr, dm, rows, dm);
+        self.norm_fwd(
+            rows,
+            (x_in, add, resid_out),
+            ws.hf.ptr,
+            (ws.fmean.ptr, ws.frstd.ptr),
+            (lay.norm_f_w, lay.norm_f_b),
+            hf_lp,
+        )?;
+        let hf = match hf {
+            Opnd::Lp(p, ld) => Opnd::Lp(p + (2 * head_row0 * dm) as u64, ld),
+            _ => Opnd::A(ws.hf.at::<f32>(head_row0 * dm), dm, head_rows, dm),
+        };
+        self.mm(
+            ws,
+            true,
+            false,
+            (v, head_rows, dm),
+            Opnd::W(lay.head, dm),
+            hf,
+            (ws.logits.ptr, v),
+            0.0,
+        )
+    }
+}

@@ -1,0 +1,183 @@
+//! Launchers of `gpu/kernels/selective_scan.cu`: the selective scan forward (dt bias +
+//! softplus, D skip and z gate fused, chunk states stored), its backward (two builds of one
+//! kernel, see [`crate::kernels::scan_bwd_kernel`]), and the fixed-order reductions of the
+//! backward's per-block partials.
+
+use reference::Result;
+
+use crate::cuda::Dev;
+pub use crate::kernels::scan_blocks;
+use crate::kernels::{scan_bwd_kernel, scan_bwd_smem, SCAN_FWD_THREADS, SCAN_THREADS};
+use crate::params::{cuh, info, kernel_params, KernelInfo, KernelParams, Ptr, PtrMut};
+
+kernel_params! {
+    /// The inputs every scan kernel (forward, backward, decode update) starts with: x (the
+    /// conv output after SiLU, `[batch, seq_len, d_inner]`), delta (dt_proj's output without
+    /// bias), A_log `[d_inner, d_state]`, B and C inside x_proj's output `xbc` (row stride
+    /// `ldbc`, B at column `col_b`, C right after), D, z inside in_proj's output (row stride
+    /// `ldz`; null: no gate), the dt bias, the document starts per position.
+    ScanInF32 => [] {
+        u: Ptr<f32>,
+        delta: Ptr<f32>,
+        a_log: Ptr<f32>,
+        xbc: Ptr<f32>,
+        ldbc: i64,
+        col_b: i64,
+        dvec: Ptr<f32>,
+        z: Ptr<f32>,
+        ldz: i64,
+        dt_bias: Ptr<f32>,
+        starts: Ptr<i32>,
+    }
+}
+
+kernel_params! {
+    /// The scan forward: `out` `[batch, seq_len, d_inner]`; the state at the start of every
+    /// chunk into `chunk_states` `[batch, n_chunks, d_state, d_inner]` and the final state into
+    /// `last` `[batch, d_inner, d_state]` (each may be null); `h0` the initial state or null.
+    SelectiveScanFwdF32 => ["selective_scan_fwd_f32"] {
+        scan: ScanInF32,
+        h0: Ptr<f32>,
+        out: PtrMut<f32>,
+        chunk_states: PtrMut<f32>,
+        last: PtrMut<f32>,
+        batch: i64,
+        seq_len: i64,
+        d_inner: i64,
+        d_state: i64,
+    }
+}
+
+kernel_params! {
+    /// The scan backward from the forward's chunk states: du, ddelta (`[batch, seq_len,
+    /// d_inner]`), dz (row stride `ldz_out`), the per-block partials `part_bc` `[n_blocks,
+    /// batch * seq_len, 2 d_state]`, `part_a` `[batch, d_inner, d_state]`, `part_d`, `part_db`
+    /// `[batch, d_inner]`, and the initial state's gradient `dh0` (may be null).
+    SelectiveScanBwdF32 => ["selective_scan_bwd_f32", "selective_scan_bwd_2b_f32"] {
+        scan: ScanInF32,
+        chunk_states: Ptr<f32>,
+        dout: Ptr<f32>,
+        du_out: PtrMut<f32>,
+        ddelta_out: PtrMut<f32>,
+        dz_out: PtrMut<f32>,
+        ldz_out: i64,
+        part_bc: PtrMut<f32>,
+        part_a: PtrMut<f32>,
+        part_d: PtrMut<f32>,
+        part_db: PtrMut<f32>,
+        dh0: PtrMut<f32>,
+        batch: i64,
+        seq_len: i64,
+        d_inner: i64,
+        d_state: i64,
+    }
+}
+
+kernel_params! {
+    /// `out[row * ldo + col] = Σ_blk part_bc[blk, row, col]` (blocks in order), col < 2 d_state.
+    ScanReduceBcF32 => ["scan_reduce_bc_f32"] {
+        part_bc: Ptr<f32>,
+        n_blocks: i64,
+        rows: i64,
+        d_state: i64,
+        out: PtrMut<f32>,
+        ldo: i64,
+    }
+}
+
+kernel_params! {
+    /// `dst[i] += (Σ_b part[b, i]) · (a_log ? −exp(a_log[i]) : 1)`, batch rows in order.
+    ScanReduceBatchF32 => ["scan_reduce_batch_f32"] {
+        part: Ptr<f32>,
+        batch: i64,
+        m: i64,
+        dst: PtrMut<f32>,
+        a_log: Ptr<f32>,
+    }
+}
+
+pub(crate) fn kernels() -> Vec<KernelInfo> {
+    let mut v: Vec<KernelInfo> = info::<SelectiveScanFwdF32>().collect();
+    v.extend(info::<SelectiveScanBwdF32>());
+    v.extend(info::<ScanReduceBcF32>());
+    v.extend(info::<ScanReduceBatchF32>());
+    v
+}
+
+/// The text of `gpu/kernels/selective_scan.cuh`.
+pub fn params_cuh() -> String {
+    cuh(
+        "selective_scan",
+        &[
+            ScanInF32::c_struct,
+            SelectiveScanFwdF32::c_struct,
+            SelectiveScanBwdF32::c_struct,
+            ScanReduceBcF32::c_struct,
+            ScanReduceBatchF32::c_struct,
+        ],
+    )
+}
+
+/// Launches `selective_scan_fwd_f32`.
+///
+/// # Safety
+/// `u`, `delta` hold `batch * seq_len * d_inner` f32; `xbc` `batch * seq_len` rows at stride
+/// `ldbc` with `col_b + 2 d_state` columns; `z` (where not null) as many rows at stride `ldz`;
+/// `a_log` `d_inner * d_state`, `dvec`, `dt_bias` `d_inner` f32; `starts` `batch * seq_len`
+/// i32; `h0`, `last` (where not null) `batch * d_inner * d_state` f32; `out` `batch * seq_len
+/// * d_inner` f32; `chunk_states` (where not null) `batch * n_chunks * d_state * d_inner` f32
+/// with the chunk the kernels were built for; `d_state` at most the build's `d_state_pad`.
+pub unsafe fn selective_scan_fwd(dev: &Dev, p: &SelectiveScanFwdF32) -> Result<()> {
+    let grid = (scan_blocks(p.d_inner as usize) as u32, p.batch as u32, 1);
+    // SAFETY: the caller's contract is the kernel's.
+    unsafe { dev.launch(grid, SCAN_FWD_THREADS as u32, 0, p) }
+}
+
+/// Launches the scan backward build this process uses ([`scan_bwd_kernel`]).
+///
+/// # Safety
+/// See [`selective_scan_bwd_build`].
+pub unsafe fn selective_scan_bwd(dev: &Dev, p: &SelectiveScanBwdF32) -> Result<()> {
+    // SAFETY: the caller's contract.
+    unsafe { selective_scan_bwd_build(dev, scan_bwd_kernel(), p) }
+}
+
+/// Launches the scan backward build `kernel` (`selective_scan_bwd_f32` or
+/// `selective_scan_bwd_2b_f32`).
+///
+/// # Safety
+/// The scan inputs as in [`selective_scan_fwd`]; `chunk_states` as the forward wrote them for
+/// the same inputs; `dout`, `du_out`, `ddelta_out` hold `batch * seq_len * d_inner` f32;
+/// `dz_out` (where `z` is not null) `batch * seq_len` rows at stride `ldz_out`; `part_bc`
+/// `scan_blocks(d_inner) * batch * seq_len * 2 d_state`, `part_a`, `dh0` (where not null)
+/// `batch * d_inner * d_state`, `part_d`, `part_db` `batch * d_inner` f32.
+pub unsafe fn selective_scan_bwd_build(
+    dev: &Dev,
+    kernel: &'static str,
+    p: &SelectiveScanBwdF32,
+) -> Result<()> {
+    let grid = (scan_blocks(p.d_inner as usize) as u32, p.batch as u32, 1);
+    let smem = scan_bwd_smem(dev.shape) as u32;
+    // SAFETY: the caller's contract is the kernel's.
+    unsafe { dev.launch_build(kernel, grid, SCAN_THREADS as u32, smem, p) }
+}
+
+/// Launches `scan_reduce_bc_f32`.
+///
+/// # Safety
+/// `part_bc` holds `n_blocks * rows * 2 d_state` f32; `out` `rows` rows at stride `ldo` of at
+/// least `2 d_state` f32.
+pub unsafe fn scan_reduce_bc(dev: &Dev, p: &ScanReduceBcF32) -> Result<()> {
+    let grid = dev.grid1d((p.rows * 2 * p.d_state) as usize);
+    // SAFETY: the caller's contract is the kernel's.
+    unsafe { dev.launch(grid, 256, 0, p) }
+}
+
+/// Launches `scan_reduce_batch_f32`.
+///
+/// # Safety
+/// `part` holds `batch * m` f32, `dst` (and `a_log` where not null) `m` f32.
+pub unsafe fn scan_reduce_batch(dev: &Dev, p: &ScanReduceBatchF32) -> Result<()> {
+    // SAFETY: the caller's contract is the kernel's.
+    unsafe { dev.launch(dev.grid1d(p.m as usize), 256, 0, p) }
+}
