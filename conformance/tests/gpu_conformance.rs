@@ -221,17 +221,39 @@ fn check_case(
         tokens: &inp.tokens,
         resets: inp.resets.as_deref(),
     };
-    let name = case.name;
-    let cast = |v: &[f64]| v.to_vec();
+    let g = g.as_mut();
+    check_forward(g, &mut r, &batch, &inp, case.name, t, rows);
+    check_training(g, &mut r, &batch, &inp, case, precision, t, rows);
+    check_adamw(g, &mut r, case.name, t, rows);
+    let mut rng = Rng::new(seed_of(case.name) ^ 0xdec0de);
+    let toks = &inp.tokens[..case.seq_len];
+    check_decode(g, &mut r, &mut rng, case, toks, t, rows);
+    check_held(g, &mut r, &mut rng, case, toks, t, rows);
+    true
+}
+
+/// f32 values as f64, to compare with the f64 reference.
+fn f(v: &[f32]) -> Vec<f64> {
+    v.iter().map(|&x| x as f64).collect()
+}
+
+/// Logits and the final state of a forward.
+fn check_forward(
+    g: &mut dyn TrainingEngine,
+    r: &mut ReferenceEngine<f64>,
+    batch: &Batch,
+    inp: &Inputs,
+    name: &str,
+    t: Tols,
+    rows: &mut Vec<Row>,
+) {
     // forward
-    let (gl, gs) = g.forward(&batch, inp.state.as_ref()).unwrap();
-    let (rl, rs) = r.forward(&batch, inp.state.as_ref()).unwrap();
+    let (gl, gs) = g.forward(batch, inp.state.as_ref()).unwrap();
+    let (rl, rs) = r.forward(batch, inp.state.as_ref()).unwrap();
     let rl64: Vec<f64> = rl.data.iter().map(|&v| v as f64).collect();
-    let _ = cast;
     // The f64 reference returns f32 through the Engine API; that rounding (≤ 6e-8) is far
     // below every limit.
     cmp(rows, format!("{name}: logits"), &gl.data, &rl64, t.fwd);
-    let f = |v: &[f32]| v.iter().map(|&x| x as f64).collect::<Vec<f64>>();
     cmp(
         rows,
         format!("{name}: final conv state"),
@@ -246,6 +268,21 @@ fn check_case(
         &f(&rs.ssm.data),
         t.fwd,
     );
+}
+
+/// Loss, every gradient and the initial state's gradient.
+#[allow(clippy::too_many_arguments)]
+fn check_training(
+    g: &mut dyn TrainingEngine,
+    r: &mut ReferenceEngine<f64>,
+    batch: &Batch,
+    inp: &Inputs,
+    case: &Case,
+    precision: gpu::Precision,
+    t: Tols,
+    rows: &mut Vec<Row>,
+) {
+    let name = case.name;
     // loss + backward (grad_scale 0.5 checks the scaling; fp16 mode reads grad_scale as the
     // loss scale and divides it out in the optimizer step, so it gets 1)
     let gscale = if precision == gpu::Precision::Fp16 {
@@ -255,7 +292,7 @@ fn check_case(
     };
     let lg = g
         .loss_and_backward(
-            &batch,
+            batch,
             &inp.targets,
             inp.mask.as_deref(),
             inp.state.as_ref(),
@@ -264,7 +301,7 @@ fn check_case(
         .unwrap();
     let lr = r
         .loss_and_backward(
-            &batch,
+            batch,
             &inp.targets,
             inp.mask.as_deref(),
             inp.state.as_ref(),
@@ -310,6 +347,17 @@ fn check_case(
             t.grad,
         );
     }
+}
+
+/// One AdamW step with clipping (max norm 0.1 is below these gradients' norms): the norm,
+/// the step's stats, and (f32) the parameters and the first moment after it.
+fn check_adamw(
+    g: &mut dyn TrainingEngine,
+    r: &mut ReferenceEngine<f64>,
+    name: &str,
+    t: Tols,
+    rows: &mut Vec<Row>,
+) {
     // AdamW step (clipping on: max norm 0.1 is below these gradients' norms)
     let hp = AdamWConfig {
         max_grad_norm: Some(0.1),
@@ -356,13 +404,26 @@ fn check_case(
         let rmv: Vec<f64> = rm.m.iter().flat_map(|(_, t)| f(&t.data)).collect();
         cmp(rows, format!("{name}: AdamW m"), &gm, &rmv, t.grad);
     }
+}
+
+/// Decode steps from a random state (one row reset on the second step), and prefill of row 0.
+#[allow(clippy::too_many_arguments)]
+fn check_decode(
+    g: &mut dyn TrainingEngine,
+    r: &mut ReferenceEngine<f64>,
+    rng: &mut Rng,
+    case: &Case,
+    toks: &[u32],
+    t: Tols,
+    rows: &mut Vec<Row>,
+) {
+    let (name, cfg) = (case.name, case.model.config());
     // decode steps from a random state, one row reset on the second step
-    let mut rng = Rng::new(seed_of(name) ^ 0xdec0de);
-    let mut s_g: State<f32> = random_state(&mut rng, &cfg, case.batch);
+    let mut s_g: State<f32> = random_state(rng, &cfg, case.batch);
     let mut s_r = s_g.clone();
     let mut logits = vec![0f32; case.batch * cfg.vocab_size];
     for k in 0..3 {
-        let toks = random_tokens(&mut rng, &cfg, case.batch);
+        let toks = random_tokens(rng, &cfg, case.batch);
         let resets: Vec<bool> = (0..case.batch).map(|b| k == 1 && b == 0).collect();
         g.step_into(&toks, Some(&resets), &mut s_g, &mut logits)
             .unwrap();
@@ -383,8 +444,7 @@ fn check_case(
         );
     }
     // prefill of row 0 from a random state
-    let toks = &inp.tokens[..case.seq_len];
-    let mut s_g: State<f32> = random_state(&mut rng, &cfg, 1);
+    let mut s_g: State<f32> = random_state(rng, &cfg, 1);
     let mut s_r = s_g.clone();
     let mut lg1 = vec![0f32; cfg.vocab_size];
     let mut lr1 = vec![0f32; cfg.vocab_size];
@@ -404,10 +464,27 @@ fn check_case(
         &f(&s_r.conv.data),
         t.fwd,
     );
+}
+
+/// A state held in device memory, against the reference and the host-state path.
+#[allow(clippy::too_many_arguments)]
+fn check_held(
+    g: &mut dyn TrainingEngine,
+    r: &mut ReferenceEngine<f64>,
+    rng: &mut Rng,
+    case: &Case,
+    toks: &[u32],
+    t: Tols,
+    rows: &mut Vec<Row>,
+) {
+    let (name, cfg) = (case.name, case.model.config());
+    let mut logits = vec![0f32; case.batch * cfg.vocab_size];
+    let mut lg1 = vec![0f32; cfg.vocab_size];
+    let mut lr1 = vec![0f32; cfg.vocab_size];
     // A state held in device memory: steps with a reset against the reference and against
     // the host-state path of the same engine (same kernels: the same bits), then read back.
-    let st0: State<f32> = random_state(&mut rng, &cfg, case.batch);
-    let mut held = DecodeState::new(g.as_mut(), st0.clone()).unwrap();
+    let st0: State<f32> = random_state(rng, &cfg, case.batch);
+    let mut held = DecodeState::new(&mut *g, st0.clone()).unwrap();
     assert!(
         held.is_held(),
         "{name}: the CUDA engine holds decode states"
@@ -415,11 +492,11 @@ fn check_case(
     let (mut s_r, mut s_h) = (st0.clone(), st0);
     let mut host_logits = vec![0f32; case.batch * cfg.vocab_size];
     for k in 0..3 {
-        let toks = random_tokens(&mut rng, &cfg, case.batch);
+        let toks = random_tokens(rng, &cfg, case.batch);
         let resets: Vec<bool> = (0..case.batch)
             .map(|b| k == 2 && b == case.batch - 1)
             .collect();
-        held.step(g.as_mut(), &toks, Some(&resets), &mut logits)
+        held.step(&mut *g, &toks, Some(&resets), &mut logits)
             .unwrap();
         g.step_into(&toks, Some(&resets), &mut s_h, &mut host_logits)
             .unwrap();
@@ -439,7 +516,7 @@ fn check_case(
             t.fwd,
         );
     }
-    let got = held.state(g.as_mut()).unwrap().clone();
+    let got = held.state(&mut *g).unwrap().clone();
     assert_eq!(
         got, s_h,
         "{name}: held state read back differs from the host path"
@@ -459,14 +536,14 @@ fn check_case(
         t.fwd,
     );
     // Prefill then steps of one sequence on a held state; the first ticket is now stale.
-    let mut one = DecodeState::zeros(g.as_mut(), 1).unwrap();
-    let stale = held.step(g.as_mut(), &vec![0; case.batch], None, &mut logits);
+    let mut one = DecodeState::zeros(&mut *g, 1).unwrap();
+    let stale = held.step(&mut *g, &vec![0; case.batch], None, &mut logits);
     assert!(
         stale.is_err(),
         "{name}: a replaced held state still stepped"
     );
     let mut s_r = State::zeros(&cfg, 1);
-    one.prefill(g.as_mut(), toks, &mut lg1).unwrap();
+    one.prefill(&mut *g, toks, &mut lg1).unwrap();
     r.prefill(toks, &mut s_r, &mut lr1).unwrap();
     cmp(
         rows,
@@ -476,8 +553,8 @@ fn check_case(
         t.fwd,
     );
     for k in 0..2 {
-        let tk = random_tokens(&mut rng, &cfg, 1);
-        one.step(g.as_mut(), &tk, None, &mut lg1).unwrap();
+        let tk = random_tokens(rng, &cfg, 1);
+        one.step(&mut *g, &tk, None, &mut lg1).unwrap();
         let want = r.step(&tk, None, &mut s_r).unwrap();
         cmp(
             rows,
@@ -487,7 +564,7 @@ fn check_case(
             t.fwd,
         );
     }
-    let got = one.state(g.as_mut()).unwrap();
+    let got = one.state(&mut *g).unwrap();
     cmp(
         rows,
         format!("{name}: held prefill+steps ssm state"),
@@ -495,7 +572,6 @@ fn check_case(
         &f(&s_r.ssm.data),
         t.fwd,
     );
-    true
 }
 
 fn check_all(test: &str, precision: gpu::Precision, t: Tols, only: Option<&[&str]>) {

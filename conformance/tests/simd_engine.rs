@@ -44,6 +44,63 @@ fn models() -> Vec<SmallModel> {
     ]
 }
 
+/// One micro-batch with resets, a mask and an initial state into both engines' gradients:
+/// the loss and the state gradients agree.
+fn micro_batch(
+    want: &mut ReferenceEngine<f32>,
+    got: &mut SimdEngine,
+    rng: &mut Rng,
+    cfg: &reference::MambaConfig,
+    (mi, micro): (usize, usize),
+) {
+    let (b, l) = (2, 41);
+    let tokens = random_tokens(rng, cfg, b * (l + 1));
+    let resets = random_flags(rng, b * l, 0.05);
+    let state = random_state::<f32>(rng, cfg, b);
+    let (targets, mut mask) = next_token_targets(&tokens, b, l);
+    for (i, m) in mask.iter_mut().enumerate() {
+        *m &= i % 7 != 3;
+    }
+    let inputs: Vec<u32> = (0..b)
+        .flat_map(|r| tokens[r * (l + 1)..r * (l + 1) + l].to_vec())
+        .collect();
+    let batch = Batch {
+        batch: b,
+        seq_len: l,
+        tokens: &inputs,
+        resets: Some(&resets),
+    };
+    let wl = want
+        .loss_and_backward(&batch, &targets, Some(&mask), Some(&state), 0.5)
+        .unwrap();
+    let gl = got
+        .loss_and_backward(&batch, &targets, Some(&mask), Some(&state), 0.5)
+        .unwrap();
+    let what = format!("model {mi} micro-batch {micro}");
+    assert_close(
+        &format!("{what} loss"),
+        &[1],
+        &[gl.loss],
+        &[wl.loss],
+        SIMD_CE_LOSS_F32,
+    );
+    assert_eq!(gl.n_targets, wl.n_targets);
+    assert_close(
+        &format!("{what} d state.ssm"),
+        &wl.grad_state.ssm.shape,
+        &gl.grad_state.ssm.data,
+        &wl.grad_state.ssm.data,
+        SIMD_BACKWARD_STATE_F32,
+    );
+    assert_close(
+        &format!("{what} d state.conv"),
+        &wl.grad_state.conv.shape,
+        &gl.grad_state.conv.data,
+        &wl.grad_state.conv.data,
+        SIMD_BACKWARD_STATE_F32,
+    );
+}
+
 /// Two accumulated micro-batches with resets, a mask and an initial state, then an AdamW step
 /// and a second forward: loss, every gradient, the state gradient and the updated parameters
 /// and logits agree with the reference.
@@ -53,7 +110,6 @@ fn training_steps_match_the_reference() {
         let cfg = m.config();
         let params = random_params::<f32>(&cfg, 900 + mi as u64);
         let mut rng = Rng::new(17 + mi as u64);
-        let (b, l) = (2, 41);
         let hp = AdamWConfig::default();
         let mut want = ReferenceEngine::new(cfg.clone(), params.clone());
         let mut got = SimdEngine::new(
@@ -66,51 +122,7 @@ fn training_steps_match_the_reference() {
         )
         .unwrap();
         for micro in 0..2 {
-            let tokens = random_tokens(&mut rng, &cfg, b * (l + 1));
-            let resets = random_flags(&mut rng, b * l, 0.05);
-            let state = random_state::<f32>(&mut rng, &cfg, b);
-            let (targets, mut mask) = next_token_targets(&tokens, b, l);
-            for (i, m) in mask.iter_mut().enumerate() {
-                *m &= i % 7 != 3;
-            }
-            let inputs: Vec<u32> = (0..b)
-                .flat_map(|r| tokens[r * (l + 1)..r * (l + 1) + l].to_vec())
-                .collect();
-            let batch = Batch {
-                batch: b,
-                seq_len: l,
-                tokens: &inputs,
-                resets: Some(&resets),
-            };
-            let wl = want
-                .loss_and_backward(&batch, &targets, Some(&mask), Some(&state), 0.5)
-                .unwrap();
-            let gl = got
-                .loss_and_backward(&batch, &targets, Some(&mask), Some(&state), 0.5)
-                .unwrap();
-            let what = format!("model {mi} micro-batch {micro}");
-            assert_close(
-                &format!("{what} loss"),
-                &[1],
-                &[gl.loss],
-                &[wl.loss],
-                SIMD_CE_LOSS_F32,
-            );
-            assert_eq!(gl.n_targets, wl.n_targets);
-            assert_close(
-                &format!("{what} d state.ssm"),
-                &wl.grad_state.ssm.shape,
-                &gl.grad_state.ssm.data,
-                &wl.grad_state.ssm.data,
-                SIMD_BACKWARD_STATE_F32,
-            );
-            assert_close(
-                &format!("{what} d state.conv"),
-                &wl.grad_state.conv.shape,
-                &gl.grad_state.conv.data,
-                &wl.grad_state.conv.data,
-                SIMD_BACKWARD_STATE_F32,
-            );
+            micro_batch(&mut want, &mut got, &mut rng, &cfg, (mi, micro));
         }
         for ((name, g), (_, w)) in got
             .gradients()
