@@ -54,6 +54,11 @@ pub fn load_weights(
     cfg: &MambaConfig,
     dtype: WeightDtype,
 ) -> reference::Result<Weights> {
+    if is_torch_checkpoint(dir) {
+        // A torch pickle cannot be mapped: read it to f32 (checked like a safetensors file).
+        let params = reference::io::load_params::<f32>(dir, cfg)?;
+        return Ok(Weights::from_params(cfg, &params, dtype));
+    }
     let (path, meta, list) = list_tensors(dir)?;
     if meta.get(QUANT_KEY).map(String::as_str) == Some(QUANT_INT8) {
         return load_int8(&path, cfg, dtype, list);
@@ -67,6 +72,16 @@ pub fn load_weights(
         |l| f32s(&map, l),
         |l| mat(&map, l, dtype),
     ))
+}
+
+/// Whether `dir` (or the file `dir`) holds a torch `pytorch_model.bin` and no
+/// `model.safetensors`.
+fn is_torch_checkpoint(dir: &Path) -> bool {
+    if dir.is_dir() {
+        !dir.join("model.safetensors").exists() && dir.join("pytorch_model.bin").is_file()
+    } else {
+        reference::io::is_torch_file(dir)
+    }
 }
 
 /// Builds the weights from locations in canonical parameter order.

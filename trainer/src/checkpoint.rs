@@ -18,7 +18,8 @@ pub struct Checkpoint {
     pub params: Params<f32>,
 }
 
-/// Reads `dir/config.json` and `dir/model.safetensors`.
+/// Reads `dir/config.json` and `dir/model.safetensors` (or, when that is absent, mamba_ssm's
+/// `dir/pytorch_model.bin`).
 pub fn load(dir: &Path) -> Result<Checkpoint> {
     if dir.is_file() {
         bail!(
@@ -31,7 +32,7 @@ pub fn load(dir: &Path) -> Result<Checkpoint> {
     }
     let config = MambaConfig::load(&dir.join("config.json"))
         .with_context(|| format!("loading checkpoint {}", dir.display()))?;
-    let params = load_params(&dir.join("model.safetensors"), &config)
+    let params = load_params(dir, &config)
         .with_context(|| format!("loading checkpoint {}", dir.display()))?;
     Ok(Checkpoint {
         dir: dir.to_path_buf(),

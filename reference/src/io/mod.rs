@@ -25,7 +25,11 @@ use paths::{ckpt_err, model_file};
 pub use write::{save_params, write_tensors, write_tensors_with_metadata, SaveDtype, TensorOut};
 
 mod paths;
+mod torch;
+pub mod torch_pickle;
 mod write;
+
+pub use torch::is_torch_file;
 
 /// Kept for callers of the old path; the atomic write lives in [`crate::fs`].
 pub use crate::fs::atomic_write;
@@ -255,17 +259,24 @@ pub fn read_i64(path: &Path, name: &str) -> Result<(Vec<usize>, Vec<i64>)> {
 
 /// Maps each canonical parameter name to the name it has in the file: accepts mamba_ssm's
 /// `backbone.embedding.weight` and ignores `lm_head.weight` when the config ties it.
-fn canonical_names(path: &Path, h: &Header, cfg: &MambaConfig) -> Result<HashMap<String, String>> {
+fn canonical_names<'a>(
+    path: &Path,
+    file_names: impl Iterator<Item = &'a str>,
+    cfg: &MambaConfig,
+) -> Result<HashMap<String, String>> {
     let mut map = HashMap::new();
-    for (name, _) in &h.entries {
+    for name in file_names {
         let canonical = if name == MAMBA_SSM_EMBEDDING {
             EMBEDDING
         } else if name == LM_HEAD && cfg.tie_embeddings {
             continue;
         } else {
-            name.as_str()
+            name
         };
-        if map.insert(canonical.to_string(), name.clone()).is_some() {
+        if map
+            .insert(canonical.to_string(), name.to_string())
+            .is_some()
+        {
             return Err(ckpt_err(
                 path,
                 format!("holds both `{EMBEDDING}` and `{MAMBA_SSM_EMBEDDING}`"),
@@ -275,26 +286,28 @@ fn canonical_names(path: &Path, h: &Header, cfg: &MambaConfig) -> Result<HashMap
     Ok(map)
 }
 
-/// Checks the file's tensors against [`param_specs`]; one error lists every problem.
+/// Checks the file's tensors (`info` gives a file name's dtype and shape) against
+/// [`param_specs`]; one error lists every problem.
 fn check_against_specs(
-    h: &Header,
+    path: &Path,
     names: &HashMap<String, String>,
     specs: &[(String, Vec<usize>)],
+    info: impl Fn(&str) -> Option<(Dtype, Vec<usize>)>,
 ) -> Result<()> {
     let expected: HashSet<&str> = specs.iter().map(|(n, _)| n.as_str()).collect();
     let mut missing = Vec::new();
     let mut shapes = Vec::new();
     let mut dtypes = Vec::new();
     for (name, shape) in specs {
-        let Some(info) = names.get(name).and_then(|file_name| h.info(file_name)) else {
+        let Some((dtype, got)) = names.get(name).and_then(|file_name| info(file_name)) else {
             missing.push(name.clone());
             continue;
         };
-        if &info.shape != shape {
-            shapes.push(format!("{name}: got {:?}, expected {shape:?}", info.shape));
+        if &got != shape {
+            shapes.push(format!("{name}: got {got:?}, expected {shape:?}"));
         }
-        if !is_float_dtype(info.dtype) {
-            dtypes.push(format!("{name}: {}", info.dtype));
+        if !is_float_dtype(dtype) {
+            dtypes.push(format!("{name}: {dtype}"));
         }
     }
     let mut unexpected: Vec<&String> = names
@@ -324,24 +337,31 @@ fn check_against_specs(
         Ok(())
     } else {
         Err(ckpt_err(
-            &h.path,
+            path,
             format!("does not match the config: {}", problems.join("; ")),
         ))
     }
 }
 
 /// Loads the parameters of `cfg` from a safetensors file (or `path/model.safetensors` when
-/// `path` is a directory), converting to `T`. Accepts mamba_ssm's `backbone.embedding.weight`;
+/// `path` is a directory), converting to `T`. A torch `pytorch_model.bin` (the file, or a
+/// directory holding it and no `model.safetensors`) is read by [`torch`] and goes through the
+/// same name and shape checks. Accepts mamba_ssm's `backbone.embedding.weight`;
 /// ignores `lm_head.weight` when the config ties it to the embedding. Missing, unexpected and
 /// wrongly shaped tensors are reported together in one error.
 pub fn load_params<T: Float>(path: &Path, cfg: &MambaConfig) -> Result<Params<T>> {
     cfg.validate()?;
     let path = model_file(path);
+    if is_torch_file(&path) {
+        return load_torch_params(&path, cfg);
+    }
     let mut h = Header::open(&path)?;
-    let names = canonical_names(&path, &h, cfg)?;
+    let names = canonical_names(&path, h.entries.iter().map(|(n, _)| n.as_str()), cfg)?;
     check_fits(&path, cfg, h.data_len()?, 2)?;
     let specs = param_specs(cfg);
-    check_against_specs(&h, &names, &specs)?;
+    check_against_specs(&path, &names, &specs, |n| {
+        h.info(n).map(|i| (i.dtype, i.shape.clone()))
+    })?;
     let mut tensors = Vec::with_capacity(specs.len());
     for (name, _) in &specs {
         let missing = || ckpt_err(&path, format!("tensor `{name}` is missing"));
@@ -350,6 +370,29 @@ pub fn load_params<T: Float>(path: &Path, cfg: &MambaConfig) -> Result<Params<T>
         tensors.push(h.read_float::<T>(file_name, &info)?);
     }
     Ok(Params::from_ordered(cfg, tensors))
+}
+
+/// [`load_params`] for a `torch.save` zip: the tensors are read as f32 first.
+fn load_torch_params<T: Float>(path: &Path, cfg: &MambaConfig) -> Result<Params<T>> {
+    let tensors = torch::read_state_dict(path)?;
+    let names = canonical_names(path, tensors.iter().map(|(n, _, _)| n.as_str()), cfg)?;
+    let mut by_name: HashMap<String, (Dtype, Tensor<f32>)> =
+        tensors.into_iter().map(|(n, d, t)| (n, (d, t))).collect();
+    let specs = param_specs(cfg);
+    check_against_specs(path, &names, &specs, |n| {
+        by_name.get(n).map(|(d, t)| (*d, t.shape.clone()))
+    })?;
+    let mut out = Vec::with_capacity(specs.len());
+    for (name, _) in &specs {
+        let missing = || ckpt_err(path, format!("tensor `{name}` is missing"));
+        let file_name = names.get(name).ok_or_else(missing)?;
+        let (_, t) = by_name.remove(file_name).ok_or_else(missing)?;
+        out.push(Tensor {
+            shape: t.shape,
+            data: t.data.into_iter().map(T::from_f32).collect(),
+        });
+    }
+    Ok(Params::from_ordered(cfg, out))
 }
 
 /// Where one parameter's bytes lie in a safetensors file (see [`locate_params`]).
@@ -372,10 +415,12 @@ pub fn locate_params(path: &Path, cfg: &MambaConfig) -> Result<(PathBuf, Vec<Ten
     cfg.validate()?;
     let path = model_file(path);
     let h = Header::open(&path)?;
-    let names = canonical_names(&path, &h, cfg)?;
+    let names = canonical_names(&path, h.entries.iter().map(|(n, _)| n.as_str()), cfg)?;
     check_fits(&path, cfg, h.data_len()?, 2)?;
     let specs = param_specs(cfg);
-    check_against_specs(&h, &names, &specs)?;
+    check_against_specs(&path, &names, &specs, |n| {
+        h.info(n).map(|i| (i.dtype, i.shape.clone()))
+    })?;
     let mut out = Vec::with_capacity(specs.len());
     for (name, _) in &specs {
         let missing = || ckpt_err(&path, format!("tensor `{name}` is missing"));

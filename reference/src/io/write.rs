@@ -8,7 +8,7 @@ use std::path::Path;
 use half::{bf16, f16};
 use safetensors::{Dtype, View};
 
-use super::paths::{ckpt_err, model_file};
+use super::paths::{ckpt_err, safetensors_file};
 use crate::config::MambaConfig;
 use crate::error::{Error, Result};
 use crate::float::Float;
@@ -148,7 +148,7 @@ pub fn save_params<T: Float>(
     params: &Params<T>,
     dtype: SaveDtype,
 ) -> Result<()> {
-    let path = model_file(path);
+    let path = safetensors_file(path);
     let specs = param_specs(cfg);
     let tensors = params.tensors();
     if specs.len() != tensors.len() {

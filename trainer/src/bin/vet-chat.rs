@@ -170,10 +170,17 @@ fn check_checkpoint(dir: &Path, tokenizer: bool) -> Result<()> {
     if !dir.is_dir() {
         bail!("checkpoint {}: no such directory", dir.display());
     }
+    // mamba_ssm's save_pretrained writes pytorch_model.bin instead of model.safetensors.
+    let weights =
+        if !dir.join("model.safetensors").exists() && dir.join("pytorch_model.bin").is_file() {
+            "pytorch_model.bin"
+        } else {
+            "model.safetensors"
+        };
     let files: &[&str] = if tokenizer {
-        &["config.json", "model.safetensors", "tokenizer.json"]
+        &["config.json", weights, "tokenizer.json"]
     } else {
-        &["config.json", "model.safetensors"]
+        &["config.json", weights]
     };
     for f in files {
         let path = dir.join(f);
