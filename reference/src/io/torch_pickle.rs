@@ -273,49 +273,7 @@ impl<'a> Machine<'a> {
             0x95 => {
                 self.u64()?; // FRAME: a length hint
             }
-            b'}' => self.push(Value::Dict(Vec::new()))?,
-            b']' => self.push(Value::List(Vec::new()))?,
-            b')' => self.push(Value::Tuple(Vec::new()))?,
             b'(' => self.stack.push(Value::Mark),
-            b'X' => {
-                let n = self.u32()?;
-                let s = self.string(n)?;
-                self.push(s)?;
-            }
-            0x8c => {
-                let n = self.u8()?;
-                let s = self.string(n)?;
-                self.push(s)?;
-            }
-            0x8d => {
-                let n = usize::try_from(self.u64()?).map_err(|_| "string too long")?;
-                let s = self.string(n)?;
-                self.push(s)?;
-            }
-            b'J' => {
-                let b = self.take(4)?;
-                self.push(Value::Int(
-                    i32::from_le_bytes([b[0], b[1], b[2], b[3]]).into(),
-                ))?;
-            }
-            b'K' => {
-                let v = self.u8()?;
-                self.push(Value::Int(v as i64))?;
-            }
-            b'M' => {
-                let b = self.take(2)?;
-                self.push(Value::Int(u16::from_le_bytes([b[0], b[1]]).into()))?;
-            }
-            0x8a => self.long1()?,
-            b'G' => {
-                let b = self.take(8)?;
-                let mut a = [0u8; 8];
-                a.copy_from_slice(b);
-                self.push(Value::Float(f64::from_be_bytes(a)))?;
-            }
-            0x88 => self.push(Value::Bool(true))?,
-            0x89 => self.push(Value::Bool(false))?,
-            b'N' => self.push(Value::None)?,
             b't' => {
                 let items = self.pop_mark()?;
                 self.push(Value::Tuple(items))?;
@@ -329,26 +287,7 @@ impl<'a> Machine<'a> {
                 let items = self.stack.split_off(self.stack.len() - n);
                 self.push(Value::Tuple(items))?;
             }
-            b'q' => {
-                let k = self.u8()?;
-                self.memo_put(k)?;
-            }
-            b'r' => {
-                let k = self.u32()?;
-                self.memo_put(k)?;
-            }
-            0x94 => {
-                let k = self.memo.len();
-                self.memo_put(k)?;
-            }
-            b'h' => {
-                let k = self.u8()?;
-                self.memo_get(k)?;
-            }
-            b'j' => {
-                let k = self.u32()?;
-                self.memo_get(k)?;
-            }
+            b'q' | b'r' | 0x94 | b'h' | b'j' => self.memo_op(op)?,
             b's' => {
                 let v = self.pop()?;
                 let k = self.pop()?;
@@ -393,12 +332,85 @@ impl<'a> Machine<'a> {
                 let v = persistent(pid)?;
                 self.push(v)?;
             }
-            _ => return Err(format!("opcode 0x{op:02x} is not one a state dict uses")),
+            _ => match self.literal(op)? {
+                Some(v) => self.push(v)?,
+                None => return Err(format!("opcode 0x{op:02x} is not one a state dict uses")),
+            },
         }
         Ok(())
     }
 
-    fn long1(&mut self) -> Result<(), String> {
+    /// BINPUT, LONG_BINPUT, MEMOIZE, BINGET, LONG_BINGET.
+    fn memo_op(&mut self, op: u8) -> Result<(), String> {
+        match op {
+            b'q' => {
+                let k = self.u8()?;
+                self.memo_put(k)?;
+            }
+            b'r' => {
+                let k = self.u32()?;
+                self.memo_put(k)?;
+            }
+            0x94 => {
+                let k = self.memo.len();
+                self.memo_put(k)?;
+            }
+            b'h' => {
+                let k = self.u8()?;
+                self.memo_get(k)?;
+            }
+            b'j' => {
+                let k = self.u32()?;
+                self.memo_get(k)?;
+            }
+            _ => return Err(format!("opcode 0x{op:02x} is not a memo opcode")),
+        }
+        Ok(())
+    }
+
+    /// The value an opcode that pushes a constant (or an empty container) pushes, or `None`
+    /// for another opcode.
+    fn literal(&mut self, op: u8) -> Result<Option<Value>, String> {
+        Ok(Some(match op {
+            b'}' => Value::Dict(Vec::new()),
+            b']' => Value::List(Vec::new()),
+            b')' => Value::Tuple(Vec::new()),
+            b'X' => {
+                let n = self.u32()?;
+                self.string(n)?
+            }
+            0x8c => {
+                let n = self.u8()?;
+                self.string(n)?
+            }
+            0x8d => {
+                let n = usize::try_from(self.u64()?).map_err(|_| "string too long")?;
+                self.string(n)?
+            }
+            b'J' => {
+                let b = self.take(4)?;
+                Value::Int(i32::from_le_bytes([b[0], b[1], b[2], b[3]]).into())
+            }
+            b'K' => Value::Int(self.u8()? as i64),
+            b'M' => {
+                let b = self.take(2)?;
+                Value::Int(u16::from_le_bytes([b[0], b[1]]).into())
+            }
+            0x8a => self.long1()?,
+            b'G' => {
+                let b = self.take(8)?;
+                let mut a = [0u8; 8];
+                a.copy_from_slice(b);
+                Value::Float(f64::from_be_bytes(a))
+            }
+            0x88 => Value::Bool(true),
+            0x89 => Value::Bool(false),
+            b'N' => Value::None,
+            _ => return Ok(None),
+        }))
+    }
+
+    fn long1(&mut self) -> Result<Value, String> {
         let n = self.u8()?;
         let b = self.take(n)?;
         if n > 8 {
@@ -410,11 +422,11 @@ impl<'a> Machine<'a> {
             [0u8; 8]
         };
         a[..n].copy_from_slice(b);
-        self.push(Value::Int(i64::from_le_bytes(a)))
+        Ok(Value::Int(i64::from_le_bytes(a)))
     }
 
     fn set_items(&mut self, items: Vec<Value>) -> Result<(), String> {
-        if items.len() % 2 != 0 {
+        if items.len() & 1 == 1 {
             return Err("SETITEMS has an odd number of items".into());
         }
         let mut pairs = Vec::with_capacity(items.len() / 2);
