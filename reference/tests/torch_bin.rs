@@ -128,12 +128,34 @@ fn pickles_naming_other_globals_are_refused_by_name() {
 
 /// `{'w': _rebuild_tensor_v2(storage('0', FloatStorage, numel 4), offset, (4,), (1,), False, OrderedDict())}`
 fn one_tensor_pickle(offset: u8) -> Vec<u8> {
-    let mut p = b"\x80\x02ccollections\nOrderedDict\n)RX\x01\x00\x00\x00w".to_vec();
-    p.extend_from_slice(b"ctorch._utils\n_rebuild_tensor_v2\n(");
-    p.extend_from_slice(b"(X\x07\x00\x00\x00storagectorch\nFloatStorage\nX\x01\x00\x00\x000X\x03\x00\x00\x00cpuK\x04tQ");
-    p.extend_from_slice(&[b'K', offset]);
-    p.extend_from_slice(b"K\x04\x85K\x01\x85\x89ccollections\nOrderedDict\n)RtRs.");
+    let mut p = b"\x80\x02ccollections\nOrderedDict\n)R".to_vec();
+    p.extend_from_slice(&tensor_item(b'w', b"FloatStorage", 4, offset));
+    p.extend_from_slice(b"s.");
     p
+}
+
+/// `name`, `_rebuild_tensor_v2(storage('0', class, numel), offset, (4,), (1,), False, OrderedDict())`
+fn tensor_item(name: u8, class: &[u8], numel: u8, offset: u8) -> Vec<u8> {
+    let mut p = vec![b'X', 1, 0, 0, 0, name];
+    p.extend_from_slice(b"ctorch._utils\n_rebuild_tensor_v2\n(");
+    p.extend_from_slice(b"(X\x07\x00\x00\x00storagectorch\n");
+    p.extend_from_slice(class);
+    p.extend_from_slice(b"\nX\x01\x00\x00\x000X\x03\x00\x00\x00cpuK");
+    p.extend_from_slice(&[numel, b't', b'Q', b'K', offset]);
+    p.extend_from_slice(b"K\x04\x85K\x01\x85\x89ccollections\nOrderedDict\n)RtR");
+    p
+}
+
+#[test]
+fn a_storage_named_with_two_sizes_is_an_error() {
+    let mut p = b"\x80\x02ccollections\nOrderedDict\n)R(".to_vec();
+    p.extend_from_slice(&tensor_item(b'a', b"FloatStorage", 4, 0));
+    // The same storage key again, claiming 200 bf16 elements (it holds 16 bytes).
+    p.extend_from_slice(&tensor_item(b'b', b"BFloat16Storage", 200, 100));
+    p.extend_from_slice(b"u.");
+    let bytes: Vec<u8> = (0..16).collect();
+    let e = load_err(&torch_zip("twice", &p, &[("0", bytes)]));
+    assert!(e.contains("tensor `b`: storage 0 is 4 elements"), "{e}");
 }
 
 #[test]

@@ -71,7 +71,7 @@ pub(super) fn read_state_dict(path: &Path) -> Result<Vec<TorchTensor>> {
     let Value::Dict(items) = value else {
         return Err(ckpt_err(path, format!("{pkl} holds no dict of tensors")));
     };
-    let mut storages: HashMap<String, Vec<u8>> = HashMap::new();
+    let mut storages: HashMap<String, (StorageDtype, u64, Vec<u8>)> = HashMap::new();
     let mut out = Vec::with_capacity(items.len());
     for (k, v) in items {
         let (Value::Str(name), Value::Tensor(t)) = (k, v) else {
@@ -80,11 +80,24 @@ pub(super) fn read_state_dict(path: &Path) -> Result<Vec<TorchTensor>> {
                 format!("{pkl}: a state-dict entry is not a name and a tensor"),
             ));
         };
-        if !storages.contains_key(&t.key) {
-            let bytes = read_storage(&mut zip, path, &prefix, &t)?;
-            storages.insert(t.key.clone(), bytes);
+        match storages.get(&t.key) {
+            None => {
+                let bytes = read_storage(&mut zip, path, &prefix, &t)?;
+                storages.insert(t.key.clone(), (t.dtype, t.numel, bytes));
+            }
+            // A shared storage (a tied head) must be named the same way each time.
+            Some((dtype, numel, _)) if (*dtype, *numel) != (t.dtype, t.numel) => {
+                return Err(ckpt_err(
+                    path,
+                    format!(
+                        "tensor `{name}`: storage {} is {numel} elements of {dtype:?} elsewhere but {} of {:?} here",
+                        t.key, t.numel, t.dtype
+                    ),
+                ));
+            }
+            Some(_) => {}
         }
-        let tensor = materialize(&storages[&t.key], &t)
+        let tensor = materialize(&storages[&t.key].2, &t)
             .map_err(|e| ckpt_err(path, format!("tensor `{name}`: {e}")))?;
         let dtype = match t.dtype {
             StorageDtype::F32 => Dtype::F32,
@@ -184,7 +197,10 @@ fn materialize(storage: &[u8], t: &TensorRef) -> std::result::Result<Tensor<f32>
     let mut idx = vec![0u64; t.size.len()];
     for _ in 0..numel {
         let at = t.offset + idx.iter().zip(&t.stride).map(|(i, s)| i * s).sum::<u64>();
-        let b = &storage[at as usize * es..][..es];
+        let start = at as usize * es;
+        let b = storage
+            .get(start..start + es)
+            .ok_or_else(|| format!("element {at} is past the end of its storage"))?;
         data.push(match t.dtype {
             StorageDtype::F32 => f32::from_le_bytes([b[0], b[1], b[2], b[3]]),
             StorageDtype::F16 => f16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32(),
