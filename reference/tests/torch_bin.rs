@@ -226,3 +226,42 @@ proptest! {
         let _ = load_params::<f32>(&p, &tiny_cfg());
     }
 }
+
+/// The fixture's pickle and storages (`key`, bytes), out of its zip.
+fn fixture_entries() -> (Vec<u8>, Vec<(String, Vec<u8>)>) {
+    use std::io::Read;
+    let f = std::fs::File::open(fixtures().join("torch_bin/tiny/pytorch_model.bin")).unwrap();
+    let mut z = zip::ZipArchive::new(f).unwrap();
+    let mut read = |name: &str| {
+        let mut v = Vec::new();
+        z.by_name(name).unwrap().read_to_end(&mut v).unwrap();
+        v
+    };
+    let pkl = read("archive/data.pkl");
+    let storages = (0..21)
+        .map(|k| (k.to_string(), read(&format!("archive/data/{k}"))))
+        .collect();
+    (pkl, storages)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+    /// Damage inside the pickle itself (re-zipped, so the zip's CRC does not catch it first).
+    #[test]
+    fn damaged_pickles_are_errors_not_panics(
+        cut in proptest::option::of(0.0f64..1.0),
+        edits in proptest::collection::vec((0.0f64..1.0, any::<u8>()), 1..6),
+    ) {
+        let (mut pkl, storages) = fixture_entries();
+        for (at, b) in edits {
+            let i = ((at * pkl.len() as f64) as usize).min(pkl.len() - 1);
+            pkl[i] = b;
+        }
+        if let Some(c) = cut {
+            pkl.truncate((c * pkl.len() as f64) as usize);
+        }
+        let st: Vec<(&str, Vec<u8>)> = storages.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
+        let _ = load_params::<f32>(&torch_zip("fuzz-pkl", &pkl, &st), &tiny_cfg());
+    }
+}
