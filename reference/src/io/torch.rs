@@ -34,19 +34,7 @@ pub fn is_torch_file(path: &Path) -> bool {
 
 /// Every tensor of the state dict in a `torch.save` zip, in pickle order, as f32.
 pub(super) fn read_state_dict(path: &Path) -> Result<Vec<TorchTensor>> {
-    let file = File::open(path).map_err(|e| Error::io(path, e))?;
-    let mut zip = zip::ZipArchive::new(file).map_err(|e| {
-        let mut head = [0u8; 2];
-        let legacy = File::open(path)
-            .and_then(|mut f| f.read_exact(&mut head))
-            .is_ok()
-            && head[0] == 0x80;
-        if legacy {
-            ckpt_err(path, "legacy torch.save format is not supported: re-save with PyTorch >= 1.6 or convert to safetensors")
-        } else {
-            ckpt_err(path, format!("not a torch.save zip archive ({e})"))
-        }
-    })?;
+    let mut zip = open_zip(path)?;
     let pkl = zip
         .file_names()
         .filter_map(|n| n.ok().map(|n| n.to_string()))
@@ -107,6 +95,23 @@ pub(super) fn read_state_dict(path: &Path) -> Result<Vec<TorchTensor>> {
         out.push((name, dtype, tensor));
     }
     Ok(out)
+}
+
+/// The zip archive at `path`; a legacy (pre-1.6, raw pickle) torch file is named as such.
+fn open_zip(path: &Path) -> Result<zip::ZipArchive<File>> {
+    let file = File::open(path).map_err(|e| Error::io(path, e))?;
+    zip::ZipArchive::new(file).map_err(|e| {
+        let mut head = [0u8; 2];
+        let legacy = File::open(path)
+            .and_then(|mut f| f.read_exact(&mut head))
+            .is_ok()
+            && head[0] == 0x80;
+        if legacy {
+            ckpt_err(path, "legacy torch.save format is not supported: re-save with PyTorch >= 1.6 or convert to safetensors")
+        } else {
+            ckpt_err(path, format!("not a torch.save zip archive ({e})"))
+        }
+    })
 }
 
 fn read_entry(

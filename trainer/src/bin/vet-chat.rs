@@ -33,7 +33,7 @@ use trainer::tokenizer;
 )]
 struct Cli {
     /// Checkpoint directory: config.json + model.safetensors (Hugging Face or mamba_ssm
-    /// format) + tokenizer.json.
+    /// format; or mamba_ssm's pytorch_model.bin) + tokenizer.json.
     #[arg(long)]
     model: PathBuf,
     /// cpu (the fastest CPU engine available), reference (the f32 spec), cuda or cuda:N.
