@@ -37,7 +37,7 @@ pub(super) fn read_state_dict(path: &Path) -> Result<Vec<TorchTensor>> {
     let mut zip = open_zip(path)?;
     let pkl = zip
         .file_names()
-        .filter_map(|n| n.ok().map(|n| n.to_string()))
+        .map(str::to_string)
         .find(|n| n.ends_with("/data.pkl") && n.matches('/').count() == 1)
         .ok_or_else(|| {
             ckpt_err(
