@@ -12,6 +12,7 @@
 
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
+use std::sync::OnceLock;
 use std::time::UNIX_EPOCH;
 
 use anyhow::{Context, Result};
@@ -22,24 +23,57 @@ use super::sources::{Source, Unit};
 use super::Options;
 use crate::data::manifest::{hex, TokenizerRef};
 
-/// The fingerprint of every unit, computed on `threads` threads.
-pub fn unit_prints(
-    opts: &Options,
-    tok: &TokenizerRef,
-    units: &[Unit],
-    sources: &[Source],
-    threads: usize,
-) -> Result<Vec<String>> {
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(threads)
-        .build()
-        .context("starting the worker threads")?;
-    Ok(pool.install(|| {
-        units
-            .par_iter()
-            .map(|u| fingerprint(opts, tok, u, &sources[u.source]))
-            .collect()
-    }))
+/// The units' fingerprints, each computed once, on first use. A first run hashes each unit on
+/// the worker that then tokenizes it, while its bytes are in the page cache, instead of reading
+/// the whole corpus once more in a pass of its own; a re-run hashes the units that have a
+/// done-marker, in parallel ([`Prints::compute`]), to check them.
+pub struct Prints<'a> {
+    opts: &'a Options,
+    tok: &'a TokenizerRef,
+    units: &'a [Unit],
+    sources: &'a [Source],
+    cells: Vec<OnceLock<String>>,
+}
+
+impl<'a> Prints<'a> {
+    /// Nothing is read yet. `units[i].index` is `i`.
+    pub fn new(
+        opts: &'a Options,
+        tok: &'a TokenizerRef,
+        units: &'a [Unit],
+        sources: &'a [Source],
+    ) -> Prints<'a> {
+        let cells = units.iter().map(|_| OnceLock::new()).collect();
+        Prints {
+            opts,
+            tok,
+            units,
+            sources,
+            cells,
+        }
+    }
+
+    /// Unit `i`'s fingerprint (computed now if it was not yet).
+    pub fn get(&self, i: usize) -> &str {
+        self.cells[i].get_or_init(|| {
+            let u = &self.units[i];
+            fingerprint(self.opts, self.tok, u, &self.sources[u.source])
+        })
+    }
+
+    /// Computes the fingerprints of units `indices` on `threads` threads.
+    pub fn compute(&self, indices: &[usize], threads: usize) -> Result<()> {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .context("starting the worker threads")?;
+        pool.install(|| {
+            indices.par_iter().for_each(|&i| {
+                self.get(i);
+            })
+        });
+        Ok(())
+    }
 }
 
 /// Hash of the options, the unit's input range and the input's state.

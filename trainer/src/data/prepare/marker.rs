@@ -55,6 +55,11 @@ pub fn marker_name(unit: usize) -> String {
     format!("unit-{unit:06}.json")
 }
 
+/// Whether unit `unit` has a marker in `dir` (valid or not).
+pub fn exists(dir: &Path, unit: usize) -> bool {
+    dir.join(marker_name(unit)).exists()
+}
+
 /// Writes the marker atomically (after the unit's shards).
 pub fn save(dir: &Path, m: &UnitMarker) -> Result<()> {
     let path = dir.join(marker_name(m.unit));
@@ -69,7 +74,7 @@ pub fn save(dir: &Path, m: &UnitMarker) -> Result<()> {
 pub fn load_valid(
     dir: &Path,
     unit: usize,
-    fingerprint: &str,
+    fingerprint: impl FnOnce() -> String,
     strict: bool,
 ) -> Result<UnitMarker, String> {
     let path = dir.join(marker_name(unit));
@@ -80,7 +85,7 @@ pub fn load_valid(
     };
     let m: UnitMarker =
         serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
-    if m.unit != unit || m.fingerprint != fingerprint {
+    if m.unit != unit || m.fingerprint != fingerprint() {
         return Err(format!(
             "{} was made from other inputs or options",
             path.display()

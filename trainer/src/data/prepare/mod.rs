@@ -270,8 +270,8 @@ pub fn prepare(opts: &Options) -> Result<Summary> {
     let _lock = lock_output(opts)?;
     check_writable(&opts.out)?;
     let threads = opts.threads.unwrap_or_else(default_threads);
-    let prints = fingerprint::unit_prints(opts, &tk.reference, &units, &sources, threads)?;
-    let (mut kept, redo) = triage(opts, &units, &prints)?;
+    let prints = fingerprint::Prints::new(opts, &tk.reference, &units, &sources);
+    let (mut kept, redo) = triage(opts, &units, &prints, threads)?;
     let todo: Vec<&Unit> = redo.iter().map(|&i| &units[i]).collect();
     let bytes_processed: u64 = todo.iter().map(|u| u.bytes()).sum();
     let pb = opts.progress.then(|| report::progress_bar(bytes_processed));
@@ -324,16 +324,31 @@ pub fn prepare(opts: &Options) -> Result<Summary> {
 fn triage(
     opts: &Options,
     units: &[Unit],
-    prints: &[String],
+    prints: &fingerprint::Prints,
+    threads: usize,
 ) -> Result<(BTreeMap<usize, UnitMarker>, Vec<usize>)> {
     let (part_i, part_n) = opts.part.unwrap_or((0, 1));
     let mut kept = BTreeMap::new();
     let mut redo = Vec::new();
-    let mine = units
+    let mine: Vec<&Unit> = units
         .iter()
-        .filter(|u| !opts.merge_only && u.index % part_n == part_i);
+        .filter(|u| !opts.merge_only && u.index % part_n == part_i)
+        .collect();
+    // Only a unit with a marker needs its fingerprint now: the others are redone, and hashed
+    // by the worker that runs them.
+    let marked: Vec<usize> = mine
+        .iter()
+        .map(|u| u.index)
+        .filter(|&i| marker::exists(&opts.out, i))
+        .collect();
+    prints.compute(&marked, threads)?;
     for u in mine {
-        match marker::load_valid(&opts.out, u.index, &prints[u.index], opts.strict) {
+        match marker::load_valid(
+            &opts.out,
+            u.index,
+            || prints.get(u.index).to_string(),
+            opts.strict,
+        ) {
             Ok(m) => drop(kept.insert(u.index, m)),
             Err(_) => redo.push(u.index),
         }
@@ -363,7 +378,7 @@ fn run_units(
     ctx: &Ctx,
     todo: &[&Unit],
     sources: &[Source],
-    prints: &[String],
+    prints: &fingerprint::Prints,
     threads: usize,
 ) -> Result<Vec<UnitMarker>> {
     let mut order: Vec<&Unit> = todo.to_vec();
@@ -383,7 +398,7 @@ fn run_units(
                     return;
                 }
                 let u = order[i];
-                match unit::run_unit(ctx, u, &sources[u.source], prints[u.index].clone()) {
+                match unit::run_unit(ctx, u, &sources[u.source], prints.get(u.index).to_string()) {
                     Ok(m) => results.lock().unwrap_or_else(|p| p.into_inner()).push(m),
                     Err(e) if e.is::<Stopped>() => return,
                     Err(e) => {
@@ -411,16 +426,25 @@ fn assemble(
     tokenizer: &TokenizerRef,
     sources: &[Source],
     units: &[Unit],
-    prints: &[String],
+    prints: &fingerprint::Prints,
     mut markers: BTreeMap<usize, UnitMarker>,
     summary: &mut Summary,
 ) -> Result<()> {
+    let others: Vec<usize> = (units.iter().map(|u| u.index))
+        .filter(|i| !markers.contains_key(i) && marker::exists(&opts.out, *i))
+        .collect();
+    prints.compute(&others, summary.threads)?;
     let mut missing = Vec::new();
     for u in units {
         if markers.contains_key(&u.index) {
             continue;
         }
-        match marker::load_valid(&opts.out, u.index, &prints[u.index], opts.strict) {
+        match marker::load_valid(
+            &opts.out,
+            u.index,
+            || prints.get(u.index).to_string(),
+            opts.strict,
+        ) {
             Ok(m) => drop(markers.insert(u.index, m)),
             Err(why) => missing.push(format!(
                 "unit {} ({} bytes {}..{}): {why}",
