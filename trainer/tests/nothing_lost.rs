@@ -7,25 +7,18 @@ use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use reference::rng::Rng;
-use trainer::data::manifest::{
-    sha256_file, Manifest, ShardEntry, Skipped, Split, TokenizerRef, MANIFEST_FORMAT,
-    MANIFEST_VERSION,
-};
 use trainer::data::prepare::{prepare, Options};
-use trainer::data::shard::{token_bytes_for, write_shard, HEADER_LEN};
+use trainer::data::shard::HEADER_LEN;
 use trainer::train::run::{train, RunOptions};
 use trainer::train::run_config::RunConfig;
 use trainer::train::state;
 
-fn scratch(name: &str) -> PathBuf {
-    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("nothing-lost-{name}"));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
+mod common;
 
-fn tokenizer() -> PathBuf {
-    fixtures::tiny_checkpoint().join("tokenizer.json")
+use common::tokenizer;
+
+fn scratch(name: &str) -> PathBuf {
+    common::scratch("nothing-lost", name)
 }
 
 fn text(o: &Output) -> String {
@@ -41,54 +34,7 @@ fn vet_train(args: &[&str]) -> Output {
 
 /// Byte-token shards (`train-0.bin`, `val-0.bin`) of bundled corpus documents, and a manifest.
 fn shards(dir: &Path) -> PathBuf {
-    let corpus = std::fs::read_to_string(fixtures::data().join("corpus.jsonl")).unwrap();
-    let sha = sha256_file(&tokenizer()).unwrap();
-    let mut sha_bytes = [0u8; 32];
-    for (i, b) in sha_bytes.iter_mut().enumerate() {
-        *b = u8::from_str_radix(&sha[2 * i..2 * i + 2], 16).unwrap();
-    }
-    let split = |name: &str, lines: std::ops::Range<usize>| {
-        let (mut tokens, mut starts) = (Vec::new(), Vec::new());
-        for line in corpus.lines().skip(lines.start).take(lines.len()) {
-            let v: serde_json::Value = serde_json::from_str(line).unwrap();
-            starts.push(tokens.len() as u64);
-            let doc = v["text"].as_str().unwrap().bytes().take(2000);
-            tokens.extend(doc.map(u32::from));
-            tokens.push(256);
-        }
-        let file = format!("{name}-0.bin");
-        let h = write_shard(&dir.join(&file), &tokens, &starts, 257, sha_bytes).unwrap();
-        let entry = ShardEntry {
-            file,
-            tokens: h.n_tokens,
-            docs: h.n_docs,
-            crc32: h.payload_crc32,
-        };
-        Split {
-            shards: vec![entry],
-            tokens: h.n_tokens,
-            docs: h.n_docs,
-        }
-    };
-    let m = Manifest {
-        format: MANIFEST_FORMAT.into(),
-        version: MANIFEST_VERSION,
-        tokenizer: TokenizerRef {
-            sha256: sha,
-            vocab_size: 257,
-            eot_id: 256,
-            path: tokenizer().display().to_string(),
-        },
-        token_bytes: token_bytes_for(257),
-        train: split("train", 0..8),
-        val: split("val", 8..10),
-        sources: vec![],
-        skipped: Skipped::default(),
-        val_fraction: 0.2,
-        split_seed: 0,
-    };
-    m.save(dir).unwrap();
-    dir.join("manifest.json")
+    common::byte_shards(dir, 2000)
 }
 
 fn config(out: &Path, manifest: &Path, steps: u64) -> RunConfig {
