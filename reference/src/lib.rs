@@ -10,6 +10,7 @@
 //! machine. Every faster tier (`simd`, `gpu`) implements [`InferenceEngine`] and [`TrainingEngine`] and is checked against
 //! this crate.
 
+pub mod comm;
 pub mod config;
 pub mod decode;
 pub mod engine;

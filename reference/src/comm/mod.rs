@@ -1,0 +1,69 @@
+//! Collective communication between the ranks of a data-parallel job (see DESIGN.md and
+//! DeepSpeed's ZeRO): the five collectives a sharded trainer needs, behind one small trait.
+//!
+//! Implementations: NCCL (`gpu` crate) for real runs, ranks as threads of one process for tests,
+//! and a TCP one for CPU ranks in separate processes (`trainer`). Every implementation
+//! reduces in a fixed order, so two runs with the same world size give the same bits.
+//!
+//! Buffers are host slices. Lengths must agree on every rank; a collective whose lengths do
+//! not is an error on every rank, never a hang.
+
+use std::fmt;
+
+/// What went wrong in a collective. `rank` is the rank that reports it; `peer` names the
+/// rank that failed or went missing, where known.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CommError {
+    pub rank: usize,
+    pub peer: Option<usize>,
+    pub op: &'static str,
+    pub msg: String,
+}
+
+impl fmt::Display for CommError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "rank {}: {}", self.rank, self.op)?;
+        if let Some(p) = self.peer {
+            write!(f, " (rank {p})")?;
+        }
+        write!(f, ": {}", self.msg)
+    }
+}
+
+impl std::error::Error for CommError {}
+
+pub type CommResult<T> = std::result::Result<T, CommError>;
+
+/// The collectives of a data-parallel job. Every rank calls the same collectives in the same
+/// order with the same lengths. Sums are over ranks in rank order `((r0 + r1) + r2) + ...`
+/// where the implementation controls the order (in-process, TCP); NCCL's order is fixed for
+/// a fixed world size and topology.
+pub trait Comm: Send {
+    /// This process's rank, `0..world()`.
+    fn rank(&self) -> usize;
+    /// The number of ranks.
+    fn world(&self) -> usize;
+    /// Sum of `data` over every rank, left in `data` on every rank.
+    fn all_reduce_sum(&mut self, data: &mut [f32]) -> CommResult<()>;
+    /// [`Comm::all_reduce_sum`] in f64 (losses, token counts, gradient norms).
+    fn all_reduce_sum_f64(&mut self, data: &mut [f64]) -> CommResult<()>;
+    /// `input` (`world() × output.len()`) summed over ranks; rank `r` keeps chunk `r`.
+    fn reduce_scatter_sum(&mut self, input: &[f32], output: &mut [f32]) -> CommResult<()>;
+    /// Every rank's `input` concatenated in rank order into `output`
+    /// (`world() × input.len()`).
+    fn all_gather(&mut self, input: &[f32], output: &mut [f32]) -> CommResult<()>;
+    /// `data` from rank `root` copied to every rank.
+    fn broadcast(&mut self, data: &mut [u8], root: usize) -> CommResult<()>;
+    /// Returns when every rank has called it.
+    fn barrier(&mut self) -> CommResult<()>;
+}
+
+/// The error for lengths that do not fit a collective.
+pub fn length_error(rank: usize, op: &'static str, msg: String) -> CommError {
+    CommError {
+        rank,
+        peer: None,
+        op,
+        msg,
+    }
+}
