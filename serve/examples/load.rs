@@ -3,6 +3,9 @@
 //! to an in-process vet-serve on loopback.
 //!
 //! `cargo run --release -p serve --example load -- --model fixtures/tiny`
+//! `cargo run --release -p serve --example load -- --random 768,24` (a random-init model of
+//! that d_model and depth, with the tiny checkpoint's tokenizer: Mamba-130m's shape but
+//! that vocabulary)
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -16,8 +19,12 @@ use serve::{router, App, ServeOptions};
 
 #[derive(Parser)]
 struct Cli {
-    #[arg(long)]
-    model: PathBuf,
+    /// Checkpoint directory.
+    #[arg(long, required_unless_present = "random")]
+    model: Option<PathBuf>,
+    /// Instead: a random-init model `D_MODEL,N_LAYER` (written to a temporary directory).
+    #[arg(long, value_delimiter = ',')]
+    random: Option<Vec<usize>>,
     /// Concurrent clients, one run each.
     #[arg(long, value_delimiter = ',', default_value = "1,4,16")]
     clients: Vec<usize>,
@@ -37,13 +44,19 @@ struct Cli {
 fn main() -> Result<()> {
     let cli = Cli::parse();
     let max = cli.clients.iter().copied().max().unwrap_or(1);
+    let tmp = tempfile::tempdir()?;
+    let model = match (&cli.random, &cli.model) {
+        (Some(shape), _) if shape.len() == 2 => random_model(tmp.path(), shape[0], shape[1])?,
+        (None, Some(m)) => m.clone(),
+        _ => anyhow::bail!("give --model DIR or --random D_MODEL,N_LAYER"),
+    };
     let opts = ServeOptions {
         model_name: Some("bench".into()),
         threads: cli.threads,
         dtype: cli.dtype,
         max_concurrent: max,
         max_queue: max,
-        ..ServeOptions::new(&cli.model)
+        ..ServeOptions::new(&model)
     };
     let app = App::load(opts).context("loading the model")?;
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -56,7 +69,7 @@ fn main() -> Result<()> {
     rt.spawn(async move { axum::serve(listener, r).await });
     println!(
         "model {}, {} tokens per request, {} requests per client",
-        cli.model.display(),
+        model.display(),
         cli.max_tokens,
         cli.requests
     );
@@ -88,6 +101,17 @@ fn main() -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// A random-init checkpoint (seed 0) of `d_model` x `n_layer` with the tiny tokenizer.
+fn random_model(dir: &std::path::Path, d_model: usize, n_layer: usize) -> Result<PathBuf> {
+    let tiny = fixtures::tiny_checkpoint();
+    let vocab = reference::MambaConfig::load(&tiny.join("config.json"))?.vocab_size;
+    let cfg = reference::MambaConfig::new(d_model, n_layer, vocab);
+    let params = reference::init::init_params::<f32>(&cfg, 0);
+    let out = dir.join(format!("random-{d_model}x{n_layer}"));
+    trainer::checkpoint::save(&out, &cfg, &params, Some(&tiny.join("tokenizer.json")))?;
+    Ok(out)
 }
 
 fn steps(app: &App) -> u64 {
