@@ -1,5 +1,5 @@
 //! A bounded load test on loopback: 200 requests from 16 clients against a server that
-//! decodes 4 at a time and queues 4 more. Every request is answered in full or refused with
+//! decodes 4 at a time and queues 8 more. Every request is answered in full or refused with
 //! an OpenAI-style error (429 with Retry-After when busy), and memory is flat afterwards.
 
 use std::net::SocketAddr;
@@ -15,7 +15,7 @@ fn start() -> (Arc<App>, SocketAddr, tokio::runtime::Runtime) {
         model_name: Some("tiny".into()),
         threads: 1,
         max_concurrent: 4,
-        max_queue: 4,
+        max_queue: 8,
         ..ServeOptions::new(&fixtures::tiny_checkpoint())
     };
     let app = App::load(opts).unwrap();
@@ -51,7 +51,13 @@ fn round(addr: SocketAddr, clients: usize, total: usize, seed: u64) -> Vec<Outco
                         let max = 1 + (rng.next_u64() % 32) as usize;
                         completion_body("tiny", "The horse", max)
                     };
-                    out.push(post_stream(addr, "/v1/completions", &body, None).unwrap());
+                    let o = post_stream(addr, "/v1/completions", &body, None).unwrap();
+                    if o.status == 429 {
+                        // A polite client backs off (Retry-After says 1 s; a short pause
+                        // keeps the test quick).
+                        std::thread::sleep(std::time::Duration::from_millis(20));
+                    }
+                    out.push(o);
                 }
                 out
             })
