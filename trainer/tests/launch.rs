@@ -81,7 +81,7 @@ fn a_rank_that_dies_stops_the_others_naming_it() {
 
 #[test]
 fn sigterm_reaches_every_rank_and_sets_the_exit_code() {
-    let mut child = vet_train()
+    let child = vet_train()
         .args([
             "launch",
             "--nproc-per-node",
