@@ -66,19 +66,21 @@ fn supervise(a: &LaunchArgs, p: &Plan) -> Result<i32> {
     drop(tx);
     let grace = Duration::from_secs_f64(a.stop_grace_s.max(0.0));
     let mut alive: Vec<(usize, u32)> = ranks.iter().map(|s| (s.rank, s.pid)).collect();
-    let mut failure: Option<Failure> = None;
+    let mut failures: Vec<Failure> = Vec::new();
     let mut signalled = 0i32;
     let mut stopping: Option<Instant> = None;
     let mut killed = false;
     while !alive.is_empty() {
         if let Ok((rank, status)) = rx.recv_timeout(Duration::from_millis(50)) {
             alive.retain(|(r, _)| *r != rank);
-            if !status.success() && failure.is_none() && signalled == 0 {
+            if !status.success() && signalled == 0 {
+                failures.push(Failure { rank, status });
+            }
+            if failures.len() == 1 && stopping.is_none() {
                 eprintln!(
                     "launch: rank {rank} failed ({}); stopping the other ranks",
                     describe(status)
                 );
-                failure = Some(Failure { rank, status });
                 signal_all(&alive, 15);
                 stopping.get_or_insert_with(Instant::now);
             }
@@ -111,20 +113,17 @@ fn supervise(a: &LaunchArgs, p: &Plan) -> Result<i32> {
             let _ = t.join();
         }
     }
-    Ok(report(&ranks, failure, signalled))
+    Ok(report(&ranks, &failures, signalled))
 }
 
-/// Prints the failing rank's error; returns the launcher's exit code.
-fn report(ranks: &[Started], failure: Option<Failure>, signalled: i32) -> i32 {
-    let Some(f) = failure else {
-        return if signalled != 0 { 128 + signalled } else { 0 };
-    };
+/// The last `error…` line a rank printed on stderr, or its last lines.
+fn last_words(ranks: &[Started], rank: usize) -> String {
     let tail = ranks
         .iter()
-        .find(|s| s.rank == f.rank)
+        .find(|s| s.rank == rank)
         .map(|s| s.tail.lock().unwrap_or_else(|p| p.into_inner()).clone())
         .unwrap_or_default();
-    let said = match tail.iter().rev().find(|l| l.starts_with("error")) {
+    match tail.iter().rev().find(|l| l.starts_with("error")) {
         Some(l) => l.clone(),
         None if tail.is_empty() => "(it printed nothing on stderr)".into(),
         None => {
@@ -137,7 +136,42 @@ fn report(ranks: &[Started], failure: Option<Failure>, signalled: i32) -> i32 {
                 .collect();
             last.join("\n  ")
         }
+    }
+}
+
+/// The rank an error line blames: a collective's error reads `rank R: op (rank P): …`.
+fn blamed(line: &str) -> Option<usize> {
+    let at = line.find("(rank ")? + "(rank ".len();
+    let digits: String = line[at..]
+        .chars()
+        .take_while(|c| c.is_ascii_digit())
+        .collect();
+    digits.parse().ok()
+}
+
+/// The rank whose failure started it all. A dead rank's peers see its connection close
+/// before the launcher can collect its exit status, so they may be seen to fail first; their
+/// errors name the rank at fault, which is followed while it too failed.
+fn culprit<'a>(ranks: &[Started], failures: &'a [Failure]) -> Option<&'a Failure> {
+    let mut f = failures.first()?;
+    for _ in 0..failures.len() {
+        let next = blamed(&last_words(ranks, f.rank))
+            .filter(|p| *p != f.rank)
+            .and_then(|p| failures.iter().find(|g| g.rank == p));
+        match next {
+            Some(g) => f = g,
+            None => break,
+        }
+    }
+    Some(f)
+}
+
+/// Prints the failing rank's error; returns the launcher's exit code.
+fn report(ranks: &[Started], failures: &[Failure], signalled: i32) -> i32 {
+    let Some(f) = culprit(ranks, failures) else {
+        return if signalled != 0 { 128 + signalled } else { 0 };
     };
+    let said = last_words(ranks, f.rank);
     eprintln!(
         "error: rank {} failed ({}): {said}",
         f.rank,

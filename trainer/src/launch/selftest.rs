@@ -139,7 +139,10 @@ pub fn run(a: &SelftestArgs) -> Result<()> {
             );
             std::process::exit(3);
         }
-        if crate::cli::stop_signal().is_some() {
+        // Ranks stop together: a signal seen by any rank stops all at the same round.
+        let mut stop = [crate::cli::stop_signal().map_or(0.0, |_| 1.0)];
+        comm.all_reduce_sum_f64(&mut stop)?;
+        if stop[0] > 0.0 {
             eprintln!(
                 "comm-selftest: rank {} stopped by a signal at round {k}",
                 env.rank
