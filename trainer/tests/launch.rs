@@ -170,3 +170,61 @@ fn a_rank_whose_peers_never_come_names_them() {
         "{se}"
     );
 }
+
+#[test]
+fn two_launchers_as_two_nodes_make_one_world() {
+    // Two "nodes" on this host: node 1's ranks reach rank 0 through --master-addr/--master-port.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let node = |r: usize| {
+        let (port, r) = (port.to_string(), r.to_string());
+        let args = [
+            "launch",
+            "--nnodes",
+            "2",
+            "--node-rank",
+            &r,
+            "--nproc-per-node",
+            "2",
+            "--master-addr",
+            "127.0.0.1",
+            "--master-port",
+            &port,
+            "--",
+            "comm-selftest",
+            "--rounds",
+            "2",
+            "--len",
+            "777",
+        ];
+        vet_train()
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let (n1, n0) = (node(1), node(0));
+    for (n, out) in [
+        (0, n0.wait_with_output().unwrap()),
+        (1, n1.wait_with_output().unwrap()),
+    ] {
+        let so = text(&out.stdout);
+        assert!(
+            out.status.success(),
+            "node {n}: {so}\n{}",
+            text(&out.stderr)
+        );
+        for r in [2 * n, 2 * n + 1] {
+            assert!(
+                so.contains(&format!(
+                    "[rank {r}] comm-selftest: rank {r} of 4: 2 rounds"
+                )),
+                "{so}"
+            );
+        }
+    }
+}
