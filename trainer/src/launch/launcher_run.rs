@@ -140,7 +140,7 @@ fn last_words(ranks: &[Started], rank: usize) -> String {
 }
 
 /// The rank an error line blames: a collective's error reads `rank R: op (rank P): …`.
-fn blamed(line: &str) -> Option<usize> {
+pub(super) fn blamed(line: &str) -> Option<usize> {
     let at = line.find("(rank ")? + "(rank ".len();
     let digits: String = line[at..]
         .chars()

@@ -83,3 +83,16 @@ fn the_gpu_count_follows_cuda_visible_devices_then_the_driver() {
     assert_eq!(count_from(None, &dir).unwrap(), 3);
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn a_collective_error_blames_the_rank_it_names() {
+    use super::run::blamed;
+    let survivor = "error: rank 2 round 1: rank 2: all_reduce_sum (rank 1): the job failed: …";
+    assert_eq!(blamed(survivor), Some(1));
+    assert_eq!(
+        blamed("error: rank 0: barrier (rank 13): rank 13 failed"),
+        Some(13)
+    );
+    assert_eq!(blamed("error: out of memory"), None);
+    assert_eq!(blamed("(rank x)"), None);
+}
