@@ -228,3 +228,102 @@ fn two_launchers_as_two_nodes_make_one_world() {
         }
     }
 }
+
+/// Starts 3 launched selftest ranks that run until stopped, and returns the launcher and the
+/// pid of rank 1 (read from its output).
+fn three_long_ranks(extra: &[&str]) -> (std::process::Child, u32, std::thread::JoinHandle<String>) {
+    use std::io::{BufRead, BufReader};
+    let mut args = vec![
+        "launch",
+        "--nproc-per-node",
+        "3",
+        "--stop-grace-s",
+        "1",
+        "--",
+    ];
+    args.extend([
+        "comm-selftest",
+        "--rounds",
+        "100000",
+        "--len",
+        "16",
+        "--sleep-ms",
+        "10",
+    ]);
+    args.extend(extra);
+    let mut child = vet_train()
+        .args(&args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut seen = String::new();
+    let pid = loop {
+        let line = lines.next().expect("rank 1 never said its pid").unwrap();
+        seen.push_str(&line);
+        seen.push('\n');
+        if let Some(p) = line.strip_prefix("[rank 1] comm-selftest: rank 1 of 3 is pid ") {
+            break p.trim().parse().unwrap();
+        }
+    };
+    let rest = std::thread::spawn(move || {
+        lines
+            .map_while(Result::ok)
+            .fold(seen, |acc, l| acc + &l + "\n")
+    });
+    (child, pid, rest)
+}
+
+fn kill(sig: &str, pid: u32) {
+    assert!(Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .status()
+        .unwrap()
+        .success());
+}
+
+#[test]
+fn a_rank_killed_with_sigkill_is_named() {
+    let (child, pid, rest) = three_long_ranks(&[]);
+    std::thread::sleep(Duration::from_millis(300));
+    let t = Instant::now();
+    kill("-KILL", pid);
+    let out = child.wait_with_output().unwrap();
+    let se = rest.join().unwrap();
+    assert_eq!(out.status.code(), Some(128 + 9), "{se}");
+    assert!(t.elapsed() < Duration::from_secs(20), "{se}");
+    assert!(
+        se.contains("error: rank 1 failed (killed by signal 9)"),
+        "{se}"
+    );
+    for r in [0, 2] {
+        let line = se
+            .lines()
+            .find(|l| l.starts_with(&format!("[rank {r}] error:")));
+        assert!(line.is_some_and(|l| l.contains("(rank 1)")), "{se}");
+    }
+}
+
+#[test]
+fn a_stopped_rank_is_named_after_the_hang_timeout() {
+    // SIGSTOP: the rank neither dies nor answers, nor sends heartbeats.
+    let (child, pid, rest) = three_long_ranks(&["--hang-s", "2"]);
+    std::thread::sleep(Duration::from_millis(300));
+    let t = Instant::now();
+    kill("-STOP", pid);
+    let out = child.wait_with_output().unwrap();
+    let took = t.elapsed();
+    let se = rest.join().unwrap();
+    assert!(
+        took >= Duration::from_secs(2) && took < Duration::from_secs(20),
+        "{took:?}\n{se}"
+    );
+    assert!(se.contains("not even a heartbeat"), "{se}");
+    // The launcher killed the stopped rank and blames it.
+    assert!(
+        se.contains("error: rank 1 failed (killed by signal 9)"),
+        "{se}"
+    );
+    assert_eq!(out.status.code(), Some(128 + 9), "{se}");
+}

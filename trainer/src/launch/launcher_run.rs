@@ -134,7 +134,7 @@ fn last_words(ranks: &[Started], rank: usize) -> String {
                 .rev()
                 .map(|s| s.as_str())
                 .collect();
-            last.join("\n  ")
+            format!("its last output: {}", last.join("\n  "))
         }
     }
 }

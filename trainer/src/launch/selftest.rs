@@ -131,6 +131,12 @@ pub fn run(a: &SelftestArgs) -> Result<()> {
     };
     let started = Instant::now();
     let mut comm = connect_with(&env, Transport::Tcp, &opts)?;
+    eprintln!(
+        "comm-selftest: rank {} of {} is pid {}",
+        env.rank,
+        env.world,
+        std::process::id()
+    );
     for k in 0..a.rounds {
         if die_at == Some((env.rank, k)) {
             eprintln!(
