@@ -11,6 +11,7 @@ pub mod data;
 pub mod debug_state;
 pub mod device;
 pub mod generate;
+pub mod launch;
 pub mod lock;
 pub mod quickstart;
 pub mod tokenizer;

@@ -64,6 +64,12 @@ struct RunArgs {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// Start the ranks of a job on this node (one per GPU with --device cuda), torchrun style:
+    /// `vet-train launch --nproc-per-node 8 -- --config run.toml --device cuda`.
+    Launch(trainer::launch::launcher::LaunchArgs),
+    /// Check the TCP collectives inside launched ranks (for tests).
+    #[command(hide = true)]
+    CommSelftest(trainer::launch::selftest::SelftestArgs),
     /// Draw a run's loss curve (metrics.jsonl) as a PNG.
     Plot {
         /// Run directory (holding metrics.jsonl) or a metrics.jsonl file.
@@ -259,7 +265,12 @@ fn run_job(a: RunArgs) -> Result<()> {
 fn main() -> std::process::ExitCode {
     // `error: …` on one line, the same with or without RUST_BACKTRACE; 130 / 143 after a
     // run that Ctrl-C / SIGTERM stopped.
-    trainer::cli::finish(run_cli(Cli::parse()))
+    let cli = Cli::parse();
+    if let Some(Cmd::Launch(a)) = &cli.cmd {
+        // The exit code is the failing rank's.
+        return trainer::launch::launcher::launch(a);
+    }
+    trainer::cli::finish(run_cli(cli))
 }
 
 fn run_cli(cli: Cli) -> Result<()> {
@@ -267,6 +278,8 @@ fn run_cli(cli: Cli) -> Result<()> {
         return run_job(cli.run);
     };
     match cmd {
+        Cmd::Launch(_) => unreachable!("handled in main"),
+        Cmd::CommSelftest(a) => trainer::launch::selftest::run(&a)?,
         Cmd::Quantize {
             model,
             out,
