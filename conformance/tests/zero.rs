@@ -41,7 +41,7 @@ fn micro(s: usize, i: usize) -> TrainBatch {
     let vocab = cfg().vocab_size as u64;
     let inputs: Vec<u32> = (0..n).map(|_| (rng.next_u64() % vocab) as u32).collect();
     let targets: Vec<u32> = (0..n).map(|_| (rng.next_u64() % vocab) as u32).collect();
-    let resets = (0..n).map(|_| rng.next_u64() % 7 == 0).collect();
+    let resets = (0..n).map(|_| rng.next_u64().is_multiple_of(7)).collect();
     TrainBatch {
         batch: ROWS,
         seq_len: SEQ,
@@ -159,7 +159,10 @@ fn zc(stage: u8, offload: bool) -> ZeroConfig {
 #[test]
 fn the_parameter_count_does_not_divide_evenly() {
     let n = FlatLayout::new(&cfg(), 1).numel;
-    assert!(n % 3 != 0 && n % 4 != 0, "{n} elements: pick another vocab");
+    assert!(
+        !n.is_multiple_of(3) && !n.is_multiple_of(4),
+        "{n} elements: pick another vocab"
+    );
 }
 
 /// One micro-batch per rank and no clipping. Every stage reduces in rank order and runs the
@@ -305,4 +308,77 @@ fn an_engine_error_on_one_rank_stops_the_others() {
             assert!(e.contains("rank 2"), "rank {r}: {e}");
         }
     }
+}
+
+/// The optimizer state of every rank laid end to end (padding dropped).
+fn full_state(shards: &[trainer::dist::zero::Shard], numel: usize) -> Vec<Vec<f32>> {
+    let mut out = vec![Vec::new(), Vec::new(), Vec::new()];
+    for s in shards {
+        out[0].extend_from_slice(&s.master);
+        out[1].extend_from_slice(&s.m);
+        out[2].extend_from_slice(&s.v);
+    }
+    out.iter_mut().for_each(|v| v.truncate(numel));
+    out
+}
+
+#[test]
+fn a_checkpoint_written_at_world_2_resumes_at_world_3() {
+    use trainer::dist::ckpt::{load_shard, move_in, write_shards};
+    let dir = std::env::temp_dir().join(format!("vet-zero-ckpt-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let ck = dir.join("step-00000002");
+    let handles: Vec<_> = InProcess::group(2)
+        .into_iter()
+        .map(|mut comm| {
+            let ck = ck.clone();
+            thread::spawn(move || {
+                let mut e = engine();
+                let mut d = ZeroDriver::new(&mut e, &mut comm, zc(2, false)).unwrap();
+                for s in 0..2 {
+                    let b = micro(s, comm.rank());
+                    d.step(&mut e, &mut comm, &[b], &hp(true), lr(s)).unwrap();
+                }
+                let staging = write_shards(&ck, &d, &mut comm).unwrap();
+                if comm.rank() == 0 {
+                    std::fs::create_dir_all(&ck).unwrap();
+                    move_in(&staging, &ck).unwrap();
+                }
+                comm.barrier().unwrap();
+                (d.shard().clone(), e.parameters().unwrap())
+            })
+        })
+        .collect();
+    let old: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    assert!(ck.join("zero/rank_1_of_2.safetensors").is_file());
+    let numel = FlatLayout::new(&cfg(), 1).numel;
+    let want = full_state(&old.iter().map(|o| o.0.clone()).collect::<Vec<_>>(), numel);
+    let handles: Vec<_> = InProcess::group(3)
+        .into_iter()
+        .map(|mut comm| {
+            let ck = ck.clone();
+            thread::spawn(move || {
+                let mut e = engine(); // fresh weights: the checkpoint must replace them
+                let mut d = ZeroDriver::new(&mut e, &mut comm, zc(1, false)).unwrap();
+                let s = load_shard(&ck, &d.layout, 1, comm.rank(), 2).unwrap();
+                d.set_shard(s).unwrap();
+                d.sync_engine(&mut e, &mut comm).unwrap();
+                let params = e.parameters().unwrap();
+                let shard = d.shard().clone();
+                let b = micro(2, comm.rank());
+                let out = d.step(&mut e, &mut comm, &[b], &hp(true), lr(2)).unwrap();
+                (shard, params, out.loss)
+            })
+        })
+        .collect();
+    let new: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    let got = full_state(&new.iter().map(|n| n.0.clone()).collect::<Vec<_>>(), numel);
+    assert_eq!(got, want, "re-sharded state differs");
+    for n in &new {
+        assert_eq!(n.1, old[0].1, "the weights after resume differ");
+        assert!(n.2.is_some_and(f64::is_finite));
+        assert_eq!(n.0.step, 2);
+    }
+    let _ = std::fs::remove_dir_all(&dir);
 }

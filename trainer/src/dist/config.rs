@@ -99,9 +99,9 @@ impl ZeroConfig {
         if self.stage3_gather_16bit_weights_on_model_save {
             out.push("zero_optimization.stage3_gather_16bit_weights_on_model_save: a consolidated f32 model.safetensors is always written".to_string());
         }
-        if self.stage != 3
-            && self.stage3_param_persistence_threshold != d.stage3_param_persistence_threshold
-        {
+        if self.stage == 3 {
+            out.push("zero_optimization.stage3_param_persistence_threshold: stage 3 gathers every parameter whole into the engine for each step".to_string());
+        } else if self.stage3_param_persistence_threshold != d.stage3_param_persistence_threshold {
             out.push(format!(
                 "zero_optimization.stage3_param_persistence_threshold: only stage 3 shards parameters (stage is {})",
                 self.stage

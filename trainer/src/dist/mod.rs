@@ -23,10 +23,12 @@
 
 pub mod ckpt;
 pub mod config;
+pub mod run;
 pub mod shard;
 pub mod zero;
 
 pub use config::ZeroConfig;
+pub use run::train_distributed;
 pub use shard::FlatLayout;
 pub use zero::{StepOut, ZeroDriver};
 

@@ -2,8 +2,9 @@
 //!
 //! Read: `fp16` and `bf16` blocks, `optimizer` (AdamW / Adam with its `params`), `scheduler`
 //! (`WarmupDecayLR`, `WarmupLR`), `gradient_accumulation_steps`, `gradient_clipping`,
-//! `train_micro_batch_size_per_gpu`, `train_batch_size` (checked) and `zero_optimization`
-//! (`stage`). `"auto"` (or absence) leaves a value to the run config and the flags. Every other
+//! `train_micro_batch_size_per_gpu`, `train_batch_size` (checked), `zero_optimization` (every
+//! key DeepSpeed documents for stages 0–3 and CPU offload, into [`ZeroConfig`]),
+//! `comms_logger` and `wall_clock_breakdown`. `"auto"` (or absence) leaves a value to the run config and the flags. Every other
 //! field is listed in [`DsConfig::unsupported`] so the caller reports it instead of silently
 //! ignoring it.
 
@@ -17,6 +18,7 @@ use super::loss_scale::LossScaleConfig;
 pub use super::run_config::Precision;
 use super::run_config::{RunConfig, ScheduleKind};
 use super::schedule::WarmupType;
+use crate::dist::config::{OffloadDevice, ZeroConfig};
 
 /// How fp16 scales the loss.
 #[derive(Clone, Debug, PartialEq)]
@@ -53,6 +55,9 @@ pub struct DsConfig {
     pub weight_decay: Option<f64>,
     pub scheduler: Option<DsScheduler>,
     pub zero_stage: Option<u8>,
+    /// `zero_optimization` (with the top-level `comms_logger` and `wall_clock_breakdown`),
+    /// typed; [`ZeroConfig::no_effect`] lists what does nothing here.
+    pub zero: Option<ZeroConfig>,
     /// Dotted paths of fields this trainer does not act on.
     pub unsupported: Vec<String>,
 }
@@ -99,6 +104,108 @@ fn unknown(block: &Map<String, Value>, known: &[&str], prefix: &str, out: &mut V
     }
 }
 
+fn boolean(v: Option<&Value>, key: &str) -> Result<Option<bool>> {
+    match v {
+        None => Ok(None),
+        Some(v) if is_auto(v) => Ok(None),
+        Some(v) => v
+            .as_bool()
+            .map(Some)
+            .with_context(|| format!("`{key}` must be true, false or \"auto\", got {v}")),
+    }
+}
+
+/// `zero_optimization.{offload_optimizer,offload_param}.device`.
+fn offload(z: &Map<String, Value>, key: &str, out: &mut Vec<String>) -> Result<OffloadDevice> {
+    let Some(b) = z.get(key) else {
+        return Ok(OffloadDevice::None);
+    };
+    let b = object(b, &format!("zero_optimization.{key}"))?;
+    unknown(
+        b,
+        &["device", "pin_memory"],
+        &format!("zero_optimization.{key}."),
+        out,
+    );
+    match b.get("device").and_then(Value::as_str) {
+        None | Some("none") => Ok(OffloadDevice::None),
+        Some("cpu") => Ok(OffloadDevice::Cpu),
+        Some(d) => bail!("`zero_optimization.{key}.device` is {d:?}; this trainer offloads to \"cpu\" or \"none\" (NVMe is not supported)"),
+    }
+}
+
+/// The `zero_optimization` block; keys this trainer does not know go to `out`.
+fn read_zero(z: &Map<String, Value>, out: &mut Vec<String>) -> Result<ZeroConfig> {
+    let k = |n: &str| format!("zero_optimization.{n}");
+    let stage = int(z.get("stage"), &k("stage"))?.unwrap_or(0);
+    if stage > 3 {
+        bail!("`zero_optimization.stage` is {stage}; DeepSpeed stages are 0 to 3");
+    }
+    let mut zc = ZeroConfig::with_stage(stage as u8)?;
+    let size = |n: &str, d: usize| -> Result<usize> {
+        Ok(num(z.get(n), &k(n))?.map_or(d, |v| v.max(0.0) as usize))
+    };
+    zc.reduce_bucket_size = size("reduce_bucket_size", zc.reduce_bucket_size)?;
+    zc.stage3_prefetch_bucket_size = size(
+        "stage3_prefetch_bucket_size",
+        zc.stage3_prefetch_bucket_size,
+    )?;
+    zc.stage3_param_persistence_threshold = size(
+        "stage3_param_persistence_threshold",
+        zc.stage3_param_persistence_threshold,
+    )?;
+    zc.stage3_max_live_parameters =
+        size("stage3_max_live_parameters", zc.stage3_max_live_parameters)?;
+    let flag = |n: &str, d: bool| -> Result<bool> { Ok(boolean(z.get(n), &k(n))?.unwrap_or(d)) };
+    zc.overlap_comm = flag("overlap_comm", zc.overlap_comm)?;
+    zc.contiguous_gradients = flag("contiguous_gradients", zc.contiguous_gradients)?;
+    zc.stage3_gather_16bit_weights_on_model_save = flag(
+        "stage3_gather_16bit_weights_on_model_save",
+        zc.stage3_gather_16bit_weights_on_model_save,
+    )?;
+    zc.offload_optimizer = offload(z, "offload_optimizer", out)?;
+    zc.offload_param = offload(z, "offload_param", out)?;
+    let known = [
+        "stage",
+        "reduce_bucket_size",
+        "overlap_comm",
+        "contiguous_gradients",
+        "offload_optimizer",
+        "offload_param",
+        "stage3_prefetch_bucket_size",
+        "stage3_param_persistence_threshold",
+        "stage3_max_live_parameters",
+        "stage3_gather_16bit_weights_on_model_save",
+    ];
+    unknown(z, &known, "zero_optimization.", out);
+    Ok(zc)
+}
+
+/// The top-level `comms_logger` (`{"enabled": ...}`) and `wall_clock_breakdown` keys, into
+/// the zero config (made with the defaults when the config has no `zero_optimization`).
+fn read_logging(root: &Map<String, Value>, ds: &mut DsConfig) -> Result<()> {
+    let comms = match root.get("comms_logger") {
+        None => None,
+        Some(v) => {
+            let b = object(v, "comms_logger")?;
+            unknown(
+                b,
+                &["enabled", "verbose", "prof_all", "debug"],
+                "comms_logger.",
+                &mut ds.unsupported,
+            );
+            enabled(b, "comms_logger")?
+        }
+    };
+    let wall = boolean(root.get("wall_clock_breakdown"), "wall_clock_breakdown")?;
+    if comms.is_some() || wall.is_some() {
+        let z = ds.zero.get_or_insert_with(ZeroConfig::default);
+        z.comms_logger = comms.unwrap_or(false);
+        z.wall_clock_breakdown = wall.unwrap_or(false);
+    }
+    Ok(())
+}
+
 fn object<'a>(v: &'a Value, key: &str) -> Result<&'a Map<String, Value>> {
     v.as_object()
         .with_context(|| format!("`{key}` must be an object"))
@@ -141,13 +248,11 @@ impl DsConfig {
         }
         if let Some(z) = root.get("zero_optimization") {
             let z = object(z, "zero_optimization")?;
-            let stage = int(z.get("stage"), "zero_optimization.stage")?.unwrap_or(0);
-            if stage > 3 {
-                bail!("`zero_optimization.stage` is {stage}; DeepSpeed stages are 0 to 3");
-            }
-            ds.zero_stage = Some(stage as u8);
-            unknown(z, &["stage"], "zero_optimization.", &mut ds.unsupported);
+            let zc = read_zero(z, &mut ds.unsupported)?;
+            ds.zero_stage = Some(zc.stage);
+            ds.zero = Some(zc);
         }
+        read_logging(root, &mut ds)?;
         let known = [
             "train_micro_batch_size_per_gpu",
             "train_batch_size",
@@ -158,6 +263,8 @@ impl DsConfig {
             "optimizer",
             "scheduler",
             "zero_optimization",
+            "comms_logger",
+            "wall_clock_breakdown",
         ];
         unknown(root, &known, "", &mut ds.unsupported);
         Ok(ds)
@@ -412,15 +519,47 @@ mod tests {
             (Some(0.0), None, Some(2000), None)
         );
         assert_eq!(ds.zero_stage, Some(2));
-        let mut u = ds.unsupported.clone();
-        u.sort();
-        assert_eq!(
-            u,
-            vec![
-                "steps_per_print",
-                "wall_clock_breakdown",
-                "zero_optimization.overlap_comm"
-            ]
+        let z = ds.zero.clone().unwrap();
+        assert!(z.overlap_comm && !z.wall_clock_breakdown);
+        assert!(z.no_effect().iter().any(|n| n.contains("overlap_comm")));
+        assert_eq!(ds.unsupported, vec!["steps_per_print"]);
+    }
+
+    #[test]
+    fn reads_every_zero_key_and_reports_those_without_effect() {
+        let ds = DsConfig::parse(
+            r#"{"zero_optimization": {"stage": 3, "reduce_bucket_size": 5e5, "overlap_comm": false,
+                "contiguous_gradients": true, "offload_optimizer": {"device": "cpu", "pin_memory": true},
+                "offload_param": {"device": "cpu"}, "stage3_prefetch_bucket_size": 1000,
+                "stage3_param_persistence_threshold": 64, "stage3_max_live_parameters": 1e9,
+                "stage3_gather_16bit_weights_on_model_save": true, "sub_group_size": 1e9},
+                "comms_logger": {"enabled": true}, "wall_clock_breakdown": true}"#,
+        )
+        .unwrap();
+        let z = ds.zero.clone().unwrap();
+        assert_eq!(z.stage, 3);
+        assert_eq!(z.reduce_bucket_size, 500_000);
+        assert_eq!(z.offload_optimizer, OffloadDevice::Cpu);
+        assert_eq!(z.offload_param, OffloadDevice::Cpu);
+        assert_eq!(z.stage3_prefetch_bucket_size, 1000);
+        assert_eq!(z.stage3_param_persistence_threshold, 64);
+        assert!(z.comms_logger && z.wall_clock_breakdown);
+        assert!(z.stage3_gather_16bit_weights_on_model_save);
+        assert_eq!(ds.unsupported, vec!["zero_optimization.sub_group_size"]);
+        let ne = z.no_effect().join("\n");
+        for k in [
+            "offload_param",
+            "stage3_prefetch_bucket_size",
+            "stage3_gather_16bit",
+        ] {
+            assert!(ne.contains(k), "{k} not reported: {ne}");
+        }
+        let e =
+            DsConfig::parse(r#"{"zero_optimization": {"offload_optimizer": {"device": "nvme"}}}"#)
+                .unwrap_err();
+        assert!(
+            format!("{e:#}").contains("offload_optimizer.device"),
+            "{e:#}"
         );
     }
 
