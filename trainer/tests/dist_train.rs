@@ -13,6 +13,10 @@ use trainer::train::run_config::RunConfig;
 mod common;
 
 fn config(out: &Path, manifest: &Path, batch: usize, accum: usize) -> RunConfig {
+    config_steps(out, manifest, batch, accum, 4)
+}
+
+fn config_steps(out: &Path, manifest: &Path, batch: usize, accum: usize, steps: u64) -> RunConfig {
     RunConfig::parse(&format!(
         r#"
         stage = "pretrain"
@@ -26,7 +30,7 @@ fn config(out: &Path, manifest: &Path, batch: usize, accum: usize) -> RunConfig 
         batch = {batch}
         grad_accum = {accum}
         seq_len = 24
-        steps = 4
+        steps = {steps}
         seed = 5
         [optim]
         lr = 3e-3
@@ -61,13 +65,25 @@ fn losses(out: &Path) -> Vec<f64> {
 }
 
 fn run_world(out: PathBuf, manifest: PathBuf, world: usize, zero: ZeroConfig) -> Vec<RunSummary> {
+    run_steps(out, manifest, world, zero, 4, false)
+}
+
+fn run_steps(
+    out: PathBuf,
+    manifest: PathBuf,
+    world: usize,
+    zero: ZeroConfig,
+    steps: u64,
+    resume: bool,
+) -> Vec<RunSummary> {
     let handles: Vec<_> = InProcess::group(world)
         .into_iter()
         .map(|comm| {
             let (out, manifest, zero) = (out.clone(), manifest.clone(), zero.clone());
             thread::spawn(move || {
-                let cfg = config(&out, &manifest, 2, 1);
-                train_distributed(cfg, &opts(), Box::new(comm), zero)
+                let cfg = config_steps(&out, &manifest, 2, 1, steps);
+                let o = RunOptions { resume, ..opts() };
+                train_distributed(cfg, &o, Box::new(comm), zero)
             })
         })
         .collect();
@@ -116,4 +132,37 @@ fn world_2_trains_like_one_process_with_the_same_global_batch() {
     ] {
         assert!(metrics.contains(key), "{key} not logged");
     }
+}
+
+fn model_bytes(ck: &Path) -> Vec<u8> {
+    std::fs::read(ck.join("model.safetensors")).unwrap()
+}
+
+#[test]
+fn stage_3_at_world_2_resumes_bit_for_bit() {
+    let dir = common::scratch("dist_train", "resume");
+    let manifest = common::byte_shards(&dir, 3000);
+    let zero = ZeroConfig {
+        stage: 3,
+        reduce_bucket_size: 3000,
+        threads: 1,
+        ..ZeroConfig::default()
+    };
+    let whole = run_steps(
+        dir.join("whole"),
+        manifest.clone(),
+        2,
+        zero.clone(),
+        4,
+        false,
+    );
+    let split = dir.join("split");
+    run_steps(split.clone(), manifest.clone(), 2, zero.clone(), 2, false);
+    let resumed = run_steps(split, manifest, 2, zero, 4, true);
+    assert_eq!(resumed[0].steps, 4);
+    assert_eq!(
+        model_bytes(&whole[0].checkpoint),
+        model_bytes(&resumed[0].checkpoint),
+        "2 steps + resume for 2 more differ from 4 steps"
+    );
 }

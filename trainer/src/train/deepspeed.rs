@@ -408,6 +408,17 @@ impl DsConfig {
 /// Applies a DeepSpeed config to a run config: every value it sets (not `"auto"`) wins over
 /// the TOML. Returns the fields that are not supported, for the caller to report.
 pub fn apply_deepspeed(cfg: &mut RunConfig, ds: &DsConfig) -> Result<Vec<String>> {
+    apply_deepspeed_world(cfg, ds, 1)
+}
+
+/// [`apply_deepspeed`] for a data-parallel job of `world` ranks: `train_batch_size` must be
+/// micro batch × accumulation × `world`, as DeepSpeed defines it. The `zero_optimization`
+/// settings are in `ds.zero`, for [`crate::dist::train_distributed`].
+pub fn apply_deepspeed_world(
+    cfg: &mut RunConfig,
+    ds: &DsConfig,
+    world: usize,
+) -> Result<Vec<String>> {
     let t = &mut cfg.train;
     if let Some(m) = ds.micro_batch {
         t.batch = m;
@@ -416,10 +427,15 @@ pub fn apply_deepspeed(cfg: &mut RunConfig, ds: &DsConfig) -> Result<Vec<String>
         t.grad_accum = a;
     }
     if let Some(total) = ds.train_batch_size {
-        // One process: train_batch_size = micro batch × accumulation × world size (1).
-        if Some(total) != t.batch.checked_mul(t.grad_accum) {
+        // train_batch_size = micro batch × accumulation × world size.
+        let global = t
+            .batch
+            .checked_mul(t.grad_accum)
+            .and_then(|n| n.checked_mul(world));
+        if Some(total) != global {
+            let gpus = if world == 1 { "GPU" } else { "GPUs" };
             bail!(
-                "DeepSpeed `train_batch_size` {total} != train_micro_batch_size_per_gpu {} × gradient_accumulation_steps {} × 1 GPU",
+                "DeepSpeed `train_batch_size` {total} != train_micro_batch_size_per_gpu {} × gradient_accumulation_steps {} × {world} {gpus}",
                 t.batch,
                 t.grad_accum
             );
@@ -561,6 +577,20 @@ mod tests {
             format!("{e:#}").contains("offload_optimizer.device"),
             "{e:#}"
         );
+    }
+
+    #[test]
+    fn train_batch_size_counts_every_rank() {
+        let ds = DsConfig::parse(
+            r#"{"train_batch_size": 32, "train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 2}"#,
+        )
+        .unwrap();
+        let toml = "stage = \"pretrain\"\nout_dir = \"x\"\n[model]\npreset = \"quickstart\"\n[data]\nmanifest = \"m.json\"\n[train]\nbatch = 1\nseq_len = 8\nsteps = 1\n[optim]\nlr = 1e-3\n";
+        let mut cfg = RunConfig::parse(toml).unwrap();
+        assert!(apply_deepspeed_world(&mut cfg, &ds, 4).is_ok());
+        let e = apply_deepspeed_world(&mut cfg, &ds, 3).unwrap_err();
+        assert!(format!("{e:#}").contains("× 3 GPUs"), "{e:#}");
+        assert!(apply_deepspeed(&mut cfg, &ds).is_err());
     }
 
     #[test]
