@@ -374,9 +374,9 @@ fn a_checkpoint_written_at_world_2_resumes_at_world_3() {
         .collect();
     let new: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
     let got = full_state(&new.iter().map(|n| n.0.clone()).collect::<Vec<_>>(), numel);
-    assert_eq!(got, want, "re-sharded state differs");
+    assert!(got == want, "re-sharded state differs");
     for n in &new {
-        assert_eq!(n.1, old[0].1, "the weights after resume differ");
+        assert!(n.1 == old[0].1, "the weights after resume differ");
         assert!(n.2.is_some_and(f64::is_finite));
         assert_eq!(n.0.step, 2);
     }
