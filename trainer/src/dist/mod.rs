@@ -23,6 +23,7 @@
 
 pub mod ckpt;
 pub mod config;
+pub mod ds;
 pub mod run;
 pub mod shard;
 pub mod zero;

@@ -16,6 +16,7 @@ use super::ckpt::{load_shard, move_in, write_shards};
 use super::config::ZeroConfig;
 use super::zero::{Breakdown, CommRecord, ZeroDriver};
 use crate::checkpoint::{save_dir_atomically, write_model_files};
+use crate::lock::DirLock;
 use crate::train::run::{RunOptions, RunSummary};
 use crate::train::run_config::RunConfig;
 use crate::train::source::Source;
@@ -45,6 +46,25 @@ pub fn train_distributed(
         );
     }
     crate::train::run::train_with(cfg, opts, Some((comm, zero)))
+}
+
+/// Rank 0 takes the output directory (its lock, and for a fresh run its claim) while the
+/// other ranks wait; returns the lock (rank 0's), the rank and the world size.
+pub(crate) fn claim_out_dir(
+    out_dir: &Path,
+    opts: &RunOptions,
+    dist: &mut Option<crate::train::run::DistInit>,
+) -> Result<(Option<DirLock>, usize, usize)> {
+    let (rank, world) = dist.as_ref().map_or((0, 1), |d| (d.0.rank(), d.0.world()));
+    let lock = (rank == 0).then(|| DirLock::acquire(out_dir)).transpose()?;
+    if !opts.resume && rank == 0 {
+        state::claim_for_fresh_run(out_dir, opts.overwrite)?;
+    }
+    if let Some((comm, _)) = dist.as_mut() {
+        comm.barrier()
+            .context("waiting for rank 0 to claim the output directory")?;
+    }
+    Ok((lock, rank, world))
 }
 
 /// A rank's communicator and driver, held by the training loop.

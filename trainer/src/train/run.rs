@@ -103,7 +103,7 @@ struct Run {
 }
 
 impl Run {
-    fn open(cfg: RunConfig, opts: &RunOptions, dist: Option<DistInit>) -> Result<Run> {
+    fn open(cfg: RunConfig, opts: &RunOptions, mut dist: Option<DistInit>) -> Result<Run> {
         if cfg.stage == Stage::Eval {
             bail!(
                 "stage eval does not train: run it with train::evaluate::evaluate (vet-train does)"
@@ -117,18 +117,7 @@ impl Run {
         }
         std::fs::create_dir_all(&cfg.out_dir)
             .with_context(|| format!("creating output directory {}", cfg.out_dir.display()))?;
-        let (rank, world) = dist.as_ref().map_or((0, 1), |d| (d.0.rank(), d.0.world()));
-        let lock = (rank == 0)
-            .then(|| DirLock::acquire(&cfg.out_dir))
-            .transpose()?;
-        if !opts.resume && rank == 0 {
-            state::claim_for_fresh_run(&cfg.out_dir, opts.overwrite)?;
-        }
-        let mut dist = dist;
-        if let Some((comm, _)) = dist.as_mut() {
-            comm.barrier()
-                .context("waiting for rank 0 to claim the output directory")?;
-        }
+        let (lock, rank, world) = crate::dist::run::claim_out_dir(&cfg.out_dir, opts, &mut dist)?;
         let tokenizer_path = tokenizer_path(&cfg)?;
         let tok_sha = sha256_file(&tokenizer_path)?;
         let probe = tokenizer::load(&tokenizer_path, usize::MAX)?;
@@ -181,15 +170,10 @@ impl Run {
             adam_step: 0,
             config_toml: cfg.to_toml()?,
         };
-        let dist = match dist {
-            Some((comm, zero)) => Some(crate::dist::run::Dist::attach(
-                engine.as_mut(),
-                comm,
-                zero,
-                latest.as_ref().map(|(_, d)| d.as_path()),
-            )?),
-            None => None,
-        };
+        let resume_dir = latest.as_ref().map(|(_, d)| d.as_path());
+        let dist = dist
+            .map(|(c, z)| crate::dist::run::Dist::attach(engine.as_mut(), c, z, resume_dir))
+            .transpose()?;
         if let Some((_, dir)) = &latest {
             let st = match &dist {
                 Some(_) => crate::dist::run::load_trainer_state(dir)?,
@@ -329,6 +313,35 @@ impl Run {
     }
 }
 
+impl Run {
+    /// A stop was asked for here or, in a distributed run, on any rank.
+    fn stop_everywhere(&mut self) -> Result<bool> {
+        match self.dist.as_mut() {
+            Some(d) => d.any_rank(stop_requested()),
+            None => Ok(stop_requested()),
+        }
+    }
+}
+
+/// The metrics file and progress bar: rank 0's (or the only process's); other ranks get a
+/// sink and a hidden bar.
+fn outputs(run: &Run, rank0: bool, path: &Path) -> Result<(Box<dyn Write>, ProgressBar)> {
+    if !rank0 {
+        return Ok((Box::new(std::io::sink()), ProgressBar::hidden()));
+    }
+    let metrics = open_metrics(path, run.resumed_from.as_ref())?;
+    Ok((Box::new(metrics), progress(run.total_steps, run.state.step)))
+}
+
+/// The loss curve next to the metrics; a failure costs a warning.
+fn plot_loss(cfg: &RunConfig, metrics_path: &Path) {
+    let png = cfg.out_dir.join("loss_curve.png");
+    let title = format!("Vet-Mamba {:?}: loss", cfg.stage);
+    if let Err(e) = super::plot::loss_curve_png(metrics_path, &png, &title) {
+        eprintln!("warning: no loss curve: {e:#}");
+    }
+}
+
 /// Where a stopped run can go on from: the newest complete checkpoint, or that there is none.
 fn last_checkpoint_note(out_dir: &Path) -> String {
     match state::list(out_dir).ok().and_then(|mut l| l.pop()) {
@@ -379,16 +392,7 @@ pub(crate) fn train_with(
     let mut run = Run::open(cfg, opts, dist)?;
     let rank0 = run.dist.as_ref().is_none_or(|d| d.rank() == 0);
     let metrics_path = run.cfg.out_dir.join("metrics.jsonl");
-    let mut metrics: Box<dyn Write> = if rank0 {
-        Box::new(open_metrics(&metrics_path, run.resumed_from.as_ref())?)
-    } else {
-        Box::new(std::io::sink())
-    };
-    let pb = if rank0 {
-        progress(run.total_steps, run.state.step)
-    } else {
-        ProgressBar::hidden()
-    };
+    let (mut metrics, pb) = outputs(&run, rank0, &metrics_path)?;
     let started = Instant::now();
     let (mut losses, mut run_tokens, mut consecutive) = (Vec::new(), 0u64, 0u32);
     let mut val_loss = None;
@@ -456,11 +460,7 @@ pub(crate) fn train_with(
         {
             val_loss = Some(eval_now(&mut run, e.batches, &mut metrics, &pb)?);
         }
-        let stop = match run.dist.as_mut() {
-            Some(d) => d.any_rank(stop_requested())?,
-            None => stop_requested(),
-        };
-        if stop {
+        if run.stop_everywhere()? {
             interrupted = true;
             note(&pb, format!("interrupted: checkpointing at step {step}"));
             break;
@@ -485,15 +485,8 @@ pub(crate) fn train_with(
     }
     let checkpoint = run.checkpoint()?;
     drop(metrics);
-    let png = run.cfg.out_dir.join("loss_curve.png");
-    let title = format!("Vet-Mamba {:?}: loss", run.cfg.stage);
-    let plotted = if rank0 {
-        super::plot::loss_curve_png(&metrics_path, &png, &title).map(|_| ())
-    } else {
-        Ok(())
-    };
-    if let Err(e) = plotted {
-        eprintln!("warning: no loss curve: {e:#}");
+    if rank0 {
+        plot_loss(&run.cfg, &metrics_path);
     }
     let secs = started.elapsed().as_secs_f64();
     Ok(RunSummary {
