@@ -64,6 +64,31 @@ impl ZeroConfig {
         })
     }
 
+    /// The keys that ask for something (away from DeepSpeed's defaults), for a one-process
+    /// run to report as having no effect.
+    pub fn set_keys(&self) -> Vec<String> {
+        let d = ZeroConfig::default();
+        let z = "zero_optimization.";
+        let mut out = Vec::new();
+        let mut key = |set: bool, k: &str| {
+            if set {
+                out.push(k.to_string());
+            }
+        };
+        key(self.stage != d.stage, &format!("{z}stage"));
+        key(
+            self.offload_optimizer != d.offload_optimizer,
+            &format!("{z}offload_optimizer"),
+        );
+        key(
+            self.offload_param != d.offload_param,
+            &format!("{z}offload_param"),
+        );
+        key(self.comms_logger, "comms_logger");
+        key(self.wall_clock_breakdown, "wall_clock_breakdown");
+        out
+    }
+
     /// Each setting that is on (or away from its default) but changes nothing here, with
     /// why; the caller prints these.
     pub fn no_effect(&self) -> Vec<String> {

@@ -393,7 +393,12 @@ pub fn apply_deepspeed_world(
         }
     }
     cfg.validate()?;
-    Ok(ds.unsupported.clone())
+    let mut out = ds.unsupported.clone();
+    if world == 1 {
+        // One process: ZeRO and its logs act only in a distributed run (`dist`).
+        out.extend(ds.zero.iter().flat_map(ZeroConfig::set_keys));
+    }
+    Ok(out)
 }
 
 #[cfg(test)]
