@@ -32,6 +32,11 @@ pub fn train_distributed(
     comm: Box<dyn Comm>,
     zero: ZeroConfig,
 ) -> Result<RunSummary> {
+    if cfg.optim.precision == crate::train::run_config::Precision::Fp16 {
+        anyhow::bail!(
+            "precision fp16 (dynamic loss scaling) is not supported by the distributed driver yet: use bf16 or f32"
+        );
+    }
     if comm.rank() == 0 {
         for n in zero.no_effect() {
             eprintln!("note: {n}");
