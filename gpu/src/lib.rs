@@ -16,6 +16,7 @@
 
 mod api;
 mod backward;
+pub mod comm;
 pub mod cuda;
 mod decode;
 mod engine;

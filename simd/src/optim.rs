@@ -82,19 +82,7 @@ pub fn adamw_step(
         }
     }
     opt.step += 1;
-    let t = opt.step as f64;
-    let bc1 = 1.0 - libm::pow(hp.beta1, t);
-    let bc2 = 1.0 - libm::pow(hp.beta2, t);
-    let k = Coefs {
-        step_size: (lr / bc1) as f32,
-        sqrt_bc2: bc2.sqrt() as f32,
-        b1: hp.beta1 as f32,
-        b2: hp.beta2 as f32,
-        omb1: (1.0 - hp.beta1) as f32,
-        omb2: (1.0 - hp.beta2) as f32,
-        eps: hp.eps as f32,
-        decay: (1.0 - lr * hp.weight_decay) as f32,
-    };
+    let k = Coefs::new(hp, lr, opt.step);
     let specs = param_specs(cfg);
     let mut blocks: Vec<Block> = Vec::new();
     let ps = params.tensors_mut();
@@ -135,6 +123,77 @@ struct Coefs {
     omb2: f32,
     eps: f32,
     decay: f32,
+}
+
+impl Coefs {
+    /// The constants of step `step` (1-based, already counted).
+    fn new(hp: &AdamWConfig, lr: f64, step: u64) -> Coefs {
+        let t = step as f64;
+        let bc1 = 1.0 - libm::pow(hp.beta1, t);
+        let bc2 = 1.0 - libm::pow(hp.beta2, t);
+        Coefs {
+            step_size: (lr / bc1) as f32,
+            sqrt_bc2: bc2.sqrt() as f32,
+            b1: hp.beta1 as f32,
+            b2: hp.beta2 as f32,
+            omb1: (1.0 - hp.beta1) as f32,
+            omb2: (1.0 - hp.beta2) as f32,
+            eps: hp.eps as f32,
+            decay: (1.0 - lr * hp.weight_decay) as f32,
+        }
+    }
+}
+
+/// The AdamW update of step `step` (1-based: the caller has counted it) over flat slices,
+/// for a sharded optimizer that owns a slice of the parameters laid end to end: `runs` are
+/// ranges of the slices and whether they decay (elements outside every run, the padding, are
+/// left alone). Gradients are already clipped. Per element this is [`adamw_step`]'s update,
+/// so the bits are the same.
+#[allow(clippy::too_many_arguments)]
+pub fn adamw_update_flat(
+    pool: &ThreadPool,
+    hp: &AdamWConfig,
+    lr: f64,
+    step: u64,
+    p: &mut [f32],
+    g: &[f32],
+    m: &mut [f32],
+    v: &mut [f32],
+    runs: &[(std::ops::Range<usize>, bool)],
+) {
+    let k = Coefs::new(hp, lr, step);
+    let mut blocks: Vec<Block> = Vec::new();
+    let (ps, ms, vs) = (carve(p, runs), carve(m, runs), carve(v, runs));
+    for (((p, m), v), (r, decays)) in ps.into_iter().zip(ms).zip(vs).zip(runs) {
+        let decays = hp.weight_decay != 0.0 && *decays;
+        for (((p, g), m), v) in p
+            .chunks_mut(BLOCK)
+            .zip(g[r.clone()].chunks(BLOCK))
+            .zip(m.chunks_mut(BLOCK))
+            .zip(v.chunks_mut(BLOCK))
+        {
+            blocks.push((p, g, m, v, decays));
+        }
+    }
+    pool.install(|| {
+        blocks
+            .into_par_iter()
+            .for_each(|(p, g, m, v, decays)| update(&k, p, g, m, v, decays))
+    });
+}
+
+/// The disjoint, increasing `runs` of `s` as separate mutable slices.
+fn carve<'a>(mut s: &'a mut [f32], runs: &[(std::ops::Range<usize>, bool)]) -> Vec<&'a mut [f32]> {
+    let mut at = 0;
+    let mut out = Vec::with_capacity(runs.len());
+    for (r, _) in runs {
+        let (_, tail) = std::mem::take(&mut s).split_at_mut(r.start - at);
+        let (mine, tail) = tail.split_at_mut(r.len());
+        out.push(mine);
+        s = tail;
+        at = r.end;
+    }
+    out
 }
 
 /// The reference's per-element update over one block.

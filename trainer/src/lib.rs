@@ -10,6 +10,7 @@ pub mod cli;
 pub mod data;
 pub mod debug_state;
 pub mod device;
+pub mod dist;
 pub mod generate;
 pub mod launch;
 pub mod lock;

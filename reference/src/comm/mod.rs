@@ -10,6 +10,10 @@
 
 use std::fmt;
 
+mod in_process;
+
+pub use self::in_process::{InProcess, DEFAULT_TIMEOUT};
+
 /// What went wrong in a collective. `rank` is the rank that reports it; `peer` names the
 /// rank that failed or went missing, where known.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -2,8 +2,9 @@
 //!
 //! Read: `fp16` and `bf16` blocks, `optimizer` (AdamW / Adam with its `params`), `scheduler`
 //! (`WarmupDecayLR`, `WarmupLR`), `gradient_accumulation_steps`, `gradient_clipping`,
-//! `train_micro_batch_size_per_gpu`, `train_batch_size` (checked) and `zero_optimization`
-//! (`stage`). `"auto"` (or absence) leaves a value to the run config and the flags. Every other
+//! `train_micro_batch_size_per_gpu`, `train_batch_size` (checked), `zero_optimization` (every
+//! key DeepSpeed documents for stages 0–3 and CPU offload, into [`ZeroConfig`]),
+//! `comms_logger` and `wall_clock_breakdown`. `"auto"` (or absence) leaves a value to the run config and the flags. Every other
 //! field is listed in [`DsConfig::unsupported`] so the caller reports it instead of silently
 //! ignoring it.
 
@@ -17,6 +18,8 @@ use super::loss_scale::LossScaleConfig;
 pub use super::run_config::Precision;
 use super::run_config::{RunConfig, ScheduleKind};
 use super::schedule::WarmupType;
+use crate::dist::config::ZeroConfig;
+use crate::dist::ds::{read_logging, read_zero};
 
 /// How fp16 scales the loss.
 #[derive(Clone, Debug, PartialEq)]
@@ -53,6 +56,9 @@ pub struct DsConfig {
     pub weight_decay: Option<f64>,
     pub scheduler: Option<DsScheduler>,
     pub zero_stage: Option<u8>,
+    /// `zero_optimization` (with the top-level `comms_logger` and `wall_clock_breakdown`),
+    /// typed; [`ZeroConfig::no_effect`] lists what does nothing here.
+    pub zero: Option<ZeroConfig>,
     /// Dotted paths of fields this trainer does not act on.
     pub unsupported: Vec<String>,
 }
@@ -61,7 +67,7 @@ fn is_auto(v: &Value) -> bool {
     v.as_str() == Some("auto")
 }
 
-fn num(v: Option<&Value>, key: &str) -> Result<Option<f64>> {
+pub(crate) fn num(v: Option<&Value>, key: &str) -> Result<Option<f64>> {
     match v {
         None => Ok(None),
         Some(v) if is_auto(v) => Ok(None),
@@ -72,7 +78,7 @@ fn num(v: Option<&Value>, key: &str) -> Result<Option<f64>> {
     }
 }
 
-fn int(v: Option<&Value>, key: &str) -> Result<Option<u64>> {
+pub(crate) fn int(v: Option<&Value>, key: &str) -> Result<Option<u64>> {
     match v {
         None => Ok(None),
         Some(v) if is_auto(v) => Ok(None),
@@ -82,7 +88,7 @@ fn int(v: Option<&Value>, key: &str) -> Result<Option<u64>> {
     }
 }
 
-fn enabled(block: &Map<String, Value>, key: &str) -> Result<Option<bool>> {
+pub(crate) fn enabled(block: &Map<String, Value>, key: &str) -> Result<Option<bool>> {
     match block.get("enabled") {
         None => Ok(Some(false)),
         Some(v) if is_auto(v) => Ok(None),
@@ -93,13 +99,18 @@ fn enabled(block: &Map<String, Value>, key: &str) -> Result<Option<bool>> {
     }
 }
 
-fn unknown(block: &Map<String, Value>, known: &[&str], prefix: &str, out: &mut Vec<String>) {
+pub(crate) fn unknown(
+    block: &Map<String, Value>,
+    known: &[&str],
+    prefix: &str,
+    out: &mut Vec<String>,
+) {
     for k in block.keys().filter(|k| !known.contains(&k.as_str())) {
         out.push(format!("{prefix}{k}"));
     }
 }
 
-fn object<'a>(v: &'a Value, key: &str) -> Result<&'a Map<String, Value>> {
+pub(crate) fn object<'a>(v: &'a Value, key: &str) -> Result<&'a Map<String, Value>> {
     v.as_object()
         .with_context(|| format!("`{key}` must be an object"))
 }
@@ -141,13 +152,11 @@ impl DsConfig {
         }
         if let Some(z) = root.get("zero_optimization") {
             let z = object(z, "zero_optimization")?;
-            let stage = int(z.get("stage"), "zero_optimization.stage")?.unwrap_or(0);
-            if stage > 3 {
-                bail!("`zero_optimization.stage` is {stage}; DeepSpeed stages are 0 to 3");
-            }
-            ds.zero_stage = Some(stage as u8);
-            unknown(z, &["stage"], "zero_optimization.", &mut ds.unsupported);
+            let zc = read_zero(z, &mut ds.unsupported)?;
+            ds.zero_stage = Some(zc.stage);
+            ds.zero = Some(zc);
         }
+        read_logging(root, &mut ds)?;
         let known = [
             "train_micro_batch_size_per_gpu",
             "train_batch_size",
@@ -158,6 +167,8 @@ impl DsConfig {
             "optimizer",
             "scheduler",
             "zero_optimization",
+            "comms_logger",
+            "wall_clock_breakdown",
         ];
         unknown(root, &known, "", &mut ds.unsupported);
         Ok(ds)
@@ -301,6 +312,17 @@ impl DsConfig {
 /// Applies a DeepSpeed config to a run config: every value it sets (not `"auto"`) wins over
 /// the TOML. Returns the fields that are not supported, for the caller to report.
 pub fn apply_deepspeed(cfg: &mut RunConfig, ds: &DsConfig) -> Result<Vec<String>> {
+    apply_deepspeed_world(cfg, ds, 1)
+}
+
+/// [`apply_deepspeed`] for a data-parallel job of `world` ranks: `train_batch_size` must be
+/// micro batch × accumulation × `world`, as DeepSpeed defines it. The `zero_optimization`
+/// settings are in `ds.zero`, for [`crate::dist::train_distributed`].
+pub fn apply_deepspeed_world(
+    cfg: &mut RunConfig,
+    ds: &DsConfig,
+    world: usize,
+) -> Result<Vec<String>> {
     let t = &mut cfg.train;
     if let Some(m) = ds.micro_batch {
         t.batch = m;
@@ -309,10 +331,15 @@ pub fn apply_deepspeed(cfg: &mut RunConfig, ds: &DsConfig) -> Result<Vec<String>
         t.grad_accum = a;
     }
     if let Some(total) = ds.train_batch_size {
-        // One process: train_batch_size = micro batch × accumulation × world size (1).
-        if Some(total) != t.batch.checked_mul(t.grad_accum) {
+        // train_batch_size = micro batch × accumulation × world size.
+        let global = t
+            .batch
+            .checked_mul(t.grad_accum)
+            .and_then(|n| n.checked_mul(world));
+        if Some(total) != global {
+            let gpus = if world == 1 { "GPU" } else { "GPUs" };
             bail!(
-                "DeepSpeed `train_batch_size` {total} != train_micro_batch_size_per_gpu {} × gradient_accumulation_steps {} × 1 GPU",
+                "DeepSpeed `train_batch_size` {total} != train_micro_batch_size_per_gpu {} × gradient_accumulation_steps {} × {world} {gpus}",
                 t.batch,
                 t.grad_accum
             );
@@ -366,12 +393,18 @@ pub fn apply_deepspeed(cfg: &mut RunConfig, ds: &DsConfig) -> Result<Vec<String>
         }
     }
     cfg.validate()?;
-    Ok(ds.unsupported.clone())
+    let mut out = ds.unsupported.clone();
+    if world == 1 {
+        // One process: ZeRO and its logs act only in a distributed run (`dist`).
+        out.extend(ds.zero.iter().flat_map(ZeroConfig::set_keys));
+    }
+    Ok(out)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::dist::config::OffloadDevice;
 
     const ORIGINAL: &str = r#"{
         "train_micro_batch_size_per_gpu": "auto",
@@ -412,16 +445,62 @@ mod tests {
             (Some(0.0), None, Some(2000), None)
         );
         assert_eq!(ds.zero_stage, Some(2));
-        let mut u = ds.unsupported.clone();
-        u.sort();
-        assert_eq!(
-            u,
-            vec![
-                "steps_per_print",
-                "wall_clock_breakdown",
-                "zero_optimization.overlap_comm"
-            ]
+        let z = ds.zero.clone().unwrap();
+        assert!(z.overlap_comm && !z.wall_clock_breakdown);
+        assert!(z.no_effect().iter().any(|n| n.contains("overlap_comm")));
+        assert_eq!(ds.unsupported, vec!["steps_per_print"]);
+    }
+
+    #[test]
+    fn reads_every_zero_key_and_reports_those_without_effect() {
+        let ds = DsConfig::parse(
+            r#"{"zero_optimization": {"stage": 3, "reduce_bucket_size": 5e5, "overlap_comm": false,
+                "contiguous_gradients": true, "offload_optimizer": {"device": "cpu", "pin_memory": true},
+                "offload_param": {"device": "cpu"}, "stage3_prefetch_bucket_size": 1000,
+                "stage3_param_persistence_threshold": 64, "stage3_max_live_parameters": 1e9,
+                "stage3_gather_16bit_weights_on_model_save": true, "sub_group_size": 1e9},
+                "comms_logger": {"enabled": true}, "wall_clock_breakdown": true}"#,
+        )
+        .unwrap();
+        let z = ds.zero.clone().unwrap();
+        assert_eq!(z.stage, 3);
+        assert_eq!(z.reduce_bucket_size, 500_000);
+        assert_eq!(z.offload_optimizer, OffloadDevice::Cpu);
+        assert_eq!(z.offload_param, OffloadDevice::Cpu);
+        assert_eq!(z.stage3_prefetch_bucket_size, 1000);
+        assert_eq!(z.stage3_param_persistence_threshold, 64);
+        assert!(z.comms_logger && z.wall_clock_breakdown);
+        assert!(z.stage3_gather_16bit_weights_on_model_save);
+        assert_eq!(ds.unsupported, vec!["zero_optimization.sub_group_size"]);
+        let ne = z.no_effect().join("\n");
+        for k in [
+            "offload_param",
+            "stage3_prefetch_bucket_size",
+            "stage3_gather_16bit",
+        ] {
+            assert!(ne.contains(k), "{k} not reported: {ne}");
+        }
+        let e =
+            DsConfig::parse(r#"{"zero_optimization": {"offload_optimizer": {"device": "nvme"}}}"#)
+                .unwrap_err();
+        assert!(
+            format!("{e:#}").contains("offload_optimizer.device"),
+            "{e:#}"
         );
+    }
+
+    #[test]
+    fn train_batch_size_counts_every_rank() {
+        let ds = DsConfig::parse(
+            r#"{"train_batch_size": 32, "train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 2}"#,
+        )
+        .unwrap();
+        let toml = "stage = \"pretrain\"\nout_dir = \"x\"\n[model]\npreset = \"quickstart\"\n[data]\nmanifest = \"m.json\"\n[train]\nbatch = 1\nseq_len = 8\nsteps = 1\n[optim]\nlr = 1e-3\n";
+        let mut cfg = RunConfig::parse(toml).unwrap();
+        assert!(apply_deepspeed_world(&mut cfg, &ds, 4).is_ok());
+        let e = apply_deepspeed_world(&mut cfg, &ds, 3).unwrap_err();
+        assert!(format!("{e:#}").contains("× 3 GPUs"), "{e:#}");
+        assert!(apply_deepspeed(&mut cfg, &ds).is_err());
     }
 
     #[test]

@@ -16,7 +16,8 @@ use super::resume;
 use super::run_config::{RunConfig, Stage};
 use super::schedule::Schedule;
 use super::setup::{
-    check_resume, new_loss_scaler, open_source, schedule, starting_model, tokenizer_path,
+    check_resume, new_loss_scaler, open_source, open_source_ranked, schedule, starting_model,
+    tokenizer_path,
 };
 use super::source::{Source, TrainBatch};
 use super::state::{self, TrainerState};
@@ -93,14 +94,16 @@ struct Run {
     overflow_skip: bool,
     /// The token shards' payload checksums, checked in the background.
     shard_check: Option<ShardCheck>,
-    /// `out_dir` is this process's while the run lives.
-    _lock: DirLock,
+    /// `out_dir` is this process's while the run lives (rank 0's alone in a distributed run).
+    _lock: Option<DirLock>,
+    /// The data-parallel rank, communicator and ZeRO driver of a distributed run.
+    dist: Option<crate::dist::run::Dist>,
     /// The step of the checkpoint this process resumed from.
     resumed_from: Option<(u64, PathBuf)>,
 }
 
 impl Run {
-    fn open(cfg: RunConfig, opts: &RunOptions) -> Result<Run> {
+    fn open(cfg: RunConfig, opts: &RunOptions, mut dist: Option<DistInit>) -> Result<Run> {
         if cfg.stage == Stage::Eval {
             bail!(
                 "stage eval does not train: run it with train::evaluate::evaluate (vet-train does)"
@@ -114,10 +117,7 @@ impl Run {
         }
         std::fs::create_dir_all(&cfg.out_dir)
             .with_context(|| format!("creating output directory {}", cfg.out_dir.display()))?;
-        let lock = DirLock::acquire(&cfg.out_dir)?;
-        if !opts.resume {
-            state::claim_for_fresh_run(&cfg.out_dir, opts.overwrite)?;
-        }
+        let (lock, rank, world) = crate::dist::run::claim_out_dir(&cfg.out_dir, opts, &mut dist)?;
         let tokenizer_path = tokenizer_path(&cfg)?;
         let tok_sha = sha256_file(&tokenizer_path)?;
         let probe = tokenizer::load(&tokenizer_path, usize::MAX)?;
@@ -149,7 +149,8 @@ impl Run {
             ..Default::default()
         };
         let mut engine = device::engine_with(&opts.device, &mcfg, params, &eopts)?;
-        let mut source = open_source(&cfg, true, &tok, &tok_sha, mcfg.vocab_size)?;
+        let mut source =
+            open_source_ranked(&cfg, true, &tok, &tok_sha, mcfg.vocab_size, (rank, world))?;
         if cfg.eval.is_some() {
             // Fail now, not after hours of training, when the evaluation data is unusable.
             open_source(&cfg, false, &tok, &tok_sha, mcfg.vocab_size)
@@ -169,9 +170,19 @@ impl Run {
             adam_step: 0,
             config_toml: cfg.to_toml()?,
         };
+        let resume_dir = latest.as_ref().map(|(_, d)| d.as_path());
+        let dist = dist
+            .map(|(c, z)| crate::dist::run::Dist::attach(engine.as_mut(), c, z, resume_dir))
+            .transpose()?;
         if let Some((_, dir)) = &latest {
-            let (opt, st) = state::load(dir, &mcfg)?;
-            engine.set_optimizer_state(&opt)?;
+            let st = match &dist {
+                Some(_) => crate::dist::run::load_trainer_state(dir)?,
+                None => {
+                    let (opt, st) = state::load(dir, &mcfg)?;
+                    engine.set_optimizer_state(&opt)?;
+                    st
+                }
+            };
             source.seek(st.data_position)?;
             state = TrainerState {
                 config_toml: cfg.to_toml()?,
@@ -180,8 +191,10 @@ impl Run {
             };
             eprintln!("resuming from {} (step {})", dir.display(), state.step);
         }
-        std::fs::write(cfg.out_dir.join("run.toml"), cfg.to_toml()?)
-            .with_context(|| format!("writing {}", cfg.out_dir.join("run.toml").display()))?;
+        if rank == 0 {
+            std::fs::write(cfg.out_dir.join("run.toml"), cfg.to_toml()?)
+                .with_context(|| format!("writing {}", cfg.out_dir.join("run.toml").display()))?;
+        }
         let o = &cfg.optim;
         let hp = AdamWConfig {
             beta1: o.betas[0],
@@ -205,6 +218,7 @@ impl Run {
             overflow_skip: false,
             shard_check,
             _lock: lock,
+            dist,
             resumed_from,
         })
     }
@@ -222,6 +236,11 @@ impl Run {
     /// One optimizer step over `grad_accum` micro-batches. Returns (mean loss, stats) or
     /// `None` loss when it was skipped.
     fn step(&mut self) -> Result<(Option<f64>, f64, usize)> {
+        if let Some(d) = self.dist.as_mut() {
+            let lr = self.schedule.lr(self.state.step);
+            let accum = self.cfg.train.grad_accum;
+            return d.step(self.engine.as_mut(), &mut self.source, accum, &self.hp, lr);
+        }
         self.engine.zero_grad()?;
         let accum = self.cfg.train.grad_accum;
         // fp16: the loss scale multiplies grad_scale; the CUDA engine divides it out in
@@ -269,8 +288,20 @@ impl Run {
         ))
     }
 
-    fn checkpoint(&self) -> Result<PathBuf> {
+    fn checkpoint(&mut self) -> Result<PathBuf> {
         let keep = self.cfg.checkpoint.as_ref().map_or(3, |c| c.keep_last);
+        if let Some(d) = self.dist.as_mut() {
+            let dir = state::step_dir(&self.cfg.out_dir, self.state.step);
+            let tok = Some(self.tokenizer_path.as_path());
+            return d.save(
+                &dir,
+                &self.mcfg,
+                self.engine.as_mut(),
+                tok,
+                &self.state,
+                keep,
+            );
+        }
         state::save(
             &self.cfg.out_dir,
             &self.mcfg,
@@ -279,6 +310,35 @@ impl Run {
             &self.state,
             keep,
         )
+    }
+}
+
+impl Run {
+    /// A stop was asked for here or, in a distributed run, on any rank.
+    fn stop_everywhere(&mut self) -> Result<bool> {
+        match self.dist.as_mut() {
+            Some(d) => d.any_rank(stop_requested()),
+            None => Ok(stop_requested()),
+        }
+    }
+}
+
+/// The metrics file and progress bar: rank 0's (or the only process's); other ranks get a
+/// sink and a hidden bar.
+fn outputs(run: &Run, rank0: bool, path: &Path) -> Result<(Box<dyn Write>, ProgressBar)> {
+    if !rank0 {
+        return Ok((Box::new(std::io::sink()), ProgressBar::hidden()));
+    }
+    let metrics = open_metrics(path, run.resumed_from.as_ref())?;
+    Ok((Box::new(metrics), progress(run.total_steps, run.state.step)))
+}
+
+/// The loss curve next to the metrics; a failure costs a warning.
+fn plot_loss(cfg: &RunConfig, metrics_path: &Path) {
+    let png = cfg.out_dir.join("loss_curve.png");
+    let title = format!("Vet-Mamba {:?}: loss", cfg.stage);
+    if let Err(e) = super::plot::loss_curve_png(metrics_path, &png, &title) {
+        eprintln!("warning: no loss curve: {e:#}");
     }
 }
 
@@ -313,13 +373,26 @@ fn progress(total: u64, start: u64) -> ProgressBar {
     pb
 }
 
+/// A distributed run's communicator and ZeRO settings.
+pub(crate) type DistInit = (Box<dyn reference::comm::Comm>, crate::dist::ZeroConfig);
+
 /// Runs the training job `cfg` describes.
 pub fn train(cfg: RunConfig, opts: &RunOptions) -> Result<RunSummary> {
+    train_with(cfg, opts, None)
+}
+
+/// [`train`], data parallel over `dist`'s communicator when given: rank 0 alone writes the
+/// logs, plots and model files (see [`crate::dist::train_distributed`]).
+pub(crate) fn train_with(
+    cfg: RunConfig,
+    opts: &RunOptions,
+    dist: Option<DistInit>,
+) -> Result<RunSummary> {
     install_signal_handler();
-    let mut run = Run::open(cfg, opts)?;
+    let mut run = Run::open(cfg, opts, dist)?;
+    let rank0 = run.dist.as_ref().is_none_or(|d| d.rank() == 0);
     let metrics_path = run.cfg.out_dir.join("metrics.jsonl");
-    let mut metrics = open_metrics(&metrics_path, run.resumed_from.as_ref())?;
-    let pb = progress(run.total_steps, run.state.step);
+    let (mut metrics, pb) = outputs(&run, rank0, &metrics_path)?;
     let started = Instant::now();
     let (mut losses, mut run_tokens, mut consecutive) = (Vec::new(), 0u64, 0u32);
     let mut val_loss = None;
@@ -368,9 +441,12 @@ pub fn train(cfg: RunConfig, opts: &RunOptions) -> Result<RunSummary> {
                 if run_tokens == tokens as u64 {
                     report_memory(&run, tokens, &mut metrics, &pb)?;
                 }
+                if let Some(d) = run.dist.as_mut() {
+                    d.log_step(run.state.step, run_tokens == tokens as u64, &mut metrics)?;
+                }
                 pb.set_position(run.state.step);
                 pb.set_message(format!("loss {l:.4} lr {lr:.2e} {tps:.0} tok/s"));
-                if run.state.step % opts.log_every == 0 && pb.is_hidden() {
+                if run.state.step % opts.log_every == 0 && pb.is_hidden() && rank0 {
                     eprintln!("step {:>6}/{}  loss {l:.4}  lr {lr:.2e}  grad_norm {grad_norm:.3}  {tps:.0} tokens/s", run.state.step, run.total_steps);
                 }
             }
@@ -384,7 +460,7 @@ pub fn train(cfg: RunConfig, opts: &RunOptions) -> Result<RunSummary> {
         {
             val_loss = Some(eval_now(&mut run, e.batches, &mut metrics, &pb)?);
         }
-        if stop_requested() {
+        if run.stop_everywhere()? {
             interrupted = true;
             note(&pb, format!("interrupted: checkpointing at step {step}"));
             break;
@@ -409,10 +485,8 @@ pub fn train(cfg: RunConfig, opts: &RunOptions) -> Result<RunSummary> {
     }
     let checkpoint = run.checkpoint()?;
     drop(metrics);
-    let png = run.cfg.out_dir.join("loss_curve.png");
-    let title = format!("Vet-Mamba {:?}: loss", run.cfg.stage);
-    if let Err(e) = super::plot::loss_curve_png(&metrics_path, &png, &title) {
-        eprintln!("warning: no loss curve: {e:#}");
+    if rank0 {
+        plot_loss(&run.cfg, &metrics_path);
     }
     let secs = started.elapsed().as_secs_f64();
     Ok(RunSummary {
@@ -465,7 +539,7 @@ fn start_shard_check(cfg: &RunConfig) -> Result<Option<ShardCheck>> {
 fn report_memory(
     run: &Run,
     tokens: usize,
-    metrics: &mut std::fs::File,
+    metrics: &mut dyn Write,
     pb: &ProgressBar,
 ) -> Result<()> {
     if let Some(m) = run.engine.memory()? {
@@ -488,9 +562,12 @@ fn report_memory(
 fn eval_now(
     run: &mut Run,
     batches: usize,
-    metrics: &mut std::fs::File,
+    metrics: &mut dyn Write,
     pb: &ProgressBar,
 ) -> Result<f64> {
+    if let Some(d) = run.dist.as_mut() {
+        d.sync(run.engine.as_mut())?;
+    }
     let tok = tokenizer::load(&run.tokenizer_path, run.mcfg.vocab_size)?;
     let sha = sha256_file(&run.tokenizer_path)?;
     let mut src = open_source(&run.cfg, false, &tok, &sha, run.mcfg.vocab_size)?;

@@ -104,11 +104,26 @@ pub(super) fn open_source(
     tok_sha: &str,
     vocab: usize,
 ) -> Result<Source> {
+    open_source_ranked(cfg, split_train, tok, tok_sha, vocab, (0, 1))
+}
+
+/// [`open_source`] for data-parallel rank `rank.0` of `rank.1`: token shards are sliced by
+/// rank; QA data is not sliced yet, so a distributed QA run is refused.
+pub(super) fn open_source_ranked(
+    cfg: &RunConfig,
+    split_train: bool,
+    tok: &tokenizers::Tokenizer,
+    tok_sha: &str,
+    vocab: usize,
+    (rank, world): (usize, usize),
+) -> Result<Source> {
     let t = &cfg.train;
     match cfg.stage {
         Stage::Pretrain | Stage::Eval if cfg.data.manifest.is_some() => {
             let manifest = cfg.data.manifest.as_deref().unwrap_or(Path::new(""));
-            let lc = t.loader_config();
+            let mut lc = t.loader_config();
+            lc.rank = rank;
+            lc.world_size = world;
             Source::tokens(
                 manifest,
                 if split_train { "train" } else { "val" },
@@ -117,6 +132,10 @@ pub(super) fn open_source(
                 vocab,
             )
         }
+        _ if world > 1 => bail!(
+            "stage {:?} reads QA pairs, which are not sliced by rank yet: run it on one process",
+            cfg.stage
+        ),
         _ => {
             let path = if split_train {
                 cfg.data.qa_train.as_deref()

@@ -1,0 +1,384 @@
+//! ZeRO data parallel on the in-process communicator: the simd engine at world sizes 2, 3
+//! and 4, every stage, with and without `offload_optimizer`, against the one-rank run with
+//! the same global batch (`trainer::train`'s step: accumulation over every micro-batch, then
+//! the engine's own AdamW). Measured errors: `cargo test -p conformance --test zero --
+//! --nocapture`.
+
+use std::thread;
+
+use conformance::tol;
+use reference::comm::{Comm, InProcess};
+use reference::init::init_params;
+use reference::model::Batch;
+use reference::rng::Rng;
+use reference::{AdamWConfig, InferenceEngine, MambaConfig, TrainingEngine};
+use simd::{SimdEngine, SimdOptions};
+use trainer::dist::config::OffloadDevice;
+use trainer::dist::{FlatLayout, ZeroConfig, ZeroDriver};
+use trainer::train::source::TrainBatch;
+
+const SEQ: usize = 9;
+const ROWS: usize = 2;
+const STEPS: usize = 3;
+
+fn cfg() -> MambaConfig {
+    // d_model 11, 38 tokens: 4411 parameters, divisible by neither 3 nor 4 (checked below).
+    MambaConfig::new(11, 2, 38)
+}
+
+fn engine() -> SimdEngine {
+    let opts = SimdOptions {
+        threads: 1,
+        ..SimdOptions::default()
+    };
+    SimdEngine::new(cfg(), init_params(&cfg(), 11), &opts).unwrap()
+}
+
+/// Micro-batch `i` of step `s`: random tokens and document resets from a seed.
+fn micro(s: usize, i: usize) -> TrainBatch {
+    let mut rng = Rng::new(1000 * s as u64 + i as u64 + 5);
+    let n = ROWS * SEQ;
+    let vocab = cfg().vocab_size as u64;
+    let inputs: Vec<u32> = (0..n).map(|_| (rng.next_u64() % vocab) as u32).collect();
+    let targets: Vec<u32> = (0..n).map(|_| (rng.next_u64() % vocab) as u32).collect();
+    let resets = (0..n).map(|_| rng.next_u64().is_multiple_of(7)).collect();
+    TrainBatch {
+        batch: ROWS,
+        seq_len: SEQ,
+        inputs,
+        targets,
+        mask: None,
+        resets,
+    }
+}
+
+fn hp(clip: bool) -> AdamWConfig {
+    AdamWConfig {
+        max_grad_norm: clip.then_some(0.5),
+        ..AdamWConfig::default()
+    }
+}
+
+fn lr(s: usize) -> f64 {
+    3e-3 * (1.0 + s as f64) / STEPS as f64
+}
+
+/// The flat final weights and per-step losses of the one-rank run over `global` micro-batches
+/// per step (the training loop's step with `grad_accum = global`).
+fn one_rank(global: usize, clip: bool) -> (Vec<f32>, Vec<f64>) {
+    let mut e = engine();
+    let mut losses = Vec::new();
+    for s in 0..STEPS {
+        e.zero_grad().unwrap();
+        let mut sum = 0.0;
+        for i in 0..global {
+            let b = micro(s, i);
+            let input = Batch {
+                batch: b.batch,
+                seq_len: b.seq_len,
+                tokens: &b.inputs,
+                resets: Some(&b.resets),
+            };
+            let lo = e
+                .loss_and_backward(&input, &b.targets, None, None, 1.0 / global as f64)
+                .unwrap();
+            sum += lo.loss;
+        }
+        let st = e.optimizer_step(&hp(clip), lr(s)).unwrap();
+        assert!(!st.skipped);
+        losses.push(sum / global as f64);
+    }
+    let layout = FlatLayout::new(&cfg(), 1);
+    (layout.flatten(&e.parameters().unwrap()).unwrap(), losses)
+}
+
+/// Every rank's flat final weights and rank 0's losses, at `world` ranks with `accum`
+/// micro-batches each.
+fn distributed(
+    world: usize,
+    accum: usize,
+    zc: ZeroConfig,
+    clip: bool,
+) -> (Vec<Vec<f32>>, Vec<f64>) {
+    let handles: Vec<_> = InProcess::group(world)
+        .into_iter()
+        .map(|mut comm| {
+            let zc = zc.clone();
+            thread::spawn(move || {
+                let mut e = engine();
+                let mut d = ZeroDriver::new(&mut e, &mut comm, zc).unwrap();
+                let r = comm.rank();
+                let mut losses = Vec::new();
+                for s in 0..STEPS {
+                    let mine: Vec<TrainBatch> =
+                        (r * accum..(r + 1) * accum).map(|i| micro(s, i)).collect();
+                    let out = d.step(&mut e, &mut comm, &mine, &hp(clip), lr(s)).unwrap();
+                    losses.push(out.loss.expect("finite"));
+                }
+                d.sync_engine(&mut e, &mut comm).unwrap();
+                let layout = FlatLayout::new(&cfg(), 1);
+                (layout.flatten(&e.parameters().unwrap()).unwrap(), losses)
+            })
+        })
+        .collect();
+    let mut all = Vec::new();
+    let mut losses = Vec::new();
+    for h in handles {
+        let (w, l) = h.join().unwrap();
+        all.push(w);
+        losses.push(l);
+    }
+    (all, losses.swap_remove(0))
+}
+
+fn rel_err(got: &[f32], want: &[f32]) -> f64 {
+    let (mut num, mut den) = (0.0f64, 0.0f64);
+    for (g, w) in got.iter().zip(want) {
+        assert!(g.is_finite(), "NaN in the weights");
+        num += (f64::from(*g) - f64::from(*w)).powi(2);
+        den += f64::from(*w).powi(2);
+    }
+    (num / den).sqrt()
+}
+
+fn zc(stage: u8, offload: bool) -> ZeroConfig {
+    ZeroConfig {
+        stage,
+        // Small buckets: several collectives per step, a bucket boundary inside tensors.
+        reduce_bucket_size: 1000,
+        offload_optimizer: if offload {
+            OffloadDevice::Cpu
+        } else {
+            OffloadDevice::None
+        },
+        threads: 1,
+        ..ZeroConfig::default()
+    }
+}
+
+#[test]
+fn the_parameter_count_does_not_divide_evenly() {
+    let n = FlatLayout::new(&cfg(), 1).numel;
+    assert!(
+        !n.is_multiple_of(3) && !n.is_multiple_of(4),
+        "{n} elements: pick another vocab"
+    );
+}
+
+/// One micro-batch per rank and no clipping. Every stage reduces in rank order and runs the
+/// same per-element AdamW, so at one world size every stage, with or without offload, gives
+/// the same bits; against the one-rank run (whose engine accumulates micro-batch gradients
+/// inside its backward, in another order) within [`tol::ZERO_VS_ONE_RANK`].
+#[test]
+fn every_stage_and_world_matches_one_rank() {
+    let mut worst = 0.0f64;
+    for world in [2, 3, 4] {
+        let (want, want_loss) = one_rank(world, false);
+        let (first, _) = distributed(world, 1, zc(0, false), false);
+        for stage in 0..=3 {
+            for offload in [false, true] {
+                let (got, losses) = distributed(world, 1, zc(stage, offload), false);
+                for (r, g) in got.iter().enumerate() {
+                    let e = rel_err(g, &want);
+                    worst = worst.max(e);
+                    println!("world {world} stage {stage} offload {offload} rank {r}: rel {e:.3e}");
+                    assert!(
+                        g == &first[0],
+                        "world {world} stage {stage} rank {r} differs from stage 0"
+                    );
+                    assert!(
+                        e <= tol::ZERO_VS_ONE_RANK,
+                        "world {world} stage {stage} rank {r}: rel {e:.3e}"
+                    );
+                }
+                let dl = losses.iter().zip(&want_loss).map(|(a, b)| (a - b).abs());
+                let dl = dl.fold(0.0f64, f64::max);
+                assert!(dl <= 1e-5, "losses differ by {dl}");
+            }
+        }
+    }
+    println!("worst {worst:.3e}");
+}
+
+/// Clipping with a norm summed in another order, and two micro-batches per rank (another
+/// accumulation order): within [`tol::ZERO_VS_ONE_RANK`].
+#[test]
+fn clipping_and_accumulation_stay_within_the_tolerance() {
+    let mut worst = 0.0f64;
+    for world in [2, 3, 4] {
+        let (want, _) = one_rank(2 * world, true);
+        for stage in 0..=3 {
+            let (got, _) = distributed(world, 2, zc(stage, false), true);
+            for g in &got {
+                assert_eq!(g, &got[0], "ranks disagree");
+            }
+            let e = rel_err(&got[0], &want);
+            worst = worst.max(e);
+            println!("clip+accum world {world} stage {stage}: rel {e:.3e}");
+            assert!(
+                e <= tol::ZERO_VS_ONE_RANK,
+                "world {world} stage {stage}: {e:.3e}"
+            );
+        }
+    }
+    println!("worst {worst:.3e}");
+}
+
+#[test]
+fn two_runs_with_the_same_world_give_the_same_bits() {
+    for stage in [1, 3] {
+        let (a, la) = distributed(3, 2, zc(stage, false), true);
+        let (b, lb) = distributed(3, 2, zc(stage, false), true);
+        assert_eq!(a, b);
+        assert_eq!(la, lb);
+    }
+}
+
+#[test]
+fn each_rank_holds_only_its_shard() {
+    let world = 3;
+    let handles: Vec<_> = InProcess::group(world)
+        .into_iter()
+        .map(|mut comm| {
+            thread::spawn(move || {
+                let mut e = engine();
+                let d = ZeroDriver::new(&mut e, &mut comm, zc(2, false)).unwrap();
+                (d.shard().range.clone(), d.shard().master.len())
+            })
+        })
+        .collect();
+    let layout = FlatLayout::new(&cfg(), world);
+    for (r, h) in handles.into_iter().enumerate() {
+        let (range, len) = h.join().unwrap();
+        assert_eq!(range, layout.chunk_range(r));
+        assert_eq!(len, layout.chunk);
+    }
+}
+
+#[test]
+fn a_nan_on_one_rank_skips_the_step_on_every_rank() {
+    let handles: Vec<_> = InProcess::group(2)
+        .into_iter()
+        .map(|mut comm| {
+            thread::spawn(move || {
+                let mut e = engine();
+                let mut d = ZeroDriver::new(&mut e, &mut comm, zc(2, false)).unwrap();
+                let before = e.parameters().unwrap();
+                if comm.rank() == 1 {
+                    let mut p = before.clone();
+                    p[0].1.data[3] = f32::NAN;
+                    e.set_parameters(&p).unwrap();
+                }
+                let b = micro(0, comm.rank());
+                let out = d.step(&mut e, &mut comm, &[b], &hp(true), 1e-3).unwrap();
+                let same = before == e.parameters().unwrap() || comm.rank() == 1;
+                (out.loss, same, d.shard().step)
+            })
+        })
+        .collect();
+    for h in handles {
+        let (loss, same, step) = h.join().unwrap();
+        assert_eq!(loss, None, "the step must be skipped");
+        assert!(same, "rank 0's weights moved on a skipped step");
+        assert_eq!(step, 0);
+    }
+}
+
+#[test]
+fn an_engine_error_on_one_rank_stops_the_others() {
+    let handles: Vec<_> = InProcess::group(3)
+        .into_iter()
+        .map(|mut comm| {
+            thread::spawn(move || {
+                let mut e = engine();
+                let mut d = ZeroDriver::new(&mut e, &mut comm, zc(1, false)).unwrap();
+                let mut b = micro(0, comm.rank());
+                if comm.rank() == 2 {
+                    b.targets[0] = 10_000; // out of the vocabulary
+                }
+                let r = d.step(&mut e, &mut comm, &[b], &hp(true), 1e-3);
+                r.map(|_| ()).map_err(|e| e.to_string())
+            })
+        })
+        .collect();
+    let errs: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    for (r, e) in errs.iter().enumerate() {
+        let e = e.as_ref().expect_err("every rank must fail");
+        if r < 2 {
+            assert!(e.contains("rank 2"), "rank {r}: {e}");
+        }
+    }
+}
+
+/// The optimizer state of every rank laid end to end (padding dropped).
+fn full_state(shards: &[trainer::dist::zero::Shard], numel: usize) -> Vec<Vec<f32>> {
+    let mut out = vec![Vec::new(), Vec::new(), Vec::new()];
+    for s in shards {
+        out[0].extend_from_slice(&s.master);
+        out[1].extend_from_slice(&s.m);
+        out[2].extend_from_slice(&s.v);
+    }
+    out.iter_mut().for_each(|v| v.truncate(numel));
+    out
+}
+
+#[test]
+fn a_checkpoint_written_at_world_2_resumes_at_world_3() {
+    use trainer::dist::ckpt::{load_shard, move_in, write_shards};
+    let dir = std::env::temp_dir().join(format!("vet-zero-ckpt-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let ck = dir.join("step-00000002");
+    let handles: Vec<_> = InProcess::group(2)
+        .into_iter()
+        .map(|mut comm| {
+            let ck = ck.clone();
+            thread::spawn(move || {
+                let mut e = engine();
+                let mut d = ZeroDriver::new(&mut e, &mut comm, zc(2, false)).unwrap();
+                for s in 0..2 {
+                    let b = micro(s, comm.rank());
+                    d.step(&mut e, &mut comm, &[b], &hp(true), lr(s)).unwrap();
+                }
+                let staging = write_shards(&ck, &d, &mut comm).unwrap();
+                if comm.rank() == 0 {
+                    std::fs::create_dir_all(&ck).unwrap();
+                    move_in(&staging, &ck).unwrap();
+                }
+                comm.barrier().unwrap();
+                (d.shard().clone(), e.parameters().unwrap())
+            })
+        })
+        .collect();
+    let old: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    assert!(ck.join("zero/rank_1_of_2.safetensors").is_file());
+    let numel = FlatLayout::new(&cfg(), 1).numel;
+    let want = full_state(&old.iter().map(|o| o.0.clone()).collect::<Vec<_>>(), numel);
+    let handles: Vec<_> = InProcess::group(3)
+        .into_iter()
+        .map(|mut comm| {
+            let ck = ck.clone();
+            thread::spawn(move || {
+                let mut e = engine(); // fresh weights: the checkpoint must replace them
+                let mut d = ZeroDriver::new(&mut e, &mut comm, zc(1, false)).unwrap();
+                let s = load_shard(&ck, &d.layout, 1, comm.rank(), 2).unwrap();
+                d.set_shard(s).unwrap();
+                d.sync_engine(&mut e, &mut comm).unwrap();
+                let params = e.parameters().unwrap();
+                let shard = d.shard().clone();
+                let b = micro(2, comm.rank());
+                let out = d.step(&mut e, &mut comm, &[b], &hp(true), lr(2)).unwrap();
+                (shard, params, out.loss)
+            })
+        })
+        .collect();
+    let new: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    let got = full_state(&new.iter().map(|n| n.0.clone()).collect::<Vec<_>>(), numel);
+    assert!(got == want, "re-sharded state differs");
+    for n in &new {
+        assert!(n.1 == old[0].1, "the weights after resume differ");
+        assert!(n.2.is_some_and(f64::is_finite));
+        assert_eq!(n.0.step, 2);
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

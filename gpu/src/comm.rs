@@ -1,0 +1,256 @@
+//! [`Nccl`]: `reference::comm::Comm` through NCCL (`cudarc::nccl`), one process per GPU.
+//!
+//! Rank 0 makes the unique id with [`unique_id`]; the launcher's rendezvous ships its 128
+//! bytes to the other ranks, and every rank then calls [`Nccl::new`].
+//!
+//! For now every collective takes host slices: the data is staged through device buffers
+//! (copy in, collective on this communicator's own stream, copy out, synchronise). That costs
+//! two PCIe copies per collective; engines that keep gradients on the device will want a
+//! device-slice entry point beside the trait. NCCL's reduction order is fixed for a fixed
+//! world size and topology, so a run is reproducible at the same world size. NVLink
+//! multicast (NVLS) is never turned on here, and the NCCL environment is left as the machine
+//! sets it.
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::Arc;
+
+use cudarc::driver::{CudaContext, CudaStream};
+use cudarc::nccl::safe::{Comm as NcclComm, Id, ReduceOp};
+use reference::comm::{length_error, Comm, CommError, CommResult};
+
+/// An error of this rank's NCCL communicator.
+fn nccl_err(rank: usize, op: &'static str, e: impl std::fmt::Debug) -> CommError {
+    CommError {
+        rank,
+        peer: None,
+        op,
+        msg: format!("{e:?}"),
+    }
+}
+
+/// A fresh NCCL unique id (call on rank 0 only), as the 128 bytes the rendezvous ships.
+pub fn unique_id() -> CommResult<[u8; 128]> {
+    let id = catch_unwind(Id::new)
+        .map_err(|_| nccl_err(0, "unique_id", "the NCCL library could not be loaded"))?
+        .map_err(|e| nccl_err(0, "unique_id", e))?;
+    let mut out = [0u8; 128];
+    for (o, &c) in out.iter_mut().zip(id.internal().iter()) {
+        *o = c as u8;
+    }
+    Ok(out)
+}
+
+/// One rank of an NCCL communicator on one GPU.
+pub struct Nccl {
+    comm: NcclComm,
+    stream: Arc<CudaStream>,
+    rank: usize,
+    world: usize,
+}
+
+// SAFETY: the communicator and its stream are used by one thread at a time (every method
+// takes `&mut self`); NCCL and CUDA allow a communicator to move between threads as long as
+// its calls are not concurrent, and the context is bound on the calling thread before use.
+unsafe impl Send for Nccl {}
+
+impl std::fmt::Debug for Nccl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Nccl(rank {} of {})", self.rank, self.world)
+    }
+}
+
+impl Nccl {
+    /// Joins the communicator `id` (from rank 0's [`unique_id`]) as `rank` of `world` on GPU
+    /// `ordinal`. Blocks until every rank has joined (NCCL's own init).
+    pub fn new(rank: usize, world: usize, id: &[u8; 128], ordinal: usize) -> CommResult<Nccl> {
+        let op = "nccl_init";
+        if rank >= world {
+            return Err(length_error(
+                rank,
+                op,
+                format!("rank {rank} of a world of {world}"),
+            ));
+        }
+        let ctx = catch_unwind(|| CudaContext::new(ordinal))
+            .map_err(|_| nccl_err(rank, op, "the CUDA driver could not be loaded"))?
+            .map_err(|e| nccl_err(rank, op, e))?;
+        let stream = ctx.new_stream().map_err(|e| nccl_err(rank, op, e))?;
+        let mut internal = [0 as std::ffi::c_char; 128];
+        for (d, &b) in internal.iter_mut().zip(id) {
+            *d = b as std::ffi::c_char;
+        }
+        let comm = catch_unwind(AssertUnwindSafe(|| {
+            NcclComm::from_rank(stream.clone(), rank, world, Id::uninit(internal))
+        }))
+        .map_err(|_| nccl_err(rank, op, "the NCCL library could not be loaded"))?
+        .map_err(|e| nccl_err(rank, op, e))?;
+        Ok(Nccl {
+            comm,
+            stream,
+            rank,
+            world,
+        })
+    }
+
+    fn bind(&self, op: &'static str) -> CommResult<()> {
+        self.stream
+            .context()
+            .bind_to_thread()
+            .map_err(|e| nccl_err(self.rank, op, e))
+    }
+
+    fn sync(&self, op: &'static str) -> CommResult<()> {
+        self.stream
+            .synchronize()
+            .map_err(|e| nccl_err(self.rank, op, e))
+    }
+
+    /// All-reduce (sum) of host data staged through the device, element type `T`.
+    fn all_reduce_host<T>(&mut self, data: &mut [T], op: &'static str) -> CommResult<()>
+    where
+        T: cudarc::nccl::safe::NcclType
+            + cudarc::driver::DeviceRepr
+            + cudarc::driver::ValidAsZeroBits
+            + Copy,
+    {
+        if data.is_empty() {
+            return Ok(());
+        }
+        self.bind(op)?;
+        let e = |x| nccl_err(self.rank, op, x);
+        let mut d = self
+            .stream
+            .clone_htod(data)
+            .map_err(|x| e(format!("{x:?}")))?;
+        self.comm
+            .all_reduce_in_place(&mut d, &ReduceOp::Sum)
+            .map_err(|x| e(format!("{x:?}")))?;
+        self.stream
+            .memcpy_dtoh(&d, data)
+            .map_err(|x| e(format!("{x:?}")))?;
+        self.sync(op)
+    }
+}
+
+impl Comm for Nccl {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+
+    fn world(&self) -> usize {
+        self.world
+    }
+
+    fn all_reduce_sum(&mut self, data: &mut [f32]) -> CommResult<()> {
+        self.all_reduce_host(data, "all_reduce_sum")
+    }
+
+    fn all_reduce_sum_f64(&mut self, data: &mut [f64]) -> CommResult<()> {
+        self.all_reduce_host(data, "all_reduce_sum_f64")
+    }
+
+    fn reduce_scatter_sum(&mut self, input: &[f32], output: &mut [f32]) -> CommResult<()> {
+        let op = "reduce_scatter_sum";
+        if input.len() != output.len() * self.world {
+            return Err(length_error(
+                self.rank,
+                op,
+                format!(
+                    "input {} ≠ world {} × output {}",
+                    input.len(),
+                    self.world,
+                    output.len()
+                ),
+            ));
+        }
+        if output.is_empty() {
+            return Ok(());
+        }
+        self.bind(op)?;
+        let e = |x: String| nccl_err(self.rank, op, x);
+        let src = self
+            .stream
+            .clone_htod(input)
+            .map_err(|x| e(format!("{x:?}")))?;
+        let mut dst = self
+            .stream
+            .alloc_zeros::<f32>(output.len())
+            .map_err(|x| e(format!("{x:?}")))?;
+        self.comm
+            .reduce_scatter(&src, &mut dst, &ReduceOp::Sum)
+            .map_err(|x| e(format!("{x:?}")))?;
+        self.stream
+            .memcpy_dtoh(&dst, output)
+            .map_err(|x| e(format!("{x:?}")))?;
+        self.sync(op)
+    }
+
+    fn all_gather(&mut self, input: &[f32], output: &mut [f32]) -> CommResult<()> {
+        let op = "all_gather";
+        if output.len() != input.len() * self.world {
+            return Err(length_error(
+                self.rank,
+                op,
+                format!(
+                    "output {} ≠ world {} × input {}",
+                    output.len(),
+                    self.world,
+                    input.len()
+                ),
+            ));
+        }
+        if input.is_empty() {
+            return Ok(());
+        }
+        self.bind(op)?;
+        let e = |x: String| nccl_err(self.rank, op, x);
+        let src = self
+            .stream
+            .clone_htod(input)
+            .map_err(|x| e(format!("{x:?}")))?;
+        let mut dst = self
+            .stream
+            .alloc_zeros::<f32>(output.len())
+            .map_err(|x| e(format!("{x:?}")))?;
+        self.comm
+            .all_gather(&src, &mut dst)
+            .map_err(|x| e(format!("{x:?}")))?;
+        self.stream
+            .memcpy_dtoh(&dst, output)
+            .map_err(|x| e(format!("{x:?}")))?;
+        self.sync(op)
+    }
+
+    fn broadcast(&mut self, data: &mut [u8], root: usize) -> CommResult<()> {
+        let op = "broadcast";
+        if root >= self.world {
+            return Err(length_error(
+                self.rank,
+                op,
+                format!("root {root} of a world of {}", self.world),
+            ));
+        }
+        if data.is_empty() {
+            return Ok(());
+        }
+        self.bind(op)?;
+        let e = |x: String| nccl_err(self.rank, op, x);
+        let mut d = self
+            .stream
+            .clone_htod(data)
+            .map_err(|x| e(format!("{x:?}")))?;
+        self.comm
+            .broadcast_in_place(&mut d, root as i32)
+            .map_err(|x| e(format!("{x:?}")))?;
+        self.stream
+            .memcpy_dtoh(&d, data)
+            .map_err(|x| e(format!("{x:?}")))?;
+        self.sync(op)
+    }
+
+    fn barrier(&mut self) -> CommResult<()> {
+        // NCCL has no barrier: an all-reduce of one value is one.
+        let mut one = [0.0f32];
+        self.all_reduce_host(&mut one, "barrier")
+    }
+}

@@ -1,0 +1,137 @@
+//! The `zero_optimization` settings (DeepSpeed's names and defaults), typed, and which of
+//! them have no effect in this trainer (printed, never silently dropped).
+
+/// Where `offload_optimizer` / `offload_param` put their state.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum OffloadDevice {
+    #[default]
+    None,
+    Cpu,
+}
+
+/// DeepSpeed's `zero_optimization` block plus the top-level `comms_logger` and
+/// `wall_clock_breakdown`. Sizes are in elements, as DeepSpeed counts them.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ZeroConfig {
+    pub stage: u8,
+    pub reduce_bucket_size: usize,
+    pub overlap_comm: bool,
+    pub contiguous_gradients: bool,
+    pub offload_optimizer: OffloadDevice,
+    pub offload_param: OffloadDevice,
+    pub stage3_prefetch_bucket_size: usize,
+    pub stage3_param_persistence_threshold: usize,
+    pub stage3_max_live_parameters: usize,
+    pub stage3_gather_16bit_weights_on_model_save: bool,
+    pub comms_logger: bool,
+    pub wall_clock_breakdown: bool,
+    /// Host threads for the driver's AdamW (0 = every core).
+    pub threads: usize,
+}
+
+impl Default for ZeroConfig {
+    /// DeepSpeed's defaults.
+    fn default() -> Self {
+        ZeroConfig {
+            stage: 0,
+            reduce_bucket_size: 500_000_000,
+            overlap_comm: false,
+            contiguous_gradients: true,
+            offload_optimizer: OffloadDevice::None,
+            offload_param: OffloadDevice::None,
+            stage3_prefetch_bucket_size: 50_000_000,
+            stage3_param_persistence_threshold: 100_000,
+            stage3_max_live_parameters: 1_000_000_000,
+            stage3_gather_16bit_weights_on_model_save: false,
+            comms_logger: false,
+            wall_clock_breakdown: false,
+            threads: 0,
+        }
+    }
+}
+
+impl ZeroConfig {
+    /// The stage for `stage`, checked.
+    pub fn with_stage(stage: u8) -> Result<ZeroConfig, super::DistError> {
+        if stage > 3 {
+            return Err(super::DistError::Config(format!(
+                "zero_optimization.stage is {stage}; DeepSpeed stages are 0 to 3"
+            )));
+        }
+        Ok(ZeroConfig {
+            stage,
+            ..ZeroConfig::default()
+        })
+    }
+
+    /// The keys that ask for something (away from DeepSpeed's defaults), for a one-process
+    /// run to report as having no effect.
+    pub fn set_keys(&self) -> Vec<String> {
+        let d = ZeroConfig::default();
+        let z = "zero_optimization.";
+        let mut out = Vec::new();
+        let mut key = |set: bool, k: &str| {
+            if set {
+                out.push(k.to_string());
+            }
+        };
+        key(self.stage != d.stage, &format!("{z}stage"));
+        key(
+            self.offload_optimizer != d.offload_optimizer,
+            &format!("{z}offload_optimizer"),
+        );
+        key(
+            self.offload_param != d.offload_param,
+            &format!("{z}offload_param"),
+        );
+        key(self.comms_logger, "comms_logger");
+        key(self.wall_clock_breakdown, "wall_clock_breakdown");
+        out
+    }
+
+    /// Each setting that is on (or away from its default) but changes nothing here, with
+    /// why; the caller prints these.
+    pub fn no_effect(&self) -> Vec<String> {
+        let d = ZeroConfig::default();
+        let mut out = Vec::new();
+        if self.overlap_comm {
+            out.push("zero_optimization.overlap_comm: the engines run the backward of a step at once, so buckets are reduced after it (no overlap)".to_string());
+        }
+        if self.contiguous_gradients != d.contiguous_gradients {
+            out.push("zero_optimization.contiguous_gradients: gradients are always copied into one flat buffer".to_string());
+        }
+        if self.offload_optimizer == OffloadDevice::None {
+            out.push("zero_optimization.offload_optimizer: none — the optimizer shard lives in host memory (the driver's AdamW) whatever this says".to_string());
+        }
+        if self.offload_param == OffloadDevice::Cpu {
+            out.push("zero_optimization.offload_param: the engines hold every parameter during a step; between steps the stage-3 shard is in host memory anyway".to_string());
+        }
+        let s3 = [
+            (
+                "stage3_prefetch_bucket_size",
+                self.stage3_prefetch_bucket_size != d.stage3_prefetch_bucket_size,
+            ),
+            (
+                "stage3_max_live_parameters",
+                self.stage3_max_live_parameters != d.stage3_max_live_parameters,
+            ),
+        ];
+        for (k, set) in s3 {
+            if set || self.stage == 3 {
+                out.push(format!("zero_optimization.{k}: parameters are gathered for the whole model at once, not layer by layer"));
+            }
+        }
+        if self.stage3_gather_16bit_weights_on_model_save {
+            out.push("zero_optimization.stage3_gather_16bit_weights_on_model_save: a consolidated f32 model.safetensors is always written".to_string());
+        }
+        if self.stage == 3 {
+            out.push("zero_optimization.stage3_param_persistence_threshold: stage 3 gathers every parameter whole into the engine for each step".to_string());
+        } else if self.stage3_param_persistence_threshold != d.stage3_param_persistence_threshold {
+            out.push(format!(
+                "zero_optimization.stage3_param_persistence_threshold: only stage 3 shards parameters (stage is {})",
+                self.stage
+            ));
+        }
+        out
+    }
+}

@@ -1,0 +1,51 @@
+//! Data-parallel training with DeepSpeed's ZeRO stages over any [`TrainingEngine`] and any
+//! [`Comm`](reference::comm::Comm): the flat sharding bookkeeping ([`shard`]), the step
+//! driver ([`zero`]), the rank shards of a checkpoint ([`ckpt`]) and the training loop's
+//! entry point ([`train_distributed`]).
+//!
+//! # What the driver does and does not do yet
+//! - The optimizer (f32 master weights and AdamW moments) always lives in the driver, in host
+//!   memory, and AdamW runs on the host with the simd tier's kernel. For every stage and every
+//!   engine this is what DeepSpeed calls `offload_optimizer: {device: "cpu"}`; on the CPU
+//!   engine that is the only place it could be. A device-resident optimizer shard for GPU
+//!   engines (no offload) needs an engine hook that takes a flat gradient shard; not done.
+//! - The engines run the forward and backward of a whole step at once
+//!   ([`TrainingEngine::loss_and_backward`]), so gradient buckets are reduced after the
+//!   backward, not overlapped with it (`overlap_comm` has no effect and says so), and the
+//!   wall-clock breakdown reports forward and backward together.
+//! - Stage 3 keeps the parameters sharded in the driver between steps and all-gathers them
+//!   into the engine at the start of each step. The engines cannot gather, use and free one
+//!   layer at a time, so the engine still holds every parameter during the step: stage 3
+//!   saves no device memory over stage 2 here. `stage3_*` keys other than the persistence
+//!   threshold have no effect and are reported as such.
+//!
+//! [`TrainingEngine`]: reference::TrainingEngine
+
+pub mod ckpt;
+pub mod config;
+pub mod ds;
+pub mod run;
+pub mod shard;
+pub mod zero;
+
+pub use config::ZeroConfig;
+pub use run::train_distributed;
+pub use shard::FlatLayout;
+pub use zero::{StepOut, ZeroDriver};
+
+use reference::comm::CommError;
+
+/// What can go wrong in the distributed driver.
+#[derive(Debug, thiserror::Error)]
+pub enum DistError {
+    #[error("collective failed: {0}")]
+    Comm(#[from] CommError),
+    #[error("engine: {0}")]
+    Engine(#[from] reference::Error),
+    #[error("flat layout: {0}")]
+    Layout(String),
+    #[error("zero config: {0}")]
+    Config(String),
+    #[error("{path}: {msg}")]
+    Checkpoint { path: String, msg: String },
+}

@@ -1,0 +1,377 @@
+//! The ZeRO step driver: one data-parallel optimizer step over a [`TrainingEngine`] and a
+//! [`Comm`], for stages 0 to 3 (see the module docs of [`crate::dist`] for what each does
+//! here).
+//!
+//! Gradients are averaged over ranks as DeepSpeed does, by scaling each micro-batch's
+//! backward by `1 / (accum × world)` and summing over ranks. With one micro-batch per rank
+//! the rank-order sum is the order a one-rank run with `world` micro-batches accumulates in,
+//! so the gradients (and, without clipping, the weights) agree bit for bit with that run.
+
+use std::ops::Range;
+use std::time::Instant;
+
+use rayon::ThreadPool;
+use reference::comm::{Comm, CommResult};
+use reference::model::Batch;
+use reference::{AdamWConfig, TrainingEngine};
+
+use super::config::ZeroConfig;
+use super::shard::FlatLayout;
+use super::DistError;
+use crate::train::source::TrainBatch;
+
+/// One collective as `comms_logger` records it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CommRecord {
+    pub op: &'static str,
+    pub bytes: usize,
+    pub secs: f64,
+}
+
+/// Seconds spent in one step, for `wall_clock_breakdown`.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Breakdown {
+    /// Forward and backward together (the engines fuse them).
+    pub forward_backward: f64,
+    /// The AdamW update on the host.
+    pub step: f64,
+    /// Every collective of the step.
+    pub comm: f64,
+}
+
+/// What one step did, the same on every rank.
+#[derive(Clone, Debug)]
+pub struct StepOut {
+    /// Mean loss over every micro-batch of every rank; `None` when the step was skipped.
+    pub loss: Option<f64>,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f64,
+    /// Tokens of the step over every rank.
+    pub tokens: u64,
+    pub breakdown: Breakdown,
+}
+
+/// The optimizer shard this rank owns: flat f32 master weights and AdamW moments over
+/// `range` (flat indices; stage 0 owns every parameter).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Shard {
+    pub range: Range<usize>,
+    pub master: Vec<f32>,
+    pub m: Vec<f32>,
+    pub v: Vec<f32>,
+    pub step: u64,
+}
+
+/// The driver of one rank. Every rank makes one with the same config and calls
+/// [`ZeroDriver::step`] in step.
+pub struct ZeroDriver {
+    pub cfg: ZeroConfig,
+    /// The layout over the world (the optimizer of stage 0 uses a one-rank layout).
+    pub layout: FlatLayout,
+    rank: usize,
+    shard: Shard,
+    /// Decay runs, relative to the shard's start.
+    runs: Vec<(Range<usize>, bool)>,
+    flat_grad: Vec<f32>,
+    pool: ThreadPool,
+    /// Stage 3: the engine's parameters are current (gathered since the last update).
+    engine_current: bool,
+    /// `comms_logger`: the collectives since the last [`ZeroDriver::take_comms`].
+    comms: Vec<CommRecord>,
+}
+
+/// Runs one collective, timing it into `log`.
+fn timed(
+    log: &mut Vec<CommRecord>,
+    op: &'static str,
+    bytes: usize,
+    f: impl FnOnce() -> CommResult<()>,
+) -> CommResult<f64> {
+    let t = Instant::now();
+    f()?;
+    let secs = t.elapsed().as_secs_f64();
+    log.push(CommRecord { op, bytes, secs });
+    Ok(secs)
+}
+
+impl ZeroDriver {
+    /// A driver for `engine` on this rank. Rank 0's parameters are broadcast to every rank
+    /// (as DeepSpeed does at start), so every rank starts from the same weights.
+    pub fn new(
+        engine: &mut dyn TrainingEngine,
+        comm: &mut dyn Comm,
+        cfg: ZeroConfig,
+    ) -> Result<ZeroDriver, DistError> {
+        if cfg.stage > 3 {
+            return Err(ZeroConfig::with_stage(cfg.stage).unwrap_err());
+        }
+        let layout = FlatLayout::new(engine.config(), comm.world());
+        let mut flat = layout.flatten(&engine.parameters()?)?;
+        let mut bytes: Vec<u8> = flat.iter().flat_map(|x| x.to_le_bytes()).collect();
+        comm.broadcast(&mut bytes, 0)?;
+        for (x, b) in flat.iter_mut().zip(bytes.chunks_exact(4)) {
+            *x = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+        }
+        if comm.rank() != 0 {
+            engine.set_parameters(&layout.unflatten(&flat))?;
+        }
+        let (range, runs) = owned(&layout, cfg.stage, comm.rank());
+        let n = range.len();
+        let shard = Shard {
+            master: flat[range.clone()].to_vec(),
+            m: vec![0.0; n],
+            v: vec![0.0; n],
+            step: 0,
+            range,
+        };
+        let threads = if cfg.threads == 0 {
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        } else {
+            cfg.threads
+        };
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .map_err(|e| DistError::Config(format!("host thread pool: {e}")))?;
+        Ok(ZeroDriver {
+            flat_grad: vec![0.0; layout.padded()],
+            cfg,
+            layout,
+            rank: comm.rank(),
+            shard,
+            runs,
+            pool,
+            engine_current: true,
+            comms: Vec::new(),
+        })
+    }
+
+    /// The optimizer shard this rank holds.
+    pub fn shard(&self) -> &Shard {
+        &self.shard
+    }
+
+    /// Replaces the shard (a resume); the engine gets the weights at the next gather.
+    pub fn set_shard(&mut self, shard: Shard) -> Result<(), DistError> {
+        if shard.range != self.shard.range
+            || shard.master.len() != shard.range.len()
+            || shard.m.len() != shard.range.len()
+            || shard.v.len() != shard.range.len()
+        {
+            return Err(DistError::Layout(format!(
+                "a shard over {:?} for a rank that owns {:?}",
+                shard.range, self.shard.range
+            )));
+        }
+        self.shard = shard;
+        self.engine_current = false;
+        Ok(())
+    }
+
+    /// The collectives logged since the last call.
+    pub fn take_comms(&mut self) -> Vec<CommRecord> {
+        std::mem::take(&mut self.comms)
+    }
+
+    /// Every parameter, gathered into the engine (stage 3 keeps them sharded between steps;
+    /// a no-op when the engine is current). Every rank calls it.
+    pub fn sync_engine(
+        &mut self,
+        engine: &mut dyn TrainingEngine,
+        comm: &mut dyn Comm,
+    ) -> Result<f64, DistError> {
+        if self.engine_current {
+            return Ok(0.0);
+        }
+        let secs = self.publish(engine, comm)?;
+        self.engine_current = true;
+        Ok(secs)
+    }
+
+    /// One optimizer step over this rank's micro-batches `micro` (each rank passes its own
+    /// slice of the global batch; every rank the same count). A non-finite loss or gradient
+    /// on any rank skips the step on every rank.
+    pub fn step(
+        &mut self,
+        engine: &mut dyn TrainingEngine,
+        comm: &mut dyn Comm,
+        micro: &[TrainBatch],
+        hp: &AdamWConfig,
+        lr: f64,
+    ) -> Result<StepOut, DistError> {
+        let mut bd = Breakdown {
+            comm: self.sync_engine(engine, comm)?,
+            ..Breakdown::default()
+        };
+        let t = Instant::now();
+        engine.zero_grad()?;
+        let scale = 1.0 / (micro.len() * comm.world()) as f64;
+        let (mut loss_sum, mut bad, mut tokens) = (0.0f64, 0.0f64, 0usize);
+        for b in micro {
+            let input = Batch {
+                batch: b.batch,
+                seq_len: b.seq_len,
+                tokens: &b.inputs,
+                resets: Some(&b.resets),
+            };
+            let lo =
+                engine.loss_and_backward(&input, &b.targets, b.mask.as_deref(), None, scale)?;
+            if lo.loss.is_finite() {
+                loss_sum += lo.loss;
+            } else {
+                bad += 1.0;
+            }
+            tokens += b.inputs.len();
+        }
+        bd.forward_backward = t.elapsed().as_secs_f64();
+        self.layout
+            .flatten_into(&engine.gradients()?, &mut self.flat_grad)?;
+        bd.comm += self.reduce_gradients(comm)?;
+        let mut grad = self.take_grad_shard();
+        let local_sq: f64 = grad.iter().map(|&g| f64::from(g) * f64::from(g)).sum();
+        let mut stats = [loss_sum, bad, tokens as f64, local_sq];
+        if self.cfg.stage == 0 {
+            stats[3] = 0.0; // every rank holds the whole gradient: not summed over ranks
+        }
+        bd.comm += timed(&mut self.comms, "all_reduce_f64", 32, || {
+            comm.all_reduce_sum_f64(&mut stats)
+        })?;
+        let sq = if self.cfg.stage == 0 {
+            local_sq
+        } else {
+            stats[3]
+        };
+        let grad_norm = sq.sqrt();
+        let out = |loss, bd| StepOut {
+            loss,
+            grad_norm,
+            tokens: stats[2] as u64,
+            breakdown: bd,
+        };
+        if stats[1] > 0.0 || !grad_norm.is_finite() {
+            return Ok(out(None, bd));
+        }
+        let t = Instant::now();
+        self.adamw(&mut grad, hp, lr, grad_norm);
+        bd.step = t.elapsed().as_secs_f64();
+        if self.cfg.stage == 3 {
+            self.engine_current = false;
+        } else {
+            bd.comm += self.publish(engine, comm)?;
+        }
+        let mean = stats[0] / (micro.len() * comm.world()) as f64;
+        Ok(out(Some(mean), bd))
+    }
+
+    /// Sums the flat gradient over ranks: all-reduce in buckets (stages 0, 1), or
+    /// reduce-scatter in buckets (stages 2, 3: only this rank's chunk is summed, into the
+    /// start of `flat_grad`). Returns the seconds spent.
+    fn reduce_gradients(&mut self, comm: &mut dyn Comm) -> Result<f64, DistError> {
+        let bucket = self.cfg.reduce_bucket_size.max(1);
+        let mut secs = 0.0;
+        if self.cfg.stage < 2 {
+            for b in self.flat_grad.chunks_mut(bucket) {
+                let bytes = 4 * b.len();
+                secs += timed(&mut self.comms, "all_reduce", bytes, || {
+                    comm.all_reduce_sum(b)
+                })?;
+            }
+            return Ok(secs);
+        }
+        let (w, c) = (self.layout.world, self.layout.chunk);
+        let mut mine = vec![0.0f32; c];
+        let mut input = Vec::with_capacity(w * bucket.min(c));
+        let mut at = 0;
+        while at < c {
+            let n = bucket.min(c - at);
+            input.clear();
+            for r in 0..w {
+                input.extend_from_slice(&self.flat_grad[r * c + at..r * c + at + n]);
+            }
+            let out = &mut mine[at..at + n];
+            secs += timed(&mut self.comms, "reduce_scatter", 4 * w * n, || {
+                comm.reduce_scatter_sum(&input, out)
+            })?;
+            at += n;
+        }
+        self.flat_grad[..c].copy_from_slice(&mine);
+        Ok(secs)
+    }
+
+    /// This rank's summed gradient shard.
+    fn take_grad_shard(&self) -> Vec<f32> {
+        match self.cfg.stage {
+            0 | 1 => self.flat_grad[self.shard.range.clone()].to_vec(),
+            _ => self.flat_grad[..self.layout.chunk].to_vec(),
+        }
+    }
+
+    /// Clipping with the global norm and AdamW on the shard (the simd tier's kernel).
+    fn adamw(&mut self, grad: &mut [f32], hp: &AdamWConfig, lr: f64, norm: f64) {
+        if let Some(max) = hp.max_grad_norm {
+            let coef = max / (norm + 1e-6);
+            if coef < 1.0 {
+                let c = coef as f32;
+                grad.iter_mut().for_each(|g| *g *= c);
+            }
+        }
+        self.shard.step += 1;
+        let s = &mut self.shard;
+        simd::optim::adamw_update_flat(
+            &self.pool,
+            hp,
+            lr,
+            s.step,
+            &mut s.master,
+            grad,
+            &mut s.m,
+            &mut s.v,
+            &self.runs,
+        );
+    }
+
+    /// The updated weights into the engine: straight from the shard at stage 0, all-gathered
+    /// from every rank's shard otherwise. Returns the seconds spent communicating.
+    fn publish(
+        &mut self,
+        engine: &mut dyn TrainingEngine,
+        comm: &mut dyn Comm,
+    ) -> Result<f64, DistError> {
+        if self.cfg.stage == 0 {
+            engine.set_parameters(&self.layout.unflatten(&self.shard.master))?;
+            return Ok(0.0);
+        }
+        let mut full = std::mem::take(&mut self.flat_grad);
+        let master = &self.shard.master;
+        let secs = timed(&mut self.comms, "all_gather", 4 * full.len(), || {
+            comm.all_gather(master, &mut full)
+        })?;
+        engine.set_parameters(&self.layout.unflatten(&full))?;
+        self.flat_grad = full;
+        Ok(secs)
+    }
+
+    /// This rank.
+    pub fn rank(&self) -> usize {
+        self.rank
+    }
+}
+
+/// The flat range the optimizer of `rank` owns at `stage` and its decay runs (relative to
+/// the range's start).
+pub fn owned(
+    layout: &FlatLayout,
+    stage: u8,
+    rank: usize,
+) -> (Range<usize>, Vec<(Range<usize>, bool)>) {
+    if stage == 0 {
+        let one = FlatLayout {
+            world: 1,
+            chunk: layout.numel,
+            ..layout.clone()
+        };
+        (0..layout.numel, one.decay_runs(0))
+    } else {
+        (layout.chunk_range(rank), layout.decay_runs(rank))
+    }
+}
