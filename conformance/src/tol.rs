@@ -44,6 +44,14 @@ pub const SIMD_QUANT_BF16: f64 = 1e-2;
 /// weight. Measured as for bf16.
 pub const SIMD_QUANT_INT8: f64 = 3e-2;
 
+/// int4 (one scale per group of 32, Q4_0-style: codes −8..7, the group's largest value
+/// exact) weights against f32 weights: rounding of ≤ max|w|/16 per weight (up to /8 for the
+/// few values clamped at +7): a step 16× int8's, so about 16× its error. Measured as for bf16
+/// (`reduced_precision_stays_close_to_f32`, the 64 × 2 random model, whose uniform random
+/// weights are the hardest case for 4 bits): 3.3e-1 (int8 2.2e-2). What this costs a trained
+/// model is `INT4_*` below.
+pub const SIMD_QUANT_INT4: f64 = 0.45;
+
 // simd training ---------------------------------------------------------------------------
 // The simd tier's backward, cross-entropy and AdamW against the f32 reference
 // (`conformance/tests/simd_training.rs`; measured values: run it with `-- --nocapture`).
