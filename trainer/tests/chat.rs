@@ -477,9 +477,10 @@ fn batch_mode_on_the_cpu_decodes_together_like_one_question_at_a_time() {
         .map(|q| format!("{}\n", serde_json::json!({ "question": q })))
         .collect();
     std::fs::write(&input, lines).unwrap();
+    let model = tiny();
     let common = [
         "--model",
-        s(&tiny()),
+        s(&model),
         "--device",
         "cpu",
         "--threads",
