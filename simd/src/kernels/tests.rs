@@ -2,12 +2,11 @@ use super::*;
 
 use crate::test_rng::lcg;
 
+/// A format's name, its values as the kernels must see them, and the matrix.
+type Case = (String, Vec<f32>, Box<dyn Fn() -> MatRef<'static>>);
+
 /// A matrix in every format, with its values as the kernels must see them (dequantised).
-fn formats(
-    w: &[f32],
-    rows: usize,
-    k: usize,
-) -> Vec<(String, Vec<f32>, Box<dyn Fn() -> MatRef<'static>>)> {
+fn formats(w: &[f32], rows: usize, k: usize) -> Vec<Case> {
     let leak = |v: Vec<f32>| -> &'static [f32] { Box::leak(v.into_boxed_slice()) };
     let f32s = leak(w.to_vec());
     let bf: &'static [u16] = Box::leak(
