@@ -50,8 +50,10 @@ pub fn linear(isa: Isa, w: MatRef, x: &[f32], bias: Option<&[f32]>, d_in: usize,
 /// for all `n` activation rows.
 fn gemv(isa: Isa, w: MatRef, x: &[f32], d_in: usize, d_out: usize, y: &mut [f32]) {
     let threads = crate::threads();
-    // Below ~256 K weights (x_proj, dt_proj) waking a second thread costs more than it saves.
-    let chunk = if threads == 1 || d_out * d_in < 1 << 18 {
+    let n = x.len() / d_in;
+    // Below ~256 K multiply-adds (x_proj, dt_proj at batch 1) waking a second thread costs
+    // more than it saves.
+    let chunk = if threads == 1 || n * d_out * d_in < 1 << 18 {
         d_out
     } else {
         d_out.div_ceil(threads * 4).max(16)
