@@ -7,7 +7,7 @@
 //! weights (bf16 → f32 and int8 · scale are exact in f32), so every format is held to the f32
 //! tolerance; the cost of rounding itself is measured separately against the f32 model.
 
-use conformance::tol::{SIMD_INFER_F32, SIMD_QUANT_BF16, SIMD_QUANT_INT8};
+use conformance::tol::{SIMD_INFER_F32, SIMD_QUANT_BF16, SIMD_QUANT_INT4, SIMD_QUANT_INT8};
 use conformance::{
     assert_close, diff, random_flags, random_params, random_state, random_tokens, SmallModel,
 };
@@ -18,7 +18,12 @@ use reference::{InferenceEngine, MambaConfig, NormKind, Params, ReferenceEngine,
 use simd::weights::Mat;
 use simd::{Isa, SimdEngine, SimdOptions, WeightDtype};
 
-const DTYPES: [WeightDtype; 3] = [WeightDtype::F32, WeightDtype::Bf16, WeightDtype::Int8];
+const DTYPES: [WeightDtype; 4] = [
+    WeightDtype::F32,
+    WeightDtype::Bf16,
+    WeightDtype::Int8,
+    WeightDtype::Int4,
+];
 
 /// `params` with every matrix the simd tier stores in `dtype` replaced by its rounded values.
 fn rounded(params: &Params<f32>, dtype: WeightDtype) -> Params<f32> {
@@ -201,9 +206,10 @@ proptest! {
 }
 
 /// A long sequence (many 8-channel blocks, work split across threads in the scan, GEMM path
-/// in every projection) on both instruction sets.
+/// in every projection) on every instruction set this CPU has; the others are named as
+/// skipped.
 #[test]
-fn long_sequence_on_both_instruction_sets() {
+fn long_sequence_on_every_instruction_set() {
     let m = SmallModel {
         d_model: 37,
         n_layer: 2,
@@ -217,8 +223,40 @@ fn long_sequence_on_both_instruction_sets() {
         conv_bias: true,
     };
     let c = case(&m, 4242, 2, 300);
-    for isa in [Isa::Portable, Isa::detect()] {
-        check_case(&c, 2, isa);
+    for isa in Isa::ALL {
+        if isa.supported() {
+            check_case(&c, 2, isa);
+        } else {
+            println!("skipping {}: not supported by this CPU", isa.name());
+        }
+    }
+}
+
+/// Short sequences and batches up to 7 (the batched decode tiles, every tail of a 4 × 4 tile)
+/// on every instruction set this CPU has.
+#[test]
+fn decode_batches_on_every_instruction_set() {
+    let m = SmallModel {
+        d_model: 45,
+        n_layer: 2,
+        vocab: 77,
+        d_state: 16,
+        d_conv: 4,
+        expand: 2,
+        norm: NormKind::Layer,
+        tied: true,
+        bias: true,
+        conv_bias: true,
+    };
+    for batch in [1, 3, 7] {
+        let c = case(&m, 99 + batch as u64, batch, 5);
+        for isa in Isa::ALL {
+            if isa.supported() {
+                check_case(&c, 2, isa);
+            } else {
+                println!("skipping {}: not supported by this CPU", isa.name());
+            }
+        }
     }
 }
 
@@ -250,6 +288,7 @@ fn reduced_precision_stays_close_to_f32() {
     for (dtype, tol) in [
         (WeightDtype::Bf16, SIMD_QUANT_BF16),
         (WeightDtype::Int8, SIMD_QUANT_INT8),
+        (WeightDtype::Int4, SIMD_QUANT_INT4),
     ] {
         let mut e = SimdEngine::new(
             c.cfg.clone(),

@@ -1,7 +1,8 @@
-//! CPU inference benchmark at batch 1: prefill tokens/s of a 512-token prompt and decode
-//! tokens/s over 128 tokens, for random-weight models of the mamba-130m and mamba-1.4b shapes,
+//! CPU inference benchmark: prefill tokens/s of a 512-token prompt and decode tokens/s over
+//! 128 tokens at batch 1, for random-weight models of the mamba-130m and mamba-1.4b shapes,
 //! for each weight precision, against the decode limit that the machine's measured memory
-//! bandwidth sets (weights read per token ÷ bandwidth).
+//! bandwidth sets (weights read per token ÷ bandwidth); then the total decode tokens/s of
+//! batched steps (B sequences per step, one pass over the weights) at each `--batches` size.
 //!
 //! ```sh
 //! cargo bench -p simd --bench inference                       # both shapes, every precision
@@ -22,8 +23,17 @@ struct Args {
     #[arg(long, default_value = "130m,1.4b", value_delimiter = ',', value_parser = ["130m", "370m", "790m", "1.4b", "2.8b"])]
     models: Vec<String>,
     /// Comma-separated weight precisions.
-    #[arg(long, default_value = "f32,bf16,int8", value_delimiter = ',')]
+    #[arg(long, default_value = "f32,bf16,int8,int4", value_delimiter = ',')]
     dtypes: Vec<WeightDtype>,
+    /// Comma-separated batch sizes for the batched decode totals (empty: none).
+    #[arg(long, default_value = "1,4,8,16", value_delimiter = ',')]
+    batches: Vec<usize>,
+    /// Batched decode steps per measurement.
+    #[arg(long, default_value_t = 32)]
+    batch_steps: usize,
+    /// Force an instruction set (avx512, avx2, portable); default: the best this CPU has.
+    #[arg(long)]
+    isa: Option<String>,
     /// Threads (0: every core).
     #[arg(long, default_value_t = 0)]
     threads: usize,
@@ -184,7 +194,7 @@ fn main() {
             let opts = SimdOptions {
                 threads,
                 dtype: dt,
-                isa: None,
+                isa: isa_arg(a.isa.as_deref()),
             };
             let mut e = SimdEngine::from_weights(cfg.clone(), w, &opts).expect("engine");
             eprintln!(
@@ -216,19 +226,70 @@ fn main() {
                 dt.name(),
                 100.0 * d / limit
             );
-            rows.push((m.clone(), dt, p, d, limit));
+            let totals = batched(&mut e, &cfg, &a.batches, a.batch_steps);
+            rows.push((m.clone(), dt, p, d, limit, totals));
         }
     }
     println!();
     println!("| model | weights | prefill tok/s | decode tok/s | decode limit | % of limit |");
     println!("|---|---|---|---|---|---|");
-    for (m, dt, p, d, limit) in rows {
+    for (m, dt, p, d, limit, _) in &rows {
         println!(
             "| {m} | {} | {p:.1} | {d:.2} | {limit:.1} | {:.0} % |",
             dt.name(),
             100.0 * d / limit
         );
     }
+    if a.batches.is_empty() {
+        return;
+    }
+    println!();
+    let head: Vec<String> = a.batches.iter().map(|b| format!("batch {b}")).collect();
+    println!(
+        "total decode tok/s, batched steps ({} steps each): | model | weights | {} |",
+        a.batch_steps,
+        head.join(" | ")
+    );
+    for (m, dt, _, _, _, totals) in &rows {
+        let t: Vec<String> = totals.iter().map(|v| format!("{v:.1}")).collect();
+        println!("| {m} | {} | {} |", dt.name(), t.join(" | "));
+    }
+}
+
+fn isa_arg(name: Option<&str>) -> Option<simd::Isa> {
+    let name = name?;
+    let isa = simd::Isa::ALL
+        .into_iter()
+        .find(|i| i.name().starts_with(name))
+        .unwrap_or_else(|| panic!("--isa {name}: expected avx512, avx2 or portable"));
+    Some(isa)
+}
+
+/// Total decode tokens/s of `steps` steps over `b` sequences at once, for each `b`.
+fn batched(e: &mut SimdEngine, cfg: &MambaConfig, batches: &[usize], steps: usize) -> Vec<f64> {
+    let v = cfg.vocab_size;
+    batches
+        .iter()
+        .map(|&b| {
+            let mut st = State::zeros(cfg, b);
+            let mut logits = vec![0f32; b * v];
+            let mut toks: Vec<u32> = (0..b as u32).map(|i| (i * 7919 + 11) % v as u32).collect();
+            // One warm-up step sizes the buffers.
+            e.step_into(&toks, None, &mut st, &mut logits)
+                .expect("step");
+            let t = Instant::now();
+            for _ in 0..steps {
+                e.step_into(&toks, None, &mut st, &mut logits)
+                    .expect("step");
+                for (i, tk) in toks.iter_mut().enumerate() {
+                    *tk = simd_argmax(&logits[i * v..(i + 1) * v]);
+                }
+            }
+            let total = (b * steps) as f64 / t.elapsed().as_secs_f64();
+            eprintln!("  batch {b}: {total:.1} tok/s total");
+            total
+        })
+        .collect()
 }
 
 fn simd_argmax(l: &[f32]) -> u32 {

@@ -105,8 +105,15 @@ impl SimdEngine {
         } else {
             opts.threads
         };
+        let isa = opts.isa.unwrap_or_else(Isa::detect);
+        if !isa.supported() {
+            return Err(Error::Device {
+                device: "cpu".into(),
+                msg: format!("this CPU does not support the {} kernels", isa.name()),
+            });
+        }
         Ok(SimdEngine {
-            isa: opts.isa.unwrap_or_else(Isa::detect),
+            isa,
             pool: pool(threads)?,
             cfg,
             weights,

@@ -1,7 +1,8 @@
 //! # simd — the fast CPU tier
 //!
 //! Implements [`reference::InferenceEngine`] and [`reference::TrainingEngine`] with `wide` vectors, `matrixmultiply` GEMMs and a thread
-//! pool. Inference weights can be f32, bf16 or int8 (per-row scales); training runs in f32.
+//! pool. Inference weights can be f32, bf16, int8 (per-row scales) or int4 (per-group scales);
+//! training runs in f32.
 
 pub mod backward;
 pub mod gemm;
@@ -31,6 +32,8 @@ pub enum WeightDtype {
     Bf16,
     /// Symmetric int8 with one f32 scale per output row.
     Int8,
+    /// Symmetric int4 with one f32 scale per group of 32 along each row.
+    Int4,
 }
 
 impl WeightDtype {
@@ -39,6 +42,7 @@ impl WeightDtype {
             WeightDtype::F32 => "f32",
             WeightDtype::Bf16 => "bf16",
             WeightDtype::Int8 => "int8",
+            WeightDtype::Int4 => "int4",
         }
     }
 }
@@ -50,8 +54,9 @@ impl FromStr for WeightDtype {
             "f32" => Ok(WeightDtype::F32),
             "bf16" => Ok(WeightDtype::Bf16),
             "int8" => Ok(WeightDtype::Int8),
+            "int4" => Ok(WeightDtype::Int4),
             o => Err(format!(
-                "unknown weight dtype `{o}` (expected f32, bf16 or int8)"
+                "unknown weight dtype `{o}` (expected f32, bf16, int8 or int4)"
             )),
         }
     }

@@ -14,13 +14,16 @@ use reference::io::{
 };
 use reference::{Error, MambaConfig, Tensor};
 
+use crate::kernels::{int4_groups, int4_row_bytes};
 use crate::model::{a_from_log, LayerWeights, Weights};
 use crate::weights::{Buf, Mat, MatData};
 use crate::WeightDtype;
 
-/// `__metadata__` key and value marking a Vet-Mamba int8 checkpoint ([`save_int8`]).
+/// `__metadata__` key and values marking a Vet-Mamba quantised checkpoint
+/// ([`save_quantized`]).
 pub const QUANT_KEY: &str = "vet_mamba.quantization";
 pub const QUANT_INT8: &str = "int8-rowwise";
+pub const QUANT_INT4: &str = "int4-group32";
 
 /// The parameters stored as matrices (the ones `dtype` applies to).
 pub fn is_matrix(name: &str) -> bool {
@@ -47,8 +50,8 @@ fn map_file(path: &Path) -> reference::Result<Arc<Mmap>> {
 }
 
 /// Opens `dir/model.safetensors` (checked against `cfg` like `reference::io::load_params`)
-/// and builds the weights in `dtype`. An int8 checkpoint written by [`save_int8`] is mapped
-/// as it is (it needs `dtype` int8).
+/// and builds the weights in `dtype`. An int8 or int4 checkpoint written by [`save_quantized`]
+/// is mapped as it is (it needs that `dtype`).
 pub fn load_weights(
     dir: &Path,
     cfg: &MambaConfig,
@@ -60,8 +63,18 @@ pub fn load_weights(
         return Ok(Weights::from_params(cfg, &params, dtype));
     }
     let (path, meta, list) = list_tensors(dir)?;
-    if meta.get(QUANT_KEY).map(String::as_str) == Some(QUANT_INT8) {
-        return load_int8(&path, cfg, dtype, list);
+    match meta.get(QUANT_KEY).map(String::as_str) {
+        Some(QUANT_INT8) => return load_quantized(&path, cfg, dtype, WeightDtype::Int8, list),
+        Some(QUANT_INT4) => return load_quantized(&path, cfg, dtype, WeightDtype::Int4, list),
+        Some(other) => {
+            return Err(Error::Checkpoint {
+                path: path.display().to_string(),
+                msg: format!(
+                    "unknown {QUANT_KEY} `{other}` (this build reads {QUANT_INT8} and {QUANT_INT4})"
+                ),
+            })
+        }
+        None => {}
     }
     let (path, locs) = locate_params(dir, cfg)?;
     let map = map_file(&path)?;
@@ -139,21 +152,37 @@ fn assemble(
     }
 }
 
-/// An int8 checkpoint: every matrix `name` as I8 `[rows, cols]` plus `name.scale` F32
-/// `[rows]`, every other parameter as a float tensor. Checked name by name against `cfg`.
-fn load_int8(
+/// The shapes a quantised checkpoint stores for a matrix of `shape`: the codes (I8) and the
+/// scales (F32). int4 codes are the packed bytes of each row.
+fn quant_shapes(kind: WeightDtype, shape: &[usize]) -> (Vec<usize>, Vec<usize>) {
+    let (rows, cols) = (shape[0], shape[1..].iter().product::<usize>());
+    match kind {
+        WeightDtype::Int4 => (
+            vec![rows, int4_row_bytes(cols)],
+            vec![rows, int4_groups(cols)],
+        ),
+        _ => (shape.to_vec(), vec![rows]),
+    }
+}
+
+/// A quantised checkpoint (`kind` int8 or int4): every matrix `name` as I8 codes plus
+/// `name.scale` F32 (shapes: [`quant_shapes`]), every other parameter as a float tensor.
+/// Checked name by name against `cfg`.
+fn load_quantized(
     path: &Path,
     cfg: &MambaConfig,
     dtype: WeightDtype,
+    kind: WeightDtype,
     list: Vec<TensorLocation>,
 ) -> reference::Result<Weights> {
     let err = |msg: String| Error::Checkpoint {
         path: path.display().to_string(),
         msg,
     };
-    if dtype != WeightDtype::Int8 {
+    if dtype != kind {
         return Err(err(format!(
-            "is an int8-quantised checkpoint; load it with --dtype int8 (asked: {})",
+            "is an {0}-quantised checkpoint; load it with --dtype {0} (asked: {1})",
+            kind.name(),
             dtype.name()
         )));
     }
@@ -168,25 +197,26 @@ fn load_int8(
     let mut locs = Vec::with_capacity(specs.len());
     let mut used = 0;
     for (name, shape) in &specs {
-        let want = if is_matrix(name) {
-            Dtype::I8
+        let (want, want_shape, scale_shape) = if is_matrix(name) {
+            let (q, s) = quant_shapes(kind, shape);
+            (Dtype::I8, q, Some(s))
         } else {
-            Dtype::F32
+            (Dtype::F32, shape.clone(), None)
         };
         match by_name.get(name.as_str()) {
-            Some(l) if l.dtype == want && &l.shape == shape => locs.push((*l).clone()),
+            Some(l) if l.dtype == want && l.shape == want_shape => locs.push((*l).clone()),
             Some(l) => problems.push(format!(
-                "{name}: {} {:?}, expected {want} {shape:?}",
+                "{name}: {} {:?}, expected {want} {want_shape:?}",
                 l.dtype, l.shape
             )),
             None => problems.push(format!("{name}: missing")),
         }
         used += 1;
-        if is_matrix(name) {
+        if let Some(ss) = scale_shape {
             let sname = format!("{name}.scale");
             match by_name.get(sname.as_str()) {
-                Some(l) if l.dtype == Dtype::F32 && l.shape == [shape[0]] => {}
-                _ => problems.push(format!("{sname}: missing or not F32 [{}]", shape[0])),
+                Some(l) if l.dtype == Dtype::F32 && l.shape == ss => {}
+                _ => problems.push(format!("{sname}: missing or not F32 {ss:?}")),
             }
             used += 1;
         }
@@ -204,32 +234,42 @@ fn load_int8(
         )));
     }
     let map = map_file(path)?;
-    let scale = |name: &str| f32s(&map, by_name[format!("{name}.scale").as_str()]);
+    let scale_loc = |name: &str| by_name[format!("{name}.scale").as_str()];
+    let specs: HashMap<&str, &Vec<usize>> = specs.iter().map(|(n, s)| (n.as_str(), s)).collect();
     let w = assemble(
         cfg,
         dtype,
         &locs,
         |l| f32s(&map, l),
         |l| {
-            let (rows, cols) = (l.shape[0], l.shape[1..].iter().product());
-            let q = Buf::mapped(&map, l.offset as usize, rows * cols)
-                .unwrap_or_else(|| Buf::Owned(bytes(&map, l).iter().map(|&b| b as i8).collect()));
-            Mat {
-                rows,
-                cols,
-                data: MatData::Int8 {
+            let shape = specs[l.name.as_str()];
+            let (rows, cols) = (shape[0], shape[1..].iter().product());
+            let n = l.shape.iter().product();
+            let sl = scale_loc(&l.name);
+            let data = if kind == WeightDtype::Int4 {
+                let q = Buf::mapped(&map, l.offset as usize, n)
+                    .unwrap_or_else(|| Buf::Owned(bytes(&map, l).to_vec()));
+                let ns = sl.shape.iter().product();
+                let scales = Buf::mapped(&map, sl.offset as usize, ns)
+                    .filter(|_| cfg!(target_endian = "little"))
+                    .unwrap_or_else(|| Buf::Owned(f32s(&map, sl)));
+                MatData::Int4 { q, scales }
+            } else {
+                let q = Buf::mapped(&map, l.offset as usize, n).unwrap_or_else(|| {
+                    Buf::Owned(bytes(&map, l).iter().map(|&b| b as i8).collect())
+                });
+                MatData::Int8 {
                     q,
-                    scales: scale(&l.name),
-                },
-            }
+                    scales: f32s(&map, sl),
+                }
+            };
+            Mat { rows, cols, data }
         },
     );
     Ok(w)
 }
 
-/// Writes `w` (int8 weights) as a checkpoint directory `dir`: `config.json` and a
-/// `model.safetensors` that [`load_weights`] maps without converting (4× smaller than f32).
-/// Not loadable by transformers (it has no int8 Mamba format).
+/// Writes `w` (int8 weights) as a checkpoint directory: see [`save_quantized`].
 pub fn save_int8(dir: &Path, cfg: &MambaConfig, w: &Weights) -> reference::Result<()> {
     if w.dtype != WeightDtype::Int8 {
         return Err(Error::Shape {
@@ -237,6 +277,23 @@ pub fn save_int8(dir: &Path, cfg: &MambaConfig, w: &Weights) -> reference::Resul
             msg: format!("the weights are {}, not int8", w.dtype.name()),
         });
     }
+    save_quantized(dir, cfg, w)
+}
+
+/// Writes `w` (int8 or int4 weights) as a checkpoint directory `dir`: `config.json` and a
+/// `model.safetensors` that [`load_weights`] maps without converting (int8: 4× smaller than
+/// f32; int4: about 6×). Not loadable by transformers (it has no such Mamba format).
+pub fn save_quantized(dir: &Path, cfg: &MambaConfig, w: &Weights) -> reference::Result<()> {
+    let tag = match w.dtype {
+        WeightDtype::Int8 => QUANT_INT8,
+        WeightDtype::Int4 => QUANT_INT4,
+        other => {
+            return Err(Error::Shape {
+                op: "save_quantized",
+                msg: format!("the weights are {}, not int8 or int4", other.name()),
+            })
+        }
+    };
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let vals = values(w, &|_| Vec::new());
     let mut mi = matrices(w).into_iter();
@@ -244,23 +301,27 @@ pub fn save_int8(dir: &Path, cfg: &MambaConfig, w: &Weights) -> reference::Resul
     for ((name, shape), v) in reference::param_specs(cfg).into_iter().zip(vals) {
         if is_matrix(&name) {
             let m = mi.next().expect("one matrix per matrix name");
-            let MatData::Int8 { q, scales } = &m.data else {
-                unreachable!("checked int8 above")
+            let (qs, ss) = quant_shapes(w.dtype, &shape);
+            let (data, scales) = match &m.data {
+                MatData::Int8 { q, scales } => (q.as_slice().to_vec(), scales.clone()),
+                MatData::Int4 { q, scales } => (
+                    q.as_slice().iter().map(|&b| b as i8).collect(),
+                    scales.as_slice().to_vec(),
+                ),
+                _ => unreachable!("checked int8 / int4 above"),
             };
-            let data = q.as_slice().to_vec();
-            out.push((name.clone(), TensorOut::I8 { shape, data }));
-            let (shape, data) = (vec![m.rows], scales.clone());
-            out.push((format!("{name}.scale"), TensorOut::F32 { shape, data }));
+            out.push((name.clone(), TensorOut::I8 { shape: qs, data }));
+            let scale = TensorOut::F32 {
+                shape: ss,
+                data: scales,
+            };
+            out.push((format!("{name}.scale"), scale));
         } else {
             out.push((name, TensorOut::F32 { shape, data: v }));
         }
     }
     cfg.save(&dir.join("config.json"))?;
-    write_tensors_with_metadata(
-        &dir.join("model.safetensors"),
-        &out,
-        &[(QUANT_KEY, QUANT_INT8)],
-    )
+    write_tensors_with_metadata(&dir.join("model.safetensors"), &out, &[(QUANT_KEY, tag)])
 }
 
 /// The matrices of `w` in canonical parameter order.

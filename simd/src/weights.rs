@@ -1,11 +1,16 @@
-//! Weight matrices in f32, bf16 or int8, owned or memory-mapped, and their rows as f32. The
+//! Weight matrices in f32, bf16, int8 or int4, owned or memory-mapped, and their rows as f32. The
 //! matrix products on them are in [`crate::ops::linear`].
 
 use std::sync::Arc;
 
 use memmap2::Mmap;
 
-use crate::kernels::{bf16_to_f32, f32_to_bf16, quantize_row, MatRef};
+use rayon::prelude::*;
+
+use crate::kernels::{
+    bf16_to_f32, dequant_row_int4, f32_to_bf16, int4_groups, int4_row_bytes, quantize_row,
+    quantize_row_int4, MatRef,
+};
 use crate::WeightDtype;
 
 /// Values that live either in memory we own or inside a memory-mapped checkpoint.
@@ -62,7 +67,15 @@ pub struct Mat {
 pub enum MatData {
     F32(Buf<f32>),
     Bf16(Buf<u16>),
-    Int8 { q: Buf<i8>, scales: Vec<f32> },
+    Int8 {
+        q: Buf<i8>,
+        scales: Vec<f32>,
+    },
+    /// Packed int4 rows and one scale per group of 32 (layout: `crate::kernels`).
+    Int4 {
+        q: Buf<u8>,
+        scales: Buf<f32>,
+    },
 }
 
 impl Mat {
@@ -75,17 +88,32 @@ impl Mat {
             }
             WeightDtype::Int8 => {
                 let mut q = vec![0i8; rows * cols];
-                let scales = (0..rows)
-                    .map(|r| {
-                        quantize_row(
-                            &w[r * cols..(r + 1) * cols],
-                            &mut q[r * cols..(r + 1) * cols],
-                        )
-                    })
-                    .collect();
+                let mut scales = vec![0f32; rows];
+                // Every thread quantises its own rows (a 1.4 B model in seconds).
+                q.par_chunks_mut(cols.max(1))
+                    .zip(scales.par_iter_mut())
+                    .enumerate()
+                    .for_each(|(r, (qr, s))| {
+                        *s = quantize_row(&w[r * cols..(r + 1) * cols], qr);
+                    });
                 MatData::Int8 {
                     q: Buf::Owned(q),
                     scales,
+                }
+            }
+            WeightDtype::Int4 => {
+                let (rb, g) = (int4_row_bytes(cols), int4_groups(cols));
+                let mut q = vec![0u8; rows * rb];
+                let mut scales = vec![0f32; rows * g];
+                q.par_chunks_mut(rb.max(1))
+                    .zip(scales.par_chunks_mut(g.max(1)))
+                    .enumerate()
+                    .for_each(|(r, (qr, sr))| {
+                        quantize_row_int4(&w[r * cols..(r + 1) * cols], qr, sr);
+                    });
+                MatData::Int4 {
+                    q: Buf::Owned(q),
+                    scales: Buf::Owned(scales),
                 }
             }
         };
@@ -99,6 +127,10 @@ impl Mat {
             MatData::Int8 { q, scales } => MatRef::Int8 {
                 q: q.as_slice(),
                 scales,
+            },
+            MatData::Int4 { q, scales } => MatRef::Int4 {
+                q: q.as_slice(),
+                scales: scales.as_slice(),
             },
         }
     }
@@ -116,6 +148,9 @@ impl Mat {
             MatData::F32(_) => self.rows * self.cols * 4,
             MatData::Bf16(_) => self.rows * self.cols * 2,
             MatData::Int8 { .. } => self.rows * self.cols + self.rows * 4,
+            MatData::Int4 { .. } => {
+                self.rows * (int4_row_bytes(self.cols) + 4 * int4_groups(self.cols))
+            }
         }
     }
 
@@ -124,6 +159,7 @@ impl Mat {
             MatData::F32(b) => b.is_mapped(),
             MatData::Bf16(b) => b.is_mapped(),
             MatData::Int8 { q, .. } => q.is_mapped(),
+            MatData::Int4 { q, .. } => q.is_mapped(),
         }
     }
 }
@@ -137,6 +173,13 @@ pub fn sub_rows(w: MatRef<'_>, cols: usize, r0: usize, r1: usize) -> MatRef<'_> 
             q: &q[r0 * cols..r1 * cols],
             scales: &scales[r0..r1],
         },
+        MatRef::Int4 { q, scales } => {
+            let (rb, g) = (int4_row_bytes(cols), int4_groups(cols));
+            MatRef::Int4 {
+                q: &q[r0 * rb..r1 * rb],
+                scales: &scales[r0 * g..r1 * g],
+            }
+        }
     }
 }
 
@@ -152,8 +195,26 @@ pub fn dequant_rows(w: MatRef, cols: usize, r0: usize, out: &mut [f32]) {
             }
         }
         MatRef::Int8 { q, scales } => {
-            for (i, o) in out.iter_mut().enumerate() {
-                *o = q[base + i] as f32 * scales[(base + i) / cols];
+            for (r, (o, qr)) in out
+                .chunks_mut(cols)
+                .zip(q[base..base + n].chunks(cols))
+                .enumerate()
+            {
+                let s = scales[r0 + r];
+                for (v, &qv) in o.iter_mut().zip(qr) {
+                    *v = qv as f32 * s;
+                }
+            }
+        }
+        MatRef::Int4 { q, scales } => {
+            let (rb, g) = (int4_row_bytes(cols), int4_groups(cols));
+            for (r, o) in out.chunks_mut(cols).enumerate() {
+                let row = r0 + r;
+                dequant_row_int4(
+                    &q[row * rb..(row + 1) * rb],
+                    &scales[row * g..(row + 1) * g],
+                    o,
+                );
             }
         }
     }

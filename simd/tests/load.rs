@@ -147,3 +147,49 @@ fn int8_checkpoints_round_trip_mapped() {
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// An int4 checkpoint written by `save_quantized` is memory-mapped as it is (codes and
+/// scales), computes exactly what quantising at load computes, is well under f32's size, and
+/// is refused for another dtype or a config it does not match.
+#[test]
+fn int4_checkpoints_round_trip_mapped() {
+    let (cfg, p) = model();
+    let tokens: Vec<u32> = (0..17).map(|i| (i * 5 + 1) % 97).collect();
+    let batch = Batch::new(&tokens, 1, 17);
+    let mut at_load = SimdEngine::new(cfg.clone(), p.clone(), &opts(WeightDtype::Int4)).unwrap();
+    let dir = tmp("int4");
+    simd::load::save_quantized(&dir, &cfg, at_load.weights()).unwrap();
+    let d = tmp("int4-f32");
+    save_params(&d, &cfg, &p, SaveDtype::F32).unwrap();
+    let size = |d: &std::path::Path| {
+        std::fs::metadata(d.join("model.safetensors"))
+            .unwrap()
+            .len()
+    };
+    let (f32_bytes, int4_bytes) = (size(&d), size(&dir));
+    std::fs::remove_dir_all(&d).unwrap();
+    assert!(
+        int4_bytes * 2 < f32_bytes,
+        "int4 file {int4_bytes} B vs f32 {f32_bytes} B"
+    );
+    let mut loaded = SimdEngine::load(&dir, &opts(WeightDtype::Int4)).unwrap();
+    assert!(loaded.weights().is_mapped());
+    let (a, _) = loaded.forward(&batch, None).unwrap();
+    let (b, _) = at_load.forward(&batch, None).unwrap();
+    assert!(a
+        .data
+        .iter()
+        .zip(&b.data)
+        .all(|(x, y)| x.to_bits() == y.to_bits()));
+    let err = SimdEngine::load(&dir, &opts(WeightDtype::Int8)).expect_err("int8 of an int4 file");
+    assert!(err.to_string().contains("--dtype int4"), "{err}");
+    let mut other = cfg.clone();
+    other.vocab_size = 98;
+    other.save(&dir.join("config.json")).unwrap();
+    let err = SimdEngine::load(&dir, &opts(WeightDtype::Int4)).expect_err("mismatch");
+    assert!(
+        err.to_string().contains("does not match the config"),
+        "{err}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -41,7 +41,7 @@ pub fn cuda_ordinal(device: &str) -> Result<Option<usize>> {
 }
 
 /// Builds the engine `device` names: `reference` / `reference-f64` (the spec), `cpu` (the
-/// `simd` tier: vectorised, threaded, f32/bf16/int8 weights), `cuda[:N]` (the CUDA tier).
+/// `simd` tier: vectorised, threaded, f32/bf16/int8/int4 weights), `cuda[:N]` (the CUDA tier).
 pub fn engine_with(
     device: &str,
     cfg: &MambaConfig,
@@ -90,7 +90,16 @@ pub fn load_for_inference(
             dtype: opts.dtype,
             isa: None,
         };
+        let started = std::time::Instant::now();
         let e = simd::SimdEngine::load(dir, &o)?;
+        if matches!(opts.dtype, WeightDtype::Int8 | WeightDtype::Int4) && !e.weights().is_mapped() {
+            let d = opts.dtype.name();
+            eprintln!(
+                "hint: quantising to {d} at load took {:.1}s; run `vet-train quantize --model {} --out DIR --dtype {d}` once and load DIR (memory-mapped, no quantising)",
+                started.elapsed().as_secs_f64(),
+                dir.display()
+            );
+        }
         let cfg = e.config().clone();
         return Ok((Box::new(e), cfg));
     }

@@ -464,6 +464,56 @@ fn batch_mode_answers_every_line_keeps_fields_and_resumes() {
     );
 }
 
+/// `--input` on the CPU decodes the questions together (batched steps over prompts of
+/// different lengths); each answer is still the one a lone `--question` run gives.
+#[test]
+fn batch_mode_on_the_cpu_decodes_together_like_one_question_at_a_time() {
+    let dir = scratch("batch-cpu");
+    let input = dir.join("questions.jsonl");
+    let output = dir.join("answers.jsonl");
+    let qs: Vec<String> = (0..5).map(|i| question(70 + i)).collect();
+    let lines: String = qs
+        .iter()
+        .map(|q| format!("{}\n", serde_json::json!({ "question": q })))
+        .collect();
+    std::fs::write(&input, lines).unwrap();
+    let model = tiny();
+    let common = [
+        "--model",
+        s(&model),
+        "--device",
+        "cpu",
+        "--threads",
+        "2",
+        "--greedy",
+        "--max-new-tokens",
+        "16",
+    ];
+    let mut argv = common.to_vec();
+    argv.extend(["--input", s(&input), "--output", s(&output)]);
+    let (_, err) = succeeds(&argv, None);
+    assert!(err.contains("5 answers written"), "{err}");
+    let rows: Vec<serde_json::Value> = std::fs::read_to_string(&output)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let lens: Vec<u64> = rows
+        .iter()
+        .map(|r| r["prompt_tokens"].as_u64().unwrap())
+        .collect();
+    assert!(
+        lens.iter().any(|&l| l != lens[0]),
+        "prompts of one length: {lens:?}"
+    );
+    for (q, r) in qs.iter().zip(&rows) {
+        let mut one = common.to_vec();
+        one.extend(["--question", q.as_str()]);
+        let (alone, _) = succeeds(&one, None);
+        assert_eq!(alone.trim(), r["answer"].as_str().unwrap(), "{q}");
+    }
+}
+
 #[test]
 fn batch_mode_reports_a_bad_line_as_file_and_line() {
     let dir = scratch("batch-bad");

@@ -11,14 +11,16 @@ use rayon::prelude::*;
 use rayon::ThreadPool;
 
 use crate::gemm::sgemm;
-use crate::kernels::{dot_rows, Isa, MatRef};
+use crate::kernels::{dot_rows_batch, Isa, MatRef};
 use crate::weights::dequant_rows;
 use crate::SyncPtr;
 
-/// Rows of activations from which a product runs as a GEMM rather than row dot products.
-const GEMM_MIN_ROWS: usize = 6;
-/// Weight rows dequantised at a time for a GEMM.
-const GEMM_BLOCK_ROWS: usize = 128;
+/// Rows of activations from which a product runs as a GEMM rather than batched row dot
+/// products (a decode step of up to 16 sequences reads each weight once, in its own format).
+const GEMM_MIN_ROWS: usize = 17;
+/// Weight rows dequantised at a time for a GEMM: large, so that `matrixmultiply` packs the
+/// activations once per block rather than once per few rows.
+const GEMM_BLOCK_ROWS: usize = 512;
 
 /// `y[r, o] = Σ_j w[o, j] · x[r, j] + bias[o]` for `x` `[n, d_in]`, `w` `[d_out, d_in]`,
 /// `y` `[n, d_out]` (overwritten). Runs on the current rayon pool.
@@ -44,13 +46,14 @@ pub fn linear(isa: Isa, w: MatRef, x: &[f32], bias: Option<&[f32]>, d_in: usize,
     }
 }
 
-/// Row dot products, weight rows split across threads; each weight block is read once for all
-/// `n` activation rows.
+/// Batched row dot products, weight rows split across threads; each weight tile is read once
+/// for all `n` activation rows.
 fn gemv(isa: Isa, w: MatRef, x: &[f32], d_in: usize, d_out: usize, y: &mut [f32]) {
-    let n = x.len() / d_in;
     let threads = crate::threads();
-    // Below ~256 K weights (x_proj, dt_proj) waking a second thread costs more than it saves.
-    let chunk = if threads == 1 || d_out * d_in < 1 << 18 {
+    let n = x.len() / d_in;
+    // Below ~256 K multiply-adds (x_proj, dt_proj at batch 1) waking a second thread costs
+    // more than it saves.
+    let chunk = if threads == 1 || n * d_out * d_in < 1 << 18 {
         d_out
     } else {
         d_out.div_ceil(threads * 4).max(16)
@@ -59,14 +62,11 @@ fn gemv(isa: Isa, w: MatRef, x: &[f32], d_in: usize, d_out: usize, y: &mut [f32]
     let job = |ci: usize| {
         let r0 = ci * chunk;
         let r1 = (r0 + chunk).min(d_out);
-        for r in 0..n {
-            let xr = &x[r * d_in..(r + 1) * d_in];
-            // SAFETY: row `r`, columns `r0..r1` of `y` belong to this chunk only and are in
-            // bounds (`y` is `[n, d_out]`, asserted by the caller); `y` itself is not used
-            // while the jobs run.
-            let yr = unsafe { yp.slice_mut(r * d_out + r0, r1 - r0) };
-            dot_rows(isa, w, r0, xr, yr);
-        }
+        // SAFETY: row `b`, columns `r0..r1` of `y` belong to this chunk only and are in bounds
+        // (`y` is `[n, d_out]`, asserted by the caller); `y` itself is not used while the
+        // jobs run.
+        let mut put = |b: usize, i: usize, v: f32| unsafe { yp.write(b * d_out + r0 + i, v) };
+        dot_rows_batch(isa, w, r0, r1 - r0, x, d_in, &mut put);
     };
     let chunks = d_out.div_ceil(chunk);
     if chunks == 1 {
@@ -82,7 +82,7 @@ fn gemm(w: MatRef, x: &[f32], d_in: usize, d_out: usize, y: &mut [f32]) {
     let threads = crate::threads();
     // Two column blocks per thread: a thread slowed by other load leaves work to steal, while
     // each block's GEMM still amortises its packing of `x`.
-    let per = d_out.div_ceil(2 * threads).max(GEMM_BLOCK_ROWS.min(d_out));
+    let per = d_out.div_ceil(2 * threads).max(128.min(d_out));
     let yp = SyncPtr::new(y);
     let job = |ti: usize| {
         let (r0, r1) = (ti * per, ((ti + 1) * per).min(d_out));
@@ -283,11 +283,22 @@ mod tests {
     #[test]
     fn linear_matches_f64_on_both_paths() {
         let mut s = 11u64;
-        for &(n, d_in, d_out) in &[(1, 33, 300), (3, 17, 5), (7, 64, 129), (40, 9, 513)] {
+        for &(n, d_in, d_out) in &[
+            (1, 33, 300),
+            (3, 17, 5),
+            (7, 64, 129),
+            (16, 40, 70),
+            (40, 9, 513),
+        ] {
             let w: Vec<f32> = (0..d_out * d_in).map(|_| lcg(&mut s)).collect();
             let x: Vec<f32> = (0..n * d_in).map(|_| lcg(&mut s)).collect();
             let bias: Vec<f32> = (0..d_out).map(|_| lcg(&mut s)).collect();
-            for dt in [WeightDtype::F32, WeightDtype::Bf16, WeightDtype::Int8] {
+            for dt in [
+                WeightDtype::F32,
+                WeightDtype::Bf16,
+                WeightDtype::Int8,
+                WeightDtype::Int4,
+            ] {
                 let m = Mat::from_f32(d_out, d_in, w.clone(), dt);
                 let wd = m.to_f32();
                 for threads in [1, 2] {

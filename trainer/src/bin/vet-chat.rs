@@ -39,7 +39,7 @@ struct Cli {
     /// cpu (the fastest CPU engine available), reference (the f32 spec), cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     device: String,
-    /// Weight storage on --device cpu: f32, bf16 or int8.
+    /// Weight storage on --device cpu: f32, bf16, int8 or int4.
     #[arg(long, default_value = "f32")]
     dtype: WeightDtype,
     /// GEMM precision on --device cuda: bf16, fp16 or f32 (the scan state, the residual

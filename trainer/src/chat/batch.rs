@@ -3,7 +3,9 @@
 //! Each output line is the input line's object (all its fields) plus the answer field
 //! (default `answer`), `prompt_tokens`, `new_tokens` and `stop`. Questions are answered
 //! independently (a fresh state each), question `i` with its own random stream drawn from
-//! `(seed, i)`, so the output does not depend on where a run was interrupted.
+//! `(seed, i)`, so the output does not depend on where a run was interrupted. Up to
+//! [`GROUP`] questions are decoded together, one batched step for all of them
+//! ([`super::group`]).
 //!
 //! Resumable by appending: every answer is appended and flushed as one whole line. When the
 //! output already exists, its complete lines must answer the first questions of the input in
@@ -21,6 +23,9 @@ use reference::rng::fnv1a64;
 use serde_json::{Map, Value};
 
 use super::Session;
+
+/// Questions decoded together (one pass over the weights per step for all of them).
+pub const GROUP: usize = 8;
 
 /// One input record: its 1-based line number and its fields.
 #[derive(Clone, Debug, PartialEq)]
@@ -190,31 +195,40 @@ pub fn run(session: &mut Session, o: &BatchOptions) -> Result<BatchSummary> {
         .context("progress bar template")?,
     );
     bar.set_position(done as u64);
-    for (i, rec) in records.iter().enumerate().skip(done) {
-        session.reset_with_seed(fnv1a64(&format!("{}:{i}", o.seed)))?;
-        let a = session
-            .ask(rec.question(), &mut std::io::sink())
-            .with_context(|| format!("answering {}:{}", o.input.display(), rec.line))?;
-        let mut fields = rec.fields.clone();
-        fields.insert(o.answer_field.clone(), a.text.trim().into());
-        fields.insert("prompt_tokens".into(), a.prompt_tokens.into());
-        fields.insert("new_tokens".into(), a.tokens.len().into());
-        fields.insert("stop".into(), a.stop.name().into());
-        let mut line = serde_json::to_string(&Value::Object(fields))?;
-        line.push('\n');
-        w.write_all(line.as_bytes())
-            .and_then(|_| w.flush())
-            .with_context(|| format!("writing {}", o.output.display()))?;
-        s.answered += 1;
-        s.prompt_tokens += a.prompt_tokens;
-        s.new_tokens += a.tokens.len();
-        s.prefill_time += a.prefill_time;
-        s.decode_time += a.decode_time;
+    let todo: Vec<(usize, &Record)> = records.iter().enumerate().skip(done).collect();
+    for group in todo.chunks(GROUP) {
+        let questions: Vec<&str> = group.iter().map(|(_, r)| r.question()).collect();
+        let seeds: Vec<u64> = group
+            .iter()
+            .map(|(i, _)| fnv1a64(&format!("{}:{i}", o.seed)))
+            .collect();
+        let answers =
+            super::group::answer_group(session, &questions, &seeds).with_context(|| {
+                let lines: Vec<String> = group.iter().map(|(_, r)| r.line.to_string()).collect();
+                format!("answering {} lines {}", o.input.display(), lines.join(", "))
+            })?;
+        for ((_, rec), a) in group.iter().zip(answers) {
+            let mut fields = rec.fields.clone();
+            fields.insert(o.answer_field.clone(), a.text.trim().into());
+            fields.insert("prompt_tokens".into(), a.prompt_tokens.into());
+            fields.insert("new_tokens".into(), a.tokens.len().into());
+            fields.insert("stop".into(), a.stop.name().into());
+            let mut line = serde_json::to_string(&Value::Object(fields))?;
+            line.push('\n');
+            w.write_all(line.as_bytes())
+                .and_then(|_| w.flush())
+                .with_context(|| format!("writing {}", o.output.display()))?;
+            s.answered += 1;
+            s.prompt_tokens += a.prompt_tokens;
+            s.new_tokens += a.tokens.len();
+            s.prefill_time += a.prefill_time;
+            s.decode_time += a.decode_time;
+            bar.inc(1);
+        }
         bar.set_message(format!(
             "{:.1} tok/s decode",
             s.new_tokens as f64 / s.decode_time.as_secs_f64().max(1e-9)
         ));
-        bar.inc(1);
     }
     bar.finish_and_clear();
     let file: File = w

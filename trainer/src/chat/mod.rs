@@ -8,6 +8,7 @@
 //! previous answer's last token, which decoding never feeds to the model), never the history.
 
 pub mod batch;
+pub mod group;
 pub mod repl;
 pub mod stream;
 

@@ -1,0 +1,326 @@
+//! Row dot products for the weight formats, with the instruction set picked at run time.
+//!
+//! Decoding is a chain of matrix-vector products (matrix-matrix at batch B > 1): every weight
+//! byte is read once per step, so these loops decide the decode speed. A tile of up to four
+//! weight rows is multiplied with up to four activation rows at once (each weight vector is
+//! loaded and widened once for the whole tile), so a batch of B rows reads the weights once,
+//! not B times. Each format has an AVX-512 kernel and an AVX2+FMA kernel (x86-64, chosen when
+//! the CPU has them) and a portable kernel written so that LLVM vectorises it for the build's
+//! baseline (SSE2 on x86-64, NEON on aarch64). Every kernel accumulates in f32.
+
+// Index loops keep the hot kernels explicit about what they read.
+#![allow(clippy::needless_range_loop)]
+
+use std::sync::OnceLock;
+
+#[cfg(target_arch = "x86_64")]
+mod avx2;
+#[cfg(target_arch = "x86_64")]
+mod avx512;
+mod portable;
+mod quant;
+
+pub use quant::{
+    bf16_to_f32, dequant_row_int4, f32_to_bf16, int4_groups, int4_row_bytes, int4_value,
+    quantize_row, quantize_row_int4, INT4_GROUP, INT4_GROUP_BYTES,
+};
+
+/// The instruction set the kernels use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Isa {
+    /// x86-64 AVX-512 (F, BW, VL) with AVX2 + FMA: 512-bit FMA row kernels.
+    Avx512,
+    /// x86-64 AVX2 + FMA + F16C-free bf16 widening.
+    Avx2Fma,
+    /// Plain Rust, vectorised by the compiler for the build target.
+    Portable,
+}
+
+impl Isa {
+    /// Every instruction set, best first.
+    pub const ALL: [Isa; 3] = [Isa::Avx512, Isa::Avx2Fma, Isa::Portable];
+
+    /// The best instruction set this CPU supports (detected once).
+    pub fn detect() -> Isa {
+        static ISA: OnceLock<Isa> = OnceLock::new();
+        *ISA.get_or_init(|| {
+            Isa::ALL
+                .into_iter()
+                .find(|i| i.supported())
+                .unwrap_or(Isa::Portable)
+        })
+    }
+
+    /// Whether this CPU can run the kernels of `self`.
+    pub fn supported(self) -> bool {
+        match self {
+            Isa::Portable => true,
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2Fma => {
+                std::arch::is_x86_feature_detected!("avx2")
+                    && std::arch::is_x86_feature_detected!("fma")
+            }
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => {
+                Isa::Avx2Fma.supported()
+                    && std::arch::is_x86_feature_detected!("avx512f")
+                    && std::arch::is_x86_feature_detected!("avx512bw")
+                    && std::arch::is_x86_feature_detected!("avx512vl")
+            }
+            #[cfg(not(target_arch = "x86_64"))]
+            _ => false,
+        }
+    }
+
+    /// Whether the AVX2 + FMA kernels may run (true for AVX-512 too, which implies them).
+    pub fn has_avx2(self) -> bool {
+        matches!(self, Isa::Avx512 | Isa::Avx2Fma)
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Isa::Avx512 => "avx512",
+            Isa::Avx2Fma => "avx2+fma",
+            Isa::Portable => "portable",
+        }
+    }
+}
+
+/// A borrowed weight matrix `[rows, cols]`, row-major, in one of the storage formats.
+#[derive(Clone, Copy, Debug)]
+pub enum MatRef<'a> {
+    F32(&'a [f32]),
+    /// bfloat16 bit patterns.
+    Bf16(&'a [u16]),
+    /// Symmetric int8 with one scale per row: `w[r, j] = q[r, j] · scales[r]`.
+    Int8 {
+        q: &'a [i8],
+        scales: &'a [f32],
+    },
+    /// Symmetric int4, one scale per group of 32 along a row (layout: [`quant`]):
+    /// `int4_row_bytes(cols)` bytes and `int4_groups(cols)` scales per row.
+    Int4 {
+        q: &'a [u8],
+        scales: &'a [f32],
+    },
+}
+
+/// Up to four consecutive rows of one format, each `k` values long.
+#[derive(Clone, Copy)]
+pub(crate) enum Fmt<'a> {
+    F32(&'a [f32]),
+    Bf16(&'a [u16]),
+    I8(&'a [i8]),
+    /// Packed rows of `int4_row_bytes(k)` bytes and their `int4_groups(k)` scales each.
+    I4 {
+        q: &'a [u8],
+        scales: &'a [f32],
+    },
+}
+
+impl Fmt<'_> {
+    /// The address of element `i` (row-major over `k`), which may lie past the end (only ever
+    /// prefetched). Not meaningful for int4.
+    #[inline(always)]
+    fn ptr_at(self, i: usize) -> *const i8 {
+        match self {
+            Fmt::F32(d) => d.as_ptr().wrapping_add(i) as *const i8,
+            Fmt::Bf16(d) => d.as_ptr().wrapping_add(i) as *const i8,
+            Fmt::I8(d) => d.as_ptr().wrapping_add(i),
+            Fmt::I4 { q, .. } => q.as_ptr().wrapping_add(i / 2) as *const i8,
+        }
+    }
+}
+
+/// Element `j` of row `r` (rows `k` long) as f32; int8 without its row scale.
+#[inline(always)]
+fn widen(w: Fmt, k: usize, r: usize, j: usize) -> f32 {
+    match w {
+        Fmt::F32(d) => d[r * k + j],
+        Fmt::Bf16(d) => bf16_to_f32(d[r * k + j]),
+        Fmt::I8(d) => d[r * k + j] as f32,
+        Fmt::I4 { q, scales } => {
+            let (rb, g) = (int4_row_bytes(k), int4_groups(k));
+            int4_value(&q[r * rb..(r + 1) * rb], &scales[r * g..(r + 1) * g], j)
+        }
+    }
+}
+
+/// Longest `x` whose paired copy fits on the stack for the AVX2 bf16 kernel (32 KiB).
+const PAIRED_MAX: usize = 8192;
+/// Activation rows per tile.
+const TILE_B: usize = 4;
+
+/// Products of one tile: `[batch row][weight row]`.
+pub(crate) type TileOut = [[f32; 4]; TILE_B];
+
+/// `y[i] = Σ_j W[row0 + i, j] · x[j]` for a block of rows (`y.len()` rows), where W has
+/// `x.len()` columns. Int8 rows are multiplied by their scale.
+pub fn dot_rows(isa: Isa, w: MatRef, row0: usize, x: &[f32], y: &mut [f32]) {
+    let n = y.len();
+    dot_rows_batch(isa, w, row0, n, x, x.len(), &mut |_, i, v| y[i] = v);
+}
+
+/// `put(b, i, Σ_j W[row0 + i, j] · x[b, j])` for `i < rows` and every row `b` of `x`
+/// (`[n, k]`, `k` the columns of W): one pass over the weight rows for all `n` rows of `x`.
+pub fn dot_rows_batch(
+    isa: Isa,
+    w: MatRef,
+    row0: usize,
+    rows: usize,
+    x: &[f32],
+    k: usize,
+    put: &mut impl FnMut(usize, usize, f32),
+) {
+    let n = x.len().checked_div(k).unwrap_or(0);
+    if n == 0 || rows == 0 {
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if n == 1 && isa == Isa::Avx2Fma && !matches!(w, MatRef::Int4 { .. }) {
+        avx2_single(w, row0, rows, x, put);
+        return;
+    }
+    let tb = if isa == Isa::Avx2Fma { 2 } else { TILE_B };
+    let mut r = 0;
+    while r < rows {
+        let take = (rows - r).min(4);
+        let f = fmt(w, k, row0 + r, take);
+        let mut b = 0;
+        while b < n {
+            let bt = (n - b).min(tb);
+            let mut out: TileOut = [[0.0; 4]; TILE_B];
+            tile(isa, f, &x[b * k..(b + bt) * k], k, take, bt, &mut out);
+            for bi in 0..bt {
+                for i in 0..take {
+                    let v = match w {
+                        MatRef::Int8 { scales, .. } => out[bi][i] * scales[row0 + r + i],
+                        _ => out[bi][i],
+                    };
+                    put(b + bi, r + i, v);
+                }
+            }
+            b += bt;
+        }
+        r += take;
+    }
+}
+
+/// Rows `r0..r0 + take` of `w` (`k` columns) as a tile.
+fn fmt(w: MatRef<'_>, k: usize, r0: usize, take: usize) -> Fmt<'_> {
+    let (a, b) = (r0 * k, (r0 + take) * k);
+    match w {
+        MatRef::F32(d) => Fmt::F32(&d[a..b]),
+        MatRef::Bf16(d) => Fmt::Bf16(&d[a..b]),
+        MatRef::Int8 { q, .. } => Fmt::I8(&q[a..b]),
+        MatRef::Int4 { q, scales } => {
+            let (rb, g) = (int4_row_bytes(k), int4_groups(k));
+            Fmt::I4 {
+                q: &q[r0 * rb..(r0 + take) * rb],
+                scales: &scales[r0 * g..(r0 + take) * g],
+            }
+        }
+    }
+}
+
+/// Calls `$f::<TAKE, BT>(args)` for the runtime tile shape `(take, bt)`, both in `1..=4`.
+macro_rules! by_shape {
+    ($f:ident, $take:expr, $bt:expr, $($a:expr),*) => {
+        match ($take, $bt) {
+            (1, 1) => $f::<1, 1>($($a),*),
+            (1, 2) => $f::<1, 2>($($a),*),
+            (1, 3) => $f::<1, 3>($($a),*),
+            (1, _) => $f::<1, 4>($($a),*),
+            (2, 1) => $f::<2, 1>($($a),*),
+            (2, 2) => $f::<2, 2>($($a),*),
+            (2, 3) => $f::<2, 3>($($a),*),
+            (2, _) => $f::<2, 4>($($a),*),
+            (3, 1) => $f::<3, 1>($($a),*),
+            (3, 2) => $f::<3, 2>($($a),*),
+            (3, 3) => $f::<3, 3>($($a),*),
+            (3, _) => $f::<3, 4>($($a),*),
+            (_, 1) => $f::<4, 1>($($a),*),
+            (_, 2) => $f::<4, 2>($($a),*),
+            (_, 3) => $f::<4, 3>($($a),*),
+            (_, _) => $f::<4, 4>($($a),*),
+        }
+    };
+}
+pub(crate) use by_shape;
+
+/// One tile: `take` weight rows by `bt` rows of `x` (`[bt, k]`).
+fn tile(isa: Isa, w: Fmt, x: &[f32], k: usize, take: usize, bt: usize, out: &mut TileOut) {
+    debug_assert!(take <= 4 && bt <= TILE_B && x.len() == bt * k);
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `Isa::Avx512` is only used after `supported()` (engine build, tests).
+        Isa::Avx512 => unsafe { avx512::tile(w, x, k, take, bt, out) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above, for AVX2 + FMA; an AVX2 tile is at most 2 rows of `x`.
+        Isa::Avx2Fma => unsafe { avx2::tile(w, x, k, take, bt, out) },
+        _ => portable::tile(w, x, k, take, bt, out),
+    }
+}
+
+/// Batch 1 on AVX2: the four-row kernels (bf16 with `x` regrouped in pairs).
+#[cfg(target_arch = "x86_64")]
+fn avx2_single(
+    w: MatRef,
+    row0: usize,
+    rows: usize,
+    x: &[f32],
+    put: &mut impl FnMut(usize, usize, f32),
+) {
+    let k = x.len();
+    if matches!(w, MatRef::Bf16(_)) && k <= PAIRED_MAX {
+        // `x` regrouped per 16 values as [even | odd], matching the two halves of each
+        // 32-bit word of bf16 pairs (see `avx2::dot4_bf16`).
+        let mut xd = [0f32; PAIRED_MAX];
+        for (blk, xs) in x.chunks_exact(16).enumerate() {
+            for i in 0..8 {
+                xd[blk * 16 + i] = xs[2 * i];
+                xd[blk * 16 + 8 + i] = xs[2 * i + 1];
+            }
+        }
+        avx2_rows(w, row0, rows, x, &xd[..k], put);
+    } else {
+        avx2_rows(w, row0, rows, x, &[], put);
+    }
+}
+
+/// The rows of [`avx2_single`]; `xd` is the paired copy of `x` for bf16 (else empty).
+#[cfg(target_arch = "x86_64")]
+fn avx2_rows(
+    w: MatRef,
+    row0: usize,
+    rows: usize,
+    x: &[f32],
+    xd: &[f32],
+    put: &mut impl FnMut(usize, usize, f32),
+) {
+    let k = x.len();
+    let mut r = 0;
+    while r < rows {
+        let take = (rows - r).min(4);
+        let mut out = [0f32; 4];
+        let f = fmt(w, k, row0 + r, take);
+        match f {
+            // SAFETY: callers pass `Isa::Avx2Fma` only where AVX2 and FMA were detected;
+            // `xd` holds the paired copy of `x`.
+            Fmt::Bf16(d) if xd.len() == k => unsafe { avx2::dot4_bf16(d, x, xd, take, &mut out) },
+            // SAFETY: as above.
+            _ => unsafe { avx2::dot4(f, x, take, &mut out) },
+        }
+        for i in 0..take {
+            let v = match w {
+                MatRef::Int8 { scales, .. } => out[i] * scales[row0 + r + i],
+                _ => out[i],
+            };
+            put(0, r + i, v);
+        }
+        r += take;
+    }
+}
+
+#[cfg(test)]
+mod tests;
