@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-use trainer::train::deepspeed::{apply_deepspeed, DsConfig};
+use trainer::train::deepspeed::{apply_deepspeed_world, DsConfig};
 use trainer::train::run::{train, RunOptions};
 use trainer::train::run_config::{RunConfig, Stage};
 use trainer::{checkpoint, debug_state, device, generate, tokenizer};
@@ -219,11 +219,16 @@ fn run_job(a: RunArgs) -> Result<()> {
         return Ok(());
     };
     let mut cfg = RunConfig::load(&path)?;
+    // A rank of a job that a launcher started (vet-train launch, torchrun, srun, mpirun).
+    let rank = trainer::dist::join::launched_rank()?;
+    let world = rank.as_ref().map_or(1, |r| r.world);
+    let mut zero = None;
     if let Some(ds) = &a.deepspeed {
         let ds = DsConfig::load(ds)?;
-        for field in apply_deepspeed(&mut cfg, &ds)? {
+        for field in apply_deepspeed_world(&mut cfg, &ds, world)? {
             eprintln!("warning: DeepSpeed field `{field}` is not supported and has no effect");
         }
+        zero = ds.zero.clone();
     }
     if let Some(s) = a.steps {
         cfg.train.steps = Some(s);
@@ -244,11 +249,20 @@ fn run_job(a: RunArgs) -> Result<()> {
         ..RunOptions::default()
     };
     if cfg.stage == Stage::Eval {
+        if rank.is_some() {
+            anyhow::bail!(
+                "{}: an evaluation runs in one process; run it without a launcher",
+                path.display()
+            );
+        }
         let r = trainer::train::evaluate::evaluate(&cfg, &opts)?;
         println!("{}", serde_json::to_string_pretty(&r)?);
         return Ok(());
     }
-    let s = train(cfg, &opts)?;
+    let s = match &rank {
+        Some(env) => trainer::dist::join::train_as_rank(cfg, &opts, env, zero.unwrap_or_default())?,
+        None => train(cfg, &opts)?,
+    };
     println!(
         "{} steps{}, final loss {:.4}{}, {:.0} tokens/s; checkpoint {}",
         s.steps,

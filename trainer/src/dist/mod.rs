@@ -24,6 +24,7 @@
 pub mod ckpt;
 pub mod config;
 pub mod ds;
+pub mod join;
 pub mod run;
 pub mod shard;
 pub mod zero;
