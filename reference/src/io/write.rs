@@ -8,7 +8,8 @@ use std::path::Path;
 use half::{bf16, f16};
 use safetensors::{Dtype, View};
 
-use super::paths::{ckpt_err, safetensors_file};
+use super::paths::{ckpt_err, safetensors_file, SAFETENSORS_FILE, SHARD_INDEX_FILE};
+use super::sharded::{plan_shards, shard_name};
 use crate::config::MambaConfig;
 use crate::error::{Error, Result};
 use crate::float::Float;
@@ -149,6 +150,64 @@ pub fn save_params<T: Float>(
     dtype: SaveDtype,
 ) -> Result<()> {
     let path = safetensors_file(path);
+    write_views(&path, param_views(cfg, params, dtype)?, &[])
+}
+
+/// Saves `params` into the directory `dir` as transformers' `save_pretrained(max_shard_size=
+/// max_shard_bytes)` would: `model.safetensors` when it fits in one shard, else
+/// `model-0000K-of-0000N.safetensors` files and `model.safetensors.index.json`
+/// (`metadata.total_size`, `weight_map`). Returns the names of the files written.
+pub fn save_params_sharded<T: Float>(
+    dir: &Path,
+    cfg: &MambaConfig,
+    params: &Params<T>,
+    dtype: SaveDtype,
+    max_shard_bytes: u64,
+) -> Result<Vec<String>> {
+    let views = param_views(cfg, params, dtype)?;
+    let sizes: Vec<u64> = views.iter().map(|(_, v)| v.byte_len as u64).collect();
+    let plan = plan_shards(&sizes, max_shard_bytes.max(1));
+    if plan.len() <= 1 {
+        write_views(&dir.join(SAFETENSORS_FILE), views, &[])?;
+        return Ok(vec![SAFETENSORS_FILE.to_string()]);
+    }
+    let mut shard_of = vec![0usize; views.len()];
+    for (k, idx) in plan.iter().enumerate() {
+        for &i in idx {
+            shard_of[i] = k;
+        }
+    }
+    let n = plan.len();
+    let mut groups: Vec<Vec<(String, LazyView<'_>)>> = (0..n).map(|_| Vec::new()).collect();
+    let mut weight_map = serde_json::Map::new();
+    for (i, (name, view)) in views.into_iter().enumerate() {
+        let k = shard_of[i];
+        weight_map.insert(name.clone(), shard_name(k + 1, n).into());
+        groups[k].push((name, view));
+    }
+    let mut written = Vec::with_capacity(n + 1);
+    for (k, group) in groups.into_iter().enumerate() {
+        let file = shard_name(k + 1, n);
+        write_views(&dir.join(&file), group, &[])?;
+        written.push(file);
+    }
+    let index = serde_json::json!({
+        "metadata": {"total_size": sizes.iter().sum::<u64>()},
+        "weight_map": weight_map,
+    });
+    let text = serde_json::to_string_pretty(&index).expect("a JSON value serialises");
+    let index_path = dir.join(SHARD_INDEX_FILE);
+    crate::fs::atomic_write(&index_path, format!("{text}\n").as_bytes())?;
+    written.push(SHARD_INDEX_FILE.to_string());
+    Ok(written)
+}
+
+/// Lazy views of `params` under their canonical names, in `dtype`, checked against the config.
+fn param_views<'a, T: Float>(
+    cfg: &MambaConfig,
+    params: &'a Params<T>,
+    dtype: SaveDtype,
+) -> Result<Vec<(String, LazyView<'a>)>> {
     let specs = param_specs(cfg);
     let tensors = params.tensors();
     if specs.len() != tensors.len() {
@@ -174,7 +233,7 @@ pub fn save_params<T: Float>(
             });
         }
         let data = &t.data;
-        let bytes: Box<dyn Fn() -> Vec<u8> + '_> = match dtype {
+        let bytes: Box<dyn Fn() -> Vec<u8> + 'a> = match dtype {
             SaveDtype::F32 => Box::new(move || le_bytes(data, |v| v.to_f32().to_le_bytes())),
             SaveDtype::Bf16 => Box::new(move || {
                 le_bytes(data, |v| bf16::from_f32(v.to_f32()).to_bits().to_le_bytes())
@@ -192,7 +251,7 @@ pub fn save_params<T: Float>(
         };
         views.push((name, view));
     }
-    write_views(&path, views, &[])
+    Ok(views)
 }
 
 /// Serialises `views` (names must be unique) to `path` through a temporary file.

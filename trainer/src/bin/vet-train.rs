@@ -128,6 +128,56 @@ enum Cmd {
         #[arg(long, default_value = "int8")]
         dtype: String,
     },
+    /// Write a checkpoint (model.safetensors, sharded, or mamba_ssm's pytorch_model.bin) in
+    /// another layout: `mamba_ssm` (config.json + pytorch_model.bin, which mamba_ssm's
+    /// MambaLMHeadModel.from_pretrained loads) or `hf` (config.json + model.safetensors, split
+    /// into shards above --max-shard-size). tokenizer.json is copied when there is one.
+    Convert {
+        /// Checkpoint directory to read.
+        #[arg(long)]
+        model: PathBuf,
+        /// mamba_ssm or hf.
+        #[arg(long)]
+        to: trainer::convert::Target,
+        /// New checkpoint directory (written atomically).
+        #[arg(long)]
+        out: PathBuf,
+        /// f32, bf16 or f16.
+        #[arg(long, default_value = "f32")]
+        dtype: String,
+        /// --to hf: the largest shard, as transformers' max_shard_size ("5GB", "500MB", "2GiB"
+        /// or bytes).
+        #[arg(long, default_value = "5GB")]
+        max_shard_size: String,
+        /// A tokenizer.json to copy into --out instead of the checkpoint's own.
+        #[arg(long)]
+        tokenizer: Option<PathBuf>,
+        /// Replace the checkpoint already in --out (other files are never deleted).
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+/// `vet-train convert`.
+fn convert(
+    model: &std::path::Path,
+    out: &std::path::Path,
+    mut o: trainer::convert::ConvertOptions,
+    dtype: &str,
+    max_shard_size: &str,
+) -> Result<()> {
+    o.dtype = match dtype {
+        "f32" => reference::io::SaveDtype::F32,
+        "bf16" => reference::io::SaveDtype::Bf16,
+        "f16" => reference::io::SaveDtype::F16,
+        _ => anyhow::bail!("--dtype {dtype}: expected f32, bf16 or f16"),
+    };
+    o.max_shard_bytes = reference::io::parse_size(max_shard_size)
+        .map_err(|e| anyhow::anyhow!("--max-shard-size: {e}"))?;
+    let files = trainer::convert::convert(model, out, &o)
+        .with_context(|| format!("converting {} to {}", model.display(), out.display()))?;
+    println!("{}: {}", out.display(), files.join(", "));
+    Ok(())
 }
 
 /// `vet-train quantize`.
@@ -273,6 +323,24 @@ fn run_cli(cli: Cli) -> Result<()> {
             dtype,
             force,
         } => quantize(&model, &out, &dtype, force)?,
+        Cmd::Convert {
+            model,
+            to,
+            out,
+            dtype,
+            max_shard_size,
+            tokenizer,
+            force,
+        } => {
+            let o = trainer::convert::ConvertOptions {
+                to,
+                dtype: reference::io::SaveDtype::F32,
+                max_shard_bytes: reference::io::DEFAULT_MAX_SHARD_BYTES,
+                tokenizer,
+                force,
+            };
+            convert(&model, &out, o, &dtype, &max_shard_size)?
+        }
         Cmd::Plot { run, out } => {
             let metrics = if run.is_dir() {
                 run.join("metrics.jsonl")
