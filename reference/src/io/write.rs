@@ -164,8 +164,14 @@ pub fn save_params_sharded<T: Float>(
     dtype: SaveDtype,
     max_shard_bytes: u64,
 ) -> Result<Vec<String>> {
-    let views = param_views(cfg, params, dtype)?;
+    let mut views = param_views(cfg, params, dtype)?;
+    // transformers splits in its state-dict order; ours differs inside a layer.
+    views.sort_by_key(|(name, _)| hf_state_dict_rank(name));
     let sizes: Vec<u64> = views.iter().map(|(_, v)| v.byte_len as u64).collect();
+    let numel: usize = views
+        .iter()
+        .map(|(_, v)| v.shape.iter().product::<usize>())
+        .sum();
     let plan = plan_shards(&sizes, max_shard_bytes.max(1));
     if plan.len() <= 1 {
         write_views(&dir.join(SAFETENSORS_FILE), views, &[])?;
@@ -192,7 +198,7 @@ pub fn save_params_sharded<T: Float>(
         written.push(file);
     }
     let index = serde_json::json!({
-        "metadata": {"total_size": sizes.iter().sum::<u64>()},
+        "metadata": {"total_parameters": numel, "total_size": sizes.iter().sum::<u64>()},
         "weight_map": weight_map,
     });
     let text = serde_json::to_string_pretty(&index).expect("a JSON value serialises");
@@ -200,6 +206,39 @@ pub fn save_params_sharded<T: Float>(
     crate::fs::atomic_write(&index_path, format!("{text}\n").as_bytes())?;
     written.push(SHARD_INDEX_FILE.to_string());
     Ok(written)
+}
+
+/// Where `name` comes in the state dict of transformers' `MambaForCausalLM` (the order its
+/// `save_pretrained` fills shards in): the embedding, each layer (its norm, then the mixer's
+/// own parameters `A_log`, `D`, then `conv1d`, `in_proj`, `x_proj`, `dt_proj`, `out_proj`),
+/// `norm_f`, the head.
+fn hf_state_dict_rank(name: &str) -> (u8, usize, usize) {
+    const LAYER: [&str; 13] = [
+        "norm.weight",
+        "norm.bias",
+        "mixer.A_log",
+        "mixer.D",
+        "mixer.conv1d.weight",
+        "mixer.conv1d.bias",
+        "mixer.in_proj.weight",
+        "mixer.in_proj.bias",
+        "mixer.x_proj.weight",
+        "mixer.dt_proj.weight",
+        "mixer.dt_proj.bias",
+        "mixer.out_proj.weight",
+        "mixer.out_proj.bias",
+    ];
+    if let Some(rest) = name.strip_prefix("backbone.layers.") {
+        let (i, what) = rest.split_once('.').unwrap_or((rest, ""));
+        let rank = LAYER.iter().position(|n| *n == what).unwrap_or(LAYER.len());
+        return (1, i.parse().unwrap_or(usize::MAX), rank);
+    }
+    match name {
+        "backbone.embeddings.weight" => (0, 0, 0),
+        "backbone.norm_f.weight" => (2, 0, 0),
+        "backbone.norm_f.bias" => (2, 0, 1),
+        _ => (3, 0, 0),
+    }
 }
 
 /// Lazy views of `params` under their canonical names, in `dtype`, checked against the config.
