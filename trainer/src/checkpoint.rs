@@ -84,6 +84,61 @@ pub fn load(dir: &Path) -> Result<Checkpoint> {
     })
 }
 
+/// Checks that `got` (a checkpoint's config) describes the model `want` (a run config's):
+/// the first key that differs is named, with both values.
+pub fn check_same_model(want: &MambaConfig, got: &MambaConfig) -> Result<()> {
+    let keys: [(&str, String, String); 14] = [
+        ("d_model", want.d_model.to_string(), got.d_model.to_string()),
+        ("n_layer", want.n_layer.to_string(), got.n_layer.to_string()),
+        (
+            "vocab_size",
+            want.vocab_size.to_string(),
+            got.vocab_size.to_string(),
+        ),
+        ("d_state", want.d_state.to_string(), got.d_state.to_string()),
+        ("d_conv", want.d_conv.to_string(), got.d_conv.to_string()),
+        ("expand", want.expand.to_string(), got.expand.to_string()),
+        ("d_inner", want.d_inner.to_string(), got.d_inner.to_string()),
+        ("dt_rank", want.dt_rank.to_string(), got.dt_rank.to_string()),
+        (
+            "norm",
+            format!("{:?}", want.norm),
+            format!("{:?}", got.norm),
+        ),
+        (
+            "norm_eps",
+            want.norm_eps.to_string(),
+            got.norm_eps.to_string(),
+        ),
+        (
+            "tie_embeddings",
+            want.tie_embeddings.to_string(),
+            got.tie_embeddings.to_string(),
+        ),
+        (
+            "use_bias",
+            want.use_bias.to_string(),
+            got.use_bias.to_string(),
+        ),
+        (
+            "conv_bias",
+            want.conv_bias.to_string(),
+            got.conv_bias.to_string(),
+        ),
+        (
+            "residual_in_fp32",
+            want.residual_in_fp32.to_string(),
+            got.residual_in_fp32.to_string(),
+        ),
+    ];
+    for (key, w, g) in keys {
+        if w != g {
+            bail!("config key `{key}` is {g} in the checkpoint but {w} in the run config");
+        }
+    }
+    Ok(())
+}
+
 /// Writes `config.json`, `model.safetensors` (f32) and a copy of `tokenizer` (when given) to
 /// `dir`, atomically (see [`save_dir_atomically`]).
 pub fn save(

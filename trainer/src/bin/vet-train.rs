@@ -56,6 +56,10 @@ struct RunArgs {
     /// Override optim.lr.
     #[arg(long)]
     lr: Option<f64>,
+    /// Override model.init_from: start from this checkpoint's weights (Hugging Face,
+    /// sharded, or mamba_ssm's pytorch_model.bin) with a fresh optimizer.
+    #[arg(long)]
+    init_from: Option<PathBuf>,
     /// Start afresh in an out_dir that holds another run's checkpoints, deleting them (and its
     /// metrics.jsonl); without it such a run is refused.
     #[arg(long, conflicts_with = "resume")]
@@ -242,6 +246,7 @@ fn run_job(a: RunArgs) -> Result<()> {
             ("--lr", a.lr.is_some()),
             ("--resume", a.resume),
             ("--deepspeed", a.deepspeed.is_some()),
+            ("--init-from", a.init_from.is_some()),
         ];
         let given: Vec<&str> = refused.iter().filter(|f| f.1).map(|f| f.0).collect();
         if !given.is_empty() {
@@ -277,6 +282,10 @@ fn run_job(a: RunArgs) -> Result<()> {
     }
     if let Some(lr) = a.lr {
         cfg.optim.lr = lr;
+    }
+    if let Some(dir) = a.init_from {
+        cfg.model.from = None;
+        cfg.model.init_from = Some(dir);
     }
     cfg.validate()?;
     let opts = RunOptions {
