@@ -183,3 +183,47 @@ fn vet_train_convert_and_every_loader_take_a_sharded_checkpoint() {
     ]);
     assert!(q.status.success(), "{}", String::from_utf8_lossy(&q.stderr));
 }
+
+#[test]
+fn a_checkpoint_without_a_tokenizer_says_so_and_takes_tokenizer() {
+    // mamba_ssm checkpoints ship no tokenizer.json.
+    let dir = fixtures::root().join("torch_bin/real/mamba_ssm/rms_tied_f32");
+    assert!(!dir.join("tokenizer.json").exists());
+    let ask = |extra: &[&str]| {
+        Command::new(CHAT)
+            .args(["--model", dir.to_str().unwrap(), "--device", "cpu"])
+            .args(["--question", "Is a cat a mammal?", "--greedy"])
+            .args(["--max-new-tokens", "4"])
+            .args(extra)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap()
+    };
+    let o = ask(&[]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{err}");
+    assert!(
+        err.contains("has no tokenizer.json") && err.contains("--tokenizer"),
+        "{err}"
+    );
+    let tok = fixtures::tiny_checkpoint().join("tokenizer.json");
+    let o = ask(&["--tokenizer", tok.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let g = Command::new(TRAIN)
+        .args([
+            "generate",
+            "--model",
+            dir.to_str().unwrap(),
+            "--prompt",
+            "The dog",
+        ])
+        .args([
+            "--max-new-tokens",
+            "3",
+            "--tokenizer",
+            tok.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(g.status.success(), "{}", String::from_utf8_lossy(&g.stderr));
+}

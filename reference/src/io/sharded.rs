@@ -247,7 +247,7 @@ pub fn parse_size(text: &str) -> std::result::Result<u64, String> {
         .unwrap_or((t, 1.0));
     let n: f64 = num.trim().parse().map_err(|_| bad())?;
     let bytes = n * mult;
-    if !(bytes.is_finite() && bytes >= 1.0 && bytes < 1.8e19) {
+    if !(1.0..1.8e19).contains(&bytes) {
         return Err(bad());
     }
     Ok(bytes as u64)

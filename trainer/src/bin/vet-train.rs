@@ -78,7 +78,8 @@ enum Cmd {
     },
     /// Dump logits, loss and every gradient for given tokens, to compare with other implementations.
     DebugState {
-        /// Checkpoint directory (config.json + model.safetensors).
+        /// Checkpoint directory (config.json + model.safetensors, a sharded
+        /// model.safetensors.index.json, or mamba_ssm's pytorch_model.bin).
         #[arg(long)]
         model: PathBuf,
         /// safetensors file holding `input_ids` (i64, [batch, seq_len]).
@@ -94,9 +95,13 @@ enum Cmd {
     /// Continue a prompt with a checkpoint (greedy unless --temperature is set).
     #[command(allow_negative_numbers = true)]
     Generate {
-        /// Checkpoint directory (config.json + model.safetensors + tokenizer.json).
+        /// Checkpoint directory (config.json + the weights in any layout + tokenizer.json).
         #[arg(long)]
         model: PathBuf,
+        /// A tokenizer.json to use instead of the checkpoint's own (mamba_ssm checkpoints
+        /// ship none).
+        #[arg(long)]
+        tokenizer: Option<PathBuf>,
         /// The text to continue.
         #[arg(long)]
         prompt: String,
@@ -118,7 +123,7 @@ enum Cmd {
     /// Face checkpoint, half the size) or `int8` (per-row scales, a quarter of the size; loads
     /// memory-mapped with `vet-chat --dtype int8`, not by transformers).
     Quantize {
-        /// Checkpoint directory (config.json + model.safetensors [+ tokenizer.json]).
+        /// Checkpoint directory (config.json + the weights in any layout [+ tokenizer.json]).
         #[arg(long)]
         model: PathBuf,
         /// New checkpoint directory (written atomically; tokenizer.json is copied). It must be
@@ -221,13 +226,21 @@ fn quantize(
         }
         Ok(())
     })?;
-    let bytes = |d: &std::path::Path| {
-        std::fs::metadata(d.join("model.safetensors"))
-            .map(|m| m.len())
-            .unwrap_or(0)
+    // The weights files (one, shards, or a pytorch_model.bin).
+    let bytes = |d: &std::path::Path| -> u64 {
+        std::fs::read_dir(d)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| {
+                let n = e.file_name().to_string_lossy().into_owned();
+                n.ends_with(".safetensors") || n.ends_with(".bin")
+            })
+            .filter_map(|e| e.metadata().ok().map(|m| m.len()))
+            .sum()
     };
     println!(
-        "{}: {} weights, model.safetensors {:.1} MB (was {:.1} MB)",
+        "{}: {} weights, {:.1} MB (was {:.1} MB)",
         out.display(),
         dt.name(),
         bytes(out) as f64 / 1e6,
@@ -387,6 +400,7 @@ fn run_cli(cli: Cli) -> Result<()> {
         }
         Cmd::Generate {
             model,
+            tokenizer: tok_file,
             prompt,
             max_new_tokens,
             temperature,
@@ -394,8 +408,9 @@ fn run_cli(cli: Cli) -> Result<()> {
             repetition_penalty,
             device,
         } => {
+            let tok_path = checkpoint::tokenizer_file(&model, tok_file.as_deref())?;
             let ck = checkpoint::load(&model)?;
-            let tok = tokenizer::load(&model.join("tokenizer.json"), ck.config.vocab_size)?;
+            let tok = tokenizer::load(&tok_path, ck.config.vocab_size)?;
             let ids = tokenizer::encode_text(&tok, &prompt)?;
             let stop = tok.token_to_id(tokenizer::EOT);
             let mut engine = device::engine(&device, &ck.config, ck.params)?;
@@ -412,7 +427,8 @@ fn run_cli(cli: Cli) -> Result<()> {
             let mut out = std::io::stdout();
             let mut pending: Vec<u32> = Vec::new();
             let started = std::time::Instant::now();
-            let new = generate::generate(engine.as_mut(), &ids, &s, |t| {
+            let sampleable = tok.get_vocab_size(true);
+            let new = generate::generate_within(engine.as_mut(), &ids, &s, sampleable, |t| {
                 // Byte-level tokens may split a UTF-8 character: print once it decodes whole.
                 pending.push(t);
                 if let Ok(text) = tokenizer::decode(&tok, &pending) {
