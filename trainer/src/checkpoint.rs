@@ -63,9 +63,11 @@ pub fn tokenizer_file(dir: &Path, explicit: Option<&Path>) -> Result<PathBuf> {
         return Ok(own);
     }
     bail!(
-        "checkpoint {} has no tokenizer.json (mamba_ssm checkpoints ship none; theirs is \
-         GPT-NeoX's): pass --tokenizer FILE with the tokenizer.json the model was trained with",
-        dir.display()
+        "checkpoint {}: {} is missing: the checkpoint has no tokenizer (mamba_ssm checkpoints \
+         ship none; theirs is GPT-NeoX's): pass --tokenizer FILE with the tokenizer.json the \
+         model was trained with",
+        dir.display(),
+        own.display()
     )
 }
 

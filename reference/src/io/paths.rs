@@ -72,8 +72,9 @@ pub fn checkpoint_layout(path: &Path) -> Result<Layout> {
         return Err(ckpt_err(
             path,
             format!(
-                "no weights: looked for {SAFETENSORS_FILE} (Hugging Face), {SHARD_INDEX_FILE} \
-                 (sharded Hugging Face) and {TORCH_FILE} (mamba_ssm){}",
+                "no weights: {} is missing (looked for {SAFETENSORS_FILE} (Hugging Face), \
+                 {SHARD_INDEX_FILE} (sharded Hugging Face) and {TORCH_FILE} (mamba_ssm)){}",
+                st.display(),
                 if sharded_bin {
                     "; sharded pytorch_model-*.bin checkpoints are not supported: convert them \
                      to safetensors"
