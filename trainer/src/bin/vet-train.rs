@@ -408,6 +408,7 @@ fn run_cli(cli: Cli) -> Result<()> {
             repetition_penalty,
             device,
         } => {
+            checkpoint::check_dir(&model)?;
             let tok_path = checkpoint::tokenizer_file(&model, tok_file.as_deref())?;
             let ck = checkpoint::load(&model)?;
             let tok = tokenizer::load(&tok_path, ck.config.vocab_size)?;
