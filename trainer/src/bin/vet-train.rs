@@ -249,6 +249,28 @@ fn quantize(
     Ok(())
 }
 
+/// `vet-train debug-state`.
+fn debug_state_cmd(
+    model: &std::path::Path,
+    tokens: &std::path::Path,
+    out: &std::path::Path,
+    device: &str,
+) -> Result<()> {
+    let ck = checkpoint::load(model)?;
+    let mut engine = device::engine(device, &ck.config, ck.params)?;
+    let s = debug_state::run(engine.as_mut(), tokens, out)?;
+    println!(
+        "debug-state: {} on [{}, {}] tokens: loss {:.6}; wrote {} tensors to {}",
+        engine.name(),
+        s.batch,
+        s.seq_len,
+        s.loss,
+        s.tensors,
+        out.display()
+    );
+    Ok(())
+}
+
 fn run_job(a: RunArgs) -> Result<()> {
     let Some(path) = a.config else {
         // No config: the bundled quickstart (prepare, pretrain, fine-tune, evaluate, answer).
@@ -384,20 +406,7 @@ fn run_cli(cli: Cli) -> Result<()> {
             tokens,
             out,
             device,
-        } => {
-            let ck = checkpoint::load(&model)?;
-            let mut engine = device::engine(&device, &ck.config, ck.params)?;
-            let s = debug_state::run(engine.as_mut(), &tokens, &out)?;
-            println!(
-                "debug-state: {} on [{}, {}] tokens: loss {:.6}; wrote {} tensors to {}",
-                engine.name(),
-                s.batch,
-                s.seq_len,
-                s.loss,
-                s.tensors,
-                out.display()
-            );
-        }
+        } => debug_state_cmd(&model, &tokens, &out, &device)?,
         Cmd::Generate {
             model,
             tokenizer: tok_file,
