@@ -49,9 +49,9 @@ fn map_file(path: &Path) -> reference::Result<Arc<Mmap>> {
     ))
 }
 
-/// Opens `dir/model.safetensors` (checked against `cfg` like `reference::io::load_params`)
-/// and builds the weights in `dtype`. An int8 or int4 checkpoint written by [`save_quantized`]
-/// is mapped as it is (it needs that `dtype`).
+/// Opens `dir/model.safetensors` or its shards (checked against `cfg` like
+/// `reference::io::load_params`) and builds the weights in `dtype`. An int8 or int4
+/// checkpoint written by [`save_quantized`] is mapped as it is (it needs that `dtype`).
 pub fn load_weights(
     dir: &Path,
     cfg: &MambaConfig,
@@ -76,25 +76,30 @@ pub fn load_weights(
         }
         None => {}
     }
-    let (path, locs) = locate_params(dir, cfg)?;
-    let map = map_file(&path)?;
+    let (_, locs) = locate_params(dir, cfg)?;
+    // One map per file: a sharded checkpoint's tensors lie in several.
+    let mut maps: HashMap<&Path, Arc<Mmap>> = HashMap::new();
+    for l in &locs {
+        if !maps.contains_key(l.file.as_path()) {
+            maps.insert(&l.file, map_file(&l.file)?);
+        }
+    }
     Ok(assemble(
         cfg,
         dtype,
         &locs,
-        |l| f32s(&map, l),
-        |l| mat(&map, l, dtype),
+        |l| f32s(&maps[l.file.as_path()], l),
+        |l| mat(&maps[l.file.as_path()], l, dtype),
     ))
 }
 
-/// Whether `dir` (or the file `dir`) holds a torch `pytorch_model.bin` and no
-/// `model.safetensors`.
+/// Whether `dir` (or the file `dir`) holds its weights in a torch `pytorch_model.bin` (the
+/// layout [`reference::io::checkpoint_layout`] decides).
 fn is_torch_checkpoint(dir: &Path) -> bool {
-    if dir.is_dir() {
-        !dir.join("model.safetensors").exists() && dir.join("pytorch_model.bin").is_file()
-    } else {
-        reference::io::is_torch_file(dir)
-    }
+    matches!(
+        reference::io::checkpoint_layout(dir),
+        Ok(reference::io::Layout::Torch(_))
+    )
 }
 
 /// Builds the weights from locations in canonical parameter order.

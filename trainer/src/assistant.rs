@@ -38,8 +38,8 @@ pub use crate::chat::{Answer, StopReason};
 /// What went wrong, for callers to match on.
 #[derive(Debug, thiserror::Error)]
 pub enum AssistantError {
-    /// The directory or one of its files (config.json, model.safetensors, tokenizer.json)
-    /// does not exist.
+    /// The directory or one of its files (config.json, the weights, the tokenizer) does not
+    /// exist.
     #[error("model not found: {path}: {msg}")]
     ModelNotFound { path: PathBuf, msg: String },
     /// The checkpoint exists but cannot be read (bad config, truncated or wrong tensors).
@@ -73,6 +73,9 @@ pub struct AssistantOptions {
     pub sampling: Sampling,
     /// The answer is cut before the first of these.
     pub stop_strings: Vec<String>,
+    /// A tokenizer.json to use instead of the checkpoint's own (mamba_ssm checkpoints ship
+    /// none).
+    pub tokenizer: Option<PathBuf>,
 }
 
 impl Default for AssistantOptions {
@@ -83,6 +86,7 @@ impl Default for AssistantOptions {
             dtype: WeightDtype::F32,
             sampling: Sampling::default(),
             stop_strings: Vec::new(),
+            tokenizer: None,
         }
     }
 }
@@ -110,23 +114,21 @@ fn generation(e: anyhow::Error) -> AssistantError {
 }
 
 impl Assistant {
-    /// Loads the checkpoint directory `dir` (config.json, model.safetensors, tokenizer.json).
+    /// Loads the checkpoint directory `dir`: config.json, the weights in any layout
+    /// ([`crate::checkpoint::check_dir`]), and tokenizer.json or `opts.tokenizer`.
     pub fn load(dir: &Path, opts: AssistantOptions) -> Result<Assistant, AssistantError> {
-        for f in ["config.json", "model.safetensors", "tokenizer.json"] {
-            let path = dir.join(f);
-            if !path.is_file() {
-                return Err(AssistantError::ModelNotFound {
-                    path: dir.to_path_buf(),
-                    msg: format!("{} is missing", path.display()),
-                });
-            }
-        }
+        let not_found = |e: anyhow::Error| AssistantError::ModelNotFound {
+            path: dir.to_path_buf(),
+            msg: format!("{e:#}"),
+        };
+        crate::checkpoint::check_dir(dir).map_err(not_found)?;
+        let tok_path =
+            crate::checkpoint::tokenizer_file(dir, opts.tokenizer.as_deref()).map_err(not_found)?;
         let bad = |msg: String| AssistantError::BadCheckpoint {
             path: dir.to_path_buf(),
             msg,
         };
         let cfg = MambaConfig::load(&dir.join("config.json")).map_err(|e| bad(e.to_string()))?;
-        let tok_path = dir.join("tokenizer.json");
         let tok =
             tokenizer::load(&tok_path, cfg.vocab_size).map_err(|e| AssistantError::Tokenizer {
                 path: tok_path.clone(),

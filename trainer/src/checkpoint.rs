@@ -1,5 +1,7 @@
 //! Checkpoint directories: `config.json` + `model.safetensors` + `tokenizer.json`, the layout
-//! `transformers.MambaForCausalLM.from_pretrained` reads.
+//! `transformers.MambaForCausalLM.from_pretrained` reads. Loading also takes a sharded
+//! `model.safetensors.index.json` and mamba_ssm's `pytorch_model.bin`
+//! ([`reference::io::checkpoint_layout`] decides which).
 //!
 //! A directory is written beside its destination under a temporary name, every file fsync'd,
 //! then renamed into place, so a crash never leaves a half-written checkpoint.
@@ -8,7 +10,10 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use reference::io::{load_params, save_params, SaveDtype};
+use reference::io::{
+    checkpoint_layout, is_shard_name, load_params, save_params_sharded, Layout, SaveDtype,
+    DEFAULT_MAX_SHARD_BYTES,
+};
 use reference::{MambaConfig, Params};
 
 /// A model read from a checkpoint directory.
@@ -18,18 +23,58 @@ pub struct Checkpoint {
     pub params: Params<f32>,
 }
 
-/// Reads `dir/config.json` and `dir/model.safetensors` (or, when that is absent, mamba_ssm's
-/// `dir/pytorch_model.bin`).
-pub fn load(dir: &Path) -> Result<Checkpoint> {
+/// Checks that `dir` is a checkpoint directory with a `config.json` and weights in one of the
+/// layouts [`checkpoint_layout`] knows; the error names what is missing and what was looked
+/// for.
+pub fn check_dir(dir: &Path) -> Result<Layout> {
     if dir.is_file() {
         bail!(
-            "checkpoint {}: is a file; expected a checkpoint directory (config.json, model.safetensors, tokenizer.json)",
+            "checkpoint {}: is a file; expected a checkpoint directory (config.json and \
+             model.safetensors, model.safetensors.index.json or pytorch_model.bin)",
             dir.display()
         );
     }
     if !dir.is_dir() {
         bail!("checkpoint {}: no such directory", dir.display());
     }
+    let config = dir.join("config.json");
+    if !config.is_file() {
+        bail!(
+            "checkpoint {}: {} is missing (a checkpoint directory holds config.json and the weights)",
+            dir.display(),
+            config.display()
+        );
+    }
+    Ok(checkpoint_layout(dir)?)
+}
+
+/// The tokenizer for the checkpoint `dir`: `explicit` (`--tokenizer FILE`) when given, else
+/// `dir/tokenizer.json`. Neither is an error saying that the checkpoint ships no tokenizer
+/// (mamba_ssm checkpoints do not: they use GPT-NeoX's) and suggesting `--tokenizer`.
+pub fn tokenizer_file(dir: &Path, explicit: Option<&Path>) -> Result<PathBuf> {
+    if let Some(t) = explicit {
+        if !t.is_file() {
+            bail!("--tokenizer {}: no such file", t.display());
+        }
+        return Ok(t.to_path_buf());
+    }
+    let own = dir.join("tokenizer.json");
+    if own.is_file() {
+        return Ok(own);
+    }
+    bail!(
+        "checkpoint {}: {} is missing: the checkpoint has no tokenizer (mamba_ssm checkpoints \
+         ship none; theirs is GPT-NeoX's): pass --tokenizer FILE with the tokenizer.json the \
+         model was trained with",
+        dir.display(),
+        own.display()
+    )
+}
+
+/// Reads `dir/config.json` and the weights in any layout [`checkpoint_layout`] accepts
+/// (`model.safetensors`, sharded, or mamba_ssm's `pytorch_model.bin`).
+pub fn load(dir: &Path) -> Result<Checkpoint> {
+    check_dir(dir).with_context(|| format!("loading checkpoint {}", dir.display()))?;
     let config = MambaConfig::load(&dir.join("config.json"))
         .with_context(|| format!("loading checkpoint {}", dir.display()))?;
     let params = load_params(dir, &config)
@@ -39,6 +84,61 @@ pub fn load(dir: &Path) -> Result<Checkpoint> {
         config,
         params,
     })
+}
+
+/// Checks that `got` (a checkpoint's config) describes the model `want` (a run config's):
+/// the first key that differs is named, with both values.
+pub fn check_same_model(want: &MambaConfig, got: &MambaConfig) -> Result<()> {
+    let keys: [(&str, String, String); 14] = [
+        ("d_model", want.d_model.to_string(), got.d_model.to_string()),
+        ("n_layer", want.n_layer.to_string(), got.n_layer.to_string()),
+        (
+            "vocab_size",
+            want.vocab_size.to_string(),
+            got.vocab_size.to_string(),
+        ),
+        ("d_state", want.d_state.to_string(), got.d_state.to_string()),
+        ("d_conv", want.d_conv.to_string(), got.d_conv.to_string()),
+        ("expand", want.expand.to_string(), got.expand.to_string()),
+        ("d_inner", want.d_inner.to_string(), got.d_inner.to_string()),
+        ("dt_rank", want.dt_rank.to_string(), got.dt_rank.to_string()),
+        (
+            "norm",
+            format!("{:?}", want.norm),
+            format!("{:?}", got.norm),
+        ),
+        (
+            "norm_eps",
+            want.norm_eps.to_string(),
+            got.norm_eps.to_string(),
+        ),
+        (
+            "tie_embeddings",
+            want.tie_embeddings.to_string(),
+            got.tie_embeddings.to_string(),
+        ),
+        (
+            "use_bias",
+            want.use_bias.to_string(),
+            got.use_bias.to_string(),
+        ),
+        (
+            "conv_bias",
+            want.conv_bias.to_string(),
+            got.conv_bias.to_string(),
+        ),
+        (
+            "residual_in_fp32",
+            want.residual_in_fp32.to_string(),
+            got.residual_in_fp32.to_string(),
+        ),
+    ];
+    for (key, w, g) in keys {
+        if w != g {
+            bail!("config key `{key}` is {g} in the checkpoint but {w} in the run config");
+        }
+    }
+    Ok(())
 }
 
 /// Writes `config.json`, `model.safetensors` (f32) and a copy of `tokenizer` (when given) to
@@ -59,8 +159,28 @@ pub fn write_model_files(
     params: &Params<f32>,
     tokenizer: Option<&Path>,
 ) -> Result<()> {
+    write_model_files_as(
+        dir,
+        cfg,
+        params,
+        tokenizer,
+        SaveDtype::F32,
+        DEFAULT_MAX_SHARD_BYTES,
+    )
+}
+
+/// [`write_model_files`] in `dtype`, split into shards above `max_shard_bytes` as
+/// transformers' `save_pretrained(max_shard_size=...)` splits them.
+pub fn write_model_files_as(
+    dir: &Path,
+    cfg: &MambaConfig,
+    params: &Params<f32>,
+    tokenizer: Option<&Path>,
+    dtype: SaveDtype,
+    max_shard_bytes: u64,
+) -> Result<()> {
     cfg.save(&dir.join("config.json"))?;
-    save_params(&dir.join("model.safetensors"), cfg, params, SaveDtype::F32)?;
+    save_params_sharded(dir, cfg, params, dtype, max_shard_bytes)?;
     if let Some(tok) = tokenizer {
         let bytes = fs::read(tok).with_context(|| format!("reading {}", tok.display()))?;
         reference::fs::atomic_write(&dir.join("tokenizer.json"), &bytes)?;
@@ -120,10 +240,13 @@ pub fn save_dir_atomically(dir: &Path, write: impl FnOnce(&Path) -> Result<()>) 
 }
 
 /// The files a checkpoint directory may hold: the Hugging Face model files and the training
-/// state. A folder holding anything else is not one, and no tool here deletes it.
+/// state, and the shards of a sharded checkpoint ([`is_checkpoint_file`]). A folder holding
+/// anything else is not one, and no tool here deletes it.
 pub const CHECKPOINT_FILES: &[&str] = &[
     "config.json",
     "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
     "tokenizer.json",
     "tokenizer_config.json",
     "special_tokens_map.json",
@@ -132,12 +255,25 @@ pub const CHECKPOINT_FILES: &[&str] = &[
     "trainer_state.json",
 ];
 
+/// Whether a file of this name belongs in a checkpoint directory: [`CHECKPOINT_FILES`] or a
+/// `model-0000K-of-0000N.safetensors` shard.
+pub fn is_checkpoint_file(name: &str) -> bool {
+    CHECKPOINT_FILES.contains(&name) || is_shard_name(name)
+}
+
 /// Removes a checkpoint directory's files ([`CHECKPOINT_FILES`]) and then the directory; fails,
 /// naming them, when it holds anything else, which it leaves alone.
 fn remove_checkpoint_dir(dir: &Path) -> Result<()> {
-    for name in CHECKPOINT_FILES {
-        let f = dir.join(name);
-        if f.is_file() {
+    for e in fs::read_dir(dir).with_context(|| format!("listing {}", dir.display()))? {
+        let f = e
+            .with_context(|| format!("listing {}", dir.display()))?
+            .path();
+        let name = f
+            .file_name()
+            .unwrap_or_default()
+            .to_string_lossy()
+            .into_owned();
+        if is_checkpoint_file(&name) && f.is_file() {
             fs::remove_file(&f).with_context(|| format!("removing {}", f.display()))?;
         }
     }
@@ -160,7 +296,7 @@ fn foreign_files(dir: &Path) -> Result<Vec<String>> {
     for e in fs::read_dir(dir).with_context(|| format!("listing {}", dir.display()))? {
         let e = e.with_context(|| format!("listing {}", dir.display()))?;
         let name = e.file_name().to_string_lossy().into_owned();
-        let known = CHECKPOINT_FILES.contains(&name.as_str()) && e.path().is_file();
+        let known = is_checkpoint_file(&name) && e.path().is_file();
         if known {
             continue;
         }

@@ -116,6 +116,9 @@ pub struct Sampler {
     /// `seen[t]`: token `t` is in the penalty context; `seen_ids` lists those tokens once each.
     seen: Vec<bool>,
     seen_ids: Vec<u32>,
+    /// Ids at or above this are never drawn: the rows mamba_ssm pads the vocabulary with
+    /// beyond the tokenizer's (50,277 -> 50,280) ([`Sampler::limit_to`]).
+    sampleable: usize,
     /// Candidate token ids, most likely first once filtered.
     idx: Vec<u32>,
     /// Unnormalised probabilities of `idx`.
@@ -134,6 +137,7 @@ impl Sampler {
             rng: Rng::new(s.seed),
             seen: vec![false; vocab],
             seen_ids: Vec::with_capacity(vocab),
+            sampleable: vocab,
             idx: Vec::with_capacity(vocab),
             weights: Vec::with_capacity(vocab),
         })
@@ -141,6 +145,12 @@ impl Sampler {
 
     pub fn sampling(&self) -> &Sampling {
         &self.s
+    }
+
+    /// Never draws ids `>= n` (the tokenizer's size when the model's vocabulary is padded
+    /// beyond it): their logits are set to -inf before each draw.
+    pub fn limit_to(&mut self, n: usize) {
+        self.sampleable = n.clamp(1, self.vocab);
     }
 
     /// Restarts the random stream from `seed`.
@@ -176,6 +186,7 @@ impl Sampler {
                 self.vocab
             );
         }
+        logits[self.sampleable..].fill(f32::NEG_INFINITY);
         if self.s.repetition_penalty != 1.0 {
             for &t in &self.seen_ids {
                 logits[t as usize] = penalized(logits[t as usize], self.s.repetition_penalty);
@@ -354,12 +365,26 @@ pub fn generate(
     engine: &mut dyn InferenceEngine,
     prompt: &[u32],
     s: &Sampling,
+    on_token: impl FnMut(u32),
+) -> Result<Vec<u32>> {
+    let vocab = engine.config().vocab_size;
+    generate_within(engine, prompt, s, vocab, on_token)
+}
+
+/// [`generate`] drawing only ids below `sampleable` (the tokenizer's size: a vocabulary
+/// mamba_ssm padded has rows no token stands for).
+pub fn generate_within(
+    engine: &mut dyn InferenceEngine,
+    prompt: &[u32],
+    s: &Sampling,
+    sampleable: usize,
     mut on_token: impl FnMut(u32),
 ) -> Result<Vec<u32>> {
     if prompt.is_empty() {
         bail!("the prompt is empty: give at least one token");
     }
     let mut g = Generator::new(s, engine.config().vocab_size)?;
+    g.sampler.limit_to(sampleable);
     let mut state = DecodeState::zeros(engine, 1)?;
     g.prefill(engine, prompt, &mut state)?;
     g.sampler.observe(prompt);
@@ -402,6 +427,25 @@ mod tests {
         let mut same = vec![2.0, -1.0];
         penalize(&mut same, &[0, 1], 1.0);
         assert_eq!(same, vec![2.0, -1.0]);
+    }
+
+    #[test]
+    fn padding_ids_past_the_tokenizer_are_never_drawn() {
+        // The padded rows hold the largest logits: they would win every draw.
+        let logits = vec![0.5f32, 1.0, 0.2, 9.0, 8.0];
+        for s in [
+            sampling(0.0, 0, 1.0),
+            sampling(1.0, 0, 1.0),
+            sampling(2.0, 3, 0.9),
+        ] {
+            let mut sampler = Sampler::new(&s, 5).unwrap();
+            sampler.limit_to(3);
+            for seed in 0..50 {
+                sampler.reseed(seed);
+                let t = sampler.sample(&mut logits.clone()).unwrap();
+                assert!(t < 3, "drew padding id {t}");
+            }
+        }
     }
 
     #[test]

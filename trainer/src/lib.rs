@@ -7,6 +7,7 @@ pub mod assistant;
 pub mod chat;
 pub mod checkpoint;
 pub mod cli;
+pub mod convert;
 pub mod data;
 pub mod debug_state;
 pub mod device;

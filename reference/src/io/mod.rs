@@ -21,12 +21,21 @@ use crate::float::Float;
 use crate::io_limits::{self, capped_list, check_fits};
 use crate::params::{param_specs, Params};
 use crate::tensor::Tensor;
-use paths::{ckpt_err, model_file};
-pub use write::{save_params, write_tensors, write_tensors_with_metadata, SaveDtype, TensorOut};
+use paths::ckpt_err;
+pub use paths::{checkpoint_layout, Layout, SAFETENSORS_FILE, SHARD_INDEX_FILE, TORCH_FILE};
+use sharded::StFiles;
+pub use sharded::{is_shard_name, parse_size, DEFAULT_MAX_SHARD_BYTES};
+pub use torch_write::save_params_torch;
+pub use write::{
+    save_params, save_params_sharded, write_tensors, write_tensors_with_metadata, SaveDtype,
+    TensorOut,
+};
 
 mod paths;
+mod sharded;
 mod torch;
 pub mod torch_pickle;
+mod torch_write;
 mod write;
 
 pub use torch::is_torch_file;
@@ -343,33 +352,41 @@ fn check_against_specs(
     }
 }
 
-/// Loads the parameters of `cfg` from a safetensors file (or `path/model.safetensors` when
-/// `path` is a directory), converting to `T`. A torch `pytorch_model.bin` (the file, or a
-/// directory holding it and no `model.safetensors`) is read by [`torch`] and goes through the
-/// same name and shape checks. Accepts mamba_ssm's `backbone.embedding.weight`;
-/// ignores `lm_head.weight` when the config ties it to the embedding. Missing, unexpected and
-/// wrongly shaped tensors are reported together in one error.
+/// Loads the parameters of `cfg` from a checkpoint, converting to `T`. `path` is a directory
+/// (its layout decided by [`checkpoint_layout`]: `model.safetensors`, a sharded
+/// `model.safetensors.index.json`, or mamba_ssm's `pytorch_model.bin`) or one such file. A
+/// torch zip is read by [`torch`] and goes through the same name and shape checks. Accepts
+/// mamba_ssm's `backbone.embedding.weight`; ignores `lm_head.weight` when the config ties it to
+/// the embedding. Missing, unexpected and wrongly shaped tensors are reported together in one
+/// error.
 pub fn load_params<T: Float>(path: &Path, cfg: &MambaConfig) -> Result<Params<T>> {
     cfg.validate()?;
-    let path = model_file(path);
-    if is_torch_file(&path) {
-        return load_torch_params(&path, cfg);
-    }
-    let mut h = Header::open(&path)?;
-    let names = canonical_names(&path, h.entries.iter().map(|(n, _)| n.as_str()), cfg)?;
-    check_fits(&path, cfg, h.data_len()?, 2)?;
+    let mut files = match checkpoint_layout(path)? {
+        Layout::Torch(p) => return load_torch_params(&p, cfg),
+        Layout::Safetensors(p) => StFiles::single(&p)?,
+        Layout::Sharded(p) => StFiles::sharded(&p)?,
+    };
+    let names = checked_names(&files, cfg)?;
     let specs = param_specs(cfg);
-    check_against_specs(&path, &names, &specs, |n| {
-        h.info(n).map(|i| (i.dtype, i.shape.clone()))
-    })?;
     let mut tensors = Vec::with_capacity(specs.len());
     for (name, _) in &specs {
-        let missing = || ckpt_err(&path, format!("tensor `{name}` is missing"));
-        let file_name = names.get(name).ok_or_else(missing)?;
-        let info = h.info(file_name).cloned().ok_or_else(missing)?;
-        tensors.push(h.read_float::<T>(file_name, &info)?);
+        let file_name = names
+            .get(name)
+            .ok_or_else(|| ckpt_err(&files.path, format!("tensor `{name}` is missing")))?;
+        tensors.push(files.read_float::<T>(file_name)?);
     }
     Ok(Params::from_ordered(cfg, tensors))
+}
+
+/// The canonical -> file name map of `files`, after checking size, names, shapes and dtypes
+/// against `cfg`.
+fn checked_names(files: &StFiles, cfg: &MambaConfig) -> Result<HashMap<String, String>> {
+    let names = canonical_names(&files.path, files.order.iter().map(String::as_str), cfg)?;
+    check_fits(&files.path, cfg, files.data_len()?, 2)?;
+    check_against_specs(&files.path, &names, &param_specs(cfg), |n| {
+        files.info(n).map(|i| (i.dtype, i.shape.clone()))
+    })?;
+    Ok(names)
 }
 
 /// [`load_params`] for a `torch.save` zip: the tensors are read as f32 first.
@@ -402,62 +419,83 @@ pub struct TensorLocation {
     pub name: String,
     pub dtype: Dtype,
     pub shape: Vec<usize>,
-    /// Absolute byte offset of the little-endian data in the file.
+    /// The file holding it (one shard of a sharded checkpoint).
+    pub file: PathBuf,
+    /// Absolute byte offset of the little-endian data in `file`.
     pub offset: u64,
     /// Byte length.
     pub len: usize,
 }
 
-/// Checks a checkpoint (file, or directory holding `model.safetensors`) against `cfg` exactly
-/// as [`load_params`] does, without reading the tensor data, and returns the file and where
-/// every parameter lies in it, in canonical order. For readers that memory-map the file.
+/// Checks a safetensors checkpoint (file, directory with `model.safetensors`, or a sharded
+/// one) against `cfg` exactly as [`load_params`] does, without reading the tensor data, and
+/// returns the weights file (the index when sharded) and where every parameter lies, in
+/// canonical order. For readers that memory-map the files. A torch checkpoint is an error
+/// (it cannot be mapped; use [`load_params`]).
 pub fn locate_params(path: &Path, cfg: &MambaConfig) -> Result<(PathBuf, Vec<TensorLocation>)> {
     cfg.validate()?;
-    let path = model_file(path);
-    let h = Header::open(&path)?;
-    let names = canonical_names(&path, h.entries.iter().map(|(n, _)| n.as_str()), cfg)?;
-    check_fits(&path, cfg, h.data_len()?, 2)?;
+    let files = match checkpoint_layout(path)? {
+        Layout::Torch(p) => {
+            return Err(ckpt_err(
+                &p,
+                "a torch.save file cannot be memory-mapped: load it with load_params",
+            ))
+        }
+        Layout::Safetensors(p) => StFiles::single(&p)?,
+        Layout::Sharded(p) => StFiles::sharded(&p)?,
+    };
+    let names = checked_names(&files, cfg)?;
     let specs = param_specs(cfg);
-    check_against_specs(&path, &names, &specs, |n| {
-        h.info(n).map(|i| (i.dtype, i.shape.clone()))
-    })?;
     let mut out = Vec::with_capacity(specs.len());
     for (name, _) in &specs {
-        let missing = || ckpt_err(&path, format!("tensor `{name}` is missing"));
+        let missing = || ckpt_err(&files.path, format!("tensor `{name}` is missing"));
         let file_name = names.get(name).ok_or_else(missing)?;
-        let info = h.info(file_name).ok_or_else(missing)?;
-        let (start, end) = info.data_offsets;
+        let info = files.info(file_name).ok_or_else(missing)?;
+        let (file, offset) = files.location(file_name).ok_or_else(missing)?;
         out.push(TensorLocation {
             name: name.clone(),
             dtype: info.dtype,
             shape: info.shape.clone(),
-            offset: h.data_start + start as u64,
-            len: end - start,
+            file: file.to_path_buf(),
+            offset,
+            len: info.data_offsets.1 - info.data_offsets.0,
         });
     }
-    Ok((path, out))
+    Ok((files.path.clone(), out))
 }
 
 /// Every tensor of a safetensors file (or `path/model.safetensors`) with where its bytes lie,
 /// in file order, plus the header's metadata strings. The header is checked against the file
-/// size; names, dtypes and shapes are the caller's to check.
+/// size; names, dtypes and shapes are the caller's to check. A sharded checkpoint gives every
+/// shard's tensors and the first shard's metadata.
 pub fn list_tensors(
     path: &Path,
 ) -> Result<(PathBuf, HashMap<String, String>, Vec<TensorLocation>)> {
-    let path = model_file(path);
-    let h = Header::open(&path)?;
-    let locs = h
-        .entries
+    let files = match checkpoint_layout(path)? {
+        Layout::Torch(p) => {
+            return Err(ckpt_err(&p, "a torch.save file has no safetensors header"))
+        }
+        Layout::Safetensors(p) => StFiles::single(&p)?,
+        Layout::Sharded(p) => StFiles::sharded(&p)?,
+    };
+    let locs = files
+        .order
         .iter()
-        .map(|(name, info)| TensorLocation {
-            name: name.clone(),
-            dtype: info.dtype,
-            shape: info.shape.clone(),
-            offset: h.data_start + info.data_offsets.0 as u64,
-            len: info.data_offsets.1 - info.data_offsets.0,
+        .filter_map(|name| {
+            let info = files.info(name)?;
+            let (file, offset) = files.location(name)?;
+            Some(TensorLocation {
+                name: name.clone(),
+                dtype: info.dtype,
+                shape: info.shape.clone(),
+                file: file.to_path_buf(),
+                offset,
+                len: info.data_offsets.1 - info.data_offsets.0,
+            })
         })
         .collect();
-    Ok((path, h.metadata, locs))
+    let meta = files.headers[0].metadata.clone();
+    Ok((files.path, meta, locs))
 }
 
 /// Converts the little-endian bytes of an F32, F64, BF16 or F16 tensor to f32 (other dtypes

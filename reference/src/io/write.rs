@@ -8,7 +8,8 @@ use std::path::Path;
 use half::{bf16, f16};
 use safetensors::{Dtype, View};
 
-use super::paths::{ckpt_err, safetensors_file};
+use super::paths::{ckpt_err, safetensors_file, SAFETENSORS_FILE, SHARD_INDEX_FILE};
+use super::sharded::{plan_shards, shard_name};
 use crate::config::MambaConfig;
 use crate::error::{Error, Result};
 use crate::float::Float;
@@ -149,6 +150,103 @@ pub fn save_params<T: Float>(
     dtype: SaveDtype,
 ) -> Result<()> {
     let path = safetensors_file(path);
+    write_views(&path, param_views(cfg, params, dtype)?, &[])
+}
+
+/// Saves `params` into the directory `dir` as transformers' `save_pretrained(max_shard_size=
+/// max_shard_bytes)` would: `model.safetensors` when it fits in one shard, else
+/// `model-0000K-of-0000N.safetensors` files and `model.safetensors.index.json`
+/// (`metadata.total_size`, `weight_map`). Returns the names of the files written.
+pub fn save_params_sharded<T: Float>(
+    dir: &Path,
+    cfg: &MambaConfig,
+    params: &Params<T>,
+    dtype: SaveDtype,
+    max_shard_bytes: u64,
+) -> Result<Vec<String>> {
+    let mut views = param_views(cfg, params, dtype)?;
+    // transformers splits in its state-dict order; ours differs inside a layer.
+    views.sort_by_key(|(name, _)| hf_state_dict_rank(name));
+    let sizes: Vec<u64> = views.iter().map(|(_, v)| v.byte_len as u64).collect();
+    let numel: usize = views
+        .iter()
+        .map(|(_, v)| v.shape.iter().product::<usize>())
+        .sum();
+    let plan = plan_shards(&sizes, max_shard_bytes.max(1));
+    if plan.len() <= 1 {
+        write_views(&dir.join(SAFETENSORS_FILE), views, &[])?;
+        return Ok(vec![SAFETENSORS_FILE.to_string()]);
+    }
+    let mut shard_of = vec![0usize; views.len()];
+    for (k, idx) in plan.iter().enumerate() {
+        for &i in idx {
+            shard_of[i] = k;
+        }
+    }
+    let n = plan.len();
+    let mut groups: Vec<Vec<(String, LazyView<'_>)>> = (0..n).map(|_| Vec::new()).collect();
+    let mut weight_map = serde_json::Map::new();
+    for (i, (name, view)) in views.into_iter().enumerate() {
+        let k = shard_of[i];
+        weight_map.insert(name.clone(), shard_name(k + 1, n).into());
+        groups[k].push((name, view));
+    }
+    let mut written = Vec::with_capacity(n + 1);
+    for (k, group) in groups.into_iter().enumerate() {
+        let file = shard_name(k + 1, n);
+        write_views(&dir.join(&file), group, &[])?;
+        written.push(file);
+    }
+    let index = serde_json::json!({
+        "metadata": {"total_parameters": numel, "total_size": sizes.iter().sum::<u64>()},
+        "weight_map": weight_map,
+    });
+    let text = serde_json::to_string_pretty(&index).expect("a JSON value serialises");
+    let index_path = dir.join(SHARD_INDEX_FILE);
+    crate::fs::atomic_write(&index_path, format!("{text}\n").as_bytes())?;
+    written.push(SHARD_INDEX_FILE.to_string());
+    Ok(written)
+}
+
+/// Where `name` comes in the state dict of transformers' `MambaForCausalLM` (the order its
+/// `save_pretrained` fills shards in): the embedding, each layer (its norm, then the mixer's
+/// own parameters `A_log`, `D`, then `conv1d`, `in_proj`, `x_proj`, `dt_proj`, `out_proj`),
+/// `norm_f`, the head.
+fn hf_state_dict_rank(name: &str) -> (u8, usize, usize) {
+    const LAYER: [&str; 13] = [
+        "norm.weight",
+        "norm.bias",
+        "mixer.A_log",
+        "mixer.D",
+        "mixer.conv1d.weight",
+        "mixer.conv1d.bias",
+        "mixer.in_proj.weight",
+        "mixer.in_proj.bias",
+        "mixer.x_proj.weight",
+        "mixer.dt_proj.weight",
+        "mixer.dt_proj.bias",
+        "mixer.out_proj.weight",
+        "mixer.out_proj.bias",
+    ];
+    if let Some(rest) = name.strip_prefix("backbone.layers.") {
+        let (i, what) = rest.split_once('.').unwrap_or((rest, ""));
+        let rank = LAYER.iter().position(|n| *n == what).unwrap_or(LAYER.len());
+        return (1, i.parse().unwrap_or(usize::MAX), rank);
+    }
+    match name {
+        "backbone.embeddings.weight" => (0, 0, 0),
+        "backbone.norm_f.weight" => (2, 0, 0),
+        "backbone.norm_f.bias" => (2, 0, 1),
+        _ => (3, 0, 0),
+    }
+}
+
+/// Lazy views of `params` under their canonical names, in `dtype`, checked against the config.
+fn param_views<'a, T: Float>(
+    cfg: &MambaConfig,
+    params: &'a Params<T>,
+    dtype: SaveDtype,
+) -> Result<Vec<(String, LazyView<'a>)>> {
     let specs = param_specs(cfg);
     let tensors = params.tensors();
     if specs.len() != tensors.len() {
@@ -174,7 +272,7 @@ pub fn save_params<T: Float>(
             });
         }
         let data = &t.data;
-        let bytes: Box<dyn Fn() -> Vec<u8> + '_> = match dtype {
+        let bytes: Box<dyn Fn() -> Vec<u8> + 'a> = match dtype {
             SaveDtype::F32 => Box::new(move || le_bytes(data, |v| v.to_f32().to_le_bytes())),
             SaveDtype::Bf16 => Box::new(move || {
                 le_bytes(data, |v| bf16::from_f32(v.to_f32()).to_bits().to_le_bytes())
@@ -192,7 +290,7 @@ pub fn save_params<T: Float>(
         };
         views.push((name, view));
     }
-    write_views(&path, views, &[])
+    Ok(views)
 }
 
 /// Serialises `views` (names must be unique) to `path` through a temporary file.

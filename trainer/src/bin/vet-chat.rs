@@ -32,10 +32,14 @@ use trainer::tokenizer;
     allow_negative_numbers = true
 )]
 struct Cli {
-    /// Checkpoint directory: config.json + model.safetensors (Hugging Face or mamba_ssm
-    /// format; or mamba_ssm's pytorch_model.bin) + tokenizer.json.
+    /// Checkpoint directory: config.json + the weights (model.safetensors, a sharded
+    /// model.safetensors.index.json, or mamba_ssm's pytorch_model.bin) + tokenizer.json.
     #[arg(long)]
     model: PathBuf,
+    /// A tokenizer.json to use instead of the checkpoint's own (mamba_ssm checkpoints ship
+    /// none: theirs is GPT-NeoX's).
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
     /// cpu (the fastest CPU engine available), reference (the f32 spec), cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     device: String,
@@ -159,41 +163,18 @@ fn parse_tokens(raw: &[String], vocab: usize) -> Result<Vec<u32>> {
     Ok(ids)
 }
 
-/// Names the first missing file of the checkpoint in `dir` before anything slow starts.
-fn check_checkpoint(dir: &Path, tokenizer: bool) -> Result<()> {
-    if dir.is_file() {
-        bail!(
-            "checkpoint {}: is a file; --model expects a checkpoint directory (config.json, model.safetensors, tokenizer.json)",
-            dir.display()
-        );
+/// Names the first missing file of the checkpoint in `dir` before anything slow starts, and
+/// finds its tokenizer (`--tokenizer`, else `dir/tokenizer.json`) when `tokenizer` is set.
+fn check_checkpoint(
+    dir: &Path,
+    tokenizer: bool,
+    explicit: Option<&Path>,
+) -> Result<Option<PathBuf>> {
+    trainer::checkpoint::check_dir(dir)?;
+    if !tokenizer {
+        return Ok(None);
     }
-    if !dir.is_dir() {
-        bail!("checkpoint {}: no such directory", dir.display());
-    }
-    // mamba_ssm's save_pretrained writes pytorch_model.bin instead of model.safetensors.
-    let weights =
-        if !dir.join("model.safetensors").exists() && dir.join("pytorch_model.bin").is_file() {
-            "pytorch_model.bin"
-        } else {
-            "model.safetensors"
-        };
-    let files: &[&str] = if tokenizer {
-        &["config.json", weights, "tokenizer.json"]
-    } else {
-        &["config.json", weights]
-    };
-    for f in files {
-        let path = dir.join(f);
-        if !path.is_file() {
-            bail!(
-                "checkpoint {}: {} is missing (a checkpoint directory holds {})",
-                dir.display(),
-                path.display(),
-                files.join(", ")
-            );
-        }
-    }
-    Ok(())
+    trainer::checkpoint::tokenizer_file(dir, explicit).map(Some)
 }
 
 /// `--threads`, capped at 4× the cores with a warning: far more threads than cores only
@@ -255,7 +236,7 @@ fn load_engine(cli: &Cli) -> Result<(Box<dyn reference::InferenceEngine>, MambaC
 }
 
 fn run_tokens(cli: &Cli, raw: &[String], seed: u64) -> Result<()> {
-    check_checkpoint(&cli.model, false)?;
+    check_checkpoint(&cli.model, false, None)?;
     let (mut engine, cfg) = load_engine(cli)?;
     let ids = parse_tokens(raw, cfg.vocab_size)?;
     let s = cli.sampling.sampling(seed);
@@ -267,12 +248,13 @@ fn run_tokens(cli: &Cli, raw: &[String], seed: u64) -> Result<()> {
 
 fn open_session(cli: &Cli, seed: u64) -> Result<Session> {
     let dir = &cli.model;
-    check_checkpoint(dir, true)?;
+    let tok_path = check_checkpoint(dir, true, cli.tokenizer.as_deref())?
+        .context("a chat needs a tokenizer")?;
     // The config and tokenizer first: they are quick to check, the weights are not.
     let cfg = MambaConfig::load(&dir.join("config.json"))
         .with_context(|| format!("loading checkpoint {}", dir.display()))?;
-    let tok = tokenizer::load(&dir.join("tokenizer.json"), cfg.vocab_size)
-        .with_context(|| format!("loading checkpoint {}", dir.display()))?;
+    let tok = tokenizer::load(&tok_path, cfg.vocab_size)
+        .with_context(|| format!("loading tokenizer {}", tok_path.display()))?;
     let (engine, _) = load_engine(cli)?;
     let chat = ChatConfig {
         sampling: cli.sampling.sampling(seed),

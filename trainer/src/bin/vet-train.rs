@@ -56,6 +56,10 @@ struct RunArgs {
     /// Override optim.lr.
     #[arg(long)]
     lr: Option<f64>,
+    /// Override model.init_from: start from this checkpoint's weights (Hugging Face,
+    /// sharded, or mamba_ssm's pytorch_model.bin) with a fresh optimizer.
+    #[arg(long)]
+    init_from: Option<PathBuf>,
     /// Start afresh in an out_dir that holds another run's checkpoints, deleting them (and its
     /// metrics.jsonl); without it such a run is refused.
     #[arg(long, conflicts_with = "resume")]
@@ -80,7 +84,8 @@ enum Cmd {
     },
     /// Dump logits, loss and every gradient for given tokens, to compare with other implementations.
     DebugState {
-        /// Checkpoint directory (config.json + model.safetensors).
+        /// Checkpoint directory (config.json + model.safetensors, a sharded
+        /// model.safetensors.index.json, or mamba_ssm's pytorch_model.bin).
         #[arg(long)]
         model: PathBuf,
         /// safetensors file holding `input_ids` (i64, [batch, seq_len]).
@@ -96,9 +101,13 @@ enum Cmd {
     /// Continue a prompt with a checkpoint (greedy unless --temperature is set).
     #[command(allow_negative_numbers = true)]
     Generate {
-        /// Checkpoint directory (config.json + model.safetensors + tokenizer.json).
+        /// Checkpoint directory (config.json + the weights in any layout + tokenizer.json).
         #[arg(long)]
         model: PathBuf,
+        /// A tokenizer.json to use instead of the checkpoint's own (mamba_ssm checkpoints
+        /// ship none).
+        #[arg(long)]
+        tokenizer: Option<PathBuf>,
         /// The text to continue.
         #[arg(long)]
         prompt: String,
@@ -121,7 +130,7 @@ enum Cmd {
     /// `int4` (a scale per group of 32, about a sixth); int8 / int4 load memory-mapped with
     /// `vet-chat --dtype int8|int4`, not by transformers.
     Quantize {
-        /// Checkpoint directory (config.json + model.safetensors [+ tokenizer.json]).
+        /// Checkpoint directory (config.json + the weights in any layout [+ tokenizer.json]).
         #[arg(long)]
         model: PathBuf,
         /// New checkpoint directory (written atomically; tokenizer.json is copied). It must be
@@ -135,6 +144,56 @@ enum Cmd {
         #[arg(long, default_value = "int8")]
         dtype: String,
     },
+    /// Write a checkpoint (model.safetensors, sharded, or mamba_ssm's pytorch_model.bin) in
+    /// another layout: `mamba_ssm` (config.json + pytorch_model.bin, which mamba_ssm's
+    /// MambaLMHeadModel.from_pretrained loads) or `hf` (config.json + model.safetensors, split
+    /// into shards above --max-shard-size). tokenizer.json is copied when there is one.
+    Convert {
+        /// Checkpoint directory to read.
+        #[arg(long)]
+        model: PathBuf,
+        /// mamba_ssm or hf.
+        #[arg(long)]
+        to: trainer::convert::Target,
+        /// New checkpoint directory (written atomically).
+        #[arg(long)]
+        out: PathBuf,
+        /// f32, bf16 or f16.
+        #[arg(long, default_value = "f32")]
+        dtype: String,
+        /// --to hf: the largest shard, as transformers' max_shard_size ("5GB", "500MB", "2GiB"
+        /// or bytes).
+        #[arg(long, default_value = "5GB")]
+        max_shard_size: String,
+        /// A tokenizer.json to copy into --out instead of the checkpoint's own.
+        #[arg(long)]
+        tokenizer: Option<PathBuf>,
+        /// Replace the checkpoint already in --out (other files are never deleted).
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+/// `vet-train convert`.
+fn convert(
+    model: &std::path::Path,
+    out: &std::path::Path,
+    mut o: trainer::convert::ConvertOptions,
+    dtype: &str,
+    max_shard_size: &str,
+) -> Result<()> {
+    o.dtype = match dtype {
+        "f32" => reference::io::SaveDtype::F32,
+        "bf16" => reference::io::SaveDtype::Bf16,
+        "f16" => reference::io::SaveDtype::F16,
+        _ => anyhow::bail!("--dtype {dtype}: expected f32, bf16 or f16"),
+    };
+    o.max_shard_bytes = reference::io::parse_size(max_shard_size)
+        .map_err(|e| anyhow::anyhow!("--max-shard-size: {e}"))?;
+    let files = trainer::convert::convert(model, out, &o)
+        .with_context(|| format!("converting {} to {}", model.display(), out.display()))?;
+    println!("{}: {}", out.display(), files.join(", "));
+    Ok(())
 }
 
 /// `vet-train quantize`.
@@ -174,17 +233,47 @@ fn quantize(
         }
         Ok(())
     })?;
-    let bytes = |d: &std::path::Path| {
-        std::fs::metadata(d.join("model.safetensors"))
-            .map(|m| m.len())
-            .unwrap_or(0)
+    // The weights files (one, shards, or a pytorch_model.bin).
+    let bytes = |d: &std::path::Path| -> u64 {
+        std::fs::read_dir(d)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| {
+                let n = e.file_name().to_string_lossy().into_owned();
+                n.ends_with(".safetensors") || n.ends_with(".bin")
+            })
+            .filter_map(|e| e.metadata().ok().map(|m| m.len()))
+            .sum()
     };
     println!(
-        "{}: {} weights, model.safetensors {:.1} MB (was {:.1} MB)",
+        "{}: {} weights, {:.1} MB (was {:.1} MB)",
         out.display(),
         dt.name(),
         bytes(out) as f64 / 1e6,
         bytes(model) as f64 / 1e6
+    );
+    Ok(())
+}
+
+/// `vet-train debug-state`.
+fn debug_state_cmd(
+    model: &std::path::Path,
+    tokens: &std::path::Path,
+    out: &std::path::Path,
+    device: &str,
+) -> Result<()> {
+    let ck = checkpoint::load(model)?;
+    let mut engine = device::engine(device, &ck.config, ck.params)?;
+    let s = debug_state::run(engine.as_mut(), tokens, out)?;
+    println!(
+        "debug-state: {} on [{}, {}] tokens: loss {:.6}; wrote {} tensors to {}",
+        engine.name(),
+        s.batch,
+        s.seq_len,
+        s.loss,
+        s.tensors,
+        out.display()
     );
     Ok(())
 }
@@ -199,6 +288,7 @@ fn run_job(a: RunArgs) -> Result<()> {
             ("--lr", a.lr.is_some()),
             ("--resume", a.resume),
             ("--deepspeed", a.deepspeed.is_some()),
+            ("--init-from", a.init_from.is_some()),
         ];
         let given: Vec<&str> = refused.iter().filter(|f| f.1).map(|f| f.0).collect();
         if !given.is_empty() {
@@ -239,6 +329,10 @@ fn run_job(a: RunArgs) -> Result<()> {
     }
     if let Some(lr) = a.lr {
         cfg.optim.lr = lr;
+    }
+    if let Some(dir) = a.init_from {
+        cfg.model.from = None;
+        cfg.model.init_from = Some(dir);
     }
     cfg.validate()?;
     let opts = RunOptions {
@@ -301,6 +395,24 @@ fn run_cli(cli: Cli) -> Result<()> {
             dtype,
             force,
         } => quantize(&model, &out, &dtype, force)?,
+        Cmd::Convert {
+            model,
+            to,
+            out,
+            dtype,
+            max_shard_size,
+            tokenizer,
+            force,
+        } => {
+            let o = trainer::convert::ConvertOptions {
+                to,
+                dtype: reference::io::SaveDtype::F32,
+                max_shard_bytes: reference::io::DEFAULT_MAX_SHARD_BYTES,
+                tokenizer,
+                force,
+            };
+            convert(&model, &out, o, &dtype, &max_shard_size)?
+        }
         Cmd::Plot { run, out } => {
             let metrics = if run.is_dir() {
                 run.join("metrics.jsonl")
@@ -322,22 +434,10 @@ fn run_cli(cli: Cli) -> Result<()> {
             tokens,
             out,
             device,
-        } => {
-            let ck = checkpoint::load(&model)?;
-            let mut engine = device::engine(&device, &ck.config, ck.params)?;
-            let s = debug_state::run(engine.as_mut(), &tokens, &out)?;
-            println!(
-                "debug-state: {} on [{}, {}] tokens: loss {:.6}; wrote {} tensors to {}",
-                engine.name(),
-                s.batch,
-                s.seq_len,
-                s.loss,
-                s.tensors,
-                out.display()
-            );
-        }
+        } => debug_state_cmd(&model, &tokens, &out, &device)?,
         Cmd::Generate {
             model,
+            tokenizer: tok_file,
             prompt,
             max_new_tokens,
             temperature,
@@ -345,8 +445,10 @@ fn run_cli(cli: Cli) -> Result<()> {
             repetition_penalty,
             device,
         } => {
+            checkpoint::check_dir(&model)?;
+            let tok_path = checkpoint::tokenizer_file(&model, tok_file.as_deref())?;
             let ck = checkpoint::load(&model)?;
-            let tok = tokenizer::load(&model.join("tokenizer.json"), ck.config.vocab_size)?;
+            let tok = tokenizer::load(&tok_path, ck.config.vocab_size)?;
             let ids = tokenizer::encode_text(&tok, &prompt)?;
             let stop = tok.token_to_id(tokenizer::EOT);
             let mut engine = device::engine(&device, &ck.config, ck.params)?;
@@ -363,7 +465,8 @@ fn run_cli(cli: Cli) -> Result<()> {
             let mut out = std::io::stdout();
             let mut pending: Vec<u32> = Vec::new();
             let started = std::time::Instant::now();
-            let new = generate::generate(engine.as_mut(), &ids, &s, |t| {
+            let sampleable = tok.get_vocab_size(true);
+            let new = generate::generate_within(engine.as_mut(), &ids, &s, sampleable, |t| {
                 // Byte-level tokens may split a UTF-8 character: print once it decodes whole.
                 pending.push(t);
                 if let Ok(text) = tokenizer::decode(&tok, &pending) {

@@ -125,7 +125,9 @@ impl Session {
         let eot = tok.token_to_id(EOT);
         let mut sampling = cfg.sampling.clone();
         sampling.stop_token = eot;
-        let gen = Generator::new(&sampling, engine.config().vocab_size)?;
+        let mut gen = Generator::new(&sampling, engine.config().vocab_size)?;
+        // A vocabulary mamba_ssm padded (50,277 -> 50,280): the padding ids are never drawn.
+        gen.sampler.limit_to(tok.get_vocab_size(true));
         let state = DecodeState::zeros(engine.as_mut(), 1).context("starting the decode state")?;
         Ok(Session {
             stream: TextStream::new(&cfg.stop_strings),

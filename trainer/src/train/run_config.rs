@@ -66,6 +66,11 @@ pub struct ModelSection {
     pub preset: Option<String>,
     /// A checkpoint directory to start from.
     pub from: Option<PathBuf>,
+    /// Weights to start from (any layout the loader reads: Hugging Face, sharded, mamba_ssm's
+    /// pytorch_model.bin), with a fresh optimizer. With `preset` the checkpoint's config
+    /// must match the preset's; alone, the checkpoint's config is the model.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init_from: Option<PathBuf>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -263,12 +268,16 @@ impl RunConfig {
         if o.weight_decay < 0.0 || o.grad_clip < 0.0 {
             bail!("`optim.weight_decay` and `optim.grad_clip` must be >= 0");
         }
-        match (&self.model.preset, &self.model.from) {
-            (Some(p), None) => {
+        match (&self.model.preset, &self.model.from, &self.model.init_from) {
+            (Some(p), None, _) => {
                 preset(p)?;
             }
-            (None, Some(_)) => {}
-            _ => bail!("`model` needs exactly one of `preset` and `from`"),
+            (None, Some(_), None) | (None, None, Some(_)) => {}
+            (_, Some(_), Some(_)) => bail!(
+                "`model.from` and `model.init_from` both set: `from` starts from a checkpoint, \
+                 `init_from` takes its weights; give one"
+            ),
+            _ => bail!("`model` needs exactly one of `preset` and `from` (or `init_from`)"),
         }
         let d = &self.data;
         match self.stage {
@@ -278,7 +287,10 @@ impl RunConfig {
             Stage::Finetune if d.qa_train.is_none() => {
                 bail!("stage finetune needs `data.qa_train`")
             }
-            Stage::Finetune | Stage::Eval if self.model.from.is_none() => {
+            Stage::Finetune if self.model.from.is_none() && self.model.init_from.is_none() => {
+                bail!("stage Finetune starts from a checkpoint: set `model.from` or `model.init_from`")
+            }
+            Stage::Eval if self.model.from.is_none() => {
                 bail!(
                     "stage {:?} starts from a checkpoint: set `model.from`",
                     self.stage

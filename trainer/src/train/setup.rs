@@ -45,8 +45,9 @@ pub(super) fn tokenizer_path(cfg: &RunConfig) -> Result<PathBuf> {
     if let Some(t) = &cfg.data.tokenizer {
         return Ok(t.clone());
     }
-    if let Some(from) = &cfg.model.from {
-        return Ok(from.join("tokenizer.json"));
+    if let Some(from) = cfg.model.from.as_ref().or(cfg.model.init_from.as_ref()) {
+        return checkpoint::tokenizer_file(from, None)
+            .context("no `data.tokenizer` in the run config, so the checkpoint's is used");
     }
     bail!("no tokenizer: set `data.tokenizer` (or start from a checkpoint that has tokenizer.json)")
 }
@@ -71,6 +72,20 @@ pub(super) fn starting_model(
         let ck = checkpoint::load(from)?;
         return Ok((ck.config, ck.params));
     }
+    if let Some(dir) = &cfg.model.init_from {
+        let ck =
+            checkpoint::load(dir).with_context(|| format!("model.init_from {}", dir.display()))?;
+        if cfg.model.preset.is_some() {
+            let want = preset_model(cfg, tok_vocab)?;
+            checkpoint::check_same_model(&want, &ck.config).with_context(|| {
+                format!(
+                    "model.init_from {}: the checkpoint is not the run config's model",
+                    dir.display()
+                )
+            })?;
+        }
+        return Ok((ck.config, ck.params));
+    }
     let mcfg = preset_model(cfg, tok_vocab)?;
     Ok((
         mcfg.clone(),
@@ -86,9 +101,11 @@ pub(super) fn check_resume(
     ck_model: &MambaConfig,
     tok_vocab: usize,
 ) -> Result<()> {
-    let new_model = match &cfg.model.from {
-        Some(from) => MambaConfig::load(&from.join("config.json")).ok(),
-        None => preset_model(cfg, tok_vocab).ok(),
+    let new_model = match (&cfg.model.from, &cfg.model.init_from, &cfg.model.preset) {
+        (Some(from), _, _) | (None, Some(from), None) => {
+            MambaConfig::load(&from.join("config.json")).ok()
+        }
+        _ => preset_model(cfg, tok_vocab).ok(),
     };
     let saved = resume::saved_config_toml(dir)?;
     if let Some(w) = resume::check(dir, ck_model, new_model.as_ref(), &saved, &cfg.to_toml()?)? {
