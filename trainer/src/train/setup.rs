@@ -109,7 +109,13 @@ pub(super) fn open_source(
         Stage::Pretrain | Stage::Eval if cfg.data.manifest.is_some() => {
             let manifest = cfg.data.manifest.as_deref().unwrap_or(Path::new(""));
             let lc = t.loader_config();
-            Source::tokens(
+            // Stateful training reads streams; its validation stays on plain windows.
+            let open = if split_train && !t.carry_state.is_off() {
+                Source::streams
+            } else {
+                Source::tokens
+            };
+            open(
                 manifest,
                 if split_train { "train" } else { "val" },
                 lc,
