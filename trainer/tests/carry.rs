@@ -169,3 +169,36 @@ fn bad_carry_settings_are_clear_errors() {
         "the setting survives to_toml"
     );
 }
+
+#[test]
+fn eval_long_reads_a_document_in_windows_as_one_forward_and_buckets_every_position() {
+    use reference::rng::Rng;
+    use trainer::train::long_eval::{bucket_edges, document_losses, long_eval};
+    let ck = trainer::checkpoint::load(&fixtures::tiny_checkpoint()).unwrap();
+    let vocab = ck.config.vocab_size as u64;
+    let mut e = reference::ReferenceEngine::<f32>::new(ck.config, ck.params);
+    let mut rng = Rng::new(21);
+    let doc: Vec<u32> = (0..60).map(|_| rng.below(vocab) as u32).collect();
+    let whole = document_losses(&mut e, &doc, 1000).unwrap();
+    let windowed = document_losses(&mut e, &doc, 7).unwrap();
+    assert_eq!((whole.len(), windowed.len()), (59, 59));
+    for (t, (a, b)) in windowed.iter().zip(&whole).enumerate() {
+        assert!(
+            (a - b).abs() <= 1e-5 * b.abs(),
+            "position {t}: {a} in windows, {b} whole"
+        );
+    }
+    assert_eq!(bucket_edges(600), vec![0, 512, 2048]);
+    assert_eq!(
+        bucket_edges(40_000),
+        vec![0, 512, 2048, 8192, 32768, 131072]
+    );
+    let long: Vec<u32> = (0..700).map(|_| rng.below(vocab) as u32).collect();
+    let r = long_eval(&mut e, &[doc.clone(), long], 128, "tiny").unwrap();
+    let spans: Vec<(u64, u64, u64)> = r.buckets.iter().map(|b| (b.from, b.to, b.tokens)).collect();
+    assert_eq!(spans, vec![(0, 512, 59 + 512), (512, 2048, 699 - 512)]);
+    assert!(r
+        .buckets
+        .iter()
+        .all(|b| b.perplexity.is_finite() && b.perplexity > 1.0));
+}

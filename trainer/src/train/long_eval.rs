@@ -208,10 +208,20 @@ pub fn write_report(reports: &[LongEvalReport], out_dir: &Path) -> Result<()> {
     curve_png(&curves, &out_dir.join("long_eval.png"), title)
 }
 
-/// A short label for the model at `path`: its last two components.
+/// A short label for the model at `path`: the run directory of a training checkpoint
+/// (`RUN/checkpoints/step-N` gives `RUN step-N`), else the last two components.
 fn label(path: &str) -> String {
-    let parts: Vec<&str> = path.trim_end_matches('/').rsplit('/').take(2).collect();
-    parts.into_iter().rev().collect::<Vec<_>>().join("/")
+    let parts: Vec<&str> = path.trim_end_matches('/').rsplit('/').take(3).collect();
+    match parts.as_slice() {
+        [step, "checkpoints", run] => format!("{run} {step}"),
+        _ => parts
+            .iter()
+            .take(2)
+            .rev()
+            .copied()
+            .collect::<Vec<_>>()
+            .join("/"),
+    }
 }
 
 /// Draws one perplexity-by-position curve per `(label, buckets)` (x: the bucket's upper edge,
