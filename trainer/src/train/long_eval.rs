@@ -186,7 +186,7 @@ pub fn table(r: &LongEvalReport) -> String {
 }
 
 fn short(v: u64) -> String {
-    if v >= 1024 && v % 1024 == 0 {
+    if v >= 1024 && v.is_multiple_of(1024) {
         format!("{}k", v / 1024)
     } else {
         v.to_string()
