@@ -335,6 +335,19 @@ impl TrainingEngine for SimdEngine {
         state: Option<&State<f32>>,
         grad_scale: f64,
     ) -> Result<LossOutput> {
+        let out = self.loss_and_backward_carry(input, targets, mask, state, None, grad_scale)?;
+        Ok(out.0)
+    }
+
+    fn loss_and_backward_carry(
+        &mut self,
+        input: &Batch,
+        targets: &[u32],
+        mask: Option<&[bool]>,
+        state: Option<&State<f32>>,
+        grad_final: Option<&State<f32>>,
+        grad_scale: f64,
+    ) -> Result<(LossOutput, State<f32>)> {
         self.require_f32("training")?;
         self.refresh();
         self.master();
@@ -363,7 +376,7 @@ impl TrainingEngine for SimdEngine {
                 grad_scale as f32,
                 &mut d_logits,
             )?;
-            let grad_state = crate::backward::backward(
+            let grad_state = crate::backward::backward_final(
                 pool,
                 cfg,
                 params,
@@ -371,6 +384,7 @@ impl TrainingEngine for SimdEngine {
                 Some(&init),
                 &cache,
                 &d_logits,
+                grad_final,
                 grads,
             )?;
             Ok(LossOutput {
@@ -381,7 +395,8 @@ impl TrainingEngine for SimdEngine {
         });
         self.logits = logits;
         self.d_logits = d_logits;
-        out
+        // The forward left the state after the last position in `st`.
+        Ok((out?, st))
     }
 
     fn zero_grad(&mut self) -> Result<()> {

@@ -251,6 +251,31 @@ pub trait TrainingEngine: InferenceEngine {
         state: Option<&State<f32>>,
         grad_scale: f64,
     ) -> Result<LossOutput>;
+    /// [`TrainingEngine::loss_and_backward`] for stateful training over consecutive windows:
+    /// also returns the state after the last position, and adds `grad_final` (the gradient of
+    /// the later windows' scaled loss w.r.t. that final state) into the backward, so that
+    /// the returned `grad_state` is the gradient through this window and every later one.
+    /// The default runs the backward, then a forward for the final state, and supports no
+    /// `grad_final` (an error says so).
+    fn loss_and_backward_carry(
+        &mut self,
+        input: &Batch,
+        targets: &[u32],
+        mask: Option<&[bool]>,
+        state: Option<&State<f32>>,
+        grad_final: Option<&State<f32>>,
+        grad_scale: f64,
+    ) -> Result<(LossOutput, State<f32>)> {
+        if grad_final.is_some() {
+            return Err(unsupported(
+                &self.name(),
+                "back-propagation through several windows (a final-state gradient)",
+            ));
+        }
+        let lo = self.loss_and_backward(input, targets, mask, state, grad_scale)?;
+        let (_, last) = self.forward(input, state)?;
+        Ok((lo, last))
+    }
     /// Clears the gradient buffers.
     fn zero_grad(&mut self) -> Result<()>;
     /// The gradient buffers as named f32 tensors in canonical order.

@@ -10,7 +10,7 @@ use crate::config::MambaConfig;
 use crate::error::Result;
 use crate::float::Float;
 use crate::loss::{cross_entropy, cross_entropy_loss};
-use crate::model::{backward, forward, step, Batch};
+use crate::model::{backward_final, forward, step, Batch};
 use crate::optim::{grad_norm, AdamW, AdamWConfig, StepStats};
 use crate::params::Params;
 use crate::state::State;
@@ -102,8 +102,22 @@ impl<T: Float> TrainingEngine for ReferenceEngine<T> {
         state: Option<&State<f32>>,
         grad_scale: f64,
     ) -> Result<LossOutput> {
+        let out = self.loss_and_backward_carry(input, targets, mask, state, None, grad_scale)?;
+        Ok(out.0)
+    }
+
+    fn loss_and_backward_carry(
+        &mut self,
+        input: &Batch,
+        targets: &[u32],
+        mask: Option<&[bool]>,
+        state: Option<&State<f32>>,
+        grad_final: Option<&State<f32>>,
+        grad_scale: f64,
+    ) -> Result<(LossOutput, State<f32>)> {
         let st = state.map(|s| s.cast::<T>());
-        let (logits, _, cache) = forward(&self.cfg, &self.params, input, st.as_ref(), true)?;
+        let d_final = grad_final.map(|s| s.cast::<T>());
+        let (logits, last, cache) = forward(&self.cfg, &self.params, input, st.as_ref(), true)?;
         let lo = cross_entropy(
             &logits.data,
             targets,
@@ -112,20 +126,22 @@ impl<T: Float> TrainingEngine for ReferenceEngine<T> {
             T::from_f64(grad_scale),
         )?;
         let cache = cache.expect("forward keeps the cache when asked");
-        let gs = backward(
+        let gs = backward_final(
             &self.cfg,
             &self.params,
             input,
             st.as_ref(),
             &cache,
             &lo.d_logits,
+            d_final.as_ref(),
             &mut self.grads,
         )?;
-        Ok(LossOutput {
+        let out = LossOutput {
             loss: lo.loss.to_f64(),
             n_targets: lo.n_targets,
             grad_state: gs.cast(),
-        })
+        };
+        Ok((out, last.cast()))
     }
 
     fn zero_grad(&mut self) -> Result<()> {

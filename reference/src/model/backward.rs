@@ -5,10 +5,10 @@ use super::forward::{ForwardCache, LayerCache};
 use crate::config::MambaConfig;
 use crate::error::{Error, Result};
 use crate::float::{silu_grad, Float};
-use crate::ops::conv1d::{conv1d_bwd, ConvDims};
+use crate::ops::conv1d::{conv1d_bwd, conv1d_last_bwd, ConvDims};
 use crate::ops::linear::linear_bwd;
 use crate::ops::norm::norm_bwd;
-use crate::ops::selective_scan::{selective_scan_bwd, ScanDims, ScanInputs};
+use crate::ops::selective_scan::{selective_scan_bwd_final, ScanDims, ScanInputs};
 use crate::params::{LayerParams, Params};
 use crate::state::State;
 
@@ -24,20 +24,33 @@ pub fn concat_cols<T: Float>(parts: &[(&[T], usize)], n: usize) -> Vec<T> {
     out
 }
 
+/// The layer's initial state and its final state's gradient (`None`: zeros).
+#[derive(Clone, Copy)]
+struct LayerStates<'a, T> {
+    conv_init: Option<&'a [T]>,
+    ssm_init: Option<&'a [T]>,
+    d_conv_last: Option<&'a [T]>,
+    d_ssm_last: Option<&'a [T]>,
+}
+
 /// Backward of one layer given the gradient of its output `d_out`. Accumulates into `gl` and
 /// returns the gradient w.r.t. the layer's input (through the mixer only, not the residual
 /// shortcut), plus the initial conv window and SSM state gradients.
-#[allow(clippy::too_many_arguments)]
 fn layer_bwd<T: Float>(
     cfg: &MambaConfig,
     lp: &LayerParams<T>,
     lc: &LayerCache<T>,
     input: &Batch,
-    conv_init: Option<&[T]>,
-    ssm_init: Option<&[T]>,
+    st: LayerStates<T>,
     d_out: &[T],
     gl: &mut LayerParams<T>,
 ) -> (Vec<T>, Vec<T>, Vec<T>) {
+    let LayerStates {
+        conv_init,
+        ssm_init,
+        d_conv_last,
+        d_ssm_last,
+    } = st;
     let n = input.rows();
     let (dm, di, ds, r) = (cfg.d_model, cfg.d_inner, cfg.d_state, cfg.dt_rank);
     let d_gated = linear_bwd(
@@ -68,7 +81,7 @@ fn layer_bwd<T: Float>(
             d_state: ds,
         },
     };
-    let sg = selective_scan_bwd(&scan, &d_gated);
+    let sg = selective_scan_bwd_final(&scan, &d_gated, d_ssm_last);
     // A = −exp(A_log), so dA/dA_log = A.
     for ((g, &ga), &a) in gl.a_log.data.iter_mut().zip(&sg.a).zip(&lc.a) {
         *g += ga * a;
@@ -109,7 +122,7 @@ fn layer_bwd<T: Float>(
         d_inner: di,
         d_conv: cfg.d_conv,
     };
-    let (dx_pre, d_conv_init) = conv1d_bwd(
+    let (mut dx_pre, mut d_conv_init) = conv1d_bwd(
         &lc.x_pre,
         &lp.conv1d_weight.data,
         &du,
@@ -119,6 +132,9 @@ fn layer_bwd<T: Float>(
         &mut gl.conv1d_weight.data,
         gl.conv1d_bias.as_mut().map(|t| &mut t.data[..]),
     );
+    if let Some(d) = d_conv_last {
+        conv1d_last_bwd(d, input.resets, dims, &mut dx_pre, &mut d_conv_init);
+    }
     let dz = sg.z.unwrap_or_default();
     let d_xz = concat_cols(&[(&dx_pre, di), (&dz, di)], n);
     let d_hn = linear_bwd(
@@ -157,6 +173,25 @@ pub fn backward<T: Float>(
     d_logits: &[T],
     grads: &mut Params<T>,
 ) -> Result<State<T>> {
+    backward_final(cfg, params, input, state, cache, d_logits, None, grads)
+}
+
+/// [`backward`] with `d_final`, the gradient of the final state (from later windows of the
+/// same rows: back-propagation through several windows), added in.
+#[allow(clippy::too_many_arguments)]
+pub fn backward_final<T: Float>(
+    cfg: &MambaConfig,
+    params: &Params<T>,
+    input: &Batch,
+    state: Option<&State<T>>,
+    cache: &ForwardCache<T>,
+    d_logits: &[T],
+    d_final: Option<&State<T>>,
+    grads: &mut Params<T>,
+) -> Result<State<T>> {
+    if let Some(s) = d_final {
+        s.check(cfg, input.batch, "backward (final-state gradient)")?;
+    }
     let (n, dm, v) = (input.rows(), cfg.d_model, cfg.vocab_size);
     if d_logits.len() != n * v || cache.layers.len() != cfg.n_layer {
         return Err(Error::Shape {
@@ -197,15 +232,18 @@ pub fn backward<T: Float>(
     );
     let mut d_state = State::zeros(cfg, input.batch);
     for i in (0..cfg.n_layer).rev() {
-        let conv_init = state.map(|s| s.conv_layer(i));
-        let ssm_init = state.map(|s| s.ssm_layer(i));
+        let st = LayerStates {
+            conv_init: state.map(|s| s.conv_layer(i)),
+            ssm_init: state.map(|s| s.ssm_layer(i)),
+            d_conv_last: d_final.map(|s| s.conv_layer(i)),
+            d_ssm_last: d_final.map(|s| s.ssm_layer(i)),
+        };
         let (d_in, d_conv, d_ssm) = layer_bwd(
             cfg,
             &params.layers[i],
             &cache.layers[i],
             input,
-            conv_init,
-            ssm_init,
+            st,
             &d_resid,
             &mut grads.layers[i],
         );

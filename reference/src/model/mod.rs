@@ -4,6 +4,6 @@ mod backward;
 mod batch;
 mod forward;
 
-pub use backward::{backward, concat_cols};
+pub use backward::{backward, backward_final, concat_cols};
 pub use batch::Batch;
 pub use forward::{forward, step, ForwardCache, LayerCache};

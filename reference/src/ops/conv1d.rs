@@ -151,3 +151,45 @@ pub fn conv1d_bwd<T: Float>(
     }
     (dx, dinit)
 }
+
+/// Backward of the final window [`conv1d_fwd`] returns: adds `d_last`
+/// `[batch, d_inner, d_conv − 1]` (its gradient, from later windows of the same rows) into `dx`
+/// `[batch, seq_len, d_inner]` where the window holds this call's inputs, and into `dinit`
+/// `[batch, d_inner, d_conv − 1]` where it still holds the initial window.
+pub fn conv1d_last_bwd<T: Float>(
+    d_last: &[T],
+    resets: Option<&[bool]>,
+    dims: ConvDims,
+    dx: &mut [T],
+    dinit: &mut [T],
+) {
+    let ConvDims {
+        batch,
+        seq_len,
+        d_inner,
+        d_conv,
+    } = dims;
+    let km1 = d_conv - 1;
+    for b in 0..batch {
+        let starts = doc_starts(reset_row(resets, b, seq_len), seq_len);
+        let start = if seq_len > 0 {
+            starts[seq_len - 1]
+        } else {
+            None
+        };
+        for c in 0..d_inner {
+            for j in 0..km1 {
+                let g = d_last[(b * d_inner + c) * km1 + j];
+                let p = seq_len as isize - km1 as isize + j as isize;
+                if p >= 0 {
+                    let p = p as usize;
+                    if start.is_none_or(|s| p >= s) {
+                        dx[(b * seq_len + p) * d_inner + c] += g;
+                    }
+                } else if start.is_none() {
+                    dinit[(b * d_inner + c) * km1 + (km1 as isize + p) as usize] += g;
+                }
+            }
+        }
+    }
+}

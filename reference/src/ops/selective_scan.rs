@@ -125,6 +125,17 @@ pub fn selective_scan_fwd<T: Float>(inp: &ScanInputs<T>) -> (Vec<T>, Vec<T>) {
 /// Backward: recomputes the states lane by lane, then runs the recurrence in reverse.
 /// `dout` is `[batch, seq_len, d_inner]`. The final state is not differentiated.
 pub fn selective_scan_bwd<T: Float>(inp: &ScanInputs<T>, dout: &[T]) -> ScanGrads<T> {
+    selective_scan_bwd_final(inp, dout, None)
+}
+
+/// [`selective_scan_bwd`] with `d_last` `[batch, d_inner, d_state]`, the gradient of the final
+/// state (from later windows of the same rows), entering the reverse recurrence after the last
+/// position.
+pub fn selective_scan_bwd_final<T: Float>(
+    inp: &ScanInputs<T>,
+    dout: &[T],
+    d_last: Option<&[T]>,
+) -> ScanGrads<T> {
     let ScanDims {
         batch,
         seq_len,
@@ -163,6 +174,11 @@ pub fn selective_scan_bwd<T: Float>(inp: &ScanInputs<T>, dout: &[T]) -> ScanGrad
                 let o = (bi * d_inner + ch) * d_state;
                 hs[..d_state].copy_from_slice(&h0[o..o + d_state]);
             }
+            dh.fill(T::ZERO);
+            if let Some(d) = d_last {
+                let o = (bi * d_inner + ch) * d_state;
+                dh.copy_from_slice(&d[o..o + d_state]);
+            }
             lane_bwd(inp, &mut g, dout, bi, ch, &hs, &dts, &ys, &mut dh);
             if seq_len == 0 || starts[0].is_none() {
                 let o = (bi * d_inner + ch) * d_state;
@@ -173,7 +189,8 @@ pub fn selective_scan_bwd<T: Float>(inp: &ScanInputs<T>, dout: &[T]) -> ScanGrad
     g
 }
 
-/// Reverse recurrence of one lane; leaves the gradient w.r.t. the state before position 0 in `dh`.
+/// Reverse recurrence of one lane from `dh`, the final state's gradient; leaves the gradient
+/// w.r.t. the state before position 0 in `dh`.
 #[allow(clippy::too_many_arguments)]
 fn lane_bwd<T: Float>(
     inp: &ScanInputs<T>,
@@ -194,7 +211,6 @@ fn lane_bwd<T: Float>(
     } = inp.dims;
     let resets = reset_row(inp.resets, bi, seq_len);
     let a = &inp.a[ch * d_state..(ch + 1) * d_state];
-    dh.fill(T::ZERO);
     for t in (0..seq_len).rev() {
         let row = bi * seq_len + t;
         let i = row * d_inner + ch;

@@ -10,6 +10,7 @@
 use rayon::prelude::*;
 use rayon::ThreadPool;
 use reference::model::{Batch, ForwardCache, LayerCache};
+use reference::ops::conv1d::{conv1d_last_bwd, ConvDims};
 use reference::{Error, LayerParams, MambaConfig, Params, Result, State};
 
 use crate::ops::conv1d::{conv1d_bwd, ConvBwdInputs};
@@ -70,6 +71,15 @@ fn in_proj_bwd(
     d_hn
 }
 
+/// A layer's initial state and its final state's gradient (`None`: zeros).
+#[derive(Clone, Copy)]
+struct LayerStates<'a> {
+    conv_init: Option<&'a [f32]>,
+    ssm_init: Option<&'a [f32]>,
+    d_conv_last: Option<&'a [f32]>,
+    d_ssm_last: Option<&'a [f32]>,
+}
+
 /// Backward of one layer given the gradient of its output `d_out`; as the reference's
 /// `layer_bwd`. Returns the gradient w.r.t. the layer input (mixer path only) and the initial
 /// conv window and SSM state gradients.
@@ -80,11 +90,16 @@ fn layer_bwd(
     lp: &LayerParams<f32>,
     lc: &LayerCache<f32>,
     input: &Batch,
-    conv_init: Option<&[f32]>,
-    ssm_init: Option<&[f32]>,
+    states: LayerStates,
     d_out: &[f32],
     gl: &mut LayerParams<f32>,
 ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let LayerStates {
+        conv_init,
+        ssm_init,
+        d_conv_last,
+        d_ssm_last,
+    } = states;
     let n = input.rows();
     let (dm, di, ds, r) = (cfg.d_model, cfg.d_inner, cfg.d_state, cfg.dt_rank);
     let d_gated = linear_bwd(
@@ -115,6 +130,7 @@ fn layer_bwd(
             d_state: ds,
         },
         h0: ssm_init,
+        d_last: d_ssm_last,
         portable: false,
     };
     let sg = selective_scan_bwd(pool, &scan, &d_gated);
@@ -163,13 +179,22 @@ fn layer_bwd(
         d_inner: di,
         d_conv: cfg.d_conv,
     };
-    let (dx_pre, d_conv_init) = conv1d_bwd(
+    let (mut dx_pre, mut d_conv_init) = conv1d_bwd(
         pool,
         &conv,
         &du,
         &mut gl.conv1d_weight.data,
         gl.conv1d_bias.as_mut().map(|t| &mut t.data[..]),
     );
+    if let Some(d) = d_conv_last {
+        let dims = ConvDims {
+            batch: input.batch,
+            seq_len: input.seq_len,
+            d_inner: di,
+            d_conv: cfg.d_conv,
+        };
+        conv1d_last_bwd(d, input.resets, dims, &mut dx_pre, &mut d_conv_init);
+    }
     let d_hn = in_proj_bwd(pool, lp, &lc.hn, &dx_pre, &sg.z, gl, (n, dm, di));
     let d_resid = norm_bwd(
         pool,
@@ -200,7 +225,29 @@ pub fn backward(
     d_logits: &[f32],
     grads: &mut Params<f32>,
 ) -> Result<State<f32>> {
+    backward_final(
+        pool, cfg, params, input, state, cache, d_logits, None, grads,
+    )
+}
+
+/// [`backward`] with `d_final`, the final state's gradient (from later windows of the same
+/// rows), added in: `reference::model::backward_final`'s twin.
+#[allow(clippy::too_many_arguments)]
+pub fn backward_final(
+    pool: &ThreadPool,
+    cfg: &MambaConfig,
+    params: &Params<f32>,
+    input: &Batch,
+    state: Option<&State<f32>>,
+    cache: &ForwardCache<f32>,
+    d_logits: &[f32],
+    d_final: Option<&State<f32>>,
+    grads: &mut Params<f32>,
+) -> Result<State<f32>> {
     input.check(cfg, "simd backward")?;
+    if let Some(s) = d_final {
+        s.check(cfg, input.batch, "simd backward (final-state gradient)")?;
+    }
     if let Some(s) = state {
         s.check(cfg, input.batch, "simd backward")?;
     }
@@ -263,8 +310,12 @@ pub fn backward(
             &params.layers[i],
             &cache.layers[i],
             input,
-            state.map(|s| s.conv_layer(i)),
-            state.map(|s| s.ssm_layer(i)),
+            LayerStates {
+                conv_init: state.map(|s| s.conv_layer(i)),
+                ssm_init: state.map(|s| s.ssm_layer(i)),
+                d_conv_last: d_final.map(|s| s.conv_layer(i)),
+                d_ssm_last: d_final.map(|s| s.ssm_layer(i)),
+            },
             &d_resid,
             &mut grads.layers[i],
         );

@@ -125,6 +125,39 @@ enum Cmd {
         #[arg(long, default_value = "cpu")]
         device: String,
     },
+    /// Long-context evaluation (`--long`): perplexity by position bucket (0-512, 512-2k, 2k-8k,
+    /// 8k-32k, ...) over long documents read window by window with the state carried; writes
+    /// long_eval.json and long_eval.png into --out-dir.
+    Eval {
+        /// Required: the long-context evaluation is the one this verb runs (a config's
+        /// `stage = "eval"` runs the others).
+        #[arg(long, required = true)]
+        long: bool,
+        /// Checkpoint directory; repeat to compare several models on one plot.
+        #[arg(long, required = true)]
+        model: Vec<PathBuf>,
+        /// Token shards' manifest (vet-data prepare) holding the documents.
+        #[arg(long)]
+        data: PathBuf,
+        /// Split of the manifest to read.
+        #[arg(long, default_value = "val")]
+        split: String,
+        /// Tokens per window.
+        #[arg(long, default_value_t = 512)]
+        seq_len: usize,
+        /// Skip documents shorter than this many tokens.
+        #[arg(long, default_value_t = 4096)]
+        min_tokens: usize,
+        /// Evaluate at most this many documents.
+        #[arg(long, default_value_t = 16)]
+        max_docs: usize,
+        /// cpu, cuda[:N], reference or reference-f64.
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        /// Where long_eval.json and long_eval.png go.
+        #[arg(long)]
+        out_dir: PathBuf,
+    },
     /// Write a checkpoint's weights in another precision for inference: `bf16` (a Hugging
     /// Face checkpoint, half the size), `int8` (per-row scales, a quarter of the size) or
     /// `int4` (a scale per group of 32, about a sixth); int8 / int4 load memory-mapped with
@@ -389,6 +422,28 @@ fn run_cli(cli: Cli) -> Result<()> {
     match cmd {
         Cmd::Launch(_) => unreachable!("handled in main"),
         Cmd::CommSelftest(a) => trainer::launch::selftest::run(&a)?,
+        Cmd::Eval {
+            long: _,
+            model,
+            data,
+            split,
+            seq_len,
+            min_tokens,
+            max_docs,
+            device,
+            out_dir,
+        } => {
+            let o = trainer::train::long_eval::LongEvalOptions {
+                data,
+                split,
+                seq_len,
+                min_tokens,
+                max_docs,
+                device,
+                out_dir,
+            };
+            trainer::train::long_eval::run(&model, &o)?;
+        }
         Cmd::Quantize {
             model,
             out,

@@ -345,7 +345,11 @@ fn first_doc_at_or_after(shard: &Shard, pos: u64) -> usize {
 }
 
 /// Checks a mapped shard's header against its manifest entry and the manifest's tokenizer.
-fn check_shard(shard: &Shard, m: &Manifest, entry: &super::manifest::ShardEntry) -> Result<()> {
+pub(crate) fn check_shard(
+    shard: &Shard,
+    m: &Manifest,
+    entry: &super::manifest::ShardEntry,
+) -> Result<()> {
     let h = &shard.header;
     let name = shard.path.display();
     if h.n_tokens != entry.tokens || h.n_docs != entry.docs || h.payload_crc32 != entry.crc32 {

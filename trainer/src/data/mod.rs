@@ -7,4 +7,5 @@ pub mod manifest;
 pub mod prepare;
 pub mod qa;
 pub mod shard;
+pub mod stream;
 pub mod verify;

@@ -1,8 +1,10 @@
 //! The training loop's parts: schedules, fp16 loss scaling.
 
+pub mod carry;
 pub mod deepspeed;
 pub mod eval;
 pub mod evaluate;
+pub mod long_eval;
 pub mod loss_scale;
 pub mod plot;
 pub mod qa_eval;

@@ -31,17 +31,17 @@ const HEIGHT: usize = 480;
 /// Smoothing factor of the exponential moving average drawn over the training loss.
 const EMA_ALPHA: f64 = 0.1;
 
-const PAPER: RGBColor = RGBColor(255, 255, 255);
-const INK: RGBColor = RGBColor(30, 30, 30);
-const GRID: RGBColor = RGBColor(228, 228, 228);
+pub(super) const PAPER: RGBColor = RGBColor(255, 255, 255);
+pub(super) const INK: RGBColor = RGBColor(30, 30, 30);
+pub(super) const GRID: RGBColor = RGBColor(228, 228, 228);
 const TRAIN: RGBColor = RGBColor(150, 185, 235);
-const EMA: RGBColor = RGBColor(20, 70, 170);
-const VAL: RGBColor = RGBColor(235, 120, 20);
+pub(super) const EMA: RGBColor = RGBColor(20, 70, 170);
+pub(super) const VAL: RGBColor = RGBColor(235, 120, 20);
 const VAL_EDGE: RGBColor = RGBColor(140, 60, 0);
 
 /// The bundled font, registered with plotters as its sans-serif face.
 const FONT: &[u8] = include_bytes!("../../assets/DejaVuSans-Latin1.ttf");
-const SANS: &str = "sans-serif";
+pub(super) const SANS: &str = "sans-serif";
 
 /// Reads `metrics.jsonl` (one JSON object per line; training lines have "step" and "loss", eval lines have "step" and "val_loss"; lines with "skipped": true have no loss) and writes a loss-curve PNG.
 ///
@@ -187,7 +187,7 @@ impl Frame {
 
 /// The label of tick `v` on an axis `width` wide (about 6 ticks): as many decimals as the
 /// tick spacing needs, exponent notation for large values.
-fn tick_label(v: f64, width: f64) -> String {
+pub(super) fn tick_label(v: f64, width: f64) -> String {
     let v = v + 0.0; // turns -0 into 0
     if v.abs() >= 1e6 {
         return format!("{v:.2e}");
@@ -197,7 +197,7 @@ fn tick_label(v: f64, width: f64) -> String {
 }
 
 /// Registers the bundled font once; later calls return the first outcome.
-fn register_font() -> Result<()> {
+pub(super) fn register_font() -> Result<()> {
     static DONE: OnceLock<std::result::Result<(), String>> = OnceLock::new();
     DONE.get_or_init(|| {
         plotters::style::register_font(SANS, FontStyle::Normal, FONT)

@@ -10,6 +10,7 @@ use reference::model::Batch;
 use reference::{AdamWConfig, MambaConfig, TrainingEngine};
 use serde_json::json;
 
+use super::carry::Carry;
 use super::deepspeed::Precision;
 use super::eval::eval_loss;
 use super::resume;
@@ -100,6 +101,8 @@ struct Run {
     dist: Option<crate::dist::run::Dist>,
     /// The step of the checkpoint this process resumed from.
     resumed_from: Option<(u64, PathBuf)>,
+    /// The carried states of stateful training (`[train] carry_state`).
+    carry: Option<Carry>,
 }
 
 impl Run {
@@ -204,6 +207,13 @@ impl Run {
             max_grad_norm: (o.grad_clip > 0.0).then_some(o.grad_clip),
         };
         let shard_check = start_shard_check(&cfg)?;
+        if dist.is_some() && !cfg.train.carry_state.is_off() {
+            bail!(
+                "`train.carry_state` with data parallelism is not supported yet (the sharded \
+                 checkpoint does not hold each rank's carried states): train it in one process"
+            );
+        }
+        let carry = super::carry::open(&cfg, &mcfg, latest.as_ref().map(|l| l.1.as_path()))?;
         let resumed_from = latest.map(|(_, dir)| (state.step, dir));
         Ok(Run {
             schedule: schedule(&cfg, total_steps),
@@ -220,6 +230,7 @@ impl Run {
             _lock: lock,
             dist,
             resumed_from,
+            carry,
         })
     }
 
@@ -250,6 +261,16 @@ impl Run {
         let mut tokens = 0;
         let mut finite = true;
         for _ in 0..accum {
+            if let Some(c) = self.carry.as_mut() {
+                let scale = loss_scale / accum as f64;
+                let o = c.micro_batch(self.engine.as_mut(), &mut self.source, scale)?;
+                (finite, loss_sum, tokens) = (
+                    finite && o.loss.is_finite(),
+                    loss_sum + o.loss,
+                    tokens + o.tokens,
+                );
+                continue;
+            }
             let b: TrainBatch = self.source.next_batch()?;
             let input = Batch {
                 batch: b.batch,
@@ -302,13 +323,18 @@ impl Run {
                 keep,
             );
         }
-        state::save(
+        let batch = self.cfg.train.batch;
+        state::save_with(
             &self.cfg.out_dir,
             &self.mcfg,
             self.engine.as_ref(),
             Some(&self.tokenizer_path),
             &self.state,
             keep,
+            |tmp| match &self.carry {
+                Some(c) => c.save(tmp, &self.mcfg, batch),
+                None => Ok(()),
+            },
         )
     }
 }

@@ -15,6 +15,7 @@
 //! grad_accum = 1
 //! steps = 1000                      # or epochs = 2
 //! seed = 0
+//! # carry_state = "detach"        # stateful training: true / "detach", or k (windows back-propagated)
 //! [optim]
 //! lr = 3e-3
 //! min_lr = 3e-4
@@ -39,6 +40,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use reference::{MambaConfig, NormKind};
 use serde::{Deserialize, Serialize};
+
+use super::carry::CarryState;
 
 /// Training precision (`[optim] precision` in the TOML, `fp16` / `bf16` in a DeepSpeed
 /// config).
@@ -93,6 +96,9 @@ pub struct TrainSection {
     pub epochs: Option<u64>,
     #[serde(default)]
     pub seed: u64,
+    /// Stateful training over long documents (see [`super::carry`]); off by default.
+    #[serde(default, skip_serializing_if = "CarryState::is_off")]
+    pub carry_state: CarryState,
 }
 
 fn one() -> usize {

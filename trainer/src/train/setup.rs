@@ -141,7 +141,13 @@ pub(super) fn open_source_ranked(
             let mut lc = t.loader_config();
             lc.rank = rank;
             lc.world_size = world;
-            Source::tokens(
+            // Stateful training reads streams; its validation stays on plain windows.
+            let open = if split_train && !t.carry_state.is_off() {
+                Source::streams
+            } else {
+                Source::tokens
+            };
+            open(
                 manifest,
                 if split_train { "train" } else { "val" },
                 lc,

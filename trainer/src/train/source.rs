@@ -8,6 +8,7 @@ use tokenizers::Tokenizer;
 use crate::data::loader::{Loader, LoaderConfig, Position};
 use crate::data::manifest::Manifest;
 use crate::data::qa::{read_qa_jsonl, QaBatcher, QaConfig, QaTemplate};
+use crate::data::stream::StreamLoader;
 
 /// One batch, `[batch, seq_len]` each; `mask` is `None` when every target counts.
 #[derive(Clone, Debug)]
@@ -33,6 +34,8 @@ impl TrainBatch {
 pub enum Source {
     Tokens(Box<Loader>),
     Qa(Box<QaBatcher>),
+    /// One stream of consecutive windows per row (stateful training).
+    Streams(Box<StreamLoader>),
 }
 
 impl Source {
@@ -44,25 +47,23 @@ impl Source {
         tokenizer_sha256: Option<&str>,
         vocab: usize,
     ) -> Result<Source> {
-        let (m, _) = Manifest::load(manifest)?;
-        if let Some(sha) = tokenizer_sha256 {
-            if sha != m.tokenizer.sha256 {
-                bail!(
-                    "the tokenizer (sha256 {sha}) does not match the data in {} (made with tokenizer sha256 {} from {}): re-run vet-data prepare with this tokenizer",
-                    manifest.display(),
-                    m.tokenizer.sha256,
-                    m.tokenizer.path
-                );
-            }
-        }
-        if m.tokenizer.vocab_size > vocab {
-            bail!(
-                "the data in {} uses a {}-token vocabulary but the model has {vocab} embedding rows",
-                manifest.display(),
-                m.tokenizer.vocab_size
-            );
-        }
+        check_manifest(manifest, tokenizer_sha256, vocab)?;
         Ok(Source::Tokens(Box::new(Loader::open(
+            manifest, split, cfg,
+        )?)))
+    }
+
+    /// [`Source::tokens`] as streams of consecutive windows over whole documents, one per
+    /// row (`[train] carry_state`).
+    pub fn streams(
+        manifest: &Path,
+        split: &str,
+        cfg: LoaderConfig,
+        tokenizer_sha256: Option<&str>,
+        vocab: usize,
+    ) -> Result<Source> {
+        check_manifest(manifest, tokenizer_sha256, vocab)?;
+        Ok(Source::Streams(Box::new(StreamLoader::open(
             manifest, split, cfg,
         )?)))
     }
@@ -78,17 +79,8 @@ impl Source {
 
     pub fn next_batch(&mut self) -> Result<TrainBatch> {
         Ok(match self {
-            Source::Tokens(l) => {
-                let b = l.next_batch()?;
-                TrainBatch {
-                    batch: b.batch,
-                    seq_len: b.seq_len,
-                    inputs: b.inputs,
-                    targets: b.targets,
-                    mask: None,
-                    resets: b.resets,
-                }
-            }
+            Source::Tokens(l) => token_batch(l.next_batch()?),
+            Source::Streams(s) => token_batch(s.next_batch()?),
             Source::Qa(q) => {
                 let b = q.next_batch()?;
                 TrainBatch {
@@ -107,6 +99,7 @@ impl Source {
         match self {
             Source::Tokens(l) => l.position(),
             Source::Qa(q) => q.position(),
+            Source::Streams(s) => s.position(),
         }
     }
 
@@ -114,6 +107,7 @@ impl Source {
         match self {
             Source::Tokens(l) => l.seek(p),
             Source::Qa(q) => q.seek(p),
+            Source::Streams(s) => s.seek(p),
         }
     }
 
@@ -121,6 +115,42 @@ impl Source {
         match self {
             Source::Tokens(l) => l.steps_per_epoch(),
             Source::Qa(q) => q.steps_per_epoch(),
+            Source::Streams(s) => s.steps_per_epoch(),
         }
     }
+}
+
+/// A token batch (every target counts).
+fn token_batch(b: crate::data::loader::TokenBatch) -> TrainBatch {
+    TrainBatch {
+        batch: b.batch,
+        seq_len: b.seq_len,
+        inputs: b.inputs,
+        targets: b.targets,
+        mask: None,
+        resets: b.resets,
+    }
+}
+
+/// Checks the shards' manifest against the tokenizer and the model's vocabulary.
+fn check_manifest(manifest: &Path, tokenizer_sha256: Option<&str>, vocab: usize) -> Result<()> {
+    let (m, _) = Manifest::load(manifest)?;
+    if let Some(sha) = tokenizer_sha256 {
+        if sha != m.tokenizer.sha256 {
+            bail!(
+                    "the tokenizer (sha256 {sha}) does not match the data in {} (made with tokenizer sha256 {} from {}): re-run vet-data prepare with this tokenizer",
+                    manifest.display(),
+                    m.tokenizer.sha256,
+                    m.tokenizer.path
+                );
+        }
+    }
+    if m.tokenizer.vocab_size > vocab {
+        bail!(
+            "the data in {} uses a {}-token vocabulary but the model has {vocab} embedding rows",
+            manifest.display(),
+            m.tokenizer.vocab_size
+        );
+    }
+    Ok(())
 }

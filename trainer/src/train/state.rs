@@ -120,6 +120,28 @@ pub fn save(
     state: &TrainerState,
     keep_last: usize,
 ) -> Result<PathBuf> {
+    save_with(
+        out_dir,
+        cfg,
+        engine,
+        tokenizer,
+        state,
+        keep_last,
+        |_| Ok(()),
+    )
+}
+
+/// [`save`], with `extra` writing more files into the checkpoint's temporary directory before
+/// it is renamed into place (the carried states of stateful training).
+pub fn save_with(
+    out_dir: &Path,
+    cfg: &MambaConfig,
+    engine: &dyn TrainingEngine,
+    tokenizer: Option<&Path>,
+    state: &TrainerState,
+    keep_last: usize,
+    extra: impl FnOnce(&Path) -> Result<()>,
+) -> Result<PathBuf> {
     let dir = step_dir(out_dir, state.step);
     let params: Params<f32> = params_from_named(cfg, &engine.parameters()?)?;
     let opt = engine.optimizer_state()?;
@@ -144,7 +166,7 @@ pub fn save(
         };
         let json = serde_json::to_string_pretty(&state)?;
         reference::fs::atomic_write(&tmp.join("trainer_state.json"), json.as_bytes())?;
-        Ok(())
+        extra(tmp)
     })?;
     let all = list(out_dir)?;
     for (_, old) in all.iter().take(all.len().saturating_sub(keep_last.max(1))) {

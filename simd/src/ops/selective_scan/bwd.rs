@@ -26,6 +26,9 @@ const CHUNK: usize = 64;
 pub(crate) struct ScanBwdInputs<'a> {
     pub scan: Scan<'a>,
     pub h0: Option<&'a [f32]>,
+    /// The final state's gradient (`[batch, d_inner, d_state]`, from later windows of the same
+    /// rows), entering the reverse recurrence after the last position.
+    pub d_last: Option<&'a [f32]>,
     /// Use the portable `wide` lanes even where the CPU has AVX2 (to test that path).
     pub portable: bool,
 }
@@ -321,7 +324,18 @@ unsafe fn group_bwd<L: Lanes>(
     let a: Vec<L> = a_lanes(inp, cg, w);
     let dvec = load(inp.d, cg, w);
     let bias = load(inp.delta_bias, cg, w);
-    let mut dh = vec![L::zero(); ds];
+    let mut dh = match inp.d_last {
+        Some(d) => (0..ds)
+            .map(|n| {
+                let mut v = [0f32; LANES];
+                for (l, x) in v.iter_mut().take(w).enumerate() {
+                    *x = d[(bi * di + cg + l) * ds + n];
+                }
+                L::from_wide(f32x8::from(v))
+            })
+            .collect(),
+        None => vec![L::zero(); ds],
+    };
     let mut ga = vec![L::zero(); ds];
     let mut gd = f32x8::ZERO;
     let mut gbias = f32x8::ZERO;
@@ -486,6 +500,7 @@ mod tests {
                     d_state: ds,
                 },
                 h0: Some(&h0),
+                d_last: None,
                 portable,
             };
             let g = selective_scan_bwd(&pool, &inp, &dout);

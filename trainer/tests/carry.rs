@@ -1,0 +1,204 @@
+//! Stateful training (`[train] carry_state`) end to end: the carried states are checkpointed
+//! and a resumed run is the same bits as an uninterrupted one; the state really is carried
+//! (zeroing the saved state changes what follows); bad settings are clear errors.
+
+use std::path::{Path, PathBuf};
+
+use reference::io::{read_tensors, write_tensors, TensorOut};
+use trainer::train::carry::carry_file;
+use trainer::train::run::{train, RunOptions};
+use trainer::train::run_config::RunConfig;
+use trainer::train::state;
+
+mod common;
+
+fn config(out: &Path, manifest: &Path, steps: u64, carry: &str) -> RunConfig {
+    RunConfig::parse(&format!(
+        r#"
+        stage = "pretrain"
+        out_dir = "{}"
+        [model]
+        preset = "quickstart"
+        [data]
+        manifest = "{}"
+        tokenizer = "{}"
+        [train]
+        batch = 2
+        seq_len = 16
+        steps = {steps}
+        seed = 5
+        carry_state = {carry}
+        [optim]
+        lr = 3e-3
+        min_lr = 0.0
+        warmup_steps = 2
+        [checkpoint]
+        every = 3
+        keep_last = 5
+        "#,
+        out.display(),
+        manifest.display(),
+        common::tokenizer().display()
+    ))
+    .unwrap()
+}
+
+fn losses(out: &Path) -> Vec<u64> {
+    std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|v| v["loss"].as_f64())
+        .map(f64::to_bits)
+        .collect()
+}
+
+fn resume() -> RunOptions {
+    RunOptions {
+        resume: true,
+        ..RunOptions::default()
+    }
+}
+
+/// Runs 6 steps straight and 3 + a resume to 6; returns both output directories.
+fn whole_and_resumed(dir: &Path, manifest: &Path, carry: &str) -> (PathBuf, PathBuf) {
+    let whole = dir.join("whole");
+    train(config(&whole, manifest, 6, carry), &RunOptions::default()).unwrap();
+    let split = dir.join("split");
+    train(config(&split, manifest, 3, carry), &RunOptions::default()).unwrap();
+    (whole, split)
+}
+
+fn check_resume_is_exact(name: &str, carry: &str) {
+    let dir = common::scratch("carry", name);
+    let manifest = common::byte_shards(&dir, 3000);
+    let (whole, split) = whole_and_resumed(&dir, &manifest, carry);
+    let ck = state::step_dir(&split, 3).join(carry_file(0));
+    let saved = read_tensors(&ck).unwrap();
+    assert!(
+        saved.iter().any(|(_, t)| t.data.iter().any(|&v| v != 0.0)),
+        "{name}: the checkpoint holds a carried state"
+    );
+    train(config(&split, &manifest, 6, carry), &resume()).unwrap();
+    assert_eq!(
+        losses(&whole),
+        losses(&split),
+        "{name}: losses after resume"
+    );
+    for file in ["model.safetensors", carry_file(0).as_str()] {
+        let a = std::fs::read(state::step_dir(&whole, 6).join(file)).unwrap();
+        let b = std::fs::read(state::step_dir(&split, 6).join(file)).unwrap();
+        assert!(a == b, "{name}: {file} differs after resume");
+    }
+}
+
+#[test]
+fn detached_carry_resumes_mid_run_to_the_same_bits() {
+    check_resume_is_exact("detach", "\"detach\"");
+}
+
+#[test]
+fn carry_through_two_windows_resumes_mid_run_to_the_same_bits() {
+    check_resume_is_exact("k2", "2");
+}
+
+#[test]
+fn the_saved_state_is_the_one_the_next_window_starts_from() {
+    let dir = common::scratch("carry", "zeroed");
+    let manifest = common::byte_shards(&dir, 3000);
+    let (whole, split) = whole_and_resumed(&dir, &manifest, "true");
+    // Zero the carried state in the checkpoint: the resumed run must then differ.
+    let path = state::step_dir(&split, 3).join(carry_file(0));
+    let zeroed: Vec<(String, TensorOut)> = read_tensors(&path)
+        .unwrap()
+        .into_iter()
+        .map(|(n, t)| {
+            let data = vec![0.0; t.data.len()];
+            (
+                n,
+                TensorOut::F32 {
+                    shape: t.shape,
+                    data,
+                },
+            )
+        })
+        .collect();
+    write_tensors(&path, &zeroed).unwrap();
+    train(config(&split, &manifest, 6, "true"), &resume()).unwrap();
+    let (a, b) = (losses(&whole), losses(&split));
+    assert_eq!(a[..3], b[..3]);
+    assert_ne!(
+        a[3], b[3],
+        "step 4 starts from the carried state, not from zeros"
+    );
+}
+
+#[test]
+fn a_checkpoint_without_carried_states_is_refused_naming_the_file() {
+    let dir = common::scratch("carry", "missing");
+    let manifest = common::byte_shards(&dir, 3000);
+    let out = dir.join("run");
+    train(config(&out, &manifest, 3, "false"), &RunOptions::default()).unwrap();
+    let err = train(config(&out, &manifest, 6, "\"detach\""), &resume()).unwrap_err();
+    let msg = format!("{err:#}");
+    assert!(
+        msg.contains(&carry_file(0)) && msg.contains("without `train.carry_state`"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn bad_carry_settings_are_clear_errors() {
+    for (value, want) in [
+        ("0", "`train.carry_state` is 0"),
+        ("\"sometimes\"", "\"sometimes\""),
+    ] {
+        let text = format!("stage = \"pretrain\"\nout_dir = \"x\"\n[model]\npreset = \"tiny\"\n[data]\nmanifest = \"m\"\n[train]\nbatch = 1\nseq_len = 4\nsteps = 1\ncarry_state = {value}\n[optim]\nlr = 1e-3\n");
+        let err = RunConfig::parse(&text).unwrap_err();
+        assert!(format!("{err:#}").contains(want), "{value}: {err:#}");
+    }
+    let text = "stage = \"pretrain\"\nout_dir = \"x\"\n[model]\npreset = \"tiny\"\n[data]\nmanifest = \"m\"\n[train]\nbatch = 1\nseq_len = 4\nsteps = 1\ncarry_state = \"3\"\n[optim]\nlr = 1e-3\n";
+    let cfg = RunConfig::parse(text).unwrap();
+    assert_eq!(
+        cfg.train.carry_state,
+        trainer::train::carry::CarryState::Windows(3)
+    );
+    let again = RunConfig::parse(&cfg.to_toml().unwrap()).unwrap();
+    assert_eq!(
+        again.train.carry_state, cfg.train.carry_state,
+        "the setting survives to_toml"
+    );
+}
+
+#[test]
+fn eval_long_reads_a_document_in_windows_as_one_forward_and_buckets_every_position() {
+    use reference::rng::Rng;
+    use trainer::train::long_eval::{bucket_edges, document_losses, long_eval};
+    let ck = trainer::checkpoint::load(&fixtures::tiny_checkpoint()).unwrap();
+    let vocab = ck.config.vocab_size as u64;
+    let mut e = reference::ReferenceEngine::<f32>::new(ck.config, ck.params);
+    let mut rng = Rng::new(21);
+    let doc: Vec<u32> = (0..60).map(|_| rng.below(vocab) as u32).collect();
+    let whole = document_losses(&mut e, &doc, 1000).unwrap();
+    let windowed = document_losses(&mut e, &doc, 7).unwrap();
+    assert_eq!((whole.len(), windowed.len()), (59, 59));
+    for (t, (a, b)) in windowed.iter().zip(&whole).enumerate() {
+        assert!(
+            (a - b).abs() <= 1e-5 * b.abs(),
+            "position {t}: {a} in windows, {b} whole"
+        );
+    }
+    assert_eq!(bucket_edges(600), vec![0, 512, 2048]);
+    assert_eq!(
+        bucket_edges(40_000),
+        vec![0, 512, 2048, 8192, 32768, 131072]
+    );
+    let long: Vec<u32> = (0..700).map(|_| rng.below(vocab) as u32).collect();
+    let r = long_eval(&mut e, &[doc.clone(), long], 128, "tiny").unwrap();
+    let spans: Vec<(u64, u64, u64)> = r.buckets.iter().map(|b| (b.from, b.to, b.tokens)).collect();
+    assert_eq!(spans, vec![(0, 512, 59 + 512), (512, 2048, 699 - 512)]);
+    assert!(r
+        .buckets
+        .iter()
+        .all(|b| b.perplexity.is_finite() && b.perplexity > 1.0));
+}
