@@ -10,6 +10,7 @@ pub mod cli;
 pub mod data;
 pub mod debug_state;
 pub mod device;
+pub mod export;
 pub mod generate;
 pub mod lock;
 pub mod quickstart;
