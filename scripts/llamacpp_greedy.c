@@ -5,7 +5,8 @@
  *
  * Feeds the prompt ids as one batch, then takes the argmax of the last logits N_NEW times
  * (ties to the lowest id, as vet-chat's greedy does), feeding each back. It does not stop at
- * end-of-text: the comparison covers exactly N_NEW tokens. Prints the new ids, comma-separated.
+ * end-of-text: the comparison covers exactly N_NEW tokens. Weights are not repacked for AMX
+ * (see below). Prints the new ids, comma-separated.
  * Built against libllama by check-llamacpp.sh (cc ... -lllama). */
 #include <stdio.h>
 #include <stdlib.h>
@@ -42,6 +43,11 @@ int main(int argc, char **argv) {
     llama_log_set(quiet, NULL);
     llama_backend_init();
     struct llama_model_params mp = llama_model_default_params();
+    /* ggml's AMX repacking of Q8_0 weights crashes (SIGSEGV in ggml_backend_amx_mul_mat) on
+     * these small models on AMX CPUs; the plain CPU kernels are what this check is about.
+     * LLAMACPP_EXTRA_BUFTS=1 turns the repacking back on. */
+    const char *extra = getenv("LLAMACPP_EXTRA_BUFTS");
+    mp.use_extra_bufts = extra && strcmp(extra, "1") == 0;
     struct llama_model *model = llama_model_load_from_file(argv[1], mp);
     if (!model) {
         fprintf(stderr, "llama.cpp could not load %s\n", argv[1]);
