@@ -127,7 +127,7 @@ fn check_tensor(t: &TensorEntry) -> io::Result<()> {
         ));
     }
     let row = t.shape.last().copied().unwrap_or(1);
-    if t.dtype == GgmlType::Q8_0 && row % Q8_0_BLOCK != 0 {
+    if t.dtype == GgmlType::Q8_0 && !row.is_multiple_of(Q8_0_BLOCK) {
         return bad(format!(
             "gguf tensor {}: rows of {row} are not a multiple of {Q8_0_BLOCK} (Q8_0)",
             t.name

@@ -173,7 +173,7 @@ fn tensors<'a>(
     let big = |shape: &[usize]| match dtype {
         ExportDtype::F32 => GgmlType::F32,
         ExportDtype::F16 => GgmlType::F16,
-        ExportDtype::Q8_0 if shape[1] % gguf::Q8_0_BLOCK == 0 => GgmlType::Q8_0,
+        ExportDtype::Q8_0 if shape[1].is_multiple_of(gguf::Q8_0_BLOCK) => GgmlType::Q8_0,
         ExportDtype::Q8_0 => GgmlType::F16,
     };
     let mut out = Vec::new();
