@@ -8,7 +8,8 @@
 #    llama, llama-bench, llama-quantize, llama-tokenize, llama-simple) and leaves it in place.
 # 2. Exports fixtures/tiny and a quickstart-sized checkpoint (the argument, else
 #    runs/quickstart/finetune/checkpoints/* newest, else a fresh one from `vet-train`'s quickstart
-#    when VET_TRAIN_QUICKSTART=1) as f32 and q8_0 GGUF.
+#    when VET_TRAIN_QUICKSTART=1, else scripts/random_checkpoint.py's random one of that shape
+#    with the bundled BPE tokenizer) as f32 and q8_0 GGUF.
 # 3. For each file and several prompts: llama.cpp's greedy ids (scripts/llamacpp_greedy.c,
 #    linked against libllama) against `vet-chat --tokens ... --greedy`; and llama.cpp's
 #    tokenizer (llama-tokenize) against ours on a sentence, for the BPE model.
@@ -20,6 +21,7 @@ LLAMACPP=${LLAMACPP:-/work/tools/llama.cpp}
 BUILD=$LLAMACPP/build
 N_NEW=${N_NEW:-32}
 OUT=${OUT:-target/llamacpp-check}
+BIN=${BIN:-target/release}  # BIN=target/debug uses the debug build
 mkdir -p "$OUT"
 t_start=$SECONDS
 
@@ -57,7 +59,7 @@ fail=0
 pass=0
 compare() { # name gguf checkpoint ids
     local name=$1 gguf=$2 ck=$3 ids=$4 ours theirs
-    ours=$(target/release/vet-chat --model "$ck" --tokens "$ids" --greedy --max-new-tokens "$N_NEW")
+    ours=$("$BIN"/vet-chat --model "$ck" --tokens "$ids" --greedy --max-new-tokens "$N_NEW")
     theirs=$("$OUT/llamacpp_greedy" "$gguf" "$N_NEW" "$ids")
     if [ "$ours" = "$theirs" ]; then
         pass=$((pass + 1))
@@ -77,7 +79,7 @@ check_model() { # label checkpoint prompt-id-lists...
     shift 2
     for dt in f32 q8_0; do
         local g="$OUT/$label-$dt.gguf" t0=$SECONDS
-        target/release/vet-train export --model "$ck" --format gguf --out "$g" --dtype "$dt"
+        "$BIN"/vet-train export --model "$ck" --format gguf --out "$g" --dtype "$dt"
         echo "check-llamacpp: export $label $dt took $((SECONDS - t0)) s"
         local k=0
         for ids in "$@"; do
@@ -92,15 +94,22 @@ quickstart_checkpoint() {
     local newest
     newest=$(ls -d runs/quickstart/finetune/checkpoints/step-* 2>/dev/null | sort | tail -1 || true)
     if [ -z "$newest" ] && [ "${VET_TRAIN_QUICKSTART:-0}" = 1 ]; then
-        target/release/vet-train >&2
+        "$BIN"/vet-train >&2
         newest=$(ls -d runs/quickstart/finetune/checkpoints/step-* | sort | tail -1)
+    fi
+    if [ -z "$newest" ]; then
+        # The quickstart's shape and BPE tokenizer with random weights.
+        python3 scripts/random_checkpoint.py "$OUT/random-quickstart" >&2
+        newest=$OUT/random-quickstart
     fi
     echo "$newest"
 }
 
 build_llamacpp
 build_helper
-cargo build --release -p trainer --bin vet-chat --bin vet-train
+if [ "$BIN" = target/release ]; then
+    cargo build --release -p trainer --bin vet-chat --bin vet-train
+fi
 check_model tiny fixtures/tiny 72,101,108,108,111 84,104,101,32,100,111,103 1,2,3,250,251,256,10
 qs=$(quickstart_checkpoint "${1:-}")
 if [ -n "$qs" ]; then
