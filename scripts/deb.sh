@@ -19,7 +19,7 @@ mkdir -p dist/help
 for b in vet-chat vet-train vet-data; do
     "target/release/$b" --help > "dist/help/$b.txt"
 done
-deb=$(cargo deb -p trainer --no-build -o dist/ | tail -1)
+deb=$(cargo deb -p trainer --no-build --fast -o dist/ | tail -1)
 echo "deb.sh: built in $((SECONDS - t0)) s" >&2
 
 if [ "${1:-}" = --check ]; then
