@@ -12,6 +12,7 @@ pub mod data;
 pub mod debug_state;
 pub mod device;
 pub mod dist;
+pub mod export;
 pub mod generate;
 pub mod launch;
 pub mod lock;

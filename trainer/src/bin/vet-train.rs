@@ -205,6 +205,22 @@ enum Cmd {
         #[arg(long)]
         force: bool,
     },
+    /// Write a checkpoint as a GGUF file in llama.cpp's `mamba` architecture (weights and
+    /// tokenizer), for llama.cpp, ollama and LM Studio.
+    Export {
+        /// Checkpoint directory (config.json + model.safetensors + tokenizer.json).
+        #[arg(long)]
+        model: PathBuf,
+        /// Output format (gguf is the only one).
+        #[arg(long, default_value = "gguf")]
+        format: String,
+        /// The .gguf file to write (atomically; an existing file is replaced).
+        #[arg(long)]
+        out: PathBuf,
+        /// Type of the large matrices: f32, f16 or q8_0 (norms, conv, A, D and biases stay f32).
+        #[arg(long, default_value = "f32")]
+        dtype: String,
+    },
 }
 
 /// `vet-train convert`.
@@ -226,6 +242,23 @@ fn convert(
     let files = trainer::convert::convert(model, out, &o)
         .with_context(|| format!("converting {} to {}", model.display(), out.display()))?;
     println!("{}: {}", out.display(), files.join(", "));
+    Ok(())
+}
+
+/// `vet-train export`.
+fn export(model: &std::path::Path, format: &str, out: &std::path::Path, dtype: &str) -> Result<()> {
+    if format != "gguf" {
+        anyhow::bail!("--format {format:?}: only gguf is supported");
+    }
+    let dt: trainer::export::ExportDtype = dtype.parse().map_err(anyhow::Error::msg)?;
+    let s = trainer::export::export_gguf(model, out, dt)?;
+    println!(
+        "{}: GGUF (llama.cpp mamba), {dtype}, {} tensors, {} tokens, {:.1} MB",
+        out.display(),
+        s.tensors,
+        s.vocab,
+        s.bytes as f64 / 1e6
+    );
     Ok(())
 }
 
@@ -468,6 +501,12 @@ fn run_cli(cli: Cli) -> Result<()> {
             };
             convert(&model, &out, o, &dtype, &max_shard_size)?
         }
+        Cmd::Export {
+            model,
+            format,
+            out,
+            dtype,
+        } => export(&model, &format, &out, &dtype)?,
         Cmd::Plot { run, out } => {
             let metrics = if run.is_dir() {
                 run.join("metrics.jsonl")

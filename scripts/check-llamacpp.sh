@@ -1,0 +1,137 @@
+#!/usr/bin/env bash
+# Opt-in: runs Vet-Mamba's GGUF export in llama.cpp itself and compares greedy tokens.
+#
+#   bash scripts/check-llamacpp.sh [QUICKSTART_CHECKPOINT]
+#
+# 1. llama.cpp: reuses /work/tools/llama.cpp/build (or $LLAMACPP), else builds it once from the
+#    llama-cpp-python sdist on PyPI (CMake Release, -DGGML_NATIVE=ON, nice -n 10, -j2; targets
+#    llama, llama-bench, llama-quantize, llama-tokenize, llama-simple) and leaves it in place.
+# 2. Exports fixtures/tiny and a quickstart-sized checkpoint (the argument, else
+#    runs/quickstart/finetune/checkpoints/* newest, else a fresh one from `vet-train`'s quickstart
+#    when VET_TRAIN_QUICKSTART=1, else scripts/random_checkpoint.py's random one of that shape
+#    with the bundled BPE tokenizer) as f32 and q8_0 GGUF.
+# 3. For each file and several prompts: llama.cpp's greedy ids (scripts/llamacpp_greedy.c,
+#    linked against libllama) against `vet-chat --tokens ... --greedy`; and llama.cpp's
+#    tokenizer (llama-tokenize) against ours on a sentence, for the BPE model.
+# Prints one line per comparison and a summary; exits 1 on any difference.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PATH="$HOME/.local/bin:$PATH"
+LLAMACPP=${LLAMACPP:-/work/tools/llama.cpp}
+BUILD=$LLAMACPP/build
+N_NEW=${N_NEW:-32}
+OUT=${OUT:-target/llamacpp-check}
+BIN=${BIN:-target/release}  # BIN=target/debug uses the debug build
+mkdir -p "$OUT"
+t_start=$SECONDS
+
+build_llamacpp() {
+    if [ -f "$BUILD/bin/libllama.so" ] && [ -x "$BUILD/bin/llama-tokenize" ]; then
+        return
+    fi
+    if [ ! -f "$LLAMACPP/CMakeLists.txt" ]; then
+        local tmp
+        tmp=$(mktemp -d)
+        pip download llama-cpp-python --no-binary llama-cpp-python --no-deps -d "$tmp"
+        tar -C "$tmp" -xzf "$tmp"/llama_cpp_python-*.tar.gz
+        mkdir -p "$(dirname "$LLAMACPP")"
+        mv "$tmp"/llama_cpp_python-*/vendor/llama.cpp "$LLAMACPP"
+        basename "$tmp"/llama_cpp_python-*.tar.gz > "$LLAMACPP/VET_SOURCE"
+        rm -rf "$tmp"
+    fi
+    command -v cmake >/dev/null || pip install --user --quiet cmake ninja
+    local t0=$SECONDS
+    cmake -S "$LLAMACPP" -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON \
+        -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_OPENSSL=OFF
+    nice -n 10 cmake --build "$BUILD" -j2 --target llama llama-bench llama-quantize \
+        llama-tokenize llama-simple
+    echo "check-llamacpp: built llama.cpp in $((SECONDS - t0)) s"
+}
+
+build_helper() {
+    local lib
+    lib=$(dirname "$(find "$BUILD" -name 'libllama.so' | head -1)")
+    cc -O2 -o "$OUT/llamacpp_greedy" scripts/llamacpp_greedy.c \
+        -I"$LLAMACPP/include" -I"$LLAMACPP/ggml/include" -L"$lib" -lllama -Wl,-rpath,"$lib"
+}
+
+fail=0
+pass=0
+compare() { # name gguf checkpoint ids
+    local name=$1 gguf=$2 ck=$3 ids=$4 ours theirs
+    ours=$("$BIN"/vet-chat --model "$ck" --tokens "$ids" --greedy --max-new-tokens "$N_NEW")
+    theirs=$("$OUT/llamacpp_greedy" "$gguf" "$N_NEW" "$ids")
+    if [ "$ours" = "$theirs" ]; then
+        pass=$((pass + 1))
+        echo "check-llamacpp: $name: $N_NEW greedy tokens equal"
+    else
+        fail=$((fail + 1))
+        local same=0 a b
+        IFS=, read -ra a <<< "$ours"
+        IFS=, read -ra b <<< "$theirs"
+        while [ $same -lt ${#a[@]} ] && [ "${a[$same]}" = "${b[$same]:-}" ]; do same=$((same + 1)); done
+        echo "check-llamacpp: $name: DIFFER after $same tokens: vet-chat $ours | llama.cpp $theirs"
+    fi
+}
+
+check_model() { # label checkpoint prompt-id-lists...
+    local label=$1 ck=$2
+    shift 2
+    for dt in f32 q8_0; do
+        local g="$OUT/$label-$dt.gguf" t0=$SECONDS
+        "$BIN"/vet-train export --model "$ck" --format gguf --out "$g" --dtype "$dt"
+        echo "check-llamacpp: export $label $dt took $((SECONDS - t0)) s"
+        local k=0
+        for ids in "$@"; do
+            k=$((k + 1))
+            compare "$label $dt prompt $k" "$g" "$ck" "$ids"
+        done
+    done
+}
+
+quickstart_checkpoint() {
+    if [ -n "${1:-}" ]; then echo "$1"; return; fi
+    local newest
+    newest=$(ls -d runs/quickstart/finetune/checkpoints/step-* 2>/dev/null | sort | tail -1 || true)
+    if [ -z "$newest" ] && [ "${VET_TRAIN_QUICKSTART:-0}" = 1 ]; then
+        "$BIN"/vet-train >&2
+        newest=$(ls -d runs/quickstart/finetune/checkpoints/step-* | sort | tail -1)
+    fi
+    if [ -z "$newest" ]; then
+        # The quickstart's shape and BPE tokenizer with random weights.
+        python3 scripts/random_checkpoint.py "$OUT/random-quickstart" >&2
+        newest=$OUT/random-quickstart
+    fi
+    echo "$newest"
+}
+
+build_llamacpp
+build_helper
+if [ "$BIN" = target/release ]; then
+    cargo build --release -p trainer --bin vet-chat --bin vet-train
+fi
+check_model tiny fixtures/tiny 72,101,108,108,111 84,104,101,32,100,111,103 1,2,3,250,251,256,10
+qs=$(quickstart_checkpoint "${1:-}")
+if [ -n "$qs" ]; then
+    check_model quickstart "$qs" 2,10,3 100,200,300,400,500 17,4000,33,1024,7,7,7
+    # llama.cpp's tokenizer on our GGUF metadata against Hugging Face tokenizers on
+    # tokenizer.json (the library vet-chat tokenizes with).
+    text="How is canine parvovirus spread? Vaccinate puppies at 6-8 weeks, then yearly."
+    theirs=$("$BUILD/bin/llama-tokenize" -m "$OUT/quickstart-f32.gguf" -p "$text" --ids \
+        --log-disable 2>/dev/null | tail -1 | tr -d '[] ')
+    python3 -c 'import tokenizers' 2>/dev/null || pip install --user --quiet tokenizers
+    ours=$(python3 -c 'import sys; from tokenizers import Tokenizer as T
+print(",".join(map(str, T.from_file(sys.argv[1]).encode(sys.argv[2]).ids)))' "$qs/tokenizer.json" "$text")
+    if [ "$ours" = "$theirs" ]; then
+        pass=$((pass + 1))
+        echo "check-llamacpp: tokenizer: llama.cpp's ids equal tokenizer.json's ($ours)"
+    else
+        fail=$((fail + 1))
+        echo "check-llamacpp: tokenizer: DIFFER: tokenizer.json $ours | llama.cpp $theirs"
+    fi
+    compare "quickstart f32 tokenized text" "$OUT/quickstart-f32.gguf" "$qs" "$ours"
+else
+    echo "check-llamacpp: no quickstart checkpoint (pass one, or VET_TRAIN_QUICKSTART=1 to train one)"
+fi
+echo "check-llamacpp: $pass passed, $fail failed ($((SECONDS - t_start)) s)"
+[ $fail -eq 0 ]
