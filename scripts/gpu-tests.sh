@@ -6,7 +6,7 @@
 #   bash scripts/gpu-tests.sh run        # on the GPU machine: run every GPU test binary
 #   bash scripts/gpu-tests.sh bench [train|scan|infer|all]   # on the GPU machine: the benchmark
 #
-# target/gpu-tests/ also holds vet-train and vet-chat, e.g. for the whole quickstart on the GPU:
+# target/gpu-tests/ also holds vet-train, vet-data and vet-chat (scripts/gpu-dist-check.sh uses them), e.g. for the whole quickstart on the GPU:
 # `target/gpu-tests/vet-train --device cuda --out-dir runs/quickstart-cuda`.
 #
 # With the device tool: build here, then run with `carry: ["target/gpu-tests"]` and the command
@@ -36,8 +36,8 @@ for line in sys.stdin:
 ' | while read -r exe; do
         cp "$exe" "$out/$(basename "$exe" | sed 's/-[0-9a-f]*$//')"
     done
-    cargo build --release -p gpu --bin gpu-bench -p trainer --bin vet-chat --bin vet-train
-    cp target/release/gpu-bench target/release/vet-chat target/release/vet-train "$out/"
+    cargo build --release -p gpu --bin gpu-bench -p trainer --bin vet-chat --bin vet-train --bin vet-data
+    cp target/release/gpu-bench target/release/vet-chat target/release/vet-train target/release/vet-data "$out/"
     strip "$out"/* 2>/dev/null || true
     for f in gpu-bench vet-chat gpu_conformance selective_scan conv1d norm loss gpu_kernel_cache gpu_chat; do
         [ -x "$out/$f" ] || { echo "gpu-tests.sh: $out/$f was not built" >&2; exit 1; }
@@ -47,7 +47,7 @@ for line in sys.stdin:
 run)
     status=0
     for t in "$out"/*; do
-        case "$(basename "$t")" in gpu-bench | vet-chat | vet-train) continue ;; esac
+        case "$(basename "$t")" in gpu-bench | vet-chat | vet-train | vet-data) continue ;; esac
         echo "== $t"
         "$t" --test-threads=1 --nocapture || status=1
     done

@@ -28,7 +28,7 @@ fn request(i: usize) -> (&'static str, serde_json::Value) {
     let q = QUESTIONS[i % QUESTIONS.len()];
     if i < QUESTIONS.len() {
         let mut body = chat_body(&[("user", q)], 24);
-        body["stream"] = json!(i % 2 == 0);
+        body["stream"] = json!(i.is_multiple_of(2));
         ("/v1/chat/completions", body)
     } else {
         let body = json!({"model": MODEL, "prompt": q, "max_tokens": 24, "temperature": 1.0,
@@ -107,8 +107,10 @@ async fn a_follow_up_answers_the_same_with_and_without_the_cache_and_skips_the_p
         state_cache_mb: 0,
         ..options()
     });
-    let q1 = "How often should a puppy be vaccinated?";
-    let q2 = "And an adult dog?";
+    // An answer is cached only when its text re-encodes to the tokens drawn (cache.rs); on
+    // the tiny model that holds for this question's greedy answer, not for every question's.
+    let q1 = "What causes hairballs in cats?";
+    let q2 = "And in an older cat?";
     let first = post(
         &cached,
         "/v1/chat/completions",
