@@ -357,17 +357,21 @@ impl Decoder {
         if !rest.is_empty() {
             let _ = seq.job.events.send(Event::Text(rest));
         }
-        let _ = seq.job.events.send(Event::Done(Done {
+        let done = Done {
             finish,
             prompt_tokens: seq.job.prompt.len(),
             completion_tokens: seq.drawn.len(),
             cached_tokens: seq.cached,
-        }));
-        Metrics::inc(&self.metrics.finished);
-        self.release();
+        };
+        let events = seq.job.events.clone();
+        // The state is cached before the answer ends, so a follow-up the client sends as soon
+        // as it has the answer finds it.
         if seq.job.keep_state {
             self.keep(seq);
         }
+        let _ = events.send(Event::Done(done));
+        Metrics::inc(&self.metrics.finished);
+        self.release();
     }
 
     /// Caches the state after the prompt, the answer and `<|endoftext|>` when the answer's

@@ -107,8 +107,8 @@ async fn a_follow_up_answers_the_same_with_and_without_the_cache_and_skips_the_p
         state_cache_mb: 0,
         ..options()
     });
-    // An answer is cached only when its text re-encodes to the tokens drawn (cache.rs); on
-    // the tiny model that holds for this question's greedy answer, not for every question's.
+    // An answer is cached only when its text re-encodes to the tokens drawn (sched.rs `keep`);
+    // on the tiny model that holds for this question's greedy answer, not for every question's.
     let q1 = "What causes hairballs in cats?";
     let q2 = "And in an older cat?";
     let first = post(
