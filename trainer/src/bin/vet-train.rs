@@ -100,31 +100,7 @@ enum Cmd {
     },
     /// Continue a prompt with a checkpoint (greedy unless --temperature is set).
     #[command(allow_negative_numbers = true)]
-    Generate {
-        /// Checkpoint directory (config.json + the weights in any layout + tokenizer.json).
-        #[arg(long)]
-        model: PathBuf,
-        /// A tokenizer.json to use instead of the checkpoint's own (mamba_ssm checkpoints
-        /// ship none).
-        #[arg(long)]
-        tokenizer: Option<PathBuf>,
-        /// The text to continue.
-        #[arg(long)]
-        prompt: String,
-        #[arg(long, default_value_t = 200)]
-        max_new_tokens: usize,
-        /// 0 = greedy (deterministic).
-        #[arg(long, default_value_t = 0.0)]
-        temperature: f64,
-        #[arg(long, default_value_t = 0)]
-        seed: u64,
-        /// Penalty on tokens already seen (1.0 = off; 1.2–1.5 curbs loops in small models).
-        #[arg(long, default_value_t = 1.0)]
-        repetition_penalty: f32,
-        /// cpu, cuda[:N], reference or reference-f64.
-        #[arg(long, default_value = "cpu")]
-        device: String,
-    },
+    Generate(GenerateArgs),
     /// Long-context evaluation (`--long`): perplexity by position bucket (0-512, 512-2k, 2k-8k,
     /// 8k-32k, ...) over long documents read window by window with the state carried; writes
     /// long_eval.json and long_eval.png into --out-dir.
@@ -448,6 +424,90 @@ fn main() -> std::process::ExitCode {
     trainer::cli::finish(run_cli(cli))
 }
 
+/// `vet-train generate`'s arguments.
+#[derive(clap::Args)]
+struct GenerateArgs {
+    /// Checkpoint directory (config.json + the weights in any layout + tokenizer.json).
+    #[arg(long)]
+    model: PathBuf,
+    /// A tokenizer.json to use instead of the checkpoint's own (mamba_ssm checkpoints
+    /// ship none).
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+    /// The text to continue.
+    #[arg(long)]
+    prompt: String,
+    #[arg(long, default_value_t = 200)]
+    max_new_tokens: usize,
+    /// 0 = greedy (deterministic).
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f64,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Penalty on tokens already seen (1.0 = off; 1.2–1.5 curbs loops in small models).
+    #[arg(long, default_value_t = 1.0)]
+    repetition_penalty: f32,
+    /// cpu, cuda[:N], reference or reference-f64.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+}
+
+/// `vet-train generate`: continues a prompt, printing as it goes.
+fn generate_cmd(a: GenerateArgs) -> Result<()> {
+    let GenerateArgs {
+        model,
+        tokenizer: tok_file,
+        prompt,
+        max_new_tokens,
+        temperature,
+        seed,
+        repetition_penalty,
+        device,
+    } = a;
+    checkpoint::check_dir(&model)?;
+    let tok_path = checkpoint::tokenizer_file(&model, tok_file.as_deref())?;
+    let ck = checkpoint::load(&model)?;
+    let tok = tokenizer::load(&tok_path, ck.config.vocab_size)?;
+    let ids = tokenizer::encode_text(&tok, &prompt)?;
+    let stop = tok.token_to_id(tokenizer::EOT);
+    let mut engine = device::engine(&device, &ck.config, ck.params)?;
+    let s = generate::Sampling {
+        temperature,
+        top_k: 0,
+        top_p: 1.0,
+        max_new_tokens,
+        seed,
+        stop_token: stop,
+        repetition_penalty,
+    };
+    print!("{prompt}");
+    let mut out = std::io::stdout();
+    let mut pending: Vec<u32> = Vec::new();
+    let started = std::time::Instant::now();
+    let sampleable = tok.get_vocab_size(true);
+    let new = generate::generate_within(engine.as_mut(), &ids, &s, sampleable, |t| {
+        // Byte-level tokens may split a UTF-8 character: print once it decodes whole.
+        pending.push(t);
+        if let Ok(text) = tokenizer::decode(&tok, &pending) {
+            if !text.contains('\u{FFFD}') {
+                print!("{text}");
+                let _ = out.flush();
+                pending.clear();
+            }
+        }
+    })
+    .context("generating")?;
+    let secs = started.elapsed().as_secs_f64();
+    println!(
+        "\n[{} prompt + {} new tokens in {secs:.2} s, {:.1} tokens/s, {}]",
+        ids.len(),
+        new.len(),
+        new.len() as f64 / secs,
+        engine.name()
+    );
+    Ok(())
+}
+
 fn run_cli(cli: Cli) -> Result<()> {
     let Some(cmd) = cli.cmd else {
         return run_job(cli.run);
@@ -529,58 +589,7 @@ fn run_cli(cli: Cli) -> Result<()> {
             out,
             device,
         } => debug_state_cmd(&model, &tokens, &out, &device)?,
-        Cmd::Generate {
-            model,
-            tokenizer: tok_file,
-            prompt,
-            max_new_tokens,
-            temperature,
-            seed,
-            repetition_penalty,
-            device,
-        } => {
-            checkpoint::check_dir(&model)?;
-            let tok_path = checkpoint::tokenizer_file(&model, tok_file.as_deref())?;
-            let ck = checkpoint::load(&model)?;
-            let tok = tokenizer::load(&tok_path, ck.config.vocab_size)?;
-            let ids = tokenizer::encode_text(&tok, &prompt)?;
-            let stop = tok.token_to_id(tokenizer::EOT);
-            let mut engine = device::engine(&device, &ck.config, ck.params)?;
-            let s = generate::Sampling {
-                temperature,
-                top_k: 0,
-                top_p: 1.0,
-                max_new_tokens,
-                seed,
-                stop_token: stop,
-                repetition_penalty,
-            };
-            print!("{prompt}");
-            let mut out = std::io::stdout();
-            let mut pending: Vec<u32> = Vec::new();
-            let started = std::time::Instant::now();
-            let sampleable = tok.get_vocab_size(true);
-            let new = generate::generate_within(engine.as_mut(), &ids, &s, sampleable, |t| {
-                // Byte-level tokens may split a UTF-8 character: print once it decodes whole.
-                pending.push(t);
-                if let Ok(text) = tokenizer::decode(&tok, &pending) {
-                    if !text.contains('\u{FFFD}') {
-                        print!("{text}");
-                        let _ = out.flush();
-                        pending.clear();
-                    }
-                }
-            })
-            .context("generating")?;
-            let secs = started.elapsed().as_secs_f64();
-            println!(
-                "\n[{} prompt + {} new tokens in {secs:.2} s, {:.1} tokens/s, {}]",
-                ids.len(),
-                new.len(),
-                new.len() as f64 / secs,
-                engine.name()
-            );
-        }
+        Cmd::Generate(a) => generate_cmd(a)?,
     }
     Ok(())
 }

@@ -224,16 +224,24 @@ fn is_finite(s: &State<f32>) -> bool {
 }
 
 /// The run's carry (`None` when `[train] carry_state` is off), restored from checkpoint
-/// `resume` when there is one. Stateful training reads token shards only.
+/// `resume` when there is one. Stateful training reads token shards only, in one process
+/// (`distributed`: a rank of a data-parallel job, refused for now).
 pub fn open(
     cfg: &super::run_config::RunConfig,
     mcfg: &MambaConfig,
     resume: Option<&Path>,
+    distributed: bool,
 ) -> Result<Option<Carry>> {
     let t = &cfg.train;
     let Some(mut carry) = Carry::new(t.carry_state, 0) else {
         return Ok(None);
     };
+    if distributed {
+        bail!(
+            "`train.carry_state` with data parallelism is not supported yet (the sharded \
+             checkpoint does not hold each rank's carried states): train it in one process"
+        );
+    }
     if cfg.stage != super::run_config::Stage::Pretrain || cfg.data.manifest.is_none() {
         bail!(
             "`train.carry_state` is for pretraining on token shards (`data.manifest`); stage {:?} \

@@ -17,8 +17,8 @@ use super::resume;
 use super::run_config::{RunConfig, Stage};
 use super::schedule::Schedule;
 use super::setup::{
-    check_resume, new_loss_scaler, open_source, open_source_ranked, schedule, starting_model,
-    tokenizer_path,
+    check_resume, new_loss_scaler, open_metrics, open_source, open_source_ranked, schedule,
+    start_shard_check, starting_model, tokenizer_path,
 };
 use super::source::{Source, TrainBatch};
 use super::state::{self, TrainerState};
@@ -207,13 +207,8 @@ impl Run {
             max_grad_norm: (o.grad_clip > 0.0).then_some(o.grad_clip),
         };
         let shard_check = start_shard_check(&cfg)?;
-        if dist.is_some() && !cfg.train.carry_state.is_off() {
-            bail!(
-                "`train.carry_state` with data parallelism is not supported yet (the sharded \
-                 checkpoint does not hold each rank's carried states): train it in one process"
-            );
-        }
-        let carry = super::carry::open(&cfg, &mcfg, latest.as_ref().map(|l| l.1.as_path()))?;
+        let resume_dir = latest.as_ref().map(|l| l.1.as_path());
+        let carry = super::carry::open(&cfg, &mcfg, resume_dir, dist.is_some())?;
         let resumed_from = latest.map(|(_, dir)| (state.step, dir));
         Ok(Run {
             schedule: schedule(&cfg, total_steps),
@@ -525,39 +520,6 @@ pub(crate) fn train_with(
         checkpoint,
         interrupted,
     })
-}
-
-/// Opens `metrics.jsonl` for appending; after a resume, first writes the `resumed_from` line:
-/// rows after that step are from the interrupted run and are written again, so readers drop
-/// the earlier rows past it (plot does).
-fn open_metrics(path: &Path, resumed_from: Option<&(u64, PathBuf)>) -> Result<std::fs::File> {
-    let mut metrics = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
-        .with_context(|| format!("opening {}", path.display()))?;
-    if let Some((step, dir)) = resumed_from {
-        let line = json!({"resumed_from": step, "checkpoint": dir.display().to_string()});
-        writeln!(metrics, "{line}")?;
-    }
-    Ok(metrics)
-}
-
-/// The background check of the token shards a pretraining run reads (train, and val when
-/// `[eval]` is set); none for QA data.
-fn start_shard_check(cfg: &RunConfig) -> Result<Option<ShardCheck>> {
-    let Some(manifest) = cfg.data.manifest.as_deref() else {
-        return Ok(None);
-    };
-    if cfg.stage != Stage::Pretrain {
-        return Ok(None);
-    }
-    let splits: &[&str] = if cfg.eval.is_some() {
-        &["train", "val"]
-    } else {
-        &["train"]
-    };
-    ShardCheck::spawn(manifest, splits).map(Some)
 }
 
 /// Notes the engine's memory use after the first step of this process, on the terminal and

@@ -13,6 +13,9 @@ use super::run_config::{preset, RunConfig, ScheduleKind, Stage};
 use super::schedule::{Schedule, WarmupType};
 use super::source::Source;
 use crate::checkpoint;
+use crate::data::verify::ShardCheck;
+use serde_json::json;
+use std::io::Write;
 
 /// fp16 trains with DeepSpeed's dynamic loss scaler; other precisions need none.
 pub(super) fn new_loss_scaler(cfg: &RunConfig) -> Option<DynamicLossScaler> {
@@ -171,4 +174,40 @@ pub(super) fn open_source_ranked(
             Source::qa(path, tok, qc)
         }
     }
+}
+
+/// Opens `metrics.jsonl` for appending; after a resume, first writes the `resumed_from` line:
+/// rows after that step are from the interrupted run and are written again, so readers drop
+/// the earlier rows past it (plot does).
+pub(super) fn open_metrics(
+    path: &Path,
+    resumed_from: Option<&(u64, PathBuf)>,
+) -> Result<std::fs::File> {
+    let mut metrics = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    if let Some((step, dir)) = resumed_from {
+        let line = json!({"resumed_from": step, "checkpoint": dir.display().to_string()});
+        writeln!(metrics, "{line}")?;
+    }
+    Ok(metrics)
+}
+
+/// The background check of the token shards a pretraining run reads (train, and val when
+/// `[eval]` is set); none for QA data.
+pub(super) fn start_shard_check(cfg: &RunConfig) -> Result<Option<ShardCheck>> {
+    let Some(manifest) = cfg.data.manifest.as_deref() else {
+        return Ok(None);
+    };
+    if cfg.stage != Stage::Pretrain {
+        return Ok(None);
+    }
+    let splits: &[&str] = if cfg.eval.is_some() {
+        &["train", "val"]
+    } else {
+        &["train"]
+    };
+    ShardCheck::spawn(manifest, splits).map(Some)
 }
