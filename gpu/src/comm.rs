@@ -16,7 +16,7 @@ use std::sync::Arc;
 
 use cudarc::driver::{CudaContext, CudaStream};
 use cudarc::nccl::safe::{Comm as NcclComm, Id, ReduceOp};
-use reference::comm::{length_error, Comm, CommError, CommResult};
+use reference::comm::{length_error, world_multiple_mismatch, Comm, CommError, CommResult};
 
 /// An error of this rank's NCCL communicator.
 fn nccl_err(rank: usize, op: &'static str, e: impl std::fmt::Debug) -> CommError {
@@ -105,6 +105,42 @@ impl Nccl {
             .map_err(|e| nccl_err(self.rank, op, e))
     }
 
+    /// A collective from host `input` into host `output` (lengths already checked), staged
+    /// through device buffers; nothing to do when either is empty.
+    fn staged(
+        &mut self,
+        op: &'static str,
+        input: &[f32],
+        output: &mut [f32],
+        collective: impl FnOnce(
+            &NcclComm,
+            &cudarc::driver::CudaSlice<f32>,
+            &mut cudarc::driver::CudaSlice<f32>,
+        ) -> Result<
+            cudarc::nccl::result::NcclStatus,
+            cudarc::nccl::result::NcclError,
+        >,
+    ) -> CommResult<()> {
+        if input.is_empty() || output.is_empty() {
+            return Ok(());
+        }
+        self.bind(op)?;
+        let e = |x: String| nccl_err(self.rank, op, x);
+        let src = self
+            .stream
+            .clone_htod(input)
+            .map_err(|x| e(format!("{x:?}")))?;
+        let mut dst = self
+            .stream
+            .alloc_zeros::<f32>(output.len())
+            .map_err(|x| e(format!("{x:?}")))?;
+        collective(&self.comm, &src, &mut dst).map_err(|x| e(format!("{x:?}")))?;
+        self.stream
+            .memcpy_dtoh(&dst, output)
+            .map_err(|x| e(format!("{x:?}")))?;
+        self.sync(op)
+    }
+
     /// All-reduce (sum) of host data staged through the device, element type `T`.
     fn all_reduce_host<T>(&mut self, data: &mut [T], op: &'static str) -> CommResult<()>
     where
@@ -151,74 +187,26 @@ impl Comm for Nccl {
 
     fn reduce_scatter_sum(&mut self, input: &[f32], output: &mut [f32]) -> CommResult<()> {
         let op = "reduce_scatter_sum";
-        if input.len() != output.len() * self.world {
-            return Err(length_error(
-                self.rank,
-                op,
-                format!(
-                    "input {} ≠ world {} × output {}",
-                    input.len(),
-                    self.world,
-                    output.len()
-                ),
-            ));
+        let mismatch =
+            world_multiple_mismatch(("input", input.len()), self.world, ("output", output.len()));
+        if let Some(msg) = mismatch {
+            return Err(length_error(self.rank, op, msg));
         }
-        if output.is_empty() {
-            return Ok(());
-        }
-        self.bind(op)?;
-        let e = |x: String| nccl_err(self.rank, op, x);
-        let src = self
-            .stream
-            .clone_htod(input)
-            .map_err(|x| e(format!("{x:?}")))?;
-        let mut dst = self
-            .stream
-            .alloc_zeros::<f32>(output.len())
-            .map_err(|x| e(format!("{x:?}")))?;
-        self.comm
-            .reduce_scatter(&src, &mut dst, &ReduceOp::Sum)
-            .map_err(|x| e(format!("{x:?}")))?;
-        self.stream
-            .memcpy_dtoh(&dst, output)
-            .map_err(|x| e(format!("{x:?}")))?;
-        self.sync(op)
+        self.staged(op, input, output, |comm, src, dst| {
+            comm.reduce_scatter(src, dst, &ReduceOp::Sum)
+        })
     }
 
     fn all_gather(&mut self, input: &[f32], output: &mut [f32]) -> CommResult<()> {
         let op = "all_gather";
-        if output.len() != input.len() * self.world {
-            return Err(length_error(
-                self.rank,
-                op,
-                format!(
-                    "output {} ≠ world {} × input {}",
-                    output.len(),
-                    self.world,
-                    input.len()
-                ),
-            ));
+        let mismatch =
+            world_multiple_mismatch(("output", output.len()), self.world, ("input", input.len()));
+        if let Some(msg) = mismatch {
+            return Err(length_error(self.rank, op, msg));
         }
-        if input.is_empty() {
-            return Ok(());
-        }
-        self.bind(op)?;
-        let e = |x: String| nccl_err(self.rank, op, x);
-        let src = self
-            .stream
-            .clone_htod(input)
-            .map_err(|x| e(format!("{x:?}")))?;
-        let mut dst = self
-            .stream
-            .alloc_zeros::<f32>(output.len())
-            .map_err(|x| e(format!("{x:?}")))?;
-        self.comm
-            .all_gather(&src, &mut dst)
-            .map_err(|x| e(format!("{x:?}")))?;
-        self.stream
-            .memcpy_dtoh(&dst, output)
-            .map_err(|x| e(format!("{x:?}")))?;
-        self.sync(op)
+        self.staged(op, input, output, |comm, src, dst| {
+            comm.all_gather(src, dst)
+        })
     }
 
     fn broadcast(&mut self, data: &mut [u8], root: usize) -> CommResult<()> {

@@ -10,7 +10,7 @@
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use super::{length_error, Comm, CommError, CommResult};
+use super::{length_error, world_multiple_mismatch, Comm, CommError, CommResult};
 
 /// How long a rank waits for its peers by default.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(120);
@@ -256,16 +256,9 @@ impl Comm for InProcess {
             data: Payload::F32(input.to_vec()),
         })?;
         let n = output.len();
-        if input.len() != n * self.shared.world {
-            return Err(length_error(
-                self.rank,
-                op,
-                format!(
-                    "input has {} elements, expected world {} × output {n}",
-                    input.len(),
-                    self.shared.world
-                ),
-            ));
+        let world = self.shared.world;
+        if let Some(msg) = world_multiple_mismatch(("input", input.len()), world, ("output", n)) {
+            return Err(length_error(self.rank, op, msg));
         }
         let chunk = self.rank * n..(self.rank + 1) * n;
         output.copy_from_slice(&f32s(&all[0])[chunk.clone()]);
@@ -284,16 +277,9 @@ impl Comm for InProcess {
             data: Payload::F32(input.to_vec()),
         })?;
         let n = input.len();
-        if output.len() != n * self.shared.world {
-            return Err(length_error(
-                self.rank,
-                op,
-                format!(
-                    "output has {} elements, expected world {} × input {n}",
-                    output.len(),
-                    self.shared.world
-                ),
-            ));
+        let world = self.shared.world;
+        if let Some(msg) = world_multiple_mismatch(("output", output.len()), world, ("input", n)) {
+            return Err(length_error(self.rank, op, msg));
         }
         for (dst, d) in output.chunks_mut(n.max(1)).zip(&all) {
             dst.copy_from_slice(f32s(d));

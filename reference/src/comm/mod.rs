@@ -71,3 +71,19 @@ pub fn length_error(rank: usize, op: &'static str, msg: String) -> CommError {
         msg,
     }
 }
+
+/// The message for a reduce-scatter or all-gather whose long buffer is not `world ×` its
+/// short one, e.g. `("input", 10)`, `4`, `("output", 3)`; `None` when the lengths fit. Every
+/// implementation checks with it, so they all name a mismatch the same way.
+pub fn world_multiple_mismatch(
+    long: (&str, usize),
+    world: usize,
+    short: (&str, usize),
+) -> Option<String> {
+    (long.1 != world * short.1).then(|| {
+        format!(
+            "{} has {} elements, expected world {world} × {} {}",
+            long.0, long.1, short.0, short.1
+        )
+    })
+}

@@ -1,6 +1,6 @@
 //! The five collectives of [`Comm`] on [`TcpComm`]'s star.
 
-use reference::comm::{Comm, CommResult};
+use reference::comm::{world_multiple_mismatch, Comm, CommResult};
 
 use super::{
     add_into, decode_into, encode, TcpComm, OP_ALL_GATHER, OP_ALL_REDUCE, OP_ALL_REDUCE_F64,
@@ -28,12 +28,9 @@ impl Comm for TcpComm {
         let op = OP_REDUCE_SCATTER;
         self.begin()?;
         let n = output.len();
-        if input.len() != self.world * n {
-            let msg = format!(
-                "input has {} elements, expected world {} × output {n}",
-                input.len(),
-                self.world
-            );
+        if let Some(msg) =
+            world_multiple_mismatch(("input", input.len()), self.world, ("output", n))
+        {
             return Err(self.local_error(op, msg));
         }
         if self.rank != 0 {
@@ -56,12 +53,9 @@ impl Comm for TcpComm {
         let op = OP_ALL_GATHER;
         self.begin()?;
         let n = input.len();
-        if output.len() != self.world * n {
-            let msg = format!(
-                "output has {} elements, expected world {} × input {n}",
-                output.len(),
-                self.world
-            );
+        if let Some(msg) =
+            world_multiple_mismatch(("output", output.len()), self.world, ("input", n))
+        {
             return Err(self.local_error(op, msg));
         }
         if self.rank != 0 {
