@@ -38,6 +38,28 @@ pub struct Metrics {
     pub window: Mutex<Option<(std::time::Instant, u64)>>,
 }
 
+/// The unlabelled series, one per line: name, type, help ([`Metrics::values`] has their
+/// values in this order).
+const SERIES: &str = "\
+errors_total counter Requests answered with a 4xx or 5xx status.
+rejected_busy_total counter Requests refused with 429 (queue full).
+prompt_tokens_total counter Prompt tokens of accepted requests.
+prefill_tokens_total counter Prompt tokens run through the model (cache hits skip the rest).
+generated_tokens_total counter Tokens generated.
+tokens_per_second gauge Generated tokens per second over the last window.
+finished_total counter Generations finished.
+cancelled_total counter Generations cancelled because the client disconnected.
+queue_length gauge Requests waiting for a decode slot.
+active_sequences gauge Sequences being decoded.
+decode_steps_total counter Batched decode steps.
+decode_rows_total counter Sequences summed over decode steps (rows / steps = mean batch).
+decode_batch_max gauge Largest decode batch so far.
+state_cache_hits_total counter Prompts that continued a cached state.
+state_cache_misses_total counter Prompts that started from a zero state.
+state_cache_hit_rate gauge Hits / (hits + misses).
+state_cache_entries gauge States held.
+state_cache_bytes gauge Bytes held by the state cache.";
+
 fn add(c: &AtomicU64, n: u64) {
     c.fetch_add(n, Ordering::Relaxed);
 }
@@ -88,141 +110,127 @@ impl Metrics {
         }
     }
 
+    /// The values of [`SERIES`], in its order.
+    fn values(&self) -> [String; 18] {
+        let g = |c: &AtomicU64| Self::get(c).to_string();
+        let queued = Self::get(&self.in_flight).saturating_sub(Self::get(&self.active));
+        [
+            g(&self.errors),
+            g(&self.rejected_busy),
+            g(&self.prompt_tokens),
+            g(&self.prefill_tokens),
+            g(&self.generated_tokens),
+            format!("{:.3}", f64::from_bits(Self::get(&self.tokens_per_second))),
+            g(&self.finished),
+            g(&self.cancelled),
+            queued.to_string(),
+            g(&self.active),
+            g(&self.decode_steps),
+            g(&self.decode_rows),
+            g(&self.max_batch),
+            g(&self.cache_hits),
+            g(&self.cache_misses),
+            format!("{:.4}", self.hit_rate()),
+            g(&self.cache_entries),
+            g(&self.cache_bytes),
+        ]
+    }
+
     /// The Prometheus text exposition of every counter.
     pub fn render(&self) -> String {
         let g = Self::get;
-        let queued = g(&self.in_flight).saturating_sub(g(&self.active));
         let mut out = String::new();
-        let c = |n: u64| n.to_string();
-        // Labelled series are written by hand: one HELP/TYPE, several lines.
+        // The one labelled series: one HELP/TYPE, a line per endpoint.
         let _ = writeln!(
             out,
             "# HELP vet_serve_requests_total Requests received, by endpoint."
         );
         let _ = writeln!(out, "# TYPE vet_serve_requests_total counter");
-        let _ = writeln!(
-            out,
-            "vet_serve_requests_total{{endpoint=\"chat\"}} {}",
-            g(&self.requests_chat)
-        );
-        let _ = writeln!(
-            out,
-            "vet_serve_requests_total{{endpoint=\"completions\"}} {}",
-            g(&self.requests_completions)
-        );
-        let mut m = |name: &str, kind: &str, help: &str, value: String| {
+        for (endpoint, c) in [
+            ("chat", &self.requests_chat),
+            ("completions", &self.requests_completions),
+        ] {
+            let _ = writeln!(
+                out,
+                "vet_serve_requests_total{{endpoint=\"{endpoint}\"}} {}",
+                g(c)
+            );
+        }
+        for (line, value) in SERIES.lines().zip(self.values()) {
+            let mut parts = line.splitn(3, ' ');
+            let (name, kind, help) = (parts.next(), parts.next(), parts.next());
+            let (Some(name), Some(kind), Some(help)) = (name, kind, help) else {
+                continue;
+            };
             let _ = writeln!(out, "# HELP vet_serve_{name} {help}");
             let _ = writeln!(out, "# TYPE vet_serve_{name} {kind}");
             let _ = writeln!(out, "vet_serve_{name} {value}");
-        };
-        m(
-            "errors_total",
-            "counter",
-            "Requests answered with a 4xx or 5xx status.",
-            c(g(&self.errors)),
-        );
-        m(
-            "rejected_busy_total",
-            "counter",
-            "Requests refused with 429 (queue full).",
-            c(g(&self.rejected_busy)),
-        );
-        m(
-            "prompt_tokens_total",
-            "counter",
-            "Prompt tokens of accepted requests.",
-            c(g(&self.prompt_tokens)),
-        );
-        m(
-            "prefill_tokens_total",
-            "counter",
-            "Prompt tokens run through the model (cache hits skip the rest).",
-            c(g(&self.prefill_tokens)),
-        );
-        m(
-            "generated_tokens_total",
-            "counter",
-            "Tokens generated.",
-            c(g(&self.generated_tokens)),
-        );
-        m(
-            "tokens_per_second",
-            "gauge",
-            "Generated tokens per second over the last window.",
-            format!("{:.3}", f64::from_bits(g(&self.tokens_per_second))),
-        );
-        m(
-            "finished_total",
-            "counter",
-            "Generations finished.",
-            c(g(&self.finished)),
-        );
-        m(
-            "cancelled_total",
-            "counter",
-            "Generations cancelled because the client disconnected.",
-            c(g(&self.cancelled)),
-        );
-        m(
-            "queue_length",
-            "gauge",
-            "Requests waiting for a decode slot.",
-            c(queued),
-        );
-        m(
-            "active_sequences",
-            "gauge",
-            "Sequences being decoded.",
-            c(g(&self.active)),
-        );
-        m(
-            "decode_steps_total",
-            "counter",
-            "Batched decode steps.",
-            c(g(&self.decode_steps)),
-        );
-        m(
-            "decode_rows_total",
-            "counter",
-            "Sequences summed over decode steps (rows / steps = mean batch).",
-            c(g(&self.decode_rows)),
-        );
-        m(
-            "decode_batch_max",
-            "gauge",
-            "Largest decode batch so far.",
-            c(g(&self.max_batch)),
-        );
-        m(
-            "state_cache_hits_total",
-            "counter",
-            "Prompts that continued a cached state.",
-            c(g(&self.cache_hits)),
-        );
-        m(
-            "state_cache_misses_total",
-            "counter",
-            "Prompts that started from a zero state.",
-            c(g(&self.cache_misses)),
-        );
-        m(
-            "state_cache_hit_rate",
-            "gauge",
-            "Hits / (hits + misses).",
-            format!("{:.4}", self.hit_rate()),
-        );
-        m(
-            "state_cache_entries",
-            "gauge",
-            "States held.",
-            c(g(&self.cache_entries)),
-        );
-        m(
-            "state_cache_bytes",
-            "gauge",
-            "Bytes held by the state cache.",
-            c(g(&self.cache_bytes)),
-        );
+        }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every series carries its own counter: each counter gets a distinct value and the
+    /// rendered line of its series must show exactly that value.
+    #[test]
+    fn each_series_shows_its_own_counter() {
+        let m = Metrics::default();
+        let counters: [(&str, &AtomicU64); 18] = [
+            ("requests_total{endpoint=\"chat\"}", &m.requests_chat),
+            (
+                "requests_total{endpoint=\"completions\"}",
+                &m.requests_completions,
+            ),
+            ("errors_total", &m.errors),
+            ("rejected_busy_total", &m.rejected_busy),
+            ("prompt_tokens_total", &m.prompt_tokens),
+            ("prefill_tokens_total", &m.prefill_tokens),
+            ("generated_tokens_total", &m.generated_tokens),
+            ("finished_total", &m.finished),
+            ("cancelled_total", &m.cancelled),
+            ("active_sequences", &m.active),
+            ("decode_steps_total", &m.decode_steps),
+            ("decode_rows_total", &m.decode_rows),
+            ("decode_batch_max", &m.max_batch),
+            ("state_cache_hits_total", &m.cache_hits),
+            ("state_cache_misses_total", &m.cache_misses),
+            ("state_cache_entries", &m.cache_entries),
+            ("state_cache_bytes", &m.cache_bytes),
+            ("queue_length", &m.in_flight),
+        ];
+        for (i, (_, c)) in counters.iter().enumerate() {
+            c.store(100 + 7 * i as u64, Ordering::Relaxed);
+        }
+        let text = m.render();
+        let value = |name: &str| -> String {
+            let prefix = format!("vet_serve_{name} ");
+            let lines: Vec<&str> = text.lines().filter(|l| l.starts_with(&prefix)).collect();
+            assert_eq!(lines.len(), 1, "{name}: {lines:?}");
+            lines[0][prefix.len()..].to_string()
+        };
+        for (i, (name, _)) in counters.iter().enumerate() {
+            let want = 100 + 7 * i as u64;
+            // The queue is in flight minus active.
+            let want = if *name == "queue_length" {
+                want - (100 + 7 * 9)
+            } else {
+                want
+            };
+            assert_eq!(value(name), want.to_string(), "{name}");
+        }
+        // hits 191, misses 198.
+        assert_eq!(
+            value("state_cache_hit_rate"),
+            format!("{:.4}", 191.0 / 389.0)
+        );
+        assert_eq!(value("tokens_per_second"), "0.000");
+        for l in text.lines().filter(|l| l.starts_with("# TYPE")) {
+            assert!(l.ends_with(" counter") || l.ends_with(" gauge"), "{l}");
+        }
+        assert_eq!(text.lines().filter(|l| l.starts_with("# HELP")).count(), 19);
     }
 }
