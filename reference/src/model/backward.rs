@@ -24,6 +24,21 @@ pub fn concat_cols<T: Float>(parts: &[(&[T], usize)], n: usize) -> Vec<T> {
     out
 }
 
+/// Adds the scan's parameter gradients `[dA, dD, d(delta_bias)]` to a layer's: `A_log`
+/// through `A = −exp(A_log)`, so `dA/dA_log = A` (`a`: the layer's `A`), then `D` and the
+/// dt bias as they are.
+pub fn add_scan_param_grads<T: Float>(gl: &mut LayerParams<T>, a: &[T], [ga, gd, gb]: [&[T]; 3]) {
+    for ((g, &ga), &a) in gl.a_log.data.iter_mut().zip(ga).zip(a) {
+        *g += ga * a;
+    }
+    for (g, &v) in gl.d.data.iter_mut().zip(gd) {
+        *g += v;
+    }
+    for (g, &v) in gl.dt_proj_bias.data.iter_mut().zip(gb) {
+        *g += v;
+    }
+}
+
 /// The layer's initial state and its final state's gradient (`None`: zeros).
 #[derive(Clone, Copy)]
 struct LayerStates<'a, T> {
@@ -82,16 +97,7 @@ fn layer_bwd<T: Float>(
         },
     };
     let sg = selective_scan_bwd_final(&scan, &d_gated, d_ssm_last);
-    // A = −exp(A_log), so dA/dA_log = A.
-    for ((g, &ga), &a) in gl.a_log.data.iter_mut().zip(&sg.a).zip(&lc.a) {
-        *g += ga * a;
-    }
-    for (g, &v) in gl.d.data.iter_mut().zip(&sg.d) {
-        *g += v;
-    }
-    for (g, &v) in gl.dt_proj_bias.data.iter_mut().zip(&sg.delta_bias) {
-        *g += v;
-    }
+    add_scan_param_grads(gl, &lc.a, [&sg.a, &sg.d, &sg.delta_bias]);
     let d_dt_raw = linear_bwd(
         &lc.dt_raw,
         &lp.dt_proj_weight.data,

@@ -4,6 +4,6 @@ mod backward;
 mod batch;
 mod forward;
 
-pub use backward::{backward, backward_final, concat_cols};
+pub use backward::{add_scan_param_grads, backward, backward_final, concat_cols};
 pub use batch::Batch;
 pub use forward::{forward, step, ForwardCache, LayerCache};

@@ -134,16 +134,7 @@ fn layer_bwd(
         portable: false,
     };
     let sg = selective_scan_bwd(pool, &scan, &d_gated);
-    // A = −exp(A_log), so dA/dA_log = A.
-    for ((g, &ga), &a) in gl.a_log.data.iter_mut().zip(&sg.a).zip(&lc.a) {
-        *g += ga * a;
-    }
-    for (g, &v) in gl.d.data.iter_mut().zip(&sg.d) {
-        *g += v;
-    }
-    for (g, &v) in gl.dt_proj_bias.data.iter_mut().zip(&sg.delta_bias) {
-        *g += v;
-    }
+    reference::model::add_scan_param_grads(gl, &lc.a, [&sg.a, &sg.d, &sg.delta_bias]);
     let d_dt_raw = linear_bwd(
         pool,
         &lc.dt_raw,
