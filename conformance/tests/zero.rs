@@ -382,3 +382,50 @@ fn a_checkpoint_written_at_world_2_resumes_at_world_3() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Stage 0 without offload on an engine that sums its own gradients (the simd engine, with
+/// the host collective) keeps AdamW in the engine: the driver holds no optimizer copy until a
+/// checkpoint asks for one, and a resume from that copy (weights, moments and step pushed back
+/// into a fresh engine) continues bit for bit.
+#[test]
+fn stage_0_keeps_the_optimizer_in_the_engine_and_resumes_exactly() {
+    let run = |resume_after: Option<usize>| -> Vec<Vec<f32>> {
+        let handles: Vec<_> = InProcess::group(2)
+            .into_iter()
+            .map(|mut comm| {
+                thread::spawn(move || {
+                    let mut e = engine();
+                    let mut d = ZeroDriver::new(&mut e, &mut comm, zc(0, false)).unwrap();
+                    assert!(
+                        d.in_engine(),
+                        "stage 0 on the simd engine sums in the engine"
+                    );
+                    assert!(d.shard().master.is_empty() && d.shard().m.is_empty());
+                    for s in 0..STEPS {
+                        if resume_after == Some(s) {
+                            d.refresh_shard(&e).unwrap();
+                            let shard = d.shard().clone();
+                            assert_eq!(shard.step, s as u64);
+                            assert!(shard.m.iter().any(|&m| m != 0.0), "no moments copied");
+                            e = engine(); // fresh weights and optimizer
+                            d = ZeroDriver::new(&mut e, &mut comm, zc(0, false)).unwrap();
+                            d.set_shard(shard).unwrap();
+                            d.sync_engine(&mut e, &mut comm).unwrap();
+                        }
+                        let mine = [micro(s, comm.rank())];
+                        let out = d.step(&mut e, &mut comm, &mine, &hp(true), lr(s)).unwrap();
+                        assert!(out.loss.is_some_and(f64::is_finite));
+                    }
+                    FlatLayout::new(&cfg(), 1)
+                        .flatten(&e.parameters().unwrap())
+                        .unwrap()
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    };
+    let straight = run(None);
+    assert_eq!(straight[0], straight[1], "ranks disagree");
+    let resumed = run(Some(2));
+    assert!(resumed == straight, "the resumed run differs");
+}

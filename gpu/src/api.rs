@@ -497,4 +497,15 @@ impl TrainingEngine for GpuEngine {
         self.train.opt_step = state.step;
         Ok(())
     }
+
+    fn all_reduce_gradients(&mut self, comm: &mut dyn reference::comm::Comm) -> Result<bool> {
+        if self.model.precision == Precision::Fp16 {
+            // The loss scale is per rank; the driver refuses fp16 before this.
+            return Ok(false);
+        }
+        self.model.dev.bind()?;
+        self.model.dev.sync()?;
+        let n = self.train.grads.bytes / 4;
+        Ok(comm.all_reduce_sum_device(self.train.grads.ptr, n)?)
+    }
 }

@@ -241,4 +241,53 @@ impl Comm for Nccl {
         let mut one = [0.0f32];
         self.all_reduce_host(&mut one, "barrier")
     }
+
+    fn all_reduce_sum_device(&mut self, ptr: u64, len: usize) -> CommResult<bool> {
+        let op = "all_reduce_sum_device";
+        if len == 0 {
+            return Ok(true);
+        }
+        self.bind(op)?;
+        let mut buf = DeviceF32 {
+            ptr,
+            len,
+            stream: self.stream.clone(),
+        };
+        self.comm
+            .all_reduce_in_place(&mut buf, &ReduceOp::Sum)
+            .map_err(|x| nccl_err(self.rank, op, x))?;
+        self.sync(op)?;
+        Ok(true)
+    }
+}
+
+/// `len` f32 of device memory another owner allocated (an engine's flat gradient buffer in
+/// the same context), seen by NCCL as a slice on this communicator's stream. The owner has
+/// synchronised its writes before the collective, and [`Comm::all_reduce_sum_device`]
+/// synchronises this stream before returning, so no event tracking is needed.
+struct DeviceF32 {
+    ptr: u64,
+    len: usize,
+    stream: Arc<CudaStream>,
+}
+
+impl cudarc::driver::DeviceSlice<f32> for DeviceF32 {
+    fn len(&self) -> usize {
+        self.len
+    }
+    fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+}
+
+impl cudarc::driver::DevicePtrMut<f32> for DeviceF32 {
+    fn device_ptr_mut<'a>(
+        &'a mut self,
+        _stream: &'a CudaStream,
+    ) -> (
+        cudarc::driver::sys::CUdeviceptr,
+        cudarc::driver::SyncOnDrop<'a>,
+    ) {
+        (self.ptr, cudarc::driver::SyncOnDrop::Sync(None))
+    }
 }

@@ -440,6 +440,15 @@ impl TrainingEngine for SimdEngine {
         })
     }
 
+    /// The gradients live in host memory: each tensor is summed over the ranks with the host
+    /// collective, in place.
+    fn all_reduce_gradients(&mut self, comm: &mut dyn reference::comm::Comm) -> Result<bool> {
+        for t in self.grads_mut().tensors_mut() {
+            comm.all_reduce_sum(&mut t.data)?;
+        }
+        Ok(true)
+    }
+
     fn optimizer_state(&self) -> Result<OptimizerState> {
         Ok(match &self.opt {
             Some(o) => OptimizerState::of(&self.cfg, o),

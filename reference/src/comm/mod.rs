@@ -36,6 +36,15 @@ impl fmt::Display for CommError {
 
 impl std::error::Error for CommError {}
 
+impl From<CommError> for crate::Error {
+    fn from(e: CommError) -> crate::Error {
+        crate::Error::Device {
+            device: format!("rank {}", e.rank),
+            msg: e.to_string(),
+        }
+    }
+}
+
 pub type CommResult<T> = std::result::Result<T, CommError>;
 
 /// The collectives of a data-parallel job. Every rank calls the same collectives in the same
@@ -60,6 +69,15 @@ pub trait Comm: Send {
     fn broadcast(&mut self, data: &mut [u8], root: usize) -> CommResult<()>;
     /// Returns when every rank has called it.
     fn barrier(&mut self) -> CommResult<()>;
+    /// Sum over every rank of `len` f32 at the device address `ptr`, in place, where this
+    /// communicator reaches device memory (NCCL); `Ok(false)` where it does not, and the
+    /// caller reduces a host copy instead. The caller's writes to that memory are complete
+    /// (its stream synchronised), and the sum is in place when this returns. Every rank calls
+    /// it with the same `len`.
+    fn all_reduce_sum_device(&mut self, ptr: u64, len: usize) -> CommResult<bool> {
+        let _ = (ptr, len);
+        Ok(false)
+    }
 }
 
 /// The error for lengths that do not fit a collective.

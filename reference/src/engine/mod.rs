@@ -308,6 +308,17 @@ pub trait TrainingEngine: InferenceEngine {
     fn set_parameters(&mut self, named: &[(String, Tensor<f32>)]) -> Result<()>;
     fn optimizer_state(&self) -> Result<OptimizerState>;
     fn set_optimizer_state(&mut self, state: &OptimizerState) -> Result<()>;
+    /// Sums the accumulated gradients over the ranks of `comm` where they live (on the
+    /// device, through [`Comm::all_reduce_sum_device`]), so that
+    /// [`TrainingEngine::optimizer_step`] then takes the same data-parallel step on every
+    /// rank. `Ok(false)`: this engine or communicator cannot (the default), and the caller
+    /// reduces host copies of the gradients instead.
+    ///
+    /// [`Comm::all_reduce_sum_device`]: crate::comm::Comm::all_reduce_sum_device
+    fn all_reduce_gradients(&mut self, comm: &mut dyn crate::comm::Comm) -> Result<bool> {
+        let _ = comm;
+        Ok(false)
+    }
 }
 
 /// An error unless `layer` is a layer of `cfg`.

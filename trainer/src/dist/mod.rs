@@ -4,11 +4,16 @@
 //! entry point ([`train_distributed`]).
 //!
 //! # What the driver does and does not do yet
-//! - The optimizer (f32 master weights and AdamW moments) always lives in the driver, in host
-//!   memory, and AdamW runs on the host with the simd tier's kernel. For every stage and every
-//!   engine this is what DeepSpeed calls `offload_optimizer: {device: "cpu"}`; on the CPU
-//!   engine that is the only place it could be. A device-resident optimizer shard for GPU
-//!   engines (no offload) needs an engine hook that takes a flat gradient shard; not done.
+//! - Stage 0 without `offload_optimizer` on an engine that sums its gradients where they live
+//!   ([`TrainingEngine::all_reduce_gradients`]) is plain data parallelism: every rank runs
+//!   the engine's own AdamW on identical sums, and the driver's shard is only a copy for
+//!   checkpoints. On the GPU engine over NCCL the flat gradient buffer is all-reduced in place
+//!   on the device (no host copy at all; at world size 1 this is the plain run bit for bit);
+//!   the CPU engines sum their host tensors with the host collective.
+//! - Otherwise the optimizer (f32 master weights and AdamW moments) lives in the driver, in
+//!   host memory, and AdamW runs on the host with the simd tier's kernel: what DeepSpeed calls
+//!   `offload_optimizer: {device: "cpu"}`. On the CPU engine that is the only place it could
+//!   be; for GPU engines at stages 1–3 a device-resident optimizer shard is not done.
 //! - The engines run the forward and backward of a whole step at once
 //!   ([`TrainingEngine::loss_and_backward`]), so gradient buckets are reduced after the
 //!   backward, not overlapped with it (`overlap_comm` has no effect and says so), and the

@@ -203,6 +203,7 @@ impl Dist {
         keep_last: usize,
     ) -> Result<PathBuf> {
         self.sync(engine)?;
+        self.driver.refresh_shard(engine)?;
         let staging = write_shards(dir, &self.driver, self.comm.as_mut())?;
         let mut failed = [0.0f64];
         if self.comm.rank() == 0 {

@@ -76,6 +76,11 @@ pub struct ZeroDriver {
     pool: ThreadPool,
     /// Stage 3: the engine's parameters are current (gathered since the last update).
     engine_current: bool,
+    /// Stage 0 without `offload_optimizer` on an engine that sums its gradients where they
+    /// live (the GPU engine over NCCL on the device, the CPU engines with the host
+    /// collective): the engine keeps the optimizer, and `shard` is a copy refreshed for
+    /// checkpoints ([`ZeroDriver::refresh_shard`]).
+    in_engine: bool,
     /// `comms_logger`: the collectives since the last [`ZeroDriver::take_comms`].
     comms: Vec<CommRecord>,
 }
@@ -115,10 +120,22 @@ impl ZeroDriver {
         if comm.rank() != 0 {
             engine.set_parameters(&layout.unflatten(&flat))?;
         }
+        // Every rank probes the same engine kind and communicator, so all agree.
+        let in_engine =
+            cfg.stage == 0 && cfg.offload_optimizer == super::config::OffloadDevice::None && {
+                engine.zero_grad()?;
+                engine.all_reduce_gradients(comm)?
+            };
         let (range, runs) = owned(&layout, cfg.stage, comm.rank());
         let n = range.len();
+        // With the optimizer in the engine the shard is filled only for checkpoints.
+        let n = if in_engine { 0 } else { n };
         let shard = Shard {
-            master: flat[range.clone()].to_vec(),
+            master: if in_engine {
+                Vec::new()
+            } else {
+                flat[range.clone()].to_vec()
+            },
             m: vec![0.0; n],
             v: vec![0.0; n],
             step: 0,
@@ -134,7 +151,12 @@ impl ZeroDriver {
             .build()
             .map_err(|e| DistError::Config(format!("host thread pool: {e}")))?;
         Ok(ZeroDriver {
-            flat_grad: vec![0.0; layout.padded()],
+            flat_grad: if in_engine {
+                Vec::new()
+            } else {
+                vec![0.0; layout.padded()]
+            },
+            in_engine,
             cfg,
             layout,
             rank: comm.rank(),
@@ -224,6 +246,10 @@ impl ZeroDriver {
             tokens += b.inputs.len();
         }
         bd.forward_backward = t.elapsed().as_secs_f64();
+        if self.in_engine {
+            let stats = [loss_sum, bad, tokens as f64];
+            return self.step_in_engine(engine, comm, bd, stats, micro.len(), (hp, lr));
+        }
         self.layout
             .flatten_into(&engine.gradients()?, &mut self.flat_grad)?;
         bd.comm += self.reduce_gradients(comm)?;
@@ -261,6 +287,78 @@ impl ZeroDriver {
         }
         let mean = stats[0] / (micro.len() * comm.world()) as f64;
         Ok(out(Some(mean), bd))
+    }
+
+    /// The rest of [`ZeroDriver::step`] when the engine keeps the optimizer: its gradients
+    /// summed in place where they live, then its own AdamW (identical inputs on every rank, so
+    /// identical weights). `stats`: this rank's loss sum, bad micro-batches and tokens.
+    fn step_in_engine(
+        &mut self,
+        engine: &mut dyn TrainingEngine,
+        comm: &mut dyn Comm,
+        mut bd: Breakdown,
+        mut stats: [f64; 3],
+        micro: usize,
+        (hp, lr): (&AdamWConfig, f64),
+    ) -> Result<StepOut, DistError> {
+        let t = Instant::now();
+        if !engine.all_reduce_gradients(comm)? {
+            return Err(DistError::Config(
+                "the engine stopped summing its own gradients".into(),
+            ));
+        }
+        let bytes = 4 * self.layout.numel;
+        let secs = t.elapsed().as_secs_f64();
+        self.comms.push(CommRecord {
+            op: "all_reduce_in_engine",
+            bytes,
+            secs,
+        });
+        bd.comm += secs;
+        bd.comm += timed(&mut self.comms, "all_reduce_f64", 24, || {
+            comm.all_reduce_sum_f64(&mut stats)
+        })?;
+        let mut out = StepOut {
+            loss: None,
+            grad_norm: f64::NAN,
+            tokens: stats[2] as u64,
+            breakdown: Breakdown::default(),
+        };
+        if stats[1] == 0.0 {
+            let t = Instant::now();
+            let st = engine.optimizer_step(hp, lr)?;
+            bd.step = t.elapsed().as_secs_f64();
+            out.grad_norm = st.grad_norm;
+            if !st.skipped {
+                self.shard.step += 1;
+                out.loss = Some(stats[0] / (micro * comm.world()) as f64);
+            }
+        }
+        out.breakdown = bd;
+        Ok(out)
+    }
+
+    /// Whether the engine keeps the optimizer (stage 0 without offload on an engine that sums
+    /// its own gradients).
+    pub fn in_engine(&self) -> bool {
+        self.in_engine
+    }
+
+    /// When the engine keeps the optimizer: the shard (weights, moments, step) copied from
+    /// it, for a checkpoint. A no-op otherwise.
+    pub fn refresh_shard(&mut self, engine: &dyn TrainingEngine) -> Result<(), DistError> {
+        if !self.in_engine {
+            return Ok(());
+        }
+        let opt = engine.optimizer_state()?;
+        self.shard.master = self.layout.flatten(&engine.parameters()?)?;
+        self.shard.m = self.layout.flatten(&opt.m)?;
+        self.shard.v = self.layout.flatten(&opt.v)?;
+        for x in [&mut self.shard.master, &mut self.shard.m, &mut self.shard.v] {
+            x.truncate(self.shard.range.len());
+        }
+        self.shard.step = opt.step;
+        Ok(())
     }
 
     /// Sums the flat gradient over ranks: all-reduce in buckets (stages 0, 1), or
@@ -338,7 +436,15 @@ impl ZeroDriver {
         comm: &mut dyn Comm,
     ) -> Result<f64, DistError> {
         if self.cfg.stage == 0 {
-            engine.set_parameters(&self.layout.unflatten(&self.shard.master))?;
+            let s = &self.shard;
+            engine.set_parameters(&self.layout.unflatten(&s.master))?;
+            if self.in_engine {
+                engine.set_optimizer_state(&reference::engine::OptimizerState {
+                    step: s.step,
+                    m: self.layout.unflatten(&s.m),
+                    v: self.layout.unflatten(&s.v),
+                })?;
+            }
             return Ok(0.0);
         }
         let mut full = std::mem::take(&mut self.flat_grad);
