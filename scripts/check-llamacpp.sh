@@ -55,36 +55,82 @@ build_helper() {
         -I"$LLAMACPP/include" -I"$LLAMACPP/ggml/include" -L"$lib" -lllama -Wl,-rpath,"$lib"
 }
 
+# What "equal" means (README, "GGUF export"). f32: llama.cpp multiplies f32 by f32 as we do,
+# so the greedy ids must be equal and the logits within TOL_F32 (summation order only).
+# q8_0: llama.cpp's Q8_0 matrix product quantises the activations to 8 bits too (ggml's
+# vec_dot_type for Q8_0 is Q8_0), which Vet-Mamba never does. So the q8_0 file is set against
+# vet-chat on the very weights it holds (llamacpp_compare.py dequant; the bytes themselves are
+# checked against llama-quantize's), and what is left is activation rounding: the logits must be
+# within TOL_Q8 under teacher forcing, and the greedy ids equal up to the first step whose top-2
+# margin is inside that tolerance (a near-tie either side may take; after it the continuations
+# are different texts and are not compared).
+TOL_F32=${TOL_F32:-1e-5}
+TOL_Q8=${TOL_Q8:-3e-2}
 fail=0
 pass=0
-compare() { # name gguf checkpoint ids
-    local name=$1 gguf=$2 ck=$3 ids=$4 ours theirs
+note() { echo "check-llamacpp: $*"; }
+verdict() { if [ "$1" = 0 ]; then pass=$((pass + 1)); else fail=$((fail + 1)); fi; }
+
+first_difference() { # ids-a ids-b -> index of the first difference (= length when equal)
+    local a b same=0
+    IFS=, read -ra a <<< "$1"
+    IFS=, read -ra b <<< "$2"
+    while [ $same -lt ${#a[@]} ] && [ "${a[$same]}" = "${b[$same]:-}" ]; do same=$((same + 1)); done
+    echo $same
+}
+
+compare() { # name dtype gguf checkpoint ids
+    local name=$1 dt=$2 gguf=$3 ck=$4 ids=$5 ours theirs same tol np
     ours=$("$BIN"/vet-chat --model "$ck" --tokens "$ids" --greedy --max-new-tokens "$N_NEW")
     theirs=$("$OUT/llamacpp_greedy" "$gguf" "$N_NEW" "$ids")
-    if [ "$ours" = "$theirs" ]; then
-        pass=$((pass + 1))
-        echo "check-llamacpp: $name: $N_NEW greedy tokens equal"
+    same=$(first_difference "$ours" "$theirs")
+    # Teacher forcing on our ids: llama.cpp's logits at each step against vet-train debug-state's.
+    local tf=$OUT/tf
+    "$OUT/llamacpp_greedy" "$gguf" "$N_NEW" "$ids" "$tf-theirs.f32" "$ours" > /dev/null
+    python3 scripts/llamacpp_compare.py tokens "$ids" "$ours" "$tf-ids.safetensors"
+    "$BIN"/vet-train debug-state --model "$ck" --tokens "$tf-ids.safetensors" \
+        --out "$tf-ours.safetensors" --device cpu > /dev/null
+    np=$(awk -F, '{print NF}' <<< "$ids")
+    tol=$TOL_F32
+    [ "$dt" = q8_0 ] && tol=$TOL_Q8
+    local lg rc=0 ok=1
+    lg=$(python3 scripts/llamacpp_compare.py logits "$tf-ours.safetensors" "$tf-theirs.f32" \
+        "$np" "$tol" "$same") || rc=$?
+    lg=${lg//$'\n'/; }
+    [ $rc = 0 ] || ok=0
+    if [ "$same" = "$N_NEW" ]; then
+        note "$name: $N_NEW greedy tokens equal; $lg"
+    elif [ "$dt" = q8_0 ] && [ $rc = 0 ]; then
+        note "$name: greedy tokens equal for $same of $N_NEW, then part at a near-tie within TOL_Q8; $lg"
     else
-        fail=$((fail + 1))
-        local same=0 a b
-        IFS=, read -ra a <<< "$ours"
-        IFS=, read -ra b <<< "$theirs"
-        while [ $same -lt ${#a[@]} ] && [ "${a[$same]}" = "${b[$same]:-}" ]; do same=$((same + 1)); done
-        echo "check-llamacpp: $name: DIFFER after $same tokens: vet-chat $ours | llama.cpp $theirs"
+        ok=0
+        note "$name: DIFFER after $same tokens: vet-chat $ours | llama.cpp $theirs; $lg"
     fi
+    verdict $((1 - ok))
 }
 
 check_model() { # label checkpoint prompt-id-lists...
     local label=$1 ck=$2
     shift 2
     for dt in f32 q8_0; do
-        local g="$OUT/$label-$dt.gguf" t0=$SECONDS
+        local g="$OUT/$label-$dt.gguf" t0=$SECONDS used=$ck
         "$BIN"/vet-train export --model "$ck" --format gguf --out "$g" --dtype "$dt"
-        echo "check-llamacpp: export $label $dt took $((SECONDS - t0)) s"
+        note "export $label $dt took $((SECONDS - t0)) s"
+        if [ "$dt" = q8_0 ]; then
+            # Our Q8_0 bytes against llama.cpp's own quantiser run on our f32 export.
+            "$BUILD/bin/llama-quantize" "$OUT/$label-f32.gguf" "$OUT/$label-lq-q8_0.gguf" Q8_0 \
+                > "$OUT/$label-quantize.log" 2>&1
+            local rc=0 by
+            by=$(python3 scripts/llamacpp_compare.py bytes "$g" "$OUT/$label-lq-q8_0.gguf") || rc=$?
+            note "$label q8_0 weights against llama-quantize: ${by//$'\n'/; }"
+            verdict $rc
+            used=$OUT/$label-q8_0-weights
+            python3 scripts/llamacpp_compare.py dequant "$ck" "$g" "$used" > /dev/null
+        fi
         local k=0
         for ids in "$@"; do
             k=$((k + 1))
-            compare "$label $dt prompt $k" "$g" "$ck" "$ids"
+            compare "$label $dt prompt $k" "$dt" "$g" "$used" "$ids"
         done
     done
 }
@@ -123,13 +169,13 @@ if [ -n "$qs" ]; then
     ours=$(python3 -c 'import sys; from tokenizers import Tokenizer as T
 print(",".join(map(str, T.from_file(sys.argv[1]).encode(sys.argv[2]).ids)))' "$qs/tokenizer.json" "$text")
     if [ "$ours" = "$theirs" ]; then
-        pass=$((pass + 1))
-        echo "check-llamacpp: tokenizer: llama.cpp's ids equal tokenizer.json's ($ours)"
+        verdict 0
+        note "tokenizer: llama.cpp's ids equal tokenizer.json's ($ours)"
     else
-        fail=$((fail + 1))
-        echo "check-llamacpp: tokenizer: DIFFER: tokenizer.json $ours | llama.cpp $theirs"
+        verdict 1
+        note "tokenizer: DIFFER: tokenizer.json $ours | llama.cpp $theirs"
     fi
-    compare "quickstart f32 tokenized text" "$OUT/quickstart-f32.gguf" "$qs" "$ours"
+    compare "quickstart f32 tokenized text" f32 "$OUT/quickstart-f32.gguf" "$qs" "$ours"
 else
     echo "check-llamacpp: no quickstart checkpoint (pass one, or VET_TRAIN_QUICKSTART=1 to train one)"
 fi

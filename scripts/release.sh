@@ -14,6 +14,9 @@ cd "$(dirname "$0")/.."
 GLIBC=2.17
 TRIPLE=x86_64-unknown-linux-gnu
 export PATH="$HOME/.local/bin:$PATH"
+# Its own target folder: the zig-built artifacts never mix with the normal build's.
+ZIG_TARGET=${ZIG_TARGET_DIR:-target/zig}
+NORMAL_TARGET=${CARGO_TARGET_DIR:-target}
 
 # vet-serve joins the release once its crate exists.
 BINS=(vet-chat vet-train vet-data)
@@ -32,7 +35,7 @@ need_tools() {
 
 build() {
     local t0=$SECONDS
-    cargo zigbuild --release --target "$TRIPLE.$GLIBC" "${PKGS[@]}" --bins
+    CARGO_TARGET_DIR=$ZIG_TARGET cargo zigbuild --release --target "$TRIPLE.$GLIBC" "${PKGS[@]}" --bins
     echo "release.sh: zigbuild took $((SECONDS - t0)) s"
 }
 
@@ -42,7 +45,7 @@ max_glibc() {
 }
 
 check() {
-    local dir=target/$TRIPLE/release bad=0
+    local dir=$ZIG_TARGET/$TRIPLE/release bad=0
     for b in "${BINS[@]}"; do
         local v
         v=$(max_glibc "$dir/$b")
@@ -53,10 +56,10 @@ check() {
         fi
     done
     # Greedy ids of the old-glibc build against the normal build's, on the bundled model.
-    cargo build --release -p trainer --bin vet-chat
+    CARGO_TARGET_DIR=$NORMAL_TARGET cargo build --release -p trainer --bin vet-chat
     local ids=72,101,108,108,111,44,32,99,97,116
     local want got
-    want=$(target/release/vet-chat --model fixtures/tiny --tokens $ids --greedy --max-new-tokens 32)
+    want=$("$NORMAL_TARGET/release/vet-chat" --model fixtures/tiny --tokens $ids --greedy --max-new-tokens 32)
     got=$("$dir/vet-chat" --model fixtures/tiny --tokens $ids --greedy --max-new-tokens 32)
     if [ "$want" != "$got" ]; then
         echo "release.sh: greedy ids differ: normal build $want, glibc $GLIBC build $got" >&2
@@ -73,7 +76,7 @@ package() {
     name=vet-mamba-$version-x86_64-linux-glibc$GLIBC
     rm -rf "dist/$name"
     mkdir -p "dist/$name"
-    for b in "${BINS[@]}"; do cp "target/$TRIPLE/release/$b" "dist/$name/"; done
+    for b in "${BINS[@]}"; do cp "$ZIG_TARGET/$TRIPLE/release/$b" "dist/$name/"; done
     cp README.md "dist/$name/"
     tar -C dist -czf "dist/$name.tar.gz" "$name"
     echo "release.sh: dist/$name.tar.gz"
