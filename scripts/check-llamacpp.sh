@@ -11,8 +11,11 @@
 #    when VET_TRAIN_QUICKSTART=1, else scripts/random_checkpoint.py's random one of that shape
 #    with the bundled BPE tokenizer) as f32 and q8_0 GGUF.
 # 3. For each file and several prompts: llama.cpp's greedy ids (scripts/llamacpp_greedy.c,
-#    linked against libllama) against `vet-chat --tokens ... --greedy`; and llama.cpp's
-#    tokenizer (llama-tokenize) against ours on a sentence, for the BPE model.
+#    linked against libllama) against `vet-chat --tokens ... --greedy`, and both sides' logits
+#    at every step under teacher forcing (vet-train debug-state; llamacpp_compare.py); for
+#    q8_0 also the bytes against llama-quantize's and scripts/llamacpp_q8_emulate.py (what
+#    "equal" means for each dtype is written below, at TOL_F32); and llama.cpp's tokenizer
+#    (llama-tokenize) against ours on a sentence, for the BPE model.
 # Prints one line per comparison and a summary; exits 1 on any difference.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,6 +26,7 @@ N_NEW=${N_NEW:-32}
 OUT=${OUT:-target/llamacpp-check}
 BIN=${BIN:-target/release}  # BIN=target/debug uses the debug build
 mkdir -p "$OUT"
+python3 -c "import gguf, numpy" 2>/dev/null || pip install --user --quiet "gguf==0.19.0" numpy
 t_start=$SECONDS
 
 build_llamacpp() {
