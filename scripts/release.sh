@@ -53,6 +53,10 @@ check() { # the packaged binaries' folder
         local v
         v=$(max_glibc "$dir/$b")
         echo "release.sh: $b needs GLIBC_$v at most"
+        if ! "$dir/$b" --version; then
+            echo "release.sh: $b --version failed" >&2
+            bad=1
+        fi
         if [ "$(printf '%s\n%s\n' "$v" "$GLIBC" | sort -V | tail -1)" != "$GLIBC" ]; then
             echo "release.sh: $b needs glibc $v > $GLIBC" >&2
             bad=1
