@@ -11,8 +11,11 @@
 #    when VET_TRAIN_QUICKSTART=1, else scripts/random_checkpoint.py's random one of that shape
 #    with the bundled BPE tokenizer) as f32 and q8_0 GGUF.
 # 3. For each file and several prompts: llama.cpp's greedy ids (scripts/llamacpp_greedy.c,
-#    linked against libllama) against `vet-chat --tokens ... --greedy`; and llama.cpp's
-#    tokenizer (llama-tokenize) against ours on a sentence, for the BPE model.
+#    linked against libllama) against `vet-chat --tokens ... --greedy`, and both sides' logits
+#    at every step under teacher forcing (vet-train debug-state; llamacpp_compare.py); for
+#    q8_0 also the bytes against llama-quantize's and scripts/llamacpp_q8_emulate.py (what
+#    "equal" means for each dtype is written below, at TOL_F32); and llama.cpp's tokenizer
+#    (llama-tokenize) against ours on a sentence, for the BPE model.
 # Prints one line per comparison and a summary; exits 1 on any difference.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,6 +26,7 @@ N_NEW=${N_NEW:-32}
 OUT=${OUT:-target/llamacpp-check}
 BIN=${BIN:-target/release}  # BIN=target/debug uses the debug build
 mkdir -p "$OUT"
+python3 -c "import gguf, numpy" 2>/dev/null || pip install --user --quiet "gguf==0.19.0" numpy
 t_start=$SECONDS
 
 build_llamacpp() {
@@ -55,36 +59,93 @@ build_helper() {
         -I"$LLAMACPP/include" -I"$LLAMACPP/ggml/include" -L"$lib" -lllama -Wl,-rpath,"$lib"
 }
 
+# What "equal" means (README, "GGUF export"). Every comparison runs both sides on the same
+# tokens: the prompt, then vet-chat's greedy ids fed back (teacher forcing), and sets the logits
+# of each of the N_NEW steps side by side (llamacpp_compare.py logits).
+# f32: llama.cpp multiplies f32 by f32 as we do: the greedy ids must be equal, and the logits
+#   within TOL_F32 with the same argmax at every step.
+# q8_0: llama.cpp's Q8_0 matrix product rounds the *activations* to Q8_0 as well (ggml's
+#   vec_dot_type for Q8_0), which Vet-Mamba never does. So: the file's bytes must equal
+#   llama-quantize's; vet-chat runs on the very weights the file holds (dequantised,
+#   llamacpp_compare.py dequant); llamacpp_q8_emulate.py (numpy, the file's weights) must give
+#   vet-train debug-state's logits within TOL_F32 with its activations exact, and llama.cpp's
+#   with its activations rounded as ggml rounds them: the same argmax at every step, the
+#   median step within TOL_F32 and every step within TOL_Q8 (where an f32 ulp of difference,
+#   e.g. ggml's vectorised exp, moves one activation across a rounding boundary, the logits
+#   jump for a few steps); vet-chat's logits must be within TOL_Q8 of llama.cpp's. The greedy
+#   ids are reported: where they part, llama.cpp took the token that 8-bit activations pick.
+TOL_F32=${TOL_F32:-1e-5}
+TOL_Q8=${TOL_Q8:-1e-1}
 fail=0
 pass=0
-compare() { # name gguf checkpoint ids
-    local name=$1 gguf=$2 ck=$3 ids=$4 ours theirs
+note() { echo "check-llamacpp: $*"; }
+verdict() { if [ "$1" = 0 ]; then pass=$((pass + 1)); else fail=$((fail + 1)); fi; }
+
+first_difference() { # ids-a ids-b -> index of the first difference (= length when equal)
+    local a b same=0
+    IFS=, read -ra a <<< "$1"
+    IFS=, read -ra b <<< "$2"
+    while [ $same -lt ${#a[@]} ] && [ "${a[$same]}" = "${b[$same]:-}" ]; do same=$((same + 1)); done
+    echo $same
+}
+
+logits() { # label a b tol [--argmax]: appends to $report, clears $ok on failure
+    local r rc=0
+    r=$(python3 scripts/llamacpp_compare.py logits "$2" "$3" "$np" "$N_NEW" "$4" ${5:-}) || rc=$?
+    report="$report; $1: $r"
+    [ $rc = 0 ] || ok=0
+}
+
+compare() { # name dtype gguf checkpoint ids
+    local name=$1 dt=$2 gguf=$3 ck=$4 ids=$5 ours theirs same np tf=$OUT/tf ok=1 report=""
     ours=$("$BIN"/vet-chat --model "$ck" --tokens "$ids" --greedy --max-new-tokens "$N_NEW")
     theirs=$("$OUT/llamacpp_greedy" "$gguf" "$N_NEW" "$ids")
-    if [ "$ours" = "$theirs" ]; then
-        pass=$((pass + 1))
-        echo "check-llamacpp: $name: $N_NEW greedy tokens equal"
+    same=$(first_difference "$ours" "$theirs")
+    np=$(awk -F, '{print NF}' <<< "$ids")
+    "$OUT/llamacpp_greedy" "$gguf" "$N_NEW" "$ids" "$tf-llama.f32" "$ours" > /dev/null
+    python3 scripts/llamacpp_compare.py tokens "$ids" "$ours" "$tf-ids.safetensors"
+    "$BIN"/vet-train debug-state --model "$ck" --tokens "$tf-ids.safetensors" \
+        --out "$tf-ours.safetensors" --device cpu > "$tf-debug-state.log" 2>&1
+    if [ "$dt" = f32 ]; then
+        [ "$same" = "$N_NEW" ] || ok=0
+        logits "vet vs llama.cpp" "$tf-ours.safetensors" "$tf-llama.f32" "$TOL_F32" --argmax
     else
-        fail=$((fail + 1))
-        local same=0 a b
-        IFS=, read -ra a <<< "$ours"
-        IFS=, read -ra b <<< "$theirs"
-        while [ $same -lt ${#a[@]} ] && [ "${a[$same]}" = "${b[$same]:-}" ]; do same=$((same + 1)); done
-        echo "check-llamacpp: $name: DIFFER after $same tokens: vet-chat $ours | llama.cpp $theirs"
+        python3 scripts/llamacpp_q8_emulate.py "$gguf" "$ids" "$ours" "$tf-exact.f32" --exact-activations
+        python3 scripts/llamacpp_q8_emulate.py "$gguf" "$ids" "$ours" "$tf-q8.f32"
+        logits "vet vs emulation(f32 act.)" "$tf-ours.safetensors" "$tf-exact.f32" "$TOL_F32"
+        logits "emulation(q8 act.) vs llama.cpp" "$tf-q8.f32" "$tf-llama.f32" "$TOL_F32" \
+            "--argmax --median $TOL_Q8"
+        logits "vet vs llama.cpp" "$tf-ours.safetensors" "$tf-llama.f32" "$TOL_Q8"
     fi
+    local head="$same of $N_NEW greedy tokens equal"
+    [ "$same" = "$N_NEW" ] || head="$head (vet-chat $ours | llama.cpp $theirs)"
+    [ $ok = 1 ] || head="FAIL: $head"
+    note "$name: $head$report"
+    verdict $((1 - ok))
 }
 
 check_model() { # label checkpoint prompt-id-lists...
     local label=$1 ck=$2
     shift 2
     for dt in f32 q8_0; do
-        local g="$OUT/$label-$dt.gguf" t0=$SECONDS
+        local g="$OUT/$label-$dt.gguf" t0=$SECONDS used=$ck
         "$BIN"/vet-train export --model "$ck" --format gguf --out "$g" --dtype "$dt"
-        echo "check-llamacpp: export $label $dt took $((SECONDS - t0)) s"
+        note "export $label $dt took $((SECONDS - t0)) s"
+        if [ "$dt" = q8_0 ]; then
+            # Our Q8_0 bytes against llama.cpp's own quantiser run on our f32 export.
+            "$BUILD/bin/llama-quantize" "$OUT/$label-f32.gguf" "$OUT/$label-lq-q8_0.gguf" Q8_0 \
+                > "$OUT/$label-quantize.log" 2>&1
+            local rc=0 by
+            by=$(python3 scripts/llamacpp_compare.py bytes "$g" "$OUT/$label-lq-q8_0.gguf") || rc=$?
+            note "$label q8_0 weights against llama-quantize: ${by//$'\n'/; }"
+            verdict $rc
+            used=$OUT/$label-q8_0-weights
+            python3 scripts/llamacpp_compare.py dequant "$ck" "$g" "$used" > /dev/null
+        fi
         local k=0
         for ids in "$@"; do
             k=$((k + 1))
-            compare "$label $dt prompt $k" "$g" "$ck" "$ids"
+            compare "$label $dt prompt $k" "$dt" "$g" "$used" "$ids"
         done
     done
 }
@@ -123,13 +184,13 @@ if [ -n "$qs" ]; then
     ours=$(python3 -c 'import sys; from tokenizers import Tokenizer as T
 print(",".join(map(str, T.from_file(sys.argv[1]).encode(sys.argv[2]).ids)))' "$qs/tokenizer.json" "$text")
     if [ "$ours" = "$theirs" ]; then
-        pass=$((pass + 1))
-        echo "check-llamacpp: tokenizer: llama.cpp's ids equal tokenizer.json's ($ours)"
+        verdict 0
+        note "tokenizer: llama.cpp's ids equal tokenizer.json's ($ours)"
     else
-        fail=$((fail + 1))
-        echo "check-llamacpp: tokenizer: DIFFER: tokenizer.json $ours | llama.cpp $theirs"
+        verdict 1
+        note "tokenizer: DIFFER: tokenizer.json $ours | llama.cpp $theirs"
     fi
-    compare "quickstart f32 tokenized text" "$OUT/quickstart-f32.gguf" "$qs" "$ours"
+    compare "quickstart f32 tokenized text" f32 "$OUT/quickstart-f32.gguf" "$qs" "$ours"
 else
     echo "check-llamacpp: no quickstart checkpoint (pass one, or VET_TRAIN_QUICKSTART=1 to train one)"
 fi

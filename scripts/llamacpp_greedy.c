@@ -2,11 +2,15 @@
  * scripts/check-llamacpp.sh, to compare with `vet-chat --tokens IDS --greedy`.
  *
  *   llamacpp_greedy MODEL.gguf N_NEW ID,ID,...
+ *   llamacpp_greedy MODEL.gguf N_NEW ID,ID,... LOGITS.f32 FORCED,FORCED,...
  *
  * Feeds the prompt ids as one batch, then takes the argmax of the last logits N_NEW times
  * (ties to the lowest id, as vet-chat's greedy does), feeding each back. It does not stop at
  * end-of-text: the comparison covers exactly N_NEW tokens. Weights are not repacked for AMX
  * (see below). Prints the new ids, comma-separated.
+ * With LOGITS.f32 and N_NEW forced ids (teacher forcing): step i feeds FORCED[i] instead of
+ * its argmax, and every step's logits go to LOGITS.f32 (N_NEW x n_vocab little-endian f32),
+ * so they can be set against another implementation's on the same token sequence.
  * Built against libllama by check-llamacpp.sh (cc ... -lllama). */
 #include <stdio.h>
 #include <stdlib.h>
@@ -27,8 +31,8 @@ static int argmax(const float *logits, int n) {
 }
 
 int main(int argc, char **argv) {
-    if (argc != 4) {
-        fprintf(stderr, "usage: %s MODEL.gguf N_NEW ID,ID,...\n", argv[0]);
+    if (argc != 4 && argc != 6) {
+        fprintf(stderr, "usage: %s MODEL.gguf N_NEW ID,ID,... [LOGITS.f32 FORCED,...]\n", argv[0]);
         return 2;
     }
     int n_new = atoi(argv[2]);
@@ -39,6 +43,22 @@ int main(int argc, char **argv) {
     if (n_prompt == 0 || n_new <= 0) {
         fprintf(stderr, "need at least one prompt id and N_NEW > 0\n");
         return 2;
+    }
+    llama_token forced[4096];
+    int n_forced = 0;
+    FILE *dump = NULL;
+    if (argc == 6) {
+        for (char *s = strtok(argv[5], ","); s && n_forced < 4096; s = strtok(NULL, ","))
+            forced[n_forced++] = (llama_token)atoi(s);
+        if (n_forced != n_new) {
+            fprintf(stderr, "%d forced ids for N_NEW %d\n", n_forced, n_new);
+            return 2;
+        }
+        dump = fopen(argv[4], "wb");
+        if (!dump) {
+            fprintf(stderr, "cannot write %s\n", argv[4]);
+            return 1;
+        }
     }
     llama_log_set(quiet, NULL);
     llama_backend_init();
@@ -70,11 +90,23 @@ int main(int argc, char **argv) {
             fprintf(stderr, "llama_decode failed at step %d\n", i);
             return 1;
         }
-        next = argmax(llama_get_logits_ith(ctx, -1), n_vocab);
+        const float *logits = llama_get_logits_ith(ctx, -1);
+        next = argmax(logits, n_vocab);
         printf(i ? ",%d" : "%d", next);
+        if (dump) {
+            if (fwrite(logits, sizeof(float), (size_t)n_vocab, dump) != (size_t)n_vocab) {
+                fprintf(stderr, "writing %s failed\n", argv[4]);
+                return 1;
+            }
+            next = forced[i];
+        }
         batch = llama_batch_get_one(&next, 1);
     }
     printf("\n");
+    if (dump && fclose(dump) != 0) {
+        fprintf(stderr, "writing %s failed\n", argv[4]);
+        return 1;
+    }
     llama_free(ctx);
     llama_model_free(model);
     return 0;
