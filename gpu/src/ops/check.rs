@@ -563,6 +563,8 @@ impl OpDev {
             vocab: vocab as i64,
             k: scale * inv,
             row_loss: rows.ptr(),
+            grad_lp: PtrMut::NULL,
+            lp_mode: 0,
         };
         // SAFETY: `n * vocab` logits, `n` targets (the caller's, below `vocab`), `n` mask
         // bytes and row losses, all allocated here.
