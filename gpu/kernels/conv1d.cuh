@@ -43,8 +43,10 @@ typedef struct {
     long batch;
     long seq_len;
     long d_inner;
+    const float* u;
+    float* g_out;
 } Conv1dBwdDxF32;
-#define CONV1D_BWD_DX_F32_ARGS(p) (p).du, (p).w, (p).starts, (p).dx, (p).ldx, (p).batch, (p).seq_len, (p).d_inner
+#define CONV1D_BWD_DX_F32_ARGS(p) (p).du, (p).w, (p).starts, (p).dx, (p).ldx, (p).batch, (p).seq_len, (p).d_inner, (p).u, (p).g_out
 
 typedef struct {
     const float* du;

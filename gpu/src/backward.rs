@@ -12,9 +12,7 @@ use crate::ops::conv1d::{
     conv1d_bwd_dw_partial, conv1d_bwd_dx, conv1d_bwd_init, Conv1dBwdDwPartialF32, Conv1dBwdDxF32,
     Conv1dBwdInitF32,
 };
-use crate::ops::elementwise::{
-    colsum_final, colsum_partial, silu_bwd, ColsumFinalF32, ColsumPartialF32, SiluBwdF32,
-};
+use crate::ops::elementwise::{colsum_final, colsum_partial, ColsumFinalF32, ColsumPartialF32};
 use crate::ops::embedding::{embedding_bwd, EmbeddingBwdF32};
 use crate::ops::norm::{norm_bwd_dw_partial, norm_bwd_dx, NormBwdDwPartialF32, NormBwdDxF32};
 use crate::ops::selective_scan::{
@@ -87,8 +85,9 @@ impl<'a> Backward<'a> {
     fn out_proj_bwd(&self, la: &LayerActs, lo: &LayerOffs) -> Result<()> {
         let (m, ws, gw) = (self.m, self.ws, self.gw);
         let (n, dm, di) = (ws.n, m.cfg.d_model, m.cfg.d_inner);
-        let d_out = Opnd::A(gw.d_resid.ptr, dm, n, dm);
         m.dev.tag("out_proj.bwd d_gated");
+        // One low-precision copy for both GEMMs (slot 1: neither GEMM casts into it).
+        let d_out = m.lp_copy(ws, Opnd::A(gw.d_resid.ptr, dm, n, dm), 1)?;
         m.mm(
             ws,
             false,
@@ -186,8 +185,10 @@ impl<'a> Backward<'a> {
     fn dt_x_proj_bwd(&self, la: &LayerActs, lo: &LayerOffs) -> Result<()> {
         let (m, ws, gw) = (self.m, self.ws, self.gw);
         let (n, di, r, xr) = (ws.n, m.cfg.d_inner, m.cfg.dt_rank, m.cfg.x_proj_rows());
-        let d_delta = Opnd::A(gw.d_delta.ptr, di, n, di);
         m.dev.tag("dt_proj.bwd d_dt");
+        // One low-precision copy of each gradient for its two GEMMs (slot 1; the GEMMs cast
+        // their other activation, dt_raw or xs, into slot 0).
+        let d_delta = m.lp_copy(ws, Opnd::A(gw.d_delta.ptr, di, n, di), 1)?;
         m.mm(
             ws,
             false,
@@ -210,8 +211,8 @@ impl<'a> Backward<'a> {
             (self.g(lo.dt_w), r),
             1.0,
         )?;
-        let d_xdbl = Opnd::A(gw.d_xdbl.ptr, xr, n, xr);
         m.dev.tag("x_proj.bwd d_x");
+        let d_xdbl = m.lp_copy(ws, Opnd::A(gw.d_xdbl.ptr, xr, n, xr), 1)?;
         m.mm(
             ws,
             false,
@@ -249,18 +250,12 @@ impl<'a> Backward<'a> {
             0
         };
         let (n_rb, rows_per) = row_blocks(n);
-        let (d_xs, w, starts) = (
-            Ptr::new(gw.d_xs.ptr),
-            m.pin(lo.conv_w),
-            Ptr::new(ws.starts.ptr),
-        );
-        let silu = SiluBwdF32 {
-            u: Ptr::new(ws.u.ptr),
-            g: PtrMut::new(gw.d_xs.ptr),
-            n: (n * di) as i64,
-        };
+        let (w, starts) = (m.pin(lo.conv_w), Ptr::new(ws.starts.ptr));
+        // The dx kernel takes the gradient through the SiLU (d_xs · silu'(u)) and writes it
+        // into `d_gated` (free after the scan's backward) for the other two kernels.
+        let d_u = Ptr::new(gw.d_gated.ptr);
         let dx = Conv1dBwdDxF32 {
-            du: d_xs,
+            du: Ptr::new(gw.d_xs.ptr),
             w,
             starts,
             dx: PtrMut::new(gw.d_xz.ptr),
@@ -268,9 +263,11 @@ impl<'a> Backward<'a> {
             batch,
             seq_len,
             d_inner: di as i64,
+            u: Ptr::new(ws.u.ptr),
+            g_out: PtrMut::new(gw.d_gated.ptr),
         };
         let dinit = Conv1dBwdInitF32 {
-            du: d_xs,
+            du: d_u,
             w,
             starts,
             dinit: PtrMut::new(gw.gstate_conv.at::<f32>(conv_at)),
@@ -281,7 +278,7 @@ impl<'a> Backward<'a> {
         let dw = Conv1dBwdDwPartialF32 {
             x: Ptr::new(la.xz.ptr),
             ldx: 2 * di as i64,
-            du: d_xs,
+            du: d_u,
             starts,
             init: Ptr::new(init_conv),
             batch,
@@ -299,7 +296,6 @@ impl<'a> Backward<'a> {
         // SAFETY: every buffer is this training workspace's or the layout's; the column-sum
         // partials hold `n_rb` rows of the widest sum (`Work::new`).
         unsafe {
-            silu_bwd(&m.dev, &silu)?;
             conv1d_bwd_dx(&m.dev, &dx)?;
             conv1d_bwd_init(&m.dev, &dinit)?;
             conv1d_bwd_dw_partial(&m.dev, &dw)?;
@@ -316,17 +312,25 @@ impl<'a> Backward<'a> {
     fn in_proj_norm_bwd(&self, la: &LayerActs, lo: &LayerOffs) -> Result<()> {
         let (m, ws, gw) = (self.m, self.ws, self.gw);
         let (n, dm, di) = (ws.n, m.cfg.d_model, m.cfg.d_inner);
+        // In bf16 / fp16 the norm also writes the GEMM's copy of hn (slot 0, which no GEMM
+        // below casts into), as the forward did.
+        let (hn_lp, hn_op) = match m.shadow {
+            Some(_) => (ws.lp[0].ptr, Opnd::Lp(ws.lp[0].ptr, dm)),
+            None => (0, Opnd::A(ws.hn.ptr, dm, n, dm)),
+        };
         let hn = crate::ops::norm::NormFwdF32 {
             x_in: Ptr::new(la.resid_in.ptr),
             y: PtrMut::new(ws.hn.ptr),
-            lp_mode: 0,
+            y_lp: PtrMut::new(hn_lp),
             ..m.norm_params(lo.norm_w, lo.norm_b)
         };
         m.dev.tag("in_proj.bwd");
-        // SAFETY: the saved residual and `hn` hold `n` rows of `d_model` f32.
+        // SAFETY: the saved residual and `hn` hold `n` rows of `d_model` f32, `lp[0]` at least
+        // as many u16.
         unsafe { crate::ops::norm::norm_fwd(&m.dev, n, &hn) }?;
-        let d_xz = Opnd::A(gw.d_xz.ptr, 2 * di, n, 2 * di);
         m.dev.tag("in_proj.bwd d_hn");
+        // One low-precision copy for both GEMMs (slot 1).
+        let d_xz = m.lp_copy(ws, Opnd::A(gw.d_xz.ptr, 2 * di, n, 2 * di), 1)?;
         m.mm(
             ws,
             false,
@@ -337,14 +341,13 @@ impl<'a> Backward<'a> {
             (gw.d_hn.ptr, dm),
             0.0,
         )?;
-        let hn = Opnd::A(ws.hn.ptr, dm, n, dm);
         m.dev.tag("in_proj.bwd d_weight");
         m.mm(
             ws,
             false,
             true,
             (dm, 2 * di, n),
-            hn,
+            hn_op,
             d_xz,
             (self.g(lo.in_w), dm),
             1.0,

@@ -379,6 +379,8 @@ impl OpDev {
             batch,
             seq_len: l,
             d_inner: dil,
+            u: Ptr::NULL,
+            g_out: PtrMut::NULL,
         };
         let initp = Conv1dBwdInitF32 {
             du,
