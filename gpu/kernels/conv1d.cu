@@ -17,13 +17,14 @@ __device__ __forceinline__ float conv_visible(long p, int start, long c, const f
 // launchers in gpu/src/ops/conv1d.rs use the same CONV_TL.
 #define CONV_TL 32
 
-// u = conv(x) + bias, xs = silu(u). x: [B, L, ·] with row stride ldx (the x half of xz).
+// u = conv(x) + bias, xs = silu(u) (and its bf16 / fp16 copy xs_lp where not null). x: [B, L, ·]
+// with row stride ldx (the x half of xz).
 // init: [B, d_inner, km1] or null. Thread per (channel, CONV_TL positions of one row): the
 // window's inputs stay in registers, so each x is read once. grid (B * ceil(L / CONV_TL),
 // ceil(di / blockDim)).
 static __device__ __forceinline__ void conv1d_fwd_f32_body(const float* x, long ldx, const float* w, const float* bias,
                                           const int* starts, const float* init, float* u, float* xs,
-                                          long batch, long L, long di) {
+                                          long batch, long L, long di, u16* xs_lp, int lp_mode) {
     const int km1 = D_CONV - 1;
     long c = blockIdx.y * (long)blockDim.x + threadIdx.x;
     if (c >= di) return;
@@ -55,7 +56,9 @@ static __device__ __forceinline__ void conv1d_fwd_f32_body(const float* x, long 
         if (bias) acc += bias[c];
         long i = (b * L + t) * di + c;
         u[i] = acc;
-        if (xs) xs[i] = silu_f32(acc);
+        float v = silu_f32(acc);
+        if (xs) xs[i] = v;
+        if (xs_lp) xs_lp[i] = lp_mode == 0 ? f32_to_bf16(v) : f32_to_f16(v);
 #pragma unroll
         for (int k = 0; k < km1; ++k) win[k] = win[k + 1];
     }
@@ -172,15 +175,38 @@ static __device__ __forceinline__ void conv1d_bwd_dw_partial_f32_body(const floa
 #pragma unroll
     for (int k = 0; k < D_CONV; ++k) aw[k] = 0.0f;
     float ab = 0.0f;
+    // win[k]: the input at p = t − km1 + k of the current row's batch entry, in registers (so
+    // each x is read once); reloaded where a row block starts and at each batch entry's t = 0.
+    float win[D_CONV];
+    long b = r0 / L, t = r0 - (r0 / L) * L;
+    const float* x_row = x + b * L * ldx;
+    const float* ib = init ? init + b * di * km1 : 0;
     for (long row = r0; row < r1; ++row) {
-        long t = row % L, b = row / L;
-        const float* x_row = x + b * L * ldx;
-        const float* ib = init ? init + b * di * km1 : 0;
+        if (row == r0 || t == 0) {
+            x_row = x + b * L * ldx;
+            ib = init ? init + b * di * km1 : 0;
+#pragma unroll
+            for (int k = 0; k < km1; ++k) {
+                long p = t - km1 + k;
+                win[k] = p >= 0 ? x_row[p * ldx + c] : (ib ? ib[c * km1 + (km1 + p)] : 0.0f);
+            }
+        }
+        win[km1] = x_row[t * ldx + c];
         int st = starts[row];
         float g = du[row * di + c];
         ab += g;
 #pragma unroll
-        for (int k = 0; k < D_CONV; ++k) aw[k] += g * conv_visible(t - km1 + k, st, c, x_row, ldx, ib, km1);
+        for (int k = 0; k < D_CONV; ++k) {
+            long p = t - km1 + k;
+            bool vis = p >= 0 ? (st < 0 || p >= st) : st < 0;
+            aw[k] += g * (vis ? win[k] : 0.0f);
+        }
+#pragma unroll
+        for (int k = 0; k < km1; ++k) win[k] = win[k + 1];
+        if (++t == L) {
+            t = 0;
+            ++b;
+        }
     }
 #pragma unroll
     for (int k = 0; k < D_CONV; ++k) part_w[(rb * di + c) * D_CONV + k] = aw[k];

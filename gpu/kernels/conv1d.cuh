@@ -19,8 +19,10 @@ typedef struct {
     long batch;
     long seq_len;
     long d_inner;
+    u16* xs_lp;
+    int lp_mode;
 } Conv1dFwdF32;
-#define CONV1D_FWD_F32_ARGS(p) CONV_IN_F32_ARGS((p).conv), (p).init, (p).u, (p).xs, (p).batch, (p).seq_len, (p).d_inner
+#define CONV1D_FWD_F32_ARGS(p) CONV_IN_F32_ARGS((p).conv), (p).init, (p).u, (p).xs, (p).batch, (p).seq_len, (p).d_inner, (p).xs_lp, (p).lp_mode
 
 typedef struct {
     const float* x;

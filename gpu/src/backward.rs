@@ -223,7 +223,8 @@ impl<'a> Backward<'a> {
             (gw.d_xs.ptr, di),
             1.0,
         )?;
-        let xs = Opnd::A(ws.xs.ptr, di, n, di);
+        // The recomputed conv wrote xs's low-precision copy (`ws.xs_lp`) in bf16 / fp16.
+        let xs = m.xs_opnd(ws);
         m.dev.tag("x_proj.bwd d_weight");
         m.mm(
             ws,

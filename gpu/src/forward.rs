@@ -202,7 +202,7 @@ impl Model {
         let (batch, seq_len) = (ws.batch, ws.seq_len);
         let ssm_at = i * batch * di * ds;
         self.conv_fwd(ws, i, la, lo, has_state, true)?;
-        self.x_dt_proj(ws, la, lo, n, Opnd::A(ws.xs.ptr, di, n, di))?;
+        self.x_dt_proj(ws, la, lo, n, self.xs_opnd(ws))?;
         // A low-precision training workspace keeps only the GEMM's copy of the gated output.
         let keep_lp = ws.mode == Mode::Train && self.shadow.is_some();
         let out = if keep_lp { ws.y.ptr } else { la.gated.ptr };
@@ -245,8 +245,18 @@ impl Model {
         self.out_proj(ws, lo, n, gated)
     }
 
+    /// The conv's SiLU output as a GEMM operand: its low-precision copy `ws.xs_lp` (which
+    /// [`Model::conv_fwd`] writes) in bf16 / fp16, else `ws.xs`.
+    pub(crate) fn xs_opnd(&self, ws: &Work) -> Opnd {
+        let (n, di) = (ws.n, self.cfg.d_inner);
+        match self.shadow {
+            Some(_) => Opnd::Lp(ws.xs_lp.ptr, di),
+            None => Opnd::A(ws.xs.ptr, di, n, di),
+        }
+    }
+
     /// Layer `i`'s causal conv of the x half of `la.xz` into `ws.u` (before SiLU) and `ws.xs`
-    /// (after), and with `last` its final window into the state out. The backward calls it
+    /// (after; in bf16 / fp16 also `ws.xs_lp`), and with `last` its final window into the state out. The backward calls it
     /// again (without `last`) to recompute `u` and `xs`: same kernel, same inputs, same bits.
     pub(crate) fn conv_fwd(
         &self,
@@ -273,6 +283,12 @@ impl Model {
             batch: batch as i64,
             seq_len: seq_len as i64,
             d_inner: di as i64,
+            xs_lp: PtrMut::new(if self.shadow.is_some() {
+                ws.xs_lp.ptr
+            } else {
+                0
+            }),
+            lp_mode: self.lp_mode(),
         };
         let fin = Conv1dLastF32 {
             x: conv.conv.x,

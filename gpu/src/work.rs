@@ -87,6 +87,9 @@ pub struct Work {
     pub delta: Buf,
     /// f32 scan output of a low-precision training workspace (`[n, d_inner]`; else unused).
     pub y: Buf,
+    /// The conv's SiLU output in the GEMM precision (bf16 / fp16 modes, `[n, d_inner]` u16;
+    /// else unused), written by the conv kernel for x_proj and its weight gradient.
+    pub xs_lp: Buf,
     pub state_in_conv: Buf,
     pub state_in_ssm: Buf,
     pub state_out_conv: Buf,
@@ -262,6 +265,7 @@ impl Work {
             u: f(n * di)?,
             delta: f(n * di)?,
             y: if train && lowp { f(n * di)? } else { f(0)? },
+            xs_lp: dev.alloc(if lowp { 2 * n * di } else { 0 })?,
             state_in_conv: f(st_conv)?,
             state_in_ssm: f(st_ssm)?,
             state_out_conv: f(st_conv)?,

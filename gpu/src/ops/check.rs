@@ -321,6 +321,8 @@ impl OpDev {
             init: Ptr::new(ip),
             u: u.ptr(),
             xs: xs.ptr(),
+            xs_lp: PtrMut::NULL,
+            lp_mode: 0,
             batch,
             seq_len: l,
             d_inner: di,

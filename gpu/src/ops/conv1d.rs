@@ -22,7 +22,8 @@ kernel_params! {
 
 kernel_params! {
     /// `u = conv(x) + bias`, `xs = silu(u)` (xs may be null); `init` `[batch, d_inner,
-    /// d_conv − 1]` or null.
+    /// d_conv − 1]` or null; `xs_lp` (may be null): xs again in bf16 (`lp_mode` 0) or fp16
+    /// (1), x_proj's operand.
     Conv1dFwdF32 => ["conv1d_fwd_f32"] {
         conv: ConvInF32,
         init: Ptr<f32>,
@@ -31,6 +32,8 @@ kernel_params! {
         batch: i64,
         seq_len: i64,
         d_inner: i64,
+        xs_lp: PtrMut<u16>,
+        lp_mode: i32,
     }
 }
 
@@ -127,7 +130,8 @@ pub fn params_cuh() -> String {
 /// `x` holds `batch * seq_len` rows at stride `ldx` of at least `d_inner` f32; `w` `d_inner *
 /// d_conv` f32 (the `d_conv` the kernels were built for); `bias` (where not null) `d_inner`
 /// f32; `starts` `batch * seq_len` i32; `init` (where not null) `batch * d_inner * (d_conv −
-/// 1)` f32; `u` (and `xs` where not null) `batch * seq_len * d_inner` f32.
+/// 1)` f32; `u` (and `xs` where not null) `batch * seq_len * d_inner` f32, `xs_lp` (where not
+/// null) as many u16.
 pub unsafe fn conv1d_fwd(dev: &Dev, p: &Conv1dFwdF32) -> Result<()> {
     // SAFETY: the caller's contract is the kernel's.
     unsafe {
