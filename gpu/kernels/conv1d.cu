@@ -13,27 +13,54 @@ __device__ __forceinline__ float conv_visible(long p, int start, long c, const f
     return 0.0f;
 }
 
-// u = conv(x) + bias, xs = silu(u). x: [B, L, ·] with row stride ldx (the x half of xz).
-// init: [B, d_inner, km1] or null. Thread per (b, t, c).
+// Positions per thread of the sliding-window kernels (conv1d_fwd, conv1d_bwd_dx); the
+// launchers in gpu/src/ops/conv1d.rs use the same CONV_TL.
+#define CONV_TL 32
+
+// u = conv(x) + bias, xs = silu(u) (and its bf16 / fp16 copy xs_lp where not null). x: [B, L, ·]
+// with row stride ldx (the x half of xz).
+// init: [B, d_inner, km1] or null. Thread per (channel, CONV_TL positions of one row): the
+// window's inputs stay in registers, so each x is read once. grid (B * ceil(L / CONV_TL),
+// ceil(di / blockDim)).
 static __device__ __forceinline__ void conv1d_fwd_f32_body(const float* x, long ldx, const float* w, const float* bias,
                                           const int* starts, const float* init, float* u, float* xs,
-                                          long batch, long L, long di) {
-    long total = batch * L * di;
+                                          long batch, long L, long di, u16* xs_lp, int lp_mode) {
     const int km1 = D_CONV - 1;
-    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < total; i += (long)gridDim.x * blockDim.x) {
-        long c = i % di, row = i / di, t = row % L, b = row / L;
-        const float* x_row = x + b * L * ldx;
-        const float* ib = init ? init + b * di * km1 : 0;
-        int st = starts[row];
+    long c = blockIdx.y * (long)blockDim.x + threadIdx.x;
+    if (c >= di) return;
+    long nseg = (L + CONV_TL - 1) / CONV_TL;
+    long b = blockIdx.x / nseg, t0 = (blockIdx.x % nseg) * CONV_TL;
+    long t1 = min(L, t0 + (long)CONV_TL);
+    const float* x_row = x + b * L * ldx;
+    const float* ib = init ? init + b * di * km1 : 0;
+    float wk[D_CONV];
+#pragma unroll
+    for (int k = 0; k < D_CONV; ++k) wk[k] = w[c * D_CONV + k];
+    // win[k]: the input at p = t − km1 + k (for p < 0 the initial window, or 0).
+    float win[D_CONV];
+#pragma unroll
+    for (int k = 0; k < km1; ++k) {
+        long p = t0 - km1 + k;
+        win[k] = p >= 0 ? x_row[p * ldx + c] : (ib ? ib[c * km1 + (km1 + p)] : 0.0f);
+    }
+    for (long t = t0; t < t1; ++t) {
+        win[km1] = x_row[t * ldx + c];
+        int st = starts[b * L + t];
         float acc = 0.0f;
 #pragma unroll
         for (int k = 0; k < D_CONV; ++k) {
             long p = t - km1 + k;
-            acc += w[c * D_CONV + k] * conv_visible(p, st, c, x_row, ldx, ib, km1);
+            bool vis = p >= 0 ? (st < 0 || p >= st) : st < 0;
+            acc += wk[k] * (vis ? win[k] : 0.0f);
         }
         if (bias) acc += bias[c];
+        long i = (b * L + t) * di + c;
         u[i] = acc;
-        if (xs) xs[i] = silu_f32(acc);
+        float v = silu_f32(acc);
+        if (xs) xs[i] = v;
+        if (xs_lp) xs_lp[i] = lp_mode == 0 ? f32_to_bf16(v) : f32_to_f16(v);
+#pragma unroll
+        for (int k = 0; k < km1; ++k) win[k] = win[k + 1];
     }
 }
 extern "C" __global__ void conv1d_fwd_f32(const Conv1dFwdF32 p) { conv1d_fwd_f32_body(CONV1D_FWD_F32_ARGS(p)); }
@@ -54,24 +81,64 @@ static __device__ __forceinline__ void conv1d_last_f32_body(const float* x, long
 }
 extern "C" __global__ void conv1d_last_f32(const Conv1dLastF32 p) { conv1d_last_f32_body(CONV1D_LAST_F32_ARGS(p)); }
 
-// dx[b, p, c] = Σ_k w[c, k] · du[b, p + km1 − k, c] over the positions whose document sees p.
-// Written with row stride ldx (the x half of d_xz). Thread per (b, p, c).
+// dx[b, p, c] = Σ_k w[c, k] · g[b, p + km1 − k, c] over the positions whose document sees p,
+// written with row stride ldx (the x half of d_xz). g = du, or with u not null the gradient
+// through the SiLU, g = du · silu'(u), which the kernel also writes to g_out (the other conv
+// backward kernels read it). Thread per (channel, CONV_TL positions of one row), the g window
+// in registers; grid as conv1d_fwd_f32.
 static __device__ __forceinline__ void conv1d_bwd_dx_f32_body(const float* du, const float* w, const int* starts, float* dx,
-                                             long ldx, long batch, long L, long di) {
+                                             long ldx, long batch, long L, long di, const float* u,
+                                             float* g_out) {
     const int km1 = D_CONV - 1;
-    long total = batch * L * di;
-    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < total; i += (long)gridDim.x * blockDim.x) {
-        long c = i % di, row = i / di, p = row % L, b = row / L;
+    long c = blockIdx.y * (long)blockDim.x + threadIdx.x;
+    if (c >= di) return;
+    long nseg = (L + CONV_TL - 1) / CONV_TL;
+    long b = blockIdx.x / nseg, p0 = (blockIdx.x % nseg) * CONV_TL;
+    long p1 = min(L, p0 + (long)CONV_TL);
+    const float* du_b = du + b * L * di;
+    const float* u_b = u ? u + b * L * di : 0;
+    const int* st_b = starts + b * L;
+    float wk[D_CONV];
+#pragma unroll
+    for (int k = 0; k < D_CONV; ++k) wk[k] = w[c * D_CONV + k];
+    // gw[j], sw[j]: g and the document start at t = p + j (t < L; else unused).
+    float gw[D_CONV];
+    int sw[D_CONV];
+#pragma unroll
+    for (int j = 0; j < km1; ++j) {
+        long t = p0 + j;
+        gw[j] = 0.0f;
+        sw[j] = 0;
+        if (t < L) {
+            float g = du_b[t * di + c];
+            if (u_b) g = g * silu_grad_f32(u_b[t * di + c]);
+            gw[j] = g;
+            sw[j] = st_b[t];
+        }
+    }
+    for (long p = p0; p < p1; ++p) {
+        long tn = p + km1;
+        gw[km1] = 0.0f;
+        sw[km1] = 0;
+        if (tn < L) {
+            float g = du_b[tn * di + c];
+            if (u_b) g = g * silu_grad_f32(u_b[tn * di + c]);
+            gw[km1] = g;
+            sw[km1] = st_b[tn];
+        }
         float acc = 0.0f;
 #pragma unroll
         for (int k = D_CONV - 1; k >= 0; --k) {
-            long t = p + km1 - k;
-            if (t < L) {
-                int st = starts[b * L + t];
-                if (st < 0 || p >= st) acc += w[c * D_CONV + k] * du[(b * L + t) * di + c];
-            }
+            int j = km1 - k;  // t = p + j
+            if (p + j < L && (sw[j] < 0 || p >= sw[j])) acc += wk[k] * gw[j];
         }
-        dx[row * ldx + c] = acc;
+        dx[(b * L + p) * ldx + c] = acc;
+        if (g_out) g_out[(b * L + p) * di + c] = gw[0];
+#pragma unroll
+        for (int j = 0; j < km1; ++j) {
+            gw[j] = gw[j + 1];
+            sw[j] = sw[j + 1];
+        }
     }
 }
 extern "C" __global__ void conv1d_bwd_dx_f32(const Conv1dBwdDxF32 p) { conv1d_bwd_dx_f32_body(CONV1D_BWD_DX_F32_ARGS(p)); }
@@ -108,15 +175,38 @@ static __device__ __forceinline__ void conv1d_bwd_dw_partial_f32_body(const floa
 #pragma unroll
     for (int k = 0; k < D_CONV; ++k) aw[k] = 0.0f;
     float ab = 0.0f;
+    // win[k]: the input at p = t − km1 + k of the current row's batch entry, in registers (so
+    // each x is read once); reloaded where a row block starts and at each batch entry's t = 0.
+    float win[D_CONV];
+    long b = r0 / L, t = r0 - (r0 / L) * L;
+    const float* x_row = x + b * L * ldx;
+    const float* ib = init ? init + b * di * km1 : 0;
     for (long row = r0; row < r1; ++row) {
-        long t = row % L, b = row / L;
-        const float* x_row = x + b * L * ldx;
-        const float* ib = init ? init + b * di * km1 : 0;
+        if (row == r0 || t == 0) {
+            x_row = x + b * L * ldx;
+            ib = init ? init + b * di * km1 : 0;
+#pragma unroll
+            for (int k = 0; k < km1; ++k) {
+                long p = t - km1 + k;
+                win[k] = p >= 0 ? x_row[p * ldx + c] : (ib ? ib[c * km1 + (km1 + p)] : 0.0f);
+            }
+        }
+        win[km1] = x_row[t * ldx + c];
         int st = starts[row];
         float g = du[row * di + c];
         ab += g;
 #pragma unroll
-        for (int k = 0; k < D_CONV; ++k) aw[k] += g * conv_visible(t - km1 + k, st, c, x_row, ldx, ib, km1);
+        for (int k = 0; k < D_CONV; ++k) {
+            long p = t - km1 + k;
+            bool vis = p >= 0 ? (st < 0 || p >= st) : st < 0;
+            aw[k] += g * (vis ? win[k] : 0.0f);
+        }
+#pragma unroll
+        for (int k = 0; k < km1; ++k) win[k] = win[k + 1];
+        if (++t == L) {
+            t = 0;
+            ++b;
+        }
     }
 #pragma unroll
     for (int k = 0; k < D_CONV; ++k) part_w[(rb * di + c) * D_CONV + k] = aw[k];

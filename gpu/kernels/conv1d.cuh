@@ -19,8 +19,10 @@ typedef struct {
     long batch;
     long seq_len;
     long d_inner;
+    u16* xs_lp;
+    int lp_mode;
 } Conv1dFwdF32;
-#define CONV1D_FWD_F32_ARGS(p) CONV_IN_F32_ARGS((p).conv), (p).init, (p).u, (p).xs, (p).batch, (p).seq_len, (p).d_inner
+#define CONV1D_FWD_F32_ARGS(p) CONV_IN_F32_ARGS((p).conv), (p).init, (p).u, (p).xs, (p).batch, (p).seq_len, (p).d_inner, (p).xs_lp, (p).lp_mode
 
 typedef struct {
     const float* x;
@@ -43,8 +45,10 @@ typedef struct {
     long batch;
     long seq_len;
     long d_inner;
+    const float* u;
+    float* g_out;
 } Conv1dBwdDxF32;
-#define CONV1D_BWD_DX_F32_ARGS(p) (p).du, (p).w, (p).starts, (p).dx, (p).ldx, (p).batch, (p).seq_len, (p).d_inner
+#define CONV1D_BWD_DX_F32_ARGS(p) (p).du, (p).w, (p).starts, (p).dx, (p).ldx, (p).batch, (p).seq_len, (p).d_inner, (p).u, (p).g_out
 
 typedef struct {
     const float* du;

@@ -1,15 +1,20 @@
 // Fused softmax + masked cross-entropy + gradient over the vocabulary (twin of
 // reference/src/loss.rs). One block per position; the logits are overwritten by
-// d(scale · loss)/d logits. row_loss[r] = logsumexp − logit[target] (0 for masked rows);
-// the host sums it in f64 in position order.
+// d(scale · loss)/d logits, or (grad_lp not null) that gradient goes to grad_lp in bf16 / fp16
+// (lp_mode 0 / 1) and the logits stay. row_loss[r] = logsumexp − logit[target] (0 for masked
+// rows); the host sums it in f64 in position order.
 static __device__ __forceinline__ void cross_entropy_fwd_bwd_f32_body(float* logits, const unsigned int* targets,
                                                      const unsigned char* mask, long V, float k,
-                                                     float* row_loss) {
+                                                     float* row_loss, u16* grad_lp, int lp_mode) {
     __shared__ float sh[33];
     long r = blockIdx.x;
     float* lr = logits + r * V;
+    u16* gl = grad_lp ? grad_lp + r * V : (u16*)0;
     if (mask && !mask[r]) {
-        for (long j = threadIdx.x; j < V; j += blockDim.x) lr[j] = 0.0f;
+        for (long j = threadIdx.x; j < V; j += blockDim.x) {
+            if (gl) gl[j] = 0;
+            else lr[j] = 0.0f;
+        }
         if (threadIdx.x == 0) row_loss[r] = 0.0f;
         return;
     }
@@ -26,7 +31,8 @@ static __device__ __forceinline__ void cross_entropy_fwd_bwd_f32_body(float* log
     for (long j = threadIdx.x; j < V; j += blockDim.x) {
         float g = expf(lr[j] - lse) * k;
         if (j == t) g -= k;
-        lr[j] = g;
+        if (gl) gl[j] = lp_mode == 0 ? f32_to_bf16(g) : f32_to_f16(g);
+        else lr[j] = g;
     }
 }
 extern "C" __global__ void cross_entropy_fwd_bwd_f32(const CrossEntropyFwdBwdF32 p) { cross_entropy_fwd_bwd_f32_body(CROSS_ENTROPY_FWD_BWD_F32_ARGS(p)); }

@@ -9,5 +9,7 @@ typedef struct {
     long vocab;
     float k;
     float* row_loss;
+    u16* grad_lp;
+    int lp_mode;
 } CrossEntropyFwdBwdF32;
-#define CROSS_ENTROPY_FWD_BWD_F32_ARGS(p) (p).logits, (p).targets, (p).mask, (p).vocab, (p).k, (p).row_loss
+#define CROSS_ENTROPY_FWD_BWD_F32_ARGS(p) (p).logits, (p).targets, (p).mask, (p).vocab, (p).k, (p).row_loss, (p).grad_lp, (p).lp_mode

@@ -10,9 +10,10 @@ use reference::{
     TrainingEngine,
 };
 
-use crate::backward::{loss_dev, token_csr, Backward};
+use crate::backward::{token_csr, Backward};
 use crate::decode::StepOn;
 use crate::engine::GpuEngine;
+use crate::head_loss::loss_dev;
 use crate::model::ensure_ws;
 use crate::ops::adamw::{
     adamw, sumsq_final, sumsq_partial, AdamwF32, SumsqFinalF64, SumsqPartialF64, NORM_BLOCKS,
@@ -62,6 +63,7 @@ impl GpuEngine {
 
     /// Global gradient norm: f64 partial sums over a fixed grid, then one ordered sum.
     fn grad_norm(&self) -> Result<f64> {
+        self.model.dev.tag("grad norm");
         let dev = &self.model.dev;
         let t = &self.train;
         let partial = SumsqPartialF64 {
@@ -365,7 +367,7 @@ impl TrainingEngine for GpuEngine {
             self.model.forward_dev(&ws, state.is_some(), 0)?;
             let inv = 1.0f32 / n_targets as f32;
             let k = grad_scale as f32 * inv;
-            loss_dev(&self.model, &ws, mask.is_some(), k)?;
+            loss_dev(&self.model, &ws, &self.train.grads, mask.is_some(), k)?;
             let csr = token_csr(input.tokens);
             Backward::new(&self.model, &ws, &self.train.grads, state.is_some())
                 .run((&csr.0, &csr.1, &csr.2))?;
@@ -433,6 +435,7 @@ impl TrainingEngine for GpuEngine {
         let step_size = (lr / bc1) as f32;
         let sqrt_bc2 = bc2.sqrt() as f32;
         let decay = (1.0 - lr * hp.weight_decay) as f32;
+        self.model.dev.tag("adamw");
         for s in &self.model.layout.slots {
             let decays = hp.weight_decay != 0.0 && s.decays;
             let p = AdamwF32 {

@@ -12,12 +12,8 @@ use crate::ops::conv1d::{
     conv1d_bwd_dw_partial, conv1d_bwd_dx, conv1d_bwd_init, Conv1dBwdDwPartialF32, Conv1dBwdDxF32,
     Conv1dBwdInitF32,
 };
-use crate::ops::elementwise::{
-    colsum_final, colsum_partial, silu_bwd, silu_fwd, ColsumFinalF32, ColsumPartialF32, SiluBwdF32,
-    SiluFwdF32,
-};
+use crate::ops::elementwise::{colsum_final, colsum_partial, ColsumFinalF32, ColsumPartialF32};
 use crate::ops::embedding::{embedding_bwd, EmbeddingBwdF32};
-use crate::ops::loss::{cross_entropy_fwd_bwd, CrossEntropyFwdBwdF32};
 use crate::ops::norm::{norm_bwd_dw_partial, norm_bwd_dx, NormBwdDwPartialF32, NormBwdDxF32};
 use crate::ops::selective_scan::{
     scan_blocks, scan_reduce_batch, scan_reduce_bc, selective_scan_bwd, ScanReduceBatchF32,
@@ -25,23 +21,6 @@ use crate::ops::selective_scan::{
 };
 use crate::params::{Ptr, PtrMut};
 use crate::work::{row_blocks, GradWork, LayerActs, Work};
-
-/// Cross-entropy on `ws.logits` (overwritten by the gradient); per-row losses in
-/// `row_loss`. `k` = grad_scale / n_targets.
-pub(crate) fn loss_dev(m: &Model, ws: &Work, has_mask: bool, k: f32) -> Result<()> {
-    let gw = ws.grad.as_ref().expect("training workspace");
-    let p = CrossEntropyFwdBwdF32 {
-        logits: PtrMut::new(ws.logits.ptr),
-        targets: Ptr::new(gw.targets.ptr),
-        mask: Ptr::new(if has_mask { gw.mask.ptr } else { 0 }),
-        vocab: m.cfg.vocab_size as i64,
-        k,
-        row_loss: PtrMut::new(gw.row_loss.ptr),
-    };
-    // SAFETY: a training workspace holds `n` rows of logits, targets (checked against the
-    // vocabulary by the caller), mask bytes and row losses.
-    unsafe { cross_entropy_fwd_bwd(&m.dev, ws.n, &p) }
-}
 
 /// One backward over a training workspace whose forward and loss have run.
 pub(crate) struct Backward<'a> {
@@ -72,8 +51,9 @@ impl<'a> Backward<'a> {
         self.grads.at::<f32>(off)
     }
 
-    /// The backward from the gradient in `ws.logits`. `emb_csr`: distinct tokens, offsets
-    /// and positions for the embedding ([`token_csr`]).
+    /// The backward from `gw.d_hn`, the final norm's output gradient that the training head
+    /// (`head_loss::loss_dev`) wrote. `emb_csr`: distinct tokens, offsets and positions for
+    /// the embedding ([`token_csr`]).
     pub(crate) fn run(&self, emb_csr: (&[u32], &[i32], &[i32])) -> Result<()> {
         self.head_bwd()?;
         for (i, lo) in self.m.layout.layers.iter().enumerate().rev() {
@@ -88,33 +68,11 @@ impl<'a> Backward<'a> {
         self.m.dev.sync()
     }
 
-    /// The lm_head and the final norm: `d_resid = d norm_f(resid_final)`.
+    /// The final norm: `d_resid = d norm_f(resid_final)` from `d_hn`.
     fn head_bwd(&self) -> Result<()> {
         let (m, ws, gw) = (self.m, self.ws, self.gw);
-        let (n, dm, v) = (ws.n, m.cfg.d_model, m.cfg.vocab_size);
         let lay = &m.layout;
-        let dlogits = Opnd::A(ws.logits.ptr, v, n, v);
-        m.mm(
-            ws,
-            false,
-            false,
-            (dm, n, v),
-            Opnd::W(lay.head, dm),
-            dlogits,
-            (gw.d_hn.ptr, dm),
-            0.0,
-        )?;
-        let hf = Opnd::A(ws.hf.ptr, dm, n, dm);
-        m.mm(
-            ws,
-            false,
-            true,
-            (dm, v, n),
-            hf,
-            dlogits,
-            (self.g(lay.head), dm),
-            1.0,
-        )?;
+        m.dev.tag("norm_f.bwd");
         self.norm_bwd(
             (ws.resid_final.ptr, ws.fmean.ptr, ws.frstd.ptr),
             gw.d_hn.ptr,
@@ -127,7 +85,9 @@ impl<'a> Backward<'a> {
     fn out_proj_bwd(&self, la: &LayerActs, lo: &LayerOffs) -> Result<()> {
         let (m, ws, gw) = (self.m, self.ws, self.gw);
         let (n, dm, di) = (ws.n, m.cfg.d_model, m.cfg.d_inner);
-        let d_out = Opnd::A(gw.d_resid.ptr, dm, n, dm);
+        m.dev.tag("out_proj.bwd d_gated");
+        // One low-precision copy for both GEMMs (slot 1: neither GEMM casts into it).
+        let d_out = m.lp_copy(ws, Opnd::A(gw.d_resid.ptr, dm, n, dm), 1)?;
         m.mm(
             ws,
             false,
@@ -138,7 +98,12 @@ impl<'a> Backward<'a> {
             (gw.d_gated.ptr, di),
             0.0,
         )?;
-        let gated = Opnd::A(la.gated.ptr, di, n, di);
+        // A low-precision training workspace kept the GEMM's copy of the gated output.
+        let gated = match m.shadow {
+            Some(_) => Opnd::Lp(la.gated.ptr, di),
+            None => Opnd::A(la.gated.ptr, di, n, di),
+        };
+        m.dev.tag("out_proj.bwd d_weight");
         m.mm(
             ws,
             false,
@@ -155,17 +120,15 @@ impl<'a> Backward<'a> {
         Ok(())
     }
 
-    /// The scan of layer `i` (x recomputed as silu(u)): d x, d delta, d z, d B / d C (into
-    /// `d_xdbl`), the A_log, D and dt bias gradients, and the initial state's gradient.
+    /// The scan of layer `i` (its inputs recomputed: the conv output `u` and x = silu(u) from
+    /// `xz`, delta from `xdbl`): d x, d delta, d z, d B / d C (into `d_xdbl`), the A_log, D and
+    /// dt bias gradients, and the initial state's gradient.
     fn scan_bwd(&self, i: usize, la: &LayerActs, lo: &LayerOffs) -> Result<()> {
         let (m, ws, gw) = (self.m, self.ws, self.gw);
         let (n, di, ds) = (ws.n, m.cfg.d_inner, m.cfg.d_state);
         let batch = ws.batch;
-        let silu = SiluFwdF32 {
-            u: Ptr::new(la.u.ptr),
-            xs: PtrMut::new(ws.xs.ptr),
-            n: (n * di) as i64,
-        };
+        m.conv_fwd(ws, i, la, lo, self.has_state, false)?;
+        m.dt_proj(ws, la, lo, n)?;
         let scan = SelectiveScanBwdF32 {
             scan: m.scan_in(ws, la, lo),
             chunk_states: Ptr::or_null(la.chunks.as_ref().map(|c| c.ptr)),
@@ -192,11 +155,11 @@ impl<'a> Backward<'a> {
             out: PtrMut::new(gw.d_xdbl.at::<f32>(m.cfg.dt_rank)),
             ldo: m.cfg.x_proj_rows() as i64,
         };
+        m.dev.tag("scan.bwd");
         // SAFETY: every buffer is this training workspace's (sized by `Work::new` for its
         // shape, with the chunk states of the forward that just ran) or the parameters' and
         // gradients' of the layout.
         unsafe {
-            silu_fwd(&m.dev, &silu)?;
             selective_scan_bwd(&m.dev, &scan)?;
             scan_reduce_bc(&m.dev, &reduce_bc)?;
         }
@@ -222,7 +185,10 @@ impl<'a> Backward<'a> {
     fn dt_x_proj_bwd(&self, la: &LayerActs, lo: &LayerOffs) -> Result<()> {
         let (m, ws, gw) = (self.m, self.ws, self.gw);
         let (n, di, r, xr) = (ws.n, m.cfg.d_inner, m.cfg.dt_rank, m.cfg.x_proj_rows());
-        let d_delta = Opnd::A(gw.d_delta.ptr, di, n, di);
+        m.dev.tag("dt_proj.bwd d_dt");
+        // One low-precision copy of each gradient for its two GEMMs (slot 1; the GEMMs cast
+        // their other activation, dt_raw or xs, into slot 0).
+        let d_delta = m.lp_copy(ws, Opnd::A(gw.d_delta.ptr, di, n, di), 1)?;
         m.mm(
             ws,
             false,
@@ -234,6 +200,7 @@ impl<'a> Backward<'a> {
             0.0,
         )?;
         let dt_raw = Opnd::A(la.xdbl.ptr, xr, n, r);
+        m.dev.tag("dt_proj.bwd d_weight");
         m.mm(
             ws,
             false,
@@ -244,7 +211,8 @@ impl<'a> Backward<'a> {
             (self.g(lo.dt_w), r),
             1.0,
         )?;
-        let d_xdbl = Opnd::A(gw.d_xdbl.ptr, xr, n, xr);
+        m.dev.tag("x_proj.bwd d_x");
+        let d_xdbl = m.lp_copy(ws, Opnd::A(gw.d_xdbl.ptr, xr, n, xr), 1)?;
         m.mm(
             ws,
             false,
@@ -255,7 +223,9 @@ impl<'a> Backward<'a> {
             (gw.d_xs.ptr, di),
             1.0,
         )?;
-        let xs = Opnd::A(ws.xs.ptr, di, n, di);
+        // The recomputed conv wrote xs's low-precision copy (`ws.xs_lp`) in bf16 / fp16.
+        let xs = m.xs_opnd(ws);
+        m.dev.tag("x_proj.bwd d_weight");
         m.mm(
             ws,
             false,
@@ -281,18 +251,12 @@ impl<'a> Backward<'a> {
             0
         };
         let (n_rb, rows_per) = row_blocks(n);
-        let (d_xs, w, starts) = (
-            Ptr::new(gw.d_xs.ptr),
-            m.pin(lo.conv_w),
-            Ptr::new(ws.starts.ptr),
-        );
-        let silu = SiluBwdF32 {
-            u: Ptr::new(la.u.ptr),
-            g: PtrMut::new(gw.d_xs.ptr),
-            n: (n * di) as i64,
-        };
+        let (w, starts) = (m.pin(lo.conv_w), Ptr::new(ws.starts.ptr));
+        // The dx kernel takes the gradient through the SiLU (d_xs · silu'(u)) and writes it
+        // into `d_gated` (free after the scan's backward) for the other two kernels.
+        let d_u = Ptr::new(gw.d_gated.ptr);
         let dx = Conv1dBwdDxF32 {
-            du: d_xs,
+            du: Ptr::new(gw.d_xs.ptr),
             w,
             starts,
             dx: PtrMut::new(gw.d_xz.ptr),
@@ -300,9 +264,11 @@ impl<'a> Backward<'a> {
             batch,
             seq_len,
             d_inner: di as i64,
+            u: Ptr::new(ws.u.ptr),
+            g_out: PtrMut::new(gw.d_gated.ptr),
         };
         let dinit = Conv1dBwdInitF32 {
-            du: d_xs,
+            du: d_u,
             w,
             starts,
             dinit: PtrMut::new(gw.gstate_conv.at::<f32>(conv_at)),
@@ -313,7 +279,7 @@ impl<'a> Backward<'a> {
         let dw = Conv1dBwdDwPartialF32 {
             x: Ptr::new(la.xz.ptr),
             ldx: 2 * di as i64,
-            du: d_xs,
+            du: d_u,
             starts,
             init: Ptr::new(init_conv),
             batch,
@@ -327,10 +293,10 @@ impl<'a> Backward<'a> {
                 0
             }),
         };
+        m.dev.tag("conv.bwd");
         // SAFETY: every buffer is this training workspace's or the layout's; the column-sum
         // partials hold `n_rb` rows of the widest sum (`Work::new`).
         unsafe {
-            silu_bwd(&m.dev, &silu)?;
             conv1d_bwd_dx(&m.dev, &dx)?;
             conv1d_bwd_init(&m.dev, &dinit)?;
             conv1d_bwd_dw_partial(&m.dev, &dw)?;
@@ -347,15 +313,25 @@ impl<'a> Backward<'a> {
     fn in_proj_norm_bwd(&self, la: &LayerActs, lo: &LayerOffs) -> Result<()> {
         let (m, ws, gw) = (self.m, self.ws, self.gw);
         let (n, dm, di) = (ws.n, m.cfg.d_model, m.cfg.d_inner);
+        // In bf16 / fp16 the norm also writes the GEMM's copy of hn (slot 0, which no GEMM
+        // below casts into), as the forward did.
+        let (hn_lp, hn_op) = match m.shadow {
+            Some(_) => (ws.lp[0].ptr, Opnd::Lp(ws.lp[0].ptr, dm)),
+            None => (0, Opnd::A(ws.hn.ptr, dm, n, dm)),
+        };
         let hn = crate::ops::norm::NormFwdF32 {
             x_in: Ptr::new(la.resid_in.ptr),
             y: PtrMut::new(ws.hn.ptr),
-            lp_mode: 0,
+            y_lp: PtrMut::new(hn_lp),
             ..m.norm_params(lo.norm_w, lo.norm_b)
         };
-        // SAFETY: the saved residual and `hn` hold `n` rows of `d_model` f32.
+        m.dev.tag("in_proj.bwd");
+        // SAFETY: the saved residual and `hn` hold `n` rows of `d_model` f32, `lp[0]` at least
+        // as many u16.
         unsafe { crate::ops::norm::norm_fwd(&m.dev, n, &hn) }?;
-        let d_xz = Opnd::A(gw.d_xz.ptr, 2 * di, n, 2 * di);
+        m.dev.tag("in_proj.bwd d_hn");
+        // One low-precision copy for both GEMMs (slot 1).
+        let d_xz = m.lp_copy(ws, Opnd::A(gw.d_xz.ptr, 2 * di, n, 2 * di), 1)?;
         m.mm(
             ws,
             false,
@@ -366,13 +342,13 @@ impl<'a> Backward<'a> {
             (gw.d_hn.ptr, dm),
             0.0,
         )?;
-        let hn = Opnd::A(ws.hn.ptr, dm, n, dm);
+        m.dev.tag("in_proj.bwd d_weight");
         m.mm(
             ws,
             false,
             true,
             (dm, 2 * di, n),
-            hn,
+            hn_op,
             d_xz,
             (self.g(lo.in_w), dm),
             1.0,
@@ -380,6 +356,7 @@ impl<'a> Backward<'a> {
         if let Some(b) = lo.in_b {
             self.colsum_add(gw.d_xz.ptr, 2 * di, n, 2 * di, self.g(b))?;
         }
+        m.dev.tag("norm.bwd");
         self.norm_bwd(
             (la.resid_in.ptr, la.mean.ptr, la.rstd.ptr),
             gw.d_hn.ptr,
@@ -391,6 +368,7 @@ impl<'a> Backward<'a> {
     /// The embedding's gradient: each distinct token's positions summed in order.
     fn embedding_bwd(&self, (uniq, offs, pos): (&[u32], &[i32], &[i32])) -> Result<()> {
         let m = self.m;
+        m.dev.tag("embedding.bwd");
         let d_uniq = m.dev.upload(uniq)?;
         let d_offs = m.dev.upload(offs)?;
         let d_pos = m.dev.upload(pos)?;

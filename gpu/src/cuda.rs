@@ -35,6 +35,8 @@ pub struct Dev {
     pub sm_count: usize,
     /// The compile-time shape the kernels were built for.
     pub shape: KernelShape,
+    /// Per-launch device times (`VET_PROFILE=1`, see [`crate::profile`]).
+    pub(crate) prof: Option<crate::profile::Profiler>,
 }
 
 /// Maps any CUDA-side error to `Error::Device`.
@@ -129,6 +131,7 @@ impl Dev {
             cublas: handle,
             sm_count,
             shape,
+            prof: crate::profile::profile_enabled().then(crate::profile::Profiler::new),
         })
     }
 
@@ -199,10 +202,18 @@ impl Dev {
         }
         let mut copy = *p;
         let mut args = [&mut copy as *mut P as *mut c_void];
-        // SAFETY: the kernel takes one parameter, a struct of `P`'s size and layout (checked
-        // at load; its C twin is generated from `P`); the caller vouches for the pointers.
-        unsafe { drv::launch_kernel(f, grid, (block, 1, 1), smem, self.cu_stream(), &mut args) }
-            .map_err(|e| self.err(&format!("launching {name}"), e))
+        self.timed(
+            || name.to_string(),
+            || {
+                // SAFETY: the kernel takes one parameter, a struct of `P`'s size and layout
+                // (checked at load; its C twin is generated from `P`); the caller vouches for
+                // the pointers.
+                unsafe {
+                    drv::launch_kernel(f, grid, (block, 1, 1), smem, self.cu_stream(), &mut args)
+                }
+                .map_err(|e| self.err(&format!("launching {name}"), e))
+            },
+        )
     }
 
     /// Grid size for a grid-stride kernel over `n` items with 256 threads.
@@ -247,8 +258,12 @@ impl Dev {
             Dt::F16 => cublas_sys::cudaDataType_t::CUDA_R_16F,
         };
         let alpha = 1.0f32;
+        let label = || {
+            let t = |x: bool| if x { 'T' } else { 'N' };
+            format!("gemm {m}x{n}x{k} {}{}", t(ta), t(tb))
+        };
         // SAFETY: the caller's contract: live device pointers whose extents match (m, n, k, ld).
-        unsafe {
+        self.timed(label, || unsafe {
             cublas::gemm_ex(
                 self.cublas,
                 op(ta),
@@ -270,8 +285,8 @@ impl Dev {
                 cublas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
                 cublas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
             )
-        }
-        .map_err(|e| self.err(&format!("GEMM m={m} n={n} k={k} {dt:?}"), e))
+            .map_err(|e| self.err(&format!("GEMM m={m} n={n} k={k} {dt:?}"), e))
+        })
     }
 
     /// Allocates `bytes` (at least 1) of device memory.

@@ -132,6 +132,24 @@ impl GpuEngine {
             .map(|w| w.activation_bytes_per_token())
     }
 
+    /// Bytes per token one layer keeps for the backward (after a `loss_and_backward`).
+    pub fn train_layer_bytes_per_token(&self) -> Option<f64> {
+        self.train.ws.as_ref().map(|w| w.layer_bytes_per_token())
+    }
+
+    /// Per-label device times of the launches since the last [`GpuEngine::profile_reset`]
+    /// and their span in ms; `None` unless `VET_PROFILE=1` was set when the engine opened.
+    pub fn profile_rows(&self) -> Option<(Vec<crate::profile::ProfileRow>, f64)> {
+        self.model.dev.prof.as_ref().map(|p| p.rows())
+    }
+
+    /// Forgets the launches profiled so far.
+    pub fn profile_reset(&self) {
+        if let Some(p) = &self.model.dev.prof {
+            p.reset();
+        }
+    }
+
     /// Whether decode steps replay a CUDA graph.
     pub fn decode_uses_graph(&self) -> bool {
         self.decoder.uses_graph()

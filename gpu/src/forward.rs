@@ -8,6 +8,7 @@ use reference::{Result, State};
 use crate::layout::LayerOffs;
 use crate::model::{Model, Opnd};
 use crate::ops::conv1d::{conv1d_fwd, conv1d_last, Conv1dFwdF32, Conv1dLastF32, ConvInF32};
+use crate::ops::elementwise::{cast_lowp, CastLowpF32};
 use crate::ops::embedding::{embedding_fwd, EmbeddingFwdF32};
 use crate::ops::selective_scan::{selective_scan_fwd, ScanInF32, SelectiveScanFwdF32};
 use crate::params::{Ptr, PtrMut};
@@ -26,6 +27,7 @@ impl Model {
     ) -> Result<()> {
         let (dm, di) = (self.cfg.d_model, self.cfg.d_inner);
         let (hn_lp, hn) = self.lp_out(ws, ws.hn.ptr, dm, rows, dm);
+        self.dev.tag("norm+in_proj");
         self.norm_fwd(
             rows,
             (x_in, add, la.resid_in.ptr),
@@ -48,7 +50,7 @@ impl Model {
     }
 
     /// x_proj of `xs` (`rows` rows) into `la.xdbl` (dt, B, C), then dt_proj of its dt columns
-    /// into `la.delta` (no bias: the scan adds it).
+    /// into `ws.delta` (no bias: the scan adds it).
     pub(crate) fn x_dt_proj(
         &self,
         ws: &Work,
@@ -57,7 +59,8 @@ impl Model {
         rows: usize,
         xs: Opnd,
     ) -> Result<()> {
-        let (di, r, xr) = (self.cfg.d_inner, self.cfg.dt_rank, self.cfg.x_proj_rows());
+        let (di, xr) = (self.cfg.d_inner, self.cfg.x_proj_rows());
+        self.dev.tag("x_proj");
         self.mm(
             ws,
             true,
@@ -68,6 +71,20 @@ impl Model {
             (la.xdbl.ptr, xr),
             0.0,
         )?;
+        self.dt_proj(ws, la, lo, rows)
+    }
+
+    /// dt_proj of the dt columns of `la.xdbl` (`rows` rows) into `ws.delta` (no bias); the
+    /// backward calls it again to recompute `delta`.
+    pub(crate) fn dt_proj(
+        &self,
+        ws: &Work,
+        la: &LayerActs,
+        lo: &LayerOffs,
+        rows: usize,
+    ) -> Result<()> {
+        let (di, r, xr) = (self.cfg.d_inner, self.cfg.dt_rank, self.cfg.x_proj_rows());
+        self.dev.tag("dt_proj");
         self.mm(
             ws,
             true,
@@ -75,7 +92,7 @@ impl Model {
             (di, rows, r),
             Opnd::W(lo.dt_w, r),
             Opnd::A(la.xdbl.ptr, xr, rows, r),
-            (la.delta.ptr, di),
+            (ws.delta.ptr, di),
             0.0,
         )
     }
@@ -99,7 +116,7 @@ impl Model {
         let di = self.cfg.d_inner;
         ScanInF32 {
             u: Ptr::new(ws.xs.ptr),
-            delta: Ptr::new(la.delta.ptr),
+            delta: Ptr::new(ws.delta.ptr),
             a_log: self.pin(lo.a_log),
             xbc: Ptr::new(la.xdbl.ptr),
             ldbc: self.cfg.x_proj_rows() as i64,
@@ -154,7 +171,11 @@ impl Model {
         };
         let add = if cfg.n_layer > 0 { ws.out.ptr } else { 0 };
         let head_rows = match ws.mode {
-            Mode::Train => ws.n,
+            // Training runs the lm_head with the loss, in chunks of rows (`head_loss.rs`).
+            Mode::Train => {
+                self.final_norm(ws, ws.n, (last.resid_in.ptr, add, resid_final))?;
+                return Ok(());
+            }
             Mode::Infer { head_rows } => head_rows,
         };
         self.final_head(
@@ -179,28 +200,97 @@ impl Model {
         let cfg = &self.cfg;
         let (n, di, ds) = (ws.n, cfg.d_inner, cfg.d_state);
         let (batch, seq_len) = (ws.batch, ws.seq_len);
-        let km1 = cfg.d_conv - 1;
-        let (conv_at, ssm_at) = (i * batch * di * km1, i * batch * di * ds);
+        let ssm_at = i * batch * di * ds;
+        self.conv_fwd(ws, i, la, lo, has_state, true)?;
+        self.x_dt_proj(ws, la, lo, n, self.xs_opnd(ws))?;
+        // A low-precision training workspace keeps only the GEMM's copy of the gated output.
+        let keep_lp = ws.mode == Mode::Train && self.shadow.is_some();
+        let out = if keep_lp { ws.y.ptr } else { la.gated.ptr };
+        let scan = SelectiveScanFwdF32 {
+            scan: self.scan_in(ws, la, lo),
+            h0: Ptr::new(if has_state {
+                ws.state_in_ssm.at::<f32>(ssm_at)
+            } else {
+                0
+            }),
+            out: PtrMut::new(out),
+            chunk_states: PtrMut::or_null(la.chunks.as_ref().map(|c| c.ptr)),
+            last: PtrMut::new(ws.state_out_ssm.at::<f32>(ssm_at)),
+            batch: batch as i64,
+            seq_len: seq_len as i64,
+            d_inner: di as i64,
+            d_state: ds as i64,
+        };
+        self.dev.tag("scan");
+        // SAFETY: every buffer is this workspace's (`Work::new` sizes them for `batch ×
+        // seq_len` and `n_layer` states) or a parameter of the layout; the chunk states
+        // (training only) hold every chunk of the kernels' build (same `KernelShape`).
+        unsafe { selective_scan_fwd(&self.dev, &scan) }?;
+        let gated = if keep_lp {
+            let p = CastLowpF32 {
+                src: Ptr::new(ws.y.ptr),
+                ld: di as i64,
+                rows: n as i64,
+                cols: di as i64,
+                dst: PtrMut::new(la.gated.ptr),
+                mode: self.lp_mode(),
+            };
+            self.dev.tag("out_proj");
+            // SAFETY: `y` holds `n × d_inner` f32, the layer's gated store as many u16.
+            unsafe { cast_lowp(&self.dev, &p) }?;
+            Opnd::Lp(la.gated.ptr, di)
+        } else {
+            Opnd::A(la.gated.ptr, di, n, di)
+        };
+        self.out_proj(ws, lo, n, gated)
+    }
+
+    /// The conv's SiLU output as a GEMM operand: its low-precision copy `ws.xs_lp` (which
+    /// [`Model::conv_fwd`] writes) in bf16 / fp16, else `ws.xs`.
+    pub(crate) fn xs_opnd(&self, ws: &Work) -> Opnd {
+        let (n, di) = (ws.n, self.cfg.d_inner);
+        match self.shadow {
+            Some(_) => Opnd::Lp(ws.xs_lp.ptr, di),
+            None => Opnd::A(ws.xs.ptr, di, n, di),
+        }
+    }
+
+    /// Layer `i`'s causal conv of the x half of `la.xz` into `ws.u` (before SiLU) and `ws.xs`
+    /// (after; in bf16 / fp16 also `ws.xs_lp`), and with `last` its final window into the state out. The backward calls it
+    /// again (without `last`) to recompute `u` and `xs`: same kernel, same inputs, same bits.
+    pub(crate) fn conv_fwd(
+        &self,
+        ws: &Work,
+        i: usize,
+        la: &LayerActs,
+        lo: &LayerOffs,
+        has_state: bool,
+        last: bool,
+    ) -> Result<()> {
+        let di = self.cfg.d_inner;
+        let (batch, seq_len) = (ws.batch, ws.seq_len);
+        let conv_at = i * batch * di * (self.cfg.d_conv - 1);
         let init_conv = Ptr::new(if has_state {
             ws.state_in_conv.at::<f32>(conv_at)
-        } else {
-            0
-        });
-        let init_ssm = Ptr::new(if has_state {
-            ws.state_in_ssm.at::<f32>(ssm_at)
         } else {
             0
         });
         let conv = Conv1dFwdF32 {
             conv: self.conv_in(ws, la, lo),
             init: init_conv,
-            u: PtrMut::new(la.u.ptr),
+            u: PtrMut::new(ws.u.ptr),
             xs: PtrMut::new(ws.xs.ptr),
             batch: batch as i64,
             seq_len: seq_len as i64,
             d_inner: di as i64,
+            xs_lp: PtrMut::new(if self.shadow.is_some() {
+                ws.xs_lp.ptr
+            } else {
+                0
+            }),
+            lp_mode: self.lp_mode(),
         };
-        let last = Conv1dLastF32 {
+        let fin = Conv1dLastF32 {
             x: conv.conv.x,
             ldx: conv.conv.ldx,
             starts: conv.conv.starts,
@@ -210,32 +300,21 @@ impl Model {
             seq_len: seq_len as i64,
             d_inner: di as i64,
         };
+        self.dev.tag("conv");
         // SAFETY: every buffer is this workspace's (`Work::new` sizes them for `batch ×
         // seq_len` and `n_layer` states) or a parameter of the layout.
         unsafe {
             conv1d_fwd(&self.dev, &conv)?;
-            conv1d_last(&self.dev, &last)?;
+            if last {
+                conv1d_last(&self.dev, &fin)?;
+            }
         }
-        self.x_dt_proj(ws, la, lo, n, Opnd::A(ws.xs.ptr, di, n, di))?;
-        let scan = SelectiveScanFwdF32 {
-            scan: self.scan_in(ws, la, lo),
-            h0: init_ssm,
-            out: PtrMut::new(la.gated.ptr),
-            chunk_states: PtrMut::or_null(la.chunks.as_ref().map(|c| c.ptr)),
-            last: PtrMut::new(ws.state_out_ssm.at::<f32>(ssm_at)),
-            batch: batch as i64,
-            seq_len: seq_len as i64,
-            d_inner: di as i64,
-            d_state: ds as i64,
-        };
-        // SAFETY: as above; the chunk states (training only) hold every chunk of the kernels'
-        // build (`Work::new` uses the same `KernelShape`).
-        unsafe { selective_scan_fwd(&self.dev, &scan) }?;
-        self.out_proj(ws, lo, n, Opnd::A(la.gated.ptr, di, n, di))
+        Ok(())
     }
 
     /// The token embedding of `ws.tokens` (`rows` of them) into layer 0's residual input.
     pub(crate) fn embed(&self, ws: &Work, rows: usize) -> Result<()> {
+        self.dev.tag("embedding");
         let p = EmbeddingFwdF32 {
             tokens: Ptr::new(ws.tokens.ptr),
             emb: self.pin(self.layout.emb),
@@ -256,6 +335,7 @@ impl Model {
         gated: Opnd,
     ) -> Result<()> {
         let (dm, di) = (self.cfg.d_model, self.cfg.d_inner);
+        self.dev.tag("out_proj");
         self.mm(
             ws,
             true,
@@ -280,8 +360,32 @@ impl Model {
         head_row0: usize,
     ) -> Result<()> {
         let (dm, v) = (self.cfg.d_model, self.cfg.vocab_size);
+        self.final_norm(ws, rows, (x_in, add, resid_out))?;
+        self.dev.tag("lm_head");
+        self.mm(
+            ws,
+            true,
+            false,
+            (v, head_rows, dm),
+            Opnd::W(self.layout.head, dm),
+            self.hf_rows(ws, head_row0, head_rows),
+            (ws.logits.ptr, v),
+            0.0,
+        )
+    }
+
+    /// The final norm over `rows` rows (`resid_out = x_in + add`, fused) into `ws.hf` (and,
+    /// in bf16 / fp16, its copy in `ws.lp[1]`, which [`Model::hf_rows`] hands to the lm_head).
+    pub(crate) fn final_norm(
+        &self,
+        ws: &Work,
+        rows: usize,
+        (x_in, add, resid_out): (u64, u64, u64),
+    ) -> Result<()> {
+        let dm = self.cfg.d_model;
         let lay = &self.layout;
-        let (hf_lp, hf) = self.lp_out(ws, ws.hf.ptr, dm, rows, dm);
+        let (hf_lp, _) = self.lp_out(ws, ws.hf.ptr, dm, rows, dm);
+        self.dev.tag("norm_f");
         self.norm_fwd(
             rows,
             (x_in, add, resid_out),
@@ -289,20 +393,16 @@ impl Model {
             (ws.fmean.ptr, ws.frstd.ptr),
             (lay.norm_f_w, lay.norm_f_b),
             hf_lp,
-        )?;
-        let hf = match hf {
-            Opnd::Lp(p, ld) => Opnd::Lp(p + (2 * head_row0 * dm) as u64, ld),
-            _ => Opnd::A(ws.hf.at::<f32>(head_row0 * dm), dm, head_rows, dm),
-        };
-        self.mm(
-            ws,
-            true,
-            false,
-            (v, head_rows, dm),
-            Opnd::W(lay.head, dm),
-            hf,
-            (ws.logits.ptr, v),
-            0.0,
         )
+    }
+
+    /// Rows `row0 .. row0 + rows` of the final norm's output as a GEMM operand (its
+    /// low-precision copy in bf16 / fp16 modes, valid until the next cast into `ws.lp[1]`).
+    pub(crate) fn hf_rows(&self, ws: &Work, row0: usize, rows: usize) -> Opnd {
+        let dm = self.cfg.d_model;
+        match self.shadow {
+            Some(_) => Opnd::Lp(ws.lp[1].at::<u16>(row0 * dm), dm),
+            None => Opnd::A(ws.hf.at::<f32>(row0 * dm), dm, rows, dm),
+        }
     }
 }

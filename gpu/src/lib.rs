@@ -22,11 +22,13 @@ mod decode;
 mod engine;
 mod forward;
 mod graph;
+mod head_loss;
 pub mod kernels;
 pub mod layout;
 mod model;
 pub mod ops;
 pub mod params;
+pub mod profile;
 mod work;
 
 use reference::{MambaConfig, Params, TrainingEngine};

@@ -114,6 +114,20 @@ impl Model {
         }
     }
 
+    /// `o` in the GEMM precision: in bf16 / fp16 modes an activation is cast once into
+    /// `ws.lp[slot]` and comes back as [`Opnd::Lp`], so several GEMMs can read one copy (valid
+    /// until the next cast into that slot: a GEMM casts its first activation operand into
+    /// slot 0, its second into slot 1); parameters and f32 mode pass through.
+    pub fn lp_copy(&self, ws: &Work, o: Opnd, slot: usize) -> Result<Opnd> {
+        match (o, &self.shadow) {
+            (Opnd::A(_, _, _, cols), Some(_)) => {
+                let (ptr, _) = self.operand(ws, o, slot)?;
+                Ok(Opnd::Lp(ptr, cols))
+            }
+            _ => Ok(o),
+        }
+    }
+
     /// Column-major `C = op(A) op(B) + beta C` (see `Dev::gemm`) with precision handling.
     #[allow(clippy::too_many_arguments)]
     pub fn mm(

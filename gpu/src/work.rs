@@ -17,7 +17,9 @@ pub enum Mode {
 }
 
 /// Activations one layer keeps for the backward (`Mode::Train`), or the scratch every layer
-/// reuses (`Mode::Infer`).
+/// reuses (`Mode::Infer`). The backward recomputes the rest from these: the conv output and
+/// its SiLU (from `xz`) and dt_proj's output (from `xdbl`) into the shared [`Work::u`],
+/// [`Work::xs`] and [`Work::delta`], with the same kernels on the same inputs, so the same bits.
 pub struct LayerActs {
     /// Residual stream entering the layer `[n, d_model]`.
     pub resid_in: Buf,
@@ -25,13 +27,11 @@ pub struct LayerActs {
     pub rstd: Buf,
     /// in_proj output `[n, 2 d_inner]` (x then z).
     pub xz: Buf,
-    /// Conv output before SiLU `[n, d_inner]`.
-    pub u: Buf,
     /// x_proj output `[n, dt_rank + 2 d_state]`.
     pub xdbl: Buf,
-    /// dt_proj output (no bias) `[n, d_inner]`.
-    pub delta: Buf,
-    /// Gated scan output `[n, d_inner]`.
+    /// Gated scan output `[n, d_inner]`: f32, except in a low-precision training workspace,
+    /// where it holds the bf16 / fp16 copy out_proj reads (and its weight gradient, which
+    /// would cast it the same way); the f32 output then goes to [`Work::y`].
     pub gated: Buf,
     /// Scan states every `shape.chunk` positions `[batch, n_chunks, d_state, d_inner]`.
     pub chunks: Option<Buf>,
@@ -75,7 +75,21 @@ pub struct Work {
     pub hf: Buf,
     pub fmean: Buf,
     pub frstd: Buf,
+    /// The lm_head's output: `[head_rows, vocab]`, or in training `[ce_rows, vocab]`, one
+    /// chunk of rows at a time (`head_loss.rs`): the `[n, vocab]` logits never exist at once.
     pub logits: Buf,
+    /// Rows per chunk of the training head + loss ([`ce_chunk_rows`]).
+    pub ce_rows: usize,
+    /// Conv output before SiLU `[n, d_inner]` of the layer at hand (forward, or recomputed in
+    /// the backward).
+    pub u: Buf,
+    /// dt_proj output (no bias) `[n, d_inner]` of the layer at hand.
+    pub delta: Buf,
+    /// f32 scan output of a low-precision training workspace (`[n, d_inner]`; else unused).
+    pub y: Buf,
+    /// The conv's SiLU output in the GEMM precision (bf16 / fp16 modes, `[n, d_inner]` u16;
+    /// else unused), written by the conv kernel for x_proj and its weight gradient.
+    pub xs_lp: Buf,
     pub state_in_conv: Buf,
     pub state_in_ssm: Buf,
     pub state_out_conv: Buf,
@@ -100,6 +114,42 @@ pub fn doc_starts(resets: Option<&[bool]>, batch: usize, seq_len: usize) -> Vec<
         }
     }
     out
+}
+
+/// f32 logits one chunk of the training head may hold (512 MiB).
+const CE_CHUNK_BYTES: usize = 512 << 20;
+
+/// Rows per chunk of the training head + loss for `n` rows and `vocab`: `VET_CE_ROWS` if set
+/// (a positive integer; tests use it to cut small batches into many chunks), else as many
+/// rows as fit [`CE_CHUNK_BYTES`] of f32 logits, a multiple of 64 when above 64; at most `n`.
+pub fn ce_chunk_rows(n: usize, vocab: usize) -> Result<usize> {
+    parse_ce_rows(std::env::var("VET_CE_ROWS").ok().as_deref(), n, vocab)
+}
+
+/// [`ce_chunk_rows`] with the variable's value given.
+pub fn parse_ce_rows(value: Option<&str>, n: usize, vocab: usize) -> Result<usize> {
+    let rows = match value.filter(|v| !v.is_empty()) {
+        Some(v) => match v.trim().parse::<usize>() {
+            Ok(r) if r > 0 => r,
+            _ => {
+                return Err(reference::Error::Device {
+                    device: "cuda".into(),
+                    msg: format!(
+                        "environment variable VET_CE_ROWS={v:?} is not valid: expected a positive integer"
+                    ),
+                })
+            }
+        },
+        None => {
+            let r = (CE_CHUNK_BYTES / (4 * vocab.max(1))).max(1);
+            if r > 64 {
+                r / 64 * 64
+            } else {
+                r
+            }
+        }
+    };
+    Ok(rows.min(n).max(1))
 }
 
 /// Rows per column-sum partial for `n` rows.
@@ -128,16 +178,20 @@ impl Work {
         let n_chunks = seq_len.div_ceil(shape.chunk);
         let n_layers = if train { cfg.n_layer } else { 1 };
         let mut layers = Vec::with_capacity(n_layers);
+        // A low-precision training workspace keeps the gated output in 2 bytes.
+        let gated_bytes = if train && lowp {
+            2 * n * di
+        } else {
+            4 * n * di
+        };
         for _ in 0..n_layers {
             layers.push(LayerActs {
                 resid_in: f(n * dm)?,
                 mean: f(n)?,
                 rstd: f(n)?,
                 xz: f(n * 2 * di)?,
-                u: f(n * di)?,
                 xdbl: f(n * xr)?,
-                delta: f(n * di)?,
-                gated: f(n * di)?,
+                gated: dev.alloc(gated_bytes)?,
                 chunks: if train {
                     Some(f(batch * n_chunks * di * ds)?)
                 } else {
@@ -145,9 +199,12 @@ impl Work {
                 },
             });
         }
-        let head_rows = match mode {
-            Mode::Train => n,
-            Mode::Infer { head_rows } => head_rows,
+        let (head_rows, ce_rows) = match mode {
+            Mode::Train => {
+                let r = ce_chunk_rows(n, v)?;
+                (r, r)
+            }
+            Mode::Infer { head_rows } => (head_rows, 0),
         };
         let st_conv = cfg.n_layer * batch * di * km1;
         let st_ssm = cfg.n_layer * batch * di * ds;
@@ -178,7 +235,12 @@ impl Work {
             None
         };
         let lp = if lowp {
-            let big = n * v.max(2 * di).max(dm).max(xr);
+            // The largest operand a GEMM casts, or (training) one chunk's gradient of the
+            // logits, which the loss kernel writes into slot 0.
+            let big = match mode {
+                Mode::Train => (n * (2 * di).max(dm).max(xr)).max(ce_rows * v),
+                Mode::Infer { .. } => n * v.max(2 * di).max(dm).max(xr),
+            };
             vec![dev.alloc(2 * big)?, dev.alloc(2 * big)?]
         } else {
             Vec::new()
@@ -199,6 +261,11 @@ impl Work {
             fmean: f(n)?,
             frstd: f(n)?,
             logits: f(head_rows * v)?,
+            ce_rows,
+            u: f(n * di)?,
+            delta: f(n * di)?,
+            y: if train && lowp { f(n * di)? } else { f(0)? },
+            xs_lp: dev.alloc(if lowp { 2 * n * di } else { 0 })?,
             state_in_conv: f(st_conv)?,
             state_in_ssm: f(st_ssm)?,
             state_out_conv: f(st_conv)?,
@@ -209,15 +276,43 @@ impl Work {
     }
 
     /// Activation bytes per token this workspace holds (all buffers but the logits, the
-    /// low-precision copies and the states).
+    /// low-precision copies, the states and the layers' shared scratch).
     pub fn activation_bytes_per_token(&self) -> f64 {
         let mut b = 0usize;
         for l in &self.layers {
-            b += l.resid_in.bytes + l.mean.bytes + l.rstd.bytes + l.xz.bytes + l.u.bytes;
-            b += l.xdbl.bytes + l.delta.bytes + l.gated.bytes;
-            b += l.chunks.as_ref().map_or(0, |c| c.bytes);
+            b += self.layer_bytes(l);
         }
         b += self.resid_final.bytes + self.hf.bytes + self.fmean.bytes + self.frstd.bytes;
         b as f64 / self.n.max(1) as f64
+    }
+
+    /// Bytes per token one layer keeps for the backward (the first layer's; all are alike).
+    pub fn layer_bytes_per_token(&self) -> f64 {
+        self.layers
+            .first()
+            .map_or(0.0, |l| self.layer_bytes(l) as f64 / self.n.max(1) as f64)
+    }
+
+    fn layer_bytes(&self, l: &LayerActs) -> usize {
+        let b = l.resid_in.bytes + l.mean.bytes + l.rstd.bytes + l.xz.bytes;
+        b + l.xdbl.bytes + l.gated.bytes + l.chunks.as_ref().map_or(0, |c| c.bytes)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_ce_rows;
+
+    #[test]
+    fn head_chunks_fit_512_mib_of_logits_unless_told() {
+        // 512 MiB / (4 × 50280) = 2669.6 rows, rounded down to a multiple of 64.
+        assert_eq!(parse_ce_rows(None, 32768, 50280).unwrap(), 2624);
+        assert_eq!(parse_ce_rows(Some(""), 100, 50280).unwrap(), 100);
+        assert_eq!(parse_ce_rows(Some("3"), 134, 301).unwrap(), 3);
+        assert_eq!(parse_ce_rows(Some("500"), 134, 301).unwrap(), 134);
+        for bad in ["0", "-2", "many"] {
+            let e = parse_ce_rows(Some(bad), 10, 10).unwrap_err().to_string();
+            assert!(e.contains("VET_CE_ROWS"), "{e}");
+        }
     }
 }

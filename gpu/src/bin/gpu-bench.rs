@@ -1,5 +1,7 @@
 //! `gpu-bench`: training tokens/s and MFU, the selective scan alone, prefill and decode on
-//! one GPU. Run on the device: `target/gpu-tests/gpu-bench [train|scan|infer|all]`.
+//! one GPU. Run on the device: `target/gpu-tests/gpu-bench [train|scan|infer|all|profile|train-long]`.
+//! `profile` prints the device time of every kernel and GEMM of one training step of the
+//! 130M model at 16 × 2048 in bf16 (CUDA events around each launch, `VET_PROFILE=1`).
 //!
 //! Device time is measured with CUDA events around work that is synchronised inside the
 //! timed region; end-to-end figures (training step, prefill, decode) use the host clock
@@ -90,14 +92,23 @@ fn used_memory() -> f64 {
     gib((total - free) as f64)
 }
 
-fn train(rows: &mut Vec<String>) -> reference::Result<()> {
-    for (name, d_model, n_layer, batch) in [
-        ("130M", 768, 24, 16),
-        ("370M", 1024, 48, 8),
-        ("1.4B", 2048, 48, 8),
-    ] {
+/// The training benchmark's sizes (name, d_model, n_layer, batch, seq_len).
+const TRAIN: [(&str, usize, usize, usize, usize); 3] = [
+    ("130M", 768, 24, 16, 2048),
+    ("370M", 1024, 48, 8, 2048),
+    ("1.4B", 2048, 48, 8, 2048),
+];
+
+/// The 1.4B at longer sequences, the same tokens per step as at 8 × 2048.
+const TRAIN_LONG: [(&str, usize, usize, usize, usize); 2] =
+    [("1.4B", 2048, 48, 2, 8192), ("1.4B", 2048, 48, 1, 16384)];
+
+fn train(
+    rows: &mut Vec<String>,
+    sizes: &[(&str, usize, usize, usize, usize)],
+) -> reference::Result<()> {
+    for &(name, d_model, n_layer, batch, seq) in sizes {
         let cfg = MambaConfig::new(d_model, n_layer, 50280);
-        let seq = 2048;
         let p = bench_params(&cfg);
         let n_params = p.numel() as f64;
         let mut e = GpuEngine::new(
@@ -127,13 +138,68 @@ fn train(rows: &mut Vec<String>) -> reference::Result<()> {
         let tps = (batch * seq) as f64 / t;
         let mfu = 6.0 * n_params * tps / PEAK;
         let act = e.train_activation_bytes_per_token().unwrap_or(0.0);
+        let layer = e.train_layer_bytes_per_token().unwrap_or(0.0);
         let mem = used_memory();
         rows.push(format!(
-            "train {name:<5} {d_model}x{n_layer} batch {batch}x{seq}: {:.0} params, step {:.3} s, {:.0} tokens/s, MFU {:.1} %, loss {:.3}, activations {:.1} KiB/token ({:.1} KiB/token/layer, {:.1} GiB for the batch), device memory used {:.1} GiB",
-            n_params, t, tps, 100.0 * mfu, loss, act / 1024.0, act / 1024.0 / n_layer as f64, gib(act * (batch * seq) as f64), mem
+            "train {name:<5} {d_model}x{n_layer} batch {batch}x{seq}: {:.0} params, step {:.3} s, {:.0} tokens/s, MFU {:.1} %, loss {:.3}, activations {:.1} KiB/token ({:.0} B/token/layer kept, {:.1} GiB for the batch), device memory used {:.1} GiB",
+            n_params, t, tps, 100.0 * mfu, loss, act / 1024.0, layer, gib(act * (batch * seq) as f64), mem
         ));
         println!("{}", rows.last().unwrap());
     }
+    Ok(())
+}
+
+/// One training step of the 130M model at 16 × 2048 (bf16) with every launch timed: the
+/// per-label table (Markdown), then the totals per kind.
+fn profile(rows: &mut Vec<String>) -> reference::Result<()> {
+    // Read when the engine opens its device; nothing else runs in this process yet.
+    std::env::set_var("VET_PROFILE", "1");
+    let (batch, seq) = (16, 2048);
+    let cfg = MambaConfig::new(768, 24, 50280);
+    let opts = GpuOptions {
+        ordinal: 0,
+        precision: Precision::Bf16,
+    };
+    let mut e = GpuEngine::new(&cfg, bench_params(&cfg), &opts)?;
+    let toks = tokens(batch * seq + 1, cfg.vocab_size, 7);
+    let b = Batch::new(&toks[..batch * seq], batch, seq);
+    let hp = AdamWConfig::default();
+    let mut wall = 0.0;
+    for it in 0..3 {
+        if it == 2 {
+            e.profile_reset();
+        }
+        let t0 = Instant::now();
+        e.zero_grad()?;
+        e.loss_and_backward(&b, &toks[1..], None, None, 1.0)?;
+        e.optimizer_step(&hp, 1e-4)?;
+        wall = t0.elapsed().as_secs_f64() * 1e3;
+    }
+    let (prows, span) = e.profile_rows().unwrap_or_default();
+    let total: f64 = prows.iter().map(|r| r.ms).sum();
+    println!("{}", gpu::profile::format_table(&prows, total));
+    let kind = |l: &str| {
+        if l.contains(" gemm ") {
+            "GEMMs"
+        } else if l.contains("selective_scan") || l.contains("scan_reduce") {
+            "scan"
+        } else {
+            "other kernels"
+        }
+    };
+    for k in ["GEMMs", "scan", "other kernels"] {
+        let (ms, n) = prows
+            .iter()
+            .filter(|r| kind(&r.label) == k)
+            .fold((0.0, 0), |a, r| (a.0 + r.ms, a.1 + r.count));
+        rows.push(format!(
+            "profile 130M 16x2048 bf16: {k}: {ms:.1} ms in {n} launches ({:.1} % of the launches' time)",
+            100.0 * ms / total.max(1e-9)
+        ));
+    }
+    rows.push(format!(
+        "profile 130M 16x2048 bf16: launches {total:.1} ms, first launch to last {span:.1} ms, host wall time of the profiled step {wall:.1} ms"
+    ));
     Ok(())
 }
 
@@ -381,6 +447,9 @@ enum What {
     Infer,
     Train,
     All,
+    Profile,
+    /// The 1.4B at 2 × 8192 and 1 × 16384.
+    TrainLong,
 }
 
 /// GPU benchmarks: the scan kernels, inference (prefill, decode) and training steps.
@@ -408,7 +477,13 @@ fn main() {
             infer(&mut rows)?;
         }
         if what == What::Train || what == What::All {
-            train(&mut rows)?;
+            train(&mut rows, &TRAIN)?;
+        }
+        if what == What::TrainLong {
+            train(&mut rows, &TRAIN_LONG)?;
+        }
+        if what == What::Profile {
+            profile(&mut rows)?;
         }
         Ok::<(), reference::Error>(())
     })();

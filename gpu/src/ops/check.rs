@@ -321,6 +321,8 @@ impl OpDev {
             init: Ptr::new(ip),
             u: u.ptr(),
             xs: xs.ptr(),
+            xs_lp: PtrMut::NULL,
+            lp_mode: 0,
             batch,
             seq_len: l,
             d_inner: di,
@@ -379,6 +381,8 @@ impl OpDev {
             batch,
             seq_len: l,
             d_inner: dil,
+            u: Ptr::NULL,
+            g_out: PtrMut::NULL,
         };
         let initp = Conv1dBwdInitF32 {
             du,
@@ -563,6 +567,8 @@ impl OpDev {
             vocab: vocab as i64,
             k: scale * inv,
             row_loss: rows.ptr(),
+            grad_lp: PtrMut::NULL,
+            lp_mode: 0,
         };
         // SAFETY: `n * vocab` logits, `n` targets (the caller's, below `vocab`), `n` mask
         // bytes and row losses, all allocated here.

@@ -22,7 +22,8 @@ kernel_params! {
 
 kernel_params! {
     /// `u = conv(x) + bias`, `xs = silu(u)` (xs may be null); `init` `[batch, d_inner,
-    /// d_conv − 1]` or null.
+    /// d_conv − 1]` or null; `xs_lp` (may be null): xs again in bf16 (`lp_mode` 0) or fp16
+    /// (1), x_proj's operand.
     Conv1dFwdF32 => ["conv1d_fwd_f32"] {
         conv: ConvInF32,
         init: Ptr<f32>,
@@ -31,6 +32,8 @@ kernel_params! {
         batch: i64,
         seq_len: i64,
         d_inner: i64,
+        xs_lp: PtrMut<u16>,
+        lp_mode: i32,
     }
 }
 
@@ -49,7 +52,9 @@ kernel_params! {
 }
 
 kernel_params! {
-    /// dx, written at row stride `ldx`.
+    /// dx, written at row stride `ldx`, from `du`; or, with `u` (the conv output before SiLU)
+    /// not null, from the gradient through the SiLU `g = du · silu'(u)`, which it also writes
+    /// to `g_out` (`[batch, seq_len, d_inner]`, for the other conv backward kernels).
     Conv1dBwdDxF32 => ["conv1d_bwd_dx_f32"] {
         du: Ptr<f32>,
         w: Ptr<f32>,
@@ -59,6 +64,8 @@ kernel_params! {
         batch: i64,
         seq_len: i64,
         d_inner: i64,
+        u: Ptr<f32>,
+        g_out: PtrMut<f32>,
     }
 }
 
@@ -123,11 +130,31 @@ pub fn params_cuh() -> String {
 /// `x` holds `batch * seq_len` rows at stride `ldx` of at least `d_inner` f32; `w` `d_inner *
 /// d_conv` f32 (the `d_conv` the kernels were built for); `bias` (where not null) `d_inner`
 /// f32; `starts` `batch * seq_len` i32; `init` (where not null) `batch * d_inner * (d_conv −
-/// 1)` f32; `u` (and `xs` where not null) `batch * seq_len * d_inner` f32.
+/// 1)` f32; `u` (and `xs` where not null) `batch * seq_len * d_inner` f32, `xs_lp` (where not
+/// null) as many u16.
 pub unsafe fn conv1d_fwd(dev: &Dev, p: &Conv1dFwdF32) -> Result<()> {
-    let grid = dev.grid1d((p.batch * p.seq_len * p.d_inner) as usize);
     // SAFETY: the caller's contract is the kernel's.
-    unsafe { dev.launch(grid, 256, 0, p) }
+    unsafe {
+        dev.launch(
+            window_grid(p.batch, p.seq_len, p.d_inner),
+            WINDOW_THREADS,
+            0,
+            p,
+        )
+    }
+}
+
+/// Positions per thread of `conv1d_fwd_f32` and `conv1d_bwd_dx_f32` (`CONV_TL` in
+/// conv1d.cu).
+pub const CONV_TL: usize = 32;
+const WINDOW_THREADS: u32 = 128;
+
+/// Grid of the sliding-window kernels: (row, block of `CONV_TL` positions) along x, blocks of
+/// channels along y.
+fn window_grid(batch: i64, seq_len: i64, d_inner: i64) -> (u32, u32, u32) {
+    let segs = batch as usize * (seq_len as usize).div_ceil(CONV_TL);
+    let chans = (d_inner as usize).div_ceil(WINDOW_THREADS as usize);
+    (segs as u32, chans as u32, 1)
 }
 
 /// Launches `conv1d_last_f32` (nothing for `d_conv` 1).
@@ -149,11 +176,19 @@ pub unsafe fn conv1d_last(dev: &Dev, p: &Conv1dLastF32) -> Result<()> {
 ///
 /// # Safety
 /// `du` holds `batch * seq_len * d_inner` f32, `w` `d_inner * d_conv`, `starts` `batch *
-/// seq_len` i32, `dx` `batch * seq_len` rows at stride `ldx` of at least `d_inner` f32.
+/// seq_len` i32, `dx` `batch * seq_len` rows at stride `ldx` of at least `d_inner` f32; `u`
+/// (where not null) and `g_out` (where not null; only with `u`) `batch * seq_len * d_inner`
+/// f32, `g_out` overlapping no other argument.
 pub unsafe fn conv1d_bwd_dx(dev: &Dev, p: &Conv1dBwdDxF32) -> Result<()> {
-    let grid = dev.grid1d((p.batch * p.seq_len * p.d_inner) as usize);
     // SAFETY: the caller's contract is the kernel's.
-    unsafe { dev.launch(grid, 256, 0, p) }
+    unsafe {
+        dev.launch(
+            window_grid(p.batch, p.seq_len, p.d_inner),
+            WINDOW_THREADS,
+            0,
+            p,
+        )
+    }
 }
 
 /// Launches `conv1d_bwd_init_f32` (nothing for `d_conv` 1).

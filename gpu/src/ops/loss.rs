@@ -7,7 +7,9 @@ use crate::params::{cuh, info, kernel_params, KernelInfo, KernelParams, Ptr, Ptr
 
 kernel_params! {
     /// Per row: `row_loss[r] = logsumexp − logits[r, target]` (0 when masked out), and the
-    /// logits overwritten by `k · (softmax − onehot)` (zeros when masked out).
+    /// gradient `k · (softmax − onehot)` (zeros when masked out): over the logits in f32, or,
+    /// when `grad_lp` is not null, into `grad_lp` in bf16 / fp16 (`lp_mode` 0 / 1) for the
+    /// lm_head's backward GEMMs (the logits are then left as they are).
     CrossEntropyFwdBwdF32 => ["cross_entropy_fwd_bwd_f32"] {
         logits: PtrMut<f32>,
         targets: Ptr<u32>,
@@ -16,6 +18,9 @@ kernel_params! {
         vocab: i64,
         k: f32,
         row_loss: PtrMut<f32>,
+        /// `[rows, vocab]` low-precision gradient, or null for the f32 one in place.
+        grad_lp: PtrMut<u16>,
+        lp_mode: i32,
     }
 }
 
@@ -32,7 +37,7 @@ pub fn params_cuh() -> String {
 ///
 /// # Safety
 /// `logits` holds `rows * vocab` f32, `targets` `rows` ids below `vocab`, `mask` (if not null)
-/// `rows` bytes, `row_loss` `rows` f32.
+/// `rows` bytes, `row_loss` `rows` f32, `grad_lp` (if not null) `rows * vocab` u16.
 pub unsafe fn cross_entropy_fwd_bwd(
     dev: &Dev,
     rows: usize,
