@@ -4,7 +4,7 @@
 # with and without optimizer offload) against the plain one-GPU run, and stateful training
 # (carry_state) against plain windows on the 130M. Prints one table per check.
 #
-#   bash scripts/gpu-dist-check.sh [OUT_DIR] [zero|130m|all]
+#   bash scripts/gpu-dist-check.sh [OUT_DIR] [zero|stage0|130m|all]   (stage0: the plain run and stage 0 only)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 B=target/gpu-tests
@@ -38,12 +38,13 @@ same_weights() { # RUN_A RUN_B
 }
 what=${2:-all}
 
-if [ "$what" = zero ] || [ "$what" = all ]; then
+if [ "$what" = zero ] || [ "$what" = stage0 ] || [ "$what" = all ]; then
 echo "## ZeRO through NCCL at world size 1, quickstart model, 5 x 128, 40 steps"
 conf plain quickstart 5 128 40 false
 echo "plain one GPU: $("$B/vet-train" --config "$out/plain.toml" --device cuda 2>&1 | summary)"
-for st in 0 1 2 3; do
-    for off in 0 1; do
+stages="0 1 2 3"; [ "$what" = stage0 ] && stages=0
+for st in $stages; do
+    for off in 0 $([ "$what" = stage0 ] || echo 1); do
         ds $st $off
         conf "z$st-$off" quickstart 5 128 40 false
         r=$("$B/vet-train" launch --nproc-per-node 1 -- --config "$out/z$st-$off.toml" --device cuda \
