@@ -149,8 +149,9 @@ pub mod gpu {
     /// (`carry_windows.rs`, the CUDA tier's native `loss_and_backward_carry` against one f64
     /// forward over the stream): the gradient crosses every window's scan and conv backward
     /// and the f32 states handed between windows, so it sums the most terms in another order.
-    /// Set before the first device run at 2.5× `F32_GRAD`; measured: see the README's long
-    /// records section.
+    /// Set before the first device run at 2.5× `F32_GRAD`. Measured on one H100 (four cases,
+    /// up to five windows): initial-state gradient 3.1e-7, parameter gradients 7.6e-7 (under
+    /// `F32_GRAD`), loss 3.6e-8 (under `F32_LOSS`).
     pub const CARRY_STATE_F32: f64 = 5e-5;
 }
 
