@@ -90,7 +90,8 @@ fn whole(e: &mut dyn TrainingEngine, s: &Stream) -> (f64, Vec<Vec<f32>>, State<f
     (lo.loss, g, lo.grad_state)
 }
 
-/// The same through `k = windows` windows: forward-only pass for the states, then backward
+/// The same through `k = windows` windows: forward-only pass for the states
+/// (`TrainingEngine::forward_state`, as the trainer runs it), then backward
 /// from the last window to the first, each with `1 / windows` of the scale (equal windows, so
 /// the mean of the window means is the stream's mean).
 fn carried(e: &mut dyn TrainingEngine, s: &Stream) -> (f64, Vec<Vec<f32>>, State<f32>) {
@@ -108,7 +109,7 @@ fn carried(e: &mut dyn TrainingEngine, s: &Stream) -> (f64, Vec<Vec<f32>>, State
             tokens: &tok,
             resets: Some(&res),
         };
-        let (_, next) = e.forward(&input, states.last()).unwrap();
+        let next = e.forward_state(&input, states.last()).unwrap();
         states.push(next);
     }
     let (mut grad, mut loss) = (None, 0.0);
