@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # On the GPU machine (after `bash scripts/gpu-tests.sh` here, carrying target/gpu-tests): training
-# throughput of the 130M at 8 x 2048 (bf16) with plain windows, with carry_state = "detach", and
-# through the ZeRO driver at world size 1 (stage 2, NCCL). Prints the median of the per-step
-# tokens/s in metrics.jsonl after 5 warm-up steps (start-up, evaluation and checkpoints excluded).
+# throughput of the 130M at 8 x 2048 (bf16) with plain windows, with carry_state = "detach" and
+# with carry_state = 2 (back-propagation through two windows), and with ZERO=1 also through the
+# ZeRO driver at world size 1 (stage 2, NCCL). Prints the median of the per-step tokens/s in
+# metrics.jsonl after 5 warm-up steps (start-up, evaluation and checkpoints excluded).
 #
-#   bash scripts/gpu-carry-bench.sh [STEPS]
+#   [B=folder of vet-train and vet-data] [ZERO=1] bash scripts/gpu-carry-bench.sh [STEPS]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-B=target/gpu-tests
+B=${B:-target/gpu-tests}
 steps=${1:-40}
 out=runs/gpu-carry-bench
 mkdir -p "$out"
@@ -25,14 +26,23 @@ import json, sys, statistics
 rows = [json.loads(l) for l in open(sys.argv[1]) if "tokens_per_s" in l]
 v = [r["tokens_per_s"] for r in rows if r.get("step", 0) > 5]
 print(f"{statistics.median(v):,.0f} tokens/s (median of {len(v)} steps)")' "$1"; }
-echo '{"train_micro_batch_size_per_gpu": "auto", "zero_optimization": {"stage": 2}}' > "$out/ds.json"
+run() { # NAME LABEL: train, then the median (or the log's tail when the run failed)
+    if "$B/vet-train" --config "$out/$1.toml" --device cuda >"$out/$1.log" 2>&1; then
+        echo "$2 $(median "$out/$1/metrics.jsonl")"
+    else
+        echo "$2 FAILED:"; tail -5 "$out/$1.log"
+    fi
+}
 conf plain false
 conf carry '"detach"'
-conf zero2 false
-"$B/vet-train" --config "$out/plain.toml" --device cuda >/dev/null 2>&1
-echo "plain windows:        $(median "$out/plain/metrics.jsonl")"
-"$B/vet-train" --config "$out/carry.toml" --device cuda >/dev/null 2>&1
-echo "carry_state detach:   $(median "$out/carry/metrics.jsonl")"
-"$B/vet-train" launch --nproc-per-node 1 -- --config "$out/zero2.toml" --device cuda \
-    --deepspeed "$out/ds.json" >/dev/null 2>&1
-echo "ZeRO-2, NCCL, world 1: $(median "$out/zero2/metrics.jsonl")"
+conf k2 2
+run plain "plain windows:        "
+run carry "carry_state detach:   "
+run k2 "carry_state 2:        "
+if [ "${ZERO:-0}" = 1 ]; then
+    echo '{"train_micro_batch_size_per_gpu": "auto", "zero_optimization": {"stage": 2}}' > "$out/ds.json"
+    conf zero2 false
+    "$B/vet-train" launch --nproc-per-node 1 -- --config "$out/zero2.toml" --device cuda \
+        --deepspeed "$out/ds.json" >/dev/null 2>&1
+    echo "ZeRO-2, NCCL, world 1: $(median "$out/zero2/metrics.jsonl")"
+fi

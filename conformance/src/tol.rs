@@ -145,6 +145,14 @@ pub mod gpu {
     /// a fixed order that differs from the reference's. Measured worst 4.3e-7 (scan dA,
     /// mamba130m_prefill: 512 positions summed).
     pub const OP_F32_BWD: f64 = 5e-6;
+    /// The initial state's gradient after back-propagation through several windows
+    /// (`carry_windows.rs`, the CUDA tier's native `loss_and_backward_carry` against one f64
+    /// forward over the stream): the gradient crosses every window's scan and conv backward
+    /// and the f32 states handed between windows, so it sums the most terms in another order.
+    /// Set before the first device run at 2.5× `F32_GRAD`. Measured on one H100 (four cases,
+    /// up to five windows): initial-state gradient 3.1e-7, parameter gradients 7.6e-7 (under
+    /// `F32_GRAD`), loss 3.6e-8 (under `F32_LOSS`).
+    pub const CARRY_STATE_F32: f64 = 5e-5;
 }
 
 // ZeRO data parallel ----------------------------------------------------------------------

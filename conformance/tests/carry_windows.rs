@@ -1,9 +1,11 @@
 //! Stateful training over consecutive windows (`[train] carry_state = k`): back-propagating
 //! through `k` windows with `TrainingEngine::loss_and_backward_carry` (each window's final-state
 //! gradient handed to the window before it) gives the loss and gradients of one forward over
-//! the whole stream. Checked on the reference in f64 against itself, and on the simd tier
-//! against the reference.
+//! the whole stream. Checked on the reference in f64 against itself, on the simd tier against
+//! the reference, and on the CUDA tier (skipped without a device) against the f64 reference.
 
+use conformance::tol::gpu::F32_LOSS as GPU_F32_LOSS;
+use conformance::tol::gpu::{CARRY_STATE_F32 as GPU_CARRY_STATE_F32, F32_GRAD as GPU_F32_GRAD};
 use conformance::tol::{CARRY_WINDOWS_F64, SIMD_BACKWARD_F32, SIMD_BACKWARD_STATE_F32};
 use conformance::{
     assert_close, random_flags, random_params, random_state, random_tokens, seed_of, SmallModel,
@@ -88,7 +90,8 @@ fn whole(e: &mut dyn TrainingEngine, s: &Stream) -> (f64, Vec<Vec<f32>>, State<f
     (lo.loss, g, lo.grad_state)
 }
 
-/// The same through `k = windows` windows: forward-only pass for the states, then backward
+/// The same through `k = windows` windows: forward-only pass for the states
+/// (`TrainingEngine::forward_state`, as the trainer runs it), then backward
 /// from the last window to the first, each with `1 / windows` of the scale (equal windows, so
 /// the mean of the window means is the stream's mean).
 fn carried(e: &mut dyn TrainingEngine, s: &Stream) -> (f64, Vec<Vec<f32>>, State<f32>) {
@@ -106,7 +109,7 @@ fn carried(e: &mut dyn TrainingEngine, s: &Stream) -> (f64, Vec<Vec<f32>>, State
             tokens: &tok,
             resets: Some(&res),
         };
-        let (_, next) = e.forward(&input, states.last()).unwrap();
+        let next = e.forward_state(&input, states.last()).unwrap();
         states.push(next);
     }
     let (mut grad, mut loss) = (None, 0.0);
@@ -362,4 +365,79 @@ fn simd_k_windows_match_the_reference() {
             SIMD_BACKWARD_STATE_F32,
         );
     }
+}
+
+/// The CUDA engine in f32, or `None` (after a `skipping` line) without a device.
+fn gpu_engine(cfg: &MambaConfig, params: Params<f32>) -> Option<Box<dyn TrainingEngine>> {
+    if let Err(e) = gpu::available() {
+        println!("skipping gpu_k_windows_equal_one_forward_over_the_stream: {e}");
+        return None;
+    }
+    let o = gpu::GpuOptions {
+        ordinal: 0,
+        precision: gpu::Precision::F32,
+    };
+    Some(gpu::engine(cfg, params, &o).expect("the CUDA engine"))
+}
+
+/// The CUDA tier's native `loss_and_backward_carry` (final state out, final-state gradient in,
+/// on the device) through `k = windows` windows against one f64 reference forward over the
+/// whole stream. Detached windows on the same engine must miss it (the check can fail).
+#[test]
+fn gpu_k_windows_equal_one_forward_over_the_stream() {
+    let mut worst = (0f64, 0f64, 0f64);
+    for (name, m, batch, window, windows, p) in cases() {
+        let cfg = m.config();
+        let params = random_params::<f32>(&cfg, seed_of(name));
+        let Some(mut g) = gpu_engine(&cfg, params.clone()) else {
+            return;
+        };
+        let s = Stream::new(name, &cfg, batch, window, windows, p);
+        let (l1, g1, s1) = reference_f64(&cfg, &params.cast(&cfg), &s, false);
+        let (l2, g2, s2) = carried(g.as_mut(), &s);
+        let rel = (l1 - l2).abs() / l1.abs();
+        worst.0 = worst.0.max(rel);
+        assert!(rel <= GPU_F32_LOSS, "{name}: loss {l2} vs {l1}");
+        for ((n, a), b) in names(&cfg).iter().zip(&g2).zip(g1.tensors()) {
+            worst.1 = worst.1.max(conformance::diff(a, &b.data).rel);
+            assert_close(&format!("{name} {n}"), &[a.len()], a, &b.data, GPU_F32_GRAD);
+        }
+        for (what, a, b) in [("conv", &s2.conv, &s1.conv), ("ssm", &s2.ssm, &s1.ssm)] {
+            worst.2 = worst.2.max(conformance::diff(&a.data, &b.data).rel);
+            let label = format!("{name} d {what}0");
+            assert_close(&label, &a.shape, &a.data, &b.data, GPU_CARRY_STATE_F32);
+        }
+        // Detached: the same windows without the final-state gradients.
+        g.zero_grad().unwrap();
+        let mut st = s.init.clone();
+        for j in 0..windows {
+            let (tok, tgt, res) = s.window(j);
+            let input = Batch {
+                batch,
+                seq_len: window,
+                tokens: &tok,
+                resets: Some(&res),
+            };
+            let scale = 1.0 / windows as f64;
+            st = g
+                .loss_and_backward_carry(&input, &tgt, None, Some(&st), None, scale)
+                .unwrap()
+                .1;
+        }
+        let detached = g.gradients().unwrap();
+        let miss = detached
+            .iter()
+            .zip(g1.tensors())
+            .map(|((_, a), b)| conformance::diff(&a.data, &b.data).rel)
+            .fold(0.0, f64::max);
+        assert!(
+            miss > 1e-3,
+            "{name}: detached windows match the stream ({miss:e})"
+        );
+    }
+    println!(
+        "cuda f32, k windows against one f64 forward: worst loss {:.2e}, gradients {:.2e}, \
+         initial-state gradient {:.2e}",
+        worst.0, worst.1, worst.2
+    );
 }

@@ -213,3 +213,25 @@ static __device__ __forceinline__ void conv1d_bwd_dw_partial_f32_body(const floa
     if (part_b) part_b[rb * di + c] = ab;
 }
 extern "C" __global__ void conv1d_bwd_dw_partial_f32(const Conv1dBwdDwPartialF32 p) { conv1d_bwd_dw_partial_f32_body(CONV1D_BWD_DW_PARTIAL_F32_ARGS(p)); }
+
+// Backward of the final window (conv1d_last_f32): d_last [B, d_inner, km1] is added into dx
+// (row stride ldx) where the window holds this call's inputs, else into dinit where it still
+// holds the initial window (no reset in the row). Thread per (b, c, j): each touches its own
+// element, so no atomics. Runs after conv1d_bwd_dx_f32 and conv1d_bwd_init_f32.
+static __device__ __forceinline__ void conv1d_last_bwd_f32_body(const float* d_last, const int* starts, float* dx, long ldx,
+                                               float* dinit, long batch, long L, long di) {
+    const int km1 = D_CONV - 1;
+    long total = batch * di * km1;
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < total; i += (long)gridDim.x * blockDim.x) {
+        long j = i % km1, c = (i / km1) % di, b = i / (km1 * di);
+        int st = L > 0 ? starts[b * L + L - 1] : -1;
+        long p = L - km1 + j;
+        float g = d_last[i];
+        if (p >= 0) {
+            if (st < 0 || p >= st) dx[(b * L + p) * ldx + c] += g;
+        } else if (st < 0) {
+            dinit[(b * di + c) * km1 + (km1 + p)] += g;
+        }
+    }
+}
+extern "C" __global__ void conv1d_last_bwd_f32(const Conv1dLastBwdF32 p) { conv1d_last_bwd_f32_body(CONV1D_LAST_BWD_F32_ARGS(p)); }

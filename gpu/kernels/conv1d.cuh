@@ -75,3 +75,15 @@ typedef struct {
     float* part_b;
 } Conv1dBwdDwPartialF32;
 #define CONV1D_BWD_DW_PARTIAL_F32_ARGS(p) (p).x, (p).ldx, (p).du, (p).starts, (p).init, (p).batch, (p).seq_len, (p).d_inner, (p).rows_per, (p).part_w, (p).part_b
+
+typedef struct {
+    const float* d_last;
+    const int* starts;
+    float* dx;
+    long ldx;
+    float* dinit;
+    long batch;
+    long seq_len;
+    long d_inner;
+} Conv1dLastBwdF32;
+#define CONV1D_LAST_BWD_F32_ARGS(p) (p).d_last, (p).starts, (p).dx, (p).ldx, (p).dinit, (p).batch, (p).seq_len, (p).d_inner

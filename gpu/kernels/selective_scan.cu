@@ -242,6 +242,7 @@ extern "C" __global__ void __launch_bounds__(FWD_THREADS, 2) selective_scan_fwd_
 // Backward. Writes du, ddelta ([B, L, di]), dz (row stride ldz_out) and per-block partial sums:
 // part_bc[blk, b * L + t, 0..2 ds] (dB then dC, summed over the block's channels),
 // part_a[b, c, n], part_d[b, c], part_db[b, c] (summed over positions), dh0[b, c, n].
+// dh_last[b, c, n] (may be null) is the gradient of the final state, the adjoint's start.
 //
 // Dynamic shared memory (floats): sbc CHUNK · 2 NG, sr CHUNK (ints), ck NW · NG · SCAN_THREADS
 // (window-start states), red CHUNK · SCAN_WARPS · 2 NG (warp sums of dB / dC).
@@ -254,7 +255,8 @@ selective_scan_bwd_body(const float* __restrict__ u, const float* __restrict__ d
                         const float* __restrict__ chunk_states, const float* __restrict__ dout,
                         float* __restrict__ du_out, float* __restrict__ ddelta_out, float* __restrict__ dz_out,
                         long ldz_out, float* __restrict__ part_bc, float* __restrict__ part_a,
-                        float* __restrict__ part_d, float* __restrict__ part_db, float* __restrict__ dh0,
+                        float* __restrict__ part_d, float* __restrict__ part_db,
+                        const float* __restrict__ dh_last, float* __restrict__ dh0,
                         long batch, long L, long di, long ds) {
     extern __shared__ __align__(16) float smem[];
     float* sbc = smem;
@@ -270,7 +272,8 @@ selective_scan_bwd_body(const float* __restrict__ u, const float* __restrict__ d
 #pragma unroll
     for (int n = 0; n < NG; ++n) {
         A2[n] = n < ds ? -expf(a_log[cc * ds + n]) * LOG2E : 0.0f;
-        dh[n] = 0.0f;
+        // The final state's gradient (later windows of the row) enters after the last position.
+        dh[n] = (dh_last && cval && n < ds) ? dh_last[(b * di + c) * ds + n] : 0.0f;
         dA[n] = 0.0f;
     }
     float Dc = dvec[cc], bias = dt_bias[cc];

@@ -42,13 +42,14 @@ typedef struct {
     float* part_a;
     float* part_d;
     float* part_db;
+    const float* dh_last;
     float* dh0;
     long batch;
     long seq_len;
     long d_inner;
     long d_state;
 } SelectiveScanBwdF32;
-#define SELECTIVE_SCAN_BWD_F32_ARGS(p) SCAN_IN_F32_ARGS((p).scan), (p).chunk_states, (p).dout, (p).du_out, (p).ddelta_out, (p).dz_out, (p).ldz_out, (p).part_bc, (p).part_a, (p).part_d, (p).part_db, (p).dh0, (p).batch, (p).seq_len, (p).d_inner, (p).d_state
+#define SELECTIVE_SCAN_BWD_F32_ARGS(p) SCAN_IN_F32_ARGS((p).scan), (p).chunk_states, (p).dout, (p).du_out, (p).ddelta_out, (p).dz_out, (p).ldz_out, (p).part_bc, (p).part_a, (p).part_d, (p).part_db, (p).dh_last, (p).dh0, (p).batch, (p).seq_len, (p).d_inner, (p).d_state
 
 typedef struct {
     const float* part_bc;

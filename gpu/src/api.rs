@@ -106,7 +106,12 @@ impl GpuEngine {
 impl GpuEngine {
     /// The inference workspace for `batch × seq_len` with `head_rows` rows through the
     /// lm_head (reused when the shape matches).
-    fn infer_ws_for(&mut self, batch: usize, seq_len: usize, head_rows: usize) -> Result<()> {
+    pub(crate) fn infer_ws_for(
+        &mut self,
+        batch: usize,
+        seq_len: usize,
+        head_rows: usize,
+    ) -> Result<()> {
         let lowp = self.lowp();
         let key = (batch, seq_len, Mode::Infer { head_rows });
         ensure_ws(
@@ -337,7 +342,8 @@ impl TrainingEngine for GpuEngine {
         }
         let n_targets = (0..n).filter(|&i| counts(i)).count();
         self.train.grad_scale_sum += grad_scale;
-        if n_targets == 0 {
+        let final_grad = self.train.carry.final_grad();
+        if n_targets == 0 && final_grad.is_none() {
             return Ok(LossOutput {
                 loss: 0.0,
                 n_targets,
@@ -365,11 +371,12 @@ impl TrainingEngine for GpuEngine {
                 gw.mask.write(0, &bytes)?;
             }
             self.model.forward_dev(&ws, state.is_some(), 0)?;
-            let inv = 1.0f32 / n_targets as f32;
+            let inv = 1.0f32 / n_targets.max(1) as f32;
             let k = grad_scale as f32 * inv;
             loss_dev(&self.model, &ws, &self.train.grads, mask.is_some(), k)?;
             let csr = token_csr(input.tokens);
             Backward::new(&self.model, &ws, &self.train.grads, state.is_some())
+                .with_final_grad(final_grad)
                 .run((&csr.0, &csr.1, &csr.2))?;
             let mut rows = vec![0f32; n];
             gw.row_loss.read(0, &mut rows)?;
@@ -390,6 +397,22 @@ impl TrainingEngine for GpuEngine {
         })();
         self.train.ws = Some(ws);
         r
+    }
+
+    fn loss_and_backward_carry(
+        &mut self,
+        input: &Batch,
+        targets: &[u32],
+        mask: Option<&[bool]>,
+        state: Option<&State<f32>>,
+        grad_final: Option<&State<f32>>,
+        grad_scale: f64,
+    ) -> Result<(LossOutput, State<f32>)> {
+        self.loss_and_backward_carry_dev(input, targets, mask, state, grad_final, grad_scale)
+    }
+
+    fn forward_state(&mut self, input: &Batch, state: Option<&State<f32>>) -> Result<State<f32>> {
+        self.forward_state_dev(input, state)
     }
 
     fn zero_grad(&mut self) -> Result<()> {

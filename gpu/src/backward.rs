@@ -9,8 +9,8 @@ use crate::cuda::Buf;
 use crate::layout::LayerOffs;
 use crate::model::{Model, Opnd};
 use crate::ops::conv1d::{
-    conv1d_bwd_dw_partial, conv1d_bwd_dx, conv1d_bwd_init, Conv1dBwdDwPartialF32, Conv1dBwdDxF32,
-    Conv1dBwdInitF32,
+    conv1d_bwd_dw_partial, conv1d_bwd_dx, conv1d_bwd_init, conv1d_last_bwd, Conv1dBwdDwPartialF32,
+    Conv1dBwdDxF32, Conv1dBwdInitF32, Conv1dLastBwdF32,
 };
 use crate::ops::elementwise::{colsum_final, colsum_partial, ColsumFinalF32, ColsumPartialF32};
 use crate::ops::embedding::{embedding_bwd, EmbeddingBwdF32};
@@ -30,6 +30,9 @@ pub(crate) struct Backward<'a> {
     grads: &'a Buf,
     /// The forward read an initial state.
     has_state: bool,
+    /// Device addresses of the final state's gradient (conv windows, SSM states; the layout
+    /// of a `State`), from later windows of the same rows: see [`Backward::with_final_grad`].
+    final_grad: Option<(u64, u64)>,
 }
 
 impl<'a> Backward<'a> {
@@ -43,7 +46,16 @@ impl<'a> Backward<'a> {
             gw,
             grads,
             has_state,
+            final_grad: None,
         }
+    }
+
+    /// Adds the final state's gradient (device addresses of its conv and SSM halves, each
+    /// `[n_layer, batch, ...]` as in `State`) into the backward (stateful training through
+    /// several windows, `crate::carry`).
+    pub(crate) fn with_final_grad(mut self, final_grad: Option<(u64, u64)>) -> Self {
+        self.final_grad = final_grad;
+        self
     }
 
     /// Device address of the gradient at element offset `off`.
@@ -141,6 +153,10 @@ impl<'a> Backward<'a> {
             part_a: PtrMut::new(gw.part_a.ptr),
             part_d: PtrMut::new(gw.part_d.ptr),
             part_db: PtrMut::new(gw.part_db.ptr),
+            dh_last: Ptr::or_null(
+                self.final_grad
+                    .map(|g| g.1 + (4 * i * batch * di * ds) as u64),
+            ),
             dh0: PtrMut::new(gw.gstate_ssm.at::<f32>(i * batch * di * ds)),
             batch: batch as i64,
             seq_len: ws.seq_len as i64,
@@ -300,6 +316,21 @@ impl<'a> Backward<'a> {
             conv1d_bwd_dx(&m.dev, &dx)?;
             conv1d_bwd_init(&m.dev, &dinit)?;
             conv1d_bwd_dw_partial(&m.dev, &dw)?;
+        }
+        if let Some((d_conv, _)) = self.final_grad {
+            let last = Conv1dLastBwdF32 {
+                d_last: Ptr::new(d_conv + (4 * conv_at) as u64),
+                starts,
+                dx: dx.dx,
+                ldx: dx.ldx,
+                dinit: dinit.dinit,
+                batch,
+                seq_len,
+                d_inner: di as i64,
+            };
+            // SAFETY: the final-state gradient has the layout of the state buffers (`n_layer`
+            // layers of `batch * d_inner * (d_conv - 1)`); dx and dinit as above.
+            unsafe { conv1d_last_bwd(&m.dev, &last) }?;
         }
         self.colsum_final(gw.colpart.ptr, n_rb, di * dc, self.g(lo.conv_w))?;
         if let Some(b) = lo.conv_b {

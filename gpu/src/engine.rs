@@ -36,6 +36,8 @@ pub(crate) struct Training {
     pub(crate) norm_part: Buf,
     pub(crate) norm_out: Buf,
     pub(crate) ws: Option<Work>,
+    /// The final state's gradient of stateful training (`crate::carry`).
+    pub(crate) carry: crate::carry::CarryGrad,
 }
 
 /// What the kernels support of `cfg`.
@@ -99,6 +101,7 @@ impl GpuEngine {
             norm_part: dev.alloc(8 * NORM_BLOCKS)?,
             norm_out: dev.alloc(8)?,
             ws: None,
+            carry: Default::default(),
         };
         let model = Model {
             cfg: cfg.clone(),

@@ -16,6 +16,7 @@
 
 mod api;
 mod backward;
+mod carry;
 pub mod comm;
 pub mod cuda;
 mod decode;

@@ -48,6 +48,7 @@ fn every_kernel_build_compiles_for_sm90() {
                     "adamw_f32",
                     "norm_fwd_f32",
                     "conv_update_f32",
+                    "conv1d_last_bwd_f32",
                 ] {
                     assert!(
                         ptx.contains(entry),

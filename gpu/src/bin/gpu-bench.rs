@@ -314,6 +314,7 @@ fn scan_one(rows: &mut Vec<String>, chunk: usize) -> reference::Result<()> {
         part_a: PtrMut::new(pa.ptr),
         part_d: PtrMut::new(pd.ptr),
         part_db: PtrMut::new(pdb.ptr),
+        dh_last: Ptr::NULL,
         dh0: PtrMut::NULL,
         batch: b,
         seq_len: l,

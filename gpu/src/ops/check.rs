@@ -216,6 +216,7 @@ impl OpDev {
             part_a: PtrMut::new(pa.ptr),
             part_d: PtrMut::new(pd.ptr),
             part_db: PtrMut::new(pdb.ptr),
+            dh_last: Ptr::NULL,
             dh0: dh0.ptr(),
             batch: d.batch as i64,
             seq_len: d.seq_len as i64,

@@ -100,12 +100,30 @@ kernel_params! {
     }
 }
 
+kernel_params! {
+    /// Backward of the final window ([`Conv1dLastF32`]): adds its gradient `d_last` `[batch,
+    /// d_inner, d_conv − 1]` (from later windows of the same rows) into `dx` (row stride `ldx`)
+    /// where the window holds this call's inputs, and into `dinit` `[batch, d_inner, d_conv −
+    /// 1]` where it still holds the initial window.
+    Conv1dLastBwdF32 => ["conv1d_last_bwd_f32"] {
+        d_last: Ptr<f32>,
+        starts: Ptr<i32>,
+        dx: PtrMut<f32>,
+        ldx: i64,
+        dinit: PtrMut<f32>,
+        batch: i64,
+        seq_len: i64,
+        d_inner: i64,
+    }
+}
+
 pub(crate) fn kernels() -> Vec<KernelInfo> {
     let mut v: Vec<KernelInfo> = info::<Conv1dFwdF32>().collect();
     v.extend(info::<Conv1dLastF32>());
     v.extend(info::<Conv1dBwdDxF32>());
     v.extend(info::<Conv1dBwdInitF32>());
     v.extend(info::<Conv1dBwdDwPartialF32>());
+    v.extend(info::<Conv1dLastBwdF32>());
     v
 }
 
@@ -120,6 +138,7 @@ pub fn params_cuh() -> String {
             Conv1dBwdDxF32::c_struct,
             Conv1dBwdInitF32::c_struct,
             Conv1dBwdDwPartialF32::c_struct,
+            Conv1dLastBwdF32::c_struct,
         ],
     )
 }
@@ -218,6 +237,22 @@ pub unsafe fn conv1d_bwd_dw_partial(dev: &Dev, p: &Conv1dBwdDwPartialF32) -> Res
         super::elementwise::n_row_blocks(p.batch * p.seq_len, p.rows_per),
         1,
     );
+    // SAFETY: the caller's contract is the kernel's.
+    unsafe { dev.launch(grid, 256, 0, p) }
+}
+
+/// Launches `conv1d_last_bwd_f32` (nothing for `d_conv` 1). Run it after
+/// [`conv1d_bwd_dx`] and [`conv1d_bwd_init`], which overwrite `dx` and `dinit`.
+///
+/// # Safety
+/// `d_last` and `dinit` hold `batch * d_inner * (d_conv − 1)` f32, `starts` `batch * seq_len`
+/// i32, `dx` `batch * seq_len` rows at stride `ldx` of at least `d_inner` f32.
+pub unsafe fn conv1d_last_bwd(dev: &Dev, p: &Conv1dLastBwdF32) -> Result<()> {
+    let km1 = dev.shape.d_conv - 1;
+    if km1 == 0 {
+        return Ok(());
+    }
+    let grid = dev.grid1d(p.batch as usize * p.d_inner as usize * km1);
     // SAFETY: the caller's contract is the kernel's.
     unsafe { dev.launch(grid, 256, 0, p) }
 }

@@ -52,7 +52,9 @@ kernel_params! {
     /// The scan backward from the forward's chunk states: du, ddelta (`[batch, seq_len,
     /// d_inner]`), dz (row stride `ldz_out`), the per-block partials `part_bc` `[n_blocks,
     /// batch * seq_len, 2 d_state]`, `part_a` `[batch, d_inner, d_state]`, `part_d`, `part_db`
-    /// `[batch, d_inner]`, and the initial state's gradient `dh0` (may be null).
+    /// `[batch, d_inner]`, and the initial state's gradient `dh0` (may be null). `dh_last` (may
+    /// be null: zeros) is the final state's gradient `[batch, d_inner, d_state]`, from later
+    /// windows of the same rows (stateful training through several windows).
     SelectiveScanBwdF32 => ["selective_scan_bwd_f32", "selective_scan_bwd_2b_f32"] {
         scan: ScanInF32,
         chunk_states: Ptr<f32>,
@@ -65,6 +67,7 @@ kernel_params! {
         part_a: PtrMut<f32>,
         part_d: PtrMut<f32>,
         part_db: PtrMut<f32>,
+        dh_last: Ptr<f32>,
         dh0: PtrMut<f32>,
         batch: i64,
         seq_len: i64,

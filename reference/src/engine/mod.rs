@@ -276,6 +276,12 @@ pub trait TrainingEngine: InferenceEngine {
         let (_, last) = self.forward(input, state)?;
         Ok((lo, last))
     }
+    /// The state after `input` from `state` (zeros when `None`), without the loss: the
+    /// forward-only pass of stateful training through several windows. The default runs
+    /// [`InferenceEngine::forward`]; a fast tier skips the logits.
+    fn forward_state(&mut self, input: &Batch, state: Option<&State<f32>>) -> Result<State<f32>> {
+        Ok(self.forward(input, state)?.1)
+    }
     /// Clears the gradient buffers.
     fn zero_grad(&mut self) -> Result<()>;
     /// The gradient buffers as named f32 tensors in canonical order.

@@ -14,9 +14,10 @@ use serde_json::json;
 
 use super::ckpt::{load_shard, move_in, write_shards};
 use super::config::ZeroConfig;
-use super::zero::{Breakdown, CommRecord, ZeroDriver};
+use super::zero::{Breakdown, CommRecord, MicroOut, ZeroDriver};
 use crate::checkpoint::{save_dir_atomically, write_model_files};
 use crate::lock::DirLock;
+use crate::train::carry::Carry;
 use crate::train::run::{RunOptions, RunSummary};
 use crate::train::run_config::RunConfig;
 use crate::train::source::Source;
@@ -126,21 +127,35 @@ impl Dist {
     }
 
     /// One step over `accum` micro-batches of this rank: (mean loss or `None` when skipped,
-    /// gradient norm, tokens over every rank).
+    /// gradient norm, tokens over every rank). With `carry` (stateful training) each
+    /// micro-batch is `k` consecutive windows of this rank's rows, their states carried.
     pub fn step(
         &mut self,
         engine: &mut dyn TrainingEngine,
         source: &mut Source,
+        carry: Option<&mut Carry>,
         accum: usize,
         hp: &AdamWConfig,
         lr: f64,
     ) -> Result<(Option<f64>, f64, usize)> {
-        let micro = (0..accum)
+        let k = carry.as_ref().map_or(1, |c| c.k());
+        let micro = (0..accum * k)
             .map(|_| source.next_batch())
             .collect::<Result<Vec<_>>>()?;
-        let out = self
-            .driver
-            .step(engine, self.comm.as_mut(), &micro, hp, lr)?;
+        let comm = self.comm.as_mut();
+        let out = match carry {
+            None => self.driver.step(engine, comm, &micro, hp, lr)?,
+            Some(c) => self
+                .driver
+                .step_with(engine, comm, accum, hp, lr, |engine, scale| {
+                    let mut out = MicroOut::default();
+                    for windows in micro.chunks(k) {
+                        let o = c.windows(engine, windows, scale)?;
+                        out.add(o.loss, o.tokens);
+                    }
+                    Ok(out)
+                })?,
+        };
         self.last = out.breakdown;
         Ok((out.loss, out.grad_norm, out.tokens as usize))
     }
@@ -191,8 +206,10 @@ impl Dist {
         Ok(())
     }
 
-    /// The checkpoint of step `st.step` in `dir`: every rank's optimizer shard, and from rank
-    /// 0 the consolidated model files and trainer state, all appearing by one rename.
+    /// The checkpoint of step `st.step` in `dir`: every rank's optimizer shard (and carried
+    /// states: `carry`, with the micro batch's row count), and from rank 0 the consolidated
+    /// model files and trainer state, all appearing by one rename.
+    #[allow(clippy::too_many_arguments)]
     pub fn save(
         &mut self,
         dir: &Path,
@@ -201,10 +218,26 @@ impl Dist {
         tokenizer: Option<&Path>,
         st: &TrainerState,
         keep_last: usize,
+        carry: Option<(&Carry, usize)>,
     ) -> Result<PathBuf> {
         self.sync(engine)?;
         self.driver.refresh_shard(engine)?;
         let staging = write_shards(dir, &self.driver, self.comm.as_mut())?;
+        if let Some((c, batch)) = carry {
+            let r = c.save(&staging, mcfg, batch);
+            if let Err(e) = &r {
+                eprintln!("rank {}: carried states not written: {e:#}", self.rank());
+            }
+            let mut bad = [f64::from(u8::from(r.is_err()))];
+            self.comm.all_reduce_sum_f64(&mut bad)?;
+            r?;
+            anyhow::ensure!(
+                bad[0] == 0.0,
+                "{} rank(s) could not write their carried states into {}",
+                bad[0],
+                staging.display()
+            );
+        }
         let mut failed = [0.0f64];
         if self.comm.rank() == 0 {
             let r = self.save_rank0(dir, &staging, mcfg, engine, tokenizer, st, keep_last);

@@ -51,6 +51,27 @@ pub struct StepOut {
     pub breakdown: Breakdown,
 }
 
+/// What one rank's micro-batches of a step did: the sum of the finite losses, how many were
+/// not finite, tokens read.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct MicroOut {
+    pub loss_sum: f64,
+    pub bad: f64,
+    pub tokens: usize,
+}
+
+impl MicroOut {
+    /// Counts one micro-batch of mean loss `loss` over `tokens` tokens.
+    pub fn add(&mut self, loss: f64, tokens: usize) {
+        if loss.is_finite() {
+            self.loss_sum += loss;
+        } else {
+            self.bad += 1.0;
+        }
+        self.tokens += tokens;
+    }
+}
+
 /// The optimizer shard this rank owns: flat f32 master weights and AdamW moments over
 /// `range` (flat indices; stage 0 owns every parameter).
 #[derive(Clone, Debug, PartialEq)]
@@ -221,30 +242,48 @@ impl ZeroDriver {
         hp: &AdamWConfig,
         lr: f64,
     ) -> Result<StepOut, DistError> {
+        self.step_with(engine, comm, micro.len(), hp, lr, |engine, scale| {
+            let mut out = MicroOut::default();
+            for b in micro {
+                let input = Batch {
+                    batch: b.batch,
+                    seq_len: b.seq_len,
+                    tokens: &b.inputs,
+                    resets: Some(&b.resets),
+                };
+                let lo =
+                    engine.loss_and_backward(&input, &b.targets, b.mask.as_deref(), None, scale)?;
+                out.add(lo.loss, b.inputs.len());
+            }
+            Ok(out)
+        })
+    }
+
+    /// [`ZeroDriver::step`] with this rank's forward and backward done by `micro_batches`:
+    /// called once with the engine (gradients zeroed) and the scale of each of the `count`
+    /// micro-batches' mean loss (`1 / (count × world)`), it adds their gradients into the
+    /// engine. Stateful training (`crate::train::carry`) runs its windows there.
+    pub fn step_with(
+        &mut self,
+        engine: &mut dyn TrainingEngine,
+        comm: &mut dyn Comm,
+        count: usize,
+        hp: &AdamWConfig,
+        lr: f64,
+        micro_batches: impl FnOnce(&mut dyn TrainingEngine, f64) -> Result<MicroOut, DistError>,
+    ) -> Result<StepOut, DistError> {
         let mut bd = Breakdown {
             comm: self.sync_engine(engine, comm)?,
             ..Breakdown::default()
         };
         let t = Instant::now();
         engine.zero_grad()?;
-        let scale = 1.0 / (micro.len() * comm.world()) as f64;
-        let (mut loss_sum, mut bad, mut tokens) = (0.0f64, 0.0f64, 0usize);
-        for b in micro {
-            let input = Batch {
-                batch: b.batch,
-                seq_len: b.seq_len,
-                tokens: &b.inputs,
-                resets: Some(&b.resets),
-            };
-            let lo =
-                engine.loss_and_backward(&input, &b.targets, b.mask.as_deref(), None, scale)?;
-            if lo.loss.is_finite() {
-                loss_sum += lo.loss;
-            } else {
-                bad += 1.0;
-            }
-            tokens += b.inputs.len();
-        }
+        let scale = 1.0 / (count * comm.world()) as f64;
+        let MicroOut {
+            loss_sum,
+            bad,
+            tokens,
+        } = micro_batches(engine, scale)?;
         bd.forward_backward = t.elapsed().as_secs_f64();
         if self.in_engine {
             let stats = [loss_sum, bad, tokens as f64];
@@ -285,7 +324,7 @@ impl ZeroDriver {
         } else {
             bd.comm += self.publish(engine, comm)?;
         }
-        let mean = stats[0] / (micro.len() * comm.world()) as f64;
+        let mean = stats[0] / (count * comm.world()) as f64;
         Ok(out(Some(mean), bd))
     }
 

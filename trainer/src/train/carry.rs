@@ -13,7 +13,9 @@
 //!   The state between two micro-batches is carried detached.
 //!
 //! The carried states are this process's rows only (under data parallelism each rank carries
-//! its own) and are saved in every checkpoint as `carry_state.rank{r}.safetensors`.
+//! its own) and are saved in every checkpoint as `carry_state.rank{r}.safetensors` (in a
+//! data-parallel checkpoint beside the optimizer shards, in `zero/`); resume needs the same
+//! number of ranks.
 
 use std::path::Path;
 
@@ -137,12 +139,29 @@ impl Carry {
         let batches: Vec<TrainBatch> = (0..self.k)
             .map(|_| source.next_batch())
             .collect::<Result<_>>()?;
+        Ok(self.windows(engine, &batches, grad_scale)?)
+    }
+
+    /// Windows per micro-batch (1 for detach).
+    pub fn k(&self) -> usize {
+        self.k
+    }
+
+    /// [`Carry::micro_batch`] on `batches`, this micro-batch's `k` consecutive windows of
+    /// every row (the data-parallel driver reads them ahead).
+    pub fn windows(
+        &mut self,
+        engine: &mut dyn TrainingEngine,
+        batches: &[TrainBatch],
+        grad_scale: f64,
+    ) -> reference::Result<CarryOutput> {
+        assert_eq!(batches.len(), self.k, "one batch per carried window");
         let b0 = &batches[0];
         let zeros = || State::zeros(engine.config(), b0.batch);
         let mut states = vec![self.state.take().unwrap_or_else(zeros)];
         for b in &batches[..self.k - 1] {
             let prev = states.last().expect("one state per window so far");
-            let (_, next) = engine.forward(&input(b), Some(prev))?;
+            let next = engine.forward_state(&input(b), Some(prev))?;
             states.push(next);
         }
         let (mut grad, mut last, mut loss, mut tokens) = (None, None, 0.0, 0);
@@ -183,9 +202,23 @@ impl Carry {
             .with_context(|| format!("writing {}", path.display()))
     }
 
-    /// Reads the carried state from checkpoint directory `dir`, checked against `cfg` and `batch`.
-    pub fn load(&mut self, dir: &Path, cfg: &MambaConfig, batch: usize) -> Result<()> {
+    /// Reads the carried state from checkpoint directory `dir`, checked against `cfg` and
+    /// `batch`; `world`: the ranks of this run (the checkpoint must hold exactly theirs).
+    pub fn load(
+        &mut self,
+        dir: &Path,
+        cfg: &MambaConfig,
+        batch: usize,
+        world: usize,
+    ) -> Result<()> {
         let path = dir.join(carry_file(self.rank));
+        let extra = dir.join(carry_file(world));
+        if extra.is_file() {
+            bail!(
+                "{} exists: the checkpoint's carried states are from a run with more than {world}                  rank(s), whose rows are other streams; resume with the same number of ranks",
+                extra.display()
+            );
+        }
         if !path.is_file() {
             bail!(
                 "{} is missing: the checkpoint was written by a run without `train.carry_state` \
@@ -224,24 +257,20 @@ fn is_finite(s: &State<f32>) -> bool {
 }
 
 /// The run's carry (`None` when `[train] carry_state` is off), restored from checkpoint
-/// `resume` when there is one. Stateful training reads token shards only, in one process
-/// (`distributed`: a rank of a data-parallel job, refused for now).
+/// `resume` when there is one. Stateful training reads token shards only. `dist`: this
+/// process's (rank, world) in a data-parallel job, whose checkpoint keeps each rank's carried
+/// states beside its optimizer shard (in `zero/`).
 pub fn open(
     cfg: &super::run_config::RunConfig,
     mcfg: &MambaConfig,
     resume: Option<&Path>,
-    distributed: bool,
+    dist: Option<(usize, usize)>,
 ) -> Result<Option<Carry>> {
     let t = &cfg.train;
-    let Some(mut carry) = Carry::new(t.carry_state, 0) else {
+    let (rank, world) = dist.unwrap_or((0, 1));
+    let Some(mut carry) = Carry::new(t.carry_state, rank) else {
         return Ok(None);
     };
-    if distributed {
-        bail!(
-            "`train.carry_state` with data parallelism is not supported yet (the sharded \
-             checkpoint does not hold each rank's carried states): train it in one process"
-        );
-    }
     if cfg.stage != super::run_config::Stage::Pretrain || cfg.data.manifest.is_none() {
         bail!(
             "`train.carry_state` is for pretraining on token shards (`data.manifest`); stage {:?} \
@@ -250,7 +279,11 @@ pub fn open(
         );
     }
     if let Some(dir) = resume {
-        carry.load(dir, mcfg, t.batch)?;
+        let from = match dist {
+            Some(_) => dir.join(crate::dist::ckpt::ZERO_DIR),
+            None => dir.to_path_buf(),
+        };
+        carry.load(&from, mcfg, t.batch, world)?;
     }
     Ok(Some(carry))
 }

@@ -208,7 +208,8 @@ impl Run {
         };
         let shard_check = start_shard_check(&cfg)?;
         let resume_dir = latest.as_ref().map(|l| l.1.as_path());
-        let carry = super::carry::open(&cfg, &mcfg, resume_dir, dist.is_some())?;
+        let carry_dist = dist.as_ref().map(|_| (rank, world));
+        let carry = super::carry::open(&cfg, &mcfg, resume_dir, carry_dist)?;
         let resumed_from = latest.map(|(_, dir)| (state.step, dir));
         Ok(Run {
             schedule: schedule(&cfg, total_steps),
@@ -245,7 +246,8 @@ impl Run {
         if let Some(d) = self.dist.as_mut() {
             let lr = self.schedule.lr(self.state.step);
             let accum = self.cfg.train.grad_accum;
-            return d.step(self.engine.as_mut(), &mut self.source, accum, &self.hp, lr);
+            let (engine, carry) = (self.engine.as_mut(), self.carry.as_mut());
+            return d.step(engine, &mut self.source, carry, accum, &self.hp, lr);
         }
         self.engine.zero_grad()?;
         let accum = self.cfg.train.grad_accum;
@@ -316,6 +318,7 @@ impl Run {
                 tok,
                 &self.state,
                 keep,
+                self.carry.as_ref().map(|c| (c, self.cfg.train.batch)),
             );
         }
         let batch = self.cfg.train.batch;
