@@ -287,7 +287,7 @@ impl ZeroDriver {
         bd.forward_backward = t.elapsed().as_secs_f64();
         if self.in_engine {
             let stats = [loss_sum, bad, tokens as f64];
-            return self.step_in_engine(engine, comm, bd, stats, micro.len(), (hp, lr));
+            return self.step_in_engine(engine, comm, bd, stats, count, (hp, lr));
         }
         self.layout
             .flatten_into(&engine.gradients()?, &mut self.flat_grad)?;
