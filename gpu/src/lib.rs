@@ -16,9 +16,11 @@
 
 mod api;
 mod backward;
+mod batched;
 pub mod comm;
 pub mod cuda;
 mod decode;
+mod decode_proj;
 mod engine;
 mod forward;
 mod graph;
