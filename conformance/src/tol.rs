@@ -145,6 +145,10 @@ pub mod gpu {
     /// a fixed order that differs from the reference's. Measured worst 4.3e-7 (scan dA,
     /// mamba130m_prefill: 512 positions summed).
     pub const OP_F32_BWD: f64 = 5e-6;
+    /// `gemv_lp` (the decode step's projections) against an f64 sum over the same bf16 / fp16
+    /// operands: only the f32 accumulation order differs (per-lane partial sums of up to k/256
+    /// products, then a butterfly), k ≤ 4096. Expected a few 1e-7; not yet measured on a device.
+    pub const OP_GEMV_LP: f64 = 1e-5;
 }
 
 // ZeRO data parallel ----------------------------------------------------------------------
