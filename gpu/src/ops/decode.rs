@@ -86,7 +86,8 @@ impl GemvLp {
             b if b >= 256 => 4,
             _ => 8,
         };
-        let aligned = |ptr: u64, ld: i64, elem: i64| ptr % 16 == 0 && (ld * elem) % 16 == 0;
+        let aligned =
+            |ptr: u64, ld: i64, elem: i64| ptr.is_multiple_of(16) && (ld * elem) % 16 == 0;
         let x_ok = if self.x_lp.0 != 0 {
             aligned(self.x_lp.0, self.ldx, 2)
         } else {
@@ -147,7 +148,7 @@ impl From<&reference::RowSampling> for SampleHow {
 impl SampleHow {
     /// The bytes the kernel reads for `rows`.
     pub fn bytes(rows: &[SampleHow]) -> Vec<u8> {
-        let mut out = Vec::with_capacity(rows.len() * std::mem::size_of::<SampleHow>());
+        let mut out = Vec::with_capacity(std::mem::size_of_val(rows));
         for r in rows {
             out.extend_from_slice(&r.temperature.to_ne_bytes());
             out.extend_from_slice(&r.top_p.to_ne_bytes());
