@@ -245,6 +245,7 @@ mod tests {
         let b = SampleHow::bytes(&[h, h]);
         assert_eq!(b.len(), 80);
         assert_eq!(&b[12..16], &7u32.to_ne_bytes());
-        assert_eq!(&b[64..72], &4u64.to_ne_bytes());
+        assert_eq!(&b[64..72], &3u64.to_ne_bytes());
+        assert_eq!(&b[72..80], &4u64.to_ne_bytes());
     }
 }
