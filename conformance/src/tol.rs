@@ -153,6 +153,10 @@ pub mod gpu {
     /// up to five windows): initial-state gradient 3.1e-7, parameter gradients 7.6e-7 (under
     /// `F32_GRAD`), loss 3.6e-8 (under `F32_LOSS`).
     pub const CARRY_STATE_F32: f64 = 5e-5;
+    /// `gemv_lp` (the decode step's projections) against an f64 sum over the same bf16 / fp16
+    /// operands: only the f32 accumulation order differs (per-lane partial sums of up to k/256
+    /// products, then a butterfly), k ≤ 4096. Expected a few 1e-7; not yet measured on a device.
+    pub const OP_GEMV_LP: f64 = 1e-5;
 }
 
 // ZeRO data parallel ----------------------------------------------------------------------

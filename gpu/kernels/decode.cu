@@ -73,3 +73,260 @@ static __device__ __forceinline__ void ssm_update_f32_body(const float* xs, cons
     }
 }
 extern "C" __global__ void __launch_bounds__(256) ssm_update_f32(const SsmUpdateF32 p) { ssm_update_f32_body(SSM_UPDATE_F32_ARGS(p)); }
+
+// ---- Sampling on the device: one id per row crosses to the host. ----
+#define SAMPLE_INF __int_as_float(0x7f800000)
+//
+// How one row draws (mirrored by `SampleHow` in gpu/src/ops/decode.rs, 40 bytes).
+typedef struct {
+    float temperature;  // 0: greedy
+    float top_p;        // 1: off
+    float penalty;      // repetition penalty, 1: off
+    unsigned int top_k; // 0: off
+    unsigned int sampleable;
+    unsigned int pad;
+    u64 seed;
+    u64 draw;
+} SampleHow;
+
+__device__ __forceinline__ u64 splitmix64(u64 x) {
+    x += 0x9e3779b97f4a7c15ull;
+    x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
+    x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
+    return x ^ (x >> 31);
+}
+
+// A float's bits as an unsigned key in the float's order (-inf lowest).
+__device__ __forceinline__ unsigned int order_key(float v) {
+    unsigned int b = __float_as_uint(v);
+    return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
+}
+
+// Block reductions of 1024 threads (fixed order: warp butterflies, then warps in order).
+__device__ unsigned int sample_block_count(unsigned int v, unsigned int* sh) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    int w = threadIdx.x >> 5, l = threadIdx.x & 31;
+    __syncthreads();
+    if (l == 0) sh[w] = v;
+    __syncthreads();
+    unsigned int r = 0;
+    for (int i = 0; i < 32; ++i) r += sh[i];
+    return r;
+}
+
+// Penalised logit of id i (-inf past `sampleable`).
+__device__ __forceinline__ float sample_value(const float* l, const unsigned char* seen, const SampleHow& h, long i) {
+    if (i >= (long)h.sampleable) return -SAMPLE_INF;
+    float v = l[i];
+    if (h.penalty != 1.0f && seen[i]) v = v > 0.0f ? v / h.penalty : v * h.penalty;
+    return v;
+}
+
+// One block of 1024 threads per row b: mark tokens[b] (the token fed this step) in the row's
+// penalty context, then draw from logits[b] as `how[b]` says (the host sampler's order:
+// penalty, temperature, top-k, top-p, draw). Top-k keeps every id whose logit ties the k-th
+// largest. ids[b] = 0xffffffff when the logits are not finite.
+static __device__ __forceinline__ void sample_rows_f32_body(const float* logits, long vocab, const unsigned int* tokens,
+                                                            const unsigned char* how_raw, unsigned char* seen, unsigned int* ids) {
+    __shared__ float shf[33];
+    __shared__ unsigned int shu[33];
+    __shared__ long shi[32];
+    long b = blockIdx.x;
+    int tid = threadIdx.x, nt = blockDim.x;
+    const SampleHow h = ((const SampleHow*)how_raw)[b];
+    const float* l = logits + b * vocab;
+    unsigned char* sn = seen + b * vocab;
+    if (tid == 0 && tokens[b] < vocab) sn[tokens[b]] = 1;
+    __syncthreads();
+    // Greedy part (also the max for the softmax): the largest value, the first id on ties.
+    float best = -SAMPLE_INF;
+    long bi = -1;
+    bool bad = false;
+    for (long i = tid; i < vocab; i += nt) {
+        float v = sample_value(l, sn, h, i);
+        if (v != v) bad = true;
+        if (bi < 0 || v > best) { best = v; bi = i; }
+    }
+    for (int o = 16; o > 0; o >>= 1) {
+        float ov = __shfl_xor_sync(0xffffffffu, best, o);
+        long oi = __shfl_xor_sync(0xffffffffu, bi, o);
+        if (oi >= 0 && (bi < 0 || ov > best || (ov == best && oi < bi))) { best = ov; bi = oi; }
+    }
+    unsigned int nbad = sample_block_count(bad ? 1u : 0u, shu);
+    __syncthreads();
+    if ((tid & 31) == 0) { shf[tid >> 5] = best; shi[tid >> 5] = bi; }
+    __syncthreads();
+    best = shf[0]; bi = shi[0];
+    for (int w = 1; w < nt / 32; ++w)
+        if (shf[w] > best || (shf[w] == best && shi[w] < bi)) { best = shf[w]; bi = shi[w]; }
+    if (nbad > 0 || !(best > -SAMPLE_INF && best < SAMPLE_INF)) {
+        if (tid == 0) ids[b] = 0xffffffffu;
+        return;
+    }
+    if (h.temperature == 0.0f || h.top_k == 1) {
+        if (tid == 0) ids[b] = (unsigned int)bi;
+        return;
+    }
+    // Top-k: the k-th largest key, bit by bit (the largest K with count(key >= K) >= k).
+    unsigned int kmin = 0;
+    if (h.top_k > 0 && h.top_k < h.sampleable) {
+        for (int bit = 31; bit >= 0; --bit) {
+            unsigned int cand = kmin | (1u << bit), c = 0;
+            for (long i = tid; i < vocab; i += nt) c += order_key(sample_value(l, sn, h, i)) >= cand;
+            if (sample_block_count(c, shu) >= h.top_k) kmin = cand;
+        }
+    }
+    float inv_t = 1.0f / h.temperature;
+    // Total weight of the top-k candidates.
+    float tot = 0.0f;
+    for (long i = tid; i < vocab; i += nt) {
+        float v = sample_value(l, sn, h, i);
+        if (v > -SAMPLE_INF && order_key(v) >= kmin) tot += expf((v - best) * inv_t);
+    }
+    tot = block_sum(tot, shf);
+    // Top-p: the largest key K whose candidates at or above it reach p of the total.
+    unsigned int pmin = kmin;
+    if (h.top_p < 1.0f) {
+        unsigned int k = 0;
+        for (int bit = 31; bit >= 0; --bit) {
+            unsigned int cand = k | (1u << bit);
+            float s = 0.0f;
+            for (long i = tid; i < vocab; i += nt) {
+                float v = sample_value(l, sn, h, i);
+                unsigned int key = order_key(v);
+                if (v > -SAMPLE_INF && key >= kmin && key >= cand) s += expf((v - best) * inv_t);
+            }
+            if (block_sum(s, shf) >= h.top_p * tot) k = cand;
+        }
+        pmin = max(k, kmin);
+    }
+    // The draw, in id order over the candidates: each thread sums a contiguous chunk.
+    long chunk = (vocab + nt - 1) / nt, lo = tid * chunk, hi = min(vocab, lo + chunk);
+    float part = 0.0f;
+    long last = -1;
+    for (long i = lo; i < hi; ++i) {
+        float v = sample_value(l, sn, h, i);
+        if (v > -SAMPLE_INF && order_key(v) >= pmin) { part += expf((v - best) * inv_t); last = i; }
+    }
+    __shared__ float parts[1024];
+    __shared__ long lasts[1024];
+    parts[tid] = part;
+    lasts[tid] = last;
+    __syncthreads();
+    if (tid == 0) {
+        float total = 0.0f;
+        for (int t = 0; t < nt; ++t) total += parts[t];
+        u64 r = splitmix64(h.seed ^ splitmix64(h.draw));
+        float u = (float)((r >> 40) * (1.0 / 16777216.0)) * total;
+        long pick = -1, fallback = -1;
+        int t = 0;
+        for (; t < nt; ++t) {
+            if (lasts[t] >= 0) fallback = lasts[t];
+            if (parts[t] > 0.0f && u < parts[t]) break;
+            u -= parts[t];
+        }
+        if (t < nt) {
+            long tlo = t * chunk, thi = min(vocab, tlo + chunk);
+            for (long i = tlo; i < thi; ++i) {
+                float v = sample_value(l, sn, h, i);
+                if (v > -SAMPLE_INF && order_key(v) >= pmin) {
+                    float w = expf((v - best) * inv_t);
+                    pick = i;
+                    if (u < w) break;
+                    u -= w;
+                }
+            }
+        }
+        ids[b] = (unsigned int)(pick >= 0 ? pick : (fallback >= 0 ? fallback : bi));
+    }
+}
+extern "C" __global__ void __launch_bounds__(1024) sample_rows_f32(const SampleRowsF32 p) { sample_rows_f32_body(SAMPLE_ROWS_F32_ARGS(p)); }
+
+// ---- The decode step's projections: a GEMV over at most GEMV_ROWS rows. ----
+#define GEMV_ROWS 8
+
+__device__ __forceinline__ float lp_to_f32(u16 v, int lp_mode) {
+    if (lp_mode == 0) return __uint_as_float(((unsigned int)v) << 16);
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(v));
+    return f;
+}
+// x as the GEMM sees it: f32 rounded to the low precision (as cast_lowp_f32 does), or lp.
+__device__ __forceinline__ float gemv_x(const u16* x_lp, const float* x_f32, long at, int lp_mode) {
+    if (x_lp) return lp_to_f32(x_lp[at], lp_mode);
+    float v = x_f32[at];
+    return lp_to_f32(lp_mode == 0 ? f32_to_bf16(v) : f32_to_f16(v), lp_mode);
+}
+__device__ __forceinline__ void unpack8(uint4 v, int lp_mode, float* f) {
+    unsigned int u[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+        f[2 * j] = lp_to_f32((u16)(u[j] & 0xffffu), lp_mode);
+        f[2 * j + 1] = lp_to_f32((u16)(u[j] >> 16), lp_mode);
+    }
+}
+
+// y[r, n] = sum_k w[n, k] x[r, k] for r < rows (<= GEMV_ROWS), n < n_out: each weight is read
+// once for every row. w: low precision [n_out, ldw]; x: low precision (x_lp) or f32 (x_f32,
+// rounded to the low precision first), [rows, ldx]; y f32 [rows, ldy]. 256 threads: `split`
+// warps (1, 2, 4 or 8) share one output, 8 / split outputs per block. vec: every row of w
+// and x starts 16-byte aligned and k % 8 == 0 (8 values per load). The sum of each (r, n) has
+// one order whatever `rows` is, so a row gets the same bits at any batch.
+static __device__ __forceinline__ void gemv_lp_body(const u16* w, long ldw, const u16* x_lp, const float* x_f32, long ldx,
+                                                    float* y, long ldy, long n_out, long k, long rows, int split, int vec,
+                                                    int lp_mode) {
+    __shared__ float sh[8][GEMV_ROWS];
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    long n = blockIdx.x * (long)(8 / split) + warp / split;
+    int part = warp % split;
+    float acc[GEMV_ROWS];
+#pragma unroll
+    for (int r = 0; r < GEMV_ROWS; ++r) acc[r] = 0.0f;
+    if (n < n_out) {
+        const u16* wr = w + n * ldw;
+        if (vec) {
+            long step = (long)split * 256;
+#pragma unroll 2
+            for (long k0 = ((long)part * 32 + lane) * 8; k0 < k; k0 += step) {
+                float wf[8], xf[8];
+                unpack8(*(const uint4*)(wr + k0), lp_mode, wf);
+#pragma unroll
+                for (int r = 0; r < GEMV_ROWS; ++r) {
+                    if (r < rows) {
+                        if (x_lp) {
+                            unpack8(*(const uint4*)(x_lp + r * ldx + k0), lp_mode, xf);
+                        } else {
+                            float4 a = *(const float4*)(x_f32 + r * ldx + k0);
+                            float4 b = *(const float4*)(x_f32 + r * ldx + k0 + 4);
+                            float v[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
+#pragma unroll
+                            for (int j = 0; j < 8; ++j)
+                                xf[j] = lp_to_f32(lp_mode == 0 ? f32_to_bf16(v[j]) : f32_to_f16(v[j]), lp_mode);
+                        }
+#pragma unroll
+                        for (int j = 0; j < 8; ++j) acc[r] += wf[j] * xf[j];
+                    }
+                }
+            }
+        } else {
+            for (long kk = (long)part * 32 + lane; kk < k; kk += (long)split * 32) {
+                float wv = lp_to_f32(wr[kk], lp_mode);
+#pragma unroll
+                for (int r = 0; r < GEMV_ROWS; ++r)
+                    if (r < rows) acc[r] += wv * gemv_x(x_lp, x_f32, r * ldx + kk, lp_mode);
+            }
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < GEMV_ROWS; ++r) {
+        float v = warp_sum(acc[r]);
+        if (lane == 0) sh[warp][r] = v;
+    }
+    __syncthreads();
+    if (part == 0 && lane < rows && n < n_out) {
+        float s = 0.0f;
+        for (int q = 0; q < split; ++q) s += sh[warp + q][lane];
+        y[lane * ldy + n] = s;
+    }
+}
+extern "C" __global__ void __launch_bounds__(256) gemv_lp(const GemvLp p) { gemv_lp_body(GEMV_LP_ARGS(p)); }

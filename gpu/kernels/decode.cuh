@@ -24,3 +24,30 @@ typedef struct {
     long d_state;
 } SsmUpdateF32;
 #define SSM_UPDATE_F32_ARGS(p) SCAN_IN_F32_ARGS((p).scan), (p).h_state, (p).out, (p).out_lp, (p).lp_mode, (p).batch, (p).d_inner, (p).d_state
+
+typedef struct {
+    const float* logits;
+    long vocab;
+    const unsigned int* tokens;
+    const unsigned char* how;
+    unsigned char* seen;
+    unsigned int* ids;
+} SampleRowsF32;
+#define SAMPLE_ROWS_F32_ARGS(p) (p).logits, (p).vocab, (p).tokens, (p).how, (p).seen, (p).ids
+
+typedef struct {
+    const u16* w;
+    long ldw;
+    const u16* x_lp;
+    const float* x_f32;
+    long ldx;
+    float* y;
+    long ldy;
+    long n_out;
+    long k;
+    long rows;
+    int split;
+    int vec;
+    int lp_mode;
+} GemvLp;
+#define GEMV_LP_ARGS(p) (p).w, (p).ldw, (p).x_lp, (p).x_f32, (p).ldx, (p).y, (p).ldy, (p).n_out, (p).k, (p).rows, (p).split, (p).vec, (p).lp_mode

@@ -6,8 +6,8 @@ use reference::engine::{
 use reference::model::Batch;
 use reference::optim::StepStats;
 use reference::{
-    AdamWConfig, Error, HeldState, InferenceEngine, MambaConfig, Result, State, Tensor,
-    TrainingEngine,
+    AdamWConfig, Error, HeldState, InferenceEngine, MambaConfig, Result, RowSampling, State,
+    Tensor, TrainingEngine,
 };
 
 use crate::backward::{token_csr, Backward};
@@ -282,6 +282,26 @@ impl InferenceEngine for GpuEngine {
         ws.logits.read(0, logits)?;
         ws.state_out_conv.read(0, &mut state.conv.data)?;
         ws.state_out_ssm.read(0, &mut state.ssm.data)
+    }
+
+    fn prefill_held_row(
+        &mut self,
+        held: HeldState,
+        row: usize,
+        tokens: &[u32],
+        logits: &mut [f32],
+    ) -> Result<Option<()>> {
+        self.prefill_row_dev(held, row, tokens, logits).map(Some)
+    }
+
+    fn step_held_sample(
+        &mut self,
+        held: HeldState,
+        tokens: &[u32],
+        how: &[RowSampling],
+        ids: &mut [u32],
+    ) -> Result<Option<()>> {
+        self.step_sample_dev(held, tokens, how, ids).map(Some)
     }
 
     fn memory(&self) -> Result<Option<MemoryUse>> {

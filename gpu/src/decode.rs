@@ -12,6 +12,7 @@ use reference::model::Batch;
 use reference::{Error, Result, State};
 
 use crate::cuda::Buf;
+use crate::decode_proj::Proj;
 use crate::graph::{capture, graphs_enabled, Graph};
 use crate::model::{ensure_ws, Model};
 use crate::ops::decode::{conv_update, ssm_update, ConvUpdateF32, SsmUpdateF32};
@@ -25,6 +26,11 @@ pub(crate) struct Held {
     pub(crate) conv: Buf,
     /// `[n_layer, batch, d_inner, d_state]`.
     pub(crate) ssm: Buf,
+    /// Each row's penalty context for sampling on the device: `[batch, vocab]` bytes.
+    pub(crate) seen: Buf,
+    /// Each row's [`crate::ops::decode::SampleHow`] (`[batch]`) and drawn id (`[batch]`).
+    pub(crate) how: Buf,
+    pub(crate) ids: Buf,
 }
 
 /// Device pointers of the state one decode step updates in place (layer 0; layers follow).
@@ -78,14 +84,21 @@ impl Decoder {
             .is_some_and(|h| h.ticket.batch == ticket.batch);
         if !reuse {
             self.held = None;
+            let rows = ticket.batch;
             self.held = Some(Held {
                 ticket,
                 conv: m.dev.alloc(4 * state.conv.data.len())?,
                 ssm: m.dev.alloc(4 * state.ssm.data.len())?,
+                seen: m.dev.alloc(rows * m.cfg.vocab_size)?,
+                how: m
+                    .dev
+                    .alloc(rows * std::mem::size_of::<crate::ops::decode::SampleHow>())?,
+                ids: m.dev.alloc(4 * rows)?,
             });
         }
         let h = self.held.as_mut().expect("held state");
         h.ticket = ticket;
+        h.seen.zero()?;
         h.conv.write(0, &state.conv.data)?;
         h.ssm.write(0, &state.ssm.data)?;
         Ok(ticket)
@@ -94,6 +107,11 @@ impl Decoder {
     /// Whether the last decode ran through a graph.
     pub(crate) fn uses_graph(&self) -> bool {
         self.graph.as_ref().is_some_and(|(_, g)| g.is_some())
+    }
+
+    /// The tokens of the last step (`[batch]`).
+    pub(crate) fn tokens(&self) -> &Buf {
+        &self.ws.as_ref().expect("decode workspace").tokens
     }
 
     /// The logits of the last step (`[batch, vocab]`).
@@ -205,7 +223,8 @@ impl Decoder {
     }
 }
 
-/// One decode step over `ws` (tokens and starts uploaded) on the state at `st`.
+/// One decode step over `ws` (tokens and starts uploaded) on the state at `st`. The
+/// projections run as one GEMV each where `gemv` allows (see [`crate::decode_proj`]).
 fn decode_dev(m: &Model, ws: &Work, st: StatePtrs) -> Result<()> {
     let cfg = &m.cfg;
     let (di, ds) = (cfg.d_inner, cfg.d_state);
@@ -213,10 +232,11 @@ fn decode_dev(m: &Model, ws: &Work, st: StatePtrs) -> Result<()> {
     debug_assert_eq!(ws.seq_len, 1);
     let km1 = cfg.d_conv - 1;
     let la = &ws.layers[0];
+    let pj = Proj::new(m, ws, batch);
     m.embed(ws, batch)?;
     for (i, lo) in m.layout.layers.iter().enumerate() {
         let add = if i == 0 { 0 } else { ws.out.ptr };
-        m.norm_in_proj(ws, la, lo, batch, (la.resid_in.ptr, add))?;
+        pj.norm_in_proj(la, lo, (la.resid_in.ptr, add))?;
         let (xs_lp, xs) = m.lp_out(ws, ws.xs.ptr, di, batch, di);
         let conv = ConvUpdateF32 {
             conv: m.conv_in(ws, la, lo),
@@ -230,7 +250,7 @@ fn decode_dev(m: &Model, ws: &Work, st: StatePtrs) -> Result<()> {
         // SAFETY: the decode workspace holds `batch` rows; the state at `st` holds `n_layer`
         // layers of `batch × d_inner` windows (a host state's copy or a held state).
         unsafe { conv_update(&m.dev, &conv) }?;
-        m.x_dt_proj(ws, la, lo, batch, xs)?;
+        pj.x_dt_proj(la, lo, xs)?;
         let (gated_lp, gated) = m.lp_out(ws, la.gated.ptr, di, batch, di);
         let scan = SsmUpdateF32 {
             scan: m.scan_in(ws, la, lo),
@@ -244,8 +264,8 @@ fn decode_dev(m: &Model, ws: &Work, st: StatePtrs) -> Result<()> {
         };
         // SAFETY: as above, with `n_layer` layers of `batch × d_inner × d_state` states.
         unsafe { ssm_update(&m.dev, &scan) }?;
-        m.out_proj(ws, lo, batch, gated)?;
+        pj.out_proj(lo, gated)?;
     }
     let resid = la.resid_in.ptr;
-    m.final_head(ws, batch, (resid, ws.out.ptr, resid), batch, 0)
+    pj.final_head((resid, ws.out.ptr, resid))
 }

@@ -16,10 +16,12 @@
 
 mod api;
 mod backward;
+mod batched;
 mod carry;
 pub mod comm;
 pub mod cuda;
 mod decode;
+mod decode_proj;
 mod engine;
 mod forward;
 mod graph;

@@ -31,7 +31,7 @@ pub mod tensor;
 
 pub use config::{MambaConfig, NormKind};
 pub use decode::DecodeState;
-pub use engine::{HeldState, InferenceEngine, ReferenceEngine, TrainingEngine};
+pub use engine::{HeldState, InferenceEngine, ReferenceEngine, RowSampling, TrainingEngine};
 pub use error::{Error, Result};
 pub use float::Float;
 pub use optim::AdamWConfig;

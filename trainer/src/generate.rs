@@ -113,6 +113,8 @@ pub struct Sampler {
     s: Sampling,
     vocab: usize,
     rng: Rng,
+    /// The seed `rng` started from.
+    seed: u64,
     /// `seen[t]`: token `t` is in the penalty context; `seen_ids` lists those tokens once each.
     seen: Vec<bool>,
     seen_ids: Vec<u32>,
@@ -135,6 +137,7 @@ impl Sampler {
             s: s.clone(),
             vocab,
             rng: Rng::new(s.seed),
+            seed: s.seed,
             seen: vec![false; vocab],
             seen_ids: Vec::with_capacity(vocab),
             sampleable: vocab,
@@ -156,6 +159,21 @@ impl Sampler {
     /// Restarts the random stream from `seed`.
     pub fn reseed(&mut self, seed: u64) {
         self.rng = Rng::new(seed);
+        self.seed = seed;
+    }
+
+    /// These settings for an engine that draws on the device
+    /// ([`reference::InferenceEngine::step_held_sample`]), its `draw`-th draw.
+    pub fn row_sampling(&self, draw: u64) -> reference::RowSampling {
+        reference::RowSampling {
+            temperature: self.s.temperature as f32,
+            top_k: self.s.top_k.min(u32::MAX as usize) as u32,
+            top_p: self.s.top_p as f32,
+            repetition_penalty: self.s.repetition_penalty,
+            seed: self.seed,
+            draw,
+            sampleable: self.sampleable as u32,
+        }
     }
 
     /// Empties the penalty context.

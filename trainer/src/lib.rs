@@ -4,6 +4,7 @@
 //! and text generation. The training loop, data pipeline and chat UI grow here in later issues.
 
 pub mod assistant;
+pub mod batched;
 pub mod chat;
 pub mod checkpoint;
 pub mod cli;

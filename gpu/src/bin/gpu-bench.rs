@@ -21,8 +21,7 @@ use gpu::params::{Ptr, PtrMut};
 use gpu::{GpuEngine, GpuOptions, Precision};
 use reference::model::Batch;
 use reference::{
-    param_specs, AdamWConfig, DecodeState, InferenceEngine, MambaConfig, Params, State, Tensor,
-    TrainingEngine,
+    param_specs, AdamWConfig, InferenceEngine, MambaConfig, Params, State, Tensor, TrainingEngine,
 };
 
 const PEAK: f64 = 790e12;
@@ -377,7 +376,13 @@ fn time_scan(dev: &Dev, fwd: &dyn Fn(), bwd: &dyn Fn(&'static str, bool)) -> (f6
     (tf, tb, tb2, tbr)
 }
 
+/// Prefill (one 2048-token sequence) and decode at batch 1, 8, 64 and 256 (a held state of
+/// that many rows, one greedy token per row per step): with the ids drawn on the device
+/// (`step_held_sample`, what continuous batching does) and with the logits copied to the host
+/// for a host argmax (the path before it). `VET_DECODE_GEMV=0` runs the projections through
+/// cuBLAS instead of the GEMV, for a before/after on one card.
 fn infer(rows: &mut Vec<String>) -> reference::Result<()> {
+    let gemv = std::env::var("VET_DECODE_GEMV").map_or(true, |v| v != "0");
     for (name, d_model, n_layer) in [("130M", 768, 24), ("1.4B", 2048, 48)] {
         let cfg = MambaConfig::new(d_model, n_layer, 50280);
         let mut e = GpuEngine::new(
@@ -398,47 +403,70 @@ fn infer(rows: &mut Vec<String>) -> reference::Result<()> {
             tp.push(t0.elapsed().as_secs_f64());
         }
         let tp = median(tp[1..].to_vec());
-        let mut st = State::<f32>::zeros(&cfg, 1);
-        e.prefill(&prompt, &mut st, &mut logits)?;
-        let argmax = |l: &[f32]| {
-            l.iter()
-                .enumerate()
-                .fold((0, f32::MIN), |a, (i, &v)| if v > a.1 { (i, v) } else { a })
-                .0 as u32
-        };
-        let first = argmax(&logits);
-        // Host state: the state crosses PCIe both ways every token.
-        let mut tok = first;
-        for _ in 0..8 {
-            e.step_into(&[tok], None, &mut st.clone(), &mut logits)?;
-        }
-        let t0 = Instant::now();
-        for _ in 0..64 {
-            e.step_into(&[tok], None, &mut st, &mut logits)?;
-            tok = argmax(&logits);
-        }
-        let th = t0.elapsed().as_secs_f64() / 64.0;
-        // Held state (what vet-chat does): only the token in and the logits out.
-        let mut held = DecodeState::new(&mut e, st)?;
-        let mut tok = first;
-        for _ in 0..8 {
-            held.step(&mut e, &[tok], None, &mut logits)?;
-        }
-        let t0 = Instant::now();
-        for _ in 0..256 {
-            held.step(&mut e, &[tok], None, &mut logits)?;
-            tok = argmax(&logits);
-        }
-        let td = t0.elapsed().as_secs_f64() / 256.0;
-        // Bytes a step must read at least: the bf16 weights (the embedding once, as lm_head).
         let weights = 2.0 * e.layout().numel as f64;
         rows.push(format!(
-            "infer {name:<5}: prefill 2048 tokens {:.1} ms = {:.0} tokens/s; decode (state held on the device) {:.3} ms/token = {:.0} tokens/s, {:.0} GB/s of bf16 weights ({:.0} % of 4.8 TB/s) (CUDA graph: {}); decode with the state copied to/from the host each token {:.3} ms/token = {:.0} tokens/s",
-            tp * 1e3, 2048.0 / tp, td * 1e3, 1.0 / td, weights / td / 1e9, 100.0 * weights / td / 4.8e12, e.decode_uses_graph(), th * 1e3, 1.0 / th
+            "infer {name:<5} prefill 2048 tokens: {:.1} ms = {:.0} tokens/s",
+            tp * 1e3,
+            2048.0 / tp
         ));
         println!("{}", rows.last().unwrap());
+        for batch in [1usize, 8, 64, 256] {
+            let (td, th) = decode_at(&mut e, &cfg, batch)?;
+            rows.push(format!(
+                "infer {name:<5} decode batch {batch:>3} (GEMV {}): ids drawn on the device {:.3} ms/step = {:.0} tokens/s ({:.0} GB/s of bf16 weights); logits to the host {:.3} ms/step = {:.0} tokens/s (CUDA graph: {})",
+                if gemv && batch <= gpu::ops::decode::GEMV_ROWS { "on" } else { "off" },
+                td * 1e3, batch as f64 / td, weights / td / 1e9, th * 1e3, batch as f64 / th, e.decode_uses_graph()
+            ));
+            println!("{}", rows.last().unwrap());
+        }
     }
     Ok(())
+}
+
+/// Seconds per decode step of `batch` rows: ids drawn on the device, and logits to the host
+/// with a host argmax.
+fn decode_at(e: &mut GpuEngine, cfg: &MambaConfig, batch: usize) -> reference::Result<(f64, f64)> {
+    let v = cfg.vocab_size;
+    let held = e
+        .hold_state(&State::<f32>::zeros(cfg, batch))?
+        .expect("the CUDA engine holds states");
+    let prompt = tokens(64, v, 5);
+    let mut first = vec![0f32; v];
+    for row in 0..batch {
+        e.prefill_held_row(held, row, &prompt[..1 + row % 64], &mut first)?;
+    }
+    let how = vec![reference::RowSampling::greedy(v as u32); batch];
+    let mut ids = tokens(batch, v, 3);
+    let mut feed = ids.clone();
+    let steps = if batch >= 64 { 16 } else { 48 };
+    for _ in 0..4 {
+        e.step_held_sample(held, &feed.clone(), &how, &mut ids)?;
+        feed.copy_from_slice(&ids);
+    }
+    let t0 = Instant::now();
+    for _ in 0..steps {
+        e.step_held_sample(held, &feed.clone(), &how, &mut ids)?;
+        feed.copy_from_slice(&ids);
+    }
+    let td = t0.elapsed().as_secs_f64() / steps as f64;
+    let mut logits = vec![0f32; batch * v];
+    let argmax = |l: &[f32]| {
+        l.iter()
+            .enumerate()
+            .fold((0, f32::MIN), |a, (i, &x)| if x > a.1 { (i, x) } else { a })
+            .0 as u32
+    };
+    for _ in 0..2 {
+        e.step_held(held, &feed, None, &mut logits)?;
+    }
+    let t0 = Instant::now();
+    for _ in 0..steps {
+        e.step_held(held, &feed, None, &mut logits)?;
+        for (b, f) in feed.iter_mut().enumerate() {
+            *f = argmax(&logits[b * v..(b + 1) * v]);
+        }
+    }
+    Ok((td, t0.elapsed().as_secs_f64() / steps as f64))
 }
 
 /// What to measure.

@@ -1,12 +1,13 @@
 //! Launchers of `gpu/kernels/decode.cu`: the decode step's conv update and scan update (one
-//! token per row, the recurrent state updated in place).
+//! token per row, the recurrent state updated in place), and sampling on the device (one id
+//! per row leaves it).
 
 use reference::Result;
 
 use super::conv1d::ConvInF32;
 use super::selective_scan::ScanInF32;
 use crate::cuda::Dev;
-use crate::params::{cuh, info, kernel_params, KernelInfo, KernelParams, PtrMut};
+use crate::params::{cuh, info, kernel_params, KernelInfo, KernelParams, Ptr, PtrMut};
 
 kernel_params! {
     /// The window `[batch, d_inner, d_conv − 1]` shifted in place; `xs = silu(conv(window, x)
@@ -37,15 +38,163 @@ kernel_params! {
     }
 }
 
+kernel_params! {
+    /// One block per row `b`: marks `tokens[b]` in the row's penalty context `seen` (`[batch,
+    /// vocab]` bytes), then draws `ids[b]` from `logits[b]` as `how[b]` (a [`SampleHow`]) says.
+    SampleRowsF32 => ["sample_rows_f32"] {
+        logits: Ptr<f32>,
+        vocab: i64,
+        tokens: Ptr<u32>,
+        how: Ptr<u8>,
+        seen: PtrMut<u8>,
+        ids: PtrMut<u32>,
+    }
+}
+
+kernel_params! {
+    /// `y[r, n] = Σ_k w[n, k] x[r, k]` for `rows` (at most [`GEMV_ROWS`]) rows: each weight
+    /// read once for all rows. `w` and `x_lp` in bf16 (`lp_mode` 0) or fp16 (1); `x_f32`
+    /// (used when `x_lp` is null) is rounded to that precision first.
+    GemvLp => ["gemv_lp"] {
+        w: Ptr<u16>,
+        ldw: i64,
+        x_lp: Ptr<u16>,
+        x_f32: Ptr<f32>,
+        ldx: i64,
+        y: PtrMut<f32>,
+        ldy: i64,
+        n_out: i64,
+        k: i64,
+        rows: i64,
+        split: i32,
+        vec: i32,
+        lp_mode: i32,
+    }
+}
+
+/// The most rows one `gemv_lp` launch takes.
+pub const GEMV_ROWS: usize = 8;
+
+impl GemvLp {
+    /// Sets `split` (warps per output: enough blocks to fill the device) and `vec` (16-byte
+    /// loads: every row of `w` and `x` aligned, `k` a multiple of 8) from the other fields.
+    pub fn tuned(mut self) -> GemvLp {
+        let blocks = (self.n_out as usize).div_ceil(8);
+        self.split = match blocks {
+            b if b >= 1024 => 1,
+            b if b >= 512 => 2,
+            b if b >= 256 => 4,
+            _ => 8,
+        };
+        let aligned =
+            |ptr: u64, ld: i64, elem: i64| ptr.is_multiple_of(16) && (ld * elem) % 16 == 0;
+        let x_ok = if self.x_lp.0 != 0 {
+            aligned(self.x_lp.0, self.ldx, 2)
+        } else {
+            aligned(self.x_f32.0, self.ldx, 4)
+        };
+        self.vec = (aligned(self.w.0, self.ldw, 2) && x_ok && self.k % 8 == 0) as i32;
+        self
+    }
+}
+
+/// Launches `gemv_lp` (after [`GemvLp::tuned`]).
+///
+/// # Safety
+/// `w` holds `n_out` rows of `k` values at stride `ldw`; `x_lp` (or, when null, `x_f32`) and
+/// `y` hold `rows <= GEMV_ROWS` rows at strides `ldx` (`k` values) and `ldy` (`n_out`).
+pub unsafe fn gemv(dev: &Dev, p: &GemvLp) -> Result<()> {
+    if p.rows < 1 || p.rows as usize > GEMV_ROWS || ![1, 2, 4, 8].contains(&p.split) {
+        return Err(dev.err(
+            "gemv_lp",
+            format!("{} rows (1..={GEMV_ROWS}), split {}", p.rows, p.split),
+        ));
+    }
+    let per_block = 8 / p.split as usize;
+    let grid = ((p.n_out as usize).div_ceil(per_block) as u32, 1, 1);
+    // SAFETY: the caller's contract is the kernel's.
+    unsafe { dev.launch(grid, 256, 0, p) }
+}
+
+/// How one row draws on the device (the C struct `SampleHow` in `gpu/kernels/decode.cu`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct SampleHow {
+    pub temperature: f32,
+    pub top_p: f32,
+    pub penalty: f32,
+    pub top_k: u32,
+    pub sampleable: u32,
+    pub pad: u32,
+    pub seed: u64,
+    pub draw: u64,
+}
+
+impl From<&reference::RowSampling> for SampleHow {
+    fn from(r: &reference::RowSampling) -> SampleHow {
+        SampleHow {
+            temperature: r.temperature,
+            top_p: r.top_p,
+            penalty: r.repetition_penalty,
+            top_k: r.top_k,
+            sampleable: r.sampleable,
+            pad: 0,
+            seed: r.seed,
+            draw: r.draw,
+        }
+    }
+}
+
+impl SampleHow {
+    /// The bytes the kernel reads for `rows`.
+    pub fn bytes(rows: &[SampleHow]) -> Vec<u8> {
+        let mut out = Vec::with_capacity(std::mem::size_of_val(rows));
+        for r in rows {
+            out.extend_from_slice(&r.temperature.to_ne_bytes());
+            out.extend_from_slice(&r.top_p.to_ne_bytes());
+            out.extend_from_slice(&r.penalty.to_ne_bytes());
+            out.extend_from_slice(&r.top_k.to_ne_bytes());
+            out.extend_from_slice(&r.sampleable.to_ne_bytes());
+            out.extend_from_slice(&r.pad.to_ne_bytes());
+            out.extend_from_slice(&r.seed.to_ne_bytes());
+            out.extend_from_slice(&r.draw.to_ne_bytes());
+        }
+        out
+    }
+}
+
+/// The id a row's draw gives when its logits are not finite.
+pub const SAMPLE_NOT_FINITE: u32 = u32::MAX;
+
 pub(crate) fn kernels() -> Vec<KernelInfo> {
     let mut v: Vec<KernelInfo> = info::<ConvUpdateF32>().collect();
     v.extend(info::<SsmUpdateF32>());
+    v.extend(info::<SampleRowsF32>());
+    v.extend(info::<GemvLp>());
     v
 }
 
 /// The text of `gpu/kernels/decode.cuh`.
 pub fn params_cuh() -> String {
-    cuh("decode", &[ConvUpdateF32::c_struct, SsmUpdateF32::c_struct])
+    cuh(
+        "decode",
+        &[
+            ConvUpdateF32::c_struct,
+            SsmUpdateF32::c_struct,
+            SampleRowsF32::c_struct,
+            GemvLp::c_struct,
+        ],
+    )
+}
+
+/// Launches `sample_rows_f32` over `rows` rows.
+///
+/// # Safety
+/// `logits` holds `rows * vocab` f32, `seen` `rows * vocab` bytes, `tokens` and `ids` `rows`
+/// u32, `how` `rows` [`SampleHow`]s (40 bytes each) with `sampleable <= vocab`.
+pub unsafe fn sample_rows(dev: &Dev, rows: usize, p: &SampleRowsF32) -> Result<()> {
+    // SAFETY: the caller's contract is the kernel's.
+    unsafe { dev.launch((rows as u32, 1, 1), 1024, 0, p) }
 }
 
 /// Launches `conv_update_f32`.
@@ -74,4 +223,29 @@ pub unsafe fn ssm_update(dev: &Dev, p: &SsmUpdateF32) -> Result<()> {
     );
     // SAFETY: the caller's contract is the kernel's.
     unsafe { dev.launch(grid, 256, 0, p) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sample_how_has_the_c_layout() {
+        assert_eq!(std::mem::size_of::<SampleHow>(), 40);
+        let h = SampleHow {
+            temperature: 0.5,
+            top_p: 0.9,
+            penalty: 1.2,
+            top_k: 7,
+            sampleable: 11,
+            pad: 0,
+            seed: 3,
+            draw: 4,
+        };
+        let b = SampleHow::bytes(&[h, h]);
+        assert_eq!(b.len(), 80);
+        assert_eq!(&b[12..16], &7u32.to_ne_bytes());
+        assert_eq!(&b[64..72], &3u64.to_ne_bytes());
+        assert_eq!(&b[72..80], &4u64.to_ne_bytes());
+    }
 }

@@ -92,6 +92,44 @@ pub struct HeldState {
     pub batch: usize,
 }
 
+/// How an engine draws one row's next token ([`InferenceEngine::step_held_sample`]), in the
+/// order of the host sampler: repetition penalty on the raw logits, temperature, top-k, top-p,
+/// a draw. Temperature 0 (or `top_k` 1) is greedy: the argmax, the first on ties.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct RowSampling {
+    pub temperature: f32,
+    /// 0 = off.
+    pub top_k: u32,
+    /// 1 = off.
+    pub top_p: f32,
+    /// 1 = off.
+    pub repetition_penalty: f32,
+    /// The draw uses the random number `(seed, draw)`: the same pair gives the same token.
+    pub seed: u64,
+    pub draw: u64,
+    /// Ids at or above this are never drawn (a vocabulary padded beyond the tokenizer's).
+    pub sampleable: u32,
+}
+
+impl RowSampling {
+    /// Greedy over the first `sampleable` ids.
+    pub fn greedy(sampleable: u32) -> RowSampling {
+        RowSampling {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            repetition_penalty: 1.0,
+            seed: 0,
+            draw: 0,
+            sampleable,
+        }
+    }
+
+    pub fn is_greedy(&self) -> bool {
+        self.temperature == 0.0 || self.top_k == 1
+    }
+}
+
 /// The error for a ticket an engine does not (or no longer) recognise.
 pub fn not_held(engine: &str, op: &'static str, held: HeldState) -> Error {
     Error::Shape {
@@ -215,6 +253,34 @@ pub trait InferenceEngine {
     fn prefill_held(&mut self, held: HeldState, tokens: &[u32], logits: &mut [f32]) -> Result<()> {
         let _ = (tokens, logits);
         Err(not_held(&self.name(), "prefill_held", held))
+    }
+    /// Starts a new sequence in row `row` of the held state: the row restarts from the zero
+    /// state and runs `tokens` (at least one); `logits` (`[vocab]`) gets the last token's
+    /// logits. The other rows are untouched. Continuous batching admits a waiting sequence
+    /// into a finished one's row with it. `None` (the default): not supported.
+    fn prefill_held_row(
+        &mut self,
+        held: HeldState,
+        row: usize,
+        tokens: &[u32],
+        logits: &mut [f32],
+    ) -> Result<Option<()>> {
+        let _ = (held, row, tokens, logits);
+        Ok(None)
+    }
+    /// [`InferenceEngine::step_held`], then one token per row drawn on the engine as
+    /// `how[row]` says, into `ids` (`[batch]`): only the ids leave the device. The penalty
+    /// context of a row is the prompt of its last [`InferenceEngine::prefill_held_row`] and
+    /// every token fed to it since. `None` (the default): not supported; nothing ran.
+    fn step_held_sample(
+        &mut self,
+        held: HeldState,
+        tokens: &[u32],
+        how: &[RowSampling],
+        ids: &mut [u32],
+    ) -> Result<Option<()>> {
+        let _ = (held, tokens, how, ids);
+        Ok(None)
     }
     /// Device memory in use, for engines with their own memory (GPU); `None` by default.
     fn memory(&self) -> Result<Option<MemoryUse>> {

@@ -62,6 +62,10 @@ struct Cli {
     /// Batch mode: the field each answer is written to.
     #[arg(long, default_value = "answer", requires = "input")]
     answer_field: String,
+    /// Batch mode: questions decoded together (continuous batching: a finished answer's row
+    /// takes the next question). On --device cuda the tokens are drawn on the GPU.
+    #[arg(long, default_value_t = batch::GROUP as u64, requires = "input", value_parser = clap::value_parser!(u64).range(1..=4096))]
+    batch: u64,
     #[command(flatten)]
     sampling: SamplingArgs,
 }
@@ -320,6 +324,7 @@ fn run(cli: Cli) -> Result<()> {
             answer_field: cli.answer_field.clone(),
             seed,
             progress: true,
+            batch: cli.batch as usize,
         };
         let s = batch::run(&mut session, &o)?;
         eprintln!("{}", s.line(output));

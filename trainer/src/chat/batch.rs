@@ -4,8 +4,9 @@
 //! (default `answer`), `prompt_tokens`, `new_tokens` and `stop`. Questions are answered
 //! independently (a fresh state each), question `i` with its own random stream drawn from
 //! `(seed, i)`, so the output does not depend on where a run was interrupted. Up to
-//! [`GROUP`] questions are decoded together, one batched step for all of them
-//! ([`super::group`]).
+//! [`BatchOptions::batch`] questions (default [`GROUP`]) are decoded together by continuous
+//! batching, one batched step for all of them ([`super::group`]); answers are written in the
+//! input's order as soon as every earlier one is written.
 //!
 //! Resumable by appending: every answer is appended and flushed as one whole line. When the
 //! output already exists, its complete lines must answer the first questions of the input in
@@ -22,9 +23,10 @@ use indicatif::{ProgressBar, ProgressStyle};
 use reference::rng::fnv1a64;
 use serde_json::{Map, Value};
 
-use super::Session;
+use super::{Answer, Session};
 
-/// Questions decoded together (one pass over the weights per step for all of them).
+/// Questions decoded together by default (one pass over the weights per step for all of
+/// them).
 pub const GROUP: usize = 8;
 
 /// One input record: its 1-based line number and its fields.
@@ -93,6 +95,8 @@ pub struct BatchOptions {
     pub seed: u64,
     /// Show a progress bar on stderr (hidden anyway when stderr is not a terminal).
     pub progress: bool,
+    /// Questions in flight at once (rows of the batched decode step).
+    pub batch: usize,
 }
 
 /// What a batch run did.
@@ -169,6 +173,26 @@ fn resume_point(output: &Path, input: &Path, records: &[Record]) -> Result<usize
     Ok(done)
 }
 
+/// Appends the line of `rec` answered by `a` to `w` and flushes it.
+fn write_answer(w: &mut impl Write, o: &BatchOptions, rec: &Record, a: &Answer) -> Result<()> {
+    let mut fields = rec.fields.clone();
+    fields.insert(o.answer_field.clone(), a.text.trim().into());
+    fields.insert("prompt_tokens".into(), a.prompt_tokens.into());
+    fields.insert("new_tokens".into(), a.tokens.len().into());
+    fields.insert("stop".into(), a.stop.name().into());
+    let mut line = serde_json::to_string(&Value::Object(fields))?;
+    line.push('\n');
+    w.write_all(line.as_bytes())
+        .and_then(|_| w.flush())
+        .with_context(|| {
+            format!(
+                "writing {} (question at line {})",
+                o.output.display(),
+                rec.line
+            )
+        })
+}
+
 /// Answers every question of `o.input` not yet in `o.output`.
 pub fn run(session: &mut Session, o: &BatchOptions) -> Result<BatchSummary> {
     let records = read_questions(&o.input, &o.answer_field)?;
@@ -196,40 +220,33 @@ pub fn run(session: &mut Session, o: &BatchOptions) -> Result<BatchSummary> {
     );
     bar.set_position(done as u64);
     let todo: Vec<(usize, &Record)> = records.iter().enumerate().skip(done).collect();
-    for group in todo.chunks(GROUP) {
-        let questions: Vec<&str> = group.iter().map(|(_, r)| r.question()).collect();
-        let seeds: Vec<u64> = group
-            .iter()
-            .map(|(i, _)| fnv1a64(&format!("{}:{i}", o.seed)))
-            .collect();
-        let answers =
-            super::group::answer_group(session, &questions, &seeds).with_context(|| {
-                let lines: Vec<String> = group.iter().map(|(_, r)| r.line.to_string()).collect();
-                format!("answering {} lines {}", o.input.display(), lines.join(", "))
-            })?;
-        for ((_, rec), a) in group.iter().zip(answers) {
-            let mut fields = rec.fields.clone();
-            fields.insert(o.answer_field.clone(), a.text.trim().into());
-            fields.insert("prompt_tokens".into(), a.prompt_tokens.into());
-            fields.insert("new_tokens".into(), a.tokens.len().into());
-            fields.insert("stop".into(), a.stop.name().into());
-            let mut line = serde_json::to_string(&Value::Object(fields))?;
-            line.push('\n');
-            w.write_all(line.as_bytes())
-                .and_then(|_| w.flush())
-                .with_context(|| format!("writing {}", o.output.display()))?;
+    let questions: Vec<&str> = todo.iter().map(|(_, r)| r.question()).collect();
+    let seeds: Vec<u64> = todo
+        .iter()
+        .map(|(i, _)| fnv1a64(&format!("{}:{i}", o.seed)))
+        .collect();
+    // Answers that finished before an earlier one, waiting for their turn to be written.
+    let mut ready: Vec<Option<Answer>> = todo.iter().map(|_| None).collect();
+    let mut written = 0;
+    super::group::answer_all(session, &questions, &seeds, o.batch, |i, a| {
+        ready[i] = Some(a);
+        while let Some(a) = ready.get_mut(written).and_then(Option::take) {
+            write_answer(&mut w, o, todo[written].1, &a)?;
             s.answered += 1;
             s.prompt_tokens += a.prompt_tokens;
             s.new_tokens += a.tokens.len();
             s.prefill_time += a.prefill_time;
             s.decode_time += a.decode_time;
             bar.inc(1);
+            written += 1;
         }
         bar.set_message(format!(
             "{:.1} tok/s decode",
             s.new_tokens as f64 / s.decode_time.as_secs_f64().max(1e-9)
         ));
-    }
+        Ok(())
+    })
+    .with_context(|| format!("answering the questions of {}", o.input.display()))?;
     bar.finish_and_clear();
     let file: File = w
         .into_inner()

@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::io::Write;
+use std::ops::ControlFlow;
 use std::path::Path;
 
 use anyhow::{Context, Result};
@@ -10,8 +11,9 @@ use reference::InferenceEngine;
 use serde::Serialize;
 use tokenizers::Tokenizer;
 
+use crate::batched::generate_batched;
 use crate::data::qa::{QaPair, QaTemplate};
-use crate::generate::{generate, Sampling};
+use crate::generate::{Sampler, Sampling};
 use crate::tokenizer::{decode, encode_templated, EOT};
 
 /// Words of `s` after SQuAD normalisation.
@@ -64,6 +66,9 @@ pub fn token_f1(prediction: &str, reference: &str) -> f64 {
     2.0 * precision * recall / (precision + recall)
 }
 
+/// Questions answered together (continuous batching, [`generate_batched`]).
+pub const QA_EVAL_BATCH: usize = 8;
+
 /// One scored answer.
 #[derive(Clone, Debug, Serialize)]
 pub struct QaRecord {
@@ -104,10 +109,21 @@ pub fn evaluate_qa(
         stop_token: eot,
         repetition_penalty,
     };
+    let pairs: Vec<&QaPair> = pairs.iter().take(limit).collect();
+    let prompts = pairs
+        .iter()
+        .map(|p| encode_templated(tok, &template.prompt, &p.question))
+        .collect::<Result<Vec<_>>>()?;
+    let vocab = engine.config().vocab_size;
+    let samplers = (0..prompts.len())
+        .map(|_| Sampler::new(&sampling, vocab))
+        .collect::<Result<Vec<_>>>()?;
+    // Greedy answers: the same tokens at any batch, drawn on the device where it can.
+    let answers = generate_batched(engine, &prompts, samplers, QA_EVAL_BATCH, true, |_, _| {
+        ControlFlow::Continue(())
+    })?;
     let mut out = Vec::new();
-    for p in pairs.iter().take(limit) {
-        let prompt = encode_templated(tok, &template.prompt, &p.question)?;
-        let mut ids = generate(engine, &prompt, &sampling, |_| {})?;
+    for (p, (mut ids, _)) in pairs.into_iter().zip(answers) {
         if ids.last().copied() == eot {
             ids.pop();
         }

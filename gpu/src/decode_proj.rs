@@ -1,0 +1,136 @@
+//! The decode step's projections (in_proj, x_proj, dt_proj, out_proj, the lm_head): one
+//! `gemv_lp` launch each when the weights have a low-precision shadow and the step has at
+//! most [`GEMV_ROWS`] rows, so every weight is read once per step for all rows and a row's
+//! logits have the same bits at any batch; cuBLAS (`Model::mm`) otherwise.
+//! `VET_DECODE_GEMV=0` turns the GEMV off (cuBLAS throughout, for comparison).
+
+use reference::Result;
+
+use crate::layout::LayerOffs;
+use crate::model::{Model, Opnd};
+use crate::ops::decode::{gemv, GemvLp, GEMV_ROWS};
+use crate::params::{Ptr, PtrMut};
+use crate::work::{LayerActs, Work};
+
+/// Whether the GEMV may run (`VET_DECODE_GEMV` is not `0`).
+pub(crate) fn gemv_enabled() -> bool {
+    std::env::var("VET_DECODE_GEMV").map_or(true, |v| v != "0")
+}
+
+/// The projections of one decode step over `rows` rows of `ws`.
+pub(crate) struct Proj<'a> {
+    m: &'a Model,
+    ws: &'a Work,
+    rows: usize,
+    gemv: bool,
+}
+
+impl<'a> Proj<'a> {
+    pub(crate) fn new(m: &'a Model, ws: &'a Work, rows: usize) -> Proj<'a> {
+        let gemv = m.shadow.is_some() && rows <= GEMV_ROWS && gemv_enabled();
+        Proj { m, ws, rows, gemv }
+    }
+
+    /// `y[r, :] = W x[r, :]` for the weight at parameter offset `w` (`n_out × k`, row stride
+    /// `ldw`) and the activation `x` (`k` columns), into `y` (row stride `ldy`).
+    fn mv(
+        &self,
+        w: usize,
+        ldw: usize,
+        (n_out, k): (usize, usize),
+        x: Opnd,
+        y: (u64, usize),
+    ) -> Result<()> {
+        let (x_lp, x_f32, ldx) = match x {
+            Opnd::Lp(p, ld) => (p, 0, ld),
+            Opnd::A(p, ld, _, _) => (0, p, ld),
+            Opnd::W(..) => (0, 0, 0),
+        };
+        let shadow = match (&self.m.shadow, self.gemv && (x_lp | x_f32) != 0) {
+            (Some(s), true) => s,
+            _ => {
+                let sh = (n_out, self.rows, k);
+                return self
+                    .m
+                    .mm(self.ws, true, false, sh, Opnd::W(w, ldw), x, y, 0.0);
+            }
+        };
+        let p = GemvLp {
+            w: Ptr::new(shadow.at::<u16>(w)),
+            ldw: ldw as i64,
+            x_lp: Ptr::new(x_lp),
+            x_f32: Ptr::new(x_f32),
+            ldx: ldx as i64,
+            y: PtrMut::new(y.0),
+            ldy: y.1 as i64,
+            n_out: n_out as i64,
+            k: k as i64,
+            rows: self.rows as i64,
+            split: 1,
+            vec: 0,
+            lp_mode: self.m.lp_mode(),
+        }
+        .tuned();
+        // SAFETY: `w` is a weight of the layout inside the shadow (`n_out` rows of `ldw`); `x`
+        // and `y` are decode workspace buffers of `rows` rows at their strides (`Work::new`).
+        unsafe { gemv(&self.m.dev, &p) }
+    }
+
+    /// As `Model::norm_in_proj`: the fused residual add + norm, in_proj (+ bias) into `la.xz`.
+    pub(crate) fn norm_in_proj(
+        &self,
+        la: &LayerActs,
+        lo: &LayerOffs,
+        (x_in, add): (u64, u64),
+    ) -> Result<()> {
+        let (m, ws, rows) = (self.m, self.ws, self.rows);
+        let (dm, di) = (m.cfg.d_model, m.cfg.d_inner);
+        let (hn_lp, hn) = m.lp_out(ws, ws.hn.ptr, dm, rows, dm);
+        m.norm_fwd(
+            rows,
+            (x_in, add, la.resid_in.ptr),
+            ws.hn.ptr,
+            (la.mean.ptr, la.rstd.ptr),
+            (lo.norm_w, lo.norm_b),
+            hn_lp,
+        )?;
+        self.mv(lo.in_w, dm, (2 * di, dm), hn, (la.xz.ptr, 2 * di))?;
+        m.bias_add(la.xz.ptr, 2 * di, rows, 2 * di, lo.in_b)
+    }
+
+    /// As `Model::x_dt_proj`: x_proj of `xs` into `la.xdbl`, dt_proj of its dt columns into
+    /// `ws.delta`.
+    pub(crate) fn x_dt_proj(&self, la: &LayerActs, lo: &LayerOffs, xs: Opnd) -> Result<()> {
+        let cfg = &self.m.cfg;
+        let (di, r, xr) = (cfg.d_inner, cfg.dt_rank, cfg.x_proj_rows());
+        self.mv(lo.x_w, di, (xr, di), xs, (la.xdbl.ptr, xr))?;
+        let dt_in = Opnd::A(la.xdbl.ptr, xr, self.rows, r);
+        self.mv(lo.dt_w, r, (di, r), dt_in, (self.ws.delta.ptr, di))
+    }
+
+    /// As `Model::out_proj`: out_proj (+ bias) of the gated scan output into `ws.out`.
+    pub(crate) fn out_proj(&self, lo: &LayerOffs, gated: Opnd) -> Result<()> {
+        let (dm, di) = (self.m.cfg.d_model, self.m.cfg.d_inner);
+        let out = self.ws.out.ptr;
+        self.mv(lo.out_w, di, (dm, di), gated, (out, dm))?;
+        self.m.bias_add(out, dm, self.rows, dm, lo.out_b)
+    }
+
+    /// As `Model::final_head` over every row: the final norm (`resid_out = x_in + add`) into
+    /// `ws.hf`, the lm_head into `ws.logits`.
+    pub(crate) fn final_head(&self, (x_in, add, resid_out): (u64, u64, u64)) -> Result<()> {
+        let (m, ws, rows) = (self.m, self.ws, self.rows);
+        let (dm, v) = (m.cfg.d_model, m.cfg.vocab_size);
+        let lay = &m.layout;
+        let (hf_lp, hf) = m.lp_out(ws, ws.hf.ptr, dm, rows, dm);
+        m.norm_fwd(
+            rows,
+            (x_in, add, resid_out),
+            ws.hf.ptr,
+            (ws.fmean.ptr, ws.frstd.ptr),
+            (lay.norm_f_w, lay.norm_f_b),
+            hf_lp,
+        )?;
+        self.mv(lay.head, dm, (v, dm), hf, (ws.logits.ptr, v))
+    }
+}
