@@ -31,7 +31,7 @@ for line in sys.stdin:
     if m.get("reason") == "compiler-artifact" and m.get("executable") and m["profile"]["test"]:
         name = m["target"]["name"]
         # The per-op conformance test files hold the GPU test of their op beside the others.
-        if name == "gpu" or name.startswith("gpu_") or name in ("selective_scan", "conv1d", "norm", "loss", "decode"):
+        if name == "gpu" or name.startswith("gpu_") or name in ("selective_scan", "conv1d", "norm", "loss", "decode", "carry_windows"):
             print(m["executable"])
 ' | while read -r exe; do
         cp "$exe" "$out/$(basename "$exe" | sed 's/-[0-9a-f]*$//')"
