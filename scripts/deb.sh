@@ -21,6 +21,21 @@ for b in vet-chat vet-train vet-data vet-serve; do
     "target/release/$b" --help > "dist/help/$b.txt"
 done
 deb=$(cargo deb -p trainer --no-build --fast -o dist/ | tail -1)
+# The glibc these binaries need is that of the machine that built them (the metadata's
+# `libc6 (>= 2.17)` holds only for scripts/release.sh's zig build): write the highest GLIBC_
+# version objdump finds into the package's Depends.
+glibc=$(for b in vet-chat vet-train vet-data vet-serve; do objdump -T "target/release/$b"; done \
+    | grep -o 'GLIBC_[0-9.]*' | sed 's/GLIBC_//' | sort -V | tail -1)
+if [ -n "$glibc" ]; then
+    unpacked=$(mktemp -d)
+    dpkg-deb -R "$deb" "$unpacked"
+    sed -i "s/libc6 (>= [0-9.]*)/libc6 (>= $glibc)/" "$unpacked/DEBIAN/control"
+    dpkg-deb -b --root-owner-group "$unpacked" "$deb" >/dev/null
+    rm -rf "$unpacked"
+    dpkg-deb -f "$deb" Depends | grep -q "libc6 (>= $glibc)" \
+        || { echo "deb.sh: Depends does not name glibc $glibc" >&2; exit 1; }
+    echo "deb.sh: Depends: libc6 (>= $glibc) (from objdump -T)" >&2
+fi
 echo "deb.sh: built in $((SECONDS - t0)) s" >&2
 
 if [ "${1:-}" = --check ]; then
