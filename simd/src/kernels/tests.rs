@@ -75,8 +75,12 @@ fn isas() -> Vec<Isa> {
 }
 
 /// What the kernels of `isa` multiply the weights `name` with: `x` itself, or for int8 on
-/// VNNI each row of `x` rounded to int8 with the scale `max|x| / 127` (ties to even).
+/// VNNI each row of `x` rounded to int8 with the scale `max|x| / 127` (ties to even), for
+/// bf16 on `avx512_bf16` `x` rounded to bf16.
 pub(crate) fn seen_x(isa: Isa, name: &str, x: &[f32], k: usize) -> Vec<f32> {
+    if isa == Isa::Avx512Bf16 && name == "bf16" {
+        return x.iter().map(|&v| bf16_to_f32(f32_to_bf16(v))).collect();
+    }
     if !(isa.has_vnni() && name == "int8") {
         return x.to_vec();
     }

@@ -11,7 +11,7 @@ use rayon::prelude::*;
 use rayon::ThreadPool;
 
 use crate::gemm::sgemm;
-use crate::kernels::{with_prepared, Isa, MatRef};
+use crate::kernels::{dot_product_gemm, with_prepared, Isa, MatRef};
 use crate::weights::dequant_rows;
 use crate::SyncPtr;
 
@@ -32,7 +32,7 @@ pub fn linear(isa: Isa, w: MatRef, x: &[f32], bias: Option<&[f32]>, d_in: usize,
     if n == 0 || d_out == 0 {
         return;
     }
-    if n < GEMM_MIN_ROWS || (isa.has_vnni() && matches!(w, MatRef::Int8 { .. })) {
+    if n < GEMM_MIN_ROWS || dot_product_gemm(isa, w) {
         gemv(isa, w, x, d_in, d_out, y);
     } else {
         gemm(w, x, d_in, d_out, y);
@@ -52,7 +52,7 @@ fn gemv(isa: Isa, w: MatRef, x: &[f32], d_in: usize, d_out: usize, y: &mut [f32]
     let threads = crate::threads();
     let n = x.len() / d_in;
     // Below ~256 K multiply-adds (x_proj, dt_proj at batch 1) waking a second thread costs
-    // more than it saves. Many rows (int8 prefill on VNNI): blocks of 64 weight rows, which
+    // more than it saves. Many rows (`dot_product_gemm`: prefill): blocks of 64 weight rows, which
     // stay in L2 while the blocks of activations pass over them.
     let chunk = if threads == 1 || n * d_out * d_in < 1 << 18 {
         d_out
