@@ -56,20 +56,44 @@ impl ActQ {
 /// One row to int8 (ties to even); returns the scale and the sum of the codes.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 unsafe fn quantize_row(x: &[f32], q: &mut [i8]) -> (f32, i32) {
-    let amax = x.iter().fold(0f32, |a, &v| a.max(v.abs()));
+    let (k, xp) = (x.len(), x.as_ptr());
+    let body = k / 16 * 16;
+    let mut m = _mm512_setzero_ps();
+    for j in (0..body).step_by(16) {
+        m = _mm512_max_ps(m, _mm512_abs_ps(_mm512_loadu_ps(xp.add(j))));
+    }
+    let amax = x[body..]
+        .iter()
+        .fold(_mm512_reduce_max_ps(m), |a, &v| a.max(v.abs()));
     let scale = if amax > 0.0 && amax.is_finite() {
         amax / 127.0
     } else {
         1.0
     };
     let inv = 1.0 / scale;
-    let mut sum = 0i32;
-    for (o, &v) in q.iter_mut().zip(x) {
+    let (vinv, lo, hi) = (
+        _mm512_set1_ps(inv),
+        _mm512_set1_epi32(-127),
+        _mm512_set1_epi32(127),
+    );
+    let mut sum = _mm512_setzero_si512();
+    for j in (0..body).step_by(16) {
+        // Rounds to nearest even (the default MXCSR mode).
+        let c = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(xp.add(j)), vinv));
+        let c = _mm512_max_epi32(_mm512_min_epi32(c, hi), lo);
+        sum = _mm512_add_epi32(sum, c);
+        _mm_storeu_si128(
+            q.as_mut_ptr().add(j) as *mut __m128i,
+            _mm512_cvtepi32_epi8(c),
+        );
+    }
+    let mut total = _mm512_reduce_add_epi32(sum);
+    for (o, &v) in q[body..].iter_mut().zip(&x[body..]) {
         let c = (v * inv).round_ties_even().clamp(-127.0, 127.0) as i32;
         *o = c as i8;
-        sum += c;
+        total += c;
     }
-    (scale, sum)
+    (scale, total)
 }
 
 thread_local! {
