@@ -35,6 +35,18 @@ pub const STEP_VS_FORWARD_F32: f64 = 0.0;
 /// alone gives 5e-5).
 pub const SIMD_INFER_F32: f64 = 2e-5;
 
+/// int8 weights on VNNI (`vpdpbusd`, activations rounded to int8 with one scale per row)
+/// against the reference on the same int8-rounded weights in f32: the activation rounding,
+/// ≤ max|x|/254 per value, on top of `SIMD_INFER_F32`. Measured on the random models of
+/// `simd_inference` (`-- --nocapture` prints each, forward and steps): worst 3.06e-2.
+pub const SIMD_INFER_INT8_VNNI: f64 = 5e-2;
+
+/// bf16 weights on `avx512_bf16` (`vdpbf16ps`, decode only: activations rounded to bf16)
+/// against the reference on the same bf16-rounded weights in f32: the activation rounding,
+/// ≤ 2^-9 relative per value, on top of `SIMD_INFER_F32`. Measured as for
+/// `SIMD_INFER_INT8_VNNI`: worst 7.2e-3.
+pub const SIMD_INFER_BF16_DP: f64 = 2e-2;
+
 /// bf16 weights against f32 weights (same model, simd both): bf16 keeps 8 significant bits,
 /// a relative rounding of ≤ 2^-9 per weight, which averages down in the dot products.
 /// Measured on the 64 × 2 test model: see `reduced_precision_stays_close_to_f32`.
@@ -43,6 +55,10 @@ pub const SIMD_QUANT_BF16: f64 = 1e-2;
 /// int8 (per-row symmetric scale) weights against f32 weights: rounding of ≤ max|w|/254 per
 /// weight. Measured as for bf16.
 pub const SIMD_QUANT_INT8: f64 = 3e-2;
+
+/// The same on VNNI, where the activations are rounded to int8 too (one scale per row):
+/// measured 3.69e-2 (the f32-widening kernels 2.2e-2).
+pub const SIMD_QUANT_INT8_VNNI: f64 = 5e-2;
 
 /// int4 (one scale per group of 32, Q4_0-style: codes −8..7, the group's largest value
 /// exact) weights against f32 weights: rounding of ≤ max|w|/16 per weight (up to /8 for the
@@ -55,7 +71,8 @@ pub const SIMD_QUANT_INT4: f64 = 0.45;
 /// What bf16 / int8 / int4 weights cost the bundled tiny checkpoint against its f32 weights
 /// on the bundled validation text (8 rows of 256 tokens; `simd_quant_accuracy.rs`): relative
 /// L2 logit error, `[bf16, int8, int4]`. Measured (2 threads, AVX-512): bf16 1.27e-3,
-/// int8 4.68e-3, int4 5.98e-2.
+/// int8 4.68e-3 (9.27e-3 on VNNI, which rounds the activations to int8 too, perplexity
+/// −0.01 %), int4 5.98e-2.
 /// Other models (same command, `-- --ignored --nocapture`): a random mamba-130m-shaped
 /// model (2 rows of 256 validation tokens): logit error bf16 5.67e-3, int8 1.82e-2, int4
 /// 2.38e-1; perplexity change +0.00 %, −0.00 %, +0.13 % (a random model's perplexity, 57366,

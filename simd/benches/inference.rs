@@ -31,7 +31,8 @@ struct Args {
     /// Batched decode steps per measurement.
     #[arg(long, default_value_t = 32)]
     batch_steps: usize,
-    /// Force an instruction set (avx512, avx2, portable); default: the best this CPU has.
+    /// Force an instruction set (avx512-bf16, avx512-vnni, avx512, avx2+fma, portable); default:
+    /// the best this CPU has.
     #[arg(long)]
     isa: Option<String>,
     /// Threads (0: every core).
@@ -260,8 +261,11 @@ fn isa_arg(name: Option<&str>) -> Option<simd::Isa> {
     let name = name?;
     let isa = simd::Isa::ALL
         .into_iter()
-        .find(|i| i.name().starts_with(name))
-        .unwrap_or_else(|| panic!("--isa {name}: expected avx512, avx2 or portable"));
+        .find(|i| i.name() == name)
+        .unwrap_or_else(|| {
+            let all: Vec<_> = simd::Isa::ALL.iter().map(|i| i.name()).collect();
+            panic!("--isa {name}: expected one of {}", all.join(", "))
+        });
     Some(isa)
 }
 

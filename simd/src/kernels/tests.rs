@@ -74,8 +74,28 @@ fn isas() -> Vec<Isa> {
         .collect()
 }
 
+/// What the kernels of `isa` multiply the weights `name` with: `x` itself, or for int8 on
+/// VNNI each row of `x` rounded to int8 with the scale `max|x| / 127` (ties to even), for
+/// bf16 on `avx512_bf16` `x` rounded to bf16.
+pub(crate) fn seen_x(isa: Isa, name: &str, x: &[f32], k: usize) -> Vec<f32> {
+    if isa == Isa::Avx512Bf16 && name == "bf16" {
+        return x.iter().map(|&v| bf16_to_f32(f32_to_bf16(v))).collect();
+    }
+    if !(isa.has_vnni() && name == "int8") {
+        return x.to_vec();
+    }
+    x.chunks(k)
+        .flat_map(|r| {
+            let s = r.iter().fold(0f32, |a, &v| a.max(v.abs())) / 127.0;
+            r.iter()
+                .map(move |&v| (v * (1.0 / s)).round_ties_even() * s)
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
 /// Every ISA, format, odd row count, odd width and batch size agrees with an f64 product
-/// over the dequantised weights.
+/// over the dequantised weights (and, for int8 on VNNI, the int8-rounded activations).
 #[test]
 fn dot_rows_batch_matches_f64_for_every_format_isa_and_batch() {
     let mut s = 7u64;
@@ -95,6 +115,7 @@ fn dot_rows_batch_matches_f64_for_every_format_isa_and_batch() {
                 for isa in isas() {
                     let mut y = vec![f32::NAN; n * rows];
                     dot_rows_batch(isa, m(), 0, rows, &x, k, &mut |b, i, v| y[b * rows + i] = v);
+                    let x = seen_x(isa, &name, &x, k);
                     for b in 0..n {
                         for r in 0..rows {
                             let e: f64 = (0..k)
@@ -124,6 +145,7 @@ fn dot_rows_from_an_offset_reads_those_rows() {
         for isa in isas() {
             let mut y = vec![0f32; 5];
             dot_rows(isa, m(), 6, &x, &mut y);
+            let x = seen_x(isa, &name, &x, k);
             for (i, g) in y.iter().enumerate() {
                 let e: f64 = (0..k)
                     .map(|j| wd[(6 + i) * k + j] as f64 * x[j] as f64)

@@ -11,7 +11,7 @@ use rayon::prelude::*;
 use rayon::ThreadPool;
 
 use crate::gemm::sgemm;
-use crate::kernels::{dot_rows_batch, Isa, MatRef};
+use crate::kernels::{dot_product_gemm, with_prepared, Isa, MatRef};
 use crate::weights::dequant_rows;
 use crate::SyncPtr;
 
@@ -32,7 +32,7 @@ pub fn linear(isa: Isa, w: MatRef, x: &[f32], bias: Option<&[f32]>, d_in: usize,
     if n == 0 || d_out == 0 {
         return;
     }
-    if n < GEMM_MIN_ROWS {
+    if n < GEMM_MIN_ROWS || dot_product_gemm(isa, w) {
         gemv(isa, w, x, d_in, d_out, y);
     } else {
         gemm(w, x, d_in, d_out, y);
@@ -47,33 +47,38 @@ pub fn linear(isa: Isa, w: MatRef, x: &[f32], bias: Option<&[f32]>, d_in: usize,
 }
 
 /// Batched row dot products, weight rows split across threads; each weight tile is read once
-/// for all `n` activation rows.
+/// for all `n` activation rows, which are converted once for the kernels (int8 on VNNI).
 fn gemv(isa: Isa, w: MatRef, x: &[f32], d_in: usize, d_out: usize, y: &mut [f32]) {
     let threads = crate::threads();
     let n = x.len() / d_in;
     // Below ~256 K multiply-adds (x_proj, dt_proj at batch 1) waking a second thread costs
-    // more than it saves.
+    // more than it saves. Many rows (`dot_product_gemm`: prefill): blocks of 64 weight rows, which
+    // stay in L2 while the blocks of activations pass over them.
     let chunk = if threads == 1 || n * d_out * d_in < 1 << 18 {
         d_out
+    } else if n >= GEMM_MIN_ROWS {
+        64
     } else {
         d_out.div_ceil(threads * 4).max(16)
     };
     let yp = SyncPtr::new(y);
-    let job = |ci: usize| {
-        let r0 = ci * chunk;
-        let r1 = (r0 + chunk).min(d_out);
-        // SAFETY: row `b`, columns `r0..r1` of `y` belong to this chunk only and are in bounds
-        // (`y` is `[n, d_out]`, asserted by the caller); `y` itself is not used while the
-        // jobs run.
-        let mut put = |b: usize, i: usize, v: f32| unsafe { yp.write(b * d_out + r0 + i, v) };
-        dot_rows_batch(isa, w, r0, r1 - r0, x, d_in, &mut put);
-    };
-    let chunks = d_out.div_ceil(chunk);
-    if chunks == 1 {
-        job(0);
-    } else {
-        (0..chunks).into_par_iter().for_each(job);
-    }
+    with_prepared(isa, w, x, d_in, |p| {
+        let job = |ci: usize| {
+            let r0 = ci * chunk;
+            let r1 = (r0 + chunk).min(d_out);
+            // SAFETY: row `b`, columns `r0..r1` of `y` belong to this chunk only and are in
+            // bounds (`y` is `[n, d_out]`, asserted by the caller); `y` itself is not used
+            // while the jobs run.
+            let mut put = |b: usize, i: usize, v: f32| unsafe { yp.write(b * d_out + r0 + i, v) };
+            p.dot_rows(r0, r1 - r0, &mut put);
+        };
+        let chunks = d_out.div_ceil(chunk);
+        if chunks == 1 {
+            job(0);
+        } else {
+            (0..chunks).into_par_iter().for_each(job);
+        }
+    });
 }
 
 /// GEMM through `matrixmultiply`, output columns split across threads.
@@ -307,7 +312,14 @@ mod tests {
                         .build()
                         .unwrap();
                     let mut y = vec![f32::NAN; n * d_out];
-                    pool.install(|| linear(Isa::detect(), m.view(), &x, Some(&bias), d_in, &mut y));
+                    let isa = Isa::detect();
+                    pool.install(|| linear(isa, m.view(), &x, Some(&bias), d_in, &mut y));
+                    // The f32 GEMM (many rows) multiplies `x` itself.
+                    let x = if n >= GEMM_MIN_ROWS && !dot_product_gemm(isa, m.view()) {
+                        x.clone()
+                    } else {
+                        crate::kernels::tests::seen_x(isa, dt.name(), &x, d_in)
+                    };
                     for r in 0..n {
                         for o in 0..d_out {
                             let want: f64 = (0..d_in)
