@@ -105,19 +105,48 @@ struct Run {
     carry: Option<Carry>,
 }
 
+/// Refuses what `train` cannot run: the eval stage, and reduced precision on a CPU engine.
+fn check_trainable(cfg: &RunConfig, opts: &RunOptions) -> Result<()> {
+    if cfg.stage == Stage::Eval {
+        bail!("stage eval does not train: run it with train::evaluate::evaluate (vet-train does)");
+    }
+    if cfg.optim.precision != Precision::F32 && !opts.device.starts_with("cuda") {
+        bail!(
+            "precision {:?} needs --device cuda; the CPU engines train in f32",
+            cfg.optim.precision
+        );
+    }
+    Ok(())
+}
+
+/// The engine's precision and threads from `[optim] precision` and `--threads`.
+fn engine_options(cfg: &RunConfig, opts: &RunOptions) -> device::EngineOptions {
+    device::EngineOptions {
+        precision: match cfg.optim.precision {
+            Precision::F32 => gpu::Precision::F32,
+            Precision::Bf16 => gpu::Precision::Bf16,
+            Precision::Fp16 => gpu::Precision::Fp16,
+        },
+        threads: opts.threads,
+        ..Default::default()
+    }
+}
+
+/// AdamW's hyperparameters from `[optim]` (a clip of 0 turns clipping off).
+fn adamw_hp(cfg: &RunConfig) -> AdamWConfig {
+    let o = &cfg.optim;
+    AdamWConfig {
+        beta1: o.betas[0],
+        beta2: o.betas[1],
+        eps: o.eps,
+        weight_decay: o.weight_decay,
+        max_grad_norm: (o.grad_clip > 0.0).then_some(o.grad_clip),
+    }
+}
+
 impl Run {
     fn open(cfg: RunConfig, opts: &RunOptions, mut dist: Option<DistInit>) -> Result<Run> {
-        if cfg.stage == Stage::Eval {
-            bail!(
-                "stage eval does not train: run it with train::evaluate::evaluate (vet-train does)"
-            );
-        }
-        if cfg.optim.precision != Precision::F32 && !opts.device.starts_with("cuda") {
-            bail!(
-                "precision {:?} needs --device cuda; the CPU engines train in f32",
-                cfg.optim.precision
-            );
-        }
+        check_trainable(&cfg, opts)?;
         std::fs::create_dir_all(&cfg.out_dir)
             .with_context(|| format!("creating output directory {}", cfg.out_dir.display()))?;
         let (lock, rank, world) = crate::dist::run::claim_out_dir(&cfg.out_dir, opts, &mut dist)?;
@@ -142,15 +171,7 @@ impl Run {
             None => starting_model(&cfg, tok_vocab)?,
         };
         let tok = tokenizer::load(&tokenizer_path, mcfg.vocab_size)?;
-        let eopts = device::EngineOptions {
-            precision: match cfg.optim.precision {
-                Precision::F32 => gpu::Precision::F32,
-                Precision::Bf16 => gpu::Precision::Bf16,
-                Precision::Fp16 => gpu::Precision::Fp16,
-            },
-            threads: opts.threads,
-            ..Default::default()
-        };
+        let eopts = engine_options(&cfg, opts);
         let mut engine = device::engine_with(&opts.device, &mcfg, params, &eopts)?;
         let mut source =
             open_source_ranked(&cfg, true, &tok, &tok_sha, mcfg.vocab_size, (rank, world))?;
@@ -198,14 +219,7 @@ impl Run {
             std::fs::write(cfg.out_dir.join("run.toml"), cfg.to_toml()?)
                 .with_context(|| format!("writing {}", cfg.out_dir.join("run.toml").display()))?;
         }
-        let o = &cfg.optim;
-        let hp = AdamWConfig {
-            beta1: o.betas[0],
-            beta2: o.betas[1],
-            eps: o.eps,
-            weight_decay: o.weight_decay,
-            max_grad_norm: (o.grad_clip > 0.0).then_some(o.grad_clip),
-        };
+        let hp = adamw_hp(&cfg);
         let shard_check = start_shard_check(&cfg)?;
         let resume_dir = latest.as_ref().map(|l| l.1.as_path());
         let carry_dist = dist.as_ref().map(|_| (rank, world));
