@@ -158,6 +158,7 @@ impl Fmt<'_> {
     /// The address of element `i` (row-major over `k`), which may lie past the end (only ever
     /// prefetched). Not meaningful for int4.
     #[inline(always)]
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     fn ptr_at(self, i: usize) -> *const i8 {
         match self {
             Fmt::F32(d) => d.as_ptr().wrapping_add(i) as *const i8,
@@ -170,6 +171,7 @@ impl Fmt<'_> {
 
 /// Element `j` of row `r` (rows `k` long) as f32; int8 without its row scale.
 #[inline(always)]
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 fn widen(w: Fmt, k: usize, r: usize, j: usize) -> f32 {
     match w {
         Fmt::F32(d) => d[r * k + j],
@@ -183,6 +185,7 @@ fn widen(w: Fmt, k: usize, r: usize, j: usize) -> f32 {
 }
 
 /// Longest `x` whose paired copy fits on the stack for the AVX2 bf16 kernel (32 KiB).
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 const PAIRED_MAX: usize = 8192;
 /// Activation rows per tile.
 const TILE_B: usize = 4;
@@ -369,6 +372,7 @@ fn fmt(w: MatRef<'_>, k: usize, r0: usize, take: usize) -> Fmt<'_> {
 }
 
 /// Calls `$f::<TAKE, BT>(args)` for the runtime tile shape `(take, bt)`, both in `1..=4`.
+#[cfg_attr(not(target_arch = "x86_64"), allow(unused_macros))] // the x86_64 kernels use it
 macro_rules! by_shape {
     ($f:ident, $take:expr, $bt:expr, $($a:expr),*) => {
         match ($take, $bt) {
@@ -391,6 +395,7 @@ macro_rules! by_shape {
         }
     };
 }
+#[cfg_attr(not(target_arch = "x86_64"), allow(unused_imports))]
 pub(crate) use by_shape;
 
 /// One tile: `take` weight rows by `bt` rows of `x` (`[bt, k]`).

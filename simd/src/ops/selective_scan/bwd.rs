@@ -30,6 +30,7 @@ pub(crate) struct ScanBwdInputs<'a> {
     /// rows), entering the reverse recurrence after the last position.
     pub d_last: Option<&'a [f32]>,
     /// Use the portable `wide` lanes even where the CPU has AVX2 (to test that path).
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     pub portable: bool,
 }
 
