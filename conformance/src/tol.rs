@@ -41,6 +41,12 @@ pub const SIMD_INFER_F32: f64 = 2e-5;
 /// `simd_inference` (`-- --nocapture` prints each, forward and steps): worst 3.06e-2.
 pub const SIMD_INFER_INT8_VNNI: f64 = 5e-2;
 
+/// int4 weights on VNNI (`vpdpbusd` on the unpacked 4-bit codes, activations rounded to int8
+/// with one scale per row, as for int8) against the reference on the same int4-rounded weights
+/// in f32: the same activation rounding as `SIMD_INFER_INT8_VNNI`, so the same limit. Measured
+/// as for it: worst 3.18e-2 (int8 on VNNI 3.06e-2 in the same run).
+pub const SIMD_INFER_INT4_VNNI: f64 = 5e-2;
+
 /// bf16 weights on `avx512_bf16` (`vdpbf16ps`, decode only: activations rounded to bf16)
 /// against the reference on the same bf16-rounded weights in f32: the activation rounding,
 /// ≤ 2^-9 relative per value, on top of `SIMD_INFER_F32`. Measured as for
@@ -72,7 +78,8 @@ pub const SIMD_QUANT_INT4: f64 = 0.45;
 /// on the bundled validation text (8 rows of 256 tokens; `simd_quant_accuracy.rs`): relative
 /// L2 logit error, `[bf16, int8, int4]`. Measured (2 threads, AVX-512): bf16 1.27e-3,
 /// int8 4.68e-3 (9.27e-3 on VNNI, which rounds the activations to int8 too, perplexity
-/// −0.01 %), int4 5.98e-2.
+/// −0.01 %), int4 5.98e-2 (6.03e-2 on VNNI, which runs int4 on `vpdpbusd` with int8
+/// activations too, perplexity +3.85 %).
 /// Other models (same command, `-- --ignored --nocapture`): a random mamba-130m-shaped
 /// model (2 rows of 256 validation tokens): logit error bf16 5.67e-3, int8 1.82e-2, int4
 /// 2.38e-1; perplexity change +0.00 %, −0.00 %, +0.13 % (a random model's perplexity, 57366,

@@ -8,8 +8,8 @@
 //! tolerance; the cost of rounding itself is measured separately against the f32 model.
 
 use conformance::tol::{
-    SIMD_INFER_BF16_DP, SIMD_INFER_F32, SIMD_INFER_INT8_VNNI, SIMD_QUANT_BF16, SIMD_QUANT_INT4,
-    SIMD_QUANT_INT8, SIMD_QUANT_INT8_VNNI,
+    SIMD_INFER_BF16_DP, SIMD_INFER_F32, SIMD_INFER_INT4_VNNI, SIMD_INFER_INT8_VNNI,
+    SIMD_QUANT_BF16, SIMD_QUANT_INT4, SIMD_QUANT_INT8, SIMD_QUANT_INT8_VNNI,
 };
 use conformance::{
     assert_close, diff, random_flags, random_params, random_state, random_tokens, SmallModel,
@@ -97,10 +97,11 @@ fn check_case(c: &Case, threads: usize, isa: Isa) {
         let mut got =
             SimdEngine::new(c.cfg.clone(), c.params.clone(), &opts(dtype, threads, isa)).unwrap();
         let what = format!("{dtype:?} {isa:?} x{threads} b{b} l{l}");
-        // int8 on VNNI also rounds the activations to int8, bf16 on `avx512_bf16` to bf16:
-        // their own limits.
+        // int8 and int4 on VNNI also round the activations to int8, bf16 on `avx512_bf16` to
+        // bf16: their own limits.
         let tol = match dtype {
             WeightDtype::Int8 if isa.has_vnni() => SIMD_INFER_INT8_VNNI,
+            WeightDtype::Int4 if isa.has_vnni() => SIMD_INFER_INT4_VNNI,
             WeightDtype::Bf16 if isa == Isa::Avx512Bf16 => SIMD_INFER_BF16_DP,
             _ => SIMD_INFER_F32,
         };

@@ -23,6 +23,8 @@ mod portable;
 mod quant;
 #[cfg(target_arch = "x86_64")]
 mod vnni;
+#[cfg(target_arch = "x86_64")]
+mod vnni4;
 
 pub use quant::{
     bf16_to_f32, dequant_row_int4, f32_to_bf16, int4_groups, int4_row_bytes, int4_value,
@@ -35,8 +37,8 @@ pub enum Isa {
     /// [`Isa::Avx512Vnni`] plus `avx512_bf16`: bf16 weights through `vdpbf16ps` as well
     /// (activations rounded to bf16).
     Avx512Bf16,
-    /// [`Isa::Avx512`] plus `avx512_vnni`: int8 weights times int8-quantised activations
-    /// through `vpdpbusd` (one activation scale per row), decode and prefill.
+    /// [`Isa::Avx512`] plus `avx512_vnni`: int8 and int4 weights times int8-quantised
+    /// activations through `vpdpbusd` (one activation scale per row), decode and prefill.
     Avx512Vnni,
     /// x86-64 AVX-512 (F, BW, VL) with AVX2 + FMA: 512-bit FMA row kernels.
     Avx512,
@@ -106,7 +108,7 @@ impl Isa {
         matches!(self, Isa::Avx512 | Isa::Avx512Vnni | Isa::Avx512Bf16)
     }
 
-    /// Whether int8 weights run on `vpdpbusd`.
+    /// Whether int8 and int4 weights run on `vpdpbusd`.
     pub fn has_vnni(self) -> bool {
         matches!(self, Isa::Avx512Vnni | Isa::Avx512Bf16)
     }
@@ -214,13 +216,13 @@ pub fn dot_rows_batch(
     with_prepared(isa, w, x, k, |p| p.dot_rows(row0, rows, put));
 }
 
-/// Whether products with `w` on `isa` run on the tiles' integer dot products (int8 on VNNI)
-/// at any number of rows, prefill included, rather than on an f32 GEMM over dequantised
+/// Whether products with `w` on `isa` run on the tiles' integer dot products (int8 and int4
+/// on VNNI) at any number of rows, prefill included, rather than on an f32 GEMM over dequantised
 /// weights. bf16 on `avx512_bf16` does not: measured on the 130M shape (2 threads, Xeon with
 /// AVX-512), its tiles prefilled at ~75 tok/s against ~100 for `matrixmultiply` on f32
 /// blocks, while its decode is as fast or faster (batch 8: 42 against 34 tok/s).
 pub fn dot_product_gemm(isa: Isa, w: MatRef) -> bool {
-    matches!(w, MatRef::Int8 { .. }) && isa.has_vnni()
+    matches!(w, MatRef::Int8 { .. } | MatRef::Int4 { .. }) && isa.has_vnni()
 }
 
 /// A product's activations, converted once for the instruction set's kernels (int8 for
@@ -233,11 +235,13 @@ pub struct Prepared<'a> {
     #[cfg(target_arch = "x86_64")]
     act: Option<&'a vnni::ActQ>,
     #[cfg(target_arch = "x86_64")]
+    act4: Option<&'a vnni4::ActQ4>,
+    #[cfg(target_arch = "x86_64")]
     act_bf16: Option<&'a dpbf16::ActBf16>,
 }
 
 /// Runs `f` with `x` (`[n, k]`) prepared for products with `w` on `isa` (quantised in this
-/// thread's buffer for int8 on VNNI, rounded to bf16 for bf16 on `avx512_bf16`: no
+/// thread's buffer for int8 and int4 on VNNI, rounded to bf16 for bf16 on `avx512_bf16`: no
 /// allocation once the buffer has grown).
 pub fn with_prepared<R>(
     isa: Isa,
@@ -255,6 +259,21 @@ pub fn with_prepared<R>(
                 x,
                 k,
                 act: Some(a),
+                act4: None,
+                act_bf16: None,
+            })
+        });
+    }
+    #[cfg(target_arch = "x86_64")]
+    if isa.has_vnni() && matches!(w, MatRef::Int4 { .. }) {
+        return vnni4::with_quantized(x, k, |a| {
+            f(&Prepared {
+                isa,
+                w,
+                x,
+                k,
+                act: None,
+                act4: Some(a),
                 act_bf16: None,
             })
         });
@@ -268,6 +287,7 @@ pub fn with_prepared<R>(
                 x,
                 k,
                 act: None,
+                act4: None,
                 act_bf16: Some(a),
             })
         });
@@ -279,6 +299,8 @@ pub fn with_prepared<R>(
         k,
         #[cfg(target_arch = "x86_64")]
         act: None,
+        #[cfg(target_arch = "x86_64")]
+        act4: None,
         #[cfg(target_arch = "x86_64")]
         act_bf16: None,
     })
@@ -300,6 +322,12 @@ impl Prepared<'_> {
         if let (Some(a), MatRef::Int8 { q, scales }) = (self.act, w) {
             // SAFETY: `act` is only prepared for a VNNI `Isa`, used after `supported()`.
             unsafe { vnni::dot_rows_i8(q, scales, row0, rows, a, put) };
+            return;
+        }
+        #[cfg(target_arch = "x86_64")]
+        if let (Some(a), MatRef::Int4 { q, scales }) = (self.act4, w) {
+            // SAFETY: `act4` is only prepared for a VNNI `Isa`, used after `supported()`.
+            unsafe { vnni4::dot_rows_i4(q, scales, row0, rows, a, put) };
             return;
         }
         #[cfg(target_arch = "x86_64")]

@@ -74,14 +74,14 @@ fn isas() -> Vec<Isa> {
         .collect()
 }
 
-/// What the kernels of `isa` multiply the weights `name` with: `x` itself, or for int8 on
-/// VNNI each row of `x` rounded to int8 with the scale `max|x| / 127` (ties to even), for
+/// What the kernels of `isa` multiply the weights `name` with: `x` itself, or for int8 and
+/// int4 on VNNI each row of `x` rounded to int8 with the scale `max|x| / 127` (ties to even), for
 /// bf16 on `avx512_bf16` `x` rounded to bf16.
 pub(crate) fn seen_x(isa: Isa, name: &str, x: &[f32], k: usize) -> Vec<f32> {
     if isa == Isa::Avx512Bf16 && name == "bf16" {
         return x.iter().map(|&v| bf16_to_f32(f32_to_bf16(v))).collect();
     }
-    if !(isa.has_vnni() && name == "int8") {
+    if !(isa.has_vnni() && (name == "int8" || name == "int4")) {
         return x.to_vec();
     }
     x.chunks(k)
@@ -95,7 +95,7 @@ pub(crate) fn seen_x(isa: Isa, name: &str, x: &[f32], k: usize) -> Vec<f32> {
 }
 
 /// Every ISA, format, odd row count, odd width and batch size agrees with an f64 product
-/// over the dequantised weights (and, for int8 on VNNI, the int8-rounded activations).
+/// over the dequantised weights (and, for int8 and int4 on VNNI, the int8-rounded activations).
 #[test]
 fn dot_rows_batch_matches_f64_for_every_format_isa_and_batch() {
     let mut s = 7u64;

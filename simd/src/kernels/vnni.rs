@@ -55,7 +55,7 @@ impl ActQ {
 
 /// One row to int8 (ties to even); returns the scale and the sum of the codes.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-unsafe fn quantize_row(x: &[f32], q: &mut [i8]) -> (f32, i32) {
+pub(super) unsafe fn quantize_row(x: &[f32], q: &mut [i8]) -> (f32, i32) {
     let (k, xp) = (x.len(), x.as_ptr());
     let body = k / 16 * 16;
     let mut m = _mm512_setzero_ps();

@@ -47,7 +47,7 @@ pub fn linear(isa: Isa, w: MatRef, x: &[f32], bias: Option<&[f32]>, d_in: usize,
 }
 
 /// Batched row dot products, weight rows split across threads; each weight tile is read once
-/// for all `n` activation rows, which are converted once for the kernels (int8 on VNNI).
+/// for all `n` activation rows, which are converted once for the kernels (int8 on VNNI, int4 too).
 fn gemv(isa: Isa, w: MatRef, x: &[f32], d_in: usize, d_out: usize, y: &mut [f32]) {
     let threads = crate::threads();
     let n = x.len() / d_in;
