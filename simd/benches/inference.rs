@@ -149,6 +149,19 @@ fn bandwidth(pool: &rayon::ThreadPool) -> f64 {
     best
 }
 
+/// CPU time of every thread of this process so far, in seconds (Linux: the `schedstat` of
+/// each task; 0 elsewhere). Tokens per CPU-second at `--threads 1` compare kernels on a
+/// machine whose other load makes wall-clock figures swing.
+fn cpu_secs() -> f64 {
+    let Ok(dir) = std::fs::read_dir("/proc/self/task") else {
+        return 0.0;
+    };
+    dir.filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("schedstat")).ok())
+        .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+        .sum::<u64>() as f64
+        / 1e9
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
@@ -206,12 +219,13 @@ fn main() {
             );
             let prompt: Vec<u32> = (0..a.prompt as u32).map(|i| (i * 7919) % 50280).collect();
             let mut logits = vec![0f32; cfg.vocab_size];
-            let (mut pre, mut dec) = (Vec::new(), Vec::new());
+            let (mut pre, mut dec, mut cpu) = (Vec::new(), Vec::new(), Vec::new());
             for _ in 0..a.runs {
                 let mut st = State::zeros(&cfg, 1);
-                let t = Instant::now();
+                let (t, c) = (Instant::now(), cpu_secs());
                 e.prefill(&prompt, &mut st, &mut logits).expect("prefill");
                 pre.push(a.prompt as f64 / t.elapsed().as_secs_f64());
+                let c1 = cpu_secs();
                 let mut tok = [simd_argmax(&logits)];
                 let t = Instant::now();
                 for _ in 0..a.decode {
@@ -219,11 +233,18 @@ fn main() {
                     tok[0] = simd_argmax(&logits);
                 }
                 dec.push(a.decode as f64 / t.elapsed().as_secs_f64());
+                let c2 = cpu_secs();
+                cpu.push((a.prompt as f64 / (c1 - c), a.decode as f64 / (c2 - c1)));
             }
             let (p, d) = (median(pre), median(dec));
+            let (pc, dc) = (
+                median(cpu.iter().map(|c| c.0).collect()),
+                median(cpu.iter().map(|c| c.1).collect()),
+            );
             let limit = bw * 1e9 / bytes;
             eprintln!(
-                "{m} {}: prefill {p:.1} tok/s, decode {d:.2} tok/s ({:.0} % of {limit:.1})",
+                "{m} {}: prefill {p:.1} tok/s, decode {d:.2} tok/s ({:.0} % of {limit:.1}); \
+                 per CPU-second: prefill {pc:.1}, decode {dc:.2}",
                 dt.name(),
                 100.0 * d / limit
             );

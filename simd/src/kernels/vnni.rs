@@ -212,9 +212,27 @@ unsafe fn tile<const R: usize, const B: usize>(
             }
         }
     }
-    for r in 0..R {
-        for b in 0..B {
-            out[b][r] = _mm512_reduce_add_epi32(acc[r][b]);
+    for b in 0..B {
+        if R == 4 {
+            let v = reduce4(acc[0][b], acc[1][b], acc[2][b], acc[3][b]);
+            _mm_storeu_si128(out[b].as_mut_ptr() as *mut __m128i, v);
+        } else {
+            for r in 0..R {
+                out[b][r] = _mm512_reduce_add_epi32(acc[r][b]);
+            }
         }
     }
+}
+
+/// The lane sums of four vectors, `[Σa, Σb, Σc, Σd]`: 13 instructions where four separate
+/// reductions take about 36 (a tile's 16 sums cost as much as a few hundred products).
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+#[inline]
+pub(super) unsafe fn reduce4(a: __m512i, b: __m512i, c: __m512i, d: __m512i) -> __m128i {
+    // Per 128-bit lane: [a0 + a2, b0 + b2, a1 + a3, b1 + b3], then [Σa, Σb, Σc, Σd].
+    let ab = _mm512_add_epi32(_mm512_unpacklo_epi32(a, b), _mm512_unpackhi_epi32(a, b));
+    let cd = _mm512_add_epi32(_mm512_unpacklo_epi32(c, d), _mm512_unpackhi_epi32(c, d));
+    let s = _mm512_add_epi32(_mm512_unpacklo_epi64(ab, cd), _mm512_unpackhi_epi64(ab, cd));
+    let h = _mm256_add_epi32(_mm512_castsi512_si256(s), _mm512_extracti64x4_epi64::<1>(s));
+    _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256::<1>(h))
 }

@@ -18,6 +18,10 @@ use crate::SyncPtr;
 /// Rows of activations from which a product runs as a GEMM rather than batched row dot
 /// products (a decode step of up to 16 sequences reads each weight once, in its own format).
 const GEMM_MIN_ROWS: usize = 17;
+/// Columns from which many rows (prefill) run on the integer dot products where
+/// [`dot_product_gemm`] allows: shorter rows (dt_proj's, `dt_rank` long) spend more on each
+/// output's horizontal sum than on its products, so they take the f32 GEMM.
+const DOT_MIN_COLS: usize = 256;
 /// Weight rows dequantised at a time for a GEMM: large, so that `matrixmultiply` packs the
 /// activations once per block rather than once per few rows.
 const GEMM_BLOCK_ROWS: usize = 512;
@@ -32,7 +36,7 @@ pub fn linear(isa: Isa, w: MatRef, x: &[f32], bias: Option<&[f32]>, d_in: usize,
     if n == 0 || d_out == 0 {
         return;
     }
-    if n < GEMM_MIN_ROWS || dot_product_gemm(isa, w) {
+    if n < GEMM_MIN_ROWS || (dot_product_gemm(isa, w) && d_in >= DOT_MIN_COLS) {
         gemv(isa, w, x, d_in, d_out, y);
     } else {
         gemm(w, x, d_in, d_out, y);
@@ -294,6 +298,7 @@ mod tests {
             (7, 64, 129),
             (16, 40, 70),
             (40, 9, 513),
+            (20, 300, 37),
         ] {
             let w: Vec<f32> = (0..d_out * d_in).map(|_| lcg(&mut s)).collect();
             let x: Vec<f32> = (0..n * d_in).map(|_| lcg(&mut s)).collect();
@@ -315,7 +320,8 @@ mod tests {
                     let isa = Isa::detect();
                     pool.install(|| linear(isa, m.view(), &x, Some(&bias), d_in, &mut y));
                     // The f32 GEMM (many rows) multiplies `x` itself.
-                    let x = if n >= GEMM_MIN_ROWS && !dot_product_gemm(isa, m.view()) {
+                    let dots = dot_product_gemm(isa, m.view()) && d_in >= DOT_MIN_COLS;
+                    let x = if n >= GEMM_MIN_ROWS && !dots {
                         x.clone()
                     } else {
                         crate::kernels::tests::seen_x(isa, dt.name(), &x, d_in)
