@@ -302,7 +302,7 @@ fn batched(e: &mut SimdEngine, cfg: &MambaConfig, batches: &[usize], steps: usiz
             // One warm-up step sizes the buffers.
             e.step_into(&toks, None, &mut st, &mut logits)
                 .expect("step");
-            let t = Instant::now();
+            let (t, c) = (Instant::now(), cpu_secs());
             for _ in 0..steps {
                 e.step_into(&toks, None, &mut st, &mut logits)
                     .expect("step");
@@ -311,7 +311,8 @@ fn batched(e: &mut SimdEngine, cfg: &MambaConfig, batches: &[usize], steps: usiz
                 }
             }
             let total = (b * steps) as f64 / t.elapsed().as_secs_f64();
-            eprintln!("  batch {b}: {total:.1} tok/s total");
+            let per_cpu = (b * steps) as f64 / (cpu_secs() - c);
+            eprintln!("  batch {b}: {total:.1} tok/s total, {per_cpu:.1} per CPU-second");
             total
         })
         .collect()

@@ -28,7 +28,7 @@ fn group_blocks(d_state: usize) -> usize {
 /// Runs the scan. `h` `[batch, d_inner, d_state]` holds the initial state on entry (zeros for
 /// none) and the final state on return; `out` `[batch, seq_len, d_inner]` receives the gated
 /// output.
-/// `isa` picks the AVX2 lanes or the portable `wide` lanes.
+/// `isa` picks the AVX-512 lanes (16 channels), the AVX2 lanes or the portable `wide` lanes.
 pub fn selective_scan_fwd(isa: Isa, s: &Scan, h: &mut [f32], out: &mut [f32]) {
     assert_eq!(
         h.len(),
@@ -60,6 +60,14 @@ pub fn selective_scan_fwd(isa: Isa, s: &Scan, h: &mut [f32], out: &mut [f32]) {
 }
 
 fn group(isa: Isa, s: &Scan, bi: usize, c0: usize, c1: usize, h: SyncPtr<f32>, out: SyncPtr<f32>) {
+    #[cfg(target_arch = "x86_64")]
+    if isa.has_avx512() && (c1 - c0).div_ceil(16) * s.d_state <= super::fwd512::STACK_LANES16 {
+        // SAFETY: an AVX-512 `Isa` is only used on CPUs with AVX-512 F, AVX2 and FMA; the
+        // group fits the stack lanes (checked); the pointer contract is the one stated in
+        // `selective_scan_fwd`.
+        unsafe { super::fwd512::group(s, bi, c0, c1, h, out) };
+        return;
+    }
     #[cfg(target_arch = "x86_64")]
     if isa.has_avx2() && s.d_state <= STACK_LANES {
         // SAFETY: Avx2Fma and Avx512 are only used on CPUs with AVX2 and FMA; `c1 - c0` holds at most

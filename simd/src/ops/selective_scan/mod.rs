@@ -1,10 +1,12 @@
 //! The selective scan, the fast CPU twin of `reference::ops::selective_scan`: the forward
 //! ([`selective_scan_fwd`], in `fwd.rs`) and its backward (`selective_scan_bwd`, in `bwd.rs`),
-//! both eight channels per vector, with the vector lanes the backward is generic over in
+//! both eight channels per vector (the forward sixteen on AVX-512, `fwd512.rs`), with the vector lanes the backward is generic over in
 //! `lanes.rs`.
 
 mod bwd;
 mod fwd;
+#[cfg(target_arch = "x86_64")]
+mod fwd512;
 mod lanes;
 
 pub(crate) use bwd::{selective_scan_bwd, ScanBwdInputs};

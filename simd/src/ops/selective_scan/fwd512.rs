@@ -1,0 +1,199 @@
+//! The forward scan's group loop on 512-bit registers (AVX-512 F): sixteen channels per
+//! vector, the same operations lane by lane as the AVX2 loop in `fwd.rs` (the same `exp`
+//! polynomial, the same fused multiply-adds in the same order), so both give the same bits;
+//! half the instructions per state update. softplus and silu, once per channel and position,
+//! run on the two 8-lane halves with the shared `vecmath` functions.
+
+#![allow(clippy::needless_range_loop)] // lanes indexed by state, as in the maths
+
+use std::arch::x86_64::*;
+use std::mem::MaybeUninit;
+
+use wide::f32x8;
+
+use super::Scan;
+use crate::vecmath::{silu8, softplus8};
+use crate::SyncPtr;
+
+/// 16-lane state vectors a task keeps on the stack: 16 KiB.
+pub(super) const STACK_LANES16: usize = 256;
+
+/// `e^x` as `fwd::avx2::exp_ps`, on 16 lanes.
+#[target_feature(enable = "avx512f,avx2,fma")]
+#[inline]
+unsafe fn exp_ps(x: __m512) -> __m512 {
+    let x = _mm512_max_ps(
+        _mm512_min_ps(x, _mm512_set1_ps(88.0)),
+        _mm512_set1_ps(-87.0),
+    );
+    let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+        _mm512_mul_ps(x, _mm512_set1_ps(std::f32::consts::LOG2_E)),
+    );
+    let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693_359_4), x);
+    let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.121_944_4e-4), r);
+    let mut p = _mm512_set1_ps(1.0 / 720.0);
+    for c in [1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
+        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+    }
+    let e = _mm512_slli_epi32::<23>(_mm512_add_epi32(
+        _mm512_cvtps_epi32(n),
+        _mm512_set1_epi32(127),
+    ));
+    _mm512_mul_ps(p, _mm512_castsi512_ps(e))
+}
+
+/// `w` values of `s` from `i` (the rest zero).
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn load(s: &[f32], i: usize, w: usize) -> __m512 {
+    assert!(i + w <= s.len());
+    _mm512_maskz_loadu_ps(((1u32 << w) - 1) as u16, s.as_ptr().add(i))
+}
+
+/// `f` applied to both 8-lane halves.
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn halves(v: __m512, f: fn(f32x8) -> f32x8) -> __m512 {
+    let mut a = [0f32; 16];
+    _mm512_storeu_ps(a.as_mut_ptr(), v);
+    let lo = f(f32x8::from(<[f32; 8]>::try_from(&a[..8]).unwrap()));
+    let hi = f(f32x8::from(<[f32; 8]>::try_from(&a[8..]).unwrap()));
+    a[..8].copy_from_slice(&lo.to_array());
+    a[8..].copy_from_slice(&hi.to_array());
+    _mm512_loadu_ps(a.as_ptr())
+}
+
+/// The group loop of `fwd::wide_group` on 512-bit registers.
+///
+/// # Safety
+/// AVX-512 F, AVX2 and FMA present; `(c1 - c0).div_ceil(16) · d_state ≤ STACK_LANES16`; `h`
+/// and `out` as in `selective_scan_fwd`.
+#[target_feature(enable = "avx512f,avx2,fma")]
+pub(super) unsafe fn group(
+    s: &Scan,
+    bi: usize,
+    c0: usize,
+    c1: usize,
+    h: SyncPtr<f32>,
+    out: SyncPtr<f32>,
+) {
+    let (di, ds, l) = (s.d_inner, s.d_state, s.seq_len);
+    let nb = (c1 - c0).div_ceil(16);
+    let width = |k: usize| (c1 - c0 - 16 * k).min(16);
+    let lanes = nb * ds;
+    assert!(lanes <= STACK_LANES16);
+    // Left uninitialised beyond the group's `nb · ds` lanes (see the AVX2 loop).
+    let mut hv_buf = [MaybeUninit::<__m512>::uninit(); STACK_LANES16];
+    let mut av_buf = [MaybeUninit::<__m512>::uninit(); STACK_LANES16];
+    for k in 0..nb {
+        let cb = c0 + 16 * k;
+        for n in 0..ds {
+            let mut a = [0f32; 16];
+            let mut hh = [0f32; 16];
+            for j in 0..width(k) {
+                a[j] = s.a[(cb + j) * ds + n];
+                hh[j] = h.read((bi * di + cb + j) * ds + n);
+            }
+            av_buf[k * ds + n].write(_mm512_loadu_ps(a.as_ptr()));
+            hv_buf[k * ds + n].write(_mm512_loadu_ps(hh.as_ptr()));
+        }
+    }
+    // SAFETY: the first `lanes` elements of both buffers were written just above.
+    let hv = &mut *(std::ptr::addr_of_mut!(hv_buf[..lanes]) as *mut [__m512]);
+    // SAFETY: as above.
+    let av = &*(std::ptr::addr_of!(av_buf[..lanes]) as *const [__m512]);
+    let resets = s.resets.map(|r| &r[bi * l..(bi + 1) * l]);
+    for t in 0..l {
+        if resets.is_some_and(|r| r[t]) {
+            hv.iter_mut().for_each(|v| *v = _mm512_setzero_ps());
+        }
+        let row = bi * l + t;
+        let bt = &s.b[row * ds..(row + 1) * ds];
+        let ct = &s.c[row * ds..(row + 1) * ds];
+        for k in 0..nb {
+            let (cb, w) = (c0 + 16 * k, width(k));
+            let i = row * di + cb;
+            let x = load(s.u, i, w);
+            let pre = _mm512_add_ps(load(s.delta, i, w), load(s.delta_bias, cb, w));
+            let dt = halves(pre, softplus8);
+            let dtx = _mm512_mul_ps(dt, x);
+            let (hk, ak) = (&mut hv[k * ds..(k + 1) * ds], &av[k * ds..(k + 1) * ds]);
+            let mut acc = _mm512_setzero_ps();
+            for n in 0..ds {
+                let decay = exp_ps(_mm512_mul_ps(dt, ak[n]));
+                let hn = _mm512_fmadd_ps(decay, hk[n], _mm512_mul_ps(dtx, _mm512_set1_ps(bt[n])));
+                hk[n] = hn;
+                acc = _mm512_fmadd_ps(_mm512_set1_ps(ct[n]), hn, acc);
+            }
+            let y = _mm512_fmadd_ps(load(s.d, cb, w), x, acc);
+            let g = _mm512_mul_ps(y, halves(load(s.z, i, w), silu8));
+            let mut ga = [0f32; 16];
+            _mm512_storeu_ps(ga.as_mut_ptr(), g);
+            out.write_slice(i, &ga[..w]);
+        }
+    }
+    for k in 0..nb {
+        let cb = c0 + 16 * k;
+        for n in 0..ds {
+            let mut a = [0f32; 16];
+            _mm512_storeu_ps(a.as_mut_ptr(), hv[k * ds + n]);
+            for (j, &val) in a.iter().enumerate().take(width(k)) {
+                h.write((bi * di + cb + j) * ds + n, val);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::{selective_scan_fwd, Scan};
+    use crate::kernels::Isa;
+    use crate::test_rng::vals;
+
+    /// The 16-lane loop gives the AVX2 loop's bits, with partial vectors (d_inner 70),
+    /// resets, an initial state and two batch rows.
+    #[test]
+    fn avx512_scan_equals_the_avx2_scan_bit_for_bit() {
+        if !Isa::Avx512.supported() {
+            println!("skipping: no AVX-512 on this CPU");
+            return;
+        }
+        let (b, l, di, ds) = (2, 9, 70, 16);
+        let a: Vec<f32> = vals(di * ds, 1).iter().map(|v| -(v.abs() + 0.2)).collect();
+        let resets: Vec<bool> = (0..b * l).map(|i| i % 5 == 3).collect();
+        let (u, delta, z) = (
+            vals(b * l * di, 2),
+            vals(b * l * di, 3),
+            vals(b * l * di, 4),
+        );
+        let (bm, cm) = (vals(b * l * ds, 5), vals(b * l * ds, 6));
+        let (d, bias) = (vals(di, 7), vals(di, 8));
+        let s = Scan {
+            u: &u,
+            delta: &delta,
+            a: &a,
+            b: &bm,
+            c: &cm,
+            d: &d,
+            z: &z,
+            delta_bias: &bias,
+            resets: Some(&resets),
+            batch: b,
+            seq_len: l,
+            d_inner: di,
+            d_state: ds,
+        };
+        let h0 = vals(b * di * ds, 9);
+        let run = |isa| {
+            let (mut h, mut out) = (h0.clone(), vec![f32::NAN; b * l * di]);
+            selective_scan_fwd(isa, &s, &mut h, &mut out);
+            (h, out)
+        };
+        let (h2, o2) = run(Isa::Avx2Fma);
+        let (h5, o5) = run(Isa::Avx512);
+        assert!(o2.iter().all(|v| v.is_finite()) && o2.iter().any(|&v| v != 0.0));
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&o5), bits(&o2), "outputs");
+        assert_eq!(bits(&h5), bits(&h2), "final states");
+    }
+}
