@@ -56,7 +56,12 @@ fn decode_steps_allocate_nothing() {
     // Engines stay alive to the end: a dropped pool's threads wind down (and free memory)
     // while the next case is being counted.
     let mut keep = Vec::new();
-    for dtype in [WeightDtype::F32, WeightDtype::Bf16, WeightDtype::Int8] {
+    for dtype in [
+        WeightDtype::F32,
+        WeightDtype::Bf16,
+        WeightDtype::Int8,
+        WeightDtype::Int4,
+    ] {
         for threads in [1, 2] {
             let o = SimdOptions {
                 threads,
