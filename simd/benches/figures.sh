@@ -9,10 +9,13 @@
 # format, `cargo bench -p simd --bench inference` (2 threads; it measures the memory bandwidth
 # in the same run) and `llama-bench -t 2 -p 512 -n 128` on the same weights, minutes apart, and
 # one table of ratios. The load average is printed beside the figures: the machine may be
-# shared, so the ratios are what counts. llama.cpp: $LLAMACPP_BIN (default
-# /work/tools/llama.cpp/build/bin; scripts/check-llamacpp.sh builds it). A -DGGML_NATIVE=ON
-# build on a CPU with AMX died with SIGILL on q8_0 here (AMX not granted in this VM): build
-# with -DGGML_NATIVE=OFF -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON then.
+# shared, so the ratios are what counts; the bench's lines on stderr (kept in the log) add
+# tokens per CPU-second, which a loaded machine disturbs less. llama.cpp: $LLAMACPP_BIN
+# (default /work/tools/llama.cpp/build/bin; scripts/check-llamacpp.sh builds it). A
+# -DGGML_NATIVE=ON build on a CPU with AMX died with SIGILL on q8_0 here (AMX not granted in
+# this VM): build ggml with -DGGML_NATIVE=OFF -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON
+# -DGGML_AVX512_BF16=ON then (the ggml libraries are enough: llama-bench's RUNPATH yields to
+# LD_LIBRARY_PATH=/that/build/bin).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 MODELS=${1:-130m}
@@ -45,7 +48,7 @@ for m in ${MODELS//,/ }; do
         g=$(gguf_type "$dt")
         echo "== $m $dt load $(cut -d' ' -f1-3 /proc/loadavg)" | tee -a "$log"
         cargo bench -q -p simd --bench inference -- --models "$m" --dtypes "$dt" --threads 2 \
-            --runs "$RUNS" 2>/dev/null | tee -a "$log"
+            --runs "$RUNS" 2>&1 | tee -a "$log"
         echo "== llama $m $g load $(cut -d' ' -f1-3 /proc/loadavg)" | tee -a "$log"
         "$BIN/llama-bench" -m "$OUT/$m-$g.gguf" -t 2 -p 512 -n 128 -r "$RUNS" -o md 2>/dev/null \
             | tee -a "$log" || echo "llama-bench failed on $m-$g.gguf" | tee -a "$log"

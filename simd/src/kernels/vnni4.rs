@@ -54,7 +54,7 @@ impl ActQ4 {
         self.scale.clear();
         self.tmp.clear();
         self.tmp.resize(kp, 0);
-        for (r, xr) in x.chunks_exact(k).enumerate() {
+        for (r, xr) in x.chunks_exact(k.max(1)).enumerate() {
             // SAFETY: the vnni `Isa`s exist only where AVX-512 was detected (callers).
             let (s, _) = unsafe { super::vnni::quantize_row(xr, &mut self.tmp[..k]) };
             self.scale.push(s);
