@@ -3,6 +3,7 @@
 #
 #   bash simd/benches/figures.sh [MODELS] [DTYPES]      # defaults: 130m  f32,bf16,int8,int4
 #   RUNS=1 bash simd/benches/figures.sh                 # one run of each measurement (default 3)
+#   LOG=target/figures/1.4b.log bash simd/benches/figures.sh 1.4b int8,int4   # log elsewhere
 #
 # For each model shape (130m, 1.4b) a random checkpoint (simd/benches/random_mamba.py), exported
 # to GGUF by `vet-train export` (f32, q8_0) and llama-quantize (bf16, q4_0); then, format by
@@ -40,7 +41,7 @@ for m in ${MODELS//,/ }; do
             "$OUT/$m-${q%%:*}.gguf" "${q##*:}" >/dev/null 2>&1
     done
 done
-log=$OUT/figures.log
+log=${LOG:-$OUT/figures.log}
 : >"$log"
 echo "machine: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2-), $(nproc) cores" | tee -a "$log"
 for m in ${MODELS//,/ }; do
