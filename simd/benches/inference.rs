@@ -217,30 +217,7 @@ fn main() {
                 t0.elapsed().as_secs_f64(),
                 bytes / 1e9
             );
-            let prompt: Vec<u32> = (0..a.prompt as u32).map(|i| (i * 7919) % 50280).collect();
-            let mut logits = vec![0f32; cfg.vocab_size];
-            let (mut pre, mut dec, mut cpu) = (Vec::new(), Vec::new(), Vec::new());
-            for _ in 0..a.runs {
-                let mut st = State::zeros(&cfg, 1);
-                let (t, c) = (Instant::now(), cpu_secs());
-                e.prefill(&prompt, &mut st, &mut logits).expect("prefill");
-                pre.push(a.prompt as f64 / t.elapsed().as_secs_f64());
-                let c1 = cpu_secs();
-                let mut tok = [simd_argmax(&logits)];
-                let t = Instant::now();
-                for _ in 0..a.decode {
-                    e.step_into(&tok, None, &mut st, &mut logits).expect("step");
-                    tok[0] = simd_argmax(&logits);
-                }
-                dec.push(a.decode as f64 / t.elapsed().as_secs_f64());
-                let c2 = cpu_secs();
-                cpu.push((a.prompt as f64 / (c1 - c), a.decode as f64 / (c2 - c1)));
-            }
-            let (p, d) = (median(pre), median(dec));
-            let (pc, dc) = (
-                median(cpu.iter().map(|c| c.0).collect()),
-                median(cpu.iter().map(|c| c.1).collect()),
-            );
+            let [p, d, pc, dc] = prefill_decode(&mut e, &cfg, &a);
             let limit = bw * 1e9 / bytes;
             eprintln!(
                 "{m} {}: prefill {p:.1} tok/s, decode {d:.2} tok/s ({:.0} % of {limit:.1}); \
@@ -276,6 +253,36 @@ fn main() {
         let t: Vec<String> = totals.iter().map(|v| format!("{v:.1}")).collect();
         println!("| {m} | {} | {} |", dt.name(), t.join(" | "));
     }
+}
+
+/// Median prefill and decode tokens/s at batch 1 over `a.runs` runs, then the same per
+/// CPU-second: `[prefill, decode, prefill per CPU-s, decode per CPU-s]`.
+fn prefill_decode(e: &mut SimdEngine, cfg: &MambaConfig, a: &Args) -> [f64; 4] {
+    let prompt: Vec<u32> = (0..a.prompt as u32).map(|i| (i * 7919) % 50280).collect();
+    let mut logits = vec![0f32; cfg.vocab_size];
+    let (mut pre, mut dec, mut cpu) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..a.runs {
+        let mut st = State::zeros(cfg, 1);
+        let (t, c) = (Instant::now(), cpu_secs());
+        e.prefill(&prompt, &mut st, &mut logits).expect("prefill");
+        pre.push(a.prompt as f64 / t.elapsed().as_secs_f64());
+        let c1 = cpu_secs();
+        let mut tok = [simd_argmax(&logits)];
+        let t = Instant::now();
+        for _ in 0..a.decode {
+            e.step_into(&tok, None, &mut st, &mut logits).expect("step");
+            tok[0] = simd_argmax(&logits);
+        }
+        dec.push(a.decode as f64 / t.elapsed().as_secs_f64());
+        let c2 = cpu_secs();
+        cpu.push((a.prompt as f64 / (c1 - c), a.decode as f64 / (c2 - c1)));
+    }
+    let (p, d) = (median(pre), median(dec));
+    let (pc, dc) = (
+        median(cpu.iter().map(|c| c.0).collect()),
+        median(cpu.iter().map(|c| c.1).collect()),
+    );
+    [p, d, pc, dc]
 }
 
 fn isa_arg(name: Option<&str>) -> Option<simd::Isa> {
