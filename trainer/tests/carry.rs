@@ -103,6 +103,28 @@ fn carry_through_two_windows_resumes_mid_run_to_the_same_bits() {
 }
 
 #[test]
+fn interleaved_streams_resume_mid_run_to_the_same_bits() {
+    check_resume_is_exact("s2", "2\n        carry_streams = 2");
+    // Each group's state is saved; resuming with another group count is refused.
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("carry-s2");
+    let split = dir.join("split");
+    let names: Vec<String> = read_tensors(&state::step_dir(&split, 3).join(carry_file(0)))
+        .unwrap()
+        .into_iter()
+        .map(|(n, _)| n)
+        .collect();
+    assert_eq!(names.len(), 4, "{names:?}");
+    assert!(names.iter().any(|n| n == "ssm.1"), "{names:?}");
+    let manifest = dir.join("manifest.json");
+    let cfg = config(&split, &manifest, 9, "2");
+    let err = train(cfg, &resume()).err().unwrap();
+    assert!(
+        format!("{err:#}").contains("a state of more than this run's 1 group(s)"),
+        "{err:#}"
+    );
+}
+
+#[test]
 fn the_saved_state_is_the_one_the_next_window_starts_from() {
     let dir = common::scratch("carry", "zeroed");
     let manifest = common::byte_shards(&dir, 3000);

@@ -53,8 +53,8 @@ fn whole_stream_losses(e: &mut ReferenceEngine<f32>, wins: &[TrainBatch]) -> Vec
     out.iter().map(|s| s / (ROWS * SEQ) as f64).collect()
 }
 
-fn check(mode: CarryState) {
-    let dir = common::scratch("carry-match", &format!("{mode:?}"));
+fn check(mode: CarryState, groups: usize) {
+    let dir = common::scratch("carry-match", &format!("{mode:?}-{groups}"));
     let manifest = common::byte_shards(&dir, 120);
     let ck = trainer::checkpoint::load(&fixtures::tiny_checkpoint()).unwrap();
     let vocab = ck.config.vocab_size;
@@ -66,33 +66,47 @@ fn check(mode: CarryState) {
         rank: 0,
         world_size: 1,
     };
-    let mut src = Source::streams(&manifest, "train", cfg, None, vocab).unwrap();
-    // Into the next epoch (a new deal: every row starts a document), an even count.
+    let mut carry = Carry::with_groups(mode, 0, groups).unwrap();
+    let k = carry.k();
+    let mut src = Source::streams(&manifest, "train", cfg, None, vocab)
+        .unwrap()
+        .interleave(groups, k)
+        .unwrap();
+    // Into the next epoch (a new deal: every row starts a document), whole turns of the groups.
     let per_epoch = src.steps_per_epoch() as usize;
-    let windows = 2 * ((per_epoch + 4) / 2);
+    let windows = (per_epoch / (k * groups) + 2) * k * groups;
     assert!(windows < 2 * per_epoch, "{per_epoch} windows per epoch");
     let wins: Vec<TrainBatch> = (0..windows).map(|_| src.next_batch().unwrap()).collect();
-    let want = whole_stream_losses(&mut e, &wins);
-    let mut carry = Carry::new(mode, 0).unwrap();
-    let k = carry.k();
+    let mut want: Vec<std::vec::IntoIter<f64>> = (0..groups)
+        .map(|g| {
+            let mine: Vec<TrainBatch> = wins.iter().filter(|b| b.group == g).cloned().collect();
+            whole_stream_losses(&mut e, &mine).into_iter()
+        })
+        .collect();
     for (j, group) in wins.chunks(k).enumerate() {
         let got = carry.windows(&mut e, group, 1.0).unwrap().loss;
-        let mean = want[j * k..(j + 1) * k].iter().sum::<f64>() / k as f64;
+        let g = group[0].group;
+        let mean = (0..k).map(|_| want[g].next().unwrap()).sum::<f64>() / k as f64;
         assert!(
             (got - mean).abs() <= 2e-5 * mean,
-            "{mode:?}: windows {}..{}: trainer's loss {got}, one forward over the streams {mean}",
-            j * k,
-            (j + 1) * k
+            "{mode:?}, group {g}: micro-batch {j}: trainer's loss {got}, one forward over the \
+             streams {mean}"
         );
     }
 }
 
 #[test]
 fn detached_windows_have_the_losses_of_one_forward_over_each_rows_stream() {
-    check(CarryState::Detach);
+    check(CarryState::Detach, 1);
 }
 
 #[test]
 fn windows_back_propagated_in_pairs_have_the_losses_of_one_forward_over_each_rows_stream() {
-    check(CarryState::Windows(2));
+    check(CarryState::Windows(2), 1);
+}
+
+#[test]
+fn interleaved_groups_each_continue_their_own_streams() {
+    check(CarryState::Detach, 2);
+    check(CarryState::Windows(2), 2);
 }
