@@ -133,6 +133,10 @@ enum Cmd {
         /// Where long_eval.json and long_eval.png go.
         #[arg(long)]
         out_dir: PathBuf,
+        /// Start every window from zeros instead of the state carried from the one before
+        /// (the ablation: what reading past the window is worth to a model).
+        #[arg(long)]
+        reset_windows: bool,
     },
     /// Write a checkpoint's weights in another precision for inference: `bf16` (a Hugging
     /// Face checkpoint, half the size), `int8` (per-row scales, a quarter of the size) or
@@ -525,6 +529,7 @@ fn run_cli(cli: Cli) -> Result<()> {
             max_docs,
             device,
             out_dir,
+            reset_windows,
         } => {
             let o = trainer::train::long_eval::LongEvalOptions {
                 data,
@@ -534,6 +539,7 @@ fn run_cli(cli: Cli) -> Result<()> {
                 max_docs,
                 device,
                 out_dir,
+                reset_windows,
             };
             trainer::train::long_eval::run(&model, &o)?;
         }
