@@ -320,7 +320,7 @@ pub fn curve_png(curves: &[(String, Vec<Bucket>)], out_png: &Path, title: &str) 
         }
         chart
             .configure_series_labels()
-            .position(SeriesLabelPosition::UpperRight)
+            .position(SeriesLabelPosition::UpperLeft)
             .background_style(PAPER)
             .border_style(INK)
             .label_font((SANS, 12).into_font().color(&INK))
