@@ -101,9 +101,8 @@ enum Cmd {
     /// Continue a prompt with a checkpoint (greedy unless --temperature is set).
     #[command(allow_negative_numbers = true)]
     Generate(GenerateArgs),
-    /// Long-context evaluation (`--long`): perplexity by position bucket (0-512, 512-2k, 2k-8k,
-    /// 8k-32k, ...) over long documents read window by window with the state carried; writes
-    /// long_eval.json and long_eval.png into --out-dir.
+    /// Long-context evaluation (`--long`): perplexity by position bucket (0-512, 512-2k, ...) over
+    /// long documents read in windows, the state carried: long_eval.json and long_eval.png.
     Eval {
         /// Required: the long-context evaluation is the one this verb runs (a config's
         /// `stage = "eval"` runs the others).
@@ -133,8 +132,7 @@ enum Cmd {
         /// Where long_eval.json and long_eval.png go.
         #[arg(long)]
         out_dir: PathBuf,
-        /// Start every window from zeros instead of the state carried from the one before
-        /// (the ablation: what reading past the window is worth to a model).
+        /// Start every window from zeros (the ablation: what the carried state is worth).
         #[arg(long)]
         reset_windows: bool,
     },
