@@ -49,6 +49,7 @@ fn micro(s: usize, i: usize) -> TrainBatch {
         targets,
         mask: None,
         resets,
+        group: 0,
     }
 }
 

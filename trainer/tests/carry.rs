@@ -103,6 +103,28 @@ fn carry_through_two_windows_resumes_mid_run_to_the_same_bits() {
 }
 
 #[test]
+fn interleaved_streams_resume_mid_run_to_the_same_bits() {
+    check_resume_is_exact("s2", "2\n        carry_streams = 2");
+    // Each group's state is saved; resuming with another group count is refused.
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("carry-s2");
+    let split = dir.join("split");
+    let names: Vec<String> = read_tensors(&state::step_dir(&split, 3).join(carry_file(0)))
+        .unwrap()
+        .into_iter()
+        .map(|(n, _)| n)
+        .collect();
+    assert_eq!(names.len(), 4, "{names:?}");
+    assert!(names.iter().any(|n| n == "ssm.1"), "{names:?}");
+    let manifest = dir.join("manifest.json");
+    let cfg = config(&split, &manifest, 9, "2");
+    let err = train(cfg, &resume()).err().unwrap();
+    assert!(
+        format!("{err:#}").contains("a state of more than this run's 1 group(s)"),
+        "{err:#}"
+    );
+}
+
+#[test]
 fn the_saved_state_is_the_one_the_next_window_starts_from() {
     let dir = common::scratch("carry", "zeroed");
     let manifest = common::byte_shards(&dir, 3000);
@@ -173,7 +195,8 @@ fn bad_carry_settings_are_clear_errors() {
 #[test]
 fn eval_long_reads_a_document_in_windows_as_one_forward_and_buckets_every_position() {
     use reference::rng::Rng;
-    use trainer::train::long_eval::{bucket_edges, document_losses, long_eval};
+    use trainer::train::long_eval::{bucket_edges, document_losses, document_losses_with};
+    use trainer::train::long_eval::{long_eval, long_eval_with};
     let ck = trainer::checkpoint::load(&fixtures::tiny_checkpoint()).unwrap();
     let vocab = ck.config.vocab_size as u64;
     let mut e = reference::ReferenceEngine::<f32>::new(ck.config, ck.params);
@@ -188,6 +211,17 @@ fn eval_long_reads_a_document_in_windows_as_one_forward_and_buckets_every_positi
             "position {t}: {a} in windows, {b} whole"
         );
     }
+    // --reset-windows: each window alone, from zeros.
+    let reset = document_losses_with(&mut e, &doc, 7, false).unwrap();
+    let alone = document_losses(&mut e, &doc[7..15], 1000).unwrap();
+    assert_eq!(
+        (reset[..7].to_vec(), reset[7..14].to_vec()),
+        (whole[..7].to_vec(), alone)
+    );
+    assert!(
+        (reset[8] - windowed[8]).abs() > 1e-6,
+        "the carried state matters"
+    );
     assert_eq!(bucket_edges(600), vec![0, 512, 2048]);
     assert_eq!(
         bucket_edges(40_000),
@@ -201,4 +235,6 @@ fn eval_long_reads_a_document_in_windows_as_one_forward_and_buckets_every_positi
         .buckets
         .iter()
         .all(|b| b.perplexity.is_finite() && b.perplexity > 1.0));
+    let r0 = long_eval_with(&mut e, &[doc], 128, "tiny", false).unwrap();
+    assert!(r.state_carried && !r0.state_carried);
 }

@@ -132,6 +132,11 @@ fn world_2_carry_through_two_windows_resumes_to_the_same_bits() {
 }
 
 #[test]
+fn world_2_interleaved_streams_resume_to_the_same_bits() {
+    resumes_to_the_same_bits("s2", "\"detach\"\n        carry_streams = 2");
+}
+
+#[test]
 fn a_carry_checkpoint_of_another_world_size_is_refused() {
     let dir = common::scratch("carry_dist", "world");
     let manifest = common::byte_shards(&dir, 3000);

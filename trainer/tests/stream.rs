@@ -214,6 +214,52 @@ fn ranks_take_their_own_rows_of_the_global_batch() {
 }
 
 #[test]
+fn interleaved_groups_take_turns_each_reading_its_rows_in_order() {
+    let (dir, _) = corpus("groups", 2, 60, 80);
+    let (groups, chunk, batch) = (3, 2, 2);
+    // The same deal as one group of `groups * batch` rows.
+    let mut whole = StreamLoader::open(&dir, "train", cfg(groups * batch, 7, 0, 1)).unwrap();
+    let all: Vec<TokenBatch> = (0..whole.steps_per_epoch())
+        .map(|_| whole.next_batch().unwrap())
+        .collect();
+    let mut l = StreamLoader::open(&dir, "train", cfg(batch, 7, 0, 1))
+        .unwrap()
+        .interleave(groups, chunk)
+        .unwrap();
+    let per_row = l.steps_per_epoch() / groups as u64;
+    assert_eq!(per_row, all.len() as u64 / 2 * 2, "whole turns of a group");
+    let mut next = vec![0usize; groups];
+    for s in 0..l.steps_per_epoch() {
+        let b = l.next_batch().unwrap();
+        let g = l.group_of(s);
+        assert_eq!(
+            g,
+            (s as usize / chunk) % groups,
+            "step {s}: groups take turns"
+        );
+        let w = &all[next[g]];
+        let rows = g * batch * 7..(g + 1) * batch * 7;
+        assert_eq!(
+            b.inputs,
+            w.inputs[rows.clone()],
+            "step {s}: group {g}'s next window"
+        );
+        assert_eq!(b.targets, w.targets[rows.clone()]);
+        assert_eq!(b.resets, w.resets[rows]);
+        next[g] += 1;
+    }
+    let err = StreamLoader::open(&dir, "train", cfg(batch, 7, 0, 1))
+        .unwrap()
+        .interleave(61, 1)
+        .err()
+        .unwrap();
+    assert!(
+        format!("{err:#}").contains("120 documents are fewer than the 122 rows"),
+        "{err:#}"
+    );
+}
+
+#[test]
 fn seek_resumes_exactly_across_an_epoch_boundary() {
     let (dir, _) = corpus("seek", 2, 30, 70);
     let mut a = StreamLoader::open(&dir, "train", cfg(3, 6, 0, 1)).unwrap();

@@ -101,9 +101,8 @@ enum Cmd {
     /// Continue a prompt with a checkpoint (greedy unless --temperature is set).
     #[command(allow_negative_numbers = true)]
     Generate(GenerateArgs),
-    /// Long-context evaluation (`--long`): perplexity by position bucket (0-512, 512-2k, 2k-8k,
-    /// 8k-32k, ...) over long documents read window by window with the state carried; writes
-    /// long_eval.json and long_eval.png into --out-dir.
+    /// Long-context evaluation (`--long`): perplexity by position bucket (0-512, 512-2k, ...) over
+    /// long documents read in windows, the state carried: long_eval.json and long_eval.png.
     Eval {
         /// Required: the long-context evaluation is the one this verb runs (a config's
         /// `stage = "eval"` runs the others).
@@ -133,6 +132,9 @@ enum Cmd {
         /// Where long_eval.json and long_eval.png go.
         #[arg(long)]
         out_dir: PathBuf,
+        /// Start every window from zeros (the ablation: what the carried state is worth).
+        #[arg(long)]
+        reset_windows: bool,
     },
     /// Write a checkpoint's weights in another precision for inference: `bf16` (a Hugging
     /// Face checkpoint, half the size), `int8` (per-row scales, a quarter of the size) or
@@ -525,6 +527,7 @@ fn run_cli(cli: Cli) -> Result<()> {
             max_docs,
             device,
             out_dir,
+            reset_windows,
         } => {
             let o = trainer::train::long_eval::LongEvalOptions {
                 data,
@@ -534,6 +537,7 @@ fn run_cli(cli: Cli) -> Result<()> {
                 max_docs,
                 device,
                 out_dir,
+                reset_windows,
             };
             trainer::train::long_eval::run(&model, &o)?;
         }

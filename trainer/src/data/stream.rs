@@ -17,6 +17,16 @@
 //! shortest row has whole windows; the rest of the longer rows is dropped (at most about one
 //! document per row). The position (epoch, step) is exact: the deal is recomputed from the seed.
 //!
+//! **Interleaved groups** ([`StreamLoader::interleave`], `[train] carry_streams = m`): the
+//! documents are dealt to `m` times as many rows, `m` groups of `world_size * batch`, and the
+//! steps take the groups in turn, `chunk` consecutive windows of one group (`chunk` = the `k`
+//! of `carry_state = k`, else 1) before the next group's: step `s` is window
+//! `(s / chunk / m) * chunk + s % chunk` of group `(s / chunk) % m`. Each stream still reads its
+//! windows in order, but consecutive optimizer steps read different documents, as plain
+//! windows do, instead of the same `batch` documents for hundreds of steps. The trainer keeps
+//! one carried state per group ([`crate::train::carry`]). An epoch's windows per row are then a
+//! multiple of `chunk`.
+//!
 //! Memory: 16 bytes per document for the document table, and 12 bytes per document for the
 //! epoch's deal (every rank deals every row, to agree on the epoch's length).
 
@@ -54,9 +64,12 @@ pub struct StreamLoader {
     epoch: u64,
     step: u64,
     steps_per_epoch: u64,
-    /// This rank's rows this epoch.
+    /// This rank's rows this epoch: group `g`'s are `g * batch .. (g + 1) * batch`.
     rows: Vec<Row>,
     tokens: u64,
+    /// Interleaved groups of rows (1: none) and windows per turn of a group.
+    groups: usize,
+    chunk: usize,
 }
 
 impl StreamLoader {
@@ -110,22 +123,69 @@ impl StreamLoader {
             steps_per_epoch: 0,
             rows: Vec::new(),
             tokens,
+            groups: 1,
+            chunk: 1,
         };
         loader.deal(0)?;
-        if loader.steps_per_epoch == 0 {
+        loader.check_steps(&manifest_path.display().to_string(), split)?;
+        Ok(loader)
+    }
+
+    /// Interleaves `groups` groups of rows, `chunk` consecutive windows of a group per turn
+    /// (see the module docs); `groups = 1` and `chunk = 1` is the loader as opened.
+    pub fn interleave(mut self, groups: usize, chunk: usize) -> Result<StreamLoader> {
+        if groups == 0 || chunk == 0 {
+            bail!("interleaved streams need groups >= 1 and chunk >= 1, got {groups} and {chunk}");
+        }
+        let rows = groups * self.cfg.batch * self.cfg.world_size;
+        if self.docs.len() < rows {
             bail!(
-                "split {split:?} of {}: {tokens} tokens dealt to {global} rows leave a row \
-                 shorter than one window of seq_len + 1 = {} tokens",
-                manifest_path.display(),
-                cfg.seq_len + 1
+                "{} documents are fewer than the {rows} rows of {groups} interleaved groups \
+                 (carry_streams) of batch {} x world_size {}: stateful training gives every \
+                 row whole documents",
+                self.docs.len(),
+                self.cfg.batch,
+                self.cfg.world_size
             );
         }
-        Ok(loader)
+        (self.groups, self.chunk) = (groups, chunk);
+        self.deal(0)?;
+        self.check_steps("the data", "train")?;
+        Ok(self)
+    }
+
+    fn check_steps(&self, what: &str, split: &str) -> Result<()> {
+        if self.steps_per_epoch == 0 {
+            let windows = match self.chunk {
+                1 => "one window".to_string(),
+                k => format!("{k} windows"),
+            };
+            bail!(
+                "split {split:?} of {what}: {} tokens dealt to {} rows leave a row shorter \
+                 than {windows} of seq_len + 1 = {} tokens",
+                self.tokens,
+                self.groups * self.cfg.batch * self.cfg.world_size,
+                self.cfg.seq_len + 1
+            );
+        }
+        Ok(())
+    }
+
+    /// The interleaved group that in-epoch step `step` reads (0 when not interleaved).
+    pub fn group_of(&self, step: u64) -> usize {
+        ((step / self.chunk as u64) % self.groups as u64) as usize
+    }
+
+    /// The window of its rows that in-epoch step `step` reads.
+    fn window_of(&self, step: u64) -> u64 {
+        let chunk = self.chunk as u64;
+        (step / chunk / self.groups as u64) * chunk + step % chunk
     }
 
     /// Deals epoch `epoch`'s shuffled documents to the rows and keeps this rank's.
     fn deal(&mut self, epoch: u64) -> Result<()> {
-        let global = self.cfg.batch * self.cfg.world_size;
+        let per_group = self.cfg.batch * self.cfg.world_size;
+        let global = per_group * self.groups;
         let order = epoch_order(self.docs.len(), self.cfg.seed, epoch)?;
         let mut rows = vec![Row::default(); global];
         let mut heap: BinaryHeap<Reverse<(u64, usize)>> =
@@ -143,7 +203,16 @@ impl StreamLoader {
             steps = steps.min(len.saturating_sub(1) / seq_len);
         }
         let first = self.cfg.rank * self.cfg.batch;
-        self.rows = rows.drain(first..first + self.cfg.batch).collect();
+        self.rows = (0..self.groups)
+            .flat_map(|g| {
+                rows[g * per_group + first..g * per_group + first + self.cfg.batch].iter()
+            })
+            .cloned()
+            .collect();
+        let chunk = self.chunk as u64;
+        if self.groups > 1 {
+            steps = steps / chunk * chunk * self.groups as u64;
+        }
         self.steps_per_epoch = steps;
         self.epoch = epoch;
         Ok(())
@@ -159,7 +228,7 @@ impl StreamLoader {
         self.docs.len()
     }
 
-    /// Global steps (windows per row) in the current epoch.
+    /// Global steps in the current epoch (windows per row, times the interleaved groups).
     pub fn steps_per_epoch(&self) -> u64 {
         self.steps_per_epoch
     }
@@ -219,10 +288,14 @@ impl StreamLoader {
             step: self.step,
         };
         let mut window = vec![0u32; seq_len + 1];
+        let (group, v0) = (
+            self.group_of(self.step),
+            self.window_of(self.step) * seq_len as u64,
+        );
         for r in 0..batch {
-            let v0 = self.step * seq_len as u64;
             let span = r * seq_len..(r + 1) * seq_len;
-            self.read_row(r, v0, &mut window, &mut out.resets[span.clone()]);
+            let row = group * batch + r;
+            self.read_row(row, v0, &mut window, &mut out.resets[span.clone()]);
             out.inputs[span.clone()].copy_from_slice(&window[..seq_len]);
             out.targets[span].copy_from_slice(&window[1..]);
         }

@@ -12,6 +12,9 @@
 //!   window), not with the record; compute is one extra forward per window but the last.
 //!   The state between two micro-batches is carried detached.
 //!
+//! With `carry_streams = m` ([`crate::data::stream`]'s interleaved groups) the carry keeps one
+//! state per group of rows and each micro-batch continues its own group's.
+//!
 //! The carried states are this process's rows only (under data parallelism each rank carries
 //! its own) and are saved in every checkpoint as `carry_state.rank{r}.safetensors` (in a
 //! data-parallel checkpoint beside the optimizer shards, in `zero/`); resume needs the same
@@ -99,8 +102,8 @@ pub fn carry_file(rank: usize) -> String {
 pub struct Carry {
     k: usize,
     rank: usize,
-    /// `None` until the first window (all zeros).
-    state: Option<State<f32>>,
+    /// One per interleaved group of rows; `None` until its first window (all zeros).
+    states: Vec<Option<State<f32>>>,
 }
 
 /// What one micro-batch of `k` windows did.
@@ -114,16 +117,21 @@ pub struct CarryOutput {
 impl Carry {
     /// `None` when `mode` is off.
     pub fn new(mode: CarryState, rank: usize) -> Option<Carry> {
+        Carry::with_groups(mode, rank, 1)
+    }
+
+    /// [`Carry::new`] with one state per interleaved group of rows (`carry_streams`).
+    pub fn with_groups(mode: CarryState, rank: usize, groups: usize) -> Option<Carry> {
         mode.windows().map(|k| Carry {
             k,
             rank,
-            state: None,
+            states: vec![None; groups.max(1)],
         })
     }
 
-    /// The carried state (`None` before the first window).
+    /// Group 0's carried state (`None` before its first window).
     pub fn state(&self) -> Option<&State<f32>> {
-        self.state.as_ref()
+        self.states[0].as_ref()
     }
 
     /// One micro-batch: `k` consecutive windows of every row from `source`, forward and
@@ -157,8 +165,14 @@ impl Carry {
     ) -> reference::Result<CarryOutput> {
         assert_eq!(batches.len(), self.k, "one batch per carried window");
         let b0 = &batches[0];
+        let g = b0.group;
+        assert!(
+            g < self.states.len() && batches.iter().all(|b| b.group == g),
+            "a micro-batch's windows are of one of the {} carried groups",
+            self.states.len()
+        );
         let zeros = || State::zeros(engine.config(), b0.batch);
-        let mut states = vec![self.state.take().unwrap_or_else(zeros)];
+        let mut states = vec![self.states[g].take().unwrap_or_else(zeros)];
         for b in &batches[..self.k - 1] {
             let prev = states.last().expect("one state per window so far");
             let next = engine.forward_state(&input(b), Some(prev))?;
@@ -183,23 +197,25 @@ impl Carry {
             grad = Some(lo.grad_state);
         }
         let loss = loss / self.k as f64;
-        self.state = last.filter(|s| loss.is_finite() && is_finite(s));
+        self.states[g] = last.filter(|s| loss.is_finite() && is_finite(s));
         Ok(CarryOutput { loss, tokens })
     }
 
     /// Writes the carried state into checkpoint directory `dir` (zeros before the first window).
+    /// Group `g > 0` of interleaved streams is saved as `conv.{g}` and `ssm.{g}`.
     pub fn save(&self, dir: &Path, cfg: &MambaConfig, batch: usize) -> Result<()> {
-        let st = self
-            .state
-            .clone()
-            .unwrap_or_else(|| State::zeros(cfg, batch));
-        let t = |name: &str, x: &reference::Tensor<f32>| {
+        let t = |name: String, x: &reference::Tensor<f32>| {
             let (shape, data) = (x.shape.clone(), x.data.clone());
-            (name.to_string(), TensorOut::F32 { shape, data })
+            (name, TensorOut::F32 { shape, data })
         };
+        let mut out = Vec::new();
+        for (g, st) in self.states.iter().enumerate() {
+            let st = st.clone().unwrap_or_else(|| State::zeros(cfg, batch));
+            out.push(t(group_name("conv", g), &st.conv));
+            out.push(t(group_name("ssm", g), &st.ssm));
+        }
         let path = dir.join(carry_file(self.rank));
-        write_tensors(&path, &[t("conv", &st.conv), t("ssm", &st.ssm)])
-            .with_context(|| format!("writing {}", path.display()))
+        write_tensors(&path, &out).with_context(|| format!("writing {}", path.display()))
     }
 
     /// Reads the carried state from checkpoint directory `dir`, checked against `cfg` and
@@ -215,7 +231,8 @@ impl Carry {
         let extra = dir.join(carry_file(world));
         if extra.is_file() {
             bail!(
-                "{} exists: the checkpoint's carried states are from a run with more than {world}                  rank(s), whose rows are other streams; resume with the same number of ranks",
+                "{} exists: the checkpoint's carried states are from a run with more than {world} \
+                 rank(s), whose rows are other streams; resume with the same number of ranks",
                 extra.display()
             );
         }
@@ -232,14 +249,32 @@ impl Carry {
             i.map(|i| tensors.swap_remove(i).1)
                 .with_context(|| format!("{}: no tensor `{name}`", path.display()))
         };
-        let st = State {
-            conv: take("conv")?,
-            ssm: take("ssm")?,
-        };
-        st.check(cfg, batch, "carry_state")
-            .with_context(|| format!("{}", path.display()))?;
-        self.state = Some(st);
+        for g in 0..self.states.len() {
+            let st = State {
+                conv: take(&group_name("conv", g))?,
+                ssm: take(&group_name("ssm", g))?,
+            };
+            st.check(cfg, batch, "carry_state")
+                .with_context(|| format!("{}", path.display()))?;
+            self.states[g] = Some(st);
+        }
+        if let Some((name, _)) = tensors.first() {
+            bail!(
+                "{} holds `{name}`, a state of more than this run's {} group(s) of streams \
+                 (`train.carry_streams`): resume with the checkpoint's carry_streams",
+                path.display(),
+                self.states.len()
+            );
+        }
         Ok(())
+    }
+}
+
+/// The tensor name of group `g`'s `what` (`conv` or `ssm`): group 0 has the bare name.
+fn group_name(what: &str, g: usize) -> String {
+    match g {
+        0 => what.to_string(),
+        g => format!("{what}.{g}"),
     }
 }
 
@@ -268,7 +303,7 @@ pub fn open(
 ) -> Result<Option<Carry>> {
     let t = &cfg.train;
     let (rank, world) = dist.unwrap_or((0, 1));
-    let Some(mut carry) = Carry::new(t.carry_state, rank) else {
+    let Some(mut carry) = Carry::with_groups(t.carry_state, rank, t.carry_streams) else {
         return Ok(None);
     };
     if cfg.stage != super::run_config::Stage::Pretrain || cfg.data.manifest.is_none() {

@@ -37,6 +37,8 @@ pub struct LongEvalReport {
     pub documents: usize,
     pub tokens: u64,
     pub seq_len: usize,
+    /// False with `--reset-windows`: every window started from zeros (the ablation).
+    pub state_carried: bool,
     pub buckets: Vec<Bucket>,
 }
 
@@ -93,6 +95,17 @@ pub fn document_losses(
     doc: &[u32],
     seq_len: usize,
 ) -> Result<Vec<f64>> {
+    document_losses_with(engine, doc, seq_len, true)
+}
+
+/// [`document_losses`]; with `carry` false every window starts from zeros instead (what a
+/// model predicts without what it read in the earlier windows).
+pub fn document_losses_with(
+    engine: &mut dyn InferenceEngine,
+    doc: &[u32],
+    seq_len: usize,
+    carry: bool,
+) -> Result<Vec<f64>> {
     let vocab = engine.config().vocab_size;
     let mut state = State::zeros(engine.config(), 1);
     let mut out = Vec::with_capacity(doc.len().saturating_sub(1));
@@ -100,7 +113,7 @@ pub fn document_losses(
     while i + 1 < doc.len() {
         let n = seq_len.min(doc.len() - 1 - i);
         let mut resets = vec![false; n];
-        resets[0] = i == 0;
+        resets[0] = i == 0 || !carry;
         let input = Batch {
             batch: 1,
             seq_len: n,
@@ -112,7 +125,9 @@ pub fn document_losses(
             let row = &logits.data[t * vocab..(t + 1) * vocab];
             out.push(nll(row, doc[i + t + 1] as usize));
         }
-        state = next;
+        if carry {
+            state = next;
+        }
         i += n;
     }
     Ok(out)
@@ -132,6 +147,17 @@ pub fn long_eval(
     seq_len: usize,
     model: &str,
 ) -> Result<LongEvalReport> {
+    long_eval_with(engine, docs, seq_len, model, true)
+}
+
+/// [`long_eval`]; with `carry` false every window starts from zeros (`--reset-windows`).
+pub fn long_eval_with(
+    engine: &mut dyn InferenceEngine,
+    docs: &[Vec<u32>],
+    seq_len: usize,
+    model: &str,
+    carry: bool,
+) -> Result<LongEvalReport> {
     if seq_len == 0 {
         bail!("--seq-len must be positive");
     }
@@ -139,7 +165,7 @@ pub fn long_eval(
     let edges = bucket_edges(longest);
     let mut sums = vec![(0.0f64, 0u64); edges.len() - 1];
     for doc in docs {
-        for (p, l) in document_losses(engine, doc, seq_len)?
+        for (p, l) in document_losses_with(engine, doc, seq_len, carry)?
             .into_iter()
             .enumerate()
         {
@@ -165,6 +191,7 @@ pub fn long_eval(
         documents: docs.len(),
         tokens: sums.iter().map(|s| s.1).sum(),
         seq_len,
+        state_carried: carry,
         buckets,
     })
 }
@@ -172,8 +199,19 @@ pub fn long_eval(
 /// The table as text, one bucket a line.
 pub fn table(r: &LongEvalReport) -> String {
     let mut s = format!(
-        "{} documents, {} targets, windows of {} tokens, state carried\n{:>16} {:>10} {:>8} {:>11}\n",
-        r.documents, r.tokens, r.seq_len, "positions", "targets", "loss", "perplexity"
+        "{} documents, {} targets, windows of {} tokens, {}\n{:>16} {:>10} {:>8} {:>11}\n",
+        r.documents,
+        r.tokens,
+        r.seq_len,
+        if r.state_carried {
+            "state carried"
+        } else {
+            "state reset every window"
+        },
+        "positions",
+        "targets",
+        "loss",
+        "perplexity"
     );
     for b in &r.buckets {
         let span = format!("{}-{}", short(b.from), short(b.to));
@@ -204,7 +242,10 @@ pub fn write_report(reports: &[LongEvalReport], out_dir: &Path) -> Result<()> {
         .iter()
         .map(|r| (label(&r.model), r.buckets.clone()))
         .collect();
-    let title = "Vet-Mamba: perplexity by position (state carried)";
+    let title = match reports.first().is_none_or(|r| r.state_carried) {
+        true => "Vet-Mamba: perplexity by position (state carried)",
+        false => "Vet-Mamba: perplexity by position (state reset every window)",
+    };
     curve_png(&curves, &out_dir.join("long_eval.png"), title)
 }
 
@@ -279,7 +320,7 @@ pub fn curve_png(curves: &[(String, Vec<Bucket>)], out_png: &Path, title: &str) 
         }
         chart
             .configure_series_labels()
-            .position(SeriesLabelPosition::UpperRight)
+            .position(SeriesLabelPosition::UpperLeft)
             .background_style(PAPER)
             .border_style(INK)
             .label_font((SANS, 12).into_font().color(&INK))
@@ -310,6 +351,8 @@ pub struct LongEvalOptions {
     pub max_docs: usize,
     pub device: String,
     pub out_dir: std::path::PathBuf,
+    /// Start every window from zeros (the ablation of the carried state).
+    pub reset_windows: bool,
 }
 
 /// Evaluates every checkpoint in `models` on the same documents, prints each table and writes
@@ -324,7 +367,8 @@ pub fn run(models: &[std::path::PathBuf], o: &LongEvalOptions) -> Result<Vec<Lon
         let ck = crate::checkpoint::load(m)?;
         let mut engine = crate::device::engine(&o.device, &ck.config, ck.params)?;
         let name = m.display().to_string();
-        let r = long_eval(engine.as_mut(), &docs, o.seq_len, &name)
+        let carry = !o.reset_windows;
+        let r = long_eval_with(engine.as_mut(), &docs, o.seq_len, &name, carry)
             .with_context(|| format!("evaluating {name}"))?;
         println!("{name}\n{}", table(&r));
         reports.push(r);

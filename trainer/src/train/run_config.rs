@@ -16,6 +16,7 @@
 //! steps = 1000                      # or epochs = 2
 //! seed = 0
 //! # carry_state = "detach"        # stateful training: true / "detach", or k (windows back-propagated)
+//! # carry_streams = 1             # stateful training: groups of `batch` streams taken in turn
 //! [optim]
 //! lr = 3e-3
 //! min_lr = 3e-4
@@ -99,6 +100,14 @@ pub struct TrainSection {
     /// Stateful training over long documents (see [`super::carry`]); off by default.
     #[serde(default, skip_serializing_if = "CarryState::is_off")]
     pub carry_state: CarryState,
+    /// Stateful training: interleaved groups of streams, each `batch` rows, the steps taking
+    /// them in turn (see [`crate::data::stream`]); 1 (the default): one group.
+    #[serde(default = "one", skip_serializing_if = "is_one")]
+    pub carry_streams: usize,
+}
+
+fn is_one(v: &usize) -> bool {
+    *v == 1
 }
 
 fn one() -> usize {
@@ -256,6 +265,13 @@ impl RunConfig {
         let t = &self.train;
         if t.batch == 0 || t.seq_len == 0 || t.grad_accum == 0 {
             bail!("`train.batch`, `train.seq_len` and `train.grad_accum` must be > 0");
+        }
+        if t.carry_streams == 0 || (t.carry_streams > 1 && t.carry_state.is_off()) {
+            bail!(
+                "`train.carry_streams` is {}: give a number of groups of streams >= 1, with \
+                 `train.carry_state` on",
+                t.carry_streams
+            );
         }
         if t.steps.is_some() == t.epochs.is_some() && self.stage != Stage::Eval {
             bail!("give exactly one of `train.steps` and `train.epochs`");

@@ -150,13 +150,17 @@ pub(super) fn open_source_ranked(
             } else {
                 Source::tokens
             };
-            open(
+            let source = open(
                 manifest,
                 if split_train { "train" } else { "val" },
                 lc,
                 Some(tok_sha),
                 vocab,
-            )
+            )?;
+            match t.carry_state.windows() {
+                Some(k) if split_train => source.interleave(t.carry_streams, k),
+                _ => Ok(source),
+            }
         }
         _ if world > 1 => bail!(
             "stage {:?} reads QA pairs, which are not sliced by rank yet: run it on one process",

@@ -19,6 +19,9 @@ pub struct TrainBatch {
     pub targets: Vec<u32>,
     pub mask: Option<Vec<bool>>,
     pub resets: Vec<bool>,
+    /// Stateful training with interleaved streams (`[train] carry_streams`): the group of
+    /// rows this batch is a window of (the trainer carries one state per group); else 0.
+    pub group: usize,
 }
 
 impl TrainBatch {
@@ -68,6 +71,16 @@ impl Source {
         )?)))
     }
 
+    /// Interleaves `groups` groups of streams, `chunk` windows per turn
+    /// ([`StreamLoader::interleave`]); only for [`Source::streams`].
+    pub fn interleave(self, groups: usize, chunk: usize) -> Result<Source> {
+        match self {
+            Source::Streams(s) => Ok(Source::Streams(Box::new(s.interleave(groups, chunk)?))),
+            _ if groups == 1 => Ok(self),
+            _ => bail!("interleaved streams (carry_streams) need stateful training's streams"),
+        }
+    }
+
     /// QA pairs from a JSON Lines file, answer-only loss, packed.
     pub fn qa(path: &Path, tok: &Tokenizer, cfg: QaConfig) -> Result<Source> {
         let pairs = read_qa_jsonl(path)?;
@@ -80,7 +93,14 @@ impl Source {
     pub fn next_batch(&mut self) -> Result<TrainBatch> {
         Ok(match self {
             Source::Tokens(l) => token_batch(l.next_batch()?),
-            Source::Streams(s) => token_batch(s.next_batch()?),
+            Source::Streams(s) => {
+                let b = s.next_batch()?;
+                let group = s.group_of(b.step);
+                TrainBatch {
+                    group,
+                    ..token_batch(b)
+                }
+            }
             Source::Qa(q) => {
                 let b = q.next_batch()?;
                 TrainBatch {
@@ -90,6 +110,7 @@ impl Source {
                     targets: b.targets,
                     mask: Some(b.mask),
                     resets: b.resets,
+                    group: 0,
                 }
             }
         })
@@ -129,6 +150,7 @@ fn token_batch(b: crate::data::loader::TokenBatch) -> TrainBatch {
         targets: b.targets,
         mask: None,
         resets: b.resets,
+        group: 0,
     }
 }
 
