@@ -12,7 +12,9 @@ use crate::ops::conv1d::{
     conv1d_bwd_dw_partial, conv1d_bwd_dx, conv1d_bwd_init, conv1d_last_bwd, Conv1dBwdDwPartialF32,
     Conv1dBwdDxF32, Conv1dBwdInitF32, Conv1dLastBwdF32,
 };
-use crate::ops::elementwise::{colsum_final, colsum_partial, ColsumFinalF32, ColsumPartialF32};
+use crate::ops::elementwise::{
+    colsum_final, colsum_partial, widen_lowp, ColsumFinalF32, ColsumPartialF32, WidenLowpF32,
+};
 use crate::ops::embedding::{embedding_bwd, EmbeddingBwdF32};
 use crate::ops::norm::{norm_bwd_dw_partial, norm_bwd_dx, NormBwdDwPartialF32, NormBwdDxF32};
 use crate::ops::selective_scan::{
@@ -70,8 +72,10 @@ impl<'a> Backward<'a> {
         self.head_bwd()?;
         for (i, lo) in self.m.layout.layers.iter().enumerate().rev() {
             let la = &self.ws.layers[i];
-            self.out_proj_bwd(la, lo)?;
+            let d_out = self.out_proj_bwd_dx(lo)?;
             self.scan_bwd(i, la, lo)?;
+            // After the scan's backward: in a lean workspace it recomputed the gated output.
+            self.out_proj_bwd_dw(la, lo, d_out)?;
             self.dt_x_proj_bwd(la, lo)?;
             self.conv_bwd(i, la, lo)?;
             self.in_proj_norm_bwd(la, lo)?;
@@ -93,13 +97,16 @@ impl<'a> Backward<'a> {
         )
     }
 
-    /// out_proj: `d_gated` from `d_resid`, and the weight (and bias) gradients.
-    fn out_proj_bwd(&self, la: &LayerActs, lo: &LayerOffs) -> Result<()> {
+    /// out_proj: `d_gated` from `d_resid`, and the bias gradient; returns `d_resid` as the
+    /// weight gradient's operand ([`Backward::out_proj_bwd_dw`]).
+    fn out_proj_bwd_dx(&self, lo: &LayerOffs) -> Result<Opnd> {
         let (m, ws, gw) = (self.m, self.ws, self.gw);
         let (n, dm, di) = (ws.n, m.cfg.d_model, m.cfg.d_inner);
         m.dev.tag("out_proj.bwd d_gated");
-        // One low-precision copy for both GEMMs (slot 1: neither GEMM casts into it).
-        let d_out = m.lp_copy(ws, Opnd::A(gw.d_resid.ptr, dm, n, dm), 1)?;
+        // One low-precision copy for both GEMMs, in slot 0: no GEMM until the weight
+        // gradient's casts its first operand (the scan's recompute of dt_proj casts its
+        // second, into slot 1).
+        let d_out = m.lp_copy(ws, Opnd::A(gw.d_resid.ptr, dm, n, dm), 0)?;
         m.mm(
             ws,
             false,
@@ -110,10 +117,21 @@ impl<'a> Backward<'a> {
             (gw.d_gated.ptr, di),
             0.0,
         )?;
-        // A low-precision training workspace kept the GEMM's copy of the gated output.
-        let gated = match m.shadow {
-            Some(_) => Opnd::Lp(la.gated.ptr, di),
-            None => Opnd::A(la.gated.ptr, di, n, di),
+        if let Some(b) = lo.out_b {
+            self.colsum_add(gw.d_resid.ptr, dm, n, dm, self.g(b))?;
+        }
+        Ok(d_out)
+    }
+
+    /// out_proj's weight gradient from `d_out` ([`Backward::out_proj_bwd_dx`]) and the gated
+    /// output: the layer's, or in a lean workspace the scan backward's recompute.
+    fn out_proj_bwd_dw(&self, la: &LayerActs, lo: &LayerOffs, d_out: Opnd) -> Result<()> {
+        let (m, ws) = (self.m, self.ws);
+        let (n, dm, di) = (ws.n, m.cfg.d_model, m.cfg.d_inner);
+        let gated = if ws.lean() {
+            Opnd::Lp(ws.gated_lp.ptr, di)
+        } else {
+            Opnd::A(la.gated.ptr, di, n, di)
         };
         m.dev.tag("out_proj.bwd d_weight");
         m.mm(
@@ -125,11 +143,7 @@ impl<'a> Backward<'a> {
             d_out,
             (self.g(lo.out_w), di),
             1.0,
-        )?;
-        if let Some(b) = lo.out_b {
-            self.colsum_add(gw.d_resid.ptr, dm, n, dm, self.g(b))?;
-        }
-        Ok(())
+        )
     }
 
     /// The scan of layer `i` (its inputs recomputed: the conv output `u` and x = silu(u) from
@@ -139,6 +153,20 @@ impl<'a> Backward<'a> {
         let (m, ws, gw) = (self.m, self.ws, self.gw);
         let (n, di, ds) = (ws.n, m.cfg.d_inner, m.cfg.d_state);
         let batch = ws.batch;
+        if ws.lean() {
+            let p = WidenLowpF32 {
+                src: Ptr::new(la.xz.ptr),
+                rows: n as i64,
+                cols: 2 * di as i64,
+                dst: PtrMut::new(ws.xz32.ptr),
+                ld: 2 * di as i64,
+                mode: m.lp_mode(),
+            };
+            m.dev.tag("scan.bwd widen xz");
+            // SAFETY: a lean workspace's layers keep `n × 2 d_inner` u16 of xz, and `xz32`
+            // holds as many f32 (`Work::new`).
+            unsafe { widen_lowp(&m.dev, &p) }?;
+        }
         m.conv_fwd(ws, i, la, lo, self.has_state, false)?;
         m.dt_proj(ws, la, lo, n)?;
         let scan = SelectiveScanBwdF32 {
@@ -162,6 +190,8 @@ impl<'a> Backward<'a> {
             seq_len: ws.seq_len as i64,
             d_inner: di as i64,
             d_state: ds as i64,
+            gated_lp: PtrMut::new(if ws.lean() { ws.gated_lp.ptr } else { 0 }),
+            lp_mode: m.lp_mode(),
         };
         let reduce_bc = ScanReduceBcF32 {
             part_bc: Ptr::new(gw.part_bc.ptr),
@@ -293,7 +323,7 @@ impl<'a> Backward<'a> {
             d_inner: di as i64,
         };
         let dw = Conv1dBwdDwPartialF32 {
-            x: Ptr::new(la.xz.ptr),
+            x: Ptr::new(ws.xz_f32(la)),
             ldx: 2 * di as i64,
             du: d_u,
             starts,

@@ -20,18 +20,22 @@ pub enum Mode {
 /// reuses (`Mode::Infer`). The backward recomputes the rest from these: the conv output and
 /// its SiLU (from `xz`) and dt_proj's output (from `xdbl`) into the shared [`Work::u`],
 /// [`Work::xs`] and [`Work::delta`], with the same kernels on the same inputs, so the same bits.
+///
+/// A low-precision training workspace (bf16 / fp16, [`Work::lean`]) keeps `xz` in the GEMM
+/// precision (the forward rounds in_proj's output and reads the rounded values through
+/// [`Work::xz32`], the backward widens them back there) and keeps no gated output: the scan's
+/// backward recomputes it into [`Work::gated_lp`] for out_proj's weight gradient.
 pub struct LayerActs {
     /// Residual stream entering the layer `[n, d_model]`.
     pub resid_in: Buf,
     pub mean: Buf,
     pub rstd: Buf,
-    /// in_proj output `[n, 2 d_inner]` (x then z).
+    /// in_proj output `[n, 2 d_inner]` (x then z): f32, or u16 in a lean workspace.
     pub xz: Buf,
     /// x_proj output `[n, dt_rank + 2 d_state]`.
     pub xdbl: Buf,
-    /// Gated scan output `[n, d_inner]`: f32, except in a low-precision training workspace,
-    /// where it holds the bf16 / fp16 copy out_proj reads (and its weight gradient, which
-    /// would cast it the same way); the f32 output then goes to [`Work::y`].
+    /// Gated scan output `[n, d_inner]` f32 (empty in a lean workspace: see
+    /// [`Work::gated_lp`]).
     pub gated: Buf,
     /// Scan states every `shape.chunk` positions `[batch, n_chunks, d_state, d_inner]`.
     pub chunks: Option<Buf>,
@@ -85,8 +89,14 @@ pub struct Work {
     pub u: Buf,
     /// dt_proj output (no bias) `[n, d_inner]` of the layer at hand.
     pub delta: Buf,
-    /// f32 scan output of a low-precision training workspace (`[n, d_inner]`; else unused).
-    pub y: Buf,
+    /// Lean workspaces ([`Work::lean`]): in_proj's f32 output of the layer at hand
+    /// `[n, 2 d_inner]`, rounded to the stored precision (forward), or widened from the
+    /// layer's stored `xz` (backward); else empty.
+    pub xz32: Buf,
+    /// Lean workspaces: the gated scan output of the layer at hand in the GEMM precision
+    /// `[n, d_inner]` u16 (the forward's scan writes it for out_proj, the backward's for its
+    /// weight gradient); else empty.
+    pub gated_lp: Buf,
     /// The conv's SiLU output in the GEMM precision (bf16 / fp16 modes, `[n, d_inner]` u16;
     /// else unused), written by the conv kernel for x_proj and its weight gradient.
     pub xs_lp: Buf,
@@ -178,18 +188,19 @@ impl Work {
         let n_chunks = seq_len.div_ceil(shape.chunk);
         let n_layers = if train { cfg.n_layer } else { 1 };
         let mut layers = Vec::with_capacity(n_layers);
-        // A low-precision training workspace keeps the gated output in 2 bytes.
-        let gated_bytes = if train && lowp {
-            2 * n * di
+        // A lean workspace keeps xz in 2 bytes and no gated output.
+        let lean = train && lowp;
+        let (xz_bytes, gated_bytes) = if lean {
+            (2 * n * 2 * di, 0)
         } else {
-            4 * n * di
+            (4 * n * 2 * di, 4 * n * di)
         };
         for _ in 0..n_layers {
             layers.push(LayerActs {
                 resid_in: f(n * dm)?,
                 mean: f(n)?,
                 rstd: f(n)?,
-                xz: f(n * 2 * di)?,
+                xz: dev.alloc(xz_bytes)?,
                 xdbl: f(n * xr)?,
                 gated: dev.alloc(gated_bytes)?,
                 chunks: if train {
@@ -264,7 +275,8 @@ impl Work {
             ce_rows,
             u: f(n * di)?,
             delta: f(n * di)?,
-            y: if train && lowp { f(n * di)? } else { f(0)? },
+            xz32: f(if lean { n * 2 * di } else { 0 })?,
+            gated_lp: dev.alloc(if lean { 2 * n * di } else { 0 })?,
             xs_lp: dev.alloc(if lowp { 2 * n * di } else { 0 })?,
             state_in_conv: f(st_conv)?,
             state_in_ssm: f(st_ssm)?,
@@ -273,6 +285,22 @@ impl Work {
             lp,
             grad,
         })
+    }
+
+    /// A training workspace in bf16 / fp16: the layers keep `xz` in that precision and no
+    /// gated output (see [`LayerActs`]).
+    pub fn lean(&self) -> bool {
+        self.mode == Mode::Train && self.xz32.bytes > 0
+    }
+
+    /// Device address of the f32 in_proj output of layer `la` as the conv and the scan read
+    /// it: the layer's own `xz`, or in a lean workspace [`Work::xz32`].
+    pub fn xz_f32(&self, la: &LayerActs) -> u64 {
+        if self.lean() {
+            self.xz32.ptr
+        } else {
+            la.xz.ptr
+        }
     }
 
     /// Activation bytes per token this workspace holds (all buffers but the logits, the
@@ -291,6 +319,63 @@ impl Work {
         self.layers
             .first()
             .map_or(0.0, |l| self.layer_bytes(l) as f64 / self.n.max(1) as f64)
+    }
+
+    /// Bytes of every buffer of this workspace: (kept by the layers for the backward, all
+    /// the rest: shared scratch, logits chunk, low-precision copies, states, gradients' work).
+    pub fn bytes(&self) -> (usize, usize) {
+        let layers: usize = self.layers.iter().map(|l| self.layer_bytes(l)).sum();
+        let mut rest = [
+            &self.tokens,
+            &self.starts,
+            &self.resid_final,
+            &self.hn,
+            &self.xs,
+            &self.out,
+            &self.hf,
+            &self.fmean,
+            &self.frstd,
+            &self.logits,
+            &self.u,
+            &self.delta,
+            &self.xz32,
+            &self.gated_lp,
+            &self.xs_lp,
+            &self.state_in_conv,
+            &self.state_in_ssm,
+            &self.state_out_conv,
+            &self.state_out_ssm,
+        ]
+        .iter()
+        .map(|b| b.bytes)
+        .sum::<usize>();
+        rest += self.lp.iter().map(|b| b.bytes).sum::<usize>();
+        if let Some(g) = &self.grad {
+            rest += [
+                &g.d_resid,
+                &g.d_hn,
+                &g.d_gated,
+                &g.d_xs,
+                &g.d_delta,
+                &g.d_xz,
+                &g.d_xdbl,
+                &g.part_bc,
+                &g.part_a,
+                &g.part_d,
+                &g.part_db,
+                &g.colpart,
+                &g.colpart_b,
+                &g.gstate_conv,
+                &g.gstate_ssm,
+                &g.targets,
+                &g.mask,
+                &g.row_loss,
+            ]
+            .iter()
+            .map(|b| b.bytes)
+            .sum::<usize>();
+        }
+        (layers, rest)
     }
 
     fn layer_bytes(&self, l: &LayerActs) -> usize {

@@ -164,6 +164,8 @@ impl OpDev {
             seq_len: d.seq_len as i64,
             d_inner: d.d_inner as i64,
             d_state: d.d_state as i64,
+            out_lp: PtrMut::NULL,
+            lp_mode: 0,
         };
         // SAFETY: `scan_common` uploaded every input at the shapes of `inp.dims` (checked by
         // the caller's `ScanInputs`), and sized the chunk states for this build's chunk; `out`
@@ -222,6 +224,9 @@ impl OpDev {
             seq_len: d.seq_len as i64,
             d_inner: di as i64,
             d_state: ds as i64,
+
+            gated_lp: PtrMut::NULL,
+            lp_mode: 0,
         };
         // SAFETY: the inputs as in `scan_fwd_launch`, whose chunk states the forward above
         // wrote; every output and partial buffer is allocated here at the kernel's extents.
