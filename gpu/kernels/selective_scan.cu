@@ -260,7 +260,8 @@ selective_scan_bwd_body(const float* __restrict__ u, const float* __restrict__ d
                         long ldz_out, float* __restrict__ part_bc, float* __restrict__ part_a,
                         float* __restrict__ part_d, float* __restrict__ part_db,
                         const float* __restrict__ dh_last, float* __restrict__ dh0,
-                        long batch, long L, long di, long ds, u16* __restrict__ gated_lp, int lp_mode) {
+                        long batch, long L, long di, long ds, u16* __restrict__ gated_lp,
+                        u16* __restrict__ ddelta_lp, u16* __restrict__ dz_lp, int lp_mode) {
     extern __shared__ __align__(16) float smem[];
     float* sbc = smem;
     int* sr = reinterpret_cast<int*>(smem + CHUNK * 2 * NG);
@@ -435,13 +436,22 @@ selective_scan_bwd_body(const float* __restrict__ u, const float* __restrict__ d
                 float yt = y[j] + Dc * x[j];
                 // Σ_n dh · (h_prev · decay · A + x · B); A = A2 · ln 2.
                 float dd = (tcs * LN2 + x[j] * s1) * sg[j];
-                if (z) dz_out[row * ldz_out + c] = gg[j] * yt * zg[j];
+                if (z) {
+                    float gz = gg[j] * yt * zg[j];
+                    if (dz_lp)
+                        dz_lp[row * ldz_out + c] = lp_mode == 0 ? f32_to_bf16(gz) : f32_to_f16(gz);
+                    else
+                        dz_out[row * ldz_out + c] = gz;
+                }
                 // The gated output out_proj's weight gradient reads (recomputed, not kept).
                 if (gated_lp) {
                     float gt = yt * zs[j];
                     gated_lp[row * di + c] = lp_mode == 0 ? f32_to_bf16(gt) : f32_to_f16(gt);
                 }
-                ddelta_out[row * di + c] = dd;
+                if (ddelta_lp)
+                    ddelta_lp[row * di + c] = lp_mode == 0 ? f32_to_bf16(dd) : f32_to_f16(dd);
+                else
+                    ddelta_out[row * di + c] = dd;
                 du_out[row * di + c] = dy[j] * Dc + dt[j] * s1;
                 dD += dy[j] * x[j];
                 ddb += dd;

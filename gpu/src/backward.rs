@@ -60,6 +60,14 @@ impl<'a> Backward<'a> {
         self
     }
 
+    /// Whether the scan's and the conv's backward write `d_xz` straight in the GEMM precision
+    /// (into `gw.d_xz`'s storage, at the same row stride in u16): in a lean workspace, unless
+    /// an f32 reader of `d_xz` follows (in_proj's bias gradient, or the final state's gradient
+    /// added into the conv's dx).
+    fn lp_dxz(&self, lo: &LayerOffs) -> bool {
+        self.ws.lean() && self.final_grad.is_none() && lo.in_b.is_none()
+    }
+
     /// Device address of the gradient at element offset `off`.
     fn g(&self, off: usize) -> u64 {
         self.grads.at::<f32>(off)
@@ -191,6 +199,14 @@ impl<'a> Backward<'a> {
             d_inner: di as i64,
             d_state: ds as i64,
             gated_lp: PtrMut::new(if ws.lean() { ws.gated_lp.ptr } else { 0 }),
+            // A lean workspace takes ddelta (and d_xz, see `lp_dxz`) in the GEMM precision
+            // into the f32 buffers' storage: each feeds only its two GEMMs.
+            ddelta_lp: PtrMut::new(if ws.lean() { gw.d_delta.ptr } else { 0 }),
+            dz_lp: PtrMut::new(if self.lp_dxz(lo) {
+                gw.d_xz.at::<u16>(di)
+            } else {
+                0
+            }),
             lp_mode: m.lp_mode(),
         };
         let reduce_bc = ScanReduceBcF32 {
@@ -234,7 +250,11 @@ impl<'a> Backward<'a> {
         m.dev.tag("dt_proj.bwd d_dt");
         // One low-precision copy of each gradient for its two GEMMs (slot 1; the GEMMs cast
         // their other activation, dt_raw or xs, into slot 0).
-        let d_delta = m.lp_copy(ws, Opnd::A(gw.d_delta.ptr, di, n, di), 1)?;
+        let d_delta = if ws.lean() {
+            Opnd::Lp(gw.d_delta.ptr, di)
+        } else {
+            m.lp_copy(ws, Opnd::A(gw.d_delta.ptr, di, n, di), 1)?
+        };
         m.mm(
             ws,
             false,
@@ -312,6 +332,8 @@ impl<'a> Backward<'a> {
             d_inner: di as i64,
             u: Ptr::new(ws.u.ptr),
             g_out: PtrMut::new(gw.d_gated.ptr),
+            dx_lp: PtrMut::new(if self.lp_dxz(lo) { gw.d_xz.ptr } else { 0 }),
+            lp_mode: m.lp_mode(),
         };
         let dinit = Conv1dBwdInitF32 {
             du: d_u,
@@ -392,7 +414,11 @@ impl<'a> Backward<'a> {
         unsafe { crate::ops::norm::norm_fwd(&m.dev, n, &hn) }?;
         m.dev.tag("in_proj.bwd d_hn");
         // One low-precision copy for both GEMMs (slot 1).
-        let d_xz = m.lp_copy(ws, Opnd::A(gw.d_xz.ptr, 2 * di, n, 2 * di), 1)?;
+        let d_xz = if self.lp_dxz(lo) {
+            Opnd::Lp(gw.d_xz.ptr, 2 * di)
+        } else {
+            m.lp_copy(ws, Opnd::A(gw.d_xz.ptr, 2 * di, n, 2 * di), 1)?
+        };
         m.mm(
             ws,
             false,

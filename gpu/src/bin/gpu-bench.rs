@@ -334,6 +334,8 @@ fn scan_one(rows: &mut Vec<String>, chunk: usize) -> reference::Result<()> {
         d_inner,
         d_state,
         gated_lp: PtrMut::NULL,
+        ddelta_lp: PtrMut::NULL,
+        dz_lp: PtrMut::NULL,
         lp_mode: 0,
     };
     let reduce_p = ScanReduceBcF32 {

@@ -226,6 +226,8 @@ impl OpDev {
             d_state: ds as i64,
 
             gated_lp: PtrMut::NULL,
+            ddelta_lp: PtrMut::NULL,
+            dz_lp: PtrMut::NULL,
             lp_mode: 0,
         };
         // SAFETY: the inputs as in `scan_fwd_launch`, whose chunk states the forward above
@@ -389,6 +391,8 @@ impl OpDev {
             d_inner: dil,
             u: Ptr::NULL,
             g_out: PtrMut::NULL,
+            dx_lp: PtrMut::NULL,
+            lp_mode: 0,
         };
         let initp = Conv1dBwdInitF32 {
             du,

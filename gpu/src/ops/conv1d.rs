@@ -66,6 +66,10 @@ kernel_params! {
         d_inner: i64,
         u: Ptr<f32>,
         g_out: PtrMut<f32>,
+        /// Not null: dx goes here instead, in the GEMM precision (same row stride `ldx`).
+        dx_lp: PtrMut<u16>,
+        /// 0: bf16, 1: fp16.
+        lp_mode: i32,
     }
 }
 

@@ -82,6 +82,10 @@ kernel_params! {
         /// `[batch, seq_len, d_inner]`: out_proj's weight gradient reads it, so the forward
         /// need not keep it.
         gated_lp: PtrMut<u16>,
+        /// Not null: ddelta goes here instead, in the GEMM precision.
+        ddelta_lp: PtrMut<u16>,
+        /// Not null: dz goes here instead, in the GEMM precision (row stride `ldz_out`).
+        dz_lp: PtrMut<u16>,
         /// 0: bf16, 1: fp16.
         lp_mode: i32,
     }
