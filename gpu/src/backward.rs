@@ -402,9 +402,25 @@ impl<'a> Backward<'a> {
             Some(_) => (ws.lp[0].ptr, Opnd::Lp(ws.lp[0].ptr, dm)),
             None => (0, Opnd::A(ws.hn.ptr, dm, n, dm)),
         };
+        // A lean workspace kept the residual in the GEMM precision: widened into `resid32`.
+        let resid = ws.resid_f32(la);
+        if ws.lean() {
+            let p = WidenLowpF32 {
+                src: Ptr::new(la.resid_in.ptr),
+                rows: n as i64,
+                cols: dm as i64,
+                dst: PtrMut::new(resid),
+                ld: dm as i64,
+                mode: m.lp_mode(),
+            };
+            m.dev.tag("in_proj.bwd widen resid");
+            // SAFETY: a lean workspace's layers keep `n × d_model` u16 of the residual, and
+            // `resid32` holds as many f32 (`Work::new`).
+            unsafe { widen_lowp(&m.dev, &p) }?;
+        }
         let hn = crate::ops::norm::NormFwdF32 {
-            x_in: Ptr::new(la.resid_in.ptr),
-            y: PtrMut::new(ws.hn.ptr),
+            x_in: Ptr::new(resid),
+            y: PtrMut::new(if ws.lean() { 0 } else { ws.hn.ptr }),
             y_lp: PtrMut::new(hn_lp),
             ..m.norm_params(lo.norm_w, lo.norm_b)
         };
@@ -445,7 +461,7 @@ impl<'a> Backward<'a> {
         }
         m.dev.tag("norm.bwd");
         self.norm_bwd(
-            (la.resid_in.ptr, la.mean.ptr, la.rstd.ptr),
+            (resid, la.mean.ptr, la.rstd.ptr),
             gw.d_hn.ptr,
             (lo.norm_w, lo.norm_b),
             true,

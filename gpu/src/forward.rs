@@ -10,6 +10,7 @@ use crate::model::{Model, Opnd};
 use crate::ops::conv1d::{conv1d_fwd, conv1d_last, Conv1dFwdF32, Conv1dLastF32, ConvInF32};
 use crate::ops::elementwise::{round_lowp, RoundLowpF32};
 use crate::ops::embedding::{embedding_fwd, EmbeddingFwdF32};
+use crate::ops::norm::{norm_fwd, NormFwdF32};
 use crate::ops::selective_scan::{selective_scan_fwd, ScanInF32, SelectiveScanFwdF32};
 use crate::params::{Ptr, PtrMut};
 use crate::work::{doc_starts, LayerActs, Mode, Work};
@@ -29,14 +30,24 @@ impl Model {
         let (dm, di) = (self.cfg.d_model, self.cfg.d_inner);
         let (hn_lp, hn) = self.lp_out(ws, ws.hn.ptr, dm, rows, dm);
         self.dev.tag("norm+in_proj");
-        self.norm_fwd(
-            rows,
-            (x_in, add, la.resid_in.ptr),
-            ws.hn.ptr,
-            (la.mean.ptr, la.rstd.ptr),
-            (lo.norm_w, lo.norm_b),
-            hn_lp,
-        )?;
+        // A lean workspace runs the f32 stream through `resid32` (in place) and keeps the
+        // layer's residual in the GEMM precision; the GEMM reads only hn's copy.
+        let lean = ws.lean();
+        let p = NormFwdF32 {
+            x_in: Ptr::new(x_in),
+            add: Ptr::new(add),
+            x_out: PtrMut::new(ws.resid_f32(la)),
+            y: PtrMut::new(if lean { 0 } else { ws.hn.ptr }),
+            mean_out: PtrMut::new(la.mean.ptr),
+            rstd_out: PtrMut::new(la.rstd.ptr),
+            y_lp: PtrMut::new(hn_lp),
+            x_out_lp: PtrMut::new(if lean { la.resid_in.ptr } else { 0 }),
+            ..self.norm_params(lo.norm_w, lo.norm_b)
+        };
+        // SAFETY: the residual buffers hold `rows` rows of `d_model` (f32, or u16 for the
+        // kept copy), the statistics `rows` f32, `hn` and its copy `rows × d_model`; `x_out`
+        // may be `x_in` (the kernel reads each element before writing it, in one thread).
+        unsafe { norm_fwd(&self.dev, rows, &p) }?;
         self.mm(
             ws,
             true,
@@ -171,8 +182,8 @@ impl Model {
             let la = &ws.layers[if train { i } else { 0 }];
             // Fused residual add + norm: resid_in[i] = resid_in[i-1] + out[i-1].
             let (x_in, add) = match (i, train) {
-                (0, _) => (la.resid_in.ptr, 0),
-                (_, true) => (ws.layers[i - 1].resid_in.ptr, ws.out.ptr),
+                (0, _) => (ws.resid_f32(la), 0),
+                (_, true) => (ws.resid_f32(&ws.layers[i - 1]), ws.out.ptr),
                 (_, false) => (la.resid_in.ptr, ws.out.ptr),
             };
             self.norm_in_proj(ws, la, lo, ws.n, (x_in, add))?;
@@ -188,7 +199,8 @@ impl Model {
         let head_rows = match ws.mode {
             // Training runs the lm_head with the loss, in chunks of rows (`head_loss.rs`).
             Mode::Train => {
-                self.final_norm(ws, ws.n, (last.resid_in.ptr, add, resid_final))?;
+                let x_in = ws.resid_f32(last);
+                self.final_norm(ws, ws.n, (x_in, add, resid_final))?;
                 return Ok(());
             }
             Mode::Infer { head_rows } => head_rows,
@@ -323,7 +335,7 @@ impl Model {
         let p = EmbeddingFwdF32 {
             tokens: Ptr::new(ws.tokens.ptr),
             emb: self.pin(self.layout.emb),
-            out: PtrMut::new(ws.layers[0].resid_in.ptr),
+            out: PtrMut::new(ws.resid_f32(&ws.layers[0])),
             d: self.cfg.d_model as i64,
         };
         // SAFETY: the tokens were checked against the vocabulary (`Batch::check`) and

@@ -170,6 +170,7 @@ impl Model {
             is_layer: (cfg.norm == NormKind::Layer) as i32,
             y_lp: PtrMut::NULL,
             lp_mode: self.lp_mode(),
+            x_out_lp: PtrMut::NULL,
         }
     }
 

@@ -24,9 +24,12 @@ pub enum Mode {
 /// A low-precision training workspace (bf16 / fp16, [`Work::lean`]) keeps `xz` in the GEMM
 /// precision (the forward rounds in_proj's output and reads the rounded values through
 /// [`Work::xz32`], the backward widens them back there) and keeps no gated output: the scan's
-/// backward recomputes it into [`Work::gated_lp`] for out_proj's weight gradient.
+/// backward recomputes it into [`Work::gated_lp`] for out_proj's weight gradient. It also
+/// keeps the residual entering each layer in that precision (the norm's backward reads it
+/// widened, with the forward's f32 statistics); the f32 stream runs through [`Work::resid32`].
 pub struct LayerActs {
-    /// Residual stream entering the layer `[n, d_model]`.
+    /// Residual stream entering the layer `[n, d_model]`: f32, or in a lean workspace its
+    /// bf16 / fp16 copy (the stream itself stays f32 in [`Work::resid32`]).
     pub resid_in: Buf,
     pub mean: Buf,
     pub rstd: Buf,
@@ -73,6 +76,10 @@ pub struct Work {
     pub starts: Buf,
     pub layers: Vec<LayerActs>,
     pub resid_final: Buf,
+    /// Lean workspaces: the f32 residual stream of the layer at hand `[n, d_model]`
+    /// (forward), or the layer's kept residual widened (backward); else empty.
+    pub resid32: Buf,
+    /// The layer norm's f32 output (empty in a lean workspace: the GEMMs read its copy).
     pub hn: Buf,
     pub xs: Buf,
     pub out: Buf,
@@ -190,14 +197,14 @@ impl Work {
         let mut layers = Vec::with_capacity(n_layers);
         // A lean workspace keeps xz in 2 bytes and no gated output.
         let lean = train && lowp;
-        let (xz_bytes, gated_bytes) = if lean {
-            (2 * n * 2 * di, 0)
+        let (xz_bytes, gated_bytes, resid_bytes) = if lean {
+            (2 * n * 2 * di, 0, 2 * n * dm)
         } else {
-            (4 * n * 2 * di, 4 * n * di)
+            (4 * n * 2 * di, 4 * n * di, 4 * n * dm)
         };
         for _ in 0..n_layers {
             layers.push(LayerActs {
-                resid_in: f(n * dm)?,
+                resid_in: dev.alloc(resid_bytes)?,
                 mean: f(n)?,
                 rstd: f(n)?,
                 xz: dev.alloc(xz_bytes)?,
@@ -227,7 +234,8 @@ impl Work {
                 d_hn: f(n * dm)?,
                 d_gated: f(n * di)?,
                 d_xs: f(n * di)?,
-                d_delta: f(n * di)?,
+                // A lean workspace's scan backward writes ddelta in the GEMM precision.
+                d_delta: dev.alloc(if lean { 2 * n * di } else { 4 * n * di })?,
                 d_xz: f(n * 2 * di)?,
                 d_xdbl: f(n * xr)?,
                 part_bc: f(nblk * n * 2 * ds)?,
@@ -265,7 +273,8 @@ impl Work {
             starts: dev.alloc(4 * n)?,
             layers,
             resid_final: f(n * dm)?,
-            hn: f(n * dm)?,
+            resid32: f(if lean { n * dm } else { 0 })?,
+            hn: f(if lean { 0 } else { n * dm })?,
             xs: f(n * di)?,
             out: f(n * dm)?,
             hf: f(n * dm)?,
@@ -303,6 +312,16 @@ impl Work {
         }
     }
 
+    /// Device address of the f32 residual entering layer `la` as the forward reads and
+    /// writes it: the layer's own `resid_in`, or in a lean workspace [`Work::resid32`].
+    pub fn resid_f32(&self, la: &LayerActs) -> u64 {
+        if self.lean() {
+            self.resid32.ptr
+        } else {
+            la.resid_in.ptr
+        }
+    }
+
     /// Activation bytes per token this workspace holds (all buffers but the logits, the
     /// low-precision copies, the states and the layers' shared scratch).
     pub fn activation_bytes_per_token(&self) -> f64 {
@@ -329,6 +348,7 @@ impl Work {
             &self.tokens,
             &self.starts,
             &self.resid_final,
+            &self.resid32,
             &self.hn,
             &self.xs,
             &self.out,

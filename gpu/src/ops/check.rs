@@ -486,6 +486,7 @@ impl OpDev {
             is_layer: (kind == NormKind::Layer) as i32,
             y_lp: PtrMut::NULL,
             lp_mode: 0,
+            x_out_lp: PtrMut::NULL,
         };
         // SAFETY: inputs uploaded here (`n * d`, `d` values), outputs allocated at `n * d`
         // and `n`.
