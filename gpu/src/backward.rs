@@ -62,10 +62,9 @@ impl<'a> Backward<'a> {
 
     /// Whether the scan's and the conv's backward write `d_xz` straight in the GEMM precision
     /// (into `gw.d_xz`'s storage, at the same row stride in u16): in a lean workspace, unless
-    /// an f32 reader of `d_xz` follows (in_proj's bias gradient, or the final state's gradient
-    /// added into the conv's dx).
+    /// in_proj's bias gradient reads it in f32.
     fn lp_dxz(&self, lo: &LayerOffs) -> bool {
-        self.ws.lean() && self.final_grad.is_none() && lo.in_b.is_none()
+        self.ws.lean() && lo.in_b.is_none()
     }
 
     /// Device address of the gradient at element offset `off`.
@@ -334,6 +333,9 @@ impl<'a> Backward<'a> {
             g_out: PtrMut::new(gw.d_gated.ptr),
             dx_lp: PtrMut::new(if self.lp_dxz(lo) { gw.d_xz.ptr } else { 0 }),
             lp_mode: m.lp_mode(),
+            // The final window's gradient (stateful training) goes into dx here, before any
+            // rounding; `conv1d_last_bwd` below adds only its initial-window part.
+            d_last: Ptr::or_null(self.final_grad.map(|g| g.0 + (4 * conv_at) as u64)),
         };
         let dinit = Conv1dBwdInitF32 {
             du: d_u,
@@ -373,7 +375,7 @@ impl<'a> Backward<'a> {
             let last = Conv1dLastBwdF32 {
                 d_last: Ptr::new(d_conv + (4 * conv_at) as u64),
                 starts,
-                dx: dx.dx,
+                dx: PtrMut::NULL,
                 ldx: dx.ldx,
                 dinit: dinit.dinit,
                 batch,

@@ -133,8 +133,9 @@ pub fn doc_starts(resets: Option<&[bool]>, batch: usize, seq_len: usize) -> Vec<
     out
 }
 
-/// f32 logits one chunk of the training head may hold (512 MiB).
-const CE_CHUNK_BYTES: usize = 512 << 20;
+/// f32 logits one chunk of the training head may hold (256 MiB: at the 1.4B's 16,384 rows
+/// and its vocabulary, 13 chunks of 1,280 rows, each GEMM still 0.27 TFLOP).
+const CE_CHUNK_BYTES: usize = 256 << 20;
 
 /// Rows per chunk of the training head + loss for `n` rows and `vocab`: `VET_CE_ROWS` if set
 /// (a positive integer; tests use it to cut small batches into many chunks), else as many
@@ -197,6 +198,9 @@ impl Work {
         let mut layers = Vec::with_capacity(n_layers);
         // A lean workspace keeps xz in 2 bytes and no gated output.
         let lean = train && lowp;
+        // The backward then writes d_xz straight in the GEMM precision (no f32 copy, no cast
+        // into `lp`), unless in_proj's bias gradient reads it (`Backward::lp_dxz`).
+        let lean_dxz = lean && !cfg.use_bias;
         let (xz_bytes, gated_bytes, resid_bytes) = if lean {
             (2 * n * 2 * di, 0, 2 * n * dm)
         } else {
@@ -236,7 +240,12 @@ impl Work {
                 d_xs: f(n * di)?,
                 // A lean workspace's scan backward writes ddelta in the GEMM precision.
                 d_delta: dev.alloc(if lean { 2 * n * di } else { 4 * n * di })?,
-                d_xz: f(n * 2 * di)?,
+                // A lean workspace without in_proj bias takes d_xz in the GEMM precision only.
+                d_xz: dev.alloc(if lean_dxz {
+                    2 * n * 2 * di
+                } else {
+                    4 * n * 2 * di
+                })?,
                 d_xdbl: f(n * xr)?,
                 part_bc: f(nblk * n * 2 * ds)?,
                 part_a: f(batch * di * ds)?,
@@ -256,8 +265,13 @@ impl Work {
         let lp = if lowp {
             // The largest operand a GEMM casts, or (training) one chunk's gradient of the
             // logits, which the loss kernel writes into slot 0.
+            let widest = if lean_dxz {
+                dm.max(xr)
+            } else {
+                (2 * di).max(dm).max(xr)
+            };
             let big = match mode {
-                Mode::Train => (n * (2 * di).max(dm).max(xr)).max(ce_rows * v),
+                Mode::Train => (n * widest).max(ce_rows * v),
                 Mode::Infer { .. } => n * v.max(2 * di).max(dm).max(xr),
             };
             vec![dev.alloc(2 * big)?, dev.alloc(2 * big)?]
@@ -409,9 +423,9 @@ mod tests {
     use super::parse_ce_rows;
 
     #[test]
-    fn head_chunks_fit_512_mib_of_logits_unless_told() {
-        // 512 MiB / (4 × 50280) = 2669.6 rows, rounded down to a multiple of 64.
-        assert_eq!(parse_ce_rows(None, 32768, 50280).unwrap(), 2624);
+    fn head_chunks_fit_256_mib_of_logits_unless_told() {
+        // 256 MiB / (4 × 50280) = 1334.8 rows, rounded down to a multiple of 64.
+        assert_eq!(parse_ce_rows(None, 32768, 50280).unwrap(), 1280);
         assert_eq!(parse_ce_rows(Some(""), 100, 50280).unwrap(), 100);
         assert_eq!(parse_ce_rows(Some("3"), 134, 301).unwrap(), 3);
         assert_eq!(parse_ce_rows(Some("500"), 134, 301).unwrap(), 134);

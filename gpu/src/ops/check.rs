@@ -393,6 +393,7 @@ impl OpDev {
             g_out: PtrMut::NULL,
             dx_lp: PtrMut::NULL,
             lp_mode: 0,
+            d_last: Ptr::NULL,
         };
         let initp = Conv1dBwdInitF32 {
             du,
