@@ -12,9 +12,7 @@ use crate::ops::conv1d::{
     conv1d_bwd_dw_partial, conv1d_bwd_dx, conv1d_bwd_init, conv1d_last_bwd, Conv1dBwdDwPartialF32,
     Conv1dBwdDxF32, Conv1dBwdInitF32, Conv1dLastBwdF32,
 };
-use crate::ops::elementwise::{
-    colsum_final, colsum_partial, widen_lowp, ColsumFinalF32, ColsumPartialF32, WidenLowpF32,
-};
+use crate::ops::elementwise::{colsum_final, colsum_partial, ColsumFinalF32, ColsumPartialF32};
 use crate::ops::embedding::{embedding_bwd, EmbeddingBwdF32};
 use crate::ops::norm::{norm_bwd_dw_partial, norm_bwd_dx, NormBwdDwPartialF32, NormBwdDxF32};
 use crate::ops::selective_scan::{
@@ -161,18 +159,8 @@ impl<'a> Backward<'a> {
         let (n, di, ds) = (ws.n, m.cfg.d_inner, m.cfg.d_state);
         let batch = ws.batch;
         if ws.lean() {
-            let p = WidenLowpF32 {
-                src: Ptr::new(la.xz.ptr),
-                rows: n as i64,
-                cols: 2 * di as i64,
-                dst: PtrMut::new(ws.xz32.ptr),
-                ld: 2 * di as i64,
-                mode: m.lp_mode(),
-            };
             m.dev.tag("scan.bwd widen xz");
-            // SAFETY: a lean workspace's layers keep `n × 2 d_inner` u16 of xz, and `xz32`
-            // holds as many f32 (`Work::new`).
-            unsafe { widen_lowp(&m.dev, &p) }?;
+            m.widen_lp(ws, la.xz.ptr, 2 * di, ws.xz32.ptr)?;
         }
         m.conv_fwd(ws, i, la, lo, self.has_state, false)?;
         m.dt_proj(ws, la, lo, n)?;
@@ -407,18 +395,8 @@ impl<'a> Backward<'a> {
         // A lean workspace kept the residual in the GEMM precision: widened into `resid32`.
         let resid = ws.resid_f32(la);
         if ws.lean() {
-            let p = WidenLowpF32 {
-                src: Ptr::new(la.resid_in.ptr),
-                rows: n as i64,
-                cols: dm as i64,
-                dst: PtrMut::new(resid),
-                ld: dm as i64,
-                mode: m.lp_mode(),
-            };
             m.dev.tag("in_proj.bwd widen resid");
-            // SAFETY: a lean workspace's layers keep `n × d_model` u16 of the residual, and
-            // `resid32` holds as many f32 (`Work::new`).
-            unsafe { widen_lowp(&m.dev, &p) }?;
+            m.widen_lp(ws, la.resid_in.ptr, dm, resid)?;
         }
         let hn = crate::ops::norm::NormFwdF32 {
             x_in: Ptr::new(resid),

@@ -66,6 +66,46 @@ pub struct GradWork {
     pub row_loss: Buf,
 }
 
+impl GradWork {
+    /// The backward's buffers for `batch` rows of `n / batch` positions; `lean`: a lean
+    /// workspace (ddelta in 2 bytes), `lean_dxz`: d_xz too (see `Work::new`).
+    fn new(
+        dev: &Arc<Dev>,
+        cfg: &MambaConfig,
+        batch: usize,
+        n: usize,
+        (lean, lean_dxz): (bool, bool),
+    ) -> Result<GradWork> {
+        let (dm, di, ds, xr) = (cfg.d_model, cfg.d_inner, cfg.d_state, cfg.x_proj_rows());
+        let f = |k: usize| dev.alloc(4 * k);
+        let (n_rb, _) = row_blocks(n);
+        let nblk = scan_blocks(di);
+        let st_conv = cfg.n_layer * batch * di * (cfg.d_conv - 1);
+        Ok(GradWork {
+            d_resid: f(n * dm)?,
+            d_hn: f(n * dm)?,
+            d_gated: f(n * di)?,
+            d_xs: f(n * di)?,
+            // A lean workspace's scan backward writes ddelta in the GEMM precision.
+            d_delta: dev.alloc(if lean { 2 * n * di } else { 4 * n * di })?,
+            // A lean workspace without in_proj bias takes d_xz in the GEMM precision only.
+            d_xz: dev.alloc(if lean_dxz { 2 } else { 4 } * n * 2 * di)?,
+            d_xdbl: f(n * xr)?,
+            part_bc: f(nblk * n * 2 * ds)?,
+            part_a: f(batch * di * ds)?,
+            part_d: f(batch * di)?,
+            part_db: f(batch * di)?,
+            colpart: f(n_rb * (2 * di).max(dm).max(di * cfg.d_conv))?,
+            colpart_b: f(n_rb * di.max(dm))?,
+            gstate_conv: f(st_conv)?,
+            gstate_ssm: f(cfg.n_layer * batch * di * ds)?,
+            targets: dev.alloc(4 * n)?,
+            mask: dev.alloc(n)?,
+            row_loss: f(n)?,
+        })
+    }
+}
+
 /// Every device buffer of one call shape.
 pub struct Work {
     pub batch: usize,
@@ -231,34 +271,7 @@ impl Work {
         let st_conv = cfg.n_layer * batch * di * km1;
         let st_ssm = cfg.n_layer * batch * di * ds;
         let grad = if train {
-            let (n_rb, _) = row_blocks(n);
-            let nblk = scan_blocks(cfg.d_inner);
-            Some(GradWork {
-                d_resid: f(n * dm)?,
-                d_hn: f(n * dm)?,
-                d_gated: f(n * di)?,
-                d_xs: f(n * di)?,
-                // A lean workspace's scan backward writes ddelta in the GEMM precision.
-                d_delta: dev.alloc(if lean { 2 * n * di } else { 4 * n * di })?,
-                // A lean workspace without in_proj bias takes d_xz in the GEMM precision only.
-                d_xz: dev.alloc(if lean_dxz {
-                    2 * n * 2 * di
-                } else {
-                    4 * n * 2 * di
-                })?,
-                d_xdbl: f(n * xr)?,
-                part_bc: f(nblk * n * 2 * ds)?,
-                part_a: f(batch * di * ds)?,
-                part_d: f(batch * di)?,
-                part_db: f(batch * di)?,
-                colpart: f(n_rb * (2 * di).max(dm).max(di * cfg.d_conv))?,
-                colpart_b: f(n_rb * di.max(dm))?,
-                gstate_conv: f(st_conv)?,
-                gstate_ssm: f(st_ssm)?,
-                targets: dev.alloc(4 * n)?,
-                mask: dev.alloc(n)?,
-                row_loss: f(n)?,
-            })
+            Some(GradWork::new(dev, cfg, batch, n, (lean, lean_dxz))?)
         } else {
             None
         };
