@@ -153,6 +153,10 @@ pub mod gpu {
     /// bf16 GEMM inputs (8-bit mantissa: relative rounding 2^-9 ≈ 2e-3 per operand) in every
     /// projection and the lm_head, added up over layers. Measured worst forward 1.2e-2 (prefill
     /// logits of mamba_like_d64_state16), gradient 3.4e-2 (its x_proj.weight), loss 2.7e-4.
+    /// Training in bf16 / fp16 also rounds in_proj's output and the kept residual to the GEMM
+    /// precision (the lean workspace, README "Training: memory"): one more rounding of the
+    /// same size per layer, so the loss and gradient limits keep about 2× headroom; the
+    /// measured values above predate it and are to be re-measured on the device.
     pub const BF16_FWD: f64 = 3e-2;
     pub const BF16_LOSS: f64 = 2e-3;
     pub const BF16_GRAD: f64 = 8e-2;

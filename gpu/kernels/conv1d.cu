@@ -88,7 +88,7 @@ extern "C" __global__ void conv1d_last_f32(const Conv1dLastF32 p) { conv1d_last_
 // in registers; grid as conv1d_fwd_f32.
 static __device__ __forceinline__ void conv1d_bwd_dx_f32_body(const float* du, const float* w, const int* starts, float* dx,
                                              long ldx, long batch, long L, long di, const float* u,
-                                             float* g_out) {
+                                             float* g_out, u16* dx_lp, int lp_mode, const float* d_last) {
     const int km1 = D_CONV - 1;
     long c = blockIdx.y * (long)blockDim.x + threadIdx.x;
     if (c >= di) return;
@@ -132,7 +132,15 @@ static __device__ __forceinline__ void conv1d_bwd_dx_f32_body(const float* du, c
             int j = km1 - k;  // t = p + j
             if (p + j < L && (sw[j] < 0 || p >= sw[j])) acc += wk[k] * gw[j];
         }
-        dx[(b * L + p) * ldx + c] = acc;
+        // The final window's gradient (as conv1d_last_bwd_f32 adds it, in the same order).
+        if (d_last && p >= L - km1) {
+            int st = st_b[L - 1];
+            if (st < 0 || p >= st) acc += d_last[(b * di + c) * km1 + (p - (L - km1))];
+        }
+        if (dx_lp)
+            dx_lp[(b * L + p) * ldx + c] = lp_mode == 0 ? f32_to_bf16(acc) : f32_to_f16(acc);
+        else
+            dx[(b * L + p) * ldx + c] = acc;
         if (g_out) g_out[(b * L + p) * di + c] = gw[0];
 #pragma unroll
         for (int j = 0; j < km1; ++j) {
@@ -228,7 +236,7 @@ static __device__ __forceinline__ void conv1d_last_bwd_f32_body(const float* d_l
         long p = L - km1 + j;
         float g = d_last[i];
         if (p >= 0) {
-            if (st < 0 || p >= st) dx[(b * L + p) * ldx + c] += g;
+            if (dx && (st < 0 || p >= st)) dx[(b * L + p) * ldx + c] += g;
         } else if (st < 0) {
             dinit[(b * di + c) * km1 + (km1 + p)] += g;
         }

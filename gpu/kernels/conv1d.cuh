@@ -47,8 +47,11 @@ typedef struct {
     long d_inner;
     const float* u;
     float* g_out;
+    u16* dx_lp;
+    int lp_mode;
+    const float* d_last;
 } Conv1dBwdDxF32;
-#define CONV1D_BWD_DX_F32_ARGS(p) (p).du, (p).w, (p).starts, (p).dx, (p).ldx, (p).batch, (p).seq_len, (p).d_inner, (p).u, (p).g_out
+#define CONV1D_BWD_DX_F32_ARGS(p) (p).du, (p).w, (p).starts, (p).dx, (p).ldx, (p).batch, (p).seq_len, (p).d_inner, (p).u, (p).g_out, (p).dx_lp, (p).lp_mode, (p).d_last
 
 typedef struct {
     const float* du;

@@ -59,3 +59,33 @@ static __device__ __forceinline__ void colsum_final_f32_body(const float* partia
     dst[j] += acc;
 }
 extern "C" __global__ void colsum_final_f32(const ColsumFinalF32 p) { colsum_final_f32_body(COLSUM_FINAL_F32_ARGS(p)); }
+
+// The stored low-precision copy of a GEMM output (training in bf16 / fp16 keeps in_proj's xz
+// so): x[r * ld + j] (+ b[j] unless null) is rounded to lowp, stored into dst[r, j]
+// (contiguous [rows, cols]), and the rounded value written back into x, so the forward reads
+// the same values the backward later widens from dst. mode 0: bf16, 1: fp16.
+static __device__ __forceinline__ void round_lowp_f32_body(float* x, long ld, long rows, long cols, const float* b,
+                                          u16* dst, int mode) {
+    long total = rows * cols;
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < total; i += (long)gridDim.x * blockDim.x) {
+        long r = i / cols, j = i - r * cols;
+        float v = x[r * ld + j];
+        if (b) v += b[j];
+        u16 h = mode == 0 ? f32_to_bf16(v) : f32_to_f16(v);
+        dst[i] = h;
+        x[r * ld + j] = mode == 0 ? bf16_to_f32(h) : f16_to_f32(h);
+    }
+}
+extern "C" __global__ void round_lowp_f32(const RoundLowpF32 p) { round_lowp_f32_body(ROUND_LOWP_F32_ARGS(p)); }
+
+// dst[r * ld + j] = f32(src[r, j]) (src contiguous [rows, cols]); mode 0: bf16, 1: fp16.
+static __device__ __forceinline__ void widen_lowp_f32_body(const u16* src, long rows, long cols, float* dst, long ld,
+                                          int mode) {
+    long total = rows * cols;
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < total; i += (long)gridDim.x * blockDim.x) {
+        long r = i / cols, j = i - r * cols;
+        u16 h = src[i];
+        dst[r * ld + j] = mode == 0 ? bf16_to_f32(h) : f16_to_f32(h);
+    }
+}
+extern "C" __global__ void widen_lowp_f32(const WidenLowpF32 p) { widen_lowp_f32_body(WIDEN_LOWP_F32_ARGS(p)); }

@@ -52,3 +52,24 @@ typedef struct {
     float* dst;
 } ColsumFinalF32;
 #define COLSUM_FINAL_F32_ARGS(p) (p).partial, (p).n_rb, (p).cols, (p).dst
+
+typedef struct {
+    float* x;
+    long ld;
+    long rows;
+    long cols;
+    const float* b;
+    u16* dst;
+    int mode;
+} RoundLowpF32;
+#define ROUND_LOWP_F32_ARGS(p) (p).x, (p).ld, (p).rows, (p).cols, (p).b, (p).dst, (p).mode
+
+typedef struct {
+    const u16* src;
+    long rows;
+    long cols;
+    float* dst;
+    long ld;
+    int mode;
+} WidenLowpF32;
+#define WIDEN_LOWP_F32_ARGS(p) (p).src, (p).rows, (p).cols, (p).dst, (p).ld, (p).mode

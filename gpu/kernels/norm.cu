@@ -2,10 +2,13 @@
 
 // One block per row. x_out = x_in + add (add may be null: x_out = x_in, and x_out may be null
 // when add is null); y = norm(x_out). is_layer: LayerNorm (mean subtracted, bias b).
-// y_lp (may be null): y again in bf16 (lp_mode 0) or fp16 (1), the next GEMM's operand.
+// y_lp (may be null): y again in bf16 (lp_mode 0) or fp16 (1), the next GEMM's operand; y may
+// then be null. x_out_lp (may be null): x_in + add (or x_in) in that precision. x_out may be
+// x_in (in place: each thread reads back only what it wrote).
 static __device__ __forceinline__ void norm_fwd_f32_body(const float* x_in, const float* add, float* x_out, float* y,
                                         float* mean_out, float* rstd_out, const float* w, const float* b,
-                                        long d, float eps, int is_layer, u16* y_lp, int lp_mode) {
+                                        long d, float eps, int is_layer, u16* y_lp, int lp_mode,
+                                        u16* x_out_lp) {
     __shared__ float sh[33];
     long r = blockIdx.x;
     const float* xr = x_in + r * d;
@@ -15,6 +18,7 @@ static __device__ __forceinline__ void norm_fwd_f32_body(const float* x_in, cons
     for (long j = threadIdx.x; j < d; j += blockDim.x) {
         float v = xr[j];
         if (ar) { v = v + ar[j]; xo[j] = v; }
+        if (x_out_lp) x_out_lp[r * d + j] = lp_mode == 0 ? f32_to_bf16(v) : f32_to_f16(v);
         s += v;
     }
     const float* xs = xo ? xo : xr;
@@ -28,11 +32,11 @@ static __device__ __forceinline__ void norm_fwd_f32_body(const float* x_in, cons
     }
     ss = block_sum(ss, sh);
     float rstd = 1.0f / sqrtf(ss * inv_d + eps);
-    if (y) {
+    if (y || y_lp) {
         for (long j = threadIdx.x; j < d; j += blockDim.x) {
             float v = (xs[j] - mean) * rstd * w[j];
             if (b) v += b[j];
-            y[r * d + j] = v;
+            if (y) y[r * d + j] = v;
             if (y_lp) y_lp[r * d + j] = lp_mode == 0 ? f32_to_bf16(v) : f32_to_f16(v);
         }
     }

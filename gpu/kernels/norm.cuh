@@ -16,8 +16,9 @@ typedef struct {
     int is_layer;
     u16* y_lp;
     int lp_mode;
+    u16* x_out_lp;
 } NormFwdF32;
-#define NORM_FWD_F32_ARGS(p) (p).x_in, (p).add, (p).x_out, (p).y, (p).mean_out, (p).rstd_out, (p).w, (p).b, (p).d, (p).eps, (p).is_layer, (p).y_lp, (p).lp_mode
+#define NORM_FWD_F32_ARGS(p) (p).x_in, (p).add, (p).x_out, (p).y, (p).mean_out, (p).rstd_out, (p).w, (p).b, (p).d, (p).eps, (p).is_layer, (p).y_lp, (p).lp_mode, (p).x_out_lp
 
 typedef struct {
     const float* x;

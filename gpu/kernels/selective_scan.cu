@@ -132,7 +132,8 @@ static __device__ __forceinline__ void selective_scan_fwd_f32_body(const float* 
                        const float* __restrict__ dvec, const float* __restrict__ z, long ldz,
                        const float* __restrict__ dt_bias, const int* __restrict__ starts,
                        const float* __restrict__ h0, float* __restrict__ out, float* __restrict__ chunk_states,
-                       float* __restrict__ last, long batch, long L, long di, long ds) {
+                       float* __restrict__ last, long batch, long L, long di, long ds,
+                       u16* __restrict__ out_lp, int lp_mode) {
     __shared__ __align__(16) float sbc[FT * 2 * FNP];
     __shared__ int sr[FT];
     int tid = threadIdx.x, hf = tid & 1;
@@ -221,7 +222,9 @@ static __device__ __forceinline__ void selective_scan_fwd_f32_body(const float* 
             if (tvo) {
                 y += Dc * cu[m];
                 long row = b * L + to;
-                out[row * di + c] = z ? y * silu_f32(cz[m]) : y;
+                float g = z ? y * silu_f32(cz[m]) : y;
+                if (out) out[row * di + c] = g;
+                if (out_lp) out_lp[row * di + c] = lp_mode == 0 ? f32_to_bf16(g) : f32_to_f16(g);
             }
         }
     }
@@ -257,7 +260,8 @@ selective_scan_bwd_body(const float* __restrict__ u, const float* __restrict__ d
                         long ldz_out, float* __restrict__ part_bc, float* __restrict__ part_a,
                         float* __restrict__ part_d, float* __restrict__ part_db,
                         const float* __restrict__ dh_last, float* __restrict__ dh0,
-                        long batch, long L, long di, long ds) {
+                        long batch, long L, long di, long ds, u16* __restrict__ gated_lp,
+                        u16* __restrict__ ddelta_lp, u16* __restrict__ dz_lp, int lp_mode) {
     extern __shared__ __align__(16) float smem[];
     float* sbc = smem;
     int* sr = reinterpret_cast<int*>(smem + CHUNK * 2 * NG);
@@ -350,26 +354,28 @@ selective_scan_bwd_body(const float* __restrict__ u, const float* __restrict__ d
         long t0 = gw * SUB;
         int j0 = w * SUB;
         // softplus and its gradient share exp(v); silu and its gradient share sigmoid(z).
-        float x[SUB], dt[SUB], sg[SUB], dy[SUB], gg[SUB], zg[SUB];
+        float x[SUB], dt[SUB], sg[SUB], dy[SUB], gz[SUB], zs[SUB];
 #pragma unroll
         for (int j = 0; j < SUB; ++j) {
             bool tv = t0 + j < L && cval;
             float v = nv[j] + bias;
             x[j] = nu[j];
-            gg[j] = ng[j];
             float zv = nz[j];
             if (SHARE) {
                 float ev = expf(v);
                 dt[j] = tv ? (v > 20.0f ? v : log1pf(ev)) : 0.0f;
                 sg[j] = v > 20.0f ? 1.0f : ev / (1.0f + ev);
                 float sz = sigmoid_f32(zv);
-                zg[j] = sz * (1.0f + zv * (1.0f - sz));
-                dy[j] = z ? ng[j] * (zv * sz) : ng[j];
+                // dz = dout · silu'(z) · y: its first two factors now.
+                gz[j] = ng[j] * (sz * (1.0f + zv * (1.0f - sz)));
+                zs[j] = z ? zv * sz : 1.0f;
+                dy[j] = ng[j] * zs[j];
             } else {
                 dt[j] = tv ? softplus_f32(v) : 0.0f;
                 sg[j] = softplus_grad_f32(v);
-                zg[j] = silu_grad_f32(zv);
-                dy[j] = z ? ng[j] * silu_f32(zv) : ng[j];
+                gz[j] = ng[j] * silu_grad_f32(zv);
+                zs[j] = z ? silu_f32(zv) : 1.0f;
+                dy[j] = ng[j] * zs[j];
             }
         }
         if (gw > 0) load_win(t0 - SUB);
@@ -430,8 +436,22 @@ selective_scan_bwd_body(const float* __restrict__ u, const float* __restrict__ d
                 float yt = y[j] + Dc * x[j];
                 // Σ_n dh · (h_prev · decay · A + x · B); A = A2 · ln 2.
                 float dd = (tcs * LN2 + x[j] * s1) * sg[j];
-                if (z) dz_out[row * ldz_out + c] = gg[j] * yt * zg[j];
-                ddelta_out[row * di + c] = dd;
+                if (z) {
+                    float dzv = gz[j] * yt;
+                    if (dz_lp)
+                        dz_lp[row * ldz_out + c] = lp_mode == 0 ? f32_to_bf16(dzv) : f32_to_f16(dzv);
+                    else
+                        dz_out[row * ldz_out + c] = dzv;
+                }
+                // The gated output out_proj's weight gradient reads (recomputed, not kept).
+                if (gated_lp) {
+                    float gt = yt * zs[j];
+                    gated_lp[row * di + c] = lp_mode == 0 ? f32_to_bf16(gt) : f32_to_f16(gt);
+                }
+                if (ddelta_lp)
+                    ddelta_lp[row * di + c] = lp_mode == 0 ? f32_to_bf16(dd) : f32_to_f16(dd);
+                else
+                    ddelta_out[row * di + c] = dd;
                 du_out[row * di + c] = dy[j] * Dc + dt[j] * s1;
                 dD += dy[j] * x[j];
                 ddb += dd;

@@ -27,8 +27,10 @@ typedef struct {
     long seq_len;
     long d_inner;
     long d_state;
+    u16* out_lp;
+    int lp_mode;
 } SelectiveScanFwdF32;
-#define SELECTIVE_SCAN_FWD_F32_ARGS(p) SCAN_IN_F32_ARGS((p).scan), (p).h0, (p).out, (p).chunk_states, (p).last, (p).batch, (p).seq_len, (p).d_inner, (p).d_state
+#define SELECTIVE_SCAN_FWD_F32_ARGS(p) SCAN_IN_F32_ARGS((p).scan), (p).h0, (p).out, (p).chunk_states, (p).last, (p).batch, (p).seq_len, (p).d_inner, (p).d_state, (p).out_lp, (p).lp_mode
 
 typedef struct {
     ScanInF32 scan;
@@ -48,8 +50,12 @@ typedef struct {
     long seq_len;
     long d_inner;
     long d_state;
+    u16* gated_lp;
+    u16* ddelta_lp;
+    u16* dz_lp;
+    int lp_mode;
 } SelectiveScanBwdF32;
-#define SELECTIVE_SCAN_BWD_F32_ARGS(p) SCAN_IN_F32_ARGS((p).scan), (p).chunk_states, (p).dout, (p).du_out, (p).ddelta_out, (p).dz_out, (p).ldz_out, (p).part_bc, (p).part_a, (p).part_d, (p).part_db, (p).dh_last, (p).dh0, (p).batch, (p).seq_len, (p).d_inner, (p).d_state
+#define SELECTIVE_SCAN_BWD_F32_ARGS(p) SCAN_IN_F32_ARGS((p).scan), (p).chunk_states, (p).dout, (p).du_out, (p).ddelta_out, (p).dz_out, (p).ldz_out, (p).part_bc, (p).part_a, (p).part_d, (p).part_db, (p).dh_last, (p).dh0, (p).batch, (p).seq_len, (p).d_inner, (p).d_state, (p).gated_lp, (p).ddelta_lp, (p).dz_lp, (p).lp_mode
 
 typedef struct {
     const float* part_bc;

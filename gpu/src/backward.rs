@@ -58,6 +58,13 @@ impl<'a> Backward<'a> {
         self
     }
 
+    /// Whether the scan's and the conv's backward write `d_xz` straight in the GEMM precision
+    /// (into `gw.d_xz`'s storage, at the same row stride in u16): in a lean workspace, unless
+    /// in_proj's bias gradient reads it in f32.
+    fn lp_dxz(&self, lo: &LayerOffs) -> bool {
+        self.ws.lean() && lo.in_b.is_none()
+    }
+
     /// Device address of the gradient at element offset `off`.
     fn g(&self, off: usize) -> u64 {
         self.grads.at::<f32>(off)
@@ -70,8 +77,10 @@ impl<'a> Backward<'a> {
         self.head_bwd()?;
         for (i, lo) in self.m.layout.layers.iter().enumerate().rev() {
             let la = &self.ws.layers[i];
-            self.out_proj_bwd(la, lo)?;
+            let d_out = self.out_proj_bwd_dx(lo)?;
             self.scan_bwd(i, la, lo)?;
+            // After the scan's backward: in a lean workspace it recomputed the gated output.
+            self.out_proj_bwd_dw(la, lo, d_out)?;
             self.dt_x_proj_bwd(la, lo)?;
             self.conv_bwd(i, la, lo)?;
             self.in_proj_norm_bwd(la, lo)?;
@@ -93,13 +102,16 @@ impl<'a> Backward<'a> {
         )
     }
 
-    /// out_proj: `d_gated` from `d_resid`, and the weight (and bias) gradients.
-    fn out_proj_bwd(&self, la: &LayerActs, lo: &LayerOffs) -> Result<()> {
+    /// out_proj: `d_gated` from `d_resid`, and the bias gradient; returns `d_resid` as the
+    /// weight gradient's operand ([`Backward::out_proj_bwd_dw`]).
+    fn out_proj_bwd_dx(&self, lo: &LayerOffs) -> Result<Opnd> {
         let (m, ws, gw) = (self.m, self.ws, self.gw);
         let (n, dm, di) = (ws.n, m.cfg.d_model, m.cfg.d_inner);
         m.dev.tag("out_proj.bwd d_gated");
-        // One low-precision copy for both GEMMs (slot 1: neither GEMM casts into it).
-        let d_out = m.lp_copy(ws, Opnd::A(gw.d_resid.ptr, dm, n, dm), 1)?;
+        // One low-precision copy for both GEMMs, in slot 0: no GEMM until the weight
+        // gradient's casts its first operand (the scan's recompute of dt_proj casts its
+        // second, into slot 1).
+        let d_out = m.lp_copy(ws, Opnd::A(gw.d_resid.ptr, dm, n, dm), 0)?;
         m.mm(
             ws,
             false,
@@ -110,10 +122,21 @@ impl<'a> Backward<'a> {
             (gw.d_gated.ptr, di),
             0.0,
         )?;
-        // A low-precision training workspace kept the GEMM's copy of the gated output.
-        let gated = match m.shadow {
-            Some(_) => Opnd::Lp(la.gated.ptr, di),
-            None => Opnd::A(la.gated.ptr, di, n, di),
+        if let Some(b) = lo.out_b {
+            self.colsum_add(gw.d_resid.ptr, dm, n, dm, self.g(b))?;
+        }
+        Ok(d_out)
+    }
+
+    /// out_proj's weight gradient from `d_out` ([`Backward::out_proj_bwd_dx`]) and the gated
+    /// output: the layer's, or in a lean workspace the scan backward's recompute.
+    fn out_proj_bwd_dw(&self, la: &LayerActs, lo: &LayerOffs, d_out: Opnd) -> Result<()> {
+        let (m, ws) = (self.m, self.ws);
+        let (n, dm, di) = (ws.n, m.cfg.d_model, m.cfg.d_inner);
+        let gated = if ws.lean() {
+            Opnd::Lp(ws.gated_lp.ptr, di)
+        } else {
+            Opnd::A(la.gated.ptr, di, n, di)
         };
         m.dev.tag("out_proj.bwd d_weight");
         m.mm(
@@ -125,11 +148,7 @@ impl<'a> Backward<'a> {
             d_out,
             (self.g(lo.out_w), di),
             1.0,
-        )?;
-        if let Some(b) = lo.out_b {
-            self.colsum_add(gw.d_resid.ptr, dm, n, dm, self.g(b))?;
-        }
-        Ok(())
+        )
     }
 
     /// The scan of layer `i` (its inputs recomputed: the conv output `u` and x = silu(u) from
@@ -139,6 +158,10 @@ impl<'a> Backward<'a> {
         let (m, ws, gw) = (self.m, self.ws, self.gw);
         let (n, di, ds) = (ws.n, m.cfg.d_inner, m.cfg.d_state);
         let batch = ws.batch;
+        if ws.lean() {
+            m.dev.tag("scan.bwd widen xz");
+            m.widen_lp(ws, la.xz.ptr, 2 * di, ws.xz32.ptr)?;
+        }
         m.conv_fwd(ws, i, la, lo, self.has_state, false)?;
         m.dt_proj(ws, la, lo, n)?;
         let scan = SelectiveScanBwdF32 {
@@ -162,6 +185,16 @@ impl<'a> Backward<'a> {
             seq_len: ws.seq_len as i64,
             d_inner: di as i64,
             d_state: ds as i64,
+            gated_lp: PtrMut::new(if ws.lean() { ws.gated_lp.ptr } else { 0 }),
+            // A lean workspace takes ddelta (and d_xz, see `lp_dxz`) in the GEMM precision
+            // into the f32 buffers' storage: each feeds only its two GEMMs.
+            ddelta_lp: PtrMut::new(if ws.lean() { gw.d_delta.ptr } else { 0 }),
+            dz_lp: PtrMut::new(if self.lp_dxz(lo) {
+                gw.d_xz.at::<u16>(di)
+            } else {
+                0
+            }),
+            lp_mode: m.lp_mode(),
         };
         let reduce_bc = ScanReduceBcF32 {
             part_bc: Ptr::new(gw.part_bc.ptr),
@@ -204,7 +237,11 @@ impl<'a> Backward<'a> {
         m.dev.tag("dt_proj.bwd d_dt");
         // One low-precision copy of each gradient for its two GEMMs (slot 1; the GEMMs cast
         // their other activation, dt_raw or xs, into slot 0).
-        let d_delta = m.lp_copy(ws, Opnd::A(gw.d_delta.ptr, di, n, di), 1)?;
+        let d_delta = if ws.lean() {
+            Opnd::Lp(gw.d_delta.ptr, di)
+        } else {
+            m.lp_copy(ws, Opnd::A(gw.d_delta.ptr, di, n, di), 1)?
+        };
         m.mm(
             ws,
             false,
@@ -282,6 +319,11 @@ impl<'a> Backward<'a> {
             d_inner: di as i64,
             u: Ptr::new(ws.u.ptr),
             g_out: PtrMut::new(gw.d_gated.ptr),
+            dx_lp: PtrMut::new(if self.lp_dxz(lo) { gw.d_xz.ptr } else { 0 }),
+            lp_mode: m.lp_mode(),
+            // The final window's gradient (stateful training) goes into dx here, before any
+            // rounding; `conv1d_last_bwd` below adds only its initial-window part.
+            d_last: Ptr::or_null(self.final_grad.map(|g| g.0 + (4 * conv_at) as u64)),
         };
         let dinit = Conv1dBwdInitF32 {
             du: d_u,
@@ -293,7 +335,7 @@ impl<'a> Backward<'a> {
             d_inner: di as i64,
         };
         let dw = Conv1dBwdDwPartialF32 {
-            x: Ptr::new(la.xz.ptr),
+            x: Ptr::new(ws.xz_f32(la)),
             ldx: 2 * di as i64,
             du: d_u,
             starts,
@@ -321,7 +363,7 @@ impl<'a> Backward<'a> {
             let last = Conv1dLastBwdF32 {
                 d_last: Ptr::new(d_conv + (4 * conv_at) as u64),
                 starts,
-                dx: dx.dx,
+                dx: PtrMut::NULL,
                 ldx: dx.ldx,
                 dinit: dinit.dinit,
                 batch,
@@ -350,9 +392,15 @@ impl<'a> Backward<'a> {
             Some(_) => (ws.lp[0].ptr, Opnd::Lp(ws.lp[0].ptr, dm)),
             None => (0, Opnd::A(ws.hn.ptr, dm, n, dm)),
         };
+        // A lean workspace kept the residual in the GEMM precision: widened into `resid32`.
+        let resid = ws.resid_f32(la);
+        if ws.lean() {
+            m.dev.tag("in_proj.bwd widen resid");
+            m.widen_lp(ws, la.resid_in.ptr, dm, resid)?;
+        }
         let hn = crate::ops::norm::NormFwdF32 {
-            x_in: Ptr::new(la.resid_in.ptr),
-            y: PtrMut::new(ws.hn.ptr),
+            x_in: Ptr::new(resid),
+            y: PtrMut::new(if ws.lean() { 0 } else { ws.hn.ptr }),
             y_lp: PtrMut::new(hn_lp),
             ..m.norm_params(lo.norm_w, lo.norm_b)
         };
@@ -362,7 +410,11 @@ impl<'a> Backward<'a> {
         unsafe { crate::ops::norm::norm_fwd(&m.dev, n, &hn) }?;
         m.dev.tag("in_proj.bwd d_hn");
         // One low-precision copy for both GEMMs (slot 1).
-        let d_xz = m.lp_copy(ws, Opnd::A(gw.d_xz.ptr, 2 * di, n, 2 * di), 1)?;
+        let d_xz = if self.lp_dxz(lo) {
+            Opnd::Lp(gw.d_xz.ptr, 2 * di)
+        } else {
+            m.lp_copy(ws, Opnd::A(gw.d_xz.ptr, 2 * di, n, 2 * di), 1)?
+        };
         m.mm(
             ws,
             false,
@@ -389,7 +441,7 @@ impl<'a> Backward<'a> {
         }
         m.dev.tag("norm.bwd");
         self.norm_bwd(
-            (la.resid_in.ptr, la.mean.ptr, la.rstd.ptr),
+            (resid, la.mean.ptr, la.rstd.ptr),
             gw.d_hn.ptr,
             (lo.norm_w, lo.norm_b),
             true,

@@ -140,6 +140,33 @@ impl GpuEngine {
         self.train.ws.as_ref().map(|w| w.layer_bytes_per_token())
     }
 
+    /// Device memory this engine holds, in bytes, by part: f32 parameters, their
+    /// low-precision shadow, gradients, AdamW moments, the activations the training
+    /// workspace's layers keep, the rest of that workspace, the inference workspace.
+    pub fn memory_breakdown(&self) -> Vec<(&'static str, usize)> {
+        let t = &self.train;
+        let (kept, rest) = t.ws.as_ref().map_or((0, 0), |w| w.bytes());
+        let infer = self.infer_ws.as_ref().map_or(0, |w| {
+            let (a, b) = w.bytes();
+            a + b
+        });
+        vec![
+            ("parameters f32", self.model.params.bytes),
+            (
+                "bf16/fp16 shadow",
+                self.model.shadow.as_ref().map_or(0, |s| s.bytes),
+            ),
+            ("gradients", t.grads.bytes),
+            ("AdamW m + v", t.m.bytes + t.v.bytes),
+            ("activations kept", kept),
+            (
+                "training scratch",
+                rest + t.norm_part.bytes + t.norm_out.bytes,
+            ),
+            ("inference workspace", infer),
+        ]
+    }
+
     /// Per-label device times of the launches since the last [`GpuEngine::profile_reset`]
     /// and their span in ms; `None` unless `VET_PROFILE=1` was set when the engine opened.
     pub fn profile_rows(&self) -> Option<(Vec<crate::profile::ProfileRow>, f64)> {

@@ -8,15 +8,17 @@ use reference::{Result, State};
 use crate::layout::LayerOffs;
 use crate::model::{Model, Opnd};
 use crate::ops::conv1d::{conv1d_fwd, conv1d_last, Conv1dFwdF32, Conv1dLastF32, ConvInF32};
-use crate::ops::elementwise::{cast_lowp, CastLowpF32};
+use crate::ops::elementwise::{round_lowp, RoundLowpF32};
 use crate::ops::embedding::{embedding_fwd, EmbeddingFwdF32};
+use crate::ops::norm::{norm_fwd, NormFwdF32};
 use crate::ops::selective_scan::{selective_scan_fwd, ScanInF32, SelectiveScanFwdF32};
 use crate::params::{Ptr, PtrMut};
 use crate::work::{doc_starts, LayerActs, Mode, Work};
 
 impl Model {
     /// Layer input of `rows` rows: `resid_in = x_in + add` (fused), the norm into `ws.hn`,
-    /// in_proj (+ bias) into `la.xz`.
+    /// in_proj (+ bias) into `la.xz` (in a lean workspace into `ws.xz32`, then rounded to the
+    /// stored precision into `la.xz` and back).
     pub(crate) fn norm_in_proj(
         &self,
         ws: &Work,
@@ -28,14 +30,24 @@ impl Model {
         let (dm, di) = (self.cfg.d_model, self.cfg.d_inner);
         let (hn_lp, hn) = self.lp_out(ws, ws.hn.ptr, dm, rows, dm);
         self.dev.tag("norm+in_proj");
-        self.norm_fwd(
-            rows,
-            (x_in, add, la.resid_in.ptr),
-            ws.hn.ptr,
-            (la.mean.ptr, la.rstd.ptr),
-            (lo.norm_w, lo.norm_b),
-            hn_lp,
-        )?;
+        // A lean workspace runs the f32 stream through `resid32` (in place) and keeps the
+        // layer's residual in the GEMM precision; the GEMM reads only hn's copy.
+        let lean = ws.lean();
+        let p = NormFwdF32 {
+            x_in: Ptr::new(x_in),
+            add: Ptr::new(add),
+            x_out: PtrMut::new(ws.resid_f32(la)),
+            y: PtrMut::new(if lean { 0 } else { ws.hn.ptr }),
+            mean_out: PtrMut::new(la.mean.ptr),
+            rstd_out: PtrMut::new(la.rstd.ptr),
+            y_lp: PtrMut::new(hn_lp),
+            x_out_lp: PtrMut::new(if lean { la.resid_in.ptr } else { 0 }),
+            ..self.norm_params(lo.norm_w, lo.norm_b)
+        };
+        // SAFETY: the residual buffers hold `rows` rows of `d_model` (f32, or u16 for the
+        // kept copy), the statistics `rows` f32, `hn` and its copy `rows × d_model`; `x_out`
+        // may be `x_in` (the kernel reads each element before writing it, in one thread).
+        unsafe { norm_fwd(&self.dev, rows, &p) }?;
         self.mm(
             ws,
             true,
@@ -43,10 +55,24 @@ impl Model {
             (2 * di, rows, dm),
             Opnd::W(lo.in_w, dm),
             hn,
-            (la.xz.ptr, 2 * di),
+            (ws.xz_f32(la), 2 * di),
             0.0,
         )?;
-        self.bias_add(la.xz.ptr, 2 * di, rows, 2 * di, lo.in_b)
+        if !ws.lean() {
+            return self.bias_add(la.xz.ptr, 2 * di, rows, 2 * di, lo.in_b);
+        }
+        let p = RoundLowpF32 {
+            x: PtrMut::new(ws.xz32.ptr),
+            ld: 2 * di as i64,
+            rows: rows as i64,
+            cols: 2 * di as i64,
+            b: self.pin_opt(lo.in_b),
+            dst: PtrMut::new(la.xz.ptr),
+            mode: self.lp_mode(),
+        };
+        // SAFETY: a lean workspace's `xz32` holds `n × 2 d_inner` f32 and each layer's `xz`
+        // as many u16 (`Work::new`); the bias is a parameter of `2 d_inner`.
+        unsafe { round_lowp(&self.dev, &p) }
     }
 
     /// x_proj of `xs` (`rows` rows) into `la.xdbl` (dt, B, C), then dt_proj of its dt columns
@@ -101,7 +127,7 @@ impl Model {
     /// x half of xz and its row stride, the conv weight and bias, the document starts.
     pub(crate) fn conv_in(&self, ws: &Work, la: &LayerActs, lo: &LayerOffs) -> ConvInF32 {
         ConvInF32 {
-            x: Ptr::new(la.xz.ptr),
+            x: Ptr::new(ws.xz_f32(la)),
             ldx: 2 * self.cfg.d_inner as i64,
             w: self.pin(lo.conv_w),
             bias: self.pin_opt(lo.conv_b),
@@ -122,7 +148,7 @@ impl Model {
             ldbc: self.cfg.x_proj_rows() as i64,
             col_b: self.cfg.dt_rank as i64,
             dvec: self.pin(lo.d),
-            z: Ptr::new(la.xz.at::<f32>(di)),
+            z: Ptr::new(ws.xz_f32(la) + 4 * di as u64),
             ldz: 2 * di as i64,
             dt_bias: self.pin(lo.dt_b),
             starts: Ptr::new(ws.starts.ptr),
@@ -156,8 +182,8 @@ impl Model {
             let la = &ws.layers[if train { i } else { 0 }];
             // Fused residual add + norm: resid_in[i] = resid_in[i-1] + out[i-1].
             let (x_in, add) = match (i, train) {
-                (0, _) => (la.resid_in.ptr, 0),
-                (_, true) => (ws.layers[i - 1].resid_in.ptr, ws.out.ptr),
+                (0, _) => (ws.resid_f32(la), 0),
+                (_, true) => (ws.resid_f32(&ws.layers[i - 1]), ws.out.ptr),
                 (_, false) => (la.resid_in.ptr, ws.out.ptr),
             };
             self.norm_in_proj(ws, la, lo, ws.n, (x_in, add))?;
@@ -173,7 +199,8 @@ impl Model {
         let head_rows = match ws.mode {
             // Training runs the lm_head with the loss, in chunks of rows (`head_loss.rs`).
             Mode::Train => {
-                self.final_norm(ws, ws.n, (last.resid_in.ptr, add, resid_final))?;
+                let x_in = ws.resid_f32(last);
+                self.final_norm(ws, ws.n, (x_in, add, resid_final))?;
                 return Ok(());
             }
             Mode::Infer { head_rows } => head_rows,
@@ -203,9 +230,8 @@ impl Model {
         let ssm_at = i * batch * di * ds;
         self.conv_fwd(ws, i, la, lo, has_state, true)?;
         self.x_dt_proj(ws, la, lo, n, self.xs_opnd(ws))?;
-        // A low-precision training workspace keeps only the GEMM's copy of the gated output.
-        let keep_lp = ws.mode == Mode::Train && self.shadow.is_some();
-        let out = if keep_lp { ws.y.ptr } else { la.gated.ptr };
+        // A lean workspace writes only the GEMM's copy of the gated output (not kept).
+        let lean = ws.lean();
         let scan = SelectiveScanFwdF32 {
             scan: self.scan_in(ws, la, lo),
             h0: Ptr::new(if has_state {
@@ -213,32 +239,23 @@ impl Model {
             } else {
                 0
             }),
-            out: PtrMut::new(out),
+            out: PtrMut::new(if lean { 0 } else { la.gated.ptr }),
             chunk_states: PtrMut::or_null(la.chunks.as_ref().map(|c| c.ptr)),
             last: PtrMut::new(ws.state_out_ssm.at::<f32>(ssm_at)),
             batch: batch as i64,
             seq_len: seq_len as i64,
             d_inner: di as i64,
             d_state: ds as i64,
+            out_lp: PtrMut::new(if lean { ws.gated_lp.ptr } else { 0 }),
+            lp_mode: self.lp_mode(),
         };
         self.dev.tag("scan");
         // SAFETY: every buffer is this workspace's (`Work::new` sizes them for `batch ×
         // seq_len` and `n_layer` states) or a parameter of the layout; the chunk states
         // (training only) hold every chunk of the kernels' build (same `KernelShape`).
         unsafe { selective_scan_fwd(&self.dev, &scan) }?;
-        let gated = if keep_lp {
-            let p = CastLowpF32 {
-                src: Ptr::new(ws.y.ptr),
-                ld: di as i64,
-                rows: n as i64,
-                cols: di as i64,
-                dst: PtrMut::new(la.gated.ptr),
-                mode: self.lp_mode(),
-            };
-            self.dev.tag("out_proj");
-            // SAFETY: `y` holds `n × d_inner` f32, the layer's gated store as many u16.
-            unsafe { cast_lowp(&self.dev, &p) }?;
-            Opnd::Lp(la.gated.ptr, di)
+        let gated = if lean {
+            Opnd::Lp(ws.gated_lp.ptr, di)
         } else {
             Opnd::A(la.gated.ptr, di, n, di)
         };
@@ -318,7 +335,7 @@ impl Model {
         let p = EmbeddingFwdF32 {
             tokens: Ptr::new(ws.tokens.ptr),
             emb: self.pin(self.layout.emb),
-            out: PtrMut::new(ws.layers[0].resid_in.ptr),
+            out: PtrMut::new(ws.resid_f32(&ws.layers[0])),
             d: self.cfg.d_model as i64,
         };
         // SAFETY: the tokens were checked against the vocabulary (`Batch::check`) and

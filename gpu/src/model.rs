@@ -11,7 +11,9 @@ use reference::{MambaConfig, NormKind, Result};
 use crate::cuda::{Buf, Dev, Dt};
 use crate::kernels::KernelShape;
 use crate::layout::Layout;
-use crate::ops::elementwise::{bias_add, cast_lowp, BiasAddF32, CastLowpF32};
+use crate::ops::elementwise::{
+    bias_add, cast_lowp, widen_lowp, BiasAddF32, CastLowpF32, WidenLowpF32,
+};
 use crate::ops::norm::{norm_fwd, NormFwdF32};
 use crate::params::{Ptr, PtrMut};
 use crate::work::{Mode, Work};
@@ -170,6 +172,7 @@ impl Model {
             is_layer: (cfg.norm == NormKind::Layer) as i32,
             y_lp: PtrMut::NULL,
             lp_mode: self.lp_mode(),
+            x_out_lp: PtrMut::NULL,
         }
     }
 
@@ -215,6 +218,23 @@ impl Model {
             Some(_) => (ws.lp[1].ptr, Opnd::Lp(ws.lp[1].ptr, cols)),
             None => (0, Opnd::A(f32_ptr, ld, rows, cols)),
         }
+    }
+
+    /// Widens `ws.n` rows of `cols` values a lean workspace's layer kept in the GEMM precision
+    /// (`src`, contiguous u16) into the f32 scratch `dst` (contiguous).
+    pub(crate) fn widen_lp(&self, ws: &Work, src: u64, cols: usize, dst: u64) -> Result<()> {
+        debug_assert!(ws.lean());
+        let p = WidenLowpF32 {
+            src: Ptr::new(src),
+            rows: ws.n as i64,
+            cols: cols as i64,
+            dst: PtrMut::new(dst),
+            ld: cols as i64,
+            mode: self.lp_mode(),
+        };
+        // SAFETY: the callers pass a layer's kept copy (`xz` or `resid_in`, `n × cols` u16)
+        // and the workspace's f32 scratch for it (`xz32` or `resid32`, as many f32).
+        unsafe { widen_lowp(&self.dev, &p) }
     }
 
     /// `y[r * ld + j] += bias[j]` over `rows` rows of `cols` (nothing without a bias).

@@ -20,18 +20,25 @@ pub enum Mode {
 /// reuses (`Mode::Infer`). The backward recomputes the rest from these: the conv output and
 /// its SiLU (from `xz`) and dt_proj's output (from `xdbl`) into the shared [`Work::u`],
 /// [`Work::xs`] and [`Work::delta`], with the same kernels on the same inputs, so the same bits.
+///
+/// A low-precision training workspace (bf16 / fp16, [`Work::lean`]) keeps `xz` in the GEMM
+/// precision (the forward rounds in_proj's output and reads the rounded values through
+/// [`Work::xz32`], the backward widens them back there) and keeps no gated output: the scan's
+/// backward recomputes it into [`Work::gated_lp`] for out_proj's weight gradient. It also
+/// keeps the residual entering each layer in that precision (the norm's backward reads it
+/// widened, with the forward's f32 statistics); the f32 stream runs through [`Work::resid32`].
 pub struct LayerActs {
-    /// Residual stream entering the layer `[n, d_model]`.
+    /// Residual stream entering the layer `[n, d_model]`: f32, or in a lean workspace its
+    /// bf16 / fp16 copy (the stream itself stays f32 in [`Work::resid32`]).
     pub resid_in: Buf,
     pub mean: Buf,
     pub rstd: Buf,
-    /// in_proj output `[n, 2 d_inner]` (x then z).
+    /// in_proj output `[n, 2 d_inner]` (x then z): f32, or u16 in a lean workspace.
     pub xz: Buf,
     /// x_proj output `[n, dt_rank + 2 d_state]`.
     pub xdbl: Buf,
-    /// Gated scan output `[n, d_inner]`: f32, except in a low-precision training workspace,
-    /// where it holds the bf16 / fp16 copy out_proj reads (and its weight gradient, which
-    /// would cast it the same way); the f32 output then goes to [`Work::y`].
+    /// Gated scan output `[n, d_inner]` f32 (empty in a lean workspace: see
+    /// [`Work::gated_lp`]).
     pub gated: Buf,
     /// Scan states every `shape.chunk` positions `[batch, n_chunks, d_state, d_inner]`.
     pub chunks: Option<Buf>,
@@ -59,6 +66,46 @@ pub struct GradWork {
     pub row_loss: Buf,
 }
 
+impl GradWork {
+    /// The backward's buffers for `batch` rows of `n / batch` positions; `lean`: a lean
+    /// workspace (ddelta in 2 bytes), `lean_dxz`: d_xz too (see `Work::new`).
+    fn new(
+        dev: &Arc<Dev>,
+        cfg: &MambaConfig,
+        batch: usize,
+        n: usize,
+        (lean, lean_dxz): (bool, bool),
+    ) -> Result<GradWork> {
+        let (dm, di, ds, xr) = (cfg.d_model, cfg.d_inner, cfg.d_state, cfg.x_proj_rows());
+        let f = |k: usize| dev.alloc(4 * k);
+        let (n_rb, _) = row_blocks(n);
+        let nblk = scan_blocks(di);
+        let st_conv = cfg.n_layer * batch * di * (cfg.d_conv - 1);
+        Ok(GradWork {
+            d_resid: f(n * dm)?,
+            d_hn: f(n * dm)?,
+            d_gated: f(n * di)?,
+            d_xs: f(n * di)?,
+            // A lean workspace's scan backward writes ddelta in the GEMM precision.
+            d_delta: dev.alloc(if lean { 2 * n * di } else { 4 * n * di })?,
+            // A lean workspace without in_proj bias takes d_xz in the GEMM precision only.
+            d_xz: dev.alloc(if lean_dxz { 2 } else { 4 } * n * 2 * di)?,
+            d_xdbl: f(n * xr)?,
+            part_bc: f(nblk * n * 2 * ds)?,
+            part_a: f(batch * di * ds)?,
+            part_d: f(batch * di)?,
+            part_db: f(batch * di)?,
+            colpart: f(n_rb * (2 * di).max(dm).max(di * cfg.d_conv))?,
+            colpart_b: f(n_rb * di.max(dm))?,
+            gstate_conv: f(st_conv)?,
+            gstate_ssm: f(cfg.n_layer * batch * di * ds)?,
+            targets: dev.alloc(4 * n)?,
+            mask: dev.alloc(n)?,
+            row_loss: f(n)?,
+        })
+    }
+}
+
 /// Every device buffer of one call shape.
 pub struct Work {
     pub batch: usize,
@@ -69,6 +116,10 @@ pub struct Work {
     pub starts: Buf,
     pub layers: Vec<LayerActs>,
     pub resid_final: Buf,
+    /// Lean workspaces: the f32 residual stream of the layer at hand `[n, d_model]`
+    /// (forward), or the layer's kept residual widened (backward); else empty.
+    pub resid32: Buf,
+    /// The layer norm's f32 output (empty in a lean workspace: the GEMMs read its copy).
     pub hn: Buf,
     pub xs: Buf,
     pub out: Buf,
@@ -85,8 +136,14 @@ pub struct Work {
     pub u: Buf,
     /// dt_proj output (no bias) `[n, d_inner]` of the layer at hand.
     pub delta: Buf,
-    /// f32 scan output of a low-precision training workspace (`[n, d_inner]`; else unused).
-    pub y: Buf,
+    /// Lean workspaces ([`Work::lean`]): in_proj's f32 output of the layer at hand
+    /// `[n, 2 d_inner]`, rounded to the stored precision (forward), or widened from the
+    /// layer's stored `xz` (backward); else empty.
+    pub xz32: Buf,
+    /// Lean workspaces: the gated scan output of the layer at hand in the GEMM precision
+    /// `[n, d_inner]` u16 (the forward's scan writes it for out_proj, the backward's for its
+    /// weight gradient); else empty.
+    pub gated_lp: Buf,
     /// The conv's SiLU output in the GEMM precision (bf16 / fp16 modes, `[n, d_inner]` u16;
     /// else unused), written by the conv kernel for x_proj and its weight gradient.
     pub xs_lp: Buf,
@@ -116,8 +173,9 @@ pub fn doc_starts(resets: Option<&[bool]>, batch: usize, seq_len: usize) -> Vec<
     out
 }
 
-/// f32 logits one chunk of the training head may hold (512 MiB).
-const CE_CHUNK_BYTES: usize = 512 << 20;
+/// f32 logits one chunk of the training head may hold (256 MiB: at the 1.4B's 16,384 rows
+/// and its vocabulary, 13 chunks of 1,280 rows, each GEMM still 0.27 TFLOP).
+const CE_CHUNK_BYTES: usize = 256 << 20;
 
 /// Rows per chunk of the training head + loss for `n` rows and `vocab`: `VET_CE_ROWS` if set
 /// (a positive integer; tests use it to cut small batches into many chunks), else as many
@@ -178,18 +236,22 @@ impl Work {
         let n_chunks = seq_len.div_ceil(shape.chunk);
         let n_layers = if train { cfg.n_layer } else { 1 };
         let mut layers = Vec::with_capacity(n_layers);
-        // A low-precision training workspace keeps the gated output in 2 bytes.
-        let gated_bytes = if train && lowp {
-            2 * n * di
+        // A lean workspace keeps xz in 2 bytes and no gated output.
+        let lean = train && lowp;
+        // The backward then writes d_xz straight in the GEMM precision (no f32 copy, no cast
+        // into `lp`), unless in_proj's bias gradient reads it (`Backward::lp_dxz`).
+        let lean_dxz = lean && !cfg.use_bias;
+        let (xz_bytes, gated_bytes, resid_bytes) = if lean {
+            (2 * n * 2 * di, 0, 2 * n * dm)
         } else {
-            4 * n * di
+            (4 * n * 2 * di, 4 * n * di, 4 * n * dm)
         };
         for _ in 0..n_layers {
             layers.push(LayerActs {
-                resid_in: f(n * dm)?,
+                resid_in: dev.alloc(resid_bytes)?,
                 mean: f(n)?,
                 rstd: f(n)?,
-                xz: f(n * 2 * di)?,
+                xz: dev.alloc(xz_bytes)?,
                 xdbl: f(n * xr)?,
                 gated: dev.alloc(gated_bytes)?,
                 chunks: if train {
@@ -209,36 +271,20 @@ impl Work {
         let st_conv = cfg.n_layer * batch * di * km1;
         let st_ssm = cfg.n_layer * batch * di * ds;
         let grad = if train {
-            let (n_rb, _) = row_blocks(n);
-            let nblk = scan_blocks(cfg.d_inner);
-            Some(GradWork {
-                d_resid: f(n * dm)?,
-                d_hn: f(n * dm)?,
-                d_gated: f(n * di)?,
-                d_xs: f(n * di)?,
-                d_delta: f(n * di)?,
-                d_xz: f(n * 2 * di)?,
-                d_xdbl: f(n * xr)?,
-                part_bc: f(nblk * n * 2 * ds)?,
-                part_a: f(batch * di * ds)?,
-                part_d: f(batch * di)?,
-                part_db: f(batch * di)?,
-                colpart: f(n_rb * (2 * di).max(dm).max(di * cfg.d_conv))?,
-                colpart_b: f(n_rb * di.max(dm))?,
-                gstate_conv: f(st_conv)?,
-                gstate_ssm: f(st_ssm)?,
-                targets: dev.alloc(4 * n)?,
-                mask: dev.alloc(n)?,
-                row_loss: f(n)?,
-            })
+            Some(GradWork::new(dev, cfg, batch, n, (lean, lean_dxz))?)
         } else {
             None
         };
         let lp = if lowp {
             // The largest operand a GEMM casts, or (training) one chunk's gradient of the
             // logits, which the loss kernel writes into slot 0.
+            let widest = if lean_dxz {
+                dm.max(xr)
+            } else {
+                (2 * di).max(dm).max(xr)
+            };
             let big = match mode {
-                Mode::Train => (n * (2 * di).max(dm).max(xr)).max(ce_rows * v),
+                Mode::Train => (n * widest).max(ce_rows * v),
                 Mode::Infer { .. } => n * v.max(2 * di).max(dm).max(xr),
             };
             vec![dev.alloc(2 * big)?, dev.alloc(2 * big)?]
@@ -254,7 +300,8 @@ impl Work {
             starts: dev.alloc(4 * n)?,
             layers,
             resid_final: f(n * dm)?,
-            hn: f(n * dm)?,
+            resid32: f(if lean { n * dm } else { 0 })?,
+            hn: f(if lean { 0 } else { n * dm })?,
             xs: f(n * di)?,
             out: f(n * dm)?,
             hf: f(n * dm)?,
@@ -264,7 +311,8 @@ impl Work {
             ce_rows,
             u: f(n * di)?,
             delta: f(n * di)?,
-            y: if train && lowp { f(n * di)? } else { f(0)? },
+            xz32: f(if lean { n * 2 * di } else { 0 })?,
+            gated_lp: dev.alloc(if lean { 2 * n * di } else { 0 })?,
             xs_lp: dev.alloc(if lowp { 2 * n * di } else { 0 })?,
             state_in_conv: f(st_conv)?,
             state_in_ssm: f(st_ssm)?,
@@ -273,6 +321,32 @@ impl Work {
             lp,
             grad,
         })
+    }
+
+    /// A training workspace in bf16 / fp16: the layers keep `xz` in that precision and no
+    /// gated output (see [`LayerActs`]).
+    pub fn lean(&self) -> bool {
+        self.mode == Mode::Train && self.xz32.bytes > 0
+    }
+
+    /// Device address of the f32 in_proj output of layer `la` as the conv and the scan read
+    /// it: the layer's own `xz`, or in a lean workspace [`Work::xz32`].
+    pub fn xz_f32(&self, la: &LayerActs) -> u64 {
+        if self.lean() {
+            self.xz32.ptr
+        } else {
+            la.xz.ptr
+        }
+    }
+
+    /// Device address of the f32 residual entering layer `la` as the forward reads and
+    /// writes it: the layer's own `resid_in`, or in a lean workspace [`Work::resid32`].
+    pub fn resid_f32(&self, la: &LayerActs) -> u64 {
+        if self.lean() {
+            self.resid32.ptr
+        } else {
+            la.resid_in.ptr
+        }
     }
 
     /// Activation bytes per token this workspace holds (all buffers but the logits, the
@@ -293,6 +367,64 @@ impl Work {
             .map_or(0.0, |l| self.layer_bytes(l) as f64 / self.n.max(1) as f64)
     }
 
+    /// Bytes of every buffer of this workspace: (kept by the layers for the backward, all
+    /// the rest: shared scratch, logits chunk, low-precision copies, states, gradients' work).
+    pub fn bytes(&self) -> (usize, usize) {
+        let layers: usize = self.layers.iter().map(|l| self.layer_bytes(l)).sum();
+        let mut rest = [
+            &self.tokens,
+            &self.starts,
+            &self.resid_final,
+            &self.resid32,
+            &self.hn,
+            &self.xs,
+            &self.out,
+            &self.hf,
+            &self.fmean,
+            &self.frstd,
+            &self.logits,
+            &self.u,
+            &self.delta,
+            &self.xz32,
+            &self.gated_lp,
+            &self.xs_lp,
+            &self.state_in_conv,
+            &self.state_in_ssm,
+            &self.state_out_conv,
+            &self.state_out_ssm,
+        ]
+        .iter()
+        .map(|b| b.bytes)
+        .sum::<usize>();
+        rest += self.lp.iter().map(|b| b.bytes).sum::<usize>();
+        if let Some(g) = &self.grad {
+            rest += [
+                &g.d_resid,
+                &g.d_hn,
+                &g.d_gated,
+                &g.d_xs,
+                &g.d_delta,
+                &g.d_xz,
+                &g.d_xdbl,
+                &g.part_bc,
+                &g.part_a,
+                &g.part_d,
+                &g.part_db,
+                &g.colpart,
+                &g.colpart_b,
+                &g.gstate_conv,
+                &g.gstate_ssm,
+                &g.targets,
+                &g.mask,
+                &g.row_loss,
+            ]
+            .iter()
+            .map(|b| b.bytes)
+            .sum::<usize>();
+        }
+        (layers, rest)
+    }
+
     fn layer_bytes(&self, l: &LayerActs) -> usize {
         let b = l.resid_in.bytes + l.mean.bytes + l.rstd.bytes + l.xz.bytes;
         b + l.xdbl.bytes + l.gated.bytes + l.chunks.as_ref().map_or(0, |c| c.bytes)
@@ -304,9 +436,9 @@ mod tests {
     use super::parse_ce_rows;
 
     #[test]
-    fn head_chunks_fit_512_mib_of_logits_unless_told() {
-        // 512 MiB / (4 × 50280) = 2669.6 rows, rounded down to a multiple of 64.
-        assert_eq!(parse_ce_rows(None, 32768, 50280).unwrap(), 2624);
+    fn head_chunks_fit_256_mib_of_logits_unless_told() {
+        // 256 MiB / (4 × 50280) = 1334.8 rows, rounded down to a multiple of 64.
+        assert_eq!(parse_ce_rows(None, 32768, 50280).unwrap(), 1280);
         assert_eq!(parse_ce_rows(Some(""), 100, 50280).unwrap(), 100);
         assert_eq!(parse_ce_rows(Some("3"), 134, 301).unwrap(), 3);
         assert_eq!(parse_ce_rows(Some("500"), 134, 301).unwrap(), 134);

@@ -51,6 +51,8 @@ fn every_kernel_build_compiles_for_sm90() {
                     "conv1d_last_bwd_f32",
                     "sample_rows_f32",
                     "gemv_lp",
+                    "round_lowp_f32",
+                    "widen_lowp_f32",
                 ] {
                     assert!(
                         ptx.contains(entry),

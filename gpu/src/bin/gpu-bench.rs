@@ -144,6 +144,18 @@ fn train(
             n_params, t, tps, 100.0 * mfu, loss, act / 1024.0, layer, gib(act * (batch * seq) as f64), mem
         ));
         println!("{}", rows.last().unwrap());
+        let parts = e.memory_breakdown();
+        let held: usize = parts.iter().map(|p| p.1).sum();
+        let mut line = format!("  memory {name}:");
+        for (what, bytes) in parts.iter().filter(|p| p.1 > 0) {
+            line += &format!(" {what} {:.2} GiB,", gib(*bytes as f64));
+        }
+        line += &format!(
+            " other (context, cuBLAS, sum of the above vs in use) {:.2} GiB",
+            mem - gib(held as f64)
+        );
+        println!("{line}");
+        rows.push(line);
     }
     Ok(())
 }
@@ -300,6 +312,8 @@ fn scan_one(rows: &mut Vec<String>, chunk: usize) -> reference::Result<()> {
         seq_len: l,
         d_inner,
         d_state,
+        out_lp: PtrMut::NULL,
+        lp_mode: 0,
     };
     let bwd_p = SelectiveScanBwdF32 {
         scan,
@@ -319,6 +333,10 @@ fn scan_one(rows: &mut Vec<String>, chunk: usize) -> reference::Result<()> {
         seq_len: l,
         d_inner,
         d_state,
+        gated_lp: PtrMut::NULL,
+        ddelta_lp: PtrMut::NULL,
+        dz_lp: PtrMut::NULL,
+        lp_mode: 0,
     };
     let reduce_p = ScanReduceBcF32 {
         part_bc: Ptr::new(part_bc.ptr),

@@ -15,7 +15,6 @@ use super::conv1d::{
     ConvInF32,
 };
 use super::elementwise::{colsum_final, ColsumFinalF32};
-use super::loss::{cross_entropy_fwd_bwd, CrossEntropyFwdBwdF32};
 use super::norm::{
     norm_bwd_dw_partial, norm_bwd_dx, norm_fwd, NormBwdDwPartialF32, NormBwdDxF32, NormFwdF32,
 };
@@ -27,6 +26,8 @@ use crate::cuda::{Buf, Dev};
 use crate::kernels::KernelShape;
 use crate::params::{Ptr, PtrMut};
 use crate::work::{doc_starts, row_blocks};
+
+mod loss;
 
 /// Elements of sentinel padding on each side of every output.
 pub const PAD: usize = 61;
@@ -164,6 +165,8 @@ impl OpDev {
             seq_len: d.seq_len as i64,
             d_inner: d.d_inner as i64,
             d_state: d.d_state as i64,
+            out_lp: PtrMut::NULL,
+            lp_mode: 0,
         };
         // SAFETY: `scan_common` uploaded every input at the shapes of `inp.dims` (checked by
         // the caller's `ScanInputs`), and sized the chunk states for this build's chunk; `out`
@@ -222,6 +225,11 @@ impl OpDev {
             seq_len: d.seq_len as i64,
             d_inner: di as i64,
             d_state: ds as i64,
+
+            gated_lp: PtrMut::NULL,
+            ddelta_lp: PtrMut::NULL,
+            dz_lp: PtrMut::NULL,
+            lp_mode: 0,
         };
         // SAFETY: the inputs as in `scan_fwd_launch`, whose chunk states the forward above
         // wrote; every output and partial buffer is allocated here at the kernel's extents.
@@ -384,6 +392,9 @@ impl OpDev {
             d_inner: dil,
             u: Ptr::NULL,
             g_out: PtrMut::NULL,
+            dx_lp: PtrMut::NULL,
+            lp_mode: 0,
+            d_last: Ptr::NULL,
         };
         let initp = Conv1dBwdInitF32 {
             du,
@@ -477,6 +488,7 @@ impl OpDev {
             is_layer: (kind == NormKind::Layer) as i32,
             y_lp: PtrMut::NULL,
             lp_mode: 0,
+            x_out_lp: PtrMut::NULL,
         };
         // SAFETY: inputs uploaded here (`n * d`, `d` values), outputs allocated at `n * d`
         // and `n`.
@@ -539,49 +551,6 @@ impl OpDev {
         self.colsum_final(&pw, n_rb, d, gw.ptr())?;
         self.colsum_final(&pb, n_rb, d, gb.ptr())?;
         Ok((self.take(dx)?, self.take(gw)?, self.take(gb)?))
-    }
-
-    /// Fused softmax + cross-entropy + gradient: (mean loss, d logits).
-    pub fn cross_entropy(
-        &self,
-        logits: &[f32],
-        targets: &[u32],
-        mask: Option<&[bool]>,
-        vocab: usize,
-        scale: f32,
-    ) -> Result<(f32, Vec<f32>)> {
-        let n = targets.len();
-        let counts = |i: usize| mask.is_none_or(|m| m[i]);
-        let n_targets = (0..n).filter(|&i| counts(i)).count().max(1);
-        let g = self.out(n * vocab, "cross_entropy d_logits")?;
-        g.buf.write(PAD, logits)?;
-        let tb = self.put(targets)?;
-        let mb = mask
-            .map(|m| self.put(&m.iter().map(|&b| b as u8).collect::<Vec<u8>>()))
-            .transpose()?;
-        let rows = self.out(n, "cross_entropy row loss")?;
-        let inv = 1.0f32 / n_targets as f32;
-        let p = CrossEntropyFwdBwdF32 {
-            logits: g.ptr(),
-            targets: Ptr::new(tb.ptr),
-            mask: Ptr::or_null(mb.as_ref().map(|m| m.ptr)),
-            vocab: vocab as i64,
-            k: scale * inv,
-            row_loss: rows.ptr(),
-            grad_lp: PtrMut::NULL,
-            lp_mode: 0,
-        };
-        // SAFETY: `n * vocab` logits, `n` targets (the caller's, below `vocab`), `n` mask
-        // bytes and row losses, all allocated here.
-        unsafe { cross_entropy_fwd_bwd(&self.dev, n, &p) }?;
-        let rows = self.take(rows)?;
-        let mut total = 0f32;
-        for (i, l) in rows.iter().enumerate() {
-            if counts(i) {
-                total += *l;
-            }
-        }
-        Ok((total * inv, self.take(g)?))
     }
 }
 

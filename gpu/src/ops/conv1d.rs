@@ -66,6 +66,13 @@ kernel_params! {
         d_inner: i64,
         u: Ptr<f32>,
         g_out: PtrMut<f32>,
+        /// Not null: dx goes here instead, in the GEMM precision (same row stride `ldx`).
+        dx_lp: PtrMut<u16>,
+        /// 0: bf16, 1: fp16.
+        lp_mode: i32,
+        /// The final window's gradient `[batch, d_inner, d_conv − 1]` added into dx (as
+        /// `conv1d_last_bwd_f32` would), or null.
+        d_last: Ptr<f32>,
     }
 }
 
@@ -102,9 +109,10 @@ kernel_params! {
 
 kernel_params! {
     /// Backward of the final window ([`Conv1dLastF32`]): adds its gradient `d_last` `[batch,
-    /// d_inner, d_conv − 1]` (from later windows of the same rows) into `dx` (row stride `ldx`)
-    /// where the window holds this call's inputs, and into `dinit` `[batch, d_inner, d_conv −
-    /// 1]` where it still holds the initial window.
+    /// d_inner, d_conv − 1]` (from later windows of the same rows) into `dx` (row stride `ldx`;
+    /// null: the dx kernel added it, see [`Conv1dBwdDxF32::d_last`]) where the window holds
+    /// this call's inputs, and into `dinit` `[batch, d_inner, d_conv − 1]` where it still
+    /// holds the initial window.
     Conv1dLastBwdF32 => ["conv1d_last_bwd_f32"] {
         d_last: Ptr<f32>,
         starts: Ptr<i32>,

@@ -71,6 +71,34 @@ kernel_params! {
     }
 }
 
+kernel_params! {
+    /// `x[r * ld + j] (+ b[j])` rounded to the low precision into `dst[r, j]` (contiguous
+    /// `[rows, cols]`) and, widened back, into `x` (`b` may be null).
+    RoundLowpF32 => ["round_lowp_f32"] {
+        x: PtrMut<f32>,
+        ld: i64,
+        rows: i64,
+        cols: i64,
+        b: Ptr<f32>,
+        dst: PtrMut<u16>,
+        /// 0: bf16, 1: fp16.
+        mode: i32,
+    }
+}
+
+kernel_params! {
+    /// `dst[r * ld + j] = f32(src[r, j])`, src contiguous `[rows, cols]` in the low precision.
+    WidenLowpF32 => ["widen_lowp_f32"] {
+        src: Ptr<u16>,
+        rows: i64,
+        cols: i64,
+        dst: PtrMut<f32>,
+        ld: i64,
+        /// 0: bf16, 1: fp16.
+        mode: i32,
+    }
+}
+
 /// The kernels of this file, for the loader.
 pub(crate) fn kernels() -> Vec<KernelInfo> {
     let mut v: Vec<KernelInfo> = info::<CastLowpF32>().collect();
@@ -79,6 +107,8 @@ pub(crate) fn kernels() -> Vec<KernelInfo> {
     v.extend(info::<SiluBwdF32>());
     v.extend(info::<ColsumPartialF32>());
     v.extend(info::<ColsumFinalF32>());
+    v.extend(info::<RoundLowpF32>());
+    v.extend(info::<WidenLowpF32>());
     v
 }
 
@@ -93,6 +123,8 @@ pub fn params_cuh() -> String {
             SiluBwdF32::c_struct,
             ColsumPartialF32::c_struct,
             ColsumFinalF32::c_struct,
+            RoundLowpF32::c_struct,
+            WidenLowpF32::c_struct,
         ],
     )
 }
@@ -108,6 +140,28 @@ pub fn n_row_blocks(rows: i64, rows_per: i64) -> u32 {
 /// `src` is live device memory holding `rows` rows of `cols` f32 at row stride `ld`; `dst`
 /// holds `rows * cols` u16 and does not overlap `src`.
 pub unsafe fn cast_lowp(dev: &Dev, p: &CastLowpF32) -> Result<()> {
+    let grid = dev.grid1d((p.rows * p.cols) as usize);
+    // SAFETY: the caller's contract is the kernel's.
+    unsafe { dev.launch(grid, 256, 0, p) }
+}
+
+/// Launches `round_lowp_f32`.
+///
+/// # Safety
+/// `x` holds `rows` rows of `cols` f32 at row stride `ld`; `b` is null or holds `cols` f32;
+/// `dst` holds `rows * cols` u16 and overlaps neither.
+pub unsafe fn round_lowp(dev: &Dev, p: &RoundLowpF32) -> Result<()> {
+    let grid = dev.grid1d((p.rows * p.cols) as usize);
+    // SAFETY: the caller's contract is the kernel's.
+    unsafe { dev.launch(grid, 256, 0, p) }
+}
+
+/// Launches `widen_lowp_f32`.
+///
+/// # Safety
+/// `src` holds `rows * cols` u16; `dst` `rows` rows of `cols` f32 at row stride `ld`, not
+/// overlapping `src`.
+pub unsafe fn widen_lowp(dev: &Dev, p: &WidenLowpF32) -> Result<()> {
     let grid = dev.grid1d((p.rows * p.cols) as usize);
     // SAFETY: the caller's contract is the kernel's.
     unsafe { dev.launch(grid, 256, 0, p) }

@@ -24,6 +24,9 @@ kernel_params! {
         /// y again in bf16 (`lp_mode` 0) or fp16 (1), or null.
         y_lp: PtrMut<u16>,
         lp_mode: i32,
+        /// `x_in + add` (or `x_in` without add) in bf16 / fp16, or null: the copy of the
+        /// residual a lean training workspace keeps for the backward.
+        x_out_lp: PtrMut<u16>,
     }
 }
 

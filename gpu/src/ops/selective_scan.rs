@@ -45,6 +45,11 @@ kernel_params! {
         seq_len: i64,
         d_inner: i64,
         d_state: i64,
+        /// The output in the GEMM precision (may be null), `[batch, seq_len, d_inner]`; `out`
+        /// may then be null.
+        out_lp: PtrMut<u16>,
+        /// 0: bf16, 1: fp16.
+        lp_mode: i32,
     }
 }
 
@@ -73,6 +78,16 @@ kernel_params! {
         seq_len: i64,
         d_inner: i64,
         d_state: i64,
+        /// The forward's (gated) output recomputed in the GEMM precision (may be null),
+        /// `[batch, seq_len, d_inner]`: out_proj's weight gradient reads it, so the forward
+        /// need not keep it.
+        gated_lp: PtrMut<u16>,
+        /// Not null: ddelta goes here instead, in the GEMM precision.
+        ddelta_lp: PtrMut<u16>,
+        /// Not null: dz goes here instead, in the GEMM precision (row stride `ldz_out`).
+        dz_lp: PtrMut<u16>,
+        /// 0: bf16, 1: fp16.
+        lp_mode: i32,
     }
 }
 
