@@ -243,6 +243,14 @@ fn scan(rows: &mut Vec<String>) -> reference::Result<()> {
     Ok(())
 }
 
+/// `k` seeded values uniform in `off ± scale / 2`.
+fn rnd(k: usize, scale: f32, off: f32, seed: u64) -> Vec<f32> {
+    tokens(k, 1 << 20, seed)
+        .iter()
+        .map(|&t| off + scale * (t as f32 / (1 << 20) as f32 - 0.5))
+        .collect()
+}
+
 fn scan_one(rows: &mut Vec<String>, chunk: usize) -> reference::Result<()> {
     let (batch, di, seq, ds, r) = (8usize, 4096usize, 2048usize, 16usize, 128usize);
     let shape = KernelShape {
@@ -253,12 +261,6 @@ fn scan_one(rows: &mut Vec<String>, chunk: usize) -> reference::Result<()> {
     let dev = std::sync::Arc::new(Dev::open(0, shape, &gpu::ops::all_kernels())?);
     let n = batch * seq;
     let xr = r + 2 * ds;
-    let rnd = |k: usize, scale: f32, off: f32, seed: u64| -> Vec<f32> {
-        tokens(k, 1 << 20, seed)
-            .iter()
-            .map(|&t| off + scale * (t as f32 / (1 << 20) as f32 - 0.5))
-            .collect()
-    };
     let u = dev.upload(&rnd(n * di, 2.0, 0.0, 1))?;
     let delta = dev.upload(&rnd(n * di, 2.0, -3.0, 2))?;
     let xbc = dev.upload(&rnd(n * xr, 2.0, 0.0, 3))?;
