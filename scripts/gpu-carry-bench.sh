@@ -5,7 +5,7 @@
 # ZeRO driver at world size 1 (stage 2, NCCL). Prints the median of the per-step tokens/s in
 # metrics.jsonl after 5 warm-up steps (start-up, evaluation and checkpoints excluded).
 #
-#   [B=folder of vet-train and vet-data] [ZERO=1] bash scripts/gpu-carry-bench.sh [STEPS]
+#   [B=folder of vet-train and vet-data] [ZERO=1] [ONLY="plain k2"] bash scripts/gpu-carry-bench.sh [STEPS]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 B=${B:-target/gpu-tests}
@@ -36,9 +36,14 @@ run() { # NAME LABEL: train, then the median (or the log's tail when the run fai
 conf plain false
 conf carry '"detach"'
 conf k2 2
-run plain "plain windows:        "
-run carry "carry_state detach:   "
-run k2 "carry_state 2:        "
+for r in ${ONLY:-plain carry k2}; do
+    case $r in
+        plain) run plain "plain windows:        " ;;
+        carry) run carry "carry_state detach:   " ;;
+        k2) run k2 "carry_state 2:        " ;;
+        *) echo "ONLY: unknown run $r (plain, carry, k2)"; exit 2 ;;
+    esac
+done
 if [ "${ZERO:-0}" = 1 ]; then
     echo '{"train_micro_batch_size_per_gpu": "auto", "zero_optimization": {"stage": 2}}' > "$out/ds.json"
     conf zero2 false

@@ -68,10 +68,19 @@ fn temp_beside(path: &Path) -> io::Result<(NamedTempFile, PathBuf)> {
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
         _ => PathBuf::from("."),
     };
-    let tmp = tempfile::Builder::new()
-        .prefix(&format!(".{}.", name.to_string_lossy()))
-        .suffix(".tmp")
-        .tempfile_in(&dir)?;
+    let prefix = format!(".{}.", name.to_string_lossy());
+    let mut builder = tempfile::Builder::new();
+    builder.prefix(&prefix).suffix(".tmp");
+    // A temporary file is private (0600), but what it becomes is an ordinary file: the mode of
+    // the file it replaces, else what `File::create` gives (0666 less the umask), so that a
+    // colleague, a service user or ollama can read a checkpoint or an export.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(path).map_or(0o666, |m| m.permissions().mode() & 0o777);
+        builder.permissions(std::fs::Permissions::from_mode(mode));
+    }
+    let tmp = builder.tempfile_in(&dir)?;
     Ok((tmp, dir))
 }
 
@@ -157,5 +166,22 @@ mod tests {
         let path = dir.join("no/such/folder/x.json");
         let err = atomic_write(&path, b"x").unwrap_err();
         assert!(err.to_string().contains("x.json"), "{err}");
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_new_file_gets_the_mode_file_create_gives_and_a_replaced_one_keeps_its_mode() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = scratch("mode");
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        let probe = dir.join("probe");
+        File::create(&probe).unwrap();
+        let path = dir.join("model.safetensors");
+        atomic_write(&path, b"one").unwrap();
+        assert_eq!(mode(&path), mode(&probe), "0666 less the umask, not 0600");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640)).unwrap();
+        atomic_write(&path, b"two").unwrap();
+        assert_eq!(mode(&path), 0o640 & mode(&probe));
+        assert_eq!(std::fs::read(&path).unwrap(), b"two");
     }
 }

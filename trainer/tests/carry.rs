@@ -238,3 +238,59 @@ fn eval_long_reads_a_document_in_windows_as_one_forward_and_buckets_every_positi
     let r0 = long_eval_with(&mut e, &[doc], 128, "tiny", false).unwrap();
     assert!(r.state_carried && !r0.state_carried);
 }
+
+#[test]
+fn score_after_buckets_only_the_rest_of_each_cued_line() {
+    use trainer::train::long_eval::{cue_mask, document_losses, long_eval_cued, Cued};
+    let cues = vec!["allergic to".to_string()];
+    // Byte tokens: target t predicts byte t + 1.
+    let tok = trainer::tokenizer::byte_level().unwrap();
+    let text = b"Header: allergic to X.\nvisit 1\nCheck: allergic to YY.\nend";
+    let doc: Vec<u32> = text.iter().map(|&b| b as u32).collect();
+    let mask = cue_mask(&tok, &doc, &cues);
+    let picked: String = (0..mask.len())
+        .filter(|&t| mask[t])
+        .map(|t| text[t + 1] as char)
+        .collect();
+    assert_eq!(picked, " X. YY.");
+    // BPE: the value's token starts with its space, past the cue's end.
+    let bpe = trainer::tokenizer::load(&fixtures::tokenizer(), 1 << 20).unwrap();
+    let line =
+        "VISIT 3. recheck.\nAllergy check before prescribing: allergic to amoxicillin.\nVISIT 4.";
+    let ids = trainer::tokenizer::encode_text(&bpe, line).unwrap();
+    let m = cue_mask(&bpe, &ids, &cues);
+    let chosen: Vec<u32> = ids[1..]
+        .iter()
+        .zip(&m)
+        .filter(|(_, &x)| x)
+        .map(|(&i, _)| i)
+        .collect();
+    assert_eq!(
+        trainer::tokenizer::decode(&bpe, &chosen).unwrap(),
+        " amoxicillin."
+    );
+    // The cued bucket is the mean loss of exactly those targets.
+    let ck = trainer::checkpoint::load(&fixtures::tiny_checkpoint()).unwrap();
+    let mut e = reference::ReferenceEngine::<f32>::new(ck.config, ck.params);
+    let losses = document_losses(&mut e, &doc, 1000).unwrap();
+    let masks = [mask.clone()];
+    let cued = Cued {
+        cues: &cues,
+        masks: &masks,
+    };
+    let r = long_eval_cued(&mut e, &[doc.clone()], 16, "tiny", true, Some(&cued)).unwrap();
+    let want: f64 = (0..mask.len())
+        .filter(|&t| mask[t])
+        .map(|t| losses[t])
+        .sum::<f64>()
+        / 7.0;
+    assert_eq!((r.cued.len(), r.cued[0].tokens), (1, 7));
+    assert!(
+        (r.cued[0].loss - want).abs() <= 1e-5 * want,
+        "cued loss {} against {want}",
+        r.cued[0].loss
+    );
+    assert_eq!(r.buckets[0].tokens, doc.len() as u64 - 1);
+    assert!((r.buckets[0].loss - r.cued[0].loss).abs() > 1e-3);
+    assert_eq!(r.cues, cues);
+}

@@ -111,30 +111,8 @@ enum Cmd {
         /// Checkpoint directory; repeat to compare several models on one plot.
         #[arg(long, required = true)]
         model: Vec<PathBuf>,
-        /// Token shards' manifest (vet-data prepare) holding the documents.
-        #[arg(long)]
-        data: PathBuf,
-        /// Split of the manifest to read.
-        #[arg(long, default_value = "val")]
-        split: String,
-        /// Tokens per window.
-        #[arg(long, default_value_t = 512)]
-        seq_len: usize,
-        /// Skip documents shorter than this many tokens.
-        #[arg(long, default_value_t = 4096)]
-        min_tokens: usize,
-        /// Evaluate at most this many documents.
-        #[arg(long, default_value_t = 16)]
-        max_docs: usize,
-        /// cpu, cuda[:N], reference or reference-f64.
-        #[arg(long, default_value = "cpu")]
-        device: String,
-        /// Where long_eval.json and long_eval.png go.
-        #[arg(long)]
-        out_dir: PathBuf,
-        /// Start every window from zeros (the ablation: what the carried state is worth).
-        #[arg(long)]
-        reset_windows: bool,
+        #[command(flatten)]
+        opts: trainer::train::long_eval::LongEvalOptions,
     },
     /// Write a checkpoint's weights in another precision for inference: `bf16` (a Hugging
     /// Face checkpoint, half the size), `int8` (per-row scales, a quarter of the size) or
@@ -520,26 +498,9 @@ fn run_cli(cli: Cli) -> Result<()> {
         Cmd::Eval {
             long: _,
             model,
-            data,
-            split,
-            seq_len,
-            min_tokens,
-            max_docs,
-            device,
-            out_dir,
-            reset_windows,
+            opts,
         } => {
-            let o = trainer::train::long_eval::LongEvalOptions {
-                data,
-                split,
-                seq_len,
-                min_tokens,
-                max_docs,
-                device,
-                out_dir,
-                reset_windows,
-            };
-            trainer::train::long_eval::run(&model, &o)?;
+            trainer::train::long_eval::run(&model, &opts)?;
         }
         Cmd::Quantize {
             model,

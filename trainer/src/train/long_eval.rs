@@ -6,6 +6,11 @@
 //!
 //! A model that uses what it read long ago has a lower perplexity in the far buckets than in
 //! the near ones; one that forgets has the same or worse.
+//!
+//! `--score-after CUE` (repeatable) scores, besides every position, the targets that follow a
+//! cue to the end of its line (e.g. `allergic to` in a file whose header named the allergy):
+//! what only a model that carried the header can predict. Those buckets go beside the others
+//! in `long_eval.json` (`cued`), the terminal and `long_eval_cued.png`.
 
 use std::path::Path;
 
@@ -40,6 +45,10 @@ pub struct LongEvalReport {
     /// False with `--reset-windows`: every window started from zeros (the ablation).
     pub state_carried: bool,
     pub buckets: Vec<Bucket>,
+    /// `--score-after` cues (empty: none).
+    pub cues: Vec<String>,
+    /// The same buckets over the cued targets only (empty without cues).
+    pub cued: Vec<Bucket>,
 }
 
 /// Bucket edges up to `max_len`: 0, 512, 2048, 8192, … (×4).
@@ -158,13 +167,40 @@ pub fn long_eval_with(
     model: &str,
     carry: bool,
 ) -> Result<LongEvalReport> {
+    long_eval_cued(engine, docs, seq_len, model, carry, None)
+}
+
+/// Targets selected for the cued buckets: per document, one flag per target (`len - 1`), and
+/// the cues that chose them.
+pub struct Cued<'a> {
+    pub cues: &'a [String],
+    pub masks: &'a [Vec<bool>],
+}
+
+/// [`long_eval_with`], plus the buckets of the targets `cued` selects.
+pub fn long_eval_cued(
+    engine: &mut dyn InferenceEngine,
+    docs: &[Vec<u32>],
+    seq_len: usize,
+    model: &str,
+    carry: bool,
+    cued: Option<&Cued>,
+) -> Result<LongEvalReport> {
     if seq_len == 0 {
         bail!("--seq-len must be positive");
+    }
+    if let Some(c) = cued {
+        let lens = docs.iter().map(|d| d.len().saturating_sub(1));
+        if c.masks.len() != docs.len() || lens.zip(c.masks).any(|(n, m)| m.len() != n) {
+            bail!("long_eval: the cue masks do not match the documents");
+        }
     }
     let longest = docs.iter().map(|d| d.len() as u64).max().unwrap_or(0);
     let edges = bucket_edges(longest);
     let mut sums = vec![(0.0f64, 0u64); edges.len() - 1];
-    for doc in docs {
+    let mut cued_sums = sums.clone();
+    for (d, doc) in docs.iter().enumerate() {
+        let mask = cued.map(|c| &c.masks[d]);
         for (p, l) in document_losses_with(engine, doc, seq_len, carry)?
             .into_iter()
             .enumerate()
@@ -172,11 +208,33 @@ pub fn long_eval_with(
             let b = edges.partition_point(|&e| e <= p as u64) - 1;
             sums[b].0 += l;
             sums[b].1 += 1;
+            if mask.is_some_and(|m| m[p]) {
+                cued_sums[b].0 += l;
+                cued_sums[b].1 += 1;
+            }
         }
     }
-    let buckets: Vec<Bucket> = edges
+    Ok(LongEvalReport {
+        model: model.to_string(),
+        documents: docs.len(),
+        tokens: sums.iter().map(|s| s.1).sum(),
+        seq_len,
+        state_carried: carry,
+        buckets: buckets(&edges, &sums),
+        cues: cued.map(|c| c.cues.to_vec()).unwrap_or_default(),
+        cued: if cued.is_some() {
+            buckets(&edges, &cued_sums)
+        } else {
+            Vec::new()
+        },
+    })
+}
+
+/// The non-empty buckets of `(loss sum, targets)` per bucket between `edges`.
+fn buckets(edges: &[u64], sums: &[(f64, u64)]) -> Vec<Bucket> {
+    edges
         .windows(2)
-        .zip(&sums)
+        .zip(sums)
         .filter(|(_, s)| s.1 > 0)
         .map(|(w, &(sum, n))| Bucket {
             from: w[0],
@@ -185,21 +243,57 @@ pub fn long_eval_with(
             loss: sum / n as f64,
             perplexity: (sum / n as f64).exp(),
         })
-        .collect();
-    Ok(LongEvalReport {
-        model: model.to_string(),
-        documents: docs.len(),
-        tokens: sums.iter().map(|s| s.1).sum(),
-        seq_len,
-        state_carried: carry,
-        buckets,
-    })
+        .collect()
 }
 
-/// The table as text, one bucket a line.
+/// Per target of `doc` (`len - 1` flags): whether the predicted token overlaps the text after
+/// an occurrence of one of `cues`, up to the end of that line. The text is the tokens' bytes
+/// (byte-level BPE, as every Vet-Mamba and Mamba tokenizer is: a token's characters map back
+/// to bytes; special tokens are their own text).
+pub fn cue_mask(tok: &tokenizers::Tokenizer, doc: &[u32], cues: &[String]) -> Vec<bool> {
+    let chars = crate::tokenizer::byte_chars();
+    let byte_of: std::collections::HashMap<char, u8> =
+        (0..=255u8).map(|b| (chars[b as usize], b)).collect();
+    let mut text = Vec::new();
+    let mut starts = Vec::with_capacity(doc.len() + 1);
+    for &id in doc {
+        starts.push(text.len());
+        for c in tok.id_to_token(id).unwrap_or_default().chars() {
+            match byte_of.get(&c) {
+                Some(&b) => text.push(b),
+                None => text.extend_from_slice(c.encode_utf8(&mut [0; 4]).as_bytes()),
+            }
+        }
+    }
+    starts.push(text.len());
+    // Cued byte ranges: from a cue's end to the next newline.
+    let mut ranges = Vec::new();
+    for cue in cues.iter().map(|c| c.as_bytes()).filter(|c| !c.is_empty()) {
+        for i in 0..text.len().saturating_sub(cue.len() - 1) {
+            if text[i..].starts_with(cue) {
+                let e = i + cue.len();
+                let n = text[e..]
+                    .iter()
+                    .position(|&b| b == b'\n')
+                    .map_or(text.len(), |k| e + k);
+                if e < n {
+                    ranges.push((e, n));
+                }
+            }
+        }
+    }
+    (1..doc.len())
+        .map(|t| {
+            let (s, end) = (starts[t], starts[t + 1]);
+            ranges.iter().any(|&(e, n)| s < n && end > e)
+        })
+        .collect()
+}
+
+/// The table as text, one bucket a line (then the cued targets' buckets, if any).
 pub fn table(r: &LongEvalReport) -> String {
     let mut s = format!(
-        "{} documents, {} targets, windows of {} tokens, {}\n{:>16} {:>10} {:>8} {:>11}\n",
+        "{} documents, {} targets, windows of {} tokens, {}\n",
         r.documents,
         r.tokens,
         r.seq_len,
@@ -208,12 +302,24 @@ pub fn table(r: &LongEvalReport) -> String {
         } else {
             "state reset every window"
         },
-        "positions",
-        "targets",
-        "loss",
-        "perplexity"
     );
-    for b in &r.buckets {
+    s += &bucket_rows(&r.buckets);
+    if !r.cues.is_empty() {
+        s += &format!(
+            "targets after the cues {:?} to the end of their line:\n",
+            r.cues
+        );
+        s += &bucket_rows(&r.cued);
+    }
+    s
+}
+
+fn bucket_rows(buckets: &[Bucket]) -> String {
+    let mut s = format!(
+        "{:>16} {:>10} {:>8} {:>11}\n",
+        "positions", "targets", "loss", "perplexity"
+    );
+    for b in buckets {
         let span = format!("{}-{}", short(b.from), short(b.to));
         s += &format!(
             "{span:>16} {:>10} {:>8.4} {:>11.3}\n",
@@ -232,7 +338,8 @@ fn short(v: u64) -> String {
 }
 
 /// Writes `long_eval.json` (a list: one report per model) and `long_eval.png` (one curve per
-/// model, labelled with its directory's name) into `out_dir`.
+/// model, labelled with its directory's name) into `out_dir`, and with cues
+/// `long_eval_cued.png` (the cued targets' curves).
 pub fn write_report(reports: &[LongEvalReport], out_dir: &Path) -> Result<()> {
     std::fs::create_dir_all(out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
     let json = out_dir.join("long_eval.json");
@@ -246,7 +353,16 @@ pub fn write_report(reports: &[LongEvalReport], out_dir: &Path) -> Result<()> {
         true => "Vet-Mamba: perplexity by position (state carried)",
         false => "Vet-Mamba: perplexity by position (state reset every window)",
     };
-    curve_png(&curves, &out_dir.join("long_eval.png"), title)
+    curve_png(&curves, &out_dir.join("long_eval.png"), title)?;
+    if reports.iter().any(|r| !r.cued.is_empty()) {
+        let cued: Vec<(String, Vec<Bucket>)> = reports
+            .iter()
+            .map(|r| (label(&r.model), r.cued.clone()))
+            .collect();
+        let title = "Vet-Mamba: perplexity of the targets after the cues, by position";
+        curve_png(&cued, &out_dir.join("long_eval_cued.png"), title)?;
+    }
+    Ok(())
 }
 
 /// A short label for the model at `path`: the run directory of a training checkpoint
@@ -340,19 +456,40 @@ pub fn curve_png(curves: &[(String, Vec<Bucket>)], out_png: &Path, title: &str) 
         .with_context(|| format!("writing {}", out_png.display()))
 }
 
-/// What `vet-train eval --long` was asked.
-#[derive(Clone, Debug)]
+/// What `vet-train eval --long` was asked (its options, after `--long` and `--model`).
+#[derive(Clone, Debug, clap::Args)]
 pub struct LongEvalOptions {
-    /// Shard manifest (file or directory) whose `split` holds the documents.
+    /// Token shards' manifest (vet-data prepare) holding the documents.
+    #[arg(long)]
     pub data: std::path::PathBuf,
+    /// Split of the manifest to read.
+    #[arg(long, default_value = "val")]
     pub split: String,
+    /// Tokens per window.
+    #[arg(long, default_value_t = 512)]
     pub seq_len: usize,
+    /// Skip documents shorter than this many tokens.
+    #[arg(long, default_value_t = 4096)]
     pub min_tokens: usize,
+    /// Evaluate at most this many documents.
+    #[arg(long, default_value_t = 16)]
     pub max_docs: usize,
+    /// cpu, cuda[:N], reference or reference-f64.
+    #[arg(long, default_value = "cpu")]
     pub device: String,
+    /// Where long_eval.json and long_eval.png go.
+    #[arg(long)]
     pub out_dir: std::path::PathBuf,
-    /// Start every window from zeros (the ablation of the carried state).
+    /// Start every window from zeros (the ablation: what the carried state is worth).
+    #[arg(long)]
     pub reset_windows: bool,
+    /// Also score only the targets after this text, to the end of its line (repeatable), e.g.
+    /// "allergic to": facts only a model that carried the file's header can predict.
+    #[arg(long = "score-after", value_name = "CUE")]
+    pub score_after: Vec<String>,
+    /// The data's tokenizer.json, to find the cues (default: the first model's).
+    #[arg(long)]
+    pub tokenizer: Option<std::path::PathBuf>,
 }
 
 /// Evaluates every checkpoint in `models` on the same documents, prints each table and writes
@@ -362,13 +499,39 @@ pub fn run(models: &[std::path::PathBuf], o: &LongEvalOptions) -> Result<Vec<Lon
         bail!("eval --long needs at least one --model");
     }
     let docs = manifest_documents(&o.data, &o.split, o.min_tokens, o.max_docs)?;
+    let mut masks = Vec::new();
     let mut reports = Vec::new();
     for m in models {
         let ck = crate::checkpoint::load(m)?;
+        if !o.score_after.is_empty() && masks.is_empty() {
+            let path = o
+                .tokenizer
+                .clone()
+                .unwrap_or_else(|| m.join("tokenizer.json"));
+            let tok = crate::tokenizer::load(&path, ck.config.vocab_size).context(
+                "--score-after reads the text through the data's tokenizer (--tokenizer)",
+            )?;
+            masks = docs
+                .iter()
+                .map(|d| cue_mask(&tok, d, &o.score_after))
+                .collect();
+            let n: usize = masks.iter().map(|m| m.iter().filter(|&&x| x).count()).sum();
+            if n == 0 {
+                bail!(
+                    "no target follows the cues {:?} in the evaluated documents",
+                    o.score_after
+                );
+            }
+        }
+        let cued = Cued {
+            cues: &o.score_after,
+            masks: &masks,
+        };
+        let cued = (!o.score_after.is_empty()).then_some(&cued);
         let mut engine = crate::device::engine(&o.device, &ck.config, ck.params)?;
         let name = m.display().to_string();
         let carry = !o.reset_windows;
-        let r = long_eval_with(engine.as_mut(), &docs, o.seq_len, &name, carry)
+        let r = long_eval_cued(engine.as_mut(), &docs, o.seq_len, &name, carry, cued)
             .with_context(|| format!("evaluating {name}"))?;
         println!("{name}\n{}", table(&r));
         reports.push(r);
