@@ -386,11 +386,16 @@ fn label(path: &str) -> String {
 pub fn curve_png(curves: &[(String, Vec<Bucket>)], out_png: &Path, title: &str) -> Result<()> {
     const W: u32 = 800;
     const H: u32 = 480;
-    const COLORS: [RGBColor; 4] = [
+    // Eight distinct colours: three seeds of two or three runs on one plot.
+    const COLORS: [RGBColor; 8] = [
         EMA,
         RGBColor(235, 120, 20),
         RGBColor(40, 150, 60),
         RGBColor(170, 40, 120),
+        RGBColor(120, 190, 230),
+        RGBColor(240, 190, 60),
+        RGBColor(110, 110, 110),
+        RGBColor(200, 40, 40),
     ];
     let pts = || curves.iter().flat_map(|c| c.1.iter());
     let (y0, y1) = pts().fold((f64::INFINITY, 0f64), |(lo, hi), b| {
