@@ -63,6 +63,38 @@ unsafe fn halves(v: __m512, f: fn(f32x8) -> f32x8) -> __m512 {
     _mm512_loadu_ps(a.as_ptr())
 }
 
+/// `r[j]`'s lane `i` moves to `r[i]`'s lane `j`: a 16 × 16 transpose in registers, four rounds
+/// of shuffles (pure data movement, so the scan's bits do not depend on it).
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn transpose16(r: &mut [__m512; 16]) {
+    let mut t = [_mm512_setzero_ps(); 16];
+    for i in 0..8 {
+        t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+    }
+    let pd = _mm512_castps_pd;
+    for q in 0..4 {
+        let (a, b, c, d) = (t[4 * q], t[4 * q + 1], t[4 * q + 2], t[4 * q + 3]);
+        r[4 * q] = _mm512_castpd_ps(_mm512_unpacklo_pd(pd(a), pd(c)));
+        r[4 * q + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(pd(a), pd(c)));
+        r[4 * q + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(pd(b), pd(d)));
+        r[4 * q + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(pd(b), pd(d)));
+    }
+    // r[4q + m] now holds, in 128-bit lane p, rows 4q..4q + 4 at column 4p + m.
+    for h in 0..2 {
+        for m in 0..4 {
+            let (a, b) = (r[8 * h + m], r[8 * h + 4 + m]);
+            t[8 * h + m] = _mm512_shuffle_f32x4::<0x88>(a, b);
+            t[8 * h + 4 + m] = _mm512_shuffle_f32x4::<0xdd>(a, b);
+        }
+    }
+    for m in 0..8 {
+        r[m] = _mm512_shuffle_f32x4::<0x88>(t[m], t[8 + m]);
+        r[8 + m] = _mm512_shuffle_f32x4::<0xdd>(t[m], t[8 + m]);
+    }
+}
+
 /// The group loop of `fwd::wide_group` on 512-bit registers.
 ///
 /// # Safety
@@ -87,6 +119,28 @@ pub(super) unsafe fn group(
     let mut av_buf = [MaybeUninit::<__m512>::uninit(); STACK_LANES16];
     for k in 0..nb {
         let cb = c0 + 16 * k;
+        if width(k) == 16 && ds == 16 {
+            // Sixteen whole channels of sixteen states: each channel's `a` and `h` are one
+            // vector, and a transpose puts the channels in the lanes (a decode step's scan
+            // spent most of its time on the element-wise way below).
+            let hs = h.slice_mut((bi * di + cb) * 16, 256);
+            let mut rows = [_mm512_setzero_ps(); 16];
+            for (j, v) in rows.iter_mut().enumerate() {
+                *v = _mm512_loadu_ps(s.a[(cb + j) * 16..(cb + j + 1) * 16].as_ptr());
+            }
+            transpose16(&mut rows);
+            for (n, v) in rows.iter().enumerate() {
+                av_buf[k * 16 + n].write(*v);
+            }
+            for (j, v) in rows.iter_mut().enumerate() {
+                *v = _mm512_loadu_ps(hs[j * 16..].as_ptr());
+            }
+            transpose16(&mut rows);
+            for (n, v) in rows.iter().enumerate() {
+                hv_buf[k * 16 + n].write(*v);
+            }
+            continue;
+        }
         for n in 0..ds {
             let mut a = [0f32; 16];
             let mut hh = [0f32; 16];
@@ -127,13 +181,25 @@ pub(super) unsafe fn group(
             }
             let y = _mm512_fmadd_ps(load(s.d, cb, w), x, acc);
             let g = _mm512_mul_ps(y, halves(load(s.z, i, w), silu8));
-            let mut ga = [0f32; 16];
-            _mm512_storeu_ps(ga.as_mut_ptr(), g);
-            out.write_slice(i, &ga[..w]);
+            _mm512_mask_storeu_ps(
+                out.slice_mut(i, w).as_mut_ptr(),
+                ((1u32 << w) - 1) as u16,
+                g,
+            );
         }
     }
     for k in 0..nb {
         let cb = c0 + 16 * k;
+        if width(k) == 16 && ds == 16 {
+            let mut rows = [_mm512_setzero_ps(); 16];
+            rows.copy_from_slice(&hv[k * 16..(k + 1) * 16]);
+            transpose16(&mut rows);
+            let hs = h.slice_mut((bi * di + cb) * 16, 256);
+            for (j, v) in rows.iter().enumerate() {
+                _mm512_storeu_ps(hs[j * 16..].as_mut_ptr(), *v);
+            }
+            continue;
+        }
         for n in 0..ds {
             let mut a = [0f32; 16];
             _mm512_storeu_ps(a.as_mut_ptr(), hv[k * ds + n]);
@@ -149,6 +215,35 @@ mod tests {
     use super::super::{selective_scan_fwd, Scan};
     use crate::kernels::Isa;
     use crate::test_rng::vals;
+
+    #[test]
+    fn transpose16_moves_row_j_lane_i_to_row_i_lane_j() {
+        if !Isa::Avx512.supported() {
+            println!("skipping: no AVX-512 on this CPU");
+            return;
+        }
+        let m = vals(256, 11);
+        let mut t = [0f32; 256];
+        // SAFETY: AVX-512 F checked above.
+        unsafe {
+            use std::arch::x86_64::*;
+            let mut r = [_mm512_setzero_ps(); 16];
+            for (j, v) in r.iter_mut().enumerate() {
+                *v = _mm512_loadu_ps(m[16 * j..].as_ptr());
+            }
+            super::transpose16(&mut r);
+            for (i, v) in r.iter().enumerate() {
+                _mm512_storeu_ps(t[16 * i..].as_mut_ptr(), *v);
+            }
+        }
+        for (i, j) in (0..16).flat_map(|i| (0..16).map(move |j| (i, j))) {
+            assert_eq!(
+                t[16 * i + j].to_bits(),
+                m[16 * j + i].to_bits(),
+                "({i}, {j})"
+            );
+        }
+    }
 
     /// The 16-lane loop gives the AVX2 loop's bits, with partial vectors (d_inner 70),
     /// resets, an initial state and two batch rows.
