@@ -278,7 +278,8 @@ fn score_after_buckets_only_the_rest_of_each_cued_line() {
         cues: &cues,
         masks: &masks,
     };
-    let r = long_eval_cued(&mut e, &[doc.clone()], 16, "tiny", true, Some(&cued)).unwrap();
+    let docs = std::slice::from_ref(&doc);
+    let r = long_eval_cued(&mut e, docs, 16, "tiny", true, Some(&cued)).unwrap();
     let want: f64 = (0..mask.len())
         .filter(|&t| mask[t])
         .map(|t| losses[t])
