@@ -62,17 +62,7 @@ thread_local! {
 /// Runs `f` with `x` (`[n, k]`) rounded to bf16, in this thread's buffer (grown once), or in
 /// a fresh one if that is in use further up this stack.
 pub fn with_converted<R>(x: &[f32], k: usize, f: impl FnOnce(&ActBf16) -> R) -> R {
-    ACT.with(|cell| match cell.try_borrow_mut() {
-        Ok(mut a) => {
-            a.convert(x, k);
-            f(&a)
-        }
-        Err(_) => {
-            let mut a = ActBf16::default();
-            a.convert(x, k);
-            f(&a)
-        }
-    })
+    super::with_scratch(&ACT, |a| a.convert(x, k), f)
 }
 
 /// `put(b, i, Σ_j W[row0 + i, j] · x[b, j])` for `i < rows` and every row `b` of `a`, with

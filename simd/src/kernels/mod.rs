@@ -31,6 +31,28 @@ pub use quant::{
     quantize_row, quantize_row_int4, INT4_GROUP, INT4_GROUP_BYTES,
 };
 
+/// Runs `f` on this thread's activation buffer in `key` once `fill` has written it (the buffer
+/// is grown once, so a decode step allocates nothing), or on a fresh one if that buffer is in
+/// use further up this stack. The int8, int4 and bf16 kernels' activations share it.
+#[cfg(target_arch = "x86_64")]
+fn with_scratch<T: Default, R>(
+    key: &'static std::thread::LocalKey<std::cell::RefCell<T>>,
+    fill: impl FnOnce(&mut T),
+    f: impl FnOnce(&T) -> R,
+) -> R {
+    key.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut a) => {
+            fill(&mut a);
+            f(&a)
+        }
+        Err(_) => {
+            let mut a = T::default();
+            fill(&mut a);
+            f(&a)
+        }
+    })
+}
+
 /// The instruction set the kernels use.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Isa {

@@ -82,17 +82,7 @@ thread_local! {
 /// Runs `f` with `x` (`[n, k]`) quantised in this thread's buffer (or a fresh one if that is
 /// in use further up this stack).
 pub fn with_quantized<R>(x: &[f32], k: usize, f: impl FnOnce(&ActQ4) -> R) -> R {
-    ACT.with(|cell| match cell.try_borrow_mut() {
-        Ok(mut a) => {
-            a.quantize(x, k);
-            f(&a)
-        }
-        Err(_) => {
-            let mut a = ActQ4::default();
-            a.quantize(x, k);
-            f(&a)
-        }
-    })
+    super::with_scratch(&ACT, |a| a.quantize(x, k), f)
 }
 
 /// `put(b, i, Σ_j W[row0 + i, j] · x[b, j])` for `i < rows` and every row `b` of `a`, with

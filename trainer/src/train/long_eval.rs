@@ -266,8 +266,8 @@ pub fn cue_mask(tok: &tokenizers::Tokenizer, doc: &[u32], cues: &[String]) -> Ve
         }
     }
     starts.push(text.len());
-    // Cued byte ranges: from a cue's end to the next newline.
-    let mut ranges = Vec::new();
+    // Cued bytes: from a cue's end to the next newline.
+    let mut cued = vec![false; text.len()];
     for cue in cues.iter().map(|c| c.as_bytes()).filter(|c| !c.is_empty()) {
         for i in 0..text.len().saturating_sub(cue.len() - 1) {
             if text[i..].starts_with(cue) {
@@ -276,17 +276,12 @@ pub fn cue_mask(tok: &tokenizers::Tokenizer, doc: &[u32], cues: &[String]) -> Ve
                     .iter()
                     .position(|&b| b == b'\n')
                     .map_or(text.len(), |k| e + k);
-                if e < n {
-                    ranges.push((e, n));
-                }
+                cued[e..n].iter_mut().for_each(|c| *c = true);
             }
         }
     }
     (1..doc.len())
-        .map(|t| {
-            let (s, end) = (starts[t], starts[t + 1]);
-            ranges.iter().any(|&(e, n)| s < n && end > e)
-        })
+        .map(|t| cued[starts[t]..starts[t + 1]].contains(&true))
         .collect()
 }
 

@@ -95,6 +95,31 @@ unsafe fn transpose16(r: &mut [__m512; 16]) {
     }
 }
 
+/// Sixteen rows of sixteen floats (`rows[16 j..16 j + 16]`, one channel's states each) with the
+/// channels in the lanes: vector `n` holds state `n` of the sixteen channels.
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn rows_to_lanes(rows: &[f32]) -> [__m512; 16] {
+    assert!(rows.len() >= 256);
+    let mut r = [_mm512_setzero_ps(); 16];
+    for (j, v) in r.iter_mut().enumerate() {
+        *v = _mm512_loadu_ps(rows[16 * j..].as_ptr());
+    }
+    transpose16(&mut r);
+    r
+}
+
+/// The inverse of [`rows_to_lanes`]: `r` back into the sixteen rows.
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn lanes_to_rows(mut r: [__m512; 16], rows: &mut [f32]) {
+    assert!(rows.len() >= 256);
+    transpose16(&mut r);
+    for (j, v) in r.iter().enumerate() {
+        _mm512_storeu_ps(rows[16 * j..].as_mut_ptr(), *v);
+    }
+}
+
 /// The group loop of `fwd::wide_group` on 512-bit registers.
 ///
 /// # Safety
@@ -123,21 +148,11 @@ pub(super) unsafe fn group(
             // Sixteen whole channels of sixteen states: each channel's `a` and `h` are one
             // vector, and a transpose puts the channels in the lanes (a decode step's scan
             // spent most of its time on the element-wise way below).
-            let hs = h.slice_mut((bi * di + cb) * 16, 256);
-            let mut rows = [_mm512_setzero_ps(); 16];
-            for (j, v) in rows.iter_mut().enumerate() {
-                *v = _mm512_loadu_ps(s.a[(cb + j) * 16..(cb + j + 1) * 16].as_ptr());
-            }
-            transpose16(&mut rows);
-            for (n, v) in rows.iter().enumerate() {
-                av_buf[k * 16 + n].write(*v);
-            }
-            for (j, v) in rows.iter_mut().enumerate() {
-                *v = _mm512_loadu_ps(hs[j * 16..].as_ptr());
-            }
-            transpose16(&mut rows);
-            for (n, v) in rows.iter().enumerate() {
-                hv_buf[k * 16 + n].write(*v);
+            let a = rows_to_lanes(&s.a[cb * 16..(cb + 16) * 16]);
+            let hh = rows_to_lanes(h.slice_mut((bi * di + cb) * 16, 256));
+            for n in 0..16 {
+                av_buf[k * 16 + n].write(a[n]);
+                hv_buf[k * 16 + n].write(hh[n]);
             }
             continue;
         }
@@ -191,13 +206,9 @@ pub(super) unsafe fn group(
     for k in 0..nb {
         let cb = c0 + 16 * k;
         if width(k) == 16 && ds == 16 {
-            let mut rows = [_mm512_setzero_ps(); 16];
-            rows.copy_from_slice(&hv[k * 16..(k + 1) * 16]);
-            transpose16(&mut rows);
-            let hs = h.slice_mut((bi * di + cb) * 16, 256);
-            for (j, v) in rows.iter().enumerate() {
-                _mm512_storeu_ps(hs[j * 16..].as_mut_ptr(), *v);
-            }
+            let mut r = [_mm512_setzero_ps(); 16];
+            r.copy_from_slice(&hv[k * 16..(k + 1) * 16]);
+            lanes_to_rows(r, h.slice_mut((bi * di + cb) * 16, 256));
             continue;
         }
         for n in 0..ds {
