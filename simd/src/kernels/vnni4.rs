@@ -171,8 +171,11 @@ unsafe fn tile<const R: usize, const B: usize>(
         }
         for r in 0..R {
             let (v, sv) = if blk < full {
-                // Two tiles of rows ahead, so short rows do not outrun the prefetcher.
+                // Two tiles of rows ahead into L1, so short rows do not outrun the prefetcher,
+                // and eight tiles ahead into L2: more lines in flight per core than L1's fill
+                // buffers allow (1.4B decode 21–22 → 23 tok/s on 2 cores, same-minute A/B).
                 _mm_prefetch::<_MM_HINT_T0>(wp.wrapping_add((2 * R + r) * rb + blk * 64) as _);
+                _mm_prefetch::<_MM_HINT_T1>(wp.wrapping_add((8 * R + r) * rb + blk * 64) as _);
                 (
                     _mm512_loadu_si512(wp.add(r * rb + blk * BLOCK_BYTES) as *const __m512i),
                     _mm_loadu_ps(sp.add(r * g + blk * 4)),
