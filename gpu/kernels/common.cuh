@@ -38,6 +38,22 @@ __device__ __forceinline__ float f16_to_f32(u16 h) {
     return r;
 }
 
+// Programmatic dependent launch (sm_90; `Dev` launches the kernels in `PDL_KERNELS` with it).
+// pdl_wait: returns once the grids this one depends on have finished and their writes are
+// visible; a kernel launched without the attribute returns at once. Such a kernel touches no
+// memory another kernel writes before it. pdl_launch_dependents: the next kernel of the stream
+// may start (its own pdl_wait still waits for this one to finish).
+__device__ __forceinline__ void pdl_wait() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void pdl_launch_dependents() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
 __device__ __forceinline__ float warp_sum(float v) {
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
     return v;

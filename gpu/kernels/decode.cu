@@ -7,31 +7,43 @@
 // x: in_proj's x half (row stride ldx). Thread per (b, c). The sum runs in the order of
 // conv1d_fwd_f32 (taps ascending, then the bias), so both give the same bits. xs_lp (may be
 // null): xs again in bf16 (lp_mode 0) or fp16 (1) for x_proj.
+__device__ __forceinline__ float lp_to_f32(u16 v, int lp_mode) {
+    if (lp_mode == 0) return __uint_as_float(((unsigned int)v) << 16);
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(v));
+    return f;
+}
+
+// One element i = b * di + c of the conv update, x_val being x[b, c].
+static __device__ __forceinline__ void conv_update_elem(long i, float x_val, const float* w, const float* bias,
+                                                        const int* starts, float* window, float* xs, u16* xs_lp,
+                                                        int lp_mode, long di) {
+    const int km1 = D_CONV - 1;
+    long c = i % di, b = i / di;
+    bool reset = starts[b] == 0;
+    float* win = window + i * km1;
+    float vals[D_CONV];
+#pragma unroll
+    for (int k = 0; k < km1; ++k) vals[k] = reset ? 0.0f : win[k];
+    vals[km1] = x_val;
+    float acc = 0.0f;
+#pragma unroll
+    for (int k = 0; k < D_CONV; ++k) acc += w[c * D_CONV + k] * vals[k];
+    if (bias) acc += bias[c];
+    float v = silu_f32(acc);
+    xs[i] = v;
+    if (xs_lp) xs_lp[i] = lp_mode == 0 ? f32_to_bf16(v) : f32_to_f16(v);
+#pragma unroll
+    for (int k = 0; k < km1; ++k) win[k] = vals[k + 1];
+}
 static __device__ __forceinline__ void conv_update_f32_body(const float* x, long ldx, const float* w, const float* bias,
                                            const int* starts, float* window, float* xs, u16* xs_lp, int lp_mode,
                                            long batch, long di) {
-    const int km1 = D_CONV - 1;
     long total = batch * di;
-    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < total; i += (long)gridDim.x * blockDim.x) {
-        long c = i % di, b = i / di;
-        bool reset = starts[b] == 0;
-        float* win = window + i * km1;
-        float vals[D_CONV];
-#pragma unroll
-        for (int k = 0; k < km1; ++k) vals[k] = reset ? 0.0f : win[k];
-        vals[km1] = x[b * ldx + c];
-        float acc = 0.0f;
-#pragma unroll
-        for (int k = 0; k < D_CONV; ++k) acc += w[c * D_CONV + k] * vals[k];
-        if (bias) acc += bias[c];
-        float v = silu_f32(acc);
-        xs[i] = v;
-        if (xs_lp) xs_lp[i] = lp_mode == 0 ? f32_to_bf16(v) : f32_to_f16(v);
-#pragma unroll
-        for (int k = 0; k < km1; ++k) win[k] = vals[k + 1];
-    }
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < total; i += (long)gridDim.x * blockDim.x)
+        conv_update_elem(i, x[(i / di) * ldx + i % di], w, bias, starts, window, xs, xs_lp, lp_mode, di);
 }
-extern "C" __global__ void conv_update_f32(const ConvUpdateF32 p) { conv_update_f32_body(CONV_UPDATE_F32_ARGS(p)); }
+extern "C" __global__ void conv_update_f32(const ConvUpdateF32 p) { pdl_wait(); pdl_launch_dependents(); conv_update_f32_body(CONV_UPDATE_F32_ARGS(p)); }
 
 // Sum over the D_STATE_PAD lanes of a group (xor butterfly: every lane gets the same bits).
 __device__ __forceinline__ float decode_group_sum(float v) {
@@ -46,9 +58,23 @@ __device__ __forceinline__ float decode_group_sum(float v) {
 // column col_b, C right after). Thread per (b, c, n): D_STATE_PAD lanes per channel, 256
 // threads per block; grid (ceil(d_inner / channels per block), batch). out_lp (may be null):
 // out again in bf16 (lp_mode 0) or fp16 (1) for out_proj.
+// dt_proj of one channel c inside the scan update: the D_STATE_PAD lanes n of its group sum
+// w[c, r] x[r] for r = n, n + D_STATE_PAD, ... (x rounded to the low precision, as the GEMV
+// does), then the group's butterfly: every lane gets the same bits.
+__device__ __forceinline__ float dt_proj_group(const float* x, const u16* w, long rank, long c, int n, int lp_mode) {
+    float s = 0.0f;
+    for (long r = n; r < rank; r += D_STATE_PAD) {
+        float xv = lp_to_f32(lp_mode == 0 ? f32_to_bf16(x[r]) : f32_to_f16(x[r]), lp_mode);
+        s += lp_to_f32(w[c * rank + r], lp_mode) * xv;
+    }
+    return decode_group_sum(s);
+}
+
+// dt_w (may be null): dt_proj's low-precision weight [d_inner, dt_rank]; then dt's input is
+// computed here from x_proj's dt columns (xbc[b, 0..dt_rank]) and `delta` is not read.
 static __device__ __forceinline__ void ssm_update_f32_body(const float* xs, const float* delta, const float* a_log, const float* xbc, long ldbc, long col_b,
                const float* dvec, const float* z, long ldz, const float* dt_bias, const int* starts, float* h_state,
-               float* out, u16* out_lp, int lp_mode, long batch, long di, long ds) {
+               float* out, u16* out_lp, int lp_mode, long batch, long di, long ds, const u16* dt_w = 0, long dt_rank = 0) {
     int tid = threadIdx.x, n = tid % D_STATE_PAD;
     long c = blockIdx.x * (long)(256 / D_STATE_PAD) + tid / D_STATE_PAD;
     long b = blockIdx.y;
@@ -58,7 +84,8 @@ static __device__ __forceinline__ void ssm_update_f32_body(const float* xs, cons
     float* hp = h_state + (b * di + cc) * ds + n;
     float h = (nval && starts[b] != 0) ? *hp : 0.0f;
     float x = xs[b * di + cc];
-    float dt = softplus_f32(delta[b * di + cc] + dt_bias[cc]);
+    float pre = dt_w ? dt_proj_group(xbc + b * ldbc, dt_w, dt_rank, cc, n, lp_mode) : delta[b * di + cc];
+    float dt = softplus_f32(pre + dt_bias[cc]);
     const float* bc = xbc + b * ldbc + col_b;
     float Bn = nval ? bc[n] : 0.0f;
     float Cn = nval ? bc[ds + n] : 0.0f;
@@ -72,7 +99,12 @@ static __device__ __forceinline__ void ssm_update_f32_body(const float* xs, cons
         if (out_lp) out_lp[b * di + c] = lp_mode == 0 ? f32_to_bf16(o) : f32_to_f16(o);
     }
 }
-extern "C" __global__ void __launch_bounds__(256) ssm_update_f32(const SsmUpdateF32 p) { ssm_update_f32_body(SSM_UPDATE_F32_ARGS(p)); }
+extern "C" __global__ void __launch_bounds__(256) ssm_update_f32(const SsmUpdateF32 p) { pdl_wait(); pdl_launch_dependents(); ssm_update_f32_body(SSM_UPDATE_F32_ARGS(p)); }
+extern "C" __global__ void __launch_bounds__(256) ssm_update_dt_f32(const SsmUpdateDtF32 p) {
+    pdl_wait();
+    pdl_launch_dependents();
+    ssm_update_f32_body(SSM_UPDATE_F32_ARGS(p.s), p.dt_w, p.dt_rank);
+}
 
 // ---- Sampling on the device: one id per row crosses to the host. ----
 #define SAMPLE_INF __int_as_float(0x7f800000)
@@ -240,17 +272,11 @@ static __device__ __forceinline__ void sample_rows_f32_body(const float* logits,
         ids[b] = (unsigned int)(pick >= 0 ? pick : (fallback >= 0 ? fallback : bi));
     }
 }
-extern "C" __global__ void __launch_bounds__(1024) sample_rows_f32(const SampleRowsF32 p) { sample_rows_f32_body(SAMPLE_ROWS_F32_ARGS(p)); }
+extern "C" __global__ void __launch_bounds__(1024) sample_rows_f32(const SampleRowsF32 p) { pdl_wait(); pdl_launch_dependents(); sample_rows_f32_body(SAMPLE_ROWS_F32_ARGS(p)); }
 
 // ---- The decode step's projections: a GEMV over at most GEMV_ROWS rows. ----
 #define GEMV_ROWS 8
 
-__device__ __forceinline__ float lp_to_f32(u16 v, int lp_mode) {
-    if (lp_mode == 0) return __uint_as_float(((unsigned int)v) << 16);
-    float f;
-    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(v));
-    return f;
-}
 // x as the GEMM sees it: f32 rounded to the low precision (as cast_lowp_f32 does), or lp.
 __device__ __forceinline__ float gemv_x(const u16* x_lp, const float* x_f32, long at, int lp_mode) {
     if (x_lp) return lp_to_f32(x_lp[at], lp_mode);
@@ -329,4 +355,113 @@ static __device__ __forceinline__ void gemv_lp_body(const u16* w, long ldw, cons
         y[lane * ldy + n] = s;
     }
 }
-extern "C" __global__ void __launch_bounds__(256) gemv_lp(const GemvLp p) { gemv_lp_body(GEMV_LP_ARGS(p)); }
+extern "C" __global__ void __launch_bounds__(256) gemv_lp(const GemvLp p) { pdl_wait(); pdl_launch_dependents(); gemv_lp_body(GEMV_LP_ARGS(p)); }
+
+// gemv_lp with NL weight loads issued per lane before any is used (streaming, L1 bypassed; the
+// first NL before pdl_wait), 128 threads (4 / split outputs per block), and no block barrier
+// when split == 1. Each lane visits the same k in the same order as gemv_lp: the same bits.
+__device__ __forceinline__ uint4 ld_stream16(const u16* p) {
+    uint4 v;
+    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+                 : "l"(p));
+    return v;
+}
+__device__ __forceinline__ void gemv_x8(const u16* x_lp, const float* x_f32, long at, int lp_mode, float* xf) {
+    if (x_lp) {
+        unpack8(*(const uint4*)(x_lp + at), lp_mode, xf);
+    } else {
+        float4 a = *(const float4*)(x_f32 + at);
+        float4 b = *(const float4*)(x_f32 + at + 4);
+        float v[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
+#pragma unroll
+        for (int j = 0; j < 8; ++j) xf[j] = lp_to_f32(lp_mode == 0 ? f32_to_bf16(v[j]) : f32_to_f16(v[j]), lp_mode);
+    }
+}
+// cu (may be null): in_proj's conv update as the epilogue: output n < cu->d_inner of row r is
+// channel n's x, so that thread also runs the conv update of (r, n) on the value it writes.
+template <int NL>
+static __device__ __forceinline__ void gemv_lp_nl_body(const u16* w, long ldw, const u16* x_lp, const float* x_f32, long ldx,
+                                                       float* y, long ldy, long n_out, long k, long rows, int split, int vec,
+                                                       int lp_mode, const ConvUpdateF32* cu = 0) {
+    __shared__ float sh[4][GEMV_ROWS];
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    long n = blockIdx.x * (long)(4 / split) + warp / split;
+    int part = warp % split;
+    bool live = n < n_out;
+    const u16* wr = w + (live ? n : 0) * ldw;
+    long step = (long)split * 256;
+    long k0 = ((long)part * 32 + lane) * 8;
+    // The first NL weight loads go out before waiting for the kernel before (weights are
+    // never written while decoding).
+    uint4 wv[NL];
+#pragma unroll
+    for (int j = 0; j < NL; ++j)
+        if (live && k0 + j * step < k) wv[j] = ld_stream16(wr + k0 + j * step);
+    pdl_wait();
+    pdl_launch_dependents();
+    float acc[GEMV_ROWS];
+#pragma unroll
+    for (int r = 0; r < GEMV_ROWS; ++r) acc[r] = 0.0f;
+    if (live) {
+        for (;;) {
+#pragma unroll
+            for (int j = 0; j < NL; ++j) {
+                long kj = k0 + j * step;
+                if (kj < k) {
+                    float wf[8], xf[8];
+                    unpack8(wv[j], lp_mode, wf);
+#pragma unroll
+                    for (int r = 0; r < GEMV_ROWS; ++r) {
+                        if (r < rows) {
+                            gemv_x8(x_lp, x_f32, r * ldx + kj, lp_mode, xf);
+#pragma unroll
+                            for (int q = 0; q < 8; ++q) acc[r] += wf[q] * xf[q];
+                        }
+                    }
+                }
+            }
+            k0 += NL * step;
+            if (k0 >= k) break;
+#pragma unroll
+            for (int j = 0; j < NL; ++j)
+                if (k0 + j * step < k) wv[j] = ld_stream16(wr + k0 + j * step);
+        }
+    }
+    if (split == 1) {
+#pragma unroll
+        for (int r = 0; r < GEMV_ROWS; ++r) {
+            if (r < rows) {
+                float v = warp_sum(acc[r]);
+                if (lane == 0 && live) {
+                    y[r * ldy + n] = v;
+                    if (cu && n < cu->d_inner)
+                        conv_update_elem(r * cu->d_inner + n, v, cu->conv.w, cu->conv.bias, cu->conv.starts, cu->window,
+                                         cu->xs, cu->xs_lp, cu->lp_mode, cu->d_inner);
+                }
+            }
+        }
+        return;
+    }
+#pragma unroll
+    for (int r = 0; r < GEMV_ROWS; ++r) {
+        if (r < rows) {
+            float v = warp_sum(acc[r]);
+            if (lane == 0) sh[warp][r] = v;
+        }
+    }
+    __syncthreads();
+    if (part == 0 && lane < rows && live) {
+        float s = 0.0f;
+        for (int q = 0; q < split; ++q) s += sh[warp + q][lane];
+        y[lane * ldy + n] = s;
+        if (cu && n < cu->d_inner)
+            conv_update_elem(lane * cu->d_inner + n, s, cu->conv.w, cu->conv.bias, cu->conv.starts, cu->window, cu->xs,
+                             cu->xs_lp, cu->lp_mode, cu->d_inner);
+    }
+}
+extern "C" __global__ void __launch_bounds__(128) gemv_lp_nl4(const GemvLp p) { gemv_lp_nl_body<4>(GEMV_LP_ARGS(p)); }
+extern "C" __global__ void __launch_bounds__(128) gemv_lp_nl8(const GemvLp p) { gemv_lp_nl_body<8>(GEMV_LP_ARGS(p)); }
+extern "C" __global__ void __launch_bounds__(128) gemv_lp_conv(const GemvConvLp p) {
+    gemv_lp_nl_body<4>(GEMV_LP_ARGS(p.g), &p.c);
+}

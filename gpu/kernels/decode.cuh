@@ -51,3 +51,16 @@ typedef struct {
     int lp_mode;
 } GemvLp;
 #define GEMV_LP_ARGS(p) (p).w, (p).ldw, (p).x_lp, (p).x_f32, (p).ldx, (p).y, (p).ldy, (p).n_out, (p).k, (p).rows, (p).split, (p).vec, (p).lp_mode
+
+typedef struct {
+    GemvLp g;
+    ConvUpdateF32 c;
+} GemvConvLp;
+#define GEMV_CONV_LP_ARGS(p) GEMV_LP_ARGS((p).g), CONV_UPDATE_F32_ARGS((p).c)
+
+typedef struct {
+    SsmUpdateF32 s;
+    const u16* dt_w;
+    long dt_rank;
+} SsmUpdateDtF32;
+#define SSM_UPDATE_DT_F32_ARGS(p) SSM_UPDATE_F32_ARGS((p).s), (p).dt_w, (p).dt_rank

@@ -20,7 +20,7 @@ static __device__ __forceinline__ void bias_add_f32_body(float* y, long ld, long
         y[r * ld + j] += b[j];
     }
 }
-extern "C" __global__ void bias_add_f32(const BiasAddF32 p) { bias_add_f32_body(BIAS_ADD_F32_ARGS(p)); }
+extern "C" __global__ void bias_add_f32(const BiasAddF32 p) { pdl_wait(); pdl_launch_dependents(); bias_add_f32_body(BIAS_ADD_F32_ARGS(p)); }
 
 // xs = silu(u)
 static __device__ __forceinline__ void silu_fwd_f32_body(const float* u, float* xs, long n) {

@@ -6,7 +6,7 @@ static __device__ __forceinline__ void embedding_fwd_f32_body(const unsigned int
     long t = tokens[i];
     for (long j = threadIdx.x; j < d; j += blockDim.x) out[i * d + j] = emb[t * d + j];
 }
-extern "C" __global__ void embedding_fwd_f32(const EmbeddingFwdF32 p) { embedding_fwd_f32_body(EMBEDDING_FWD_F32_ARGS(p)); }
+extern "C" __global__ void embedding_fwd_f32(const EmbeddingFwdF32 p) { pdl_wait(); pdl_launch_dependents(); embedding_fwd_f32_body(EMBEDDING_FWD_F32_ARGS(p)); }
 
 // For each distinct token u (sorted on the host), grad[tok[u], :] += d[pos, :] for its positions
 // in increasing order: the same order of additions as the reference, without atomics.

@@ -45,7 +45,7 @@ static __device__ __forceinline__ void norm_fwd_f32_body(const float* x_in, cons
         if (rstd_out) rstd_out[r] = rstd;
     }
 }
-extern "C" __global__ void norm_fwd_f32(const NormFwdF32 p) { norm_fwd_f32_body(NORM_FWD_F32_ARGS(p)); }
+extern "C" __global__ void norm_fwd_f32(const NormFwdF32 p) { pdl_wait(); pdl_launch_dependents(); norm_fwd_f32_body(NORM_FWD_F32_ARGS(p)); }
 
 // dx for one row per block: dx = rstd (g − mean(g) − xhat · mean(g · xhat)), g = dy · w.
 // accum: dx_out += dx, else dx_out = dx.

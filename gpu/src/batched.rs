@@ -157,10 +157,12 @@ impl GpuEngine {
             check_how(h, row, vocab)?;
         }
         let rows: Vec<SampleHow> = how.iter().map(SampleHow::from).collect();
-        self.decoder
-            .held(&self.model.dev.name, held, op)?
-            .how
-            .write(0, &SampleHow::bytes(&rows))?;
+        let bytes = SampleHow::bytes(&rows);
+        let h = self.decoder.held_mut(&self.model.dev.name, held, op)?;
+        if h.how_last != bytes {
+            h.how.write_staged(0, &bytes)?;
+            h.how_last = bytes;
+        }
         self.decoder
             .step(&self.model, tokens, None, StepOn::Held(held))?;
         let h = self.decoder.held(&self.model.dev.name, held, op)?;

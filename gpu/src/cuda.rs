@@ -37,7 +37,29 @@ pub struct Dev {
     pub shape: KernelShape,
     /// Per-launch device times (`VET_PROFILE=1`, see [`crate::profile`]).
     pub(crate) prof: Option<crate::profile::Profiler>,
+    /// Whether the device can launch programmatic dependents (sm_90 on) and `VET_PDL=1` asks
+    /// for them.
+    pdl_capable: bool,
+    /// Whether launches of [`PDL_KERNELS`] use programmatic dependent launch now
+    /// ([`Dev::with_pdl`]).
+    pdl_on: std::sync::atomic::AtomicBool,
 }
+
+/// The kernels that may be launched as programmatic dependents: each calls `pdl_wait()`
+/// before it touches memory that an earlier kernel writes or reads (`gpu/kernels/common.cuh`).
+pub const PDL_KERNELS: [&str; 11] = [
+    "embedding_fwd_f32",
+    "norm_fwd_f32",
+    "bias_add_f32",
+    "conv_update_f32",
+    "ssm_update_f32",
+    "sample_rows_f32",
+    "gemv_lp",
+    "gemv_lp_nl4",
+    "gemv_lp_nl8",
+    "gemv_lp_conv",
+    "ssm_update_dt_f32",
+];
 
 /// Maps any CUDA-side error to `Error::Device`.
 pub fn dev_err(device: &str, what: &str, e: impl std::fmt::Debug) -> Error {
@@ -132,7 +154,20 @@ impl Dev {
             sm_count,
             shape,
             prof: crate::profile::profile_enabled().then(crate::profile::Profiler::new),
+            pdl_capable: cc.0 >= 9 && std::env::var("VET_PDL").is_ok_and(|v| v == "1"),
+            pdl_on: std::sync::atomic::AtomicBool::new(false),
         })
+    }
+
+    /// Runs `f` with programmatic dependent launch on for [`PDL_KERNELS`] (where the device
+    /// has it): each such kernel may start while the one before it finishes, and waits for it
+    /// inside (`pdl_wait`). The decode step uses it.
+    pub fn with_pdl<T>(&self, f: impl FnOnce() -> T) -> T {
+        use std::sync::atomic::Ordering;
+        let was = self.pdl_on.swap(self.pdl_capable, Ordering::Relaxed);
+        let r = f();
+        self.pdl_on.store(was, Ordering::Relaxed);
+        r
     }
 
     pub fn err(&self, what: &str, e: impl std::fmt::Debug) -> Error {
@@ -202,9 +237,16 @@ impl Dev {
         }
         let mut copy = *p;
         let mut args = [&mut copy as *mut P as *mut c_void];
+        let pdl =
+            self.pdl_on.load(std::sync::atomic::Ordering::Relaxed) && PDL_KERNELS.contains(&name);
         self.timed(
             || name.to_string(),
             || {
+                if pdl {
+                    // SAFETY: as below; the kernel waits for the one before (`PDL_KERNELS`).
+                    return unsafe { self.launch_pdl(f, grid, block, smem, &mut args) }
+                        .map_err(|e| self.err(&format!("launching {name}"), e));
+                }
                 // SAFETY: the kernel takes one parameter, a struct of `P`'s size and layout
                 // (checked at load; its C twin is generated from `P`); the caller vouches for
                 // the pointers.
@@ -214,6 +256,41 @@ impl Dev {
                 .map_err(|e| self.err(&format!("launching {name}"), e))
             },
         )
+    }
+
+    /// `cuLaunchKernelEx` with programmatic stream serialisation allowed.
+    ///
+    /// # Safety
+    /// As `drv::launch_kernel`; `f` calls `pdl_wait()` before it touches memory that the
+    /// kernels before it write or read.
+    unsafe fn launch_pdl(
+        &self,
+        f: drv_sys::CUfunction,
+        grid: (u32, u32, u32),
+        block: u32,
+        smem: u32,
+        args: &mut [*mut c_void; 1],
+    ) -> std::result::Result<(), drv::DriverError> {
+        // SAFETY: a zeroed attribute is a valid value of the plain C union, then set.
+        let mut attr: drv_sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+        attr.id =
+            drv_sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+        attr.value.programmaticStreamSerializationAllowed = 1;
+        let cfg = drv_sys::CUlaunchConfig {
+            gridDimX: grid.0,
+            gridDimY: grid.1,
+            gridDimZ: grid.2,
+            blockDimX: block,
+            blockDimY: 1,
+            blockDimZ: 1,
+            sharedMemBytes: smem,
+            hStream: self.cu_stream(),
+            attrs: &mut attr,
+            numAttrs: 1,
+        };
+        // SAFETY: the config, attribute and arguments outlive the call; the caller's contract.
+        unsafe { drv_sys::cuLaunchKernelEx(&cfg, f, args.as_mut_ptr(), std::ptr::null_mut()) }
+            .result()
     }
 
     /// Grid size for a grid-stride kernel over `n` items with 256 threads.
@@ -475,6 +552,15 @@ impl Buf {
 
     /// Copies `src` to element offset `off` (synchronous w.r.t. the host buffer).
     pub fn write<T: Copy>(&self, off: usize, src: &[T]) -> Result<()> {
+        self.write_staged(off, src)?;
+        self.dev.sync()
+    }
+
+    /// Queues the copy of `src` to element offset `off` on the stream, after the work queued
+    /// before it, without waiting for it to land. `src` is pageable memory, which the driver
+    /// copies into its staging buffer before returning, so `src` may change or go right
+    /// after; the work queued after the copy sees the new values.
+    pub fn write_staged<T: Copy>(&self, off: usize, src: &[T]) -> Result<()> {
         let bytes = std::mem::size_of_val(src);
         let start = off * std::mem::size_of::<T>();
         if start + bytes > self.bytes {
@@ -486,10 +572,10 @@ impl Buf {
         if bytes == 0 {
             return Ok(());
         }
-        // SAFETY: bounds checked above; the copy is synchronous, so `src` may be dropped after.
+        // SAFETY: bounds checked above; from pageable memory the driver stages `src` before
+        // returning, so it may be dropped after.
         unsafe { drv::memcpy_htod_async(self.ptr + start as u64, src, self.dev.cu_stream()) }
-            .map_err(|e| self.dev.err("upload", e))?;
-        self.dev.sync()
+            .map_err(|e| self.dev.err("upload", e))
     }
 
     /// Copies `dst.len()` elements from element offset `off`.

@@ -12,11 +12,13 @@ use reference::model::Batch;
 use reference::{Error, Result, State};
 
 use crate::cuda::Buf;
-use crate::decode_proj::Proj;
+use crate::decode_proj::{fused, Proj};
 use crate::graph::{capture, graphs_enabled, Graph};
-use crate::model::{ensure_ws, Model};
-use crate::ops::decode::{conv_update, ssm_update, ConvUpdateF32, SsmUpdateF32};
-use crate::params::PtrMut;
+use crate::model::{ensure_ws, Model, Opnd};
+use crate::ops::decode::{
+    conv_update, ssm_update, ssm_update_dt, ConvUpdateF32, SsmUpdateDtF32, SsmUpdateF32,
+};
+use crate::params::{Ptr, PtrMut};
 use crate::work::{doc_starts, Mode, Work};
 
 /// A recurrent state kept in device memory between decode steps.
@@ -31,6 +33,8 @@ pub(crate) struct Held {
     /// Each row's [`crate::ops::decode::SampleHow`] (`[batch]`) and drawn id (`[batch]`).
     pub(crate) how: Buf,
     pub(crate) ids: Buf,
+    /// The bytes last written to `how` (a step with the same settings skips the upload).
+    pub(crate) how_last: Vec<u8>,
 }
 
 /// Device pointers of the state one decode step updates in place (layer 0; layers follow).
@@ -69,6 +73,19 @@ impl Decoder {
         }
     }
 
+    /// As [`Decoder::held`], mutable.
+    pub(crate) fn held_mut(
+        &mut self,
+        device: &str,
+        held: HeldState,
+        op: &'static str,
+    ) -> Result<&mut Held> {
+        match &mut self.held {
+            Some(h) if h.ticket == held => Ok(h),
+            _ => Err(not_held(device, op, held)),
+        }
+    }
+
     /// Moves `state` into device memory (reusing the buffers when the batch matches).
     pub(crate) fn hold(&mut self, m: &Model, state: &State<f32>) -> Result<HeldState> {
         state.check(&m.cfg, state.batch(), "hold_state")?;
@@ -94,10 +111,12 @@ impl Decoder {
                     .dev
                     .alloc(rows * std::mem::size_of::<crate::ops::decode::SampleHow>())?,
                 ids: m.dev.alloc(4 * rows)?,
+                how_last: Vec::new(),
             });
         }
         let h = self.held.as_mut().expect("held state");
         h.ticket = ticket;
+        h.how_last.clear();
         h.seen.zero()?;
         h.conv.write(0, &state.conv.data)?;
         h.ssm.write(0, &state.ssm.data)?;
@@ -170,8 +189,9 @@ impl Decoder {
         resets: Option<&[bool]>,
         on: StepOn,
     ) -> Result<()> {
-        ws.tokens.write(0, tokens)?;
-        ws.starts.write(0, &doc_starts(resets, tokens.len(), 1))?;
+        ws.tokens.write_staged(0, tokens)?;
+        ws.starts
+            .write_staged(0, &doc_starts(resets, tokens.len(), 1))?;
         let st = match on {
             StepOn::Host(state) => {
                 ws.state_in_conv.write(0, &state.conv.data)?;
@@ -196,7 +216,7 @@ impl Decoder {
     /// graph on first use (and again when the state buffers change).
     fn run(&mut self, m: &Model, ws: &Work, st: StatePtrs) -> Result<()> {
         if !graphs_enabled() {
-            return decode_dev(m, ws, st);
+            return m.dev.with_pdl(|| decode_dev(m, ws, st));
         }
         if self.graph.as_ref().is_none_or(|(s, _)| *s != st) {
             self.graph = None;
@@ -204,13 +224,13 @@ impl Decoder {
             // allocation, no synchronisation, no host copy); its buffers are the decode
             // workspace's and the state's at `st`, and a new workspace or state drops the
             // graph first.
-            let g = unsafe { capture(&m.dev, || decode_dev(m, ws, st)) };
+            let g = unsafe { capture(&m.dev, || m.dev.with_pdl(|| decode_dev(m, ws, st))) };
             self.graph = Some((st, g));
         }
         match &self.graph {
             // SAFETY: captured on this workspace's and state's buffers, still alive.
             Some((_, Some(g))) => unsafe { g.launch(&m.dev) },
-            _ => decode_dev(m, ws, st),
+            _ => m.dev.with_pdl(|| decode_dev(m, ws, st)),
         }
     }
 
@@ -233,11 +253,16 @@ fn decode_dev(m: &Model, ws: &Work, st: StatePtrs) -> Result<()> {
     let km1 = cfg.d_conv - 1;
     let la = &ws.layers[0];
     let pj = Proj::new(m, ws, batch);
+    m.dev.tag("decode embedding");
     m.embed(ws, batch)?;
     for (i, lo) in m.layout.layers.iter().enumerate() {
         let add = if i == 0 { 0 } else { ws.out.ptr };
-        pj.norm_in_proj(la, lo, (la.resid_in.ptr, add))?;
-        let (xs_lp, xs) = m.lp_out(ws, ws.xs.ptr, di, batch, di);
+        // The fused in_proj writes xs_lp while its other blocks still read `hn` from `ws.lp[1]`,
+        // so xs_lp goes to its own buffer then.
+        let (xs_lp, xs) = match (&m.shadow, fused()) {
+            (Some(_), true) => (ws.xs_lp.ptr, Opnd::Lp(ws.xs_lp.ptr, di)),
+            _ => m.lp_out(ws, ws.xs.ptr, di, batch, di),
+        };
         let conv = ConvUpdateF32 {
             conv: m.conv_in(ws, la, lo),
             window: PtrMut::new(st.conv + (4 * i * batch * di * km1) as u64),
@@ -247,10 +272,17 @@ fn decode_dev(m: &Model, ws: &Work, st: StatePtrs) -> Result<()> {
             batch: batch as i64,
             d_inner: di as i64,
         };
-        // SAFETY: the decode workspace holds `batch` rows; the state at `st` holds `n_layer`
-        // layers of `batch × d_inner` windows (a host state's copy or a held state).
-        unsafe { conv_update(&m.dev, &conv) }?;
-        pj.x_dt_proj(la, lo, xs)?;
+        m.dev.tag("decode norm+in_proj+conv");
+        let fused = pj.norm_in_proj_conv(la, lo, (la.resid_in.ptr, add), &conv)?;
+        if !fused {
+            m.dev.tag("decode norm+in_proj");
+            pj.norm_in_proj(la, lo, (la.resid_in.ptr, add))?;
+            m.dev.tag("decode conv");
+            // SAFETY: the decode workspace holds `batch` rows; the state at `st` holds
+            // `n_layer` layers of `batch × d_inner` windows (a host state's copy or a held
+            // state).
+            unsafe { conv_update(&m.dev, &conv) }?;
+        }
         let (gated_lp, gated) = m.lp_out(ws, la.gated.ptr, di, batch, di);
         let scan = SsmUpdateF32 {
             scan: m.scan_in(ws, la, lo),
@@ -262,10 +294,33 @@ fn decode_dev(m: &Model, ws: &Work, st: StatePtrs) -> Result<()> {
             d_inner: di as i64,
             d_state: ds as i64,
         };
-        // SAFETY: as above, with `n_layer` layers of `batch × d_inner × d_state` states.
-        unsafe { ssm_update(&m.dev, &scan) }?;
+        match pj.dt_w_lp(lo).filter(|_| fused) {
+            Some(dt_w) => {
+                m.dev.tag("decode x_proj");
+                pj.x_proj(la, lo, xs)?;
+                m.dev.tag("decode scan+dt_proj");
+                let p = SsmUpdateDtF32 {
+                    s: scan,
+                    dt_w: Ptr::new(dt_w),
+                    dt_rank: m.cfg.dt_rank as i64,
+                };
+                // SAFETY: as below; `dt_w` is dt_proj's shadow weight (`d_inner × dt_rank`),
+                // x_proj's rows (`la.xdbl`) start with the `dt_rank` dt columns.
+                unsafe { ssm_update_dt(&m.dev, &p) }?;
+            }
+            None => {
+                m.dev.tag("decode x_proj+dt_proj");
+                pj.x_dt_proj(la, lo, xs)?;
+                m.dev.tag("decode scan");
+                // SAFETY: the decode workspace holds `batch` rows, the state at `st` `n_layer`
+                // layers of `batch × d_inner × d_state` states.
+                unsafe { ssm_update(&m.dev, &scan) }?;
+            }
+        }
+        m.dev.tag("decode out_proj");
         pj.out_proj(lo, gated)?;
     }
+    m.dev.tag("decode norm_f+lm_head");
     let resid = la.resid_in.ptr;
     pj.final_head((resid, ws.out.ptr, resid))
 }

@@ -8,9 +8,15 @@ use reference::Result;
 
 use crate::layout::LayerOffs;
 use crate::model::{Model, Opnd};
-use crate::ops::decode::{gemv, GemvLp, GEMV_ROWS};
+use crate::ops::decode::{gemv_conv, gemv_decode, ConvUpdateF32, GemvConvLp, GemvLp, GEMV_ROWS};
 use crate::params::{Ptr, PtrMut};
 use crate::work::{LayerActs, Work};
+
+/// Whether the decode step fuses the conv update into in_proj's GEMV and dt_proj into the scan
+/// update, where the GEMV runs (`VET_DECODE_FUSE=1`).
+pub(crate) fn fused() -> bool {
+    std::env::var("VET_DECODE_FUSE").is_ok_and(|v| v == "1")
+}
 
 /// Whether the GEMV may run (`VET_DECODE_GEMV` is not `0`).
 pub(crate) fn gemv_enabled() -> bool {
@@ -31,8 +37,47 @@ impl<'a> Proj<'a> {
         Proj { m, ws, rows, gemv }
     }
 
-    /// `y[r, :] = W x[r, :]` for the weight at parameter offset `w` (`n_out × k`, row stride
-    /// `ldw`) and the activation `x` (`k` columns), into `y` (row stride `ldy`).
+    /// The GEMV of `y[r, :] = W x[r, :]` for the weight at parameter offset `w` (`n_out × k`,
+    /// row stride `ldw`) and the activation `x` (`k` columns), into `y` (row stride `ldy`);
+    /// `None` where cuBLAS runs instead (no GEMV, or `x` a weight).
+    fn gemv_params(
+        &self,
+        w: usize,
+        ldw: usize,
+        (n_out, k): (usize, usize),
+        x: Opnd,
+        y: (u64, usize),
+    ) -> Option<GemvLp> {
+        let (x_lp, x_f32, ldx) = match x {
+            Opnd::Lp(p, ld) => (p, 0, ld),
+            Opnd::A(p, ld, _, _) => (0, p, ld),
+            Opnd::W(..) => (0, 0, 0),
+        };
+        let shadow = match (&self.m.shadow, self.gemv && (x_lp | x_f32) != 0) {
+            (Some(s), true) => s,
+            _ => return None,
+        };
+        Some(
+            GemvLp {
+                w: Ptr::new(shadow.at::<u16>(w)),
+                ldw: ldw as i64,
+                x_lp: Ptr::new(x_lp),
+                x_f32: Ptr::new(x_f32),
+                ldx: ldx as i64,
+                y: PtrMut::new(y.0),
+                ldy: y.1 as i64,
+                n_out: n_out as i64,
+                k: k as i64,
+                rows: self.rows as i64,
+                split: 1,
+                vec: 0,
+                lp_mode: self.m.lp_mode(),
+            }
+            .tuned(),
+        )
+    }
+
+    /// `y[r, :] = W x[r, :]` (see [`Proj::gemv_params`]): the GEMV, or cuBLAS.
     fn mv(
         &self,
         w: usize,
@@ -41,39 +86,62 @@ impl<'a> Proj<'a> {
         x: Opnd,
         y: (u64, usize),
     ) -> Result<()> {
-        let (x_lp, x_f32, ldx) = match x {
-            Opnd::Lp(p, ld) => (p, 0, ld),
-            Opnd::A(p, ld, _, _) => (0, p, ld),
-            Opnd::W(..) => (0, 0, 0),
+        let Some(p) = self.gemv_params(w, ldw, (n_out, k), x, y) else {
+            let sh = (n_out, self.rows, k);
+            return self
+                .m
+                .mm(self.ws, true, false, sh, Opnd::W(w, ldw), x, y, 0.0);
         };
-        let shadow = match (&self.m.shadow, self.gemv && (x_lp | x_f32) != 0) {
-            (Some(s), true) => s,
-            _ => {
-                let sh = (n_out, self.rows, k);
-                return self
-                    .m
-                    .mm(self.ws, true, false, sh, Opnd::W(w, ldw), x, y, 0.0);
-            }
-        };
-        let p = GemvLp {
-            w: Ptr::new(shadow.at::<u16>(w)),
-            ldw: ldw as i64,
-            x_lp: Ptr::new(x_lp),
-            x_f32: Ptr::new(x_f32),
-            ldx: ldx as i64,
-            y: PtrMut::new(y.0),
-            ldy: y.1 as i64,
-            n_out: n_out as i64,
-            k: k as i64,
-            rows: self.rows as i64,
-            split: 1,
-            vec: 0,
-            lp_mode: self.m.lp_mode(),
-        }
-        .tuned();
         // SAFETY: `w` is a weight of the layout inside the shadow (`n_out` rows of `ldw`); `x`
         // and `y` are decode workspace buffers of `rows` rows at their strides (`Work::new`).
-        unsafe { gemv(&self.m.dev, &p) }
+        unsafe { gemv_decode(&self.m.dev, &p) }
+    }
+
+    /// The residual add + norm, then in_proj with the conv update `conv` as its epilogue
+    /// (`gemv_lp_conv`), where [`fused`] is on and the shapes allow it (16-byte rows, no
+    /// in_proj bias); `false` (nothing launched) otherwise.
+    pub(crate) fn norm_in_proj_conv(
+        &self,
+        la: &LayerActs,
+        lo: &LayerOffs,
+        (x_in, add): (u64, u64),
+        conv: &ConvUpdateF32,
+    ) -> Result<bool> {
+        let (m, ws, rows) = (self.m, self.ws, self.rows);
+        let (dm, di) = (m.cfg.d_model, m.cfg.d_inner);
+        if !fused() || lo.in_b.is_some() {
+            return Ok(false);
+        }
+        let (hn_lp, hn) = m.lp_out(ws, ws.hn.ptr, dm, rows, dm);
+        let g = match self.gemv_params(lo.in_w, dm, (2 * di, dm), hn, (la.xz.ptr, 2 * di)) {
+            Some(g) if g.vec == 1 => g,
+            _ => return Ok(false),
+        };
+        m.norm_fwd(
+            rows,
+            (x_in, add, la.resid_in.ptr),
+            ws.hn.ptr,
+            (la.mean.ptr, la.rstd.ptr),
+            (lo.norm_w, lo.norm_b),
+            hn_lp,
+        )?;
+        let p = GemvConvLp { g, c: *conv };
+        // SAFETY: as in `mv`; `conv` is the decode step's conv update of these rows, its x the
+        // first `d_inner` outputs (the x half of `la.xz`).
+        unsafe { gemv_conv(&m.dev, &p) }?;
+        Ok(true)
+    }
+
+    /// x_proj of `xs` into `la.xdbl` (dt_proj then runs inside the scan update).
+    pub(crate) fn x_proj(&self, la: &LayerActs, lo: &LayerOffs, xs: Opnd) -> Result<()> {
+        let cfg = &self.m.cfg;
+        let (di, xr) = (cfg.d_inner, cfg.x_proj_rows());
+        self.mv(lo.x_w, di, (xr, di), xs, (la.xdbl.ptr, xr))
+    }
+
+    /// dt_proj's weight in the low precision, for the fused scan update.
+    pub(crate) fn dt_w_lp(&self, lo: &LayerOffs) -> Option<u64> {
+        self.m.shadow.as_ref().map(|s| s.at::<u16>(lo.dt_w))
     }
 
     /// As `Model::norm_in_proj`: the fused residual add + norm, in_proj (+ bias) into `la.xz`.

@@ -403,7 +403,7 @@ fn time_scan(dev: &Dev, fwd: &dyn Fn(), bwd: &dyn Fn(&'static str, bool)) -> (f6
 /// cuBLAS instead of the GEMV, for a before/after on one card.
 fn infer(rows: &mut Vec<String>) -> reference::Result<()> {
     let gemv = std::env::var("VET_DECODE_GEMV").map_or(true, |v| v != "0");
-    for (name, d_model, n_layer) in [("130M", 768, 24), ("1.4B", 2048, 48)] {
+    for (name, d_model, n_layer) in infer_sizes() {
         let cfg = MambaConfig::new(d_model, n_layer, 50280);
         let mut e = GpuEngine::new(
             &cfg,
@@ -430,13 +430,211 @@ fn infer(rows: &mut Vec<String>) -> reference::Result<()> {
             2048.0 / tp
         ));
         println!("{}", rows.last().unwrap());
-        for batch in [1usize, 8, 64, 256] {
+        for batch in infer_batches() {
             let (td, th) = decode_at(&mut e, &cfg, batch)?;
             rows.push(format!(
                 "infer {name:<5} decode batch {batch:>3} (GEMV {}): ids drawn on the device {:.3} ms/step = {:.0} tokens/s ({:.0} GB/s of bf16 weights); logits to the host {:.3} ms/step = {:.0} tokens/s (CUDA graph: {})",
                 if gemv && batch <= gpu::ops::decode::GEMV_ROWS { "on" } else { "off" },
                 td * 1e3, batch as f64 / td, weights / td / 1e9, th * 1e3, batch as f64 / th, e.decode_uses_graph()
             ));
+            println!("{}", rows.last().unwrap());
+        }
+    }
+    Ok(())
+}
+
+/// The inference sizes (name, d_model, n_layer), narrowed by `VET_INFER_SIZES` (e.g. `1.4B`).
+fn infer_sizes() -> Vec<(&'static str, usize, usize)> {
+    let only = std::env::var("VET_INFER_SIZES").unwrap_or_default();
+    [("130M", 768, 24), ("1.4B", 2048, 48)]
+        .into_iter()
+        .filter(|s| only.is_empty() || only.split(',').any(|o| o == s.0))
+        .collect()
+}
+
+/// The decode batches, narrowed by `VET_INFER_BATCHES` (e.g. `1,8`).
+fn infer_batches() -> Vec<usize> {
+    match std::env::var("VET_INFER_BATCHES") {
+        Ok(v) if !v.is_empty() => v.split(',').filter_map(|b| b.parse().ok()).collect(),
+        _ => vec![1, 8, 64, 256],
+    }
+}
+
+/// Per-launch device times of decode steps (eager, `VET_PROFILE=1`, no CUDA graph), per
+/// step, for each size and batch of [`infer_sizes`] / [`infer_batches`].
+fn decode_profile(rows: &mut Vec<String>) -> reference::Result<()> {
+    // Read when the engine opens its device; nothing else runs in this process yet.
+    std::env::set_var("VET_PROFILE", "1");
+    std::env::set_var("VET_CUDA_GRAPHS", "0");
+    const STEPS: usize = 8;
+    for (name, d_model, n_layer) in infer_sizes() {
+        let cfg = MambaConfig::new(d_model, n_layer, 50280);
+        let opts = GpuOptions {
+            ordinal: 0,
+            precision: Precision::Bf16,
+        };
+        let mut e = GpuEngine::new(&cfg, bench_params(&cfg), &opts)?;
+        let v = cfg.vocab_size;
+        for batch in infer_batches() {
+            let held = e
+                .hold_state(&State::<f32>::zeros(&cfg, batch))?
+                .expect("the CUDA engine holds states");
+            let how = vec![reference::RowSampling::greedy(v as u32); batch];
+            let mut ids = tokens(batch, v, 3);
+            for it in 0..STEPS + 3 {
+                if it == 3 {
+                    e.profile_reset();
+                }
+                let feed = ids.clone();
+                e.step_held_sample(held, &feed, &how, &mut ids)?;
+            }
+            let (mut prows, span) = e.profile_rows().unwrap_or_default();
+            for r in &mut prows {
+                r.ms /= STEPS as f64;
+                r.count /= STEPS;
+            }
+            let total: f64 = prows.iter().map(|r| r.ms).sum();
+            println!("decode {name} batch {batch}, per step:");
+            println!("{}", gpu::profile::format_table(&prows, total));
+            rows.push(format!(
+                "decode-profile {name} batch {batch}: launches {:.3} ms/step, first launch to last {:.3} ms/step",
+                total,
+                span / STEPS as f64
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Random bf16 bits: values uniform in ±scale/2.
+fn rnd_bf16(k: usize, scale: f32, seed: u64) -> Vec<u16> {
+    rnd(k, scale, 0.0, seed)
+        .iter()
+        .map(|x| (x.to_bits() >> 16) as u16)
+        .collect()
+}
+
+/// The decode projections alone: `gemv_lp` and its variants at every split, at batch 1 and 8,
+/// in µs per launch and GB/s of weights read, against a device-to-device copy. Each launch
+/// reads another copy of the weight, so none is served from L2.
+fn gemv_bench(rows: &mut Vec<String>) -> reference::Result<()> {
+    use gpu::ops::decode::{gemv_named, GemvLp};
+    let shape = KernelShape {
+        chunk: 16,
+        d_state_pad: 16,
+        d_conv: 4,
+    };
+    let dev = std::sync::Arc::new(Dev::open(0, shape, &gpu::ops::all_kernels())?);
+    let ev = Events::new();
+    let pool_bytes = 448usize << 20;
+    let pool = dev.upload(&rnd_bf16(pool_bytes / 2, 0.1, 9))?;
+    let copy = dev.alloc(pool_bytes / 2)?;
+    let tc = median(
+        (0..7)
+            .map(|_| {
+                ev.time(&dev, || {
+                    copy.copy_from(0, &pool, pool_bytes / 2).expect("copy")
+                })
+            })
+            .collect(),
+    );
+    let copy_gbs = pool_bytes as f64 / tc / 1e9;
+    rows.push(format!(
+        "gemv: device copy of {} MiB: {copy_gbs:.0} GB/s (read + write)",
+        pool_bytes >> 21
+    ));
+    println!("{}", rows.last().unwrap());
+    let x = dev.upload(&rnd_bf16(8 * 8192, 2.0, 4))?;
+    let y = dev.alloc(4 * 8 * 65536)?;
+    let shapes = [
+        ("1.4B in_proj", 8192usize, 2048usize),
+        ("1.4B out_proj", 2048, 4096),
+        ("1.4B x_proj", 160, 4096),
+        ("1.4B dt_proj", 4096, 128),
+        ("1.4B lm_head", 50280, 2048),
+        ("130M in_proj", 3072, 768),
+        ("130M out_proj", 768, 1536),
+    ];
+    for (what, n, k) in shapes {
+        let wbytes = n * k * 2;
+        let copies = (pool_bytes / wbytes).max(1);
+        let reps = 24usize;
+        for nrows in [1usize, 8] {
+            let mut reference_y: Option<Vec<(i32, Vec<f32>)>> = None;
+            let mut line = format!("gemv {what} {n}x{k} rows {nrows}:");
+            for name in ["gemv_lp", "gemv_lp_nl4", "gemv_lp_nl8"] {
+                let splits: &[i32] = if name == "gemv_lp" {
+                    &[1, 2, 4, 8]
+                } else {
+                    &[1, 2, 4]
+                };
+                for &split in splits {
+                    let p = |c: usize| GemvLp {
+                        w: Ptr::new(pool.ptr + ((c % copies) * wbytes) as u64),
+                        ldw: k as i64,
+                        x_lp: Ptr::new(x.ptr),
+                        x_f32: Ptr::NULL,
+                        ldx: k as i64,
+                        y: PtrMut::new(y.ptr),
+                        ldy: n as i64,
+                        n_out: n as i64,
+                        k: k as i64,
+                        rows: nrows as i64,
+                        split,
+                        vec: 1,
+                        lp_mode: 0,
+                    };
+                    // SAFETY: the pool holds `copies` weights of n × k; x holds 8 rows of
+                    // k ≤ 8192 values; y holds 8 rows of n ≤ 65536.
+                    let run = |c: usize| unsafe { gemv_named(&dev, &p(c), name) };
+                    run(0)?;
+                    let t = median(
+                        (0..5)
+                            .map(|_| {
+                                ev.time(&dev, || {
+                                    for c in 0..reps {
+                                        run(c).expect("gemv");
+                                    }
+                                }) / reps as f64
+                            })
+                            .collect(),
+                    );
+                    run(0)?;
+                    dev.sync()?;
+                    let mut out = vec![0f32; nrows * n];
+                    y.read(0, &mut out)?;
+                    let same = match &mut reference_y {
+                        None => {
+                            reference_y = Some(vec![(split, out)]);
+                            "ref".to_string()
+                        }
+                        Some(refs) => match refs.iter().find(|r| r.0 == split) {
+                            Some(r) => {
+                                let eq =
+                                    r.1.iter()
+                                        .zip(&out)
+                                        .all(|(a, b)| a.to_bits() == b.to_bits());
+                                if eq {
+                                    "same bits".into()
+                                } else {
+                                    "BITS DIFFER".into()
+                                }
+                            }
+                            None => {
+                                refs.push((split, out));
+                                "ref".into()
+                            }
+                        },
+                    };
+                    line += &format!(
+                        "\n    {name} split {split}: {:.2} us, {:.0} GB/s ({:.0} % of the copy), {same}",
+                        t * 1e6,
+                        wbytes as f64 / t / 1e9,
+                        100.0 * wbytes as f64 / t / 1e9 / copy_gbs
+                    );
+                }
+            }
+            rows.push(line);
             println!("{}", rows.last().unwrap());
         }
     }
@@ -499,6 +697,10 @@ enum What {
     Profile,
     /// The 1.4B at 2 × 8192 and 1 × 16384.
     TrainLong,
+    /// The decode projections' GEMV kernels alone, against a device copy.
+    Gemv,
+    /// Per-launch device times of decode steps (`VET_INFER_SIZES`, `VET_INFER_BATCHES`).
+    DecodeProfile,
 }
 
 /// GPU benchmarks: the scan kernels, inference (prefill, decode) and training steps.
@@ -533,6 +735,12 @@ fn main() {
         }
         if what == What::Profile {
             profile(&mut rows)?;
+        }
+        if what == What::Gemv {
+            gemv_bench(&mut rows)?;
+        }
+        if what == What::DecodeProfile {
+            decode_profile(&mut rows)?;
         }
         Ok::<(), reference::Error>(())
     })();

@@ -55,7 +55,7 @@ kernel_params! {
     /// `y[r, n] = Σ_k w[n, k] x[r, k]` for `rows` (at most [`GEMV_ROWS`]) rows: each weight
     /// read once for all rows. `w` and `x_lp` in bf16 (`lp_mode` 0) or fp16 (1); `x_f32`
     /// (used when `x_lp` is null) is rounded to that precision first.
-    GemvLp => ["gemv_lp"] {
+    GemvLp => ["gemv_lp", "gemv_lp_nl4", "gemv_lp_nl8"] {
         w: Ptr<u16>,
         ldw: i64,
         x_lp: Ptr<u16>,
@@ -69,6 +69,28 @@ kernel_params! {
         split: i32,
         vec: i32,
         lp_mode: i32,
+    }
+}
+
+kernel_params! {
+    /// in_proj's GEMV (`gemv_lp_nl4`'s loop) with the conv update as its epilogue: output `n <
+    /// c.d_inner` of row `r` is channel `n`'s x, and the thread that writes it also shifts that
+    /// channel's window and writes `xs` (and `xs_lp`), as `conv_update_f32` would (`c.conv.x`
+    /// is not read).
+    GemvConvLp => ["gemv_lp_conv"] {
+        g: GemvLp,
+        c: ConvUpdateF32,
+    }
+}
+
+kernel_params! {
+    /// `ssm_update_f32` with dt_proj inside: `dt_w` `[d_inner, dt_rank]` in the low precision
+    /// (`s.lp_mode`), its input the first `dt_rank` columns of `s.scan.xbc`; `s.scan.delta` is
+    /// not read.
+    SsmUpdateDtF32 => ["ssm_update_dt_f32"] {
+        s: SsmUpdateF32,
+        dt_w: Ptr<u16>,
+        dt_rank: i64,
     }
 }
 
@@ -114,6 +136,65 @@ pub unsafe fn gemv(dev: &Dev, p: &GemvLp) -> Result<()> {
     let grid = ((p.n_out as usize).div_ceil(per_block) as u32, 1, 1);
     // SAFETY: the caller's contract is the kernel's.
     unsafe { dev.launch(grid, 256, 0, p) }
+}
+
+/// The GEMV kernel the decode step uses: `VET_GEMV_KERNEL` (`gemv_lp`, `gemv_lp_nl4` or
+/// `gemv_lp_nl8`), `gemv_lp` by default.
+pub fn gemv_kernel() -> &'static str {
+    static K: std::sync::OnceLock<&'static str> = std::sync::OnceLock::new();
+    K.get_or_init(|| match std::env::var("VET_GEMV_KERNEL").as_deref() {
+        Ok("gemv_lp_nl4") => "gemv_lp_nl4",
+        Ok("gemv_lp_nl8") => "gemv_lp_nl8",
+        _ => "gemv_lp",
+    })
+}
+
+/// Launches the decode GEMV ([`gemv_kernel`]) for `p` (after [`GemvLp::tuned`]): the
+/// 128-thread kernels take `split` from `n_out` (1 from 4096 outputs, 2 from 2048, else 4)
+/// and need `vec`; `gemv_lp` runs otherwise.
+///
+/// # Safety
+/// As [`gemv`].
+pub unsafe fn gemv_decode(dev: &Dev, p: &GemvLp) -> Result<()> {
+    let name = gemv_kernel();
+    if name == "gemv_lp" || p.vec != 1 {
+        // SAFETY: the caller's contract.
+        return unsafe { gemv(dev, p) };
+    }
+    let mut q = *p;
+    q.split = match q.n_out {
+        n if n >= 4096 => 1,
+        n if n >= 2048 => 2,
+        _ => 4,
+    };
+    // SAFETY: the caller's contract.
+    unsafe { gemv_named(dev, &q, name) }
+}
+
+/// Launches `name`, one of the `GemvLp` kernels: `gemv_lp` (256 threads, split 1, 2, 4 or
+/// 8) or `gemv_lp_nl4` / `gemv_lp_nl8` (128 threads, split 1, 2 or 4; `vec` must hold),
+/// which issue 4 or 8 weight loads per lane before using one and give `gemv_lp`'s bits.
+///
+/// # Safety
+/// As [`gemv`].
+pub unsafe fn gemv_named(dev: &Dev, p: &GemvLp, name: &'static str) -> Result<()> {
+    if name == "gemv_lp" {
+        // SAFETY: the caller's contract.
+        return unsafe { gemv(dev, p) };
+    }
+    if p.rows < 1 || p.rows as usize > GEMV_ROWS || ![1, 2, 4].contains(&p.split) || p.vec != 1 {
+        return Err(dev.err(
+            name,
+            format!(
+                "{} rows (1..={GEMV_ROWS}), split {}, vec {}",
+                p.rows, p.split, p.vec
+            ),
+        ));
+    }
+    let per_block = 4 / p.split as usize;
+    let grid = ((p.n_out as usize).div_ceil(per_block) as u32, 1, 1);
+    // SAFETY: the caller's contract is the kernel's.
+    unsafe { dev.launch_build(name, grid, 128, 0, p) }
 }
 
 /// How one row draws on the device (the C struct `SampleHow` in `gpu/kernels/decode.cu`).
@@ -171,6 +252,8 @@ pub(crate) fn kernels() -> Vec<KernelInfo> {
     v.extend(info::<SsmUpdateF32>());
     v.extend(info::<SampleRowsF32>());
     v.extend(info::<GemvLp>());
+    v.extend(info::<GemvConvLp>());
+    v.extend(info::<SsmUpdateDtF32>());
     v
 }
 
@@ -183,6 +266,8 @@ pub fn params_cuh() -> String {
             SsmUpdateF32::c_struct,
             SampleRowsF32::c_struct,
             GemvLp::c_struct,
+            GemvConvLp::c_struct,
+            SsmUpdateDtF32::c_struct,
         ],
     )
 }
@@ -219,6 +304,59 @@ pub unsafe fn ssm_update(dev: &Dev, p: &SsmUpdateF32) -> Result<()> {
     let grid = (
         (p.d_inner as usize).div_ceil(per_block) as u32,
         p.batch as u32,
+        1,
+    );
+    // SAFETY: the caller's contract is the kernel's.
+    unsafe { dev.launch(grid, 256, 0, p) }
+}
+
+/// Launches `gemv_lp_conv` (in_proj with the conv update; `p.g` after [`GemvLp::tuned`],
+/// its `split` chosen here as for [`gemv_decode`]).
+///
+/// # Safety
+/// `p.g` as in [`gemv`] with `vec` set; `p.c` as in [`conv_update`] for `p.g.rows` rows, its
+/// x being the first `d_inner` outputs of `p.g`.
+pub unsafe fn gemv_conv(dev: &Dev, p: &GemvConvLp) -> Result<()> {
+    let g = &p.g;
+    if g.rows < 1
+        || g.rows as usize > GEMV_ROWS
+        || g.vec != 1
+        || g.rows != p.c.batch
+        || p.c.d_inner > g.n_out
+    {
+        return Err(dev.err(
+            "gemv_lp_conv",
+            format!(
+                "{} rows, vec {}, conv over {} rows and {} channels of {}",
+                g.rows, g.vec, p.c.batch, p.c.d_inner, g.n_out
+            ),
+        ));
+    }
+    let mut q = *p;
+    q.g.split = match g.n_out {
+        n if n >= 4096 => 1,
+        n if n >= 2048 => 2,
+        _ => 4,
+    };
+    let grid = (
+        (g.n_out as usize).div_ceil(4 / q.g.split as usize) as u32,
+        1,
+        1,
+    );
+    // SAFETY: the caller's contract is the kernel's.
+    unsafe { dev.launch(grid, 128, 0, &q) }
+}
+
+/// Launches `ssm_update_dt_f32` (grid as [`ssm_update`]).
+///
+/// # Safety
+/// As [`ssm_update`], less `delta`; `dt_w` holds `d_inner * dt_rank` values and `xbc`'s rows
+/// at least `dt_rank` columns.
+pub unsafe fn ssm_update_dt(dev: &Dev, p: &SsmUpdateDtF32) -> Result<()> {
+    let per_block = 256 / dev.shape.d_state_pad;
+    let grid = (
+        (p.s.d_inner as usize).div_ceil(per_block) as u32,
+        p.s.batch as u32,
         1,
     );
     // SAFETY: the caller's contract is the kernel's.
