@@ -17,7 +17,8 @@ use conformance::{seed_of, tol};
 use gpu::cuda::{Buf, Dev};
 use gpu::kernels::{scan_chunk_for, KernelShape};
 use gpu::ops::decode::{
-    gemv, sample_rows, GemvLp, SampleHow, SampleRowsF32, GEMV_ROWS, SAMPLE_NOT_FINITE,
+    gemv, gemv_named, sample_rows, GemvLp, SampleHow, SampleRowsF32, GEMV_ROWS,
+    SAMPLE_NOT_FINITE,
 };
 use gpu::ops::{PAD, SENTINEL};
 use gpu::params::{Ptr, PtrMut};
@@ -155,6 +156,9 @@ fn gpu_gemv_matches_an_f64_sum_over_the_same_operands() {
                 tol::gpu::OP_GEMV_LP,
             );
             by_rows.push(dense[..n_out].to_vec());
+            if p.vec == 1 {
+                same_bits_in_every_variant(&dev, name, p, rows * ldy);
+            }
         }
         assert_eq!(
             by_rows[0].iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
@@ -183,6 +187,33 @@ fn gpu_gemv_matches_an_f64_sum_over_the_same_operands() {
     };
     // SAFETY: refused before any launch.
     assert!(unsafe { gemv(&dev, &p) }.is_err());
+}
+
+/// `gemv_lp_nl4` and `gemv_lp_nl8` (weight loads in flight, 128 threads) give `gemv_lp`'s
+/// bits at every split they take, and keep inside `y`'s rows (sentinels), for the 16-byte
+/// case `p` whose output holds `n` guarded values.
+fn same_bits_in_every_variant(dev: &Arc<Dev>, name: &str, p: GemvLp, n: usize) {
+    for split in [1, 2, 4] {
+        let mut outs = Vec::new();
+        for kernel in ["gemv_lp", "gemv_lp_nl4", "gemv_lp_nl8"] {
+            let fresh = guarded_f32(dev, n);
+            let q = GemvLp {
+                y: PtrMut::new(fresh.at::<f32>(PAD)),
+                split,
+                ..p
+            };
+            // SAFETY: as the launch in the caller, into a buffer of the same shape.
+            unsafe { gemv_named(dev, &q, kernel) }.unwrap();
+            let got = unguard(&fresh, n, &format!("{name} {kernel} split {split}"));
+            outs.push((kernel, got.iter().map(|v| v.to_bits()).collect::<Vec<_>>()));
+        }
+        for (kernel, bits) in &outs[1..] {
+            assert_eq!(
+                bits, &outs[0].1,
+                "{name}: {kernel} differs from gemv_lp at split {split}"
+            );
+        }
+    }
 }
 
 /// Runs `sample_rows_f32` on `logits` (`[rows, vocab]`) with each row's prompt marked in its
