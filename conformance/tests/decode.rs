@@ -17,8 +17,7 @@ use conformance::{seed_of, tol};
 use gpu::cuda::{Buf, Dev};
 use gpu::kernels::{scan_chunk_for, KernelShape};
 use gpu::ops::decode::{
-    gemv, gemv_named, sample_rows, GemvLp, SampleHow, SampleRowsF32, GEMV_ROWS,
-    SAMPLE_NOT_FINITE,
+    gemv, gemv_named, sample_rows, GemvLp, SampleHow, SampleRowsF32, GEMV_ROWS, SAMPLE_NOT_FINITE,
 };
 use gpu::ops::{PAD, SENTINEL};
 use gpu::params::{Ptr, PtrMut};
