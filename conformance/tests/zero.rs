@@ -430,3 +430,88 @@ fn stage_0_keeps_the_optimizer_in_the_engine_and_resumes_exactly() {
     let resumed = run(Some(2));
     assert!(resumed == straight, "the resumed run differs");
 }
+
+/// Every rank's final weights and rank 0's losses at world 2, stage `stage`, with `scale` as the
+/// loss scale of every step (fp16's dynamic loss scaling, here on f32 engines).
+fn loss_scaled(stage: u8, scale: f64) -> (Vec<Vec<f32>>, Vec<Option<f64>>) {
+    let handles: Vec<_> = InProcess::group(2)
+        .into_iter()
+        .map(|mut comm| {
+            thread::spawn(move || {
+                let mut e = engine();
+                let zc = ZeroConfig {
+                    loss_scaled: true,
+                    ..zc(stage, false)
+                };
+                let mut d = ZeroDriver::new(&mut e, &mut comm, zc).unwrap();
+                assert!(
+                    !d.in_engine(),
+                    "a loss-scaled run keeps the optimizer in the driver"
+                );
+                d.set_loss_scale(scale).unwrap();
+                let r = comm.rank();
+                let mut losses = Vec::new();
+                for s in 0..STEPS {
+                    let mine = [micro(s, 2 * r), micro(s, 2 * r + 1)];
+                    let out = d.step(&mut e, &mut comm, &mine, &hp(true), lr(s)).unwrap();
+                    losses.push(out.loss);
+                }
+                d.sync_engine(&mut e, &mut comm).unwrap();
+                let layout = FlatLayout::new(&cfg(), 1);
+                (layout.flatten(&e.parameters().unwrap()).unwrap(), losses)
+            })
+        })
+        .collect();
+    let mut all = Vec::new();
+    let mut losses = Vec::new();
+    for h in handles {
+        let (w, l) = h.join().unwrap();
+        all.push(w);
+        losses.push(l);
+    }
+    (all, losses.swap_remove(0))
+}
+
+#[test]
+fn a_power_of_two_loss_scale_changes_no_bit() {
+    for stage in [0u8, 2, 3] {
+        let (plain, plain_losses) = loss_scaled(stage, 1.0);
+        let (scaled, scaled_losses) = loss_scaled(stage, 4096.0);
+        assert!(plain_losses.iter().all(Option::is_some));
+        assert_eq!(scaled_losses, plain_losses, "stage {stage}: losses");
+        for (r, (a, b)) in scaled.iter().zip(&plain).enumerate() {
+            let same = a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
+            assert!(
+                same,
+                "stage {stage}, rank {r}: the scaled run's weights differ"
+            );
+        }
+    }
+}
+
+#[test]
+fn an_overflowing_loss_scale_skips_the_step_on_every_rank() {
+    let before = {
+        let e = engine();
+        FlatLayout::new(&cfg(), 1)
+            .flatten(&e.parameters().unwrap())
+            .unwrap()
+    };
+    let (after, losses) = loss_scaled(2, 1e300);
+    assert!(losses.iter().all(Option::is_none), "{losses:?}");
+    for w in &after {
+        assert_eq!(w, &before, "a skipped step moved the weights");
+    }
+}
+
+#[test]
+fn a_loss_scale_needs_a_driver_made_for_it() {
+    let mut comm = InProcess::group(1).pop().unwrap();
+    let mut e = engine();
+    let mut d = ZeroDriver::new(&mut e, &mut comm, zc(0, false)).unwrap();
+    // A stage-0 driver on an engine that sums its own gradients keeps AdamW in the engine.
+    assert!(d.in_engine());
+    assert!(d.set_loss_scale(1024.0).is_err());
+    assert!(d.set_loss_scale(1.0).is_ok());
+    assert!(d.set_loss_scale(f64::NAN).is_err());
+}

@@ -27,6 +27,9 @@ pub struct ZeroConfig {
     pub wall_clock_breakdown: bool,
     /// Host threads for the driver's AdamW (0 = every core).
     pub threads: usize,
+    /// The run scales its loss (fp16): the driver keeps the optimizer even at stage 0 (not
+    /// a DeepSpeed key; set from the run's precision).
+    pub loss_scaled: bool,
 }
 
 impl Default for ZeroConfig {
@@ -46,6 +49,7 @@ impl Default for ZeroConfig {
             comms_logger: false,
             wall_clock_breakdown: false,
             threads: 0,
+            loss_scaled: false,
         }
     }
 }

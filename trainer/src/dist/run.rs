@@ -31,13 +31,12 @@ pub fn train_distributed(
     cfg: RunConfig,
     opts: &RunOptions,
     comm: Box<dyn Comm>,
-    zero: ZeroConfig,
+    mut zero: ZeroConfig,
 ) -> Result<RunSummary> {
-    if cfg.optim.precision == crate::train::run_config::Precision::Fp16 {
-        anyhow::bail!(
-            "precision fp16 (dynamic loss scaling) is not supported by the distributed driver yet: use bf16 or f32"
-        );
-    }
+    // fp16: the loss scale is applied to every rank's micro-batches and divided out of the
+    // summed gradient by the driver (`ZeroDriver::set_loss_scale`); every rank's scaler sees
+    // the same overflow, so all keep the same scale.
+    zero.loss_scaled = cfg.optim.precision == crate::train::run_config::Precision::Fp16;
     if comm.rank() == 0 {
         for n in zero.no_effect() {
             eprintln!("note: {n}");
@@ -135,9 +134,9 @@ impl Dist {
         source: &mut Source,
         carry: Option<&mut Carry>,
         accum: usize,
-        hp: &AdamWConfig,
-        lr: f64,
+        (hp, lr, loss_scale): (&AdamWConfig, f64, f64),
     ) -> Result<(Option<f64>, f64, usize)> {
+        self.driver.set_loss_scale(loss_scale)?;
         let k = carry.as_ref().map_or(1, |c| c.k());
         let micro = (0..accum * k)
             .map(|_| source.next_batch())

@@ -104,6 +104,8 @@ pub struct ZeroDriver {
     in_engine: bool,
     /// `comms_logger`: the collectives since the last [`ZeroDriver::take_comms`].
     comms: Vec<CommRecord>,
+    /// fp16's loss scale ([`ZeroDriver::set_loss_scale`]; 1 otherwise).
+    loss_scale: f64,
 }
 
 /// Runs one collective, timing it into `log`.
@@ -141,9 +143,13 @@ impl ZeroDriver {
         if comm.rank() != 0 {
             engine.set_parameters(&layout.unflatten(&flat))?;
         }
-        // Every rank probes the same engine kind and communicator, so all agree.
-        let in_engine =
-            cfg.stage == 0 && cfg.offload_optimizer == super::config::OffloadDevice::None && {
+        // Every rank probes the same engine kind and communicator, so all agree. A loss-scaled
+        // run (fp16) keeps the optimizer here: the engine's own step would divide by its
+        // rank's share of the scale, not by the scale of the summed gradient.
+        let in_engine = cfg.stage == 0
+            && cfg.offload_optimizer == super::config::OffloadDevice::None
+            && !cfg.loss_scaled
+            && {
                 engine.zero_grad()?;
                 engine.all_reduce_gradients(comm)?
             };
@@ -186,7 +192,22 @@ impl ZeroDriver {
             pool,
             engine_current: true,
             comms: Vec::new(),
+            loss_scale: 1.0,
         })
+    }
+
+    /// The loss scale of the next steps (fp16's dynamic loss scaling; the driver must have been
+    /// made with `loss_scaled` unless `scale` is 1). Every micro-batch's gradient is scaled by
+    /// it and the summed gradient divided by it before clipping and AdamW, so a power of two
+    /// changes no bit; an overflow on any rank skips the step on every rank.
+    pub fn set_loss_scale(&mut self, scale: f64) -> Result<(), DistError> {
+        if !(scale.is_finite() && scale > 0.0) || (self.in_engine && scale != 1.0) {
+            return Err(DistError::Config(format!(
+                "loss scale {scale}: needs a positive finite scale, and a driver made with loss_scaled"
+            )));
+        }
+        self.loss_scale = scale;
+        Ok(())
     }
 
     /// The optimizer shard this rank holds.
@@ -261,8 +282,8 @@ impl ZeroDriver {
 
     /// [`ZeroDriver::step`] with this rank's forward and backward done by `micro_batches`:
     /// called once with the engine (gradients zeroed) and the scale of each of the `count`
-    /// micro-batches' mean loss (`1 / (count × world)`), it adds their gradients into the
-    /// engine. Stateful training (`crate::train::carry`) runs its windows there.
+    /// micro-batches' mean loss (`loss scale / (count × world)`), it adds their gradients into
+    /// the engine. Stateful training (`crate::train::carry`) runs its windows there.
     pub fn step_with(
         &mut self,
         engine: &mut dyn TrainingEngine,
@@ -278,7 +299,7 @@ impl ZeroDriver {
         };
         let t = Instant::now();
         engine.zero_grad()?;
-        let scale = 1.0 / (count * comm.world()) as f64;
+        let scale = self.loss_scale / (count * comm.world()) as f64;
         let MicroOut {
             loss_sum,
             bad,
@@ -293,6 +314,10 @@ impl ZeroDriver {
             .flatten_into(&engine.gradients()?, &mut self.flat_grad)?;
         bd.comm += self.reduce_gradients(comm)?;
         let mut grad = self.take_grad_shard();
+        if self.loss_scale != 1.0 {
+            let inv = (1.0 / self.loss_scale) as f32;
+            grad.iter_mut().for_each(|g| *g *= inv);
+        }
         let local_sq: f64 = grad.iter().map(|&g| f64::from(g) * f64::from(g)).sum();
         let mut stats = [loss_sum, bad, tokens as f64, local_sq];
         if self.cfg.stage == 0 {

@@ -257,17 +257,25 @@ impl Run {
     /// One optimizer step over `grad_accum` micro-batches. Returns (mean loss, stats) or
     /// `None` loss when it was skipped.
     fn step(&mut self) -> Result<(Option<f64>, f64, usize)> {
+        // fp16: the loss scale multiplies grad_scale; the CUDA engine (or, distributed, the
+        // ZeRO driver) divides it out and skips the step when the scaled gradient overflowed.
+        let loss_scale = self.state.loss_scaler.as_ref().map_or(1.0, |s| s.scale);
         if let Some(d) = self.dist.as_mut() {
             let lr = self.schedule.lr(self.state.step);
             let accum = self.cfg.train.grad_accum;
             let (engine, carry) = (self.engine.as_mut(), self.carry.as_mut());
-            return d.step(engine, &mut self.source, carry, accum, &self.hp, lr);
+            let out = d.step(
+                engine,
+                &mut self.source,
+                carry,
+                accum,
+                (&self.hp, lr, loss_scale),
+            )?;
+            self.scaler_update(out.0.is_some());
+            return Ok(out);
         }
         self.engine.zero_grad()?;
         let accum = self.cfg.train.grad_accum;
-        // fp16: the loss scale multiplies grad_scale; the CUDA engine divides it out in
-        // optimizer_step and skips the step when the scaled gradient overflowed.
-        let loss_scale = self.state.loss_scaler.as_ref().map_or(1.0, |s| s.scale);
         let mut loss_sum = 0.0;
         let mut tokens = 0;
         let mut finite = true;
@@ -307,17 +315,22 @@ impl Run {
             None
         };
         let ok = stats.is_some_and(|s| !s.skipped);
+        self.scaler_update(ok);
+        Ok((
+            ok.then_some(loss_sum / accum as f64),
+            stats.map_or(f64::NAN, |s| s.grad_norm),
+            tokens,
+        ))
+    }
+
+    /// The loss scaler's answer to a step that was taken (`ok`) or skipped.
+    fn scaler_update(&mut self, ok: bool) {
         self.overflow_skip = false;
         if let Some(scaler) = self.state.loss_scaler.as_mut() {
             // A loss-scale overflow that the scaler can still answer is not a failure.
             self.overflow_skip = !ok && scaler.scale > scaler.cfg.min_scale;
             scaler.update(!ok);
         }
-        Ok((
-            ok.then_some(loss_sum / accum as f64),
-            stats.map_or(f64::NAN, |s| s.grad_norm),
-            tokens,
-        ))
     }
 
     fn checkpoint(&mut self) -> Result<PathBuf> {
