@@ -128,7 +128,7 @@ pub(super) fn open_source(
 }
 
 /// [`open_source`] for data-parallel rank `rank.0` of `rank.1`: token shards are sliced by
-/// rank; QA data is not sliced yet, so a distributed QA run is refused.
+/// rank, and so are QA batches (each rank its block of every global batch).
 pub(super) fn open_source_ranked(
     cfg: &RunConfig,
     split_train: bool,
@@ -162,10 +162,6 @@ pub(super) fn open_source_ranked(
                 _ => Ok(source),
             }
         }
-        _ if world > 1 => bail!(
-            "stage {:?} reads QA pairs, which are not sliced by rank yet: run it on one process",
-            cfg.stage
-        ),
         _ => {
             let path = if split_train {
                 cfg.data.qa_train.as_deref()
@@ -174,7 +170,11 @@ pub(super) fn open_source_ranked(
             };
             let path =
                 path.context("no QA file for this stage: set `data.qa_train` / `data.qa_eval`")?;
-            let qc = t.qa_config();
+            let qc = crate::data::qa::QaConfig {
+                rank,
+                world_size: world,
+                ..t.qa_config()
+            };
             Source::qa(path, tok, qc)
         }
     }
