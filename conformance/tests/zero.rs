@@ -122,6 +122,13 @@ fn distributed(
             })
         })
         .collect();
+    weights_and_rank_0_losses(handles)
+}
+
+/// Joins the ranks: every rank's flat weights, and rank 0's losses.
+fn weights_and_rank_0_losses<L>(
+    handles: Vec<thread::JoinHandle<(Vec<f32>, Vec<L>)>>,
+) -> (Vec<Vec<f32>>, Vec<L>) {
     let mut all = Vec::new();
     let mut losses = Vec::new();
     for h in handles {
@@ -462,14 +469,7 @@ fn loss_scaled(stage: u8, scale: f64) -> (Vec<Vec<f32>>, Vec<Option<f64>>) {
             })
         })
         .collect();
-    let mut all = Vec::new();
-    let mut losses = Vec::new();
-    for h in handles {
-        let (w, l) = h.join().unwrap();
-        all.push(w);
-        losses.push(l);
-    }
-    (all, losses.swap_remove(0))
+    weights_and_rank_0_losses(handles)
 }
 
 #[test]

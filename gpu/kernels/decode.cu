@@ -292,6 +292,18 @@ __device__ __forceinline__ void unpack8(uint4 v, int lp_mode, float* f) {
     }
 }
 
+// Eight x values of a row from `at` as the GEMM sees them (see gemv_x).
+__device__ __forceinline__ void gemv_x8(const u16* x_lp, const float* x_f32, long at, int lp_mode, float* xf) {
+    if (x_lp) {
+        unpack8(*(const uint4*)(x_lp + at), lp_mode, xf);
+    } else {
+        float4 a = *(const float4*)(x_f32 + at);
+        float4 b = *(const float4*)(x_f32 + at + 4);
+        float v[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
+#pragma unroll
+        for (int j = 0; j < 8; ++j) xf[j] = lp_to_f32(lp_mode == 0 ? f32_to_bf16(v[j]) : f32_to_f16(v[j]), lp_mode);
+    }
+}
 // y[r, n] = sum_k w[n, k] x[r, k] for r < rows (<= GEMV_ROWS), n < n_out: each weight is read
 // once for every row. w: low precision [n_out, ldw]; x: low precision (x_lp) or f32 (x_f32,
 // rounded to the low precision first), [rows, ldx]; y f32 [rows, ldy]. 256 threads: `split`
@@ -319,16 +331,7 @@ static __device__ __forceinline__ void gemv_lp_body(const u16* w, long ldw, cons
 #pragma unroll
                 for (int r = 0; r < GEMV_ROWS; ++r) {
                     if (r < rows) {
-                        if (x_lp) {
-                            unpack8(*(const uint4*)(x_lp + r * ldx + k0), lp_mode, xf);
-                        } else {
-                            float4 a = *(const float4*)(x_f32 + r * ldx + k0);
-                            float4 b = *(const float4*)(x_f32 + r * ldx + k0 + 4);
-                            float v[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
-#pragma unroll
-                            for (int j = 0; j < 8; ++j)
-                                xf[j] = lp_to_f32(lp_mode == 0 ? f32_to_bf16(v[j]) : f32_to_f16(v[j]), lp_mode);
-                        }
+                        gemv_x8(x_lp, x_f32, r * ldx + k0, lp_mode, xf);
 #pragma unroll
                         for (int j = 0; j < 8; ++j) acc[r] += wf[j] * xf[j];
                     }
@@ -367,16 +370,11 @@ __device__ __forceinline__ uint4 ld_stream16(const u16* p) {
                  : "l"(p));
     return v;
 }
-__device__ __forceinline__ void gemv_x8(const u16* x_lp, const float* x_f32, long at, int lp_mode, float* xf) {
-    if (x_lp) {
-        unpack8(*(const uint4*)(x_lp + at), lp_mode, xf);
-    } else {
-        float4 a = *(const float4*)(x_f32 + at);
-        float4 b = *(const float4*)(x_f32 + at + 4);
-        float v[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
-#pragma unroll
-        for (int j = 0; j < 8; ++j) xf[j] = lp_to_f32(lp_mode == 0 ? f32_to_bf16(v[j]) : f32_to_f16(v[j]), lp_mode);
-    }
+// The conv update of row r, channel n on x value v, where the GEMV's output n is a channel.
+__device__ __forceinline__ void conv_epilogue(const ConvUpdateF32* cu, long r, long n, float v) {
+    if (cu && n < cu->d_inner)
+        conv_update_elem(r * cu->d_inner + n, v, cu->conv.w, cu->conv.bias, cu->conv.starts, cu->window, cu->xs,
+                         cu->xs_lp, cu->lp_mode, cu->d_inner);
 }
 // cu (may be null): in_proj's conv update as the epilogue: output n < cu->d_inner of row r is
 // channel n's x, so that thread also runs the conv update of (r, n) on the value it writes.
@@ -435,9 +433,7 @@ static __device__ __forceinline__ void gemv_lp_nl_body(const u16* w, long ldw, c
                 float v = warp_sum(acc[r]);
                 if (lane == 0 && live) {
                     y[r * ldy + n] = v;
-                    if (cu && n < cu->d_inner)
-                        conv_update_elem(r * cu->d_inner + n, v, cu->conv.w, cu->conv.bias, cu->conv.starts, cu->window,
-                                         cu->xs, cu->xs_lp, cu->lp_mode, cu->d_inner);
+                    conv_epilogue(cu, r, n, v);
                 }
             }
         }
@@ -455,9 +451,7 @@ static __device__ __forceinline__ void gemv_lp_nl_body(const u16* w, long ldw, c
         float s = 0.0f;
         for (int q = 0; q < split; ++q) s += sh[warp + q][lane];
         y[lane * ldy + n] = s;
-        if (cu && n < cu->d_inner)
-            conv_update_elem(lane * cu->d_inner + n, s, cu->conv.w, cu->conv.bias, cu->conv.starts, cu->window, cu->xs,
-                             cu->xs_lp, cu->lp_mode, cu->d_inner);
+        conv_epilogue(cu, lane, n, s);
     }
 }
 extern "C" __global__ void __launch_bounds__(128) gemv_lp_nl4(const GemvLp p) { gemv_lp_nl_body<4>(GEMV_LP_ARGS(p)); }

@@ -117,14 +117,7 @@ impl<'a> Proj<'a> {
             Some(g) if g.vec == 1 => g,
             _ => return Ok(false),
         };
-        m.norm_fwd(
-            rows,
-            (x_in, add, la.resid_in.ptr),
-            ws.hn.ptr,
-            (la.mean.ptr, la.rstd.ptr),
-            (lo.norm_w, lo.norm_b),
-            hn_lp,
-        )?;
+        self.norm(la, lo, (x_in, add), hn_lp)?;
         let p = GemvConvLp { g, c: *conv };
         // SAFETY: as in `mv`; `conv` is the decode step's conv update of these rows, its x the
         // first `d_inner` outputs (the x half of `la.xz`).
@@ -144,6 +137,25 @@ impl<'a> Proj<'a> {
         self.m.shadow.as_ref().map(|s| s.at::<u16>(lo.dt_w))
     }
 
+    /// The layer's residual add (`la.resid_in = x_in + add`) and norm into `ws.hn` (and
+    /// `hn_lp` unless null).
+    fn norm(
+        &self,
+        la: &LayerActs,
+        lo: &LayerOffs,
+        (x_in, add): (u64, u64),
+        hn_lp: u64,
+    ) -> Result<()> {
+        self.m.norm_fwd(
+            self.rows,
+            (x_in, add, la.resid_in.ptr),
+            self.ws.hn.ptr,
+            (la.mean.ptr, la.rstd.ptr),
+            (lo.norm_w, lo.norm_b),
+            hn_lp,
+        )
+    }
+
     /// As `Model::norm_in_proj`: the fused residual add + norm, in_proj (+ bias) into `la.xz`.
     pub(crate) fn norm_in_proj(
         &self,
@@ -154,14 +166,7 @@ impl<'a> Proj<'a> {
         let (m, ws, rows) = (self.m, self.ws, self.rows);
         let (dm, di) = (m.cfg.d_model, m.cfg.d_inner);
         let (hn_lp, hn) = m.lp_out(ws, ws.hn.ptr, dm, rows, dm);
-        m.norm_fwd(
-            rows,
-            (x_in, add, la.resid_in.ptr),
-            ws.hn.ptr,
-            (la.mean.ptr, la.rstd.ptr),
-            (lo.norm_w, lo.norm_b),
-            hn_lp,
-        )?;
+        self.norm(la, lo, (x_in, add), hn_lp)?;
         self.mv(lo.in_w, dm, (2 * di, dm), hn, (la.xz.ptr, 2 * di))?;
         m.bias_add(la.xz.ptr, 2 * di, rows, 2 * di, lo.in_b)
     }

@@ -161,14 +161,26 @@ pub unsafe fn gemv_decode(dev: &Dev, p: &GemvLp) -> Result<()> {
         // SAFETY: the caller's contract.
         return unsafe { gemv(dev, p) };
     }
-    let mut q = *p;
-    q.split = match q.n_out {
-        n if n >= 4096 => 1,
-        n if n >= 2048 => 2,
-        _ => 4,
+    let q = GemvLp {
+        split: nl_split(p.n_out),
+        ..*p
     };
     // SAFETY: the caller's contract.
     unsafe { gemv_named(dev, &q, name) }
+}
+
+/// Warps per output of the 128-thread GEMVs: 1 from 4096 outputs, 2 from 2048, else 4.
+fn nl_split(n_out: i64) -> i32 {
+    match n_out {
+        n if n >= 4096 => 1,
+        n if n >= 2048 => 2,
+        _ => 4,
+    }
+}
+
+/// The grid of a 128-thread GEMV (`4 / split` outputs a block).
+fn nl_grid(n_out: i64, split: i32) -> (u32, u32, u32) {
+    ((n_out as usize).div_ceil(4 / split as usize) as u32, 1, 1)
 }
 
 /// Launches `name`, one of the `GemvLp` kernels: `gemv_lp` (256 threads, split 1, 2, 4 or
@@ -191,10 +203,8 @@ pub unsafe fn gemv_named(dev: &Dev, p: &GemvLp, name: &'static str) -> Result<()
             ),
         ));
     }
-    let per_block = 4 / p.split as usize;
-    let grid = ((p.n_out as usize).div_ceil(per_block) as u32, 1, 1);
     // SAFETY: the caller's contract is the kernel's.
-    unsafe { dev.launch_build(name, grid, 128, 0, p) }
+    unsafe { dev.launch_build(name, nl_grid(p.n_out, p.split), 128, 0, p) }
 }
 
 /// How one row draws on the device (the C struct `SampleHow` in `gpu/kernels/decode.cu`).
@@ -333,18 +343,9 @@ pub unsafe fn gemv_conv(dev: &Dev, p: &GemvConvLp) -> Result<()> {
         ));
     }
     let mut q = *p;
-    q.g.split = match g.n_out {
-        n if n >= 4096 => 1,
-        n if n >= 2048 => 2,
-        _ => 4,
-    };
-    let grid = (
-        (g.n_out as usize).div_ceil(4 / q.g.split as usize) as u32,
-        1,
-        1,
-    );
+    q.g.split = nl_split(g.n_out);
     // SAFETY: the caller's contract is the kernel's.
-    unsafe { dev.launch(grid, 128, 0, &q) }
+    unsafe { dev.launch(nl_grid(g.n_out, q.g.split), 128, 0, &q) }
 }
 
 /// Launches `ssm_update_dt_f32` (grid as [`ssm_update`]).
