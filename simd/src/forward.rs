@@ -252,12 +252,33 @@ pub fn forward(
 ) -> reference::Result<Option<ForwardCache<f32>>> {
     input.check(cfg, "simd forward")?;
     state.check(cfg, input.batch, "simd forward")?;
-    let (n, dm, vocab) = (input.rows(), cfg.d_model, cfg.vocab_size);
+    let (n, dm) = (input.rows(), cfg.d_model);
     fit(&mut s.resid, n * dm);
     let emb = w.embed.view();
     for (t, &tok) in input.tokens.iter().enumerate() {
         dequant_rows(emb, dm, tok as usize, &mut s.resid[t * dm..(t + 1) * dm]);
     }
+    if input.seq_len == 1 && !keep {
+        // A decode step: dozens of short parallel regions, on a spinning team (crate::team).
+        crate::team::with_team(|| layers_and_head(isa, cfg, w, input, state, s, logits, keep))
+    } else {
+        layers_and_head(isa, cfg, w, input, state, s, logits, keep)
+    }
+}
+
+/// `forward` after the embedding lookup.
+#[allow(clippy::too_many_arguments)]
+fn layers_and_head(
+    isa: Isa,
+    cfg: &MambaConfig,
+    w: &Weights,
+    input: &Batch,
+    state: &mut State<f32>,
+    s: &mut Scratch,
+    logits: Logits,
+    keep: bool,
+) -> reference::Result<Option<ForwardCache<f32>>> {
+    let (n, dm, vocab) = (input.rows(), cfg.d_model, cfg.vocab_size);
     let mut layers = Vec::new();
     for (i, lw) in w.layers.iter().enumerate() {
         if let Some(c) = layer(isa, cfg, lw, input, i, state, s, keep) {

@@ -15,6 +15,7 @@ pub mod forward;
 pub mod kernels;
 pub mod load;
 pub mod model;
+mod team;
 pub mod vecmath;
 pub mod weights;
 
@@ -86,8 +87,22 @@ thread_local! {
 pub(crate) fn threads() -> usize {
     if SERIAL.with(|s| s.get()) {
         1
+    } else if let Some(m) = team::members() {
+        m
     } else {
         rayon::current_num_threads()
+    }
+}
+
+/// Runs `f(i)` for every `i < n`, split over the threads: the spinning team of a decode step
+/// where this thread leads one (`team`), else the current rayon pool. Each task must write
+/// its own elements; then the results do not depend on which thread ran what.
+pub(crate) fn par_for(n: usize, f: impl Fn(usize) + Sync + Send) {
+    if n <= 1 || SERIAL.with(|s| s.get()) {
+        (0..n).for_each(f);
+    } else if !team::run(n, &f) {
+        use rayon::prelude::*;
+        (0..n).into_par_iter().for_each(f);
     }
 }
 

@@ -7,7 +7,6 @@
 //! - for training, [`linear_fwd`] and [`linear_bwd`] in f32 on [`crate::gemm::sgemm`], over a
 //!   given pool.
 
-use rayon::prelude::*;
 use rayon::ThreadPool;
 
 use crate::gemm::sgemm;
@@ -63,7 +62,10 @@ fn gemv(isa: Isa, w: MatRef, x: &[f32], d_in: usize, d_out: usize, y: &mut [f32]
     } else if n >= GEMM_MIN_ROWS {
         64
     } else {
-        d_out.div_ceil(threads * 4).max(16)
+        // Whole tiles of 16 rows: the kernels reduce a full tile of rows in another order
+        // than a partial one, so a chunk edge inside a tile would change bits with the thread
+        // count (int4 at batch 4, lm_head of 1000 rows, seen in tests/decode_threads.rs).
+        d_out.div_ceil(threads * 4).next_multiple_of(16)
     };
     let yp = SyncPtr::new(y);
     with_prepared(isa, w, x, d_in, |p| {
@@ -76,12 +78,7 @@ fn gemv(isa: Isa, w: MatRef, x: &[f32], d_in: usize, d_out: usize, y: &mut [f32]
             let mut put = |b: usize, i: usize, v: f32| unsafe { yp.write(b * d_out + r0 + i, v) };
             p.dot_rows(r0, r1 - r0, &mut put);
         };
-        let chunks = d_out.div_ceil(chunk);
-        if chunks == 1 {
-            job(0);
-        } else {
-            (0..chunks).into_par_iter().for_each(job);
-        }
+        crate::par_for(d_out.div_ceil(chunk), job);
     });
 }
 
@@ -135,12 +132,7 @@ fn gemm(w: MatRef, x: &[f32], d_in: usize, d_out: usize, y: &mut [f32]) {
             o += take;
         }
     };
-    let jobs = d_out.div_ceil(per);
-    if jobs == 1 {
-        job(0);
-    } else {
-        (0..jobs).into_par_iter().for_each(job);
-    }
+    crate::par_for(d_out.div_ceil(per), job);
 }
 
 /// `y = x · Wᵀ + bias` into `y` `[n, d_out]`: `x` `[n, d_in]`, `w` `[d_out, d_in]`,

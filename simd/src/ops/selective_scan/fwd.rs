@@ -7,7 +7,6 @@
 //! thread pool. Same maths as `reference::ops::selective_scan` (dt bias + softplus, D skip,
 //! z gate, per-position resets, initial state).
 
-use rayon::prelude::*;
 use wide::f32x8;
 
 use super::Scan;
@@ -55,7 +54,7 @@ pub fn selective_scan_fwd(isa: Isa, s: &Scan, h: &mut [f32], out: &mut [f32]) {
     if work < 1 << 15 || crate::threads() == 1 {
         (0..s.batch * groups).for_each(task);
     } else {
-        (0..s.batch * groups).into_par_iter().for_each(task);
+        crate::par_for(s.batch * groups, task);
     }
 }
 
