@@ -13,17 +13,19 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 D=${1:-target/gpu-tests}
 B=$D/gpu-bench
-ALL="VET_PDL=1 VET_DECODE_FUSE=1 VET_GEMV_KERNEL=gemv_lp_nl4"
+# The defaults are all on (PDL, the fused step, gemv_lp_nl4 at batch 1); OFF is the step before.
+ALL="VET_DEFAULTS=1"
+OFF="VET_PDL=0 VET_DECODE_FUSE=0 VET_GEMV_KERNEL=gemv_lp"
 nvidia-smi --query-gpu=name --format=csv,noheader
 status=0
-for cfg in "VET_DEFAULTS=1" "$ALL"; do
+for cfg in "$ALL" "$OFF"; do
     for t in decode gpu_batched; do
         echo "== $t ($cfg)"
         log=$(env $cfg timeout 300 "$D/$t" --test-threads=1 2>&1) || status=1
         grep -E "test result|FAILED|panicked" <<<"$log"
     done
 done
-for cfg in "VET_DEFAULTS=1" "VET_PDL=1" "VET_PDL=1 VET_GEMV_KERNEL=gemv_lp_nl4" "$ALL" "VET_DECODE_FUSE=1 VET_GEMV_KERNEL=gemv_lp_nl4"; do
+for cfg in "$OFF" "VET_DECODE_FUSE=0 VET_GEMV_KERNEL=gemv_lp" "VET_DECODE_FUSE=0" "$ALL" "VET_PDL=0"; do
     echo "== gpu-bench infer ($cfg)"
     env $cfg VET_INFER_BATCHES=1,8 timeout 200 "$B" infer 2>&1 | sed -n '/== summary/,$p' | grep -E "decode|prefill"
 done

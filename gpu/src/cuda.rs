@@ -37,8 +37,8 @@ pub struct Dev {
     pub shape: KernelShape,
     /// Per-launch device times (`VET_PROFILE=1`, see [`crate::profile`]).
     pub(crate) prof: Option<crate::profile::Profiler>,
-    /// Whether the device can launch programmatic dependents (sm_90 on) and `VET_PDL=1` asks
-    /// for them.
+    /// Whether the device can launch programmatic dependents (sm_90 on) and `VET_PDL=0` does
+    /// not turn them off (H100, batch-1 decode: 1.4B 381 → 405 tok/s, 130M 1,334 → 1,407).
     pdl_capable: bool,
     /// Whether launches of [`PDL_KERNELS`] use programmatic dependent launch now
     /// ([`Dev::with_pdl`]).
@@ -154,7 +154,7 @@ impl Dev {
             sm_count,
             shape,
             prof: crate::profile::profile_enabled().then(crate::profile::Profiler::new),
-            pdl_capable: cc.0 >= 9 && std::env::var("VET_PDL").is_ok_and(|v| v == "1"),
+            pdl_capable: cc.0 >= 9 && std::env::var("VET_PDL").map_or(true, |v| v != "0"),
             pdl_on: std::sync::atomic::AtomicBool::new(false),
         })
     }

@@ -13,9 +13,10 @@ use crate::params::{Ptr, PtrMut};
 use crate::work::{LayerActs, Work};
 
 /// Whether the decode step fuses the conv update into in_proj's GEMV and dt_proj into the scan
-/// update, where the GEMV runs (`VET_DECODE_FUSE=1`).
+/// update, where the GEMV runs: yes unless `VET_DECODE_FUSE=0` (H100, batch 1: 130M 1,736 →
+/// 2,019 tok/s; five kernels a layer instead of seven).
 pub(crate) fn fused() -> bool {
-    std::env::var("VET_DECODE_FUSE").is_ok_and(|v| v == "1")
+    std::env::var("VET_DECODE_FUSE").map_or(true, |v| v != "0")
 }
 
 /// Whether the GEMV may run (`VET_DECODE_GEMV` is not `0`).
