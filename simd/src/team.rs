@@ -81,12 +81,10 @@ impl Team {
             if g != gen || i >= n {
                 return None;
             }
-            match self.word.compare_exchange_weak(
-                cur,
-                cur + 1,
-                Ordering::AcqRel,
-                Ordering::Acquire,
-            ) {
+            match self
+                .word
+                .compare_exchange_weak(cur, cur + 1, Ordering::AcqRel, Ordering::Acquire)
+            {
                 Ok(_) => return Some(i),
                 Err(now) => cur = now,
             }
@@ -169,7 +167,7 @@ impl Team {
                 return;
             }
             idle += 1;
-            if idle % SPINS_PER_YIELD == 0 {
+            if idle.is_multiple_of(SPINS_PER_YIELD) {
                 std::thread::yield_now();
             } else {
                 std::hint::spin_loop();
@@ -263,7 +261,11 @@ mod tests {
                             hits[i].fetch_add(k as u32 + 1, Ordering::Relaxed);
                         });
                         for (i, h) in hits.iter().enumerate() {
-                            assert_eq!(h.load(Ordering::Relaxed), k as u32 + 1, "region {k}, task {i} of {n}");
+                            assert_eq!(
+                                h.load(Ordering::Relaxed),
+                                k as u32 + 1,
+                                "region {k}, task {i} of {n}"
+                            );
                         }
                     }
                 })
