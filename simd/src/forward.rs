@@ -252,75 +252,62 @@ pub fn forward(
 ) -> reference::Result<Option<ForwardCache<f32>>> {
     input.check(cfg, "simd forward")?;
     state.check(cfg, input.batch, "simd forward")?;
-    let (n, dm) = (input.rows(), cfg.d_model);
+    let (n, dm, vocab) = (input.rows(), cfg.d_model, cfg.vocab_size);
     fit(&mut s.resid, n * dm);
     let emb = w.embed.view();
     for (t, &tok) in input.tokens.iter().enumerate() {
         dequant_rows(emb, dm, tok as usize, &mut s.resid[t * dm..(t + 1) * dm]);
     }
+    let rest = move || {
+        let mut layers = Vec::new();
+        for (i, lw) in w.layers.iter().enumerate() {
+            if let Some(c) = layer(isa, cfg, lw, input, i, state, s, keep) {
+                layers.push(c);
+            }
+        }
+        fit(&mut s.hn, n * dm);
+        fit(&mut s.mean, n);
+        fit(&mut s.rstd, n);
+        let fb = w.norm_f_b.as_deref();
+        norm_fwd(
+            cfg.norm,
+            &s.resid,
+            &w.norm_f_w,
+            fb,
+            cfg.norm_eps,
+            dm,
+            &mut s.hn,
+            &mut s.mean,
+            &mut s.rstd,
+        );
+        let head = w.head().view();
+        match logits {
+            Logits::All(out) => {
+                fit(out, n * vocab);
+                linear(isa, head, &s.hn, None, dm, out);
+            }
+            Logits::Last(out) => {
+                let (b, l) = (input.batch, input.seq_len);
+                reference::engine::check_len("simd forward", "logits", out.len(), b * vocab)?;
+                fit(&mut s.last_rows, b * dm);
+                for bi in 0..b {
+                    let src = (bi * l + l - 1) * dm;
+                    s.last_rows[bi * dm..(bi + 1) * dm].copy_from_slice(&s.hn[src..src + dm]);
+                }
+                linear(isa, head, &s.last_rows, None, dm, out);
+            }
+        }
+        Ok(keep.then(|| ForwardCache {
+            layers,
+            resid_final: s.resid.clone(),
+            norm_f_stats: stats(s),
+            hf: s.hn.clone(),
+        }))
+    };
     if input.seq_len == 1 && !keep {
         // A decode step: dozens of short parallel regions, on a spinning team (crate::team).
-        crate::team::with_team(|| layers_and_head(isa, cfg, w, input, state, s, logits, keep))
+        crate::team::with_team(rest)
     } else {
-        layers_and_head(isa, cfg, w, input, state, s, logits, keep)
+        rest()
     }
-}
-
-/// `forward` after the embedding lookup.
-#[allow(clippy::too_many_arguments)]
-fn layers_and_head(
-    isa: Isa,
-    cfg: &MambaConfig,
-    w: &Weights,
-    input: &Batch,
-    state: &mut State<f32>,
-    s: &mut Scratch,
-    logits: Logits,
-    keep: bool,
-) -> reference::Result<Option<ForwardCache<f32>>> {
-    let (n, dm, vocab) = (input.rows(), cfg.d_model, cfg.vocab_size);
-    let mut layers = Vec::new();
-    for (i, lw) in w.layers.iter().enumerate() {
-        if let Some(c) = layer(isa, cfg, lw, input, i, state, s, keep) {
-            layers.push(c);
-        }
-    }
-    fit(&mut s.hn, n * dm);
-    fit(&mut s.mean, n);
-    fit(&mut s.rstd, n);
-    let fb = w.norm_f_b.as_deref();
-    norm_fwd(
-        cfg.norm,
-        &s.resid,
-        &w.norm_f_w,
-        fb,
-        cfg.norm_eps,
-        dm,
-        &mut s.hn,
-        &mut s.mean,
-        &mut s.rstd,
-    );
-    let head = w.head().view();
-    match logits {
-        Logits::All(out) => {
-            fit(out, n * vocab);
-            linear(isa, head, &s.hn, None, dm, out);
-        }
-        Logits::Last(out) => {
-            let (b, l) = (input.batch, input.seq_len);
-            reference::engine::check_len("simd forward", "logits", out.len(), b * vocab)?;
-            fit(&mut s.last_rows, b * dm);
-            for bi in 0..b {
-                let src = (bi * l + l - 1) * dm;
-                s.last_rows[bi * dm..(bi + 1) * dm].copy_from_slice(&s.hn[src..src + dm]);
-            }
-            linear(isa, head, &s.last_rows, None, dm, out);
-        }
-    }
-    Ok(keep.then(|| ForwardCache {
-        layers,
-        resid_final: s.resid.clone(),
-        norm_f_stats: stats(s),
-        hf: s.hn.clone(),
-    }))
 }

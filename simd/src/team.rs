@@ -73,7 +73,7 @@ impl Team {
         }
     }
 
-    /// Claims the next task of generation `gen` from `cur` on, if one is left.
+    /// Claims the next task of generation `gen`, if one is left.
     fn claim(&self, gen: u64) -> Option<usize> {
         let mut cur = self.word.load(Ordering::Acquire);
         loop {
@@ -141,19 +141,14 @@ impl Team {
         }
         let mut idle = 0u32;
         loop {
-            let cur = self.word.load(Ordering::Acquire);
-            let (_, n, i) = split(cur);
+            let (gen, n, i) = split(self.word.load(Ordering::Acquire));
             if i < n {
                 let p = self.job.load(Ordering::Acquire);
-                if self
-                    .word
-                    .compare_exchange_weak(cur, cur + 1, Ordering::AcqRel, Ordering::Relaxed)
-                    .is_ok()
-                {
-                    // SAFETY: the claim succeeded on the word of the generation whose job
-                    // `p` was published before (the leader stores the job, then the word;
-                    // a later job is stored only after every task of this generation, ours
-                    // included, has finished), so `p` points at that live job.
+                if let Some(i) = self.claim(gen) {
+                    // SAFETY: `p` was read after a word of generation `gen`, and the claim
+                    // succeeded in that generation. The leader stores a job, then its word,
+                    // and a later job only after every task of `gen` (ours included) has
+                    // finished, so `p` points at `gen`'s live job.
                     let f: Job = unsafe { *p };
                     if catch_unwind(AssertUnwindSafe(|| f(i))).is_err() {
                         self.panicked.store(true, Ordering::Release);

@@ -201,15 +201,13 @@ unsafe fn tile<const R: usize, const B: usize>(
             }
         }
     }
+    // A partial tile pads with zero vectors, so every row is summed in the same order whatever
+    // tile it falls in: the bits do not depend on how rows are split over threads.
+    let zero = _mm512_setzero_ps();
     for b in 0..B {
-        if R == 4 {
-            let v = reduce4(acc[0][b], acc[1][b], acc[2][b], acc[3][b]);
-            _mm_storeu_ps(out[b].as_mut_ptr(), v);
-        } else {
-            for r in 0..R {
-                out[b][r] = _mm512_reduce_add_ps(acc[r][b]);
-            }
-        }
+        let row = |r: usize| if r < R { acc[r][b] } else { zero };
+        let v = reduce4(row(0), row(1), row(2), row(3));
+        _mm_storeu_ps(out[b].as_mut_ptr(), v);
     }
 }
 

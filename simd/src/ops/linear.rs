@@ -62,10 +62,7 @@ fn gemv(isa: Isa, w: MatRef, x: &[f32], d_in: usize, d_out: usize, y: &mut [f32]
     } else if n >= GEMM_MIN_ROWS {
         64
     } else {
-        // Whole tiles of 16 rows: the kernels reduce a full tile of rows in another order
-        // than a partial one, so a chunk edge inside a tile would change bits with the thread
-        // count (int4 at batch 4, lm_head of 1000 rows, seen in tests/decode_threads.rs).
-        d_out.div_ceil(threads * 4).next_multiple_of(16)
+        d_out.div_ceil(threads * 4).max(16)
     };
     let yp = SyncPtr::new(y);
     with_prepared(isa, w, x, d_in, |p| {
