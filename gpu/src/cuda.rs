@@ -43,11 +43,18 @@ pub struct Dev {
     /// Whether launches of [`PDL_KERNELS`] use programmatic dependent launch now
     /// ([`Dev::with_pdl`]).
     pdl_on: std::sync::atomic::AtomicBool,
+    /// Whether the persistent decode kernel (`decode_layers_lp`, sm_90 on: bulk copies into
+    /// shared memory) can run here: its shared memory was granted at open.
+    pub persistent_decode: bool,
 }
+
+/// The kernels whose blocks wait for each other: launched cooperatively (the launch fails
+/// instead of hanging when the grid cannot be resident at once).
+pub const COOP_KERNELS: [&str; 1] = ["decode_layers_lp"];
 
 /// The kernels that may be launched as programmatic dependents: each calls `pdl_wait()`
 /// before it touches memory that an earlier kernel writes or reads (`gpu/kernels/common.cuh`).
-pub const PDL_KERNELS: [&str; 11] = [
+pub const PDL_KERNELS: [&str; 12] = [
     "embedding_fwd_f32",
     "norm_fwd_f32",
     "bias_add_f32",
@@ -58,6 +65,7 @@ pub const PDL_KERNELS: [&str; 11] = [
     "gemv_lp_nl4",
     "gemv_lp_nl8",
     "gemv_lp_conv",
+    "decode_layers_lp",
     "ssm_update_dt_f32",
 ];
 
@@ -140,6 +148,16 @@ impl Dev {
             }
             .map_err(|e| dev_err(&name, "scan backward shared memory", e))?;
         }
+        // SAFETY: a valid function handle; the value is within the sm_90 limit (227 KiB).
+        let persistent_decode = cc.0 >= 9
+            && unsafe {
+                drv::function::set_function_attribute(
+                    funcs["decode_layers_lp"],
+                    drv_sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    crate::ops::decode::DL_SMEM as i32,
+                )
+            }
+            .is_ok();
         let handle = cublas::create_handle().map_err(|e| dev_err(&name, "cuBLAS handle", e))?;
         // SAFETY: handle and stream are valid and belong to this context.
         unsafe { cublas::set_stream(handle, stream.cu_stream() as _) }
@@ -156,6 +174,7 @@ impl Dev {
             prof: crate::profile::profile_enabled().then(crate::profile::Profiler::new),
             pdl_capable: cc.0 >= 9 && std::env::var("VET_PDL").map_or(true, |v| v != "0"),
             pdl_on: std::sync::atomic::AtomicBool::new(false),
+            persistent_decode,
         })
     }
 
@@ -239,12 +258,14 @@ impl Dev {
         let mut args = [&mut copy as *mut P as *mut c_void];
         let pdl =
             self.pdl_on.load(std::sync::atomic::Ordering::Relaxed) && PDL_KERNELS.contains(&name);
+        let coop = COOP_KERNELS.contains(&name);
         self.timed(
             || name.to_string(),
             || {
-                if pdl {
-                    // SAFETY: as below; the kernel waits for the one before (`PDL_KERNELS`).
-                    return unsafe { self.launch_pdl(f, grid, block, smem, &mut args) }
+                if pdl || coop {
+                    // SAFETY: as below; the kernel waits for the one before where `pdl`
+                    // (`PDL_KERNELS`).
+                    return unsafe { self.launch_ex(f, (grid, block, smem), &mut args, pdl, coop) }
                         .map_err(|e| self.err(&format!("launching {name}"), e));
                 }
                 // SAFETY: the kernel takes one parameter, a struct of `P`'s size and layout
@@ -258,24 +279,34 @@ impl Dev {
         )
     }
 
-    /// `cuLaunchKernelEx` with programmatic stream serialisation allowed.
+    /// `cuLaunchKernelEx` with programmatic stream serialisation allowed (`pdl`) and / or as
+    /// a cooperative launch (`coop`).
     ///
     /// # Safety
-    /// As `drv::launch_kernel`; `f` calls `pdl_wait()` before it touches memory that the
-    /// kernels before it write or read.
-    unsafe fn launch_pdl(
+    /// As `drv::launch_kernel`; where `pdl`, `f` calls `pdl_wait()` before it touches memory
+    /// that the kernels before it write or read.
+    unsafe fn launch_ex(
         &self,
         f: drv_sys::CUfunction,
-        grid: (u32, u32, u32),
-        block: u32,
-        smem: u32,
+        (grid, block, smem): ((u32, u32, u32), u32, u32),
         args: &mut [*mut c_void; 1],
+        pdl: bool,
+        coop: bool,
     ) -> std::result::Result<(), drv::DriverError> {
         // SAFETY: a zeroed attribute is a valid value of the plain C union, then set.
-        let mut attr: drv_sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
-        attr.id =
-            drv_sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
-        attr.value.programmaticStreamSerializationAllowed = 1;
+        let mut attrs: [drv_sys::CUlaunchAttribute; 2] = unsafe { std::mem::zeroed() };
+        let mut n = 0;
+        if pdl {
+            attrs[n].id =
+                drv_sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+            attrs[n].value.programmaticStreamSerializationAllowed = 1;
+            n += 1;
+        }
+        if coop {
+            attrs[n].id = drv_sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_COOPERATIVE;
+            attrs[n].value.cooperative = 1;
+            n += 1;
+        }
         let cfg = drv_sys::CUlaunchConfig {
             gridDimX: grid.0,
             gridDimY: grid.1,
@@ -285,10 +316,10 @@ impl Dev {
             blockDimZ: 1,
             sharedMemBytes: smem,
             hStream: self.cu_stream(),
-            attrs: &mut attr,
-            numAttrs: 1,
+            attrs: attrs.as_mut_ptr(),
+            numAttrs: n as u32,
         };
-        // SAFETY: the config, attribute and arguments outlive the call; the caller's contract.
+        // SAFETY: the config, attributes and arguments outlive the call; the caller's contract.
         unsafe { drv_sys::cuLaunchKernelEx(&cfg, f, args.as_mut_ptr(), std::ptr::null_mut()) }
             .result()
     }

@@ -14,9 +14,11 @@ use reference::{Error, Result, State};
 use crate::cuda::Buf;
 use crate::decode_proj::{fused, Proj};
 use crate::graph::{capture, graphs_enabled, Graph};
+use crate::layout::LayerOffs;
 use crate::model::{ensure_ws, Model, Opnd};
 use crate::ops::decode::{
-    conv_update, ssm_update, ssm_update_dt, ConvUpdateF32, SsmUpdateDtF32, SsmUpdateF32,
+    conv_update, decode_layers, ssm_update, ssm_update_dt, ConvUpdateF32, DecodeLayersLp,
+    SsmUpdateDtF32, SsmUpdateF32, DL_TRACE,
 };
 use crate::params::{Ptr, PtrMut};
 use crate::work::{doc_starts, Mode, Work};
@@ -62,6 +64,27 @@ pub(crate) struct Decoder {
     held: Option<Held>,
     /// Tickets handed out so far.
     next_held: u64,
+    /// The persistent decode kernel's blocks as set by [`Decoder::set_persistent`] (`None`:
+    /// not set, [`persistent_default`] holds).
+    persist: Option<Option<usize>>,
+    /// Its two barrier counters (zeroed, left zeroed by every launch).
+    persist_sync: Option<Buf>,
+    /// Whether the last step ran in it.
+    last_persistent: bool,
+    /// Its per-layer clock marks (`VET_DECODE_TRACE=1`).
+    persist_trace: Option<Buf>,
+}
+
+/// Whether batch-1 decode steps of a `d_model`-wide model run their layers in the persistent
+/// kernel (`decode_layers_lp`) where it applies: from d_model 1024 (H100, batch 1: 370M 880 →
+/// 1,047 tok/s, 1.4B 428 → 520; the 130M is faster layer by layer, 2,031 against 1,867);
+/// `VET_DECODE_PERSIST=1` turns it on at every width, `0` off.
+pub(crate) fn persistent_default(d_model: usize) -> bool {
+    match std::env::var("VET_DECODE_PERSIST").as_deref() {
+        Ok("0") => false,
+        Ok("1") => true,
+        _ => d_model >= 1024,
+    }
 }
 
 impl Decoder {
@@ -121,6 +144,69 @@ impl Decoder {
         h.conv.write(0, &state.conv.data)?;
         h.ssm.write(0, &state.ssm.data)?;
         Ok(ticket)
+    }
+
+    /// Sets the persistent decode kernel: `None` off, `Some(0)` one block per SM, `Some(n)`
+    /// `n` blocks (at most one per SM). Drops the captured graph.
+    pub(crate) fn set_persistent(&mut self, blocks: Option<usize>) {
+        self.persist = Some(blocks);
+        self.graph = None;
+    }
+
+    /// The persistent kernel's blocks and parameters for a step over `ws` on the state at
+    /// `st`, or `None` where the layer-by-layer step runs (turned off, more than one row, no
+    /// low-precision weights, a device or model it does not take).
+    fn persistent(
+        &mut self,
+        m: &Model,
+        ws: &Work,
+        st: StatePtrs,
+    ) -> Result<Option<(usize, DecodeLayersLp)>> {
+        let blocks = match self.persist {
+            Some(b) => b,
+            None => persistent_default(m.cfg.d_model).then_some(0),
+        };
+        let Some(blocks) = blocks else {
+            return Ok(None);
+        };
+        if ws.batch != 1 || !m.dev.persistent_decode || m.shadow.is_none() {
+            return Ok(None);
+        }
+        if self.persist_sync.is_none() {
+            self.persist_sync = Some(m.dev.zeros(8)?);
+        }
+        let sync = self.persist_sync.as_ref().expect("barrier counters").ptr;
+        if self.persist_trace.is_none()
+            && std::env::var_os("VET_DECODE_TRACE").is_some_and(|v| v == "1")
+        {
+            self.persist_trace = Some(m.dev.zeros(8 * DL_TRACE * m.cfg.n_layer)?);
+        }
+        let trace = self.persist_trace.as_ref().map_or(0, |t| t.ptr);
+        let blocks = if blocks == 0 {
+            m.dev.sm_count
+        } else {
+            blocks.min(m.dev.sm_count)
+        };
+        let sh = m.dev.shape.d_state_pad;
+        Ok(persistent_params(m, ws, st, (sync, trace))
+            .filter(|p| p.fits(blocks, m.dev.sm_count, sh))
+            .map(|p| (blocks, p)))
+    }
+
+    /// The persistent kernel's clock marks of the last step (ns, [`DL_TRACE`] a layer), where
+    /// `VET_DECODE_TRACE=1` was set when it first ran.
+    pub(crate) fn trace(&self) -> Result<Option<Vec<u64>>> {
+        let Some(t) = &self.persist_trace else {
+            return Ok(None);
+        };
+        let mut v = vec![0u64; t.bytes / 8];
+        t.read(0, &mut v)?;
+        Ok(Some(v))
+    }
+
+    /// Whether the last decode step ran its layers in the persistent kernel.
+    pub(crate) fn ran_persistent(&self) -> bool {
+        self.last_persistent
     }
 
     /// Whether the last decode ran through a graph.
@@ -215,8 +301,10 @@ impl Decoder {
     /// Runs one decode step over `ws` (tokens uploaded) on the state at `st`, capturing the
     /// graph on first use (and again when the state buffers change).
     fn run(&mut self, m: &Model, ws: &Work, st: StatePtrs) -> Result<()> {
+        let persist = self.persistent(m, ws, st)?;
+        self.last_persistent = persist.is_some();
         if !graphs_enabled() {
-            return m.dev.with_pdl(|| decode_dev(m, ws, st));
+            return m.dev.with_pdl(|| decode_dev(m, ws, st, persist));
         }
         if self.graph.as_ref().is_none_or(|(s, _)| *s != st) {
             self.graph = None;
@@ -224,13 +312,14 @@ impl Decoder {
             // allocation, no synchronisation, no host copy); its buffers are the decode
             // workspace's and the state's at `st`, and a new workspace or state drops the
             // graph first.
-            let g = unsafe { capture(&m.dev, || m.dev.with_pdl(|| decode_dev(m, ws, st))) };
+            let g =
+                unsafe { capture(&m.dev, || m.dev.with_pdl(|| decode_dev(m, ws, st, persist))) };
             self.graph = Some((st, g));
         }
         match &self.graph {
             // SAFETY: captured on this workspace's and state's buffers, still alive.
             Some((_, Some(g))) => unsafe { g.launch(&m.dev) },
-            _ => m.dev.with_pdl(|| decode_dev(m, ws, st)),
+            _ => m.dev.with_pdl(|| decode_dev(m, ws, st, persist)),
         }
     }
 
@@ -243,9 +332,99 @@ impl Decoder {
     }
 }
 
-/// One decode step over `ws` (tokens and starts uploaded) on the state at `st`. The
-/// projections run as one GEMV each where `gemv` allows (see [`crate::decode_proj`]).
-fn decode_dev(m: &Model, ws: &Work, st: StatePtrs) -> Result<()> {
+/// The persistent kernel's parameters for a one-row step over `ws` on the state at `st`, or
+/// `None` where the model is not what it takes: RMS norms and no projection or norm biases,
+/// every layer's parameters one stride apart, the projections' low-precision rows 16-byte
+/// aligned, every projection's chunk inside a slot.
+fn persistent_params(
+    m: &Model,
+    ws: &Work,
+    st: StatePtrs,
+    (sync, trace): (u64, u64),
+) -> Option<DecodeLayersLp> {
+    let cfg = &m.cfg;
+    let shadow = m.shadow.as_ref()?;
+    let ls = &m.layout.layers;
+    let l0 = &ls[0];
+    let stride = ls.get(1).map_or(0, |l1| l1.in_w - l0.in_w);
+    let offs = |l: &LayerOffs| {
+        [
+            l.norm_w, l.in_w, l.conv_w, l.x_w, l.dt_w, l.dt_b, l.a_log, l.d, l.out_w,
+        ]
+    };
+    let uniform = ls.iter().enumerate().all(|(i, l)| {
+        offs(l)
+            .iter()
+            .zip(offs(l0))
+            .all(|(o, o0)| *o == o0 + i * stride)
+            && l.conv_b.map(|b| b - i * stride) == l0.conv_b
+            && l.norm_b.is_none()
+            && l.in_b.is_none()
+            && l.out_b.is_none()
+    });
+    let aligned = [l0.in_w, l0.x_w, l0.out_w, stride]
+        .iter()
+        .all(|o| o % 8 == 0);
+    if !uniform || !aligned || cfg.norm != reference::config::NormKind::Rms || ws.batch != 1 {
+        return None;
+    }
+    let la = &ws.layers[0];
+    let (gated_lp, _) = m.lp_out(ws, la.gated.ptr, cfg.d_inner, 1, cfg.d_inner);
+    let as_i64 = |v: usize| v as i64;
+    DecodeLayersLp {
+        params: Ptr::new(m.params.ptr),
+        shadow: Ptr::new(shadow.ptr),
+        layer_stride: as_i64(stride),
+        norm_w: as_i64(l0.norm_w),
+        in_w: as_i64(l0.in_w),
+        conv_w: as_i64(l0.conv_w),
+        conv_b: l0.conv_b.map_or(-1, as_i64),
+        x_w: as_i64(l0.x_w),
+        dt_w: as_i64(l0.dt_w),
+        dt_b: as_i64(l0.dt_b),
+        a_log: as_i64(l0.a_log),
+        d: as_i64(l0.d),
+        out_w: as_i64(l0.out_w),
+        n_layer: as_i64(cfg.n_layer),
+        d_model: as_i64(cfg.d_model),
+        d_inner: as_i64(cfg.d_inner),
+        d_state: as_i64(cfg.d_state),
+        dt_rank: as_i64(cfg.dt_rank),
+        eps: cfg.norm_eps as f32,
+        lp_mode: m.lp_mode(),
+        chunk_in: 0,
+        chunk_x: 0,
+        chunk_out: 0,
+        split_in: 0,
+        split_x: 0,
+        split_out: 0,
+        resid: PtrMut::new(la.resid_in.ptr),
+        out: PtrMut::new(ws.out.ptr),
+        xz: PtrMut::new(la.xz.ptr),
+        xs: PtrMut::new(ws.xs.ptr),
+        xs_lp: PtrMut::new(ws.xs_lp.ptr),
+        xdbl: PtrMut::new(la.xdbl.ptr),
+        gated: PtrMut::new(la.gated.ptr),
+        gated_lp: PtrMut::new(gated_lp),
+        conv_state: PtrMut::new(st.conv),
+        ssm_state: PtrMut::new(st.ssm),
+        starts: Ptr::new(ws.starts.ptr),
+        sync: PtrMut::new(sync),
+        trace: PtrMut::new(trace),
+    }
+    .chunked()
+}
+
+/// One decode step over `ws` (tokens and starts uploaded) on the state at `st`. With
+/// `persist` (blocks, parameters), every layer runs in the persistent kernel
+/// (`decode_layers_lp`); else layer by layer, the projections as one GEMV
+/// each where `gemv` allows (see [`crate::decode_proj`]).
+fn decode_dev(
+    m: &Model,
+    ws: &Work,
+    st: StatePtrs,
+    persist: Option<(usize, DecodeLayersLp)>,
+) -> Result<()> {
     let cfg = &m.cfg;
     let (di, ds) = (cfg.d_inner, cfg.d_state);
     let batch = ws.batch;
@@ -255,6 +434,16 @@ fn decode_dev(m: &Model, ws: &Work, st: StatePtrs) -> Result<()> {
     let pj = Proj::new(m, ws, batch);
     m.dev.tag("decode embedding");
     m.embed(ws, batch)?;
+    if let Some((blocks, p)) = persist {
+        m.dev.tag("decode layers (persistent)");
+        // SAFETY: the parameters come from this model's layout (checked one stride apart and
+        // aligned in `persistent_params`) and this one-row workspace; the state at `st` holds
+        // `n_layer` layers of one row; the counters are the decoder's, zeroed.
+        unsafe { decode_layers(&m.dev, blocks, &p) }?;
+        m.dev.tag("decode norm_f+lm_head");
+        let resid = la.resid_in.ptr;
+        return pj.final_head((resid, ws.out.ptr, resid));
+    }
     for (i, lo) in m.layout.layers.iter().enumerate() {
         let add = if i == 0 { 0 } else { ws.out.ptr };
         // The fused in_proj writes xs_lp while its other blocks still read `hn` from `ws.lp[1]`,

@@ -180,6 +180,25 @@ impl GpuEngine {
         }
     }
 
+    /// Sets how batch-1 decode steps run their layers: `None` layer by layer, `Some(0)` in
+    /// the persistent kernel with one block per SM, `Some(n)` with `n` blocks. The default is
+    /// one block per SM from d_model 1024 (`VET_DECODE_PERSIST=1` at every width, `0` never);
+    /// a model or device it does not take runs layer by layer anyway.
+    pub fn set_persistent_decode(&mut self, blocks: Option<usize>) {
+        self.decoder.set_persistent(blocks);
+    }
+
+    /// The persistent decode kernel's clock marks of the last step: block 0's time (ns) at
+    /// `gpu::ops::decode::DL_TRACE` points of every layer; `None` unless `VET_DECODE_TRACE=1`.
+    pub fn decode_trace(&self) -> reference::Result<Option<Vec<u64>>> {
+        self.decoder.trace()
+    }
+
+    /// Whether the last decode step ran its layers in the persistent kernel.
+    pub fn decode_ran_persistent(&self) -> bool {
+        self.decoder.ran_persistent()
+    }
+
     /// Whether decode steps replay a CUDA graph.
     pub fn decode_uses_graph(&self) -> bool {
         self.decoder.uses_graph()

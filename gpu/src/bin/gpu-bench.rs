@@ -433,20 +433,64 @@ fn infer(rows: &mut Vec<String>) -> reference::Result<()> {
         for batch in infer_batches() {
             let (td, th) = decode_at(&mut e, &cfg, batch)?;
             rows.push(format!(
-                "infer {name:<5} decode batch {batch:>3} (GEMV {}): ids drawn on the device {:.3} ms/step = {:.0} tokens/s ({:.0} GB/s of bf16 weights); logits to the host {:.3} ms/step = {:.0} tokens/s (CUDA graph: {})",
-                if gemv && batch <= gpu::ops::decode::GEMV_ROWS { "on" } else { "off" },
+                "infer {name:<5} decode batch {batch:>3} ({}): ids drawn on the device {:.3} ms/step = {:.0} tokens/s ({:.0} GB/s of bf16 weights); logits to the host {:.3} ms/step = {:.0} tokens/s (CUDA graph: {})",
+                if e.decode_ran_persistent() { "persistent" } else if gemv && batch <= gpu::ops::decode::GEMV_ROWS { "GEMV on" } else { "GEMV off" },
                 td * 1e3, batch as f64 / td, weights / td / 1e9, th * 1e3, batch as f64 / th, e.decode_uses_graph()
             ));
             println!("{}", rows.last().unwrap());
+            if let Some(t) = e.decode_trace()? {
+                rows.push(format!(
+                    "infer {name:<5} decode batch {batch:>3}: {}",
+                    trace_table(&t)
+                ));
+                println!("{}", rows.last().unwrap());
+            }
         }
     }
     Ok(())
 }
 
+/// The persistent kernel's phases (µs, mean over layers 1..) from its clock marks.
+fn trace_table(t: &[u64]) -> String {
+    use gpu::ops::decode::DL_TRACE;
+    const NAMES: [&str; DL_TRACE - 1] = [
+        "barrier to A",
+        "norm",
+        "in_proj",
+        "epilogue",
+        "barrier to B",
+        "x_proj",
+        "arrive + scan loads",
+        "wait to C",
+        "scan",
+        "barrier to D (+ A's loads)",
+        "out_proj",
+    ];
+    let layers: Vec<&[u64]> = t.chunks(DL_TRACE).skip(1).collect();
+    let n = layers.len().max(1) as f64;
+    let mut parts = Vec::new();
+    for (i, name) in NAMES.iter().enumerate() {
+        let us: f64 = layers
+            .iter()
+            .map(|l| l[i + 1].saturating_sub(l[i]) as f64)
+            .sum::<f64>()
+            / n
+            / 1e3;
+        parts.push(format!("{name} {us:.2}"));
+    }
+    let per_layer: f64 = layers
+        .iter()
+        .map(|l| l[DL_TRACE - 1].saturating_sub(l[0]) as f64)
+        .sum::<f64>()
+        / n
+        / 1e3;
+    format!("per layer {per_layer:.2} us: {}", parts.join(", "))
+}
+
 /// The inference sizes (name, d_model, n_layer), narrowed by `VET_INFER_SIZES` (e.g. `1.4B`).
 fn infer_sizes() -> Vec<(&'static str, usize, usize)> {
     let only = std::env::var("VET_INFER_SIZES").unwrap_or_default();
-    [("130M", 768, 24), ("1.4B", 2048, 48)]
+    [("130M", 768, 24), ("370M", 1024, 48), ("1.4B", 2048, 48)]
         .into_iter()
         .filter(|s| only.is_empty() || only.split(',').any(|o| o == s.0))
         .collect()

@@ -94,6 +94,161 @@ kernel_params! {
     }
 }
 
+kernel_params! {
+    /// Every layer of a batch-1 decode step in one persistent kernel (see
+    /// `decode_layers_lp_body` in `gpu/kernels/decode.cu`): layer `l`'s f32 parameters at
+    /// `params + off + l * layer_stride` and its low-precision weights at the same offsets of
+    /// `shadow`. `resid` holds layer 0's input and ends holding the last layer's input, `out`
+    /// the last layer's output (as the layer-by-layer step leaves them). `sync`: two zeroed
+    /// u32 that the kernel leaves zeroed.
+    DecodeLayersLp => ["decode_layers_lp"] {
+        params: Ptr<f32>,
+        shadow: Ptr<u16>,
+        layer_stride: i64,
+        norm_w: i64,
+        in_w: i64,
+        conv_w: i64,
+        /// `-1`: none.
+        conv_b: i64,
+        x_w: i64,
+        dt_w: i64,
+        dt_b: i64,
+        a_log: i64,
+        d: i64,
+        out_w: i64,
+        n_layer: i64,
+        d_model: i64,
+        d_inner: i64,
+        d_state: i64,
+        dt_rank: i64,
+        eps: f32,
+        lp_mode: i32,
+        chunk_in: i32,
+        chunk_x: i32,
+        chunk_out: i32,
+        split_in: i32,
+        split_x: i32,
+        split_out: i32,
+        resid: PtrMut<f32>,
+        out: PtrMut<f32>,
+        xz: PtrMut<f32>,
+        xs: PtrMut<f32>,
+        xs_lp: PtrMut<u16>,
+        xdbl: PtrMut<f32>,
+        gated: PtrMut<f32>,
+        gated_lp: PtrMut<u16>,
+        conv_state: PtrMut<f32>,
+        ssm_state: PtrMut<f32>,
+        starts: Ptr<i32>,
+        sync: PtrMut<u32>,
+        /// May be null: block 0's clock (ns) at [`DL_TRACE`] points of every layer.
+        trace: PtrMut<u64>,
+    }
+}
+
+/// Points `decode_layers_lp` marks per layer in its trace: the layer's start, after the
+/// barrier that opens phase A, after the norm, after in_proj, after its epilogue, after the
+/// barrier to B, after x_proj, after the scan's loads, after the barrier to C, after the scan,
+/// after the barrier to D, after out_proj.
+pub const DL_TRACE: usize = 12;
+
+/// `decode_layers_lp`'s block: 8 computing warps and one streaming the weights.
+pub const DL_THREADS: u32 = 288;
+/// Its ring of weight chunks in shared memory: `DL_NSLOT` slots of `DL_SLOT` bytes.
+pub const DL_SLOT: usize = 32768;
+pub const DL_NSLOT: usize = 6;
+/// The longest activation vector it holds in shared memory (values), the most in_proj
+/// outputs one block holds for their epilogue, the widest `d_model` its norm keeps in
+/// registers, the widest `dt_rank` (`16 × D_STATE_PAD`).
+pub const DL_XVEC: usize = 8192;
+pub const DL_YB: usize = 3072;
+/// The most (row, part) sums of one chunk.
+pub const DL_PB: usize = 1024;
+pub const DL_MAX_D_MODEL: usize = 4096;
+pub const DL_MAX_RANK_PER_LANE: usize = 16;
+/// Its dynamic shared memory: the ring, the mbarriers, the activation vector, the in_proj
+/// outputs, the sums.
+pub const DL_SMEM: u32 =
+    (DL_NSLOT * DL_SLOT + 2 * DL_NSLOT * 8 + 2 * DL_XVEC + 4 * DL_YB + 4 * DL_PB + 64 * 4) as u32;
+
+/// Rows a chunk of a `k`-wide projection holds at `split` warps per output: a whole number
+/// of the computing warps' passes (`8 / split` rows each) inside one slot, or `None`.
+pub fn dl_chunk_rows(k: usize, split: i32) -> Option<i32> {
+    let per_pass = 8 / split as usize;
+    let passes = DL_SLOT / (per_pass * k * 2);
+    (passes > 0).then_some((per_pass * passes) as i32)
+}
+
+impl DecodeLayersLp {
+    /// Sets the chunk sizes and splits from the shapes (the splits of the layer-by-layer
+    /// GEMVs, so the sums keep their order); `None` where a projection does not fit a slot.
+    pub fn chunked(mut self) -> Option<DecodeLayersLp> {
+        let (dm, di) = (self.d_model, self.d_inner);
+        let xr = self.dt_rank + 2 * self.d_state;
+        self.split_in = nl_split(2 * di);
+        self.split_x = nl_split(xr);
+        self.split_out = nl_split(dm);
+        self.chunk_in = dl_chunk_rows(dm as usize, self.split_in)?;
+        self.chunk_x = dl_chunk_rows(di as usize, self.split_x)?;
+        self.chunk_out = dl_chunk_rows(di as usize, self.split_out)?;
+        Some(self)
+    }
+
+    /// Whether `decode_layers_lp` takes these shapes over `blocks` blocks on a device with
+    /// `sm_count` SMs and states padded to `d_state_pad` (after [`DecodeLayersLp::chunked`]).
+    pub fn fits(&self, blocks: usize, sm_count: usize, d_state_pad: usize) -> bool {
+        let (dm, di) = (self.d_model as usize, self.d_inner as usize);
+        let chunks = |n: usize, c: i32| n.div_ceil(c.max(1) as usize);
+        let in_rows_per_block =
+            chunks(2 * di, self.chunk_in).div_ceil(blocks.max(1)) * self.chunk_in.max(0) as usize;
+        dm % 8 == 0
+            && di % 8 == 0
+            && dm <= DL_MAX_D_MODEL
+            && di <= DL_XVEC
+            && self.d_state as usize <= d_state_pad
+            && (self.dt_rank as usize) <= DL_MAX_RANK_PER_LANE * d_state_pad
+            && [self.split_in, self.split_x, self.split_out]
+                .iter()
+                .all(|s| [1, 2, 4].contains(s))
+            && [self.chunk_in, self.chunk_x, self.chunk_out]
+                .iter()
+                .all(|&c| c > 0)
+            && in_rows_per_block <= DL_YB
+            && [
+                (self.chunk_in, self.split_in),
+                (self.chunk_x, self.split_x),
+                (self.chunk_out, self.split_out),
+            ]
+            .iter()
+            .all(|&(c, s)| (c * s) as usize <= DL_PB)
+            && (1..=sm_count).contains(&blocks)
+    }
+}
+
+/// Launches `decode_layers_lp` over `blocks` blocks (at most one per SM: they wait for each
+/// other, so the launch is cooperative and fails rather than hang when they cannot all run).
+///
+/// # Safety
+/// Every weight offset plus `l * layer_stride` (for `l < n_layer`) lies inside `params` and
+/// `shadow` as the layout places it, the low-precision projections 16-byte aligned; the
+/// activation buffers hold one row each (`resid`, `out` `d_model`; `xz` `2 d_inner`; `xs`,
+/// `xs_lp`, `gated`, `gated_lp` `d_inner`; `xdbl` `dt_rank + 2 d_state`), the states
+/// `n_layer` layers of one row, `sync` two u32 that are zero; no other work touches them
+/// while it runs.
+pub unsafe fn decode_layers(dev: &Dev, blocks: usize, p: &DecodeLayersLp) -> Result<()> {
+    if !p.fits(blocks, dev.sm_count, dev.shape.d_state_pad) {
+        return Err(dev.err(
+            "decode_layers_lp",
+            format!(
+                "d_model {}, d_inner {}, dt_rank {}, {blocks} blocks: outside what it takes",
+                p.d_model, p.d_inner, p.dt_rank
+            ),
+        ));
+    }
+    // SAFETY: the caller's contract is the kernel's.
+    unsafe { dev.launch((blocks as u32, 1, 1), DL_THREADS, DL_SMEM, p) }
+}
+
 /// The most rows one `gemv_lp` launch takes.
 pub const GEMV_ROWS: usize = 8;
 
@@ -268,6 +423,7 @@ pub(crate) fn kernels() -> Vec<KernelInfo> {
     v.extend(info::<GemvLp>());
     v.extend(info::<GemvConvLp>());
     v.extend(info::<SsmUpdateDtF32>());
+    v.extend(info::<DecodeLayersLp>());
     v
 }
 
@@ -282,6 +438,7 @@ pub fn params_cuh() -> String {
             GemvLp::c_struct,
             GemvConvLp::c_struct,
             SsmUpdateDtF32::c_struct,
+            DecodeLayersLp::c_struct,
         ],
     )
 }
