@@ -489,7 +489,7 @@ extern "C" __global__ void __launch_bounds__(128) gemv_lp_conv(const GemvConvLp 
 // One block per SM, 9 warps: warps 0-7 compute, warp 8 streams the weights. The weight stream
 // never waits for activations: lane 0 of warp 8 walks the block's share of every projection
 // (in_proj, x_proj, out_proj of each layer in turn: chunks c = blockIdx.x, + gridDim.x, ...)
-// and copies each chunk into a ring of DL_NSLOT shared-memory slots with the bulk copy engine
+// and copies each chunk into a ring of shared-memory slots (DL_RING bytes) with the bulk copy engine
 // (cp.async.bulk, completing on the slot's `full` mbarrier), as soon as the computing warps
 // have released the slot (its `empty` mbarrier). So memory keeps streaming through the grid
 // barriers between the phases of a layer:
@@ -497,8 +497,8 @@ extern "C" __global__ void __launch_bounds__(128) gemv_lp_conv(const GemvConvLp 
 //   B  x_proj (and the residual written back);   C  dt_proj + the scan update;   D  out_proj.
 // Every sum runs in the order of the kernels it replaces (norm_fwd_f32 with 256 threads,
 // gemv_lp_nl4's lanes and warps, ssm_update_dt_f32), so a step gives their bits.
-#define DL_SLOT 32768
-#define DL_NSLOT 6
+#define DL_RING 196608
+#define DL_MAXSLOT 12
 #define DL_CONSUMERS 256
 #define DL_THREADS (DL_CONSUMERS + 32)
 #define DL_XVEC 8192
@@ -507,7 +507,7 @@ extern "C" __global__ void __launch_bounds__(128) gemv_lp_conv(const GemvConvLp 
 #define DL_NV 16
 #define DL_RMAX 16
 #define DL_GPRE 2
-#define DL_TRACE 12
+#define DL_TRACE 16
 
 __device__ __forceinline__ void dl_bar() { asm volatile("bar.sync 1, 256;" ::: "memory"); }
 
@@ -595,15 +595,22 @@ struct DlMat {
     }
 };
 
+__device__ __forceinline__ u64 dl_now() {
+    u64 t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+    return t;
+}
+
 // The ring's cursor (slot and phase), the same sequence for the producer and the consumers.
 struct DlRing {
-    unsigned slot, phase;
+    unsigned slot, phase, n, bytes;  // slot, phase; slots, bytes a slot
     __device__ __forceinline__ void next() {
-        if (++slot == DL_NSLOT) {
+        if (++slot == n) {
             slot = 0;
             phase ^= 1u;
         }
     }
+    __device__ __forceinline__ unsigned char* at(unsigned char* ring) const { return ring + (size_t)slot * bytes; }
 };
 
 // Producer: queue this block's chunks of `m`.
@@ -614,8 +621,47 @@ __device__ __forceinline__ void dl_produce(const DlMat& m, unsigned char* ring, 
         unsigned bytes = (unsigned)(rows * m.k * 2);
         mbar_wait(&empty[r.slot], r.phase ^ 1u);
         mbar_expect_tx(&full[r.slot], bytes);
-        bulk_to_smem(ring + (size_t)r.slot * DL_SLOT, m.w + c * m.chunk * m.k, bytes, &full[r.slot]);
+        bulk_to_smem(r.at(ring), m.w + c * m.chunk * m.k, bytes, &full[r.slot]);
         r.next();
+    }
+}
+
+// acc[r] += Σ w[r][k] x[k] over one lane's k = k0, k0 + step, ... (< k), 8 values a step, in
+// that order (gemv_lp's per-lane order); the loads of four steps go out before their sums.
+template <int R>
+__device__ __forceinline__ void dl_dot(const u16* const* w, const u16* x, long k0, long step, long k, int lp_mode,
+                                       float* acc) {
+    for (; k0 + 3 * step < k; k0 += 4 * step) {
+        uint4 xv[4], wv[R][4];
+#pragma unroll
+        for (int u = 0; u < 4; ++u) {
+            xv[u] = *(const uint4*)(x + k0 + u * step);
+#pragma unroll
+            for (int r = 0; r < R; ++r) wv[r][u] = *(const uint4*)(w[r] + k0 + u * step);
+        }
+#pragma unroll
+        for (int u = 0; u < 4; ++u) {
+            float xf[8];
+            unpack8(xv[u], lp_mode, xf);
+#pragma unroll
+            for (int r = 0; r < R; ++r) {
+                float wf[8];
+                unpack8(wv[r][u], lp_mode, wf);
+#pragma unroll
+                for (int q = 0; q < 8; ++q) acc[r] += wf[q] * xf[q];
+            }
+        }
+    }
+    for (; k0 < k; k0 += step) {
+        float xf[8];
+        unpack8(*(const uint4*)(x + k0), lp_mode, xf);
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+            float wf[8];
+            unpack8(*(const uint4*)(w[r] + k0), lp_mode, wf);
+#pragma unroll
+            for (int q = 0; q < 8; ++q) acc[r] += wf[q] * xf[q];
+        }
     }
 }
 
@@ -626,7 +672,7 @@ __device__ __forceinline__ void dl_produce(const DlMat& m, unsigned char* ring, 
 // w and w + 8 together (the same part, so the same x loads); parts meet in `pb`.
 template <typename Out>
 __device__ __forceinline__ void dl_consume(const DlMat& m, const u16* x, int lp_mode, unsigned char* ring, u64* full,
-                                           u64* empty, DlRing& r, float* pb, Out out) {
+                                           u64* empty, DlRing& r, float* pb, u64* starved, Out out) {
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int s = m.split;
     const long nch = (m.n + m.chunk - 1) / m.chunk;
@@ -634,27 +680,22 @@ __device__ __forceinline__ void dl_consume(const DlMat& m, const u16* x, int lp_
     for (long c = blockIdx.x; c < nch; c += gridDim.x, local0 += m.chunk) {
         const int rows = (int)(m.n - c * m.chunk < m.chunk ? m.n - c * m.chunk : m.chunk);
         const int tasks = rows * s;
+        u64 t0 = starved ? dl_now() : 0;
         mbar_wait(&full[r.slot], r.phase);
-        const u16* wc = (const u16*)(ring + (size_t)r.slot * DL_SLOT);
+        if (starved) *starved += dl_now() - t0;
+        const u16* wc = (const u16*)r.at(ring);
         for (int t0 = warp; t0 < tasks; t0 += 16) {
             const int part = t0 % s;
             const int row0 = t0 / s, row1 = (t0 + 8) / s;
             const bool two = t0 + 8 < tasks;
-            const u16* w0 = wc + (long)row0 * m.k;
-            const u16* w1 = wc + (long)(two ? row1 : row0) * m.k;
-            float a0 = 0.0f, a1 = 0.0f;
-            for (long k0 = ((long)part * 32 + lane) * 8; k0 < m.k; k0 += (long)s * 256) {
-                float xf[8], wf0[8], wf1[8];
-                unpack8(*(const uint4*)(x + k0), lp_mode, xf);
-                unpack8(*(const uint4*)(w0 + k0), lp_mode, wf0);
-                unpack8(*(const uint4*)(w1 + k0), lp_mode, wf1);
-#pragma unroll
-                for (int q = 0; q < 8; ++q) {
-                    a0 += wf0[q] * xf[q];
-                    a1 += wf1[q] * xf[q];
-                }
-            }
-            float v0 = warp_sum(a0), v1 = warp_sum(a1);
+            const u16* w[2] = {wc + (long)row0 * m.k, wc + (long)row1 * m.k};
+            float a[2] = {0.0f, 0.0f};
+            const long k0 = ((long)part * 32 + lane) * 8, step = (long)s * 256;
+            if (two)
+                dl_dot<2>(w, x, k0, step, m.k, lp_mode, a);
+            else
+                dl_dot<1>(w, x, k0, step, m.k, lp_mode, a);
+            float v0 = warp_sum(a[0]), v1 = two ? warp_sum(a[1]) : 0.0f;
             if (lane == 0) {
                 if (s == 1) {
                     out(c * m.chunk + row0, local0 + row0, v0);
@@ -754,20 +795,21 @@ static __device__ __forceinline__ void decode_layers_lp_body(
     long o_x_w, long o_dt_w, long o_dt_b, long o_a_log, long o_d, long o_out_w, long n_layer, long dm, long di, long ds,
     long dt_rank, float eps, int lp_mode, int chunk_in, int chunk_x, int chunk_out, int split_in, int split_x,
     int split_out, float* resid, float* out, float* xz, float* xs, u16* xs_lp, float* xdbl, float* gated,
-    u16* gated_lp, float* conv_state, float* ssm_state, const int* starts, unsigned* sync, u64* trace) {
+    u16* gated_lp, float* conv_state, float* ssm_state, const int* starts, unsigned* sync, u64* trace, int slot_bytes) {
 #if __CUDA_ARCH__ >= 900
     extern __shared__ __align__(128) unsigned char dl_sm[];
     unsigned char* ring = dl_sm;
-    u64* full = (u64*)(dl_sm + DL_NSLOT * DL_SLOT);
-    u64* empty = full + DL_NSLOT;
-    u16* x = (u16*)(empty + DL_NSLOT);
+    u64* full = (u64*)(dl_sm + DL_RING);
+    u64* empty = full + DL_MAXSLOT;
+    u16* x = (u16*)(empty + DL_MAXSLOT);
+    const unsigned nslot = DL_RING / slot_bytes;
     float* yb = (float*)(x + DL_XVEC);
     float* pb = yb + DL_YB;
     float* sh = pb + DL_PB;
     const long xr = dt_rank + 2 * ds, km1 = D_CONV - 1;
     const int tid = threadIdx.x;
     if (tid == 0) {
-        for (int i = 0; i < DL_NSLOT; ++i) {
+        for (int i = 0; i < nslot; ++i) {
             mbar_init(&full[i], 1);
             mbar_init(&empty[i], 8);
         }
@@ -780,7 +822,7 @@ static __device__ __forceinline__ void decode_layers_lp_body(
         m[1] = DlMat{base + o_x_w, xr, di, chunk_x, split_x};
         m[2] = DlMat{base + o_out_w, dm, di, chunk_out, split_out};
     };
-    DlRing ring_at{0, 0};
+    DlRing ring_at{0, 0, nslot, (unsigned)slot_bytes};
     if (tid >= DL_CONSUMERS) {
         // The weights are never written while decoding: no wait for the kernels before.
         if (tid == DL_CONSUMERS) {
@@ -796,12 +838,11 @@ static __device__ __forceinline__ void decode_layers_lp_body(
     unsigned bars = 0;
     const bool has_cb = o_conv_b >= 0;
     // trace (may be null): block 0's clock at DL_TRACE points of every layer (ns).
+    // Points 0-11 are times; 12-14 the time its waits for weight chunks took in A, B, D.
+    const bool tracing = trace && blockIdx.x == 0 && tid == 0;
+    u64 starved[3] = {0, 0, 0};
     auto mark = [&](long l, int point) {
-        if (trace && blockIdx.x == 0 && tid == 0) {
-            u64 t;
-            asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
-            trace[l * DL_TRACE + point] = t;
-        }
+        if (tracing) trace[l * DL_TRACE + point] = dl_now();
     };
     // Phase A's loads ahead of its barrier: the norm weight, the conv update of this thread's
     // first local in_proj row.
@@ -859,7 +900,7 @@ static __device__ __forceinline__ void decode_layers_lp_body(
         }
         dl_bar();
         mark(l, 2);
-        dl_consume(m[0], x, lp_mode, ring, full, empty, ring_at, pb,
+        dl_consume(m[0], x, lp_mode, ring, full, empty, ring_at, pb, tracing ? &starved[0] : 0,
                    [&](long n, long local, float y) { yb[local] = y; });
         dl_bar();
         mark(l, 3);
@@ -891,7 +932,7 @@ static __device__ __forceinline__ void decode_layers_lp_body(
         if (m[1].local_rows() > 0) {
             dl_load_x(x, xs_lp, di);
             dl_bar();
-            dl_consume(m[1], x, lp_mode, ring, full, empty, ring_at, pb,
+            dl_consume(m[1], x, lp_mode, ring, full, empty, ring_at, pb, tracing ? &starved[1] : 0,
                        [&](long n, long local, float y) { xdbl[n] = y; });
         }
         mark(l, 6);
@@ -929,10 +970,16 @@ static __device__ __forceinline__ void decode_layers_lp_body(
         if (m[2].local_rows() > 0) {
             dl_load_x(x, gated_lp, di);
             dl_bar();
-            dl_consume(m[2], x, lp_mode, ring, full, empty, ring_at, pb,
+            dl_consume(m[2], x, lp_mode, ring, full, empty, ring_at, pb, tracing ? &starved[2] : 0,
                        [&](long n, long local, float y) { out[n] = y; });
         }
         mark(l, 11);
+        if (tracing) {
+            for (int q = 0; q < 3; ++q) {
+                trace[l * DL_TRACE + 12 + q] = starved[q];
+                starved[q] = 0;
+            }
+        }
         if (l + 1 < n_layer) dl_grid_arrive(sync);
     }
     // The last block out resets the barrier counters for the next launch (every block has

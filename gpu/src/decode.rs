@@ -411,6 +411,10 @@ fn persistent_params(
         starts: Ptr::new(ws.starts.ptr),
         sync: PtrMut::new(sync),
         trace: PtrMut::new(trace),
+        slot_bytes: std::env::var("VET_DECODE_SLOT")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(crate::ops::decode::DL_SLOT as i32),
     }
     .chunked()
 }

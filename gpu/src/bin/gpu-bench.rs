@@ -453,7 +453,7 @@ fn infer(rows: &mut Vec<String>) -> reference::Result<()> {
 /// The persistent kernel's phases (µs, mean over layers 1..) from its clock marks.
 fn trace_table(t: &[u64]) -> String {
     use gpu::ops::decode::DL_TRACE;
-    const NAMES: [&str; DL_TRACE - 1] = [
+    const NAMES: [&str; 11] = [
         "barrier to A",
         "norm",
         "in_proj",
@@ -478,9 +478,13 @@ fn trace_table(t: &[u64]) -> String {
             / 1e3;
         parts.push(format!("{name} {us:.2}"));
     }
+    for (i, name) in ["in_proj", "x_proj", "out_proj"].iter().enumerate() {
+        let us: f64 = layers.iter().map(|l| l[12 + i] as f64).sum::<f64>() / n / 1e3;
+        parts.push(format!("waiting for {name}'s weights {us:.2}"));
+    }
     let per_layer: f64 = layers
         .iter()
-        .map(|l| l[DL_TRACE - 1].saturating_sub(l[0]) as f64)
+        .map(|l| l[11].saturating_sub(l[0]) as f64)
         .sum::<f64>()
         / n
         / 1e3;

@@ -143,20 +143,26 @@ kernel_params! {
         sync: PtrMut<u32>,
         /// May be null: block 0's clock (ns) at [`DL_TRACE`] points of every layer.
         trace: PtrMut<u64>,
+        /// Bytes a slot of the ring (a divisor of [`DL_RING`], at most [`DL_MAXSLOT`] slots).
+        slot_bytes: i32,
     }
 }
 
-/// Points `decode_layers_lp` marks per layer in its trace: the layer's start, after the
-/// barrier that opens phase A, after the norm, after in_proj, after its epilogue, after the
-/// barrier to B, after x_proj, after the scan's loads, after the barrier to C, after the scan,
-/// after the barrier to D, after out_proj.
-pub const DL_TRACE: usize = 12;
+/// Points `decode_layers_lp` marks per layer in its trace: times (the layer's start, after
+/// the barrier that opens phase A, after the norm, after in_proj, after its epilogue, after
+/// the barrier to B, after x_proj, after the scan's loads, after the barrier to C, after the
+/// scan, after the barrier to D, after out_proj), then the time its waits for weight chunks
+/// took in in_proj, x_proj and out_proj, and one unused.
+pub const DL_TRACE: usize = 16;
 
 /// `decode_layers_lp`'s block: 8 computing warps and one streaming the weights.
 pub const DL_THREADS: u32 = 288;
-/// Its ring of weight chunks in shared memory: `DL_NSLOT` slots of `DL_SLOT` bytes.
+/// Its ring of weight chunks in shared memory: `DL_RING` bytes in slots of
+/// [`DecodeLayersLp::slot_bytes`] (32 KiB unless `VET_DECODE_SLOT` says otherwise), at most
+/// `DL_MAXSLOT` of them.
+pub const DL_RING: usize = 196608;
+pub const DL_MAXSLOT: usize = 12;
 pub const DL_SLOT: usize = 32768;
-pub const DL_NSLOT: usize = 6;
 /// The longest activation vector it holds in shared memory (values), the most in_proj
 /// outputs one block holds for their epilogue, the widest `d_model` its norm keeps in
 /// registers, the widest `dt_rank` (`16 × D_STATE_PAD`).
@@ -169,13 +175,14 @@ pub const DL_MAX_RANK_PER_LANE: usize = 16;
 /// Its dynamic shared memory: the ring, the mbarriers, the activation vector, the in_proj
 /// outputs, the sums.
 pub const DL_SMEM: u32 =
-    (DL_NSLOT * DL_SLOT + 2 * DL_NSLOT * 8 + 2 * DL_XVEC + 4 * DL_YB + 4 * DL_PB + 64 * 4) as u32;
+    (DL_RING + 2 * DL_MAXSLOT * 8 + 2 * DL_XVEC + 4 * DL_YB + 4 * DL_PB + 64 * 4) as u32;
 
 /// Rows a chunk of a `k`-wide projection holds at `split` warps per output: a whole number
-/// of the computing warps' passes (`8 / split` rows each) inside one slot, or `None`.
-pub fn dl_chunk_rows(k: usize, split: i32) -> Option<i32> {
+/// of the computing warps' passes (`8 / split` rows each) inside a slot of `slot` bytes, or
+/// `None`.
+pub fn dl_chunk_rows(k: usize, split: i32, slot: usize) -> Option<i32> {
     let per_pass = 8 / split as usize;
-    let passes = DL_SLOT / (per_pass * k * 2);
+    let passes = slot / (per_pass * k * 2);
     (passes > 0).then_some((per_pass * passes) as i32)
 }
 
@@ -188,9 +195,13 @@ impl DecodeLayersLp {
         self.split_in = nl_split(2 * di);
         self.split_x = nl_split(xr);
         self.split_out = nl_split(dm);
-        self.chunk_in = dl_chunk_rows(dm as usize, self.split_in)?;
-        self.chunk_x = dl_chunk_rows(di as usize, self.split_x)?;
-        self.chunk_out = dl_chunk_rows(di as usize, self.split_out)?;
+        let slot = self.slot_bytes as usize;
+        if slot == 0 || DL_RING % slot != 0 || DL_RING / slot > DL_MAXSLOT || slot % 16 != 0 {
+            return None;
+        }
+        self.chunk_in = dl_chunk_rows(dm as usize, self.split_in, slot)?;
+        self.chunk_x = dl_chunk_rows(di as usize, self.split_x, slot)?;
+        self.chunk_out = dl_chunk_rows(di as usize, self.split_out, slot)?;
         Some(self)
     }
 
