@@ -196,7 +196,11 @@ impl DecodeLayersLp {
         self.split_x = nl_split(xr);
         self.split_out = nl_split(dm);
         let slot = self.slot_bytes as usize;
-        if slot == 0 || DL_RING % slot != 0 || DL_RING / slot > DL_MAXSLOT || slot % 16 != 0 {
+        if slot == 0
+            || !DL_RING.is_multiple_of(slot)
+            || DL_RING / slot > DL_MAXSLOT
+            || !slot.is_multiple_of(16)
+        {
             return None;
         }
         self.chunk_in = dl_chunk_rows(dm as usize, self.split_in, slot)?;
@@ -539,6 +543,104 @@ pub unsafe fn ssm_update_dt(dev: &Dev, p: &SsmUpdateDtF32) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The persistent kernel's plan for a `d_model`-wide Mamba (d_state 16, expand 2).
+    fn plan(d_model: i64) -> Option<DecodeLayersLp> {
+        DecodeLayersLp {
+            params: Ptr::NULL,
+            shadow: Ptr::NULL,
+            layer_stride: 0,
+            norm_w: 0,
+            in_w: 0,
+            conv_w: 0,
+            conv_b: -1,
+            x_w: 0,
+            dt_w: 0,
+            dt_b: 0,
+            a_log: 0,
+            d: 0,
+            out_w: 0,
+            n_layer: 2,
+            d_model,
+            d_inner: 2 * d_model,
+            d_state: 16,
+            dt_rank: (d_model + 15) / 16,
+            eps: 1e-5,
+            lp_mode: 0,
+            chunk_in: 0,
+            chunk_x: 0,
+            chunk_out: 0,
+            split_in: 0,
+            split_x: 0,
+            split_out: 0,
+            resid: PtrMut::NULL,
+            out: PtrMut::NULL,
+            xz: PtrMut::NULL,
+            xs: PtrMut::NULL,
+            xs_lp: PtrMut::NULL,
+            xdbl: PtrMut::NULL,
+            gated: PtrMut::NULL,
+            gated_lp: PtrMut::NULL,
+            conv_state: PtrMut::NULL,
+            ssm_state: PtrMut::NULL,
+            starts: Ptr::NULL,
+            sync: PtrMut::NULL,
+            trace: PtrMut::NULL,
+            slot_bytes: DL_SLOT as i32,
+        }
+        .chunked()
+    }
+
+    /// The splits are the layer-by-layer GEMVs' (so the sums keep their order), a chunk is a
+    /// whole number of passes inside a slot, and the shared memory fits an sm_90 block.
+    #[test]
+    fn persistent_plan_keeps_the_gemv_splits_and_fits_a_slot() {
+        let p = plan(2048).unwrap();
+        assert_eq!((p.split_in, p.split_x, p.split_out), (1, 4, 2));
+        assert_eq!((p.chunk_in, p.chunk_x, p.chunk_out), (8, 4, 4));
+        let p = plan(768).unwrap();
+        assert_eq!((p.split_in, p.split_x, p.split_out), (2, 4, 4));
+        assert_eq!((p.chunk_in, p.chunk_x, p.chunk_out), (20, 10, 10));
+        for dm in [136, 768, 1024, 2048] {
+            let p = plan(dm).unwrap();
+            for (c, s, k) in [
+                (p.chunk_in, p.split_in, p.d_model),
+                (p.chunk_x, p.split_x, p.d_inner),
+                (p.chunk_out, p.split_out, p.d_inner),
+            ] {
+                assert_eq!(c % (8 / s), 0, "d_model {dm}: chunk {c} at split {s}");
+                assert!((c as i64) * k * 2 <= DL_SLOT as i64, "d_model {dm}");
+            }
+            assert!(p.fits(132, 132, 16), "d_model {dm}");
+        }
+        assert!(DL_SMEM as usize <= 227 * 1024);
+    }
+
+    /// What it does not take: rows not 16-byte aligned, more blocks than SMs, a block holding
+    /// more in_proj outputs than its buffer, a pass of rows longer than a slot, a state wider
+    /// than the build's padding, a slot size that does not divide the ring.
+    #[test]
+    fn persistent_plan_refuses_what_the_kernel_does_not_take() {
+        assert!(
+            !plan(100).unwrap().fits(132, 132, 16),
+            "d_model 100: rows of 200 bytes"
+        );
+        assert!(!plan(2048).unwrap().fits(133, 132, 16));
+        assert!(plan(2048).unwrap().fits(3, 132, 16));
+        assert!(
+            !plan(2048).unwrap().fits(2, 132, 16),
+            "2 blocks: 4096 in_proj rows each"
+        );
+        // 2.8B: four out_proj rows of 10 KiB (split 2) overflow a 32 KiB slot.
+        assert!(plan(2560).is_none());
+        assert!(
+            !plan(2048).unwrap().fits(132, 132, 8),
+            "d_state 16 past the padding"
+        );
+        let mut p = plan(2048).unwrap();
+        p.slot_bytes = 40000;
+        assert!(p.chunked().is_none());
+    }
 
     #[test]
     fn sample_how_has_the_c_layout() {
