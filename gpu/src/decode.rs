@@ -5,7 +5,9 @@
 //! (`ssm_update_f32`: dt bias + softplus, state in place, D skip, z gate), out_proj. Then the
 //! final norm and the lm_head. The state is updated in place wherever it lives: the decode
 //! workspace's buffers (a host state, copied in and out around the step) or the buffers of a
-//! held state (nothing copied: only tokens in, logits out). Steps replay a CUDA graph.
+//! held state (nothing copied: only tokens in, logits out). Steps replay a CUDA graph. A
+//! one-row step of a model from d_model 1024 runs all its layers in one persistent kernel
+//! instead (`decode_layers_lp`, see [`persistent_default`]), with the same bits.
 
 use reference::decode::{not_held, HeldState};
 use reference::model::Batch;
