@@ -148,16 +148,29 @@ impl Dev {
             }
             .map_err(|e| dev_err(&name, "scan backward shared memory", e))?;
         }
-        // SAFETY: a valid function handle; the value is within the sm_90 limit (227 KiB).
+        // The persistent decode kernel runs where its shared memory is granted and one block
+        // of it fits an SM (registers included).
+        let dl = funcs["decode_layers_lp"];
+        let dl_smem = crate::ops::decode::DL_SMEM;
         let persistent_decode = cc.0 >= 9
+            // SAFETY: a valid function handle; the value is within the sm_90 limit (227 KiB).
             && unsafe {
                 drv::function::set_function_attribute(
-                    funcs["decode_layers_lp"],
+                    dl,
                     drv_sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                    crate::ops::decode::DL_SMEM as i32,
+                    dl_smem as i32,
                 )
             }
-            .is_ok();
+            .is_ok()
+            // SAFETY: a valid function handle of this context.
+            && unsafe {
+                drv::occupancy::max_active_block_per_multiprocessor(
+                    dl,
+                    crate::ops::decode::DL_THREADS as i32,
+                    dl_smem as usize,
+                )
+            }
+            .is_ok_and(|n| n >= 1);
         let handle = cublas::create_handle().map_err(|e| dev_err(&name, "cuBLAS handle", e))?;
         // SAFETY: handle and stream are valid and belong to this context.
         unsafe { cublas::set_stream(handle, stream.cu_stream() as _) }
