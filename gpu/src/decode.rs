@@ -78,8 +78,8 @@ pub(crate) struct Decoder {
 }
 
 /// Whether batch-1 decode steps of a `d_model`-wide model run their layers in the persistent
-/// kernel (`decode_layers_lp`) where it applies: from d_model 1024 (H100, batch 1: 370M 880 →
-/// 1,047 tok/s, 1.4B 428 → 520; the 130M is faster layer by layer, 2,031 against 1,867);
+/// kernel (`decode_layers_lp`) where it applies: from d_model 1024 (H100, batch 1: 370M 876 →
+/// 1,038 tok/s, 1.4B 429 → 553; the 130M is faster layer by layer, 2,000 against 1,811);
 /// `VET_DECODE_PERSIST=1` turns it on at every width, `0` off.
 pub(crate) fn persistent_default(d_model: usize) -> bool {
     match std::env::var("VET_DECODE_PERSIST").as_deref() {
@@ -334,7 +334,8 @@ impl Decoder {
     }
 }
 
-/// The persistent kernel's parameters for a one-row step over `ws` on the state at `st`, or
+/// The persistent kernel's parameters for a one-row step over `ws` (the caller checks the
+/// row count) on the state at `st`, or
 /// `None` where the model is not what it takes: RMS norms and no projection or norm biases,
 /// every layer's parameters one stride apart, the projections' low-precision rows 16-byte
 /// aligned, every projection's chunk inside a slot.
@@ -367,7 +368,7 @@ fn persistent_params(
     let aligned = [l0.in_w, l0.x_w, l0.out_w, stride]
         .iter()
         .all(|o| o % 8 == 0);
-    if !uniform || !aligned || cfg.norm != reference::config::NormKind::Rms || ws.batch != 1 {
+    if !uniform || !aligned || cfg.norm != reference::config::NormKind::Rms {
         return None;
     }
     let la = &ws.layers[0];
