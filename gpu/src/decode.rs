@@ -55,13 +55,17 @@ pub(crate) enum StepOn<'a> {
     Held(HeldState),
 }
 
+/// The persistent kernel's blocks and parameters for a step, or `None`: layer by layer.
+type Persist = Option<(usize, DecodeLayersLp)>;
+
 /// Decoding's own state: the workspace of one step, its CUDA graph, the held state.
 #[derive(Default)]
 pub(crate) struct Decoder {
     ws: Option<Work>,
-    /// The graph of the last step and the state buffers it updates (`None` inside: capture
-    /// failed, steps run eagerly).
-    graph: Option<(StatePtrs, Option<Graph>)>,
+    /// The graph of the last step, the state buffers it updates and the persistent kernel's
+    /// plan captured into it (the graph `None`: capture failed, steps run eagerly on that
+    /// plan).
+    graph: Option<(StatePtrs, Persist, Option<Graph>)>,
     /// The state decode steps run on in device memory (`Engine::hold_state`).
     held: Option<Held>,
     /// Tickets handed out so far.
@@ -158,12 +162,7 @@ impl Decoder {
     /// The persistent kernel's blocks and parameters for a step over `ws` on the state at
     /// `st`, or `None` where the layer-by-layer step runs (turned off, more than one row, no
     /// low-precision weights, a device or model it does not take).
-    fn persistent(
-        &mut self,
-        m: &Model,
-        ws: &Work,
-        st: StatePtrs,
-    ) -> Result<Option<(usize, DecodeLayersLp)>> {
+    fn persistent(&mut self, m: &Model, ws: &Work, st: StatePtrs) -> Result<Persist> {
         let blocks = match self.persist {
             Some(b) => b,
             None => persistent_default(m.cfg.d_model).then_some(0),
@@ -213,7 +212,7 @@ impl Decoder {
 
     /// Whether the last decode ran through a graph.
     pub(crate) fn uses_graph(&self) -> bool {
-        self.graph.as_ref().is_some_and(|(_, g)| g.is_some())
+        self.graph.as_ref().is_some_and(|(_, _, g)| g.is_some())
     }
 
     /// The tokens of the last step (`[batch]`).
@@ -303,25 +302,31 @@ impl Decoder {
     /// Runs one decode step over `ws` (tokens uploaded) on the state at `st`, capturing the
     /// graph on first use (and again when the state buffers change).
     fn run(&mut self, m: &Model, ws: &Work, st: StatePtrs) -> Result<()> {
-        let persist = self.persistent(m, ws, st)?;
-        self.last_persistent = persist.is_some();
         if !graphs_enabled() {
+            let persist = self.persistent(m, ws, st)?;
+            self.last_persistent = persist.is_some();
             return m.dev.with_pdl(|| decode_dev(m, ws, st, persist));
         }
-        if self.graph.as_ref().is_none_or(|(s, _)| *s != st) {
+        if self.graph.as_ref().is_none_or(|(s, _, _)| *s != st) {
             self.graph = None;
+            let persist = self.persistent(m, ws, st)?;
             // SAFETY: `decode_dev` only launches kernels and GEMMs on the stream (no
             // allocation, no synchronisation, no host copy); its buffers are the decode
             // workspace's and the state's at `st`, and a new workspace or state drops the
             // graph first.
             let g =
                 unsafe { capture(&m.dev, || m.dev.with_pdl(|| decode_dev(m, ws, st, persist))) };
-            self.graph = Some((st, g));
+            self.graph = Some((st, persist, g));
         }
-        match &self.graph {
+        let (_, persist, g) = self.graph.as_ref().expect("decode graph");
+        self.last_persistent = persist.is_some();
+        match g {
             // SAFETY: captured on this workspace's and state's buffers, still alive.
-            Some((_, Some(g))) => unsafe { g.launch(&m.dev) },
-            _ => m.dev.with_pdl(|| decode_dev(m, ws, st, persist)),
+            Some(g) => unsafe { g.launch(&m.dev) },
+            None => {
+                let persist = *persist;
+                m.dev.with_pdl(|| decode_dev(m, ws, st, persist))
+            }
         }
     }
 
@@ -374,6 +379,14 @@ fn persistent_params(
     let la = &ws.layers[0];
     let (gated_lp, _) = m.lp_out(ws, la.gated.ptr, cfg.d_inner, 1, cfg.d_inner);
     let as_i64 = |v: usize| v as i64;
+    let dims = [
+        cfg.n_layer,
+        cfg.d_model,
+        cfg.d_inner,
+        cfg.d_state,
+        cfg.dt_rank,
+    ]
+    .map(as_i64);
     DecodeLayersLp {
         params: Ptr::new(m.params.ptr),
         shadow: Ptr::new(shadow.ptr),
@@ -388,19 +401,6 @@ fn persistent_params(
         a_log: as_i64(l0.a_log),
         d: as_i64(l0.d),
         out_w: as_i64(l0.out_w),
-        n_layer: as_i64(cfg.n_layer),
-        d_model: as_i64(cfg.d_model),
-        d_inner: as_i64(cfg.d_inner),
-        d_state: as_i64(cfg.d_state),
-        dt_rank: as_i64(cfg.dt_rank),
-        eps: cfg.norm_eps as f32,
-        lp_mode: m.lp_mode(),
-        chunk_in: 0,
-        chunk_x: 0,
-        chunk_out: 0,
-        split_in: 0,
-        split_x: 0,
-        split_out: 0,
         resid: PtrMut::new(la.resid_in.ptr),
         out: PtrMut::new(ws.out.ptr),
         xz: PtrMut::new(la.xz.ptr),
@@ -418,6 +418,7 @@ fn persistent_params(
             .ok()
             .and_then(|v| v.parse().ok())
             .unwrap_or(crate::ops::decode::DL_SLOT as i32),
+        ..DecodeLayersLp::unplaced(dims, cfg.norm_eps as f32, m.lp_mode())
     }
     .chunked()
 }
@@ -426,12 +427,7 @@ fn persistent_params(
 /// `persist` (blocks, parameters), every layer runs in the persistent kernel
 /// (`decode_layers_lp`); else layer by layer, the projections as one GEMV
 /// each where `gemv` allows (see [`crate::decode_proj`]).
-fn decode_dev(
-    m: &Model,
-    ws: &Work,
-    st: StatePtrs,
-    persist: Option<(usize, DecodeLayersLp)>,
-) -> Result<()> {
+fn decode_dev(m: &Model, ws: &Work, st: StatePtrs, persist: Persist) -> Result<()> {
     let cfg = &m.cfg;
     let (di, ds) = (cfg.d_inner, cfg.d_state);
     let batch = ws.batch;

@@ -187,6 +187,58 @@ pub fn dl_chunk_rows(k: usize, split: i32, slot: usize) -> Option<i32> {
 }
 
 impl DecodeLayersLp {
+    /// The kernel's parameters for `[n_layer, d_model, d_inner, d_state, dt_rank]` with nothing
+    /// placed yet: null buffers, every weight at offset 0 (no conv bias), no trace, slots of
+    /// [`DL_SLOT`] bytes; chunks and splits come from [`DecodeLayersLp::chunked`].
+    pub fn unplaced(
+        [n_layer, d_model, d_inner, d_state, dt_rank]: [i64; 5],
+        eps: f32,
+        lp_mode: i32,
+    ) -> DecodeLayersLp {
+        DecodeLayersLp {
+            params: Ptr::NULL,
+            shadow: Ptr::NULL,
+            layer_stride: 0,
+            norm_w: 0,
+            in_w: 0,
+            conv_w: 0,
+            conv_b: -1,
+            x_w: 0,
+            dt_w: 0,
+            dt_b: 0,
+            a_log: 0,
+            d: 0,
+            out_w: 0,
+            n_layer,
+            d_model,
+            d_inner,
+            d_state,
+            dt_rank,
+            eps,
+            lp_mode,
+            chunk_in: 0,
+            chunk_x: 0,
+            chunk_out: 0,
+            split_in: 0,
+            split_x: 0,
+            split_out: 0,
+            resid: PtrMut::NULL,
+            out: PtrMut::NULL,
+            xz: PtrMut::NULL,
+            xs: PtrMut::NULL,
+            xs_lp: PtrMut::NULL,
+            xdbl: PtrMut::NULL,
+            gated: PtrMut::NULL,
+            gated_lp: PtrMut::NULL,
+            conv_state: PtrMut::NULL,
+            ssm_state: PtrMut::NULL,
+            starts: Ptr::NULL,
+            sync: PtrMut::NULL,
+            trace: PtrMut::NULL,
+            slot_bytes: DL_SLOT as i32,
+        }
+    }
+
     /// Sets the chunk sizes and splits from the shapes (the splits of the layer-by-layer
     /// GEMVs, so the sums keep their order); `None` where a projection does not fit a slot.
     pub fn chunked(mut self) -> Option<DecodeLayersLp> {
@@ -546,49 +598,8 @@ mod tests {
 
     /// The persistent kernel's plan for a `d_model`-wide Mamba (d_state 16, expand 2).
     fn plan(d_model: i64) -> Option<DecodeLayersLp> {
-        DecodeLayersLp {
-            params: Ptr::NULL,
-            shadow: Ptr::NULL,
-            layer_stride: 0,
-            norm_w: 0,
-            in_w: 0,
-            conv_w: 0,
-            conv_b: -1,
-            x_w: 0,
-            dt_w: 0,
-            dt_b: 0,
-            a_log: 0,
-            d: 0,
-            out_w: 0,
-            n_layer: 2,
-            d_model,
-            d_inner: 2 * d_model,
-            d_state: 16,
-            dt_rank: (d_model + 15) / 16,
-            eps: 1e-5,
-            lp_mode: 0,
-            chunk_in: 0,
-            chunk_x: 0,
-            chunk_out: 0,
-            split_in: 0,
-            split_x: 0,
-            split_out: 0,
-            resid: PtrMut::NULL,
-            out: PtrMut::NULL,
-            xz: PtrMut::NULL,
-            xs: PtrMut::NULL,
-            xs_lp: PtrMut::NULL,
-            xdbl: PtrMut::NULL,
-            gated: PtrMut::NULL,
-            gated_lp: PtrMut::NULL,
-            conv_state: PtrMut::NULL,
-            ssm_state: PtrMut::NULL,
-            starts: Ptr::NULL,
-            sync: PtrMut::NULL,
-            trace: PtrMut::NULL,
-            slot_bytes: DL_SLOT as i32,
-        }
-        .chunked()
+        let dims = [2, d_model, 2 * d_model, 16, (d_model + 15) / 16];
+        DecodeLayersLp::unplaced(dims, 1e-5, 0).chunked()
     }
 
     /// The splits are the layer-by-layer GEMVs' (so the sums keep their order), a chunk is a
