@@ -26,13 +26,21 @@ const SCAN_CASES: &[ScanCase] = &[
     ("mamba130m_prefill", 1, 512, 1536, 16, false, false, true),
 ];
 
-#[test]
-fn gpu_selective_scan_matches_reference() {
-    let mut rep = Report(Vec::new());
-    for &(name, batch, seq_len, di, ds, resets, h0, z) in SCAN_CASES {
-        let Some(dev) = open("gpu_selective_scan_matches_reference", ds, 4) else {
-            return;
-        };
+/// One case's inputs, drawn from its name's seed in the distributions the op sees in training.
+struct CaseData {
+    dims: ScanDims,
+    resets: bool,
+    h0: bool,
+    z: bool,
+    /// u, delta, a, b, c, d, z, bias, h0, dout.
+    v: [Vec<f32>; 10],
+    /// The same values in f64 (A as the kernel sees it: −exp(ln(−a))).
+    w: [Vec<f64>; 10],
+    flags: Vec<bool>,
+}
+
+impl CaseData {
+    fn new(&(name, batch, seq_len, di, ds, resets, h0, z): &ScanCase) -> CaseData {
         let mut rng = Rng::new(seed_of(name));
         let n = batch * seq_len;
         let u = normal(&mut rng, n * di, 0.0, 1.0);
@@ -48,59 +56,61 @@ fn gpu_selective_scan_matches_reference() {
         let flags = random_flags(&mut rng, n, 0.05);
         let h0v = normal(&mut rng, batch * di * ds, 0.0, 0.5);
         let dout = normal(&mut rng, n * di, 0.0, 1.0);
-        let dims = ScanDims {
-            batch,
-            seq_len,
-            d_inner: di,
-            d_state: ds,
-        };
-        let inp32 = ScanInputs {
-            u: &u,
-            delta: &delta,
-            a: &a,
-            b: &b,
-            c: &c,
-            d: &d,
-            z: z.then_some(&zv[..]),
-            delta_bias: &bias,
-            resets: resets.then_some(&flags[..]),
-            h0: h0.then_some(&h0v[..]),
-            dims,
-        };
-        // The reference in f64 on the same f32 values (A as the kernel sees it: −exp(ln(−a))).
         let a_dev: Vec<f32> = a.iter().map(|&v| -((-v).ln().exp())).collect();
-        let (u6, de6, a6, b6, c6, d6, z6, bi6, h6, do6) = (
-            f64s(&u),
-            f64s(&delta),
-            f64s(&a_dev),
-            f64s(&b),
-            f64s(&c),
-            f64s(&d),
-            f64s(&zv),
-            f64s(&bias),
-            f64s(&h0v),
-            f64s(&dout),
-        );
-        let inp64 = ScanInputs {
-            u: &u6,
-            delta: &de6,
-            a: &a6,
-            b: &b6,
-            c: &c6,
-            d: &d6,
-            z: z.then_some(&z6[..]),
-            delta_bias: &bi6,
-            resets: resets.then_some(&flags[..]),
-            h0: h0.then_some(&h6[..]),
-            dims,
+        let v = [u, delta, a, b, c, d, zv, bias, h0v, dout];
+        let mut w = v.clone().map(|x| f64s(&x));
+        w[2] = f64s(&a_dev);
+        CaseData {
+            dims: ScanDims {
+                batch,
+                seq_len,
+                d_inner: di,
+                d_state: ds,
+            },
+            resets,
+            h0,
+            z,
+            v,
+            w,
+            flags,
+        }
+    }
+
+    fn inputs<'a, T>(&'a self, v: &'a [Vec<T>; 10]) -> ScanInputs<'a, T> {
+        ScanInputs {
+            u: &v[0],
+            delta: &v[1],
+            a: &v[2],
+            b: &v[3],
+            c: &v[4],
+            d: &v[5],
+            z: self.z.then_some(&v[6][..]),
+            delta_bias: &v[7],
+            resets: self.resets.then_some(&self.flags[..]),
+            h0: self.h0.then_some(&v[8][..]),
+            dims: self.dims,
+        }
+    }
+}
+
+#[test]
+fn gpu_selective_scan_matches_reference() {
+    let mut rep = Report(Vec::new());
+    for case in SCAN_CASES {
+        let (name, ds) = (case.0, case.4);
+        let Some(dev) = open("gpu_selective_scan_matches_reference", ds, 4) else {
+            return;
         };
+        let data = CaseData::new(case);
+        let (inp32, inp64) = (data.inputs(&data.v), data.inputs(&data.w));
+        let (dout, do6) = (&data.v[9], &data.w[9]);
         let (out, last) = dev.selective_scan_fwd(&inp32).unwrap();
         let (wout, wlast) = selective_scan_fwd(&inp64);
         let t = gpu_tol::OP_F32_FWD;
         rep.cmp(format!("scan fwd {name}: out"), &out, &wout, t);
         rep.cmp(format!("scan fwd {name}: final state"), &last, &wlast, t);
-        let g = dev.selective_scan_bwd(&inp32, &dout).unwrap();
-        let w = selective_scan_bwd(&inp64, &do6);
+        let g = dev.selective_scan_bwd(&inp32, dout).unwrap();
+        let w = selective_scan_bwd(&inp64, do6);
         let t = gpu_tol::OP_F32_BWD;
         rep.cmp(format!("scan bwd {name}: du"), &g.u, &w.u, t);
         rep.cmp(format!("scan bwd {name}: ddelta"), &g.delta, &w.delta, t);
@@ -120,4 +130,64 @@ fn gpu_selective_scan_matches_reference() {
         }
     }
     rep.finish("gpu_selective_scan_matches_reference");
+}
+
+/// The forward cut into segments that run side by side (a batch-1 prefill has too few blocks
+/// to fill the GPU): each segment's start state comes from the ones before it through their
+/// state maps. Resets fall inside and on segment edges, the last segment is partial, and the
+/// initial state must flow through every map.
+#[test]
+fn gpu_selective_scan_segments_match_reference() {
+    let mut rep = Report(Vec::new());
+    const CASES: &[(ScanCase, &[usize])] = &[
+        (
+            ("seg_resets_h0", 2, 200, 40, 16, true, true, true),
+            &[2, 3, 7],
+        ),
+        (("seg_h0_only", 1, 256, 130, 16, false, true, true), &[2, 8]),
+        (("seg_d_state_3", 1, 97, 24, 3, true, true, false), &[4]),
+        (
+            ("seg_prefill_1536", 1, 1024, 1536, 16, false, false, true),
+            &[32],
+        ),
+    ];
+    for (case, segs) in CASES {
+        let (name, ds) = (case.0, case.4);
+        let Some(dev) = open("gpu_selective_scan_segments_match_reference", ds, 4) else {
+            return;
+        };
+        let data = CaseData::new(case);
+        let inp32 = data.inputs(&data.v);
+        let (wout, wlast) = selective_scan_fwd(&data.inputs(&data.w));
+        let (one, _, ran) = dev.selective_scan_fwd_segs(&inp32, Some(1)).unwrap();
+        assert_eq!(ran, 1, "{name}: one segment asked");
+        for &k in *segs {
+            let (out, last, ran) = dev.selective_scan_fwd_segs(&inp32, Some(k)).unwrap();
+            // Segments are whole chunks: `k` of ceil(chunks / k) chunks each, fewer where
+            // that covers the row.
+            let per = case.2.div_ceil(dev.chunk()).div_ceil(k) * dev.chunk();
+            assert_eq!(ran, case.2.div_ceil(per), "{name}: segments run");
+            assert!(ran > 1, "{name}: {k} segments asked, one ran");
+            let t = gpu_tol::OP_F32_FWD;
+            rep.cmp(
+                format!("scan fwd {name} / {k} segments: out"),
+                &out,
+                &wout,
+                t,
+            );
+            rep.cmp(
+                format!("scan fwd {name} / {k} segments: final state"),
+                &last,
+                &wlast,
+                t,
+            );
+            rep.cmp(
+                format!("scan fwd {name} / {k} segments against one"),
+                &out,
+                &f64s(&one),
+                t,
+            );
+        }
+    }
+    rep.finish("gpu_selective_scan_segments_match_reference");
 }

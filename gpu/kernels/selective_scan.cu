@@ -97,9 +97,11 @@ struct FwdBcTile {
     static const int PER = (NT * 2 * FNP + FWD_THREADS - 1) / FWD_THREADS;
     float v[PER];
     int r;
+    // Positions at or past `tend` (the end of the block's segment) read as 0; L is the row
+    // length (the stride of xbc and starts).
     __device__ __forceinline__ void load(const float* __restrict__ xbc, long ldbc, long col_b,
-                                         const int* __restrict__ starts, long b, long t0, long L, long ds,
-                                         int tid) {
+                                         const int* __restrict__ starts, long b, long t0, long L, long tend,
+                                         long ds, int tid) {
 #pragma unroll
         for (int i = 0; i < PER; ++i) {
             int idx = tid + i * FWD_THREADS;
@@ -107,11 +109,11 @@ struct FwdBcTile {
             int n = k % FNP;
             long t = t0 + j;
             float x = 0.0f;
-            if (idx < NT * 2 * FNP && t < L && n < ds) x = xbc[(b * L + t) * ldbc + col_b + (k >= FNP ? ds : 0) + n];
+            if (idx < NT * 2 * FNP && t < tend && n < ds) x = xbc[(b * L + t) * ldbc + col_b + (k >= FNP ? ds : 0) + n];
             v[i] = x;
         }
         long t = t0 + tid;
-        r = (tid < NT && t < L) ? (starts[b * L + t] == t) : 0;
+        r = (tid < NT && t < tend) ? (starts[b * L + t] == t) : 0;
     }
     __device__ __forceinline__ void store(float* sbc, int* sr, int tid) const {
 #pragma unroll
@@ -127,13 +129,24 @@ struct FwdBcTile {
 #define FSB(j, i) sbc[(j) * 2 * FNP + hf * FHG + (i)]
 #define FSC(j, i) sbc[(j) * 2 * FNP + FNP + hf * FHG + (i)]
 
+// Segments (blockIdx.z = s, positions [s · seg_len, (s + 1) · seg_len) ∩ [0, L)): at batch 1 a
+// layer has only d_inner / FWD_CH blocks (12 at 130M), so the positions are cut into segments
+// that run side by side. The state recurrence is linear per state n, h_t = a_t · h_{t-1} + b_t
+// (a_t = 0 at a reset), so a segment maps its start state to its end state as h_end = P ⊙
+// h_start + q, P = Π a_t, q = the end state from h_start = 0. TRANSFORM = true is that first
+// pass (segments 0 .. n_seg − 2 write P and q to seg_p / seg_q `[n_seg − 1, batch, d_inner,
+// d_state]`, no outputs); the main pass then starts segment s from h0 folded through the
+// transforms of segments 0 .. s − 1, in order. With one segment (seg_len ≥ L) the main pass is
+// the sequential scan, bit for bit.
+template <bool TRANSFORM>
 static __device__ __forceinline__ void selective_scan_fwd_f32_body(const float* __restrict__ u, const float* __restrict__ delta,
                        const float* __restrict__ a_log, const float* __restrict__ xbc, long ldbc, long col_b,
                        const float* __restrict__ dvec, const float* __restrict__ z, long ldz,
                        const float* __restrict__ dt_bias, const int* __restrict__ starts,
                        const float* __restrict__ h0, float* __restrict__ out, float* __restrict__ chunk_states,
                        float* __restrict__ last, long batch, long L, long di, long ds,
-                       u16* __restrict__ out_lp, int lp_mode) {
+                       u16* __restrict__ out_lp, int lp_mode, long seg_len, float* __restrict__ seg_p,
+                       float* __restrict__ seg_q, int /* seg_pass: TRANSFORM */) {
     __shared__ __align__(16) float sbc[FT * 2 * FNP];
     __shared__ int sr[FT];
     int tid = threadIdx.x, hf = tid & 1;
@@ -141,13 +154,24 @@ static __device__ __forceinline__ void selective_scan_fwd_f32_body(const float* 
     long b = blockIdx.y;
     bool cval = c < di;
     long cc = cval ? c : di - 1;
-    float A2[FHG], h[FHG];
+    long sl = seg_len > 0 && seg_len < L ? seg_len : L;
+    long seg = blockIdx.z, n_seg = sl > 0 ? (L + sl - 1) / sl : 1;
+    long tbeg = seg * sl, tend = tbeg + sl < L ? tbeg + sl : L;
+    float A2[FHG], h[FHG], P[FHG];
 #pragma unroll
     for (int i = 0; i < FHG; ++i) {
         int n = hf * FHG + i;
         // A · log2(e): exp(dt · A) = exp2(dt · A2), one MUFU instruction.
         A2[i] = n < ds ? -expf(a_log[cc * ds + n]) * LOG2E : 0.0f;
-        h[i] = (h0 && n < ds) ? h0[(b * di + cc) * ds + n] : 0.0f;
+        h[i] = (!TRANSFORM && h0 && n < ds) ? h0[(b * di + cc) * ds + n] : 0.0f;
+        P[i] = 1.0f;
+        if (!TRANSFORM && n < ds) {
+            // The start state of this segment: h0 through the earlier segments' maps.
+            for (long k = 0; k < seg; ++k) {
+                long at = ((k * batch + b) * di + cc) * ds + n;
+                h[i] = seg_p[at] * h[i] + seg_q[at];
+            }
+        }
     }
     float Dc = dvec[cc], bias = dt_bias[cc];
     long nchunks = (L + CHUNK - 1) / CHUNK;
@@ -160,16 +184,16 @@ static __device__ __forceinline__ void selective_scan_fwd_f32_body(const float* 
 #pragma unroll
         for (int m = 0; m < FH; ++m) {
             long t = t0 + 2 * m + hf;
-            bool tv = t < L && cval;
+            bool tv = t < tend && cval;
             long row = b * L + t;
             pu[m] = tv ? u[row * di + c] : 0.0f;
             pd[m] = tv ? delta[row * di + c] : 0.0f;
-            pz[m] = (tv && z) ? z[row * ldz + c] : 0.0f;
+            pz[m] = (tv && z && !TRANSFORM) ? z[row * ldz + c] : 0.0f;
         }
-        pbc.load(xbc, ldbc, col_b, starts, b, t0, L, ds, tid);
+        pbc.load(xbc, ldbc, col_b, starts, b, t0, L, tend, ds, tid);
     };
-    load(0);
-    for (long t0 = 0; t0 < L; t0 += FT) {
+    load(tbeg);
+    for (long t0 = tbeg; t0 < tend; t0 += FT) {
         float cu[FH], cd[FH], cz[FH];
 #pragma unroll
         for (int m = 0; m < FH; ++m) {
@@ -180,8 +204,8 @@ static __device__ __forceinline__ void selective_scan_fwd_f32_body(const float* 
         __syncthreads();
         pbc.store(sbc, sr, tid);
         __syncthreads();
-        if (t0 + FT < L) load(t0 + FT);
-        if (chunk_states && (t0 % CHUNK) == 0 && cval) {
+        if (t0 + FT < tend) load(t0 + FT);
+        if (!TRANSFORM && chunk_states && (t0 % CHUNK) == 0 && cval) {
 #pragma unroll
             for (int i = 0; i < FHG; ++i) {
                 int n = hf * FHG + i;
@@ -193,7 +217,7 @@ static __device__ __forceinline__ void selective_scan_fwd_f32_body(const float* 
             // This thread's position 2m + hf: its dt and dt · x; the partner's by exchange.
             // Past the end (t >= L) and for padding channels: x = dt = 0 leave h unchanged.
             long to = t0 + 2 * m + hf;
-            bool tvo = to < L && cval;
+            bool tvo = to < tend && cval;
             float dto = tvo ? softplus_f32(cd[m] + bias) : 0.0f;
             float dtxo = dto * cu[m];
             float dtp = pair_xchg(dto), dtxp = pair_xchg(dtxo);
@@ -207,16 +231,25 @@ static __device__ __forceinline__ void selective_scan_fwd_f32_body(const float* 
                 const int j = 2 * m + e;
                 if (sr[j]) {
 #pragma unroll
-                    for (int i = 0; i < FHG; ++i) h[i] = 0.0f;
+                    for (int i = 0; i < FHG; ++i) {
+                        h[i] = 0.0f;
+                        if (TRANSFORM) P[i] = 0.0f;
+                    }
                 }
                 float y = 0.0f;
 #pragma unroll
                 for (int i = 0; i < FHG; ++i) {
-                    h[i] = ex2(dtj[e] * A2[i]) * h[i] + dtxj[e] * FSB(j, i);
-                    y += FSC(j, i) * h[i];
+                    float a = ex2(dtj[e] * A2[i]);
+                    h[i] = a * h[i] + dtxj[e] * FSB(j, i);
+                    if (TRANSFORM) {
+                        P[i] *= a;
+                    } else {
+                        y += FSC(j, i) * h[i];
+                    }
                 }
                 yp[e] = y;
             }
+            if (TRANSFORM) continue;
             // y of this thread's position: own half + the partner's half.
             float y = (hf ? yp[1] : yp[0]) + pair_xchg(hf ? yp[0] : yp[1]);
             if (tvo) {
@@ -228,7 +261,18 @@ static __device__ __forceinline__ void selective_scan_fwd_f32_body(const float* 
             }
         }
     }
-    if (last && cval) {
+    if (TRANSFORM && cval) {
+#pragma unroll
+        for (int i = 0; i < FHG; ++i) {
+            int n = hf * FHG + i;
+            long at = ((seg * batch + b) * di + c) * ds + n;
+            if (n < ds) {
+                seg_p[at] = P[i];
+                seg_q[at] = h[i];
+            }
+        }
+    }
+    if (!TRANSFORM && last && cval && seg == n_seg - 1) {
 #pragma unroll
         for (int i = 0; i < FHG; ++i) {
             int n = hf * FHG + i;
@@ -236,7 +280,12 @@ static __device__ __forceinline__ void selective_scan_fwd_f32_body(const float* 
         }
     }
 }
-extern "C" __global__ void __launch_bounds__(FWD_THREADS, 2) selective_scan_fwd_f32(const SelectiveScanFwdF32 p) { selective_scan_fwd_f32_body(SELECTIVE_SCAN_FWD_F32_ARGS(p)); }
+extern "C" __global__ void __launch_bounds__(FWD_THREADS, 2) selective_scan_fwd_f32(const SelectiveScanFwdF32 p) {
+    if (p.seg_pass)
+        selective_scan_fwd_f32_body<true>(SELECTIVE_SCAN_FWD_F32_ARGS(p));
+    else
+        selective_scan_fwd_f32_body<false>(SELECTIVE_SCAN_FWD_F32_ARGS(p));
+}
 
 // B and C of chunk-relative position j, state n, from the staged chunk rows.
 #define SB(j, n) sbc[(j) * 2 * NG + (n)]

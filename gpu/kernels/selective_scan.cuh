@@ -29,8 +29,12 @@ typedef struct {
     long d_state;
     u16* out_lp;
     int lp_mode;
+    long seg_len;
+    float* seg_p;
+    float* seg_q;
+    int seg_pass;
 } SelectiveScanFwdF32;
-#define SELECTIVE_SCAN_FWD_F32_ARGS(p) SCAN_IN_F32_ARGS((p).scan), (p).h0, (p).out, (p).chunk_states, (p).last, (p).batch, (p).seq_len, (p).d_inner, (p).d_state, (p).out_lp, (p).lp_mode
+#define SELECTIVE_SCAN_FWD_F32_ARGS(p) SCAN_IN_F32_ARGS((p).scan), (p).h0, (p).out, (p).chunk_states, (p).last, (p).batch, (p).seq_len, (p).d_inner, (p).d_state, (p).out_lp, (p).lp_mode, (p).seg_len, (p).seg_p, (p).seg_q, (p).seg_pass
 
 typedef struct {
     ScanInF32 scan;

@@ -248,6 +248,10 @@ impl Model {
             d_state: ds as i64,
             out_lp: PtrMut::new(if lean { ws.gated_lp.ptr } else { 0 }),
             lp_mode: self.lp_mode(),
+            seg_len: ws.seg_len as i64,
+            seg_p: PtrMut::new(ws.seg.ptr),
+            seg_q: PtrMut::new(ws.seg.at::<f32>(ws.seg.bytes / 8)),
+            seg_pass: 0,
         };
         self.dev.tag("scan");
         // SAFETY: every buffer is this workspace's (`Work::new` sizes them for `batch ×

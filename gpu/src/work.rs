@@ -6,6 +6,7 @@ use reference::{MambaConfig, Result};
 
 use crate::cuda::{Buf, Dev};
 use crate::kernels::{scan_blocks, KernelShape};
+use crate::ops::selective_scan::{scan_fwd_segments, scan_seg_floats};
 
 /// What a workspace is for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -151,6 +152,10 @@ pub struct Work {
     pub state_in_ssm: Buf,
     pub state_out_conv: Buf,
     pub state_out_ssm: Buf,
+    /// Positions per segment of the scan forward (0: one; [`scan_fwd_segments`]).
+    pub seg_len: usize,
+    /// The segments' state maps: `seg_p` then `seg_q`, [`scan_seg_floats`] f32 each.
+    pub seg: Buf,
     /// Low-precision copies of GEMM activation operands (bf16 / fp16 modes).
     pub lp: Vec<Buf>,
     pub grad: Option<GradWork>,
@@ -291,6 +296,8 @@ impl Work {
         } else {
             Vec::new()
         };
+        let seg_len = scan_fwd_segments(dev.sm_count, batch, seq_len, di, shape.chunk)?;
+        let seg_floats = scan_seg_floats(batch, seq_len, di, ds, seg_len);
         Ok(Work {
             batch,
             seq_len,
@@ -318,6 +325,8 @@ impl Work {
             state_in_ssm: f(st_ssm)?,
             state_out_conv: f(st_conv)?,
             state_out_ssm: f(st_ssm)?,
+            seg_len,
+            seg: f(2 * seg_floats)?,
             lp,
             grad,
         })

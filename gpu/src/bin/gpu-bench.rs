@@ -14,8 +14,9 @@ use cudarc::driver::{result as drv, sys as drv_sys};
 use gpu::cuda::Dev;
 use gpu::kernels::KernelShape;
 use gpu::ops::selective_scan::{
-    scan_blocks, scan_reduce_bc, selective_scan_bwd_build, selective_scan_fwd, ScanInF32,
-    ScanReduceBcF32, SelectiveScanBwdF32, SelectiveScanFwdF32,
+    scan_blocks, scan_fwd_segments, scan_reduce_bc, scan_seg_count, scan_seg_floats,
+    selective_scan_bwd_build, selective_scan_fwd, ScanInF32, ScanReduceBcF32, SelectiveScanBwdF32,
+    SelectiveScanFwdF32,
 };
 use gpu::params::{Ptr, PtrMut};
 use gpu::{GpuEngine, GpuOptions, Precision};
@@ -238,7 +239,23 @@ impl Events {
 
 fn scan(rows: &mut Vec<String>) -> reference::Result<()> {
     for chunk in [16, 32, 64] {
-        scan_one(rows, chunk)?;
+        scan_one(rows, chunk, (8, 4096, 2048), true)?;
+    }
+    Ok(())
+}
+
+/// The scan forward in one segment and in the segments the engine plans, at the shapes of a
+/// batch-1 prefill (130M, 1.4B), of long-sequence training and of the 8 × 2048 one.
+fn scan_segs(rows: &mut Vec<String>) -> reference::Result<()> {
+    for shape in [
+        (1, 1536, 2048),
+        (1, 4096, 2048),
+        (1, 4096, 16384),
+        (2, 4096, 8192),
+        (16, 1536, 2048),
+        (8, 4096, 2048),
+    ] {
+        scan_one(rows, 32, shape, false)?;
     }
     Ok(())
 }
@@ -251,8 +268,13 @@ fn rnd(k: usize, scale: f32, off: f32, seed: u64) -> Vec<f32> {
         .collect()
 }
 
-fn scan_one(rows: &mut Vec<String>, chunk: usize) -> reference::Result<()> {
-    let (batch, di, seq, ds, r) = (8usize, 4096usize, 2048usize, 16usize, 128usize);
+fn scan_one(
+    rows: &mut Vec<String>,
+    chunk: usize,
+    (batch, di, seq): (usize, usize, usize),
+    backward: bool,
+) -> reference::Result<()> {
+    let (ds, r) = (16usize, 128usize);
     let shape = KernelShape {
         chunk,
         d_state_pad: 16,
@@ -290,6 +312,9 @@ fn scan_one(rows: &mut Vec<String>, chunk: usize) -> reference::Result<()> {
         dev.alloc(4 * batch * di)?,
     );
     let dxbc = dev.alloc(4 * n * xr)?;
+    let seg_len = scan_fwd_segments(dev.sm_count, batch, seq, di, chunk)?;
+    let seg_floats = scan_seg_floats(batch, seq, di, ds, seg_len);
+    let seg = dev.alloc(4 * 2 * seg_floats)?;
     let scan = ScanInF32 {
         u: Ptr::new(u.ptr),
         delta: Ptr::new(delta.ptr),
@@ -316,6 +341,14 @@ fn scan_one(rows: &mut Vec<String>, chunk: usize) -> reference::Result<()> {
         d_state,
         out_lp: PtrMut::NULL,
         lp_mode: 0,
+        seg_len: 0,
+        seg_p: PtrMut::new(seg.ptr),
+        seg_q: PtrMut::new(seg.at::<f32>(seg_floats)),
+        seg_pass: 0,
+    };
+    let fwd_seg_p = SelectiveScanFwdF32 {
+        seg_len: seg_len as i64,
+        ..fwd_p
     };
     let bwd_p = SelectiveScanBwdF32 {
         scan,
@@ -351,6 +384,26 @@ fn scan_one(rows: &mut Vec<String>, chunk: usize) -> reference::Result<()> {
     // SAFETY (the three closures): every buffer above is allocated at the kernels' extents
     // for (batch, seq, d_inner, d_state) and this device's chunk.
     let fwd = || unsafe { selective_scan_fwd(&dev, &fwd_p) }.expect("scan fwd");
+    if !backward {
+        // SAFETY: as above; `seg` holds both maps of `seg_len`.
+        let fwd_seg = || unsafe { selective_scan_fwd(&dev, &fwd_seg_p) }.expect("scan fwd");
+        let ev = Events::new();
+        for _ in 0..3 {
+            fwd();
+            fwd_seg();
+        }
+        let t1 = median((0..10).map(|_| ev.time(&dev, fwd)).collect());
+        let ts = median((0..10).map(|_| ev.time(&dev, fwd_seg)).collect());
+        rows.push(format!(
+            "scan forward B {batch} d_inner {di} L {seq}: one segment {:.3} ms, {} segments of {seg_len} {:.3} ms ({:.2}x)",
+            t1 * 1e3,
+            scan_seg_count(seq, seg_len),
+            ts * 1e3,
+            t1 / ts
+        ));
+        println!("{}", rows.last().unwrap());
+        return Ok(());
+    }
     let bwd = |kernel: &'static str, reduce: bool| {
         // SAFETY: see above.
         unsafe { selective_scan_bwd_build(&dev, kernel, &bwd_p) }.expect("scan bwd");
@@ -742,6 +795,9 @@ enum What {
     Gemv,
     /// Per-launch device times of decode steps (`VET_INFER_SIZES`, `VET_INFER_BATCHES`).
     DecodeProfile,
+    /// The scan forward in one segment against the planned segments (batch-1 prefill, long
+    /// sequences).
+    ScanSegs,
 }
 
 /// GPU benchmarks: the scan kernels, inference (prefill, decode) and training steps.
@@ -764,6 +820,9 @@ fn main() {
     let r = (|| {
         if what == What::Scan || what == What::All {
             scan(&mut rows)?;
+        }
+        if what == What::ScanSegs {
+            scan_segs(&mut rows)?;
         }
         if what == What::Infer || what == What::All {
             infer(&mut rows)?;

@@ -19,8 +19,9 @@ use super::norm::{
     norm_bwd_dw_partial, norm_bwd_dx, norm_fwd, NormBwdDwPartialF32, NormBwdDxF32, NormFwdF32,
 };
 use super::selective_scan::{
-    scan_blocks, scan_reduce_batch, scan_reduce_bc, selective_scan_bwd, selective_scan_fwd,
-    ScanInF32, ScanReduceBatchF32, ScanReduceBcF32, SelectiveScanBwdF32, SelectiveScanFwdF32,
+    plan_segments, scan_blocks, scan_fwd_segments, scan_reduce_batch, scan_reduce_bc,
+    scan_seg_count, scan_seg_floats, selective_scan_bwd, selective_scan_fwd, ScanInF32,
+    ScanReduceBatchF32, ScanReduceBcF32, SelectiveScanBwdF32, SelectiveScanFwdF32,
 };
 use crate::cuda::{Buf, Dev};
 use crate::kernels::KernelShape;
@@ -105,6 +106,11 @@ impl OpDev {
         Ok(host[PAD..PAD + g.len].to_vec())
     }
 
+    /// Positions per stored scan state in this build.
+    pub fn chunk(&self) -> usize {
+        self.shape.chunk
+    }
+
     fn scan_common(&self, inp: &ScanInputs<f32>) -> Result<ScanBufs> {
         let d = inp.dims;
         let n = d.batch * d.seq_len;
@@ -153,8 +159,16 @@ impl OpDev {
         s: &ScanBufs,
         out: PtrMut<f32>,
         last: PtrMut<f32>,
-    ) -> Result<()> {
+        segs: Option<usize>,
+    ) -> Result<usize> {
         let d = inp.dims;
+        let (sm, chunk) = (self.dev.sm_count, self.shape.chunk);
+        let seg_len = match segs {
+            None => scan_fwd_segments(sm, d.batch, d.seq_len, d.d_inner, chunk)?,
+            Some(n) => plan_segments(sm, d.batch, d.seq_len, d.d_inner, chunk, Some(n)),
+        };
+        let floats = scan_seg_floats(d.batch, d.seq_len, d.d_inner, d.d_state, seg_len);
+        let seg = self.dev.alloc(4 * 2 * floats)?;
         let p = SelectiveScanFwdF32 {
             scan: self.scan_in(inp, s),
             h0: ro_opt(&s.h0),
@@ -167,21 +181,40 @@ impl OpDev {
             d_state: d.d_state as i64,
             out_lp: PtrMut::NULL,
             lp_mode: 0,
+            seg_len: seg_len as i64,
+            seg_p: PtrMut::new(seg.ptr),
+            seg_q: PtrMut::new(seg.at::<f32>(floats)),
+            seg_pass: 0,
         };
         // SAFETY: `scan_common` uploaded every input at the shapes of `inp.dims` (checked by
         // the caller's `ScanInputs`), and sized the chunk states for this build's chunk; `out`
-        // and `last` hold `batch * seq_len * d_inner` and `batch * d_inner * d_state` f32.
-        unsafe { selective_scan_fwd(&self.dev, &p) }
+        // and `last` hold `batch * seq_len * d_inner` and `batch * d_inner * d_state` f32;
+        // `seg` holds both state maps of `seg_len`, a multiple of the chunk.
+        unsafe { selective_scan_fwd(&self.dev, &p) }?;
+        self.dev.sync()?;
+        Ok(scan_seg_count(d.seq_len, seg_len))
     }
 
-    /// `selective_scan_fwd` on the device: (out, final state).
+    /// `selective_scan_fwd` on the device: (out, final state), cut into the segments the
+    /// engine would choose for this shape.
     pub fn selective_scan_fwd(&self, inp: &ScanInputs<f32>) -> Result<(Vec<f32>, Vec<f32>)> {
+        self.selective_scan_fwd_segs(inp, None)
+            .map(|(o, l, _)| (o, l))
+    }
+
+    /// `selective_scan_fwd` on the device cut into `segs` segments of whole chunks (`None`:
+    /// the engine's choice): (out, final state, the segments it ran).
+    pub fn selective_scan_fwd_segs(
+        &self,
+        inp: &ScanInputs<f32>,
+        segs: Option<usize>,
+    ) -> Result<(Vec<f32>, Vec<f32>, usize)> {
         let d = inp.dims;
         let s = self.scan_common(inp)?;
         let out = self.out(d.batch * d.seq_len * d.d_inner, "selective_scan_fwd out")?;
         let last = self.out(d.batch * d.d_inner * d.d_state, "selective_scan_fwd last")?;
-        self.scan_fwd_launch(inp, &s, out.ptr(), last.ptr())?;
-        Ok((self.take(out)?, self.take(last)?))
+        let ran = self.scan_fwd_launch(inp, &s, out.ptr(), last.ptr(), segs)?;
+        Ok((self.take(out)?, self.take(last)?, ran))
     }
 
     /// `selective_scan_bwd` on the device (the forward runs first for the chunk states).
@@ -194,7 +227,7 @@ impl OpDev {
         let (n, di, ds) = (d.batch * d.seq_len, d.d_inner, d.d_state);
         let s = self.scan_common(inp)?;
         let tmp = self.dev.alloc(4 * n * di)?;
-        self.scan_fwd_launch(inp, &s, PtrMut::new(tmp.ptr), PtrMut::NULL)?;
+        self.scan_fwd_launch(inp, &s, PtrMut::new(tmp.ptr), PtrMut::NULL, None)?;
         let nblk = scan_blocks(di);
         let dout = self.put(dout)?;
         let du = self.out(n * di, "scan du")?;

@@ -50,6 +50,15 @@ kernel_params! {
         out_lp: PtrMut<u16>,
         /// 0: bf16, 1: fp16.
         lp_mode: i32,
+        /// Positions per segment ([`scan_fwd_segments`]): a multiple of the build's chunk;
+        /// 0 or at least `seq_len`: one segment, the sequential scan.
+        seg_len: i64,
+        /// With several segments: each segment's map of its start state to its end state
+        /// (`h_end = seg_p ⊙ h_start + seg_q`), `[n_seg − 1, batch, d_inner, d_state]` each.
+        seg_p: PtrMut<f32>,
+        seg_q: PtrMut<f32>,
+        /// 1: the pass that writes `seg_p` / `seg_q` (no outputs); 0: the scan.
+        seg_pass: i32,
     }
 }
 
@@ -136,7 +145,8 @@ pub fn params_cuh() -> String {
     )
 }
 
-/// Launches `selective_scan_fwd_f32`.
+/// Launches `selective_scan_fwd_f32`: one pass, or with several segments the pass that writes
+/// each segment's state map, then the scan.
 ///
 /// # Safety
 /// `u`, `delta` hold `batch * seq_len * d_inner` f32; `xbc` `batch * seq_len` rows at stride
@@ -145,10 +155,117 @@ pub fn params_cuh() -> String {
 /// i32; `h0`, `last` (where not null) `batch * d_inner * d_state` f32; `out` `batch * seq_len
 /// * d_inner` f32; `chunk_states` (where not null) `batch * n_chunks * d_state * d_inner` f32
 /// with the chunk the kernels were built for; `d_state` at most the build's `d_state_pad`.
+/// With several segments (`seg_len` below `seq_len`), `seg_p` and `seg_q` hold
+/// [`scan_seg_floats`] f32 each and `seg_len` is a multiple of the build's chunk.
 pub unsafe fn selective_scan_fwd(dev: &Dev, p: &SelectiveScanFwdF32) -> Result<()> {
-    let grid = (scan_blocks(p.d_inner as usize) as u32, p.batch as u32, 1);
+    let n_seg = scan_seg_count(p.seq_len as usize, p.seg_len as usize) as u32;
+    let (bx, by) = (scan_blocks(p.d_inner as usize) as u32, p.batch as u32);
+    if n_seg > 1 {
+        let transform = SelectiveScanFwdF32 { seg_pass: 1, ..*p };
+        // SAFETY: the caller's contract is the kernel's; the first pass writes only seg_p /
+        // seg_q, for segments 0 .. n_seg − 2.
+        unsafe { dev.launch((bx, by, n_seg - 1), SCAN_FWD_THREADS as u32, 0, &transform) }?;
+    }
+    let scan = SelectiveScanFwdF32 { seg_pass: 0, ..*p };
     // SAFETY: the caller's contract is the kernel's.
-    unsafe { dev.launch(grid, SCAN_FWD_THREADS as u32, 0, p) }
+    unsafe { dev.launch((bx, by, n_seg), SCAN_FWD_THREADS as u32, 0, &scan) }
+}
+
+/// Segments of a row of `seq_len` positions cut every `seg_len` (0: one segment).
+pub fn scan_seg_count(seq_len: usize, seg_len: usize) -> usize {
+    if seg_len == 0 || seg_len >= seq_len {
+        1
+    } else {
+        seq_len.div_ceil(seg_len)
+    }
+}
+
+/// f32 in each of `seg_p` and `seg_q` for `seg_len` (`[n_seg − 1, batch, d_inner, d_state]`).
+pub fn scan_seg_floats(
+    batch: usize,
+    seq_len: usize,
+    d_inner: usize,
+    d_state: usize,
+    seg_len: usize,
+) -> usize {
+    (scan_seg_count(seq_len, seg_len) - 1) * batch * d_inner * d_state
+}
+
+/// Work of the first pass against the scan's, per position (it skips y, the gate and every
+/// output): the cost model's weight of the extra pass.
+const TRANSFORM_COST: f64 = 0.7;
+
+/// At most this many segments (the last folds all the maps before it).
+const MAX_SEGMENTS: usize = 64;
+
+/// Positions per segment of the scan forward for this shape (0: one segment): the segment
+/// count that minimises the model's time on `sm_count` SMs (two blocks each), where a pass
+/// takes waves × (chunks per block + 1) and the first pass [`TRANSFORM_COST`] of that. A grid
+/// that already fills the SMs (training at 8 × 2048) keeps one segment; a batch-1 prefill,
+/// 12 blocks at 130M, gets many. `VET_SCAN_SEGS=N` asks for N segments (1: none).
+pub fn scan_fwd_segments(
+    sm_count: usize,
+    batch: usize,
+    seq_len: usize,
+    d_inner: usize,
+    chunk: usize,
+) -> Result<usize> {
+    let forced = match std::env::var("VET_SCAN_SEGS").ok().filter(|v| !v.is_empty()) {
+        None => None,
+        Some(v) => match v.trim().parse::<usize>() {
+            Ok(n) if n > 0 => Some(n),
+            _ => {
+                return Err(reference::Error::Device {
+                    device: "cuda".into(),
+                    msg: format!("environment variable VET_SCAN_SEGS={v:?} is not valid: expected a positive integer"),
+                })
+            }
+        },
+    };
+    Ok(plan_segments(
+        sm_count, batch, seq_len, d_inner, chunk, forced,
+    ))
+}
+
+/// [`scan_fwd_segments`] with the override given.
+pub fn plan_segments(
+    sm_count: usize,
+    batch: usize,
+    seq_len: usize,
+    d_inner: usize,
+    chunk: usize,
+    forced: Option<usize>,
+) -> usize {
+    let n_chunks = seq_len.div_ceil(chunk.max(1));
+    let seg_len = |segs: usize| n_chunks.div_ceil(segs.max(1)) * chunk;
+    if let Some(n) = forced {
+        let l = seg_len(n.min(n_chunks.max(1)));
+        return if l >= seq_len { 0 } else { l };
+    }
+    let slots = (2 * sm_count).max(1);
+    let blocks = scan_blocks(d_inner) * batch;
+    let cost = |segs: usize| {
+        let per = n_chunks.div_ceil(segs);
+        let real = n_chunks.div_ceil(per);
+        let waves = |b: usize| b.div_ceil(slots) as f64;
+        // A block's setup (its loads before the first tile, the fold of the earlier maps)
+        // counts as one more chunk.
+        (waves(blocks * real) + TRANSFORM_COST * waves(blocks * (real - 1))) * (per + 1) as f64
+    };
+    let mut best = (cost(1), 1);
+    for segs in 2..=n_chunks.min(MAX_SEGMENTS) {
+        let c = cost(segs);
+        // Fewer segments on a tie (less work in all).
+        if c < best.0 * 0.999 {
+            best = (c, segs);
+        }
+    }
+    let l = seg_len(best.1);
+    if l >= seq_len {
+        0
+    } else {
+        l
+    }
 }
 
 /// Launches the scan backward build this process uses ([`scan_bwd_kernel`]).
@@ -198,4 +315,43 @@ pub unsafe fn scan_reduce_bc(dev: &Dev, p: &ScanReduceBcF32) -> Result<()> {
 pub unsafe fn scan_reduce_batch(dev: &Dev, p: &ScanReduceBatchF32) -> Result<()> {
     // SAFETY: the caller's contract is the kernel's.
     unsafe { dev.launch(dev.grid1d(p.m as usize), 256, 0, p) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn segments_only_where_the_grid_leaves_sms_idle() {
+        // H100 / H200: 132 SMs. 8 × 2048 at the 1.4B's width and 16 × 2048 at the 130M's fill
+        // the GPU: one segment, the sequential scan.
+        assert_eq!(plan_segments(132, 8, 2048, 4096, 32, None), 0);
+        assert_eq!(plan_segments(132, 16, 2048, 1536, 32, None), 0);
+        // A batch-1 prefill: 32 blocks (1.4B), 12 (130M), cut so the blocks fill one wave.
+        for (di, want) in [(4096, 256), (1536, 96)] {
+            let l = plan_segments(132, 1, 2048, di, 32, None);
+            assert_eq!(l, want, "d_inner {di}");
+            let blocks = scan_blocks(di) * scan_seg_count(2048, l);
+            assert!(blocks <= 264, "d_inner {di}: {blocks} blocks");
+        }
+        // Long-sequence training: 2 × 8192 and 1 × 16384 at the 1.4B's width.
+        assert_eq!(plan_segments(132, 2, 8192, 4096, 32, None), 2048);
+        assert_eq!(plan_segments(132, 1, 16384, 4096, 32, None), 2048);
+        // Rows of one chunk cannot be cut.
+        assert_eq!(plan_segments(132, 1, 32, 1536, 32, None), 0);
+        assert_eq!(plan_segments(132, 1, 1, 1536, 32, None), 0);
+    }
+
+    #[test]
+    fn forced_segments_are_whole_chunks() {
+        assert_eq!(plan_segments(132, 8, 2048, 4096, 32, Some(1)), 0);
+        assert_eq!(plan_segments(132, 8, 2048, 4096, 32, Some(4)), 512);
+        assert_eq!(plan_segments(132, 1, 200, 40, 32, Some(3)), 96);
+        assert_eq!(scan_seg_count(200, 96), 3);
+        // More segments than chunks: one chunk each.
+        assert_eq!(plan_segments(132, 1, 200, 40, 32, Some(1000)), 32);
+        assert_eq!(scan_seg_count(200, 32), 7);
+        assert_eq!(scan_seg_floats(2, 200, 40, 16, 32), 6 * 2 * 40 * 16);
+        assert_eq!(scan_seg_floats(2, 200, 40, 16, 0), 0);
+    }
 }
