@@ -11,7 +11,7 @@ use conformance::gpu_ops::{f64s, normal, open, Report};
 use conformance::tol::gpu as gpu_tol;
 use conformance::{random_flags, seed_of};
 use reference::ops::selective_scan::{
-    selective_scan_bwd, selective_scan_fwd, ScanDims, ScanInputs,
+    selective_scan_bwd, selective_scan_fwd, ScanDims, ScanGrads, ScanInputs,
 };
 use reference::rng::Rng;
 
@@ -93,6 +93,28 @@ impl CaseData {
     }
 }
 
+/// Every gradient of the device's backward against the reference's (f64), within
+/// [`gpu_tol::OP_F32_BWD`].
+fn cmp_grads(rep: &mut Report, what: &str, g: &ScanGrads<f32>, w: &ScanGrads<f64>) {
+    let t = gpu_tol::OP_F32_BWD;
+    let pairs: [(&str, &[f32], &[f64]); 8] = [
+        ("du", &g.u, &w.u),
+        ("ddelta", &g.delta, &w.delta),
+        ("dA", &g.a, &w.a),
+        ("dB", &g.b, &w.b),
+        ("dC", &g.c, &w.c),
+        ("dD", &g.d, &w.d),
+        ("d delta_bias", &g.delta_bias, &w.delta_bias),
+        ("dh0", &g.h0, &w.h0),
+    ];
+    for (name, got, want) in pairs {
+        rep.cmp(format!("{what}: {name}"), got, want, t);
+    }
+    if let (Some(gz), Some(wz)) = (&g.z, &w.z) {
+        rep.cmp(format!("{what}: dz"), gz, wz, t);
+    }
+}
+
 #[test]
 fn gpu_selective_scan_matches_reference() {
     let mut rep = Report(Vec::new());
@@ -111,28 +133,12 @@ fn gpu_selective_scan_matches_reference() {
         rep.cmp(format!("scan fwd {name}: final state"), &last, &wlast, t);
         let g = dev.selective_scan_bwd(&inp32, dout).unwrap();
         let w = selective_scan_bwd(&inp64, do6);
-        let t = gpu_tol::OP_F32_BWD;
-        rep.cmp(format!("scan bwd {name}: du"), &g.u, &w.u, t);
-        rep.cmp(format!("scan bwd {name}: ddelta"), &g.delta, &w.delta, t);
-        rep.cmp(format!("scan bwd {name}: dA"), &g.a, &w.a, t);
-        rep.cmp(format!("scan bwd {name}: dB"), &g.b, &w.b, t);
-        rep.cmp(format!("scan bwd {name}: dC"), &g.c, &w.c, t);
-        rep.cmp(format!("scan bwd {name}: dD"), &g.d, &w.d, t);
-        rep.cmp(
-            format!("scan bwd {name}: d delta_bias"),
-            &g.delta_bias,
-            &w.delta_bias,
-            t,
-        );
-        rep.cmp(format!("scan bwd {name}: dh0"), &g.h0, &w.h0, t);
-        if let (Some(gz), Some(wz)) = (&g.z, &w.z) {
-            rep.cmp(format!("scan bwd {name}: dz"), gz, wz, t);
-        }
+        cmp_grads(&mut rep, &format!("scan bwd {name}"), &g, &w);
     }
     rep.finish("gpu_selective_scan_matches_reference");
 }
 
-/// The forward cut into segments that run side by side (a batch-1 prefill has too few blocks
+/// The forward and the backward cut into segments that run side by side (a batch-1 prefill has too few blocks
 /// to fill the GPU): each segment's start state comes from the ones before it through their
 /// state maps. Resets fall inside and on segment edges, the last segment is partial, and the
 /// initial state must flow through every map.
@@ -158,7 +164,9 @@ fn gpu_selective_scan_segments_match_reference() {
         };
         let data = CaseData::new(case);
         let inp32 = data.inputs(&data.v);
-        let (wout, wlast) = selective_scan_fwd(&data.inputs(&data.w));
+        let inp64 = data.inputs(&data.w);
+        let (wout, wlast) = selective_scan_fwd(&inp64);
+        let wgrad = selective_scan_bwd(&inp64, &data.w[9]);
         let (one, _, ran) = dev.selective_scan_fwd_segs(&inp32, Some(1)).unwrap();
         assert_eq!(ran, 1, "{name}: one segment asked");
         for &k in *segs {
@@ -186,6 +194,17 @@ fn gpu_selective_scan_segments_match_reference() {
                 &out,
                 &f64s(&one),
                 t,
+            );
+            // The backward in the same segments: each starts from the state gradient of the
+            // later ones, folded through their maps.
+            let g = dev
+                .selective_scan_bwd_segs(&inp32, &data.v[9], Some(k))
+                .unwrap();
+            cmp_grads(
+                &mut rep,
+                &format!("scan bwd {name} / {k} segments"),
+                &g,
+                &wgrad,
             );
         }
     }

@@ -310,7 +310,8 @@ selective_scan_bwd_body(const float* __restrict__ u, const float* __restrict__ d
                         float* __restrict__ part_d, float* __restrict__ part_db,
                         const float* __restrict__ dh_last, float* __restrict__ dh0,
                         long batch, long L, long di, long ds, u16* __restrict__ gated_lp,
-                        u16* __restrict__ ddelta_lp, u16* __restrict__ dz_lp, int lp_mode) {
+                        u16* __restrict__ ddelta_lp, u16* __restrict__ dz_lp, int lp_mode,
+                        long seg_len, const float* __restrict__ seg_p, const float* __restrict__ seg_q) {
     extern __shared__ __align__(16) float smem[];
     float* sbc = smem;
     int* sr = reinterpret_cast<int*>(smem + CHUNK * 2 * NG);
@@ -321,18 +322,30 @@ selective_scan_bwd_body(const float* __restrict__ u, const float* __restrict__ d
     long b = blockIdx.y;
     bool cval = c < di;
     long cc = cval ? c : di - 1;
+    // This block's segment of positions (see selective_scan_bwd_map_f32).
+    long sl = seg_len > 0 && seg_len < L ? seg_len : L;
+    long seg = blockIdx.z, n_seg = sl > 0 ? (L + sl - 1) / sl : 1;
+    long tbeg = seg * sl, tend = tbeg + sl < L ? tbeg + sl : L;
     float A2[NG], dh[NG], dA[NG];
 #pragma unroll
     for (int n = 0; n < NG; ++n) {
         A2[n] = n < ds ? -expf(a_log[cc * ds + n]) * LOG2E : 0.0f;
-        // The final state's gradient (later windows of the row) enters after the last position.
+        // The final state's gradient (later windows of the row) enters after the last position,
+        // then passes the later segments' maps, last to first.
         dh[n] = (dh_last && cval && n < ds) ? dh_last[(b * di + c) * ds + n] : 0.0f;
+        if (cval && n < ds) {
+            for (long k = n_seg - 1; k > seg; --k) {
+                long at = (((k - 1) * batch + b) * di + c) * ds + n;
+                dh[n] = seg_p[at] * dh[n] + seg_q[at];
+            }
+        }
         dA[n] = 0.0f;
     }
     float Dc = dvec[cc], bias = dt_bias[cc];
     float dD = 0.0f, ddb = 0.0f;
     long nchunks = (L + CHUNK - 1) / CHUNK;
-    long gw_last = L > 0 ? (L - 1) / SUB : -1;
+    long gw_last = tend > tbeg ? (tend - 1) / SUB : -1;
+    long gw_first = tbeg / SUB;
     // Prefetched inputs of the next window (the SUB positions before the current one).
     float nu[SUB], nv[SUB], ng[SUB], nz[SUB];
     auto load_win = [&](long t0) {
@@ -347,8 +360,8 @@ selective_scan_bwd_body(const float* __restrict__ u, const float* __restrict__ d
             nz[j] = (tv && z) ? z[row * ldz + c] : 0.0f;
         }
     };
-    if (gw_last >= 0) load_win(gw_last * SUB);
-    for (long gw = gw_last; gw >= 0; --gw) {
+    if (gw_last >= gw_first) load_win(gw_last * SUB);
+    for (long gw = gw_last; gw >= gw_first; --gw) {
         long k = gw / NW;
         int w = (int)(gw % NW);
         long tc0 = k * CHUNK;
@@ -427,7 +440,7 @@ selective_scan_bwd_body(const float* __restrict__ u, const float* __restrict__ d
                 dy[j] = ng[j] * zs[j];
             }
         }
-        if (gw > 0) load_win(t0 - SUB);
+        if (gw > gw_first) load_win(t0 - SUB);
         // Forward over the window: states into registers, y.
         float hist[SUB][NG], y[SUB];
         {
@@ -523,16 +536,87 @@ selective_scan_bwd_body(const float* __restrict__ u, const float* __restrict__ d
         }
     }
     if (cval) {
+        // Partials per (segment, batch row), summed in that order by scan_reduce_batch_f32.
+        long pb = seg * batch + b;
 #pragma unroll
         for (int n = 0; n < NG; ++n) {
             if (n < ds) {
-                part_a[(b * di + c) * ds + n] = dA[n];
-                if (dh0) dh0[(b * di + c) * ds + n] = dh[n];
+                part_a[(pb * di + c) * ds + n] = dA[n];
+                if (dh0 && seg == 0) dh0[(b * di + c) * ds + n] = dh[n];
             }
         }
-        part_d[b * di + c] = dD;
-        part_db[b * di + c] = ddb;
+        part_d[pb * di + c] = dD;
+        part_db[pb * di + c] = ddb;
     }
+}
+
+// The backward's first pass where the positions are cut into segments (blockIdx.z + 1 = s ≥
+// 1, the segment layout of the forward): the adjoint recurrence dh ← (dh + dy_t · C_t) · a_t
+// (a_t = exp(dt_t · A), 0 at a reset) is linear per state, so segment s maps the gradient
+// entering its last position to the one leaving its first as P ⊙ dh + q. This pass writes P
+// and q (`[n_seg − 1, batch, d_inner, d_state]`, segment s at s − 1); the main pass starts
+// each segment from dh_last folded through the maps of the segments after it. dt and dy as
+// the main pass computes them.
+static __device__ __forceinline__ void
+selective_scan_bwd_map_body(const float* __restrict__, const float* __restrict__ delta,
+                            const float* __restrict__ a_log, const float* __restrict__ xbc, long ldbc, long col_b,
+                            const float* __restrict__, const float* __restrict__ z, long ldz,
+                            const float* __restrict__ dt_bias, const int* __restrict__ starts,
+                            const float* __restrict__, const float* __restrict__ dout, float* __restrict__,
+                            float* __restrict__, float* __restrict__, long, float* __restrict__,
+                            float* __restrict__, float* __restrict__, float* __restrict__,
+                            const float* __restrict__, float* __restrict__, long batch, long L, long di,
+                            long ds, u16* __restrict__, u16* __restrict__, u16* __restrict__, int,
+                            long seg_len, float* __restrict__ seg_p, float* __restrict__ seg_q) {
+    int tid = threadIdx.x;
+    long c = blockIdx.x * (long)SCAN_THREADS + tid;
+    long b = blockIdx.y;
+    bool cval = c < di;
+    long cc = cval ? c : di - 1;
+    long sl = seg_len > 0 && seg_len < L ? seg_len : L;
+    long seg = blockIdx.z + 1;
+    long tbeg = seg * sl, tend = tbeg + sl < L ? tbeg + sl : L;
+    float A2[NG], dh[NG], P[NG];
+#pragma unroll
+    for (int n = 0; n < NG; ++n) {
+        A2[n] = n < ds ? -expf(a_log[cc * ds + n]) * LOG2E : 0.0f;
+        dh[n] = 0.0f;
+        P[n] = 1.0f;
+    }
+    float bias = dt_bias[cc];
+#pragma unroll 4
+    for (long t = tend - 1; t >= tbeg; --t) {
+        long row = b * L + t;
+        float v = (cval ? delta[row * di + c] : 0.0f) + bias;
+        float ev = expf(v);
+        float dt = cval ? (v > 20.0f ? v : log1pf(ev)) : 0.0f;
+        float zv = (cval && z) ? z[row * ldz + c] : 0.0f;
+        float zs = z ? zv * sigmoid_f32(zv) : 1.0f;
+        float dy = (cval ? dout[row * di + c] : 0.0f) * zs;
+        bool rs = starts[row] == t;
+        const float* cr = xbc + row * ldbc + col_b + ds;
+#pragma unroll
+        for (int n = 0; n < NG; ++n) {
+            float cn = n < ds ? cr[n] : 0.0f;
+            float dec = ex2(dt * A2[n]);
+            dh[n] += dy * cn;
+            dh[n] = rs ? 0.0f : dh[n] * dec;
+            P[n] = rs ? 0.0f : P[n] * dec;
+        }
+    }
+    if (cval) {
+#pragma unroll
+        for (int n = 0; n < NG; ++n) {
+            long at = (((seg - 1) * batch + b) * di + c) * ds + n;
+            if (n < ds) {
+                seg_p[at] = P[n];
+                seg_q[at] = dh[n];
+            }
+        }
+    }
+}
+extern "C" __global__ void __launch_bounds__(SCAN_THREADS) selective_scan_bwd_map_f32(const SelectiveScanBwdF32 p) {
+    selective_scan_bwd_map_body(SELECTIVE_SCAN_BWD_F32_ARGS(p));
 }
 
 // Two builds of the same backward: registers as the compiler likes, and capped for two blocks

@@ -58,8 +58,11 @@ typedef struct {
     u16* ddelta_lp;
     u16* dz_lp;
     int lp_mode;
+    long seg_len;
+    float* seg_p;
+    float* seg_q;
 } SelectiveScanBwdF32;
-#define SELECTIVE_SCAN_BWD_F32_ARGS(p) SCAN_IN_F32_ARGS((p).scan), (p).chunk_states, (p).dout, (p).du_out, (p).ddelta_out, (p).dz_out, (p).ldz_out, (p).part_bc, (p).part_a, (p).part_d, (p).part_db, (p).dh_last, (p).dh0, (p).batch, (p).seq_len, (p).d_inner, (p).d_state, (p).gated_lp, (p).ddelta_lp, (p).dz_lp, (p).lp_mode
+#define SELECTIVE_SCAN_BWD_F32_ARGS(p) SCAN_IN_F32_ARGS((p).scan), (p).chunk_states, (p).dout, (p).du_out, (p).ddelta_out, (p).dz_out, (p).ldz_out, (p).part_bc, (p).part_a, (p).part_d, (p).part_db, (p).dh_last, (p).dh0, (p).batch, (p).seq_len, (p).d_inner, (p).d_state, (p).gated_lp, (p).ddelta_lp, (p).dz_lp, (p).lp_mode, (p).seg_len, (p).seg_p, (p).seg_q
 
 typedef struct {
     const float* part_bc;

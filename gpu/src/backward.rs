@@ -16,8 +16,8 @@ use crate::ops::elementwise::{colsum_final, colsum_partial, ColsumFinalF32, Cols
 use crate::ops::embedding::{embedding_bwd, EmbeddingBwdF32};
 use crate::ops::norm::{norm_bwd_dw_partial, norm_bwd_dx, NormBwdDwPartialF32, NormBwdDxF32};
 use crate::ops::selective_scan::{
-    scan_blocks, scan_reduce_batch, scan_reduce_bc, selective_scan_bwd, ScanReduceBatchF32,
-    ScanReduceBcF32, SelectiveScanBwdF32,
+    scan_blocks, scan_reduce_batch, scan_reduce_bc, scan_seg_count, selective_scan_bwd,
+    ScanReduceBatchF32, ScanReduceBcF32, SelectiveScanBwdF32,
 };
 use crate::params::{Ptr, PtrMut};
 use crate::work::{row_blocks, GradWork, LayerActs, Work};
@@ -195,7 +195,11 @@ impl<'a> Backward<'a> {
                 0
             }),
             lp_mode: m.lp_mode(),
+            seg_len: ws.seg_len as i64,
+            seg_p: PtrMut::new(ws.seg.ptr),
+            seg_q: PtrMut::new(ws.seg.at::<f32>(ws.seg.bytes / 8)),
         };
+        let n_seg = scan_seg_count(ws.seq_len, ws.seg_len);
         let reduce_bc = ScanReduceBcF32 {
             part_bc: Ptr::new(gw.part_bc.ptr),
             n_blocks: scan_blocks(di) as i64,
@@ -219,12 +223,12 @@ impl<'a> Backward<'a> {
         ] {
             let p = ScanReduceBatchF32 {
                 part: Ptr::new(part),
-                batch: batch as i64,
+                batch: (n_seg * batch) as i64,
                 m: len as i64,
                 dst: PtrMut::new(dst),
                 a_log: Ptr::new(alog),
             };
-            // SAFETY: `part` holds `batch * len` partials, `dst` (and A_log) `len` f32.
+            // SAFETY: `part` holds `n_seg * batch * len` partials, `dst` (and A_log) `len` f32.
             unsafe { scan_reduce_batch(&m.dev, &p) }?;
         }
         Ok(())

@@ -6,7 +6,7 @@ use reference::{MambaConfig, Result};
 
 use crate::cuda::{Buf, Dev};
 use crate::kernels::{scan_blocks, KernelShape};
-use crate::ops::selective_scan::{scan_fwd_segments, scan_seg_floats};
+use crate::ops::selective_scan::{scan_fwd_segments, scan_seg_count, scan_seg_floats};
 
 /// What a workspace is for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -76,6 +76,7 @@ impl GradWork {
         batch: usize,
         n: usize,
         (lean, lean_dxz): (bool, bool),
+        n_seg: usize,
     ) -> Result<GradWork> {
         let (dm, di, ds, xr) = (cfg.d_model, cfg.d_inner, cfg.d_state, cfg.x_proj_rows());
         let f = |k: usize| dev.alloc(4 * k);
@@ -93,9 +94,10 @@ impl GradWork {
             d_xz: dev.alloc(if lean_dxz { 2 } else { 4 } * n * 2 * di)?,
             d_xdbl: f(n * xr)?,
             part_bc: f(nblk * n * 2 * ds)?,
-            part_a: f(batch * di * ds)?,
-            part_d: f(batch * di)?,
-            part_db: f(batch * di)?,
+            // One partial per (scan segment, batch row).
+            part_a: f(n_seg * batch * di * ds)?,
+            part_d: f(n_seg * batch * di)?,
+            part_db: f(n_seg * batch * di)?,
             colpart: f(n_rb * (2 * di).max(dm).max(di * cfg.d_conv))?,
             colpart_b: f(n_rb * di.max(dm))?,
             gstate_conv: f(st_conv)?,
@@ -152,9 +154,10 @@ pub struct Work {
     pub state_in_ssm: Buf,
     pub state_out_conv: Buf,
     pub state_out_ssm: Buf,
-    /// Positions per segment of the scan forward (0: one; [`scan_fwd_segments`]).
+    /// Positions per segment of the scan, forward and backward (0: one; [`scan_fwd_segments`]).
     pub seg_len: usize,
-    /// The segments' state maps: `seg_p` then `seg_q`, [`scan_seg_floats`] f32 each.
+    /// The segments' maps of the state (forward) or of its gradient (backward): `seg_p` then
+    /// `seg_q`, [`scan_seg_floats`] f32 each.
     pub seg: Buf,
     /// Low-precision copies of GEMM activation operands (bf16 / fp16 modes).
     pub lp: Vec<Buf>,
@@ -275,8 +278,10 @@ impl Work {
         };
         let st_conv = cfg.n_layer * batch * di * km1;
         let st_ssm = cfg.n_layer * batch * di * ds;
+        let seg_len = scan_fwd_segments(dev.sm_count, batch, seq_len, di, shape.chunk)?;
         let grad = if train {
-            Some(GradWork::new(dev, cfg, batch, n, (lean, lean_dxz))?)
+            let n_seg = scan_seg_count(seq_len, seg_len);
+            Some(GradWork::new(dev, cfg, batch, n, (lean, lean_dxz), n_seg)?)
         } else {
             None
         };
@@ -296,7 +301,6 @@ impl Work {
         } else {
             Vec::new()
         };
-        let seg_len = scan_fwd_segments(dev.sm_count, batch, seq_len, di, shape.chunk)?;
         let seg_floats = scan_seg_floats(batch, seq_len, di, ds, seg_len);
         Ok(Work {
             batch,

@@ -372,6 +372,13 @@ fn scan_one(
         ddelta_lp: PtrMut::NULL,
         dz_lp: PtrMut::NULL,
         lp_mode: 0,
+        seg_len: 0,
+        seg_p: PtrMut::new(seg.ptr),
+        seg_q: PtrMut::new(seg.at::<f32>(seg_floats)),
+    };
+    let bwd_seg_p = SelectiveScanBwdF32 {
+        seg_len: seg_len as i64,
+        ..bwd_p
     };
     let reduce_p = ScanReduceBcF32 {
         part_bc: Ptr::new(part_bc.ptr),
@@ -385,21 +392,38 @@ fn scan_one(
     // for (batch, seq, d_inner, d_state) and this device's chunk.
     let fwd = || unsafe { selective_scan_fwd(&dev, &fwd_p) }.expect("scan fwd");
     if !backward {
-        // SAFETY: as above; `seg` holds both maps of `seg_len`.
+        // One segment against the planned ones, forward and backward (the partials are
+        // sized for `segs` rows of `batch`).
+        let segs = scan_seg_count(seq, seg_len);
+        let (pa, pd, pdb) = (
+            dev.alloc(4 * segs * batch * di * ds)?,
+            dev.alloc(4 * segs * batch * di)?,
+            dev.alloc(4 * segs * batch * di)?,
+        );
+        let parts = |p: SelectiveScanBwdF32| SelectiveScanBwdF32 {
+            part_a: PtrMut::new(pa.ptr),
+            part_d: PtrMut::new(pd.ptr),
+            part_db: PtrMut::new(pdb.ptr),
+            ..p
+        };
+        let (b1, bs) = (parts(bwd_p), parts(bwd_seg_p));
+        let k = gpu::kernels::scan_bwd_kernel();
+        // SAFETY: as above; `seg` holds both maps of `seg_len`, the partials `segs` rows.
         let fwd_seg = || unsafe { selective_scan_fwd(&dev, &fwd_seg_p) }.expect("scan fwd");
+        let bwd_one = || unsafe { selective_scan_bwd_build(&dev, k, &b1) }.expect("scan bwd");
+        let bwd_seg = || unsafe { selective_scan_bwd_build(&dev, k, &bs) }.expect("scan bwd");
         let ev = Events::new();
         for _ in 0..3 {
             fwd();
+            bwd_one();
             fwd_seg();
+            bwd_seg();
         }
-        let t1 = median((0..10).map(|_| ev.time(&dev, fwd)).collect());
-        let ts = median((0..10).map(|_| ev.time(&dev, fwd_seg)).collect());
+        let t = |f: &dyn Fn()| median((0..10).map(|_| ev.time(&dev, f)).collect());
+        let (f1, fs, b1t, bst) = (t(&fwd), t(&fwd_seg), t(&bwd_one), t(&bwd_seg));
         rows.push(format!(
-            "scan forward B {batch} d_inner {di} L {seq}: one segment {:.3} ms, {} segments of {seg_len} {:.3} ms ({:.2}x)",
-            t1 * 1e3,
-            scan_seg_count(seq, seg_len),
-            ts * 1e3,
-            t1 / ts
+            "scan B {batch} d_inner {di} L {seq}, one segment / {segs} segments of {seg_len}: forward {:.3} / {:.3} ms ({:.2}x), backward {:.3} / {:.3} ms ({:.2}x)",
+            f1 * 1e3, fs * 1e3, f1 / fs, b1t * 1e3, bst * 1e3, b1t / bst
         ));
         println!("{}", rows.last().unwrap());
         return Ok(());

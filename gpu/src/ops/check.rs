@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use reference::ops::conv1d::ConvDims;
 use reference::ops::norm::NormStats;
-use reference::ops::selective_scan::{ScanGrads, ScanInputs};
+use reference::ops::selective_scan::{ScanDims, ScanGrads, ScanInputs};
 use reference::{Error, NormKind, Result};
 
 use super::conv1d::{
@@ -111,6 +111,15 @@ impl OpDev {
         self.shape.chunk
     }
 
+    /// Positions per scan segment for `segs` segments (`None`: the engine's choice).
+    fn seg_len(&self, d: ScanDims, segs: Option<usize>) -> Result<usize> {
+        let (sm, chunk) = (self.dev.sm_count, self.shape.chunk);
+        Ok(match segs {
+            None => scan_fwd_segments(sm, d.batch, d.seq_len, d.d_inner, chunk)?,
+            Some(n) => plan_segments(sm, d.batch, d.seq_len, d.d_inner, chunk, Some(n)),
+        })
+    }
+
     fn scan_common(&self, inp: &ScanInputs<f32>) -> Result<ScanBufs> {
         let d = inp.dims;
         let n = d.batch * d.seq_len;
@@ -162,11 +171,7 @@ impl OpDev {
         segs: Option<usize>,
     ) -> Result<usize> {
         let d = inp.dims;
-        let (sm, chunk) = (self.dev.sm_count, self.shape.chunk);
-        let seg_len = match segs {
-            None => scan_fwd_segments(sm, d.batch, d.seq_len, d.d_inner, chunk)?,
-            Some(n) => plan_segments(sm, d.batch, d.seq_len, d.d_inner, chunk, Some(n)),
-        };
+        let seg_len = self.seg_len(d, segs)?;
         let floats = scan_seg_floats(d.batch, d.seq_len, d.d_inner, d.d_state, seg_len);
         let seg = self.dev.alloc(4 * 2 * floats)?;
         let p = SelectiveScanFwdF32 {
@@ -217,27 +222,43 @@ impl OpDev {
         Ok((self.take(out)?, self.take(last)?, ran))
     }
 
-    /// `selective_scan_bwd` on the device (the forward runs first for the chunk states).
+    /// `selective_scan_bwd` on the device (the forward runs first for the chunk states), in
+    /// the segments the engine would choose.
     pub fn selective_scan_bwd(
         &self,
         inp: &ScanInputs<f32>,
         dout: &[f32],
     ) -> Result<ScanGrads<f32>> {
+        self.selective_scan_bwd_segs(inp, dout, None)
+    }
+
+    /// `selective_scan_bwd` on the device, forward and backward cut into `segs` segments
+    /// (`None`: the engine's choice).
+    pub fn selective_scan_bwd_segs(
+        &self,
+        inp: &ScanInputs<f32>,
+        dout: &[f32],
+        segs: Option<usize>,
+    ) -> Result<ScanGrads<f32>> {
         let d = inp.dims;
         let (n, di, ds) = (d.batch * d.seq_len, d.d_inner, d.d_state);
         let s = self.scan_common(inp)?;
         let tmp = self.dev.alloc(4 * n * di)?;
-        self.scan_fwd_launch(inp, &s, PtrMut::new(tmp.ptr), PtrMut::NULL, None)?;
+        let n_seg = self.scan_fwd_launch(inp, &s, PtrMut::new(tmp.ptr), PtrMut::NULL, segs)?;
+        let seg_len = self.seg_len(d, segs)?;
+        let floats = scan_seg_floats(d.batch, d.seq_len, di, ds, seg_len);
+        let seg = self.dev.alloc(4 * 2 * floats)?;
         let nblk = scan_blocks(di);
         let dout = self.put(dout)?;
         let du = self.out(n * di, "scan du")?;
         let ddelta = self.out(n * di, "scan ddelta")?;
         let dz = self.out(n * di, "scan dz")?;
         let part_bc = self.dev.alloc(4 * nblk * n * 2 * ds)?;
+        let rows = n_seg * d.batch;
         let (pa, pd, pdb) = (
-            self.dev.alloc(4 * d.batch * di * ds)?,
-            self.dev.alloc(4 * d.batch * di)?,
-            self.dev.alloc(4 * d.batch * di)?,
+            self.dev.alloc(4 * rows * di * ds)?,
+            self.dev.alloc(4 * rows * di)?,
+            self.dev.alloc(4 * rows * di)?,
         );
         let dh0 = self.out(d.batch * di * ds, "scan dh0")?;
         let p = SelectiveScanBwdF32 {
@@ -263,9 +284,13 @@ impl OpDev {
             ddelta_lp: PtrMut::NULL,
             dz_lp: PtrMut::NULL,
             lp_mode: 0,
+            seg_len: seg_len as i64,
+            seg_p: PtrMut::new(seg.ptr),
+            seg_q: PtrMut::new(seg.at::<f32>(floats)),
         };
         // SAFETY: the inputs as in `scan_fwd_launch`, whose chunk states the forward above
-        // wrote; every output and partial buffer is allocated here at the kernel's extents.
+        // wrote (in the same segments); every output and partial buffer is allocated here at
+        // the kernel's extents.
         unsafe { selective_scan_bwd(&self.dev, &p) }?;
         let dbc = self.out(n * 2 * ds, "scan dB/dC")?;
         let p = ScanReduceBcF32 {
@@ -278,7 +303,7 @@ impl OpDev {
         };
         // SAFETY: the partials of the backward above; `dbc` holds `n * 2 d_state` f32.
         unsafe { scan_reduce_bc(&self.dev, &p) }?;
-        let [da, dd, ddb] = self.scan_reduce_batch(d.batch, di, ds, [&pa, &pd, &pdb])?;
+        let [da, dd, ddb] = self.scan_reduce_batch(rows, di, ds, [&pa, &pd, &pdb])?;
         let dbc = self.take(dbc)?;
         let (mut gb, mut gc) = (Vec::with_capacity(n * ds), Vec::with_capacity(n * ds));
         for r in 0..n {

@@ -69,7 +69,7 @@ kernel_params! {
     /// `[batch, d_inner]`, and the initial state's gradient `dh0` (may be null). `dh_last` (may
     /// be null: zeros) is the final state's gradient `[batch, d_inner, d_state]`, from later
     /// windows of the same rows (stateful training through several windows).
-    SelectiveScanBwdF32 => ["selective_scan_bwd_f32", "selective_scan_bwd_2b_f32"] {
+    SelectiveScanBwdF32 => ["selective_scan_bwd_f32", "selective_scan_bwd_2b_f32", "selective_scan_bwd_map_f32"] {
         scan: ScanInF32,
         chunk_states: Ptr<f32>,
         dout: Ptr<f32>,
@@ -97,6 +97,14 @@ kernel_params! {
         dz_lp: PtrMut<u16>,
         /// 0: bf16, 1: fp16.
         lp_mode: i32,
+        /// Positions per segment, as the forward's (0: one segment). With several,
+        /// `part_a`, `part_d` and `part_db` hold one partial per (segment, batch row):
+        /// [`scan_seg_count`] × `batch` rows to sum.
+        seg_len: i64,
+        /// With several segments: each later segment's map of the state gradient
+        /// (`selective_scan_bwd_map_f32` writes them), `[n_seg − 1, batch, d_inner, d_state]`.
+        seg_p: PtrMut<f32>,
+        seg_q: PtrMut<f32>,
     }
 }
 
@@ -285,16 +293,25 @@ pub unsafe fn selective_scan_bwd(dev: &Dev, p: &SelectiveScanBwdF32) -> Result<(
 /// the same inputs; `dout`, `du_out`, `ddelta_out` hold `batch * seq_len * d_inner` f32;
 /// `dz_out` (where `z` is not null) `batch * seq_len` rows at stride `ldz_out`; `part_bc`
 /// `scan_blocks(d_inner) * batch * seq_len * 2 d_state`, `part_a`, `dh0` (where not null)
-/// `batch * d_inner * d_state`, `part_d`, `part_db` `batch * d_inner` f32.
+/// `batch * d_inner * d_state`, `part_d`, `part_db` `batch * d_inner` f32, each times
+/// [`scan_seg_count`] with several segments, and then `seg_p` / `seg_q` [`scan_seg_floats`]
+/// f32 each.
 pub unsafe fn selective_scan_bwd_build(
     dev: &Dev,
     kernel: &'static str,
     p: &SelectiveScanBwdF32,
 ) -> Result<()> {
-    let grid = (scan_blocks(p.d_inner as usize) as u32, p.batch as u32, 1);
+    let n_seg = scan_seg_count(p.seq_len as usize, p.seg_len as usize) as u32;
+    let (bx, by) = (scan_blocks(p.d_inner as usize) as u32, p.batch as u32);
+    if n_seg > 1 {
+        let map = "selective_scan_bwd_map_f32";
+        // SAFETY: the caller's contract; the map pass reads the scan inputs and dout and
+        // writes only seg_p / seg_q, for segments 1 .. n_seg − 1.
+        unsafe { dev.launch_build(map, (bx, by, n_seg - 1), SCAN_THREADS as u32, 0, p) }?;
+    }
     let smem = scan_bwd_smem(dev.shape) as u32;
     // SAFETY: the caller's contract is the kernel's.
-    unsafe { dev.launch_build(kernel, grid, SCAN_THREADS as u32, smem, p) }
+    unsafe { dev.launch_build(kernel, (bx, by, n_seg), SCAN_THREADS as u32, smem, p) }
 }
 
 /// Launches `scan_reduce_bc_f32`.
