@@ -92,7 +92,8 @@ fn used_memory() -> f64 {
     gib((total - free) as f64)
 }
 
-/// The training benchmark's sizes (name, d_model, n_layer, batch, seq_len).
+/// The training benchmark's sizes (name, d_model, n_layer, batch, seq_len);
+/// `VET_TRAIN_SIZES=130M,1.4B` narrows them.
 const TRAIN: [(&str, usize, usize, usize, usize); 3] = [
     ("130M", 768, 24, 16, 2048),
     ("370M", 1024, 48, 8, 2048),
@@ -107,7 +108,11 @@ fn train(
     rows: &mut Vec<String>,
     sizes: &[(&str, usize, usize, usize, usize)],
 ) -> reference::Result<()> {
+    let only = std::env::var("VET_TRAIN_SIZES").unwrap_or_default();
     for &(name, d_model, n_layer, batch, seq) in sizes {
+        if !only.is_empty() && !only.split(',').any(|o| o == name) {
+            continue;
+        }
         let cfg = MambaConfig::new(d_model, n_layer, 50280);
         let p = bench_params(&cfg);
         let n_params = p.numel() as f64;

@@ -203,14 +203,21 @@ pub fn scan_seg_floats(
 /// output): the cost model's weight of the extra pass.
 const TRANSFORM_COST: f64 = 0.7;
 
+/// Work two co-resident scan blocks get through in the time one alone takes (the kernels are
+/// latency-bound at 4–8 warps an SM). Measured on an H100: the 370M's 128 blocks (8 × 2048)
+/// ran at 44,416 training tokens/s in one segment and 43,314 in two, so a second block on an
+/// SM gains far less than 2×.
+const CO_RESIDENT_GAIN: f64 = 1.25;
+
 /// At most this many segments (the last folds all the maps before it).
 const MAX_SEGMENTS: usize = 64;
 
-/// Positions per segment of the scan forward for this shape (0: one segment): the segment
-/// count that minimises the model's time on `sm_count` SMs (two blocks each), where a pass
-/// takes waves × (chunks per block + 1) and the first pass [`TRANSFORM_COST`] of that. A grid
-/// that already fills the SMs (training at 8 × 2048) keeps one segment; a batch-1 prefill,
-/// 12 blocks at 130M, gets many. `VET_SCAN_SEGS=N` asks for N segments (1: none).
+/// Positions per segment of the scan for this shape (0: one segment): the segment count that
+/// minimises the model's time on `sm_count` SMs. A pass costs the blocks each SM runs × (the
+/// chunks per block + 1 for its setup), divided by [`CO_RESIDENT_GAIN`] where an SM runs two
+/// or more, and the first pass [`TRANSFORM_COST`] of that. A grid that already reaches every
+/// SM (training at 8 × 2048) keeps one segment; a batch-1 prefill, 12 blocks at 130M, gets
+/// many. `VET_SCAN_SEGS=N` asks for N segments (1: none).
 pub fn scan_fwd_segments(
     sm_count: usize,
     batch: usize,
@@ -218,14 +225,19 @@ pub fn scan_fwd_segments(
     d_inner: usize,
     chunk: usize,
 ) -> Result<usize> {
-    let forced = match std::env::var("VET_SCAN_SEGS").ok().filter(|v| !v.is_empty()) {
+    let forced = match std::env::var("VET_SCAN_SEGS")
+        .ok()
+        .filter(|v| !v.is_empty())
+    {
         None => None,
         Some(v) => match v.trim().parse::<usize>() {
             Ok(n) if n > 0 => Some(n),
             _ => {
                 return Err(reference::Error::Device {
                     device: "cuda".into(),
-                    msg: format!("environment variable VET_SCAN_SEGS={v:?} is not valid: expected a positive integer"),
+                    msg: format!(
+                        "environment variable VET_SCAN_SEGS={v:?} is not valid: expected a positive integer"
+                    ),
                 })
             }
         },
@@ -250,15 +262,23 @@ pub fn plan_segments(
         let l = seg_len(n.min(n_chunks.max(1)));
         return if l >= seq_len { 0 } else { l };
     }
-    let slots = (2 * sm_count).max(1);
+    let sms = sm_count.max(1);
     let blocks = scan_blocks(d_inner) * batch;
+    // One pass of `b` blocks, `per` chunks each.
+    let pass = |b: usize, per: usize| {
+        let on_sm = b.div_ceil(sms);
+        let gain = if on_sm >= 2 { CO_RESIDENT_GAIN } else { 1.0 };
+        on_sm as f64 * (per + 1) as f64 / gain
+    };
     let cost = |segs: usize| {
         let per = n_chunks.div_ceil(segs);
         let real = n_chunks.div_ceil(per);
-        let waves = |b: usize| b.div_ceil(slots) as f64;
-        // A block's setup (its loads before the first tile, the fold of the earlier maps)
-        // counts as one more chunk.
-        (waves(blocks * real) + TRANSFORM_COST * waves(blocks * (real - 1))) * (per + 1) as f64
+        let first = if real > 1 {
+            TRANSFORM_COST * pass(blocks * (real - 1), per)
+        } else {
+            0.0
+        };
+        pass(blocks * real, per) + first
     };
     let mut best = (cost(1), 1);
     for segs in 2..=n_chunks.min(MAX_SEGMENTS) {
@@ -344,6 +364,8 @@ mod tests {
         // the GPU: one segment, the sequential scan.
         assert_eq!(plan_segments(132, 8, 2048, 4096, 32, None), 0);
         assert_eq!(plan_segments(132, 16, 2048, 1536, 32, None), 0);
+        // The 370M's 8 × 2048: 128 blocks, one an SM; two segments measured slower.
+        assert_eq!(plan_segments(132, 8, 2048, 2048, 32, None), 0);
         // A batch-1 prefill: 32 blocks (1.4B), 12 (130M), cut so the blocks fill one wave.
         for (di, want) in [(4096, 256), (1536, 96)] {
             let l = plan_segments(132, 1, 2048, di, 32, None);
