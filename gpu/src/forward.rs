@@ -230,8 +230,21 @@ impl Model {
         let ssm_at = i * batch * di * ds;
         self.conv_fwd(ws, i, la, lo, has_state, true)?;
         self.x_dt_proj(ws, la, lo, n, self.xs_opnd(ws))?;
-        // A lean workspace writes only the GEMM's copy of the gated output (not kept).
+        // A lean workspace writes only the GEMM's copy of the gated output (not kept). In
+        // bf16 / fp16 inference the scan writes out_proj's operand itself (no cast kernel;
+        // the same rounding, so the same bits) and no f32 copy, which nothing reads.
         let lean = ws.lean();
+        let (out_lp, gated) = if lean {
+            (ws.gated_lp.ptr, Opnd::Lp(ws.gated_lp.ptr, di))
+        } else {
+            self.lp_out(ws, la.gated.ptr, di, n, di)
+        };
+        let infer = matches!(ws.mode, Mode::Infer { .. });
+        let out = if lean || (infer && out_lp != 0) {
+            0
+        } else {
+            la.gated.ptr
+        };
         let scan = SelectiveScanFwdF32 {
             scan: self.scan_in(ws, la, lo),
             h0: Ptr::new(if has_state {
@@ -239,14 +252,14 @@ impl Model {
             } else {
                 0
             }),
-            out: PtrMut::new(if lean { 0 } else { la.gated.ptr }),
+            out: PtrMut::new(out),
             chunk_states: PtrMut::or_null(la.chunks.as_ref().map(|c| c.ptr)),
             last: PtrMut::new(ws.state_out_ssm.at::<f32>(ssm_at)),
             batch: batch as i64,
             seq_len: seq_len as i64,
             d_inner: di as i64,
             d_state: ds as i64,
-            out_lp: PtrMut::new(if lean { ws.gated_lp.ptr } else { 0 }),
+            out_lp: PtrMut::new(out_lp),
             lp_mode: self.lp_mode(),
             seg_len: ws.seg_len as i64,
             seg_p: PtrMut::new(ws.seg.ptr),
@@ -258,11 +271,6 @@ impl Model {
         // seq_len` and `n_layer` states) or a parameter of the layout; the chunk states
         // (training only) hold every chunk of the kernels' build (same `KernelShape`).
         unsafe { selective_scan_fwd(&self.dev, &scan) }?;
-        let gated = if lean {
-            Opnd::Lp(ws.gated_lp.ptr, di)
-        } else {
-            Opnd::A(la.gated.ptr, di, n, di)
-        };
         self.out_proj(ws, lo, n, gated)
     }
 

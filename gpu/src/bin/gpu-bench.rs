@@ -592,6 +592,38 @@ fn infer_batches() -> Vec<usize> {
 
 /// Per-launch device times of decode steps (eager, `VET_PROFILE=1`, no CUDA graph), per
 /// step, for each size and batch of [`infer_sizes`] / [`infer_batches`].
+/// Per-launch device times of a 2048-token batch-1 prefill (`VET_INFER_SIZES`), eager
+/// launches with events around each.
+fn prefill_profile(rows: &mut Vec<String>) -> reference::Result<()> {
+    // Read when the engine opens its device; nothing else runs in this process yet.
+    std::env::set_var("VET_PROFILE", "1");
+    for (name, d_model, n_layer) in infer_sizes() {
+        let cfg = MambaConfig::new(d_model, n_layer, 50280);
+        let opts = GpuOptions {
+            ordinal: 0,
+            precision: Precision::Bf16,
+        };
+        let mut e = GpuEngine::new(&cfg, bench_params(&cfg), &opts)?;
+        let prompt = tokens(2048, cfg.vocab_size, 11);
+        let mut logits = vec![0f32; cfg.vocab_size];
+        for it in 0..3 {
+            if it == 2 {
+                e.profile_reset();
+            }
+            let mut st = State::<f32>::zeros(&cfg, 1);
+            e.prefill(&prompt, &mut st, &mut logits)?;
+        }
+        let (prows, span) = e.profile_rows().unwrap_or_default();
+        let total: f64 = prows.iter().map(|r| r.ms).sum();
+        println!("prefill {name} 2048 tokens:");
+        println!("{}", gpu::profile::format_table(&prows, total));
+        rows.push(format!(
+            "prefill-profile {name} 2048 tokens: launches {total:.3} ms, first launch to last {span:.3} ms"
+        ));
+    }
+    Ok(())
+}
+
 fn decode_profile(rows: &mut Vec<String>) -> reference::Result<()> {
     // Read when the engine opens its device; nothing else runs in this process yet.
     std::env::set_var("VET_PROFILE", "1");
@@ -824,6 +856,8 @@ enum What {
     Gemv,
     /// Per-launch device times of decode steps (`VET_INFER_SIZES`, `VET_INFER_BATCHES`).
     DecodeProfile,
+    /// Per-launch device times of a 2048-token prefill (`VET_INFER_SIZES`).
+    PrefillProfile,
     /// The scan forward in one segment against the planned segments (batch-1 prefill, long
     /// sequences).
     ScanSegs,
@@ -849,6 +883,9 @@ fn main() {
     let r = (|| {
         if what == What::Scan || what == What::All {
             scan(&mut rows)?;
+        }
+        if what == What::PrefillProfile {
+            prefill_profile(&mut rows)?;
         }
         if what == What::ScanSegs {
             scan_segs(&mut rows)?;
