@@ -166,7 +166,9 @@ static __device__ __forceinline__ void selective_scan_fwd_f32_body(const float* 
         h[i] = (!TRANSFORM && h0 && n < ds) ? h0[(b * di + cc) * ds + n] : 0.0f;
         P[i] = 1.0f;
         if (!TRANSFORM && n < ds) {
-            // The start state of this segment: h0 through the earlier segments' maps.
+            // The start state of this segment: h0 through the earlier segments' maps (unrolled
+            // so that the maps' loads are in flight together; the chain of FMAs is in order).
+#pragma unroll 8
             for (long k = 0; k < seg; ++k) {
                 long at = ((k * batch + b) * di + cc) * ds + n;
                 h[i] = seg_p[at] * h[i] + seg_q[at];
@@ -334,6 +336,7 @@ selective_scan_bwd_body(const float* __restrict__ u, const float* __restrict__ d
         // then passes the later segments' maps, last to first.
         dh[n] = (dh_last && cval && n < ds) ? dh_last[(b * di + c) * ds + n] : 0.0f;
         if (cval && n < ds) {
+#pragma unroll 8
             for (long k = n_seg - 1; k > seg; --k) {
                 long at = (((k - 1) * batch + b) * di + c) * ds + n;
                 dh[n] = seg_p[at] * dh[n] + seg_q[at];
