@@ -151,7 +151,7 @@ impl Dev {
         // The persistent decode kernel runs where its shared memory is granted and one block
         // of it fits an SM (registers included).
         let dl = funcs["decode_layers_lp"];
-        let dl_smem = crate::ops::decode::DL_SMEM;
+        let dl_smem = crate::ops::decode_layers::DL_SMEM;
         let persistent_decode = cc.0 >= 9
             // SAFETY: a valid function handle; the value is within the sm_90 limit (227 KiB).
             && unsafe {
@@ -166,7 +166,7 @@ impl Dev {
             && unsafe {
                 drv::occupancy::max_active_block_per_multiprocessor(
                     dl,
-                    crate::ops::decode::DL_THREADS as i32,
+                    crate::ops::decode_layers::DL_THREADS as i32,
                     dl_smem as usize,
                 )
             }

@@ -19,9 +19,9 @@ use crate::graph::{capture, graphs_enabled, Graph};
 use crate::layout::LayerOffs;
 use crate::model::{ensure_ws, Model, Opnd};
 use crate::ops::decode::{
-    conv_update, decode_layers, ssm_update, ssm_update_dt, ConvUpdateF32, DecodeLayersLp,
-    SsmUpdateDtF32, SsmUpdateF32, DL_TRACE,
+    conv_update, ssm_update, ssm_update_dt, ConvUpdateF32, SsmUpdateDtF32, SsmUpdateF32,
 };
+use crate::ops::decode_layers::{decode_layers, DecodeLayersLp, DL_TRACE};
 use crate::params::{Ptr, PtrMut};
 use crate::work::{doc_starts, Mode, Work};
 
@@ -417,7 +417,7 @@ fn persistent_params(
         slot_bytes: std::env::var("VET_DECODE_SLOT")
             .ok()
             .and_then(|v| v.parse().ok())
-            .unwrap_or(crate::ops::decode::DL_SLOT as i32),
+            .unwrap_or(crate::ops::decode_layers::DL_SLOT as i32),
         ..DecodeLayersLp::unplaced(dims, cfg.norm_eps as f32, m.lp_mode())
     }
     .chunked()

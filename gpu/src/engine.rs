@@ -189,7 +189,7 @@ impl GpuEngine {
     }
 
     /// The persistent decode kernel's clock marks of the last step: block 0's time (ns) at
-    /// `gpu::ops::decode::DL_TRACE` points of every layer; `None` unless `VET_DECODE_TRACE=1`.
+    /// `gpu::ops::decode_layers::DL_TRACE` points of every layer; `None` unless `VET_DECODE_TRACE=1`.
     pub fn decode_trace(&self) -> reference::Result<Option<Vec<u64>>> {
         self.decoder.trace()
     }

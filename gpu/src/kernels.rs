@@ -9,7 +9,7 @@ use reference::Error;
 
 /// Every kernel source, in the order they are concatenated into one NVRTC program: each
 /// op's parameter structs (`<op>.cuh`, generated from `gpu/src/ops/<op>.rs`) before its kernels.
-const SOURCES: [&str; 17] = [
+const SOURCES: [&str; 19] = [
     include_str!("../kernels/common.cuh"),
     include_str!("../kernels/elementwise.cuh"),
     include_str!("../kernels/elementwise.cu"),
@@ -23,6 +23,8 @@ const SOURCES: [&str; 17] = [
     include_str!("../kernels/selective_scan.cu"),
     include_str!("../kernels/decode.cuh"),
     include_str!("../kernels/decode.cu"),
+    include_str!("../kernels/decode_layers.cuh"),
+    include_str!("../kernels/decode_layers.cu"),
     include_str!("../kernels/loss.cuh"),
     include_str!("../kernels/loss.cu"),
     include_str!("../kernels/adamw.cuh"),

@@ -534,7 +534,7 @@ fn infer(rows: &mut Vec<String>) -> reference::Result<()> {
 
 /// The persistent kernel's phases (µs, mean over layers 1..) from its clock marks.
 fn trace_table(t: &[u64]) -> String {
-    use gpu::ops::decode::DL_TRACE;
+    use gpu::ops::decode_layers::DL_TRACE;
     const NAMES: [&str; 11] = [
         "barrier to A",
         "norm",

@@ -7,6 +7,7 @@ pub mod adamw;
 pub mod check;
 pub mod conv1d;
 pub mod decode;
+pub mod decode_layers;
 pub mod elementwise;
 pub mod embedding;
 pub mod loss;
@@ -24,6 +25,7 @@ pub fn all_kernels() -> Vec<crate::params::KernelInfo> {
         conv1d::kernels(),
         selective_scan::kernels(),
         decode::kernels(),
+        decode_layers::kernels(),
         loss::kernels(),
         adamw::kernels(),
     ]
@@ -39,6 +41,7 @@ pub fn generated_cuh() -> Vec<(&'static str, String)> {
         ("conv1d.cuh", conv1d::params_cuh()),
         ("selective_scan.cuh", selective_scan::params_cuh()),
         ("decode.cuh", decode::params_cuh()),
+        ("decode_layers.cuh", decode_layers::params_cuh()),
         ("loss.cuh", loss::params_cuh()),
         ("adamw.cuh", adamw::params_cuh()),
     ]
@@ -50,7 +53,7 @@ mod tests {
 
     /// Each `.cuh` as committed (and compiled into the kernels), embedded at build time so the
     /// check also runs where the sources are not (the GPU machine).
-    const COMMITTED: [(&str, &str); 8] = [
+    const COMMITTED: [(&str, &str); 9] = [
         (
             "elementwise.cuh",
             include_str!("../../kernels/elementwise.cuh"),
@@ -63,6 +66,10 @@ mod tests {
             include_str!("../../kernels/selective_scan.cuh"),
         ),
         ("decode.cuh", include_str!("../../kernels/decode.cuh")),
+        (
+            "decode_layers.cuh",
+            include_str!("../../kernels/decode_layers.cuh"),
+        ),
         ("loss.cuh", include_str!("../../kernels/loss.cuh")),
         ("adamw.cuh", include_str!("../../kernels/adamw.cuh")),
     ];
