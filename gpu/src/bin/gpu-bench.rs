@@ -1,5 +1,6 @@
 //! `gpu-bench`: training tokens/s and MFU, the selective scan alone, prefill and decode on
-//! one GPU. Run on the device: `target/gpu-tests/gpu-bench [train|scan|infer|all|profile|train-long]`.
+//! one GPU. Run on the device: `target/gpu-tests/gpu-bench [train|scan|infer|all|profile|
+//! train-long|gemv|decode-profile|prefill-profile|scan-segs]`.
 //! `profile` prints the device time of every kernel and GEMM of one training step of the
 //! 130M model at 16 × 2048 in bf16 (CUDA events around each launch, `VET_PROFILE=1`).
 //!
