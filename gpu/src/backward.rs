@@ -196,8 +196,8 @@ impl<'a> Backward<'a> {
             }),
             lp_mode: m.lp_mode(),
             seg_len: ws.seg_len as i64,
-            seg_p: PtrMut::new(ws.seg.ptr),
-            seg_q: PtrMut::new(ws.seg.at::<f32>(ws.seg.bytes / 8)),
+            seg_p: ws.seg_maps().0,
+            seg_q: ws.seg_maps().1,
         };
         let n_seg = scan_seg_count(ws.seq_len, ws.seg_len);
         let reduce_bc = ScanReduceBcF32 {

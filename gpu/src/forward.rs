@@ -262,8 +262,8 @@ impl Model {
             out_lp: PtrMut::new(out_lp),
             lp_mode: self.lp_mode(),
             seg_len: ws.seg_len as i64,
-            seg_p: PtrMut::new(ws.seg.ptr),
-            seg_q: PtrMut::new(ws.seg.at::<f32>(ws.seg.bytes / 8)),
+            seg_p: ws.seg_maps().0,
+            seg_q: ws.seg_maps().1,
             seg_pass: 0,
         };
         self.dev.tag("scan");

@@ -336,6 +336,15 @@ impl Work {
         })
     }
 
+    /// The scan segments' two map buffers (`seg_p`, `seg_q`) inside [`Work::seg`].
+    pub fn seg_maps(&self) -> (crate::params::PtrMut<f32>, crate::params::PtrMut<f32>) {
+        use crate::params::PtrMut;
+        (
+            PtrMut::new(self.seg.ptr),
+            PtrMut::new(self.seg.at::<f32>(self.seg.bytes / 8)),
+        )
+    }
+
     /// A training workspace in bf16 / fp16: the layers keep `xz` in that precision and no
     /// gated output (see [`LayerActs`]).
     pub fn lean(&self) -> bool {

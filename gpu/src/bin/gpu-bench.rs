@@ -173,12 +173,7 @@ fn profile(rows: &mut Vec<String>) -> reference::Result<()> {
     // Read when the engine opens its device; nothing else runs in this process yet.
     std::env::set_var("VET_PROFILE", "1");
     let (batch, seq) = (16, 2048);
-    let cfg = MambaConfig::new(768, 24, 50280);
-    let opts = GpuOptions {
-        ordinal: 0,
-        precision: Precision::Bf16,
-    };
-    let mut e = GpuEngine::new(&cfg, bench_params(&cfg), &opts)?;
+    let (cfg, mut e) = bf16_engine(768, 24)?;
     let toks = tokens(batch * seq + 1, cfg.vocab_size, 7);
     let b = Batch::new(&toks[..batch * seq], batch, seq);
     let hp = AdamWConfig::default();
@@ -487,15 +482,7 @@ fn time_scan(dev: &Dev, fwd: &dyn Fn(), bwd: &dyn Fn(&'static str, bool)) -> (f6
 fn infer(rows: &mut Vec<String>) -> reference::Result<()> {
     let gemv = std::env::var("VET_DECODE_GEMV").map_or(true, |v| v != "0");
     for (name, d_model, n_layer) in infer_sizes() {
-        let cfg = MambaConfig::new(d_model, n_layer, 50280);
-        let mut e = GpuEngine::new(
-            &cfg,
-            bench_params(&cfg),
-            &GpuOptions {
-                ordinal: 0,
-                precision: Precision::Bf16,
-            },
-        )?;
+        let (cfg, mut e) = bf16_engine(d_model, n_layer)?;
         let prompt = tokens(2048, cfg.vocab_size, 11);
         let mut logits = vec![0f32; cfg.vocab_size];
         let mut tp = Vec::new();
@@ -591,20 +578,24 @@ fn infer_batches() -> Vec<usize> {
     }
 }
 
-/// Per-launch device times of decode steps (eager, `VET_PROFILE=1`, no CUDA graph), per
-/// step, for each size and batch of [`infer_sizes`] / [`infer_batches`].
+/// A bf16 engine with the bench's parameters for a `d_model` × `n_layer` model.
+fn bf16_engine(d_model: usize, n_layer: usize) -> reference::Result<(MambaConfig, GpuEngine)> {
+    let cfg = MambaConfig::new(d_model, n_layer, 50280);
+    let opts = GpuOptions {
+        ordinal: 0,
+        precision: Precision::Bf16,
+    };
+    let e = GpuEngine::new(&cfg, bench_params(&cfg), &opts)?;
+    Ok((cfg, e))
+}
+
 /// Per-launch device times of a 2048-token batch-1 prefill (`VET_INFER_SIZES`), eager
 /// launches with events around each.
 fn prefill_profile(rows: &mut Vec<String>) -> reference::Result<()> {
     // Read when the engine opens its device; nothing else runs in this process yet.
     std::env::set_var("VET_PROFILE", "1");
     for (name, d_model, n_layer) in infer_sizes() {
-        let cfg = MambaConfig::new(d_model, n_layer, 50280);
-        let opts = GpuOptions {
-            ordinal: 0,
-            precision: Precision::Bf16,
-        };
-        let mut e = GpuEngine::new(&cfg, bench_params(&cfg), &opts)?;
+        let (cfg, mut e) = bf16_engine(d_model, n_layer)?;
         let prompt = tokens(2048, cfg.vocab_size, 11);
         let mut logits = vec![0f32; cfg.vocab_size];
         for it in 0..3 {
@@ -625,18 +616,15 @@ fn prefill_profile(rows: &mut Vec<String>) -> reference::Result<()> {
     Ok(())
 }
 
+/// Per-launch device times of decode steps (eager, `VET_PROFILE=1`, no CUDA graph), per
+/// step, for each size and batch of [`infer_sizes`] / [`infer_batches`].
 fn decode_profile(rows: &mut Vec<String>) -> reference::Result<()> {
     // Read when the engine opens its device; nothing else runs in this process yet.
     std::env::set_var("VET_PROFILE", "1");
     std::env::set_var("VET_CUDA_GRAPHS", "0");
     const STEPS: usize = 8;
     for (name, d_model, n_layer) in infer_sizes() {
-        let cfg = MambaConfig::new(d_model, n_layer, 50280);
-        let opts = GpuOptions {
-            ordinal: 0,
-            precision: Precision::Bf16,
-        };
-        let mut e = GpuEngine::new(&cfg, bench_params(&cfg), &opts)?;
+        let (cfg, mut e) = bf16_engine(d_model, n_layer)?;
         let v = cfg.vocab_size;
         for batch in infer_batches() {
             let held = e

@@ -170,6 +170,7 @@ impl OpDev {
         last: PtrMut<f32>,
         segs: Option<usize>,
     ) -> Result<usize> {
+        // Returns the positions per segment it ran with.
         let d = inp.dims;
         let seg_len = self.seg_len(d, segs)?;
         let floats = scan_seg_floats(d.batch, d.seq_len, d.d_inner, d.d_state, seg_len);
@@ -197,7 +198,7 @@ impl OpDev {
         // `seg` holds both state maps of `seg_len`, a multiple of the chunk.
         unsafe { selective_scan_fwd(&self.dev, &p) }?;
         self.dev.sync()?;
-        Ok(scan_seg_count(d.seq_len, seg_len))
+        Ok(seg_len)
     }
 
     /// `selective_scan_fwd` on the device: (out, final state), cut into the segments the
@@ -218,7 +219,8 @@ impl OpDev {
         let s = self.scan_common(inp)?;
         let out = self.out(d.batch * d.seq_len * d.d_inner, "selective_scan_fwd out")?;
         let last = self.out(d.batch * d.d_inner * d.d_state, "selective_scan_fwd last")?;
-        let ran = self.scan_fwd_launch(inp, &s, out.ptr(), last.ptr(), segs)?;
+        let seg_len = self.scan_fwd_launch(inp, &s, out.ptr(), last.ptr(), segs)?;
+        let ran = scan_seg_count(d.seq_len, seg_len);
         Ok((self.take(out)?, self.take(last)?, ran))
     }
 
@@ -244,8 +246,8 @@ impl OpDev {
         let (n, di, ds) = (d.batch * d.seq_len, d.d_inner, d.d_state);
         let s = self.scan_common(inp)?;
         let tmp = self.dev.alloc(4 * n * di)?;
-        let n_seg = self.scan_fwd_launch(inp, &s, PtrMut::new(tmp.ptr), PtrMut::NULL, segs)?;
-        let seg_len = self.seg_len(d, segs)?;
+        let seg_len = self.scan_fwd_launch(inp, &s, PtrMut::new(tmp.ptr), PtrMut::NULL, segs)?;
+        let n_seg = scan_seg_count(d.seq_len, seg_len);
         let floats = scan_seg_floats(d.batch, d.seq_len, di, ds, seg_len);
         let seg = self.dev.alloc(4 * 2 * floats)?;
         let nblk = scan_blocks(di);
