@@ -330,11 +330,13 @@ impl RunConfig {
 }
 
 /// Model sizes by name. `vocab` is the tokenizer's size for presets that follow it
-/// (`quickstart`, `tiny`), fixed for the published shapes.
+/// (`quickstart`, `tiny`, `small`), fixed for the published shapes. `small` (d_model 512, 8
+/// layers, about 15.7 M parameters with the bundled tokenizer) is for experiments on one GPU.
 pub fn preset(name: &str) -> Result<MambaConfig> {
     let c = match name {
         "quickstart" => MambaConfig::new(64, 2, 4096),
         "tiny" => MambaConfig::new(128, 4, 4096),
+        "small" => MambaConfig::new(512, 8, 4096),
         "130m" => MambaConfig::new(768, 24, 50280),
         "370m" => MambaConfig::new(1024, 48, 50280),
         "1.4b-hf" => MambaConfig::new(2048, 48, 50280),
@@ -345,7 +347,7 @@ pub fn preset(name: &str) -> Result<MambaConfig> {
             c
         }
         other => {
-            bail!("unknown model preset {other:?} (quickstart, tiny, 130m, 370m, 1.4b-hf, 1.3b-ln)")
+            bail!("unknown model preset {other:?} (quickstart, tiny, small, 130m, 370m, 1.4b-hf, 1.3b-ln)")
         }
     };
     Ok(c)
@@ -411,6 +413,20 @@ mod tests {
         assert_eq!(
             (ln.d_model, ln.n_layer, ln.vocab_size, ln.norm),
             (2048, 48, 32000, NormKind::Layer)
+        );
+    }
+
+    #[test]
+    fn the_small_preset_has_the_size_its_doc_gives() {
+        let small = preset("small").unwrap();
+        assert_eq!((small.d_model, small.n_layer), (512, 8));
+        let params: usize = reference::param_specs(&small)
+            .iter()
+            .map(|(_, s)| s.iter().product::<usize>())
+            .sum();
+        assert!(
+            (15_600_000..15_800_000).contains(&params),
+            "small has {params} parameters"
         );
     }
 }

@@ -59,7 +59,7 @@ pub(super) fn tokenizer_path(cfg: &RunConfig) -> Result<PathBuf> {
 pub(super) fn preset_model(cfg: &RunConfig, tok_vocab: usize) -> Result<MambaConfig> {
     let name = cfg.model.preset.as_deref().unwrap_or_default();
     let mut mcfg = preset(name)?;
-    if matches!(name, "quickstart" | "tiny") {
+    if matches!(name, "quickstart" | "tiny" | "small") {
         mcfg.vocab_size = tok_vocab.div_ceil(8) * 8;
         mcfg.pad_vocab_size_multiple = 8;
     }
