@@ -5,8 +5,8 @@
 # `vet-train eval --long` of both on the held-out files, all targets and the five recall cues.
 #
 #   [B=folder of vet-train and vet-data] [DEVICE=cuda] [PRESET=small] [STEPS=1500] [BATCH=32]
-#   [SEQ=512] [RECORDS=1000] [RECALL_P=0.5] [RUNS="carry plain"] [RUN_TIMEOUT=seconds a run may take]
-#   [OUT=folder for the results]
+#   [SEQ=512] [RECORDS=1000] [RECALL_P=0.5] [SEED=1] [RUNS="carry plain"] [EVALS="carried reset"]
+#   [RUN_TIMEOUT=seconds a run may take] [OUT=folder for the results]
 #   bash scripts/gpu-long-check.sh [WORK_DIR]
 #
 # On the GPU machine after `bash scripts/gpu-tests.sh` here (carry target/gpu-tests). The data are
@@ -45,7 +45,7 @@ tokenizer = "fixtures/tokenizer/tokenizer.json"
 batch = $BATCH
 seq_len = $SEQ
 steps = $STEPS
-seed = 1
+seed = ${SEED:-1}
 $2
 [optim]
 lr = 2e-3
@@ -88,7 +88,7 @@ done
 
 cues=(--score-after "allergic to" --score-after "transfusion:" --score-after "stays on the"
     --score-after "condition on file:" --score-after "medication continued:")
-for mode in carried reset; do
+for mode in ${EVALS:-carried reset}; do
     extra=()
     [ $mode = reset ] && extra=(--reset-windows)
     "$B/vet-train" eval --long "${models[@]}" --data "$work/data" --seq-len "$SEQ" --min-tokens 8192 \

@@ -590,10 +590,17 @@ fn eval_now(
     let sha = sha256_file(&run.tokenizer_path)?;
     let mut src = open_source(&run.cfg, false, &tok, &sha, run.mcfg.vocab_size)?;
     let loss = eval_loss(run.engine.as_mut(), &mut src, batches)?;
+    // A carrying run is validated on windows from zeros too: say so, since its loss with
+    // the state carried (`vet-train eval --long`) can be far lower.
+    let windows = if run.cfg.train.carry_state.is_off() {
+        ""
+    } else {
+        ", windows from a zero state; `vet-train eval --long` reads with the state carried"
+    };
     note(
         pb,
         format!(
-            "step {}: validation loss {loss:.4} (perplexity {:.2})",
+            "step {}: validation loss {loss:.4} (perplexity {:.2}{windows})",
             run.state.step,
             loss.exp()
         ),
