@@ -4,12 +4,13 @@
 # carry_state = "detach" and with plain windows (the same data, tokens, steps and seed), then
 # `vet-train eval --long` of both on the held-out files, all targets and the five recall cues.
 #
-#   [B=folder of vet-train and vet-data] [DEVICE=cuda] [PRESET=small] [STEPS=1500] [BATCH=32]
+#   [B=folder of vet-train and vet-data] [DEVICE=cuda] [PRESET=small] [STEPS=3000] [BATCH=32]
 #   [SEQ=512] [RECORDS=1000] [RECALL_P=0.5] [SEED=1] [RUNS="carry plain"] [EVALS="carried reset"]
 #   [RUN_TIMEOUT=seconds a run may take] [OUT=folder for the results]
 #   bash scripts/gpu-long-check.sh [WORK_DIR]
 #
-# On the GPU machine after `bash scripts/gpu-tests.sh` here (carry target/gpu-tests). The data are
+# On the GPU machine after `bash scripts/gpu-tests.sh` here (carry target/gpu-tests, or a folder B
+# holding only its vet-train and vet-data, 18 MB). The data are
 # generated there (make_long_records.py, seed 7; 1000 files of 40-120k characters, about 33k
 # tokens each), so nothing large travels. Each run's metrics.jsonl and the evaluation's
 # long_eval.json and plots are copied to $OUT when it is set. A small smoke test on the CPU:
@@ -19,7 +20,7 @@ cd "$(dirname "$0")/.."
 B=${B:-target/gpu-tests}
 DEVICE=${DEVICE:-cuda}
 PRESET=${PRESET:-small}
-STEPS=${STEPS:-1500}
+STEPS=${STEPS:-3000}
 BATCH=${BATCH:-32}
 SEQ=${SEQ:-512}
 RECORDS=${RECORDS:-1000}
@@ -81,8 +82,11 @@ PY
         echo "$r: FAILED"
         tail -5 "$work/$r.log"
     fi
-    [ -n "${OUT:-}" ] && mkdir -p "$OUT/$r" && cp "$work/$r.toml" "$work/$r.log" "$OUT/$r/" &&
-        { cp "$work/$r/metrics.jsonl" "$OUT/$r/" 2>/dev/null || true; }
+    if [ -n "${OUT:-}" ]; then
+        mkdir -p "$OUT/$r"
+        cp "$work/$r.toml" "$work/$r.log" "$OUT/$r/"
+        cp "$work/$r/metrics.jsonl" "$OUT/$r/" 2>/dev/null || true
+    fi
 done
 [ ${#models[@]} -gt 0 ] || exit 1
 
@@ -104,5 +108,5 @@ for m in json.load(open(sys.argv[1])):
         cells = [f"{b['from']}-{b['to']}: {b['loss']:.4f} ({b['tokens']})" for b in m.get(key, [])]
         print(f"  {key}: " + " | ".join(cells))
 PY
-    [ -n "${OUT:-}" ] && cp -r "$work/eval-$mode" "$OUT/"
+    if [ -n "${OUT:-}" ]; then cp -r "$work/eval-$mode" "$OUT/"; fi
 done
