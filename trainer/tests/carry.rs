@@ -295,3 +295,72 @@ fn score_after_buckets_only_the_rest_of_each_cued_line() {
     assert!((r.buckets[0].loss - r.cued[0].loss).abs() > 1e-3);
     assert_eq!(r.cues, cues);
 }
+
+/// A carrying run's validation (`eval_loss_carried`): each row's windows in order with the
+/// state carried give the loss of one forward over the row's whole stretch, and not the loss
+/// of the same windows each started from zeros.
+#[test]
+fn a_carrying_runs_validation_reads_each_rows_windows_with_the_state_carried() {
+    use reference::model::Batch;
+    use reference::InferenceEngine;
+    use trainer::data::loader::LoaderConfig;
+    use trainer::train::eval::{eval_loss, eval_loss_carried};
+    use trainer::train::source::Source;
+    let dir = common::scratch("carry", "validation");
+    let manifest = common::byte_shards(&dir, 3000);
+    let ck = trainer::checkpoint::load(&fixtures::tiny_checkpoint()).unwrap();
+    let vocab = ck.config.vocab_size;
+    let mut e = reference::ReferenceEngine::<f32>::new(ck.config, ck.params);
+    let (rows, seq, windows) = (2, 16, 3);
+    let lc = LoaderConfig {
+        batch: rows,
+        seq_len: seq,
+        seed: 5,
+        rank: 0,
+        world_size: 1,
+    };
+    let open = |streams: bool| {
+        let f = if streams {
+            Source::streams
+        } else {
+            Source::tokens
+        };
+        f(&manifest, "val", lc, None, vocab).unwrap()
+    };
+    let carried = eval_loss_carried(&mut e, &mut open(true), windows).unwrap();
+    // The same windows, concatenated per row, in one forward.
+    let mut src = open(true);
+    let batches: Vec<_> = (0..windows).map(|_| src.next_batch().unwrap()).collect();
+    let cat = |f: &dyn Fn(&trainer::train::source::TrainBatch) -> Vec<u32>| -> Vec<u32> {
+        (0..rows)
+            .flat_map(|r| {
+                batches
+                    .iter()
+                    .flat_map(|b| f(b)[r * seq..(r + 1) * seq].to_vec())
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    };
+    let (tokens, targets) = (cat(&|b| b.inputs.clone()), cat(&|b| b.targets.clone()));
+    let resets: Vec<bool> = cat(&|b| b.resets.iter().map(|&r| u32::from(r)).collect())
+        .into_iter()
+        .map(|r| r == 1)
+        .collect();
+    let input = Batch {
+        batch: rows,
+        seq_len: windows * seq,
+        tokens: &tokens,
+        resets: Some(&resets),
+    };
+    let whole = e.loss(&input, &targets, None, None).unwrap().loss;
+    assert!(
+        (carried - whole).abs() <= 1e-5 * whole.abs(),
+        "carried {carried}, one forward {whole}"
+    );
+    // Each of those windows from zeros: what the validation gave before.
+    let from_zeros = eval_loss(&mut e, &mut open(true), windows).unwrap();
+    assert!(
+        (carried - from_zeros).abs() > 1e-4,
+        "the carried state matters: carried {carried}, from zeros {from_zeros}"
+    );
+}

@@ -12,13 +12,13 @@ use serde_json::json;
 
 use super::carry::Carry;
 use super::deepspeed::Precision;
-use super::eval::eval_loss;
+use super::eval::{eval_loss, eval_loss_carried};
 use super::resume;
 use super::run_config::{RunConfig, Stage};
 use super::schedule::Schedule;
 use super::setup::{
-    check_resume, new_loss_scaler, open_metrics, open_source, open_source_ranked, schedule,
-    start_shard_check, starting_model, tokenizer_path,
+    check_resume, new_loss_scaler, open_metrics, open_source, open_source_ranked, open_val_streams,
+    schedule, start_shard_check, starting_model, tokenizer_path,
 };
 use super::source::{Source, TrainBatch};
 use super::state::{self, TrainerState};
@@ -588,14 +588,24 @@ fn eval_now(
     }
     let tok = tokenizer::load(&run.tokenizer_path, run.mcfg.vocab_size)?;
     let sha = sha256_file(&run.tokenizer_path)?;
-    let mut src = open_source(&run.cfg, false, &tok, &sha, run.mcfg.vocab_size)?;
-    let loss = eval_loss(run.engine.as_mut(), &mut src, batches)?;
-    // A carrying run is validated on windows from zeros too: say so, since its loss with
-    // the state carried (`vet-train eval --long`) can be far lower.
-    let windows = if run.cfg.train.carry_state.is_off() {
-        ""
-    } else {
-        ", windows from a zero state; `vet-train eval --long` reads with the state carried"
+    // A carrying run is validated as it trains: each row's windows in order, the state
+    // carried (a split of too few documents stays on windows from zeros, and says so).
+    let (loss, windows) = match open_val_streams(&run.cfg, &sha, run.mcfg.vocab_size)? {
+        Some(mut src) => (
+            eval_loss_carried(run.engine.as_mut(), &mut src, batches)?,
+            ", state carried",
+        ),
+        None => {
+            let mut src = open_source(&run.cfg, false, &tok, &sha, run.mcfg.vocab_size)?;
+            let loss = eval_loss(run.engine.as_mut(), &mut src, batches)?;
+            let windows = if run.cfg.train.carry_state.is_off() {
+                ""
+            } else {
+                ", windows from a zero state: the validation split has fewer documents than a \
+                 batch has rows"
+            };
+            (loss, windows)
+        }
     };
     note(
         pb,

@@ -144,7 +144,8 @@ pub(super) fn open_source_ranked(
             let mut lc = t.loader_config();
             lc.rank = rank;
             lc.world_size = world;
-            // Stateful training reads streams; its validation stays on plain windows.
+            // Stateful training reads streams; validation here stays on plain windows (a
+            // carrying run validates on streams through `open_val_streams` where it can).
             let open = if split_train && !t.carry_state.is_off() {
                 Source::streams
             } else {
@@ -178,6 +179,35 @@ pub(super) fn open_source_ranked(
             Source::qa(path, tok, qc)
         }
     }
+}
+
+/// The validation split as streams (each row consecutive windows of whole documents, no
+/// interleaving) for a stateful run's validation with the state carried; `None` when the run
+/// does not carry state, reads QA pairs, or the split holds fewer documents than one batch has
+/// rows (its validation then stays on plain windows).
+pub(super) fn open_val_streams(
+    cfg: &RunConfig,
+    tok_sha: &str,
+    vocab: usize,
+) -> Result<Option<Source>> {
+    let Some(manifest) = cfg.data.manifest.as_deref() else {
+        return Ok(None);
+    };
+    if cfg.train.carry_state.is_off() || !matches!(cfg.stage, Stage::Pretrain | Stage::Eval) {
+        return Ok(None);
+    }
+    let (m, _) = crate::data::manifest::Manifest::load(manifest)?;
+    if m.split("val")?.docs < cfg.train.batch as u64 {
+        return Ok(None);
+    }
+    Source::streams(
+        manifest,
+        "val",
+        cfg.train.loader_config(),
+        Some(tok_sha),
+        vocab,
+    )
+    .map(Some)
 }
 
 /// Opens `metrics.jsonl` for appending; after a resume, first writes the `resumed_from` line:
