@@ -162,6 +162,7 @@ impl OpDev {
         }
     }
 
+    /// The forward scan into `out` and `last`; returns the positions per segment it ran with.
     fn scan_fwd_launch(
         &self,
         inp: &ScanInputs<f32>,
@@ -170,7 +171,6 @@ impl OpDev {
         last: PtrMut<f32>,
         segs: Option<usize>,
     ) -> Result<usize> {
-        // Returns the positions per segment it ran with.
         let d = inp.dims;
         let seg_len = self.seg_len(d, segs)?;
         let floats = scan_seg_floats(d.batch, d.seq_len, d.d_inner, d.d_state, seg_len);

@@ -586,7 +586,6 @@ fn eval_now(
     if let Some(d) = run.dist.as_mut() {
         d.sync(run.engine.as_mut())?;
     }
-    let tok = tokenizer::load(&run.tokenizer_path, run.mcfg.vocab_size)?;
     let sha = sha256_file(&run.tokenizer_path)?;
     // A carrying run is validated as it trains: each row's windows in order, the state
     // carried (a split of too few documents stays on windows from zeros, and says so).
@@ -596,6 +595,7 @@ fn eval_now(
             ", state carried",
         ),
         None => {
+            let tok = tokenizer::load(&run.tokenizer_path, run.mcfg.vocab_size)?;
             let mut src = open_source(&run.cfg, false, &tok, &sha, run.mcfg.vocab_size)?;
             let loss = eval_loss(run.engine.as_mut(), &mut src, batches)?;
             let windows = if run.cfg.train.carry_state.is_off() {

@@ -401,10 +401,7 @@ mod tests {
             (hf.d_model, hf.n_layer, hf.vocab_size, hf.norm),
             (2048, 48, 50280, NormKind::Rms)
         );
-        let params: usize = reference::param_specs(&hf)
-            .iter()
-            .map(|(_, s)| s.iter().product::<usize>())
-            .sum();
+        let params = reference::io_limits::param_count(&hf);
         assert!(
             (1_370_000_000..1_380_000_000).contains(&params),
             "1.4b-hf has {params} parameters"
@@ -420,10 +417,7 @@ mod tests {
     fn the_small_preset_has_the_size_its_doc_gives() {
         let small = preset("small").unwrap();
         assert_eq!((small.d_model, small.n_layer), (512, 8));
-        let params: usize = reference::param_specs(&small)
-            .iter()
-            .map(|(_, s)| s.iter().product::<usize>())
-            .sum();
+        let params = reference::io_limits::param_count(&small);
         assert!(
             (15_600_000..15_800_000).contains(&params),
             "small has {params} parameters"
