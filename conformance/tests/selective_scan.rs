@@ -210,3 +210,41 @@ fn gpu_selective_scan_segments_match_reference() {
     }
     rep.finish("gpu_selective_scan_segments_match_reference");
 }
+
+/// One decode step of the scan (`ssm_update_f32`: a few lanes a channel, several states a lane)
+/// against the reference's one-position forward from the same state, at every state width's
+/// lane layout: d_state 16 and 32 (16-byte loads, 4 and 8 lanes a channel), 13 (padded to 16,
+/// one value at a time), 8 (2 lanes), 3 and 2 (one lane holds the channel). Channel counts
+/// leave the last block part empty; row 1 of every case starts a new document (its state
+/// counts as zero), and the state around every case's rows stays untouched (sentinels).
+#[test]
+fn gpu_scan_update_matches_reference() {
+    // (name, batch, seq_len, d_inner, d_state, resets, h0, z)
+    const CASES: &[ScanCase] = &[
+        ("update_ds16", 3, 1, 37, 16, true, true, true),
+        ("update_ds16_two_blocks", 2, 1, 130, 16, true, true, false),
+        ("update_ds13_padded", 3, 1, 37, 13, true, true, true),
+        ("update_ds32", 2, 1, 45, 32, true, true, true),
+        ("update_ds8", 2, 1, 70, 8, true, true, true),
+        ("update_ds3", 3, 1, 20, 3, true, true, false),
+        ("update_ds2", 2, 1, 300, 2, true, true, true),
+        ("update_1_4b_width", 4, 1, 4096, 16, true, true, true),
+    ];
+    let mut rep = Report(Vec::new());
+    for case in CASES {
+        let (name, ds) = (case.0, case.4);
+        let Some(dev) = open("gpu_scan_update_matches_reference", ds, 4) else {
+            return;
+        };
+        let mut data = CaseData::new(case);
+        data.flags.iter_mut().for_each(|f| *f = false);
+        data.flags[1] = true;
+        let (inp32, inp64) = (data.inputs(&data.v), data.inputs(&data.w));
+        let (out, state) = dev.ssm_update(&inp32).unwrap();
+        let (wout, wstate) = selective_scan_fwd(&inp64);
+        let t = gpu_tol::OP_F32_FWD;
+        rep.cmp(format!("scan update {name}: out"), &out, &wout, t);
+        rep.cmp(format!("scan update {name}: state"), &state, &wstate, t);
+    }
+    rep.finish("gpu_scan_update_matches_reference");
+}

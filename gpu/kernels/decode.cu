@@ -124,7 +124,83 @@ static __device__ __forceinline__ void ssm_update_f32_body(const float* xs, cons
     ssm_update_f32_at(blockIdx.x, blockIdx.y, xs, delta, a_log, xbc, ldbc, col_b, dvec, z, ldz, dt_bias, starts, h_state,
                       out, out_lp, lp_mode, batch, di, ds, dt_w, dt_rank);
 }
-extern "C" __global__ void __launch_bounds__(256) ssm_update_f32(const SsmUpdateF32 p) { pdl_wait(); pdl_launch_dependents(); ssm_update_f32_body(SSM_UPDATE_F32_ARGS(p)); }
+
+// ssm_update_f32: the same step with SSM_SPL states per lane and SSM_LPC lanes per channel
+// (4 lanes of 4 states at D_STATE_PAD 16), so a channel's softplus, x, z and D are read and
+// computed by 4 lanes instead of 16 and its states move as 16-byte loads. The bits are those of
+// ssm_update_f32_at with the same delta: each state's update is the same expression, and
+// y = Σ C h runs decode_group_sum's tree (offsets ≥ SSM_SPL across lanes, then the rest inside
+// a lane; a + b == b + a in floating point, so the tree is the butterfly's). Grid
+// (ceil(d_inner / (256 / SSM_LPC)), batch), 256 threads.
+#define SSM_SPL (D_STATE_PAD < 4 ? D_STATE_PAD : 4)
+#define SSM_LPC (D_STATE_PAD / SSM_SPL)
+static __device__ __forceinline__ void ssm_update_vec_body(const float* xs, const float* delta, const float* a_log, const float* xbc, long ldbc, long col_b,
+               const float* dvec, const float* z, long ldz, const float* dt_bias, const int* starts, float* h_state,
+               float* out, u16* out_lp, int lp_mode, long batch, long di, long ds) {
+    long b = blockIdx.y;
+    int tid = threadIdx.x, lane = tid % SSM_LPC, n0 = lane * SSM_SPL;
+    long c = blockIdx.x * (long)(256 / SSM_LPC) + tid / SSM_LPC;
+    bool cval = c < di, keep = starts[b] != 0;
+    long cc = cval ? c : di - 1;
+    float* hp = h_state + (b * di + cc) * ds;
+    const float* bc = xbc + b * ldbc + col_b;
+    // The 16-byte path: whole lanes of states, 16-byte aligned rows (ds a multiple of 4).
+    const bool vec4 = SSM_SPL == 4 && ds == D_STATE_PAD;
+    float h[SSM_SPL];
+    if (vec4) {
+        float4 v4 = keep ? *(const float4*)(hp + n0) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        const float* f = &v4.x;
+#pragma unroll
+        for (int i = 0; i < SSM_SPL; ++i) h[i] = f[i];
+    } else {
+#pragma unroll
+        for (int i = 0; i < SSM_SPL; ++i) h[i] = (n0 + i < ds && keep) ? hp[n0 + i] : 0.0f;
+    }
+    float x = xs[b * di + cc];
+    float dt = softplus_f32(delta[b * di + cc] + dt_bias[cc]);
+    float v[SSM_SPL];
+#pragma unroll
+    for (int i = 0; i < SSM_SPL; ++i) {
+        int n = n0 + i;
+        bool nval = n < ds;
+        float A2 = nval ? -expf(a_log[cc * ds + n]) * 1.4426950408889634f : 0.0f;
+        float Bn = nval ? bc[n] : 0.0f;
+        float Cn = nval ? bc[ds + n] : 0.0f;
+        h[i] = exp2f(dt * A2) * h[i] + (dt * x) * Bn;
+        v[i] = __fmul_rn(Cn, h[i]);  // never contracted into the sums below, as in the butterfly
+    }
+#pragma unroll
+    for (int o = D_STATE_PAD / 2; o >= SSM_SPL; o >>= 1)
+#pragma unroll
+        for (int i = 0; i < SSM_SPL; ++i) v[i] += __shfl_xor_sync(0xffffffffu, v[i], o / SSM_SPL);
+#pragma unroll
+    for (int o = SSM_SPL / 2; o > 0; o >>= 1) {
+        float t[SSM_SPL];
+#pragma unroll
+        for (int i = 0; i < SSM_SPL; ++i) t[i] = __fadd_rn(v[i], v[i ^ o]);
+#pragma unroll
+        for (int i = 0; i < SSM_SPL; ++i) v[i] = t[i];
+    }
+    if (!cval) return;
+    if (vec4) {
+        float4 w4;
+        float* f = &w4.x;
+#pragma unroll
+        for (int i = 0; i < SSM_SPL; ++i) f[i] = h[i];
+        *(float4*)(hp + n0) = w4;
+    } else {
+#pragma unroll
+        for (int i = 0; i < SSM_SPL; ++i)
+            if (n0 + i < ds) hp[n0 + i] = h[i];
+    }
+    if (lane == 0) {
+        float y = v[0] + dvec[cc] * x;
+        float o = z ? y * silu_f32(z[b * ldz + cc]) : y;
+        out[b * di + c] = o;
+        if (out_lp) out_lp[b * di + c] = lp_mode == 0 ? f32_to_bf16(o) : f32_to_f16(o);
+    }
+}
+extern "C" __global__ void __launch_bounds__(256) ssm_update_f32(const SsmUpdateF32 p) { pdl_wait(); pdl_launch_dependents(); ssm_update_vec_body(SSM_UPDATE_F32_ARGS(p)); }
 extern "C" __global__ void __launch_bounds__(256) ssm_update_dt_f32(const SsmUpdateDtF32 p) {
     pdl_wait();
     pdl_launch_dependents();

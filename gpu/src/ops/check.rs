@@ -14,6 +14,7 @@ use super::conv1d::{
     Conv1dBwdDwPartialF32, Conv1dBwdDxF32, Conv1dBwdInitF32, Conv1dFwdF32, Conv1dLastF32,
     ConvInF32,
 };
+use super::decode::{ssm_update, SsmUpdateF32};
 use super::elementwise::{colsum_final, ColsumFinalF32};
 use super::norm::{
     norm_bwd_dw_partial, norm_bwd_dx, norm_fwd, NormBwdDwPartialF32, NormBwdDxF32, NormFwdF32,
@@ -222,6 +223,41 @@ impl OpDev {
         let seg_len = self.scan_fwd_launch(inp, &s, out.ptr(), last.ptr(), segs)?;
         let ran = scan_seg_count(d.seq_len, seg_len);
         Ok((self.take(out)?, self.take(last)?, ran))
+    }
+
+    /// One decode step of the scan (`ssm_update_f32`, the step batches above the GEMV's rows
+    /// run) for `seq_len` 1: (out, the state after the step). The state starts at `inp.h0`
+    /// (zeros without it) and is updated in place, between sentinels.
+    pub fn ssm_update(&self, inp: &ScanInputs<f32>) -> Result<(Vec<f32>, Vec<f32>)> {
+        let d = inp.dims;
+        if d.seq_len != 1 {
+            return Err(Error::Shape {
+                op: "ssm_update",
+                msg: format!("one position a step, not {}", d.seq_len),
+            });
+        }
+        let s = self.scan_common(inp)?;
+        let n_state = d.batch * d.d_inner * d.d_state;
+        let state = self.out(n_state, "ssm_update state")?;
+        match inp.h0 {
+            Some(h) => state.buf.write(PAD, h)?,
+            None => state.buf.write(PAD, &vec![0f32; n_state])?,
+        }
+        let out = self.out(d.batch * d.d_inner, "ssm_update out")?;
+        let p = SsmUpdateF32 {
+            scan: self.scan_in(inp, &s),
+            h_state: state.ptr(),
+            out: out.ptr(),
+            out_lp: PtrMut::NULL,
+            lp_mode: 0,
+            batch: d.batch as i64,
+            d_inner: d.d_inner as i64,
+            d_state: d.d_state as i64,
+        };
+        // SAFETY: `scan_common` uploaded every input for one position of `inp.dims`; the state
+        // holds `batch * d_inner * d_state` f32 and `out` `batch * d_inner`.
+        unsafe { ssm_update(&self.dev, &p) }?;
+        Ok((self.take(out)?, self.take(state)?))
     }
 
     /// `selective_scan_bwd` on the device (the forward runs first for the chunk states), in

@@ -307,6 +307,13 @@ pub unsafe fn conv_update(dev: &Dev, p: &ConvUpdateF32) -> Result<()> {
     unsafe { dev.launch(grid, 256, 0, p) }
 }
 
+/// Channels one 256-thread block of `ssm_update_f32` takes: `min(4, d_state_pad)` states a
+/// lane (`SSM_SPL` in decode.cu), so `d_state_pad / SSM_SPL` lanes a channel.
+pub fn ssm_update_channels_per_block(d_state_pad: usize) -> usize {
+    let per_lane = d_state_pad.min(4);
+    256 / (d_state_pad / per_lane)
+}
+
 /// Launches `ssm_update_f32`.
 ///
 /// # Safety
@@ -314,7 +321,7 @@ pub unsafe fn conv_update(dev: &Dev, p: &ConvUpdateF32) -> Result<()> {
 /// `h_state` holds `batch * d_inner * d_state` f32; `out` (and `out_lp` where not null) `batch
 /// * d_inner` values.
 pub unsafe fn ssm_update(dev: &Dev, p: &SsmUpdateF32) -> Result<()> {
-    let per_block = 256 / dev.shape.d_state_pad;
+    let per_block = ssm_update_channels_per_block(dev.shape.d_state_pad);
     let grid = (
         (p.d_inner as usize).div_ceil(per_block) as u32,
         p.batch as u32,
