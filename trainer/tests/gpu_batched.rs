@@ -1,8 +1,8 @@
 //! Continuous batching on the CUDA tier (bf16, the bundled tiny checkpoint): prompts of
 //! different lengths, more of them than rows, rows held in device memory and the tokens
-//! drawn there. Greedy answers (with a repetition penalty) at batch 1, 3 and 8 are the lone
-//! run's tokens (host sampler, batch 1); seeded draws on the device repeat and stay inside
-//! the tokenizer's ids. Without a CUDA device the test prints a `skipping` line and passes;
+//! drawn there. Greedy answers (with a repetition penalty) at batch 1, 3, 8 and 10 are the lone
+//! run's tokens (host sampler, batch 1; at 10, steps of more than 8 rows project on the tensor
+//! cores); seeded draws on the device repeat and stay inside the tokenizer's ids. Without a CUDA device the test prints a `skipping` line and passes;
 //! on the device: `bash scripts/gpu-tests.sh run`.
 
 use std::ops::ControlFlow;
@@ -73,7 +73,7 @@ fn gpu_batched_greedy_answers_are_the_lone_answers() {
             generate(e.as_mut(), p, &one, |_| {}).unwrap()
         })
         .collect();
-    for slots in [1, 3, 8] {
+    for slots in [1, 3, 8, 10] {
         let got = run(e.as_mut(), &s, slots);
         for (i, ((g, _), w)) in got.iter().zip(&want).enumerate() {
             assert_eq!(g, w, "sequence {i} at batch {slots}");
