@@ -218,6 +218,9 @@ fn same_bits_in_every_variant(dev: &Arc<Dev>, name: &str, p: GemvLp, n: usize) {
     }
 }
 
+/// To and from the low precision's bits.
+type LpCodec = (fn(f32) -> u16, fn(u16) -> f64);
+
 /// (name, n_out, k, rows): shapes of the projections above the GEMV's rows, and odd ones.
 const MMA_CASES: [(&str, usize, usize, usize); 6] = [
     ("in_proj_1_4b_b64", 8192, 2048, 64),
@@ -240,7 +243,7 @@ fn gpu_tensor_core_projection_matches_an_f64_sum() {
     let mut report = Report(Vec::new());
     for (name, n_out, k, rows) in MMA_CASES {
         for lp_mode in [0, 1] {
-            let (to_lp, from_lp): (fn(f32) -> u16, fn(u16) -> f64) = if lp_mode == 0 {
+            let (to_lp, from_lp): LpCodec = if lp_mode == 0 {
                 (bf16, from_bf16)
             } else {
                 (
