@@ -35,6 +35,28 @@ pub(crate) fn mma_enabled() -> bool {
     std::env::var("VET_DECODE_MMA").map_or(true, |v| v != "0")
 }
 
+/// The fewest rows the tensor-core projections take: `VET_DECODE_MMA_FROM` (2 to
+/// [`MMA_ROWS`]), else one more than the GEMV takes, so that up to [`GEMV_ROWS`] rows a row's
+/// logits keep the same bits at any batch.
+pub(crate) fn mma_from() -> usize {
+    std::env::var("VET_DECODE_MMA_FROM")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .map_or(GEMV_ROWS + 1, |n: usize| n.clamp(2, MMA_ROWS))
+}
+
+/// Which kernel projects a decode step of `rows` rows on low-precision weights (bf16, fp16)
+/// outside the persistent kernel: `"GEMV"`, `"tensor cores"` or `"cuBLAS"`.
+pub fn projection_kernel(rows: usize) -> &'static str {
+    if mma_enabled() && (mma_from()..=MMA_ROWS).contains(&rows) {
+        "tensor cores"
+    } else if rows <= GEMV_ROWS && gemv_enabled() {
+        "GEMV"
+    } else {
+        "cuBLAS"
+    }
+}
+
 /// The projections of one decode step over `rows` rows of `ws`.
 pub(crate) struct Proj<'a> {
     m: &'a Model,
@@ -48,8 +70,9 @@ pub(crate) struct Proj<'a> {
 
 impl<'a> Proj<'a> {
     pub(crate) fn new(m: &'a Model, ws: &'a Work, rows: usize) -> Proj<'a> {
-        let gemv = m.shadow.is_some() && rows <= GEMV_ROWS && gemv_enabled();
-        let mma = m.shadow.is_some() && !gemv && rows <= MMA_ROWS && mma_enabled();
+        let kernel = projection_kernel(rows);
+        let gemv = m.shadow.is_some() && kernel == "GEMV";
+        let mma = m.shadow.is_some() && kernel == "tensor cores";
         Proj {
             m,
             ws,
