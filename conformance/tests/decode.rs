@@ -3,8 +3,6 @@
 //! - `gemv_lp` (the projections: one weight read for all rows) against an f64 sum over the
 //!   same low-precision operands, its 16-byte and scalar paths, and the same bits for a row
 //!   whatever the number of rows;
-//! - `gemm_lp_mma` (the projections of 9 to 64 rows on the tensor cores) against the same f64
-//!   sum, in bf16 and fp16, at every split, deterministic;
 //! - `sample_rows_f32` (sampling on the device) against the host sampler: greedy and top-k 1
 //!   with a repetition penalty choose the same ids, draws stay inside the top-k / top-p set
 //!   and follow its probabilities, the same (seed, draw) gives the same id, padding ids are
@@ -19,8 +17,7 @@ use conformance::{seed_of, tol};
 use gpu::cuda::{Buf, Dev};
 use gpu::kernels::{scan_chunk_for, KernelShape};
 use gpu::ops::decode::{
-    gemm_mma, gemm_mma_split, gemv, gemv_named, sample_rows, GemvLp, SampleHow, SampleRowsF32,
-    GEMV_ROWS, MMA_ROWS, SAMPLE_NOT_FINITE,
+    gemv, gemv_named, sample_rows, GemvLp, SampleHow, SampleRowsF32, GEMV_ROWS, SAMPLE_NOT_FINITE,
 };
 use gpu::ops::{PAD, SENTINEL};
 use gpu::params::{Ptr, PtrMut};
@@ -216,130 +213,6 @@ fn same_bits_in_every_variant(dev: &Arc<Dev>, name: &str, p: GemvLp, n: usize) {
             );
         }
     }
-}
-
-/// To and from the low precision's bits.
-type LpCodec = (fn(f32) -> u16, fn(u16) -> f64);
-
-/// (name, n_out, k, rows): shapes of the projections above the GEMV's rows, and odd ones.
-const MMA_CASES: [(&str, usize, usize, usize); 6] = [
-    ("in_proj_1_4b_b64", 8192, 2048, 64),
-    ("out_proj_130m_b9", 768, 1536, 9),
-    ("x_proj_b37", 80, 1536, 37),
-    ("odd_outputs_k72_b16", 37, 72, 16),
-    ("lm_head_odd_vocab_b33", 1001, 64, 33),
-    ("one_row_k8", 24, 8, 1),
-];
-
-/// `gemm_lp_mma` (the projections of 9 to 64 rows on the tensor cores) against an f64 sum over
-/// the same low-precision operands, in bf16 and fp16, at every split: outputs past `n_out`
-/// (a 16-output group cut short), k that ends inside a 32-wide step, x rows at a stride wider
-/// than k, y rows with gaps, all inside sentinels. A second launch gives the same bits.
-#[test]
-fn gpu_tensor_core_projection_matches_an_f64_sum() {
-    let Some(dev) = dev("gpu_tensor_core_projection_matches_an_f64_sum") else {
-        return;
-    };
-    let mut report = Report(Vec::new());
-    for (name, n_out, k, rows) in MMA_CASES {
-        for lp_mode in [0, 1] {
-            let (to_lp, from_lp): LpCodec = if lp_mode == 0 {
-                (bf16, from_bf16)
-            } else {
-                (
-                    |v| half::f16::from_f32(v).to_bits(),
-                    |b| half::f16::from_bits(b).to_f64(),
-                )
-            };
-            let mut rng = Rng::new(seed_of(name) + lp_mode as u64);
-            let w: Vec<u16> = normal(&mut rng, n_out * k, 0.0, 0.05)
-                .into_iter()
-                .map(to_lp)
-                .collect();
-            let ldx = k + 8;
-            let x: Vec<u16> = normal(&mut rng, rows * ldx, 0.0, 1.0)
-                .into_iter()
-                .map(to_lp)
-                .collect();
-            let ldy = n_out + 3;
-            let (wb, xb) = (dev.upload(&w).unwrap(), dev.upload(&x).unwrap());
-            let want: Vec<f64> = (0..rows * n_out)
-                .map(|i| {
-                    let (r, n) = (i / n_out, i % n_out);
-                    (0..k)
-                        .map(|j| from_lp(w[n * k + j]) * from_lp(x[r * ldx + j]))
-                        .sum()
-                })
-                .collect();
-            for split in [1, 2, 4, 8] {
-                let mut bits = Vec::new();
-                for _ in 0..2 {
-                    let y = guarded_f32(&dev, rows * ldy);
-                    let p = GemvLp {
-                        w: Ptr::new(wb.ptr),
-                        ldw: k as i64,
-                        x_lp: Ptr::new(xb.ptr),
-                        x_f32: Ptr::NULL,
-                        ldx: ldx as i64,
-                        y: PtrMut::new(y.at::<f32>(PAD)),
-                        ldy: ldy as i64,
-                        n_out: n_out as i64,
-                        k: k as i64,
-                        rows: rows as i64,
-                        split: 1,
-                        vec: 0,
-                        lp_mode,
-                    }
-                    .tuned();
-                    assert_eq!(p.vec, 1, "{name}: 16-byte rows");
-                    // SAFETY: w holds n_out rows of k, x `rows` rows of ldx >= k, y `rows` rows
-                    // of ldy >= n_out between sentinels.
-                    unsafe { gemm_mma_split(&dev, &p, split) }.unwrap();
-                    let what = format!("{name} lp {lp_mode} split {split}");
-                    let got = unguard(&y, rows * ldy, &what);
-                    for r in 0..rows {
-                        assert!(
-                            got[r * ldy + n_out..(r + 1) * ldy]
-                                .iter()
-                                .all(|v| v.to_bits() == SENTINEL),
-                            "{what}: the gap after row {r} was written"
-                        );
-                    }
-                    let dense: Vec<f32> = (0..rows)
-                        .flat_map(|r| got[r * ldy..r * ldy + n_out].to_vec())
-                        .collect();
-                    bits.push(dense.iter().map(|v| v.to_bits()).collect::<Vec<_>>());
-                    if bits.len() == 1 {
-                        report.cmp(what, &dense, &want, tol::gpu::OP_GEMV_LP);
-                    }
-                }
-                assert_eq!(
-                    bits[0], bits[1],
-                    "{name} split {split}: two launches differ"
-                );
-            }
-        }
-    }
-    report.finish("gemm_lp_mma");
-    // More rows than one launch takes is an error, not a silent truncation.
-    let buf = dev.alloc(4 * 65 * 64).unwrap();
-    let p = GemvLp {
-        w: Ptr::new(buf.ptr),
-        ldw: 8,
-        x_lp: Ptr::new(buf.ptr),
-        x_f32: Ptr::NULL,
-        ldx: 8,
-        y: PtrMut::new(buf.ptr),
-        ldy: 8,
-        n_out: 8,
-        k: 8,
-        rows: MMA_ROWS as i64 + 1,
-        split: 1,
-        vec: 1,
-        lp_mode: 0,
-    };
-    // SAFETY: refused before any launch.
-    assert!(unsafe { gemm_mma(&dev, &p) }.is_err());
 }
 
 /// Runs `sample_rows_f32` on `logits` (`[rows, vocab]`) with each row's prompt marked in its

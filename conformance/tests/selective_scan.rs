@@ -213,8 +213,9 @@ fn gpu_selective_scan_segments_match_reference() {
 
 /// One decode step of the scan (`ssm_update_f32`: a few lanes a channel, several states a lane)
 /// against the reference's one-position forward from the same state, at every state width's
-/// lane layout: d_state 16 and 32 (16-byte loads, 4 and 8 lanes a channel), 13 (padded to 16,
-/// one value at a time), 8 (2 lanes), 3 and 2 (one lane holds the channel). Channel counts
+/// lane layout: d_state 16 and 32 (16-byte loads on an aligned state, 4 and 8 lanes a channel),
+/// 13 (padded to 16, one value at a time), 8 (2 lanes), 3 and 2 (one lane holds the channel).
+/// Each case runs on an aligned and a misaligned state, which must give the same bits. Channel counts
 /// leave the last block part empty; row 1 of every case starts a new document (its state
 /// counts as zero), and the state around every case's rows stays untouched (sentinels).
 #[test]
@@ -240,11 +241,18 @@ fn gpu_scan_update_matches_reference() {
         data.flags.iter_mut().for_each(|f| *f = false);
         data.flags[1] = true;
         let (inp32, inp64) = (data.inputs(&data.v), data.inputs(&data.w));
-        let (out, state) = dev.ssm_update(&inp32).unwrap();
         let (wout, wstate) = selective_scan_fwd(&inp64);
         let t = gpu_tol::OP_F32_FWD;
-        rep.cmp(format!("scan update {name}: out"), &out, &wout, t);
-        rep.cmp(format!("scan update {name}: state"), &state, &wstate, t);
+        let mut bits = Vec::new();
+        for aligned in [true, false] {
+            let (out, state) = dev.ssm_update(&inp32, aligned).unwrap();
+            let what = format!("scan update {name} (state aligned: {aligned})");
+            rep.cmp(format!("{what}: out"), &out, &wout, t);
+            rep.cmp(format!("{what}: state"), &state, &wstate, t);
+            bits.push([out, state].map(|v| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>()));
+        }
+        // The 16-byte path and the one-value path run the same arithmetic.
+        assert!(bits[0] == bits[1], "{name}: the two paths differ");
     }
     rep.finish("gpu_scan_update_matches_reference");
 }

@@ -144,8 +144,9 @@ static __device__ __forceinline__ void ssm_update_vec_body(const float* xs, cons
     long cc = cval ? c : di - 1;
     float* hp = h_state + (b * di + cc) * ds;
     const float* bc = xbc + b * ldbc + col_b;
-    // The 16-byte path: whole lanes of states, 16-byte aligned rows (ds a multiple of 4).
-    const bool vec4 = SSM_SPL == 4 && ds == D_STATE_PAD;
+    // The 16-byte path: whole lanes of states (ds == D_STATE_PAD, a multiple of 4) on a
+    // 16-byte aligned state.
+    const bool vec4 = SSM_SPL == 4 && ds == D_STATE_PAD && ((unsigned long long)h_state & 15) == 0;
     float h[SSM_SPL];
     if (vec4) {
         float4 v4 = keep ? *(const float4*)(hp + n0) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
@@ -559,130 +560,4 @@ extern "C" __global__ void __launch_bounds__(128) gemv_lp_nl4(const GemvLp p) { 
 extern "C" __global__ void __launch_bounds__(128) gemv_lp_nl8(const GemvLp p) { gemv_lp_nl_body<8>(GEMV_LP_ARGS(p)); }
 extern "C" __global__ void __launch_bounds__(128) gemv_lp_conv(const GemvConvLp p) {
     gemv_lp_nl_body<4>(GEMV_LP_ARGS(p.g), &p.c);
-}
-
-// ---- The projections of a step with GEMV_ROWS < rows <= MMA_ROWS: tensor cores ----
-// y[r, n] = sum_k w[n, k] x[r, k] as gemv_lp, for up to MMA_ROWS (64) rows, on mma.sync
-// m16n8k16 (bf16 or fp16 operands, f32 accumulators): a warp takes 16 outputs (rows of w, the A
-// operand) against every row of x (B, up to eight 8-row tiles). Each lane reads its fragments
-// straight from memory as 16-byte loads: inside every 32-wide step of k, quad lane t holds k
-// 8t..8t+7 of both operands, and the two k16 halves of the step take words (x, y) and (z, w) of
-// them. The products meet the same partners in another order of k, which a sum allows.
-// A block is 8 warps: 8 / split groups of 16 outputs, each group's steps cut into `split`
-// ranges; the ranges meet in shared memory and add in range order, so the result is
-// deterministic (not gemv_lp's bits: the tensor cores sum in their own order). Needs `vec`
-// (16-byte rows) and x in the low precision; rows of w past n_out and k past its end read as 0.
-#define MMA_TILES 8
-template <int LP>
-__device__ __forceinline__ void mma_lp16816(float* c, uint4 a, uint4 b, unsigned int x0, unsigned int x1, bool hi) {
-    unsigned int a0 = hi ? a.z : a.x, a2 = hi ? a.w : a.y, a1 = hi ? b.z : b.x, a3 = hi ? b.w : b.y;
-    if (LP == 0)
-        asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
-                     : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-                     : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(x0), "r"(x1));
-    else
-        asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
-                     : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-                     : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(x0), "r"(x1));
-}
-// One 32-wide step at k0 (this lane's 8 values at k0 + 8t): weight rows (wa, wb), every live
-// x tile.
-// x tiles of rows past `rows` (xr[j] null), and every x when !kin, read as 0.
-template <int LP>
-__device__ __forceinline__ void mma_step(float (*acc)[4], uint4 wa, uint4 wb, const u16* const* xr, long rows, long k0,
-                                         bool kin) {
-#pragma unroll
-    for (int j = 0; j < MMA_TILES; ++j) {
-        if (j * 8 < rows) {
-            uint4 xq = xr[j] && kin ? *(const uint4*)(xr[j] + k0) : make_uint4(0u, 0u, 0u, 0u);
-            mma_lp16816<LP>(acc[j], wa, wb, xq.x, xq.y, false);
-            mma_lp16816<LP>(acc[j], wa, wb, xq.z, xq.w, true);
-        }
-    }
-}
-template <int LP>
-static __device__ __forceinline__ void gemm_lp_mma_body(const u16* w, long ldw, const u16* x, long ldx, float* y, long ldy,
-                                                        long n_out, long k, long rows, int split, const ConvUpdateF32* cu,
-                                                        float* red) {
-    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-    int groups = 8 / split, grp = warp % groups, part = warp / groups;
-    long ra = ((long)blockIdx.x * groups + grp) * 16 + g, rb = ra + 8;
-    bool va = ra < n_out, vb = rb < n_out;
-    const u16* wa = w + (va ? ra : 0) * ldw + 8 * t;
-    const u16* wb = w + (vb ? rb : 0) * ldw + 8 * t;
-    const u16* xr[MMA_TILES];
-#pragma unroll
-    for (int j = 0; j < MMA_TILES; ++j) xr[j] = 8 * j + g < rows ? x + (8 * j + g) * ldx + 8 * t : 0;
-    long steps = (k + 31) / 32, per = (steps + split - 1) / split;
-    long s = part * per, s_end = s + per < steps ? s + per : steps, whole = k / 32 < s_end ? k / 32 : s_end;
-    const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
-    float acc[MMA_TILES][4];
-#pragma unroll
-    for (int j = 0; j < MMA_TILES; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
-    pdl_wait();
-    pdl_launch_dependents();
-    // Four whole steps at a time, their weight loads first.
-    for (; s + 4 <= whole; s += 4) {
-        uint4 A[4], B[4];
-#pragma unroll
-        for (int u = 0; u < 4; ++u) {
-            A[u] = va ? ld_stream16(wa + (s + u) * 32) : zero;
-            B[u] = vb ? ld_stream16(wb + (s + u) * 32) : zero;
-        }
-#pragma unroll
-        for (int u = 0; u < 4; ++u) mma_step<LP>(acc, A[u], B[u], xr, rows, (s + u) * 32, true);
-    }
-    // The rest one step at a time. A lane's 8 values lie wholly inside k or past it (k % 8 ==
-    // 0); past it they read as 0, and every lane still joins the warp's mma.
-    for (; s < s_end; ++s) {
-        long k0 = s * 32;
-        bool kin = k0 + 8 * t < k;
-        uint4 A = va && kin ? ld_stream16(wa + k0) : zero, B = vb && kin ? ld_stream16(wb + k0) : zero;
-        mma_step<LP>(acc, A, B, xr, rows, k0, kin);
-    }
-    if (split > 1) {
-#pragma unroll
-        for (int i = 0; i < 4 * MMA_TILES; ++i) red[(warp * 4 * MMA_TILES + i) * 32 + lane] = acc[i / 4][i % 4];
-        __syncthreads();
-        if (part != 0) return;
-        for (int q = 1; q < split; ++q) {
-            int wq = q * groups + grp;
-#pragma unroll
-            for (int i = 0; i < 4 * MMA_TILES; ++i) acc[i / 4][i % 4] += red[(wq * 4 * MMA_TILES + i) * 32 + lane];
-        }
-    }
-    // Accumulator (j, 0..1): output ra, rows 8j + 2t + 0..1; (j, 2..3): output rb.
-#pragma unroll
-    for (int j = 0; j < MMA_TILES; ++j) {
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-            long r = 8 * j + 2 * t + h;
-            if (r < rows) {
-                if (va) {
-                    y[r * ldy + ra] = acc[j][h];
-                    conv_epilogue(cu, r, ra, acc[j][h]);
-                }
-                if (vb) {
-                    y[r * ldy + rb] = acc[j][2 + h];
-                    conv_epilogue(cu, r, rb, acc[j][2 + h]);
-                }
-            }
-        }
-    }
-}
-// The ranges' sums meet in `red` (32 KiB, one array for both precisions).
-#define MMA_RED_FLOATS (8 * 32 * 4 * MMA_TILES)
-extern "C" __global__ void __launch_bounds__(256) gemm_lp_mma(const GemvLp p) {
-    __shared__ float red[MMA_RED_FLOATS];
-    if (p.lp_mode == 0)
-        gemm_lp_mma_body<0>(p.w, p.ldw, p.x_lp, p.ldx, p.y, p.ldy, p.n_out, p.k, p.rows, p.split, 0, red);
-    else
-        gemm_lp_mma_body<1>(p.w, p.ldw, p.x_lp, p.ldx, p.y, p.ldy, p.n_out, p.k, p.rows, p.split, 0, red);
-}
-extern "C" __global__ void __launch_bounds__(256) gemm_lp_mma_conv(const GemvConvLp p) {
-    __shared__ float red[MMA_RED_FLOATS];
-    if (p.g.lp_mode == 0)
-        gemm_lp_mma_body<0>(p.g.w, p.g.ldw, p.g.x_lp, p.g.ldx, p.g.y, p.g.ldy, p.g.n_out, p.g.k, p.g.rows, p.g.split, &p.c, red);
-    else
-        gemm_lp_mma_body<1>(p.g.w, p.g.ldw, p.g.x_lp, p.g.ldx, p.g.y, p.g.ldy, p.g.n_out, p.g.k, p.g.rows, p.g.split, &p.c, red);
 }

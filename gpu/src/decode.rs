@@ -486,9 +486,7 @@ fn decode_dev(m: &Model, ws: &Work, st: StatePtrs, persist: Persist) -> Result<(
             d_inner: di as i64,
             d_state: ds as i64,
         };
-        // dt_proj inside the scan update only at the GEMV's rows: each row reads dt_proj's
-        // weight again there, which more rows pay for more than one cuBLAS dt_proj.
-        match pj.dt_w_lp(lo).filter(|_| fused && pj.gemv) {
+        match pj.dt_w_lp(lo).filter(|_| fused) {
             Some(dt_w) => {
                 m.dev.tag("decode x_proj");
                 pj.x_proj(la, lo, xs)?;

@@ -1,20 +1,14 @@
 //! The decode step's projections (in_proj, x_proj, dt_proj, out_proj, the lm_head): one
 //! `gemv_lp` launch each when the weights have a low-precision shadow and the step has at
 //! most [`GEMV_ROWS`] rows, so every weight is read once per step for all rows and a row's
-//! logits have the same bits at any batch; from there up to [`MMA_ROWS`] rows one
-//! `gemm_lp_mma` launch on the tensor cores (the weights also read once a step, the conv update
-//! again in in_proj's epilogue); cuBLAS (`Model::mm`) otherwise.
-//! `VET_DECODE_GEMV=0` turns the GEMV off and `VET_DECODE_MMA=0` the tensor-core kernel
-//! (cuBLAS in their place, for comparison).
+//! logits have the same bits at any batch; cuBLAS (`Model::mm`) otherwise.
+//! `VET_DECODE_GEMV=0` turns the GEMV off (cuBLAS throughout, for comparison).
 
 use reference::Result;
 
 use crate::layout::LayerOffs;
 use crate::model::{Model, Opnd};
-use crate::ops::decode::{
-    gemm_mma, gemm_mma_conv, gemv_conv, gemv_decode, ConvUpdateF32, GemvConvLp, GemvLp, GEMV_ROWS,
-    MMA_ROWS,
-};
+use crate::ops::decode::{gemv_conv, gemv_decode, ConvUpdateF32, GemvConvLp, GemvLp, GEMV_ROWS};
 use crate::params::{Ptr, PtrMut};
 use crate::work::{LayerActs, Work};
 
@@ -30,62 +24,23 @@ pub(crate) fn gemv_enabled() -> bool {
     std::env::var("VET_DECODE_GEMV").map_or(true, |v| v != "0")
 }
 
-/// Whether the tensor-core projections may run (`VET_DECODE_MMA` is not `0`).
-pub(crate) fn mma_enabled() -> bool {
-    std::env::var("VET_DECODE_MMA").map_or(true, |v| v != "0")
-}
-
-/// The fewest rows the tensor-core projections take: `VET_DECODE_MMA_FROM` (2 to
-/// [`MMA_ROWS`]), else one more than the GEMV takes, so that up to [`GEMV_ROWS`] rows a row's
-/// logits keep the same bits at any batch.
-pub(crate) fn mma_from() -> usize {
-    std::env::var("VET_DECODE_MMA_FROM")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .map_or(GEMV_ROWS + 1, |n: usize| n.clamp(2, MMA_ROWS))
-}
-
-/// Which kernel projects a decode step of `rows` rows on low-precision weights (bf16, fp16)
-/// outside the persistent kernel: `"GEMV"`, `"tensor cores"` or `"cuBLAS"`.
-pub fn projection_kernel(rows: usize) -> &'static str {
-    if mma_enabled() && (mma_from()..=MMA_ROWS).contains(&rows) {
-        "tensor cores"
-    } else if rows <= GEMV_ROWS && gemv_enabled() {
-        "GEMV"
-    } else {
-        "cuBLAS"
-    }
-}
-
 /// The projections of one decode step over `rows` rows of `ws`.
 pub(crate) struct Proj<'a> {
     m: &'a Model,
     ws: &'a Work,
     rows: usize,
-    /// `gemv_lp` (at most [`GEMV_ROWS`] rows).
-    pub(crate) gemv: bool,
-    /// `gemm_lp_mma` (more rows than the GEMV takes, at most [`MMA_ROWS`]).
-    mma: bool,
+    gemv: bool,
 }
 
 impl<'a> Proj<'a> {
     pub(crate) fn new(m: &'a Model, ws: &'a Work, rows: usize) -> Proj<'a> {
-        let kernel = projection_kernel(rows);
-        let gemv = m.shadow.is_some() && kernel == "GEMV";
-        let mma = m.shadow.is_some() && kernel == "tensor cores";
-        Proj {
-            m,
-            ws,
-            rows,
-            gemv,
-            mma,
-        }
+        let gemv = m.shadow.is_some() && rows <= GEMV_ROWS && gemv_enabled();
+        Proj { m, ws, rows, gemv }
     }
 
-    /// The GEMV (or tensor-core) parameters of `y[r, :] = W x[r, :]` for the weight at
-    /// parameter offset `w` (`n_out × k`, row stride `ldw`) and the activation `x` (`k`
-    /// columns), into `y` (row stride `ldy`); `None` where cuBLAS runs instead (neither kernel,
-    /// `x` a weight, or an f32 `x` or unaligned rows for the tensor cores).
+    /// The GEMV of `y[r, :] = W x[r, :]` for the weight at parameter offset `w` (`n_out × k`,
+    /// row stride `ldw`) and the activation `x` (`k` columns), into `y` (row stride `ldy`);
+    /// `None` where cuBLAS runs instead (no GEMV, or `x` a weight).
     fn gemv_params(
         &self,
         w: usize,
@@ -99,32 +54,28 @@ impl<'a> Proj<'a> {
             Opnd::A(p, ld, _, _) => (0, p, ld),
             Opnd::W(..) => (0, 0, 0),
         };
-        let usable = if self.gemv {
-            (x_lp | x_f32) != 0
-        } else {
-            self.mma && x_lp != 0
-        };
-        let shadow = match (&self.m.shadow, usable) {
+        let shadow = match (&self.m.shadow, self.gemv && (x_lp | x_f32) != 0) {
             (Some(s), true) => s,
             _ => return None,
         };
-        let p = GemvLp {
-            w: Ptr::new(shadow.at::<u16>(w)),
-            ldw: ldw as i64,
-            x_lp: Ptr::new(x_lp),
-            x_f32: Ptr::new(x_f32),
-            ldx: ldx as i64,
-            y: PtrMut::new(y.0),
-            ldy: y.1 as i64,
-            n_out: n_out as i64,
-            k: k as i64,
-            rows: self.rows as i64,
-            split: 1,
-            vec: 0,
-            lp_mode: self.m.lp_mode(),
-        }
-        .tuned();
-        (self.gemv || p.vec == 1).then_some(p)
+        Some(
+            GemvLp {
+                w: Ptr::new(shadow.at::<u16>(w)),
+                ldw: ldw as i64,
+                x_lp: Ptr::new(x_lp),
+                x_f32: Ptr::new(x_f32),
+                ldx: ldx as i64,
+                y: PtrMut::new(y.0),
+                ldy: y.1 as i64,
+                n_out: n_out as i64,
+                k: k as i64,
+                rows: self.rows as i64,
+                split: 1,
+                vec: 0,
+                lp_mode: self.m.lp_mode(),
+            }
+            .tuned(),
+        )
     }
 
     /// `y[r, :] = W x[r, :]` (see [`Proj::gemv_params`]): the GEMV, or cuBLAS.
@@ -144,19 +95,12 @@ impl<'a> Proj<'a> {
         };
         // SAFETY: `w` is a weight of the layout inside the shadow (`n_out` rows of `ldw`); `x`
         // and `y` are decode workspace buffers of `rows` rows at their strides (`Work::new`).
-        unsafe {
-            if self.gemv {
-                gemv_decode(&self.m.dev, &p)
-            } else {
-                gemm_mma(&self.m.dev, &p)
-            }
-        }
+        unsafe { gemv_decode(&self.m.dev, &p) }
     }
 
     /// The residual add + norm, then in_proj with the conv update `conv` as its epilogue
-    /// (`gemv_lp_conv`, or `gemm_lp_mma_conv` above the GEMV's rows), where [`fused`] is on
-    /// and the shapes allow it (16-byte rows, no in_proj bias); `false` (nothing launched)
-    /// otherwise.
+    /// (`gemv_lp_conv`), where [`fused`] is on and the shapes allow it (16-byte rows, no
+    /// in_proj bias); `false` (nothing launched) otherwise.
     pub(crate) fn norm_in_proj_conv(
         &self,
         la: &LayerActs,
@@ -178,13 +122,7 @@ impl<'a> Proj<'a> {
         let p = GemvConvLp { g, c: *conv };
         // SAFETY: as in `mv`; `conv` is the decode step's conv update of these rows, its x the
         // first `d_inner` outputs (the x half of `la.xz`).
-        unsafe {
-            if self.gemv {
-                gemv_conv(&m.dev, &p)
-            } else {
-                gemm_mma_conv(&m.dev, &p)
-            }
-        }?;
+        unsafe { gemv_conv(&m.dev, &p) }?;
         Ok(true)
     }
 

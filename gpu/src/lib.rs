@@ -36,7 +36,6 @@ mod work;
 
 use reference::{MambaConfig, Params, TrainingEngine};
 
-pub use decode_proj::projection_kernel;
 pub use engine::GpuEngine;
 
 /// Training / inference precision of the CUDA tier. Master weights and AdamW state are f32

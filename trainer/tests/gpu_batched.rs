@@ -1,9 +1,10 @@
 //! Continuous batching on the CUDA tier (bf16, the bundled tiny checkpoint): prompts of
 //! different lengths, more of them than rows, rows held in device memory and the tokens
 //! drawn there. Greedy answers (with a repetition penalty) at batch 1, 3, 8 and 10 are the lone
-//! run's tokens (host sampler, batch 1; at 10, steps of more than 8 rows project on the tensor
-//! cores); seeded draws on the device repeat and stay inside the tokenizer's ids. Without a CUDA device the test prints a `skipping` line and passes;
-//! on the device: `bash scripts/gpu-tests.sh run`.
+//! run's tokens (host sampler, batch 1; at 10, steps of more than 8 rows run cuBLAS and the
+//! scan update of `ssm_update_f32`); seeded draws on the device repeat and stay inside the
+//! tokenizer's ids. Without a CUDA device the test prints a `skipping` line and passes; on the
+//! device: `bash scripts/gpu-tests.sh run`.
 
 use std::ops::ControlFlow;
 

@@ -477,10 +477,10 @@ fn time_scan(dev: &Dev, fwd: &dyn Fn(), bwd: &dyn Fn(&'static str, bool)) -> (f6
 /// Prefill (one 2048-token sequence) and decode at batch 1, 8, 64 and 256 (a held state of
 /// that many rows, one greedy token per row per step): with the ids drawn on the device
 /// (`step_held_sample`, what continuous batching does) and with the logits copied to the host
-/// for a host argmax (the path before it). Each line names the projections' kernel
-/// (`gpu::projection_kernel`); `VET_DECODE_GEMV=0` and `VET_DECODE_MMA=0` put cuBLAS in place
-/// of the GEMV and the tensor-core kernel, for a before/after on one card.
+/// for a host argmax (the path before it). `VET_DECODE_GEMV=0` runs the projections through
+/// cuBLAS instead of the GEMV, for a before/after on one card.
 fn infer(rows: &mut Vec<String>) -> reference::Result<()> {
+    let gemv = std::env::var("VET_DECODE_GEMV").map_or(true, |v| v != "0");
     for (name, d_model, n_layer) in infer_sizes() {
         let (cfg, mut e) = bf16_engine(d_model, n_layer)?;
         let prompt = tokens(2048, cfg.vocab_size, 11);
@@ -504,7 +504,7 @@ fn infer(rows: &mut Vec<String>) -> reference::Result<()> {
             let (td, th) = decode_at(&mut e, &cfg, batch)?;
             rows.push(format!(
                 "infer {name:<5} decode batch {batch:>3} ({}): ids drawn on the device {:.3} ms/step = {:.0} tokens/s ({:.0} GB/s of bf16 weights); logits to the host {:.3} ms/step = {:.0} tokens/s (CUDA graph: {})",
-                if e.decode_ran_persistent() { "persistent" } else { gpu::projection_kernel(batch) },
+                if e.decode_ran_persistent() { "persistent" } else if gemv && batch <= gpu::ops::decode::GEMV_ROWS { "GEMV on" } else { "GEMV off" },
                 td * 1e3, batch as f64 / td, weights / td / 1e9, th * 1e3, batch as f64 / th, e.decode_uses_graph()
             ));
             println!("{}", rows.last().unwrap());

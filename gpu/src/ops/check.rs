@@ -227,8 +227,9 @@ impl OpDev {
 
     /// One decode step of the scan (`ssm_update_f32`, the step batches above the GEMV's rows
     /// run) for `seq_len` 1: (out, the state after the step). The state starts at `inp.h0`
-    /// (zeros without it) and is updated in place, between sentinels.
-    pub fn ssm_update(&self, inp: &ScanInputs<f32>) -> Result<(Vec<f32>, Vec<f32>)> {
+    /// (zeros without it) and is updated in place, between sentinels: 16-byte aligned where
+    /// `aligned` (the kernel's 16-byte path), else 4 bytes past (its one-value path).
+    pub fn ssm_update(&self, inp: &ScanInputs<f32>, aligned: bool) -> Result<(Vec<f32>, Vec<f32>)> {
         let d = inp.dims;
         if d.seq_len != 1 {
             return Err(Error::Shape {
@@ -238,15 +239,16 @@ impl OpDev {
         }
         let s = self.scan_common(inp)?;
         let n_state = d.batch * d.d_inner * d.d_state;
-        let state = self.out(n_state, "ssm_update state")?;
-        match inp.h0 {
-            Some(h) => state.buf.write(PAD, h)?,
-            None => state.buf.write(PAD, &vec![0f32; n_state])?,
-        }
+        // PAD + 3 floats is 256 bytes into the allocation; the 3 floats on the other side stay
+        // sentinels.
+        let skew = if aligned { 3 } else { 0 };
+        let state = self.out(n_state + 3, "ssm_update state")?;
+        let zeros = vec![0f32; n_state];
+        state.buf.write(PAD + skew, inp.h0.unwrap_or(&zeros))?;
         let out = self.out(d.batch * d.d_inner, "ssm_update out")?;
         let p = SsmUpdateF32 {
             scan: self.scan_in(inp, &s),
-            h_state: state.ptr(),
+            h_state: PtrMut::new(state.buf.at::<f32>(PAD + skew)),
             out: out.ptr(),
             out_lp: PtrMut::NULL,
             lp_mode: 0,
@@ -257,7 +259,16 @@ impl OpDev {
         // SAFETY: `scan_common` uploaded every input for one position of `inp.dims`; the state
         // holds `batch * d_inner * d_state` f32 and `out` `batch * d_inner`.
         unsafe { ssm_update(&self.dev, &p) }?;
-        Ok((self.take(out)?, self.take(state)?))
+        let all = self.take(state)?;
+        let (before, rest) = all.split_at(skew);
+        let (h, after) = rest.split_at(n_state);
+        if before.iter().chain(after).any(|v| v.to_bits() != SENTINEL) {
+            return Err(Error::Device {
+                device: self.dev.name.clone(),
+                msg: "ssm_update state: a write outside the state".into(),
+            });
+        }
+        Ok((self.take(out)?, h.to_vec()))
     }
 
     /// `selective_scan_bwd` on the device (the forward runs first for the chunk states), in

@@ -55,7 +55,7 @@ kernel_params! {
     /// `y[r, n] = Σ_k w[n, k] x[r, k]` for `rows` (at most [`GEMV_ROWS`]) rows: each weight
     /// read once for all rows. `w` and `x_lp` in bf16 (`lp_mode` 0) or fp16 (1); `x_f32`
     /// (used when `x_lp` is null) is rounded to that precision first.
-    GemvLp => ["gemv_lp", "gemv_lp_nl4", "gemv_lp_nl8", "gemm_lp_mma"] {
+    GemvLp => ["gemv_lp", "gemv_lp_nl4", "gemv_lp_nl8"] {
         w: Ptr<u16>,
         ldw: i64,
         x_lp: Ptr<u16>,
@@ -77,7 +77,7 @@ kernel_params! {
     /// c.d_inner` of row `r` is channel `n`'s x, and the thread that writes it also shifts that
     /// channel's window and writes `xs` (and `xs_lp`), as `conv_update_f32` would (`c.conv.x`
     /// is not read).
-    GemvConvLp => ["gemv_lp_conv", "gemm_lp_mma_conv"] {
+    GemvConvLp => ["gemv_lp_conv"] {
         g: GemvLp,
         c: ConvUpdateF32,
     }
@@ -96,97 +96,6 @@ kernel_params! {
 
 /// The most rows one `gemv_lp` launch takes.
 pub const GEMV_ROWS: usize = 8;
-
-/// The most rows one `gemm_lp_mma` launch takes (eight 8-row tiles of the tensor cores' B).
-pub const MMA_ROWS: usize = 64;
-
-/// `split` of `gemm_lp_mma` for `n_out` outputs over `k` on `sm_count` SMs: the fewest ranges of
-/// k a 16-output group is cut into (1, 2, 4 or 8; a block holds 8 / split groups) that give
-/// at least two blocks an SM, keeping at least two 32-wide steps a range.
-pub fn mma_split(n_out: i64, k: i64, sm_count: usize) -> i32 {
-    let groups = (n_out.max(1) as usize).div_ceil(16);
-    let steps = (k.max(1) as usize).div_ceil(32);
-    let mut split = 1;
-    while split < 8 && groups.div_ceil(8 / split) < 2 * sm_count && steps / (2 * split) >= 2 {
-        split *= 2;
-    }
-    split as i32
-}
-
-/// The grid of `gemm_lp_mma` (8 warps: 8 / split groups of 16 outputs a block).
-fn mma_grid(n_out: i64, split: i32) -> (u32, u32, u32) {
-    let groups = (n_out as usize).div_ceil(16);
-    (groups.div_ceil(8 / split as usize) as u32, 1, 1)
-}
-
-/// Whether `gemm_lp_mma` takes `p`: 1..=[`MMA_ROWS`] rows, `vec` (16-byte rows, k % 8 == 0),
-/// x in the low precision, `split` 1, 2, 4 or 8.
-fn mma_takes(p: &GemvLp) -> bool {
-    (1..=MMA_ROWS as i64).contains(&p.rows)
-        && p.vec == 1
-        && p.x_lp.0 != 0
-        && [1, 2, 4, 8].contains(&p.split)
-}
-
-/// Launches `gemm_lp_mma`: `p` (after [`GemvLp::tuned`], `x_lp` set) with `split` from
-/// [`mma_split`], on the tensor cores. Deterministic, but not `gemv_lp`'s bits.
-///
-/// # Safety
-/// As [`gemv`], for up to [`MMA_ROWS`] rows.
-pub unsafe fn gemm_mma(dev: &Dev, p: &GemvLp) -> Result<()> {
-    // SAFETY: the caller's contract.
-    unsafe { gemm_mma_split(dev, p, mma_split(p.n_out, p.k, dev.sm_count)) }
-}
-
-/// [`gemm_mma`] with `split` (1, 2, 4 or 8) chosen by the caller.
-///
-/// # Safety
-/// As [`gemm_mma`].
-pub unsafe fn gemm_mma_split(dev: &Dev, p: &GemvLp, split: i32) -> Result<()> {
-    let q = GemvLp { split, ..*p };
-    if !mma_takes(&q) {
-        return Err(dev.err(
-            "gemm_lp_mma",
-            format!(
-                "{} rows (1..={MMA_ROWS}), vec {}, x in the low precision {}, split {split}",
-                p.rows,
-                p.vec,
-                p.x_lp.0 != 0
-            ),
-        ));
-    }
-    // SAFETY: the caller's contract is the kernel's.
-    unsafe { dev.launch_build("gemm_lp_mma", mma_grid(q.n_out, q.split), 256, 0, &q) }
-}
-
-/// Launches `gemm_lp_mma_conv`: in_proj on the tensor cores (as [`gemm_mma`]) with the conv
-/// update as its epilogue (as [`gemv_conv`]).
-///
-/// # Safety
-/// As [`gemv_conv`], for up to [`MMA_ROWS`] rows.
-pub unsafe fn gemm_mma_conv(dev: &Dev, p: &GemvConvLp) -> Result<()> {
-    let mut q = *p;
-    q.g.split = mma_split(p.g.n_out, p.g.k, dev.sm_count);
-    if !mma_takes(&q.g) || q.g.rows != q.c.batch || q.c.d_inner > q.g.n_out {
-        return Err(dev.err(
-            "gemm_lp_mma_conv",
-            format!(
-                "{} rows, vec {}, conv over {} rows and {} channels of {}",
-                p.g.rows, p.g.vec, p.c.batch, p.c.d_inner, p.g.n_out
-            ),
-        ));
-    }
-    // SAFETY: the caller's contract is the kernel's.
-    unsafe {
-        dev.launch_build(
-            "gemm_lp_mma_conv",
-            mma_grid(q.g.n_out, q.g.split),
-            256,
-            0,
-            &q,
-        )
-    }
-}
 
 impl GemvLp {
     /// Sets `split` (warps per output: enough blocks to fill the device) and `vec` (16-byte
@@ -469,28 +378,6 @@ pub unsafe fn ssm_update_dt(dev: &Dev, p: &SsmUpdateDtF32) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn the_tensor_core_split_fills_the_device_and_keeps_whole_steps() {
-        // 1.4B on 132 SMs: in_proj (8192 × 2048) needs 8 ranges for 2 blocks an SM; the
-        // lm_head (50,280 outputs) fills it whole; x_proj (160 outputs) takes the most ranges.
-        assert_eq!(mma_split(8192, 2048, 132), 8);
-        assert_eq!(mma_split(50280, 2048, 132), 1);
-        assert_eq!(mma_split(160, 4096, 132), 8);
-        assert_eq!(mma_split(2048, 4096, 132), 8);
-        // Two 32-wide steps a range at least: k 64 stays whole, k 128 cuts in two.
-        assert_eq!(mma_split(16, 64, 132), 1);
-        assert_eq!(mma_split(16, 128, 132), 2);
-        for (n_out, k) in [(8192, 2048), (37, 96), (50280, 2048), (16, 8)] {
-            let split = mma_split(n_out, k, 132);
-            let (blocks, _, _) = mma_grid(n_out, split);
-            // Every output group has a block: blocks × groups a block ≥ the groups.
-            assert!(
-                blocks as i64 * (8 / split) as i64 * 16 >= n_out,
-                "{n_out} × {k}"
-            );
-        }
-    }
 
     #[test]
     fn sample_how_has_the_c_layout() {
