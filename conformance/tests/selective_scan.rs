@@ -215,8 +215,8 @@ fn gpu_selective_scan_segments_match_reference() {
 /// against the reference's one-position forward from the same state, at every state width's
 /// lane layout: d_state 16 and 32 (16-byte loads on an aligned state, 4 and 8 lanes a channel),
 /// 13 (padded to 16, one value at a time), 8 (2 lanes), 3 and 2 (one lane holds the channel).
-/// Each case runs on an aligned and a misaligned state, which must give the same bits. Channel counts
-/// leave the last block part empty; row 1 of every case starts a new document (its state
+/// Each case runs on an aligned and a misaligned state, which must give the same bits. Channel
+/// counts leave the last block part empty; row 1 of every case starts a new document (its state
 /// counts as zero), and the state around every case's rows stays untouched (sentinels).
 #[test]
 fn gpu_scan_update_matches_reference() {

@@ -74,9 +74,10 @@ __device__ __forceinline__ float decode_group_sum(float v) {
 // Scan update with dt bias + softplus, the D skip and the z gate:
 //   dt = softplus(delta + dt_bias), h = exp(dt A) h + dt x B, y = C·h + D x, out = y silu(z).
 // h: [B, d_inner, d_state] in place. B and C sit in x_proj's output (row stride ldbc, B at
-// column col_b, C right after). Thread per (b, c, n): D_STATE_PAD lanes per channel, 256
-// threads per block; grid (ceil(d_inner / channels per block), batch). out_lp (may be null):
-// out again in bf16 (lp_mode 0) or fp16 (1) for out_proj.
+// column col_b, C right after). ssm_update_dt_f32 (and the persistent kernel's scan): thread
+// per (b, c, n), D_STATE_PAD lanes per channel, 256 threads per block; grid (ceil(d_inner /
+// channels per block), batch). ssm_update_f32 runs the same arithmetic on fewer lanes (below).
+// out_lp (may be null): out again in bf16 (lp_mode 0) or fp16 (1) for out_proj.
 // dt_proj of one channel c inside the scan update: the D_STATE_PAD lanes n of its group sum
 // w[c, r] x[r] for r = n, n + D_STATE_PAD, ... (x rounded to the low precision, as the GEMV
 // does), then the group's butterfly: every lane gets the same bits.
@@ -127,10 +128,10 @@ static __device__ __forceinline__ void ssm_update_f32_body(const float* xs, cons
 
 // ssm_update_f32: the same step with SSM_SPL states per lane and SSM_LPC lanes per channel
 // (4 lanes of 4 states at D_STATE_PAD 16), so a channel's softplus, x, z and D are read and
-// computed by 4 lanes instead of 16 and its states move as 16-byte loads. The bits are those of
-// ssm_update_f32_at with the same delta: each state's update is the same expression, and
-// y = Σ C h runs decode_group_sum's tree (offsets ≥ SSM_SPL across lanes, then the rest inside
-// a lane; a + b == b + a in floating point, so the tree is the butterfly's). Grid
+// computed by 4 lanes instead of 16 and its states move as 16-byte loads. It keeps the bits of
+// ssm_update_f32_at with the same delta by construction (not compared on a device): each state's
+// update is the same expression, and y = Σ C h runs decode_group_sum's tree (offsets ≥ SSM_SPL
+// across lanes, then the rest inside a lane; a + b == b + a in floating point). Grid
 // (ceil(d_inner / (256 / SSM_LPC)), batch), 256 threads.
 #define SSM_SPL (D_STATE_PAD < 4 ? D_STATE_PAD : 4)
 #define SSM_LPC (D_STATE_PAD / SSM_SPL)
