@@ -119,12 +119,6 @@ static __device__ __forceinline__ void ssm_update_f32_at(long bx, long b, const 
         if (out_lp) out_lp[b * di + c] = lp_mode == 0 ? f32_to_bf16(o) : f32_to_f16(o);
     }
 }
-static __device__ __forceinline__ void ssm_update_f32_body(const float* xs, const float* delta, const float* a_log, const float* xbc, long ldbc, long col_b,
-               const float* dvec, const float* z, long ldz, const float* dt_bias, const int* starts, float* h_state,
-               float* out, u16* out_lp, int lp_mode, long batch, long di, long ds, const u16* dt_w = 0, long dt_rank = 0) {
-    ssm_update_f32_at(blockIdx.x, blockIdx.y, xs, delta, a_log, xbc, ldbc, col_b, dvec, z, ldz, dt_bias, starts, h_state,
-                      out, out_lp, lp_mode, batch, di, ds, dt_w, dt_rank);
-}
 
 // ssm_update_f32: the same step with SSM_SPL states per lane and SSM_LPC lanes per channel
 // (4 lanes of 4 states at D_STATE_PAD 16), so a channel's softplus, x, z and D are read and
@@ -206,7 +200,7 @@ extern "C" __global__ void __launch_bounds__(256) ssm_update_f32(const SsmUpdate
 extern "C" __global__ void __launch_bounds__(256) ssm_update_dt_f32(const SsmUpdateDtF32 p) {
     pdl_wait();
     pdl_launch_dependents();
-    ssm_update_f32_body(SSM_UPDATE_F32_ARGS(p.s), p.dt_w, p.dt_rank);
+    ssm_update_f32_at(blockIdx.x, blockIdx.y, SSM_UPDATE_F32_ARGS(p.s), p.dt_w, p.dt_rank);
 }
 
 // ---- Sampling on the device: one id per row crosses to the host. ----
