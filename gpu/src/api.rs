@@ -1,7 +1,8 @@
 //! `reference::InferenceEngine` and `reference::TrainingEngine` for [`GpuEngine`].
 
 use reference::engine::{
-    check_len, params_from_named, LossOutput, MemoryUse, NamedTensors, OptimizerState,
+    check_len, params_from_named, LossOutput, MemoryUse, NamedTensors, OptimizerShard,
+    OptimizerState,
 };
 use reference::model::Batch;
 use reference::optim::StepStats;
@@ -61,14 +62,21 @@ impl GpuEngine {
         Ok(st)
     }
 
-    /// Global gradient norm: f64 partial sums over a fixed grid, then one ordered sum.
-    fn grad_norm(&self) -> Result<f64> {
+    /// Σ g² over the flat gradient elements `off..off + n`: f64 partial sums over a fixed
+    /// grid, then one ordered sum (the same bits on every run).
+    pub(crate) fn grad_sumsq(&self, off: usize, n: usize) -> Result<f64> {
         self.model.dev.tag("grad norm");
         let dev = &self.model.dev;
         let t = &self.train;
+        if (off + n) * 4 > t.grads.bytes {
+            return Err(dev.err(
+                "grad norm",
+                format!("{n} values at {off} past the gradients"),
+            ));
+        }
         let partial = SumsqPartialF64 {
-            g: Ptr::new(t.grads.ptr),
-            n: self.model.layout.numel as i64,
+            g: Ptr::new(t.grads.at::<f32>(off)),
+            n: n as i64,
             part: PtrMut::new(t.norm_part.ptr),
         };
         let fin = SumsqFinalF64 {
@@ -76,15 +84,83 @@ impl GpuEngine {
             n: NORM_BLOCKS as i64,
             out: PtrMut::new(t.norm_out.ptr),
         };
-        // SAFETY: the gradients hold `numel` f32, the partials NORM_BLOCKS f64, the output
-        // one f64 (allocated in `GpuEngine::new`).
+        // SAFETY: the gradients hold `off + n` f32 (checked above), the partials NORM_BLOCKS
+        // f64, the output one f64 (allocated in `GpuEngine::new`).
         unsafe {
             sumsq_partial(dev, &partial)?;
             sumsq_final(dev, &fin)?;
         }
         let mut ss = [0f64];
         self.train.norm_out.read(0, &mut ss)?;
-        Ok(ss[0].sqrt())
+        Ok(ss[0])
+    }
+
+    /// The error for a whole-model optimizer call once the optimizer is sharded.
+    fn not_sharded(&self, op: &str) -> Result<()> {
+        match &self.train.shard {
+            Some(on) => Err(self.model.dev.err(
+                op,
+                format!("the optimizer is sharded (this rank holds {:?})", on.range),
+            )),
+            None => Ok(()),
+        }
+    }
+
+    /// Global gradient norm over every parameter.
+    fn grad_norm(&self) -> Result<f64> {
+        Ok(self.grad_sumsq(0, self.model.layout.numel)?.sqrt())
+    }
+
+    /// One AdamW step over the flat elements `range` (whole slots or parts of them; padding
+    /// past the last parameter is left alone): the gradients are first multiplied by `coef`
+    /// where it is `Some` (clipping, fp16's unscale), and the moments of element `i` sit at
+    /// `i - mom_off` in `m` and `v`. Moves the step count.
+    pub(crate) fn adamw_flat(
+        &mut self,
+        hp: &AdamWConfig,
+        lr: f64,
+        range: std::ops::Range<usize>,
+        mom_off: usize,
+        coef: Option<f32>,
+    ) -> Result<()> {
+        self.train.opt_step += 1;
+        let t = self.train.opt_step as f64;
+        let bc1 = 1.0 - hp.beta1.powf(t);
+        let bc2 = 1.0 - hp.beta2.powf(t);
+        let step_size = (lr / bc1) as f32;
+        let sqrt_bc2 = bc2.sqrt() as f32;
+        let decay = (1.0 - lr * hp.weight_decay) as f32;
+        self.model.dev.tag("adamw");
+        for s in &self.model.layout.slots {
+            let (lo, hi) = (s.off.max(range.start), (s.off + s.numel).min(range.end));
+            if lo >= hi {
+                continue;
+            }
+            let decays = hp.weight_decay != 0.0 && s.decays;
+            let p = AdamwF32 {
+                p: PtrMut::new(self.model.params.at::<f32>(lo)),
+                g: PtrMut::new(self.train.grads.at::<f32>(lo)),
+                m: PtrMut::new(self.train.m.at::<f32>(lo - mom_off)),
+                v: PtrMut::new(self.train.v.at::<f32>(lo - mom_off)),
+                n: (hi - lo) as i64,
+                clip: coef.is_some() as i32,
+                clip_c: coef.unwrap_or(1.0),
+                b1: hp.beta1 as f32,
+                b2: hp.beta2 as f32,
+                omb1: (1.0 - hp.beta1) as f32,
+                omb2: (1.0 - hp.beta2) as f32,
+                eps: hp.eps as f32,
+                decays: decays as i32,
+                decay,
+                step_size,
+                sqrt_bc2,
+            };
+            // SAFETY: `lo..hi` lies inside one slot and inside `range`; the parameters and
+            // gradients hold every slot, the moments `range.end - mom_off` f32 (the caller's
+            // contract, checked when the optimizer was sharded).
+            unsafe { adamw(&self.model.dev, &p) }?;
+        }
+        self.model.refresh_shadow()
     }
 
     /// One decode step (see [`crate::decode::Decoder::step`]); logits end in the decoder.
@@ -442,6 +518,7 @@ impl TrainingEngine for GpuEngine {
     }
 
     fn optimizer_step(&mut self, hp: &AdamWConfig, lr: f64) -> Result<StepStats> {
+        self.not_sharded("optimizer_step")?;
         self.model.dev.bind()?;
         // fp16: the gradients hold loss_scale × gradient; divide it out here.
         let unscale = match self.model.precision {
@@ -470,39 +547,9 @@ impl TrainingEngine for GpuEngine {
             }
         }
         let scale_grads = clipped || unscale != 1.0;
-        let coef = (coef * unscale) as f32;
-        self.train.opt_step += 1;
-        let t = self.train.opt_step as f64;
-        let bc1 = 1.0 - hp.beta1.powf(t);
-        let bc2 = 1.0 - hp.beta2.powf(t);
-        let step_size = (lr / bc1) as f32;
-        let sqrt_bc2 = bc2.sqrt() as f32;
-        let decay = (1.0 - lr * hp.weight_decay) as f32;
-        self.model.dev.tag("adamw");
-        for s in &self.model.layout.slots {
-            let decays = hp.weight_decay != 0.0 && s.decays;
-            let p = AdamwF32 {
-                p: PtrMut::new(self.model.params.at::<f32>(s.off)),
-                g: PtrMut::new(self.train.grads.at::<f32>(s.off)),
-                m: PtrMut::new(self.train.m.at::<f32>(s.off)),
-                v: PtrMut::new(self.train.v.at::<f32>(s.off)),
-                n: s.numel as i64,
-                clip: scale_grads as i32,
-                clip_c: coef,
-                b1: hp.beta1 as f32,
-                b2: hp.beta2 as f32,
-                omb1: (1.0 - hp.beta1) as f32,
-                omb2: (1.0 - hp.beta2) as f32,
-                eps: hp.eps as f32,
-                decays: decays as i32,
-                decay,
-                step_size,
-                sqrt_bc2,
-            };
-            // SAFETY: one slot of the layout in the four flat buffers of `numel` f32.
-            unsafe { adamw(&self.model.dev, &p) }?;
-        }
-        self.model.refresh_shadow()?;
+        let coef = scale_grads.then_some((coef * unscale) as f32);
+        let n = self.model.layout.numel;
+        self.adamw_flat(hp, lr, 0..n, 0, coef)?;
         self.model.dev.sync()?;
         Ok(StepStats {
             grad_norm: norm,
@@ -524,6 +571,7 @@ impl TrainingEngine for GpuEngine {
     }
 
     fn optimizer_state(&self) -> Result<OptimizerState> {
+        self.not_sharded("optimizer_state")?;
         self.model.dev.bind()?;
         let (m, v) = (
             self.download_flat(&self.train.m)?,
@@ -537,6 +585,7 @@ impl TrainingEngine for GpuEngine {
     }
 
     fn set_optimizer_state(&mut self, state: &OptimizerState) -> Result<()> {
+        self.not_sharded("set_optimizer_state")?;
         self.model.dev.bind()?;
         self.upload_named(&self.train.m, &state.m)?;
         self.upload_named(&self.train.v, &state.v)?;
@@ -553,5 +602,40 @@ impl TrainingEngine for GpuEngine {
         self.model.dev.sync()?;
         let n = self.train.grads.bytes / 4;
         Ok(comm.all_reduce_sum_device(self.train.grads.ptr, n)?)
+    }
+
+    fn shard_optimizer(
+        &mut self,
+        comm: &mut dyn reference::comm::Comm,
+        chunk: std::ops::Range<usize>,
+        padded: usize,
+    ) -> Result<bool> {
+        self.shard_optimizer_dev(comm, chunk, padded)
+    }
+
+    fn reduce_gradient_shard(
+        &mut self,
+        comm: &mut dyn reference::comm::Comm,
+        scatter: bool,
+    ) -> Result<f64> {
+        self.reduce_gradient_shard_dev(comm, scatter)
+    }
+
+    fn optimizer_step_shard(
+        &mut self,
+        comm: &mut dyn reference::comm::Comm,
+        hp: &AdamWConfig,
+        lr: f64,
+        grad_norm: f64,
+    ) -> Result<()> {
+        self.optimizer_step_shard_dev(comm, hp, lr, grad_norm)
+    }
+
+    fn optimizer_shard(&self) -> Result<OptimizerShard> {
+        self.optimizer_shard_dev()
+    }
+
+    fn set_optimizer_shard(&mut self, shard: &OptimizerShard) -> Result<()> {
+        self.set_optimizer_shard_dev(shard)
     }
 }

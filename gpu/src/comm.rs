@@ -248,16 +248,55 @@ impl Comm for Nccl {
             return Ok(true);
         }
         self.bind(op)?;
-        let mut buf = DeviceF32 {
-            ptr,
-            len,
-            stream: self.stream.clone(),
-        };
+        let mut buf = self.device(ptr, len);
         self.comm
             .all_reduce_in_place(&mut buf, &ReduceOp::Sum)
             .map_err(|x| nccl_err(self.rank, op, x))?;
         self.sync(op)?;
         Ok(true)
+    }
+
+    fn reduce_scatter_sum_device(&mut self, ptr: u64, chunk: usize) -> CommResult<bool> {
+        let op = "reduce_scatter_sum_device";
+        if chunk == 0 {
+            return Ok(true);
+        }
+        self.bind(op)?;
+        // NCCL's in-place form: the output is the rank's own chunk of the input.
+        let src = self.device(ptr, self.world * chunk);
+        let mut dst = self.device(ptr + (4 * self.rank * chunk) as u64, chunk);
+        self.comm
+            .reduce_scatter(&src, &mut dst, &ReduceOp::Sum)
+            .map_err(|x| nccl_err(self.rank, op, x))?;
+        self.sync(op)?;
+        Ok(true)
+    }
+
+    fn all_gather_device(&mut self, ptr: u64, chunk: usize) -> CommResult<bool> {
+        let op = "all_gather_device";
+        if chunk == 0 {
+            return Ok(true);
+        }
+        self.bind(op)?;
+        // NCCL's in-place form: the input is the rank's own chunk of the output.
+        let src = self.device(ptr + (4 * self.rank * chunk) as u64, chunk);
+        let mut dst = self.device(ptr, self.world * chunk);
+        self.comm
+            .all_gather(&src, &mut dst)
+            .map_err(|x| nccl_err(self.rank, op, x))?;
+        self.sync(op)?;
+        Ok(true)
+    }
+}
+
+impl Nccl {
+    /// `len` f32 of another owner's device memory at `ptr`, on this communicator's stream.
+    fn device(&self, ptr: u64, len: usize) -> DeviceF32 {
+        DeviceF32 {
+            ptr,
+            len,
+            stream: self.stream.clone(),
+        }
     }
 }
 
@@ -277,6 +316,18 @@ impl cudarc::driver::DeviceSlice<f32> for DeviceF32 {
     }
     fn stream(&self) -> &Arc<CudaStream> {
         &self.stream
+    }
+}
+
+impl cudarc::driver::DevicePtr<f32> for DeviceF32 {
+    fn device_ptr<'a>(
+        &'a self,
+        _stream: &'a CudaStream,
+    ) -> (
+        cudarc::driver::sys::CUdeviceptr,
+        cudarc::driver::SyncOnDrop<'a>,
+    ) {
+        (self.ptr, cudarc::driver::SyncOnDrop::Sync(None))
     }
 }
 

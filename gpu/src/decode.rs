@@ -210,6 +210,11 @@ impl Decoder {
         self.last_persistent
     }
 
+    /// Drops the captured graph (the weights moved to new buffers).
+    pub(crate) fn forget_graph(&mut self) {
+        self.graph = None;
+    }
+
     /// Whether the last decode ran through a graph.
     pub(crate) fn uses_graph(&self) -> bool {
         self.graph.as_ref().is_some_and(|(_, _, g)| g.is_some())

@@ -38,6 +38,8 @@ pub(crate) struct Training {
     pub(crate) ws: Option<Work>,
     /// The final state's gradient of stateful training (`crate::carry`).
     pub(crate) carry: crate::carry::CarryGrad,
+    /// ZeRO stages 1–2 on the device (`crate::zero`): the moments hold this chunk only.
+    pub(crate) shard: Option<crate::zero::ShardOn>,
 }
 
 /// What the kernels support of `cfg`.
@@ -102,6 +104,7 @@ impl GpuEngine {
             norm_out: dev.alloc(8)?,
             ws: None,
             carry: Default::default(),
+            shard: None,
         };
         let model = Model {
             cfg: cfg.clone(),

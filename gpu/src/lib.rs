@@ -33,6 +33,7 @@ pub mod ops;
 pub mod params;
 pub mod profile;
 mod work;
+mod zero;
 
 use reference::{MambaConfig, Params, TrainingEngine};
 

@@ -78,6 +78,22 @@ pub trait Comm: Send {
         let _ = (ptr, len);
         Ok(false)
     }
+    /// Reduce-scatter in place in device memory: `ptr` holds `world() × chunk` f32, and rank
+    /// `r`'s chunk `r` (`ptr + 4·r·chunk`) becomes the sum over ranks of that chunk; the other
+    /// chunks are left undefined. `Ok(false)` where this communicator does not reach device
+    /// memory (nothing is touched). The same contract as
+    /// [`Comm::all_reduce_sum_device`] otherwise.
+    fn reduce_scatter_sum_device(&mut self, ptr: u64, chunk: usize) -> CommResult<bool> {
+        let _ = (ptr, chunk);
+        Ok(false)
+    }
+    /// All-gather in place in device memory: `ptr` holds `world() × chunk` f32 and rank `r`
+    /// supplies chunk `r`; every rank ends with every chunk. `Ok(false)` where this
+    /// communicator does not reach device memory.
+    fn all_gather_device(&mut self, ptr: u64, chunk: usize) -> CommResult<bool> {
+        let _ = (ptr, chunk);
+        Ok(false)
+    }
 }
 
 /// The error for lengths that do not fit a collective.

@@ -61,6 +61,18 @@ pub struct OptimizerState {
     pub v: NamedTensors,
 }
 
+/// One rank's slice of a flat-sharded optimizer (ZeRO stages 1–3): the f32 master weights and
+/// AdamW moments of the flat elements `range` (every parameter laid end to end in canonical
+/// order, padded with zeros to a multiple of the world size), and the step count.
+#[derive(Clone, Debug, PartialEq)]
+pub struct OptimizerShard {
+    pub range: Range<usize>,
+    pub master: Vec<f32>,
+    pub m: Vec<f32>,
+    pub v: Vec<f32>,
+    pub step: u64,
+}
+
 impl OptimizerState {
     /// The checkpointable state of `opt`.
     pub fn of<T: Float>(cfg: &MambaConfig, opt: &AdamW<T>) -> OptimizerState {
@@ -390,6 +402,57 @@ pub trait TrainingEngine: InferenceEngine {
     fn all_reduce_gradients(&mut self, comm: &mut dyn crate::comm::Comm) -> Result<bool> {
         let _ = comm;
         Ok(false)
+    }
+    /// ZeRO stages 1–2 with the optimizer where the gradients live (a GPU engine over NCCL):
+    /// from now on the engine keeps AdamW's moments for the flat elements `chunk` only (flat
+    /// as in [`OptimizerShard`], `padded` long, this rank's chunk of `comm`'s world), and
+    /// steps through [`TrainingEngine::reduce_gradient_shard`] and
+    /// [`TrainingEngine::optimizer_step_shard`] instead of
+    /// [`TrainingEngine::optimizer_step`]. Moments start at zero. `Ok(false)`: this engine or
+    /// communicator cannot (the default), and nothing changed.
+    fn shard_optimizer(
+        &mut self,
+        comm: &mut dyn crate::comm::Comm,
+        chunk: Range<usize>,
+        padded: usize,
+    ) -> Result<bool> {
+        let _ = (comm, chunk, padded);
+        Ok(false)
+    }
+    /// With a sharded optimizer: sums the accumulated gradients over the ranks where they
+    /// live, by all-reduce or (`scatter`, stage 2) by reduce-scatter, which leaves only this
+    /// rank's chunk summed. Returns Σ g² over the chunk (the caller sums it over the ranks
+    /// for the global norm).
+    fn reduce_gradient_shard(
+        &mut self,
+        comm: &mut dyn crate::comm::Comm,
+        scatter: bool,
+    ) -> Result<f64> {
+        let _ = (comm, scatter);
+        Err(unsupported(&self.name(), "a sharded optimizer"))
+    }
+    /// With a sharded optimizer: clipping with the global `grad_norm`, AdamW on this rank's
+    /// chunk, and the updated chunks all-gathered so every rank holds every parameter.
+    fn optimizer_step_shard(
+        &mut self,
+        comm: &mut dyn crate::comm::Comm,
+        hp: &AdamWConfig,
+        lr: f64,
+        grad_norm: f64,
+    ) -> Result<()> {
+        let _ = (comm, hp, lr, grad_norm);
+        Err(unsupported(&self.name(), "a sharded optimizer"))
+    }
+    /// With a sharded optimizer: the chunk's master weights, moments and step, for a
+    /// checkpoint.
+    fn optimizer_shard(&self) -> Result<OptimizerShard> {
+        Err(unsupported(&self.name(), "a sharded optimizer"))
+    }
+    /// With a sharded optimizer: sets the chunk's moments and step (a resume; the weights
+    /// come through [`TrainingEngine::set_parameters`]).
+    fn set_optimizer_shard(&mut self, shard: &OptimizerShard) -> Result<()> {
+        let _ = shard;
+        Err(unsupported(&self.name(), "a sharded optimizer"))
     }
 }
 

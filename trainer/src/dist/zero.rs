@@ -74,14 +74,7 @@ impl MicroOut {
 
 /// The optimizer shard this rank owns: flat f32 master weights and AdamW moments over
 /// `range` (flat indices; stage 0 owns every parameter).
-#[derive(Clone, Debug, PartialEq)]
-pub struct Shard {
-    pub range: Range<usize>,
-    pub master: Vec<f32>,
-    pub m: Vec<f32>,
-    pub v: Vec<f32>,
-    pub step: u64,
-}
+pub type Shard = reference::engine::OptimizerShard;
 
 /// The driver of one rank. Every rank makes one with the same config and calls
 /// [`ZeroDriver::step`] in step.
@@ -102,6 +95,11 @@ pub struct ZeroDriver {
     /// collective): the engine keeps the optimizer, and `shard` is a copy refreshed for
     /// checkpoints ([`ZeroDriver::refresh_shard`]).
     in_engine: bool,
+    /// Stages 1–2 without `offload_optimizer` on an engine that shards its own optimizer
+    /// where the gradients live ([`TrainingEngine::shard_optimizer`]: the GPU engine over
+    /// NCCL): the engine holds this rank's chunk of the moments, and `shard` is a copy
+    /// refreshed for checkpoints.
+    on_device: bool,
     /// `comms_logger`: the collectives since the last [`ZeroDriver::take_comms`].
     comms: Vec<CommRecord>,
     /// fp16's loss scale ([`ZeroDriver::set_loss_scale`]; 1 otherwise).
@@ -154,11 +152,15 @@ impl ZeroDriver {
                 engine.all_reduce_gradients(comm)?
             };
         let (range, runs) = owned(&layout, cfg.stage, comm.rank());
-        let n = range.len();
+        let on_device = matches!(cfg.stage, 1 | 2)
+            && cfg.offload_optimizer == super::config::OffloadDevice::None
+            && !cfg.loss_scaled
+            && engine.shard_optimizer(comm, range.clone(), layout.padded())?;
         // With the optimizer in the engine the shard is filled only for checkpoints.
-        let n = if in_engine { 0 } else { n };
+        let in_engine_any = in_engine || on_device;
+        let n = if in_engine_any { 0 } else { range.len() };
         let shard = Shard {
-            master: if in_engine {
+            master: if in_engine_any {
                 Vec::new()
             } else {
                 flat[range.clone()].to_vec()
@@ -178,12 +180,13 @@ impl ZeroDriver {
             .build()
             .map_err(|e| DistError::Config(format!("host thread pool: {e}")))?;
         Ok(ZeroDriver {
-            flat_grad: if in_engine {
+            flat_grad: if in_engine_any {
                 Vec::new()
             } else {
                 vec![0.0; layout.padded()]
             },
             in_engine,
+            on_device,
             cfg,
             layout,
             rank: comm.rank(),
@@ -310,6 +313,10 @@ impl ZeroDriver {
             let stats = [loss_sum, bad, tokens as f64];
             return self.step_in_engine(engine, comm, bd, stats, count, (hp, lr));
         }
+        if self.on_device {
+            let stats = [loss_sum, bad, tokens as f64, 0.0];
+            return self.step_on_device(engine, comm, bd, stats, count, (hp, lr));
+        }
         self.layout
             .flatten_into(&engine.gradients()?, &mut self.flat_grad)?;
         bd.comm += self.reduce_gradients(comm)?;
@@ -402,15 +409,75 @@ impl ZeroDriver {
         Ok(out)
     }
 
+    /// The rest of [`ZeroDriver::step`] when the engine holds this rank's optimizer chunk
+    /// (stages 1–2 on the device): the gradients summed where they live (all-reduce, or
+    /// reduce-scatter at stage 2), the global norm from every rank's Σ g² over its chunk,
+    /// AdamW on the chunk and the all-gather of the updated weights, all in the engine.
+    /// `stats`: this rank's loss sum, bad micro-batches, tokens, and a slot for Σ g².
+    fn step_on_device(
+        &mut self,
+        engine: &mut dyn TrainingEngine,
+        comm: &mut dyn Comm,
+        mut bd: Breakdown,
+        mut stats: [f64; 4],
+        micro: usize,
+        (hp, lr): (&AdamWConfig, f64),
+    ) -> Result<StepOut, DistError> {
+        let scatter = self.cfg.stage >= 2;
+        let t = Instant::now();
+        stats[3] = engine.reduce_gradient_shard(comm, scatter)?;
+        let secs = t.elapsed().as_secs_f64();
+        self.comms.push(CommRecord {
+            op: if scatter {
+                "reduce_scatter_in_engine"
+            } else {
+                "all_reduce_in_engine"
+            },
+            bytes: 4 * self.layout.padded(),
+            secs,
+        });
+        bd.comm += secs;
+        bd.comm += timed(&mut self.comms, "all_reduce_f64", 32, || {
+            comm.all_reduce_sum_f64(&mut stats)
+        })?;
+        let grad_norm = stats[3].sqrt();
+        let mut out = StepOut {
+            loss: None,
+            grad_norm,
+            tokens: stats[2] as u64,
+            breakdown: Breakdown::default(),
+        };
+        if stats[1] == 0.0 && grad_norm.is_finite() {
+            // The step time includes the weights' all-gather, which the engine runs.
+            let t = Instant::now();
+            engine.optimizer_step_shard(comm, hp, lr, grad_norm)?;
+            bd.step = t.elapsed().as_secs_f64();
+            self.shard.step += 1;
+            out.loss = Some(stats[0] / (micro * comm.world()) as f64);
+        }
+        out.breakdown = bd;
+        Ok(out)
+    }
+
     /// Whether the engine keeps the optimizer (stage 0 without offload on an engine that sums
     /// its own gradients).
     pub fn in_engine(&self) -> bool {
         self.in_engine
     }
 
-    /// When the engine keeps the optimizer: the shard (weights, moments, step) copied from
-    /// it, for a checkpoint. A no-op otherwise.
+    /// Whether the engine holds this rank's optimizer chunk (stages 1–2 without offload on
+    /// an engine that shards its optimizer where the gradients live).
+    pub fn on_device(&self) -> bool {
+        self.on_device
+    }
+
+    /// When the engine keeps the optimizer or this rank's chunk of it: the shard (weights,
+    /// moments, step) copied from it, for a checkpoint. A no-op otherwise.
     pub fn refresh_shard(&mut self, engine: &dyn TrainingEngine) -> Result<(), DistError> {
+        if self.on_device {
+            self.shard = engine.optimizer_shard()?;
+            return Ok(());
+        }
         if !self.in_engine {
             return Ok(());
         }
@@ -510,6 +577,21 @@ impl ZeroDriver {
                 })?;
             }
             return Ok(0.0);
+        }
+        if self.on_device {
+            // A resume: the chunks gathered here once, the moments pushed into the engine,
+            // and the host copy dropped (the engine holds the optimizer from now on).
+            let mut full = vec![0.0f32; self.layout.padded()];
+            let master = &self.shard.master;
+            let secs = timed(&mut self.comms, "all_gather", 4 * full.len(), || {
+                comm.all_gather(master, &mut full)
+            })?;
+            engine.set_parameters(&self.layout.unflatten(&full))?;
+            engine.set_optimizer_shard(&self.shard)?;
+            for x in [&mut self.shard.master, &mut self.shard.m, &mut self.shard.v] {
+                *x = Vec::new();
+            }
+            return Ok(secs);
         }
         let mut full = std::mem::take(&mut self.flat_grad);
         let master = &self.shard.master;

@@ -1,0 +1,156 @@
+//! ZeRO stages 1 and 2 with the optimizer on the device (`TrainingEngine::shard_optimizer`):
+//! the GPU engine through NCCL at world size 1 against the plain one-GPU step. At world 1 the
+//! chunk is the whole model, so every step must be the plain step bit for bit (the same norm
+//! kernel over the same values, the same AdamW launches), and a resume from the driver's
+//! checkpoint copy must continue bit for bit. Needs a CUDA device and libnccl (on the device:
+//! `bash scripts/gpu-tests.sh run`); without them the test prints a `skipping` line and passes.
+
+use gpu::comm::{unique_id, Nccl};
+use reference::init::init_params;
+use reference::model::Batch;
+use reference::rng::Rng;
+use reference::{AdamWConfig, MambaConfig, TrainingEngine};
+use trainer::dist::{FlatLayout, ZeroConfig, ZeroDriver};
+use trainer::train::source::TrainBatch;
+
+const ROWS: usize = 2;
+const SEQ: usize = 24;
+const STEPS: usize = 4;
+
+fn cfg() -> MambaConfig {
+    MambaConfig::new(64, 2, 97)
+}
+
+fn engine() -> gpu::GpuEngine {
+    let o = gpu::GpuOptions {
+        ordinal: 0,
+        precision: gpu::Precision::Bf16,
+    };
+    gpu::GpuEngine::new(&cfg(), init_params(&cfg(), 5), &o).unwrap()
+}
+
+fn micro(s: usize, i: usize) -> TrainBatch {
+    let mut rng = Rng::new(100 * s as u64 + i as u64 + 9);
+    let n = ROWS * SEQ;
+    let v = cfg().vocab_size as u64;
+    TrainBatch {
+        batch: ROWS,
+        seq_len: SEQ,
+        inputs: (0..n).map(|_| rng.below(v) as u32).collect(),
+        targets: (0..n).map(|_| rng.below(v) as u32).collect(),
+        mask: None,
+        resets: (0..n).map(|_| rng.below(11) == 0).collect(),
+        group: 0,
+    }
+}
+
+fn hp() -> AdamWConfig {
+    AdamWConfig {
+        max_grad_norm: Some(0.05), // small enough that every step clips
+        weight_decay: 0.1,
+        ..AdamWConfig::default()
+    }
+}
+
+fn lr(s: usize) -> f64 {
+    2e-3 * (1 + s) as f64
+}
+
+fn flat(e: &dyn TrainingEngine) -> Vec<f32> {
+    FlatLayout::new(&cfg(), 1)
+        .flatten(&e.parameters().unwrap())
+        .unwrap()
+}
+
+/// The plain run: two micro-batches a step, the engine's own optimizer.
+fn plain() -> (Vec<f32>, Vec<f64>) {
+    let mut e = engine();
+    let mut norms = Vec::new();
+    for s in 0..STEPS {
+        e.zero_grad().unwrap();
+        for i in 0..2 {
+            let b = micro(s, i);
+            let input = Batch {
+                batch: b.batch,
+                seq_len: b.seq_len,
+                tokens: &b.inputs,
+                resets: Some(&b.resets),
+            };
+            e.loss_and_backward(&input, &b.targets, None, None, 0.5)
+                .unwrap();
+        }
+        let st = e.optimizer_step(&hp(), lr(s)).unwrap();
+        assert!(st.clipped && !st.skipped);
+        norms.push(st.grad_norm);
+    }
+    (flat(&e), norms)
+}
+
+/// Stage `stage` through the driver on a sharded engine; a resume after step `resume_after`
+/// into a fresh engine and driver from the driver's checkpoint copy.
+fn sharded(comm: &mut Nccl, stage: u8, resume_after: Option<usize>) -> (Vec<f32>, Vec<f64>) {
+    let zc = ZeroConfig {
+        stage,
+        ..ZeroConfig::default()
+    };
+    let mut e = engine();
+    let mut d = ZeroDriver::new(&mut e, comm, zc.clone()).unwrap();
+    assert!(
+        d.on_device(),
+        "stage {stage}: the optimizer is not on the device"
+    );
+    assert!(
+        d.shard().m.is_empty(),
+        "the driver holds a host copy of the moments"
+    );
+    assert!(
+        e.optimizer_step(&hp(), 1e-3).is_err(),
+        "a sharded engine took a whole-model step"
+    );
+    let mut norms = Vec::new();
+    for s in 0..STEPS {
+        if resume_after == Some(s) {
+            d.refresh_shard(&e).unwrap();
+            let shard = d.shard().clone();
+            assert_eq!(shard.step, s as u64);
+            assert_eq!(shard.m.len(), shard.range.len());
+            assert!(shard.v.iter().any(|&v| v != 0.0), "no moments copied");
+            e = engine();
+            d = ZeroDriver::new(&mut e, comm, zc.clone()).unwrap();
+            d.set_shard(shard).unwrap();
+            d.sync_engine(&mut e, comm).unwrap();
+        }
+        let mine = [micro(s, 0), micro(s, 1)];
+        let out = d.step(&mut e, comm, &mine, &hp(), lr(s)).unwrap();
+        assert!(out.loss.is_some_and(f64::is_finite));
+        norms.push(out.grad_norm);
+    }
+    (flat(&e), norms)
+}
+
+#[test]
+fn gpu_zero_stages_1_and_2_on_the_device_equal_the_plain_step() {
+    if let Err(e) = gpu::available() {
+        println!("skipping gpu_zero_stages_1_and_2_on_the_device_equal_the_plain_step: {e}");
+        return;
+    }
+    let id = match unique_id() {
+        Ok(id) => id,
+        Err(e) => {
+            println!("skipping gpu_zero_stages_1_and_2_on_the_device_equal_the_plain_step: {e}");
+            return;
+        }
+    };
+    let mut comm = Nccl::new(0, 1, &id, 0).unwrap();
+    let (want, want_norms) = plain();
+    for stage in [1u8, 2] {
+        let (got, norms) = sharded(&mut comm, stage, None);
+        assert_eq!(norms, want_norms, "stage {stage}: gradient norms differ");
+        assert!(
+            got == want,
+            "stage {stage}: weights differ from the plain run"
+        );
+        let (resumed, _) = sharded(&mut comm, stage, Some(2));
+        assert!(resumed == want, "stage {stage}: the resumed run differs");
+    }
+}
