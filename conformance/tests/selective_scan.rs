@@ -256,3 +256,86 @@ fn gpu_scan_update_matches_reference() {
     }
     rep.finish("gpu_scan_update_matches_reference");
 }
+
+/// The decode step with dt_proj inside (`ssm_update_dt_rows_f32`: what steps of more rows than
+/// the GEMV takes run, a block reading dt_proj's weights once for 8 rows) against the
+/// reference's one-position scan, dt's input an f64 sum over the same low-precision operands
+/// (the weights' bits, x_proj's dt columns rounded). Row counts leave the last block of rows
+/// part empty; dt_rank 9 (not a multiple of the lanes), 48, 128 and 256 (the most it takes);
+/// bf16 and fp16; rows that start a new document; sentinels.
+#[test]
+fn gpu_scan_update_with_dt_proj_matches_reference() {
+    // (case, dt_rank, lp_mode)
+    const CASES: &[(ScanCase, usize, i32)] = &[
+        (("dt_rows_b11_rank9", 11, 1, 37, 16, true, true, true), 9, 0),
+        (
+            ("dt_rows_1_4b_b64", 64, 1, 4096, 16, true, true, true),
+            128,
+            0,
+        ),
+        (
+            ("dt_rows_fp16_ds13", 19, 1, 70, 13, true, true, false),
+            48,
+            1,
+        ),
+        (
+            ("dt_rows_ds32_rank256", 9, 1, 45, 32, true, true, true),
+            256,
+            0,
+        ),
+    ];
+    let mut rep = Report(Vec::new());
+    for &(case, rank, lp_mode) in CASES {
+        let (name, batch, di, ds) = (case.0, case.1, case.3, case.4);
+        let Some(dev) = open("gpu_scan_update_with_dt_proj_matches_reference", ds, 4) else {
+            return;
+        };
+        let mut data = CaseData::new(&case);
+        data.flags.iter_mut().for_each(|f| *f = false);
+        data.flags[1] = true;
+        data.flags[batch - 1] = true;
+        let lp = |v: f32| -> u16 {
+            if lp_mode == 0 {
+                half::bf16::from_f32(v).to_bits()
+            } else {
+                half::f16::from_f32(v).to_bits()
+            }
+        };
+        let wide = |b: u16| -> f64 {
+            if lp_mode == 0 {
+                half::bf16::from_bits(b).to_f64()
+            } else {
+                half::f16::from_bits(b).to_f64()
+            }
+        };
+        let mut rng = Rng::new(seed_of(name) ^ 0xd7);
+        let dt_w: Vec<u16> = normal(&mut rng, di * rank, 0.0, 0.1)
+            .into_iter()
+            .map(lp)
+            .collect();
+        let dt_x = normal(&mut rng, batch * rank, 0.0, 1.0);
+        let mut w = data.w.clone();
+        w[1] = (0..batch * di)
+            .map(|i| {
+                let (b, c) = (i / di, i % di);
+                (0..rank)
+                    .map(|k| wide(dt_w[c * rank + k]) * wide(lp(dt_x[b * rank + k])))
+                    .sum()
+            })
+            .collect();
+        let (wout, wstate) = selective_scan_fwd(&data.inputs(&w));
+        let inp32 = data.inputs(&data.v);
+        let (out, state) = dev
+            .ssm_update_dt_rows(&inp32, (&dt_w, &dt_x, rank), lp_mode)
+            .unwrap();
+        let t = gpu_tol::OP_F32_FWD;
+        rep.cmp(format!("scan update + dt_proj {name}: out"), &out, &wout, t);
+        rep.cmp(
+            format!("scan update + dt_proj {name}: state"),
+            &state,
+            &wstate,
+            t,
+        );
+    }
+    rep.finish("gpu_scan_update_with_dt_proj_matches_reference");
+}
