@@ -7,7 +7,7 @@
 #   bash scripts/gpu-dist-check.sh [OUT_DIR] [zero|stage0|130m|all]   (stage0: the plain run and stage 0 only)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-B=target/gpu-tests
+B=${VET_BIN:-target/gpu-tests}
 out=${1:-runs/gpu-dist-check}
 mkdir -p "$out"
 "$B/vet-data" prepare --input fixtures/data/long/records.jsonl \
@@ -26,7 +26,8 @@ ds() { # STAGE OFFLOAD
 summary() { grep -E 'steps.*final loss' | tail -1; }
 last_model() { find "$1" -name model.safetensors -path '*step*' | sort | tail -1; }
 # Stage 0 on a GPU engine keeps the optimizer on the device and sums the gradients there
-# through NCCL: at world size 1 its weights must equal the plain run's bit for bit.
+# through NCCL, and stages 1-2 keep their optimizer chunk there: at world size 1 their
+# weights must equal the plain run's bit for bit.
 same_weights() { # RUN_A RUN_B
     local a b
     a=$(last_model "$out/$1"); b=$(last_model "$out/$2")
@@ -53,6 +54,7 @@ for st in $stages; do
     done
 done
 same_weights plain z0-0
+[ "$what" = stage0 ] || { same_weights plain z1-0; same_weights plain z2-0; }
 fi
 
 if [ "$what" = 130m ] || [ "$what" = all ]; then

@@ -104,9 +104,6 @@ impl ZeroConfig {
         if self.contiguous_gradients != d.contiguous_gradients {
             out.push("zero_optimization.contiguous_gradients: gradients are always copied into one flat buffer".to_string());
         }
-        if self.offload_optimizer == OffloadDevice::None {
-            out.push("zero_optimization.offload_optimizer: none — the optimizer shard lives in host memory (the driver's AdamW) whatever this says".to_string());
-        }
         if self.offload_param == OffloadDevice::Cpu {
             out.push("zero_optimization.offload_param: the engines hold every parameter during a step; between steps the stage-3 shard is in host memory anyway".to_string());
         }

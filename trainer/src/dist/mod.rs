@@ -10,10 +10,17 @@
 //!   checkpoints. On the GPU engine over NCCL the flat gradient buffer is all-reduced in place
 //!   on the device (no host copy at all; at world size 1 this is the plain run bit for bit);
 //!   the CPU engines sum their host tensors with the host collective.
+//! - Stages 1–2 without `offload_optimizer` on an engine that shards its optimizer where the
+//!   gradients live ([`TrainingEngine::shard_optimizer`]; the GPU engine over NCCL, see
+//!   `gpu/src/zero.rs`): the engine keeps AdamW's moments for this rank's flat chunk only,
+//!   sums the gradients in place on the device (all-reduce at stage 1, in-place reduce-scatter
+//!   at stage 2), runs AdamW on its chunk and all-gathers the updated weights in place. The
+//!   f32 weights and the whole gradient buffer stay on every rank (the backward accumulates
+//!   into every layer), so stage 2 saves no more device memory than stage 1 here.
 //! - Otherwise the optimizer (f32 master weights and AdamW moments) lives in the driver, in
 //!   host memory, and AdamW runs on the host with the simd tier's kernel: what DeepSpeed calls
 //!   `offload_optimizer: {device: "cpu"}`. On the CPU engine that is the only place it could
-//!   be; for GPU engines at stages 1–3 a device-resident optimizer shard is not done.
+//!   be; GPU engines take it with `offload_optimizer` and at stage 3.
 //! - The engines run the forward and backward of a whole step at once
 //!   ([`TrainingEngine::loss_and_backward`]), so gradient buckets are reduced after the
 //!   backward, not overlapped with it (`overlap_comm` has no effect and says so), and the

@@ -106,7 +106,25 @@ impl Dist {
         resume: Option<&Path>,
     ) -> Result<Dist> {
         let stage = zero.stage;
+        let offload = zero.offload_optimizer;
         let mut driver = ZeroDriver::new(engine, comm.as_mut(), zero)?;
+        if comm.rank() == 0 {
+            let on_engine = driver.in_engine() || driver.on_device();
+            let whole = if stage == 0 {
+                "whole on every rank"
+            } else {
+                "each rank its chunk"
+            };
+            let place = if on_engine {
+                format!("in the engine ({}), {whole}", engine.name())
+            } else {
+                format!("in host memory (the driver's AdamW on the CPU), {whole}")
+            };
+            eprintln!("optimizer state: {place}");
+            if !on_engine && offload == super::config::OffloadDevice::None {
+                eprintln!("note: zero_optimization.offload_optimizer: none — this engine or stage keeps the optimizer in host memory whatever this says (on a GPU, stages 0–2 keep it on the device)");
+            }
+        }
         if let Some(dir) = resume {
             let st = load_trainer_state(dir)?;
             let rank = comm.rank();
