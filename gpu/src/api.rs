@@ -130,6 +130,7 @@ impl GpuEngine {
         let step_size = (lr / bc1) as f32;
         let sqrt_bc2 = bc2.sqrt() as f32;
         let decay = (1.0 - lr * hp.weight_decay) as f32;
+        let (mp, vp) = self.moments()?;
         self.model.dev.tag("adamw");
         for s in &self.model.layout.slots {
             let (lo, hi) = (s.off.max(range.start), (s.off + s.numel).min(range.end));
@@ -140,8 +141,8 @@ impl GpuEngine {
             let p = AdamwF32 {
                 p: PtrMut::new(self.model.params.at::<f32>(lo)),
                 g: PtrMut::new(self.train.grads.at::<f32>(lo)),
-                m: PtrMut::new(self.train.m.at::<f32>(lo - mom_off)),
-                v: PtrMut::new(self.train.v.at::<f32>(lo - mom_off)),
+                m: PtrMut::new(mp + 4 * (lo - mom_off) as u64),
+                v: PtrMut::new(vp + 4 * (lo - mom_off) as u64),
                 n: (hi - lo) as i64,
                 clip: coef.is_some() as i32,
                 clip_c: coef.unwrap_or(1.0),
@@ -573,10 +574,13 @@ impl TrainingEngine for GpuEngine {
     fn optimizer_state(&self) -> Result<OptimizerState> {
         self.not_sharded("optimizer_state")?;
         self.model.dev.bind()?;
-        let (m, v) = (
-            self.download_flat(&self.train.m)?,
-            self.download_flat(&self.train.v)?,
-        );
+        let (m, v) = match &self.train.moments {
+            Some((m, v)) => (self.download_flat(m)?, self.download_flat(v)?),
+            None => {
+                let n = self.model.layout.numel;
+                (vec![0.0; n], vec![0.0; n])
+            }
+        };
         Ok(OptimizerState {
             step: self.train.opt_step,
             m: self.named_from_flat(&m),
@@ -587,8 +591,10 @@ impl TrainingEngine for GpuEngine {
     fn set_optimizer_state(&mut self, state: &OptimizerState) -> Result<()> {
         self.not_sharded("set_optimizer_state")?;
         self.model.dev.bind()?;
-        self.upload_named(&self.train.m, &state.m)?;
-        self.upload_named(&self.train.v, &state.v)?;
+        self.moments()?;
+        let (m, v) = self.train.moments.as_ref().expect("allocated above");
+        self.upload_named(m, &state.m)?;
+        self.upload_named(v, &state.v)?;
         self.train.opt_step = state.step;
         Ok(())
     }

@@ -28,8 +28,8 @@ pub struct GpuEngine {
 /// the gradient norm's scratch, the training workspace.
 pub(crate) struct Training {
     pub(crate) grads: Buf,
-    pub(crate) m: Buf,
-    pub(crate) v: Buf,
+    /// AdamW's moments `m` and `v`, allocated at first use ([`GpuEngine::moments`]).
+    pub(crate) moments: Option<(Buf, Buf)>,
     pub(crate) opt_step: u64,
     /// Σ grad_scale since `zero_grad`: the loss scale fp16 mode divides out in the step.
     pub(crate) grad_scale_sum: f64,
@@ -96,8 +96,7 @@ impl GpuEngine {
         };
         let train = Training {
             grads: dev.zeros(4 * numel)?,
-            m: dev.zeros(4 * numel)?,
-            v: dev.zeros(4 * numel)?,
+            moments: None,
             opt_step: 0,
             grad_scale_sum: 0.0,
             norm_part: dev.alloc(8 * NORM_BLOCKS)?,
@@ -123,6 +122,24 @@ impl GpuEngine {
             infer_ws: None,
             decoder: Decoder::default(),
         })
+    }
+
+    /// AdamW's moments `m` and `v` (device addresses), allocated as zeros at first use:
+    /// `numel` f32 each, or the chunk's length once the optimizer is sharded
+    /// (`crate::zero`). A run whose optimizer lives in host memory (ZeRO with
+    /// `offload_optimizer`) never allocates them.
+    pub(crate) fn moments(&mut self) -> reference::Result<(u64, u64)> {
+        if self.train.moments.is_none() {
+            let n = self
+                .train
+                .shard
+                .as_ref()
+                .map_or(self.model.layout.numel, |s| s.range.len());
+            let dev = &self.model.dev;
+            self.train.moments = Some((dev.zeros(4 * n)?, dev.zeros(4 * n)?));
+        }
+        let (m, v) = self.train.moments.as_ref().expect("allocated above");
+        Ok((m.ptr, v.ptr))
     }
 
     /// Where every parameter lives in the flat buffers.
@@ -160,7 +177,10 @@ impl GpuEngine {
                 self.model.shadow.as_ref().map_or(0, |s| s.bytes),
             ),
             ("gradients", t.grads.bytes),
-            ("AdamW m + v", t.m.bytes + t.v.bytes),
+            (
+                "AdamW m + v",
+                t.moments.as_ref().map_or(0, |(m, v)| m.bytes + v.bytes),
+            ),
             ("activations kept", kept),
             (
                 "training scratch",

@@ -17,6 +17,7 @@
 mod api;
 mod backward;
 mod batched;
+pub mod bench;
 mod carry;
 pub mod comm;
 pub mod cuda;

@@ -88,13 +88,14 @@ impl GpuEngine {
             // A decode graph captured the old weights' address.
             self.decoder.forget_graph();
         }
-        self.train.m = dev.zeros(4 * c)?;
-        self.train.v = dev.zeros(4 * c)?;
         self.train.opt_step = 0;
         self.train.shard = Some(ShardOn {
             range: chunk,
             padded,
         });
+        // Allocated again at the chunk's length.
+        self.train.moments = None;
+        self.moments()?;
         dev.sync()?;
         Ok(true)
     }
@@ -160,8 +161,10 @@ impl GpuEngine {
             range: on.range.clone(),
         };
         self.model.params.read(on.range.start, &mut s.master)?;
-        self.train.m.read(0, &mut s.m)?;
-        self.train.v.read(0, &mut s.v)?;
+        if let Some((m, v)) = &self.train.moments {
+            m.read(0, &mut s.m)?;
+            v.read(0, &mut s.v)?;
+        }
         Ok(s)
     }
 
@@ -178,8 +181,10 @@ impl GpuEngine {
             )));
         }
         self.model.dev.bind()?;
-        self.train.m.write(0, &s.m)?;
-        self.train.v.write(0, &s.v)?;
+        self.moments()?;
+        let (m, v) = self.train.moments.as_ref().expect("allocated above");
+        m.write(0, &s.m)?;
+        v.write(0, &s.v)?;
         self.train.opt_step = s.step;
         Ok(())
     }

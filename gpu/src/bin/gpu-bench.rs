@@ -22,62 +22,9 @@ use gpu::ops::selective_scan::{
 use gpu::params::{Ptr, PtrMut};
 use gpu::{GpuEngine, GpuOptions, Precision};
 use reference::model::Batch;
-use reference::{
-    param_specs, AdamWConfig, InferenceEngine, MambaConfig, Params, State, Tensor, TrainingEngine,
-};
+use reference::{AdamWConfig, InferenceEngine, MambaConfig, State, TrainingEngine};
 
 const PEAK: f64 = 790e12;
-
-/// Fast deterministic parameters in the init's ranges (the bench needs sane values, not the
-/// spec's exact init, and the 1.4B model would take minutes to draw with the reference RNG).
-fn bench_params(cfg: &MambaConfig) -> Params<f32> {
-    let mut s = 0x9e3779b97f4a7c15u64;
-    let mut next = move || {
-        s ^= s << 13;
-        s ^= s >> 7;
-        s ^= s << 17;
-        (s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
-    };
-    let tensors = param_specs(cfg)
-        .into_iter()
-        .map(|(name, shape)| {
-            let n: usize = shape.iter().product();
-            let data: Vec<f32> = if name.ends_with("A_log") {
-                (0..n)
-                    .map(|i| ((i % cfg.d_state) as f32 + 1.0).ln())
-                    .collect()
-            } else if name.ends_with(".D") || name.contains("norm") {
-                vec![1.0; n]
-            } else if name.ends_with("dt_proj.bias") {
-                vec![-4.6; n]
-            } else if name.ends_with(".bias") {
-                vec![0.0; n]
-            } else {
-                let fan_in = *shape.last().unwrap_or(&1) as f32;
-                let a = if name.contains("embeddings") || name.starts_with("lm_head") {
-                    0.02
-                } else {
-                    1.0 / fan_in.sqrt()
-                };
-                (0..n).map(|_| a * next()).collect()
-            };
-            Tensor::from_vec(&shape, data)
-        })
-        .collect();
-    Params::from_ordered(cfg, tensors)
-}
-
-fn tokens(n: usize, vocab: usize, seed: u64) -> Vec<u32> {
-    let mut s = seed | 1;
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            (s % vocab as u64) as u32
-        })
-        .collect()
-}
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
@@ -89,8 +36,7 @@ fn gib(b: f64) -> f64 {
 }
 
 fn used_memory() -> f64 {
-    let (free, total) = drv::mem_get_info().unwrap_or((0, 0));
-    gib((total - free) as f64)
+    gib(gpu::bench::used_memory() as f64)
 }
 
 /// The training benchmark's sizes (name, d_model, n_layer, batch, seq_len);
@@ -115,7 +61,7 @@ fn train(
             continue;
         }
         let cfg = MambaConfig::new(d_model, n_layer, 50280);
-        let p = bench_params(&cfg);
+        let p = gpu::bench::params(&cfg);
         let n_params = p.numel() as f64;
         let mut e = GpuEngine::new(
             &cfg,
@@ -125,7 +71,7 @@ fn train(
                 precision: Precision::Bf16,
             },
         )?;
-        let toks = tokens(batch * seq + 1, cfg.vocab_size, 7);
+        let toks = gpu::bench::tokens(batch * seq + 1, cfg.vocab_size, 7);
         let (inp, tgt) = (&toks[..batch * seq], &toks[1..]);
         let b = Batch::new(inp, batch, seq);
         let hp = AdamWConfig::default();
@@ -174,7 +120,7 @@ fn profile(rows: &mut Vec<String>) -> reference::Result<()> {
     std::env::set_var("VET_PROFILE", "1");
     let (batch, seq) = (16, 2048);
     let (cfg, mut e) = bf16_engine(768, 24)?;
-    let toks = tokens(batch * seq + 1, cfg.vocab_size, 7);
+    let toks = gpu::bench::tokens(batch * seq + 1, cfg.vocab_size, 7);
     let b = Batch::new(&toks[..batch * seq], batch, seq);
     let hp = AdamWConfig::default();
     let mut wall = 0.0;
@@ -263,7 +209,7 @@ fn scan_segs(rows: &mut Vec<String>) -> reference::Result<()> {
 
 /// `k` seeded values uniform in `off ± scale / 2`.
 fn rnd(k: usize, scale: f32, off: f32, seed: u64) -> Vec<f32> {
-    tokens(k, 1 << 20, seed)
+    gpu::bench::tokens(k, 1 << 20, seed)
         .iter()
         .map(|&t| off + scale * (t as f32 / (1 << 20) as f32 - 0.5))
         .collect()
@@ -483,7 +429,7 @@ fn infer(rows: &mut Vec<String>) -> reference::Result<()> {
     let gemv = std::env::var("VET_DECODE_GEMV").map_or(true, |v| v != "0");
     for (name, d_model, n_layer) in infer_sizes() {
         let (cfg, mut e) = bf16_engine(d_model, n_layer)?;
-        let prompt = tokens(2048, cfg.vocab_size, 11);
+        let prompt = gpu::bench::tokens(2048, cfg.vocab_size, 11);
         let mut logits = vec![0f32; cfg.vocab_size];
         let mut tp = Vec::new();
         for _ in 0..4 {
@@ -585,7 +531,7 @@ fn bf16_engine(d_model: usize, n_layer: usize) -> reference::Result<(MambaConfig
         ordinal: 0,
         precision: Precision::Bf16,
     };
-    let e = GpuEngine::new(&cfg, bench_params(&cfg), &opts)?;
+    let e = GpuEngine::new(&cfg, gpu::bench::params(&cfg), &opts)?;
     Ok((cfg, e))
 }
 
@@ -596,7 +542,7 @@ fn prefill_profile(rows: &mut Vec<String>) -> reference::Result<()> {
     std::env::set_var("VET_PROFILE", "1");
     for (name, d_model, n_layer) in infer_sizes() {
         let (cfg, mut e) = bf16_engine(d_model, n_layer)?;
-        let prompt = tokens(2048, cfg.vocab_size, 11);
+        let prompt = gpu::bench::tokens(2048, cfg.vocab_size, 11);
         let mut logits = vec![0f32; cfg.vocab_size];
         for it in 0..3 {
             if it == 2 {
@@ -631,7 +577,7 @@ fn decode_profile(rows: &mut Vec<String>) -> reference::Result<()> {
                 .hold_state(&State::<f32>::zeros(&cfg, batch))?
                 .expect("the CUDA engine holds states");
             let how = vec![reference::RowSampling::greedy(v as u32); batch];
-            let mut ids = tokens(batch, v, 3);
+            let mut ids = gpu::bench::tokens(batch, v, 3);
             for it in 0..STEPS + 3 {
                 if it == 3 {
                     e.profile_reset();
@@ -792,13 +738,13 @@ fn decode_at(e: &mut GpuEngine, cfg: &MambaConfig, batch: usize) -> reference::R
     let held = e
         .hold_state(&State::<f32>::zeros(cfg, batch))?
         .expect("the CUDA engine holds states");
-    let prompt = tokens(64, v, 5);
+    let prompt = gpu::bench::tokens(64, v, 5);
     let mut first = vec![0f32; v];
     for row in 0..batch {
         e.prefill_held_row(held, row, &prompt[..1 + row % 64], &mut first)?;
     }
     let how = vec![reference::RowSampling::greedy(v as u32); batch];
-    let mut ids = tokens(batch, v, 3);
+    let mut ids = gpu::bench::tokens(batch, v, 3);
     let mut feed = ids.clone();
     let steps = if batch >= 64 { 16 } else { 48 };
     for _ in 0..4 {
