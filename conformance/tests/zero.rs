@@ -126,9 +126,9 @@ fn distributed(
 }
 
 /// Joins the ranks: every rank's flat weights, and rank 0's losses.
-fn weights_and_rank_0_losses<L>(
-    handles: Vec<thread::JoinHandle<(Vec<f32>, Vec<L>)>>,
-) -> (Vec<Vec<f32>>, Vec<L>) {
+fn weights_and_rank_0_losses<W, L>(
+    handles: Vec<thread::JoinHandle<(W, Vec<L>)>>,
+) -> (Vec<W>, Vec<L>) {
     let mut all = Vec::new();
     let mut losses = Vec::new();
     for h in handles {
@@ -514,4 +514,330 @@ fn a_loss_scale_needs_a_driver_made_for_it() {
     assert!(d.set_loss_scale(1024.0).is_err());
     assert!(d.set_loss_scale(1.0).is_ok());
     assert!(d.set_loss_scale(f64::NAN).is_err());
+}
+
+/// A CPU stand-in for an engine that shards its optimizer where its gradients live (the GPU
+/// engine over NCCL, `gpu/src/zero.rs`), so that the driver's side of stages 1–2 on the
+/// device (`ZeroDriver::on_device`) runs here at world sizes 2 and 3: the simd engine for the
+/// model, the shard's moments held by the stand-in, the collectives on host copies.
+struct ChunkEngine {
+    inner: SimdEngine,
+    /// The chunk, the flat layout over the world.
+    shard: Option<(std::ops::Range<usize>, FlatLayout)>,
+    grad: Vec<f32>,
+    m: Vec<f32>,
+    v: Vec<f32>,
+    step: u64,
+}
+
+impl ChunkEngine {
+    fn new() -> ChunkEngine {
+        ChunkEngine {
+            inner: engine(),
+            shard: None,
+            grad: Vec::new(),
+            m: Vec::new(),
+            v: Vec::new(),
+            step: 0,
+        }
+    }
+
+    fn on(&self) -> (std::ops::Range<usize>, FlatLayout) {
+        self.shard.clone().expect("sharded")
+    }
+}
+
+impl InferenceEngine for ChunkEngine {
+    fn name(&self) -> String {
+        "chunk".into()
+    }
+    fn config(&self) -> &MambaConfig {
+        self.inner.config()
+    }
+    fn forward(
+        &mut self,
+        input: &Batch,
+        state: Option<&reference::State<f32>>,
+    ) -> reference::Result<(reference::Tensor<f32>, reference::State<f32>)> {
+        self.inner.forward(input, state)
+    }
+    fn step(
+        &mut self,
+        tokens: &[u32],
+        resets: Option<&[bool]>,
+        state: &mut reference::State<f32>,
+    ) -> reference::Result<reference::Tensor<f32>> {
+        self.inner.step(tokens, resets, state)
+    }
+    fn parameters(&self) -> reference::Result<reference::engine::NamedTensors> {
+        self.inner.parameters()
+    }
+}
+
+impl TrainingEngine for ChunkEngine {
+    fn loss_and_backward(
+        &mut self,
+        input: &Batch,
+        targets: &[u32],
+        mask: Option<&[bool]>,
+        state: Option<&reference::State<f32>>,
+        grad_scale: f64,
+    ) -> reference::Result<reference::engine::LossOutput> {
+        self.inner
+            .loss_and_backward(input, targets, mask, state, grad_scale)
+    }
+    fn zero_grad(&mut self) -> reference::Result<()> {
+        self.inner.zero_grad()
+    }
+    fn gradients(&self) -> reference::Result<reference::engine::NamedTensors> {
+        self.inner.gradients()
+    }
+    fn optimizer_step(
+        &mut self,
+        _: &AdamWConfig,
+        _: f64,
+    ) -> reference::Result<reference::optim::StepStats> {
+        panic!("a sharded engine took a whole-model step")
+    }
+    fn set_parameters(
+        &mut self,
+        named: &[(String, reference::Tensor<f32>)],
+    ) -> reference::Result<()> {
+        self.inner.set_parameters(named)
+    }
+    fn optimizer_state(&self) -> reference::Result<reference::engine::OptimizerState> {
+        panic!("the driver asked a sharded engine for its whole optimizer")
+    }
+    fn set_optimizer_state(
+        &mut self,
+        _: &reference::engine::OptimizerState,
+    ) -> reference::Result<()> {
+        panic!("the driver gave a sharded engine a whole optimizer")
+    }
+    fn shard_optimizer(
+        &mut self,
+        comm: &mut dyn Comm,
+        chunk: std::ops::Range<usize>,
+        padded: usize,
+    ) -> reference::Result<bool> {
+        let layout = FlatLayout::new(self.config(), comm.world());
+        assert_eq!(chunk, layout.chunk_range(comm.rank()));
+        assert_eq!(padded, layout.padded());
+        (self.m, self.v) = (vec![0.0; chunk.len()], vec![0.0; chunk.len()]);
+        self.shard = Some((chunk, layout));
+        Ok(true)
+    }
+    fn reduce_gradient_shard(
+        &mut self,
+        comm: &mut dyn Comm,
+        scatter: bool,
+    ) -> reference::Result<f64> {
+        let (chunk, layout) = self.on();
+        let mut g = layout.flatten(&self.gradients()?).unwrap();
+        self.grad = if scatter {
+            let mut mine = vec![0.0; chunk.len()];
+            comm.reduce_scatter_sum(&g, &mut mine)?;
+            mine
+        } else {
+            comm.all_reduce_sum(&mut g)?;
+            g[chunk].to_vec()
+        };
+        Ok(self.grad.iter().map(|&x| f64::from(x) * f64::from(x)).sum())
+    }
+    fn optimizer_step_shard(
+        &mut self,
+        comm: &mut dyn Comm,
+        hp: &AdamWConfig,
+        lr: f64,
+        grad_norm: f64,
+    ) -> reference::Result<()> {
+        let (chunk, layout) = self.on();
+        if let Some(c) = hp.max_grad_norm.map(|max| max / (grad_norm + 1e-6)) {
+            if c < 1.0 {
+                self.grad.iter_mut().for_each(|g| *g *= c as f32);
+            }
+        }
+        self.step += 1;
+        let mut p = layout.flatten(&self.parameters()?).unwrap()[chunk].to_vec();
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(1)
+            .build()
+            .unwrap();
+        let runs = layout.decay_runs(comm.rank());
+        let (g, m, v) = (&self.grad, &mut self.m, &mut self.v);
+        simd::optim::adamw_update_flat(&pool, hp, lr, self.step, &mut p, g, m, v, &runs);
+        let mut full = vec![0.0; layout.padded()];
+        comm.all_gather(&p, &mut full)?;
+        self.set_parameters(&layout.unflatten(&full))
+    }
+    fn optimizer_shard(&self) -> reference::Result<reference::engine::OptimizerShard> {
+        let (chunk, layout) = self.on();
+        Ok(reference::engine::OptimizerShard {
+            master: layout.flatten(&self.parameters()?).unwrap()[chunk.clone()].to_vec(),
+            m: self.m.clone(),
+            v: self.v.clone(),
+            step: self.step,
+            range: chunk,
+        })
+    }
+    fn set_optimizer_shard(
+        &mut self,
+        s: &reference::engine::OptimizerShard,
+    ) -> reference::Result<()> {
+        assert_eq!(s.range, self.on().0);
+        (self.m, self.v, self.step) = (s.m.clone(), s.v.clone(), s.step);
+        Ok(())
+    }
+}
+
+/// What [`chunked`] returns: every rank's flat final weights, rank 0's losses, and with a
+/// resume every rank's shard as written and as loaded (moments, weights, step).
+struct Chunked {
+    weights: Vec<Vec<f32>>,
+    losses: Vec<Option<f64>>,
+    saved: Vec<trainer::dist::zero::Shard>,
+    loaded: Vec<trainer::dist::zero::Shard>,
+}
+
+/// The run at `world` ranks, stage `stage`, with the optimizer in a [`ChunkEngine`]; with
+/// `resume = (at, world2)`, every rank's shard is written to a checkpoint after step `at`
+/// and the run goes on at `world2` ranks from it, in fresh engines and drivers.
+fn chunked(world: usize, stage: u8, resume: Option<(usize, usize)>) -> Chunked {
+    use trainer::dist::ckpt::{load_shard, move_in, write_shards};
+    let dir = std::env::temp_dir().join(format!(
+        "vet-zero-chunk-{}-{world}-{stage}-{resume:?}",
+        std::process::id()
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    let ck = dir.join("step");
+    let stop = resume.map_or(STEPS, |r| r.0);
+    let flat = |e: &ChunkEngine| {
+        FlatLayout::new(&cfg(), 1)
+            .flatten(&e.parameters().unwrap())
+            .unwrap()
+    };
+    let handles: Vec<_> = InProcess::group(world)
+        .into_iter()
+        .map(|mut comm| {
+            let ck = ck.clone();
+            thread::spawn(move || {
+                let mut e = ChunkEngine::new();
+                let mut d = ZeroDriver::new(&mut e, &mut comm, zc(stage, false)).unwrap();
+                assert!(d.on_device() && d.shard().m.is_empty());
+                let mut losses = Vec::new();
+                for s in 0..stop {
+                    let b = micro(s, comm.rank());
+                    let out = d.step(&mut e, &mut comm, &[b], &hp(true), lr(s)).unwrap();
+                    losses.push(out.loss);
+                }
+                d.refresh_shard(&e).unwrap();
+                if stop < STEPS {
+                    let staging = write_shards(&ck, &d, &mut comm).unwrap();
+                    if comm.rank() == 0 {
+                        std::fs::create_dir_all(&ck).unwrap();
+                        move_in(&staging, &ck).unwrap();
+                    }
+                    comm.barrier().unwrap();
+                }
+                ((flat(&e), d.shard().clone()), losses)
+            })
+        })
+        .collect();
+    let (first, mut losses) = weights_and_rank_0_losses(handles);
+    let saved = first.iter().map(|f| f.1.clone()).collect();
+    let mut weights = first.into_iter().map(|f| f.0).collect();
+    let mut loaded = Vec::new();
+    if let Some((at, w2)) = resume {
+        let handles: Vec<_> = InProcess::group(w2)
+            .into_iter()
+            .map(|mut comm| {
+                let ck = ck.clone();
+                thread::spawn(move || {
+                    let mut e = ChunkEngine::new(); // fresh: the checkpoint must replace it
+                    let mut d = ZeroDriver::new(&mut e, &mut comm, zc(stage, false)).unwrap();
+                    let s = load_shard(&ck, &d.layout, stage, comm.rank(), at as u64).unwrap();
+                    d.set_shard(s).unwrap();
+                    d.sync_engine(&mut e, &mut comm).unwrap();
+                    // What the engine holds now, as the next checkpoint would see it.
+                    d.refresh_shard(&e).unwrap();
+                    let held = d.shard().clone();
+                    let mut l = Vec::new();
+                    for s in at..STEPS {
+                        let b = micro(s, comm.rank());
+                        l.push(
+                            d.step(&mut e, &mut comm, &[b], &hp(true), lr(s))
+                                .unwrap()
+                                .loss,
+                        );
+                    }
+                    ((flat(&e), held), l)
+                })
+            })
+            .collect();
+        let (second, l) = weights_and_rank_0_losses(handles);
+        loaded = second.iter().map(|f| f.1.clone()).collect();
+        weights = second.into_iter().map(|f| f.0).collect();
+        losses.extend(l);
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    Chunked {
+        weights,
+        losses,
+        saved,
+        loaded,
+    }
+}
+
+/// The driver's side of stages 1–2 with the optimizer sharded in the engine: every rank ends
+/// with the bits of the host-side driver at the same world and stage (the same rank-order
+/// sums, the same per-element AdamW), and a checkpoint written from the engine's shards
+/// resumes in fresh engines at the same world bit for bit.
+#[test]
+fn an_engine_that_shards_its_optimizer_matches_the_host_driver() {
+    for world in [2, 3] {
+        for stage in [1u8, 2] {
+            let (want, want_l) = distributed(world, 1, zc(stage, false), true);
+            let got = chunked(world, stage, None);
+            for (r, g) in got.weights.iter().enumerate() {
+                assert!(
+                    g == &want[0],
+                    "world {world} stage {stage} rank {r} differs"
+                );
+            }
+            let want_l: Vec<Option<f64>> = want_l.into_iter().map(Some).collect();
+            assert_eq!(
+                got.losses, want_l,
+                "world {world} stage {stage}: losses differ"
+            );
+            let resumed = chunked(world, stage, Some((2, world)));
+            assert!(
+                resumed.weights == got.weights,
+                "world {world} stage {stage}: the resumed run differs"
+            );
+            assert_eq!(resumed.losses, got.losses);
+        }
+    }
+}
+
+/// A checkpoint of engine-held shards at world 2 resumes at world 3: the engines of the new
+/// world hold exactly the saved state, re-sharded (weights, both moments, step), and the
+/// three ranks go on in step.
+#[test]
+fn engine_held_shards_resume_at_another_world() {
+    let numel = FlatLayout::new(&cfg(), 1).numel;
+    let c = chunked(2, 2, Some((2, 3)));
+    assert_eq!((c.saved.len(), c.loaded.len()), (2, 3));
+    assert!(c.saved[1].v.iter().any(|&v| v != 0.0), "no moments saved");
+    let (saved, loaded) = (full_state(&c.saved, numel), full_state(&c.loaded, numel));
+    assert!(
+        loaded == saved,
+        "the re-sharded state differs from the saved one"
+    );
+    assert!(c.loaded.iter().all(|s| s.step == 2));
+    assert!(
+        c.weights.iter().all(|x| x == &c.weights[0]),
+        "ranks disagree at world 3"
+    );
+    assert_eq!(c.losses.len(), STEPS);
+    assert!(c.losses.iter().all(|x| x.is_some_and(f64::is_finite)));
 }
