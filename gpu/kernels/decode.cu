@@ -129,12 +129,12 @@ static __device__ __forceinline__ void ssm_update_f32_at(long bx, long b, const 
 // (ceil(d_inner / (256 / SSM_LPC)), batch), 256 threads.
 #define SSM_SPL (D_STATE_PAD < 4 ? D_STATE_PAD : 4)
 #define SSM_LPC (D_STATE_PAD / SSM_SPL)
-// Row b, channel c (lane `lane` of its SSM_LPC) of the step, dt's input `pre` (before the bias)
-// given: the state update and, from lane 0, the gated output.
-static __device__ __forceinline__ void ssm_update_vec_row(long b, long c, int lane, float pre, const float* xs, const float* a_log,
-               const float* xbc, long ldbc, long col_b, const float* dvec, const float* z, long ldz, const float* dt_bias,
-               const int* starts, float* h_state, float* out, u16* out_lp, int lp_mode, long di, long ds) {
-    int n0 = lane * SSM_SPL;
+static __device__ __forceinline__ void ssm_update_vec_body(const float* xs, const float* delta, const float* a_log, const float* xbc, long ldbc, long col_b,
+               const float* dvec, const float* z, long ldz, const float* dt_bias, const int* starts, float* h_state,
+               float* out, u16* out_lp, int lp_mode, long batch, long di, long ds) {
+    long b = blockIdx.y;
+    int tid = threadIdx.x, lane = tid % SSM_LPC, n0 = lane * SSM_SPL;
+    long c = blockIdx.x * (long)(256 / SSM_LPC) + tid / SSM_LPC;
     bool cval = c < di, keep = starts[b] != 0;
     long cc = cval ? c : di - 1;
     float* hp = h_state + (b * di + cc) * ds;
@@ -153,7 +153,7 @@ static __device__ __forceinline__ void ssm_update_vec_row(long b, long c, int la
         for (int i = 0; i < SSM_SPL; ++i) h[i] = (n0 + i < ds && keep) ? hp[n0 + i] : 0.0f;
     }
     float x = xs[b * di + cc];
-    float dt = softplus_f32(pre + dt_bias[cc]);
+    float dt = softplus_f32(delta[b * di + cc] + dt_bias[cc]);
     float v[SSM_SPL];
 #pragma unroll
     for (int i = 0; i < SSM_SPL; ++i) {
@@ -196,64 +196,7 @@ static __device__ __forceinline__ void ssm_update_vec_row(long b, long c, int la
         if (out_lp) out_lp[b * di + c] = lp_mode == 0 ? f32_to_bf16(o) : f32_to_f16(o);
     }
 }
-static __device__ __forceinline__ void ssm_update_vec_body(const float* xs, const float* delta, const float* a_log, const float* xbc, long ldbc, long col_b,
-               const float* dvec, const float* z, long ldz, const float* dt_bias, const int* starts, float* h_state,
-               float* out, u16* out_lp, int lp_mode, long batch, long di, long ds) {
-    long b = blockIdx.y;
-    int lane = threadIdx.x % SSM_LPC;
-    long c = blockIdx.x * (long)(256 / SSM_LPC) + threadIdx.x / SSM_LPC;
-    float pre = delta[b * di + (c < di ? c : di - 1)];
-    ssm_update_vec_row(b, c, lane, pre, xs, a_log, xbc, ldbc, col_b, dvec, z, ldz, dt_bias, starts, h_state, out, out_lp,
-                       lp_mode, di, ds);
-}
 extern "C" __global__ void __launch_bounds__(256) ssm_update_f32(const SsmUpdateF32 p) { pdl_wait(); pdl_launch_dependents(); ssm_update_vec_body(SSM_UPDATE_F32_ARGS(p)); }
-
-// ssm_update_f32 with dt_proj inside, for steps of more rows than the GEMV takes: a block takes
-// SSM_DT_ROWS rows of its channels, so each lane reads its share of a channel's dt_proj weights
-// once for all of them. The rows' dt columns (x_proj's first dt_rank outputs, rounded to the low
-// precision as the GEMV sees them) sit in shared memory; lane l of a channel sums k = l, l +
-// SSM_LPC, ... in order, then the channel's lanes meet in an xor butterfly (every lane the
-// same bits). dt_rank <= SSM_DT_RANK_MAX. Grid (ceil(d_inner / (256 / SSM_LPC)), ceil(batch /
-// SSM_DT_ROWS)), 256 threads.
-#define SSM_DT_ROWS 8
-#define SSM_DT_RANK_MAX 256
-extern "C" __global__ void __launch_bounds__(256) ssm_update_dt_rows_f32(const SsmUpdateDtF32 p) {
-    __shared__ float sx[SSM_DT_ROWS][SSM_DT_RANK_MAX];
-    pdl_wait();
-    pdl_launch_dependents();
-    const long di = p.s.d_inner, rank = p.dt_rank, ldbc = p.s.scan.ldbc, b0 = blockIdx.y * (long)SSM_DT_ROWS;
-    const int lp_mode = p.s.lp_mode;
-    const long left = p.s.batch - b0;
-    const int rows = left < SSM_DT_ROWS ? (int)left : SSM_DT_ROWS;
-    for (long i = threadIdx.x; i < rows * rank; i += 256) {
-        float v = p.s.scan.xbc[(b0 + i / rank) * ldbc + i % rank];
-        sx[i / rank][i % rank] = lp_to_f32(lp_mode == 0 ? f32_to_bf16(v) : f32_to_f16(v), lp_mode);
-    }
-    __syncthreads();
-    int lane = threadIdx.x % SSM_LPC;
-    long c = blockIdx.x * (long)(256 / SSM_LPC) + threadIdx.x / SSM_LPC;
-    long cc = c < di ? c : di - 1;
-    float acc[SSM_DT_ROWS];
-#pragma unroll
-    for (int r = 0; r < SSM_DT_ROWS; ++r) acc[r] = 0.0f;
-    for (long k = lane; k < rank; k += SSM_LPC) {
-        float wv = lp_to_f32(p.dt_w[cc * rank + k], lp_mode);
-#pragma unroll
-        for (int r = 0; r < SSM_DT_ROWS; ++r)
-            if (r < rows) acc[r] += wv * sx[r][k];
-    }
-#pragma unroll
-    for (int r = 0; r < SSM_DT_ROWS; ++r) {
-        if (r < rows) {
-            float pre = acc[r];
-#pragma unroll
-            for (int o = SSM_LPC / 2; o > 0; o >>= 1) pre += __shfl_xor_sync(0xffffffffu, pre, o);
-            ssm_update_vec_row(b0 + r, c, lane, pre, p.s.scan.u, p.s.scan.a_log, p.s.scan.xbc, ldbc, p.s.scan.col_b,
-                               p.s.scan.dvec, p.s.scan.z, p.s.scan.ldz, p.s.scan.dt_bias, p.s.scan.starts, p.s.h_state,
-                               p.s.out, p.s.out_lp, lp_mode, di, p.s.d_state);
-        }
-    }
-}
 extern "C" __global__ void __launch_bounds__(256) ssm_update_dt_f32(const SsmUpdateDtF32 p) {
     pdl_wait();
     pdl_launch_dependents();

@@ -54,7 +54,7 @@ pub const COOP_KERNELS: [&str; 1] = ["decode_layers_lp"];
 
 /// The kernels that may be launched as programmatic dependents: each calls `pdl_wait()`
 /// before it touches memory that an earlier kernel writes or reads (`gpu/kernels/common.cuh`).
-pub const PDL_KERNELS: [&str; 13] = [
+pub const PDL_KERNELS: [&str; 12] = [
     "embedding_fwd_f32",
     "norm_fwd_f32",
     "bias_add_f32",
@@ -67,7 +67,6 @@ pub const PDL_KERNELS: [&str; 13] = [
     "gemv_lp_conv",
     "decode_layers_lp",
     "ssm_update_dt_f32",
-    "ssm_update_dt_rows_f32",
 ];
 
 /// Maps any CUDA-side error to `Error::Device`.

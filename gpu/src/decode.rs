@@ -14,13 +14,12 @@ use reference::model::Batch;
 use reference::{Error, Result, State};
 
 use crate::cuda::Buf;
-use crate::decode_proj::{dt_rows_enabled, fused, Proj};
+use crate::decode_proj::{fused, Proj};
 use crate::graph::{capture, graphs_enabled, Graph};
 use crate::layout::LayerOffs;
 use crate::model::{ensure_ws, Model, Opnd};
 use crate::ops::decode::{
-    conv_update, ssm_update, ssm_update_dt, ssm_update_dt_rows, ConvUpdateF32, SsmUpdateDtF32,
-    SsmUpdateF32, GEMV_ROWS, SSM_DT_RANK_MAX,
+    conv_update, ssm_update, ssm_update_dt, ConvUpdateF32, SsmUpdateDtF32, SsmUpdateF32,
 };
 use crate::ops::decode_layers::{decode_layers, DecodeLayersLp, DL_TRACE};
 use crate::params::{Ptr, PtrMut};
@@ -492,26 +491,6 @@ fn decode_dev(m: &Model, ws: &Work, st: StatePtrs, persist: Persist) -> Result<(
             d_inner: di as i64,
             d_state: ds as i64,
         };
-        // Above the GEMV's rows, dt_proj runs inside the scan update too, a block reading
-        // dt_proj's weights once for SSM_DT_ROWS rows (`VET_DECODE_DT_ROWS=0`: cuBLAS).
-        let dt_rows = pj
-            .dt_w_lp(lo)
-            .filter(|_| batch > GEMV_ROWS && cfg.dt_rank <= SSM_DT_RANK_MAX && dt_rows_enabled());
-        if let (false, Some(dt_w)) = (fused, dt_rows) {
-            m.dev.tag("decode x_proj");
-            pj.x_proj(la, lo, xs)?;
-            m.dev.tag("decode scan+dt_proj");
-            let p = SsmUpdateDtF32 {
-                s: scan,
-                dt_w: Ptr::new(dt_w),
-                dt_rank: cfg.dt_rank as i64,
-            };
-            // SAFETY: as for `ssm_update_dt` below.
-            unsafe { ssm_update_dt_rows(&m.dev, &p) }?;
-            m.dev.tag("decode out_proj");
-            pj.out_proj(lo, gated)?;
-            continue;
-        }
         match pj.dt_w_lp(lo).filter(|_| fused) {
             Some(dt_w) => {
                 m.dev.tag("decode x_proj");

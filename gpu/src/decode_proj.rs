@@ -19,12 +19,6 @@ pub(crate) fn fused() -> bool {
     std::env::var("VET_DECODE_FUSE").map_or(true, |v| v != "0")
 }
 
-/// Whether a step of more rows than the GEMV takes runs dt_proj inside the scan update
-/// (`ssm_update_dt_rows_f32`): yes unless `VET_DECODE_DT_ROWS=0` (then cuBLAS).
-pub(crate) fn dt_rows_enabled() -> bool {
-    std::env::var("VET_DECODE_DT_ROWS").map_or(true, |v| v != "0")
-}
-
 /// Whether the GEMV may run (`VET_DECODE_GEMV` is not `0`).
 pub(crate) fn gemv_enabled() -> bool {
     std::env::var("VET_DECODE_GEMV").map_or(true, |v| v != "0")

@@ -14,7 +14,7 @@ use super::conv1d::{
     Conv1dBwdDwPartialF32, Conv1dBwdDxF32, Conv1dBwdInitF32, Conv1dFwdF32, Conv1dLastF32,
     ConvInF32,
 };
-use super::decode::{ssm_update, ssm_update_dt_rows, SsmUpdateDtF32, SsmUpdateF32};
+use super::decode::{ssm_update, SsmUpdateF32};
 use super::elementwise::{colsum_final, ColsumFinalF32};
 use super::norm::{
     norm_bwd_dw_partial, norm_bwd_dx, norm_fwd, NormBwdDwPartialF32, NormBwdDxF32, NormFwdF32,
@@ -269,77 +269,6 @@ impl OpDev {
             });
         }
         Ok((self.take(out)?, h.to_vec()))
-    }
-
-    /// One decode step with dt_proj inside (`ssm_update_dt_rows_f32`, what steps above the
-    /// GEMV's rows run): dt's input is `Σ_k dt_w[c, k] · dt_x[b, k]` over `dt_w` (`d_inner ×
-    /// rank`, low-precision bits, `lp_mode` 0 bf16 / 1 fp16) and `dt_x` (`batch × rank`, f32,
-    /// rounded to the low precision as the GEMV sees it); `inp.delta` is not read. (out, the
-    /// state after the step), the state 16-byte aligned between sentinels.
-    pub fn ssm_update_dt_rows(
-        &self,
-        inp: &ScanInputs<f32>,
-        (dt_w, dt_x, rank): (&[u16], &[f32], usize),
-        lp_mode: i32,
-    ) -> Result<(Vec<f32>, Vec<f32>)> {
-        let d = inp.dims;
-        if d.seq_len != 1 || dt_w.len() != d.d_inner * rank || dt_x.len() != d.batch * rank {
-            return Err(Error::Shape {
-                op: "ssm_update_dt_rows",
-                msg: format!(
-                    "one position ({}), dt_w {} and dt_x {} values for rank {rank}",
-                    d.seq_len,
-                    dt_w.len(),
-                    dt_x.len()
-                ),
-            });
-        }
-        let s = self.scan_common(inp)?;
-        let ld = rank + 2 * d.d_state;
-        let mut xbc = Vec::with_capacity(d.batch * ld);
-        for b in 0..d.batch {
-            xbc.extend_from_slice(&dt_x[b * rank..(b + 1) * rank]);
-            xbc.extend_from_slice(&inp.b[b * d.d_state..(b + 1) * d.d_state]);
-            xbc.extend_from_slice(&inp.c[b * d.d_state..(b + 1) * d.d_state]);
-        }
-        let (xbc, w) = (self.put(&xbc)?, self.put(dt_w)?);
-        let n_state = d.batch * d.d_inner * d.d_state;
-        let state = self.out(n_state + 3, "ssm_update_dt_rows state")?;
-        let zeros = vec![0f32; n_state];
-        state.buf.write(PAD + 3, inp.h0.unwrap_or(&zeros))?;
-        let out = self.out(d.batch * d.d_inner, "ssm_update_dt_rows out")?;
-        let p = SsmUpdateDtF32 {
-            s: SsmUpdateF32 {
-                scan: ScanInF32 {
-                    delta: Ptr::NULL,
-                    xbc: ro(&xbc),
-                    ldbc: ld as i64,
-                    col_b: rank as i64,
-                    ..self.scan_in(inp, &s)
-                },
-                h_state: PtrMut::new(state.buf.at::<f32>(PAD + 3)),
-                out: out.ptr(),
-                out_lp: PtrMut::NULL,
-                lp_mode,
-                batch: d.batch as i64,
-                d_inner: d.d_inner as i64,
-                d_state: d.d_state as i64,
-            },
-            dt_w: Ptr::new(w.ptr),
-            dt_rank: rank as i64,
-        };
-        // SAFETY: every input uploaded here for one position of `inp.dims`; `xbc` rows hold the
-        // dt columns, B and C; `dt_w` `d_inner * rank` values.
-        unsafe { ssm_update_dt_rows(&self.dev, &p) }?;
-        let all = self.take(state)?;
-        let (before, rest) = all.split_at(3);
-        if before.iter().any(|v| v.to_bits() != SENTINEL) {
-            return Err(Error::Device {
-                device: self.dev.name.clone(),
-                msg: "ssm_update_dt_rows state: a write before the state".into(),
-            });
-        }
-        Ok((self.take(out)?, rest.to_vec()))
     }
 
     /// `selective_scan_bwd` on the device (the forward runs first for the chunk states), in

@@ -87,7 +87,7 @@ kernel_params! {
     /// `ssm_update_f32` with dt_proj inside: `dt_w` `[d_inner, dt_rank]` in the low precision
     /// (`s.lp_mode`), its input the first `dt_rank` columns of `s.scan.xbc`; `s.scan.delta` is
     /// not read.
-    SsmUpdateDtF32 => ["ssm_update_dt_f32", "ssm_update_dt_rows_f32"] {
+    SsmUpdateDtF32 => ["ssm_update_dt_f32"] {
         s: SsmUpdateF32,
         dt_w: Ptr<u16>,
         dt_rank: i64,
@@ -357,33 +357,6 @@ pub unsafe fn gemv_conv(dev: &Dev, p: &GemvConvLp) -> Result<()> {
     q.g.split = nl_split(g.n_out);
     // SAFETY: the caller's contract is the kernel's.
     unsafe { dev.launch(nl_grid(g.n_out, q.g.split), 128, 0, &q) }
-}
-
-/// Rows one block of `ssm_update_dt_rows_f32` takes (`SSM_DT_ROWS` in decode.cu).
-pub const SSM_DT_ROWS: usize = 8;
-/// The largest dt_rank `ssm_update_dt_rows_f32` takes (`SSM_DT_RANK_MAX`; d_model up to 4096).
-pub const SSM_DT_RANK_MAX: usize = 256;
-
-/// Launches `ssm_update_dt_rows_f32`: the step of [`ssm_update`] with dt_proj inside, a block
-/// taking [`SSM_DT_ROWS`] rows of its channels (for steps of more rows than the GEMV takes).
-///
-/// # Safety
-/// As [`ssm_update_dt`].
-pub unsafe fn ssm_update_dt_rows(dev: &Dev, p: &SsmUpdateDtF32) -> Result<()> {
-    if p.dt_rank < 1 || p.dt_rank as usize > SSM_DT_RANK_MAX {
-        return Err(dev.err(
-            "ssm_update_dt_rows_f32",
-            format!("dt_rank {} (1..={SSM_DT_RANK_MAX})", p.dt_rank),
-        ));
-    }
-    let per_block = ssm_update_channels_per_block(dev.shape.d_state_pad);
-    let grid = (
-        (p.s.d_inner as usize).div_ceil(per_block) as u32,
-        (p.s.batch as usize).div_ceil(SSM_DT_ROWS) as u32,
-        1,
-    );
-    // SAFETY: the caller's contract is the kernel's.
-    unsafe { dev.launch_build("ssm_update_dt_rows_f32", grid, 256, 0, p) }
 }
 
 /// Launches `ssm_update_dt_f32` (grid as [`ssm_update`]).
