@@ -756,7 +756,10 @@ fn chunked(world: usize, stage: u8, resume: Option<(usize, usize)>) -> Chunked {
                     let mut e = ChunkEngine::new(); // fresh: the checkpoint must replace it
                     let mut d = ZeroDriver::new(&mut e, &mut comm, zc(stage, false)).unwrap();
                     let s = load_shard(&ck, &d.layout, stage, comm.rank(), at as u64).unwrap();
-                    d.set_shard(s).unwrap();
+                    d.set_shard(s.clone()).unwrap();
+                    // A checkpoint before the first sync writes the loaded state.
+                    d.refresh_shard(&e).unwrap();
+                    assert!(d.shard() == &s, "a refresh before the sync lost the shard");
                     d.sync_engine(&mut e, &mut comm).unwrap();
                     // What the engine holds now, as the next checkpoint would see it.
                     d.refresh_shard(&e).unwrap();

@@ -475,7 +475,10 @@ impl ZeroDriver {
     /// moments, step) copied from it, for a checkpoint. A no-op otherwise.
     pub fn refresh_shard(&mut self, engine: &dyn TrainingEngine) -> Result<(), DistError> {
         if self.on_device {
-            self.shard = engine.optimizer_shard()?;
+            // Before the first sync after a resume the pending shard is the newest state.
+            if self.engine_current {
+                self.shard = engine.optimizer_shard()?;
+            }
             return Ok(());
         }
         if !self.in_engine {
