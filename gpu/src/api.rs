@@ -538,15 +538,8 @@ impl TrainingEngine for GpuEngine {
                 skipped: true,
             });
         }
-        let mut clipped = false;
-        let mut coef = 1.0f64;
-        if let Some(max) = hp.max_grad_norm {
-            let c = max / (norm + 1e-6);
-            if c < 1.0 {
-                clipped = true;
-                coef = c;
-            }
-        }
+        let clip = hp.clip_coef(norm);
+        let (clipped, coef) = (clip.is_some(), clip.unwrap_or(1.0));
         let scale_grads = clipped || unscale != 1.0;
         let coef = scale_grads.then_some((coef * unscale) as f32);
         let n = self.model.layout.numel;

@@ -132,11 +132,7 @@ impl GpuEngine {
     ) -> Result<()> {
         let on = self.shard_on()?;
         self.model.dev.bind()?;
-        let coef = hp
-            .max_grad_norm
-            .map(|max| max / (grad_norm + 1e-6))
-            .filter(|&c| c < 1.0)
-            .map(|c| c as f32);
+        let coef = hp.clip_coef(grad_norm).map(|c| c as f32);
         let start = on.range.start;
         self.adamw_flat(hp, lr, on.range.clone(), start, coef)?;
         self.model.dev.sync()?;

@@ -36,6 +36,16 @@ impl Default for AdamWConfig {
     }
 }
 
+impl AdamWConfig {
+    /// The factor that clips a gradient of global norm `norm` to `max_grad_norm`:
+    /// `max / (norm + 1e-6)` where that is below 1, `None` where no clipping applies.
+    pub fn clip_coef(&self, norm: f64) -> Option<f64> {
+        self.max_grad_norm
+            .map(|max| max / (norm + 1e-6))
+            .filter(|&c| c < 1.0)
+    }
+}
+
 /// What an optimizer step did.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct StepStats {
@@ -114,17 +124,14 @@ impl<T: Float> AdamW<T> {
                 skipped: true,
             };
         }
-        let mut clipped = false;
-        if let Some(max) = hp.max_grad_norm {
-            let coef = max / (norm + 1e-6);
-            if coef < 1.0 {
-                clipped = true;
-                let c = T::from_f64(coef);
-                for t in &mut grads.tensors_mut()[range.clone()] {
-                    t.data.iter_mut().for_each(|g| *g *= c);
-                }
+        let clip = hp.clip_coef(norm);
+        if let Some(coef) = clip {
+            let c = T::from_f64(coef);
+            for t in &mut grads.tensors_mut()[range.clone()] {
+                t.data.iter_mut().for_each(|g| *g *= c);
             }
         }
+        let clipped = clip.is_some();
         self.step += 1;
         let t = self.step as f64;
         let bc1 = 1.0 - libm::pow(hp.beta1, t);

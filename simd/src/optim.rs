@@ -63,24 +63,21 @@ pub fn adamw_step(
             skipped: true,
         };
     }
-    let mut clipped = false;
-    if let Some(max) = hp.max_grad_norm {
-        let coef = max / (norm + 1e-6);
-        if coef < 1.0 {
-            clipped = true;
-            let c = coef as f32;
-            let mut blocks: Vec<&mut [f32]> = grads
-                .tensors_mut()
-                .into_iter()
-                .flat_map(|t| t.data.chunks_mut(BLOCK))
-                .collect();
-            pool.install(|| {
-                blocks
-                    .par_iter_mut()
-                    .for_each(|b| b.iter_mut().for_each(|g| *g *= c))
-            });
-        }
+    let clip = hp.clip_coef(norm);
+    if let Some(coef) = clip {
+        let c = coef as f32;
+        let mut blocks: Vec<&mut [f32]> = grads
+            .tensors_mut()
+            .into_iter()
+            .flat_map(|t| t.data.chunks_mut(BLOCK))
+            .collect();
+        pool.install(|| {
+            blocks
+                .par_iter_mut()
+                .for_each(|b| b.iter_mut().for_each(|g| *g *= c))
+        });
     }
+    let clipped = clip.is_some();
     opt.step += 1;
     let k = Coefs::new(hp, lr, opt.step);
     let specs = param_specs(cfg);

@@ -540,12 +540,9 @@ impl ZeroDriver {
 
     /// Clipping with the global norm and AdamW on the shard (the simd tier's kernel).
     fn adamw(&mut self, grad: &mut [f32], hp: &AdamWConfig, lr: f64, norm: f64) {
-        if let Some(max) = hp.max_grad_norm {
-            let coef = max / (norm + 1e-6);
-            if coef < 1.0 {
-                let c = coef as f32;
-                grad.iter_mut().for_each(|g| *g *= c);
-            }
+        if let Some(coef) = hp.clip_coef(norm) {
+            let c = coef as f32;
+            grad.iter_mut().for_each(|g| *g *= c);
         }
         self.shard.step += 1;
         let s = &mut self.shard;
@@ -581,28 +578,27 @@ impl ZeroDriver {
             }
             return Ok(0.0);
         }
-        if self.on_device {
-            // A resume: the chunks gathered here once, the moments pushed into the engine,
-            // and the host copy dropped (the engine holds the optimizer from now on).
-            let mut full = vec![0.0f32; self.layout.padded()];
-            let master = &self.shard.master;
-            let secs = timed(&mut self.comms, "all_gather", 4 * full.len(), || {
-                comm.all_gather(master, &mut full)
-            })?;
-            engine.set_parameters(&self.layout.unflatten(&full))?;
-            engine.set_optimizer_shard(&self.shard)?;
-            for x in [&mut self.shard.master, &mut self.shard.m, &mut self.shard.v] {
-                *x = Vec::new();
-            }
-            return Ok(secs);
-        }
-        let mut full = std::mem::take(&mut self.flat_grad);
+        // With the optimizer in the engine (stages 1–2 on the device) this is a resume, and
+        // no host buffer is kept for it.
+        let mut full = if self.on_device {
+            vec![0.0f32; self.layout.padded()]
+        } else {
+            std::mem::take(&mut self.flat_grad)
+        };
         let master = &self.shard.master;
         let secs = timed(&mut self.comms, "all_gather", 4 * full.len(), || {
             comm.all_gather(master, &mut full)
         })?;
         engine.set_parameters(&self.layout.unflatten(&full))?;
-        self.flat_grad = full;
+        if self.on_device {
+            // The moments go into the engine, which holds the optimizer from now on.
+            engine.set_optimizer_shard(&self.shard)?;
+            for x in [&mut self.shard.master, &mut self.shard.m, &mut self.shard.v] {
+                *x = Vec::new();
+            }
+        } else {
+            self.flat_grad = full;
+        }
         Ok(secs)
     }
 
