@@ -9,7 +9,7 @@ use reference::{MambaConfig, State};
 
 use crate::kernels::Isa;
 use crate::model::{LayerWeights, Weights};
-use crate::ops::conv1d::{conv1d_fwd, conv1d_step};
+use crate::ops::conv1d::{conv1d_fwd, conv1d_step_silu};
 use crate::ops::linear::linear;
 use crate::ops::norm::norm_fwd;
 use crate::ops::selective_scan::{selective_scan_fwd, Scan};
@@ -97,9 +97,9 @@ fn fit_layer(s: &mut Scratch, n: usize, (dm, di, ds, r): (usize, usize, usize, u
     fit(&mut s.rstd, n);
 }
 
-/// The conv of layer `i` over `s.x` into `s.u`: the one-token update for a sequence of one,
-/// else the forward from the state's window; either leaves the window after the last position
-/// in `state`. `dims` = `(d_inner, d_conv)`.
+/// The conv of layer `i` over `s.x` into `s.u` and its silu into `s.xs`: the one-token update
+/// for a sequence of one, else the forward from the state's window; either leaves the window
+/// after the last position in `state`. `dims` = `(d_inner, d_conv)`.
 fn conv(
     lw: &LayerWeights,
     input: &Batch,
@@ -111,7 +111,7 @@ fn conv(
     let cb = lw.conv_b.as_deref();
     if input.seq_len == 1 {
         let win = state.conv_layer_mut(i);
-        conv1d_step(
+        conv1d_step_silu(
             &s.x,
             &lw.conv_w,
             cb,
@@ -119,6 +119,7 @@ fn conv(
             win,
             (input.batch, di, dc),
             &mut s.u,
+            &mut s.xs,
         );
     } else {
         s.conv_init.clear();
@@ -135,6 +136,7 @@ fn conv(
             &mut s.u,
             last,
         );
+        silu_into(&s.u, &mut s.xs);
     }
 }
 
@@ -202,7 +204,6 @@ fn layer(
     );
     split2(&s.wide, di, &mut s.x, &mut s.z);
     conv(lw, input, i, state, s, (di, dc));
-    silu_into(&s.u, &mut s.xs);
     let xw = r + 2 * ds;
     fit(&mut s.wide_x, n * xw);
     linear(isa, lw.x_proj.view(), &s.xs, None, di, &mut s.wide_x);
