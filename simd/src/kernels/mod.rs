@@ -238,13 +238,51 @@ pub fn dot_rows_batch(
     with_prepared(isa, w, x, k, |p| p.dot_rows(row0, rows, put));
 }
 
-/// Whether products with `w` on `isa` run on the tiles' integer dot products (int8 and int4
-/// on VNNI) at any number of rows, prefill included, rather than on an f32 GEMM over dequantised
-/// weights. bf16 on `avx512_bf16` does not: measured on the 130M shape (2 threads, Xeon with
-/// AVX-512), its tiles prefilled at ~75 tok/s against ~100 for `matrixmultiply` on f32
-/// blocks, while its decode is as fast or faster (batch 8: 42 against 34 tok/s).
+/// Whether products with `w` on `isa` run on the tiles' dot products at any number of rows,
+/// prefill included, rather than on an f32 GEMM over dequantised weights: int8 and int4 on
+/// VNNI always; bf16 on `avx512_bf16` where [`bf16_tiles_for_prefill`] says so.
 pub fn dot_product_gemm(isa: Isa, w: MatRef) -> bool {
-    matches!(w, MatRef::Int8 { .. } | MatRef::Int4 { .. }) && isa.has_vnni()
+    match w {
+        MatRef::Int8 { .. } | MatRef::Int4 { .. } => isa.has_vnni(),
+        MatRef::Bf16(_) => isa == Isa::Avx512Bf16 && bf16_tiles_for_prefill(),
+        MatRef::F32(_) => false,
+    }
+}
+
+/// Whether bf16 prefill runs on the `vdpbf16ps` tiles (activations rounded to bf16, as in
+/// decode) instead of the f32 GEMM over widened weights. It depends on the core: on Intel's
+/// AVX-512 BF16 Xeon a `vdpbf16ps` does the multiply-adds of two f32 FMAs in one of the two
+/// FMA ports, and the tiles prefilled the 130M shape at ~75 tok/s against ~100 for
+/// `matrixmultiply` (2 threads); on AMD's Zen 4 it does twice an f32 FMA's, and the tiles
+/// prefilled 512 tokens of 130M at 686–701 tok/s against 573–630 and of 1.4B at 69–76
+/// against 50–52 (2 threads, `SIMD_BF16_PREFILL=gemm|tiles cargo bench -p simd --bench
+/// inference -- --dtypes bf16`, alternating, 2026-12-06). So: AMD cores take the tiles,
+/// others the GEMM. `SIMD_BF16_PREFILL=tiles` or `gemm` overrides it (read once), for
+/// measuring both on one machine.
+pub fn bf16_tiles_for_prefill() -> bool {
+    static TILES: OnceLock<bool> = OnceLock::new();
+    *TILES.get_or_init(|| match std::env::var("SIMD_BF16_PREFILL").as_deref() {
+        Ok("tiles") => true,
+        Ok("gemm") => false,
+        _ => cpu_vendor_is_amd(),
+    })
+}
+
+/// The CPU's vendor string (CPUID leaf 0) is AMD's.
+fn cpu_vendor_is_amd() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        // SAFETY: CPUID leaf 0 exists on every x86-64 CPU.
+        #[allow(unused_unsafe)]
+        let r = unsafe { std::arch::x86_64::__cpuid(0) };
+        let mut v = [0u8; 12];
+        v[..4].copy_from_slice(&r.ebx.to_le_bytes());
+        v[4..8].copy_from_slice(&r.edx.to_le_bytes());
+        v[8..].copy_from_slice(&r.ecx.to_le_bytes());
+        &v == b"AuthenticAMD"
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
 }
 
 /// A product's activations, converted once for the instruction set's kernels (int8 for

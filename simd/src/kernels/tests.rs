@@ -155,3 +155,21 @@ fn dot_rows_from_an_offset_reads_those_rows() {
         }
     }
 }
+
+/// The CPUID vendor check that picks the bf16 prefill path reads what Linux reports.
+#[test]
+fn the_cpu_vendor_is_the_one_linux_reports() {
+    let Ok(info) = std::fs::read_to_string("/proc/cpuinfo") else {
+        println!("skipping: no /proc/cpuinfo");
+        return;
+    };
+    let Some(vendor) = info
+        .lines()
+        .find(|l| l.starts_with("vendor_id"))
+        .and_then(|l| l.split(':').nth(1))
+    else {
+        println!("skipping: /proc/cpuinfo names no vendor");
+        return;
+    };
+    assert_eq!(cpu_vendor_is_amd(), vendor.trim() == "AuthenticAMD");
+}
