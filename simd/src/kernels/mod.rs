@@ -250,15 +250,15 @@ pub fn dot_product_gemm(isa: Isa, w: MatRef) -> bool {
 }
 
 /// Whether bf16 prefill runs on the `vdpbf16ps` tiles (activations rounded to bf16, as in
-/// decode) instead of the f32 GEMM over widened weights. It depends on the core: on Intel's
-/// AVX-512 BF16 Xeon a `vdpbf16ps` does the multiply-adds of two f32 FMAs in one of the two
-/// FMA ports, and the tiles prefilled the 130M shape at ~75 tok/s against ~100 for
-/// `matrixmultiply` (2 threads); on AMD's Zen 4 it does twice an f32 FMA's, and the tiles
-/// prefilled 512 tokens of 130M at 686–701 tok/s against 573–630 and of 1.4B at 69–76
-/// against 50–52 (2 threads, `SIMD_BF16_PREFILL=gemm|tiles cargo bench -p simd --bench
-/// inference -- --dtypes bf16`, alternating, 2026-12-06). So: AMD cores take the tiles,
-/// others the GEMM. `SIMD_BF16_PREFILL=tiles` or `gemm` overrides it (read once), for
-/// measuring both on one machine.
+/// decode) instead of the f32 GEMM over widened weights. It depends on the core: on the Intel
+/// Xeon (AVX-512 BF16) `vdpbf16ps` measured no more multiply-adds per second than f32 FMA,
+/// and the tiles prefilled the 130M shape at ~75 tok/s against ~100 for `matrixmultiply`
+/// (2 threads); on AMD's Zen 4 the bf16 tiles ran 2.5× the f32 tiles' rate (`cargo bench -p
+/// simd --bench tiles`), and they prefilled 512 tokens of 130M at 686–701 tok/s against
+/// 573–630 and of 1.4B at 69–76 against 50–52 (2 threads, `SIMD_BF16_PREFILL=gemm|tiles cargo
+/// bench -p simd --bench inference -- --dtypes bf16`, alternating, 2026-12-06). So: AMD cores
+/// take the tiles, others the GEMM. `SIMD_BF16_PREFILL=tiles` or `gemm` overrides it (read
+/// once), for measuring both on one machine.
 pub fn bf16_tiles_for_prefill() -> bool {
     static TILES: OnceLock<bool> = OnceLock::new();
     *TILES.get_or_init(|| match std::env::var("SIMD_BF16_PREFILL").as_deref() {
