@@ -16,6 +16,9 @@ use simd::model::{a_from_log, LayerWeights, Weights};
 use simd::weights::Mat;
 use simd::{SimdEngine, SimdOptions, WeightDtype};
 
+mod common;
+use common::{machine, Fill};
+
 /// CPU inference benchmark at batch 1.
 #[derive(clap::Parser)]
 struct Args {
@@ -68,21 +71,6 @@ fn shape(name: &str) -> MambaConfig {
     let mut c = MambaConfig::new(d, l, 50280);
     c.norm = NormKind::Rms;
     c
-}
-
-/// xorshift values in [-s, s): fast enough to fill 1.4 B weights in seconds.
-struct Fill(u64);
-impl Fill {
-    fn vec(&mut self, n: usize, s: f32) -> Vec<f32> {
-        (0..n)
-            .map(|_| {
-                self.0 ^= self.0 << 13;
-                self.0 ^= self.0 >> 7;
-                self.0 ^= self.0 << 17;
-                ((self.0 >> 40) as f32 / (1u64 << 23) as f32 - 1.0) * s
-            })
-            .collect()
-    }
 }
 
 /// Random weights of `cfg`'s shape in `dtype`, built matrix by matrix (no f32 copy of the
@@ -165,19 +153,6 @@ fn cpu_secs() -> f64 {
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
-}
-
-fn machine() -> String {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
-        })
-        .unwrap_or_else(|| std::env::consts::ARCH.to_string());
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    format!("{cpu}, {cores} cores, ISA {}", simd::Isa::detect().name())
 }
 
 fn main() {

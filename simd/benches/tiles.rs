@@ -14,6 +14,9 @@ use std::time::Instant;
 use simd::kernels::{dot_rows_batch, Isa};
 use simd::weights::Mat;
 
+mod common;
+use common::{machine, Fill};
+
 #[derive(clap::Parser)]
 struct Args {
     /// Weight rows.
@@ -36,41 +39,22 @@ struct Args {
     bench: bool,
 }
 
-fn vals(n: usize, mut s: u64) -> Vec<f32> {
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-        })
-        .collect()
-}
-
 fn main() {
     let a = <Args as clap::Parser>::parse();
     let isa = Isa::detect();
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
-        })
-        .unwrap_or_default();
     println!(
-        "one thread of {cpu} ({}), weights [{}, {}] in cache",
-        isa.name(),
+        "one thread of {}; weights [{}, {}] in cache",
+        machine(),
         a.rows,
         a.k
     );
-    let w = vals(a.rows * a.k, 7);
+    let w = Fill(7).vec(a.rows * a.k, 1.0);
     println!("| weights | batch | GMAC/s |");
     println!("|---|---|---|");
     for &dt in &a.dtypes {
         let mat = Mat::from_f32(a.rows, a.k, w.clone(), dt);
         for &n in &a.batches {
-            let x = vals(n * a.k, 11 + n as u64);
+            let x = Fill(11 + n as u64).vec(n * a.k, 1.0);
             let mut y = vec![0f32; n * a.rows];
             let mut put = |b: usize, i: usize, v: f32| y[b * a.rows + i] = v;
             let mut best = f64::INFINITY;
