@@ -46,7 +46,8 @@ pub struct SimdEngine {
 
 /// The most elements a layered call ([`TrainingEngine::loss_and_backward_layered`]) held at
 /// once: parameters (filled by the hook; the f32 weights the forward reads and the tensors the
-/// backward reads, never both for one group) and gradient buffers.
+/// backward reads, never both for one group; the whole model if the engine still held it when
+/// the call began, as after `set_parameters`) and gradient buffers.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct LayeredPeak {
     pub parameters: usize,
@@ -508,11 +509,23 @@ impl TrainingEngine for SimdEngine {
         if let Some(s) = state {
             s.check(&self.cfg, input.batch, "simd layered step")?;
         }
+        // What the engine held whole when the call began counts towards the peak (a driver
+        // that gathered every parameter into it first would show here).
+        let whole = if self.released {
+            0
+        } else {
+            param_specs(&self.cfg)
+                .iter()
+                .map(|(_, s)| s.iter().product::<usize>())
+                .sum()
+        };
         self.release();
         let mut s = std::mem::take(&mut self.scratch);
         let mut logits = std::mem::take(&mut self.logits);
         let mut d_logits = std::mem::take(&mut self.d_logits);
         let mut live = Live::default();
+        live.add(whole as isize, 0);
+        live.add(-(whole as isize), 0);
         let out = self.layered(
             input,
             (targets, mask, state, grad_scale),

@@ -577,6 +577,14 @@ impl ZeroDriver {
         self.in_engine
     }
 
+    /// Stage 3: whether the engine steps layer by layer (`Some(true)`: parameters gathered a
+    /// group at a time, see [`TrainingEngine::loss_and_backward_layered`]), or gathers every
+    /// parameter for each step (`Some(false)`: it cannot); `None` before the first step and
+    /// at other stages.
+    pub fn layered(&self) -> Option<bool> {
+        self.layered
+    }
+
     /// Whether the engine holds this rank's optimizer chunk (stages 1–2 without offload on
     /// an engine that shards its optimizer where the gradients live).
     pub fn on_device(&self) -> bool {
