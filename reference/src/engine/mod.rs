@@ -363,6 +363,12 @@ pub trait InferenceEngine {
 ///   reduced over every rank.
 ///
 /// A tier that does not implement one of them yet returns an error saying so.
+///
+/// [`TrainingEngine::loss_and_backward_layered`] is ZeRO stage 3's interface: the engine gets
+/// each [`ParamGroup`]'s parameters from a [`ParamHook`] just before it uses them, frees them
+/// after, and hands each group's gradient to the hook as soon as it is final. The simd engine
+/// implements it; a tier that does not keeps the default (`Ok(None)`), and the caller gathers
+/// every parameter into it instead.
 pub trait TrainingEngine: InferenceEngine {
     /// Forward, masked cross-entropy against `targets` `[batch, seq_len]`, and backward of
     /// `grad_scale · loss`, *adding* to the gradient buffers.

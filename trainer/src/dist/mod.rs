@@ -24,13 +24,40 @@
 //! - The engines run the forward and backward of a whole step at once
 //!   ([`TrainingEngine::loss_and_backward`]), so gradient buckets are reduced after the
 //!   backward, not overlapped with it (`overlap_comm` has no effect and says so), and the
-//!   wall-clock breakdown reports forward and backward together.
-//! - Stage 3 keeps the parameters sharded in the driver between steps and all-gathers them
-//!   into the engine at the start of each step. The engines cannot gather, use and free one
-//!   layer at a time, so the engine still holds every parameter during the step: stage 3
-//!   saves no device memory over stage 2 here. `stage3_*` keys other than the persistence
-//!   threshold have no effect and are reported as such.
+//!   wall-clock breakdown reports forward and backward together. Stage 3 on the CPU engine
+//!   reduces each layer's gradient right after that layer's backward, but in line with it
+//!   (the collectives are synchronous), not overlapped either; its breakdown counts the
+//!   gathers and reduce-scatters as communication.
+//! - Stage 3 keeps the parameters sharded in the driver between steps (each rank its flat
+//!   chunk of the f32 master weights, with AdamW's moments) and, on an engine that steps layer
+//!   by layer ([`TrainingEngine::loss_and_backward_layered`]; the simd engine), gathers them
+//!   one group at a time: a group is one layer's tensors, or the *outer* group (the embedding,
+//!   the final norm and an untied lm_head). For each micro-batch the engine asks for the outer
+//!   group for the embedding lookup, each layer for its forward, the outer group again for the
+//!   final norm and the head (kept through their backward), then each layer again, in reverse,
+//!   for its backward; the driver's hook all-gathers the group from every rank's chunk (one
+//!   collective per flat range of the group, so small tensors ride with their layer) and the
+//!   engine frees it after use. Each layer's gradient is reduce-scattered into the owning
+//!   ranks' chunks as soon as its backward is done and then freed; the outer group's gradient
+//!   (the tied embedding's is final only after the lookup's backward) last. So the engine
+//!   holds at most one group of parameters, and of gradients the outer group's plus one
+//!   layer's, and no whole-model buffer exists in the engine or the driver during the step;
+//!   the results are the bits of stage 2 at the same world (same rank-order sums). What stays
+//!   as it was:
+//!   - no parameter is persistent (`stage3_param_persistence_threshold` has no effect: every
+//!     tensor is gathered with its group, in the group's collective), and the outer group is
+//!     gathered around its uses like a layer;
+//!   - no prefetch (`stage3_prefetch_bucket_size` has no effect): [`Comm`]'s collectives are
+//!     synchronous, so a group gathered ahead would only be held longer; at most one group is
+//!     live whatever `stage3_max_live_parameters` says, plus the gather's staging buffers in
+//!     the hook (about one group);
+//!   - an engine that cannot step layer by layer (the GPU and reference engines, which keep the
+//!     trait's default) and stateful training (`carry_state`, which runs its windows through
+//!     [`ZeroDriver::step_with`]) get every parameter all-gathered into the engine at the start
+//!     of each step ([`ZeroDriver::sync_engine`]), as before: no memory saved over stage 2
+//!     there. A checkpoint or an evaluation gathers the whole model into the engine too.
 //!
+//! [`Comm`]: reference::comm::Comm
 //! [`TrainingEngine`]: reference::TrainingEngine
 
 pub mod ckpt;
