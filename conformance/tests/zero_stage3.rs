@@ -312,3 +312,80 @@ fn an_engine_without_layered_steps_gathers_the_whole_model() {
         );
     }
 }
+
+/// A stage-3 checkpoint written at world 2 (layer by layer) resumes at world 3: the driver's
+/// re-sharded state gathers into the weights the world-2 ranks ended with, and the next
+/// steps give the bits that stage 2 gives from the same checkpoint at world 3.
+#[test]
+fn a_stage_3_checkpoint_at_world_2_resumes_at_world_3() {
+    use trainer::dist::ckpt::{load_shard, move_in, write_shards};
+    let cfg = uneven();
+    let dir = std::env::temp_dir().join(format!("vet-zero3-ckpt-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let ck = dir.join("step-00000002");
+    let handles: Vec<_> = InProcess::group(2)
+        .into_iter()
+        .map(|mut comm| {
+            let (cfg, ck) = (cfg.clone(), ck.clone());
+            thread::spawn(move || {
+                let mut e = engine(&cfg);
+                let mut d = ZeroDriver::new(&mut e, &mut comm, zc(3)).unwrap();
+                for s in 0..2 {
+                    let b = [micro(&cfg, s, comm.rank())];
+                    d.step(&mut e, &mut comm, &b, &hp(), lr(s)).unwrap();
+                }
+                assert_eq!(d.layered(), Some(true));
+                let staging = write_shards(&ck, &d, &mut comm).unwrap();
+                if comm.rank() == 0 {
+                    std::fs::create_dir_all(&ck).unwrap();
+                    move_in(&staging, &ck).unwrap();
+                }
+                comm.barrier().unwrap();
+                d.sync_engine(&mut e, &mut comm).unwrap();
+                e.parameters().unwrap()
+            })
+        })
+        .collect();
+    let old: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    let resume = |stage: u8| -> Vec<(Vec<f32>, Vec<f64>)> {
+        let handles: Vec<_> = InProcess::group(3)
+            .into_iter()
+            .map(|mut comm| {
+                let (cfg, ck, want) = (cfg.clone(), ck.clone(), old[0].clone());
+                thread::spawn(move || {
+                    let mut e = engine(&cfg); // the checkpoint must replace these weights
+                    let mut d = ZeroDriver::new(&mut e, &mut comm, zc(stage)).unwrap();
+                    let s = load_shard(&ck, &d.layout, stage, comm.rank(), 2).unwrap();
+                    d.set_shard(s).unwrap();
+                    d.sync_engine(&mut e, &mut comm).unwrap();
+                    assert!(
+                        e.parameters().unwrap() == want,
+                        "the resumed weights differ"
+                    );
+                    let mut losses = Vec::new();
+                    for s in 2..4 {
+                        let b = [micro(&cfg, s, comm.rank())];
+                        let out = d.step(&mut e, &mut comm, &b, &hp(), lr(s)).unwrap();
+                        losses.push(out.loss.expect("finite"));
+                    }
+                    d.sync_engine(&mut e, &mut comm).unwrap();
+                    let w = FlatLayout::new(&cfg, 1)
+                        .flatten(&e.parameters().unwrap())
+                        .unwrap();
+                    (w, losses)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    };
+    let three = resume(3);
+    let two = resume(2);
+    for (r, got) in three.iter().enumerate() {
+        assert!(
+            got == &two[0],
+            "rank {r}: stage 3 resumed differs from stage 2 resumed"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
