@@ -108,6 +108,8 @@ struct RankOut {
     layered: Option<bool>,
     /// Whether the engine held its parameters right after the last step (before the gather).
     held_after: bool,
+    /// The collectives of every step, by name.
+    ops: std::collections::BTreeSet<&'static str>,
 }
 
 /// `STEPS` steps at `world` ranks, one micro-batch per rank.
@@ -121,11 +123,13 @@ fn run(cfg: &MambaConfig, world: usize, zero: ZeroConfig) -> Vec<RankOut> {
                 let mut d = ZeroDriver::new(&mut e, &mut comm, zero).unwrap();
                 let mut losses = Vec::new();
                 let mut peaks = Vec::new();
+                let mut ops = std::collections::BTreeSet::new();
                 for s in 0..STEPS {
                     let b = [micro(&cfg, s, comm.rank())];
                     let out = d.step(&mut e, &mut comm, &b, &hp(), lr(s)).unwrap();
                     losses.push(out.loss.expect("finite"));
                     peaks.push(e.layered_peak());
+                    ops.extend(d.take_comms().into_iter().map(|c| c.op));
                 }
                 let held_after = e.holds_parameters();
                 d.sync_engine(&mut e, &mut comm).unwrap();
@@ -138,6 +142,7 @@ fn run(cfg: &MambaConfig, world: usize, zero: ZeroConfig) -> Vec<RankOut> {
                     peaks,
                     layered: d.layered(),
                     held_after,
+                    ops,
                 }
             })
         })
@@ -251,10 +256,12 @@ fn uneven_groups_match_stage_2_and_one_rank() {
     }
     assert!(!numel.is_multiple_of(2) && !numel.is_multiple_of(3) && !numel.is_multiple_of(4));
     let mut worst = 0.0f64;
+    let mut ops = std::collections::BTreeSet::new();
     for world in [2, 3, 4] {
         let (want, want_loss) = one_rank(&cfg, world);
         let two = run(&cfg, world, zc(2));
         let three = run(&cfg, world, zc(3));
+        ops.extend(three[0].ops.iter().copied());
         for (r, o) in three.iter().enumerate() {
             assert_eq!(o.layered, Some(true));
             assert!(
@@ -272,7 +279,16 @@ fn uneven_groups_match_stage_2_and_one_rank() {
             assert!(dl.fold(0.0f64, f64::max) <= 1e-5);
         }
     }
-    println!("worst against one rank {worst:.3e}");
+    println!("worst against one rank {worst:.3e}; collectives {ops:?}");
+    // Both ways of moving a group ran: one padded collective, and each owner's part alone.
+    for op in [
+        "all_gather_group",
+        "broadcast_group",
+        "reduce_scatter_group",
+        "all_reduce_group",
+    ] {
+        assert!(ops.contains(op), "{op} never ran: {ops:?}");
+    }
 }
 
 /// An engine that cannot step layer by layer (the reference engine) gets every parameter

@@ -49,8 +49,10 @@
 //!     gathered around its uses like a layer;
 //!   - no prefetch (`stage3_prefetch_bucket_size` has no effect): [`Comm`]'s collectives are
 //!     synchronous, so a group gathered ahead would only be held longer; at most one group is
-//!     live whatever `stage3_max_live_parameters` says, plus the gather's staging buffers in
-//!     the hook (about one group);
+//!     live whatever `stage3_max_live_parameters` says, plus the hook's staging buffers
+//!     while a group moves (at most twice the group: a range whose parts are lopsided across
+//!     the chunks moves part by part, by broadcast and all-reduce, instead of one padded
+//!     all-gather and reduce-scatter);
 //!   - an engine that cannot step layer by layer (the GPU and reference engines, which keep the
 //!     trait's default) and stateful training (`carry_state`, which runs its windows through
 //!     [`ZeroDriver::step_with`]) get every parameter all-gathered into the engine at the start

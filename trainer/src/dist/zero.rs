@@ -751,7 +751,9 @@ fn group_ranges(cfg: &reference::MambaConfig, layout: &FlatLayout) -> Vec<Vec<Ra
 /// the ranks' shards a group at a time, gradients reduce-scattered into this rank's chunk a
 /// group at a time. A group's flat range generally straddles chunks: rank `q` contributes the
 /// part of the range inside its chunk, every part padded to the longest, so every rank calls
-/// each collective with the same length. The sums are the rank-order sums of the whole-model
+/// each collective with the same length; where that padding would stage more than twice the
+/// range (a range inside one or two chunks of a large world), each owner's part moves on its
+/// own instead ([`lopsided`]). The sums are the rank-order sums of the whole-model
 /// reduce-scatter, element for element, so the gradient shard has the same bits.
 struct Gather<'a> {
     layout: &'a FlatLayout,
@@ -795,6 +797,14 @@ impl Gather<'_> {
     }
 }
 
+/// Whether the parts of a range are so uneven (the longest `n` of `world`) that one
+/// collective padding every part to the longest would stage more than twice the range: then
+/// each owner's part moves on its own (a broadcast of the parameters, an all-reduce of the
+/// gradient), staging one part at a time.
+fn lopsided(world: usize, n: usize, r: &Range<usize>) -> bool {
+    world * n > 2 * r.len()
+}
+
 fn group_error(g: ParamGroup, got: usize, want: usize) -> reference::Error {
     reference::Error::Shape {
         op: "stage-3 gather",
@@ -810,14 +820,34 @@ impl ParamHook for Gather<'_> {
         if got != want {
             return Err(group_error(g, got, want));
         }
-        let base = self.rank * self.layout.chunk;
+        let (world, base) = (self.layout.world, self.rank * self.layout.chunk);
         let mut dst = tensors.iter_mut().flat_map(|t| t.data.iter_mut());
         for r in &self.groups[idx] {
             let (parts, n) = self.parts(r);
+            if lopsided(world, n, r) {
+                // Each owner's part broadcast from it: staging of one part, not `world` parts.
+                for (q, p) in parts.iter().enumerate().filter(|(_, p)| !p.is_empty()) {
+                    let mut bytes = vec![0u8; 4 * p.len()];
+                    if q == self.rank {
+                        let mine = &self.master[p.start - base..p.end - base];
+                        for (b, x) in bytes.chunks_exact_mut(4).zip(mine) {
+                            b.copy_from_slice(&x.to_le_bytes());
+                        }
+                    }
+                    let comm = &mut *self.comm;
+                    self.secs += timed(self.comms, "broadcast_group", bytes.len(), || {
+                        comm.broadcast(&mut bytes, q)
+                    })?;
+                    for (b, d) in bytes.chunks_exact(4).zip(dst.by_ref()) {
+                        *d = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+                    }
+                }
+                continue;
+            }
             let mut mine = vec![0.0f32; n];
             let p = &parts[self.rank];
             mine[..p.len()].copy_from_slice(&self.master[p.start - base..p.end - base]);
-            let mut all = vec![0.0f32; n * self.layout.world];
+            let mut all = vec![0.0f32; n * world];
             let comm = &mut *self.comm;
             self.secs += timed(self.comms, "all_gather_group", 4 * all.len(), || {
                 comm.all_gather(&mine, &mut all)
@@ -849,6 +879,25 @@ impl ParamHook for Gather<'_> {
         let mut src = grads.iter().flat_map(|t| t.data.iter());
         for r in &self.groups[idx] {
             let (parts, n) = self.parts(r);
+            if lopsided(world, n, r) {
+                // Each owner's part all-reduced (the same rank-order sums), kept by the owner.
+                for (q, p) in parts.iter().enumerate().filter(|(_, p)| !p.is_empty()) {
+                    let mut part: Vec<f32> = src.by_ref().take(p.len()).copied().collect();
+                    let comm = &mut *self.comm;
+                    self.secs += timed(self.comms, "all_reduce_group", 4 * part.len(), || {
+                        comm.all_reduce_sum(&mut part)
+                    })?;
+                    if q == self.rank {
+                        let dst = &mut self.grad[p.start - base..p.end - base];
+                        if first {
+                            dst.copy_from_slice(&part);
+                        } else {
+                            dst.iter_mut().zip(&part).for_each(|(d, s)| *d += *s);
+                        }
+                    }
+                }
+                continue;
+            }
             let mut input = vec![0.0f32; n * world];
             for (q, p) in parts.iter().enumerate() {
                 for (d, s) in input[q * n..q * n + p.len()].iter_mut().zip(src.by_ref()) {
