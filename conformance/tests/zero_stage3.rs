@@ -405,3 +405,121 @@ fn a_stage_3_checkpoint_at_world_2_resumes_at_world_3() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A one-process hook: fills from whole parameters, records each group's gradient and the
+/// order of the calls.
+struct LocalHook {
+    cfg: MambaConfig,
+    params: Vec<reference::Tensor<f32>>,
+    grads: Vec<Option<reference::Tensor<f32>>>,
+    calls: Vec<String>,
+}
+
+impl reference::engine::ParamHook for LocalHook {
+    fn fill(
+        &mut self,
+        g: ParamGroup,
+        tensors: &mut [reference::Tensor<f32>],
+    ) -> reference::Result<()> {
+        for (t, i) in tensors.iter_mut().zip(g.tensors(&self.cfg)) {
+            t.data.copy_from_slice(&self.params[i].data);
+        }
+        self.calls.push(format!("fill {g:?}"));
+        Ok(())
+    }
+    fn release(&mut self, g: ParamGroup) -> reference::Result<()> {
+        self.calls.push(format!("release {g:?}"));
+        Ok(())
+    }
+    fn gradients(
+        &mut self,
+        g: ParamGroup,
+        grads: &[&reference::Tensor<f32>],
+    ) -> reference::Result<()> {
+        for (t, i) in grads.iter().zip(g.tensors(&self.cfg)) {
+            assert!(self.grads[i].is_none(), "{g:?} handed over twice");
+            self.grads[i] = Some((*t).clone());
+        }
+        self.calls.push(format!("grads {g:?}"));
+        Ok(())
+    }
+}
+
+/// The simd engine's layered call, from a random initial state, gives the loss, the state
+/// gradient and every parameter gradient of `loss_and_backward` bit for bit, asks for the groups
+/// in the documented order, and holds no parameters afterwards (inference says so instead of
+/// reading emptied weights) until `set_parameters`.
+#[test]
+fn the_layered_call_matches_the_whole_model_call_bit_for_bit() {
+    for cfg in [uneven(), MambaConfig::new(9, 2, 20)] {
+        let b = micro(&cfg, 5, 1);
+        let input = Batch {
+            batch: b.batch,
+            seq_len: b.seq_len,
+            tokens: &b.inputs,
+            resets: Some(&b.resets),
+        };
+        let mut rng = Rng::new(99);
+        let mut st = reference::State::zeros(&cfg, ROWS);
+        for x in st.conv.data.iter_mut().chain(st.ssm.data.iter_mut()) {
+            *x = rng.uniform(-0.5, 0.5) as f32;
+        }
+        let mut whole = engine(&cfg);
+        whole.zero_grad().unwrap();
+        let want = whole
+            .loss_and_backward(&input, &b.targets, None, Some(&st), 0.37)
+            .unwrap();
+        let want_g = whole.gradients().unwrap();
+        let mut layered = engine(&cfg);
+        let params: Vec<_> = layered
+            .parameters()
+            .unwrap()
+            .into_iter()
+            .map(|(_, t)| t)
+            .collect();
+        let mut hook = LocalHook {
+            cfg: cfg.clone(),
+            grads: vec![None; params.len()],
+            params,
+            calls: Vec::new(),
+        };
+        let got = layered
+            .loss_and_backward_layered(&input, &b.targets, None, Some(&st), 0.37, &mut hook)
+            .unwrap()
+            .expect("the simd engine steps layer by layer");
+        assert_eq!(got.loss.to_bits(), want.loss.to_bits());
+        assert_eq!(got.n_targets, want.n_targets);
+        assert!(got.grad_state == want.grad_state, "state gradients differ");
+        for ((name, w), g) in want_g.iter().zip(&hook.grads) {
+            let g = g.as_ref().unwrap_or_else(|| panic!("{name}: no gradient"));
+            let same = g
+                .data
+                .iter()
+                .zip(&w.data)
+                .all(|(a, b)| a.to_bits() == b.to_bits());
+            assert!(same, "{name}: gradients differ");
+        }
+        let n = cfg.n_layer;
+        let mut order = vec!["fill Outer".to_string(), "release Outer".into()];
+        for i in 0..n {
+            order.push(format!("fill Layer({i})"));
+            order.push(format!("release Layer({i})"));
+        }
+        order.push("fill Outer".into());
+        order.push("release Outer".into());
+        for i in (0..n).rev() {
+            order.push(format!("fill Layer({i})"));
+            order.push(format!("release Layer({i})"));
+            order.push(format!("grads Layer({i})"));
+        }
+        order.push("grads Outer".into());
+        assert_eq!(hook.calls, order);
+        assert!(!layered.holds_parameters());
+        assert!(layered.forward(&input, None).is_err());
+        assert!(layered.parameters().is_err());
+        layered
+            .set_parameters(&whole.parameters().unwrap())
+            .unwrap();
+        assert!(layered.forward(&input, None).is_ok());
+    }
+}

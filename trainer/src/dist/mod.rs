@@ -35,8 +35,9 @@
 //!   the final norm and an untied lm_head). For each micro-batch the engine asks for the outer
 //!   group for the embedding lookup, each layer for its forward, the outer group again for the
 //!   final norm and the head (kept through their backward), then each layer again, in reverse,
-//!   for its backward; the driver's hook all-gathers the group from every rank's chunk (one
-//!   collective per flat range of the group, so small tensors ride with their layer) and the
+//!   for its backward; the driver's hook all-gathers the group from every rank's chunk (a
+//!   collective per flat range of the group, not per tensor, so small tensors ride with their
+//!   layer) and the
 //!   engine frees it after use. Each layer's gradient is reduce-scattered into the owning
 //!   ranks' chunks as soon as its backward is done and then freed; the outer group's gradient
 //!   (the tied embedding's is final only after the lookup's backward) last. So the engine
