@@ -110,6 +110,10 @@ struct RankOut {
     held_after: bool,
     /// The collectives of every step, by name.
     ops: std::collections::BTreeSet<&'static str>,
+    /// Collectives that moved parameters, over every step.
+    gathers: usize,
+    /// The driver's live peak of each step (engine's groups plus one gathered ahead).
+    live: Vec<Option<usize>>,
 }
 
 /// `STEPS` steps at `world` ranks, one micro-batch per rank.
@@ -124,12 +128,19 @@ fn run(cfg: &MambaConfig, world: usize, zero: ZeroConfig) -> Vec<RankOut> {
                 let mut losses = Vec::new();
                 let mut peaks = Vec::new();
                 let mut ops = std::collections::BTreeSet::new();
+                let (mut gathers, mut live) = (0, Vec::new());
                 for s in 0..STEPS {
                     let b = [micro(&cfg, s, comm.rank())];
                     let out = d.step(&mut e, &mut comm, &b, &hp(), lr(s)).unwrap();
                     losses.push(out.loss.expect("finite"));
                     peaks.push(e.layered_peak());
-                    ops.extend(d.take_comms().into_iter().map(|c| c.op));
+                    live.push(d.live_peak());
+                    for c in d.take_comms() {
+                        gathers += usize::from(
+                            c.op.ends_with("gather_group") || c.op == "broadcast_group",
+                        );
+                        ops.insert(c.op);
+                    }
                 }
                 let held_after = e.holds_parameters();
                 d.sync_engine(&mut e, &mut comm).unwrap();
@@ -143,6 +154,8 @@ fn run(cfg: &MambaConfig, world: usize, zero: ZeroConfig) -> Vec<RankOut> {
                     layered: d.layered(),
                     held_after,
                     ops,
+                    gathers,
+                    live,
                 }
             })
         })
@@ -236,6 +249,7 @@ fn stage_3_holds_one_group_at_a_time() {
     }
     let two = run(&cfg, 2, zc(2));
     assert!(two.iter().all(|o| o.held_after && o.layered.is_none()));
+    assert!(two.iter().all(|o| o.live.iter().all(Option::is_none)));
     println!("stage 2: the engine holds all {numel} parameter elements through every step");
 }
 
@@ -521,5 +535,72 @@ fn the_layered_call_matches_the_whole_model_call_bit_for_bit() {
             .set_parameters(&whole.parameters().unwrap())
             .unwrap();
         assert!(layered.forward(&input, None).is_ok());
+    }
+}
+
+/// Prefetch: by default (DeepSpeed's limits) the next group of the fill order is gathered with
+/// the current one where the live limit allows, so fewer collectives move parameters and at
+/// most two groups are live; a live limit of one group, or a prefetch bucket smaller than any
+/// group, turns it off (one group live). The bits are the same every way, and stage 2's.
+#[test]
+fn prefetch_respects_the_live_limit_and_changes_no_bit() {
+    let cfg = deep();
+    let layer = group_numel(&cfg, ParamGroup::Layer(0));
+    let outer = group_numel(&cfg, ParamGroup::Outer);
+    let one_group = layer.max(outer);
+    for world in [2, 4] {
+        let stage2 = run(&cfg, world, zc(2));
+        let on = run(&cfg, world, zc(3));
+        let limited = run(
+            &cfg,
+            world,
+            ZeroConfig {
+                stage3_max_live_parameters: one_group,
+                ..zc(3)
+            },
+        );
+        let small_bucket = run(
+            &cfg,
+            world,
+            ZeroConfig {
+                stage3_prefetch_bucket_size: outer - 1,
+                ..zc(3)
+            },
+        );
+        for (name, ranks) in [
+            ("on", &on),
+            ("limited", &limited),
+            ("small bucket", &small_bucket),
+        ] {
+            for (r, o) in ranks.iter().enumerate() {
+                assert!(
+                    o.weights == stage2[0].weights,
+                    "{name} world {world} rank {r}: bits differ"
+                );
+                assert_eq!(o.losses, stage2[0].losses);
+                let live = o.live.iter().map(|l| l.expect("layered")).max().unwrap();
+                println!(
+                    "world {world} {name} rank {r}: live peak {live}, {} parameter collectives",
+                    o.gathers
+                );
+                let bound = if name == "on" {
+                    2 * one_group
+                } else {
+                    one_group
+                };
+                assert!(live <= bound, "{name}: {live} live, bound {bound}");
+                // The engine itself holds one group whatever the driver prefetches.
+                for p in o.peaks.iter().skip(1) {
+                    assert!(p.expect("layered").parameters <= one_group);
+                }
+            }
+        }
+        let live_on = on[0].live.iter().map(|l| l.unwrap()).max().unwrap();
+        assert!(live_on > one_group, "no prefetch by default: {live_on}");
+        assert!(
+            on[0].gathers < limited[0].gathers,
+            "prefetch saved no collective"
+        );
+        assert_eq!(limited[0].gathers, small_bucket[0].gathers);
     }
 }

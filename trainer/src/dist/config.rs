@@ -107,13 +107,27 @@ impl ZeroConfig {
             out.push("zero_optimization.contiguous_gradients: gradients are always copied into one flat buffer (at stage 3 on the CPU engine, this rank's flat chunk)".to_string());
         }
         if self.offload_param == OffloadDevice::Cpu {
-            out.push("zero_optimization.offload_param: the stage-3 shards live in host memory in the driver anyway; an engine that steps layer by layer (CPU, without carry_state) holds one layer at a time, the GPU engine every parameter during a step".to_string());
+            out.push("zero_optimization.offload_param: the stage-3 shards live in host memory in the driver anyway; an engine that steps layer by layer (CPU, without carry_state) holds one or two layers at a time, the GPU engine every parameter during a step".to_string());
         }
-        if self.stage3_prefetch_bucket_size != d.stage3_prefetch_bucket_size || self.stage == 3 {
-            out.push("zero_optimization.stage3_prefetch_bucket_size: no prefetch; each layer's parameters are gathered when the engine asks for them (the collectives are synchronous, nothing to overlap)".to_string());
-        }
-        if self.stage3_max_live_parameters != d.stage3_max_live_parameters || self.stage == 3 {
-            out.push("zero_optimization.stage3_max_live_parameters: an engine that steps layer by layer (CPU, without carry_state) holds one layer (or the embedding, final norm and head) at a time whatever this says; otherwise (GPU, carry_state) every parameter is gathered for each step".to_string());
+        let s3 = [
+            (
+                "stage3_prefetch_bucket_size",
+                self.stage3_prefetch_bucket_size != d.stage3_prefetch_bucket_size,
+            ),
+            (
+                "stage3_max_live_parameters",
+                self.stage3_max_live_parameters != d.stage3_max_live_parameters,
+            ),
+        ];
+        for (k, set) in s3 {
+            if self.stage != 3 && set {
+                out.push(format!(
+                    "zero_optimization.{k}: only stage 3 gathers parameters (stage is {})",
+                    self.stage
+                ));
+            } else if self.stage == 3 {
+                out.push(format!("zero_optimization.{k}: no effect on the GPU engine or with carry_state, which gather every parameter for each step (the CPU engine's layer-by-layer stage 3 uses it)"));
+            }
         }
         if self.stage3_gather_16bit_weights_on_model_save {
             out.push("zero_optimization.stage3_gather_16bit_weights_on_model_save: a consolidated f32 model.safetensors is always written".to_string());

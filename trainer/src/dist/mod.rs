@@ -37,23 +37,27 @@
 //!   final norm and the head (kept through their backward), then each layer again, in reverse,
 //!   for its backward; the driver's hook all-gathers the group from every rank's chunk (a
 //!   collective per flat range of the group, not per tensor, so small tensors ride with their
-//!   layer) and the
-//!   engine frees it after use. Each layer's gradient is reduce-scattered into the owning
-//!   ranks' chunks as soon as its backward is done and then freed; the outer group's gradient
-//!   (the tied embedding's is final only after the lookup's backward) last. So the engine
-//!   holds at most one group of parameters, and of gradients the outer group's plus one
-//!   layer's, and no whole-model buffer exists in the engine or the driver during the step;
-//!   the results are the bits of stage 2 at the same world (same rank-order sums). What stays
-//!   as it was:
+//!   layer) and the engine frees it after use. Each layer's gradient is reduce-scattered into
+//!   the owning ranks' chunks as soon as its backward is done and then freed; the outer
+//!   group's gradient (the tied embedding's is final only after the lookup's backward) last.
+//!   So the engine holds at most one group of parameters, and of gradients the outer group's
+//!   plus one layer's, and no whole-model buffer exists in the engine or the driver during the
+//!   step; the results are the bits of stage 2 at the same world (same rank-order sums).
+//!   Details and limits:
 //!   - no parameter is persistent (`stage3_param_persistence_threshold` has no effect: every
 //!     tensor is gathered with its group, in the group's collective), and the outer group is
 //!     gathered around its uses like a layer;
-//!   - no prefetch (`stage3_prefetch_bucket_size` has no effect): [`Comm`]'s collectives are
-//!     synchronous, so a group gathered ahead would only be held longer; at most one group is
-//!     live whatever `stage3_max_live_parameters` says, plus the hook's staging buffers
-//!     while a group moves (at most twice the group: a range whose parts are lopsided across
-//!     the chunks moves part by part, by broadcast and all-reduce, instead of one padded
-//!     all-gather and reduce-scatter);
+//!   - prefetch (in the driver; the engine still holds one group): when the engine asks for a group that was not gathered ahead, the hook
+//!     gathers the next group of the fill order with it (their flat ranges merged where they
+//!     touch, so two adjacent layers move in one collective) if that group has at most
+//!     `stage3_prefetch_bucket_size` elements and both fit, with what the engine holds, in
+//!     `stage3_max_live_parameters`; the next fill is then served from it. The collectives are
+//!     synchronous, so this saves collectives (about half), not time overlapped with compute.
+//!     At most two groups are live (one with a live limit below two groups), plus the hook's
+//!     staging buffers while a range moves (at most twice the range: a range whose parts are
+//!     lopsided across the chunks moves part by part, by broadcast and all-reduce, instead of
+//!     one padded all-gather and reduce-scatter). [`ZeroDriver::live_peak`] reports it; a
+//!     limit below one group cannot be met and is exceeded by that group;
 //!   - an engine that cannot step layer by layer (the GPU and reference engines, which keep the
 //!     trait's default) and stateful training (`carry_state`, which runs its windows through
 //!     [`ZeroDriver::step_with`]) get every parameter all-gathered into the engine at the start

@@ -108,6 +108,11 @@ pub struct ZeroDriver {
     /// Stage 3: the flat ranges of each [`ParamGroup`] (the layers in order, then the outer
     /// group), which are gathered and reduce-scattered one group at a time.
     groups: Vec<Vec<Range<usize>>>,
+    /// Stage 3: elements of each group, and the order an engine fills them in.
+    group_sizes: Vec<usize>,
+    fill_order: Vec<ParamGroup>,
+    /// Stage 3: the most parameter elements live at once during the last layered step.
+    live_peak: Option<usize>,
     /// Stage 3: whether the engine steps layer by layer
     /// ([`TrainingEngine::loss_and_backward_layered`]); `None` until the first step asks.
     layered: Option<bool>,
@@ -187,6 +192,10 @@ impl ZeroDriver {
             .build()
             .map_err(|e| DistError::Config(format!("host thread pool: {e}")))?;
         let groups = group_ranges(engine.config(), &layout);
+        let group_sizes = groups
+            .iter()
+            .map(|g| g.iter().map(|r| r.len()).sum())
+            .collect();
         Ok(ZeroDriver {
             // Stage 3 makes its whole-model buffer only if the engine cannot step layer by layer.
             flat_grad: if in_engine_any || cfg.stage == 3 {
@@ -206,6 +215,9 @@ impl ZeroDriver {
             comms: Vec::new(),
             loss_scale: 1.0,
             groups,
+            group_sizes,
+            fill_order: fill_order(engine.config().n_layer),
+            live_peak: None,
             layered: None,
         })
     }
@@ -378,6 +390,14 @@ impl ZeroDriver {
             comm: &mut *comm,
             comms: &mut self.comms,
             secs: 0.0,
+            sizes: &self.group_sizes,
+            order: &self.fill_order,
+            pos: 0,
+            ahead: None,
+            max_live: self.cfg.stage3_max_live_parameters,
+            prefetch_bucket: self.cfg.stage3_prefetch_bucket_size,
+            held: 0,
+            peak: 0,
         };
         for b in micro {
             let input = Batch {
@@ -402,6 +422,7 @@ impl ZeroDriver {
             }
         }
         let secs = hook.secs;
+        self.live_peak = Some(hook.peak);
         self.layered = Some(true);
         // The engine holds no parameters now; a sync gathers them all.
         self.engine_current = false;
@@ -583,6 +604,13 @@ impl ZeroDriver {
     /// at other stages.
     pub fn layered(&self) -> Option<bool> {
         self.layered
+    }
+
+    /// Stage 3 layer by layer: the most parameter elements that were live at once during the
+    /// last step, the groups the engine held plus a group gathered ahead (the hook's staging
+    /// buffers aside); `None` before a layered step.
+    pub fn live_peak(&self) -> Option<usize> {
+        self.live_peak
     }
 
     /// Whether the engine holds this rank's optimizer chunk (stages 1–2 without offload on
@@ -768,6 +796,32 @@ struct Gather<'a> {
     comm: &'a mut dyn Comm,
     comms: &'a mut Vec<CommRecord>,
     secs: f64,
+    /// Elements of each group.
+    sizes: &'a [usize],
+    /// The order in which an engine fills the groups in one micro-batch
+    /// ([`fill_order`]), and where in it the next fill is expected.
+    order: &'a [ParamGroup],
+    pos: usize,
+    /// A group gathered ahead of its fill, with its values.
+    ahead: Option<(ParamGroup, Vec<f32>)>,
+    /// `stage3_max_live_parameters` and `stage3_prefetch_bucket_size`.
+    max_live: usize,
+    prefetch_bucket: usize,
+    /// Elements of the groups filled and not released yet.
+    held: usize,
+    /// The most parameter elements live at once (held by the engine plus gathered ahead).
+    peak: usize,
+}
+
+/// The order in which [`TrainingEngine::loss_and_backward_layered`] fills the groups of one
+/// micro-batch: the outer group (embedding lookup), every layer, the outer group (final norm
+/// and head), every layer in reverse.
+fn fill_order(n_layer: usize) -> Vec<ParamGroup> {
+    let mut o = vec![ParamGroup::Outer];
+    o.extend((0..n_layer).map(ParamGroup::Layer));
+    o.push(ParamGroup::Outer);
+    o.extend((0..n_layer).rev().map(ParamGroup::Layer));
+    o
 }
 
 impl Gather<'_> {
@@ -776,6 +830,86 @@ impl Gather<'_> {
             ParamGroup::Layer(i) => i,
             ParamGroup::Outer => self.groups.len() - 1,
         }
+    }
+
+    /// The values of `groups` (each in its tensors' canonical order) gathered from every
+    /// rank's chunk: the groups' flat ranges sorted and merged where they touch, one range at a
+    /// time ([`Gather::gather_range`]).
+    fn gather_groups(&mut self, groups: &[Option<ParamGroup>]) -> reference::Result<Vec<Vec<f32>>> {
+        let groups: Vec<ParamGroup> = groups.iter().flatten().copied().collect();
+        let mut ranges: Vec<Range<usize>> = groups
+            .iter()
+            .flat_map(|&g| self.groups[self.index(g)].clone())
+            .collect();
+        ranges.sort_by_key(|r| r.start);
+        let mut merged: Vec<Range<usize>> = Vec::new();
+        for r in ranges {
+            match merged.last_mut() {
+                Some(last) if last.end == r.start => last.end = r.end,
+                _ => merged.push(r),
+            }
+        }
+        let mut values = Vec::with_capacity(merged.len());
+        for m in &merged {
+            values.push(self.gather_range(m)?);
+        }
+        Ok(groups
+            .iter()
+            .map(|&g| {
+                let mut out = Vec::with_capacity(self.sizes[self.index(g)]);
+                for r in &self.groups[self.index(g)] {
+                    let k = merged
+                        .iter()
+                        .position(|m| m.start <= r.start && r.end <= m.end);
+                    let k = k.expect("every range lies in a merged one");
+                    let at = r.start - merged[k].start;
+                    out.extend_from_slice(&values[k][at..at + r.len()]);
+                }
+                out
+            })
+            .collect())
+    }
+
+    /// The flat range `r` of the master weights gathered from the ranks' chunks: one padded
+    /// all-gather, or a broadcast from each owner where the parts are [`lopsided`].
+    fn gather_range(&mut self, r: &Range<usize>) -> reference::Result<Vec<f32>> {
+        let (world, base) = (self.layout.world, self.rank * self.layout.chunk);
+        let (parts, n) = self.parts(r);
+        let mut out = Vec::with_capacity(r.len());
+        if lopsided(world, n, r) {
+            // Each owner's part broadcast from it: staging of one part, not `world` parts.
+            for (q, p) in parts.iter().enumerate().filter(|(_, p)| !p.is_empty()) {
+                let mut bytes = vec![0u8; 4 * p.len()];
+                if q == self.rank {
+                    let mine = &self.master[p.start - base..p.end - base];
+                    for (b, x) in bytes.chunks_exact_mut(4).zip(mine) {
+                        b.copy_from_slice(&x.to_le_bytes());
+                    }
+                }
+                let comm = &mut *self.comm;
+                self.secs += timed(self.comms, "broadcast_group", bytes.len(), || {
+                    comm.broadcast(&mut bytes, q)
+                })?;
+                out.extend(
+                    bytes
+                        .chunks_exact(4)
+                        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
+                );
+            }
+            return Ok(out);
+        }
+        let mut mine = vec![0.0f32; n];
+        let p = &parts[self.rank];
+        mine[..p.len()].copy_from_slice(&self.master[p.start - base..p.end - base]);
+        let mut all = vec![0.0f32; n * world];
+        let comm = &mut *self.comm;
+        self.secs += timed(self.comms, "all_gather_group", 4 * all.len(), || {
+            comm.all_gather(&mine, &mut all)
+        })?;
+        for (q, p) in parts.iter().enumerate() {
+            out.extend_from_slice(&all[q * n..q * n + p.len()]);
+        }
+        Ok(out)
     }
 
     /// Each rank's part of the flat range `r` (inside its chunk) and the longest part.
@@ -815,54 +949,48 @@ fn group_error(g: ParamGroup, got: usize, want: usize) -> reference::Error {
 impl ParamHook for Gather<'_> {
     fn fill(&mut self, g: ParamGroup, tensors: &mut [Tensor<f32>]) -> reference::Result<()> {
         let idx = self.index(g);
-        let want: usize = self.groups[idx].iter().map(|r| r.len()).sum();
+        let want = self.sizes[idx];
         let got: usize = tensors.iter().map(|t| t.numel()).sum();
         if got != want {
             return Err(group_error(g, got, want));
         }
-        let (world, base) = (self.layout.world, self.rank * self.layout.chunk);
-        let mut dst = tensors.iter_mut().flat_map(|t| t.data.iter_mut());
-        for r in &self.groups[idx] {
-            let (parts, n) = self.parts(r);
-            if lopsided(world, n, r) {
-                // Each owner's part broadcast from it: staging of one part, not `world` parts.
-                for (q, p) in parts.iter().enumerate().filter(|(_, p)| !p.is_empty()) {
-                    let mut bytes = vec![0u8; 4 * p.len()];
-                    if q == self.rank {
-                        let mine = &self.master[p.start - base..p.end - base];
-                        for (b, x) in bytes.chunks_exact_mut(4).zip(mine) {
-                            b.copy_from_slice(&x.to_le_bytes());
-                        }
-                    }
-                    let comm = &mut *self.comm;
-                    self.secs += timed(self.comms, "broadcast_group", bytes.len(), || {
-                        comm.broadcast(&mut bytes, q)
-                    })?;
-                    for (b, d) in bytes.chunks_exact(4).zip(dst.by_ref()) {
-                        *d = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
-                    }
+        let data = match self.ahead.take() {
+            Some((a, d)) if a == g => d,
+            _ => {
+                // Not prefetched: gather it, with the next group of the order when the limits
+                // allow (one collective for both where their ranges touch).
+                let next = self.order.get(self.pos + 1).copied();
+                let next = next.filter(|&n| {
+                    let sn = self.sizes[self.index(n)];
+                    n != g && sn <= self.prefetch_bucket && self.held + want + sn <= self.max_live
+                });
+                let mut got = self.gather_groups(&[Some(g), next])?;
+                if let Some(n) = next {
+                    self.ahead = Some((n, got.pop().expect("two groups")));
                 }
-                continue;
+                got.pop().expect("one group")
             }
-            let mut mine = vec![0.0f32; n];
-            let p = &parts[self.rank];
-            mine[..p.len()].copy_from_slice(&self.master[p.start - base..p.end - base]);
-            let mut all = vec![0.0f32; n * world];
-            let comm = &mut *self.comm;
-            self.secs += timed(self.comms, "all_gather_group", 4 * all.len(), || {
-                comm.all_gather(&mine, &mut all)
-            })?;
-            for (q, p) in parts.iter().enumerate() {
-                // The source first: zip then never takes a destination it cannot fill.
-                for (s, d) in all[q * n..q * n + p.len()].iter().zip(dst.by_ref()) {
-                    *d = *s;
-                }
-            }
+        };
+        self.pos = if self.order.get(self.pos) == Some(&g) {
+            (self.pos + 1) % self.order.len()
+        } else {
+            // A caller off the usual order: prefetch again from where it is.
+            self.order.iter().position(|&o| o == g).map_or(0, |p| p + 1) % self.order.len()
+        };
+        for (s, d) in data
+            .iter()
+            .zip(tensors.iter_mut().flat_map(|t| t.data.iter_mut()))
+        {
+            *d = *s;
         }
+        self.held += want;
+        let ahead = self.ahead.as_ref().map_or(0, |a| a.1.len());
+        self.peak = self.peak.max(self.held + ahead);
         Ok(())
     }
 
-    fn release(&mut self, _: ParamGroup) -> reference::Result<()> {
+    fn release(&mut self, g: ParamGroup) -> reference::Result<()> {
+        self.held = self.held.saturating_sub(self.sizes[self.index(g)]);
         Ok(())
     }
 
