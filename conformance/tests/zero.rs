@@ -292,28 +292,32 @@ fn a_nan_on_one_rank_skips_the_step_on_every_rank() {
     }
 }
 
+/// At stage 3 the failing rank has gathered layers with the others before its loss fails,
+/// and the others wait in the backward's next gather: they must fail too, naming it.
 #[test]
 fn an_engine_error_on_one_rank_stops_the_others() {
-    let handles: Vec<_> = InProcess::group(3)
-        .into_iter()
-        .map(|mut comm| {
-            thread::spawn(move || {
-                let mut e = engine();
-                let mut d = ZeroDriver::new(&mut e, &mut comm, zc(1, false)).unwrap();
-                let mut b = micro(0, comm.rank());
-                if comm.rank() == 2 {
-                    b.targets[0] = 10_000; // out of the vocabulary
-                }
-                let r = d.step(&mut e, &mut comm, &[b], &hp(true), 1e-3);
-                r.map(|_| ()).map_err(|e| e.to_string())
+    for stage in [1, 3] {
+        let handles: Vec<_> = InProcess::group(3)
+            .into_iter()
+            .map(|mut comm| {
+                thread::spawn(move || {
+                    let mut e = engine();
+                    let mut d = ZeroDriver::new(&mut e, &mut comm, zc(stage, false)).unwrap();
+                    let mut b = micro(0, comm.rank());
+                    if comm.rank() == 2 {
+                        b.targets[0] = 10_000; // out of the vocabulary
+                    }
+                    let r = d.step(&mut e, &mut comm, &[b], &hp(true), 1e-3);
+                    r.map(|_| ()).map_err(|e| e.to_string())
+                })
             })
-        })
-        .collect();
-    let errs: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
-    for (r, e) in errs.iter().enumerate() {
-        let e = e.as_ref().expect_err("every rank must fail");
-        if r < 2 {
-            assert!(e.contains("rank 2"), "rank {r}: {e}");
+            .collect();
+        let errs: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+        for (r, e) in errs.iter().enumerate() {
+            let e = e.as_ref().expect_err("every rank must fail");
+            if r < 2 {
+                assert!(e.contains("rank 2"), "stage {stage} rank {r}: {e}");
+            }
         }
     }
 }
@@ -497,10 +501,15 @@ fn an_overflowing_loss_scale_skips_the_step_on_every_rank() {
             .flatten(&e.parameters().unwrap())
             .unwrap()
     };
-    let (after, losses) = loss_scaled(2, 1e300);
-    assert!(losses.iter().all(Option::is_none), "{losses:?}");
-    for w in &after {
-        assert_eq!(w, &before, "a skipped step moved the weights");
+    for stage in [2, 3] {
+        let (after, losses) = loss_scaled(stage, 1e300);
+        assert!(losses.iter().all(Option::is_none), "{losses:?}");
+        for w in &after {
+            assert_eq!(
+                w, &before,
+                "stage {stage}: a skipped step moved the weights"
+            );
+        }
     }
 }
 

@@ -110,6 +110,79 @@ pub fn is_no_decay(name: &str) -> bool {
         || name.starts_with("backbone.norm_f.")
 }
 
+impl<T: Float> LayerParams<T> {
+    /// One layer's tensors from `it`, in canonical order (see [`param_specs`]).
+    fn from_iter_in_order(cfg: &MambaConfig, it: &mut impl Iterator<Item = Tensor<T>>) -> Self {
+        let mut next = || it.next().expect("param_specs and LayerParams disagree");
+        let norm_weight = next();
+        let norm_bias = (cfg.norm == NormKind::Layer).then(&mut next);
+        let in_proj_weight = next();
+        let in_proj_bias = cfg.use_bias.then(&mut next);
+        let conv1d_weight = next();
+        let conv1d_bias = cfg.conv_bias.then(&mut next);
+        let x_proj_weight = next();
+        let dt_proj_weight = next();
+        let dt_proj_bias = next();
+        let a_log = next();
+        let d = next();
+        let out_proj_weight = next();
+        let out_proj_bias = cfg.use_bias.then(&mut next);
+        LayerParams {
+            norm_weight,
+            norm_bias,
+            in_proj_weight,
+            in_proj_bias,
+            conv1d_weight,
+            conv1d_bias,
+            x_proj_weight,
+            dt_proj_weight,
+            dt_proj_bias,
+            a_log,
+            d,
+            out_proj_weight,
+            out_proj_bias,
+        }
+    }
+
+    /// One layer from its tensors in canonical order (the `backbone.layers.{i}.*` entries of
+    /// [`param_specs`], shapes checked by the caller).
+    pub fn from_ordered(cfg: &MambaConfig, tensors: Vec<Tensor<T>>) -> Self {
+        Self::from_iter_in_order(cfg, &mut tensors.into_iter())
+    }
+
+    /// An all-zero layer with the shapes of `cfg` (a layer's gradient buffer).
+    pub fn zeros(cfg: &MambaConfig) -> Self {
+        let mut it = param_specs(cfg)
+            .into_iter()
+            .filter(|(n, _)| n.starts_with("backbone.layers.0."))
+            .map(|(_, s)| Tensor::zeros(&s));
+        Self::from_iter_in_order(cfg, &mut it)
+    }
+
+    /// The layer's tensors, in canonical order.
+    pub fn tensors(&self) -> Vec<&Tensor<T>> {
+        let mut out = vec![&self.norm_weight];
+        out.extend(self.norm_bias.as_ref());
+        out.push(&self.in_proj_weight);
+        out.extend(self.in_proj_bias.as_ref());
+        out.push(&self.conv1d_weight);
+        out.extend(self.conv1d_bias.as_ref());
+        out.push(&self.x_proj_weight);
+        out.push(&self.dt_proj_weight);
+        out.push(&self.dt_proj_bias);
+        out.push(&self.a_log);
+        out.push(&self.d);
+        out.push(&self.out_proj_weight);
+        out.extend(self.out_proj_bias.as_ref());
+        out
+    }
+
+    /// Total number of scalars of the layer.
+    pub fn numel(&self) -> usize {
+        self.tensors().iter().map(|t| t.numel()).sum()
+    }
+}
+
 impl<T: Float> Params<T> {
     /// All-zero parameters with the shapes of `cfg` (gradient buffers, AdamW moments).
     pub fn zeros(cfg: &MambaConfig) -> Self {
@@ -119,39 +192,11 @@ impl<T: Float> Params<T> {
 
     /// Builds from tensors given in canonical order (see [`param_specs`]).
     fn from_iter_in_order(cfg: &MambaConfig, it: &mut impl Iterator<Item = Tensor<T>>) -> Self {
+        let embeddings = it.next().expect("param_specs and Params disagree");
+        let layers = (0..cfg.n_layer)
+            .map(|_| LayerParams::from_iter_in_order(cfg, it))
+            .collect();
         let mut next = || it.next().expect("param_specs and Params disagree");
-        let embeddings = next();
-        let mut layers = Vec::with_capacity(cfg.n_layer);
-        for _ in 0..cfg.n_layer {
-            let norm_weight = next();
-            let norm_bias = (cfg.norm == NormKind::Layer).then(&mut next);
-            let in_proj_weight = next();
-            let in_proj_bias = cfg.use_bias.then(&mut next);
-            let conv1d_weight = next();
-            let conv1d_bias = cfg.conv_bias.then(&mut next);
-            let x_proj_weight = next();
-            let dt_proj_weight = next();
-            let dt_proj_bias = next();
-            let a_log = next();
-            let d = next();
-            let out_proj_weight = next();
-            let out_proj_bias = cfg.use_bias.then(&mut next);
-            layers.push(LayerParams {
-                norm_weight,
-                norm_bias,
-                in_proj_weight,
-                in_proj_bias,
-                conv1d_weight,
-                conv1d_bias,
-                x_proj_weight,
-                dt_proj_weight,
-                dt_proj_bias,
-                a_log,
-                d,
-                out_proj_weight,
-                out_proj_bias,
-            });
-        }
         let norm_f_weight = next();
         let norm_f_bias = (cfg.norm == NormKind::Layer).then(&mut next);
         let lm_head = (!cfg.tie_embeddings).then(&mut next);
@@ -174,19 +219,7 @@ impl<T: Float> Params<T> {
     pub fn tensors(&self) -> Vec<&Tensor<T>> {
         let mut out = vec![&self.embeddings];
         for l in &self.layers {
-            out.push(&l.norm_weight);
-            out.extend(l.norm_bias.as_ref());
-            out.push(&l.in_proj_weight);
-            out.extend(l.in_proj_bias.as_ref());
-            out.push(&l.conv1d_weight);
-            out.extend(l.conv1d_bias.as_ref());
-            out.push(&l.x_proj_weight);
-            out.push(&l.dt_proj_weight);
-            out.push(&l.dt_proj_bias);
-            out.push(&l.a_log);
-            out.push(&l.d);
-            out.push(&l.out_proj_weight);
-            out.extend(l.out_proj_bias.as_ref());
+            out.extend(l.tensors());
         }
         out.push(&self.norm_f_weight);
         out.extend(self.norm_f_bias.as_ref());

@@ -7,7 +7,7 @@ use reference::model::{Batch, ForwardCache, LayerCache};
 use reference::ops::norm::NormStats;
 use reference::{MambaConfig, State};
 
-use crate::kernels::Isa;
+use crate::kernels::{Isa, MatRef};
 use crate::model::{LayerWeights, Weights};
 use crate::ops::conv1d::{conv1d_fwd, conv1d_step_silu};
 use crate::ops::linear::linear;
@@ -161,7 +161,7 @@ fn layer_cache(s: &Scratch, lw: &LayerWeights) -> LayerCache<f32> {
 
 #[allow(clippy::too_many_arguments)]
 /// One residual block: adds the mixer's output to `s.resid` and advances layer `i` of `state`.
-fn layer(
+pub(crate) fn layer(
     isa: Isa,
     cfg: &MambaConfig,
     lw: &LayerWeights,
@@ -259,12 +259,7 @@ pub fn forward(
 ) -> reference::Result<Option<ForwardCache<f32>>> {
     input.check(cfg, "simd forward")?;
     state.check(cfg, input.batch, "simd forward")?;
-    let (n, dm, vocab) = (input.rows(), cfg.d_model, cfg.vocab_size);
-    fit(&mut s.resid, n * dm);
-    let emb = w.embed.view();
-    for (t, &tok) in input.tokens.iter().enumerate() {
-        dequant_rows(emb, dm, tok as usize, &mut s.resid[t * dm..(t + 1) * dm]);
-    }
+    embed(cfg, w.embed.view(), input, s);
     let rest = move || {
         let mut layers = Vec::new();
         for (i, lw) in w.layers.iter().enumerate() {
@@ -272,49 +267,86 @@ pub fn forward(
                 layers.push(c);
             }
         }
-        fit(&mut s.hn, n * dm);
-        fit(&mut s.mean, n);
-        fit(&mut s.rstd, n);
         let fb = w.norm_f_b.as_deref();
-        norm_fwd(
-            cfg.norm,
-            &s.resid,
-            &w.norm_f_w,
-            fb,
-            cfg.norm_eps,
-            dm,
-            &mut s.hn,
-            &mut s.mean,
-            &mut s.rstd,
-        );
-        let head = w.head().view();
-        match logits {
-            Logits::All(out) => {
-                fit(out, n * vocab);
-                linear(isa, head, &s.hn, None, dm, out);
-            }
-            Logits::Last(out) => {
-                let (b, l) = (input.batch, input.seq_len);
-                reference::engine::check_len("simd forward", "logits", out.len(), b * vocab)?;
-                fit(&mut s.last_rows, b * dm);
-                for bi in 0..b {
-                    let src = (bi * l + l - 1) * dm;
-                    s.last_rows[bi * dm..(bi + 1) * dm].copy_from_slice(&s.hn[src..src + dm]);
-                }
-                linear(isa, head, &s.last_rows, None, dm, out);
-            }
-        }
-        Ok(keep.then(|| ForwardCache {
-            layers,
-            resid_final: s.resid.clone(),
-            norm_f_stats: stats(s),
-            hf: s.hn.clone(),
-        }))
+        head(
+            isa,
+            cfg,
+            (&w.norm_f_w, fb),
+            w.head().view(),
+            input,
+            s,
+            logits,
+        )?;
+        Ok(keep.then(|| final_cache(s, layers)))
     };
     if input.seq_len == 1 && !keep {
         // A decode step: dozens of short parallel regions, on a spinning team (crate::team).
         crate::team::with_team(rest)
     } else {
         rest()
+    }
+}
+
+/// The embedding rows of `input`'s tokens into the residual stream `s.resid`.
+pub(crate) fn embed(cfg: &MambaConfig, emb: MatRef, input: &Batch, s: &mut Scratch) {
+    let dm = cfg.d_model;
+    fit(&mut s.resid, input.rows() * dm);
+    for (t, &tok) in input.tokens.iter().enumerate() {
+        dequant_rows(emb, dm, tok as usize, &mut s.resid[t * dm..(t + 1) * dm]);
+    }
+}
+
+/// The final norm of `s.resid` (into `s.hn`, its statistics kept in the scratch) and the
+/// logits from `head`; `norm_f` = (weight, bias).
+pub(crate) fn head(
+    isa: Isa,
+    cfg: &MambaConfig,
+    (norm_w, norm_b): (&[f32], Option<&[f32]>),
+    head: MatRef,
+    input: &Batch,
+    s: &mut Scratch,
+    logits: Logits,
+) -> reference::Result<()> {
+    let (n, dm, vocab) = (input.rows(), cfg.d_model, cfg.vocab_size);
+    fit(&mut s.hn, n * dm);
+    fit(&mut s.mean, n);
+    fit(&mut s.rstd, n);
+    norm_fwd(
+        cfg.norm,
+        &s.resid,
+        norm_w,
+        norm_b,
+        cfg.norm_eps,
+        dm,
+        &mut s.hn,
+        &mut s.mean,
+        &mut s.rstd,
+    );
+    match logits {
+        Logits::All(out) => {
+            fit(out, n * vocab);
+            linear(isa, head, &s.hn, None, dm, out);
+        }
+        Logits::Last(out) => {
+            let (b, l) = (input.batch, input.seq_len);
+            reference::engine::check_len("simd forward", "logits", out.len(), b * vocab)?;
+            fit(&mut s.last_rows, b * dm);
+            for bi in 0..b {
+                let src = (bi * l + l - 1) * dm;
+                s.last_rows[bi * dm..(bi + 1) * dm].copy_from_slice(&s.hn[src..src + dm]);
+            }
+            linear(isa, head, &s.last_rows, None, dm, out);
+        }
+    }
+    Ok(())
+}
+
+/// The backward's cache: the layers' and what [`head`] left in the scratch.
+pub(crate) fn final_cache(s: &Scratch, layers: Vec<LayerCache<f32>>) -> ForwardCache<f32> {
+    ForwardCache {
+        layers,
+        resid_final: s.resid.clone(),
+        norm_f_stats: stats(s),
+        hf: s.hn.clone(),
     }
 }

@@ -2,7 +2,7 @@
 //! format (f32, bf16, int8; owned or memory-mapped), everything else f32, and `A = −exp(A_log)`
 //! computed once.
 
-use reference::{MambaConfig, Params};
+use reference::{LayerParams, MambaConfig, Params};
 
 use crate::weights::Mat;
 use crate::WeightDtype;
@@ -29,6 +29,34 @@ pub struct LayerWeights {
     /// `[d_model, d_inner]`
     pub out_proj: Mat,
     pub out_b: Option<Vec<f32>>,
+}
+
+impl LayerWeights {
+    /// One layer's weights in the storage of `dtype`, taking the f32 tensors' buffers (the
+    /// matrices keep them as they are for f32; `A_log` becomes `A`).
+    pub fn from_owned(l: LayerParams<f32>, dtype: WeightDtype) -> LayerWeights {
+        let mat = |t: reference::Tensor<f32>| {
+            let rows = t.shape[0];
+            let cols = t.numel() / rows;
+            Mat::from_f32(rows, cols, t.data, dtype)
+        };
+        let v = |t: reference::Tensor<f32>| t.data;
+        LayerWeights {
+            norm_w: v(l.norm_weight),
+            norm_b: l.norm_bias.map(v),
+            in_proj: mat(l.in_proj_weight),
+            in_proj_b: l.in_proj_bias.map(v),
+            conv_w: v(l.conv1d_weight),
+            conv_b: l.conv1d_bias.map(v),
+            x_proj: mat(l.x_proj_weight),
+            dt_proj: mat(l.dt_proj_weight),
+            dt_b: v(l.dt_proj_bias),
+            a: a_from_log(&l.a_log.data),
+            d: v(l.d),
+            out_proj: mat(l.out_proj_weight),
+            out_b: l.out_proj_bias.map(v),
+        }
+    }
 }
 
 /// Every weight of a model.
@@ -59,21 +87,7 @@ impl Weights {
         let layers = p
             .layers
             .iter()
-            .map(|l| LayerWeights {
-                norm_w: v(&l.norm_weight),
-                norm_b: l.norm_bias.as_ref().map(v),
-                in_proj: mat(&l.in_proj_weight),
-                in_proj_b: l.in_proj_bias.as_ref().map(v),
-                conv_w: v(&l.conv1d_weight),
-                conv_b: l.conv1d_bias.as_ref().map(v),
-                x_proj: mat(&l.x_proj_weight),
-                dt_proj: mat(&l.dt_proj_weight),
-                dt_b: v(&l.dt_proj_bias),
-                a: a_from_log(&l.a_log.data),
-                d: v(&l.d),
-                out_proj: mat(&l.out_proj_weight),
-                out_b: l.out_proj_bias.as_ref().map(v),
-            })
+            .map(|l| LayerWeights::from_owned(l.clone(), dtype))
             .collect();
         debug_assert_eq!(p.layers.len(), cfg.n_layer);
         Weights {

@@ -93,6 +93,51 @@ impl OptimizerState {
     }
 }
 
+/// A group of parameters that layer-by-layer training ([`TrainingEngine::loss_and_backward_layered`],
+/// ZeRO stage 3) gathers, frees and reduces together.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ParamGroup {
+    /// `backbone.layers.{i}.*`.
+    Layer(usize),
+    /// Everything outside the layers: the embedding, the final norm and the untied lm_head.
+    Outer,
+}
+
+impl ParamGroup {
+    /// Indices into [`param_specs`] of the group's tensors, in canonical order.
+    pub fn tensors(self, cfg: &MambaConfig) -> Vec<usize> {
+        let specs = param_specs(cfg);
+        let keep = |n: &str| match self {
+            ParamGroup::Layer(i) => n.starts_with(&format!("backbone.layers.{i}.")),
+            ParamGroup::Outer => !n.starts_with("backbone.layers."),
+        };
+        (0..specs.len()).filter(|&i| keep(&specs[i].0)).collect()
+    }
+
+    /// Every group of `cfg`: the layers in order, then [`ParamGroup::Outer`].
+    pub fn all(cfg: &MambaConfig) -> Vec<ParamGroup> {
+        let mut g: Vec<_> = (0..cfg.n_layer).map(ParamGroup::Layer).collect();
+        g.push(ParamGroup::Outer);
+        g
+    }
+}
+
+/// The caller's side of [`TrainingEngine::loss_and_backward_layered`]: where the engine gets a
+/// group's parameters just before it uses them, says when it no longer holds them, and hands
+/// over a group's gradients once they are final. ZeRO stage 3 implements it with an
+/// all-gather per fill and a reduce-scatter per gradient (`trainer::dist::zero`).
+pub trait ParamHook {
+    /// Fills `tensors` (the group's tensors in canonical order, shaped as [`param_specs`]
+    /// says, contents undefined) with the current parameters.
+    fn fill(&mut self, group: ParamGroup, tensors: &mut [Tensor<f32>]) -> Result<()>;
+    /// The engine no longer holds the group's parameters (freed since the last fill).
+    fn release(&mut self, group: ParamGroup) -> Result<()>;
+    /// The gradient of this call's `grad_scale · loss` w.r.t. the group's tensors (canonical
+    /// order), complete for this call: every group is handed over exactly once per call,
+    /// and the engine frees the buffers afterwards.
+    fn gradients(&mut self, group: ParamGroup, grads: &[&Tensor<f32>]) -> Result<()>;
+}
+
 /// A ticket for a state an engine holds (see [`InferenceEngine::hold_state`]). An engine
 /// holds one state at a time: holding another invalidates earlier tickets, and using a stale
 /// ticket is an error, never a silent use of someone else's state.
@@ -318,6 +363,12 @@ pub trait InferenceEngine {
 ///   reduced over every rank.
 ///
 /// A tier that does not implement one of them yet returns an error saying so.
+///
+/// [`TrainingEngine::loss_and_backward_layered`] is ZeRO stage 3's interface: the engine gets
+/// each [`ParamGroup`]'s parameters from a [`ParamHook`] just before it uses them, frees them
+/// after, and hands each group's gradient to the hook as soon as it is final. The simd engine
+/// implements it; a tier that does not keeps the default (`Ok(None)`), and the caller gathers
+/// every parameter into it instead.
 pub trait TrainingEngine: InferenceEngine {
     /// Forward, masked cross-entropy against `targets` `[batch, seq_len]`, and backward of
     /// `grad_scale · loss`, *adding* to the gradient buffers.
@@ -359,6 +410,30 @@ pub trait TrainingEngine: InferenceEngine {
     /// [`InferenceEngine::forward`]; a fast tier skips the logits.
     fn forward_state(&mut self, input: &Batch, state: Option<&State<f32>>) -> Result<State<f32>> {
         Ok(self.forward(input, state)?.1)
+    }
+    /// [`TrainingEngine::loss_and_backward`] layer by layer, for ZeRO stage 3: the engine
+    /// holds no parameter and no gradient buffer between calls (any it held are dropped first),
+    /// asks `hook` to fill each [`ParamGroup`] just before using it (the outer group for the
+    /// embedding lookup, each layer for its forward, the outer group again for the final norm
+    /// and head through their backward, each layer again for its backward) and releases it
+    /// right after, and hands each group's gradient to `hook` as soon as it is final (layers
+    /// in reverse order, the outer group last, as the tied embedding's gradient is final only
+    /// after the lookup's backward) instead of adding it to its own buffers. After the call
+    /// the engine holds no parameters: [`TrainingEngine::set_parameters`] gives it some again.
+    /// The gradients are the bits [`TrainingEngine::loss_and_backward`] would add to zeroed
+    /// buffers. `Ok(None)` (the default): this engine cannot, and nothing happened (the hook
+    /// is not called); the caller gathers every parameter into the engine instead.
+    fn loss_and_backward_layered(
+        &mut self,
+        input: &Batch,
+        targets: &[u32],
+        mask: Option<&[bool]>,
+        state: Option<&State<f32>>,
+        grad_scale: f64,
+        hook: &mut dyn ParamHook,
+    ) -> Result<Option<LossOutput>> {
+        let _ = (input, targets, mask, state, grad_scale, hook);
+        Ok(None)
     }
     /// Clears the gradient buffers.
     fn zero_grad(&mut self) -> Result<()>;

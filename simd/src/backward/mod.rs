@@ -73,18 +73,18 @@ fn in_proj_bwd(
 
 /// A layer's initial state and its final state's gradient (`None`: zeros).
 #[derive(Clone, Copy)]
-struct LayerStates<'a> {
-    conv_init: Option<&'a [f32]>,
-    ssm_init: Option<&'a [f32]>,
-    d_conv_last: Option<&'a [f32]>,
-    d_ssm_last: Option<&'a [f32]>,
+pub(crate) struct LayerStates<'a> {
+    pub conv_init: Option<&'a [f32]>,
+    pub ssm_init: Option<&'a [f32]>,
+    pub d_conv_last: Option<&'a [f32]>,
+    pub d_ssm_last: Option<&'a [f32]>,
 }
 
 /// Backward of one layer given the gradient of its output `d_out`; as the reference's
 /// `layer_bwd`. Returns the gradient w.r.t. the layer input (mixer path only) and the initial
 /// conv window and SSM state gradients.
 #[allow(clippy::too_many_arguments)]
-fn layer_bwd(
+pub(crate) fn layer_bwd(
     pool: &ThreadPool,
     cfg: &MambaConfig,
     lp: &LayerParams<f32>,
@@ -235,6 +235,44 @@ pub fn backward_final(
     d_final: Option<&State<f32>>,
     grads: &mut Params<f32>,
 ) -> Result<State<f32>> {
+    check(cfg, input, state, cache, d_logits, d_final)?;
+    let mut d_resid = head_bwd(pool, cfg, params, cache, d_logits, input.rows(), grads);
+    let mut d_state = State::zeros(cfg, input.batch);
+    for i in (0..cfg.n_layer).rev() {
+        let (d_in, d_conv, d_ssm) = layer_bwd(
+            pool,
+            cfg,
+            &params.layers[i],
+            &cache.layers[i],
+            input,
+            LayerStates {
+                conv_init: state.map(|s| s.conv_layer(i)),
+                ssm_init: state.map(|s| s.ssm_layer(i)),
+                d_conv_last: d_final.map(|s| s.conv_layer(i)),
+                d_ssm_last: d_final.map(|s| s.ssm_layer(i)),
+            },
+            &d_resid,
+            &mut grads.layers[i],
+        );
+        for (g, d) in d_resid.iter_mut().zip(&d_in) {
+            *g += *d;
+        }
+        d_state.conv_layer_mut(i).copy_from_slice(&d_conv);
+        d_state.ssm_layer_mut(i).copy_from_slice(&d_ssm);
+    }
+    embed_bwd(cfg, input, &d_resid, &mut grads.embeddings.data);
+    Ok(d_state)
+}
+
+/// The shapes [`backward_final`] checks before it starts.
+pub(crate) fn check(
+    cfg: &MambaConfig,
+    input: &Batch,
+    state: Option<&State<f32>>,
+    cache: &ForwardCache<f32>,
+    d_logits: &[f32],
+    d_final: Option<&State<f32>>,
+) -> Result<()> {
     input.check(cfg, "simd backward")?;
     if let Some(s) = d_final {
         s.check(cfg, input.batch, "simd backward (final-state gradient)")?;
@@ -266,6 +304,22 @@ pub fn backward_final(
             ),
         });
     }
+    Ok(())
+}
+
+/// The lm_head's and the final norm's backward from `d_logits`: adds their gradients to
+/// `grads` (only its outer tensors are touched; `params`' layers are not read) and returns
+/// the gradient w.r.t. the residual stream after the last layer.
+pub(crate) fn head_bwd(
+    pool: &ThreadPool,
+    cfg: &MambaConfig,
+    params: &Params<f32>,
+    cache: &ForwardCache<f32>,
+    d_logits: &[f32],
+    n: usize,
+    grads: &mut Params<f32>,
+) -> Vec<f32> {
+    let (dm, v) = (cfg.d_model, cfg.vocab_size);
     let head = match grads.lm_head.as_mut() {
         Some(t) => &mut t.data,
         None => &mut grads.embeddings.data,
@@ -281,7 +335,7 @@ pub fn backward_final(
         head,
         None,
     );
-    let mut d_resid = norm_bwd(
+    norm_bwd(
         pool,
         cfg.norm,
         &cache.resid_final,
@@ -292,35 +346,17 @@ pub fn backward_final(
         dm,
         &mut grads.norm_f_weight.data,
         grads.norm_f_bias.as_mut().map(|t| &mut t.data[..]),
-    );
-    let mut d_state = State::zeros(cfg, input.batch);
-    for i in (0..cfg.n_layer).rev() {
-        let (d_in, d_conv, d_ssm) = layer_bwd(
-            pool,
-            cfg,
-            &params.layers[i],
-            &cache.layers[i],
-            input,
-            LayerStates {
-                conv_init: state.map(|s| s.conv_layer(i)),
-                ssm_init: state.map(|s| s.ssm_layer(i)),
-                d_conv_last: d_final.map(|s| s.conv_layer(i)),
-                d_ssm_last: d_final.map(|s| s.ssm_layer(i)),
-            },
-            &d_resid,
-            &mut grads.layers[i],
-        );
-        for (g, d) in d_resid.iter_mut().zip(&d_in) {
-            *g += *d;
-        }
-        d_state.conv_layer_mut(i).copy_from_slice(&d_conv);
-        d_state.ssm_layer_mut(i).copy_from_slice(&d_ssm);
-    }
+    )
+}
+
+/// The embedding lookup's backward: adds each position's `d_resid` row to its token's row
+/// of `g_embed`.
+pub(crate) fn embed_bwd(cfg: &MambaConfig, input: &Batch, d_resid: &[f32], g_embed: &mut [f32]) {
+    let dm = cfg.d_model;
     for (i, &tok) in input.tokens.iter().enumerate() {
-        let row = &mut grads.embeddings.data[tok as usize * dm..(tok as usize + 1) * dm];
+        let row = &mut g_embed[tok as usize * dm..(tok as usize + 1) * dm];
         for (g, d) in row.iter_mut().zip(&d_resid[i * dm..(i + 1) * dm]) {
             *g += *d;
         }
     }
-    Ok(d_state)
 }

@@ -1,5 +1,7 @@
 //! The `zero_optimization` settings (DeepSpeed's names and defaults), typed, and which of
-//! them have no effect in this trainer (printed, never silently dropped).
+//! them have no effect in this trainer (printed, never silently dropped). What stage 3 does
+//! with parameters (layer by layer on the CPU engine, the whole model on the others) is in
+//! the module docs of [`crate::dist`].
 
 /// Where `offload_optimizer` / `offload_param` put their state.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -99,13 +101,13 @@ impl ZeroConfig {
         let d = ZeroConfig::default();
         let mut out = Vec::new();
         if self.overlap_comm {
-            out.push("zero_optimization.overlap_comm: the engines run the backward of a step at once, so buckets are reduced after it (no overlap)".to_string());
+            out.push("zero_optimization.overlap_comm: no overlap; buckets are reduced after the backward (at stage 3 on the CPU engine each layer's gradient right after its backward, in line with it)".to_string());
         }
         if self.contiguous_gradients != d.contiguous_gradients {
-            out.push("zero_optimization.contiguous_gradients: gradients are always copied into one flat buffer".to_string());
+            out.push("zero_optimization.contiguous_gradients: gradients are always copied into one flat buffer (at stage 3 on the CPU engine, this rank's flat chunk)".to_string());
         }
         if self.offload_param == OffloadDevice::Cpu {
-            out.push("zero_optimization.offload_param: the engines hold every parameter during a step; between steps the stage-3 shard is in host memory anyway".to_string());
+            out.push("zero_optimization.offload_param: the stage-3 shards live in host memory in the driver anyway; an engine that steps layer by layer (CPU, without carry_state) holds one or two layers at a time, the GPU engine every parameter during a step".to_string());
         }
         let s3 = [
             (
@@ -118,15 +120,20 @@ impl ZeroConfig {
             ),
         ];
         for (k, set) in s3 {
-            if set || self.stage == 3 {
-                out.push(format!("zero_optimization.{k}: parameters are gathered for the whole model at once, not layer by layer"));
+            if self.stage != 3 && set {
+                out.push(format!(
+                    "zero_optimization.{k}: only stage 3 gathers parameters (stage is {})",
+                    self.stage
+                ));
+            } else if self.stage == 3 {
+                out.push(format!("zero_optimization.{k}: no effect on the GPU engine or with carry_state, which gather every parameter for each step (the CPU engine's layer-by-layer stage 3 uses it)"));
             }
         }
         if self.stage3_gather_16bit_weights_on_model_save {
             out.push("zero_optimization.stage3_gather_16bit_weights_on_model_save: a consolidated f32 model.safetensors is always written".to_string());
         }
         if self.stage == 3 {
-            out.push("zero_optimization.stage3_param_persistence_threshold: stage 3 gathers every parameter whole into the engine for each step".to_string());
+            out.push("zero_optimization.stage3_param_persistence_threshold: no parameter stays whole; small tensors are gathered with their layer, in its collective".to_string());
         } else if self.stage3_param_persistence_threshold != d.stage3_param_persistence_threshold {
             out.push(format!(
                 "zero_optimization.stage3_param_persistence_threshold: only stage 3 shards parameters (stage is {})",

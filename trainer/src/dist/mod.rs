@@ -24,13 +24,47 @@
 //! - The engines run the forward and backward of a whole step at once
 //!   ([`TrainingEngine::loss_and_backward`]), so gradient buckets are reduced after the
 //!   backward, not overlapped with it (`overlap_comm` has no effect and says so), and the
-//!   wall-clock breakdown reports forward and backward together.
-//! - Stage 3 keeps the parameters sharded in the driver between steps and all-gathers them
-//!   into the engine at the start of each step. The engines cannot gather, use and free one
-//!   layer at a time, so the engine still holds every parameter during the step: stage 3
-//!   saves no device memory over stage 2 here. `stage3_*` keys other than the persistence
-//!   threshold have no effect and are reported as such.
+//!   wall-clock breakdown reports forward and backward together. Stage 3 on the CPU engine
+//!   reduces each layer's gradient right after that layer's backward, but in line with it
+//!   (the collectives are synchronous), not overlapped either; its breakdown counts the
+//!   gathers and reduce-scatters as communication.
+//! - Stage 3 keeps the parameters sharded in the driver between steps (each rank its flat
+//!   chunk of the f32 master weights, with AdamW's moments) and, on an engine that steps layer
+//!   by layer ([`TrainingEngine::loss_and_backward_layered`]; the simd engine), gathers them
+//!   one group at a time: a group is one layer's tensors, or the *outer* group (the embedding,
+//!   the final norm and an untied lm_head). For each micro-batch the engine asks for the outer
+//!   group for the embedding lookup, each layer for its forward, the outer group again for the
+//!   final norm and the head (kept through their backward), then each layer again, in reverse,
+//!   for its backward; the driver's hook all-gathers the group from every rank's chunk (a
+//!   collective per flat range of the group, not per tensor, so small tensors ride with their
+//!   layer) and the engine frees it after use. Each layer's gradient is reduce-scattered into
+//!   the owning ranks' chunks as soon as its backward is done and then freed; the outer
+//!   group's gradient (the tied embedding's is final only after the lookup's backward) last.
+//!   So the engine holds at most one group of parameters, and of gradients the outer group's
+//!   plus one layer's, and no whole-model buffer exists in the engine or the driver during the
+//!   step; the results are the bits of stage 2 at the same world (same rank-order sums).
+//!   Details and limits:
+//!   - no parameter is persistent (`stage3_param_persistence_threshold` has no effect: every
+//!     tensor is gathered with its group, in the group's collective), and the outer group is
+//!     gathered around its uses like a layer;
+//!   - prefetch (in the driver; the engine still holds one group): when the engine asks for a group that was not gathered ahead, the hook
+//!     gathers the next group of the fill order with it (their flat ranges merged where they
+//!     touch, so two adjacent layers move in one collective) if that group has at most
+//!     `stage3_prefetch_bucket_size` elements and both fit, with what the engine holds, in
+//!     `stage3_max_live_parameters`; the next fill is then served from it. The collectives are
+//!     synchronous, so this saves collectives (about half), not time overlapped with compute.
+//!     At most two groups are live (one with a live limit below two groups), plus the hook's
+//!     staging buffers while a range moves (at most twice the range: a range whose parts are
+//!     lopsided across the chunks moves part by part, by broadcast and all-reduce, instead of
+//!     one padded all-gather and reduce-scatter). [`ZeroDriver::live_peak`] reports it; a
+//!     limit below one group cannot be met and is exceeded by that group;
+//!   - an engine that cannot step layer by layer (the GPU and reference engines, which keep the
+//!     trait's default) and stateful training (`carry_state`, which runs its windows through
+//!     [`ZeroDriver::step_with`]) get every parameter all-gathered into the engine at the start
+//!     of each step ([`ZeroDriver::sync_engine`]), as before: no memory saved over stage 2
+//!     there. A checkpoint or an evaluation gathers the whole model into the engine too.
 //!
+//! [`Comm`]: reference::comm::Comm
 //! [`TrainingEngine`]: reference::TrainingEngine
 
 pub mod ckpt;

@@ -12,8 +12,9 @@ use std::time::Instant;
 
 use rayon::ThreadPool;
 use reference::comm::{Comm, CommResult};
+use reference::engine::{ParamGroup, ParamHook};
 use reference::model::Batch;
-use reference::{AdamWConfig, TrainingEngine};
+use reference::{AdamWConfig, Tensor, TrainingEngine};
 
 use super::config::ZeroConfig;
 use super::shard::FlatLayout;
@@ -104,6 +105,17 @@ pub struct ZeroDriver {
     comms: Vec<CommRecord>,
     /// fp16's loss scale ([`ZeroDriver::set_loss_scale`]; 1 otherwise).
     loss_scale: f64,
+    /// Stage 3: the flat ranges of each [`ParamGroup`] (the layers in order, then the outer
+    /// group), which are gathered and reduce-scattered one group at a time.
+    groups: Vec<Vec<Range<usize>>>,
+    /// Stage 3: elements of each group, and the order an engine fills them in.
+    group_sizes: Vec<usize>,
+    fill_order: Vec<ParamGroup>,
+    /// Stage 3: the most parameter elements live at once during the last layered step.
+    live_peak: Option<usize>,
+    /// Stage 3: whether the engine steps layer by layer
+    /// ([`TrainingEngine::loss_and_backward_layered`]); `None` until the first step asks.
+    layered: Option<bool>,
 }
 
 /// Runs one collective, timing it into `log`.
@@ -179,8 +191,14 @@ impl ZeroDriver {
             .num_threads(threads)
             .build()
             .map_err(|e| DistError::Config(format!("host thread pool: {e}")))?;
+        let groups = group_ranges(engine.config(), &layout);
+        let group_sizes = groups
+            .iter()
+            .map(|g| g.iter().map(|r| r.len()).sum())
+            .collect();
         Ok(ZeroDriver {
-            flat_grad: if in_engine_any {
+            // Stage 3 makes its whole-model buffer only if the engine cannot step layer by layer.
+            flat_grad: if in_engine_any || cfg.stage == 3 {
                 Vec::new()
             } else {
                 vec![0.0; layout.padded()]
@@ -196,6 +214,11 @@ impl ZeroDriver {
             engine_current: true,
             comms: Vec::new(),
             loss_scale: 1.0,
+            groups,
+            group_sizes,
+            fill_order: fill_order(engine.config().n_layer),
+            live_peak: None,
+            layered: None,
         })
     }
 
@@ -266,6 +289,11 @@ impl ZeroDriver {
         hp: &AdamWConfig,
         lr: f64,
     ) -> Result<StepOut, DistError> {
+        if self.cfg.stage == 3 && self.layered != Some(false) && !micro.is_empty() {
+            if let Some(out) = self.step_layered(engine, comm, micro, hp, lr)? {
+                return Ok(out);
+            }
+        }
         self.step_with(engine, comm, micro.len(), hp, lr, |engine, scale| {
             let mut out = MicroOut::default();
             for b in micro {
@@ -317,10 +345,115 @@ impl ZeroDriver {
             let stats = [loss_sum, bad, tokens as f64, 0.0];
             return self.step_on_device(engine, comm, bd, stats, count, (hp, lr));
         }
+        if self.flat_grad.len() != self.layout.padded() {
+            self.flat_grad = vec![0.0; self.layout.padded()];
+        }
         self.layout
             .flatten_into(&engine.gradients()?, &mut self.flat_grad)?;
         bd.comm += self.reduce_gradients(comm)?;
-        let mut grad = self.take_grad_shard();
+        let grad = self.take_grad_shard();
+        let micro = MicroOut {
+            loss_sum,
+            bad,
+            tokens,
+        };
+        self.finish(engine, comm, bd, grad, micro, count, (hp, lr))
+    }
+
+    /// Stage 3 with an engine that steps layer by layer: each micro-batch runs through
+    /// [`TrainingEngine::loss_and_backward_layered`] with a [`Gather`] hook, which all-gathers a
+    /// group's parameters from every rank's shard when the engine asks for them and
+    /// reduce-scatters each group's gradient into this rank's chunk as soon as the engine hands
+    /// it over. No whole-model buffer exists on this path. `None`: the engine cannot (nothing
+    /// happened), and the caller takes the whole-model path.
+    fn step_layered(
+        &mut self,
+        engine: &mut dyn TrainingEngine,
+        comm: &mut dyn Comm,
+        micro: &[TrainBatch],
+        hp: &AdamWConfig,
+        lr: f64,
+    ) -> Result<Option<StepOut>, DistError> {
+        let t = Instant::now();
+        let count = micro.len();
+        let scale = self.loss_scale / (count * comm.world()) as f64;
+        let mut grad = vec![0.0f32; self.layout.chunk];
+        let mut seen = vec![false; self.groups.len()];
+        let mut out = MicroOut::default();
+        let mut hook = Gather {
+            layout: &self.layout,
+            groups: &self.groups,
+            rank: self.rank,
+            master: &self.shard.master,
+            grad: &mut grad,
+            seen: &mut seen,
+            comm: &mut *comm,
+            comms: &mut self.comms,
+            secs: 0.0,
+            sizes: &self.group_sizes,
+            order: &self.fill_order,
+            pos: 0,
+            ahead: None,
+            max_live: self.cfg.stage3_max_live_parameters,
+            prefetch_bucket: self.cfg.stage3_prefetch_bucket_size,
+            held: 0,
+            peak: 0,
+        };
+        for b in micro {
+            let input = Batch {
+                batch: b.batch,
+                seq_len: b.seq_len,
+                tokens: &b.inputs,
+                resets: Some(&b.resets),
+            };
+            let mask = b.mask.as_deref();
+            match engine.loss_and_backward_layered(&input, &b.targets, mask, None, scale, &mut hook)
+            {
+                Ok(Some(lo)) => out.add(lo.loss, b.inputs.len()),
+                Ok(None) => {
+                    // Every rank runs the same engine kind, so every rank falls back here.
+                    self.layered = Some(false);
+                    return Ok(None);
+                }
+                Err(e) => {
+                    self.engine_current = false;
+                    return Err(e.into());
+                }
+            }
+        }
+        let secs = hook.secs;
+        self.live_peak = Some(hook.peak);
+        self.layered = Some(true);
+        // The engine holds no parameters now; a sync gathers them all.
+        self.engine_current = false;
+        let bd = Breakdown {
+            forward_backward: t.elapsed().as_secs_f64() - secs,
+            comm: secs,
+            step: 0.0,
+        };
+        self.finish(engine, comm, bd, grad, out, count, (hp, lr))
+            .map(Some)
+    }
+
+    /// The end of a host-side step: this rank's summed gradient shard `grad` unscaled, the
+    /// global norm and the step's statistics summed over ranks, then (unless skipped) clipping,
+    /// AdamW on the shard and the new weights to the engine (at stage 3 at the next gather).
+    #[allow(clippy::too_many_arguments)]
+    fn finish(
+        &mut self,
+        engine: &mut dyn TrainingEngine,
+        comm: &mut dyn Comm,
+        mut bd: Breakdown,
+        mut grad: Vec<f32>,
+        micro: MicroOut,
+        count: usize,
+        (hp, lr): (&AdamWConfig, f64),
+    ) -> Result<StepOut, DistError> {
+        let MicroOut {
+            loss_sum,
+            bad,
+            tokens,
+        } = micro;
         if self.loss_scale != 1.0 {
             let inv = (1.0 / self.loss_scale) as f32;
             grad.iter_mut().for_each(|g| *g *= inv);
@@ -465,6 +598,21 @@ impl ZeroDriver {
         self.in_engine
     }
 
+    /// Stage 3: whether the engine steps layer by layer (`Some(true)`: parameters gathered a
+    /// group at a time, see [`TrainingEngine::loss_and_backward_layered`]), or gathers every
+    /// parameter for each step (`Some(false)`: it cannot); `None` before the first step and
+    /// at other stages.
+    pub fn layered(&self) -> Option<bool> {
+        self.layered
+    }
+
+    /// Stage 3 layer by layer: the most parameter elements that were live at once during the
+    /// last step, the groups the engine held plus a group gathered ahead (the hook's staging
+    /// buffers aside); `None` before a layered step.
+    pub fn live_peak(&self) -> Option<usize> {
+        self.live_peak
+    }
+
     /// Whether the engine holds this rank's optimizer chunk (stages 1–2 without offload on
     /// an engine that shards its optimizer where the gradients live).
     pub fn on_device(&self) -> bool {
@@ -580,11 +728,10 @@ impl ZeroDriver {
         }
         // With the optimizer in the engine (stages 1–2 on the device) this is a resume, and
         // no host buffer is kept for it.
-        let mut full = if self.on_device {
-            vec![0.0f32; self.layout.padded()]
-        } else {
-            std::mem::take(&mut self.flat_grad)
-        };
+        let mut full = std::mem::take(&mut self.flat_grad);
+        if self.on_device || full.len() != self.layout.padded() {
+            full = vec![0.0f32; self.layout.padded()];
+        }
         let master = &self.shard.master;
         let secs = timed(&mut self.comms, "all_gather", 4 * full.len(), || {
             comm.all_gather(master, &mut full)
@@ -596,7 +743,8 @@ impl ZeroDriver {
             for x in [&mut self.shard.master, &mut self.shard.m, &mut self.shard.v] {
                 *x = Vec::new();
             }
-        } else {
+        } else if self.layered != Some(true) {
+            // Layer-by-layer stage 3 keeps no whole-model buffer between steps.
             self.flat_grad = full;
         }
         Ok(secs)
@@ -605,6 +753,299 @@ impl ZeroDriver {
     /// This rank.
     pub fn rank(&self) -> usize {
         self.rank
+    }
+}
+
+/// The flat ranges of each [`ParamGroup`] of `cfg` (the layers in order, then the outer
+/// group), adjacent tensors merged.
+fn group_ranges(cfg: &reference::MambaConfig, layout: &FlatLayout) -> Vec<Vec<Range<usize>>> {
+    ParamGroup::all(cfg)
+        .into_iter()
+        .map(|g| {
+            let mut out: Vec<Range<usize>> = Vec::new();
+            for i in g.tensors(cfg) {
+                let f = layout.slots[i].flat.clone();
+                match out.last_mut() {
+                    Some(last) if last.end == f.start => last.end = f.end,
+                    _ => out.push(f),
+                }
+            }
+            out
+        })
+        .collect()
+}
+
+/// The stage-3 hook of one step ([`ZeroDriver::step_layered`]): parameters all-gathered from
+/// the ranks' shards a group at a time, gradients reduce-scattered into this rank's chunk a
+/// group at a time. A group's flat range generally straddles chunks: rank `q` contributes the
+/// part of the range inside its chunk, every part padded to the longest, so every rank calls
+/// each collective with the same length; where that padding would stage more than twice the
+/// range (a range inside one or two chunks of a large world), each owner's part moves on its
+/// own instead ([`lopsided`]). The sums are the rank-order sums of the whole-model
+/// reduce-scatter, element for element, so the gradient shard has the same bits.
+struct Gather<'a> {
+    layout: &'a FlatLayout,
+    groups: &'a [Vec<Range<usize>>],
+    rank: usize,
+    /// This rank's chunk of the master weights.
+    master: &'a [f32],
+    /// This rank's chunk of the summed gradient.
+    grad: &'a mut [f32],
+    /// Groups whose gradient arrived already this step (the next one adds to it).
+    seen: &'a mut [bool],
+    comm: &'a mut dyn Comm,
+    comms: &'a mut Vec<CommRecord>,
+    secs: f64,
+    /// Elements of each group.
+    sizes: &'a [usize],
+    /// The order in which an engine fills the groups in one micro-batch
+    /// ([`fill_order`]), and where in it the next fill is expected.
+    order: &'a [ParamGroup],
+    pos: usize,
+    /// A group gathered ahead of its fill, with its values.
+    ahead: Option<(ParamGroup, Vec<f32>)>,
+    /// `stage3_max_live_parameters` and `stage3_prefetch_bucket_size`.
+    max_live: usize,
+    prefetch_bucket: usize,
+    /// Elements of the groups filled and not released yet.
+    held: usize,
+    /// The most parameter elements live at once (held by the engine plus gathered ahead).
+    peak: usize,
+}
+
+/// The order in which [`TrainingEngine::loss_and_backward_layered`] fills the groups of one
+/// micro-batch: the outer group (embedding lookup), every layer, the outer group (final norm
+/// and head), every layer in reverse.
+fn fill_order(n_layer: usize) -> Vec<ParamGroup> {
+    let mut o = vec![ParamGroup::Outer];
+    o.extend((0..n_layer).map(ParamGroup::Layer));
+    o.push(ParamGroup::Outer);
+    o.extend((0..n_layer).rev().map(ParamGroup::Layer));
+    o
+}
+
+impl Gather<'_> {
+    fn index(&self, g: ParamGroup) -> usize {
+        match g {
+            ParamGroup::Layer(i) => i,
+            ParamGroup::Outer => self.groups.len() - 1,
+        }
+    }
+
+    /// The values of `groups` (each in its tensors' canonical order) gathered from every
+    /// rank's chunk: the groups' flat ranges sorted and merged where they touch, one range at a
+    /// time ([`Gather::gather_range`]).
+    fn gather_groups(&mut self, groups: &[Option<ParamGroup>]) -> reference::Result<Vec<Vec<f32>>> {
+        let groups: Vec<ParamGroup> = groups.iter().flatten().copied().collect();
+        let mut ranges: Vec<Range<usize>> = groups
+            .iter()
+            .flat_map(|&g| self.groups[self.index(g)].clone())
+            .collect();
+        ranges.sort_by_key(|r| r.start);
+        let mut merged: Vec<Range<usize>> = Vec::new();
+        for r in ranges {
+            match merged.last_mut() {
+                Some(last) if last.end == r.start => last.end = r.end,
+                _ => merged.push(r),
+            }
+        }
+        let mut values = Vec::with_capacity(merged.len());
+        for m in &merged {
+            values.push(self.gather_range(m)?);
+        }
+        Ok(groups
+            .iter()
+            .map(|&g| {
+                let mut out = Vec::with_capacity(self.sizes[self.index(g)]);
+                for r in &self.groups[self.index(g)] {
+                    let k = merged
+                        .iter()
+                        .position(|m| m.start <= r.start && r.end <= m.end);
+                    let k = k.expect("every range lies in a merged one");
+                    let at = r.start - merged[k].start;
+                    out.extend_from_slice(&values[k][at..at + r.len()]);
+                }
+                out
+            })
+            .collect())
+    }
+
+    /// The flat range `r` of the master weights gathered from the ranks' chunks: one padded
+    /// all-gather, or a broadcast from each owner where the parts are [`lopsided`].
+    fn gather_range(&mut self, r: &Range<usize>) -> reference::Result<Vec<f32>> {
+        let (world, base) = (self.layout.world, self.rank * self.layout.chunk);
+        let (parts, n) = self.parts(r);
+        let mut out = Vec::with_capacity(r.len());
+        if lopsided(world, n, r) {
+            // Each owner's part broadcast from it: staging of one part, not `world` parts.
+            for (q, p) in parts.iter().enumerate().filter(|(_, p)| !p.is_empty()) {
+                let mut bytes = vec![0u8; 4 * p.len()];
+                if q == self.rank {
+                    let mine = &self.master[p.start - base..p.end - base];
+                    for (b, x) in bytes.chunks_exact_mut(4).zip(mine) {
+                        b.copy_from_slice(&x.to_le_bytes());
+                    }
+                }
+                let comm = &mut *self.comm;
+                self.secs += timed(self.comms, "broadcast_group", bytes.len(), || {
+                    comm.broadcast(&mut bytes, q)
+                })?;
+                out.extend(
+                    bytes
+                        .chunks_exact(4)
+                        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
+                );
+            }
+            return Ok(out);
+        }
+        let mut mine = vec![0.0f32; n];
+        let p = &parts[self.rank];
+        mine[..p.len()].copy_from_slice(&self.master[p.start - base..p.end - base]);
+        let mut all = vec![0.0f32; n * world];
+        let comm = &mut *self.comm;
+        self.secs += timed(self.comms, "all_gather_group", 4 * all.len(), || {
+            comm.all_gather(&mine, &mut all)
+        })?;
+        for (q, p) in parts.iter().enumerate() {
+            out.extend_from_slice(&all[q * n..q * n + p.len()]);
+        }
+        Ok(out)
+    }
+
+    /// Each rank's part of the flat range `r` (inside its chunk) and the longest part.
+    fn parts(&self, r: &Range<usize>) -> (Vec<Range<usize>>, usize) {
+        let c = self.layout.chunk;
+        let parts: Vec<Range<usize>> = (0..self.layout.world)
+            .map(|q| {
+                let (lo, hi) = (r.start.max(q * c), r.end.min((q + 1) * c));
+                // An empty part sits at the chunk's start.
+                if lo < hi {
+                    lo..hi
+                } else {
+                    q * c..q * c
+                }
+            })
+            .collect();
+        let n = parts.iter().map(|p| p.len()).max().unwrap_or(0);
+        (parts, n)
+    }
+}
+
+/// Whether the parts of a range are so uneven (the longest `n` of `world`) that one
+/// collective padding every part to the longest would stage more than twice the range: then
+/// each owner's part moves on its own (a broadcast of the parameters, an all-reduce of the
+/// gradient), staging one part at a time.
+fn lopsided(world: usize, n: usize, r: &Range<usize>) -> bool {
+    world * n > 2 * r.len()
+}
+
+fn group_error(g: ParamGroup, got: usize, want: usize) -> reference::Error {
+    reference::Error::Shape {
+        op: "stage-3 gather",
+        msg: format!("{g:?}: the engine passed {got} elements, the layout has {want}"),
+    }
+}
+
+impl ParamHook for Gather<'_> {
+    fn fill(&mut self, g: ParamGroup, tensors: &mut [Tensor<f32>]) -> reference::Result<()> {
+        let idx = self.index(g);
+        let want = self.sizes[idx];
+        let got: usize = tensors.iter().map(|t| t.numel()).sum();
+        if got != want {
+            return Err(group_error(g, got, want));
+        }
+        let data = match self.ahead.take() {
+            Some((a, d)) if a == g => d,
+            _ => {
+                // Not prefetched: gather it, with the next group of the order when the limits
+                // allow (one collective for both where their ranges touch).
+                let next = self.order.get(self.pos + 1).copied();
+                let next = next.filter(|&n| {
+                    let sn = self.sizes[self.index(n)];
+                    n != g && sn <= self.prefetch_bucket && self.held + want + sn <= self.max_live
+                });
+                let mut got = self.gather_groups(&[Some(g), next])?;
+                if let Some(n) = next {
+                    self.ahead = Some((n, got.pop().expect("two groups")));
+                }
+                got.pop().expect("one group")
+            }
+        };
+        self.pos = if self.order.get(self.pos) == Some(&g) {
+            (self.pos + 1) % self.order.len()
+        } else {
+            // A caller off the usual order: prefetch again from where it is.
+            self.order.iter().position(|&o| o == g).map_or(0, |p| p + 1) % self.order.len()
+        };
+        for (s, d) in data
+            .iter()
+            .zip(tensors.iter_mut().flat_map(|t| t.data.iter_mut()))
+        {
+            *d = *s;
+        }
+        self.held += want;
+        let ahead = self.ahead.as_ref().map_or(0, |a| a.1.len());
+        self.peak = self.peak.max(self.held + ahead);
+        Ok(())
+    }
+
+    fn release(&mut self, g: ParamGroup) -> reference::Result<()> {
+        self.held = self.held.saturating_sub(self.sizes[self.index(g)]);
+        Ok(())
+    }
+
+    fn gradients(&mut self, g: ParamGroup, grads: &[&Tensor<f32>]) -> reference::Result<()> {
+        let idx = self.index(g);
+        let want: usize = self.groups[idx].iter().map(|r| r.len()).sum();
+        let got: usize = grads.iter().map(|t| t.numel()).sum();
+        if got != want {
+            return Err(group_error(g, got, want));
+        }
+        let first = !self.seen[idx];
+        self.seen[idx] = true;
+        let (world, base) = (self.layout.world, self.rank * self.layout.chunk);
+        let mut src = grads.iter().flat_map(|t| t.data.iter());
+        for r in &self.groups[idx] {
+            let (parts, n) = self.parts(r);
+            if lopsided(world, n, r) {
+                // Each owner's part all-reduced (the same rank-order sums), kept by the owner.
+                for (q, p) in parts.iter().enumerate().filter(|(_, p)| !p.is_empty()) {
+                    let mut part: Vec<f32> = src.by_ref().take(p.len()).copied().collect();
+                    let comm = &mut *self.comm;
+                    self.secs += timed(self.comms, "all_reduce_group", 4 * part.len(), || {
+                        comm.all_reduce_sum(&mut part)
+                    })?;
+                    if q == self.rank {
+                        let dst = &mut self.grad[p.start - base..p.end - base];
+                        if first {
+                            dst.copy_from_slice(&part);
+                        } else {
+                            dst.iter_mut().zip(&part).for_each(|(d, s)| *d += *s);
+                        }
+                    }
+                }
+                continue;
+            }
+            let mut input = vec![0.0f32; n * world];
+            for (q, p) in parts.iter().enumerate() {
+                for (d, s) in input[q * n..q * n + p.len()].iter_mut().zip(src.by_ref()) {
+                    *d = *s;
+                }
+            }
+            let mut out = vec![0.0f32; n];
+            let comm = &mut *self.comm;
+            self.secs += timed(self.comms, "reduce_scatter_group", 4 * input.len(), || {
+                comm.reduce_scatter_sum(&input, &mut out)
+            })?;
+            let p = &parts[self.rank];
+            let dst = &mut self.grad[p.start - base..p.end - base];
+            if first {
+                dst.copy_from_slice(&out[..p.len()]);
+            } else {
+                dst.iter_mut().zip(&out).for_each(|(d, s)| *d += *s);
+            }
+        }
+        Ok(())
     }
 }
 
