@@ -469,3 +469,105 @@ fn bucket_sizes_cut_by_group_and_change_no_bit() {
         }
     }
 }
+
+/// An engine error on one rank while the others' communication threads wait in a bucket's
+/// collective: every rank's step fails (none hangs), and the others name the failing rank.
+#[test]
+fn an_engine_error_on_one_rank_stops_the_others_with_overlap() {
+    for stage in [0u8, 1, 2] {
+        let handles: Vec<_> = InProcess::group(3)
+            .into_iter()
+            .map(|inner| {
+                thread::spawn(move || {
+                    let log: Log = Arc::default();
+                    let mut comm = Logged {
+                        inner,
+                        log: log.clone(),
+                    };
+                    let mut e = probe(log, true, false);
+                    let zero = zc(stage, true, 1, false);
+                    let mut d = ZeroDriver::new(&mut e, &mut comm, zero).unwrap();
+                    let mut b = micro(0, comm.rank());
+                    if comm.rank() == 2 {
+                        b.targets[3] = 10_000; // out of the vocabulary
+                    }
+                    let r = d.step(&mut e, &mut comm, &[b], &hp(), 1e-3);
+                    r.map(|_| ()).map_err(|e| e.to_string())
+                })
+            })
+            .collect();
+        let errs: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+        for (r, e) in errs.iter().enumerate() {
+            let e = e.as_ref().expect_err("every rank must fail");
+            if r < 2 {
+                assert!(e.contains("rank 2"), "stage {stage} rank {r}: {e}");
+            }
+        }
+    }
+}
+
+/// Records each group's gradient as handed over.
+struct Keep(Vec<(ParamGroup, Vec<f32>)>);
+
+impl GradHook for Keep {
+    fn gradients(&mut self, g: ParamGroup, grads: &[&Tensor<f32>]) -> reference::Result<()> {
+        let flat = grads.iter().flat_map(|t| t.data.iter().copied()).collect();
+        self.0.push((g, flat));
+        Ok(())
+    }
+}
+
+/// The engine's side: on buffers that already hold a micro-batch's gradient, the streamed call
+/// adds the bits the whole-model call adds, keeps its parameters, and hands over each group
+/// once, the layers in reverse order and the outer group last, each as its final buffers.
+#[test]
+fn the_streamed_call_matches_the_whole_model_call_bit_for_bit() {
+    let (a, b) = (micro(0, 0), micro(0, 1));
+    let batch = |m: &TrainBatch| (m.inputs.clone(), m.resets.clone(), m.targets.clone());
+    let run = |streamed: bool| {
+        let mut e = probe(Arc::default(), true, false).inner;
+        let mut keep = Keep(Vec::new());
+        for (k, m) in [&a, &b].into_iter().enumerate() {
+            let (tokens, resets, targets) = batch(m);
+            let input = Batch {
+                batch: ROWS,
+                seq_len: SEQ,
+                tokens: &tokens,
+                resets: Some(&resets),
+            };
+            if streamed && k == 1 {
+                let lo = e
+                    .loss_and_backward_streamed(&input, &targets, None, None, 0.5, &mut keep)
+                    .unwrap();
+                assert!(lo.is_some());
+            } else {
+                e.loss_and_backward(&input, &targets, None, None, 0.5)
+                    .unwrap();
+            }
+        }
+        let layout = FlatLayout::new(&cfg(), 1);
+        let grads = layout.flatten(&e.gradients().unwrap()).unwrap();
+        let params = layout.flatten(&e.parameters().unwrap()).unwrap();
+        (grads, params, keep.0)
+    };
+    let (want, params, _) = run(false);
+    let (got, params2, handed) = run(true);
+    assert!(same_bits(&got, &want), "the streamed gradients differ");
+    assert!(
+        same_bits(&params, &params2),
+        "the engine lost its parameters"
+    );
+    let mut order: Vec<ParamGroup> = (0..cfg().n_layer).rev().map(ParamGroup::Layer).collect();
+    order.push(ParamGroup::Outer);
+    assert_eq!(handed.iter().map(|h| h.0).collect::<Vec<_>>(), order);
+    let layout = FlatLayout::new(&cfg(), 1);
+    let specs = reference::param_specs(&cfg());
+    for (g, values) in &handed {
+        let mut expect = Vec::new();
+        for i in g.tensors(&cfg()) {
+            assert_eq!(layout.slots[i].name, specs[i].0);
+            expect.extend_from_slice(&want[layout.slots[i].flat.clone()]);
+        }
+        assert!(same_bits(values, &expect), "{g:?}: not its final gradient");
+    }
+}
