@@ -11,7 +11,9 @@ use std::thread::{self, ThreadId};
 use std::time::{Duration, Instant};
 
 use reference::comm::{Comm, CommResult, InProcess};
-use reference::engine::{GradHook, LossOutput, NamedTensors, OptimizerState, ParamGroup};
+use reference::engine::{
+    GradHook, LossOutput, NamedTensors, OptimizerState, ParamGroup, ParamHook,
+};
 use reference::init::init_params;
 use reference::model::Batch;
 use reference::optim::StepStats;
@@ -150,22 +152,32 @@ fn probe(log: Log, stream: bool, wait: bool) -> Probe {
     }
 }
 
-/// The driver's hook, with every hand-over logged.
-struct Spy<'a> {
-    inner: &'a mut dyn GradHook,
+/// The driver's hook (stages 0–2: a `GradHook`; stage 3: a `ParamHook`), with every
+/// hand-over logged.
+struct Spy<'a, H: ?Sized> {
+    inner: &'a mut H,
     log: &'a Log,
     wait: bool,
 }
 
-impl GradHook for Spy<'_> {
-    fn gradients(&mut self, g: ParamGroup, grads: &[&Tensor<f32>]) -> reference::Result<()> {
-        push(self.log, Event::Handed(g, thread::current().id()));
-        self.inner.gradients(g, grads)?;
+impl<H: ?Sized> Spy<'_, H> {
+    /// Logs the hand-over of `g`, passes it on with `pass`, and the first time (with `wait`)
+    /// waits for a collective to begin after it.
+    fn hand(
+        &mut self,
+        g: ParamGroup,
+        pass: impl FnOnce(&mut H) -> reference::Result<()>,
+    ) -> reference::Result<()> {
+        let from = {
+            let mut log = self.log.lock().unwrap();
+            log.push(Event::Handed(g, thread::current().id()));
+            log.len()
+        };
+        pass(self.inner)?;
         if std::mem::take(&mut self.wait) {
-            let from = self.log.lock().unwrap().len();
             let t = Instant::now();
             while t.elapsed() < WAIT {
-                let began = self.log.lock().unwrap()[from - 1..]
+                let began = self.log.lock().unwrap()[from..]
                     .iter()
                     .any(|e| matches!(e, Event::Collective(..)));
                 if began {
@@ -175,6 +187,24 @@ impl GradHook for Spy<'_> {
             }
         }
         Ok(())
+    }
+}
+
+impl GradHook for Spy<'_, dyn GradHook + '_> {
+    fn gradients(&mut self, g: ParamGroup, grads: &[&Tensor<f32>]) -> reference::Result<()> {
+        self.hand(g, |h| h.gradients(g, grads))
+    }
+}
+
+impl ParamHook for Spy<'_, dyn ParamHook + '_> {
+    fn fill(&mut self, g: ParamGroup, tensors: &mut [Tensor<f32>]) -> reference::Result<()> {
+        self.inner.fill(g, tensors)
+    }
+    fn release(&mut self, g: ParamGroup) -> reference::Result<()> {
+        self.inner.release(g)
+    }
+    fn gradients(&mut self, g: ParamGroup, grads: &[&Tensor<f32>]) -> reference::Result<()> {
+        self.hand(g, |h| h.gradients(g, grads))
     }
 }
 
@@ -237,6 +267,26 @@ impl TrainingEngine for Probe {
         self.inner
             .loss_and_backward_streamed(input, targets, mask, state, grad_scale, &mut spy)
     }
+    fn loss_and_backward_layered(
+        &mut self,
+        input: &Batch,
+        targets: &[u32],
+        mask: Option<&[bool]>,
+        state: Option<&State<f32>>,
+        grad_scale: f64,
+        hook: &mut dyn ParamHook,
+    ) -> reference::Result<Option<LossOutput>> {
+        if !self.stream {
+            return Ok(None);
+        }
+        let mut spy = Spy {
+            inner: hook,
+            log: &self.log,
+            wait: self.wait,
+        };
+        self.inner
+            .loss_and_backward_layered(input, targets, mask, state, grad_scale, &mut spy)
+    }
     fn set_gradients(&mut self, named: &[(String, Tensor<f32>)]) -> reference::Result<()> {
         self.inner.set_gradients(named)
     }
@@ -283,6 +333,7 @@ struct RankOut {
     weights: Vec<f32>,
     losses: Vec<f64>,
     streamed: Option<bool>,
+    layered: Option<bool>,
     /// The collectives of each step, as the driver logged them.
     comms: Vec<Vec<CommRecord>>,
     /// The seconds of communication, all and overlapped, of each step.
@@ -324,6 +375,7 @@ fn run(world: usize, accum: usize, zero: ZeroConfig, stream: bool, wait: bool) -
                     weights,
                     losses,
                     streamed: d.streamed(),
+                    layered: d.layered(),
                     comms,
                     comm_secs,
                     log,
@@ -398,11 +450,15 @@ fn overlap_changes_no_bit() {
 /// does not depend on how fast the backward is; the overlapped seconds are reported.
 #[test]
 fn buckets_are_reduced_while_the_backward_runs() {
-    for stage in [0u8, 1, 2] {
+    for stage in [0u8, 1, 2, 3] {
         let outs = run(2, 1, zc(stage, true, 1, false), true, true);
         for (r, o) in outs.iter().enumerate() {
             let what = format!("stage {stage} rank {r}");
-            assert_eq!(o.streamed, Some(true), "{what}");
+            if stage == 3 {
+                assert_eq!(o.layered, Some(true), "{what}");
+            } else {
+                assert_eq!(o.streamed, Some(true), "{what}");
+            }
             let log = &o.log;
             let first = log
                 .iter()
@@ -474,7 +530,7 @@ fn bucket_sizes_cut_by_group_and_change_no_bit() {
 /// collective: every rank's step fails (none hangs), and the others name the failing rank.
 #[test]
 fn an_engine_error_on_one_rank_stops_the_others_with_overlap() {
-    for stage in [0u8, 1, 2] {
+    for stage in [0u8, 1, 2, 3] {
         let handles: Vec<_> = InProcess::group(3)
             .into_iter()
             .map(|inner| {
@@ -569,5 +625,57 @@ fn the_streamed_call_matches_the_whole_model_call_bit_for_bit() {
             expect.extend_from_slice(&want[layout.slots[i].flat.clone()]);
         }
         assert!(same_bits(values, &expect), "{g:?}: not its final gradient");
+    }
+}
+
+/// Stage 3 layer by layer with overlap: each group's reduce-scatter queued on the
+/// communication thread, the parameter gathers run there too, in order. The weights and losses
+/// are the bits of the in-line run (one and two micro-batches per rank) and, with one, of the
+/// whole-model stage 3 (an engine that cannot step layer by layer; with two the layered path
+/// sums each micro-batch over the ranks before adding them, another order), at world 2 and 3,
+/// with and without prefetch.
+#[test]
+fn stage_3_overlap_changes_no_bit() {
+    for (world, accum) in [(2, 1), (3, 1), (2, 2), (3, 2)] {
+        for prefetch in [0, usize::MAX / 2] {
+            let z = |overlap| ZeroConfig {
+                stage3_prefetch_bucket_size: prefetch,
+                ..zc(3, overlap, 700, true)
+            };
+            let whole = run(world, accum, z(false), false, false);
+            let inline = run(world, accum, z(false), true, false);
+            let overlap = run(world, accum, z(true), true, false);
+            let what = format!("world {world} accum {accum} prefetch {prefetch}");
+            assert_eq!(whole[0].layered, Some(false), "{what}");
+            for (r, o) in overlap.iter().enumerate() {
+                assert_eq!(o.layered, Some(true), "{what}");
+                assert!(
+                    same_bits(&o.weights, &inline[r].weights),
+                    "{what} rank {r}: overlap differs from in line"
+                );
+                assert!(
+                    accum > 1 || same_bits(&o.weights, &whole[0].weights),
+                    "{what} rank {r}: overlap differs from the whole-model stage 3"
+                );
+                assert_eq!(o.losses, inline[r].losses, "{what}: losses");
+                assert!(accum > 1 || o.losses == whole[0].losses, "{what}: losses");
+                for &(all, over) in &o.comm_secs {
+                    assert!(
+                        (0.0..=all + 1e-9).contains(&over),
+                        "{what}: {over} of {all}"
+                    );
+                }
+            }
+            for (a, b) in inline.iter().zip(&overlap) {
+                let ops = |v: &[CommRecord]| {
+                    let mut o: Vec<_> = v.iter().map(|c| (c.op, c.bytes)).collect();
+                    o.sort();
+                    o
+                };
+                for (x, y) in a.comms.iter().zip(&b.comms) {
+                    assert_eq!(ops(x), ops(y), "{what}: the collectives differ");
+                }
+            }
+        }
     }
 }

@@ -510,59 +510,142 @@ impl ZeroDriver {
         let count = micro.len();
         let scale = self.loss_scale / (count * comm.world()) as f64;
         let mut grad = vec![0.0f32; self.layout.chunk];
-        let mut seen = vec![false; self.groups.len()];
-        let mut out = MicroOut::default();
-        let mut hook = Gather {
+        let scatter = Scatter {
+            layout: &self.layout,
+            groups: &self.groups,
+            rank: self.rank,
+            grad: &mut grad,
+            seen: vec![false; self.groups.len()],
+            log: Vec::new(),
+        };
+        let cfg = GatherCfg {
             layout: &self.layout,
             groups: &self.groups,
             rank: self.rank,
             master: &self.shard.master,
-            grad: &mut grad,
-            seen: &mut seen,
-            comm: &mut *comm,
-            comms: &mut self.comms,
-            secs: 0.0,
             sizes: &self.group_sizes,
             order: &self.fill_order,
-            pos: 0,
-            ahead: None,
             max_live: self.cfg.stage3_max_live_parameters,
             prefetch_bucket: self.cfg.stage3_prefetch_bucket_size,
-            held: 0,
-            peak: 0,
         };
-        for b in micro {
-            let input = Batch {
-                batch: b.batch,
-                seq_len: b.seq_len,
-                tokens: &b.inputs,
-                resets: Some(&b.resets),
-            };
-            let mask = b.mask.as_deref();
-            match engine.loss_and_backward_layered(&input, &b.targets, mask, None, scale, &mut hook)
-            {
-                Ok(Some(lo)) => out.add(lo.loss, b.inputs.len()),
-                Ok(None) => {
-                    // Every rank runs the same engine kind, so every rank falls back here.
-                    self.layered = Some(false);
-                    return Ok(None);
-                }
-                Err(e) => {
-                    self.engine_current = false;
-                    return Err(e.into());
+        let comms = &mut self.comms;
+        let run = |hook: &mut Gather, engine: &mut dyn TrainingEngine| {
+            let mut out = MicroOut::default();
+            for b in micro {
+                let mask = b.mask.as_deref();
+                let lo = engine.loss_and_backward_layered(
+                    &batch(b),
+                    &b.targets,
+                    mask,
+                    None,
+                    scale,
+                    &mut *hook,
+                )?;
+                match lo {
+                    Some(lo) => out.add(lo.loss, b.inputs.len()),
+                    None => return Ok(None),
                 }
             }
-        }
-        let secs = hook.secs;
-        self.live_peak = Some(hook.peak);
+            Ok::<_, DistError>(Some(out))
+        };
+        // The micro-batches' result, the gradient side's log, the live peak, and the seconds
+        // of communication in all and overlapped with the engine.
+        let (res, log, peak, secs, overlapped) = if !self.cfg.overlap_comm {
+            let mut hook = Gather::new(cfg, GradSink::Inline(scatter), &mut *comm, comms);
+            let res = run(&mut hook, engine);
+            let GradSink::Inline(s) = hook.grads else {
+                unreachable!("made inline")
+            };
+            let secs = hook.secs + s.log.iter().map(|c| c.secs).sum::<f64>();
+            (res, s.log, hook.peak, secs, 0.0)
+        } else {
+            // Every collective of the step runs on the communication thread in the order the
+            // hook issues it: gradients queued (the backward goes on), gathers waited for
+            // through a `Relay`. So the order is the same on every rank.
+            let (rank, world) = (comm.rank(), comm.world());
+            let mut s = scatter;
+            let c: &mut dyn Comm = &mut *comm;
+            std::thread::scope(|sc| {
+                let (tx, rx) = mpsc::channel::<Job>();
+                // Each job's seconds, and when each gradient's collectives ran.
+                let thread = sc.spawn(move || {
+                    let (mut busy, mut spans) = (0.0, Vec::new());
+                    for job in rx {
+                        let t = Instant::now();
+                        let r = match job {
+                            Job::Grad(i, v) => {
+                                let r = s.reduce(&mut *c, i, &v);
+                                spans.push((t, Instant::now()));
+                                r
+                            }
+                            Job::Call(f) => {
+                                f(&mut *c);
+                                Ok(())
+                            }
+                        };
+                        busy += t.elapsed().as_secs_f64();
+                        if r.is_err() {
+                            return (r, s, busy, spans);
+                        }
+                    }
+                    (Ok(()), s, busy, spans)
+                });
+                let mut relay = Relay {
+                    tx: tx.clone(),
+                    rank,
+                    world,
+                    waits: Vec::new(),
+                };
+                let mut hook = Gather::new(cfg, GradSink::Thread(tx), &mut relay, comms);
+                let res = run(&mut hook, engine);
+                let peak = hook.peak;
+                drop(hook);
+                let t = Instant::now();
+                let mut waits = std::mem::take(&mut relay.waits);
+                drop(relay); // closes the channel: the thread ends after the last job
+                let (r, s, busy, spans) = thread.join().expect("the communication thread panicked");
+                waits.push((t, Instant::now()));
+                // A gradient's collectives overlapped the engine while this thread was not
+                // waiting for a gather or for the end.
+                let overlapped: f64 = spans
+                    .iter()
+                    .map(|&(a, e)| {
+                        let hidden = waits
+                            .iter()
+                            .map(|&(wa, we)| e.min(we).saturating_duration_since(a.max(wa)));
+                        (e - a).saturating_sub(hidden.sum()).as_secs_f64()
+                    })
+                    .sum();
+                // A failed collective first: the engine's error is then "thread stopped".
+                let res = match r {
+                    Err(e) => Err(e.into()),
+                    Ok(()) => res,
+                };
+                (res, s.log, peak, busy, overlapped.min(busy))
+            })
+        };
+        let out = match res {
+            Ok(Some(out)) => out,
+            Ok(None) => {
+                // Every rank runs the same engine kind, so every rank falls back here.
+                self.layered = Some(false);
+                return Ok(None);
+            }
+            Err(e) => {
+                self.engine_current = false;
+                return Err(e);
+            }
+        };
+        self.comms.extend(log);
+        self.live_peak = Some(peak);
         self.layered = Some(true);
         // The engine holds no parameters now; a sync gathers them all.
         self.engine_current = false;
         let bd = Breakdown {
-            forward_backward: t.elapsed().as_secs_f64() - secs,
+            forward_backward: t.elapsed().as_secs_f64() - (secs - overlapped),
             comm: secs,
             step: 0.0,
-            comm_overlapped: 0.0,
+            comm_overlapped: overlapped,
         };
         self.finish(engine, comm, bd, grad, out, count, (hp, lr))
             .map(Some)
@@ -927,10 +1010,10 @@ struct Gather<'a> {
     rank: usize,
     /// This rank's chunk of the master weights.
     master: &'a [f32],
-    /// This rank's chunk of the summed gradient.
-    grad: &'a mut [f32],
-    /// Groups whose gradient arrived already this step (the next one adds to it).
-    seen: &'a mut [bool],
+    /// Where each group's gradient goes: reduce-scattered in line, or sent to the
+    /// communication thread (`overlap_comm`), which then also runs every gather, in order.
+    grads: GradSink<'a>,
+    /// The communicator, or with `overlap_comm` a [`Relay`] to the communication thread.
     comm: &'a mut dyn Comm,
     comms: &'a mut Vec<CommRecord>,
     secs: f64,
@@ -949,6 +1032,48 @@ struct Gather<'a> {
     held: usize,
     /// The most parameter elements live at once (held by the engine plus gathered ahead).
     peak: usize,
+}
+
+/// What a [`Gather`] reads: the layout, its groups and this rank's master weights, the fill
+/// order, and the stage-3 limits.
+#[derive(Clone, Copy)]
+struct GatherCfg<'a> {
+    layout: &'a FlatLayout,
+    groups: &'a [Vec<Range<usize>>],
+    rank: usize,
+    master: &'a [f32],
+    sizes: &'a [usize],
+    order: &'a [ParamGroup],
+    max_live: usize,
+    prefetch_bucket: usize,
+}
+
+impl<'a> Gather<'a> {
+    fn new(
+        c: GatherCfg<'a>,
+        grads: GradSink<'a>,
+        comm: &'a mut dyn Comm,
+        comms: &'a mut Vec<CommRecord>,
+    ) -> Gather<'a> {
+        Gather {
+            layout: c.layout,
+            groups: c.groups,
+            rank: c.rank,
+            master: c.master,
+            grads,
+            comm,
+            comms,
+            secs: 0.0,
+            sizes: c.sizes,
+            order: c.order,
+            pos: 0,
+            ahead: None,
+            max_live: c.max_live,
+            prefetch_bucket: c.prefetch_bucket,
+            held: 0,
+            peak: 0,
+        }
+    }
 }
 
 /// The order in which [`TrainingEngine::loss_and_backward_layered`] fills the groups of one
@@ -1050,10 +1175,16 @@ impl Gather<'_> {
         Ok(out)
     }
 
-    /// Each rank's part of the flat range `r` (inside its chunk) and the longest part.
     fn parts(&self, r: &Range<usize>) -> (Vec<Range<usize>>, usize) {
-        let c = self.layout.chunk;
-        let parts: Vec<Range<usize>> = (0..self.layout.world)
+        parts(self.layout, r)
+    }
+}
+
+/// Each rank's part of the flat range `r` (inside its chunk) and the longest part.
+fn parts(layout: &FlatLayout, r: &Range<usize>) -> (Vec<Range<usize>>, usize) {
+    {
+        let c = layout.chunk;
+        let parts: Vec<Range<usize>> = (0..layout.world)
             .map(|q| {
                 let (lo, hi) = (r.start.max(q * c), r.end.min((q + 1) * c));
                 // An empty part sits at the chunk's start.
@@ -1139,18 +1270,139 @@ impl ParamHook for Gather<'_> {
         if got != want {
             return Err(group_error(g, got, want));
         }
+        let values: Vec<f32> = grads.iter().flat_map(|t| t.data.iter().copied()).collect();
+        match &mut self.grads {
+            GradSink::Inline(s) => s.reduce(&mut *self.comm, idx, &values)?,
+            GradSink::Thread(tx) => tx
+                .send(Job::Grad(idx, values))
+                .map_err(|_| stopped(self.rank))?,
+        }
+        Ok(())
+    }
+}
+
+/// Where the stage-3 hook's gradients go.
+enum GradSink<'a> {
+    Inline(Scatter<'a>),
+    Thread(mpsc::Sender<Job>),
+}
+
+/// What the stage-3 hook asks of the communication thread, in order: a group's gradient to
+/// reduce-scatter (nothing waits for it), or a collective to run for the hook (which waits).
+enum Job {
+    Grad(usize, Vec<f32>),
+    Call(Call),
+}
+
+/// A collective for the communication thread to run, with where its result goes.
+type Call = Box<dyn FnOnce(&mut dyn Comm) + Send>;
+
+fn stopped(rank: usize) -> reference::comm::CommError {
+    reference::comm::CommError {
+        rank,
+        peer: None,
+        op: "communication thread",
+        msg: "it stopped (a collective failed)".into(),
+    }
+}
+
+/// The stage-3 hook's communicator with `overlap_comm`: each collective runs on the
+/// communication thread, after the gradients queued before it, and the caller waits for it.
+/// Buffers cross as copies.
+struct Relay {
+    tx: mpsc::Sender<Job>,
+    rank: usize,
+    world: usize,
+    /// When the caller waited for a collective.
+    waits: Vec<(Instant, Instant)>,
+}
+
+impl Relay {
+    fn call<R: Send + 'static>(
+        &mut self,
+        f: impl FnOnce(&mut dyn Comm) -> CommResult<R> + Send + 'static,
+    ) -> CommResult<R> {
+        let t = Instant::now();
+        let (rtx, rrx) = mpsc::channel();
+        let job = Job::Call(Box::new(move |c: &mut dyn Comm| {
+            let _ = rtx.send(f(c));
+        }));
+        self.tx.send(job).map_err(|_| stopped(self.rank))?;
+        let r = rrx.recv().map_err(|_| stopped(self.rank))?;
+        self.waits.push((t, Instant::now()));
+        r
+    }
+}
+
+impl Comm for Relay {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+    fn world(&self) -> usize {
+        self.world
+    }
+    fn all_reduce_sum(&mut self, data: &mut [f32]) -> CommResult<()> {
+        let mut v = data.to_vec();
+        let v = self.call(move |c| c.all_reduce_sum(&mut v).map(|_| v))?;
+        data.copy_from_slice(&v);
+        Ok(())
+    }
+    fn all_reduce_sum_f64(&mut self, data: &mut [f64]) -> CommResult<()> {
+        let mut v = data.to_vec();
+        let v = self.call(move |c| c.all_reduce_sum_f64(&mut v).map(|_| v))?;
+        data.copy_from_slice(&v);
+        Ok(())
+    }
+    fn reduce_scatter_sum(&mut self, input: &[f32], output: &mut [f32]) -> CommResult<()> {
+        let (i, mut o) = (input.to_vec(), output.to_vec());
+        let o = self.call(move |c| c.reduce_scatter_sum(&i, &mut o).map(|_| o))?;
+        output.copy_from_slice(&o);
+        Ok(())
+    }
+    fn all_gather(&mut self, input: &[f32], output: &mut [f32]) -> CommResult<()> {
+        let (i, mut o) = (input.to_vec(), output.to_vec());
+        let o = self.call(move |c| c.all_gather(&i, &mut o).map(|_| o))?;
+        output.copy_from_slice(&o);
+        Ok(())
+    }
+    fn broadcast(&mut self, data: &mut [u8], root: usize) -> CommResult<()> {
+        let mut v = data.to_vec();
+        let v = self.call(move |c| c.broadcast(&mut v, root).map(|_| v))?;
+        data.copy_from_slice(&v);
+        Ok(())
+    }
+    fn barrier(&mut self) -> CommResult<()> {
+        self.call(|c| c.barrier())
+    }
+}
+
+/// The gradient side of the stage-3 hook: each group's gradient reduce-scattered into this
+/// rank's chunk (see [`Gather`] for the parts and [`lopsided`] ranges), added to what earlier
+/// micro-batches left there.
+struct Scatter<'a> {
+    layout: &'a FlatLayout,
+    groups: &'a [Vec<Range<usize>>],
+    rank: usize,
+    /// This rank's chunk of the summed gradient.
+    grad: &'a mut [f32],
+    /// Groups whose gradient arrived already this step (the next one adds to it).
+    seen: Vec<bool>,
+    log: Vec<CommRecord>,
+}
+
+impl Scatter<'_> {
+    fn reduce(&mut self, comm: &mut dyn Comm, idx: usize, values: &[f32]) -> CommResult<()> {
         let first = !self.seen[idx];
         self.seen[idx] = true;
         let (world, base) = (self.layout.world, self.rank * self.layout.chunk);
-        let mut src = grads.iter().flat_map(|t| t.data.iter());
+        let mut src = values.iter();
         for r in &self.groups[idx] {
-            let (parts, n) = self.parts(r);
+            let (parts, n) = parts(self.layout, r);
             if lopsided(world, n, r) {
                 // Each owner's part all-reduced (the same rank-order sums), kept by the owner.
                 for (q, p) in parts.iter().enumerate().filter(|(_, p)| !p.is_empty()) {
                     let mut part: Vec<f32> = src.by_ref().take(p.len()).copied().collect();
-                    let comm = &mut *self.comm;
-                    self.secs += timed(self.comms, "all_reduce_group", 4 * part.len(), || {
+                    timed(&mut self.log, "all_reduce_group", 4 * part.len(), || {
                         comm.all_reduce_sum(&mut part)
                     })?;
                     if q == self.rank {
@@ -1171,10 +1423,12 @@ impl ParamHook for Gather<'_> {
                 }
             }
             let mut out = vec![0.0f32; n];
-            let comm = &mut *self.comm;
-            self.secs += timed(self.comms, "reduce_scatter_group", 4 * input.len(), || {
-                comm.reduce_scatter_sum(&input, &mut out)
-            })?;
+            timed(
+                &mut self.log,
+                "reduce_scatter_group",
+                4 * input.len(),
+                || comm.reduce_scatter_sum(&input, &mut out),
+            )?;
             let p = &parts[self.rank];
             let dst = &mut self.grad[p.start - base..p.end - base];
             if first {
