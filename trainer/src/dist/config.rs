@@ -28,8 +28,10 @@ pub struct ZeroConfig {
     pub reduce_bucket_size: usize,
     /// Stages 0–2 on the CPU engine: each full bucket is summed over the ranks on a
     /// communication thread while the engine's backward goes on (off: in line, in the
-    /// backward, as each bucket fills). No effect on the GPU engine, with `carry_state`, or at
-    /// stage 3 (see [`ZeroConfig::no_effect`]).
+    /// backward, as each bucket fills). Stage 3 on the CPU engine: each group's reduce-scatter
+    /// is queued on that thread, which runs the parameter gathers too, in order. The same bits
+    /// either way. No effect on the GPU engine or with `carry_state` (see
+    /// [`ZeroConfig::no_effect`]).
     pub overlap_comm: bool,
     pub contiguous_gradients: bool,
     pub offload_optimizer: OffloadDevice,
@@ -113,10 +115,8 @@ impl ZeroConfig {
     pub fn no_effect(&self) -> Vec<String> {
         let d = ZeroConfig::default();
         let mut out = Vec::new();
-        if self.overlap_comm && self.stage == 3 {
-            out.push("zero_optimization.overlap_comm: no overlap at stage 3; each layer's gradient is reduce-scattered right after its backward, in line with it (on the CPU engine; after the backward elsewhere)".to_string());
-        } else if self.overlap_comm {
-            out.push("zero_optimization.overlap_comm: no effect on the GPU engine or with carry_state, which reduce after the backward (the CPU engine reduces each bucket on a communication thread while its backward runs)".to_string());
+        if self.overlap_comm {
+            out.push("zero_optimization.overlap_comm: no effect on the GPU engine or with carry_state, which reduce after the backward (the CPU engine reduces each bucket, at stage 3 each layer's gradient, on a communication thread while its backward runs)".to_string());
         }
         if self.stage == 3 && self.reduce_bucket_size != d.reduce_bucket_size {
             out.push("zero_optimization.reduce_bucket_size: at stage 3 the CPU engine reduce-scatters each group's gradient in its own collective (the key applies on the GPU engine and with carry_state)".to_string());

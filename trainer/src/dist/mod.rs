@@ -47,11 +47,17 @@
 //!   wherever it ran, and `comm_overlapped` the part of them that ran on the communication
 //!   thread before the backward ended (each collective counted from its start to its end or
 //!   the backward's end, whichever is first), so `comm − comm_overlapped` is what the step
-//!   waited for. `comms_logger` lists each bucket's collective. Stage 3 on the CPU engine
-//!   reduces each layer's gradient right after that layer's backward, but in line with it
-//!   (the collectives are synchronous, and the parameter gathers must stay in order with
-//!   them), not overlapped; its breakdown counts the gathers and reduce-scatters as
-//!   communication.
+//!   waited for. `comms_logger` lists each bucket's collective.
+//! - Stage 3 on the CPU engine reduce-scatters each layer's gradient right after that layer's
+//!   backward (below). Without `overlap_comm` in line with it; with it, the gradient is queued
+//!   on a communication thread (scoped to the step) and the backward goes on, and the
+//!   parameter gathers go through the same thread (a relay the hook waits on) so that every
+//!   collective keeps the hook's order, the same on every rank: the bits are those of the
+//!   in-line run. A gather queued behind reduce-scatters waits for them, so the backward gains
+//!   where the next group needs no collective (prefetched ahead) and the reduce-scatter of
+//!   the last layers and the outer group; `comm_overlapped` counts the reduce-scatters'
+//!   seconds while this thread was not waiting for a gather or for the thread to finish, and a
+//!   gather's `comms_logger` seconds include its wait in the queue.
 //! - Stage 3 keeps the parameters sharded in the driver between steps (each rank its flat
 //!   chunk of the f32 master weights, with AdamW's moments) and, on an engine that steps layer
 //!   by layer ([`TrainingEngine::loss_and_backward_layered`]; the simd engine), gathers them
@@ -75,8 +81,10 @@
 //!     gathers the next group of the fill order with it (their flat ranges merged where they
 //!     touch, so two adjacent layers move in one collective) if that group has at most
 //!     `stage3_prefetch_bucket_size` elements and both fit, with what the engine holds, in
-//!     `stage3_max_live_parameters`; the next fill is then served from it. The collectives are
-//!     synchronous, so this saves collectives (about half), not time overlapped with compute.
+//!     `stage3_max_live_parameters`; the next fill is then served from it. The gathers are
+//!     synchronous, so this saves collectives (about half), not time overlapped with compute
+//!     (with `overlap_comm`, a fill served from a prefetch does not wait behind the queued
+//!     reduce-scatters).
 //!     At most two groups are live (one with a live limit below two groups), plus the hook's
 //!     staging buffers while a range moves (at most twice the range: a range whose parts are
 //!     lopsided across the chunks moves part by part, by broadcast and all-reduce, instead of

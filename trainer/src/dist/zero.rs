@@ -40,10 +40,12 @@ pub struct Breakdown {
     /// Every collective of the step, on this thread or the communication thread
     /// (`overlap_comm`), overlapped or not.
     pub comm: f64,
-    /// The part of `comm` that ran on the communication thread while this rank's backward was
-    /// still running (`overlap_comm` at stages 0–2 on an engine that hands its gradients out
-    /// during the backward): each collective's time from its start to its end or to the end of
-    /// the backward, whichever came first. `comm − comm_overlapped` is what the step waited for.
+    /// The part of `comm` that ran on the communication thread while this rank's engine was
+    /// not waiting for it (`overlap_comm` on an engine that hands its gradients out during the
+    /// backward). Stages 0–2: each bucket's collective from its start to its end or to the end
+    /// of the backward, whichever came first. Stage 3: each gradient's collectives less the
+    /// times the engine waited for a gather (queued behind them) or for the thread to finish.
+    /// `comm − comm_overlapped` is about what the step waited for.
     pub comm_overlapped: f64,
 }
 
@@ -496,8 +498,10 @@ impl ZeroDriver {
     /// [`TrainingEngine::loss_and_backward_layered`] with a [`Gather`] hook, which all-gathers a
     /// group's parameters from every rank's shard when the engine asks for them and
     /// reduce-scatters each group's gradient into this rank's chunk as soon as the engine hands
-    /// it over. No whole-model buffer exists on this path. `None`: the engine cannot (nothing
-    /// happened), and the caller takes the whole-model path.
+    /// it over: in line, or with `overlap_comm` queued on a communication thread that runs the
+    /// gathers too (through a [`Relay`]), in the hook's order. No whole-model buffer exists on
+    /// this path. `None`: the engine cannot (nothing happened), and the caller takes the
+    /// whole-model path.
     fn step_layered(
         &mut self,
         engine: &mut dyn TrainingEngine,
