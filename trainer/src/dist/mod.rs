@@ -11,7 +11,9 @@
 //!   on the device (no host copy at all; at world size 1 this is the plain run bit for bit);
 //!   on the CPU engine the driver sums the gradients in buckets as the backward hands them out
 //!   (next points) and puts the sums back into the engine
-//!   ([`TrainingEngine::set_gradients`]); an engine that cannot hand them out sums its host
+//!   ([`TrainingEngine::set_gradients`]; this keeps a whole-model flat gradient buffer in the
+//!   driver, and copies the sums once more on the way in); an engine that cannot hand them out
+//!   sums its host
 //!   tensors with the host collective after the backward.
 //! - Stages 1–2 without `offload_optimizer` on an engine that shards its optimizer where the
 //!   gradients live ([`TrainingEngine::shard_optimizer`]; the GPU engine over NCCL, see
