@@ -4,8 +4,8 @@
 use std::path::Path;
 
 use reference::engine::{
-    check_len, params_from_named, to_named, EvalLoss, LossOutput, NamedTensors, OptimizerState,
-    ParamGroup, ParamHook,
+    check_len, params_from_named, to_named, EvalLoss, GradHook, LossOutput, NamedTensors,
+    OptimizerState, ParamGroup, ParamHook,
 };
 use reference::model::Batch;
 use reference::optim::{AdamW, StepStats};
@@ -538,6 +538,87 @@ impl TrainingEngine for SimdEngine {
         self.d_logits = d_logits;
         self.layered_peak = Some(live.peak);
         out.map(Some)
+    }
+
+    /// The whole-model backward of [`TrainingEngine::loss_and_backward`] (the same kernels in
+    /// the same order, so the same bits), with each group's accumulated gradient handed to
+    /// `hook` as the backward finishes it. The hook runs on the caller's thread, between the
+    /// pieces of the backward that run on the engine's pool.
+    fn loss_and_backward_streamed(
+        &mut self,
+        input: &Batch,
+        targets: &[u32],
+        mask: Option<&[bool]>,
+        state: Option<&State<f32>>,
+        grad_scale: f64,
+        hook: &mut dyn GradHook,
+    ) -> Result<Option<LossOutput>> {
+        self.require_f32("training")?;
+        self.check_held("training")?;
+        self.refresh();
+        self.master();
+        self.grads_mut();
+        let mut st = state
+            .cloned()
+            .unwrap_or_else(|| State::zeros(&self.cfg, input.batch));
+        let init = st.clone();
+        let mut logits = std::mem::take(&mut self.logits);
+        let mut d_logits = std::mem::take(&mut self.d_logits);
+        let (isa, cfg, w, s) = (self.isa, &self.cfg, &self.weights, &mut self.scratch);
+        let params = self.params.as_ref().expect("made by master()");
+        let grads = self.grads.as_mut().expect("made by grads_mut()");
+        let pool = &self.pool;
+        let outer = ParamGroup::Outer.tensors(cfg);
+        let out = (|| -> Result<LossOutput> {
+            let (cache, loss, n_targets) = pool.install(|| -> Result<_> {
+                let all = Logits::All(&mut logits);
+                let cache = forward(isa, cfg, w, input, &mut st, s, all, true)?.expect("kept");
+                d_logits.clear();
+                d_logits.resize(logits.len(), 0.0);
+                let (loss, n_targets) = crate::loss::cross_entropy_into(
+                    pool,
+                    &logits,
+                    targets,
+                    mask,
+                    cfg.vocab_size,
+                    grad_scale as f32,
+                    &mut d_logits,
+                )?;
+                Ok((cache, loss, n_targets))
+            })?;
+            let mut done = |g: ParamGroup, grads: &Params<f32>| match g {
+                ParamGroup::Layer(i) => hook.gradients(g, &grads.layers[i].tensors()),
+                ParamGroup::Outer => {
+                    let all = grads.tensors();
+                    hook.gradients(g, &outer.iter().map(|&i| all[i]).collect::<Vec<_>>())
+                }
+            };
+            let grad_state = crate::backward::backward_each(
+                pool,
+                cfg,
+                params,
+                input,
+                Some(&init),
+                &cache,
+                &d_logits,
+                None,
+                grads,
+                &mut done,
+            )?;
+            Ok(LossOutput {
+                loss,
+                n_targets,
+                grad_state,
+            })
+        })();
+        self.logits = logits;
+        self.d_logits = d_logits;
+        out.map(Some)
+    }
+
+    fn set_gradients(&mut self, named: &[(String, Tensor<f32>)]) -> Result<()> {
+        self.grads = Some(params_from_named(&self.cfg, named)?);
+        Ok(())
     }
 
     fn zero_grad(&mut self) -> Result<()> {

@@ -104,4 +104,30 @@ fn two_launched_cpu_ranks_train_like_two_in_process_ranks() {
         model_bytes(&launched) == model_bytes(&inproc),
         "two launched ranks (TCP) and two in-process ranks give different weights"
     );
+
+    // Launched again with overlap_comm: each rank's communication thread drives its TCP
+    // connection while the backward runs, and the weights keep their bits.
+    let overlapped = dir.join("overlapped");
+    let cfg_path = dir.join("run-overlap.toml");
+    std::fs::write(&cfg_path, config_text(&overlapped, &manifest)).unwrap();
+    let ds = dir.join("ds-overlap.json");
+    std::fs::write(
+        &ds,
+        r#"{"train_micro_batch_size_per_gpu": "auto", "zero_optimization": {"stage": 2, "reduce_bucket_size": 5000, "overlap_comm": true}}"#,
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_vet-train"))
+        .args(["launch", "--nproc-per-node", "2", "--", "--config"])
+        .arg(&cfg_path)
+        .args(["--device", "cpu", "--threads", "1", "--deepspeed"])
+        .arg(&ds)
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "vet-train launch failed:\n{text}");
+    assert!(
+        model_bytes(&overlapped) == model_bytes(&inproc),
+        "overlap_comm over TCP changed the weights"
+    );
 }

@@ -138,6 +138,18 @@ pub trait ParamHook {
     fn gradients(&mut self, group: ParamGroup, grads: &[&Tensor<f32>]) -> Result<()>;
 }
 
+/// The caller's side of [`TrainingEngine::loss_and_backward_streamed`]: where the engine hands
+/// over each [`ParamGroup`]'s gradient as soon as the backward is done with it, so that the
+/// caller can start summing it over the ranks while the backward goes on (ZeRO stages 0–2 with
+/// `overlap_comm`, `trainer::dist::zero`).
+pub trait GradHook {
+    /// The group's gradient buffers (its tensors in canonical order) as they stand now and
+    /// will stay when the call returns: what the buffers held before the call plus this call's
+    /// gradient, final for this call. Every group is handed over exactly once per call. The
+    /// hook copies what it needs; the engine keeps the buffers.
+    fn gradients(&mut self, group: ParamGroup, grads: &[&Tensor<f32>]) -> Result<()>;
+}
+
 /// A ticket for a state an engine holds (see [`InferenceEngine::hold_state`]). An engine
 /// holds one state at a time: holding another invalidates earlier tickets, and using a stale
 /// ticket is an error, never a silent use of someone else's state.
@@ -353,11 +365,11 @@ pub trait InferenceEngine {
 /// # What comes next: sharded and overlapped training
 ///
 /// Two methods are here for the distributed trainer (DeepSpeed ZeRO, see DESIGN.md):
-/// - [`TrainingEngine::gradients_of_layer`] hands out one layer's gradients. Today it is
-///   called after the backward; a tier that overlaps communication with the backward will
-///   call a per-layer hook from inside its backward as each layer's gradients are final
-///   (layers finish in reverse order, `n_layer - 1` first, then the embedding and head),
-///   with the same tensors this method returns.
+/// - [`TrainingEngine::gradients_of_layer`] hands out one layer's gradients after the
+///   backward; [`TrainingEngine::loss_and_backward_streamed`] hands each group's out from
+///   inside the backward as soon as it is final (layers in reverse order, `n_layer - 1`
+///   first, then the embedding and head) through a [`GradHook`], so that the caller can sum
+///   them over the ranks while the backward goes on (the simd engine implements it).
 /// - [`TrainingEngine::optimizer_step_range`] steps only a slice of the parameters (the
 ///   rank's shard of the AdamW state), clipped with a global gradient norm the caller
 ///   reduced over every rank.
@@ -434,6 +446,38 @@ pub trait TrainingEngine: InferenceEngine {
     ) -> Result<Option<LossOutput>> {
         let _ = (input, targets, mask, state, grad_scale, hook);
         Ok(None)
+    }
+    /// [`TrainingEngine::loss_and_backward`] (no state carried out; the same gradient buffers,
+    /// *added* to, and the same bits) that hands each [`ParamGroup`]'s accumulated gradient to
+    /// `hook` as soon as the backward has finished with it: the layers in reverse order
+    /// (`n_layer - 1` first), then the outer group (the tied embedding's gradient is final only
+    /// after the lookup's backward). The engine keeps its parameters and buffers (unlike
+    /// [`TrainingEngine::loss_and_backward_layered`]). An error from the hook stops the
+    /// backward and is returned. `Ok(None)` (the default): this engine cannot, and nothing
+    /// happened (the hook is not called); the caller runs
+    /// [`TrainingEngine::loss_and_backward`] and reads [`TrainingEngine::gradients`] after it
+    /// instead. A device engine would implement it by handing over host copies of each group
+    /// (or a device variant of the hook) as its backward passes that group.
+    fn loss_and_backward_streamed(
+        &mut self,
+        input: &Batch,
+        targets: &[u32],
+        mask: Option<&[bool]>,
+        state: Option<&State<f32>>,
+        grad_scale: f64,
+        hook: &mut dyn GradHook,
+    ) -> Result<Option<LossOutput>> {
+        let _ = (input, targets, mask, state, grad_scale, hook);
+        Ok(None)
+    }
+    /// Replaces the gradient buffers (named f32 tensors in canonical order), e.g. with sums
+    /// over the ranks computed outside the engine, before [`TrainingEngine::optimizer_step`].
+    /// An engine that implements [`TrainingEngine::loss_and_backward_streamed`] and sums its
+    /// own gradients ([`TrainingEngine::all_reduce_gradients`]) implements this too. The
+    /// default says this engine cannot.
+    fn set_gradients(&mut self, named: &[(String, Tensor<f32>)]) -> Result<()> {
+        let _ = named;
+        Err(unsupported(&self.name(), "set_gradients"))
     }
     /// Clears the gradient buffers.
     fn zero_grad(&mut self) -> Result<()>;

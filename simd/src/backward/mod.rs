@@ -9,6 +9,7 @@
 
 use rayon::prelude::*;
 use rayon::ThreadPool;
+use reference::engine::ParamGroup;
 use reference::model::{Batch, ForwardCache, LayerCache};
 use reference::ops::conv1d::{conv1d_last_bwd, ConvDims};
 use reference::{Error, LayerParams, MambaConfig, Params, Result, State};
@@ -235,25 +236,45 @@ pub fn backward_final(
     d_final: Option<&State<f32>>,
     grads: &mut Params<f32>,
 ) -> Result<State<f32>> {
+    let mut none = |_: ParamGroup, _: &Params<f32>| Ok(());
+    backward_each(
+        pool, cfg, params, input, state, cache, d_logits, d_final, grads, &mut none,
+    )
+}
+
+/// [`backward_final`] that calls `done(group, grads)` as soon as the group's gradient in
+/// `grads` is final: after each layer's backward (in reverse order), and for the outer group
+/// after the embedding lookup's backward. Each piece runs on the pool (a no-op when the
+/// caller is already on it) and `done` on the caller's thread, so the same kernels run in the
+/// same order: the same bits as [`backward_final`]. An error from `done` stops the backward.
+#[allow(clippy::too_many_arguments)]
+pub fn backward_each(
+    pool: &ThreadPool,
+    cfg: &MambaConfig,
+    params: &Params<f32>,
+    input: &Batch,
+    state: Option<&State<f32>>,
+    cache: &ForwardCache<f32>,
+    d_logits: &[f32],
+    d_final: Option<&State<f32>>,
+    grads: &mut Params<f32>,
+    done: &mut dyn FnMut(ParamGroup, &Params<f32>) -> Result<()>,
+) -> Result<State<f32>> {
     check(cfg, input, state, cache, d_logits, d_final)?;
-    let mut d_resid = head_bwd(pool, cfg, params, cache, d_logits, input.rows(), grads);
+    let n = input.rows();
+    let mut d_resid = pool.install(|| head_bwd(pool, cfg, params, cache, d_logits, n, grads));
     let mut d_state = State::zeros(cfg, input.batch);
     for i in (0..cfg.n_layer).rev() {
-        let (d_in, d_conv, d_ssm) = layer_bwd(
-            pool,
-            cfg,
-            &params.layers[i],
-            &cache.layers[i],
-            input,
-            LayerStates {
-                conv_init: state.map(|s| s.conv_layer(i)),
-                ssm_init: state.map(|s| s.ssm_layer(i)),
-                d_conv_last: d_final.map(|s| s.conv_layer(i)),
-                d_ssm_last: d_final.map(|s| s.ssm_layer(i)),
-            },
-            &d_resid,
-            &mut grads.layers[i],
-        );
+        let states = LayerStates {
+            conv_init: state.map(|s| s.conv_layer(i)),
+            ssm_init: state.map(|s| s.ssm_layer(i)),
+            d_conv_last: d_final.map(|s| s.conv_layer(i)),
+            d_ssm_last: d_final.map(|s| s.ssm_layer(i)),
+        };
+        let (lp, lc, gl) = (&params.layers[i], &cache.layers[i], &mut grads.layers[i]);
+        let (d_in, d_conv, d_ssm) =
+            pool.install(|| layer_bwd(pool, cfg, lp, lc, input, states, &d_resid, gl));
+        done(ParamGroup::Layer(i), grads)?;
         for (g, d) in d_resid.iter_mut().zip(&d_in) {
             *g += *d;
         }
@@ -261,6 +282,7 @@ pub fn backward_final(
         d_state.ssm_layer_mut(i).copy_from_slice(&d_ssm);
     }
     embed_bwd(cfg, input, &d_resid, &mut grads.embeddings.data);
+    done(ParamGroup::Outer, grads)?;
     Ok(d_state)
 }
 

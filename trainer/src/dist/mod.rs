@@ -9,7 +9,12 @@
 //!   the engine's own AdamW on identical sums, and the driver's shard is only a copy for
 //!   checkpoints. On the GPU engine over NCCL the flat gradient buffer is all-reduced in place
 //!   on the device (no host copy at all; at world size 1 this is the plain run bit for bit);
-//!   the CPU engines sum their host tensors with the host collective.
+//!   on the CPU engine the driver sums the gradients in buckets as the backward hands them out
+//!   (next points) and puts the sums back into the engine
+//!   ([`TrainingEngine::set_gradients`]; this keeps a whole-model flat gradient buffer in the
+//!   driver, and copies the sums once more on the way in); an engine that cannot hand them out
+//!   sums its host
+//!   tensors with the host collective after the backward.
 //! - Stages 1–2 without `offload_optimizer` on an engine that shards its optimizer where the
 //!   gradients live ([`TrainingEngine::shard_optimizer`]; the GPU engine over NCCL, see
 //!   `gpu/src/zero.rs`): the engine keeps AdamW's moments for this rank's flat chunk only,
@@ -21,13 +26,40 @@
 //!   host memory, and AdamW runs on the host with the simd tier's kernel: what DeepSpeed calls
 //!   `offload_optimizer: {device: "cpu"}`. On the CPU engine that is the only place it could
 //!   be; GPU engines take it with `offload_optimizer` and at stage 3.
-//! - The engines run the forward and backward of a whole step at once
-//!   ([`TrainingEngine::loss_and_backward`]), so gradient buckets are reduced after the
-//!   backward, not overlapped with it (`overlap_comm` has no effect and says so), and the
-//!   wall-clock breakdown reports forward and backward together. Stage 3 on the CPU engine
-//!   reduces each layer's gradient right after that layer's backward, but in line with it
-//!   (the collectives are synchronous), not overlapped either; its breakdown counts the
-//!   gathers and reduce-scatters as communication.
+//! - Stages 0–2 on the CPU engine (every path above that reduces on the host): every
+//!   micro-batch but the last accumulates in the engine, and the last runs through
+//!   [`TrainingEngine::loss_and_backward_streamed`], which hands each group's gradient (a layer,
+//!   or the embedding, final norm and head; now final) out as soon as the backward is done
+//!   with it: the layers in reverse order, the outer group last. The driver packs them whole,
+//!   in that order, into buckets of about `reduce_bucket_size` elements and sums each full
+//!   bucket over the ranks, all-reduce at stages 0–1, reduce-scatter at stage 2 (each rank's
+//!   part of the bucket padded to the longest; a bucket so lopsided across the chunks that
+//!   the padding would move more than twice it is all-reduced instead). With `overlap_comm` a
+//!   communication thread (scoped to the step, owning the communicator until the last bucket
+//!   is summed) runs the collectives while the backward goes on; without it they run in line,
+//!   in the backward, as each bucket fills. Either way the collectives are issued in the order
+//!   the buckets filled, the same on every rank, and each element is the rank-order sum of the
+//!   engines' buffers, so the bits are those of reducing after the whole backward. Only the
+//!   last micro-batch overlaps (the gradients are final only then), and with the default
+//!   bucket size of 5·10⁸ a small model is one bucket, which nothing can overlap. The engines
+//!   that cannot hand gradients out (GPU, reference) and stateful training (`carry_state`,
+//!   [`ZeroDriver::step_with`]) reduce after the backward, as before.
+//! - The wall-clock breakdown reports forward and backward together (the engines fuse them;
+//!   with in-line buckets their collectives are taken out), `comm` every collective's seconds
+//!   wherever it ran, and `comm_overlapped` the part of them that ran on the communication
+//!   thread before the backward ended (each collective counted from its start to its end or
+//!   the backward's end, whichever is first), so `comm − comm_overlapped` is what the step
+//!   waited for. `comms_logger` lists each bucket's collective.
+//! - Stage 3 on the CPU engine reduce-scatters each layer's gradient right after that layer's
+//!   backward (below). Without `overlap_comm` in line with it; with it, the gradient is queued
+//!   on a communication thread (scoped to the step) and the backward goes on, and the
+//!   parameter gathers go through the same thread (a relay the hook waits on) so that every
+//!   collective keeps the hook's order, the same on every rank: the bits are those of the
+//!   in-line run. A gather queued behind reduce-scatters waits for them, so the backward gains
+//!   where the next group needs no collective (prefetched ahead) and the reduce-scatter of
+//!   the last layers and the outer group; `comm_overlapped` counts the reduce-scatters'
+//!   seconds while this thread was not waiting for a gather or for the thread to finish, and a
+//!   gather's `comms_logger` seconds include its wait in the queue.
 //! - Stage 3 keeps the parameters sharded in the driver between steps (each rank its flat
 //!   chunk of the f32 master weights, with AdamW's moments) and, on an engine that steps layer
 //!   by layer ([`TrainingEngine::loss_and_backward_layered`]; the simd engine), gathers them
@@ -51,8 +83,10 @@
 //!     gathers the next group of the fill order with it (their flat ranges merged where they
 //!     touch, so two adjacent layers move in one collective) if that group has at most
 //!     `stage3_prefetch_bucket_size` elements and both fit, with what the engine holds, in
-//!     `stage3_max_live_parameters`; the next fill is then served from it. The collectives are
-//!     synchronous, so this saves collectives (about half), not time overlapped with compute.
+//!     `stage3_max_live_parameters`; the next fill is then served from it. The gathers are
+//!     synchronous, so this saves collectives (about half), not time overlapped with compute
+//!     (with `overlap_comm`, a fill served from a prefetch does not wait behind the queued
+//!     reduce-scatters).
 //!     At most two groups are live (one with a live limit below two groups), plus the hook's
 //!     staging buffers while a range moves (at most twice the range: a range whose parts are
 //!     lopsided across the chunks moves part by part, by broadcast and all-reduce, instead of

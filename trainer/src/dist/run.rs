@@ -197,7 +197,7 @@ impl Dist {
         let z = &self.driver.cfg;
         if z.wall_clock_breakdown {
             let b = &self.last;
-            let line = json!({"step": step, "forward_backward_s": b.forward_backward, "optimizer_step_s": b.step, "communication_s": b.comm});
+            let line = json!({"step": step, "forward_backward_s": b.forward_backward, "optimizer_step_s": b.step, "communication_s": b.comm, "communication_overlapped_s": b.comm_overlapped});
             writeln!(metrics, "{line}")?;
         }
         if z.comms_logger {

@@ -8,11 +8,12 @@
 //! so the gradients (and, without clipping, the weights) agree bit for bit with that run.
 
 use std::ops::Range;
+use std::sync::mpsc;
 use std::time::Instant;
 
 use rayon::ThreadPool;
 use reference::comm::{Comm, CommResult};
-use reference::engine::{ParamGroup, ParamHook};
+use reference::engine::{GradHook, ParamGroup, ParamHook};
 use reference::model::Batch;
 use reference::{AdamWConfig, Tensor, TrainingEngine};
 
@@ -36,8 +37,16 @@ pub struct Breakdown {
     pub forward_backward: f64,
     /// The AdamW update on the host.
     pub step: f64,
-    /// Every collective of the step.
+    /// Every collective of the step, on this thread or the communication thread
+    /// (`overlap_comm`), overlapped or not.
     pub comm: f64,
+    /// The part of `comm` that ran on the communication thread while this rank's engine was
+    /// not waiting for it (`overlap_comm` on an engine that hands its gradients out during the
+    /// backward). Stages 0–2: each bucket's collective from its start to its end or to the end
+    /// of the backward, whichever came first. Stage 3: each gradient's collectives less the
+    /// times the engine waited for a gather (queued behind them) or for the thread to finish.
+    /// `comm − comm_overlapped` is about what the step waited for.
+    pub comm_overlapped: f64,
 }
 
 /// What one step did, the same on every rank.
@@ -116,6 +125,10 @@ pub struct ZeroDriver {
     /// Stage 3: whether the engine steps layer by layer
     /// ([`TrainingEngine::loss_and_backward_layered`]); `None` until the first step asks.
     layered: Option<bool>,
+    /// Stages 0–2: whether the engine hands each group's gradient out during its backward
+    /// ([`TrainingEngine::loss_and_backward_streamed`]), so that buckets are reduced as they
+    /// fill; `None` until the first step asks.
+    streamed: Option<bool>,
 }
 
 /// Runs one collective, timing it into `log`.
@@ -219,6 +232,7 @@ impl ZeroDriver {
             fill_order: fill_order(engine.config().n_layer),
             live_peak: None,
             layered: None,
+            streamed: None,
         })
     }
 
@@ -294,6 +308,13 @@ impl ZeroDriver {
                 return Ok(out);
             }
         }
+        if self.cfg.stage < 3
+            && !self.on_device
+            && self.streamed != Some(false)
+            && !micro.is_empty()
+        {
+            return self.step_streamed(engine, comm, micro, hp, lr);
+        }
         self.step_with(engine, comm, micro.len(), hp, lr, |engine, scale| {
             let mut out = MicroOut::default();
             for b in micro {
@@ -337,9 +358,33 @@ impl ZeroDriver {
             tokens,
         } = micro_batches(engine, scale)?;
         bd.forward_backward = t.elapsed().as_secs_f64();
+        let micro = MicroOut {
+            loss_sum,
+            bad,
+            tokens,
+        };
+        self.after_backward(engine, comm, bd, micro, count, (hp, lr))
+    }
+
+    /// The rest of a step whose backward left the (unsummed) gradients in the engine: summed
+    /// where they live, or copied out, reduced in buckets and handed to [`ZeroDriver::finish`].
+    fn after_backward(
+        &mut self,
+        engine: &mut dyn TrainingEngine,
+        comm: &mut dyn Comm,
+        mut bd: Breakdown,
+        micro: MicroOut,
+        count: usize,
+        (hp, lr): (&AdamWConfig, f64),
+    ) -> Result<StepOut, DistError> {
+        let MicroOut {
+            loss_sum,
+            bad,
+            tokens,
+        } = micro;
         if self.in_engine {
             let stats = [loss_sum, bad, tokens as f64];
-            return self.step_in_engine(engine, comm, bd, stats, count, (hp, lr));
+            return self.step_in_engine(engine, comm, bd, stats, count, (hp, lr), false);
         }
         if self.on_device {
             let stats = [loss_sum, bad, tokens as f64, 0.0];
@@ -352,20 +397,111 @@ impl ZeroDriver {
             .flatten_into(&engine.gradients()?, &mut self.flat_grad)?;
         bd.comm += self.reduce_gradients(comm)?;
         let grad = self.take_grad_shard();
-        let micro = MicroOut {
-            loss_sum,
-            bad,
-            tokens,
-        };
         self.finish(engine, comm, bd, grad, micro, count, (hp, lr))
+    }
+
+    /// Stages 0–2 on the host: every micro-batch but the last accumulates in the engine, and
+    /// the last runs through [`TrainingEngine::loss_and_backward_streamed`], which hands each
+    /// group's (now final) gradient out as the backward finishes it. The driver packs them into
+    /// buckets of about `reduce_bucket_size` elements in that order and sums each full bucket
+    /// over the ranks (all-reduce at stages 0–1, reduce-scatter at stage 2) on a communication
+    /// thread while the backward goes on (`overlap_comm`), or in line in the hook (without it).
+    /// Each element is still the rank-order sum of the engine's buffers, so the bits are those
+    /// of the whole-model path. An engine that cannot stream takes that path (from its last
+    /// micro-batch on, nothing run twice).
+    fn step_streamed(
+        &mut self,
+        engine: &mut dyn TrainingEngine,
+        comm: &mut dyn Comm,
+        micro: &[TrainBatch],
+        hp: &AdamWConfig,
+        lr: f64,
+    ) -> Result<StepOut, DistError> {
+        let mut bd = Breakdown {
+            comm: self.sync_engine(engine, comm)?,
+            ..Breakdown::default()
+        };
+        let t = Instant::now();
+        engine.zero_grad()?;
+        let count = micro.len();
+        let scale = self.loss_scale / (count * comm.world()) as f64;
+        let mut out = MicroOut::default();
+        let (last, rest) = micro.split_last().expect("at least one micro-batch");
+        for b in rest {
+            let lo =
+                engine.loss_and_backward(&batch(b), &b.targets, b.mask.as_deref(), None, scale)?;
+            out.add(lo.loss, b.inputs.len());
+        }
+        let scatter = self.cfg.stage == 2;
+        // Stages 0–1 sum into the whole flat buffer; stage 2 into this rank's chunk.
+        let mut dest = if scatter {
+            vec![0.0f32; self.layout.chunk]
+        } else {
+            let mut f = std::mem::take(&mut self.flat_grad);
+            f.resize(self.layout.padded(), 0.0);
+            f[self.layout.numel..].iter_mut().for_each(|x| *x = 0.0);
+            f
+        };
+        let red = ReduceCfg {
+            layout: &self.layout,
+            groups: &self.groups,
+            sizes: &self.group_sizes,
+            bucket: self.cfg.reduce_bucket_size.max(1),
+            scatter,
+            overlap: self.cfg.overlap_comm,
+        };
+        let streamed = stream(engine, comm, last, scale, &red, &mut dest, t)?;
+        let Some(s) = streamed else {
+            // Every rank runs the same engine kind, so every rank falls back here.
+            self.streamed = Some(false);
+            if !scatter {
+                self.flat_grad = dest;
+            }
+            let b = last;
+            let lo =
+                engine.loss_and_backward(&batch(b), &b.targets, b.mask.as_deref(), None, scale)?;
+            out.add(lo.loss, b.inputs.len());
+            bd.forward_backward = t.elapsed().as_secs_f64();
+            return self.after_backward(engine, comm, bd, out, count, (hp, lr));
+        };
+        self.streamed = Some(true);
+        out.add(s.loss, last.inputs.len());
+        bd.forward_backward = s.forward_backward;
+        bd.comm += s.secs;
+        bd.comm_overlapped = s.overlapped;
+        self.comms.extend(s.log);
+        if self.in_engine {
+            // The sums go back into the engine, which runs its own AdamW on them.
+            engine.set_gradients(&self.layout.unflatten(&dest))?;
+            self.flat_grad = dest;
+            let stats = [out.loss_sum, out.bad, out.tokens as f64];
+            return self.step_in_engine(engine, comm, bd, stats, count, (hp, lr), true);
+        }
+        let grad = if scatter {
+            dest
+        } else {
+            let g = dest[self.shard.range.clone()].to_vec();
+            self.flat_grad = dest;
+            g
+        };
+        self.finish(engine, comm, bd, grad, out, count, (hp, lr))
+    }
+
+    /// Stages 0–2: whether the engine hands its gradients out during the backward, so that
+    /// buckets are reduced as they fill (`Some(true)`), or the driver reduces them after the
+    /// backward (`Some(false)`: it cannot); `None` before the first step and at stage 3.
+    pub fn streamed(&self) -> Option<bool> {
+        self.streamed
     }
 
     /// Stage 3 with an engine that steps layer by layer: each micro-batch runs through
     /// [`TrainingEngine::loss_and_backward_layered`] with a [`Gather`] hook, which all-gathers a
     /// group's parameters from every rank's shard when the engine asks for them and
     /// reduce-scatters each group's gradient into this rank's chunk as soon as the engine hands
-    /// it over. No whole-model buffer exists on this path. `None`: the engine cannot (nothing
-    /// happened), and the caller takes the whole-model path.
+    /// it over: in line, or with `overlap_comm` queued on a communication thread that runs the
+    /// gathers too (through a [`Relay`]), in the hook's order. No whole-model buffer exists on
+    /// this path. `None`: the engine cannot (nothing happened), and the caller takes the
+    /// whole-model path.
     fn step_layered(
         &mut self,
         engine: &mut dyn TrainingEngine,
@@ -378,58 +514,142 @@ impl ZeroDriver {
         let count = micro.len();
         let scale = self.loss_scale / (count * comm.world()) as f64;
         let mut grad = vec![0.0f32; self.layout.chunk];
-        let mut seen = vec![false; self.groups.len()];
-        let mut out = MicroOut::default();
-        let mut hook = Gather {
+        let scatter = Scatter {
+            layout: &self.layout,
+            groups: &self.groups,
+            rank: self.rank,
+            grad: &mut grad,
+            seen: vec![false; self.groups.len()],
+            log: Vec::new(),
+        };
+        let cfg = GatherCfg {
             layout: &self.layout,
             groups: &self.groups,
             rank: self.rank,
             master: &self.shard.master,
-            grad: &mut grad,
-            seen: &mut seen,
-            comm: &mut *comm,
-            comms: &mut self.comms,
-            secs: 0.0,
             sizes: &self.group_sizes,
             order: &self.fill_order,
-            pos: 0,
-            ahead: None,
             max_live: self.cfg.stage3_max_live_parameters,
             prefetch_bucket: self.cfg.stage3_prefetch_bucket_size,
-            held: 0,
-            peak: 0,
         };
-        for b in micro {
-            let input = Batch {
-                batch: b.batch,
-                seq_len: b.seq_len,
-                tokens: &b.inputs,
-                resets: Some(&b.resets),
-            };
-            let mask = b.mask.as_deref();
-            match engine.loss_and_backward_layered(&input, &b.targets, mask, None, scale, &mut hook)
-            {
-                Ok(Some(lo)) => out.add(lo.loss, b.inputs.len()),
-                Ok(None) => {
-                    // Every rank runs the same engine kind, so every rank falls back here.
-                    self.layered = Some(false);
-                    return Ok(None);
-                }
-                Err(e) => {
-                    self.engine_current = false;
-                    return Err(e.into());
+        let comms = &mut self.comms;
+        let run = |hook: &mut Gather, engine: &mut dyn TrainingEngine| {
+            let mut out = MicroOut::default();
+            for b in micro {
+                let mask = b.mask.as_deref();
+                let lo = engine.loss_and_backward_layered(
+                    &batch(b),
+                    &b.targets,
+                    mask,
+                    None,
+                    scale,
+                    &mut *hook,
+                )?;
+                match lo {
+                    Some(lo) => out.add(lo.loss, b.inputs.len()),
+                    None => return Ok(None),
                 }
             }
-        }
-        let secs = hook.secs;
-        self.live_peak = Some(hook.peak);
+            Ok::<_, DistError>(Some(out))
+        };
+        // The micro-batches' result, the gradient side's log, the live peak, and the seconds
+        // of communication in all and overlapped with the engine.
+        let (res, log, peak, secs, overlapped) = if !self.cfg.overlap_comm {
+            let mut hook = Gather::new(cfg, GradSink::Inline(scatter), &mut *comm, comms);
+            let res = run(&mut hook, engine);
+            let GradSink::Inline(s) = hook.grads else {
+                unreachable!("made inline")
+            };
+            let secs = hook.secs + s.log.iter().map(|c| c.secs).sum::<f64>();
+            (res, s.log, hook.peak, secs, 0.0)
+        } else {
+            // Every collective of the step runs on the communication thread in the order the
+            // hook issues it: gradients queued (the backward goes on), gathers waited for
+            // through a `Relay`. So the order is the same on every rank.
+            let (rank, world) = (comm.rank(), comm.world());
+            let mut s = scatter;
+            let c: &mut dyn Comm = &mut *comm;
+            std::thread::scope(|sc| {
+                let (tx, rx) = mpsc::channel::<Job>();
+                // Each job's seconds, and when each gradient's collectives ran.
+                let thread = sc.spawn(move || {
+                    let (mut busy, mut spans) = (0.0, Vec::new());
+                    for job in rx {
+                        let t = Instant::now();
+                        let r = match job {
+                            Job::Grad(i, v) => {
+                                let r = s.reduce(&mut *c, i, &v);
+                                spans.push((t, Instant::now()));
+                                r
+                            }
+                            Job::Call(f) => {
+                                f(&mut *c);
+                                Ok(())
+                            }
+                        };
+                        busy += t.elapsed().as_secs_f64();
+                        if r.is_err() {
+                            return (r, s, busy, spans);
+                        }
+                    }
+                    (Ok(()), s, busy, spans)
+                });
+                let mut relay = Relay {
+                    tx: tx.clone(),
+                    rank,
+                    world,
+                    waits: Vec::new(),
+                };
+                let mut hook = Gather::new(cfg, GradSink::Thread(tx), &mut relay, comms);
+                let res = run(&mut hook, engine);
+                let peak = hook.peak;
+                drop(hook);
+                let t = Instant::now();
+                let mut waits = std::mem::take(&mut relay.waits);
+                drop(relay); // closes the channel: the thread ends after the last job
+                let (r, s, busy, spans) = thread.join().expect("the communication thread panicked");
+                waits.push((t, Instant::now()));
+                // A gradient's collectives overlapped the engine while this thread was not
+                // waiting for a gather or for the end.
+                let overlapped: f64 = spans
+                    .iter()
+                    .map(|&(a, e)| {
+                        let hidden = waits
+                            .iter()
+                            .map(|&(wa, we)| e.min(we).saturating_duration_since(a.max(wa)));
+                        (e - a).saturating_sub(hidden.sum()).as_secs_f64()
+                    })
+                    .sum();
+                // A failed collective first: the engine's error is then "thread stopped".
+                let res = match r {
+                    Err(e) => Err(e.into()),
+                    Ok(()) => res,
+                };
+                (res, s.log, peak, busy, overlapped.min(busy))
+            })
+        };
+        let out = match res {
+            Ok(Some(out)) => out,
+            Ok(None) => {
+                // Every rank runs the same engine kind, so every rank falls back here.
+                self.layered = Some(false);
+                return Ok(None);
+            }
+            Err(e) => {
+                self.engine_current = false;
+                return Err(e);
+            }
+        };
+        self.comms.extend(log);
+        self.live_peak = Some(peak);
         self.layered = Some(true);
         // The engine holds no parameters now; a sync gathers them all.
         self.engine_current = false;
         let bd = Breakdown {
-            forward_backward: t.elapsed().as_secs_f64() - secs,
+            forward_backward: t.elapsed().as_secs_f64() - (secs - overlapped),
             comm: secs,
             step: 0.0,
+            comm_overlapped: overlapped,
         };
         self.finish(engine, comm, bd, grad, out, count, (hp, lr))
             .map(Some)
@@ -494,8 +714,10 @@ impl ZeroDriver {
     }
 
     /// The rest of [`ZeroDriver::step`] when the engine keeps the optimizer: its gradients
-    /// summed in place where they live, then its own AdamW (identical inputs on every rank, so
-    /// identical weights). `stats`: this rank's loss sum, bad micro-batches and tokens.
+    /// summed in place where they live (unless `summed`: the driver summed them in buckets and
+    /// set them), then its own AdamW (identical inputs on every rank, so identical weights).
+    /// `stats`: this rank's loss sum, bad micro-batches and tokens.
+    #[allow(clippy::too_many_arguments)]
     fn step_in_engine(
         &mut self,
         engine: &mut dyn TrainingEngine,
@@ -504,21 +726,24 @@ impl ZeroDriver {
         mut stats: [f64; 3],
         micro: usize,
         (hp, lr): (&AdamWConfig, f64),
+        summed: bool,
     ) -> Result<StepOut, DistError> {
-        let t = Instant::now();
-        if !engine.all_reduce_gradients(comm)? {
-            return Err(DistError::Config(
-                "the engine stopped summing its own gradients".into(),
-            ));
+        if !summed {
+            let t = Instant::now();
+            if !engine.all_reduce_gradients(comm)? {
+                return Err(DistError::Config(
+                    "the engine stopped summing its own gradients".into(),
+                ));
+            }
+            let bytes = 4 * self.layout.numel;
+            let secs = t.elapsed().as_secs_f64();
+            self.comms.push(CommRecord {
+                op: "all_reduce_in_engine",
+                bytes,
+                secs,
+            });
+            bd.comm += secs;
         }
-        let bytes = 4 * self.layout.numel;
-        let secs = t.elapsed().as_secs_f64();
-        self.comms.push(CommRecord {
-            op: "all_reduce_in_engine",
-            bytes,
-            secs,
-        });
-        bd.comm += secs;
         bd.comm += timed(&mut self.comms, "all_reduce_f64", 24, || {
             comm.all_reduce_sum_f64(&mut stats)
         })?;
@@ -789,10 +1014,10 @@ struct Gather<'a> {
     rank: usize,
     /// This rank's chunk of the master weights.
     master: &'a [f32],
-    /// This rank's chunk of the summed gradient.
-    grad: &'a mut [f32],
-    /// Groups whose gradient arrived already this step (the next one adds to it).
-    seen: &'a mut [bool],
+    /// Where each group's gradient goes: reduce-scattered in line, or sent to the
+    /// communication thread (`overlap_comm`), which then also runs every gather, in order.
+    grads: GradSink<'a>,
+    /// The communicator, or with `overlap_comm` a [`Relay`] to the communication thread.
     comm: &'a mut dyn Comm,
     comms: &'a mut Vec<CommRecord>,
     secs: f64,
@@ -811,6 +1036,48 @@ struct Gather<'a> {
     held: usize,
     /// The most parameter elements live at once (held by the engine plus gathered ahead).
     peak: usize,
+}
+
+/// What a [`Gather`] reads: the layout, its groups and this rank's master weights, the fill
+/// order, and the stage-3 limits.
+#[derive(Clone, Copy)]
+struct GatherCfg<'a> {
+    layout: &'a FlatLayout,
+    groups: &'a [Vec<Range<usize>>],
+    rank: usize,
+    master: &'a [f32],
+    sizes: &'a [usize],
+    order: &'a [ParamGroup],
+    max_live: usize,
+    prefetch_bucket: usize,
+}
+
+impl<'a> Gather<'a> {
+    fn new(
+        c: GatherCfg<'a>,
+        grads: GradSink<'a>,
+        comm: &'a mut dyn Comm,
+        comms: &'a mut Vec<CommRecord>,
+    ) -> Gather<'a> {
+        Gather {
+            layout: c.layout,
+            groups: c.groups,
+            rank: c.rank,
+            master: c.master,
+            grads,
+            comm,
+            comms,
+            secs: 0.0,
+            sizes: c.sizes,
+            order: c.order,
+            pos: 0,
+            ahead: None,
+            max_live: c.max_live,
+            prefetch_bucket: c.prefetch_bucket,
+            held: 0,
+            peak: 0,
+        }
+    }
 }
 
 /// The order in which [`TrainingEngine::loss_and_backward_layered`] fills the groups of one
@@ -912,10 +1179,16 @@ impl Gather<'_> {
         Ok(out)
     }
 
-    /// Each rank's part of the flat range `r` (inside its chunk) and the longest part.
     fn parts(&self, r: &Range<usize>) -> (Vec<Range<usize>>, usize) {
-        let c = self.layout.chunk;
-        let parts: Vec<Range<usize>> = (0..self.layout.world)
+        parts(self.layout, r)
+    }
+}
+
+/// Each rank's part of the flat range `r` (inside its chunk) and the longest part.
+fn parts(layout: &FlatLayout, r: &Range<usize>) -> (Vec<Range<usize>>, usize) {
+    {
+        let c = layout.chunk;
+        let parts: Vec<Range<usize>> = (0..layout.world)
             .map(|q| {
                 let (lo, hi) = (r.start.max(q * c), r.end.min((q + 1) * c));
                 // An empty part sits at the chunk's start.
@@ -1001,18 +1274,139 @@ impl ParamHook for Gather<'_> {
         if got != want {
             return Err(group_error(g, got, want));
         }
+        let values: Vec<f32> = grads.iter().flat_map(|t| t.data.iter().copied()).collect();
+        match &mut self.grads {
+            GradSink::Inline(s) => s.reduce(&mut *self.comm, idx, &values)?,
+            GradSink::Thread(tx) => tx
+                .send(Job::Grad(idx, values))
+                .map_err(|_| stopped(self.rank))?,
+        }
+        Ok(())
+    }
+}
+
+/// Where the stage-3 hook's gradients go.
+enum GradSink<'a> {
+    Inline(Scatter<'a>),
+    Thread(mpsc::Sender<Job>),
+}
+
+/// What the stage-3 hook asks of the communication thread, in order: a group's gradient to
+/// reduce-scatter (nothing waits for it), or a collective to run for the hook (which waits).
+enum Job {
+    Grad(usize, Vec<f32>),
+    Call(Call),
+}
+
+/// A collective for the communication thread to run, with where its result goes.
+type Call = Box<dyn FnOnce(&mut dyn Comm) + Send>;
+
+fn stopped(rank: usize) -> reference::comm::CommError {
+    reference::comm::CommError {
+        rank,
+        peer: None,
+        op: "communication thread",
+        msg: "it stopped (a collective failed)".into(),
+    }
+}
+
+/// The stage-3 hook's communicator with `overlap_comm`: each collective runs on the
+/// communication thread, after the gradients queued before it, and the caller waits for it.
+/// Buffers cross as copies.
+struct Relay {
+    tx: mpsc::Sender<Job>,
+    rank: usize,
+    world: usize,
+    /// When the caller waited for a collective.
+    waits: Vec<(Instant, Instant)>,
+}
+
+impl Relay {
+    fn call<R: Send + 'static>(
+        &mut self,
+        f: impl FnOnce(&mut dyn Comm) -> CommResult<R> + Send + 'static,
+    ) -> CommResult<R> {
+        let t = Instant::now();
+        let (rtx, rrx) = mpsc::channel();
+        let job = Job::Call(Box::new(move |c: &mut dyn Comm| {
+            let _ = rtx.send(f(c));
+        }));
+        self.tx.send(job).map_err(|_| stopped(self.rank))?;
+        let r = rrx.recv().map_err(|_| stopped(self.rank))?;
+        self.waits.push((t, Instant::now()));
+        r
+    }
+}
+
+impl Comm for Relay {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+    fn world(&self) -> usize {
+        self.world
+    }
+    fn all_reduce_sum(&mut self, data: &mut [f32]) -> CommResult<()> {
+        let mut v = data.to_vec();
+        let v = self.call(move |c| c.all_reduce_sum(&mut v).map(|_| v))?;
+        data.copy_from_slice(&v);
+        Ok(())
+    }
+    fn all_reduce_sum_f64(&mut self, data: &mut [f64]) -> CommResult<()> {
+        let mut v = data.to_vec();
+        let v = self.call(move |c| c.all_reduce_sum_f64(&mut v).map(|_| v))?;
+        data.copy_from_slice(&v);
+        Ok(())
+    }
+    fn reduce_scatter_sum(&mut self, input: &[f32], output: &mut [f32]) -> CommResult<()> {
+        let (i, mut o) = (input.to_vec(), output.to_vec());
+        let o = self.call(move |c| c.reduce_scatter_sum(&i, &mut o).map(|_| o))?;
+        output.copy_from_slice(&o);
+        Ok(())
+    }
+    fn all_gather(&mut self, input: &[f32], output: &mut [f32]) -> CommResult<()> {
+        let (i, mut o) = (input.to_vec(), output.to_vec());
+        let o = self.call(move |c| c.all_gather(&i, &mut o).map(|_| o))?;
+        output.copy_from_slice(&o);
+        Ok(())
+    }
+    fn broadcast(&mut self, data: &mut [u8], root: usize) -> CommResult<()> {
+        let mut v = data.to_vec();
+        let v = self.call(move |c| c.broadcast(&mut v, root).map(|_| v))?;
+        data.copy_from_slice(&v);
+        Ok(())
+    }
+    fn barrier(&mut self) -> CommResult<()> {
+        self.call(|c| c.barrier())
+    }
+}
+
+/// The gradient side of the stage-3 hook: each group's gradient reduce-scattered into this
+/// rank's chunk (see [`Gather`] for the parts and [`lopsided`] ranges), added to what earlier
+/// micro-batches left there.
+struct Scatter<'a> {
+    layout: &'a FlatLayout,
+    groups: &'a [Vec<Range<usize>>],
+    rank: usize,
+    /// This rank's chunk of the summed gradient.
+    grad: &'a mut [f32],
+    /// Groups whose gradient arrived already this step (the next one adds to it).
+    seen: Vec<bool>,
+    log: Vec<CommRecord>,
+}
+
+impl Scatter<'_> {
+    fn reduce(&mut self, comm: &mut dyn Comm, idx: usize, values: &[f32]) -> CommResult<()> {
         let first = !self.seen[idx];
         self.seen[idx] = true;
         let (world, base) = (self.layout.world, self.rank * self.layout.chunk);
-        let mut src = grads.iter().flat_map(|t| t.data.iter());
+        let mut src = values.iter();
         for r in &self.groups[idx] {
-            let (parts, n) = self.parts(r);
+            let (parts, n) = parts(self.layout, r);
             if lopsided(world, n, r) {
                 // Each owner's part all-reduced (the same rank-order sums), kept by the owner.
                 for (q, p) in parts.iter().enumerate().filter(|(_, p)| !p.is_empty()) {
                     let mut part: Vec<f32> = src.by_ref().take(p.len()).copied().collect();
-                    let comm = &mut *self.comm;
-                    self.secs += timed(self.comms, "all_reduce_group", 4 * part.len(), || {
+                    timed(&mut self.log, "all_reduce_group", 4 * part.len(), || {
                         comm.all_reduce_sum(&mut part)
                     })?;
                     if q == self.rank {
@@ -1033,10 +1427,12 @@ impl ParamHook for Gather<'_> {
                 }
             }
             let mut out = vec![0.0f32; n];
-            let comm = &mut *self.comm;
-            self.secs += timed(self.comms, "reduce_scatter_group", 4 * input.len(), || {
-                comm.reduce_scatter_sum(&input, &mut out)
-            })?;
+            timed(
+                &mut self.log,
+                "reduce_scatter_group",
+                4 * input.len(),
+                || comm.reduce_scatter_sum(&input, &mut out),
+            )?;
             let p = &parts[self.rank];
             let dst = &mut self.grad[p.start - base..p.end - base];
             if first {
@@ -1044,6 +1440,306 @@ impl ParamHook for Gather<'_> {
             } else {
                 dst.iter_mut().zip(&out).for_each(|(d, s)| *d += *s);
             }
+        }
+        Ok(())
+    }
+}
+
+/// The batch of a micro-batch, as the engines take it.
+fn batch(b: &TrainBatch) -> Batch<'_> {
+    Batch {
+        batch: b.batch,
+        seq_len: b.seq_len,
+        tokens: &b.inputs,
+        resets: Some(&b.resets),
+    }
+}
+
+/// How [`stream`] reduces a step's gradient.
+struct ReduceCfg<'a> {
+    layout: &'a FlatLayout,
+    /// The flat ranges and elements of each [`ParamGroup`] (the layers in order, then the
+    /// outer group).
+    groups: &'a [Vec<Range<usize>>],
+    sizes: &'a [usize],
+    /// `reduce_bucket_size` (at least 1).
+    bucket: usize,
+    /// Stage 2: reduce-scatter into this rank's chunk; otherwise all-reduce into the flat
+    /// buffer.
+    scatter: bool,
+    /// `overlap_comm`: reduce on a communication thread.
+    overlap: bool,
+}
+
+/// What [`stream`] did: the last micro-batch's loss, the collectives, their seconds (all, and
+/// overlapped with the backward), and the seconds of the forward and backward.
+struct Streamed {
+    loss: f64,
+    log: Vec<CommRecord>,
+    secs: f64,
+    overlapped: f64,
+    forward_backward: f64,
+}
+
+/// Runs micro-batch `b` through [`TrainingEngine::loss_and_backward_streamed`] with a
+/// [`Packer`] as the hook, and sums every bucket into `dest` (the padded flat buffer, or this
+/// rank's chunk at stage 2). With `overlap` the buckets go to a scoped communication thread,
+/// which owns `comm` until the backward is done and every bucket is reduced; the collectives
+/// are issued in the order the buckets filled, which is the same on every rank. `t`: when the
+/// step's forward and backward began. `None`: the engine cannot (nothing happened).
+fn stream(
+    engine: &mut dyn TrainingEngine,
+    comm: &mut dyn Comm,
+    b: &TrainBatch,
+    scale: f64,
+    red: &ReduceCfg,
+    dest: &mut [f32],
+    t: Instant,
+) -> Result<Option<Streamed>, DistError> {
+    let input = batch(b);
+    let mask = b.mask.as_deref();
+    let packer = |sink| Packer {
+        groups: red.groups,
+        sizes: red.sizes,
+        bucket: red.bucket,
+        cur: Bucket::default(),
+        seen: vec![false; red.groups.len()],
+        sink,
+    };
+    let reducer = Reducer {
+        comm,
+        layout: red.layout,
+        scatter: red.scatter,
+        dest,
+        log: Vec::new(),
+        spans: Vec::new(),
+    };
+    if !red.overlap {
+        let mut p = packer(Sink::Inline(reducer));
+        let lo =
+            engine.loss_and_backward_streamed(&input, &b.targets, mask, None, scale, &mut p)?;
+        let Some(lo) = lo else { return Ok(None) };
+        p.finish()?;
+        let Sink::Inline(r) = p.sink else {
+            unreachable!("made inline")
+        };
+        let secs = r.log.iter().map(|c| c.secs).sum::<f64>();
+        return Ok(Some(Streamed {
+            loss: lo.loss,
+            forward_backward: t.elapsed().as_secs_f64() - secs,
+            log: r.log,
+            secs,
+            overlapped: 0.0,
+        }));
+    }
+    std::thread::scope(|s| {
+        let (tx, rx) = mpsc::channel::<Bucket>();
+        let thread = s.spawn(move || -> CommResult<Reducer> {
+            let mut r = reducer;
+            for b in rx {
+                r.reduce(b)?;
+            }
+            Ok(r)
+        });
+        let mut p = packer(Sink::Thread(tx));
+        let lo = engine.loss_and_backward_streamed(&input, &b.targets, mask, None, scale, &mut p);
+        let lo = lo.and_then(|lo| {
+            if lo.is_some() {
+                p.finish()?;
+            }
+            Ok(lo)
+        });
+        let done = Instant::now();
+        drop(p); // closes the channel: the thread ends after the last bucket
+        let r = thread.join().expect("the communication thread panicked");
+        // A failed collective first: the engine's error is then the hook's "thread stopped".
+        let r = r?;
+        let Some(lo) = lo? else { return Ok(None) };
+        let overlapped = r
+            .spans
+            .iter()
+            .map(|&(a, e)| e.min(done).saturating_duration_since(a).as_secs_f64())
+            .sum();
+        Ok(Some(Streamed {
+            loss: lo.loss,
+            forward_backward: (done - t).as_secs_f64(),
+            secs: r.log.iter().map(|c| c.secs).sum(),
+            log: r.log,
+            overlapped,
+        }))
+    })
+}
+
+/// Gradients packed for one collective: flat ranges and their values, end to end.
+#[derive(Default)]
+struct Bucket {
+    ranges: Vec<Range<usize>>,
+    values: Vec<f32>,
+}
+
+/// Where a full bucket goes: reduced in line, or sent to the communication thread.
+enum Sink<'a> {
+    Inline(Reducer<'a>),
+    Thread(mpsc::Sender<Bucket>),
+}
+
+/// The [`GradHook`] of a streamed step: packs each group's gradient, as the engine hands it
+/// over, into the current bucket. A group goes into the bucket whole; the bucket is sent
+/// before a group that would take it past `bucket` elements, and as soon as it holds
+/// `bucket` or more (so a group larger than the bucket size is a bucket by itself). The last
+/// bucket is sent by [`Packer::finish`].
+struct Packer<'a> {
+    groups: &'a [Vec<Range<usize>>],
+    sizes: &'a [usize],
+    bucket: usize,
+    cur: Bucket,
+    /// Groups handed over this call.
+    seen: Vec<bool>,
+    sink: Sink<'a>,
+}
+
+impl Packer<'_> {
+    fn send(&mut self) -> reference::Result<()> {
+        if self.cur.values.is_empty() {
+            return Ok(());
+        }
+        let b = std::mem::take(&mut self.cur);
+        match &mut self.sink {
+            Sink::Inline(r) => r.reduce(b)?,
+            Sink::Thread(tx) => tx.send(b).map_err(|_| reference::Error::Device {
+                device: "communication thread".into(),
+                msg: "it stopped (a collective failed)".into(),
+            })?,
+        }
+        Ok(())
+    }
+
+    /// Sends the last bucket, after checking that every group came.
+    fn finish(&mut self) -> reference::Result<()> {
+        if let Some(i) = self.seen.iter().position(|s| !s) {
+            return Err(reference::Error::Shape {
+                op: "streamed backward",
+                msg: format!("group {i} of {} was never handed over", self.seen.len()),
+            });
+        }
+        self.send()
+    }
+}
+
+impl GradHook for Packer<'_> {
+    fn gradients(&mut self, g: ParamGroup, grads: &[&Tensor<f32>]) -> reference::Result<()> {
+        let idx = match g {
+            ParamGroup::Layer(i) => i,
+            ParamGroup::Outer => self.groups.len() - 1,
+        };
+        let want = self.sizes.get(idx).copied();
+        let got: usize = grads.iter().map(|t| t.numel()).sum();
+        if want != Some(got)
+            || self.seen[idx]
+            || (g != ParamGroup::Outer && idx + 1 >= self.groups.len())
+        {
+            return Err(reference::Error::Shape {
+                op: "streamed backward",
+                msg: format!(
+                    "{g:?}: {got} elements (the layout has {want:?}), or handed over twice"
+                ),
+            });
+        }
+        self.seen[idx] = true;
+        if !self.cur.values.is_empty() && self.cur.values.len() + got > self.bucket {
+            self.send()?;
+        }
+        self.cur.ranges.extend(self.groups[idx].iter().cloned());
+        for t in grads {
+            self.cur.values.extend_from_slice(&t.data);
+        }
+        if self.cur.values.len() >= self.bucket {
+            self.send()?;
+        }
+        Ok(())
+    }
+}
+
+/// Sums buckets over the ranks into `dest`: all-reduce, the sums copied to their flat
+/// ranges of the padded flat buffer; or (`scatter`, stage 2) each rank's part of the bucket
+/// (its elements inside the rank's chunk) padded to the longest part and reduce-scattered, so
+/// this rank keeps the sums of its part, in its chunk. Where that padding would move more
+/// than twice the bucket (a bucket inside one or two chunks of a large world) the bucket is
+/// all-reduced instead and this rank keeps its part. Either way each element is the
+/// rank-order sum of the ranks' values: the bits of the whole-model path.
+struct Reducer<'a> {
+    comm: &'a mut dyn Comm,
+    layout: &'a FlatLayout,
+    scatter: bool,
+    dest: &'a mut [f32],
+    log: Vec<CommRecord>,
+    /// When each collective started and ended.
+    spans: Vec<(Instant, Instant)>,
+}
+
+impl Reducer<'_> {
+    fn record(&mut self, op: &'static str, bytes: usize, start: Instant) {
+        let end = Instant::now();
+        let secs = (end - start).as_secs_f64();
+        self.log.push(CommRecord { op, bytes, secs });
+        self.spans.push((start, end));
+    }
+
+    fn reduce(&mut self, b: Bucket) -> CommResult<()> {
+        let Bucket { ranges, mut values } = b;
+        if !self.scatter {
+            let start = Instant::now();
+            self.comm.all_reduce_sum(&mut values)?;
+            self.record("all_reduce", 4 * values.len(), start);
+            let mut at = 0;
+            for r in ranges {
+                self.dest[r.clone()].copy_from_slice(&values[at..at + r.len()]);
+                at += r.len();
+            }
+            return Ok(());
+        }
+        let (w, c, me) = (self.layout.world, self.layout.chunk, self.comm.rank());
+        // Each rank's part: (offset in the bucket, flat range) of its elements, in order.
+        let mut parts: Vec<Vec<(usize, Range<usize>)>> = vec![Vec::new(); w];
+        let mut at = 0;
+        for r in &ranges {
+            let mut lo = r.start;
+            while lo < r.end {
+                let q = lo / c;
+                let hi = r.end.min((q + 1) * c);
+                parts[q].push((at + lo - r.start, lo..hi));
+                lo = hi;
+            }
+            at += r.len();
+        }
+        let len = |p: &[(usize, Range<usize>)]| p.iter().map(|s| s.1.len()).sum::<usize>();
+        let n = parts.iter().map(|p| len(p)).max().unwrap_or(0);
+        let base = me * c;
+        let start = Instant::now();
+        if w * n > 2 * values.len() {
+            self.comm.all_reduce_sum(&mut values)?;
+            self.record("all_reduce", 4 * values.len(), start);
+            for (off, f) in &parts[me] {
+                self.dest[f.start - base..f.end - base]
+                    .copy_from_slice(&values[*off..*off + f.len()]);
+            }
+            return Ok(());
+        }
+        let mut input = vec![0.0f32; w * n];
+        for (q, p) in parts.iter().enumerate() {
+            let mut k = q * n;
+            for (off, f) in p {
+                input[k..k + f.len()].copy_from_slice(&values[*off..*off + f.len()]);
+                k += f.len();
+            }
+        }
+        let mut out = vec![0.0f32; n];
+        self.comm.reduce_scatter_sum(&input, &mut out)?;
+        self.record("reduce_scatter", 4 * input.len(), start);
+        let mut k = 0;
+        for (_, f) in &parts[me] {
+            self.dest[f.start - base..f.end - base].copy_from_slice(&out[k..k + f.len()]);
+            k += f.len();
         }
         Ok(())
     }
