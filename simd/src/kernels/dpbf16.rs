@@ -131,8 +131,11 @@ unsafe fn tile<const R: usize, const B: usize>(
             xv[b] = bh(_mm512_loadu_si512(xp.add(b * kp + j) as *const __m512i));
         }
         for r in 0..R {
-            // Two tiles of rows ahead, so short rows do not outrun the prefetcher.
+            // Two tiles of rows ahead into L1, so short rows do not outrun the prefetcher, and
+            // eight tiles ahead into L2 (an L1 prefetch holds one of L1's few miss buffers
+            // until the line arrives; an L2 one does not).
             _mm_prefetch::<_MM_HINT_T0>(wp.wrapping_add((2 * R + r) * k + j) as *const i8);
+            _mm_prefetch::<_MM_HINT_T1>(wp.wrapping_add((8 * R + r) * k + j) as *const i8);
             let wv = bh(_mm512_loadu_si512(wp.add(r * k + j) as *const __m512i));
             for b in 0..B {
                 acc[r][b] = _mm512_dpbf16_ps(acc[r][b], wv, xv[b]);
