@@ -622,22 +622,14 @@ extern "C" __global__ void __launch_bounds__(SCAN_THREADS) selective_scan_bwd_ma
     selective_scan_bwd_map_body(SELECTIVE_SCAN_BWD_F32_ARGS(p));
 }
 
-// Builds of the same backward: registers as the compiler likes, and capped for two blocks
-// of SCAN_THREADS per SM (`_2b`; at 128 threads both get 255 registers), three and four. The engine picks one
+// Two builds of the same backward: registers as the compiler likes, and capped for two blocks
+// of SCAN_THREADS per SM (`_2b`; at 128 threads both get 255 registers). The engine picks one
 // (gpu/src/kernels.rs). SHARE = false is the unshared softplus / SiLU path (same speed on the H200
 // at chunk 32, 3 % slower at chunk 16), kept for comparison.
 extern "C" __global__ void __launch_bounds__(SCAN_THREADS) selective_scan_bwd_f32(const SelectiveScanBwdF32 p) {
     selective_scan_bwd_body<true>(SELECTIVE_SCAN_BWD_F32_ARGS(p));
 }
 extern "C" __global__ void __launch_bounds__(SCAN_THREADS, 2) selective_scan_bwd_2b_f32(const SelectiveScanBwdF32 p) {
-    selective_scan_bwd_body<true>(SELECTIVE_SCAN_BWD_F32_ARGS(p));
-}
-// Capped for three and four blocks per SM (168 and 128 registers; both spill): with chunk 16
-// their shared memory fits that many blocks (`VET_SCAN_BWD=3b|4b`, `VET_SCAN_CHUNK=16`).
-extern "C" __global__ void __launch_bounds__(SCAN_THREADS, 3) selective_scan_bwd_3b_f32(const SelectiveScanBwdF32 p) {
-    selective_scan_bwd_body<true>(SELECTIVE_SCAN_BWD_F32_ARGS(p));
-}
-extern "C" __global__ void __launch_bounds__(SCAN_THREADS, 4) selective_scan_bwd_4b_f32(const SelectiveScanBwdF32 p) {
     selective_scan_bwd_body<true>(SELECTIVE_SCAN_BWD_F32_ARGS(p));
 }
 

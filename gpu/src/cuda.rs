@@ -137,12 +137,7 @@ impl Dev {
         let module = load_module(&name, cc, shape)?;
         let funcs = load_functions(&name, module, kernels)?;
         let smem = scan_bwd_smem(shape) as i32;
-        for k in [
-            "selective_scan_bwd_f32",
-            "selective_scan_bwd_2b_f32",
-            "selective_scan_bwd_3b_f32",
-            "selective_scan_bwd_4b_f32",
-        ] {
+        for k in ["selective_scan_bwd_f32", "selective_scan_bwd_2b_f32"] {
             // SAFETY: a valid function handle; the value is within the H200 limit (227 KiB).
             unsafe {
                 drv::function::set_function_attribute(

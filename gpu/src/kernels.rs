@@ -45,15 +45,12 @@ pub fn scan_bwd_kernel() -> &'static str {
     parse_scan_bwd(v.as_deref()).unwrap_or("selective_scan_bwd_f32")
 }
 
-/// `VET_SCAN_BWD`: unset or empty for the default build, `2b`, `3b` or `4b` for the builds
-/// capped for that many blocks per SM.
+/// `VET_SCAN_BWD`: unset or empty for the default build, `2b` for the capped one.
 pub fn parse_scan_bwd(value: Option<&str>) -> Result<&'static str, Error> {
     match value {
         None | Some("") => Ok("selective_scan_bwd_f32"),
         Some("2b") => Ok("selective_scan_bwd_2b_f32"),
-        Some("3b") => Ok("selective_scan_bwd_3b_f32"),
-        Some("4b") => Ok("selective_scan_bwd_4b_f32"),
-        Some(v) => Err(env_error("VET_SCAN_BWD", v, "unset, 2b, 3b or 4b")),
+        Some(v) => Err(env_error("VET_SCAN_BWD", v, "unset or 2b")),
     }
 }
 
@@ -260,21 +257,17 @@ mod tests {
     }
 
     #[test]
-    fn scan_bwd_accepts_unset_or_a_capped_build_and_names_the_variable_otherwise() {
+    fn scan_bwd_accepts_unset_or_2b_and_names_the_variable_otherwise() {
         assert_eq!(parse_scan_bwd(None).unwrap(), "selective_scan_bwd_f32");
         assert_eq!(parse_scan_bwd(Some("")).unwrap(), "selective_scan_bwd_f32");
         assert_eq!(
             parse_scan_bwd(Some("2b")).unwrap(),
             "selective_scan_bwd_2b_f32"
         );
-        assert_eq!(
-            parse_scan_bwd(Some("4b")).unwrap(),
-            "selective_scan_bwd_4b_f32"
-        );
-        for bad in ["2B", "1b", "two", "5b"] {
+        for bad in ["2B", "1b", "two"] {
             let e = parse_scan_bwd(Some(bad)).unwrap_err().to_string();
             assert!(e.contains("VET_SCAN_BWD") && e.contains(bad), "{e}");
-            assert!(e.contains("unset, 2b, 3b or 4b"), "{e}");
+            assert!(e.contains("unset or 2b"), "{e}");
         }
     }
 }

@@ -69,7 +69,7 @@ kernel_params! {
     /// `[batch, d_inner]`, and the initial state's gradient `dh0` (may be null). `dh_last` (may
     /// be null: zeros) is the final state's gradient `[batch, d_inner, d_state]`, from later
     /// windows of the same rows (stateful training through several windows).
-    SelectiveScanBwdF32 => ["selective_scan_bwd_f32", "selective_scan_bwd_2b_f32", "selective_scan_bwd_3b_f32", "selective_scan_bwd_4b_f32", "selective_scan_bwd_map_f32"] {
+    SelectiveScanBwdF32 => ["selective_scan_bwd_f32", "selective_scan_bwd_2b_f32", "selective_scan_bwd_map_f32"] {
         scan: ScanInF32,
         chunk_states: Ptr<f32>,
         dout: Ptr<f32>,
