@@ -59,6 +59,7 @@ def main():
     ap.add_argument("--filter", default="", help="only kernels whose name contains this")
     ap.add_argument("--nvrtc", default=None, help="libnvrtc.so.13 (default: target/nvrtc's)")
     ap.add_argument("--ptxas", default=shutil.which("ptxas") or "ptxas")
+    ap.add_argument("--cubin", default=None, help="also write the cubin here (for cuobjdump -sass)")
     a = ap.parse_args()
     lib = a.nvrtc or os.path.join(ROOT, "target/nvrtc/nvidia/cu13/lib/libnvrtc.so.13")
     opts = [
@@ -75,8 +76,10 @@ def main():
         open(p, "w").write(ptx)
         out = subprocess.run([a.ptxas, "-v", f"-arch={a.arch}", p, "-o", os.path.join(d, "k.cubin")],
                              capture_output=True, text=True)
-    if out.returncode:
-        sys.exit(out.stderr)
+        if out.returncode:
+            sys.exit(out.stderr)
+        if a.cubin:
+            shutil.copy(os.path.join(d, "k.cubin"), a.cubin)
     name = None
     for line in out.stderr.splitlines():
         m = re.search(r"Compiling entry function '(\w+)'", line)
