@@ -8,6 +8,7 @@ pub mod goldens;
 pub mod gpu_ops;
 pub mod shape;
 pub mod tol;
+pub mod zero;
 
 use reference::rng::{fnv1a64, Rng};
 use reference::{Float, MambaConfig, NormKind, Params, State, Tensor};

@@ -8,11 +8,9 @@ use std::thread;
 
 use conformance::tol;
 use reference::comm::{Comm, InProcess};
-use reference::init::init_params;
 use reference::model::Batch;
-use reference::rng::Rng;
 use reference::{AdamWConfig, InferenceEngine, MambaConfig, TrainingEngine};
-use simd::{SimdEngine, SimdOptions};
+use simd::SimdEngine;
 use trainer::dist::config::OffloadDevice;
 use trainer::dist::{FlatLayout, ZeroConfig, ZeroDriver};
 use trainer::train::source::TrainBatch;
@@ -27,30 +25,13 @@ fn cfg() -> MambaConfig {
 }
 
 fn engine() -> SimdEngine {
-    let opts = SimdOptions {
-        threads: 1,
-        ..SimdOptions::default()
-    };
-    SimdEngine::new(cfg(), init_params(&cfg(), 11), &opts).unwrap()
+    conformance::zero::simd_engine(&cfg(), 11)
 }
 
 /// Micro-batch `i` of step `s`: random tokens and document resets from a seed.
 fn micro(s: usize, i: usize) -> TrainBatch {
-    let mut rng = Rng::new(1000 * s as u64 + i as u64 + 5);
-    let n = ROWS * SEQ;
-    let vocab = cfg().vocab_size as u64;
-    let inputs: Vec<u32> = (0..n).map(|_| (rng.next_u64() % vocab) as u32).collect();
-    let targets: Vec<u32> = (0..n).map(|_| (rng.next_u64() % vocab) as u32).collect();
-    let resets = (0..n).map(|_| rng.next_u64().is_multiple_of(7)).collect();
-    TrainBatch {
-        batch: ROWS,
-        seq_len: SEQ,
-        inputs,
-        targets,
-        mask: None,
-        resets,
-        group: 0,
-    }
+    let seed = 1000 * s as u64 + i as u64 + 5;
+    conformance::zero::train_batch(&cfg(), (ROWS, SEQ), seed, 7)
 }
 
 fn hp(clip: bool) -> AdamWConfig {

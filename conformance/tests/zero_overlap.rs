@@ -14,12 +14,10 @@ use reference::comm::{Comm, CommResult, InProcess};
 use reference::engine::{
     GradHook, LossOutput, NamedTensors, OptimizerState, ParamGroup, ParamHook,
 };
-use reference::init::init_params;
 use reference::model::Batch;
 use reference::optim::StepStats;
-use reference::rng::Rng;
 use reference::{AdamWConfig, InferenceEngine, MambaConfig, State, Tensor, TrainingEngine};
-use simd::{SimdEngine, SimdOptions};
+use simd::SimdEngine;
 use trainer::dist::config::OffloadDevice;
 use trainer::dist::zero::CommRecord;
 use trainer::dist::{FlatLayout, ZeroConfig, ZeroDriver};
@@ -36,21 +34,8 @@ fn cfg() -> MambaConfig {
 
 /// Micro-batch `i` of step `s`: seeded random tokens, targets and document resets.
 fn micro(s: usize, i: usize) -> TrainBatch {
-    let mut rng = Rng::new(4099 * s as u64 + i as u64 + 17);
-    let n = ROWS * SEQ;
-    let vocab = cfg().vocab_size as u64;
-    let inputs: Vec<u32> = (0..n).map(|_| (rng.next_u64() % vocab) as u32).collect();
-    let targets: Vec<u32> = (0..n).map(|_| (rng.next_u64() % vocab) as u32).collect();
-    let resets = (0..n).map(|_| rng.next_u64().is_multiple_of(6)).collect();
-    TrainBatch {
-        batch: ROWS,
-        seq_len: SEQ,
-        inputs,
-        targets,
-        mask: None,
-        resets,
-        group: 0,
-    }
+    let seed = 4099 * s as u64 + i as u64 + 17;
+    conformance::zero::train_batch(&cfg(), (ROWS, SEQ), seed, 6)
 }
 
 fn hp() -> AdamWConfig {
@@ -139,11 +124,7 @@ struct Probe {
 const WAIT: Duration = Duration::from_secs(5);
 
 fn probe(log: Log, stream: bool, wait: bool) -> Probe {
-    let opts = SimdOptions {
-        threads: 1,
-        ..SimdOptions::default()
-    };
-    let inner = SimdEngine::new(cfg(), init_params(&cfg(), 29), &opts).unwrap();
+    let inner = conformance::zero::simd_engine(&cfg(), 29);
     Probe {
         inner,
         log,

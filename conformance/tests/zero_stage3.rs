@@ -18,7 +18,7 @@ use reference::{
     TrainingEngine,
 };
 use simd::engine::LayeredPeak;
-use simd::{SimdEngine, SimdOptions};
+use simd::SimdEngine;
 use trainer::dist::config::OffloadDevice;
 use trainer::dist::{FlatLayout, ZeroConfig, ZeroDriver};
 use trainer::train::source::TrainBatch;
@@ -44,30 +44,13 @@ fn uneven() -> MambaConfig {
 }
 
 fn engine(cfg: &MambaConfig) -> SimdEngine {
-    let opts = SimdOptions {
-        threads: 1,
-        ..SimdOptions::default()
-    };
-    SimdEngine::new(cfg.clone(), init_params(cfg, 23), &opts).unwrap()
+    conformance::zero::simd_engine(cfg, 23)
 }
 
 /// Micro-batch `i` of step `s`: seeded random tokens, targets and document resets.
 fn micro(cfg: &MambaConfig, s: usize, i: usize) -> TrainBatch {
-    let mut rng = Rng::new(7919 * s as u64 + i as u64 + 3);
-    let n = ROWS * SEQ;
-    let vocab = cfg.vocab_size as u64;
-    let inputs: Vec<u32> = (0..n).map(|_| (rng.next_u64() % vocab) as u32).collect();
-    let targets: Vec<u32> = (0..n).map(|_| (rng.next_u64() % vocab) as u32).collect();
-    let resets = (0..n).map(|_| rng.next_u64().is_multiple_of(5)).collect();
-    TrainBatch {
-        batch: ROWS,
-        seq_len: SEQ,
-        inputs,
-        targets,
-        mask: None,
-        resets,
-        group: 0,
-    }
+    let seed = 7919 * s as u64 + i as u64 + 3;
+    conformance::zero::train_batch(cfg, (ROWS, SEQ), seed, 5)
 }
 
 fn hp() -> AdamWConfig {

@@ -260,6 +260,76 @@ impl SimdEngine {
         self.released = true;
     }
 
+    /// Forward, loss and the whole-model backward of `grad_scale · loss` added to the gradient
+    /// buffers, `done(group, grads)` called as each group's gradient is final
+    /// ([`crate::backward::backward_each`]); returns the loss and the state after the last
+    /// position. What [`TrainingEngine::loss_and_backward_carry`] and
+    /// [`TrainingEngine::loss_and_backward_streamed`] share.
+    fn train_step(
+        &mut self,
+        input: &Batch,
+        (targets, mask, grad_scale): (&[u32], Option<&[bool]>, f64),
+        state: Option<&State<f32>>,
+        grad_final: Option<&State<f32>>,
+        done: &mut dyn FnMut(ParamGroup, &Params<f32>) -> Result<()>,
+    ) -> Result<(LossOutput, State<f32>)> {
+        self.require_f32("training")?;
+        self.check_held("training")?;
+        self.refresh();
+        self.master();
+        self.grads_mut();
+        let mut st = state
+            .cloned()
+            .unwrap_or_else(|| State::zeros(&self.cfg, input.batch));
+        let init = st.clone();
+        let mut logits = std::mem::take(&mut self.logits);
+        let mut d_logits = std::mem::take(&mut self.d_logits);
+        let (isa, cfg, w, s) = (self.isa, &self.cfg, &self.weights, &mut self.scratch);
+        let params = self.params.as_ref().expect("made by master()");
+        let grads = self.grads.as_mut().expect("made by grads_mut()");
+        let pool = &self.pool;
+        let out = (|| -> Result<LossOutput> {
+            let (cache, loss, n_targets) = pool.install(|| -> Result<_> {
+                let all = Logits::All(&mut logits);
+                let cache = forward(isa, cfg, w, input, &mut st, s, all, true)?.expect("kept");
+                d_logits.clear();
+                d_logits.resize(logits.len(), 0.0);
+                let (loss, n_targets) = crate::loss::cross_entropy_into(
+                    pool,
+                    &logits,
+                    targets,
+                    mask,
+                    cfg.vocab_size,
+                    grad_scale as f32,
+                    &mut d_logits,
+                )?;
+                Ok((cache, loss, n_targets))
+            })?;
+            // Each piece of the backward runs on the pool; `done` on this thread.
+            let grad_state = crate::backward::backward_each(
+                pool,
+                cfg,
+                params,
+                input,
+                Some(&init),
+                &cache,
+                &d_logits,
+                grad_final,
+                grads,
+                done,
+            )?;
+            Ok(LossOutput {
+                loss,
+                n_targets,
+                grad_state,
+            })
+        })();
+        self.logits = logits;
+        self.d_logits = d_logits;
+        // The forward left the state after the last position in `st`.
+        Ok((out?, st))
+    }
+
     fn grads_mut(&mut self) -> &mut Params<f32> {
         let cfg = &self.cfg;
         self.grads.get_or_insert_with(|| Params::zeros(cfg))
@@ -436,56 +506,14 @@ impl TrainingEngine for SimdEngine {
         grad_final: Option<&State<f32>>,
         grad_scale: f64,
     ) -> Result<(LossOutput, State<f32>)> {
-        self.require_f32("training")?;
-        self.check_held("training")?;
-        self.refresh();
-        self.master();
-        self.grads_mut();
-        let mut st = state
-            .cloned()
-            .unwrap_or_else(|| State::zeros(&self.cfg, input.batch));
-        let init = st.clone();
-        let mut logits = std::mem::take(&mut self.logits);
-        let mut d_logits = std::mem::take(&mut self.d_logits);
-        let (isa, cfg, w, s) = (self.isa, &self.cfg, &self.weights, &mut self.scratch);
-        let params = self.params.as_ref().expect("made by master()");
-        let grads = self.grads.as_mut().expect("made by grads_mut()");
-        let pool = &self.pool;
-        let out = pool.install(|| -> Result<LossOutput> {
-            let all = Logits::All(&mut logits);
-            let cache = forward(isa, cfg, w, input, &mut st, s, all, true)?.expect("kept");
-            d_logits.clear();
-            d_logits.resize(logits.len(), 0.0);
-            let (loss, n_targets) = crate::loss::cross_entropy_into(
-                pool,
-                &logits,
-                targets,
-                mask,
-                cfg.vocab_size,
-                grad_scale as f32,
-                &mut d_logits,
-            )?;
-            let grad_state = crate::backward::backward_final(
-                pool,
-                cfg,
-                params,
-                input,
-                Some(&init),
-                &cache,
-                &d_logits,
-                grad_final,
-                grads,
-            )?;
-            Ok(LossOutput {
-                loss,
-                n_targets,
-                grad_state,
-            })
-        });
-        self.logits = logits;
-        self.d_logits = d_logits;
-        // The forward left the state after the last position in `st`.
-        Ok((out?, st))
+        let mut none = |_: ParamGroup, _: &Params<f32>| Ok(());
+        self.train_step(
+            input,
+            (targets, mask, grad_scale),
+            state,
+            grad_final,
+            &mut none,
+        )
     }
 
     /// Layer by layer with the hook (see the trait): the same kernels in the same order as
@@ -553,67 +581,17 @@ impl TrainingEngine for SimdEngine {
         grad_scale: f64,
         hook: &mut dyn GradHook,
     ) -> Result<Option<LossOutput>> {
-        self.require_f32("training")?;
-        self.check_held("training")?;
-        self.refresh();
-        self.master();
-        self.grads_mut();
-        let mut st = state
-            .cloned()
-            .unwrap_or_else(|| State::zeros(&self.cfg, input.batch));
-        let init = st.clone();
-        let mut logits = std::mem::take(&mut self.logits);
-        let mut d_logits = std::mem::take(&mut self.d_logits);
-        let (isa, cfg, w, s) = (self.isa, &self.cfg, &self.weights, &mut self.scratch);
-        let params = self.params.as_ref().expect("made by master()");
-        let grads = self.grads.as_mut().expect("made by grads_mut()");
-        let pool = &self.pool;
-        let outer = ParamGroup::Outer.tensors(cfg);
-        let out = (|| -> Result<LossOutput> {
-            let (cache, loss, n_targets) = pool.install(|| -> Result<_> {
-                let all = Logits::All(&mut logits);
-                let cache = forward(isa, cfg, w, input, &mut st, s, all, true)?.expect("kept");
-                d_logits.clear();
-                d_logits.resize(logits.len(), 0.0);
-                let (loss, n_targets) = crate::loss::cross_entropy_into(
-                    pool,
-                    &logits,
-                    targets,
-                    mask,
-                    cfg.vocab_size,
-                    grad_scale as f32,
-                    &mut d_logits,
-                )?;
-                Ok((cache, loss, n_targets))
-            })?;
-            let mut done = |g: ParamGroup, grads: &Params<f32>| match g {
-                ParamGroup::Layer(i) => hook.gradients(g, &grads.layers[i].tensors()),
-                ParamGroup::Outer => {
-                    let all = grads.tensors();
-                    hook.gradients(g, &outer.iter().map(|&i| all[i]).collect::<Vec<_>>())
-                }
-            };
-            let grad_state = crate::backward::backward_each(
-                pool,
-                cfg,
-                params,
-                input,
-                Some(&init),
-                &cache,
-                &d_logits,
-                None,
-                grads,
-                &mut done,
-            )?;
-            Ok(LossOutput {
-                loss,
-                n_targets,
-                grad_state,
-            })
-        })();
-        self.logits = logits;
-        self.d_logits = d_logits;
-        out.map(Some)
+        let outer = ParamGroup::Outer.tensors(&self.cfg);
+        let mut done = |g: ParamGroup, grads: &Params<f32>| match g {
+            ParamGroup::Layer(i) => hook.gradients(g, &grads.layers[i].tensors()),
+            ParamGroup::Outer => {
+                let all = grads.tensors();
+                hook.gradients(g, &outer.iter().map(|&i| all[i]).collect::<Vec<_>>())
+            }
+        };
+        let (out, _) =
+            self.train_step(input, (targets, mask, grad_scale), state, None, &mut done)?;
+        Ok(Some(out))
     }
 
     fn set_gradients(&mut self, named: &[(String, Tensor<f32>)]) -> Result<()> {
