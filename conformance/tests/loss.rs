@@ -116,6 +116,27 @@ fn gpu_cross_entropy_matches_reference() {
         mask[0] = true;
         let m = masked.then_some(&mask[..]);
         let (loss, dl) = dev.cross_entropy(&logits, &targets, m, v, 0.5).unwrap();
+        // The row staged in shared memory (where it fits the grant: every case here on sm_90)
+        // and read three times from device memory sum in the same order: the same bits.
+        let (loss3, dl3) = dev
+            .cross_entropy_staging(&logits, &targets, m, v, 0.5, false)
+            .unwrap();
+        assert_eq!(loss.to_bits(), loss3.to_bits(), "{name}: staged loss");
+        assert!(
+            dl.iter().zip(&dl3).all(|(a, b)| a.to_bits() == b.to_bits()),
+            "{name}: the staged row gives other gradient bits"
+        );
+        let (granted, major) = dev.ce_stage_bytes();
+        if major >= 9 {
+            // sm_90 grants 227 KiB a block: the 50,280-token rows must be staged.
+            assert!(
+                granted >= v * 4,
+                "{name}: no staging granted ({granted} bytes)"
+            );
+        }
+        if granted >= v * 4 {
+            println!("cross entropy {name}: row staged in shared memory, same bits as unstaged");
+        }
         let want = cross_entropy(&f64s(&logits), &targets, m, v, 0.5).unwrap();
         rep.cmp(
             format!("cross entropy {name}: loss"),

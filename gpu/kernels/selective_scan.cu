@@ -32,16 +32,43 @@
 #define LOG2E 1.4426950408889634f
 #define LN2 0.6931471805599453f
 
-// 2^x (MUFU); x ≤ 0 here, results below 2^-126 flush to 0.
+// 2^x (MUFU); x ≤ 0 here, results below 2^-126 flush to 0, and 2^-inf = 0.
 __device__ __forceinline__ float ex2(float x) {
     float y;
     asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
     return y;
 }
 
+#define SCAN_INF __int_as_float(0x7f800000)
+
+// A · log2(e) of state n (a_log row at `row`): exp(dt · A) = exp2(dt · A2). Every kernel here
+// folds a reset (document start) into the decay by using dt = +inf there: exp2(+inf · A2) = 0,
+// so h = 0 · h + dt x B needs no select. That needs A2 < 0 strictly: it is kept at or below
+// −FLT_MIN (A = −exp(a_log) only reaches −0 when a_log < −87, where exp2(dt · A2) is 1 either
+// way), and padded states (n ≥ ds, whose B and C are 0) get −1. NaN stays NaN.
+__device__ __forceinline__ float scan_a2(const float* __restrict__ a_log, long row, int n, long ds) {
+    if (n >= ds) return -1.0f;
+    float a2 = -expf(a_log[row + n]) * LOG2E;
+    return a2 > -1.17549435e-38f ? -1.17549435e-38f : a2;
+}
+
 // Reduce-scatter over the 32 lanes of a warp (recursive halving, fixed order) of V values
 // (V a power of two). Afterwards lane l holds in v[0 .. max(V / 32, 1)) the warp sums of the
 // values with indices rs_base(l) + i.
+//
+// Lane-permuted slots: the backward's V = 2 NG values are ordered index = 2 n + (0 for dB, 1 for
+// dC), and lane l keeps state n in register slot n ^ state_perm(l) (every per-state array of
+// the thread, so the arithmetic is the same per slot). At level LVL the halving splits index
+// bit log2(half), state bit log2(half) − 1, between lanes l and l ^ (16 >> LVL). Where
+// state_perm flips that state bit on the lanes whose bit (16 >> LVL) is set, "keep the upper
+// half" of those lanes is "keep slots [0, half)" of every lane: no select. state_perm only
+// flips state bits ≥ 2, so each aligned group of four states stays together and in order
+// (the B / C rows are still read as float4). At NG = 16 that removes 48 of the 62 selects per
+// position. The sums, their order and the final layout (rs_base) are those of the plain halving.
+__host__ __device__ constexpr int ilog2c(int x) { return x <= 1 ? 0 : 1 + ilog2c(x / 2); }
+__host__ __device__ constexpr bool rs_permuted(int V, int LVL) {
+    return (V >> LVL) > 1 && ilog2c((V >> LVL) / 2) - 1 >= 2;
+}
 template <int V, int LVL>
 struct RsLevel {
     static __device__ __forceinline__ void run(float (&v)[V], int lane) {
@@ -52,9 +79,13 @@ struct RsLevel {
             bool upper = (lane & o) != 0;
 #pragma unroll
             for (int i = 0; i < half; ++i) {
-                float send = upper ? v[i] : v[i + half];
-                float keep = upper ? v[i + half] : v[i];
-                v[i] = keep + __shfl_xor_sync(FULL_MASK, send, o);
+                if (rs_permuted(V, LVL)) {
+                    v[i] += __shfl_xor_sync(FULL_MASK, v[i + half], o);
+                } else {
+                    float send = upper ? v[i] : v[i + half];
+                    float keep = upper ? v[i + half] : v[i];
+                    v[i] = keep + __shfl_xor_sync(FULL_MASK, send, o);
+                }
             }
         } else {
             v[0] += __shfl_xor_sync(FULL_MASK, v[0], o);
@@ -73,6 +104,16 @@ __device__ __forceinline__ void warp_reduce_scatter(float (&v)[V], int lane) {
 template <int V>
 __device__ __forceinline__ int rs_base(int lane) {
     return V >= 32 ? lane * (V / 32) : lane / (32 / V);
+}
+// The state slot permutation of lane `lane` for NGv states (see above): state n is in slot
+// n ^ state_perm<NGv>(lane).
+template <int NGv>
+__device__ __forceinline__ int state_perm(int lane) {
+    int p = 0;
+#pragma unroll
+    for (int lvl = 0; lvl < 5; ++lvl)
+        if (rs_permuted(2 * NGv, lvl) && ((lane >> (4 - lvl)) & 1)) p |= 1 << (ilog2c(((2 * NGv) >> lvl) / 2) - 1);
+    return p;
 }
 
 // Forward layout: two threads per (batch b, channel c), lanes 2k and 2k + 1 of a warp; each
@@ -161,8 +202,9 @@ static __device__ __forceinline__ void selective_scan_fwd_f32_body(const float* 
 #pragma unroll
     for (int i = 0; i < FHG; ++i) {
         int n = hf * FHG + i;
-        // A · log2(e): exp(dt · A) = exp2(dt · A2), one MUFU instruction.
-        A2[i] = n < ds ? -expf(a_log[cc * ds + n]) * LOG2E : 0.0f;
+        // A · log2(e): exp(dt · A) = exp2(dt · A2), one MUFU instruction. Kept below −FLT_MIN
+        // (−1 for padding) so that dt = +inf gives exp2 = 0 at a reset (below).
+        A2[i] = scan_a2(a_log, cc * ds, n, ds);
         h[i] = (!TRANSFORM && h0 && n < ds) ? h0[(b * di + cc) * ds + n] : 0.0f;
         P[i] = 1.0f;
         if (!TRANSFORM && n < ds) {
@@ -231,17 +273,12 @@ static __device__ __forceinline__ void selective_scan_fwd_f32_body(const float* 
 #pragma unroll
             for (int e = 0; e < 2; ++e) {
                 const int j = 2 * m + e;
-                if (sr[j]) {
-#pragma unroll
-                    for (int i = 0; i < FHG; ++i) {
-                        h[i] = 0.0f;
-                        if (TRANSFORM) P[i] = 0.0f;
-                    }
-                }
+                // A reset (document start) is a decay of 0: h = 0 · h + dt x B, P · 0 = 0.
+                float dtr = sr[j] ? SCAN_INF : dtj[e];
                 float y = 0.0f;
 #pragma unroll
                 for (int i = 0; i < FHG; ++i) {
-                    float a = ex2(dtj[e] * A2[i]);
+                    float a = ex2(dtr * A2[i]);
                     h[i] = a * h[i] + dtxj[e] * FSB(j, i);
                     if (TRANSFORM) {
                         P[i] *= a;
@@ -290,8 +327,10 @@ extern "C" __global__ void __launch_bounds__(FWD_THREADS, 2) selective_scan_fwd_
 }
 
 // B and C of chunk-relative position j, state n, from the staged chunk rows.
-#define SB(j, n) sbc[(j) * 2 * NG + (n)]
-#define SC(j, n) sbc[(j) * 2 * NG + NG + (n)]
+// (pm only flips state bits ≥ 2: written so the compiler sees four consecutive floats per
+// aligned group and loads them as one float4.)
+#define SB(j, n) sbc[(j) * 2 * NG + (((n) & ~3) ^ pm) + ((n) & 3)]
+#define SC(j, n) sbc[(j) * 2 * NG + NG + (((n) & ~3) ^ pm) + ((n) & 3)]
 
 // Backward. Writes du, ddelta ([B, L, di]), dz (row stride ldz_out) and per-block partial sums:
 // part_bc[blk, b * L + t, 0..2 ds] (dB then dC, summed over the block's channels),
@@ -299,7 +338,15 @@ extern "C" __global__ void __launch_bounds__(FWD_THREADS, 2) selective_scan_fwd_
 // dh_last[b, c, n] (may be null) is the gradient of the final state, the adjoint's start.
 //
 // Dynamic shared memory (floats): sbc CHUNK · 2 NG, sr CHUNK (ints), ck NW · NG · SCAN_THREADS
-// (window-start states), red CHUNK · SCAN_WARPS · 2 NG (warp sums of dB / dC).
+// (window-start states), red CHUNK · SCAN_WARPS · 2 NG (warp sums of dB / dC, index 2 n + 0 / 1),
+// dts CHUNK · SCAN_THREADS (each thread's dt of the chunk's positions, computed once by the chunk
+// pass: softplus is the costliest per-position scalar).
+//
+// Per-state registers are in lane-permuted slots (slot n holds state n ^ pm, see RsLevel). A
+// reset (a document start) is folded into the decay: at a reset position the exponent uses
+// dt = +inf, so exp(dt · A) = 0 (A < 0: padded states get A = −1, and A is kept below −FLT_MIN)
+// and the recurrences need no select: h = 0 · h + dt x B, dh · 0 = 0, and the decay's gradient
+// dh · h_prev · 0 = 0.
 template <bool SHARE>
 __device__ __forceinline__ void
 selective_scan_bwd_body(const float* __restrict__ u, const float* __restrict__ delta,
@@ -319,7 +366,9 @@ selective_scan_bwd_body(const float* __restrict__ u, const float* __restrict__ d
     int* sr = reinterpret_cast<int*>(smem + CHUNK * 2 * NG);
     float* ck = smem + CHUNK * 2 * NG + CHUNK;
     float* red = ck + NW * NG * SCAN_THREADS;
+    float* dts = red + CHUNK * SCAN_WARPS * 2 * NG;
     int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int pm = state_perm<NG>(lane) & ~3;
     long c = blockIdx.x * (long)SCAN_THREADS + tid;
     long b = blockIdx.y;
     bool cval = c < di;
@@ -331,14 +380,15 @@ selective_scan_bwd_body(const float* __restrict__ u, const float* __restrict__ d
     float A2[NG], dh[NG], dA[NG];
 #pragma unroll
     for (int n = 0; n < NG; ++n) {
-        A2[n] = n < ds ? -expf(a_log[cc * ds + n]) * LOG2E : 0.0f;
+        const int sn = n ^ pm;
+        A2[n] = scan_a2(a_log, cc * ds, sn, ds);
         // The final state's gradient (later windows of the row) enters after the last position,
         // then passes the later segments' maps, last to first.
-        dh[n] = (dh_last && cval && n < ds) ? dh_last[(b * di + c) * ds + n] : 0.0f;
-        if (cval && n < ds) {
+        dh[n] = (dh_last && cval && sn < ds) ? dh_last[(b * di + c) * ds + sn] : 0.0f;
+        if (cval && sn < ds) {
 #pragma unroll 8
             for (long k = n_seg - 1; k > seg; --k) {
-                long at = (((k - 1) * batch + b) * di + c) * ds + n;
+                long at = (((k - 1) * batch + b) * di + c) * ds + sn;
                 dh[n] = seg_p[at] * dh[n] + seg_q[at];
             }
         }
@@ -381,44 +431,44 @@ selective_scan_bwd_body(const float* __restrict__ u, const float* __restrict__ d
                 long t = tc0 + j;
                 sr[j] = t < L ? (starts[b * L + t] == t) : 0;
             }
-            float cu[CKS], cdl[CKS];
+            float cu[CKS], cdl[CHUNK];
 #pragma unroll
-            for (int j = 0; j < CKS; ++j) {
+            for (int j = 0; j < CHUNK; ++j) {
                 long t = tc0 + j;
-                bool tv = t < L && cval && j < CHUNK - SUB;
+                bool tv = t < L && cval;
                 long row = b * L + t;
-                cu[j] = tv ? u[row * di + c] : 0.0f;
+                if (j < CKS) cu[j] = tv && j < CHUNK - SUB ? u[row * di + c] : 0.0f;
                 cdl[j] = tv ? delta[row * di + c] : 0.0f;
             }
             float h[NG];
 #pragma unroll
             for (int n = 0; n < NG; ++n)
-                h[n] = (cval && n < ds) ? chunk_states[((b * nchunks + k) * ds + n) * di + c] : 0.0f;
+                h[n] = (cval && (n ^ pm) < ds) ? chunk_states[((b * nchunks + k) * ds + (n ^ pm)) * di + c] : 0.0f;
             __syncthreads();
 #pragma unroll
             for (int ww = 0; ww < NW; ++ww) {
 #pragma unroll
                 for (int n = 0; n < NG; ++n) ck[(ww * NG + n) * SCAN_THREADS + tid] = h[n];
-                if (ww == NW - 1) break;
 #pragma unroll
                 for (int jj = 0; jj < SUB; ++jj) {
                     const int j = ww * SUB + jj;
                     long t = tc0 + j;
                     float dt = (t < L && cval) ? softplus_f32(cdl[j] + bias) : 0.0f;
+                    dts[j * SCAN_THREADS + tid] = dt;
+                    if (ww == NW - 1) continue;
                     float dtx = dt * cu[j];
-                    if (sr[j]) {
+                    float dtr = sr[j] ? SCAN_INF : dt;
 #pragma unroll
-                        for (int n = 0; n < NG; ++n) h[n] = 0.0f;
-                    }
-#pragma unroll
-                    for (int n = 0; n < NG; ++n) h[n] = ex2(dt * A2[n]) * h[n] + dtx * SB(j, n);
+                    for (int n = 0; n < NG; ++n) h[n] = ex2(dtr * A2[n]) * h[n] + dtx * SB(j, n);
                 }
             }
         }
         // This window's inputs; prefetch the next one's.
         long t0 = gw * SUB;
         int j0 = w * SUB;
-        // softplus and its gradient share exp(v); silu and its gradient share sigmoid(z).
+        // dt from the chunk pass. softplus' gradient sigmoid(v) and sigmoid(z) (which silu and
+        // its gradient share) with the fast exp and reciprocal: a few ulp, where the precise
+        // division and exp cost ~40 instructions a position.
         float x[SUB], dt[SUB], sg[SUB], dy[SUB], gz[SUB], zs[SUB];
 #pragma unroll
         for (int j = 0; j < SUB; ++j) {
@@ -427,10 +477,9 @@ selective_scan_bwd_body(const float* __restrict__ u, const float* __restrict__ d
             x[j] = nu[j];
             float zv = nz[j];
             if (SHARE) {
-                float ev = expf(v);
-                dt[j] = tv ? (v > 20.0f ? v : log1pf(ev)) : 0.0f;
-                sg[j] = v > 20.0f ? 1.0f : ev / (1.0f + ev);
-                float sz = sigmoid_f32(zv);
+                dt[j] = dts[(j0 + j) * SCAN_THREADS + tid];
+                sg[j] = v > 20.0f ? 1.0f : __fdividef(1.0f, 1.0f + __expf(-v));
+                float sz = __fdividef(1.0f, 1.0f + __expf(-zv));
                 // dz = dout · silu'(z) · y: its first two factors now.
                 gz[j] = ng[j] * (sz * (1.0f + zv * (1.0f - sz)));
                 zs[j] = z ? zv * sz : 1.0f;
@@ -454,12 +503,11 @@ selective_scan_bwd_body(const float* __restrict__ u, const float* __restrict__ d
             for (int j = 0; j < SUB; ++j) {
                 const int jc = j0 + j;
                 float dtx = dt[j] * x[j];
-                int rs = sr[jc];
+                float dtr = sr[jc] ? SCAN_INF : dt[j];
                 float ys = 0.0f;
 #pragma unroll
                 for (int n = 0; n < NG; ++n) {
-                    float hp = rs ? 0.0f : h[n];
-                    h[n] = ex2(dt[j] * A2[n]) * hp + dtx * SB(jc, n);
+                    h[n] = ex2(dtr * A2[n]) * h[n] + dtx * SB(jc, n);
                     hist[j][n] = h[n];
                     ys += SC(jc, n) * h[n];
                 }
@@ -471,7 +519,7 @@ selective_scan_bwd_body(const float* __restrict__ u, const float* __restrict__ d
         for (int j = SUB - 1; j >= 0; --j) {
             const int jc = j0 + j;
             long t = t0 + j;
-            int rs = sr[jc];
+            float dtr = sr[jc] ? SCAN_INF : dt[j];
             float dtx = dt[j] * x[j];
             float tcs = 0.0f, s1 = 0.0f;
             float vv[2 * NG];
@@ -479,15 +527,15 @@ selective_scan_bwd_body(const float* __restrict__ u, const float* __restrict__ d
             for (int n = 0; n < NG; ++n) {
                 float Bn = SB(jc, n), Cn = SC(jc, n);
                 dh[n] += dy[j] * Cn;
-                vv[NG + n] = dy[j] * hist[j][n];
-                float hp = rs ? 0.0f : (j > 0 ? hist[j > 0 ? j - 1 : 0][n] : ck[(w * NG + n) * SCAN_THREADS + tid]);
-                float dec = ex2(dt[j] * A2[n]);
+                vv[2 * n + 1] = dy[j] * hist[j][n];
+                float hp = j > 0 ? hist[j > 0 ? j - 1 : 0][n] : ck[(w * NG + n) * SCAN_THREADS + tid];
+                float dec = ex2(dtr * A2[n]);
                 float gdec = dh[n] * hp * dec;
                 dA[n] += gdec * dt[j];
                 tcs += gdec * A2[n];
                 s1 += dh[n] * Bn;
-                vv[n] = dh[n] * dtx;
-                dh[n] = rs ? 0.0f : dh[n] * dec;
+                vv[2 * n] = dh[n] * dtx;
+                dh[n] *= dec;
             }
             warp_reduce_scatter<2 * NG>(vv, lane);
             {
@@ -527,13 +575,13 @@ selective_scan_bwd_body(const float* __restrict__ u, const float* __restrict__ d
             __syncthreads();
             for (int idx = tid; idx < CHUNK * 2 * NG; idx += SCAN_THREADS) {
                 int j = idx / (2 * NG), kk = idx % (2 * NG);
-                int n = kk % NG;
+                int n = kk >> 1;
                 long t = tc0 + j;
                 if (t < L && n < ds) {
                     float s = 0.0f;
 #pragma unroll
                     for (int w8 = 0; w8 < SCAN_WARPS; ++w8) s += red[(j * SCAN_WARPS + w8) * 2 * NG + kk];
-                    part_bc[((blockIdx.x * batch + b) * L + t) * 2 * ds + (kk >= NG ? ds : 0) + n] = s;
+                    part_bc[((blockIdx.x * batch + b) * L + t) * 2 * ds + ((kk & 1) ? ds : 0) + n] = s;
                 }
             }
         }
@@ -543,9 +591,10 @@ selective_scan_bwd_body(const float* __restrict__ u, const float* __restrict__ d
         long pb = seg * batch + b;
 #pragma unroll
         for (int n = 0; n < NG; ++n) {
-            if (n < ds) {
-                part_a[(pb * di + c) * ds + n] = dA[n];
-                if (dh0 && seg == 0) dh0[(b * di + c) * ds + n] = dh[n];
+            const int sn = n ^ pm;
+            if (sn < ds) {
+                part_a[(pb * di + c) * ds + sn] = dA[n];
+                if (dh0 && seg == 0) dh0[(b * di + c) * ds + sn] = dh[n];
             }
         }
         part_d[pb * di + c] = dD;

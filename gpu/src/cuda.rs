@@ -46,6 +46,9 @@ pub struct Dev {
     /// Whether the persistent decode kernel (`decode_layers_lp`, sm_90 on: bulk copies into
     /// shared memory) can run here: its shared memory was granted at open.
     pub persistent_decode: bool,
+    /// Dynamic shared memory granted to `cross_entropy_fwd_bwd_f32` (0 if none): a row of
+    /// logits that fits is staged there ([`crate::ops::loss::cross_entropy_fwd_bwd`]).
+    pub ce_stage_bytes: usize,
 }
 
 /// The kernels whose blocks wait for each other: launched cooperatively (the launch fails
@@ -171,6 +174,30 @@ impl Dev {
                 )
             }
             .is_ok_and(|n| n >= 1);
+        // The cross-entropy kernel may stage a row of logits in shared memory: as much as a
+        // block may opt in to, less the kernel's static reduction scratch and a margin.
+        let optin = ctx
+            .attribute(
+                drv_sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN,
+            )
+            .unwrap_or(0)
+            .max(0) as usize;
+        let ce_want = optin.saturating_sub(1024);
+        let ce_stage_bytes = if ce_want > 0
+            // SAFETY: a valid function handle; the value is within the device's opt-in limit.
+            && unsafe {
+                drv::function::set_function_attribute(
+                    funcs["cross_entropy_fwd_bwd_f32"],
+                    drv_sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    ce_want as i32,
+                )
+            }
+            .is_ok()
+        {
+            ce_want
+        } else {
+            0
+        };
         let handle = cublas::create_handle().map_err(|e| dev_err(&name, "cuBLAS handle", e))?;
         // SAFETY: handle and stream are valid and belong to this context.
         unsafe { cublas::set_stream(handle, stream.cu_stream() as _) }
@@ -188,6 +215,7 @@ impl Dev {
             pdl_capable: cc.0 >= 9 && std::env::var("VET_PDL").map_or(true, |v| v != "0"),
             pdl_on: std::sync::atomic::AtomicBool::new(false),
             persistent_decode,
+            ce_stage_bytes,
         })
     }
 

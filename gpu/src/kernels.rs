@@ -120,14 +120,16 @@ pub fn scan_window(shape: KernelShape) -> usize {
 }
 
 /// Dynamic shared memory of the scan backward (see selective_scan.cu): the chunk's B/C rows
-/// and reset flags, the window-start states of every thread, the warp sums of dB/dC.
+/// and reset flags, the window-start states of every thread, the warp sums of dB/dC, and
+/// every thread's dt of the chunk.
 pub fn scan_bwd_smem(shape: KernelShape) -> usize {
     let (ng, chunk) = (shape.d_state_pad, shape.chunk);
     let windows = chunk / scan_window(shape);
     4 * (chunk * 2 * ng
         + chunk
         + windows * ng * SCAN_THREADS
-        + chunk * (SCAN_THREADS / 32) * 2 * ng)
+        + chunk * (SCAN_THREADS / 32) * 2 * ng
+        + chunk * SCAN_THREADS)
 }
 
 /// NVRTC options and architecture of one kernel build.

@@ -77,6 +77,13 @@ impl OpDev {
         })
     }
 
+    /// Shared memory the device granted the cross-entropy kernel for a staged row, and the
+    /// compute capability's major number.
+    pub fn ce_stage_bytes(&self) -> (usize, i32) {
+        let cc = self.dev.ctx.compute_capability().map_or(0, |c| c.0);
+        (self.dev.ce_stage_bytes, cc)
+    }
+
     fn put<T: Copy>(&self, v: &[T]) -> Result<Buf> {
         self.dev.upload(v)
     }

@@ -3,7 +3,7 @@
 use reference::Result;
 
 use super::{OpDev, PAD};
-use crate::ops::loss::{cross_entropy_fwd_bwd, CrossEntropyFwdBwdF32};
+use crate::ops::loss::{cross_entropy_fwd_bwd_staging, CrossEntropyFwdBwdF32};
 use crate::params::{Ptr, PtrMut};
 
 impl OpDev {
@@ -15,6 +15,20 @@ impl OpDev {
         mask: Option<&[bool]>,
         vocab: usize,
         scale: f32,
+    ) -> Result<(f32, Vec<f32>)> {
+        self.cross_entropy_staging(logits, targets, mask, vocab, scale, true)
+    }
+
+    /// [`OpDev::cross_entropy`] with the row staged in shared memory where it fits (`stage`)
+    /// or read from device memory three times.
+    pub fn cross_entropy_staging(
+        &self,
+        logits: &[f32],
+        targets: &[u32],
+        mask: Option<&[bool]>,
+        vocab: usize,
+        scale: f32,
+        stage: bool,
     ) -> Result<(f32, Vec<f32>)> {
         let n = targets.len();
         let counts = |i: usize| mask.is_none_or(|m| m[i]);
@@ -39,7 +53,7 @@ impl OpDev {
         };
         // SAFETY: `n * vocab` logits, `n` targets (the caller's, below `vocab`), `n` mask
         // bytes and row losses, all allocated here.
-        unsafe { cross_entropy_fwd_bwd(&self.dev, n, &p) }?;
+        unsafe { cross_entropy_fwd_bwd_staging(&self.dev, n, &p, stage) }?;
         let rows = self.take(rows)?;
         let mut total = 0f32;
         for (i, l) in rows.iter().enumerate() {
