@@ -224,15 +224,19 @@ static __device__ __forceinline__ void selective_scan_fwd_f32_body(const float* 
     const int FH = FT / 2;
     float pu[FH], pd[FH], pz[FH];
     FwdBcTile<FT> pbc;
+    // Offsets step by two positions from one load to the next (64-bit adds, no multiplies).
+    const bool zl = z && !TRANSFORM;
     auto load = [&](long t0) {
+        long row0 = b * L + t0 + hf;
+        long o = row0 * di + c, oz = row0 * ldz + c;
 #pragma unroll
         for (int m = 0; m < FH; ++m) {
-            long t = t0 + 2 * m + hf;
-            bool tv = t < tend && cval;
-            long row = b * L + t;
-            pu[m] = tv ? u[row * di + c] : 0.0f;
-            pd[m] = tv ? delta[row * di + c] : 0.0f;
-            pz[m] = (tv && z && !TRANSFORM) ? z[row * ldz + c] : 0.0f;
+            bool tv = t0 + 2 * m + hf < tend && cval;
+            pu[m] = tv ? u[o] : 0.0f;
+            pd[m] = tv ? delta[o] : 0.0f;
+            pz[m] = (tv && zl) ? z[oz] : 0.0f;
+            o += 2 * di;
+            oz += 2 * ldz;
         }
         pbc.load(xbc, ldbc, col_b, starts, b, t0, L, tend, ds, tid);
     };
@@ -249,6 +253,8 @@ static __device__ __forceinline__ void selective_scan_fwd_f32_body(const float* 
         pbc.store(sbc, sr, tid);
         __syncthreads();
         if (t0 + FT < tend) load(t0 + FT);
+        // Output offset of this thread's position t0 + 2 m + hf (two positions per step).
+        long oo = (b * L + t0 + hf) * di + c;
         if (!TRANSFORM && chunk_states && (t0 % CHUNK) == 0 && cval) {
 #pragma unroll
             for (int i = 0; i < FHG; ++i) {
@@ -293,11 +299,11 @@ static __device__ __forceinline__ void selective_scan_fwd_f32_body(const float* 
             float y = (hf ? yp[1] : yp[0]) + pair_xchg(hf ? yp[0] : yp[1]);
             if (tvo) {
                 y += Dc * cu[m];
-                long row = b * L + to;
                 float g = z ? y * silu_f32(cz[m]) : y;
-                if (out) out[row * di + c] = g;
-                if (out_lp) out_lp[row * di + c] = lp_mode == 0 ? f32_to_bf16(g) : f32_to_f16(g);
+                if (out) out[oo] = g;
+                if (out_lp) out_lp[oo] = lp_mode == 0 ? f32_to_bf16(g) : f32_to_f16(g);
             }
+            oo += 2 * di;
         }
     }
     if (TRANSFORM && cval) {
@@ -401,16 +407,18 @@ selective_scan_bwd_body(const float* __restrict__ u, const float* __restrict__ d
     long gw_first = tbeg / SUB;
     // Prefetched inputs of the next window (the SUB positions before the current one).
     float nu[SUB], nv[SUB], ng[SUB], nz[SUB];
+    // (Offsets step from one position to the next by 64-bit adds, no multiplies.)
     auto load_win = [&](long t0) {
+        long o = (b * L + t0) * di + c, oz = (b * L + t0) * ldz + c;
 #pragma unroll
         for (int j = 0; j < SUB; ++j) {
-            long t = t0 + j;
-            bool tv = t < L && cval;
-            long row = b * L + t;
-            nu[j] = tv ? u[row * di + c] : 0.0f;
-            nv[j] = tv ? delta[row * di + c] : 0.0f;
-            ng[j] = tv ? dout[row * di + c] : 0.0f;
-            nz[j] = (tv && z) ? z[row * ldz + c] : 0.0f;
+            bool tv = t0 + j < L && cval;
+            nu[j] = tv ? u[o] : 0.0f;
+            nv[j] = tv ? delta[o] : 0.0f;
+            ng[j] = tv ? dout[o] : 0.0f;
+            nz[j] = (tv && z) ? z[oz] : 0.0f;
+            o += di;
+            oz += ldz;
         }
     };
     if (gw_last >= gw_first) load_win(gw_last * SUB);
@@ -432,13 +440,13 @@ selective_scan_bwd_body(const float* __restrict__ u, const float* __restrict__ d
                 sr[j] = t < L ? (starts[b * L + t] == t) : 0;
             }
             float cu[CKS], cdl[CHUNK];
+            long o = (b * L + tc0) * di + c;
 #pragma unroll
             for (int j = 0; j < CHUNK; ++j) {
-                long t = tc0 + j;
-                bool tv = t < L && cval;
-                long row = b * L + t;
-                if (j < CKS) cu[j] = tv && j < CHUNK - SUB ? u[row * di + c] : 0.0f;
-                cdl[j] = tv ? delta[row * di + c] : 0.0f;
+                bool tv = tc0 + j < L && cval;
+                if (j < CKS) cu[j] = tv && j < CHUNK - SUB ? u[o] : 0.0f;
+                cdl[j] = tv ? delta[o] : 0.0f;
+                o += di;
             }
             float h[NG];
 #pragma unroll
@@ -545,27 +553,28 @@ selective_scan_bwd_body(const float* __restrict__ u, const float* __restrict__ d
                 for (int i = 0; i < R; ++i) red[(jc * SCAN_WARPS + warp) * 2 * NG + base + i] = vv[i];
             }
             if (t < L && cval) {
-                long row = b * L + t;
+                long row = b * L + t0;
+                long o = row * di + c + j * di, oz = row * ldz_out + c + j * ldz_out;
                 float yt = y[j] + Dc * x[j];
                 // Σ_n dh · (h_prev · decay · A + x · B); A = A2 · ln 2.
                 float dd = (tcs * LN2 + x[j] * s1) * sg[j];
                 if (z) {
                     float dzv = gz[j] * yt;
                     if (dz_lp)
-                        dz_lp[row * ldz_out + c] = lp_mode == 0 ? f32_to_bf16(dzv) : f32_to_f16(dzv);
+                        dz_lp[oz] = lp_mode == 0 ? f32_to_bf16(dzv) : f32_to_f16(dzv);
                     else
-                        dz_out[row * ldz_out + c] = dzv;
+                        dz_out[oz] = dzv;
                 }
                 // The gated output out_proj's weight gradient reads (recomputed, not kept).
                 if (gated_lp) {
                     float gt = yt * zs[j];
-                    gated_lp[row * di + c] = lp_mode == 0 ? f32_to_bf16(gt) : f32_to_f16(gt);
+                    gated_lp[o] = lp_mode == 0 ? f32_to_bf16(gt) : f32_to_f16(gt);
                 }
                 if (ddelta_lp)
-                    ddelta_lp[row * di + c] = lp_mode == 0 ? f32_to_bf16(dd) : f32_to_f16(dd);
+                    ddelta_lp[o] = lp_mode == 0 ? f32_to_bf16(dd) : f32_to_f16(dd);
                 else
-                    ddelta_out[row * di + c] = dd;
-                du_out[row * di + c] = dy[j] * Dc + dt[j] * s1;
+                    ddelta_out[o] = dd;
+                du_out[o] = dy[j] * Dc + dt[j] * s1;
                 dD += dy[j] * x[j];
                 ddb += dd;
             }
