@@ -17,8 +17,8 @@ __device__ __forceinline__ float conv_visible(long p, int start, long c, const f
 // launchers in gpu/src/ops/conv1d.rs use the same CONV_TL.
 #define CONV_TL 32
 
-// u = conv(x) + bias, xs = silu(u) (and its bf16 / fp16 copy xs_lp where not null). x: [B, L, ·]
-// with row stride ldx (the x half of xz).
+// u = conv(x) + bias (where u is not null), xs = silu(u) (and its bf16 / fp16 copy xs_lp where
+// not null). x: [B, L, ·] with row stride ldx (the x half of xz).
 // init: [B, d_inner, km1] or null. Thread per (channel, CONV_TL positions of one row): the
 // window's inputs stay in registers, so each x is read once. grid (B * ceil(L / CONV_TL),
 // ceil(di / blockDim)).
@@ -55,7 +55,7 @@ static __device__ __forceinline__ void conv1d_fwd_f32_body(const float* x, long 
         }
         if (bias) acc += bias[c];
         long i = (b * L + t) * di + c;
-        u[i] = acc;
+        if (u) u[i] = acc;
         float v = silu_f32(acc);
         if (xs) xs[i] = v;
         if (xs_lp) xs_lp[i] = lp_mode == 0 ? f32_to_bf16(v) : f32_to_f16(v);

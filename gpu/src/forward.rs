@@ -307,7 +307,9 @@ impl Model {
         let conv = Conv1dFwdF32 {
             conv: self.conv_in(ws, la, lo),
             init: init_conv,
-            u: PtrMut::new(ws.u.ptr),
+            // Only the backward reads the pre-SiLU `u` (conv1d_bwd_dx's SiLU gradient), after
+            // its own recompute: the forward's call (`last`) skips writing it.
+            u: PtrMut::new(if last { 0 } else { ws.u.ptr }),
             xs: PtrMut::new(ws.xs.ptr),
             batch: batch as i64,
             seq_len: seq_len as i64,

@@ -21,7 +21,7 @@ kernel_params! {
 }
 
 kernel_params! {
-    /// `u = conv(x) + bias`, `xs = silu(u)` (xs may be null); `init` `[batch, d_inner,
+    /// `u = conv(x) + bias`, `xs = silu(u)` (u and xs may be null); `init` `[batch, d_inner,
     /// d_conv − 1]` or null; `xs_lp` (may be null): xs again in bf16 (`lp_mode` 0) or fp16
     /// (1), x_proj's operand.
     Conv1dFwdF32 => ["conv1d_fwd_f32"] {
