@@ -23,6 +23,12 @@ const SCAN_CASES: &[ScanCase] = &[
     ("partial_chunk", 2, 129, 96, 16, true, true, true), // 4 chunks of 32 + 1
     ("d_state_3_no_z", 3, 70, 20, 3, true, true, false),
     ("d_state_32", 1, 65, 8, 32, false, true, true),
+    // The backward keeps each lane's states in lane-permuted register slots (state bits ≥ 2
+    // flipped by lane bits, see RsLevel in selective_scan.cu) and folds resets into the decay:
+    // every slot pattern of a warp, with resets, at each padded width it permutes.
+    ("d_state_32_resets", 2, 97, 70, 32, true, true, true),
+    ("d_state_13_padded_resets", 2, 75, 45, 13, true, true, true),
+    ("d_state_8_resets", 2, 50, 40, 8, true, false, true),
     ("mamba130m_prefill", 1, 512, 1536, 16, false, false, true),
 ];
 
