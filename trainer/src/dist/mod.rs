@@ -100,6 +100,11 @@
 //!
 //! [`Comm`]: reference::comm::Comm
 //! [`TrainingEngine`]: reference::TrainingEngine
+//! [`TrainingEngine::all_reduce_gradients`]: reference::TrainingEngine::all_reduce_gradients
+//! [`TrainingEngine::loss_and_backward_layered`]: reference::TrainingEngine::loss_and_backward_layered
+//! [`TrainingEngine::loss_and_backward_streamed`]: reference::TrainingEngine::loss_and_backward_streamed
+//! [`TrainingEngine::set_gradients`]: reference::TrainingEngine::set_gradients
+//! [`TrainingEngine::shard_optimizer`]: reference::TrainingEngine::shard_optimizer
 
 pub mod ckpt;
 pub mod config;
