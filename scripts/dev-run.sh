@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Device calls of this session (carry target/gpu-tests.tar.xz, which also holds gpu-bench-old,
+# the bench built from the commit before the session's kernel changes):
+#   bash scripts/dev-run.sh suite   # the new scan bench, then the whole GPU suite
+#   bash scripts/dev-run.sh ab      # scan and 130M training, old against new; the profile
+set -u
+if [ ! -x /tmp/gpu-bench-old ]; then
+  tar -xJf target/gpu-tests.tar.xz -C target && mv target/gpu-tests/gpu-bench-old /tmp/
+fi
+export VET_KERNEL_CACHE=/tmp/kc
+nvidia-smi --query-gpu=name --format=csv,noheader
+case "${1:-suite}" in
+suite)
+  echo "== new scan"; timeout 150 target/gpu-tests/gpu-bench scan 2>&1 | grep -E "scan|error" | tail -6
+  timeout 380 bash scripts/gpu-tests.sh run > "$OUT/run.log" 2>&1; echo "suite rc $?"
+  grep -E "^test result|FAILED|panicked|^== |staged|reference:|cuda f32:" "$OUT/run.log" | head -80
+  ;;
+ab)
+  for i in 1 2; do
+    echo "== old scan"; timeout 150 /tmp/gpu-bench-old scan 2>&1 | grep -E "scan|error" | tail -6
+    echo "== new scan"; timeout 100 target/gpu-tests/gpu-bench scan 2>&1 | grep -E "scan|error" | tail -6
+  done
+  for b in /tmp/gpu-bench-old target/gpu-tests/gpu-bench /tmp/gpu-bench-old target/gpu-tests/gpu-bench; do
+    echo "== $b train 130M"; VET_TRAIN_SIZES=130M timeout 80 $b train 2>&1 | grep -E "^train|error" | head -3
+  done
+  timeout 60 target/gpu-tests/gpu-bench profile > "$OUT/profile.log" 2>&1
+  grep -E "^profile" "$OUT/profile.log" | tail -4
+  ;;
+esac
