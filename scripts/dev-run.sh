@@ -11,9 +11,12 @@ export VET_KERNEL_CACHE=/tmp/kc
 nvidia-smi --query-gpu=name --format=csv,noheader
 case "${1:-suite}" in
 suite)
-  echo "== new scan"; timeout 150 target/gpu-tests/gpu-bench scan 2>&1 | grep -E "scan|error" | tail -6
-  timeout 380 bash scripts/gpu-tests.sh run > "$OUT/run.log" 2>&1; echo "suite rc $?"
+  timeout 330 bash scripts/gpu-tests.sh run > "$OUT/run.log" 2>&1; echo "suite rc $?"
   grep -E "^test result|FAILED|panicked|^== |staged|reference:|cuda f32:" "$OUT/run.log" | head -80
+  for b in target/gpu-tests/gpu-bench /tmp/gpu-bench-old; do
+    echo "== $b train 130M"; VET_TRAIN_SIZES=130M timeout 80 $b train 2>&1 | grep -E "^train|error" | head -2
+  done
+  echo "== new scan"; timeout 150 target/gpu-tests/gpu-bench scan 2>&1 | grep -E "^scan|error" | tail -3
   ;;
 ab)
   for i in 1 2; do
