@@ -2,6 +2,7 @@
 # Device calls of this session (carry target/gpu-tests.tar.xz, which also holds gpu-bench-old,
 # the bench built from the commit before the session's kernel changes):
 #   bash scripts/dev-run.sh suite   # the new scan bench, then the whole GPU suite
+#   bash scripts/dev-run.sh essential  # only the changed kernels' tests and gpu_conformance
 #   bash scripts/dev-run.sh ab      # scan and 130M training, old against new; the profile
 set -u
 if [ ! -x /tmp/gpu-bench-old ]; then
@@ -17,6 +18,14 @@ suite)
     echo "== $b train 130M"; VET_TRAIN_SIZES=130M timeout 80 $b train 2>&1 | grep -E "^train|error" | head -2
   done
   echo "== new scan"; timeout 150 target/gpu-tests/gpu-bench scan 2>&1 | grep -E "^scan|error" | tail -3
+  ;;
+essential)
+  # The tests of the changed kernels only (scan, loss, conv) and the whole-model conformance.
+  for t in selective_scan loss conv1d gpu_conformance; do
+    echo "== $t"; timeout 200 target/gpu-tests/$t --test-threads=1 --nocapture > "$OUT/$t.log" 2>&1; echo "rc $?"
+    grep -E "^test result|FAILED|panicked|staged" "$OUT/$t.log" | head -12
+  done
+  echo "== new scan"; timeout 100 target/gpu-tests/gpu-bench scan 2>&1 | grep -E "^scan|error" | tail -3
   ;;
 ab)
   for i in 1 2; do
