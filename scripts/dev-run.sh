@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Device calls of this session (carry target/gpu-tests.tar.xz, which also holds gpu-bench-old,
-# the bench built from the commit before the session's kernel changes):
-#   bash scripts/dev-run.sh suite   # the new scan bench, then the whole GPU suite
+# Device calls of stop 35 (carry target/gpu-tests.tar.xz: `bash scripts/gpu-tests.sh`, then
+# copy into target/gpu-tests/ a gpu-bench-old built from the commit before the kernel changes,
+# 4634405 (`git stash; cargo build --release -p gpu --bin gpu-bench`), then `tar -C target -cJf
+# target/gpu-tests.tar.xz gpu-tests`):
+#   bash scripts/dev-run.sh suite   # the whole GPU suite, the 130M training A/B, the new scan bench
 #   bash scripts/dev-run.sh essential  # only the changed kernels' tests and gpu_conformance
 #   bash scripts/dev-run.sh ab      # scan and 130M training, old against new; the profile
 set -u
