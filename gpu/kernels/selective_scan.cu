@@ -41,8 +41,9 @@ __device__ __forceinline__ float ex2(float x) {
 
 #define SCAN_INF __int_as_float(0x7f800000)
 
-// A · log2(e) of state n (a_log row at `row`): exp(dt · A) = exp2(dt · A2). Every kernel here
-// folds a reset (document start) into the decay by using dt = +inf there: exp2(+inf · A2) = 0,
+// A · log2(e) of state n (a_log row at `row`): exp(dt · A) = exp2(dt · A2). The scan forward
+// and backward (not the backward's segment map, nor the decode kernels) fold a reset (document
+// start) into the decay by using dt = +inf there: exp2(+inf · A2) = 0,
 // so h = 0 · h + dt x B needs no select. That needs A2 < 0 strictly: it is kept at or below
 // −FLT_MIN (A = −exp(a_log) only reaches −0 when a_log < −87, where exp2(dt · A2) is 1 either
 // way), and padded states (n ≥ ds, whose B and C are 0) get −1. NaN stays NaN.
