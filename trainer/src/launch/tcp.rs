@@ -1,5 +1,5 @@
-//! [`Comm`] over TCP for CPU ranks in separate processes: a star around rank 0, on the
-//! connections the [`super::rendezvous`] left open. Every other rank sends its part to rank 0,
+//! [`Comm`](reference::comm::Comm) over TCP for CPU ranks in separate processes: a star around rank 0, on the
+//! connections the [`rendezvous`](super::rendezvous::rendezvous()) left open. Every other rank sends its part to rank 0,
 //! which checks that all called the same collective with the same lengths, sums in rank order
 //! `((r0 + r1) + r2) + …` (the in-process comm's order, so the bits agree), and sends each
 //! rank its result.

@@ -2,7 +2,7 @@
 //! through [`crate::data::inputs`], as `vet-data tokenizer` reads them) into train/val
 //! token shards and a `manifest.json`, at any scale.
 //!
-//! The inputs are cut into work units (see [`sources::plan`]) that run in parallel; each unit
+//! The inputs are cut into work units (see `sources::plan`) that run in parallel; each unit
 //! writes its own shards and then a done-marker, so an interrupted run resumes where it
 //! stopped and `--part i/n` spreads the units over machines. Documents go to val by a hash of
 //! the seed and their text, so the output does not depend on the thread count.
