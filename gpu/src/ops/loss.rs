@@ -77,7 +77,7 @@ pub fn ce_stage_smem(vocab: i64, granted: usize, enabled: bool) -> u32 {
     }
 }
 
-fn ce_stage_enabled() -> bool {
+pub(crate) fn ce_stage_enabled() -> bool {
     std::env::var("VET_CE_STAGE").map_or(true, |v| v != "0")
 }
 

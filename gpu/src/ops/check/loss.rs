@@ -16,7 +16,9 @@ impl OpDev {
         vocab: usize,
         scale: f32,
     ) -> Result<(f32, Vec<f32>)> {
-        self.cross_entropy_staging(logits, targets, mask, vocab, scale, true)
+        // Staged where it fits, unless VET_CE_STAGE=0 (as the engine's launches).
+        let stage = crate::ops::loss::ce_stage_enabled();
+        self.cross_entropy_staging(logits, targets, mask, vocab, scale, stage)
     }
 
     /// [`OpDev::cross_entropy`] with the row staged in shared memory where it fits (`stage`)
