@@ -110,7 +110,7 @@ fn dot_rows_batch_matches_f64_for_every_format_isa_and_batch() {
     ] {
         let w: Vec<f32> = (0..rows * k).map(|_| lcg(&mut s)).collect();
         for (name, wd, m) in formats(&w, rows, k) {
-            for n in [1usize, 2, 3, 5, 9] {
+            for n in [1usize, 2, 3, 5, 6, 7, 8, 9, 17] {
                 let x: Vec<f32> = (0..n * k).map(|_| lcg(&mut s)).collect();
                 for isa in isas() {
                     let mut y = vec![f32::NAN; n * rows];

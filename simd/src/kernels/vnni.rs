@@ -130,16 +130,25 @@ pub unsafe fn dot_rows_i8(
     let mut b0 = 0;
     while b0 < n {
         let b1 = (b0 + xb).min(n);
+        // A block of more than four activation rows runs on tiles of three weight rows by
+        // up to eight activation rows ([`tile_wide`]): twice the products per weight load.
+        let wide = b1 - b0 > 4;
+        let (rstep, bstep) = if wide { (WIDE_R, WIDE_B) } else { (4, 4) };
         let mut r = 0;
         while r < rows {
-            let take = (rows - r).min(4);
+            let take = (rows - r).min(rstep);
             let w = &q[(row0 + r) * k..(row0 + r + take) * k];
             let mut b = b0;
             while b < b1 {
-                let bt = (b1 - b).min(4);
-                let mut out = [[0i32; 4]; 4];
+                let bt = (b1 - b).min(bstep);
+                let mut out = [[0i32; 4]; WIDE_B];
                 let x = &a.q[b * kp..(b + bt) * kp];
-                by_shape!(tile, take, bt, w, k, x, kp, &mut out);
+                if bt > 4 {
+                    by_wide_shape!(tile_wide, take, bt, w, k, x, kp, &mut out);
+                } else {
+                    let o4: &mut [[i32; 4]; 4] = (&mut out[..4]).try_into().unwrap();
+                    by_shape!(tile, take, bt, w, k, x, kp, o4);
+                }
                 for bi in 0..bt {
                     let sx = a.scale[b + bi];
                     for i in 0..take {
@@ -212,6 +221,88 @@ unsafe fn tile<const R: usize, const B: usize>(
                 out[b][r] = _mm512_reduce_add_epi32(acc[r][b]);
             }
         }
+    }
+}
+
+/// Weight rows of a wide tile ([`tile_wide`]).
+const WIDE_R: usize = 3;
+/// Activation rows of a wide tile.
+const WIDE_B: usize = 8;
+
+/// [`tile_wide`] for `take` ≤ 3 weight rows and 5 ≤ `bt` ≤ 8 activation rows.
+macro_rules! by_wide_shape {
+    ($f:ident, $take:expr, $bt:expr, $($a:expr),*) => {
+        match ($take, $bt) {
+            (1, 5) => $f::<1, 5>($($a),*),
+            (1, 6) => $f::<1, 6>($($a),*),
+            (1, 7) => $f::<1, 7>($($a),*),
+            (1, _) => $f::<1, 8>($($a),*),
+            (2, 5) => $f::<2, 5>($($a),*),
+            (2, 6) => $f::<2, 6>($($a),*),
+            (2, 7) => $f::<2, 7>($($a),*),
+            (2, _) => $f::<2, 8>($($a),*),
+            (_, 5) => $f::<3, 5>($($a),*),
+            (_, 6) => $f::<3, 6>($($a),*),
+            (_, 7) => $f::<3, 7>($($a),*),
+            (_, _) => $f::<3, 8>($($a),*),
+        }
+    };
+}
+use by_wide_shape;
+
+/// [`tile`] for `R` ≤ 3 weight rows by `B` ≤ 8 activation rows: the `R` flipped weight
+/// vectors stay in registers while the activation vectors stream past them, one at a time,
+/// so the 24 accumulators, 3 weight vectors, one activation vector and the flip constant
+/// fit the 32 registers. Each weight load feeds `B` products instead of [`tile`]'s four.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+#[inline]
+unsafe fn tile_wide<const R: usize, const B: usize>(
+    w: &[i8],
+    k: usize,
+    x: &[i8],
+    kp: usize,
+    out: &mut [[i32; 4]; WIDE_B],
+) {
+    let body = k / LANES * LANES;
+    let flip = _mm512_set1_epi8(i8::MIN);
+    let (wp, xp) = (w.as_ptr(), x.as_ptr());
+    let mut acc = [[_mm512_setzero_si512(); B]; R];
+    let mut wv = [_mm512_setzero_si512(); R];
+    let mut j = 0;
+    while j < body {
+        for r in 0..R {
+            _mm_prefetch::<_MM_HINT_T0>(wp.wrapping_add((2 * R + r) * k + j));
+            _mm_prefetch::<_MM_HINT_T1>(wp.wrapping_add((8 * R + r) * k + j));
+            let v = _mm512_loadu_si512(wp.add(r * k + j) as *const __m512i);
+            wv[r] = _mm512_xor_si512(v, flip);
+        }
+        for b in 0..B {
+            let xv = _mm512_loadu_si512(xp.add(b * kp + j) as *const __m512i);
+            for r in 0..R {
+                acc[r][b] = _mm512_dpbusd_epi32(acc[r][b], wv[r], xv);
+            }
+        }
+        j += LANES;
+    }
+    if body < k {
+        // The activations are zero past `k`, as in `tile`.
+        let m: __mmask64 = (1u64 << (k - body)) - 1;
+        for r in 0..R {
+            let v = _mm512_maskz_loadu_epi8(m, wp.add(r * k + body));
+            wv[r] = _mm512_xor_si512(v, flip);
+        }
+        for b in 0..B {
+            let xv = _mm512_loadu_si512(xp.add(b * kp + body) as *const __m512i);
+            for r in 0..R {
+                acc[r][b] = _mm512_dpbusd_epi32(acc[r][b], wv[r], xv);
+            }
+        }
+    }
+    let zero = _mm512_setzero_si512();
+    for b in 0..B {
+        let row = |r: usize| if r < R { acc[r][b] } else { zero };
+        let v = reduce4(row(0), row(1), row(2), zero);
+        _mm_storeu_si128(out[b].as_mut_ptr() as *mut __m128i, v);
     }
 }
 
