@@ -84,6 +84,19 @@ pub unsafe fn dot_rows_bf16(
         row0 + rows,
         w.len()
     );
+    if n == 1 {
+        // A decode step: each weight row read front to back as one stream, with the same
+        // accumulation order as a tile (one accumulator per row, in `j` order), so the
+        // same bits.
+        for r in 0..rows {
+            put(
+                0,
+                r,
+                row_dot(&w[(row0 + r) * k..(row0 + r + 1) * k], &a.x[..kp]),
+            );
+        }
+        return;
+    }
     let mut r = 0;
     while r < rows {
         let take = (rows - r).min(4);
@@ -108,6 +121,39 @@ pub unsafe fn dot_rows_bf16(
 #[inline(always)]
 unsafe fn bh(v: __m512i) -> __m512bh {
     std::mem::transmute(v)
+}
+
+/// Bytes ahead of a [`row_dot`] read that it prefetches into L2, and into L1 (as
+/// `vnni::row_dot`).
+const ROW_PF_L2: usize = 4096;
+const ROW_PF_L1: usize = 512;
+
+/// `Σ_j w[j] · x[j]` for one weight row and one activation row (`x.len()` ≥ `w.len()`
+/// rounded up to 32, zero-padded): [`tile`]`::<1, 1>`'s sums, with the weights read as one
+/// forward stream and prefetched along it (the next row follows in memory).
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+unsafe fn row_dot(w: &[u16], x: &[u16]) -> f32 {
+    let k = w.len();
+    assert!(x.len() >= k.div_ceil(LANES) * LANES);
+    let body = k / LANES * LANES;
+    let (wp, xp) = (w.as_ptr() as *const i8, x.as_ptr());
+    let mut acc = _mm512_setzero_ps();
+    let mut j = 0;
+    while j < body {
+        _mm_prefetch::<_MM_HINT_T1>(wp.wrapping_add(2 * j + ROW_PF_L2));
+        _mm_prefetch::<_MM_HINT_T0>(wp.wrapping_add(2 * j + ROW_PF_L1));
+        let wv = bh(_mm512_loadu_si512(wp.add(2 * j) as *const __m512i));
+        let xv = bh(_mm512_loadu_si512(xp.add(j) as *const __m512i));
+        acc = _mm512_dpbf16_ps(acc, wv, xv);
+        j += LANES;
+    }
+    if body < k {
+        let m: __mmask32 = (1u32 << (k - body)) - 1;
+        let wv = bh(_mm512_maskz_loadu_epi16(m, wp.add(2 * body) as *const i16));
+        let xv = bh(_mm512_loadu_si512(xp.add(body) as *const __m512i));
+        acc = _mm512_dpbf16_ps(acc, wv, xv);
+    }
+    _mm512_reduce_add_ps(acc)
 }
 
 /// `out[b][r] = Σ_j w[r, j] · x[b, j]` for `R` weight rows of `k` values and `B` activation
