@@ -41,6 +41,17 @@ unsafe fn load16(w: Fmt, i: usize) -> __m512 {
 /// `x` `bt` rows.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
 pub unsafe fn tile(w: Fmt, x: &[f32], k: usize, take: usize, bt: usize, out: &mut TileOut) {
+    if bt == 1 && !matches!(w, Fmt::I4 { .. }) {
+        let step = match w {
+            Fmt::F32(_) => 64,
+            Fmt::Bf16(_) => 32,
+            _ => 16,
+        };
+        for r in 0..take {
+            out[0][r] = row_widen(w, r, x, k, step);
+        }
+        return;
+    }
     match w {
         Fmt::I4 { q, scales } => by_shape!(tile_int4, take, bt, q, scales, x, k, out),
         Fmt::F32(_) => by_shape!(tile_widen, take, bt, w, x, k, out, 64),
@@ -93,6 +104,40 @@ unsafe fn tile_widen<const R: usize, const B: usize>(
             out[b][r] = _mm512_reduce_add_ps(acc[r][b]) + t;
         }
     }
+}
+
+/// Bytes ahead of a [`row_widen`] read that it prefetches into L2, and into L1.
+const ROW_PF_L2: usize = 4096;
+const ROW_PF_L1: usize = 512;
+
+/// Row `r` of `w` times the one activation row `x`: [`tile_widen`]`::<1, 1>`'s sums (one
+/// accumulator in `j` order, then the scalar tail), with the row read as one forward stream
+/// and prefetched along it. A tile's rows lie one after another, so a decode step reads its
+/// weights front to back (see `vnni::row_dot` for what that gained over four side-by-side
+/// rows).
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+#[inline]
+unsafe fn row_widen(w: Fmt, r: usize, x: &[f32], k: usize, step: usize) -> f32 {
+    let body = k / 16 * 16;
+    let every = 64 / step;
+    // Elements per byte ahead: `step` bytes hold 16 weights.
+    let (l2, l1) = (ROW_PF_L2 * 16 / step, ROW_PF_L1 * 16 / step);
+    let xp = x.as_ptr();
+    let mut acc = _mm512_setzero_ps();
+    let mut j = 0;
+    while j < body {
+        if (j / 16) % every == 0 {
+            prefetch_l2(w.ptr_at(r * k + j + l2));
+            prefetch(w.ptr_at(r * k + j + l1));
+        }
+        acc = _mm512_fmadd_ps(load16(w, r * k + j), _mm512_loadu_ps(xp.add(j)), acc);
+        j += 16;
+    }
+    let mut t = 0f32;
+    for jj in body..k {
+        t += super::widen(w, k, r, jj) * x[jj];
+    }
+    _mm512_reduce_add_ps(acc) + t
 }
 
 /// Sixteen int4 codes (as i8 in `v`) widened to f32 and scaled.
