@@ -106,8 +106,18 @@ pub unsafe fn dot_rows_i4(
         row0 + rows,
         q.len()
     );
-    let xb = (X_BLOCK_BYTES / kp.max(1)).max(4) / 4 * 4;
     let cw = kp / 8;
+    if n == 1 {
+        // A decode step: each weight row read front to back as one stream ([`row_dot`]), with
+        // a tile's sums and order, so the same bits.
+        for r in 0..rows {
+            let w = &q[(row0 + r) * rb..(row0 + r + 1) * rb];
+            let s = &scales[(row0 + r) * g..(row0 + r + 1) * g];
+            put(0, r, row_dot(w, s, &a.q[..kp], &a.corr[..cw]) * a.scale[0]);
+        }
+        return;
+    }
+    let xb = (X_BLOCK_BYTES / kp.max(1)).max(4) / 4 * 4;
     let mut b0 = 0;
     while b0 < n {
         let b1 = (b0 + xb).min(n);
@@ -209,6 +219,62 @@ unsafe fn tile<const R: usize, const B: usize>(
         let v = reduce4(row(0), row(1), row(2), row(3));
         _mm_storeu_ps(out[b].as_mut_ptr(), v);
     }
+}
+
+/// Bytes ahead of a [`row_dot`] read that it prefetches into L2, and into L1 (as
+/// `vnni::row_dot`).
+const ROW_PF_L2: usize = 4096;
+const ROW_PF_L1: usize = 512;
+
+/// [`tile`]`::<1, 1>` for one weight row (`w`: `16 g` bytes, `s`: its `g` scales) and one
+/// activation row (`x`, `c` as in [`tile`]), the weights read as one forward stream and
+/// prefetched along it, the scales beside them.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn row_dot(w: &[u8], s: &[f32], x: &[i8], c: &[i32]) -> f32 {
+    let g = s.len();
+    let kp = x.len();
+    assert!(w.len() == g * INT4_GROUP_BYTES && kp >= g.div_ceil(4) * BLOCK && c.len() >= kp / 8);
+    let (blocks, full) = (kp / BLOCK, g / 4);
+    let (wp, sp, xp, cp) = (w.as_ptr(), s.as_ptr(), x.as_ptr(), c.as_ptr());
+    let nib = _mm512_set1_epi8(0x0f);
+    let spread = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
+    let mut acc = _mm512_setzero_ps();
+    for blk in 0..blocks {
+        let p = xp.add(blk * BLOCK);
+        let xl = _mm512_loadu_si512(p as *const __m512i);
+        let xh = _mm512_loadu_si512(p.add(BLOCK_BYTES) as *const __m512i);
+        let cv = _mm512_loadu_si512(cp.add(blk * 16) as *const __m512i);
+        let (v, sv) = if blk < full {
+            let o = blk * BLOCK_BYTES;
+            _mm_prefetch::<_MM_HINT_T1>(wp.wrapping_add(o + ROW_PF_L2) as _);
+            _mm_prefetch::<_MM_HINT_T0>(wp.wrapping_add(o + ROW_PF_L1) as _);
+            if blk % 4 == 0 {
+                // Four blocks' scales are one line; they run a quarter as far ahead.
+                _mm_prefetch::<_MM_HINT_T0>(sp.wrapping_add(blk * 4 + ROW_PF_L1 / 4) as _);
+            }
+            (
+                _mm512_loadu_si512(wp.add(o) as *const __m512i),
+                _mm_loadu_ps(sp.add(blk * 4)),
+            )
+        } else {
+            let left = g - blk * 4;
+            (
+                _mm512_maskz_loadu_epi8(
+                    (1u64 << (left * INT4_GROUP_BYTES)) - 1,
+                    wp.add(blk * BLOCK_BYTES) as *const i8,
+                ),
+                _mm_maskz_loadu_ps((1u8 << left) - 1, sp.add(blk * 4)),
+            )
+        };
+        let sc = _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(sv));
+        let lo = _mm512_and_si512(v, nib);
+        let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(v), nib);
+        let d = _mm512_dpbusd_epi32(cv, lo, xl);
+        let d = _mm512_dpbusd_epi32(d, hi, xh);
+        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), sc, acc);
+    }
+    let zero = _mm512_setzero_ps();
+    _mm_cvtss_f32(reduce4(acc, zero, zero, zero))
 }
 
 /// The lane sums of four vectors, `[Σa, Σb, Σc, Σd]` (as `super::vnni::reduce4`, in f32).
