@@ -106,10 +106,6 @@ unsafe fn tile_widen<const R: usize, const B: usize>(
     }
 }
 
-/// Bytes ahead of a [`row_widen`] read that it prefetches into L2, and into L1.
-const ROW_PF_L2: usize = 4096;
-const ROW_PF_L1: usize = 512;
-
 /// Row `r` of `w` times the one activation row `x`: [`tile_widen`]`::<1, 1>`'s sums (one
 /// accumulator in `j` order, then the scalar tail), with the row read as one forward stream
 /// and prefetched along it. A tile's rows lie one after another, so a decode step reads its
@@ -121,7 +117,7 @@ unsafe fn row_widen(w: Fmt, r: usize, x: &[f32], k: usize, step: usize) -> f32 {
     let body = k / 16 * 16;
     let every = 64 / step;
     // Elements per byte ahead: `step` bytes hold 16 weights.
-    let (l2, l1) = (ROW_PF_L2 * 16 / step, ROW_PF_L1 * 16 / step);
+    let (l2, l1) = (super::ROW_PF_L2 * 16 / step, super::ROW_PF_L1 * 16 / step);
     let xp = x.as_ptr();
     let mut acc = _mm512_setzero_ps();
     let mut j = 0;

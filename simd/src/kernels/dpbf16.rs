@@ -123,11 +123,6 @@ unsafe fn bh(v: __m512i) -> __m512bh {
     std::mem::transmute(v)
 }
 
-/// Bytes ahead of a [`row_dot`] read that it prefetches into L2, and into L1 (as
-/// `vnni::row_dot`).
-const ROW_PF_L2: usize = 4096;
-const ROW_PF_L1: usize = 512;
-
 /// `Σ_j w[j] · x[j]` for one weight row and one activation row (`x.len()` ≥ `w.len()`
 /// rounded up to 32, zero-padded): [`tile`]`::<1, 1>`'s sums, with the weights read as one
 /// forward stream and prefetched along it (the next row follows in memory).
@@ -140,8 +135,8 @@ unsafe fn row_dot(w: &[u16], x: &[u16]) -> f32 {
     let mut acc = _mm512_setzero_ps();
     let mut j = 0;
     while j < body {
-        _mm_prefetch::<_MM_HINT_T1>(wp.wrapping_add(2 * j + ROW_PF_L2));
-        _mm_prefetch::<_MM_HINT_T0>(wp.wrapping_add(2 * j + ROW_PF_L1));
+        _mm_prefetch::<_MM_HINT_T1>(wp.wrapping_add(2 * j + super::ROW_PF_L2));
+        _mm_prefetch::<_MM_HINT_T0>(wp.wrapping_add(2 * j + super::ROW_PF_L1));
         let wv = bh(_mm512_loadu_si512(wp.add(2 * j) as *const __m512i));
         let xv = bh(_mm512_loadu_si512(xp.add(j) as *const __m512i));
         acc = _mm512_dpbf16_ps(acc, wv, xv);

@@ -211,6 +211,13 @@ fn widen(w: Fmt, k: usize, r: usize, j: usize) -> f32 {
 /// Longest `x` whose paired copy fits on the stack for the AVX2 bf16 kernel (32 KiB).
 #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 const PAIRED_MAX: usize = 8192;
+/// How far ahead a batch-1 row stream (`vnni::row_dot`, `vnni4::row_dot`, `dpbf16::row_dot`,
+/// `avx512::row_widen`) prefetches its weights: bytes into L2, and bytes into L1. Rows lie one
+/// after another, so past a row's end this reaches the next row.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+const ROW_PF_L2: usize = 4096;
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+const ROW_PF_L1: usize = 512;
 /// Activation rows per tile.
 const TILE_B: usize = 4;
 

@@ -233,10 +233,6 @@ unsafe fn tile<const R: usize, const B: usize>(
     }
 }
 
-/// Bytes ahead of a [`row_dot`] read that it prefetches into L2, and into L1.
-const ROW_PF_L2: usize = 4096;
-const ROW_PF_L1: usize = 512;
-
 /// `Σ_j (w[j] + 128) · x[j]` for one weight row `w` and one activation row `x` (`x.len()` ≥
 /// `w.len()` rounded up to 64, zero-padded).
 ///
@@ -259,15 +255,15 @@ unsafe fn row_dot(w: &[i8], x: &[i8]) -> i32 {
     while j < body4 {
         for (u, a) in acc.iter_mut().enumerate() {
             let o = j + LANES * u;
-            _mm_prefetch::<_MM_HINT_T1>(wp.wrapping_add(o + ROW_PF_L2));
-            _mm_prefetch::<_MM_HINT_T0>(wp.wrapping_add(o + ROW_PF_L1));
+            _mm_prefetch::<_MM_HINT_T1>(wp.wrapping_add(o + super::ROW_PF_L2));
+            _mm_prefetch::<_MM_HINT_T0>(wp.wrapping_add(o + super::ROW_PF_L1));
             let v = _mm512_xor_si512(_mm512_loadu_si512(wp.add(o) as *const __m512i), flip);
             *a = _mm512_dpbusd_epi32(*a, v, _mm512_loadu_si512(xp.add(o) as *const __m512i));
         }
         j += 4 * LANES;
     }
     while j < body {
-        _mm_prefetch::<_MM_HINT_T1>(wp.wrapping_add(j + ROW_PF_L2));
+        _mm_prefetch::<_MM_HINT_T1>(wp.wrapping_add(j + super::ROW_PF_L2));
         let v = _mm512_xor_si512(_mm512_loadu_si512(wp.add(j) as *const __m512i), flip);
         acc[0] = _mm512_dpbusd_epi32(acc[0], v, _mm512_loadu_si512(xp.add(j) as *const __m512i));
         j += LANES;

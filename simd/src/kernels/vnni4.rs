@@ -221,11 +221,6 @@ unsafe fn tile<const R: usize, const B: usize>(
     }
 }
 
-/// Bytes ahead of a [`row_dot`] read that it prefetches into L2, and into L1 (as
-/// `vnni::row_dot`).
-const ROW_PF_L2: usize = 4096;
-const ROW_PF_L1: usize = 512;
-
 /// [`tile`]`::<1, 1>` for one weight row (`w`: `16 g` bytes, `s`: its `g` scales) and one
 /// activation row (`x`, `c` as in [`tile`]), the weights read as one forward stream and
 /// prefetched along it, the scales beside them.
@@ -246,11 +241,11 @@ unsafe fn row_dot(w: &[u8], s: &[f32], x: &[i8], c: &[i32]) -> f32 {
         let cv = _mm512_loadu_si512(cp.add(blk * 16) as *const __m512i);
         let (v, sv) = if blk < full {
             let o = blk * BLOCK_BYTES;
-            _mm_prefetch::<_MM_HINT_T1>(wp.wrapping_add(o + ROW_PF_L2) as _);
-            _mm_prefetch::<_MM_HINT_T0>(wp.wrapping_add(o + ROW_PF_L1) as _);
+            _mm_prefetch::<_MM_HINT_T1>(wp.wrapping_add(o + super::ROW_PF_L2) as _);
+            _mm_prefetch::<_MM_HINT_T0>(wp.wrapping_add(o + super::ROW_PF_L1) as _);
             if blk % 4 == 0 {
                 // Four blocks' scales are one line; they run a quarter as far ahead.
-                _mm_prefetch::<_MM_HINT_T0>(sp.wrapping_add(blk * 4 + ROW_PF_L1 / 4) as _);
+                _mm_prefetch::<_MM_HINT_T0>(sp.wrapping_add(blk * 4 + super::ROW_PF_L1 / 4) as _);
             }
             (
                 _mm512_loadu_si512(wp.add(o) as *const __m512i),
