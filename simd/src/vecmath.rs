@@ -11,7 +11,7 @@ use wide::f32x8;
 pub const LANES: usize = 8;
 
 /// Threshold above which softplus is the identity (PyTorch, mamba_ssm, `reference`).
-const SOFTPLUS_THRESHOLD: f32 = 20.0;
+pub(crate) const SOFTPLUS_THRESHOLD: f32 = 20.0;
 
 #[inline(always)]
 pub fn exp8(x: f32x8) -> f32x8 {

@@ -2,17 +2,15 @@
 //! vector, the same operations lane by lane as the AVX2 loop in `fwd.rs` (the same `exp`
 //! polynomial, the same fused multiply-adds in the same order), so both give the same bits;
 //! half the instructions per state update. softplus and silu, once per channel and position,
-//! run on the two 8-lane halves with the shared `vecmath` functions.
+//! run on sixteen lanes (`vecmath512`) with the bits of the shared `vecmath` functions.
 
 #![allow(clippy::needless_range_loop)] // lanes indexed by state, as in the maths
 
 use std::arch::x86_64::*;
 use std::mem::MaybeUninit;
 
-use wide::f32x8;
-
 use super::Scan;
-use crate::vecmath::{silu8, softplus8};
+use crate::vecmath512::{silu16, softplus16};
 use crate::SyncPtr;
 
 /// 16-lane state vectors a task keeps on the stack: 16 KiB.
@@ -48,19 +46,6 @@ unsafe fn exp_ps(x: __m512) -> __m512 {
 unsafe fn load(s: &[f32], i: usize, w: usize) -> __m512 {
     assert!(i + w <= s.len());
     _mm512_maskz_loadu_ps(((1u32 << w) - 1) as u16, s.as_ptr().add(i))
-}
-
-/// `f` applied to both 8-lane halves.
-#[target_feature(enable = "avx512f")]
-#[inline]
-unsafe fn halves(v: __m512, f: fn(f32x8) -> f32x8) -> __m512 {
-    let mut a = [0f32; 16];
-    _mm512_storeu_ps(a.as_mut_ptr(), v);
-    let lo = f(f32x8::from(<[f32; 8]>::try_from(&a[..8]).unwrap()));
-    let hi = f(f32x8::from(<[f32; 8]>::try_from(&a[8..]).unwrap()));
-    a[..8].copy_from_slice(&lo.to_array());
-    a[8..].copy_from_slice(&hi.to_array());
-    _mm512_loadu_ps(a.as_ptr())
 }
 
 /// `r[j]`'s lane `i` moves to `r[i]`'s lane `j`: a 16 × 16 transpose in registers, four rounds
@@ -165,7 +150,7 @@ unsafe fn step_rows(s: &Scan, bi: usize, c0: usize, c1: usize, h: SyncPtr<f32>, 
         let i = bi * di + cb;
         let x = load(s.u, i, 16);
         let pre = _mm512_add_ps(load(s.delta, i, 16), load(s.delta_bias, cb, 16));
-        let dt = halves(pre, softplus8);
+        let dt = softplus16(pre);
         let dtx = _mm512_mul_ps(dt, x);
         let (mut dts, mut dtxs) = ([0f32; 16], [0f32; 16]);
         _mm512_storeu_ps(dts.as_mut_ptr(), dt);
@@ -191,7 +176,7 @@ unsafe fn step_rows(s: &Scan, bi: usize, c0: usize, c1: usize, h: SyncPtr<f32>, 
             acc = _mm512_fmadd_ps(_mm512_set1_ps(ct[n]), r[n], acc);
         }
         let y = _mm512_fmadd_ps(load(s.d, cb, 16), x, acc);
-        let g = _mm512_mul_ps(y, halves(load(s.z, i, 16), silu8));
+        let g = _mm512_mul_ps(y, silu16(load(s.z, i, 16)));
         _mm512_storeu_ps(out.slice_mut(i, 16).as_mut_ptr(), g);
     }
 }
@@ -259,7 +244,7 @@ unsafe fn group_lanes(
             let i = row * di + cb;
             let x = load(s.u, i, w);
             let pre = _mm512_add_ps(load(s.delta, i, w), load(s.delta_bias, cb, w));
-            let dt = halves(pre, softplus8);
+            let dt = softplus16(pre);
             let dtx = _mm512_mul_ps(dt, x);
             let (hk, ak) = (&mut hv[k * ds..(k + 1) * ds], &av[k * ds..(k + 1) * ds]);
             let mut acc = _mm512_setzero_ps();
@@ -270,7 +255,7 @@ unsafe fn group_lanes(
                 acc = _mm512_fmadd_ps(_mm512_set1_ps(ct[n]), hn, acc);
             }
             let y = _mm512_fmadd_ps(load(s.d, cb, w), x, acc);
-            let g = _mm512_mul_ps(y, halves(load(s.z, i, w), silu8));
+            let g = _mm512_mul_ps(y, silu16(load(s.z, i, w)));
             _mm512_mask_storeu_ps(
                 out.slice_mut(i, w).as_mut_ptr(),
                 ((1u32 << w) - 1) as u16,
