@@ -18,7 +18,7 @@ pub mod model;
 mod team;
 pub mod vecmath;
 #[cfg(target_arch = "x86_64")]
-pub mod vecmath512;
+pub(crate) mod vecmath512;
 pub mod weights;
 
 pub use engine::SimdEngine;

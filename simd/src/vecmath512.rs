@@ -89,8 +89,11 @@ unsafe fn pow2n(n: __m512) -> __m512 {
 }
 
 /// `e^x` as `wide::f32x8::exp`.
+///
+/// # Safety
+/// The CPU must support AVX-512 F.
 #[target_feature(enable = "avx512f")]
-pub unsafe fn exp16(x: __m512) -> __m512 {
+pub(crate) unsafe fn exp16(x: __m512) -> __m512 {
     let (p0, p1, p2, p3, p4, p5) = (
         splat(1.0 / 2.0),
         splat(1.0 / 6.0),
@@ -135,8 +138,11 @@ pub unsafe fn exp16(x: __m512) -> __m512 {
 }
 
 /// `ln x` as `wide::f32x8::ln`.
+///
+/// # Safety
+/// The CPU must support AVX-512 F.
 #[target_feature(enable = "avx512f")]
-pub unsafe fn ln16(x1: __m512) -> __m512 {
+pub(crate) unsafe fn ln16(x1: __m512) -> __m512 {
     let half = splat(0.5);
     let p = [
         3.3333331174E-1f32,
@@ -202,8 +208,11 @@ pub unsafe fn ln16(x1: __m512) -> __m512 {
 }
 
 /// `vecmath::softplus8` on sixteen lanes.
+///
+/// # Safety
+/// The CPU must support AVX-512 F.
 #[target_feature(enable = "avx512f")]
-pub unsafe fn softplus16(v: __m512) -> __m512 {
+pub(crate) unsafe fn softplus16(v: __m512) -> __m512 {
     let t = splat(SOFTPLUS_THRESHOLD);
     // `wide`'s min: the threshold where `v` is NaN (`minps` returns its second operand).
     let e = exp16(_mm512_min_ps(v, t));
@@ -216,8 +225,11 @@ pub unsafe fn softplus16(v: __m512) -> __m512 {
 }
 
 /// `vecmath::silu8` on sixteen lanes: `x / (1 + e^−x)` as `x · (1 / (1 + e^−x))`.
+///
+/// # Safety
+/// The CPU must support AVX-512 F.
 #[target_feature(enable = "avx512f")]
-pub unsafe fn silu16(x: __m512) -> __m512 {
+pub(crate) unsafe fn silu16(x: __m512) -> __m512 {
     let neg = _mm512_castsi512_ps(_mm512_xor_si512(
         _mm512_castps_si512(x),
         _mm512_set1_epi32(i32::MIN),
