@@ -238,6 +238,24 @@ pub(crate) unsafe fn silu16(x: __m512) -> __m512 {
     _mm512_mul_ps(x, _mm512_div_ps(one, _mm512_add_ps(one, exp16(neg))))
 }
 
+/// `out ← silu(x)` over slices of the same length, sixteen lanes at a time (the last ones
+/// masked).
+///
+/// # Safety
+/// The CPU must support AVX-512 F.
+#[target_feature(enable = "avx512f")]
+pub(crate) unsafe fn silu_into(x: &[f32], out: &mut [f32]) {
+    assert_eq!(x.len(), out.len(), "silu_into: lengths differ");
+    let mut i = 0;
+    while i < x.len() {
+        let n = (x.len() - i).min(16);
+        let m = ((1u32 << n) - 1) as __mmask16;
+        let v = _mm512_maskz_loadu_ps(m, x.as_ptr().add(i));
+        _mm512_mask_storeu_ps(out.as_mut_ptr().add(i), m, silu16(v));
+        i += n;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -259,6 +277,24 @@ mod tests {
         // SAFETY: called only where AVX-512 F was detected.
         unsafe { _mm512_storeu_ps(o.as_mut_ptr(), f(_mm512_loadu_ps(v.as_ptr()))) };
         o
+    }
+
+    #[test]
+    fn silu_into_gives_wides_bits_at_every_length() {
+        if !is_x86_feature_detected!("avx512f") {
+            println!("skipping: no AVX-512 F on this CPU");
+            return;
+        }
+        let x: Vec<f32> = (0..53).map(|i| (i as f32 * 0.731).sin() * 9.0).collect();
+        for len in [0usize, 1, 7, 15, 16, 17, 31, 33, 53] {
+            let mut got = vec![f32::NAN; len];
+            // SAFETY: AVX-512 F was detected above.
+            unsafe { silu_into(&x[..len], &mut got) };
+            for (i, g) in got.iter().enumerate() {
+                let want = silu8(f32x8::splat(x[i])).to_array()[0];
+                assert_eq!(g.to_bits(), want.to_bits(), "len {len}, element {i}");
+            }
+        }
     }
 
     #[test]
