@@ -177,21 +177,12 @@ fn step_channels(
         win.fill(0.0);
     }
     if dc == 4 {
-        // The default width, unrolled: the same products and sums in the same order, sixteen
-        // channels at a time on AVX-512, the rest one by one.
-        #[allow(unused_mut)]
-        let mut done = 0;
-        #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            // SAFETY: AVX-512 F was just detected; the slices are one block's (checked inside).
-            done = unsafe { step4_avx512(x, w, bias, win, u) };
-        }
+        // The default width, unrolled: the same products and sums in the same order.
         for (c, ((wc, wn), (&xv, uo))) in w
             .chunks_exact(4)
             .zip(win.chunks_exact_mut(3))
             .zip(x.iter().zip(u.iter_mut()))
             .enumerate()
-            .skip(done)
         {
             let mut acc = bias.map_or(0.0, |bs| bs[c]);
             acc += wc[0] * wn[0];
@@ -217,88 +208,6 @@ fn step_channels(
             wn[km1 - 1] = x[c];
         }
     }
-}
-
-/// [`step_channels`] at d_conv 4 for the channels in whole sixteens; returns how many it did.
-/// The weights (4 a channel) and the window (3 a channel) are deinterleaved into one vector
-/// per tap with two-source permutes, the sums formed as the scalar loop forms them (multiply,
-/// then add, tap by tap, from the bias or zero), and the shifted window interleaved back.
-///
-/// # Safety
-/// The CPU must support AVX-512 F.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn step4_avx512(
-    x: &[f32],
-    w: &[f32],
-    bias: Option<&[f32]>,
-    win: &mut [f32],
-    u: &mut [f32],
-) -> usize {
-    use std::arch::x86_64::*;
-    let n = x.len() / 16 * 16;
-    assert!(w.len() >= 4 * n && win.len() >= 3 * n && u.len() >= n);
-    assert!(bias.is_none_or(|b| b.len() >= n));
-    let idx = |f: &dyn Fn(usize) -> usize| {
-        let a: [i32; 16] = std::array::from_fn(|i| (f(i) & 31) as i32);
-        _mm512_loadu_si512(a.as_ptr() as *const __m512i)
-    };
-    // Tap k of channel i: weight 4 i + k, window 3 i + k (from the first two or the last two
-    // of the three window vectors, split where 3 i + k reaches 32).
-    let wi: [__m512i; 4] = std::array::from_fn(|k| idx(&|i| 4 * i + k));
-    let lo: [__m512i; 3] = std::array::from_fn(|k| idx(&|i| 3 * i + k));
-    let hi: [__m512i; 3] = std::array::from_fn(|k| idx(&|i| (3 * i + k).wrapping_sub(16)));
-    let split: [__mmask16; 3] = std::array::from_fn(|k| {
-        (0..16)
-            .filter(|&i| 3 * i + k >= 32)
-            .fold(0, |m, i| m | 1 << i)
-    });
-    // Output vector j, lane l holds tap (16 j + l) % 3 of channel (16 j + l) / 3: taps 0 and 1
-    // (the old taps 1 and 2) from the first permute, tap 2 (the new input) from the second.
-    let out01: [__m512i; 3] = std::array::from_fn(|j| {
-        idx(&|l| {
-            let e = 16 * j + l;
-            e / 3 + if e % 3 == 1 { 16 } else { 0 }
-        })
-    });
-    let out2: [__m512i; 3] = std::array::from_fn(|j| idx(&|l| (16 * j + l) / 3));
-    let is2: [__mmask16; 3] = std::array::from_fn(|j| {
-        (0..16)
-            .filter(|&l| (16 * j + l) % 3 == 2)
-            .fold(0, |m, l| m | 1 << l)
-    });
-    let (wp, vp, xp, up) = (w.as_ptr(), win.as_mut_ptr(), x.as_ptr(), u.as_mut_ptr());
-    for c in (0..n).step_by(16) {
-        let wv: [__m512; 4] = std::array::from_fn(|q| _mm512_loadu_ps(wp.add(4 * c + 16 * q)));
-        let vv: [__m512; 3] = std::array::from_fn(|q| _mm512_loadu_ps(vp.add(3 * c + 16 * q)));
-        let tap = |k: usize| {
-            let a = _mm512_permutex2var_ps(wv[0], wi[k], wv[1]);
-            let b = _mm512_permutex2var_ps(wv[2], wi[k], wv[3]);
-            _mm512_mask_blend_ps(0xFF00, a, b)
-        };
-        let old = |k: usize| {
-            let a = _mm512_permutex2var_ps(vv[0], lo[k], vv[1]);
-            let b = _mm512_permutex2var_ps(vv[1], hi[k], vv[2]);
-            _mm512_mask_blend_ps(split[k], a, b)
-        };
-        let xv = _mm512_loadu_ps(xp.add(c));
-        let (o0, o1, o2) = (old(0), old(1), old(2));
-        let mut acc = match bias {
-            Some(b) => _mm512_loadu_ps(b.as_ptr().add(c)),
-            None => _mm512_setzero_ps(),
-        };
-        acc = _mm512_add_ps(acc, _mm512_mul_ps(tap(0), o0));
-        acc = _mm512_add_ps(acc, _mm512_mul_ps(tap(1), o1));
-        acc = _mm512_add_ps(acc, _mm512_mul_ps(tap(2), o2));
-        acc = _mm512_add_ps(acc, _mm512_mul_ps(tap(3), xv));
-        _mm512_storeu_ps(up.add(c), acc);
-        for j in 0..3 {
-            let t = _mm512_permutex2var_ps(o1, out01[j], o2);
-            let s = _mm512_permutexvar_ps(out2[j], xv);
-            _mm512_storeu_ps(vp.add(3 * c + 16 * j), _mm512_mask_blend_ps(is2[j], t, s));
-        }
-    }
-    n
 }
 
 /// Shapes and inputs: `x` `[batch, seq_len, d_inner]` (the conv input), `w` `[d_inner,
@@ -443,44 +352,6 @@ mod tests {
     use super::conv1d_step_silu;
     use crate::test_rng::vals;
     use reference::ops::conv1d::{conv1d_fwd, ConvDims};
-
-    /// At d_conv 4 every channel's sum has the bits of the scalar order (bias, then tap by tap,
-    /// multiply then add) and the window shifts exactly, in whole sixteens (the AVX-512 path
-    /// where present) and in the channels left over, with and without a bias.
-    #[test]
-    fn the_d_conv_4_step_gives_the_scalar_sums_bits() {
-        let (b, di) = (2, 37);
-        let (x, w, bias) = (vals(b * di, 11), vals(di * 4, 12), vals(di, 13));
-        let window0 = vals(b * di * 3, 14);
-        for with_bias in [true, false] {
-            let mut win = window0.clone();
-            let (mut u, mut xs) = (vec![f32::NAN; b * di], vec![f32::NAN; b * di]);
-            let bs = with_bias.then_some(&bias[..]);
-            crate::serial(|| {
-                conv1d_step_silu(&x, &w, bs, None, &mut win, (b, di, 4), &mut u, &mut xs)
-            });
-            for r in 0..b {
-                for c in 0..di {
-                    let (o, i) = (&window0[(r * di + c) * 3..][..3], r * di + c);
-                    let mut acc = if with_bias { bias[c] } else { 0.0 };
-                    acc += w[c * 4] * o[0];
-                    acc += w[c * 4 + 1] * o[1];
-                    acc += w[c * 4 + 2] * o[2];
-                    acc += w[c * 4 + 3] * x[i];
-                    assert_eq!(
-                        u[i].to_bits(),
-                        acc.to_bits(),
-                        "bias {with_bias}, row {r}, channel {c}"
-                    );
-                    assert_eq!(
-                        &win[i * 3..i * 3 + 3],
-                        &[o[1], o[2], x[i]],
-                        "row {r}, channel {c}"
-                    );
-                }
-            }
-        }
-    }
 
     /// A decode step's conv against the reference's forward over one position from the same
     /// windows, a reset row included: at d_conv 4 (the unrolled loop) and 3, over three tasks
