@@ -1,12 +1,21 @@
 // Small elementwise and reduction kernels: casts for the GEMM inputs, bias, SiLU, column sums.
 
+// Where flat element i of a [rows, cols] view with row stride ld lies: i itself when the rows
+// are contiguous (every caller of the casts today), else row i / cols at stride ld. The GPU has
+// no 64-bit divider (a division is dozens of instructions per element), so the contiguous
+// case skips it.
+static __device__ __forceinline__ long strided_at(long i, long ld, long cols) {
+    if (ld == cols) return i;
+    long r = i / cols;
+    return r * ld + (i - r * cols);
+}
+
 // dst[r, j] = lowp(src[r * ld + j]); mode 0: bf16, 1: fp16. dst is contiguous [rows, cols].
 static __device__ __forceinline__ void cast_lowp_f32_body(const float* src, long ld, long rows, long cols,
                                          u16* dst, int mode) {
     long total = rows * cols;
     for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < total; i += (long)gridDim.x * blockDim.x) {
-        long r = i / cols, j = i - r * cols;
-        float v = src[r * ld + j];
+        float v = src[strided_at(i, ld, cols)];
         dst[i] = mode == 0 ? f32_to_bf16(v) : f32_to_f16(v);
     }
 }
@@ -68,12 +77,12 @@ static __device__ __forceinline__ void round_lowp_f32_body(float* x, long ld, lo
                                           u16* dst, int mode) {
     long total = rows * cols;
     for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < total; i += (long)gridDim.x * blockDim.x) {
-        long r = i / cols, j = i - r * cols;
-        float v = x[r * ld + j];
-        if (b) v += b[j];
+        long at = strided_at(i, ld, cols);
+        float v = x[at];
+        if (b) v += b[i % cols];
         u16 h = mode == 0 ? f32_to_bf16(v) : f32_to_f16(v);
         dst[i] = h;
-        x[r * ld + j] = mode == 0 ? bf16_to_f32(h) : f16_to_f32(h);
+        x[at] = mode == 0 ? bf16_to_f32(h) : f16_to_f32(h);
     }
 }
 extern "C" __global__ void round_lowp_f32(const RoundLowpF32 p) { round_lowp_f32_body(ROUND_LOWP_F32_ARGS(p)); }
@@ -83,9 +92,8 @@ static __device__ __forceinline__ void widen_lowp_f32_body(const u16* src, long 
                                           int mode) {
     long total = rows * cols;
     for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < total; i += (long)gridDim.x * blockDim.x) {
-        long r = i / cols, j = i - r * cols;
         u16 h = src[i];
-        dst[r * ld + j] = mode == 0 ? bf16_to_f32(h) : f16_to_f32(h);
+        dst[strided_at(i, ld, cols)] = mode == 0 ? bf16_to_f32(h) : f16_to_f32(h);
     }
 }
 extern "C" __global__ void widen_lowp_f32(const WidenLowpF32 p) { widen_lowp_f32_body(WIDEN_LOWP_F32_ARGS(p)); }
