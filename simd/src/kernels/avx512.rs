@@ -41,23 +41,20 @@ unsafe fn load16(w: Fmt, i: usize) -> __m512 {
 /// `x` `bt` rows.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
 pub unsafe fn tile(w: Fmt, x: &[f32], k: usize, take: usize, bt: usize, out: &mut TileOut) {
-    if bt == 1 && !matches!(w, Fmt::I4 { .. }) {
-        let step = match w {
-            Fmt::F32(_) => 64,
-            Fmt::Bf16(_) => 32,
-            _ => 16,
-        };
+    // Bytes per 16 weights of a widened format.
+    let step = match w {
+        Fmt::I4 { q, scales } => return by_shape!(tile_int4, take, bt, q, scales, x, k, out),
+        Fmt::F32(_) => 64,
+        Fmt::Bf16(_) => 32,
+        Fmt::I8(_) => 16,
+    };
+    if bt == 1 {
         for r in 0..take {
             out[0][r] = row_widen(w, r, x, k, step);
         }
         return;
     }
-    match w {
-        Fmt::I4 { q, scales } => by_shape!(tile_int4, take, bt, q, scales, x, k, out),
-        Fmt::F32(_) => by_shape!(tile_widen, take, bt, w, x, k, out, 64),
-        Fmt::Bf16(_) => by_shape!(tile_widen, take, bt, w, x, k, out, 32),
-        Fmt::I8(_) => by_shape!(tile_widen, take, bt, w, x, k, out, 16),
-    }
+    by_shape!(tile_widen, take, bt, w, x, k, out, step)
 }
 
 /// `step` (bytes per 16 weights) decides how often a prefetch is issued: once per line.

@@ -238,7 +238,7 @@ unsafe fn tile<const R: usize, const B: usize>(
 ///
 /// Batch 1 reads the weights as one forward stream, four vectors at a time into four
 /// accumulators, rather than [`tile`]'s four rows side by side: on the 2-core Zen 4 machine the
-/// tile's four streams read 19–21 GB/s from DRAM on one thread against 25–27 for this one
+/// tile's four streams read 19–23 GB/s from DRAM on one thread against 25–28 for this one
 /// (`cargo bench -p simd --bench tiles -- --rows 65536 --dtypes int8 --batches 1`), and
 /// the 1.4B int8 decode went from 16–19 to 20–22 tok/s. Rows are consecutive in memory, so the
 /// prefetch past the row's end lands on the next row.
