@@ -16,7 +16,7 @@ for t in gpu_persistent decode; do
   grep -E "^test result|panicked" "$OUT/$t.log" | tail -3
 done
 export VET_INFER_BATCHES=1
-for sz in ${SIZES:-1.4B 370M 130M}; do
+for sz in ${SIZES:-1.4B 1.4B 370M 130M}; do
   for run in 1; do
     echo "== $sz old"; VET_INFER_SIZES=$sz timeout 60 $T/gpu-bench-old infer 2>&1 | grep -E "decode batch|error"
     for v in $VARIANTS; do
