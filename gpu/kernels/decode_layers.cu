@@ -313,17 +313,6 @@ __device__ __forceinline__ void dl_consume(const DlMat& m, const u16* x, int lp_
     }
 }
 
-// dl_consume in `groups` (1 or 2) warp groups.
-template <typename Out>
-__device__ __forceinline__ void dl_consume_grouped(int groups, const DlMat& m, const u16* x, int lp_mode,
-                                                   unsigned char* ring, u64* full, u64* empty, DlRing& r, float* pb,
-                                                   u64* starved, Out out) {
-    if (groups == 2)
-        dl_consume<2>(m, x, lp_mode, ring, full, empty, r, pb, starved, out);
-    else
-        dl_consume<1>(m, x, lp_mode, ring, full, empty, r, pb, starved, out);
-}
-
 // Copies n low-precision values from global memory into x (16 bytes a thread; n % 8 == 0).
 __device__ __forceinline__ void dl_load_x(u16* x, const u16* src, long n) {
     for (long i = threadIdx.x * 8L; i < n; i += DL_CONSUMERS * 8L) *(uint4*)(x + i) = *(const uint4*)(src + i);
@@ -529,8 +518,11 @@ static __device__ __forceinline__ void decode_layers_lp_body(
         mark(l, 2);
         {
             auto to_yb = [&](long n, long local, float y) { yb[local] = y; };
-            dl_consume_grouped(groups, m[0], x, lp_mode, ring, full, empty, ring_at, pb,
-                               tracing ? &starved[0] : 0, to_yb);
+            u64* st = tracing ? &starved[0] : 0;
+            if (groups == 2)
+                dl_consume<2>(m[0], x, lp_mode, ring, full, empty, ring_at, pb, st, to_yb);
+            else
+                dl_consume<1>(m[0], x, lp_mode, ring, full, empty, ring_at, pb, st, to_yb);
         }
         dl_bar();
         mark(l, 3);
@@ -601,8 +593,11 @@ static __device__ __forceinline__ void decode_layers_lp_body(
             dl_load_x(x, gated_lp, di);
             dl_bar();
             auto to_out = [&](long n, long local, float y) { out[n] = y; };
-            dl_consume_grouped(groups, m[2], x, lp_mode, ring, full, empty, ring_at, pb,
-                               tracing ? &starved[2] : 0, to_out);
+            u64* st = tracing ? &starved[2] : 0;
+            if (groups == 2)
+                dl_consume<2>(m[2], x, lp_mode, ring, full, empty, ring_at, pb, st, to_out);
+            else
+                dl_consume<1>(m[2], x, lp_mode, ring, full, empty, ring_at, pb, st, to_out);
         }
         mark(l, 11);
         if (tracing) {
