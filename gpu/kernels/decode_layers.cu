@@ -26,14 +26,6 @@
 #define DL_TRACE 16
 
 __device__ __forceinline__ void dl_bar() { asm volatile("bar.sync 1, 256;" ::: "memory"); }
-// The computing warps of group g of G (named barrier 2 + g; the whole 256 at G = 1).
-template <int G>
-__device__ __forceinline__ void dl_group_bar(int g) {
-    if (G == 1)
-        dl_bar();
-    else
-        asm volatile("bar.sync %0, %1;" ::"r"(2 + g), "r"(DL_CONSUMERS / G) : "memory");
-}
 
 // Sum over the 256 computing threads, as block_sum over a 256-thread block (same bits).
 __device__ float dl_sum(float v, float* sh) {
@@ -59,8 +51,8 @@ __device__ __forceinline__ void mbar_init(u64* b, unsigned count) {
 __device__ __forceinline__ void mbar_expect_tx(u64* b, unsigned bytes) {
     asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(dl_smem(b)), "r"(bytes) : "memory");
 }
-__device__ __forceinline__ void mbar_arrive(u64* b, unsigned count) {
-    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0], %1;" ::"r"(dl_smem(b)), "r"(count) : "memory");
+__device__ __forceinline__ void mbar_arrive(u64* b) {
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(dl_smem(b)) : "memory");
 }
 __device__ __forceinline__ void mbar_wait(u64* b, unsigned parity) {
     unsigned ok;
@@ -71,19 +63,6 @@ __device__ __forceinline__ void mbar_wait(u64* b, unsigned parity) {
             : "r"(dl_smem(b)), "r"(parity)
             : "memory");
     } while (!ok);
-}
-// Whether the barrier's phase of this parity has completed, without waiting.
-__device__ __forceinline__ bool mbar_test(u64* b, unsigned parity) {
-    unsigned ok;
-    asm volatile(
-        "{\n\t.reg .pred p;\n\tmbarrier.test_wait.parity.shared::cta.b64 p, [%1], %2;\n\tselp.u32 %0, 1, 0, p;\n\t}"
-        : "=r"(ok)
-        : "r"(dl_smem(b)), "r"(parity)
-        : "memory");
-    return ok != 0;
-}
-__device__ __forceinline__ void prefetch_l2(const void* src, unsigned bytes) {
-    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(src), "r"(bytes) : "memory");
 }
 __device__ __forceinline__ void bulk_to_smem(void* dst, const void* src, unsigned bytes, u64* bar) {
     asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(
@@ -163,49 +142,6 @@ __device__ __forceinline__ void dl_produce(const DlMat& m, unsigned char* ring, 
     }
 }
 
-// The producer's walk over the block's chunks of every projection of every layer (in_proj,
-// x_proj, out_proj of layer 0, then layer 1, ...), as a cursor that can be copied: the
-// prefetch into L2 walks ahead of the copies into the ring.
-struct DlCursor {
-    long l;
-    int j;
-    long c;
-    DlMat m;
-    template <typename Mats>
-    __device__ __forceinline__ DlCursor(long n_layer, Mats& mats) : l(0), j(0), c(blockIdx.x) {
-        load(mats);
-        skip(n_layer, mats);
-    }
-    template <typename Mats>
-    __device__ __forceinline__ void load(Mats& mats) {
-        DlMat ms[3];
-        mats(l, ms);
-        m = ms[j];
-    }
-    template <typename Mats>
-    __device__ __forceinline__ void skip(long n_layer, Mats& mats) {
-        while (l < n_layer && c * m.chunk >= m.n) {
-            if (++j == 3) {
-                j = 0;
-                ++l;
-            }
-            c = blockIdx.x;
-            if (l < n_layer) load(mats);
-        }
-    }
-    template <typename Mats>
-    __device__ __forceinline__ void next(long n_layer, Mats& mats) {
-        c += gridDim.x;
-        skip(n_layer, mats);
-    }
-    __device__ __forceinline__ bool valid() const { return m.n > 0 && c * m.chunk < m.n; }
-    __device__ __forceinline__ const u16* ptr() const { return m.w + c * m.chunk * m.k; }
-    __device__ __forceinline__ unsigned bytes() const {
-        long rows = m.n - c * m.chunk < m.chunk ? m.n - c * m.chunk : m.chunk;
-        return (unsigned)(rows * m.k * 2);
-    }
-};
-
 // acc[r] += Σ w[r][k] x[k] over one lane's k = k0, k0 + step, ... (< k), 8 values a step, in
 // that order (gemv_lp's per-lane order); the loads of four steps go out before their sums.
 template <int R>
@@ -248,38 +184,26 @@ __device__ __forceinline__ void dl_dot(const u16* const* w, const u16* x, long k
 // Consumers: this block's chunks of `m` against x (`m.k` values in shared memory); out(n,
 // local, v) gets output n (local: its index among the block's rows). Output n is summed as
 // gemv_lp_nl_body sums it for one row: `split` parts (part q: lanes from k = (q·32 + lane)·8,
-// step split·256), each a warp sum, added in part order. The 8 warps form G groups of W = 8 / G;
-// group g takes the chunks in the ring's slots s with s % G == g (the ring has a multiple of G
-// slots, so the groups alternate along the stream) and releases each with G arrivals from each
-// of its warps, so a slot's `empty` barrier always counts 8. A warp of a group takes the (row,
-// part) tasks t and t + W together (the same part, as W is a multiple of split, so the same x
-// loads); parts meet in the group's quarter of `pb`. At G = 2 each warp sums two rows at once
-// in in_proj (8-row chunks) where it would sum one.
-template <int G, typename Out>
+// step split·256), each a warp sum, added in part order. A warp takes the (row, part) tasks
+// w and w + 8 together (the same part, so the same x loads); parts meet in `pb`.
+template <typename Out>
 __device__ __forceinline__ void dl_consume(const DlMat& m, const u16* x, int lp_mode, unsigned char* ring, u64* full,
                                            u64* empty, DlRing& r, float* pb, u64* starved, Out out) {
-    constexpr int W = 8 / G;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const int g = warp / W, wg = warp % W, gt = threadIdx.x - g * W * 32;
-    float* gpb = pb + g * (DL_PB / G);
     const int s = m.split;
     const long nch = (m.n + m.chunk - 1) / m.chunk;
     long local0 = 0;
     for (long c = blockIdx.x; c < nch; c += gridDim.x, local0 += m.chunk) {
-        if (G > 1 && (int)(r.slot % G) != g) {
-            r.next();
-            continue;
-        }
         const int rows = (int)(m.n - c * m.chunk < m.chunk ? m.n - c * m.chunk : m.chunk);
         const int tasks = rows * s;
         u64 t0 = starved ? dl_now() : 0;
         mbar_wait(&full[r.slot], r.phase);
         if (starved) *starved += dl_now() - t0;
         const u16* wc = (const u16*)r.at(ring);
-        for (int t0 = wg; t0 < tasks; t0 += 2 * W) {
+        for (int t0 = warp; t0 < tasks; t0 += 16) {
             const int part = t0 % s;
-            const int row0 = t0 / s, row1 = (t0 + W) / s;
-            const bool two = t0 + W < tasks;
+            const int row0 = t0 / s, row1 = (t0 + 8) / s;
+            const bool two = t0 + 8 < tasks;
             const u16* w[2] = {wc + (long)row0 * m.k, wc + (long)row1 * m.k};
             float a[2] = {0.0f, 0.0f};
             const long k0 = ((long)part * 32 + lane) * 8, step = (long)s * 256;
@@ -293,22 +217,22 @@ __device__ __forceinline__ void dl_consume(const DlMat& m, const u16* x, int lp_
                     out(c * m.chunk + row0, local0 + row0, v0);
                     if (two) out(c * m.chunk + row1, local0 + row1, v1);
                 } else {
-                    gpb[t0] = v0;
-                    if (two) gpb[t0 + W] = v1;
+                    pb[t0] = v0;
+                    if (two) pb[t0 + 8] = v1;
                 }
             }
         }
         __syncwarp();
-        if (lane == 0) mbar_arrive(&empty[r.slot], G);
+        if (lane == 0) mbar_arrive(&empty[r.slot]);
         r.next();
         if (s > 1) {
-            dl_group_bar<G>(g);
-            for (int row = gt; row < rows; row += DL_CONSUMERS / G) {
+            dl_bar();
+            for (int row = threadIdx.x; row < rows; row += DL_CONSUMERS) {
                 float t = 0.0f;
-                for (int q = 0; q < s; ++q) t += gpb[row * s + q];
+                for (int q = 0; q < s; ++q) t += pb[row * s + q];
                 out(c * m.chunk + row, local0 + row, t);
             }
-            dl_group_bar<G>(g);
+            dl_bar();
         }
     }
 }
@@ -387,7 +311,7 @@ static __device__ __forceinline__ void decode_layers_lp_body(
     long o_x_w, long o_dt_w, long o_dt_b, long o_a_log, long o_d, long o_out_w, long n_layer, long dm, long di, long ds,
     long dt_rank, float eps, int lp_mode, int chunk_in, int chunk_x, int chunk_out, int split_in, int split_x,
     int split_out, float* resid, float* out, float* xz, float* xs, u16* xs_lp, float* xdbl, float* gated,
-    u16* gated_lp, float* conv_state, float* ssm_state, const int* starts, unsigned* sync, u64* trace, int slot_bytes, int groups, int prefetch) {
+    u16* gated_lp, float* conv_state, float* ssm_state, const int* starts, unsigned* sync, u64* trace, int slot_bytes) {
 #if __CUDA_ARCH__ >= 900
     extern __shared__ __align__(128) unsigned char dl_sm[];
     unsigned char* ring = dl_sm;
@@ -418,37 +342,10 @@ static __device__ __forceinline__ void decode_layers_lp_body(
     if (tid >= DL_CONSUMERS) {
         // The weights are never written while decoding: no wait for the kernels before.
         if (tid == DL_CONSUMERS) {
-            if (prefetch <= 0) {
-                for (long l = 0; l < n_layer; ++l) {
-                    DlMat m[3];
-                    mats(l, m);
-                    for (int j = 0; j < 3; ++j) dl_produce(m[j], ring, full, empty, ring_at);
-                }
-            } else {
-                // While the ring is full (the computing warps are in a phase without weights:
-                // the norm, the epilogue, the scan, the grid barriers), memory would sit idle:
-                // ask for the next `prefetch` chunks into L2 instead, so that their copies into
-                // the ring come from L2 once slots free.
-                DlCursor cp(n_layer, mats), pf = cp;
-                long copied = 0, fetched = 0;
-                while (cp.valid()) {
-                    while (fetched < copied + prefetch && pf.valid() &&
-                           !mbar_test(&empty[ring_at.slot], ring_at.phase ^ 1u)) {
-                        prefetch_l2(pf.ptr(), pf.bytes());
-                        pf.next(n_layer, mats);
-                        ++fetched;
-                    }
-                    mbar_wait(&empty[ring_at.slot], ring_at.phase ^ 1u);
-                    unsigned bytes = cp.bytes();
-                    mbar_expect_tx(&full[ring_at.slot], bytes);
-                    bulk_to_smem(ring_at.at(ring), cp.ptr(), bytes, &full[ring_at.slot]);
-                    ring_at.next();
-                    cp.next(n_layer, mats);
-                    if (++copied > fetched) {
-                        pf = cp;
-                        fetched = copied;
-                    }
-                }
+            for (long l = 0; l < n_layer; ++l) {
+                DlMat m[3];
+                mats(l, m);
+                for (int j = 0; j < 3; ++j) dl_produce(m[j], ring, full, empty, ring_at);
             }
         }
         return;
@@ -463,12 +360,17 @@ static __device__ __forceinline__ void decode_layers_lp_body(
     auto mark = [&](long l, int point) {
         if (tracing) trace[l * DL_TRACE + point] = dl_now();
     };
-    // Phase A's loads ahead of its barrier: the conv update of this thread's first local
-    // in_proj row. (The norm weight is loaded with the residual, after the barrier: held in
-    // registers from before the barrier to D, it pushed the GEMVs' registers into spills.)
+    // Phase A's loads ahead of its barrier: the norm weight, the conv update of this thread's
+    // first local in_proj row.
+    float nwv[DL_NV];
     ConvPre cpre;
     auto pre_a = [&](long l) {
         const float* lp = params + l * stride;
+#pragma unroll
+        for (int i = 0; i < DL_NV; ++i) {
+            long j = tid + 256L * i;
+            nwv[i] = j < dm ? lp[o_norm_w + j] : 0.0f;
+        }
         DlMat m[3];
         mats(l, m);
         long n = m[0].row_of(tid);
@@ -486,15 +388,13 @@ static __device__ __forceinline__ void decode_layers_lp_body(
         // A: v = resid (+ the last layer's out), the norm into x, then in_proj; its outputs go
         // to yb, then out with the conv update, one thread a row.
         {
-            float v[DL_NV], nwv[DL_NV];
+            float v[DL_NV];
             float ss = 0.0f;
 #pragma unroll
             for (int i = 0; i < DL_NV; ++i) {
                 long j = tid + 256L * i;
                 v[i] = 0.0f;
-                nwv[i] = 0.0f;
                 if (j < dm) {
-                    nwv[i] = lp[o_norm_w + j];
                     float t = resid[j];
                     if (l > 0) t = t + out[j];
                     v[i] = t;
@@ -516,14 +416,8 @@ static __device__ __forceinline__ void decode_layers_lp_body(
         }
         dl_bar();
         mark(l, 2);
-        {
-            auto to_yb = [&](long n, long local, float y) { yb[local] = y; };
-            u64* st = tracing ? &starved[0] : 0;
-            if (groups == 2)
-                dl_consume<2>(m[0], x, lp_mode, ring, full, empty, ring_at, pb, st, to_yb);
-            else
-                dl_consume<1>(m[0], x, lp_mode, ring, full, empty, ring_at, pb, st, to_yb);
-        }
+        dl_consume(m[0], x, lp_mode, ring, full, empty, ring_at, pb, tracing ? &starved[0] : 0,
+                   [&](long n, long local, float y) { yb[local] = y; });
         dl_bar();
         mark(l, 3);
         {
@@ -554,7 +448,7 @@ static __device__ __forceinline__ void decode_layers_lp_body(
         if (m[1].local_rows() > 0) {
             dl_load_x(x, xs_lp, di);
             dl_bar();
-            dl_consume<1>(m[1], x, lp_mode, ring, full, empty, ring_at, pb, tracing ? &starved[1] : 0,
+            dl_consume(m[1], x, lp_mode, ring, full, empty, ring_at, pb, tracing ? &starved[1] : 0,
                        [&](long n, long local, float y) { xdbl[n] = y; });
         }
         mark(l, 6);
@@ -592,12 +486,8 @@ static __device__ __forceinline__ void decode_layers_lp_body(
         if (m[2].local_rows() > 0) {
             dl_load_x(x, gated_lp, di);
             dl_bar();
-            auto to_out = [&](long n, long local, float y) { out[n] = y; };
-            u64* st = tracing ? &starved[2] : 0;
-            if (groups == 2)
-                dl_consume<2>(m[2], x, lp_mode, ring, full, empty, ring_at, pb, st, to_out);
-            else
-                dl_consume<1>(m[2], x, lp_mode, ring, full, empty, ring_at, pb, st, to_out);
+            dl_consume(m[2], x, lp_mode, ring, full, empty, ring_at, pb, tracing ? &starved[2] : 0,
+                       [&](long n, long local, float y) { out[n] = y; });
         }
         mark(l, 11);
         if (tracing) {
@@ -622,14 +512,5 @@ static __device__ __forceinline__ void decode_layers_lp_body(
 #endif
 }
 extern "C" __global__ void __launch_bounds__(DL_THREADS, 1) decode_layers_lp(const DecodeLayersLp p) {
-    // The weights' format as a constant in each copy of the body: with lp_mode a run-time
-    // value the GEMVs issued both formats' conversions of every value, predicated.
-    DecodeLayersLp q = p;
-    if (p.lp_mode == 0) {
-        q.lp_mode = 0;
-        decode_layers_lp_body(DECODE_LAYERS_LP_ARGS(q));
-    } else {
-        q.lp_mode = 1;
-        decode_layers_lp_body(DECODE_LAYERS_LP_ARGS(q));
-    }
+    decode_layers_lp_body(DECODE_LAYERS_LP_ARGS(p));
 }

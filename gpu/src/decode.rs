@@ -79,9 +79,6 @@ pub(crate) struct Decoder {
     last_persistent: bool,
     /// Its per-layer clock marks (`VET_DECODE_TRACE=1`).
     persist_trace: Option<Buf>,
-    /// Its warp groups and L2 prefetch as set by [`Decoder::set_persistent_tuning`] (`None`:
-    /// `VET_DECODE_GROUPS`, `VET_DECODE_PF` or the defaults).
-    persist_tuning: Option<(i32, i32)>,
 }
 
 /// Whether batch-1 decode steps of a `d_model`-wide model run their layers in the persistent
@@ -162,13 +159,6 @@ impl Decoder {
         self.graph = None;
     }
 
-    /// Sets the persistent kernel's warp groups (1 or 2) and L2 prefetch (chunks ahead, 0
-    /// none). Drops the captured graph.
-    pub(crate) fn set_persistent_tuning(&mut self, groups: i32, prefetch: i32) {
-        self.persist_tuning = Some((groups, prefetch));
-        self.graph = None;
-    }
-
     /// The persistent kernel's blocks and parameters for a step over `ws` on the state at
     /// `st`, or `None` where the layer-by-layer step runs (turned off, more than one row, no
     /// low-precision weights, a device or model it does not take).
@@ -199,11 +189,9 @@ impl Decoder {
             blocks.min(m.dev.sm_count)
         };
         let sh = m.dev.shape.d_state_pad;
-        Ok(
-            persistent_params(m, ws, st, (sync, trace), self.persist_tuning)
-                .filter(|p| p.fits(blocks, m.dev.sm_count, sh))
-                .map(|p| (blocks, p)),
-        )
+        Ok(persistent_params(m, ws, st, (sync, trace))
+            .filter(|p| p.fits(blocks, m.dev.sm_count, sh))
+            .map(|p| (blocks, p)))
     }
 
     /// The persistent kernel's clock marks of the last step (ns, [`DL_TRACE`] a layer), where
@@ -366,20 +354,7 @@ fn persistent_params(
     ws: &Work,
     st: StatePtrs,
     (sync, trace): (u64, u64),
-    tuning: Option<(i32, i32)>,
 ) -> Option<DecodeLayersLp> {
-    let env = |name: &str, default: i32| {
-        std::env::var(name)
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(default)
-    };
-    let (groups, prefetch) = tuning.unwrap_or_else(|| {
-        (
-            env("VET_DECODE_GROUPS", crate::ops::decode_layers::DL_GROUPS),
-            env("VET_DECODE_PF", crate::ops::decode_layers::DL_PREFETCH),
-        )
-    });
     let cfg = &m.cfg;
     let shadow = m.shadow.as_ref()?;
     let ls = &m.layout.layers;
@@ -444,9 +419,10 @@ fn persistent_params(
         starts: Ptr::new(ws.starts.ptr),
         sync: PtrMut::new(sync),
         trace: PtrMut::new(trace),
-        slot_bytes: env("VET_DECODE_SLOT", crate::ops::decode_layers::DL_SLOT as i32),
-        groups,
-        prefetch,
+        slot_bytes: std::env::var("VET_DECODE_SLOT")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(crate::ops::decode_layers::DL_SLOT as i32),
         ..DecodeLayersLp::unplaced(dims, cfg.norm_eps as f32, m.lp_mode())
     }
     .chunked()

@@ -211,15 +211,6 @@ impl GpuEngine {
         self.decoder.set_persistent(blocks);
     }
 
-    /// Sets the persistent decode kernel's warp groups (1: all eight computing warps on each
-    /// chunk of weights; 2: two groups of four on alternate chunks, two rows a warp) and how
-    /// many chunks its weight stream asks into L2 ahead while its ring is full (0: none).
-    /// Every setting gives the same bits. The defaults: `VET_DECODE_GROUPS`, `VET_DECODE_PF`,
-    /// else `gpu::ops::decode_layers::{DL_GROUPS, DL_PREFETCH}`.
-    pub fn set_persistent_decode_tuning(&mut self, groups: i32, prefetch: i32) {
-        self.decoder.set_persistent_tuning(groups, prefetch);
-    }
-
     /// The persistent decode kernel's clock marks of the last step: block 0's time (ns) at
     /// `gpu::ops::decode_layers::DL_TRACE` points of every layer; `None` unless `VET_DECODE_TRACE=1`.
     pub fn decode_trace(&self) -> reference::Result<Option<Vec<u64>>> {

@@ -59,12 +59,6 @@ kernel_params! {
         trace: PtrMut<u64>,
         /// Bytes a slot of the ring (a divisor of [`DL_RING`], at most [`DL_MAXSLOT`] slots).
         slot_bytes: i32,
-        /// Warp groups of in_proj and out_proj: 1 (all 8 computing warps on each chunk) or 2
-        /// (two groups of 4 on alternate chunks, two rows a warp at once; the same bits).
-        groups: i32,
-        /// Chunks the weight stream asks into L2 ahead of its copies while the ring is full
-        /// (0: none).
-        prefetch: i32,
     }
 }
 
@@ -83,10 +77,6 @@ pub const DL_THREADS: u32 = 288;
 pub const DL_RING: usize = 196608;
 pub const DL_MAXSLOT: usize = 12;
 pub const DL_SLOT: usize = 32768;
-/// Warp groups of in_proj and out_proj unless `VET_DECODE_GROUPS` says otherwise.
-pub const DL_GROUPS: i32 = 1;
-/// Chunks asked into L2 ahead while the ring is full, unless `VET_DECODE_PF` says otherwise.
-pub const DL_PREFETCH: i32 = 0;
 /// The longest activation vector it holds in shared memory (values), the most in_proj
 /// outputs one block holds for their epilogue, the widest `d_model` its norm keeps in
 /// registers, the widest `dt_rank` (`16 × D_STATE_PAD`).
@@ -160,8 +150,6 @@ impl DecodeLayersLp {
             sync: PtrMut::NULL,
             trace: PtrMut::NULL,
             slot_bytes: DL_SLOT as i32,
-            groups: DL_GROUPS,
-            prefetch: DL_PREFETCH,
         }
     }
 
@@ -178,8 +166,6 @@ impl DecodeLayersLp {
             || !DL_RING.is_multiple_of(slot)
             || DL_RING / slot > DL_MAXSLOT
             || !slot.is_multiple_of(16)
-            || ![1, 2].contains(&self.groups)
-            || !(DL_RING / slot).is_multiple_of(self.groups as usize)
         {
             return None;
         }
@@ -215,7 +201,7 @@ impl DecodeLayersLp {
                 (self.chunk_out, self.split_out),
             ]
             .iter()
-            .all(|&(c, s)| (c * s * self.groups) as usize <= DL_PB)
+            .all(|&(c, s)| (c * s) as usize <= DL_PB)
             && (1..=sm_count).contains(&blocks)
     }
 }
@@ -312,15 +298,5 @@ mod tests {
         let mut p = plan(2048).unwrap();
         p.slot_bytes = 40000;
         assert!(p.chunked().is_none());
-        // Two warp groups alternate over the slots: an odd number of slots (three of 64 KiB)
-        // would give one group two chunks in a row at the wrap.
-        let mut p = plan(2048).unwrap();
-        p.slot_bytes = 65536;
-        p.groups = 2;
-        assert!(p.chunked().is_none(), "3 slots, 2 groups");
-        p.groups = 1;
-        assert!(p.chunked().is_some(), "3 slots, 1 group");
-        p.groups = 3;
-        assert!(p.chunked().is_none(), "3 groups");
     }
 }
