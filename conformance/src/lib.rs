@@ -257,3 +257,31 @@ pub fn small_models(
             },
         )
 }
+
+/// `rows` rows of `len` token ids of the bundled corpus's validation text (its last 5 %, as
+/// the quickstart's `--val-fraction 0.05` holds out), encoded with `tokenizer`.
+pub fn validation_tokens(
+    tokenizer: &std::path::Path,
+    vocab: usize,
+    rows: usize,
+    len: usize,
+) -> Vec<Vec<u32>> {
+    let tok = trainer::tokenizer::load(tokenizer, vocab).unwrap();
+    let text = std::fs::read_to_string(fixtures::corpus()).unwrap();
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    let held = &lines[lines.len() - lines.len().div_ceil(20)..];
+    let mut ids = Vec::new();
+    for l in held {
+        let v: serde_json::Value = serde_json::from_str(l).unwrap();
+        let t = v["text"].as_str().unwrap_or_default();
+        ids.extend(tok.encode(t, false).unwrap().get_ids().iter().copied());
+        if ids.len() >= rows * len {
+            break;
+        }
+    }
+    assert!(ids.len() > len, "validation text too short: {}", ids.len());
+    ids.chunks_exact(len)
+        .take(rows)
+        .map(<[u32]>::to_vec)
+        .collect()
+}

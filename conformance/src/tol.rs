@@ -187,6 +187,17 @@ pub mod gpu {
     /// operands: only the f32 accumulation order differs (per-lane partial sums of up to k/256
     /// products, then a butterfly), k ≤ 4096. Expected a few 1e-7; not yet measured on a device.
     pub const OP_GEMV_LP: f64 = 1e-5;
+    /// Decode steps with int8 weights (bf16 activations, `GpuEngine::quantize_int8`) against
+    /// the reference on the same dequantised weights in f32: the GEMVs sum `q · x` exactly
+    /// as the reference does but for bf16 activations and the f32 order, and the other
+    /// projections (dt_proj, the lm_head) run in bf16: the rounding `BF16_FWD` allows. Not
+    /// yet measured on a device.
+    pub const INT8_DECODE_FWD: f64 = BF16_FWD;
+    /// What int8 weights cost the bundled tiny checkpoint on the CUDA tier, decoded token by
+    /// token (`gpu_int8.rs`), relative logit error against the f32 engine: int8 rounding as
+    /// on the CPU tier (`QUANT_LOGIT_TINY[1]`) plus bf16 activations. Not yet measured on a
+    /// device; the perplexity limit is `QUANT_PPL_TINY[1]`.
+    pub const INT8_LOGIT_TINY: f64 = 3e-2;
 }
 
 // ZeRO data parallel ----------------------------------------------------------------------

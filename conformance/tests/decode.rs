@@ -82,16 +82,73 @@ fn gpu_gemv_matches_an_f64_sum_over_the_same_operands() {
         return;
     };
     let mut report = Report(Vec::new());
-    for (name, n_out, k, rows, x_f32, skew) in GEMV_CASES {
-        let mut rng = Rng::new(seed_of(name));
-        let w: Vec<u16> = normal(&mut rng, n_out * k + skew, 0.0, 0.05)
+    for q8 in [false, true] {
+        gemv_cases(&dev, q8, &mut report);
+    }
+    report.finish("gemv_lp");
+    // More rows than one launch takes is an error, not a silent truncation.
+    let y = dev.alloc(4 * 9 * 8).unwrap();
+    let w = dev.alloc(2 * 8 * 8).unwrap();
+    let p = GemvLp {
+        w: Ptr::new(w.ptr),
+        ldw: 8,
+        wq: Ptr::NULL,
+        ws: Ptr::NULL,
+        x_lp: Ptr::new(w.ptr),
+        x_f32: Ptr::NULL,
+        ldx: 8,
+        y: PtrMut::new(y.ptr),
+        ldy: 8,
+        n_out: 8,
+        k: 8,
+        rows: GEMV_ROWS as i64 + 1,
+        split: 1,
+        vec: 0,
+        lp_mode: 0,
+    };
+    // SAFETY: refused before any launch.
+    assert!(unsafe { gemv(&dev, &p) }.is_err());
+}
+
+/// The weights of a GEMV case: bf16 values, or int8 codes with one scale a row (`q8`); the
+/// device buffer of the codes or values (with `skew` leading elements), the scales' buffer,
+/// and each weight's value, scale included, as f64.
+fn gemv_weights(
+    dev: &Arc<Dev>,
+    rng: &mut Rng,
+    (n_out, k, skew): (usize, usize, usize),
+    q8: bool,
+) -> (Buf, Option<Buf>, Vec<f64>) {
+    if !q8 {
+        let w: Vec<u16> = normal(rng, n_out * k + skew, 0.0, 0.05)
             .into_iter()
             .map(bf16)
             .collect();
+        let vals = w[skew..].iter().map(|&b| from_bf16(b)).collect();
+        return (dev.upload(&w).unwrap(), None, vals);
+    }
+    // Codes over the whole range (±127, and some at the ends), scales of either sign's size.
+    let q: Vec<i8> = (0..n_out * k + skew)
+        .map(|_| rng.uniform(-127.49, 127.49).round() as i8)
+        .collect();
+    let s: Vec<f32> = (0..n_out).map(|_| rng.uniform(1e-4, 2e-3) as f32).collect();
+    let vals = (0..n_out * k)
+        .map(|i| q[skew + i] as f64 * s[i / k] as f64)
+        .collect();
+    (dev.upload(&q).unwrap(), Some(dev.upload(&s).unwrap()), vals)
+}
+
+/// `gemv_lp` (or its int8 twin, `q8`) on every case of [`GEMV_CASES`] against an f64 sum over
+/// the same operands, at the case's rows and at one row (the same bits for row 0), and every
+/// 128-thread variant giving its bits.
+fn gemv_cases(dev: &Arc<Dev>, q8: bool, report: &mut Report) {
+    let fmt = if q8 { "int8" } else { "bf16" };
+    for (name, n_out, k, rows, x_f32, skew) in GEMV_CASES {
+        let mut rng = Rng::new(seed_of(name) ^ q8 as u64);
+        let (wb, sb, wv) = gemv_weights(dev, &mut rng, (n_out, k, skew), q8);
         let x = normal(&mut rng, rows * k, 0.0, 1.0);
         let x_lp: Vec<u16> = x.iter().map(|&v| bf16(v)).collect();
         let ldy = n_out + 3;
-        let wb = dev.upload(&w).unwrap();
         let xb = if x_f32 {
             dev.upload(&x).unwrap()
         } else {
@@ -101,16 +158,24 @@ fn gpu_gemv_matches_an_f64_sum_over_the_same_operands() {
         for r in 0..rows {
             for n in 0..n_out {
                 want[r * n_out + n] = (0..k)
-                    .map(|j| from_bf16(w[skew + n * k + j]) * from_bf16(x_lp[r * k + j]))
+                    .map(|j| wv[n * k + j] * from_bf16(x_lp[r * k + j]))
                     .sum();
             }
         }
+        let name = &format!("{name} {fmt}");
         let mut by_rows = Vec::new();
         for run_rows in [rows, 1] {
-            let y = guarded_f32(&dev, rows * ldy);
+            let y = guarded_f32(dev, rows * ldy);
+            let (w, wq) = if q8 {
+                (0, wb.at::<i8>(skew))
+            } else {
+                (wb.at::<u16>(skew), 0)
+            };
             let p = GemvLp {
-                w: Ptr::new(wb.at::<u16>(skew)),
+                w: Ptr::new(w),
                 ldw: k as i64,
+                wq: Ptr::new(wq),
+                ws: Ptr::new(sb.as_ref().map_or(0, |b| b.ptr)),
                 x_lp: Ptr::new(if x_f32 { 0 } else { xb.ptr }),
                 x_f32: Ptr::new(if x_f32 { xb.ptr } else { 0 }),
                 ldx: k as i64,
@@ -125,9 +190,9 @@ fn gpu_gemv_matches_an_f64_sum_over_the_same_operands() {
             }
             .tuned();
             assert_eq!(p.vec == 1, k % 8 == 0 && skew == 0, "{name}: vec path");
-            // SAFETY: w holds n_out rows of k (after the skew), x `rows` rows of k, y `rows`
-            // rows of ldy >= n_out between sentinels.
-            unsafe { gemv(&dev, &p) }.unwrap();
+            // SAFETY: w (or wq, with a scale per row) holds n_out rows of k (after the skew),
+            // x `rows` rows of k, y `rows` rows of ldy >= n_out between sentinels.
+            unsafe { gemv(dev, &p) }.unwrap();
             let got = unguard(&y, rows * ldy, name);
             for r in run_rows..rows {
                 assert!(
@@ -156,7 +221,7 @@ fn gpu_gemv_matches_an_f64_sum_over_the_same_operands() {
             );
             by_rows.push(dense[..n_out].to_vec());
             if p.vec == 1 {
-                same_bits_in_every_variant(&dev, name, p, rows * ldy);
+                same_bits_in_every_variant(dev, name, p, rows * ldy);
             }
         }
         assert_eq!(
@@ -165,27 +230,6 @@ fn gpu_gemv_matches_an_f64_sum_over_the_same_operands() {
             "{name}: row 0 differs between {rows} rows and 1"
         );
     }
-    report.finish("gemv_lp");
-    // More rows than one launch takes is an error, not a silent truncation.
-    let y = dev.alloc(4 * 9 * 8).unwrap();
-    let w = dev.alloc(2 * 8 * 8).unwrap();
-    let p = GemvLp {
-        w: Ptr::new(w.ptr),
-        ldw: 8,
-        x_lp: Ptr::new(w.ptr),
-        x_f32: Ptr::NULL,
-        ldx: 8,
-        y: PtrMut::new(y.ptr),
-        ldy: 8,
-        n_out: 8,
-        k: 8,
-        rows: GEMV_ROWS as i64 + 1,
-        split: 1,
-        vec: 0,
-        lp_mode: 0,
-    };
-    // SAFETY: refused before any launch.
-    assert!(unsafe { gemv(&dev, &p) }.is_err());
 }
 
 /// `gemv_lp_nl4` and `gemv_lp_nl8` (weight loads in flight, 128 threads) give `gemv_lp`'s

@@ -9,39 +9,13 @@
 
 use std::path::{Path, PathBuf};
 
-use conformance::diff;
 use conformance::tol::{QUANT_LOGIT_TINY, QUANT_PPL_TINY};
+use conformance::{diff, validation_tokens};
 use reference::model::Batch;
 use reference::{InferenceEngine, MambaConfig, NormKind};
 use simd::{SimdEngine, SimdOptions, WeightDtype};
 
 const ROW: usize = 256;
-
-/// Validation tokens of the bundled corpus, `rows` rows of `ROW + 1`.
-fn validation_tokens(tokenizer: &Path, vocab: usize, rows: usize) -> Vec<Vec<u32>> {
-    let tok = trainer::tokenizer::load(tokenizer, vocab).unwrap();
-    let text = std::fs::read_to_string(fixtures::corpus()).unwrap();
-    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
-    let held = &lines[lines.len() - lines.len().div_ceil(20)..];
-    let mut ids = Vec::new();
-    for l in held {
-        let v: serde_json::Value = serde_json::from_str(l).unwrap();
-        let t = v["text"].as_str().unwrap_or_default();
-        ids.extend(tok.encode(t, false).unwrap().get_ids().iter().copied());
-        if ids.len() >= rows * (ROW + 1) {
-            break;
-        }
-    }
-    assert!(
-        ids.len() > ROW + 1,
-        "validation text too short: {}",
-        ids.len()
-    );
-    ids.chunks_exact(ROW + 1)
-        .take(rows)
-        .map(<[u32]>::to_vec)
-        .collect()
-}
 
 /// (logits, mean cross-entropy) of `e` over the rows.
 fn run(e: &mut SimdEngine, rows: &[Vec<u32>]) -> (Vec<f32>, f64) {
@@ -91,7 +65,7 @@ fn opts(dtype: WeightDtype) -> SimdOptions {
 
 fn checkpoint_costs(dir: &Path) -> Vec<(WeightDtype, f64, f64)> {
     let cfg = MambaConfig::load(&dir.join("config.json")).unwrap();
-    let rows = validation_tokens(&dir.join("tokenizer.json"), cfg.vocab_size, 8);
+    let rows = validation_tokens(&dir.join("tokenizer.json"), cfg.vocab_size, 8, ROW + 1);
     let load = |dt| SimdEngine::load(dir, &opts(dt)).unwrap();
     measure(&dir.display().to_string(), &load, &rows)
 }
@@ -133,7 +107,7 @@ fn reduced_precision_costs_a_random_130m_model() {
     let mut cfg = MambaConfig::new(768, 24, 50280);
     cfg.norm = NormKind::Rms;
     let params = reference::init::init_params::<f32>(&cfg, 130);
-    let rows = validation_tokens(&fixtures::tokenizer(), 4096, 2);
+    let rows = validation_tokens(&fixtures::tokenizer(), 4096, 2, ROW + 1);
     let load = |dt| SimdEngine::new(cfg.clone(), params.clone(), &opts(dt)).unwrap();
     measure("random 130m", &load, &rows);
 }

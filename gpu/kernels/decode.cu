@@ -401,15 +401,69 @@ __device__ __forceinline__ void gemv_x8(const u16* x_lp, const float* x_f32, lon
         for (int j = 0; j < 8; ++j) xf[j] = lp_to_f32(lp_mode == 0 ? f32_to_bf16(v[j]) : f32_to_f16(v[j]), lp_mode);
     }
 }
+// The weights of a GEMV: low precision (Q8 false: `w`, 8 values in 16 bytes) or int8 rows
+// (Q8 true: `wq`, 8 values in 8 bytes, one f32 scale per row in `ws`: the row's sum is
+// multiplied by its scale once, after every product is added). Vector loads carry 8 values
+// (an int8 load fills only .x and .y).
+template <bool Q8>
+__device__ __forceinline__ const unsigned char* gemv_wrow(const u16* w, const signed char* wq, long n, long ldw) {
+    return Q8 ? (const unsigned char*)(wq + n * ldw) : (const unsigned char*)(w + n * ldw);
+}
+template <bool Q8>
+__device__ __forceinline__ uint4 gemv_wload(const unsigned char* row, long k0) {
+    if (Q8) {
+        uint2 v = *(const uint2*)(row + k0);
+        return make_uint4(v.x, v.y, 0u, 0u);
+    }
+    return *(const uint4*)(row + 2 * k0);
+}
+template <bool Q8>
+__device__ __forceinline__ uint4 gemv_wstream(const unsigned char* row, long k0) {
+    uint4 v = make_uint4(0u, 0u, 0u, 0u);
+    if (Q8)
+        asm volatile("ld.global.nc.L1::no_allocate.v2.u32 {%0, %1}, [%2];" : "=r"(v.x), "=r"(v.y) : "l"(row + k0));
+    else
+        asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+                     : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+                     : "l"(row + 2 * k0));
+    return v;
+}
+// Eight int8 values (two words, byte 0 first) as f32 (exact).
+__device__ __forceinline__ void unpack8_i8(uint4 v, float* f) {
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+        f[j] = (float)(signed char)(v.x >> (8 * j));
+        f[4 + j] = (float)(signed char)(v.y >> (8 * j));
+    }
+}
+template <bool Q8>
+__device__ __forceinline__ void gemv_wunpack(uint4 v, int lp_mode, float* f) {
+    if (Q8)
+        unpack8_i8(v, f);
+    else
+        unpack8(v, lp_mode, f);
+}
+template <bool Q8>
+__device__ __forceinline__ float gemv_wone(const unsigned char* row, long kk, int lp_mode) {
+    return Q8 ? (float)((const signed char*)row)[kk] : lp_to_f32(((const u16*)row)[kk], lp_mode);
+}
+// A finished sum of output n: times the row's scale for int8 weights, else as it is.
+template <bool Q8>
+__device__ __forceinline__ float gemv_scaled(float v, const float* ws, long n) {
+    return Q8 ? v * ws[n] : v;
+}
+
 // y[r, n] = sum_k w[n, k] x[r, k] for r < rows (<= GEMV_ROWS), n < n_out: each weight is read
-// once for every row. w: low precision [n_out, ldw]; x: low precision (x_lp) or f32 (x_f32,
-// rounded to the low precision first), [rows, ldx]; y f32 [rows, ldy]. 256 threads: `split`
-// warps (1, 2, 4 or 8) share one output, 8 / split outputs per block. vec: every row of w
-// and x starts 16-byte aligned and k % 8 == 0 (8 values per load). The sum of each (r, n) has
-// one order whatever `rows` is, so a row gets the same bits at any batch.
-static __device__ __forceinline__ void gemv_lp_body(const u16* w, long ldw, const u16* x_lp, const float* x_f32, long ldx,
-                                                    float* y, long ldy, long n_out, long k, long rows, int split, int vec,
-                                                    int lp_mode) {
+// once for every row. w: low precision [n_out, ldw], or int8 (wq, with row scales ws, when wq
+// is not null); x: low precision (x_lp) or f32 (x_f32, rounded to the low precision first),
+// [rows, ldx]; y f32 [rows, ldy]. 256 threads: `split` warps (1, 2, 4 or 8) share one output,
+// 8 / split outputs per block. vec: every row of w and x starts aligned (16 bytes; int8 rows
+// 8) and k % 8 == 0 (8 values per load). The sum of each (r, n) has one order whatever
+// `rows` is, so a row gets the same bits at any batch.
+template <bool Q8>
+static __device__ __forceinline__ void gemv_lp_body_t(const u16* w, long ldw, const signed char* wq, const float* ws,
+                                                      const u16* x_lp, const float* x_f32, long ldx, float* y, long ldy,
+                                                      long n_out, long k, long rows, int split, int vec, int lp_mode) {
     __shared__ float sh[8][GEMV_ROWS];
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     long n = blockIdx.x * (long)(8 / split) + warp / split;
@@ -418,13 +472,13 @@ static __device__ __forceinline__ void gemv_lp_body(const u16* w, long ldw, cons
 #pragma unroll
     for (int r = 0; r < GEMV_ROWS; ++r) acc[r] = 0.0f;
     if (n < n_out) {
-        const u16* wr = w + n * ldw;
+        const unsigned char* wr = gemv_wrow<Q8>(w, wq, n, ldw);
         if (vec) {
             long step = (long)split * 256;
 #pragma unroll 2
             for (long k0 = ((long)part * 32 + lane) * 8; k0 < k; k0 += step) {
                 float wf[8], xf[8];
-                unpack8(*(const uint4*)(wr + k0), lp_mode, wf);
+                gemv_wunpack<Q8>(gemv_wload<Q8>(wr, k0), lp_mode, wf);
 #pragma unroll
                 for (int r = 0; r < GEMV_ROWS; ++r) {
                     if (r < rows) {
@@ -436,7 +490,7 @@ static __device__ __forceinline__ void gemv_lp_body(const u16* w, long ldw, cons
             }
         } else {
             for (long kk = (long)part * 32 + lane; kk < k; kk += (long)split * 32) {
-                float wv = lp_to_f32(wr[kk], lp_mode);
+                float wv = gemv_wone<Q8>(wr, kk, lp_mode);
 #pragma unroll
                 for (int r = 0; r < GEMV_ROWS; ++r)
                     if (r < rows) acc[r] += wv * gemv_x(x_lp, x_f32, r * ldx + kk, lp_mode);
@@ -452,21 +506,17 @@ static __device__ __forceinline__ void gemv_lp_body(const u16* w, long ldw, cons
     if (part == 0 && lane < rows && n < n_out) {
         float s = 0.0f;
         for (int q = 0; q < split; ++q) s += sh[warp + q][lane];
-        y[lane * ldy + n] = s;
+        y[lane * ldy + n] = gemv_scaled<Q8>(s, ws, n);
     }
 }
-extern "C" __global__ void __launch_bounds__(256) gemv_lp(const GemvLp p) { pdl_wait(); pdl_launch_dependents(); gemv_lp_body(GEMV_LP_ARGS(p)); }
+// One kernel per weight format (a run-time choice inside one kernel would cost the bf16 / fp16
+// kernels registers for the int8 path).
+extern "C" __global__ void __launch_bounds__(256) gemv_lp(const GemvLp p) { pdl_wait(); pdl_launch_dependents(); gemv_lp_body_t<false>(GEMV_LP_ARGS(p)); }
+extern "C" __global__ void __launch_bounds__(256) gemv_lp_q8(const GemvLp p) { pdl_wait(); pdl_launch_dependents(); gemv_lp_body_t<true>(GEMV_LP_ARGS(p)); }
 
 // gemv_lp with NL weight loads issued per lane before any is used (streaming, L1 bypassed; the
 // first NL before pdl_wait), 128 threads (4 / split outputs per block), and no block barrier
 // when split == 1. Each lane visits the same k in the same order as gemv_lp: the same bits.
-__device__ __forceinline__ uint4 ld_stream16(const u16* p) {
-    uint4 v;
-    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
-                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-                 : "l"(p));
-    return v;
-}
 // The conv update of row r, channel n on x value v, where the GEMV's output n is a channel.
 __device__ __forceinline__ void conv_epilogue(const ConvUpdateF32* cu, long r, long n, float v) {
     if (cu && n < cu->d_inner)
@@ -475,16 +525,17 @@ __device__ __forceinline__ void conv_epilogue(const ConvUpdateF32* cu, long r, l
 }
 // cu (may be null): in_proj's conv update as the epilogue: output n < cu->d_inner of row r is
 // channel n's x, so that thread also runs the conv update of (r, n) on the value it writes.
-template <int NL>
-static __device__ __forceinline__ void gemv_lp_nl_body(const u16* w, long ldw, const u16* x_lp, const float* x_f32, long ldx,
-                                                       float* y, long ldy, long n_out, long k, long rows, int split, int vec,
-                                                       int lp_mode, const ConvUpdateF32* cu = 0) {
+template <int NL, bool Q8>
+static __device__ __forceinline__ void gemv_lp_nl_body_t(const u16* w, long ldw, const signed char* wq,
+                                                         const float* ws, const u16* x_lp, const float* x_f32, long ldx,
+                                                         float* y, long ldy, long n_out, long k, long rows, int split,
+                                                         int vec, int lp_mode, const ConvUpdateF32* cu) {
     __shared__ float sh[4][GEMV_ROWS];
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     long n = blockIdx.x * (long)(4 / split) + warp / split;
     int part = warp % split;
     bool live = n < n_out;
-    const u16* wr = w + (live ? n : 0) * ldw;
+    const unsigned char* wr = gemv_wrow<Q8>(w, wq, live ? n : 0, ldw);
     long step = (long)split * 256;
     long k0 = ((long)part * 32 + lane) * 8;
     // The first NL weight loads go out before waiting for the kernel before (weights are
@@ -492,7 +543,7 @@ static __device__ __forceinline__ void gemv_lp_nl_body(const u16* w, long ldw, c
     uint4 wv[NL];
 #pragma unroll
     for (int j = 0; j < NL; ++j)
-        if (live && k0 + j * step < k) wv[j] = ld_stream16(wr + k0 + j * step);
+        if (live && k0 + j * step < k) wv[j] = gemv_wstream<Q8>(wr, k0 + j * step);
     pdl_wait();
     pdl_launch_dependents();
     float acc[GEMV_ROWS];
@@ -505,7 +556,7 @@ static __device__ __forceinline__ void gemv_lp_nl_body(const u16* w, long ldw, c
                 long kj = k0 + j * step;
                 if (kj < k) {
                     float wf[8], xf[8];
-                    unpack8(wv[j], lp_mode, wf);
+                    gemv_wunpack<Q8>(wv[j], lp_mode, wf);
 #pragma unroll
                     for (int r = 0; r < GEMV_ROWS; ++r) {
                         if (r < rows) {
@@ -520,7 +571,7 @@ static __device__ __forceinline__ void gemv_lp_nl_body(const u16* w, long ldw, c
             if (k0 >= k) break;
 #pragma unroll
             for (int j = 0; j < NL; ++j)
-                if (k0 + j * step < k) wv[j] = ld_stream16(wr + k0 + j * step);
+                if (k0 + j * step < k) wv[j] = gemv_wstream<Q8>(wr, k0 + j * step);
         }
     }
     if (split == 1) {
@@ -529,6 +580,7 @@ static __device__ __forceinline__ void gemv_lp_nl_body(const u16* w, long ldw, c
             if (r < rows) {
                 float v = warp_sum(acc[r]);
                 if (lane == 0 && live) {
+                    v = gemv_scaled<Q8>(v, ws, n);
                     y[r * ldy + n] = v;
                     conv_epilogue(cu, r, n, v);
                 }
@@ -547,12 +599,19 @@ static __device__ __forceinline__ void gemv_lp_nl_body(const u16* w, long ldw, c
     if (part == 0 && lane < rows && live) {
         float s = 0.0f;
         for (int q = 0; q < split; ++q) s += sh[warp + q][lane];
+        s = gemv_scaled<Q8>(s, ws, n);
         y[lane * ldy + n] = s;
         conv_epilogue(cu, lane, n, s);
     }
 }
-extern "C" __global__ void __launch_bounds__(128) gemv_lp_nl4(const GemvLp p) { gemv_lp_nl_body<4>(GEMV_LP_ARGS(p)); }
-extern "C" __global__ void __launch_bounds__(128) gemv_lp_nl8(const GemvLp p) { gemv_lp_nl_body<8>(GEMV_LP_ARGS(p)); }
+extern "C" __global__ void __launch_bounds__(128) gemv_lp_nl4(const GemvLp p) { gemv_lp_nl_body_t<4, false>(GEMV_LP_ARGS(p), 0); }
+extern "C" __global__ void __launch_bounds__(128) gemv_lp_nl8(const GemvLp p) { gemv_lp_nl_body_t<8, false>(GEMV_LP_ARGS(p), 0); }
 extern "C" __global__ void __launch_bounds__(128) gemv_lp_conv(const GemvConvLp p) {
-    gemv_lp_nl_body<4>(GEMV_LP_ARGS(p.g), &p.c);
+    gemv_lp_nl_body_t<4, false>(GEMV_LP_ARGS(p.g), &p.c);
+}
+extern "C" __global__ void __launch_bounds__(128) gemv_lp_nl4_q8(const GemvLp p) { gemv_lp_nl_body_t<4, true>(GEMV_LP_ARGS(p), 0); }
+extern "C" __global__ void __launch_bounds__(128) gemv_lp_nl8_q8(const GemvLp p) { gemv_lp_nl_body_t<8, true>(GEMV_LP_ARGS(p), 0); }
+// int8 rows load 8 bytes a lane: eight loads in flight carry the bytes of four bf16 ones.
+extern "C" __global__ void __launch_bounds__(128) gemv_lp_conv_q8(const GemvConvLp p) {
+    gemv_lp_nl_body_t<8, true>(GEMV_LP_ARGS(p.g), &p.c);
 }

@@ -38,6 +38,8 @@ typedef struct {
 typedef struct {
     const u16* w;
     long ldw;
+    const signed char* wq;
+    const float* ws;
     const u16* x_lp;
     const float* x_f32;
     long ldx;
@@ -50,7 +52,7 @@ typedef struct {
     int vec;
     int lp_mode;
 } GemvLp;
-#define GEMV_LP_ARGS(p) (p).w, (p).ldw, (p).x_lp, (p).x_f32, (p).ldx, (p).y, (p).ldy, (p).n_out, (p).k, (p).rows, (p).split, (p).vec, (p).lp_mode
+#define GEMV_LP_ARGS(p) (p).w, (p).ldw, (p).wq, (p).ws, (p).x_lp, (p).x_f32, (p).ldx, (p).y, (p).ldy, (p).n_out, (p).k, (p).rows, (p).split, (p).vec, (p).lp_mode
 
 typedef struct {
     GemvLp g;

@@ -152,6 +152,11 @@ impl Decoder {
         Ok(ticket)
     }
 
+    /// Forgets the captured decode graph (its launches' arguments changed).
+    pub(crate) fn drop_graph(&mut self) {
+        self.graph = None;
+    }
+
     /// Sets the persistent decode kernel: `None` off, `Some(0)` one block per SM, `Some(n)`
     /// `n` blocks (at most one per SM). Drops the captured graph.
     pub(crate) fn set_persistent(&mut self, blocks: Option<usize>) {
@@ -170,7 +175,8 @@ impl Decoder {
         let Some(blocks) = blocks else {
             return Ok(None);
         };
-        if ws.batch != 1 || !m.dev.persistent_decode || m.shadow.is_none() {
+        // int8 weights run layer by layer (the persistent kernel streams the shadow).
+        if ws.batch != 1 || !m.dev.persistent_decode || m.shadow.is_none() || m.q8.is_some() {
             return Ok(None);
         }
         if self.persist_sync.is_none() {

@@ -58,10 +58,20 @@ impl<'a> Proj<'a> {
             (Some(s), true) => s,
             _ => return None,
         };
+        // int8 codes where the matrix has them (and its rows are whole: ldw == k).
+        let (wq, ws) = match self.m.q8.as_ref() {
+            Some(q) => q
+                .find(w)
+                .filter(|m| m.cols == k && ldw == k && m.rows == n_out)
+                .map_or((0, 0), |m| q.ptrs(m)),
+            None => (0, 0),
+        };
         Some(
             GemvLp {
                 w: Ptr::new(shadow.at::<u16>(w)),
                 ldw: ldw as i64,
+                wq: Ptr::new(wq),
+                ws: Ptr::new(ws),
                 x_lp: Ptr::new(x_lp),
                 x_f32: Ptr::new(x_f32),
                 ldx: ldx as i64,

@@ -111,6 +111,7 @@ impl GpuEngine {
             shape,
             params: params_buf,
             shadow,
+            q8: None,
             layout,
             dev,
         };
@@ -187,6 +188,10 @@ impl GpuEngine {
                 rest + t.norm_part.bytes + t.norm_out.bytes,
             ),
             ("inference workspace", infer),
+            (
+                "int8 weights",
+                self.model.q8.as_ref().map_or(0, |q| q.bytes()),
+            ),
         ]
     }
 

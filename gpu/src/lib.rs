@@ -33,6 +33,7 @@ mod model;
 pub mod ops;
 pub mod params;
 pub mod profile;
+mod q8;
 mod work;
 mod zero;
 

@@ -41,6 +41,8 @@ pub(crate) struct Model {
     pub(crate) params: Buf,
     /// Low-precision copy of `params` (bf16 / fp16 modes).
     pub(crate) shadow: Option<Buf>,
+    /// int8 copies of the layers' projections for the decode GEMVs (`GpuEngine::quantize_int8`).
+    pub(crate) q8: Option<crate::q8::Q8>,
 }
 
 impl Model {

@@ -26,7 +26,7 @@ macro_rules! scalar_ctype {
         }
     )*};
 }
-scalar_ctype!(f32 => "float", f64 => "double", i32 => "int", i64 => "long",
+scalar_ctype!(f32 => "float", f64 => "double", i8 => "signed char", i32 => "int", i64 => "long",
     u8 => "unsigned char", u16 => "u16", u32 => "unsigned int", u64 => "u64");
 
 /// A device pointer to `T` the kernel only reads (`const T*`); 0 is null.

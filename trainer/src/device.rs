@@ -49,8 +49,11 @@ pub fn engine_with(
     opts: &EngineOptions,
 ) -> Result<Box<dyn TrainingEngine>> {
     if opts.dtype != WeightDtype::F32 && !matches!(device, "cpu") {
+        if opts.dtype == WeightDtype::Int8 && cuda_ordinal(device)?.is_some() {
+            bail!("--dtype int8 on --device {device} is for generation (vet-chat, vet-serve): training keeps its weights in f32");
+        }
         bail!(
-            "--dtype {}: only --device cpu stores weights in reduced precision",
+            "--dtype {}: only --device cpu stores weights in reduced precision (and --device cuda in int8, for generation)",
             opts.dtype.name()
         );
     }
@@ -104,6 +107,18 @@ pub fn load_for_inference(
         return Ok((Box::new(e), cfg));
     }
     let ck = crate::checkpoint::load(dir)?;
+    if opts.dtype == WeightDtype::Int8 {
+        if let Some(ordinal) = cuda_ordinal(device)? {
+            // The decode GEMVs read int8 rows quantised as the CPU tier quantises them.
+            let o = gpu::GpuOptions {
+                ordinal,
+                precision: opts.precision,
+            };
+            let mut e = gpu::GpuEngine::new(&ck.config, ck.params, &o)?;
+            e.quantize_int8(simd::kernels::quantize_row)?;
+            return Ok((Box::new(e), ck.config));
+        }
+    }
     let e = engine_with(device, &ck.config, ck.params, opts)?;
     Ok((e, ck.config))
 }

@@ -427,8 +427,19 @@ fn time_scan(dev: &Dev, fwd: &dyn Fn(), bwd: &dyn Fn(&'static str, bool)) -> (f6
 /// cuBLAS instead of the GEMV, for a before/after on one card.
 fn infer(rows: &mut Vec<String>) -> reference::Result<()> {
     let gemv = std::env::var("VET_DECODE_GEMV").map_or(true, |v| v != "0");
+    // VET_INFER_INT8=1: in_proj, x_proj and out_proj as int8 rows (`quantize_int8`).
+    let int8 = std::env::var("VET_INFER_INT8").is_ok_and(|v| v == "1");
     for (name, d_model, n_layer) in infer_sizes() {
         let (cfg, mut e) = bf16_engine(d_model, n_layer)?;
+        let mut weights = 2.0 * e.layout().numel as f64;
+        let name = if int8 {
+            e.quantize_int8(quantize_row_i8)?;
+            let per_layer = cfg.d_inner * (3 * cfg.d_model + cfg.x_proj_rows());
+            weights -= (cfg.n_layer * per_layer) as f64;
+            format!("{name} int8")
+        } else {
+            name.to_string()
+        };
         let prompt = gpu::bench::tokens(2048, cfg.vocab_size, 11);
         let mut logits = vec![0f32; cfg.vocab_size];
         let mut tp = Vec::new();
@@ -439,7 +450,6 @@ fn infer(rows: &mut Vec<String>) -> reference::Result<()> {
             tp.push(t0.elapsed().as_secs_f64());
         }
         let tp = median(tp[1..].to_vec());
-        let weights = 2.0 * e.layout().numel as f64;
         rows.push(format!(
             "infer {name:<5} prefill 2048 tokens: {:.1} ms = {:.0} tokens/s",
             tp * 1e3,
@@ -449,7 +459,7 @@ fn infer(rows: &mut Vec<String>) -> reference::Result<()> {
         for batch in infer_batches() {
             let (td, th) = decode_at(&mut e, &cfg, batch)?;
             rows.push(format!(
-                "infer {name:<5} decode batch {batch:>3} ({}): ids drawn on the device {:.3} ms/step = {:.0} tokens/s ({:.0} GB/s of bf16 weights); logits to the host {:.3} ms/step = {:.0} tokens/s (CUDA graph: {})",
+                "infer {name:<5} decode batch {batch:>3} ({}): ids drawn on the device {:.3} ms/step = {:.0} tokens/s ({:.0} GB/s of weights); logits to the host {:.3} ms/step = {:.0} tokens/s (CUDA graph: {})",
                 if e.decode_ran_persistent() { "persistent" } else if gemv && batch <= gpu::ops::decode::GEMV_ROWS { "GEMV on" } else { "GEMV off" },
                 td * 1e3, batch as f64 / td, weights / td / 1e9, th * 1e3, batch as f64 / th, e.decode_uses_graph()
             ));
@@ -464,6 +474,21 @@ fn infer(rows: &mut Vec<String>) -> reference::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Symmetric int8 rows (`max|w| / 127`, ties away from zero), the CPU tier's rule, for
+/// `VET_INFER_INT8` (the bench's random weights need no bit-exact match).
+fn quantize_row_i8(w: &[f32], q: &mut [i8]) -> f32 {
+    let amax = w.iter().fold(0f32, |a, &v| a.max(v.abs()));
+    let s = if amax > 0.0 && amax.is_finite() {
+        amax / 127.0
+    } else {
+        1.0
+    };
+    for (o, &v) in q.iter_mut().zip(w) {
+        *o = (v / s).round().clamp(-127.0, 127.0) as i8;
+    }
+    s
 }
 
 /// The persistent kernel's phases (µs, mean over layers 1..) from its clock marks.
@@ -652,13 +677,19 @@ fn gemv_bench(rows: &mut Vec<String>) -> reference::Result<()> {
         ("130M in_proj", 3072, 768),
         ("130M out_proj", 768, 1536),
     ];
-    for (what, n, k) in shapes {
-        let wbytes = n * k * 2;
+    // int8 weights: the pool's bytes as codes (any byte is one), one scale a row.
+    let scales = dev.upload(&vec![0.01f32; 65536])?;
+    for ((what, n, k), q8) in shapes
+        .iter()
+        .flat_map(|&sh| [false, true].map(move |q| (sh, q)))
+    {
+        let wbytes = n * k * if q8 { 1 } else { 2 };
         let copies = (pool_bytes / wbytes).max(1);
         let reps = 24usize;
         for nrows in [1usize, 8] {
             let mut refs: Vec<(i32, Vec<f32>)> = Vec::new();
-            let mut line = format!("gemv {what} {n}x{k} rows {nrows}:");
+            let fmt = if q8 { "int8" } else { "bf16" };
+            let mut line = format!("gemv {what} {n}x{k} {fmt} rows {nrows}:");
             for name in ["gemv_lp", "gemv_lp_nl4", "gemv_lp_nl8"] {
                 let splits: &[i32] = if name == "gemv_lp" {
                     &[1, 2, 4, 8]
@@ -666,9 +697,12 @@ fn gemv_bench(rows: &mut Vec<String>) -> reference::Result<()> {
                     &[1, 2, 4]
                 };
                 for &split in splits {
+                    let at_of = |c: usize| pool.ptr + ((c % copies) * wbytes) as u64;
                     let p = |c: usize| GemvLp {
-                        w: Ptr::new(pool.ptr + ((c % copies) * wbytes) as u64),
+                        w: Ptr::new(if q8 { 0 } else { at_of(c) }),
                         ldw: k as i64,
+                        wq: Ptr::new(if q8 { at_of(c) } else { 0 }),
+                        ws: Ptr::new(if q8 { scales.ptr } else { 0 }),
                         x_lp: Ptr::new(x.ptr),
                         x_f32: Ptr::NULL,
                         ldx: k as i64,

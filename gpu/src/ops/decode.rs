@@ -54,10 +54,14 @@ kernel_params! {
 kernel_params! {
     /// `y[r, n] = Σ_k w[n, k] x[r, k]` for `rows` (at most [`GEMV_ROWS`]) rows: each weight
     /// read once for all rows. `w` and `x_lp` in bf16 (`lp_mode` 0) or fp16 (1); `x_f32`
-    /// (used when `x_lp` is null) is rounded to that precision first.
-    GemvLp => ["gemv_lp", "gemv_lp_nl4", "gemv_lp_nl8"] {
+    /// (used when `x_lp` is null) is rounded to that precision first. Where `wq` is not null
+    /// the weights are int8 rows there instead (`w` is not read), output `n` multiplied by
+    /// its row's scale `ws[n]` once its sum is complete.
+    GemvLp => ["gemv_lp", "gemv_lp_nl4", "gemv_lp_nl8", "gemv_lp_q8", "gemv_lp_nl4_q8", "gemv_lp_nl8_q8"] {
         w: Ptr<u16>,
         ldw: i64,
+        wq: Ptr<i8>,
+        ws: Ptr<f32>,
         x_lp: Ptr<u16>,
         x_f32: Ptr<f32>,
         ldx: i64,
@@ -77,7 +81,7 @@ kernel_params! {
     /// c.d_inner` of row `r` is channel `n`'s x, and the thread that writes it also shifts that
     /// channel's window and writes `xs` (and `xs_lp`), as `conv_update_f32` would (`c.conv.x`
     /// is not read).
-    GemvConvLp => ["gemv_lp_conv"] {
+    GemvConvLp => ["gemv_lp_conv", "gemv_lp_conv_q8"] {
         g: GemvLp,
         c: ConvUpdateF32,
     }
@@ -98,8 +102,9 @@ kernel_params! {
 pub const GEMV_ROWS: usize = 8;
 
 impl GemvLp {
-    /// Sets `split` (warps per output: enough blocks to fill the device) and `vec` (16-byte
-    /// loads: every row of `w` and `x` aligned, `k` a multiple of 8) from the other fields.
+    /// Sets `split` (warps per output: enough blocks to fill the device) and `vec` (8-value
+    /// loads: every row of `w` and `x` 16-byte aligned, or 8-byte for int8 rows, `k` a
+    /// multiple of 8) from the other fields.
     pub fn tuned(mut self) -> GemvLp {
         let blocks = (self.n_out as usize).div_ceil(8);
         self.split = match blocks {
@@ -115,7 +120,12 @@ impl GemvLp {
         } else {
             aligned(self.x_f32.0, self.ldx, 4)
         };
-        self.vec = (aligned(self.w.0, self.ldw, 2) && x_ok && self.k % 8 == 0) as i32;
+        let w_ok = if self.wq.0 != 0 {
+            self.wq.0.is_multiple_of(8) && self.ldw % 8 == 0
+        } else {
+            aligned(self.w.0, self.ldw, 2)
+        };
+        self.vec = (w_ok && x_ok && self.k % 8 == 0) as i32;
         self
     }
 }
@@ -135,7 +145,22 @@ pub unsafe fn gemv(dev: &Dev, p: &GemvLp) -> Result<()> {
     let per_block = 8 / p.split as usize;
     let grid = ((p.n_out as usize).div_ceil(per_block) as u32, 1, 1);
     // SAFETY: the caller's contract is the kernel's.
-    unsafe { dev.launch(grid, 256, 0, p) }
+    unsafe { dev.launch_build(for_weights("gemv_lp", p), grid, 256, 0, p) }
+}
+
+/// `name` (a 256- or 128-thread GEMV, or `gemv_lp_conv`), or its int8 twin where `p.wq` is
+/// set.
+fn for_weights(name: &'static str, p: &GemvLp) -> &'static str {
+    if p.wq.0 == 0 {
+        return name;
+    }
+    match name {
+        "gemv_lp" => "gemv_lp_q8",
+        "gemv_lp_nl4" => "gemv_lp_nl4_q8",
+        "gemv_lp_nl8" => "gemv_lp_nl8_q8",
+        "gemv_lp_conv" => "gemv_lp_conv_q8",
+        other => other,
+    }
 }
 
 /// The GEMV kernel the decode step uses for `rows` activation rows: `VET_GEMV_KERNEL`
@@ -153,6 +178,19 @@ pub fn gemv_kernel(rows: i64) -> &'static str {
     forced.unwrap_or(if rows == 1 { "gemv_lp_nl4" } else { "gemv_lp" })
 }
 
+/// [`gemv_kernel`] for `p`: int8 weights (`p.wq`) take `gemv_lp_nl8` where the bf16 choice is
+/// `gemv_lp_nl4` and `VET_GEMV_KERNEL` is not set (8-byte loads: eight in flight carry what
+/// four of 16 bytes do).
+fn gemv_kernel_for(p: &GemvLp) -> &'static str {
+    let name = gemv_kernel(p.rows);
+    let forced = std::env::var_os("VET_GEMV_KERNEL").is_some();
+    if p.wq.0 != 0 && name == "gemv_lp_nl4" && !forced {
+        "gemv_lp_nl8"
+    } else {
+        name
+    }
+}
+
 /// Launches the decode GEMV ([`gemv_kernel`]) for `p` (after [`GemvLp::tuned`]): the
 /// 128-thread kernels take `split` from `n_out` (1 from 4096 outputs, 2 from 2048, else 4)
 /// and need `vec`; `gemv_lp` runs otherwise.
@@ -160,7 +198,7 @@ pub fn gemv_kernel(rows: i64) -> &'static str {
 /// # Safety
 /// As [`gemv`].
 pub unsafe fn gemv_decode(dev: &Dev, p: &GemvLp) -> Result<()> {
-    let name = gemv_kernel(p.rows);
+    let name = gemv_kernel_for(p);
     if name == "gemv_lp" || p.vec != 1 {
         // SAFETY: the caller's contract.
         return unsafe { gemv(dev, p) };
@@ -208,7 +246,7 @@ pub unsafe fn gemv_named(dev: &Dev, p: &GemvLp, name: &'static str) -> Result<()
         ));
     }
     // SAFETY: the caller's contract is the kernel's.
-    unsafe { dev.launch_build(name, nl_grid(p.n_out, p.split), 128, 0, p) }
+    unsafe { dev.launch_build(for_weights(name, p), nl_grid(p.n_out, p.split), 128, 0, p) }
 }
 
 /// How one row draws on the device (the C struct `SampleHow` in `gpu/kernels/decode.cu`).
@@ -355,8 +393,9 @@ pub unsafe fn gemv_conv(dev: &Dev, p: &GemvConvLp) -> Result<()> {
     }
     let mut q = *p;
     q.g.split = nl_split(g.n_out);
+    let name = for_weights("gemv_lp_conv", g);
     // SAFETY: the caller's contract is the kernel's.
-    unsafe { dev.launch(nl_grid(g.n_out, q.g.split), 128, 0, &q) }
+    unsafe { dev.launch_build(name, nl_grid(g.n_out, q.g.split), 128, 0, &q) }
 }
 
 /// Launches `ssm_update_dt_f32` (grid as [`ssm_update`]).

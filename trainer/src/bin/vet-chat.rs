@@ -43,7 +43,8 @@ struct Cli {
     /// cpu (the fastest CPU engine available), reference (the f32 spec), cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     device: String,
-    /// Weight storage on --device cpu: f32, bf16, int8 or int4.
+    /// Weight storage: f32, bf16, int8 or int4 on --device cpu; on cuda, int8 (in_proj,
+    /// x_proj and out_proj as int8 rows, read by the decode step: half the bytes of bf16).
     #[arg(long, default_value = "f32")]
     dtype: WeightDtype,
     /// GEMM precision on --device cuda: bf16, fp16 or f32 (the scan state, the residual
