@@ -3,7 +3,8 @@
 //! layer-by-layer step's bits: the logits of every step and the state it leaves, from a random
 //! state, through a reset, at the projection splits of the 130M, 370M and 1.4B widths and an
 //! odd small one, over every SM and over three blocks (several chunks a block), in bf16 and
-//! fp16. The layer-by-layer step is checked against the reference by `gpu_conformance` and
+//! fp16, and with int8 weights (`GpuEngine::quantize_int8`; d_model 136 is not a multiple of
+//! 16, which int8 rows need there, so it stays layer by layer). The layer-by-layer step is checked against the reference by `gpu_conformance` and
 //! `decode`, so this carries that check over.
 //!
 //! Without a CUDA device the test prints a `skipping` line and passes.
@@ -17,7 +18,7 @@ use reference::{InferenceEngine, MambaConfig, Params, State};
 fn decode(
     cfg: &MambaConfig,
     params: &Params<f32>,
-    precision: gpu::Precision,
+    (precision, int8): (gpu::Precision, bool),
     persist: Option<usize>,
     steps: usize,
 ) -> (Vec<Vec<f32>>, State<f32>) {
@@ -26,7 +27,11 @@ fn decode(
         precision,
     };
     let mut e = gpu::GpuEngine::new(cfg, params.clone(), &opts).unwrap();
+    if int8 {
+        e.quantize_int8(simd::kernels::quantize_row).unwrap();
+    }
     e.set_persistent_decode(persist);
+    let runs = persist.is_some() && (!int8 || cfg.d_model.is_multiple_of(16));
     let mut rng = Rng::new(seed_of("gpu_persistent state"));
     let mut st = State::<f32>::zeros(cfg, 1);
     for v in st.conv.data.iter_mut().chain(st.ssm.data.iter_mut()) {
@@ -39,14 +44,10 @@ fn decode(
         let logits = e.step(&[*tok], Some(&resets), &mut st).unwrap();
         assert_eq!(
             e.decode_ran_persistent(),
-            persist.is_some(),
+            runs,
             "d_model {} step {t}: the persistent kernel ran where it was {}",
             cfg.d_model,
-            if persist.is_some() {
-                "asked for"
-            } else {
-                "off"
-            }
+            if runs { "asked for" } else { "off" }
         );
         out.push(logits.data);
     }
@@ -70,14 +71,21 @@ fn gpu_persistent_decode_gives_the_layer_by_layer_bits() {
     for (dm, layers) in [(768, 3), (1024, 2), (2048, 2), (136, 3)] {
         let cfg = MambaConfig::new(dm, layers, 1000);
         let params = random_params::<f32>(&cfg, seed_of(&format!("gpu_persistent {dm}")));
-        for precision in [gpu::Precision::Bf16, gpu::Precision::Fp16] {
-            let (want, want_st) = decode(&cfg, &params, precision, None, 6);
+        let kinds = [
+            (gpu::Precision::Bf16, false),
+            (gpu::Precision::Fp16, false),
+            (gpu::Precision::Bf16, true),
+        ];
+        for (precision, int8) in kinds {
+            let want_kind = (precision, int8);
+            let (want, want_st) = decode(&cfg, &params, want_kind, None, 6);
+            let precision = format!("{precision:?}{}", if int8 { " int8" } else { "" });
             for blocks in [0, 3] {
-                let (got, got_st) = decode(&cfg, &params, precision, Some(blocks), 6);
+                let (got, got_st) = decode(&cfg, &params, want_kind, Some(blocks), 6);
                 for (t, (g, w)) in got.iter().zip(&want).enumerate() {
                     if let Some(i) = same_bits(g, w) {
                         panic!(
-                            "d_model {dm} {precision:?} blocks {blocks} step {t}: logit {i} is {} against {}",
+                            "d_model {dm} {precision} blocks {blocks} step {t}: logit {i} is {} against {}",
                             g[i], w[i]
                         );
                     }
@@ -85,14 +93,14 @@ fn gpu_persistent_decode_gives_the_layer_by_layer_bits() {
                 assert_eq!(
                     same_bits(&got_st.conv.data, &want_st.conv.data),
                     None,
-                    "conv state, d_model {dm} {precision:?} blocks {blocks}"
+                    "conv state, d_model {dm} {precision} blocks {blocks}"
                 );
                 assert_eq!(
                     same_bits(&got_st.ssm.data, &want_st.ssm.data),
                     None,
-                    "ssm state, d_model {dm} {precision:?} blocks {blocks}"
+                    "ssm state, d_model {dm} {precision} blocks {blocks}"
                 );
-                println!("d_model {dm} {precision:?} blocks {blocks}: 6 steps, same bits");
+                println!("d_model {dm} {precision} blocks {blocks}: 6 steps, same bits");
             }
         }
     }

@@ -94,11 +94,19 @@ __device__ __forceinline__ void dl_grid_wait(unsigned* ctr, unsigned n) {
 }
 
 // One projection of one layer as the stream sees it: `n` rows of `k` low-precision values
-// from `w`, `chunk` rows a chunk (chunk c goes to block c % gridDim.x), `split` warps per output.
+// from `w`, or of `k` int8 codes from `q` with one scale a row in `s` where `q` is not null;
+// `chunk` rows a chunk (chunk c goes to block c % gridDim.x), `split` warps per output.
 struct DlMat {
     const u16* w;
     long n, k;
     int chunk, split;
+    const signed char* q;
+    const float* s;
+    // Bytes a value, and chunk c's first byte.
+    __device__ __forceinline__ long esize() const { return q ? 1 : 2; }
+    __device__ __forceinline__ const void* src(long c) const {
+        return q ? (const void*)(q + c * chunk * k) : (const void*)(w + c * chunk * k);
+    }
     // This block's rows, counted over its chunks in order (the last may be partial).
     __device__ __forceinline__ long local_rows() const {
         long nch = (n + chunk - 1) / chunk;
@@ -134,10 +142,10 @@ __device__ __forceinline__ void dl_produce(const DlMat& m, unsigned char* ring, 
     long nch = (m.n + m.chunk - 1) / m.chunk;
     for (long c = blockIdx.x; c < nch; c += gridDim.x) {
         long rows = m.n - c * m.chunk < m.chunk ? m.n - c * m.chunk : m.chunk;
-        unsigned bytes = (unsigned)(rows * m.k * 2);
+        unsigned bytes = (unsigned)(rows * m.k * m.esize());
         mbar_wait(&empty[r.slot], r.phase ^ 1u);
         mbar_expect_tx(&full[r.slot], bytes);
-        bulk_to_smem(r.at(ring), m.w + c * m.chunk * m.k, bytes, &full[r.slot]);
+        bulk_to_smem(r.at(ring), m.src(c), bytes, &full[r.slot]);
         r.next();
     }
 }
@@ -181,12 +189,53 @@ __device__ __forceinline__ void dl_dot(const u16* const* w, const u16* x, long k
     }
 }
 
+// dl_dot for int8 rows (8 codes a step, 8 bytes): the same order, the codes exact in f32
+// (as gemv_lp_nl_body_t<NL, true> sums them).
+template <int R>
+__device__ __forceinline__ void dl_dot_q8(const unsigned char* const* w, const u16* x, long k0, long step, long k,
+                                          int lp_mode, float* acc) {
+    for (; k0 + 3 * step < k; k0 += 4 * step) {
+        uint4 xv[4];
+        uint2 wv[R][4];
+#pragma unroll
+        for (int u = 0; u < 4; ++u) {
+            xv[u] = *(const uint4*)(x + k0 + u * step);
+#pragma unroll
+            for (int r = 0; r < R; ++r) wv[r][u] = *(const uint2*)(w[r] + k0 + u * step);
+        }
+#pragma unroll
+        for (int u = 0; u < 4; ++u) {
+            float xf[8];
+            unpack8(xv[u], lp_mode, xf);
+#pragma unroll
+            for (int r = 0; r < R; ++r) {
+                float wf[8];
+                unpack8_i8(make_uint4(wv[r][u].x, wv[r][u].y, 0u, 0u), wf);
+#pragma unroll
+                for (int q = 0; q < 8; ++q) acc[r] += wf[q] * xf[q];
+            }
+        }
+    }
+    for (; k0 < k; k0 += step) {
+        float xf[8];
+        unpack8(*(const uint4*)(x + k0), lp_mode, xf);
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+            float wf[8];
+            uint2 v = *(const uint2*)(w[r] + k0);
+            unpack8_i8(make_uint4(v.x, v.y, 0u, 0u), wf);
+#pragma unroll
+            for (int q = 0; q < 8; ++q) acc[r] += wf[q] * xf[q];
+        }
+    }
+}
+
 // Consumers: this block's chunks of `m` against x (`m.k` values in shared memory); out(n,
 // local, v) gets output n (local: its index among the block's rows). Output n is summed as
 // gemv_lp_nl_body sums it for one row: `split` parts (part q: lanes from k = (q·32 + lane)·8,
 // step split·256), each a warp sum, added in part order. A warp takes the (row, part) tasks
 // w and w + 8 together (the same part, so the same x loads); parts meet in `pb`.
-template <typename Out>
+template <bool Q8, typename Out>
 __device__ __forceinline__ void dl_consume(const DlMat& m, const u16* x, int lp_mode, unsigned char* ring, u64* full,
                                            u64* empty, DlRing& r, float* pb, u64* starved, Out out) {
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -199,23 +248,34 @@ __device__ __forceinline__ void dl_consume(const DlMat& m, const u16* x, int lp_
         u64 t0 = starved ? dl_now() : 0;
         mbar_wait(&full[r.slot], r.phase);
         if (starved) *starved += dl_now() - t0;
-        const u16* wc = (const u16*)r.at(ring);
+        const unsigned char* wc = r.at(ring);
+        const long rb = m.k * m.esize();
         for (int t0 = warp; t0 < tasks; t0 += 16) {
             const int part = t0 % s;
             const int row0 = t0 / s, row1 = (t0 + 8) / s;
             const bool two = t0 + 8 < tasks;
-            const u16* w[2] = {wc + (long)row0 * m.k, wc + (long)row1 * m.k};
+            const unsigned char* w[2] = {wc + row0 * rb, wc + row1 * rb};
             float a[2] = {0.0f, 0.0f};
             const long k0 = ((long)part * 32 + lane) * 8, step = (long)s * 256;
-            if (two)
-                dl_dot<2>(w, x, k0, step, m.k, lp_mode, a);
-            else
-                dl_dot<1>(w, x, k0, step, m.k, lp_mode, a);
+            if (Q8) {
+                if (two)
+                    dl_dot_q8<2>(w, x, k0, step, m.k, lp_mode, a);
+                else
+                    dl_dot_q8<1>(w, x, k0, step, m.k, lp_mode, a);
+            } else {
+                const u16* wl[2] = {(const u16*)w[0], (const u16*)w[1]};
+                if (two)
+                    dl_dot<2>(wl, x, k0, step, m.k, lp_mode, a);
+                else
+                    dl_dot<1>(wl, x, k0, step, m.k, lp_mode, a);
+            }
             float v0 = warp_sum(a[0]), v1 = two ? warp_sum(a[1]) : 0.0f;
             if (lane == 0) {
                 if (s == 1) {
-                    out(c * m.chunk + row0, local0 + row0, v0);
-                    if (two) out(c * m.chunk + row1, local0 + row1, v1);
+                    // int8 rows: times the row's scale once the sum is complete.
+                    const long n0 = c * m.chunk + row0, n1 = c * m.chunk + row1;
+                    out(n0, local0 + row0, Q8 ? v0 * m.s[n0] : v0);
+                    if (two) out(n1, local0 + row1, Q8 ? v1 * m.s[n1] : v1);
                 } else {
                     pb[t0] = v0;
                     if (two) pb[t0 + 8] = v1;
@@ -230,7 +290,8 @@ __device__ __forceinline__ void dl_consume(const DlMat& m, const u16* x, int lp_
             for (int row = threadIdx.x; row < rows; row += DL_CONSUMERS) {
                 float t = 0.0f;
                 for (int q = 0; q < s; ++q) t += pb[row * s + q];
-                out(c * m.chunk + row, local0 + row, t);
+                const long n = c * m.chunk + row;
+                out(n, local0 + row, Q8 ? t * m.s[n] : t);
             }
             dl_bar();
         }
@@ -306,12 +367,14 @@ __device__ __forceinline__ void dl_scan_post(const ScanPre& p, long g, const flo
 // low-precision shadow at the same offsets. Whatever a phase reads that no kernel of this
 // step writes (norm and conv weights, the conv window, the scan's parameters and state) is
 // loaded before the grid barrier that opens the phase.
+template <bool Q8>
 static __device__ __forceinline__ void decode_layers_lp_body(
     const float* params, const u16* shadow, long stride, long o_norm_w, long o_in_w, long o_conv_w, long o_conv_b,
     long o_x_w, long o_dt_w, long o_dt_b, long o_a_log, long o_d, long o_out_w, long n_layer, long dm, long di, long ds,
     long dt_rank, float eps, int lp_mode, int chunk_in, int chunk_x, int chunk_out, int split_in, int split_x,
     int split_out, float* resid, float* out, float* xz, float* xs, u16* xs_lp, float* xdbl, float* gated,
-    u16* gated_lp, float* conv_state, float* ssm_state, const int* starts, unsigned* sync, u64* trace, int slot_bytes) {
+    u16* gated_lp, float* conv_state, float* ssm_state, const int* starts, unsigned* sync, u64* trace, int slot_bytes,
+    const signed char* q8, const float* q8s) {
 #if __CUDA_ARCH__ >= 900
     extern __shared__ __align__(128) unsigned char dl_sm[];
     unsigned char* ring = dl_sm;
@@ -332,11 +395,17 @@ static __device__ __forceinline__ void decode_layers_lp_body(
         asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
     }
     __syncthreads();
+    // int8 codes (q8, may be null) per layer as `gpu/src/q8.rs` lays them: in_proj, x_proj,
+    // out_proj, each starting on a multiple of 256 bytes; the scales one a row in that order.
+    const long q_x = (2 * di * dm + 255) / 256 * 256, q_out = q_x + (xr * di + 255) / 256 * 256;
+    const long q_stride = q_out + (dm * di + 255) / 256 * 256, s_stride = 2 * di + xr + dm;
     auto mats = [&](long l, DlMat* m) {
         const u16* base = shadow + l * stride;
-        m[0] = DlMat{base + o_in_w, 2 * di, dm, chunk_in, split_in};
-        m[1] = DlMat{base + o_x_w, xr, di, chunk_x, split_x};
-        m[2] = DlMat{base + o_out_w, dm, di, chunk_out, split_out};
+        const signed char* qb = Q8 ? q8 + l * q_stride : 0;
+        const float* sb = Q8 ? q8s + l * s_stride : 0;
+        m[0] = DlMat{base + o_in_w, 2 * di, dm, chunk_in, split_in, qb, sb};
+        m[1] = DlMat{base + o_x_w, xr, di, chunk_x, split_x, qb ? qb + q_x : 0, sb ? sb + 2 * di : 0};
+        m[2] = DlMat{base + o_out_w, dm, di, chunk_out, split_out, qb ? qb + q_out : 0, sb ? sb + 2 * di + xr : 0};
     };
     DlRing ring_at{0, 0, nslot, (unsigned)slot_bytes};
     if (tid >= DL_CONSUMERS) {
@@ -416,7 +485,7 @@ static __device__ __forceinline__ void decode_layers_lp_body(
         }
         dl_bar();
         mark(l, 2);
-        dl_consume(m[0], x, lp_mode, ring, full, empty, ring_at, pb, tracing ? &starved[0] : 0,
+        dl_consume<Q8>(m[0], x, lp_mode, ring, full, empty, ring_at, pb, tracing ? &starved[0] : 0,
                    [&](long n, long local, float y) { yb[local] = y; });
         dl_bar();
         mark(l, 3);
@@ -448,7 +517,7 @@ static __device__ __forceinline__ void decode_layers_lp_body(
         if (m[1].local_rows() > 0) {
             dl_load_x(x, xs_lp, di);
             dl_bar();
-            dl_consume(m[1], x, lp_mode, ring, full, empty, ring_at, pb, tracing ? &starved[1] : 0,
+            dl_consume<Q8>(m[1], x, lp_mode, ring, full, empty, ring_at, pb, tracing ? &starved[1] : 0,
                        [&](long n, long local, float y) { xdbl[n] = y; });
         }
         mark(l, 6);
@@ -486,7 +555,7 @@ static __device__ __forceinline__ void decode_layers_lp_body(
         if (m[2].local_rows() > 0) {
             dl_load_x(x, gated_lp, di);
             dl_bar();
-            dl_consume(m[2], x, lp_mode, ring, full, empty, ring_at, pb, tracing ? &starved[2] : 0,
+            dl_consume<Q8>(m[2], x, lp_mode, ring, full, empty, ring_at, pb, tracing ? &starved[2] : 0,
                        [&](long n, long local, float y) { out[n] = y; });
         }
         mark(l, 11);
@@ -511,6 +580,10 @@ static __device__ __forceinline__ void decode_layers_lp_body(
     }
 #endif
 }
+// One kernel per weight format: the int8 path inside the bf16 / fp16 kernel cost it spills.
 extern "C" __global__ void __launch_bounds__(DL_THREADS, 1) decode_layers_lp(const DecodeLayersLp p) {
-    decode_layers_lp_body(DECODE_LAYERS_LP_ARGS(p));
+    decode_layers_lp_body<false>(DECODE_LAYERS_LP_ARGS(p));
+}
+extern "C" __global__ void __launch_bounds__(DL_THREADS, 1) decode_layers_lp_q8(const DecodeLayersLp p) {
+    decode_layers_lp_body<true>(DECODE_LAYERS_LP_ARGS(p));
 }

@@ -43,5 +43,7 @@ typedef struct {
     unsigned int* sync;
     u64* trace;
     int slot_bytes;
+    const signed char* q8;
+    const float* q8s;
 } DecodeLayersLp;
-#define DECODE_LAYERS_LP_ARGS(p) (p).params, (p).shadow, (p).layer_stride, (p).norm_w, (p).in_w, (p).conv_w, (p).conv_b, (p).x_w, (p).dt_w, (p).dt_b, (p).a_log, (p).d, (p).out_w, (p).n_layer, (p).d_model, (p).d_inner, (p).d_state, (p).dt_rank, (p).eps, (p).lp_mode, (p).chunk_in, (p).chunk_x, (p).chunk_out, (p).split_in, (p).split_x, (p).split_out, (p).resid, (p).out, (p).xz, (p).xs, (p).xs_lp, (p).xdbl, (p).gated, (p).gated_lp, (p).conv_state, (p).ssm_state, (p).starts, (p).sync, (p).trace, (p).slot_bytes
+#define DECODE_LAYERS_LP_ARGS(p) (p).params, (p).shadow, (p).layer_stride, (p).norm_w, (p).in_w, (p).conv_w, (p).conv_b, (p).x_w, (p).dt_w, (p).dt_b, (p).a_log, (p).d, (p).out_w, (p).n_layer, (p).d_model, (p).d_inner, (p).d_state, (p).dt_rank, (p).eps, (p).lp_mode, (p).chunk_in, (p).chunk_x, (p).chunk_out, (p).split_in, (p).split_x, (p).split_out, (p).resid, (p).out, (p).xz, (p).xs, (p).xs_lp, (p).xdbl, (p).gated, (p).gated_lp, (p).conv_state, (p).ssm_state, (p).starts, (p).sync, (p).trace, (p).slot_bytes, (p).q8, (p).q8s

@@ -175,8 +175,7 @@ impl Decoder {
         let Some(blocks) = blocks else {
             return Ok(None);
         };
-        // int8 weights run layer by layer (the persistent kernel streams the shadow).
-        if ws.batch != 1 || !m.dev.persistent_decode || m.shadow.is_none() || m.q8.is_some() {
+        if ws.batch != 1 || !m.dev.persistent_decode || m.shadow.is_none() {
             return Ok(None);
         }
         if self.persist_sync.is_none() {
@@ -429,6 +428,9 @@ fn persistent_params(
             .ok()
             .and_then(|v| v.parse().ok())
             .unwrap_or(crate::ops::decode_layers::DL_SLOT as i32),
+        // int8 codes (`crate::q8`: per layer in_proj, x_proj, out_proj, as the kernel expects).
+        q8: Ptr::new(m.q8.as_ref().map_or(0, |q| q.q.ptr)),
+        q8s: Ptr::new(m.q8.as_ref().map_or(0, |q| q.scales.ptr)),
         ..DecodeLayersLp::unplaced(dims, cfg.norm_eps as f32, m.lp_mode())
     }
     .chunked()

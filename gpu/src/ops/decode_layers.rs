@@ -15,7 +15,7 @@ kernel_params! {
     /// `shadow`. `resid` holds layer 0's input and ends holding the last layer's input, `out`
     /// the last layer's output (as the layer-by-layer step leaves them). `sync`: two zeroed
     /// u32 that the kernel leaves zeroed.
-    DecodeLayersLp => ["decode_layers_lp"] {
+    DecodeLayersLp => ["decode_layers_lp", "decode_layers_lp_q8"] {
         params: Ptr<f32>,
         shadow: Ptr<u16>,
         layer_stride: i64,
@@ -59,6 +59,11 @@ kernel_params! {
         trace: PtrMut<u64>,
         /// Bytes a slot of the ring (a divisor of [`DL_RING`], at most [`DL_MAXSLOT`] slots).
         slot_bytes: i32,
+        /// May be null: in_proj, x_proj and out_proj as int8 rows, laid out per layer as
+        /// `crate::q8` lays them (each matrix on a multiple of 256 bytes), read instead of
+        /// `shadow`; `q8s` their scales, one a row in the same order.
+        q8: Ptr<i8>,
+        q8s: Ptr<f32>,
     }
 }
 
@@ -91,12 +96,12 @@ pub const DL_MAX_RANK_PER_LANE: usize = 16;
 pub const DL_SMEM: u32 =
     (DL_RING + 2 * DL_MAXSLOT * 8 + 2 * DL_XVEC + 4 * DL_YB + 4 * DL_PB + 64 * 4) as u32;
 
-/// Rows a chunk of a `k`-wide projection holds at `split` warps per output: a whole number
-/// of the computing warps' passes (`8 / split` rows each) inside a slot of `slot` bytes, or
-/// `None`.
-pub fn dl_chunk_rows(k: usize, split: i32, slot: usize) -> Option<i32> {
+/// Rows a chunk of a `k`-wide projection of `esize`-byte values holds at `split` warps per
+/// output: a whole number of the computing warps' passes (`8 / split` rows each) inside a slot
+/// of `slot` bytes, or `None`.
+pub fn dl_chunk_rows(k: usize, split: i32, slot: usize, esize: usize) -> Option<i32> {
     let per_pass = 8 / split as usize;
-    let passes = slot / (per_pass * k * 2);
+    let passes = slot / (per_pass * k * esize);
     (passes > 0).then_some((per_pass * passes) as i32)
 }
 
@@ -150,6 +155,8 @@ impl DecodeLayersLp {
             sync: PtrMut::NULL,
             trace: PtrMut::NULL,
             slot_bytes: DL_SLOT as i32,
+            q8: Ptr::NULL,
+            q8s: Ptr::NULL,
         }
     }
 
@@ -169,9 +176,10 @@ impl DecodeLayersLp {
         {
             return None;
         }
-        self.chunk_in = dl_chunk_rows(dm as usize, self.split_in, slot)?;
-        self.chunk_x = dl_chunk_rows(di as usize, self.split_x, slot)?;
-        self.chunk_out = dl_chunk_rows(di as usize, self.split_out, slot)?;
+        let es = if self.q8.0 != 0 { 1 } else { 2 };
+        self.chunk_in = dl_chunk_rows(dm as usize, self.split_in, slot, es)?;
+        self.chunk_x = dl_chunk_rows(di as usize, self.split_x, slot, es)?;
+        self.chunk_out = dl_chunk_rows(di as usize, self.split_out, slot, es)?;
         Some(self)
     }
 
@@ -182,8 +190,10 @@ impl DecodeLayersLp {
         let chunks = |n: usize, c: i32| n.div_ceil(c.max(1) as usize);
         let in_rows_per_block =
             chunks(2 * di, self.chunk_in).div_ceil(blocks.max(1)) * self.chunk_in.max(0) as usize;
-        dm % 8 == 0
-            && di % 8 == 0
+        // The bulk copies move multiples of 16 bytes: int8 rows need 16 values.
+        let whole = if self.q8.0 != 0 { 16 } else { 8 };
+        dm % whole == 0
+            && di % whole == 0
             && dm <= DL_MAX_D_MODEL
             && di <= DL_XVEC
             && self.d_state as usize <= d_state_pad
@@ -214,8 +224,9 @@ impl DecodeLayersLp {
 /// `shadow` as the layout places it, the low-precision projections 16-byte aligned; the
 /// activation buffers hold one row each (`resid`, `out` `d_model`; `xz` `2 d_inner`; `xs`,
 /// `xs_lp`, `gated`, `gated_lp` `d_inner`; `xdbl` `dt_rank + 2 d_state`), the states
-/// `n_layer` layers of one row, `sync` two u32 that are zero; no other work touches them
-/// while it runs.
+/// `n_layer` layers of one row, `sync` two u32 that are zero; `q8` (where not null) and `q8s`
+/// hold every layer's codes and scales as `crate::q8` lays them out; no other work touches
+/// them while it runs.
 pub unsafe fn decode_layers(dev: &Dev, blocks: usize, p: &DecodeLayersLp) -> Result<()> {
     if !p.fits(blocks, dev.sm_count, dev.shape.d_state_pad) {
         return Err(dev.err(
@@ -226,8 +237,13 @@ pub unsafe fn decode_layers(dev: &Dev, blocks: usize, p: &DecodeLayersLp) -> Res
             ),
         ));
     }
+    let name = if p.q8.0 != 0 {
+        "decode_layers_lp_q8"
+    } else {
+        "decode_layers_lp"
+    };
     // SAFETY: the caller's contract is the kernel's.
-    unsafe { dev.launch((blocks as u32, 1, 1), DL_THREADS, DL_SMEM, p) }
+    unsafe { dev.launch_build(name, (blocks as u32, 1, 1), DL_THREADS, DL_SMEM, p) }
 }
 
 pub(crate) fn kernels() -> Vec<KernelInfo> {

@@ -109,7 +109,7 @@ mod tests {
         names.sort();
         names.dedup();
         assert_eq!(names.len(), k.len());
-        assert_eq!(k.len(), 42);
+        assert_eq!(k.len(), 43);
     }
 
     #[test]
