@@ -184,7 +184,7 @@ fn gpu_int8_costs_the_tiny_checkpoint_little() {
         (
             "bf16",
             false,
-            tol::QUANT_LOGIT_TINY[0],
+            tol::gpu::BF16_FWD,
             tol::QUANT_PPL_TINY[0],
         ),
         (
