@@ -53,11 +53,11 @@ pub struct Dev {
 
 /// The kernels whose blocks wait for each other: launched cooperatively (the launch fails
 /// instead of hanging when the grid cannot be resident at once).
-pub const COOP_KERNELS: [&str; 1] = ["decode_layers_lp"];
+pub const COOP_KERNELS: [&str; 2] = ["decode_layers_lp", "decode_layers_lp_q8"];
 
 /// The kernels that may be launched as programmatic dependents: each calls `pdl_wait()`
 /// before it touches memory that an earlier kernel writes or reads (`gpu/kernels/common.cuh`).
-pub const PDL_KERNELS: [&str; 12] = [
+pub const PDL_KERNELS: [&str; 17] = [
     "embedding_fwd_f32",
     "norm_fwd_f32",
     "bias_add_f32",
@@ -70,6 +70,12 @@ pub const PDL_KERNELS: [&str; 12] = [
     "gemv_lp_conv",
     "decode_layers_lp",
     "ssm_update_dt_f32",
+    // The int8 twins (the same bodies).
+    "gemv_lp_q8",
+    "gemv_lp_nl4_q8",
+    "gemv_lp_nl8_q8",
+    "gemv_lp_conv_q8",
+    "decode_layers_lp_q8",
 ];
 
 /// Maps any CUDA-side error to `Error::Device`.
@@ -151,29 +157,31 @@ impl Dev {
             }
             .map_err(|e| dev_err(&name, "scan backward shared memory", e))?;
         }
-        // The persistent decode kernel runs where its shared memory is granted and one block
-        // of it fits an SM (registers included).
-        let dl = funcs["decode_layers_lp"];
+        // The persistent decode kernels (bf16 / fp16 and int8) run where their shared memory
+        // is granted and one block of each fits an SM (registers included).
         let dl_smem = crate::ops::decode_layers::DL_SMEM;
         let persistent_decode = cc.0 >= 9
-            // SAFETY: a valid function handle; the value is within the sm_90 limit (227 KiB).
-            && unsafe {
-                drv::function::set_function_attribute(
-                    dl,
-                    drv_sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                    dl_smem as i32,
-                )
-            }
-            .is_ok()
-            // SAFETY: a valid function handle of this context.
-            && unsafe {
-                drv::occupancy::max_active_block_per_multiprocessor(
-                    dl,
-                    crate::ops::decode_layers::DL_THREADS as i32,
-                    dl_smem as usize,
-                )
-            }
-            .is_ok_and(|n| n >= 1);
+            && COOP_KERNELS.iter().all(|k| {
+                let dl = funcs[*k];
+                // SAFETY: a valid function handle; the value is within the sm_90 limit (227 KiB).
+                unsafe {
+                    drv::function::set_function_attribute(
+                        dl,
+                        drv_sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                        dl_smem as i32,
+                    )
+                }
+                .is_ok()
+                // SAFETY: a valid function handle of this context.
+                && unsafe {
+                    drv::occupancy::max_active_block_per_multiprocessor(
+                        dl,
+                        crate::ops::decode_layers::DL_THREADS as i32,
+                        dl_smem as usize,
+                    )
+                }
+                .is_ok_and(|n| n >= 1)
+            });
         // The cross-entropy kernel may stage a row of logits in shared memory: as much as a
         // block may opt in to, less the kernel's static reduction scratch and a margin.
         let optin = ctx

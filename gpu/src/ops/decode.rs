@@ -178,19 +178,6 @@ pub fn gemv_kernel(rows: i64) -> &'static str {
     forced.unwrap_or(if rows == 1 { "gemv_lp_nl4" } else { "gemv_lp" })
 }
 
-/// [`gemv_kernel`] for `p`: int8 weights (`p.wq`) take `gemv_lp_nl8` where the bf16 choice is
-/// `gemv_lp_nl4` and `VET_GEMV_KERNEL` is not set (8-byte loads: eight in flight carry what
-/// four of 16 bytes do).
-fn gemv_kernel_for(p: &GemvLp) -> &'static str {
-    let name = gemv_kernel(p.rows);
-    let forced = std::env::var_os("VET_GEMV_KERNEL").is_some();
-    if p.wq.0 != 0 && name == "gemv_lp_nl4" && !forced {
-        "gemv_lp_nl8"
-    } else {
-        name
-    }
-}
-
 /// Launches the decode GEMV ([`gemv_kernel`]) for `p` (after [`GemvLp::tuned`]): the
 /// 128-thread kernels take `split` from `n_out` (1 from 4096 outputs, 2 from 2048, else 4)
 /// and need `vec`; `gemv_lp` runs otherwise.
@@ -198,7 +185,7 @@ fn gemv_kernel_for(p: &GemvLp) -> &'static str {
 /// # Safety
 /// As [`gemv`].
 pub unsafe fn gemv_decode(dev: &Dev, p: &GemvLp) -> Result<()> {
-    let name = gemv_kernel_for(p);
+    let name = gemv_kernel(p.rows);
     if name == "gemv_lp" || p.vec != 1 {
         // SAFETY: the caller's contract.
         return unsafe { gemv(dev, p) };
