@@ -152,16 +152,18 @@ __device__ __forceinline__ void dl_produce(const DlMat& m, unsigned char* ring, 
 
 // acc[r] += Σ w[r][k] x[k] over one lane's k = k0, k0 + step, ... (< k), 8 values a step, in
 // that order (gemv_lp's per-lane order); the loads of four steps go out before their sums.
-template <int R>
-__device__ __forceinline__ void dl_dot(const u16* const* w, const u16* x, long k0, long step, long k, int lp_mode,
-                                       float* acc) {
+// w: the rows' bytes, low-precision values or (Q8) int8 codes (gemv_wload / gemv_wunpack of
+// decode.cu, as gemv_lp_nl_body_t reads them).
+template <int R, bool Q8>
+__device__ __forceinline__ void dl_dot(const unsigned char* const* w, const u16* x, long k0, long step, long k,
+                                       int lp_mode, float* acc) {
     for (; k0 + 3 * step < k; k0 += 4 * step) {
         uint4 xv[4], wv[R][4];
 #pragma unroll
         for (int u = 0; u < 4; ++u) {
             xv[u] = *(const uint4*)(x + k0 + u * step);
 #pragma unroll
-            for (int r = 0; r < R; ++r) wv[r][u] = *(const uint4*)(w[r] + k0 + u * step);
+            for (int r = 0; r < R; ++r) wv[r][u] = gemv_wload<Q8>(w[r], k0 + u * step);
         }
 #pragma unroll
         for (int u = 0; u < 4; ++u) {
@@ -170,7 +172,7 @@ __device__ __forceinline__ void dl_dot(const u16* const* w, const u16* x, long k
 #pragma unroll
             for (int r = 0; r < R; ++r) {
                 float wf[8];
-                unpack8(wv[r][u], lp_mode, wf);
+                gemv_wunpack<Q8>(wv[r][u], lp_mode, wf);
 #pragma unroll
                 for (int q = 0; q < 8; ++q) acc[r] += wf[q] * xf[q];
             }
@@ -182,48 +184,7 @@ __device__ __forceinline__ void dl_dot(const u16* const* w, const u16* x, long k
 #pragma unroll
         for (int r = 0; r < R; ++r) {
             float wf[8];
-            unpack8(*(const uint4*)(w[r] + k0), lp_mode, wf);
-#pragma unroll
-            for (int q = 0; q < 8; ++q) acc[r] += wf[q] * xf[q];
-        }
-    }
-}
-
-// dl_dot for int8 rows (8 codes a step, 8 bytes): the same order, the codes exact in f32
-// (as gemv_lp_nl_body_t<NL, true> sums them).
-template <int R>
-__device__ __forceinline__ void dl_dot_q8(const unsigned char* const* w, const u16* x, long k0, long step, long k,
-                                          int lp_mode, float* acc) {
-    for (; k0 + 3 * step < k; k0 += 4 * step) {
-        uint4 xv[4];
-        uint2 wv[R][4];
-#pragma unroll
-        for (int u = 0; u < 4; ++u) {
-            xv[u] = *(const uint4*)(x + k0 + u * step);
-#pragma unroll
-            for (int r = 0; r < R; ++r) wv[r][u] = *(const uint2*)(w[r] + k0 + u * step);
-        }
-#pragma unroll
-        for (int u = 0; u < 4; ++u) {
-            float xf[8];
-            unpack8(xv[u], lp_mode, xf);
-#pragma unroll
-            for (int r = 0; r < R; ++r) {
-                float wf[8];
-                unpack8_i8(make_uint4(wv[r][u].x, wv[r][u].y, 0u, 0u), wf);
-#pragma unroll
-                for (int q = 0; q < 8; ++q) acc[r] += wf[q] * xf[q];
-            }
-        }
-    }
-    for (; k0 < k; k0 += step) {
-        float xf[8];
-        unpack8(*(const uint4*)(x + k0), lp_mode, xf);
-#pragma unroll
-        for (int r = 0; r < R; ++r) {
-            float wf[8];
-            uint2 v = *(const uint2*)(w[r] + k0);
-            unpack8_i8(make_uint4(v.x, v.y, 0u, 0u), wf);
+            gemv_wunpack<Q8>(gemv_wload<Q8>(w[r], k0), lp_mode, wf);
 #pragma unroll
             for (int q = 0; q < 8; ++q) acc[r] += wf[q] * xf[q];
         }
@@ -257,18 +218,10 @@ __device__ __forceinline__ void dl_consume(const DlMat& m, const u16* x, int lp_
             const unsigned char* w[2] = {wc + row0 * rb, wc + row1 * rb};
             float a[2] = {0.0f, 0.0f};
             const long k0 = ((long)part * 32 + lane) * 8, step = (long)s * 256;
-            if (Q8) {
-                if (two)
-                    dl_dot_q8<2>(w, x, k0, step, m.k, lp_mode, a);
-                else
-                    dl_dot_q8<1>(w, x, k0, step, m.k, lp_mode, a);
-            } else {
-                const u16* wl[2] = {(const u16*)w[0], (const u16*)w[1]};
-                if (two)
-                    dl_dot<2>(wl, x, k0, step, m.k, lp_mode, a);
-                else
-                    dl_dot<1>(wl, x, k0, step, m.k, lp_mode, a);
-            }
+            if (two)
+                dl_dot<2, Q8>(w, x, k0, step, m.k, lp_mode, a);
+            else
+                dl_dot<1, Q8>(w, x, k0, step, m.k, lp_mode, a);
             float v0 = warp_sum(a[0]), v1 = two ? warp_sum(a[1]) : 0.0f;
             if (lane == 0) {
                 if (s == 1) {
