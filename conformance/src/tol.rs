@@ -192,8 +192,8 @@ pub mod gpu {
     /// the reference on the same dequantised weights in f32: the GEMVs sum `q · x` exactly
     /// as the reference does but for bf16 activations and the f32 order, and the other
     /// projections (dt_proj, the lm_head) run in bf16: the rounding `BF16_FWD` allows.
-    /// Measured (H100, 2026-12-07, `gpu_int8`): 0.93e-2 to 1.67e-2 over the first four steps
-    /// at d_model 768 (the run stopped there, on the batch-bits check since relaxed).
+    /// Measured (H100, 2026-12-07, `gpu_int8`): worst 1.67e-2 (d_model 768 step 3 and
+    /// d_model 136 step 4), 4.0e-3 to 1.0e-2 at d_model 100.
     pub const INT8_DECODE_FWD: f64 = BF16_FWD;
     /// What int8 weights cost the bundled tiny checkpoint on the CUDA tier, decoded token by
     /// token (`gpu_int8.rs`), relative logit error against the f32 engine: the bf16 engine's
