@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Device calls of stop 38 (carry target/gpu-tests.tar.xz with gpu-bench-branch and
+# gpu_persistent-branch from branch decode-groups-wip):
+#   bash scripts/dev-int8.sh int8    # int8 tests, then decode bf16 against int8
+#   bash scripts/dev-int8.sh branch  # the branch's persistent kernel against this build; the suite
+set -u
+[ -x target/gpu-tests/gpu-bench ] || tar -xJf target/gpu-tests.tar.xz -C target
+export VET_KERNEL_CACHE=/tmp/kc
+nvidia-smi --query-gpu=name --format=csv,noheader
+T=target/gpu-tests
+case "${1:-int8}" in
+int8)
+  for t in gpu_int8 gpu_persistent decode; do
+    timeout 200 $T/$t --test-threads=1 --nocapture > "$OUT/$t.log" 2>&1; echo "== $t rc $?"
+    grep -E "^test result|panicked|int8|FAIL|tiny|same bits|alone" "$OUT/$t.log" | grep -v "^  " | head -40
+  done
+  ids=1,2,3,40,41,42
+  for d in "--precision bf16" "--dtype int8"; do
+    echo "== vet-chat --device cuda $d"; $T/vet-chat --model fixtures/tiny --device cuda $d --tokens $ids --greedy --max-new-tokens 24 2>&1 | tail -2
+  done
+  for sz in 1.4B 130M; do
+    for v in VET_INFER_INT8=0 VET_INFER_INT8=1 VET_INFER_INT8=1,VET_DECODE_PERSIST=0 VET_INFER_INT8=1,VET_DECODE_PERSIST=1; do
+      echo "== $sz $v"
+      env ${v//,/ } VET_INFER_BATCHES=1,8 VET_INFER_SIZES=$sz timeout 100 $T/gpu-bench infer 2>&1 | grep -E "decode batch|rror" | sort -u
+    done
+  done
+  ;;
+branch)
+  export VET_INFER_BATCHES=1
+  for run in 1 2; do
+    echo "== 1.4B this build"; VET_INFER_SIZES=1.4B timeout 60 $T/gpu-bench infer 2>&1 | grep -E "decode batch|rror"
+    for g in 1 2; do
+      echo "== 1.4B branch groups $g"; VET_DECODE_GROUPS=$g VET_INFER_SIZES=1.4B timeout 60 $T/gpu-bench-branch infer 2>&1 | grep -E "decode batch|rror"
+    done
+  done
+  echo "== gpu_persistent (branch)"; timeout 250 $T/gpu_persistent-branch --test-threads=1 --nocapture > "$OUT/persist.log" 2>&1; echo "rc $?"; grep -E "^test result|panicked" "$OUT/persist.log" | tail -3
+  ;;
+suite)
+  timeout 560 bash scripts/gpu-tests.sh run > "$OUT/run.log" 2>&1; echo "suite rc $?"
+  grep -E "^test result|FAILED|panicked|^== |reference:|cuda f32:" "$OUT/run.log" | head -80
+  ;;
+esac
