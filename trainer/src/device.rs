@@ -122,3 +122,43 @@ pub fn load_for_inference(
     let e = engine_with(device, &ck.config, ck.params, opts)?;
     Ok((e, ck.config))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refusal(device: &str, dtype: WeightDtype) -> String {
+        let cfg = MambaConfig::new(16, 1, 32);
+        let params = reference::init::init_params::<f32>(&cfg, 1);
+        let opts = EngineOptions {
+            dtype,
+            ..Default::default()
+        };
+        match engine_with(device, &cfg, params, &opts) {
+            Ok(_) => panic!(
+                "--device {device} --dtype {} was taken for training",
+                dtype.name()
+            ),
+            Err(e) => format!("{e:#}"),
+        }
+    }
+
+    /// Reduced-precision weights off the CPU are refused for training before any device
+    /// opens, each with its reason: int8 on cuda is for generation, the rest CPU-only.
+    #[test]
+    fn reduced_weights_off_the_cpu_are_refused_for_training_with_the_reason() {
+        let e = refusal("cuda:1", WeightDtype::Int8);
+        assert!(e.contains("training keeps its weights in f32"), "{e}");
+        for (device, dtype) in [
+            ("cuda", WeightDtype::Int4),
+            ("cuda", WeightDtype::Bf16),
+            ("reference", WeightDtype::Int8),
+        ] {
+            let e = refusal(device, dtype);
+            assert!(
+                e.contains("only --device cpu stores weights"),
+                "{device}: {e}"
+            );
+        }
+    }
+}
