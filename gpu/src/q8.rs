@@ -9,6 +9,7 @@ use reference::{Error, Result};
 
 use crate::cuda::Buf;
 use crate::engine::GpuEngine;
+use crate::layout::LayerOffs;
 
 /// Byte alignment of each matrix's codes in [`Q8::q`] (the GEMVs load 8 bytes at a time).
 const ALIGN: usize = 256;
@@ -51,6 +52,31 @@ impl Q8 {
     pub fn bytes(&self) -> usize {
         self.q.bytes + self.scales.bytes
     }
+}
+
+/// Where each layer's in_proj, x_proj and out_proj (`(d_model, d_inner, x_proj rows)` wide)
+/// go: codes layer after layer, each matrix starting on a multiple of [`ALIGN`] bytes, scales
+/// one a row in the same order; `decode_layers_lp_q8` computes the same offsets from the
+/// shapes. Returns the matrices sorted by parameter offset, and the bytes of codes and the
+/// scales in all.
+fn plan(layers: &[LayerOffs], (dm, di, xr): (usize, usize, usize)) -> (Vec<Q8Mat>, usize, usize) {
+    let mut mats = Vec::new();
+    let (mut qn, mut sn) = (0usize, 0usize);
+    for lo in layers {
+        for (off, rows, cols) in [(lo.in_w, 2 * di, dm), (lo.x_w, xr, di), (lo.out_w, dm, di)] {
+            mats.push(Q8Mat {
+                off,
+                rows,
+                cols,
+                q_off: qn,
+                s_off: sn,
+            });
+            qn += (rows * cols).next_multiple_of(ALIGN);
+            sn += rows;
+        }
+    }
+    mats.sort_by_key(|x| x.off);
+    (mats, qn, sn)
 }
 
 /// Quantises the rows of `w` (`rows × cols`) into `q` and `s` with `quantize_row`, on every
@@ -103,23 +129,8 @@ impl GpuEngine {
         if m.q8.is_some() {
             return Ok(());
         }
-        let (dm, di, xr) = (m.cfg.d_model, m.cfg.d_inner, m.cfg.x_proj_rows());
-        let mut mats = Vec::new();
-        let (mut qn, mut sn) = (0usize, 0usize);
-        for lo in &m.layout.layers {
-            for (off, rows, cols) in [(lo.in_w, 2 * di, dm), (lo.x_w, xr, di), (lo.out_w, dm, di)] {
-                mats.push(Q8Mat {
-                    off,
-                    rows,
-                    cols,
-                    q_off: qn,
-                    s_off: sn,
-                });
-                qn += (rows * cols).next_multiple_of(ALIGN);
-                sn += rows;
-            }
-        }
-        mats.sort_by_key(|x| x.off);
+        let dims = (m.cfg.d_model, m.cfg.d_inner, m.cfg.x_proj_rows());
+        let (mats, qn, sn) = plan(&m.layout.layers, dims);
         let mut q = vec![0i8; qn.max(1)];
         let mut s = vec![0f32; sn.max(1)];
         let mut w = Vec::new();
@@ -162,6 +173,42 @@ mod tests {
             *o = (v / s).round() as i8;
         }
         s
+    }
+
+    /// The plan puts layer `l`'s matrices where the persistent kernel looks for them: codes
+    /// at `l · q_stride` + 0, `q_x`, `q_out` and scales at `l · s_stride` + 0, `2·di`,
+    /// `2·di + xr`, with the kernel's formulas (`decode_layers_lp_body`), at odd shapes too.
+    #[test]
+    fn the_plan_matches_the_persistent_kernels_offsets() {
+        for (dm, layers) in [(768, 3), (136, 2), (2048, 4)] {
+            let cfg = reference::MambaConfig::new(dm, layers, 1000);
+            let lay = crate::layout::Layout::new(&cfg);
+            let (di, xr) = (cfg.d_inner, cfg.x_proj_rows());
+            let (mats, qn, sn) = plan(&lay.layers, (dm, di, xr));
+            let up = |n: usize| n.div_ceil(256) * 256;
+            let (q_x, q_out) = (up(2 * di * dm), up(2 * di * dm) + up(xr * di));
+            let (q_stride, s_stride) = (q_out + up(dm * di), 2 * di + xr + dm);
+            assert_eq!(
+                (qn, sn),
+                (layers * q_stride, layers * s_stride),
+                "d_model {dm}"
+            );
+            for (l, lo) in lay.layers.iter().enumerate() {
+                let at = |off: usize| mats.iter().find(|m| m.off == off).copied().unwrap();
+                for (off, q, s) in [
+                    (lo.in_w, 0, 0),
+                    (lo.x_w, q_x, 2 * di),
+                    (lo.out_w, q_out, 2 * di + xr),
+                ] {
+                    let m = at(off);
+                    assert_eq!(
+                        (m.q_off, m.s_off),
+                        (l * q_stride + q, l * s_stride + s),
+                        "d_model {dm} layer {l} matrix at {off}"
+                    );
+                }
+            }
+        }
     }
 
     /// Every row goes through the quantiser once, whatever the split into threads, and the
