@@ -349,8 +349,8 @@ static __device__ __forceinline__ void decode_layers_lp_body(
     }
     __syncthreads();
     // int8 codes (q8, may be null) per layer as `plan` in gpu/src/q8.rs lays them (its test
-    // holds these formulas): in_proj, x_proj,
-    // out_proj, each starting on a multiple of 256 bytes; the scales one a row in that order.
+    // holds these formulas): in_proj, x_proj, out_proj, each starting on a multiple of 256
+    // bytes; the scales one a row in that order.
     const long q_x = (2 * di * dm + 255) / 256 * 256, q_out = q_x + (xr * di + 255) / 256 * 256;
     const long q_stride = q_out + (dm * di + 255) / 256 * 256, s_stride = 2 * di + xr + dm;
     auto mats = [&](long l, DlMat* m) {
