@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Device calls of stop 38 (carry target/gpu-tests.tar.xz with gpu-bench-branch and
+# Device calls of stops 38 and 39 (carry target/gpu-tests.tar.xz with gpu-bench-branch and
 # gpu_persistent-branch from branch decode-groups-wip):
 #   bash scripts/dev-int8.sh int8    # int8 tests, then decode bf16 against int8
 #   bash scripts/dev-int8.sh branch  # the branch's persistent kernel against this build; the suite
@@ -34,6 +34,21 @@ branch)
     done
   done
   echo "== gpu_persistent (branch)"; timeout 250 $T/gpu_persistent-branch --test-threads=1 --nocapture > "$OUT/persist.log" 2>&1; echo "rc $?"; grep -E "^test result|panicked" "$OUT/persist.log" | tail -3
+  ;;
+fast)
+  # The int8 GEMVs (1.4B shapes, one row) and decode, bf16 against int8; then the int8 tests.
+  timeout 120 $T/gpu-bench gemv > "$OUT/gemv.log" 2>&1; echo "== gemv rc $?"
+  grep -E "copy of|1.4B (in|out)_proj.*rows 1:|130M in_proj.*rows 1:" -A 11 "$OUT/gemv.log" | grep -E "copy of|rows 1:|nl4 split 1|nl8 split 1|gemv_lp split [12]:" | head -40
+  for sz in 1.4B 130M; do
+    for v in VET_INFER_INT8=0 VET_INFER_INT8=1 VET_INFER_INT8=1,VET_DECODE_PERSIST=0; do
+      echo "== $sz $v"
+      env ${v//,/ } VET_INFER_BATCHES=1,8 VET_INFER_SIZES=$sz timeout 100 $T/gpu-bench infer 2>&1 | grep -E "decode batch|rror" | sort -u
+    done
+  done
+  for t in gpu_int8 gpu_persistent decode; do
+    timeout 200 $T/$t --test-threads=1 --nocapture > "$OUT/$t.log" 2>&1; echo "== $t rc $?"
+    grep -E "^test result|panicked" "$OUT/$t.log" | head -10
+  done
   ;;
 suite)
   timeout 560 bash scripts/gpu-tests.sh run > "$OUT/run.log" 2>&1; echo "suite rc $?"

@@ -1,7 +1,8 @@
 //! The decode step's projections (in_proj, x_proj, dt_proj, out_proj, the lm_head): one
 //! `gemv_lp` launch each when the weights have a low-precision shadow and the step has at
 //! most [`GEMV_ROWS`] rows, so every weight is read once per step for all rows and a row's
-//! logits have the same bits at any batch; cuBLAS (`Model::mm`) otherwise.
+//! logits have the same bits at any batch up to that ([`gemv_decode`]: one split, so one order
+//! of each sum, at every batch); cuBLAS (`Model::mm`) otherwise.
 //! `VET_DECODE_GEMV=0` turns the GEMV off (cuBLAS throughout, for comparison).
 
 use reference::Result;

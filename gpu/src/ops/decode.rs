@@ -178,24 +178,31 @@ pub fn gemv_kernel(rows: i64) -> &'static str {
     forced.unwrap_or(if rows == 1 { "gemv_lp_nl4" } else { "gemv_lp" })
 }
 
-/// Launches the decode GEMV ([`gemv_kernel`]) for `p` (after [`GemvLp::tuned`]): the
-/// 128-thread kernels take `split` from `n_out` (1 from 4096 outputs, 2 from 2048, else 4)
-/// and need `vec`; `gemv_lp` runs otherwise.
+/// Launches the decode GEMV ([`gemv_kernel`]) for `p` (after [`GemvLp::tuned`]). With `vec`,
+/// every kernel takes `split` from `n_out` ([`nl_split`]: 1 from 4096 outputs, 2 from 2048,
+/// else 4), the split of the persistent kernel too: the split sets the order of each sum, so a
+/// row gets the same bits at one row (128-thread kernels) and in a batch (`gemv_lp`). Without
+/// `vec`, `gemv_lp` runs at `p`'s split at any number of rows.
 ///
 /// # Safety
 /// As [`gemv`].
 pub unsafe fn gemv_decode(dev: &Dev, p: &GemvLp) -> Result<()> {
-    let name = gemv_kernel(p.rows);
-    if name == "gemv_lp" || p.vec != 1 {
+    let (name, split) = decode_launch(p);
+    let q = GemvLp { split, ..*p };
+    match name {
         // SAFETY: the caller's contract.
-        return unsafe { gemv(dev, p) };
+        "gemv_lp" => unsafe { gemv(dev, &q) },
+        // SAFETY: the caller's contract.
+        name => unsafe { gemv_named(dev, &q, name) },
     }
-    let q = GemvLp {
-        split: nl_split(p.n_out),
-        ..*p
-    };
-    // SAFETY: the caller's contract.
-    unsafe { gemv_named(dev, &q, name) }
+}
+
+/// The kernel and split [`gemv_decode`] runs for `p`.
+fn decode_launch(p: &GemvLp) -> (&'static str, i32) {
+    if p.vec != 1 {
+        return ("gemv_lp", p.split);
+    }
+    (gemv_kernel(p.rows), nl_split(p.n_out))
 }
 
 /// Warps per output of the 128-thread GEMVs: 1 from 4096 outputs, 2 from 2048, else 4.
@@ -423,5 +430,45 @@ mod tests {
         assert_eq!(&b[12..16], &7u32.to_ne_bytes());
         assert_eq!(&b[64..72], &3u64.to_ne_bytes());
         assert_eq!(&b[72..80], &4u64.to_ne_bytes());
+    }
+
+    /// One row and a batch sum each output in one order: the split (which sets the order)
+    /// does not depend on the rows, for every shape of the 130M and 1.4B steps and odd ones.
+    #[test]
+    fn decode_split_is_the_same_at_every_batch() {
+        for n_out in [41usize, 80, 160, 768, 1000, 2048, 3072, 8192, 50280] {
+            for k in [136usize, 768, 1536, 2048, 4096] {
+                let p = |rows: usize| {
+                    GemvLp {
+                        w: Ptr::new(1 << 20),
+                        ldw: k as i64,
+                        wq: Ptr::NULL,
+                        ws: Ptr::NULL,
+                        x_lp: Ptr::new(1 << 21),
+                        x_f32: Ptr::NULL,
+                        ldx: k as i64,
+                        y: PtrMut::new(1 << 22),
+                        ldy: n_out as i64,
+                        n_out: n_out as i64,
+                        k: k as i64,
+                        rows: rows as i64,
+                        split: 1,
+                        vec: 0,
+                        lp_mode: 0,
+                    }
+                    .tuned()
+                };
+                let one = decode_launch(&p(1));
+                assert_eq!(p(1).vec, 1, "{n_out} x {k}: 8-value loads");
+                for rows in 2..=GEMV_ROWS {
+                    let (name, split) = decode_launch(&p(rows));
+                    assert_eq!(
+                        split, one.1,
+                        "{n_out} x {k}: split {split} at {rows} rows ({name}), {} at one ({})",
+                        one.1, one.0
+                    );
+                }
+            }
+        }
     }
 }
