@@ -66,7 +66,7 @@ fn unguard(buf: &Buf, n: usize, what: &str) -> Vec<f32> {
 }
 
 /// (name, n_out, k, rows, x in f32, weight misaligned by this many elements)
-const GEMV_CASES: [(&str, usize, usize, usize, bool, usize); 7] = [
+const GEMV_CASES: [(&str, usize, usize, usize, bool, usize); 8] = [
     ("in_proj_130m_b1", 3072, 768, 1, false, 0),
     ("out_proj_1_4b_b8", 2048, 4096, 8, false, 0),
     ("x_proj_f32_input_b5", 80, 1536, 5, true, 0),
@@ -74,6 +74,8 @@ const GEMV_CASES: [(&str, usize, usize, usize, bool, usize); 7] = [
     ("odd_k_scalar_b3", 37, 29, 3, false, 0),
     ("lm_head_odd_vocab_b7", 1001, 64, 7, false, 0),
     ("misaligned_weight_b2", 9, 4096, 2, false, 3),
+    // 16-byte loads of bf16 (8 values), not of int8 codes (16): int8 takes the scalar path.
+    ("k_8_not_16_b4", 24, 136, 4, false, 0),
 ];
 
 #[test]
@@ -189,7 +191,12 @@ fn gemv_cases(dev: &Arc<Dev>, q8: bool, report: &mut Report) {
                 lp_mode: 0,
             }
             .tuned();
-            assert_eq!(p.vec == 1, k % 8 == 0 && skew == 0, "{name}: vec path");
+            let per_load = if q8 { 16 } else { 8 };
+            assert_eq!(
+                p.vec == 1,
+                k % per_load == 0 && skew == 0,
+                "{name}: vec path"
+            );
             // SAFETY: w (or wq, with a scale per row) holds n_out rows of k (after the skew),
             // x `rows` rows of k, y `rows` rows of ldy >= n_out between sentinels.
             unsafe { gemv(dev, &p) }.unwrap();

@@ -402,30 +402,27 @@ __device__ __forceinline__ void gemv_x8(const u16* x_lp, const float* x_f32, lon
     }
 }
 // The weights of a GEMV: low precision (Q8 false: `w`, 8 values in 16 bytes) or int8 rows
-// (Q8 true: `wq`, 8 values in 8 bytes, one f32 scale per row in `ws`: the row's sum is
-// multiplied by its scale once, after every product is added). Vector loads carry 8 values
-// (an int8 load fills only .x and .y).
+// (Q8 true: `wq`, 16 values in 16 bytes, one f32 scale per row in `ws`: the row's sum is
+// multiplied by its scale once, after every product is added). A vector load is 16 bytes:
+// GEMV_VALS<Q8> values.
+template <bool Q8>
+struct GemvVals {
+    static constexpr int n = Q8 ? 16 : 8;
+};
 template <bool Q8>
 __device__ __forceinline__ const unsigned char* gemv_wrow(const u16* w, const signed char* wq, long n, long ldw) {
     return Q8 ? (const unsigned char*)(wq + n * ldw) : (const unsigned char*)(w + n * ldw);
 }
 template <bool Q8>
 __device__ __forceinline__ uint4 gemv_wload(const unsigned char* row, long k0) {
-    if (Q8) {
-        uint2 v = *(const uint2*)(row + k0);
-        return make_uint4(v.x, v.y, 0u, 0u);
-    }
-    return *(const uint4*)(row + 2 * k0);
+    return *(const uint4*)(row + (Q8 ? k0 : 2 * k0));
 }
 template <bool Q8>
 __device__ __forceinline__ uint4 gemv_wstream(const unsigned char* row, long k0) {
-    uint4 v = make_uint4(0u, 0u, 0u, 0u);
-    if (Q8)
-        asm volatile("ld.global.nc.L1::no_allocate.v2.u32 {%0, %1}, [%2];" : "=r"(v.x), "=r"(v.y) : "l"(row + k0));
-    else
-        asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
-                     : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-                     : "l"(row + 2 * k0));
+    uint4 v;
+    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+                 : "l"(row + (Q8 ? k0 : 2 * k0)));
     return v;
 }
 // Eight int8 values (two words, byte 0 first) as f32 (exact), without I2F (16 a clock per SM
@@ -435,18 +432,19 @@ __device__ __forceinline__ uint4 gemv_wstream(const unsigned char* row, long k0)
 __device__ __forceinline__ float i8_biased_to_f32(unsigned biased, int j) {
     return __uint_as_float(__byte_perm(biased, 0x4B000000u, 0x7650u + (unsigned)j)) - 8388736.0f;
 }
-__device__ __forceinline__ void unpack8_i8(uint4 v, float* f) {
-    const unsigned a = v.x ^ 0x80808080u, b = v.y ^ 0x80808080u;
+// Sixteen int8 values (four words, byte 0 first) as f32 (exact).
+__device__ __forceinline__ void unpack16_i8(uint4 v, float* f) {
+    const unsigned u[4] = {v.x ^ 0x80808080u, v.y ^ 0x80808080u, v.z ^ 0x80808080u, v.w ^ 0x80808080u};
 #pragma unroll
-    for (int j = 0; j < 4; ++j) {
-        f[j] = i8_biased_to_f32(a, j);
-        f[4 + j] = i8_biased_to_f32(b, j);
-    }
+    for (int w = 0; w < 4; ++w)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) f[4 * w + j] = i8_biased_to_f32(u[w], j);
 }
+// GemvVals<Q8>::n weights of one 16-byte load as f32.
 template <bool Q8>
 __device__ __forceinline__ void gemv_wunpack(uint4 v, int lp_mode, float* f) {
     if (Q8)
-        unpack8_i8(v, f);
+        unpack16_i8(v, f);
     else
         unpack8(v, lp_mode, f);
 }
@@ -464,8 +462,9 @@ __device__ __forceinline__ float gemv_scaled(float v, const float* ws, long n) {
 // once for every row. w: low precision [n_out, ldw], or int8 (wq, with row scales ws, when wq
 // is not null); x: low precision (x_lp) or f32 (x_f32, rounded to the low precision first),
 // [rows, ldx]; y f32 [rows, ldy]. 256 threads: `split` warps (1, 2, 4 or 8) share one output,
-// 8 / split outputs per block. vec: every row of w and x starts aligned (16 bytes; int8 rows
-// 8) and k % 8 == 0 (8 values per load). The sum of each (r, n) has one order whatever
+// 8 / split outputs per block. vec: every row of w and x starts 16-byte aligned and k is a
+// multiple of the values a load carries (8; int8 16): lane l of part q sums k from (q·32 + l)
+// times those values, a load at a time, step split·32 loads. The sum of each (r, n) has one order whatever
 // `rows` is, so a row gets the same bits at any batch.
 template <bool Q8>
 static __device__ __forceinline__ void gemv_lp_body_t(const u16* w, long ldw, const signed char* wq, const float* ws,
@@ -481,17 +480,19 @@ static __device__ __forceinline__ void gemv_lp_body_t(const u16* w, long ldw, co
     if (n < n_out) {
         const unsigned char* wr = gemv_wrow<Q8>(w, wq, n, ldw);
         if (vec) {
-            long step = (long)split * 256;
+            constexpr int V = GemvVals<Q8>::n;
+            long step = (long)split * 32 * V;
 #pragma unroll 2
-            for (long k0 = ((long)part * 32 + lane) * 8; k0 < k; k0 += step) {
-                float wf[8], xf[8];
+            for (long k0 = ((long)part * 32 + lane) * V; k0 < k; k0 += step) {
+                float wf[V], xf[V];
                 gemv_wunpack<Q8>(gemv_wload<Q8>(wr, k0), lp_mode, wf);
 #pragma unroll
                 for (int r = 0; r < GEMV_ROWS; ++r) {
                     if (r < rows) {
-                        gemv_x8(x_lp, x_f32, r * ldx + k0, lp_mode, xf);
 #pragma unroll
-                        for (int j = 0; j < 8; ++j) acc[r] += wf[j] * xf[j];
+                        for (int h = 0; h < V; h += 8) gemv_x8(x_lp, x_f32, r * ldx + k0 + h, lp_mode, xf + h);
+#pragma unroll
+                        for (int j = 0; j < V; ++j) acc[r] += wf[j] * xf[j];
                     }
                 }
             }
@@ -543,8 +544,9 @@ static __device__ __forceinline__ void gemv_lp_nl_body_t(const u16* w, long ldw,
     int part = warp % split;
     bool live = n < n_out;
     const unsigned char* wr = gemv_wrow<Q8>(w, wq, live ? n : 0, ldw);
-    long step = (long)split * 256;
-    long k0 = ((long)part * 32 + lane) * 8;
+    constexpr int V = GemvVals<Q8>::n;
+    long step = (long)split * 32 * V;
+    long k0 = ((long)part * 32 + lane) * V;
     // The first NL weight loads go out before waiting for the kernel before (weights are
     // never written while decoding).
     uint4 wv[NL];
@@ -562,14 +564,15 @@ static __device__ __forceinline__ void gemv_lp_nl_body_t(const u16* w, long ldw,
             for (int j = 0; j < NL; ++j) {
                 long kj = k0 + j * step;
                 if (kj < k) {
-                    float wf[8], xf[8];
+                    float wf[V], xf[V];
                     gemv_wunpack<Q8>(wv[j], lp_mode, wf);
 #pragma unroll
                     for (int r = 0; r < GEMV_ROWS; ++r) {
                         if (r < rows) {
-                            gemv_x8(x_lp, x_f32, r * ldx + kj, lp_mode, xf);
 #pragma unroll
-                            for (int q = 0; q < 8; ++q) acc[r] += wf[q] * xf[q];
+                            for (int h = 0; h < V; h += 8) gemv_x8(x_lp, x_f32, r * ldx + kj + h, lp_mode, xf + h);
+#pragma unroll
+                            for (int q = 0; q < V; ++q) acc[r] += wf[q] * xf[q];
                         }
                     }
                 }

@@ -150,51 +150,56 @@ __device__ __forceinline__ void dl_produce(const DlMat& m, unsigned char* ring, 
     }
 }
 
-// acc[r] += Σ w[r][k] x[k] over one lane's k = k0, k0 + step, ... (< k), 8 values a step, in
-// that order (gemv_lp's per-lane order); the loads of four steps go out before their sums.
+// acc[r] += Σ w[r][k] x[k] over one lane's k = k0, k0 + step, ... (< k), V = GemvVals<Q8>::n
+// values a step (a 16-byte weight load), in that order (gemv_lp's per-lane order); the loads
+// of U steps go out before their sums (4 of bf16, 2 of int8: 64 bytes of x either way).
 // w: the rows' bytes, low-precision values or (Q8) int8 codes (gemv_wload / gemv_wunpack of
 // decode.cu, as gemv_lp_nl_body_t reads them).
 template <int R, bool Q8>
 __device__ __forceinline__ void dl_dot(const unsigned char* const* w, const u16* x, long k0, long step, long k,
                                        int lp_mode, float* acc) {
-    for (; k0 + 3 * step < k; k0 += 4 * step) {
-        uint4 xv[4], wv[R][4];
+    constexpr int V = GemvVals<Q8>::n, XV = V / 8, U = 4 / XV;
+    for (; k0 + (U - 1) * step < k; k0 += U * step) {
+        uint4 xv[U][XV], wv[R][U];
 #pragma unroll
-        for (int u = 0; u < 4; ++u) {
-            xv[u] = *(const uint4*)(x + k0 + u * step);
+        for (int u = 0; u < U; ++u) {
+#pragma unroll
+            for (int h = 0; h < XV; ++h) xv[u][h] = *(const uint4*)(x + k0 + u * step + 8 * h);
 #pragma unroll
             for (int r = 0; r < R; ++r) wv[r][u] = gemv_wload<Q8>(w[r], k0 + u * step);
         }
 #pragma unroll
-        for (int u = 0; u < 4; ++u) {
-            float xf[8];
-            unpack8(xv[u], lp_mode, xf);
+        for (int u = 0; u < U; ++u) {
+            float xf[V];
+#pragma unroll
+            for (int h = 0; h < XV; ++h) unpack8(xv[u][h], lp_mode, xf + 8 * h);
 #pragma unroll
             for (int r = 0; r < R; ++r) {
-                float wf[8];
+                float wf[V];
                 gemv_wunpack<Q8>(wv[r][u], lp_mode, wf);
 #pragma unroll
-                for (int q = 0; q < 8; ++q) acc[r] += wf[q] * xf[q];
+                for (int q = 0; q < V; ++q) acc[r] += wf[q] * xf[q];
             }
         }
     }
     for (; k0 < k; k0 += step) {
-        float xf[8];
-        unpack8(*(const uint4*)(x + k0), lp_mode, xf);
+        float xf[V];
+#pragma unroll
+        for (int h = 0; h < XV; ++h) unpack8(*(const uint4*)(x + k0 + 8 * h), lp_mode, xf + 8 * h);
 #pragma unroll
         for (int r = 0; r < R; ++r) {
-            float wf[8];
+            float wf[V];
             gemv_wunpack<Q8>(gemv_wload<Q8>(w[r], k0), lp_mode, wf);
 #pragma unroll
-            for (int q = 0; q < 8; ++q) acc[r] += wf[q] * xf[q];
+            for (int q = 0; q < V; ++q) acc[r] += wf[q] * xf[q];
         }
     }
 }
 
 // Consumers: this block's chunks of `m` against x (`m.k` values in shared memory); out(n,
 // local, v) gets output n (local: its index among the block's rows). Output n is summed as
-// gemv_lp_nl_body sums it for one row: `split` parts (part q: lanes from k = (q·32 + lane)·8,
-// step split·256), each a warp sum, added in part order. A warp takes the (row, part) tasks
+// gemv_lp_nl_body sums it for one row: `split` parts (part q: lanes from k = (q·32 + lane)·V,
+// step split·32·V, V = GemvVals<Q8>::n), each a warp sum, added in part order. A warp takes the (row, part) tasks
 // w and w + 8 together (the same part, so the same x loads); parts meet in `pb`.
 template <bool Q8, typename Out>
 __device__ __forceinline__ void dl_consume(const DlMat& m, const u16* x, int lp_mode, unsigned char* ring, u64* full,
@@ -217,7 +222,7 @@ __device__ __forceinline__ void dl_consume(const DlMat& m, const u16* x, int lp_
             const bool two = t0 + 8 < tasks;
             const unsigned char* w[2] = {wc + row0 * rb, wc + row1 * rb};
             float a[2] = {0.0f, 0.0f};
-            const long k0 = ((long)part * 32 + lane) * 8, step = (long)s * 256;
+            const long k0 = ((long)part * 32 + lane) * GemvVals<Q8>::n, step = (long)s * 32 * GemvVals<Q8>::n;
             if (two)
                 dl_dot<2, Q8>(w, x, k0, step, m.k, lp_mode, a);
             else

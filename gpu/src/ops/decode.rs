@@ -102,9 +102,9 @@ kernel_params! {
 pub const GEMV_ROWS: usize = 8;
 
 impl GemvLp {
-    /// Sets `split` (warps per output: enough blocks to fill the device) and `vec` (8-value
-    /// loads: every row of `w` and `x` 16-byte aligned, or 8-byte for int8 rows, `k` a
-    /// multiple of 8) from the other fields.
+    /// Sets `split` (warps per output: enough blocks to fill the device) and `vec` (16-byte
+    /// loads: every row of `w` and `x` 16-byte aligned, `k` a multiple of the values a load
+    /// carries, 8 or 16 int8 codes) from the other fields.
     pub fn tuned(mut self) -> GemvLp {
         let blocks = (self.n_out as usize).div_ceil(8);
         self.split = match blocks {
@@ -120,12 +120,12 @@ impl GemvLp {
         } else {
             aligned(self.x_f32.0, self.ldx, 4)
         };
-        let w_ok = if self.wq.0 != 0 {
-            self.wq.0.is_multiple_of(8) && self.ldw % 8 == 0
+        let (w_ok, vals) = if self.wq.0 != 0 {
+            (aligned(self.wq.0, self.ldw, 1), 16)
         } else {
-            aligned(self.w.0, self.ldw, 2)
+            (aligned(self.w.0, self.ldw, 2), 8)
         };
-        self.vec = (w_ok && x_ok && self.k % 8 == 0) as i32;
+        self.vec = (w_ok && x_ok && self.k % vals == 0) as i32;
         self
     }
 }
