@@ -50,6 +50,27 @@ fast)
     grep -E "^test result|panicked" "$OUT/$t.log" | head -10
   done
   ;;
+ab)
+  # This build (16 codes a lane) against gpu-tests/fast/ (8 codes a lane, no I2F).
+  F=$T/fast
+  for b in $F $T; do
+    timeout 100 $b/gpu-bench gemv > "$OUT/gemv-$(basename $b).log" 2>&1; echo "== gemv $b rc $?"
+    grep -E "copy of|int8 rows 1:" -A 11 "$OUT/gemv-$(basename $b).log" | grep -E "copy of|int8 rows 1:|nl4 split 1|gemv_lp split 1:" | head -24
+  done
+  for sz in 1.4B 130M; do
+    for run in "$T VET_INFER_INT8=0" "$F VET_INFER_INT8=1" "$T VET_INFER_INT8=1" "$F VET_INFER_INT8=1,VET_DECODE_PERSIST=0" "$T VET_INFER_INT8=1,VET_DECODE_PERSIST=0"; do
+      set -- $run
+      echo "== $sz $1 $2"
+      env ${2//,/ } VET_INFER_BATCHES=1,8 VET_INFER_SIZES=$sz timeout 100 $1/gpu-bench infer 2>&1 | grep -E "decode batch|rror" | sort -u
+    done
+  done
+  for b in $T $F; do
+    for t in gpu_int8 gpu_persistent decode; do
+      timeout 200 $b/$t --test-threads=1 --nocapture > "$OUT/$t-$(basename $b).log" 2>&1; echo "== $b/$t rc $?"
+      grep -E "^test result|panicked|alone" "$OUT/$t-$(basename $b).log" | head -12
+    done
+  done
+  ;;
 suite)
   timeout 560 bash scripts/gpu-tests.sh run > "$OUT/run.log" 2>&1; echo "suite rc $?"
   grep -E "^test result|FAILED|panicked|^== |reference:|cuda f32:" "$OUT/run.log" | head -80
