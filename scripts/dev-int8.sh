@@ -71,6 +71,21 @@ ab)
     done
   done
   ;;
+final)
+  # bf16 decode before (gpu-tests/base: 228bacf) and after one split at every batch; the
+  # persistent kernel's phases (bf16, int8); then the whole GPU suite in the time left.
+  for sz in 1.4B 130M; do
+    for b in $T/base $T; do
+      echo "== $sz bf16 $b"; VET_INFER_BATCHES=1,8 VET_INFER_SIZES=$sz timeout 60 $b/gpu-bench infer 2>&1 | grep -E "decode batch|rror" | sort -u
+    done
+  done
+  for v in 0 1; do
+    echo "== 1.4B trace int8=$v"; VET_DECODE_TRACE=1 VET_INFER_INT8=$v VET_INFER_BATCHES=1 VET_INFER_SIZES=1.4B timeout 60 $T/gpu-bench infer 2>&1 | grep -E "decode batch|rror"
+  done
+  left=$((575 - SECONDS)); echo "== suite with ${left} s"
+  timeout $left bash scripts/gpu-tests.sh run > "$OUT/run.log" 2>&1; echo "suite rc $?"
+  grep -E "^test result|FAILED|panicked|^== |reference:|cuda f32:" "$OUT/run.log" | head -90
+  ;;
 suite)
   timeout 560 bash scripts/gpu-tests.sh run > "$OUT/run.log" 2>&1; echo "suite rc $?"
   grep -E "^test result|FAILED|panicked|^== |reference:|cuda f32:" "$OUT/run.log" | head -80

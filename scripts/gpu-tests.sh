@@ -50,6 +50,7 @@ for line in sys.stdin:
 run)
     status=0
     for t in "$out"/*; do
+        [ -f "$t" ] || continue # other builds kept beside this one for comparison
         case "$(basename "$t")" in gpu-bench | vet-chat | vet-train | vet-data) continue ;; esac
         echo "== $t"
         "$t" --test-threads=1 --nocapture || status=1
