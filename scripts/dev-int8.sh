@@ -82,7 +82,7 @@ final)
   for v in 0 1; do
     echo "== 1.4B trace int8=$v"; VET_DECODE_TRACE=1 VET_INFER_INT8=$v VET_INFER_BATCHES=1 VET_INFER_SIZES=1.4B timeout 60 $T/gpu-bench infer 2>&1 | grep -E "decode batch|rror"
   done
-  left=$((575 - SECONDS)); echo "== suite with ${left} s"
+  left=$((${FINAL_LIMIT:-575} - SECONDS)); echo "== suite with ${left} s"
   timeout $left bash scripts/gpu-tests.sh run > "$OUT/run.log" 2>&1; echo "suite rc $?"
   grep -E "^test result|FAILED|panicked|^== |reference:|cuda f32:" "$OUT/run.log" | head -90
   ;;
