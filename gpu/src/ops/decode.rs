@@ -104,7 +104,7 @@ pub const GEMV_ROWS: usize = 8;
 impl GemvLp {
     /// Sets `split` (warps per output: enough blocks to fill the device) and `vec` (16-byte
     /// loads: every row of `w` and `x` 16-byte aligned, `k` a multiple of the values a load
-    /// carries, 8 or 16 int8 codes) from the other fields.
+    /// carries: 8 values, or 16 int8 codes) from the other fields.
     pub fn tuned(mut self) -> GemvLp {
         let blocks = (self.n_out as usize).div_ceil(8);
         self.split = match blocks {
