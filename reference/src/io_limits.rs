@@ -61,15 +61,16 @@ pub fn param_count(cfg: &MambaConfig) -> u128 {
 }
 
 /// Refuses a config whose parameters cannot fit in `data_len` bytes of tensor data at
-/// `min_bytes` per parameter, before a list of its tensors is built.
+/// `min_bits` per parameter (16 for a float checkpoint, 8 for int8 codes, 4 for int4), before a
+/// list of its tensors is built.
 pub fn check_fits(
     path: &Path,
     cfg: &MambaConfig,
     data_len: u64,
-    min_bytes: u64,
+    min_bits: u64,
 ) -> Result<(), Error> {
     let n = param_count(cfg);
-    let need = n.saturating_mul(min_bytes as u128);
+    let need = n.saturating_mul(min_bits as u128).div_ceil(8);
     if need <= data_len as u128 {
         return Ok(());
     }

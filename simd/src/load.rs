@@ -63,18 +63,8 @@ pub fn load_weights(
         return Ok(Weights::from_params(cfg, &params, dtype));
     }
     let (path, meta, list) = list_tensors(dir)?;
-    match meta.get(QUANT_KEY).map(String::as_str) {
-        Some(QUANT_INT8) => return load_quantized(&path, cfg, dtype, WeightDtype::Int8, list),
-        Some(QUANT_INT4) => return load_quantized(&path, cfg, dtype, WeightDtype::Int4, list),
-        Some(other) => {
-            return Err(Error::Checkpoint {
-                path: path.display().to_string(),
-                msg: format!(
-                    "unknown {QUANT_KEY} `{other}` (this build reads {QUANT_INT8} and {QUANT_INT4})"
-                ),
-            })
-        }
-        None => {}
+    if let Some(kind) = quantization_of(&path, &meta)? {
+        return load_quantized(&path, cfg, dtype, kind, list);
     }
     let (_, locs) = locate_params(dir, cfg)?;
     // One map per file: a sharded checkpoint's tensors lie in several.
@@ -91,6 +81,65 @@ pub fn load_weights(
         |l| f32s(&maps[l.file.as_path()], l),
         |l| mat(&maps[l.file.as_path()], l, dtype),
     ))
+}
+
+/// The quantisation the metadata `meta` of the safetensors file `path` names (`None`: float
+/// weights).
+fn quantization_of(
+    path: &Path,
+    meta: &HashMap<String, String>,
+) -> reference::Result<Option<WeightDtype>> {
+    match meta.get(QUANT_KEY).map(String::as_str) {
+        Some(QUANT_INT8) => Ok(Some(WeightDtype::Int8)),
+        Some(QUANT_INT4) => Ok(Some(WeightDtype::Int4)),
+        Some(other) => Err(Error::Checkpoint {
+            path: path.display().to_string(),
+            msg: format!(
+                "unknown {QUANT_KEY} `{other}` (this build reads {QUANT_INT8} and {QUANT_INT4})"
+            ),
+        }),
+        None => Ok(None),
+    }
+}
+
+/// The quantisation a checkpoint directory was written with by [`save_quantized`] (`vet-train
+/// quantize`), read from its safetensors header alone; `None` for float weights (safetensors
+/// or torch).
+pub fn stored_quantization(dir: &Path) -> reference::Result<Option<WeightDtype>> {
+    if is_torch_checkpoint(dir) {
+        return Ok(None);
+    }
+    let (path, meta, _) = list_tensors(dir)?;
+    quantization_of(&path, &meta)
+}
+
+/// The parameters of a quantised checkpoint (`kind`, from [`stored_quantization`]) as f32:
+/// each matrix `q · scale` as the CPU tier computes with it, every other parameter as the file
+/// holds it. For the engines that hold f32 weights (reference, CUDA) and for export.
+pub fn load_dequantized(
+    dir: &Path,
+    cfg: &MambaConfig,
+    kind: WeightDtype,
+) -> reference::Result<reference::Params<f32>> {
+    // Checked name by name against `cfg` here.
+    let w = load_weights(dir, cfg, kind)?;
+    let (path, _, list) = list_tensors(dir)?;
+    let map = map_file(&path)?;
+    let by_name: HashMap<&str, &TensorLocation> =
+        list.iter().map(|l| (l.name.as_str(), l)).collect();
+    let named: NamedTensors = reference::param_specs(cfg)
+        .into_iter()
+        .zip(values(&w, &|m: &Mat| m.to_f32()))
+        .map(|((name, shape), v)| {
+            // The vectors as stored (A_log not through A and back).
+            let v = match by_name.get(name.as_str()) {
+                Some(l) if !is_matrix(&name) => f32s(&map, l),
+                _ => v,
+            };
+            (name, Tensor::from_vec(&shape, v))
+        })
+        .collect();
+    reference::engine::params_from_named(cfg, &named)
 }
 
 /// Whether `dir` (or the file `dir`) holds its weights in a torch `pytorch_model.bin` (the
@@ -194,7 +243,9 @@ fn load_quantized(
     cfg.validate()?;
     // Sizes first: an absurd config must not build a list of a million names.
     let data_len = list.iter().map(|l| l.len as u64).sum();
-    reference::io_limits::check_fits(path, cfg, data_len, 1)?;
+    // int4: half a byte a code (the scales and the f32 vectors only add to it).
+    let min_bits = if kind == WeightDtype::Int4 { 4 } else { 8 };
+    reference::io_limits::check_fits(path, cfg, data_len, min_bits)?;
     let by_name: HashMap<&str, &TensorLocation> =
         list.iter().map(|l| (l.name.as_str(), l)).collect();
     let specs = reference::param_specs(cfg);

@@ -72,13 +72,24 @@ pub fn tokenizer_file(dir: &Path, explicit: Option<&Path>) -> Result<PathBuf> {
 }
 
 /// Reads `dir/config.json` and the weights in any layout [`checkpoint_layout`] accepts
-/// (`model.safetensors`, sharded, or mamba_ssm's `pytorch_model.bin`).
+/// (`model.safetensors`, sharded, or mamba_ssm's `pytorch_model.bin`). A checkpoint of
+/// `vet-train quantize` (int8 or int4) is dequantised to f32 (`q · scale`, the values the CPU
+/// tier computes with), with a note on stderr.
 pub fn load(dir: &Path) -> Result<Checkpoint> {
-    check_dir(dir).with_context(|| format!("loading checkpoint {}", dir.display()))?;
-    let config = MambaConfig::load(&dir.join("config.json"))
-        .with_context(|| format!("loading checkpoint {}", dir.display()))?;
-    let params = load_params(dir, &config)
-        .with_context(|| format!("loading checkpoint {}", dir.display()))?;
+    let ctx = || format!("loading checkpoint {}", dir.display());
+    check_dir(dir).with_context(ctx)?;
+    let config = MambaConfig::load(&dir.join("config.json")).with_context(ctx)?;
+    let params = match simd::load::stored_quantization(dir).with_context(ctx)? {
+        Some(kind) => {
+            eprintln!(
+                "note: {} holds {}-quantised weights (`vet-train quantize`); this command uses them dequantised to f32",
+                dir.display(),
+                kind.name()
+            );
+            simd::load::load_dequantized(dir, &config, kind).with_context(ctx)?
+        }
+        None => load_params(dir, &config).with_context(ctx)?,
+    };
     Ok(Checkpoint {
         dir: dir.to_path_buf(),
         config,

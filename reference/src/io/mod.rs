@@ -382,7 +382,7 @@ pub fn load_params<T: Float>(path: &Path, cfg: &MambaConfig) -> Result<Params<T>
 /// against `cfg`.
 fn checked_names(files: &StFiles, cfg: &MambaConfig) -> Result<HashMap<String, String>> {
     let names = canonical_names(&files.path, files.order.iter().map(String::as_str), cfg)?;
-    check_fits(&files.path, cfg, files.data_len()?, 2)?;
+    check_fits(&files.path, cfg, files.data_len()?, 16)?;
     check_against_specs(&files.path, &names, &param_specs(cfg), |n| {
         files.info(n).map(|i| (i.dtype, i.shape.clone()))
     })?;
