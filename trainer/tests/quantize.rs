@@ -158,6 +158,31 @@ fn quantized_checkpoints_open_dequantised_for_every_other_engine() {
             }
         }
         assert!(matrices >= 5, "{dtype}: {matrices} matrices");
+        if kind == simd::WeightDtype::Int8 {
+            // `--device cuda --dtype int8` quantises the dequantised rows again by the same
+            // rule: the file's codes come back (the scale may move by its last bit).
+            for (l, lw) in w.layers.iter().enumerate() {
+                let simd::weights::MatData::Int8 { q, scales } = &lw.in_proj.data else {
+                    panic!("int8 in_proj");
+                };
+                let deq = &ck.params.layers[l].in_proj_weight.data;
+                let cols = lw.in_proj.cols;
+                let mut codes = vec![0i8; cols];
+                for (r, row) in deq.chunks(cols).enumerate() {
+                    let s = simd::kernels::quantize_row(row, &mut codes);
+                    assert_eq!(
+                        &codes[..],
+                        &q.as_slice()[r * cols..(r + 1) * cols],
+                        "layer {l} row {r}"
+                    );
+                    assert!(
+                        (s - scales[r]).abs() <= scales[r] * 2e-7,
+                        "layer {l} row {r}: scale {s} against {}",
+                        scales[r]
+                    );
+                }
+            }
+        }
         // The command line: greedy ids on the reference engine, with the note.
         let (ok, text) = run(
             env!("CARGO_BIN_EXE_vet-chat"),
