@@ -34,6 +34,23 @@ fn ids(dir: &Path, dtype: &str) -> String {
         .to_string()
 }
 
+/// `vet-train quantize --model tiny --out out --dtype dtype`, which must succeed.
+fn quantize(tiny: &Path, out: &Path, dtype: &str) {
+    let (ok, text) = run(
+        env!("CARGO_BIN_EXE_vet-train"),
+        &[
+            "quantize",
+            "--model",
+            tiny.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--dtype",
+            dtype,
+        ],
+    );
+    assert!(ok, "{text}");
+}
+
 #[test]
 fn quantized_checkpoints_load_and_generate_like_quantising_at_load() {
     let tiny = fixtures::tiny_checkpoint();
@@ -41,19 +58,7 @@ fn quantized_checkpoints_load_and_generate_like_quantising_at_load() {
     let _ = std::fs::remove_dir_all(&tmp);
     for dtype in ["int8", "int4", "bf16"] {
         let out = tmp.join(dtype);
-        let (ok, text) = run(
-            env!("CARGO_BIN_EXE_vet-train"),
-            &[
-                "quantize",
-                "--model",
-                tiny.to_str().unwrap(),
-                "--out",
-                out.to_str().unwrap(),
-                "--dtype",
-                dtype,
-            ],
-        );
-        assert!(ok, "{text}");
+        quantize(&tiny, &out, dtype);
         assert!(out.join("tokenizer.json").exists());
         let size = |d: &Path| {
             std::fs::metadata(d.join("model.safetensors"))
@@ -98,19 +103,7 @@ fn quantized_checkpoints_open_dequantised_for_every_other_engine() {
         ("int4", simd::WeightDtype::Int4),
     ] {
         let out = tmp.join(dtype);
-        let (ok, text) = run(
-            env!("CARGO_BIN_EXE_vet-train"),
-            &[
-                "quantize",
-                "--model",
-                tiny.to_str().unwrap(),
-                "--out",
-                out.to_str().unwrap(),
-                "--dtype",
-                dtype,
-            ],
-        );
-        assert!(ok, "{text}");
+        quantize(&tiny, &out, dtype);
         assert_eq!(simd::load::stored_quantization(&out).unwrap(), Some(kind));
         let ck = trainer::checkpoint::load(&out).unwrap();
         assert_eq!(ck.config, orig.config);
