@@ -404,7 +404,7 @@ __device__ __forceinline__ void gemv_x8(const u16* x_lp, const float* x_f32, lon
 // The weights of a GEMV: low precision (Q8 false: `w`, 8 values in 16 bytes) or int8 rows
 // (Q8 true: `wq`, 16 values in 16 bytes, one f32 scale per row in `ws`: the row's sum is
 // multiplied by its scale once, after every product is added). A vector load is 16 bytes:
-// GEMV_VALS<Q8> values.
+// GemvVals<Q8>::n values.
 template <bool Q8>
 struct GemvVals {
     static constexpr int n = Q8 ? 16 : 8;
@@ -425,10 +425,9 @@ __device__ __forceinline__ uint4 gemv_wstream(const unsigned char* row, long k0)
                  : "l"(row + (Q8 ? k0 : 2 * k0)));
     return v;
 }
-// Eight int8 values (two words, byte 0 first) as f32 (exact), without I2F (16 a clock per SM
-// on sm_90, below the rate at which the weights arrive): b ^ 0x80 is the byte b + 128, the
-// word 0x4B0000uu is the float 2^23 + u exactly, and (2^23 + u) - (2^23 + 128) = b exactly. A
-// byte permute and an add per value, so the same f32 as the conversion.
+// Byte j of `biased` (an int8 code b stored as u = b ^ 0x80 = b + 128) as f32, exactly and
+// without I2F (16 a clock per SM on sm_90): the word 0x4B0000uu is the float 2^23 + u, and
+// (2^23 + u) - (2^23 + 128) = b. A byte permute and an add: the same f32 as the conversion.
 __device__ __forceinline__ float i8_biased_to_f32(unsigned biased, int j) {
     return __uint_as_float(__byte_perm(biased, 0x4B000000u, 0x7650u + (unsigned)j)) - 8388736.0f;
 }
@@ -464,8 +463,8 @@ __device__ __forceinline__ float gemv_scaled(float v, const float* ws, long n) {
 // [rows, ldx]; y f32 [rows, ldy]. 256 threads: `split` warps (1, 2, 4 or 8) share one output,
 // 8 / split outputs per block. vec: every row of w and x starts 16-byte aligned and k is a
 // multiple of the values a load carries (8; int8 16): lane l of part q sums k from (q·32 + l)
-// times those values, a load at a time, step split·32 loads. The sum of each (r, n) has one order whatever
-// `rows` is, so a row gets the same bits at any batch.
+// times those values, a load at a time, step split·32 loads. The sum of each (r, n) has one
+// order whatever `rows` is, so a row gets the same bits at any batch (at one split).
 template <bool Q8>
 static __device__ __forceinline__ void gemv_lp_body_t(const u16* w, long ldw, const signed char* wq, const float* ws,
                                                       const u16* x_lp, const float* x_f32, long ldx, float* y, long ldy,

@@ -199,8 +199,9 @@ __device__ __forceinline__ void dl_dot(const unsigned char* const* w, const u16*
 // Consumers: this block's chunks of `m` against x (`m.k` values in shared memory); out(n,
 // local, v) gets output n (local: its index among the block's rows). Output n is summed as
 // gemv_lp_nl_body sums it for one row: `split` parts (part q: lanes from k = (q·32 + lane)·V,
-// step split·32·V, V = GemvVals<Q8>::n), each a warp sum, added in part order. A warp takes the (row, part) tasks
-// w and w + 8 together (the same part, so the same x loads); parts meet in `pb`.
+// step split·32·V, V = GemvVals<Q8>::n), each a warp sum, added in part order. A warp takes
+// the (row, part) tasks w and w + 8 together (the same part, so the same x loads); parts meet
+// in `pb`.
 template <bool Q8, typename Out>
 __device__ __forceinline__ void dl_consume(const DlMat& m, const u16* x, int lp_mode, unsigned char* ring, u64* full,
                                            u64* empty, DlRing& r, float* pb, u64* starved, Out out) {
