@@ -235,7 +235,7 @@ fn load_quantized(
     };
     if dtype != kind {
         return Err(err(format!(
-            "is an {0}-quantised checkpoint; load it with --dtype {0} (asked: {1})",
+            "is an {0}-quantised checkpoint; load it with --dtype {0}, or without --dtype (asked: {1})",
             kind.name(),
             dtype.name()
         )));

@@ -79,6 +79,19 @@ pub fn engine_with(
     }
 }
 
+/// The weight storage for `dir` on `device` when the command line names none: the checkpoint's
+/// own for a `vet-train quantize` checkpoint where `device` computes in it (int8 on cpu and
+/// cuda, int4 on cpu), else f32 (a quantised checkpoint then opens dequantised).
+pub fn checkpoint_dtype(dir: &Path, device: &str) -> WeightDtype {
+    let cuda = matches!(cuda_ordinal(device), Ok(Some(_)));
+    match simd::load::stored_quantization(dir) {
+        Ok(Some(WeightDtype::Int8)) if device == "cpu" || cuda => WeightDtype::Int8,
+        Ok(Some(WeightDtype::Int4)) if device == "cpu" => WeightDtype::Int4,
+        // An unreadable header is reported by the load itself.
+        _ => WeightDtype::F32,
+    }
+}
+
 /// Loads the model checkpoint in `dir` (config.json + model.safetensors, HF or mamba_ssm) onto
 /// `device` for inference. Returns the engine and the model config.
 pub fn load_for_inference(

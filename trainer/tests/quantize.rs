@@ -73,17 +73,28 @@ fn quantized_checkpoints_load_and_generate_like_quantising_at_load() {
     }
     // The bf16 checkpoint is an ordinary one: it also loads for f32 inference.
     assert!(!ids(&tmp.join("bf16"), "f32").is_empty());
-    let (ok, text) = run(
-        env!("CARGO_BIN_EXE_vet-chat"),
-        &[
-            "--model",
-            tmp.join("int8").to_str().unwrap(),
-            "--tokens",
-            "1,2",
-            "--greedy",
-        ],
-    );
-    assert!(!ok && text.contains("--dtype int8"), "{text}");
+    // Without --dtype a quantised checkpoint runs in its own format; an explicit other one is
+    // refused, naming the format.
+    for q in ["int8", "int4"] {
+        let chat = |extra: &[&str]| {
+            let dir = tmp.join(q);
+            let mut args = vec!["--model", dir.to_str().unwrap()];
+            args.extend_from_slice(extra);
+            args.extend_from_slice(&[
+                "--tokens",
+                "72,111,114,115,101",
+                "--greedy",
+                "--max-new-tokens",
+                "24",
+            ]);
+            run(env!("CARGO_BIN_EXE_vet-chat"), &args)
+        };
+        let (ok, text) = chat(&[]);
+        assert!(ok, "{text}");
+        assert!(text.contains(&ids(&tmp.join(q), q)), "{q}: {text}");
+        let (ok, text) = chat(&["--dtype", "f32"]);
+        assert!(!ok && text.contains(&format!("--dtype {q}")), "{text}");
+    }
     std::fs::remove_dir_all(&tmp).unwrap();
 }
 

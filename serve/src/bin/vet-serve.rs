@@ -25,9 +25,10 @@ struct Cli {
     /// cpu (the simd tier), reference, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     device: String,
-    /// Weight storage on --device cpu: f32, bf16 or int8.
-    #[arg(long, default_value = "f32")]
-    dtype: WeightDtype,
+    /// Weight storage: f32, bf16, int8 or int4 on --device cpu; int8 on cuda. Default: the
+    /// checkpoint's own (int8 / int4 from `vet-train quantize`), else f32.
+    #[arg(long)]
+    dtype: Option<WeightDtype>,
     /// CPU worker threads (0 = every core).
     #[arg(long, default_value_t = 0)]
     threads: usize,
@@ -70,10 +71,13 @@ fn main() -> Result<()> {
             cli.host
         );
     }
+    let dtype = cli
+        .dtype
+        .unwrap_or_else(|| trainer::device::checkpoint_dtype(&cli.model, &cli.device));
     let opts = ServeOptions {
         model_name: cli.model_name,
         device: cli.device,
-        dtype: cli.dtype,
+        dtype,
         threads: cli.threads,
         api_key: cli.api_key.filter(|k| !k.is_empty()),
         max_concurrent: cli.max_concurrent,

@@ -45,8 +45,9 @@ struct Cli {
     device: String,
     /// Weight storage: f32, bf16, int8 or int4 on --device cpu; on cuda, int8 (in_proj,
     /// x_proj and out_proj as int8 rows, read by the decode step: half the bytes of bf16).
-    #[arg(long, default_value = "f32")]
-    dtype: WeightDtype,
+    /// Default: the checkpoint's own (int8 / int4 from `vet-train quantize`), else f32.
+    #[arg(long)]
+    dtype: Option<WeightDtype>,
     /// GEMM precision on --device cuda: bf16, fp16 or f32 (the scan state, the residual
     /// stream, A_log and D are f32 in every case).
     #[arg(long, default_value = "bf16", value_parser = ["bf16", "fp16", "f32"])]
@@ -233,7 +234,9 @@ fn load_engine(cli: &Cli) -> Result<(Box<dyn reference::InferenceEngine>, MambaC
     }
     let opts = EngineOptions {
         threads: capped_threads(cli.threads),
-        dtype: cli.dtype,
+        dtype: cli
+            .dtype
+            .unwrap_or_else(|| device::checkpoint_dtype(&cli.model, &cli.device)),
         precision,
     };
     device::load_for_inference(&cli.model, &cli.device, &opts)
