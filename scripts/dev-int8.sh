@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
-# Device calls of stops 38 and 39 (carry target/gpu-tests.tar.xz with gpu-bench-branch and
-# gpu_persistent-branch from branch decode-groups-wip):
+# Device calls of stops 38 and 39 (carry target/gpu-tests.tar.xz; `branch`, `ab` and `final`
+# also need the other build their comment names beside this one):
 #   bash scripts/dev-int8.sh int8    # int8 tests, then decode bf16 against int8
-#   bash scripts/dev-int8.sh branch  # the branch's persistent kernel against this build; the suite
+#   bash scripts/dev-int8.sh branch  # branch decode-groups-wip's persistent kernel against this build
+#   bash scripts/dev-int8.sh fast    # int8 GEMVs and decode, bf16 against int8; the int8 tests
+#   bash scripts/dev-int8.sh ab      # this build against gpu-tests/fast/ (another int8 layout)
+#   bash scripts/dev-int8.sh final   # bf16 against gpu-tests/base/, the trace, the suite
+#   bash scripts/dev-int8.sh suite   # the whole GPU suite
 set -u
 [ -x target/gpu-tests/gpu-bench ] || tar -xJf target/gpu-tests.tar.xz -C target
 export VET_KERNEL_CACHE=/tmp/kc

@@ -11,7 +11,7 @@ use crate::cuda::Buf;
 use crate::engine::GpuEngine;
 use crate::layout::LayerOffs;
 
-/// Byte alignment of each matrix's codes in [`Q8::q`] (the GEMVs load 8 bytes at a time).
+/// Byte alignment of each matrix's codes in [`Q8::q`] (the GEMVs load 16 bytes at a time).
 const ALIGN: usize = 256;
 
 /// One quantised matrix: its parameter offset and shape, and where its codes and scales lie.

@@ -121,9 +121,9 @@ pub fn load_dequantized(
     cfg: &MambaConfig,
     kind: WeightDtype,
 ) -> reference::Result<reference::Params<f32>> {
-    // Checked name by name against `cfg` here.
-    let w = load_weights(dir, cfg, kind)?;
     let (path, _, list) = list_tensors(dir)?;
+    // Checked name by name against `cfg` here.
+    let w = load_quantized(&path, cfg, kind, kind, list.clone())?;
     let map = map_file(&path)?;
     let by_name: HashMap<&str, &TensorLocation> =
         list.iter().map(|l| (l.name.as_str(), l)).collect();
