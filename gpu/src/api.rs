@@ -2,7 +2,7 @@
 
 use reference::engine::{
     check_len, params_from_named, LossOutput, MemoryUse, NamedTensors, OptimizerShard,
-    OptimizerState,
+    OptimizerState, ParamHook,
 };
 use reference::model::Batch;
 use reference::optim::StepStats;
@@ -15,6 +15,7 @@ use crate::backward::{token_csr, Backward};
 use crate::decode::StepOn;
 use crate::engine::GpuEngine;
 use crate::head_loss::loss_dev;
+use crate::layered::Groups;
 use crate::model::ensure_ws;
 use crate::ops::adamw::{
     adamw, sumsq_final, sumsq_partial, AdamwF32, SumsqFinalF64, SumsqPartialF64, NORM_BLOCKS,
@@ -46,13 +47,14 @@ impl GpuEngine {
             .collect()
     }
 
+    /// Writes `named` (checked against the config) into `buf` at the layout's offsets, tensor
+    /// by tensor (no whole-model copy on the host).
     fn upload_named(&self, buf: &crate::cuda::Buf, named: &[(String, Tensor<f32>)]) -> Result<()> {
         params_from_named::<f32>(&self.model.cfg, named)?;
-        let mut flat = Vec::with_capacity(self.model.layout.numel);
-        for (_, t) in named {
-            flat.extend_from_slice(&t.data);
+        for (slot, (_, t)) in self.model.layout.slots.iter().zip(named) {
+            buf.write_staged(slot.off, &t.data)?;
         }
-        buf.write(0, &flat)
+        self.model.dev.sync()
     }
 
     fn read_state(&self, ws: &crate::work::Work, batch: usize) -> Result<State<f32>> {
@@ -189,6 +191,7 @@ impl GpuEngine {
         seq_len: usize,
         head_rows: usize,
     ) -> Result<()> {
+        self.model.whole("a forward")?;
         let lowp = self.lowp();
         let key = (batch, seq_len, Mode::Infer { head_rows });
         ensure_ws(
@@ -395,19 +398,23 @@ impl InferenceEngine for GpuEngine {
     }
 
     fn parameters(&self) -> Result<NamedTensors> {
+        self.model.whole("parameters")?;
         self.model.dev.bind()?;
         Ok(self.named_from_flat(&self.download_flat(&self.model.params)?))
     }
 }
 
-impl TrainingEngine for GpuEngine {
-    fn loss_and_backward(
+impl GpuEngine {
+    /// Forward, loss and backward into the gradient buffers: the whole model held
+    /// ([`TrainingEngine::loss_and_backward`], `layered` `None`), or group by group through a
+    /// stage-3 hook on paged buffers (`crate::layered`).
+    fn train_pass(
         &mut self,
         input: &Batch,
-        targets: &[u32],
-        mask: Option<&[bool]>,
+        (targets, mask): (&[u32], Option<&[bool]>),
         state: Option<&State<f32>>,
         grad_scale: f64,
+        mut layered: Option<&mut dyn ParamHook>,
     ) -> Result<LossOutput> {
         input.check(&self.model.cfg, "loss_and_backward")?;
         if let Some(s) = state {
@@ -440,7 +447,7 @@ impl TrainingEngine for GpuEngine {
         let n_targets = (0..n).filter(|&i| counts(i)).count();
         self.train.grad_scale_sum += grad_scale;
         let final_grad = self.train.carry.final_grad();
-        if n_targets == 0 && final_grad.is_none() {
+        if n_targets == 0 && final_grad.is_none() && layered.is_none() {
             return Ok(LossOutput {
                 loss: 0.0,
                 n_targets,
@@ -467,14 +474,28 @@ impl TrainingEngine for GpuEngine {
                 let bytes: Vec<u8> = m.iter().map(|&b| b as u8).collect();
                 gw.mask.write(0, &bytes)?;
             }
-            self.model.forward_dev(&ws, state.is_some(), 0)?;
             let inv = 1.0f32 / n_targets.max(1) as f32;
             let k = grad_scale as f32 * inv;
-            loss_dev(&self.model, &ws, &self.train.grads, mask.is_some(), k)?;
             let csr = token_csr(input.tokens);
-            Backward::new(&self.model, &ws, &self.train.grads, state.is_some())
-                .with_final_grad(final_grad)
-                .run((&csr.0, &csr.1, &csr.2))?;
+            let csr = (&csr.0[..], &csr.1[..], &csr.2[..]);
+            let grads = &self.train.grads;
+            let back =
+                Backward::new(&self.model, &ws, grads, state.is_some()).with_final_grad(final_grad);
+            match layered.as_deref_mut() {
+                None => {
+                    self.model.forward_dev(&ws, state.is_some(), 0)?;
+                    loss_dev(&self.model, &ws, grads, mask.is_some(), k)?;
+                    back.run(csr)?;
+                }
+                Some(hook) => {
+                    let mut g = Groups::new(&self.model, grads, hook);
+                    self.model
+                        .forward_dev_with(&ws, state.is_some(), 0, &mut |p| g.on(p))?;
+                    loss_dev(&self.model, &ws, grads, mask.is_some(), k)?;
+                    back.run_with(csr, &mut |p| g.on(p))?;
+                    self.train.layered_peak = Some(g.peak);
+                }
+            }
             let mut rows = vec![0f32; n];
             gw.row_loss.read(0, &mut rows)?;
             let mut total = 0f32;
@@ -495,6 +516,48 @@ impl TrainingEngine for GpuEngine {
         self.train.ws = Some(ws);
         r
     }
+}
+
+impl TrainingEngine for GpuEngine {
+    fn loss_and_backward(
+        &mut self,
+        input: &Batch,
+        targets: &[u32],
+        mask: Option<&[bool]>,
+        state: Option<&State<f32>>,
+        grad_scale: f64,
+    ) -> Result<LossOutput> {
+        self.model.whole("loss_and_backward")?;
+        self.train_pass(input, (targets, mask), state, grad_scale, None)
+    }
+
+    /// Layer by layer on paged buffers (`crate::layered`): the first call drops the whole
+    /// model's parameter, shadow and gradient memory (and any int8 copy and decode graph);
+    /// [`TrainingEngine::set_parameters`] brings it back. Not with a carried final-state
+    /// gradient (stateful training through several windows): `Ok(None)`, nothing done.
+    fn loss_and_backward_layered(
+        &mut self,
+        input: &Batch,
+        targets: &[u32],
+        mask: Option<&[bool]>,
+        state: Option<&State<f32>>,
+        grad_scale: f64,
+        hook: &mut dyn ParamHook,
+    ) -> Result<Option<LossOutput>> {
+        if self.train.carry.final_grad().is_some() || self.train.shard.is_some() {
+            return Ok(None);
+        }
+        self.model.dev.bind()?;
+        self.go_paged()?;
+        match self.train_pass(input, (targets, mask), state, grad_scale, Some(hook)) {
+            Ok(out) => Ok(Some(out)),
+            Err(e) => {
+                // Whatever the failed pass left mapped is dropped with its buffers.
+                let _ = self.fresh_paged();
+                Err(e)
+            }
+        }
+    }
 
     fn loss_and_backward_carry(
         &mut self,
@@ -505,20 +568,27 @@ impl TrainingEngine for GpuEngine {
         grad_final: Option<&State<f32>>,
         grad_scale: f64,
     ) -> Result<(LossOutput, State<f32>)> {
+        self.model.whole("loss_and_backward_carry")?;
         self.loss_and_backward_carry_dev(input, targets, mask, state, grad_final, grad_scale)
     }
 
     fn forward_state(&mut self, input: &Batch, state: Option<&State<f32>>) -> Result<State<f32>> {
+        self.model.whole("forward_state")?;
         self.forward_state_dev(input, state)
     }
 
     fn zero_grad(&mut self) -> Result<()> {
         self.train.grad_scale_sum = 0.0;
+        if self.train.grads.is_paged() {
+            // Layer by layer: no gradient is held between calls.
+            return Ok(());
+        }
         self.model.dev.bind()?;
         self.train.grads.zero()
     }
 
     fn optimizer_step(&mut self, hp: &AdamWConfig, lr: f64) -> Result<StepStats> {
+        self.model.whole("optimizer_step")?;
         self.not_sharded("optimizer_step")?;
         self.model.dev.bind()?;
         // fp16: the gradients hold loss_scale × gradient; divide it out here.
@@ -554,12 +624,15 @@ impl TrainingEngine for GpuEngine {
 
     fn set_parameters(&mut self, named: &[(String, Tensor<f32>)]) -> Result<()> {
         self.model.dev.bind()?;
+        params_from_named::<f32>(&self.model.cfg, named)?;
+        self.go_whole()?;
         self.upload_named(&self.model.params, named)?;
         self.model.refresh_shadow()?;
         self.model.dev.sync()
     }
 
     fn gradients(&self) -> Result<NamedTensors> {
+        self.model.whole("gradients")?;
         self.model.dev.bind()?;
         Ok(self.named_from_flat(&self.download_flat(&self.train.grads)?))
     }
@@ -593,6 +666,7 @@ impl TrainingEngine for GpuEngine {
     }
 
     fn all_reduce_gradients(&mut self, comm: &mut dyn reference::comm::Comm) -> Result<bool> {
+        self.model.whole("all_reduce_gradients")?;
         if self.model.precision == Precision::Fp16 {
             // The loss scale is per rank; the driver refuses fp16 before this.
             return Ok(false);
@@ -609,6 +683,7 @@ impl TrainingEngine for GpuEngine {
         chunk: std::ops::Range<usize>,
         padded: usize,
     ) -> Result<bool> {
+        self.model.whole("shard_optimizer")?;
         self.shard_optimizer_dev(comm, chunk, padded)
     }
 

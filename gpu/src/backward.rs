@@ -3,7 +3,10 @@
 //! dt_proj and x_proj, SiLU and the conv, in_proj and the norm), each reading the activations
 //! the forward kept and writing the gradients into the flat gradient buffer.
 
+use reference::engine::ParamGroup;
 use reference::{NormKind, Result};
+
+use crate::forward::{OnPhase, Phase};
 
 use crate::cuda::Buf;
 use crate::layout::LayerOffs;
@@ -74,9 +77,23 @@ impl<'a> Backward<'a> {
     /// (`head_loss::loss_dev`) wrote. `emb_csr`: distinct tokens, offsets and positions for
     /// the embedding ([`token_csr`]).
     pub(crate) fn run(&self, emb_csr: (&[u32], &[i32], &[i32])) -> Result<()> {
+        self.run_with(emb_csr, &mut |_| Ok(()))
+    }
+
+    /// [`Backward::run`], telling `on` where it stands (ZeRO stage 3 layer by layer,
+    /// `crate::layered`): the final norm's backward, `Release(Outer)`, then for each layer in
+    /// reverse `Fill(Layer(i))`, its backward, `Release(Layer(i))` and `Grads(Layer(i))`, and
+    /// after the embedding's backward `Grads(Outer)`.
+    pub(crate) fn run_with(
+        &self,
+        emb_csr: (&[u32], &[i32], &[i32]),
+        on: OnPhase<'_>,
+    ) -> Result<()> {
         self.head_bwd()?;
+        on(Phase::Release(ParamGroup::Outer))?;
         for (i, lo) in self.m.layout.layers.iter().enumerate().rev() {
             let la = &self.ws.layers[i];
+            on(Phase::Fill(ParamGroup::Layer(i)))?;
             let d_out = self.out_proj_bwd_dx(lo)?;
             self.scan_bwd(i, la, lo)?;
             // After the scan's backward: in a lean workspace it recomputed the gated output.
@@ -84,8 +101,11 @@ impl<'a> Backward<'a> {
             self.dt_x_proj_bwd(la, lo)?;
             self.conv_bwd(i, la, lo)?;
             self.in_proj_norm_bwd(la, lo)?;
+            on(Phase::Release(ParamGroup::Layer(i)))?;
+            on(Phase::Grads(ParamGroup::Layer(i)))?;
         }
         self.embedding_bwd(emb_csr)?;
+        on(Phase::Grads(ParamGroup::Outer))?;
         self.m.dev.sync()
     }
 

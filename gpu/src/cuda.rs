@@ -465,6 +465,64 @@ impl Dev {
             ptr,
             bytes,
             dev: self.clone(),
+            paged: None,
+        })
+    }
+
+    /// Reserves `bytes` (at least 1) of device addresses with no memory behind them: a paged
+    /// [`Buf`], whose ranges get memory by [`Buf::map`]. Every access outside a mapped range
+    /// is an error of the kernel that makes it.
+    pub fn paged(self: &Arc<Self>, bytes: usize) -> Result<Buf> {
+        let ordinal = self.ctx.ordinal() as i32;
+        // SAFETY: plain C structs; every field the driver reads is set below.
+        let mut prop: drv_sys::CUmemAllocationProp = unsafe { std::mem::zeroed() };
+        prop.type_ = drv_sys::CUmemAllocationType::CU_MEM_ALLOCATION_TYPE_PINNED;
+        prop.location.type_ = drv_sys::CUmemLocationType::CU_MEM_LOCATION_TYPE_DEVICE;
+        prop.location.id = ordinal;
+        // SAFETY: as above.
+        let mut access: drv_sys::CUmemAccessDesc = unsafe { std::mem::zeroed() };
+        access.location = prop.location;
+        access.flags = drv_sys::CUmemAccess_flags::CU_MEM_ACCESS_FLAGS_PROT_READWRITE;
+        let mut page = 0usize;
+        // SAFETY: `prop` is a valid allocation description; the context is current.
+        unsafe {
+            drv_sys::cuMemGetAllocationGranularity(
+                &mut page,
+                &prop,
+                drv_sys::CUmemAllocationGranularity_flags::CU_MEM_ALLOC_GRANULARITY_RECOMMENDED,
+            )
+        }
+        .result()
+        .map_err(|e| self.err("asking the page size of paged memory", e))?;
+        let page = page.max(1);
+        let n_pages = bytes.max(1).div_ceil(page);
+        let mut ptr: drv_sys::CUdeviceptr = 0;
+        // SAFETY: reserves addresses only; released in `Buf::drop`.
+        unsafe { drv_sys::cuMemAddressReserve(&mut ptr, n_pages * page, page, 0, 0) }
+            .result()
+            .map_err(|e| {
+                self.err(
+                    &format!(
+                        "reserving {:.2} GiB of addresses",
+                        bytes as f64 / 1073741824.0
+                    ),
+                    e,
+                )
+            })?;
+        let state = PagedState {
+            pages: vec![None; n_pages],
+            ..PagedState::default()
+        };
+        Ok(Buf {
+            ptr,
+            bytes,
+            dev: self.clone(),
+            paged: Some(Box::new(Paged {
+                page,
+                prop,
+                access,
+                state: std::sync::Mutex::new(state),
+            })),
         })
     }
 
@@ -608,11 +666,41 @@ impl Drop for Dev {
     }
 }
 
-/// A raw device allocation, freed on drop.
+/// A raw device allocation, freed on drop: plain (`cuMemAlloc`), or paged ([`Dev::paged`]:
+/// an address range whose pages are backed only while some range on them is mapped).
 pub struct Buf {
     pub ptr: u64,
     pub bytes: usize,
     dev: Arc<Dev>,
+    paged: Option<Box<Paged>>,
+}
+
+/// The pages of a paged [`Buf`] (CUDA virtual memory management): the address range is
+/// reserved once, and each page of `page` bytes is backed by physical memory while at least
+/// one mapped range covers it ([`Buf::map`] / [`Buf::unmap`] count the ranges on each page),
+/// so two neighbouring ranges that share a boundary page keep it, and its contents, while
+/// either is mapped. Freed pages go to a pool and are reused; the pool never holds more than
+/// the most pages mapped at once.
+struct Paged {
+    page: usize,
+    prop: drv_sys::CUmemAllocationProp,
+    access: drv_sys::CUmemAccessDesc,
+    state: std::sync::Mutex<PagedState>,
+}
+
+// SAFETY: `prop`'s only pointer (`win32HandleMetaData`) is null and never read through here;
+// the state is behind a mutex.
+unsafe impl Send for Paged {}
+// SAFETY: as above.
+unsafe impl Sync for Paged {}
+
+#[derive(Default)]
+struct PagedState {
+    /// The physical page behind each page of the range, and how many mapped ranges cover it.
+    pages: Vec<Option<(drv_sys::CUmemGenericAllocationHandle, u32)>>,
+    free: Vec<drv_sys::CUmemGenericAllocationHandle>,
+    mapped: usize,
+    peak: usize,
 }
 
 impl Buf {
@@ -627,6 +715,18 @@ impl Buf {
     pub fn zero(&self) -> Result<()> {
         // SAFETY: the range lies inside this allocation.
         unsafe { drv::memset_d8_async(self.ptr, 0, self.bytes, self.dev.cu_stream()) }
+            .map_err(|e| self.dev.err("memset", e))
+    }
+
+    /// Zeroes bytes `r` (queued on the stream).
+    pub fn zero_bytes(&self, r: std::ops::Range<usize>) -> Result<()> {
+        if r.start > r.end || r.end > self.bytes {
+            return Err(self
+                .dev
+                .err("memset", format!("bytes {r:?} past {}", self.bytes)));
+        }
+        // SAFETY: the range lies inside this allocation.
+        unsafe { drv::memset_d8_async(self.ptr + r.start as u64, 0, r.len(), self.dev.cu_stream()) }
             .map_err(|e| self.dev.err("memset", e))
     }
 
@@ -698,12 +798,158 @@ impl Buf {
     }
 }
 
+impl Buf {
+    /// Whether this is a paged buffer ([`Dev::paged`]).
+    pub fn is_paged(&self) -> bool {
+        self.paged.is_some()
+    }
+
+    /// Bytes with memory behind them: all of a plain buffer, the mapped pages of a paged one.
+    pub fn resident_bytes(&self) -> usize {
+        match &self.paged {
+            None => self.bytes,
+            Some(p) => p.state.lock().unwrap_or_else(|e| e.into_inner()).mapped * p.page,
+        }
+    }
+
+    /// The most bytes a paged buffer had mapped at once (all of a plain one).
+    pub fn peak_bytes(&self) -> usize {
+        match &self.paged {
+            None => self.bytes,
+            Some(p) => p.state.lock().unwrap_or_else(|e| e.into_inner()).peak * p.page,
+        }
+    }
+
+    /// The pages of a paged buffer that bytes `r` lie on.
+    fn page_span(
+        &self,
+        p: &Paged,
+        r: &std::ops::Range<usize>,
+        op: &str,
+    ) -> Result<std::ops::Range<usize>> {
+        if r.start > r.end || r.end > self.bytes {
+            return Err(self.dev.err(
+                op,
+                format!("bytes {r:?} outside a paged buffer of {}", self.bytes),
+            ));
+        }
+        if r.is_empty() {
+            return Ok(0..0);
+        }
+        Ok(r.start / p.page..r.end.div_ceil(p.page))
+    }
+
+    /// Gives bytes `r` of a paged buffer memory: each page they lie on is mapped (from the
+    /// pool, or newly created) unless a mapped range already covers it, and counts one more
+    /// range. The contents of newly mapped pages are undefined. A plain buffer: nothing to do.
+    pub fn map(&self, r: std::ops::Range<usize>) -> Result<()> {
+        let Some(p) = &self.paged else {
+            return Ok(());
+        };
+        let span = self.page_span(p, &r, "mapping")?;
+        let mut st = p.state.lock().unwrap_or_else(|e| e.into_inner());
+        for i in span {
+            if let Some((_, refs)) = &mut st.pages[i] {
+                *refs += 1;
+                continue;
+            }
+            let h = match st.free.pop() {
+                Some(h) => h,
+                None => {
+                    let mut h = 0;
+                    // SAFETY: `prop` describes device memory of this context's device.
+                    unsafe { drv_sys::cuMemCreate(&mut h, p.page, &p.prop, 0) }
+                        .result()
+                        .map_err(|e| {
+                            let (free, total) = drv::mem_get_info().unwrap_or((0, 0));
+                            self.dev.err(
+                                &format!(
+                                    "allocating a page of {} MiB ({:.2} GiB free of {:.2} GiB)",
+                                    p.page >> 20,
+                                    free as f64 / 1073741824.0,
+                                    total as f64 / 1073741824.0
+                                ),
+                                e,
+                            )
+                        })?;
+                    h
+                }
+            };
+            let at = self.ptr + (i * p.page) as u64;
+            // SAFETY: page `i` lies inside the reserved range and is unmapped (no entry);
+            // `h` is a whole page of physical memory that nothing else maps.
+            let mapped = unsafe { drv_sys::cuMemMap(at, p.page, 0, h, 0) }
+                .result()
+                .and_then(|()| {
+                    unsafe { drv_sys::cuMemSetAccess(at, p.page, &p.access, 1) }.result()
+                });
+            if let Err(e) = mapped {
+                st.free.push(h);
+                return Err(self.dev.err("mapping a page", e));
+            }
+            st.pages[i] = Some((h, 1));
+            st.mapped += 1;
+            st.peak = st.peak.max(st.mapped);
+        }
+        Ok(())
+    }
+
+    /// Takes back one [`Buf::map`] of bytes `r`: a page no mapped range covers any more is
+    /// unmapped and goes to the pool. The caller first waits for every kernel that uses it
+    /// ([`Dev::sync`]). A plain buffer: nothing to do.
+    pub fn unmap(&self, r: std::ops::Range<usize>) -> Result<()> {
+        let Some(p) = &self.paged else {
+            return Ok(());
+        };
+        let span = self.page_span(p, &r, "unmapping")?;
+        let mut st = p.state.lock().unwrap_or_else(|e| e.into_inner());
+        for i in span {
+            let Some((h, refs)) = &mut st.pages[i] else {
+                return Err(self.dev.err("unmapping", format!("page {i} is not mapped")));
+            };
+            *refs -= 1;
+            if *refs > 0 {
+                continue;
+            }
+            let h = *h;
+            // SAFETY: page `i` was mapped by `map` and no range covers it any more.
+            unsafe { drv_sys::cuMemUnmap(self.ptr + (i * p.page) as u64, p.page) }
+                .result()
+                .map_err(|e| self.dev.err("unmapping a page", e))?;
+            st.pages[i] = None;
+            st.free.push(h);
+            st.mapped -= 1;
+        }
+        Ok(())
+    }
+}
+
 impl Drop for Buf {
     fn drop(&mut self) {
         let _ = self.dev.ctx.bind_to_thread();
-        // SAFETY: allocated by `malloc_sync`, freed once.
-        unsafe {
-            let _ = drv::free_sync(self.ptr);
+        match &self.paged {
+            // SAFETY: allocated by `malloc_sync`, freed once.
+            None => unsafe {
+                let _ = drv::free_sync(self.ptr);
+            },
+            Some(p) => {
+                let _ = self.dev.sync();
+                let st = p.state.lock().unwrap_or_else(|e| e.into_inner());
+                // SAFETY: every mapped page is unmapped and every page released once, then
+                // the reserved range is freed; no kernel runs (synchronised above).
+                unsafe {
+                    for (i, e) in st.pages.iter().enumerate() {
+                        if let Some((h, _)) = e {
+                            let _ = drv_sys::cuMemUnmap(self.ptr + (i * p.page) as u64, p.page);
+                            let _ = drv_sys::cuMemRelease(*h);
+                        }
+                    }
+                    for h in &st.free {
+                        let _ = drv_sys::cuMemRelease(*h);
+                    }
+                    let _ = drv_sys::cuMemAddressFree(self.ptr, st.pages.len() * p.page);
+                }
+            }
         }
     }
 }

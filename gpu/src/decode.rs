@@ -245,6 +245,7 @@ impl Decoder {
         resets: Option<&[bool]>,
         on: StepOn,
     ) -> Result<()> {
+        m.whole("a decode step")?;
         let batch = tokens.len();
         let input = Batch {
             batch,

@@ -40,6 +40,9 @@ pub(crate) struct Training {
     pub(crate) carry: crate::carry::CarryGrad,
     /// ZeRO stages 1–2 on the device (`crate::zero`): the moments hold this chunk only.
     pub(crate) shard: Option<crate::zero::ShardOn>,
+    /// The most parameter and gradient elements the last layer-by-layer pass held at once
+    /// (`crate::layered`).
+    pub(crate) layered_peak: Option<usize>,
 }
 
 /// What the kernels support of `cfg`.
@@ -104,6 +107,7 @@ impl GpuEngine {
             ws: None,
             carry: Default::default(),
             shard: None,
+            layered_peak: None,
         };
         let model = Model {
             cfg: cfg.clone(),
@@ -144,6 +148,58 @@ impl GpuEngine {
     }
 
     /// Where every parameter lives in the flat buffers.
+    /// Layer by layer (ZeRO stage 3, `crate::layered`): the parameters, their shadow and the
+    /// gradients become paged buffers with nothing mapped, so only the groups a pass is using
+    /// take memory. The int8 copy and the decode step's graph (which hold the old addresses)
+    /// go too. Nothing to do when already paged.
+    pub(crate) fn go_paged(&mut self) -> reference::Result<()> {
+        if self.model.params.is_paged() {
+            return Ok(());
+        }
+        self.fresh_paged()
+    }
+
+    /// New paged buffers with nothing mapped, in place of whatever the engine held (after a
+    /// failed layered pass, the pages it left mapped go with the old ones).
+    pub(crate) fn fresh_paged(&mut self) -> reference::Result<()> {
+        let dev = self.model.dev.clone();
+        dev.sync()?;
+        let numel = self.model.layout.numel;
+        self.decoder.forget_graph();
+        self.model.q8 = None;
+        // Free first, then reserve: the whole model never exists twice.
+        self.model.params = dev.paged(4 * numel)?;
+        self.train.grads = dev.paged(4 * numel)?;
+        if self.model.shadow.is_some() {
+            self.model.shadow = Some(dev.paged(2 * numel)?);
+        }
+        Ok(())
+    }
+
+    /// Back from [`GpuEngine::go_paged`]: plain buffers for the whole model (the parameters
+    /// and shadow undefined until written, the gradients zero). Nothing to do when whole.
+    pub(crate) fn go_whole(&mut self) -> reference::Result<()> {
+        if !self.model.params.is_paged() {
+            return Ok(());
+        }
+        let dev = self.model.dev.clone();
+        dev.sync()?;
+        let numel = self.model.layout.numel;
+        self.decoder.forget_graph();
+        self.model.params = dev.alloc(4 * numel)?;
+        self.train.grads = dev.zeros(4 * numel)?;
+        if self.model.shadow.is_some() {
+            self.model.shadow = Some(dev.alloc(2 * numel)?);
+        }
+        Ok(())
+    }
+
+    /// The most parameter and gradient elements the last layer-by-layer step held at once
+    /// (`None` before one).
+    pub fn layered_peak(&self) -> Option<usize> {
+        self.train.layered_peak
+    }
+
     pub fn layout(&self) -> &Layout {
         &self.model.layout
     }
@@ -172,12 +228,12 @@ impl GpuEngine {
             a + b
         });
         vec![
-            ("parameters f32", self.model.params.bytes),
+            ("parameters f32", self.model.params.resident_bytes()),
             (
                 "bf16/fp16 shadow",
-                self.model.shadow.as_ref().map_or(0, |s| s.bytes),
+                self.model.shadow.as_ref().map_or(0, |s| s.resident_bytes()),
             ),
-            ("gradients", t.grads.bytes),
+            ("gradients", t.grads.resident_bytes()),
             (
                 "AdamW m + v",
                 t.moments.as_ref().map_or(0, |(m, v)| m.bytes + v.bytes),

@@ -2,6 +2,7 @@
 //! pieces the decode step shares with it: the fused residual add + norm and in_proj, x_proj
 //! and dt_proj, out_proj, the final norm and the lm_head.
 
+use reference::engine::ParamGroup;
 use reference::model::Batch;
 use reference::{Result, State};
 
@@ -14,6 +15,21 @@ use crate::ops::norm::{norm_fwd, NormFwdF32};
 use crate::ops::selective_scan::{selective_scan_fwd, ScanInF32, SelectiveScanFwdF32};
 use crate::params::{Ptr, PtrMut};
 use crate::work::{doc_starts, LayerActs, Mode, Work};
+
+/// Where a pass over the model stands, for a caller that holds the parameters group by group
+/// (ZeRO stage 3, `crate::layered`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Phase {
+    /// The group's parameters are needed now.
+    Fill(ParamGroup),
+    /// The group's parameters are not needed any more (kernels may still be running).
+    Release(ParamGroup),
+    /// The backward is done with the group's gradient.
+    Grads(ParamGroup),
+}
+
+/// Told each [`Phase`] as a pass reaches it; an error stops the pass.
+pub(crate) type OnPhase<'a> = &'a mut dyn FnMut(Phase) -> Result<()>;
 
 impl Model {
     /// Layer input of `rows` rows: `resid_in = x_in + add` (fused), the norm into `ws.hn`,
@@ -175,9 +191,27 @@ impl Model {
     /// The forward over `ws` (inputs already uploaded). `has_state`: read the initial state.
     /// The lm_head runs on `ws`'s head rows starting at row `head_row0`.
     pub fn forward_dev(&self, ws: &Work, has_state: bool, head_row0: usize) -> Result<()> {
+        self.forward_dev_with(ws, has_state, head_row0, &mut |_| Ok(()))
+    }
+
+    /// [`Model::forward_dev`], telling `on` when each group's parameters are needed and when
+    /// they are no longer (ZeRO stage 3 layer by layer, `crate::layered`): `Fill(Outer)`, the
+    /// embedding, `Release(Outer)`, then `Fill(Layer(i))`, layer `i`, `Release(Layer(i))` for
+    /// each layer; a training workspace ends with `Fill(Outer)` and the final norm (the loss
+    /// and the backward use the outer group next), an inference one with the head and
+    /// `Release(Outer)`.
+    pub(crate) fn forward_dev_with(
+        &self,
+        ws: &Work,
+        has_state: bool,
+        head_row0: usize,
+        on: OnPhase<'_>,
+    ) -> Result<()> {
         let cfg = &self.cfg;
         let train = ws.mode == Mode::Train;
+        on(Phase::Fill(ParamGroup::Outer))?;
         self.embed(ws, ws.n)?;
+        on(Phase::Release(ParamGroup::Outer))?;
         for (i, lo) in self.layout.layers.iter().enumerate() {
             let la = &ws.layers[if train { i } else { 0 }];
             // Fused residual add + norm: resid_in[i] = resid_in[i-1] + out[i-1].
@@ -186,9 +220,12 @@ impl Model {
                 (_, true) => (ws.resid_f32(&ws.layers[i - 1]), ws.out.ptr),
                 (_, false) => (la.resid_in.ptr, ws.out.ptr),
             };
+            on(Phase::Fill(ParamGroup::Layer(i)))?;
             self.norm_in_proj(ws, la, lo, ws.n, (x_in, add))?;
             self.mixer_fwd(ws, i, la, lo, has_state)?;
+            on(Phase::Release(ParamGroup::Layer(i)))?;
         }
+        on(Phase::Fill(ParamGroup::Outer))?;
         let last = &ws.layers[if train { cfg.n_layer - 1 } else { 0 }];
         let resid_final = if train {
             ws.resid_final.ptr
@@ -211,7 +248,8 @@ impl Model {
             (last.resid_in.ptr, add, resid_final),
             head_rows,
             head_row0,
-        )
+        )?;
+        on(Phase::Release(ParamGroup::Outer))
     }
 
     /// Layer `i`'s mixer after in_proj: conv (+ its final window), x_proj and dt_proj, the

@@ -28,6 +28,7 @@ mod forward;
 mod graph;
 mod head_loss;
 pub mod kernels;
+mod layered;
 pub mod layout;
 mod model;
 pub mod ops;

@@ -54,6 +54,22 @@ impl Model {
         }
     }
 
+    /// An error unless the whole model is on the device: after a layer-by-layer step
+    /// (ZeRO stage 3, `crate::layered`) the engine holds no parameters until
+    /// `TrainingEngine::set_parameters` gives it some.
+    pub fn whole(&self, op: &str) -> Result<()> {
+        if self.params.is_paged() {
+            return Err(reference::Error::Device {
+                device: self.dev.name.clone(),
+                msg: format!(
+                    "{op}: the engine holds no parameters (it trains layer by layer, ZeRO stage \
+                     3); set_parameters gives it the whole model again"
+                ),
+            });
+        }
+        Ok(())
+    }
+
     /// Device address of the parameter at element offset `off`.
     pub fn p(&self, off: usize) -> u64 {
         self.params.at::<f32>(off)

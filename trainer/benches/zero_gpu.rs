@@ -130,6 +130,9 @@ fn main() {
             "host"
         };
         let mut times = Vec::new();
+        // Device memory in use right after each step (before the weights are gathered back
+        // into the engine for use outside training, which stage 3 would otherwise show).
+        let mut used = 0;
         for s in 0..=a.steps {
             let t = Instant::now();
             let out = d.step(&mut e, &mut comm, &micro, &hp, 1e-4).expect("step");
@@ -137,8 +140,21 @@ fn main() {
             if s > 0 {
                 times.push(t.elapsed().as_secs_f64());
             }
+            used = used.max(gpu::bench::used_memory());
+            if s == 0 && stage == 3 {
+                println!(
+                    "zero_gpu: case {case}: {} (the most parameter and gradient elements held \
+                     at once: {})",
+                    if d.layered() == Some(true) {
+                        "layer by layer"
+                    } else {
+                        "whole model"
+                    },
+                    e.layered_peak()
+                        .map_or("-".into(), |p| format!("{:.1} M", p as f64 / 1e6))
+                );
+            }
         }
-        d.sync_engine(&mut e, &mut comm).expect("sync");
         times.sort_by(f64::total_cmp);
         let t = times[times.len() / 2];
         let mom = e
@@ -149,7 +165,7 @@ fn main() {
         println!(
             "| {case} | {place} | {t:.3} | {:.0} | {:.1} | {:.2} |",
             n as f64 / t,
-            gib(gpu::bench::used_memory()),
+            gib(used),
             gib(mom)
         );
         drop(d);

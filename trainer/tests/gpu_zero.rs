@@ -9,7 +9,7 @@ use gpu::comm::{unique_id, Nccl};
 use reference::init::init_params;
 use reference::model::Batch;
 use reference::rng::Rng;
-use reference::{AdamWConfig, MambaConfig, TrainingEngine};
+use reference::{AdamWConfig, InferenceEngine, MambaConfig, TrainingEngine};
 use trainer::dist::{FlatLayout, ZeroConfig, ZeroDriver};
 use trainer::train::source::TrainBatch;
 
@@ -21,18 +21,32 @@ fn cfg() -> MambaConfig {
     MambaConfig::new(64, 2, 97)
 }
 
+/// Wide enough that each layer spans several 2 MiB pages of the paged buffers, some shared
+/// with its neighbours (about 6.6 MB of f32 parameters a layer).
+fn wide() -> MambaConfig {
+    MambaConfig::new(512, 3, 97)
+}
+
 fn engine() -> gpu::GpuEngine {
+    engine_for(&cfg())
+}
+
+fn engine_for(c: &MambaConfig) -> gpu::GpuEngine {
     let o = gpu::GpuOptions {
         ordinal: 0,
         precision: gpu::Precision::Bf16,
     };
-    gpu::GpuEngine::new(&cfg(), init_params(&cfg(), 5), &o).unwrap()
+    gpu::GpuEngine::new(c, init_params(c, 5), &o).unwrap()
 }
 
 fn micro(s: usize, i: usize) -> TrainBatch {
+    micro_for(&cfg(), s, i)
+}
+
+fn micro_for(c: &MambaConfig, s: usize, i: usize) -> TrainBatch {
     let mut rng = Rng::new(100 * s as u64 + i as u64 + 9);
     let n = ROWS * SEQ;
-    let v = cfg().vocab_size as u64;
+    let v = c.vocab_size as u64;
     TrainBatch {
         batch: ROWS,
         seq_len: SEQ,
@@ -57,7 +71,7 @@ fn lr(s: usize) -> f64 {
 }
 
 fn flat(e: &dyn TrainingEngine) -> Vec<f32> {
-    FlatLayout::new(&cfg(), 1)
+    FlatLayout::new(e.config(), 1)
         .flatten(&e.parameters().unwrap())
         .unwrap()
 }
@@ -152,5 +166,106 @@ fn gpu_zero_stages_1_and_2_on_the_device_equal_the_plain_step() {
         );
         let (resumed, _) = sharded(&mut comm, stage, Some(2));
         assert!(resumed == want, "stage {stage}: the resumed run differs");
+    }
+}
+
+/// Stage `stage` with the optimizer in host memory (`offload_optimizer`; stage 3 keeps it
+/// there anyway), `micro_per_step` micro-batches a step: the weights after the run (gathered
+/// into the engine), the gradient norms, and at stage 3 the most parameter and gradient
+/// elements the engine held at once.
+fn host_side(
+    c: &MambaConfig,
+    comm: &mut Nccl,
+    stage: u8,
+    micro_per_step: usize,
+) -> (Vec<f32>, Vec<f64>, Option<usize>) {
+    let zc = ZeroConfig {
+        stage,
+        offload_optimizer: trainer::dist::config::OffloadDevice::Cpu,
+        ..ZeroConfig::default()
+    };
+    let mut e = engine_for(c);
+    let mut d = ZeroDriver::new(&mut e, comm, zc).unwrap();
+    assert!(
+        !d.on_device() && !d.in_engine(),
+        "stage {stage}: not host-side"
+    );
+    let mut norms = Vec::new();
+    for s in 0..STEPS {
+        let mine: Vec<TrainBatch> = (0..micro_per_step).map(|i| micro_for(c, s, i)).collect();
+        let out = d.step(&mut e, comm, &mine, &hp(), lr(s)).unwrap();
+        assert!(out.loss.is_some_and(f64::is_finite));
+        norms.push(out.grad_norm);
+        if stage == 3 {
+            assert_eq!(d.layered(), Some(true), "stage 3 did not go layer by layer");
+            let held: usize = e
+                .memory_breakdown()
+                .iter()
+                .filter(|(k, _)| ["parameters f32", "bf16/fp16 shadow", "gradients"].contains(k))
+                .map(|(_, b)| b)
+                .sum();
+            assert_eq!(
+                held, 0,
+                "the engine kept parameter or gradient memory after a step"
+            );
+            assert!(
+                e.parameters().is_err(),
+                "a layered engine read out parameters"
+            );
+        }
+    }
+    d.sync_engine(&mut e, comm).unwrap();
+    (flat(&e), norms, e.layered_peak())
+}
+
+#[test]
+fn gpu_zero_stage_3_goes_layer_by_layer_with_the_bits_of_stage_2() {
+    let name = "gpu_zero_stage_3_goes_layer_by_layer_with_the_bits_of_stage_2";
+    if let Err(e) = gpu::available() {
+        println!("skipping {name}: {e}");
+        return;
+    }
+    let id = match unique_id() {
+        Ok(id) => id,
+        Err(e) => {
+            println!("skipping {name}: {e}");
+            return;
+        }
+    };
+    let mut comm = Nccl::new(0, 1, &id, 0).unwrap();
+    for c in [cfg(), wide()] {
+        let numel = FlatLayout::new(&c, 1).numel;
+        let d = c.d_model;
+        // One micro-batch a step: both paths sum each gradient onto zeros, so the same bits.
+        let (want, want_norms, _) = host_side(&c, &mut comm, 2, 1);
+        let (got, norms, peak) = host_side(&c, &mut comm, 3, 1);
+        assert_eq!(
+            norms, want_norms,
+            "d_model {d}: stage 3's gradient norms differ"
+        );
+        assert!(
+            got == want,
+            "d_model {d}: stage 3's weights differ from stage 2's"
+        );
+        let peak = peak.expect("a layered step ran");
+        // A layer's parameters and gradient, or the outer group's (the embedding and norm)
+        // with the gradient: never the whole model.
+        assert!(
+            peak < numel,
+            "d_model {d}: the engine held {peak} elements at once, of {numel} in the model"
+        );
+        // Two micro-batches: stage 2 adds the second one's gradient into the engine's
+        // buffers (each sum rounded once), stage 3 sums the two handed-over gradients.
+        let (want, _, _) = host_side(&c, &mut comm, 2, 2);
+        let (got, _, _) = host_side(&c, &mut comm, 3, 2);
+        let worst = got
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(
+            worst < 1e-5,
+            "d_model {d}: stage 3 with two micro-batches is off by {worst}"
+        );
     }
 }

@@ -1,0 +1,178 @@
+//! ZeRO stage 3 on the device, layer by layer ([`TrainingEngine::loss_and_backward_layered`]):
+//! the engine's parameter, shadow and gradient buffers become paged ([`Dev::paged`]: the whole
+//! model's addresses, memory behind only what is in use), so every kernel and offset of the
+//! whole-model step stays as it is. As the forward and the backward reach a group (the
+//! embedding, final norm and head, or one layer; [`Phase`]), [`Groups`] maps its ranges, has
+//! the hook fill the parameters, uploads them and casts them into the shadow; when the pass is
+//! done with it, the pages go back. A group's gradient is mapped and zeroed when its backward
+//! starts, read out and handed to the hook when it is final, then unmapped. So the device holds
+//! the activations plus about two groups of parameters and gradients, whatever the model's
+//! depth; the optimizer lives with the driver, in host memory.
+//!
+//! [`TrainingEngine::loss_and_backward_layered`]: reference::TrainingEngine::loss_and_backward_layered
+//! [`Dev::paged`]: crate::cuda::Dev::paged
+
+use std::ops::Range;
+
+use reference::engine::{ParamGroup, ParamHook};
+use reference::{param_specs, MambaConfig, Result, Tensor};
+
+use crate::cuda::Buf;
+use crate::forward::Phase;
+use crate::model::Model;
+use crate::ops::elementwise::{cast_lowp, CastLowpF32};
+use crate::params::{Ptr, PtrMut};
+
+/// One group's place in the flat buffers.
+struct Group {
+    /// Its tensors: element offset, shape.
+    slots: Vec<(usize, Vec<usize>)>,
+    /// Its element ranges, merged where they touch.
+    ranges: Vec<Range<usize>>,
+}
+
+fn group(m: &Model, g: ParamGroup) -> Group {
+    let specs = param_specs(&m.cfg);
+    let mut slots = Vec::new();
+    let mut ranges: Vec<Range<usize>> = Vec::new();
+    for i in g.tensors(&m.cfg) {
+        let s = &m.layout.slots[i];
+        debug_assert_eq!(s.name, specs[i].0);
+        slots.push((s.off, s.shape.clone()));
+        let r = s.off..s.off + s.numel;
+        match ranges.last_mut() {
+            Some(last) if last.end == r.start => last.end = r.end,
+            _ => ranges.push(r),
+        }
+    }
+    Group { slots, ranges }
+}
+
+fn index(cfg: &MambaConfig, g: ParamGroup) -> usize {
+    match g {
+        ParamGroup::Layer(i) => i,
+        ParamGroup::Outer => cfg.n_layer,
+    }
+}
+
+/// What one layered pass holds, told each [`Phase`] ([`Groups::on`]).
+pub(crate) struct Groups<'a> {
+    m: &'a Model,
+    grads: &'a Buf,
+    hook: &'a mut dyn ParamHook,
+    /// Every group: the layers in order, then the outer group.
+    groups: Vec<Group>,
+    /// Fills so far: the first `n_layer + 1` are the forward's; from the next one on (the
+    /// outer group for the loss and the final norm's backward, then the layers in reverse)
+    /// each fill also maps and zeroes the group's gradient.
+    fills: usize,
+    /// Elements of parameters and gradients held now, and the most at once.
+    held: usize,
+    pub(crate) peak: usize,
+}
+
+impl<'a> Groups<'a> {
+    pub(crate) fn new(m: &'a Model, grads: &'a Buf, hook: &'a mut dyn ParamHook) -> Groups<'a> {
+        let mut all: Vec<ParamGroup> = (0..m.cfg.n_layer).map(ParamGroup::Layer).collect();
+        all.push(ParamGroup::Outer);
+        Groups {
+            groups: all.into_iter().map(|g| group(m, g)).collect(),
+            m,
+            grads,
+            hook,
+            fills: 0,
+            held: 0,
+            peak: 0,
+        }
+    }
+
+    fn numel(&self, g: ParamGroup) -> usize {
+        let gr = &self.groups[index(&self.m.cfg, g)];
+        gr.ranges.iter().map(|r| r.len()).sum()
+    }
+
+    /// Maps the group's ranges in the parameters and the shadow, fills them from the hook and
+    /// casts them into the shadow; in the backward also maps and zeroes its gradient.
+    fn fill(&mut self, g: ParamGroup) -> Result<()> {
+        let m = self.m;
+        let backward = self.fills > m.cfg.n_layer;
+        self.fills += 1;
+        let gr = &self.groups[index(&m.cfg, g)];
+        for r in &gr.ranges {
+            m.params.map(4 * r.start..4 * r.end)?;
+            if let Some(s) = &m.shadow {
+                s.map(2 * r.start..2 * r.end)?;
+            }
+        }
+        let mut t: Vec<Tensor<f32>> = gr.slots.iter().map(|(_, s)| Tensor::zeros(s)).collect();
+        self.hook.fill(g, &mut t)?;
+        for ((off, _), t) in gr.slots.iter().zip(&t) {
+            m.params.write_staged(*off, &t.data)?;
+        }
+        if let Some(s) = &m.shadow {
+            for r in &gr.ranges {
+                let p = CastLowpF32 {
+                    src: Ptr::new(m.params.at::<f32>(r.start)),
+                    ld: 1,
+                    rows: r.len() as i64,
+                    cols: 1,
+                    dst: PtrMut::new(s.at::<u16>(r.start)),
+                    mode: m.lp_mode(),
+                };
+                // SAFETY: both ranges were mapped above: `r.len()` f32 of the parameters and
+                // as many u16 of the shadow.
+                unsafe { cast_lowp(&m.dev, &p) }?;
+            }
+        }
+        let mut n = self.numel(g);
+        if backward {
+            let gr = &self.groups[index(&m.cfg, g)];
+            for r in &gr.ranges {
+                self.grads.map(4 * r.start..4 * r.end)?;
+                self.grads.zero_bytes(4 * r.start..4 * r.end)?;
+            }
+            n *= 2;
+        }
+        self.held += n;
+        self.peak = self.peak.max(self.held);
+        Ok(())
+    }
+
+    /// Waits for the kernels that read the group, unmaps its parameters and tells the hook.
+    fn release(&mut self, g: ParamGroup) -> Result<()> {
+        let m = self.m;
+        m.dev.sync()?;
+        for r in &self.groups[index(&m.cfg, g)].ranges {
+            m.params.unmap(4 * r.start..4 * r.end)?;
+            if let Some(s) = &m.shadow {
+                s.unmap(2 * r.start..2 * r.end)?;
+            }
+        }
+        self.held -= self.numel(g);
+        self.hook.release(g)
+    }
+
+    /// Reads the group's final gradient out, hands it to the hook and unmaps it.
+    fn grads(&mut self, g: ParamGroup) -> Result<()> {
+        let m = self.m;
+        let gr = &self.groups[index(&m.cfg, g)];
+        let mut t: Vec<Tensor<f32>> = gr.slots.iter().map(|(_, s)| Tensor::zeros(s)).collect();
+        for ((off, _), t) in gr.slots.iter().zip(&mut t) {
+            self.grads.read(*off, &mut t.data)?;
+        }
+        for r in &gr.ranges {
+            self.grads.unmap(4 * r.start..4 * r.end)?;
+        }
+        self.held -= self.numel(g);
+        self.hook.gradients(g, &t.iter().collect::<Vec<_>>())
+    }
+
+    /// What the passes call at each [`Phase`].
+    pub(crate) fn on(&mut self, p: Phase) -> Result<()> {
+        match p {
+            Phase::Fill(g) => self.fill(g),
+            Phase::Release(g) => self.release(g),
+            Phase::Grads(g) => self.grads(g),
+        }
+    }
+}
