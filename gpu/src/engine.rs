@@ -177,7 +177,8 @@ impl GpuEngine {
     }
 
     /// Back from [`GpuEngine::go_paged`]: plain buffers for the whole model (the parameters
-    /// and shadow undefined until written, the gradients zero). Nothing to do when whole.
+    /// and shadow undefined until written, the gradients zero), and no training workspace.
+    /// Nothing to do when whole.
     pub(crate) fn go_whole(&mut self) -> reference::Result<()> {
         if !self.model.params.is_paged() {
             return Ok(());
@@ -186,6 +187,10 @@ impl GpuEngine {
         dev.sync()?;
         let numel = self.model.layout.numel;
         self.decoder.forget_graph();
+        // The training workspace goes too (the next training pass makes it again): an
+        // evaluation or a checkpoint of a model that only trains layer by layer would
+        // otherwise need the whole model and the activations at once.
+        self.train.ws = None;
         self.model.params = dev.alloc(4 * numel)?;
         self.train.grads = dev.zeros(4 * numel)?;
         if self.model.shadow.is_some() {

@@ -67,8 +67,12 @@ fn main() {
     };
     let mut comm = Nccl::new(0, 1, &id, 0).expect("NCCL at world size 1");
     let cfg = MambaConfig::new(a.d_model, a.layers, 50280);
-    let params = gpu::bench::params(&cfg);
-    let n_params = params.numel();
+    // Made again for each case and moved into its engine: the host holds no spare copy of a
+    // model that may take most of its memory.
+    let n_params: usize = reference::param_specs(&cfg)
+        .iter()
+        .map(|(_, s)| s.iter().product::<usize>())
+        .sum();
     let n = a.batch * a.seq;
     let toks = gpu::bench::tokens(n + 1, cfg.vocab_size, 7);
     let micro = [TrainBatch {
@@ -120,7 +124,7 @@ fn main() {
             ordinal: 0,
             precision: gpu::Precision::Bf16,
         };
-        let mut e = gpu::GpuEngine::new(&cfg, params.clone(), &opts).expect("engine");
+        let mut e = gpu::GpuEngine::new(&cfg, gpu::bench::params(&cfg), &opts).expect("engine");
         let mut d = ZeroDriver::new(&mut e, &mut comm, zc).expect("driver");
         let place = if d.in_engine() {
             "device, whole"

@@ -21,17 +21,17 @@ pub struct ZeroConfig {
     /// backward finishes them, into buckets of about this many elements (a group larger than
     /// this is a bucket by itself), and each bucket is one collective. Where the gradients are
     /// reduced after the backward (GPU engine with `offload_optimizer`, stage 3 with
-    /// `carry_state` or on the GPU engine, engines that cannot hand out gradients during the
-    /// backward) the flat buffer is cut into pieces of this many elements. No effect where the
-    /// GPU engine sums its own flat buffer in one collective (stages 0–2 without
-    /// `offload_optimizer`) or at stage 3 on the CPU engine (one collective per group).
+    /// `carry_state`, engines that cannot hand out gradients during the backward) the flat
+    /// buffer is cut into pieces of this many elements. No effect where the GPU engine sums
+    /// its own flat buffer in one collective (stages 0–2 without `offload_optimizer`) or at
+    /// stage 3 layer by layer on the CPU and GPU engines (one collective per group).
     pub reduce_bucket_size: usize,
     /// Stages 0–2 on the CPU engine: each full bucket is summed over the ranks on a
     /// communication thread while the engine's backward goes on (off: in line, in the
-    /// backward, as each bucket fills). Stage 3 on the CPU engine: each group's reduce-scatter
-    /// is queued on that thread, which runs the parameter gathers too, in order. The same bits
-    /// either way. No effect on the GPU engine or with `carry_state` (see
-    /// [`ZeroConfig::no_effect`]).
+    /// backward, as each bucket fills). Stage 3 layer by layer (CPU and GPU engines): each
+    /// group's reduce-scatter is queued on that thread, which runs the parameter gathers too,
+    /// in order. The same bits either way. No effect on the GPU engine at stages 0–2 or with
+    /// `carry_state` (see [`ZeroConfig::no_effect`]).
     pub overlap_comm: bool,
     pub contiguous_gradients: bool,
     pub offload_optimizer: OffloadDevice,
@@ -116,16 +116,16 @@ impl ZeroConfig {
         let d = ZeroConfig::default();
         let mut out = Vec::new();
         if self.overlap_comm {
-            out.push("zero_optimization.overlap_comm: no effect on the GPU engine or with carry_state, which reduce after the backward (the CPU engine reduces each bucket, at stage 3 each layer's gradient, on a communication thread while its backward runs)".to_string());
+            out.push("zero_optimization.overlap_comm: no effect on the GPU engine at stages 0-2 or with carry_state, which reduce after the backward (the CPU engine reduces each bucket on a communication thread while its backward runs, and at stage 3 the CPU and GPU engines queue each layer's gradient there)".to_string());
         }
         if self.stage == 3 && self.reduce_bucket_size != d.reduce_bucket_size {
-            out.push("zero_optimization.reduce_bucket_size: at stage 3 the CPU engine reduce-scatters each group's gradient in its own collective (the key applies on the GPU engine and with carry_state)".to_string());
+            out.push("zero_optimization.reduce_bucket_size: at stage 3 the CPU and GPU engines reduce-scatter each group's gradient in its own collective (the key applies with carry_state)".to_string());
         }
         if self.contiguous_gradients != d.contiguous_gradients {
             out.push("zero_optimization.contiguous_gradients: gradients are always copied into one flat buffer (at stage 3 on the CPU engine, this rank's flat chunk)".to_string());
         }
         if self.offload_param == OffloadDevice::Cpu {
-            out.push("zero_optimization.offload_param: the stage-3 shards live in host memory in the driver anyway; an engine that steps layer by layer (CPU, without carry_state) holds one or two layers at a time, the GPU engine every parameter during a step".to_string());
+            out.push("zero_optimization.offload_param: the stage-3 shards live in host memory in the driver anyway; an engine that steps layer by layer (CPU or GPU, without carry_state) holds one or two layers at a time".to_string());
         }
         let s3 = [
             (
@@ -144,7 +144,7 @@ impl ZeroConfig {
                     self.stage
                 ));
             } else if self.stage == 3 {
-                out.push(format!("zero_optimization.{k}: no effect on the GPU engine or with carry_state, which gather every parameter for each step (the CPU engine's layer-by-layer stage 3 uses it)"));
+                out.push(format!("zero_optimization.{k}: no effect with carry_state, which gathers every parameter for each step (the layer-by-layer stage 3 of the CPU and GPU engines uses it)"));
             }
         }
         if self.stage3_gather_16bit_weights_on_model_save {

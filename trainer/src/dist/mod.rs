@@ -92,7 +92,10 @@
 //!     lopsided across the chunks moves part by part, by broadcast and all-reduce, instead of
 //!     one padded all-gather and reduce-scatter). [`ZeroDriver::live_peak`] reports it; a
 //!     limit below one group cannot be met and is exceeded by that group;
-//!   - an engine that cannot step layer by layer (the GPU and reference engines, which keep the
+//!   - the GPU engine steps layer by layer too (`gpu/src/layered.rs`): its parameter, shadow
+//!     and gradient buffers become paged device memory, and only the groups in use have
+//!     memory behind them;
+//!   - an engine that cannot step layer by layer (the reference engine, which keeps the
 //!     trait's default) and stateful training (`carry_state`, which runs its windows through
 //!     [`ZeroDriver::step_with`]) get every parameter all-gathered into the engine at the start
 //!     of each step ([`ZeroDriver::sync_engine`]), as before: no memory saved over stage 2
