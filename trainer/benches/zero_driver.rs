@@ -1,5 +1,5 @@
 //! The ZeRO driver's own host-side work per step, outside the engine: world size 1 on the
-//! in-process communicator, the simd engine on tiny batches (so its forward and backward are
+//! in-process communicator (or `--comm tcp`, a one-process CPU run's), the simd engine on tiny batches (so its forward and backward are
 //! cheap) behind a wrapper that times every engine call and, by default, steps the way the GPU
 //! engine does (no streamed or layer-by-layer backward: the gradients come out whole through
 //! `gradients()`, the weights go back whole through `set_parameters`). Per case: seconds per
@@ -9,6 +9,7 @@
 //! ```text
 //! cargo bench -p trainer --bench zero_driver                       # 1024 x 24, 1+off,2+off,3
 //! cargo bench -p trainer --bench zero_driver -- --cases 3 --native # the simd engine's own paths
+//! cargo bench -p trainer --bench zero_driver -- --comm tcp         # no in-process copies
 //! ```
 
 use std::cell::Cell;
@@ -24,6 +25,7 @@ use reference::{AdamWConfig, InferenceEngine, MambaConfig, Result, Tensor, Train
 use simd::{SimdEngine, SimdOptions};
 use trainer::dist::config::OffloadDevice;
 use trainer::dist::{ZeroConfig, ZeroDriver};
+use trainer::launch::{connect, Launcher, RankEnv, Transport};
 use trainer::train::source::TrainBatch;
 
 #[derive(Parser)]
@@ -47,6 +49,10 @@ struct Args {
     /// Threads of the driver and of the engine (0: every core).
     #[arg(long, default_value_t = 0)]
     threads: usize,
+    /// The communicator: `in-process` (the tests' threads) or `tcp` (what a one-process
+    /// CPU run gets).
+    #[arg(long, default_value = "in-process")]
+    comm: String,
     /// Let the simd engine stream its gradients (stages 0–2) and step layer by layer
     /// (stage 3), as on the CPU, instead of the GPU engine's whole-model path.
     #[arg(long)]
@@ -185,6 +191,25 @@ impl TrainingEngine for Timed {
     }
 }
 
+/// A communicator of one rank: `in-process` or `tcp`.
+fn one_rank(kind: &str) -> anyhow::Result<Box<dyn Comm>> {
+    Ok(match kind {
+        "in-process" => Box::new(InProcess::group(1).pop().expect("one rank")),
+        "tcp" => {
+            let env = RankEnv {
+                rank: 0,
+                world: 1,
+                local_rank: 0,
+                master_addr: "127.0.0.1".into(),
+                master_port: 0,
+                launcher: Launcher::Single,
+            };
+            connect(&env, Transport::Tcp)?
+        }
+        _ => anyhow::bail!("--comm {kind:?}: in-process or tcp"),
+    })
+}
+
 fn cpu_name() -> String {
     std::fs::read_to_string("/proc/cpuinfo")
         .ok()
@@ -242,7 +267,7 @@ fn main() -> anyhow::Result<()> {
     };
     let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     println!(
-        "zero_driver: {}, {threads} threads (load {}); {:.1} M params (d_model {} x {} layers, vocab {}), {} x {} tokens, world size 1 in process, {} path",
+        "zero_driver: {}, {threads} threads (load {}); {:.1} M params (d_model {} x {} layers, vocab {}), {} x {} tokens, world size 1 ({}), {} path",
         cpu_name(),
         load.split_whitespace().take(3).collect::<Vec<_>>().join(" "),
         n_params as f64 / 1e6,
@@ -251,6 +276,7 @@ fn main() -> anyhow::Result<()> {
         a.vocab,
         a.batch,
         a.seq,
+        a.comm,
         if a.native { "simd engine's own" } else { "GPU engine's (whole-model)" }
     );
     println!("medians of {} steps, seconds per step:", a.steps);
@@ -278,18 +304,18 @@ fn main() -> anyhow::Result<()> {
             threads,
             ..ZeroConfig::default()
         };
-        let mut comm = InProcess::group(1).pop().expect("one rank");
+        let mut comm = one_rank(&a.comm)?;
         let mut e = Timed {
             inner: SimdEngine::new(cfg.clone(), params.clone(), &opts)?,
             native: a.native,
             spent: Spent::default(),
         };
-        let mut d = ZeroDriver::new(&mut e, &mut comm, zc)?;
+        let mut d = ZeroDriver::new(&mut e, &mut *comm, zc)?;
         let mut rows = Vec::new();
         for s in 0..=a.steps {
             e.spent = Spent::default();
             let t = Instant::now();
-            let out = d.step(&mut e, &mut comm, &micro, &hp, 1e-4)?;
+            let out = d.step(&mut e, &mut *comm, &micro, &hp, 1e-4)?;
             let step = t.elapsed().as_secs_f64();
             anyhow::ensure!(out.loss.is_some(), "case {case}: step {s} was skipped");
             if s > 0 {
