@@ -280,8 +280,8 @@ fn main() -> anyhow::Result<()> {
         if a.native { "simd engine's own" } else { "GPU engine's (whole-model)" }
     );
     println!("medians of {} steps, seconds per step:", a.steps);
-    println!("| case | step | engine: fwd+bwd | grads out | params in | driver | of which comm | adamw | rest | driver ns/param |");
-    println!("|---|---|---|---|---|---|---|---|---|---|");
+    println!("| case | step | engine: fwd+bwd | grads out | params in | driver | of which comm | adamw | rest | driver ns/param | driver made in |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
     let opts = SimdOptions {
         threads,
         ..SimdOptions::default()
@@ -310,7 +310,9 @@ fn main() -> anyhow::Result<()> {
             native: a.native,
             spent: Spent::default(),
         };
+        let t = Instant::now();
         let mut d = ZeroDriver::new(&mut e, &mut *comm, zc)?;
+        let made = t.elapsed().as_secs_f64() - e.spent.out.get();
         let mut rows = Vec::new();
         for s in 0..=a.steps {
             e.spent = Spent::default();
@@ -333,7 +335,7 @@ fn main() -> anyhow::Result<()> {
         let driver = m(|r| r.step - (r.compute + r.out + r.into));
         let rest = m(|r| r.step - (r.compute + r.out + r.into) - r.comm - r.adamw);
         println!(
-            "| {case} | {:.3} | {:.3} | {:.3} | {:.3} | {driver:.3} | {:.3} | {:.3} | {rest:.3} | {:.2} |",
+            "| {case} | {:.3} | {:.3} | {:.3} | {:.3} | {driver:.3} | {:.3} | {:.3} | {rest:.3} | {:.2} | {made:.3} |",
             m(|r| r.step),
             m(|r| r.compute),
             m(|r| r.out),

@@ -83,15 +83,27 @@ impl ZeroDriver {
         if cfg.stage > 3 {
             return Err(ZeroConfig::with_stage(cfg.stage).unwrap_err());
         }
+        let threads = if cfg.threads == 0 {
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        } else {
+            cfg.threads
+        };
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .map_err(|e| DistError::Config(format!("host thread pool: {e}")))?;
         let layout = FlatLayout::new(engine.config(), comm.world());
-        let mut flat = layout.flatten(&engine.parameters()?)?;
-        let mut bytes: Vec<u8> = flat.iter().flat_map(|x| x.to_le_bytes()).collect();
+        let mut flat = vec![0.0f32; layout.padded()];
+        par::flatten_into(&pool, &layout, &engine.parameters()?, &mut flat)?;
+        let mut bytes = vec![0u8; 4 * flat.len()];
+        par::to_le_bytes(&pool, &flat, &mut bytes);
         comm.broadcast(&mut bytes, 0)?;
-        for (x, b) in flat.iter_mut().zip(bytes.chunks_exact(4)) {
-            *x = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
-        }
+        par::from_le_bytes(&pool, &bytes, &mut flat);
+        drop(bytes);
         if comm.rank() != 0 {
-            engine.set_parameters(&layout.unflatten(&flat))?;
+            let mut named = Vec::new();
+            par::unflatten_into(&pool, &layout, &flat, &mut named);
+            engine.set_parameters(&named)?;
         }
         // Every rank probes the same engine kind and communicator, so all agree. A loss-scaled
         // run (fp16) keeps the optimizer here: the engine's own step would divide by its
@@ -115,22 +127,15 @@ impl ZeroDriver {
             master: if in_engine_any {
                 Vec::new()
             } else {
-                flat[range.clone()].to_vec()
+                let mut m = vec![0.0; range.len()];
+                par::copy(&pool, &mut m, &flat[range.clone()]);
+                m
             },
             m: vec![0.0; n],
             v: vec![0.0; n],
             step: 0,
             range,
         };
-        let threads = if cfg.threads == 0 {
-            std::thread::available_parallelism().map_or(1, |n| n.get())
-        } else {
-            cfg.threads
-        };
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .build()
-            .map_err(|e| DistError::Config(format!("host thread pool: {e}")))?;
         let groups = group_ranges(engine.config(), &layout);
         let group_sizes = groups
             .iter()

@@ -1,5 +1,5 @@
 //! Whole-model element-wise work on the driver's thread pool: copies between the engine's
-//! named tensors and the flat buffers, and products by one scalar. Each element is computed
+//! named tensors and the flat buffers (and their bytes), and products by one scalar. Each element is computed
 //! as before, on its own, so splitting the work over threads changes no bit; sums (the
 //! gradient norm) stay serial where they are.
 
@@ -33,6 +33,35 @@ pub(super) fn scale(pool: &ThreadPool, x: &mut [f32], c: f32) {
     pool.install(|| {
         x.par_chunks_mut(PIECE)
             .for_each(|p| p.iter_mut().for_each(|g| *g *= c))
+    });
+}
+
+/// `bytes` (4 a value) = `x` as little-endian bytes.
+pub(super) fn to_le_bytes(pool: &ThreadPool, x: &[f32], bytes: &mut [u8]) {
+    assert_eq!(bytes.len(), 4 * x.len(), "to_le_bytes: 4 bytes a value");
+    pool.install(|| {
+        bytes
+            .par_chunks_mut(4 * PIECE)
+            .zip(x.par_chunks(PIECE))
+            .for_each(|(b, x)| {
+                for (b, x) in b.chunks_exact_mut(4).zip(x) {
+                    b.copy_from_slice(&x.to_le_bytes());
+                }
+            })
+    });
+}
+
+/// `x` = the little-endian values of `bytes` (4 a value).
+pub(super) fn from_le_bytes(pool: &ThreadPool, bytes: &[u8], x: &mut [f32]) {
+    assert_eq!(bytes.len(), 4 * x.len(), "from_le_bytes: 4 bytes a value");
+    pool.install(|| {
+        x.par_chunks_mut(PIECE)
+            .zip(bytes.par_chunks(4 * PIECE))
+            .for_each(|(x, b)| {
+                for (x, b) in x.iter_mut().zip(b.chunks_exact(4)) {
+                    *x = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+                }
+            })
     });
 }
 
@@ -168,5 +197,11 @@ mod tests {
         scale(&p, &mut dst, 0.3);
         let want: Vec<f32> = src.iter().map(|&x| x * 0.3).collect();
         assert_eq!(dst, want);
+        let mut bytes = vec![0u8; 4 * src.len()];
+        to_le_bytes(&p, &src, &mut bytes);
+        let want: Vec<u8> = src.iter().flat_map(|x| x.to_le_bytes()).collect();
+        assert_eq!(bytes, want);
+        from_le_bytes(&p, &bytes, &mut dst);
+        assert_eq!(dst, src);
     }
 }
