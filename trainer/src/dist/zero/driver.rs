@@ -36,7 +36,9 @@ pub struct ZeroDriver {
     /// so that its pages are not faulted in anew each step; empty until first needed.
     pub(super) grad_chunk: Vec<f32>,
     /// Named tensors of the layout's shapes through which the weights go back to the engine
-    /// (the engine's last `gradients()`, reused); empty where no whole-model buffer is kept.
+    /// (the engine's last `gradients()`, reused): kept between steps only at whole-model
+    /// stage 3, which publishes at the next step's start, and on the streamed stage-0 path
+    /// whose summed gradients go back through them each step.
     pub(super) named: NamedTensors,
     pub(super) pool: ThreadPool,
     /// Stage 3: the engine's parameters are current (gathered since the last update).
@@ -659,7 +661,9 @@ impl ZeroDriver {
         if self.cfg.stage == 0 {
             let s = &self.shard;
             par::unflatten_into(&self.pool, &self.layout, &s.master, &mut self.named);
-            engine.set_parameters(&self.named)?;
+            let set = engine.set_parameters(&self.named);
+            self.named = Vec::new(); // the next step's gradients() brings another
+            set?;
             if self.in_engine {
                 engine.set_optimizer_state(&reference::engine::OptimizerState {
                     step: s.step,
@@ -681,7 +685,10 @@ impl ZeroDriver {
         })?;
         par::unflatten_into(&self.pool, &self.layout, &full, &mut self.named);
         let set = engine.set_parameters(&self.named);
-        if self.on_device || self.layered == Some(true) {
+        // Only whole-model stage 3 publishes before the next gradients() (at the next step's
+        // start), into the tensors kept; elsewhere they go now, as no copy outlived a step
+        // before.
+        if self.on_device || self.cfg.stage < 3 || self.layered == Some(true) {
             self.named = Vec::new();
         }
         set?;
