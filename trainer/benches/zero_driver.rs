@@ -1,10 +1,14 @@
 //! The ZeRO driver's own host-side work per step, outside the engine: world size 1 on the
-//! in-process communicator (or `--comm tcp`, a one-process CPU run's), the simd engine on tiny batches (so its forward and backward are
-//! cheap) behind a wrapper that times every engine call and, by default, steps the way the GPU
-//! engine does (no streamed or layer-by-layer backward: the gradients come out whole through
-//! `gradients()`, the weights go back whole through `set_parameters`). Per case: seconds per
-//! step, the engine's share (forward + backward, gradients out, parameters in), and the
-//! driver's: its collectives, AdamW, and the rest (the flat copies), with ns per parameter.
+//! in-process communicator (or `--comm tcp`, a one-process CPU run's), the simd engine on
+//! tiny batches (so its forward and backward are cheap) behind a wrapper that times every
+//! engine call and, by default, steps the way the GPU engine does (no streamed or
+//! layer-by-layer backward: the gradients come out whole through `gradients()`, the weights
+//! go back whole through `set_parameters`). Per case: seconds per step, the engine's share
+//! (forward + backward, gradients out, parameters in), and the driver's: its collectives,
+//! AdamW, and the rest (the flat copies and the gradient norm), with ns per parameter, and the
+//! seconds `ZeroDriver::new` took. With `--native` the hooks' collectives (stage 3: every
+//! gather and reduce-scatter) run inside the engine's call, so the engine's column holds them
+//! and the driver's rest can come out negative.
 //!
 //! ```text
 //! cargo bench -p trainer --bench zero_driver                       # 1024 x 24, 1+off,2+off,3
@@ -239,6 +243,44 @@ struct Row {
     adamw: f64,
 }
 
+/// The config of case `STAGE` or `STAGE+off`.
+fn zero_config(case: &str, threads: usize) -> anyhow::Result<ZeroConfig> {
+    let (stage, off) = match case.split_once('+') {
+        Some((s, "off")) => (s.parse::<u8>(), true),
+        _ => (case.parse::<u8>(), false),
+    };
+    let Ok(stage) = stage else {
+        anyhow::bail!("case {case:?} is not STAGE or STAGE+off");
+    };
+    Ok(ZeroConfig {
+        stage,
+        offload_optimizer: if off {
+            OffloadDevice::Cpu
+        } else {
+            OffloadDevice::None
+        },
+        threads,
+        ..ZeroConfig::default()
+    })
+}
+
+/// One table row: the medians of `rows`, and the seconds the driver took to be made.
+fn print_row(case: &str, rows: &[Row], made: f64, n_params: usize) {
+    let m = |f: fn(&Row) -> f64| median(rows.iter().map(f).collect());
+    let driver = m(|r| r.step - (r.compute + r.out + r.into));
+    let rest = m(|r| r.step - (r.compute + r.out + r.into) - r.comm - r.adamw);
+    println!(
+        "| {case} | {:.3} | {:.3} | {:.3} | {:.3} | {driver:.3} | {:.3} | {:.3} | {rest:.3} | {:.2} | {made:.3} |",
+        m(|r| r.step),
+        m(|r| r.compute),
+        m(|r| r.out),
+        m(|r| r.into),
+        m(|r| r.comm),
+        m(|r| r.adamw),
+        driver * 1e9 / n_params as f64,
+    );
+}
+
 fn main() -> anyhow::Result<()> {
     let a = Args::parse();
     let threads = if a.threads == 0 {
@@ -287,23 +329,7 @@ fn main() -> anyhow::Result<()> {
         ..SimdOptions::default()
     };
     for case in &a.cases {
-        let (stage, off) = match case.split_once('+') {
-            Some((s, "off")) => (s.parse::<u8>(), true),
-            _ => (case.parse::<u8>(), false),
-        };
-        let Ok(stage) = stage else {
-            anyhow::bail!("case {case:?} is not STAGE or STAGE+off");
-        };
-        let zc = ZeroConfig {
-            stage,
-            offload_optimizer: if off {
-                OffloadDevice::Cpu
-            } else {
-                OffloadDevice::None
-            },
-            threads,
-            ..ZeroConfig::default()
-        };
+        let zc = zero_config(case, threads)?;
         let mut comm = one_rank(&a.comm)?;
         let mut e = Timed {
             inner: SimdEngine::new(cfg.clone(), params.clone(), &opts)?,
@@ -331,19 +357,7 @@ fn main() -> anyhow::Result<()> {
                 });
             }
         }
-        let m = |f: fn(&Row) -> f64| median(rows.iter().map(f).collect());
-        let driver = m(|r| r.step - (r.compute + r.out + r.into));
-        let rest = m(|r| r.step - (r.compute + r.out + r.into) - r.comm - r.adamw);
-        println!(
-            "| {case} | {:.3} | {:.3} | {:.3} | {:.3} | {driver:.3} | {:.3} | {:.3} | {rest:.3} | {:.2} | {made:.3} |",
-            m(|r| r.step),
-            m(|r| r.compute),
-            m(|r| r.out),
-            m(|r| r.into),
-            m(|r| r.comm),
-            m(|r| r.adamw),
-            driver * 1e9 / n_params as f64,
-        );
+        print_row(case, &rows, made, n_params);
     }
     Ok(())
 }

@@ -1,7 +1,7 @@
 //! Whole-model element-wise work on the driver's thread pool: copies between the engine's
-//! named tensors and the flat buffers (and their bytes), and products by one scalar. Each element is computed
-//! as before, on its own, so splitting the work over threads changes no bit; sums (the
-//! gradient norm) stay serial where they are.
+//! named tensors and the flat buffers (and their bytes), and products by one scalar. Each
+//! element is computed as before, on its own, so splitting the work over threads changes no
+//! bit; sums (the gradient norm) stay serial where they are.
 
 use rayon::prelude::*;
 use rayon::ThreadPool;
