@@ -158,6 +158,39 @@ fn the_parameter_count_does_not_divide_evenly() {
 /// same per-element AdamW, so at one world size every stage, with or without offload, gives
 /// the same bits; against the one-rank run (whose engine accumulates micro-batch gradients
 /// inside its backward, in another order) within [`tol::ZERO_VS_ONE_RANK`].
+/// Ranks that start from different weights all hold rank 0's, bit for bit, once the driver
+/// is made (its broadcast), at every stage.
+#[test]
+fn the_driver_starts_every_rank_from_rank_0s_weights() {
+    for stage in 0..=3u8 {
+        let handles: Vec<_> = InProcess::group(3)
+            .into_iter()
+            .map(|mut comm| {
+                thread::spawn(move || {
+                    let seed = 11 + comm.rank() as u64;
+                    let mut e = conformance::zero::simd_engine(&cfg(), seed);
+                    ZeroDriver::new(&mut e, &mut comm, zc(stage, false)).unwrap();
+                    FlatLayout::new(&cfg(), 1)
+                        .flatten(&e.parameters().unwrap())
+                        .unwrap()
+                })
+            })
+            .collect();
+        let w: Vec<Vec<u32>> = handles
+            .into_iter()
+            .map(|h| h.join().unwrap().iter().map(|x| x.to_bits()).collect())
+            .collect();
+        let flat = |e: SimdEngine| {
+            let f = FlatLayout::new(&cfg(), 1).flatten(&e.parameters().unwrap());
+            f.unwrap().iter().map(|x| x.to_bits()).collect::<Vec<_>>()
+        };
+        let other = flat(conformance::zero::simd_engine(&cfg(), 12));
+        assert_ne!(other, w[0], "the seeds give different weights");
+        assert_eq!(w[0], flat(engine()));
+        assert!(w.iter().all(|x| x == &w[0]), "stage {stage}");
+    }
+}
+
 #[test]
 fn every_stage_and_world_matches_one_rank() {
     let mut worst = 0.0f64;

@@ -5,16 +5,22 @@
 //!
 //! For now every collective takes host slices: the data is staged through device buffers
 //! (copy in, collective on this communicator's own stream, copy out, synchronise). That costs
-//! two PCIe copies per collective; engines that keep gradients on the device will want a
-//! device-slice entry point beside the trait. NCCL's reduction order is fixed for a fixed
-//! world size and topology, so a run is reproducible at the same world size. NVLink
-//! multicast (NVLS) is never turned on here, and the NCCL environment is left as the machine
-//! sets it.
+//! two PCIe copies per collective; engines that keep gradients on the device use the
+//! device-slice entry points beside the trait. The staging buffers are kept and grown on
+//! demand, so that a collective allocates no device memory once the largest has run.
+//!
+//! At world size 1 the host collectives touch no device: NCCL's sum over one rank, its
+//! broadcast and its all-gather return the input, so an all-reduce or a broadcast leaves the
+//! data as it is and a reduce-scatter or an all-gather copies its input (the same bits).
+//!
+//! NCCL's reduction order is fixed for a fixed world size and topology, so a run is
+//! reproducible at the same world size. NVLink multicast (NVLS) is never turned on here, and
+//! the NCCL environment is left as the machine sets it.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 
-use cudarc::driver::{CudaContext, CudaStream};
+use cudarc::driver::{CudaContext, CudaSlice, CudaStream, CudaView, CudaViewMut, DriverError};
 use cudarc::nccl::safe::{Comm as NcclComm, Id, ReduceOp};
 use reference::comm::{length_error, world_multiple_mismatch, Comm, CommError, CommResult};
 
@@ -46,6 +52,40 @@ pub struct Nccl {
     stream: Arc<CudaStream>,
     rank: usize,
     world: usize,
+    /// Device staging of the f32 host collectives, kept between calls and grown on demand:
+    /// the input (the all-reduce's buffer in place) and the output.
+    send: Option<CudaSlice<f32>>,
+    recv: Option<CudaSlice<f32>>,
+}
+
+/// `dst = src` (equal lengths) split over the machine's cores: at world size 1 a
+/// reduce-scatter or an all-gather copies a whole model, gigabytes, which one thread copies at
+/// a fraction of the memory bandwidth.
+fn copy_host(dst: &mut [f32], src: &[f32]) {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let piece = src.len().div_ceil(threads).max(1 << 20);
+    if src.len() <= piece {
+        dst.copy_from_slice(src);
+        return;
+    }
+    std::thread::scope(|s| {
+        for (d, x) in dst.chunks_mut(piece).zip(src.chunks(piece)) {
+            s.spawn(move || d.copy_from_slice(x));
+        }
+    });
+}
+
+/// `buf`, replaced by a larger one where it holds fewer than `len` elements.
+fn staging<'a>(
+    stream: &Arc<CudaStream>,
+    buf: &'a mut Option<CudaSlice<f32>>,
+    len: usize,
+) -> Result<&'a mut CudaSlice<f32>, DriverError> {
+    if buf.as_ref().is_none_or(|b| b.len() < len) {
+        *buf = None; // the old buffer goes before the new one is made
+        *buf = Some(stream.alloc_zeros::<f32>(len)?);
+    }
+    Ok(buf.as_mut().expect("made above"))
 }
 
 // SAFETY: the communicator and its stream are used by one thread at a time (every method
@@ -89,6 +129,8 @@ impl Nccl {
             stream,
             rank,
             world,
+            send: None,
+            recv: None,
         })
     }
 
@@ -106,7 +148,7 @@ impl Nccl {
     }
 
     /// A collective from host `input` into host `output` (lengths already checked), staged
-    /// through device buffers; nothing to do when either is empty.
+    /// through the kept device buffers; nothing to do when either is empty.
     fn staged(
         &mut self,
         op: &'static str,
@@ -114,8 +156,8 @@ impl Nccl {
         output: &mut [f32],
         collective: impl FnOnce(
             &NcclComm,
-            &cudarc::driver::CudaSlice<f32>,
-            &mut cudarc::driver::CudaSlice<f32>,
+            &CudaView<f32>,
+            &mut CudaViewMut<f32>,
         ) -> Result<
             cudarc::nccl::result::NcclStatus,
             cudarc::nccl::result::NcclError,
@@ -125,23 +167,48 @@ impl Nccl {
             return Ok(());
         }
         self.bind(op)?;
-        let e = |x: String| nccl_err(self.rank, op, x);
-        let src = self
-            .stream
-            .clone_htod(input)
+        let rank = self.rank;
+        let e = |x: String| nccl_err(rank, op, x);
+        let (n_in, n_out) = (input.len(), output.len());
+        let send = staging(&self.stream, &mut self.send, n_in).map_err(|x| e(format!("{x:?}")))?;
+        let recv = staging(&self.stream, &mut self.recv, n_out).map_err(|x| e(format!("{x:?}")))?;
+        self.stream
+            .memcpy_htod(input, &mut send.slice_mut(..n_in))
             .map_err(|x| e(format!("{x:?}")))?;
-        let mut dst = self
-            .stream
-            .alloc_zeros::<f32>(output.len())
-            .map_err(|x| e(format!("{x:?}")))?;
-        collective(&self.comm, &src, &mut dst).map_err(|x| e(format!("{x:?}")))?;
+        let mut dst = recv.slice_mut(..n_out);
+        collective(&self.comm, &send.slice(..n_in), &mut dst).map_err(|x| e(format!("{x:?}")))?;
         self.stream
             .memcpy_dtoh(&dst, output)
             .map_err(|x| e(format!("{x:?}")))?;
         self.sync(op)
     }
 
-    /// All-reduce (sum) of host data staged through the device, element type `T`.
+    /// All-reduce (sum) of host f32 staged through the kept device buffer, in place; nothing
+    /// to do at world size 1 (a sum over one rank).
+    fn all_reduce_f32(&mut self, data: &mut [f32], op: &'static str) -> CommResult<()> {
+        if data.is_empty() || self.world == 1 {
+            return Ok(());
+        }
+        self.bind(op)?;
+        let rank = self.rank;
+        let e = |x: String| nccl_err(rank, op, x);
+        let n = data.len();
+        let buf = staging(&self.stream, &mut self.send, n).map_err(|x| e(format!("{x:?}")))?;
+        let mut d = buf.slice_mut(..n);
+        self.stream
+            .memcpy_htod(&*data, &mut d)
+            .map_err(|x| e(format!("{x:?}")))?;
+        self.comm
+            .all_reduce_in_place(&mut d, &ReduceOp::Sum)
+            .map_err(|x| e(format!("{x:?}")))?;
+        self.stream
+            .memcpy_dtoh(&d, data)
+            .map_err(|x| e(format!("{x:?}")))?;
+        self.sync(op)
+    }
+
+    /// All-reduce (sum) of a few host values staged through a fresh device buffer, element
+    /// type `T`; nothing to do at world size 1.
     fn all_reduce_host<T>(&mut self, data: &mut [T], op: &'static str) -> CommResult<()>
     where
         T: cudarc::nccl::safe::NcclType
@@ -149,7 +216,7 @@ impl Nccl {
             + cudarc::driver::ValidAsZeroBits
             + Copy,
     {
-        if data.is_empty() {
+        if data.is_empty() || self.world == 1 {
             return Ok(());
         }
         self.bind(op)?;
@@ -178,7 +245,7 @@ impl Comm for Nccl {
     }
 
     fn all_reduce_sum(&mut self, data: &mut [f32]) -> CommResult<()> {
-        self.all_reduce_host(data, "all_reduce_sum")
+        self.all_reduce_f32(data, "all_reduce_sum")
     }
 
     fn all_reduce_sum_f64(&mut self, data: &mut [f64]) -> CommResult<()> {
@@ -192,6 +259,10 @@ impl Comm for Nccl {
         if let Some(msg) = mismatch {
             return Err(length_error(self.rank, op, msg));
         }
+        if self.world == 1 {
+            copy_host(output, input);
+            return Ok(());
+        }
         self.staged(op, input, output, |comm, src, dst| {
             comm.reduce_scatter(src, dst, &ReduceOp::Sum)
         })
@@ -203,6 +274,10 @@ impl Comm for Nccl {
             world_multiple_mismatch(("output", output.len()), self.world, ("input", input.len()));
         if let Some(msg) = mismatch {
             return Err(length_error(self.rank, op, msg));
+        }
+        if self.world == 1 {
+            copy_host(output, input);
+            return Ok(());
         }
         self.staged(op, input, output, |comm, src, dst| {
             comm.all_gather(src, dst)
@@ -218,7 +293,7 @@ impl Comm for Nccl {
                 format!("root {root} of a world of {}", self.world),
             ));
         }
-        if data.is_empty() {
+        if data.is_empty() || self.world == 1 {
             return Ok(());
         }
         self.bind(op)?;
@@ -340,5 +415,23 @@ impl cudarc::driver::DevicePtrMut<f32> for DeviceF32 {
         cudarc::driver::SyncOnDrop<'a>,
     ) {
         (self.ptr, cudarc::driver::SyncOnDrop::Sync(None))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::copy_host;
+
+    #[test]
+    fn copy_host_copies_every_element() {
+        for n in [0, 5, (1 << 20) + 3, 5 << 20] {
+            let src: Vec<f32> = (0..n).map(|i| i as f32 * 0.5 - 7.0).collect();
+            let mut dst = vec![f32::NAN; n];
+            copy_host(&mut dst, &src);
+            assert!(dst
+                .iter()
+                .zip(&src)
+                .all(|(d, s)| d.to_bits() == s.to_bits()));
+        }
     }
 }

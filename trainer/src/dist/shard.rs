@@ -154,7 +154,7 @@ impl FlatLayout {
     }
 
     /// An error unless `named` has the layout's names and shapes in its order.
-    fn check(&self, named: &[(String, Tensor<f32>)]) -> Result<(), DistError> {
+    pub(crate) fn check(&self, named: &[(String, Tensor<f32>)]) -> Result<(), DistError> {
         let ok = named.len() == self.slots.len()
             && self
                 .slots

@@ -33,6 +33,11 @@ impl Comm for TcpComm {
         {
             return Err(self.local_error(op, msg));
         }
+        if self.world == 1 {
+            // The sum over one rank: the input, not encoded and copied twice.
+            output.copy_from_slice(input);
+            return Ok(());
+        }
         if self.rank != 0 {
             let got = self.exchange(op, n, 0, &encode(input), n * 4)?;
             decode_into(&got, output);
@@ -57,6 +62,10 @@ impl Comm for TcpComm {
             world_multiple_mismatch(("output", output.len()), self.world, ("input", n))
         {
             return Err(self.local_error(op, msg));
+        }
+        if self.world == 1 {
+            output.copy_from_slice(input);
+            return Ok(());
         }
         if self.rank != 0 {
             let got = self.exchange(op, n, 0, &encode(input), output.len() * 4)?;

@@ -168,16 +168,25 @@ impl Reducer<'_> {
             }
             return Ok(());
         }
-        let mut input = vec![0.0f32; w * n];
-        for (q, p) in parts.iter().enumerate() {
-            let mut k = q * n;
-            for (off, f) in p {
-                input[k..k + f.len()].copy_from_slice(&values[*off..*off + f.len()]);
-                k += f.len();
+        // At world size 1 the one part is the whole bucket, in order: the values themselves.
+        let staged;
+        let input: &[f32] = if w == 1 {
+            debug_assert_eq!(n, values.len());
+            &values
+        } else {
+            let mut input = vec![0.0f32; w * n];
+            for (q, p) in parts.iter().enumerate() {
+                let mut k = q * n;
+                for (off, f) in p {
+                    input[k..k + f.len()].copy_from_slice(&values[*off..*off + f.len()]);
+                    k += f.len();
+                }
             }
-        }
+            staged = input;
+            &staged
+        };
         let mut out = vec![0.0f32; n];
-        self.comm.reduce_scatter_sum(&input, &mut out)?;
+        self.comm.reduce_scatter_sum(input, &mut out)?;
         self.record("reduce_scatter", 4 * input.len(), start);
         let mut k = 0;
         for (_, f) in &parts[me] {

@@ -8,11 +8,12 @@ use std::time::Instant;
 
 use rayon::ThreadPool;
 use reference::comm::Comm;
-use reference::engine::ParamGroup;
+use reference::engine::{NamedTensors, ParamGroup};
 use reference::model::Batch;
 use reference::{AdamWConfig, TrainingEngine};
 
 use super::hook::fill_order;
+use super::par;
 use super::ranges::{group_ranges, owned};
 use super::{timed, Breakdown, CommRecord, MicroOut, Shard, StepOut};
 use crate::dist::config::ZeroConfig;
@@ -31,6 +32,14 @@ pub struct ZeroDriver {
     /// Decay runs, relative to the shard's start.
     pub(super) runs: Vec<(Range<usize>, bool)>,
     pub(super) flat_grad: Vec<f32>,
+    /// A chunk-long gradient buffer (stages 2–3: this rank's summed chunk), kept between steps
+    /// so that its pages are not faulted in anew each step; empty until first needed.
+    pub(super) grad_chunk: Vec<f32>,
+    /// Named tensors of the layout's shapes through which the weights go back to the engine
+    /// (the engine's last `gradients()`, reused): kept between steps only at whole-model
+    /// stage 3, which publishes at the next step's start, and on the streamed stage-0 path
+    /// whose summed gradients go back through them each step.
+    pub(super) named: NamedTensors,
     pub(super) pool: ThreadPool,
     /// Stage 3: the engine's parameters are current (gathered since the last update).
     pub(super) engine_current: bool,
@@ -76,15 +85,27 @@ impl ZeroDriver {
         if cfg.stage > 3 {
             return Err(ZeroConfig::with_stage(cfg.stage).unwrap_err());
         }
+        let threads = if cfg.threads == 0 {
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        } else {
+            cfg.threads
+        };
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .map_err(|e| DistError::Config(format!("host thread pool: {e}")))?;
         let layout = FlatLayout::new(engine.config(), comm.world());
-        let mut flat = layout.flatten(&engine.parameters()?)?;
-        let mut bytes: Vec<u8> = flat.iter().flat_map(|x| x.to_le_bytes()).collect();
+        let mut flat = vec![0.0f32; layout.padded()];
+        par::flatten_into(&pool, &layout, &engine.parameters()?, &mut flat)?;
+        let mut bytes = vec![0u8; 4 * flat.len()];
+        par::to_le_bytes(&pool, &flat, &mut bytes);
         comm.broadcast(&mut bytes, 0)?;
-        for (x, b) in flat.iter_mut().zip(bytes.chunks_exact(4)) {
-            *x = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
-        }
+        par::from_le_bytes(&pool, &bytes, &mut flat);
+        drop(bytes);
         if comm.rank() != 0 {
-            engine.set_parameters(&layout.unflatten(&flat))?;
+            let mut named = Vec::new();
+            par::unflatten_into(&pool, &layout, &flat, &mut named);
+            engine.set_parameters(&named)?;
         }
         // Every rank probes the same engine kind and communicator, so all agree. A loss-scaled
         // run (fp16) keeps the optimizer here: the engine's own step would divide by its
@@ -108,22 +129,15 @@ impl ZeroDriver {
             master: if in_engine_any {
                 Vec::new()
             } else {
-                flat[range.clone()].to_vec()
+                let mut m = vec![0.0; range.len()];
+                par::copy(&pool, &mut m, &flat[range.clone()]);
+                m
             },
             m: vec![0.0; n],
             v: vec![0.0; n],
             step: 0,
             range,
         };
-        let threads = if cfg.threads == 0 {
-            std::thread::available_parallelism().map_or(1, |n| n.get())
-        } else {
-            cfg.threads
-        };
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .build()
-            .map_err(|e| DistError::Config(format!("host thread pool: {e}")))?;
         let groups = group_ranges(engine.config(), &layout);
         let group_sizes = groups
             .iter()
@@ -136,6 +150,8 @@ impl ZeroDriver {
             } else {
                 vec![0.0; layout.padded()]
             },
+            grad_chunk: Vec::new(),
+            named: Vec::new(),
             in_engine,
             on_device,
             cfg,
@@ -313,10 +329,14 @@ impl ZeroDriver {
         if self.flat_grad.len() != self.layout.padded() {
             self.flat_grad = vec![0.0; self.layout.padded()];
         }
-        self.layout
-            .flatten_into(&engine.gradients()?, &mut self.flat_grad)?;
-        bd.comm += self.reduce_gradients(comm)?;
-        let grad = self.take_grad_shard();
+        // The last step's copy goes before the engine makes a new one.
+        self.named = Vec::new();
+        let grads = engine.gradients()?;
+        par::flatten_into(&self.pool, &self.layout, &grads, &mut self.flat_grad)?;
+        // Its tensors carry the new weights back into the engine.
+        self.named = grads;
+        let (secs, grad) = self.reduce_gradients(comm)?;
+        bd.comm += secs;
         self.finish(engine, comm, bd, grad, micro, count, (hp, lr))
     }
 
@@ -329,7 +349,7 @@ impl ZeroDriver {
         engine: &mut dyn TrainingEngine,
         comm: &mut dyn Comm,
         mut bd: Breakdown,
-        mut grad: Vec<f32>,
+        grad: Grad,
         micro: MicroOut,
         count: usize,
         (hp, lr): (&AdamWConfig, f64),
@@ -339,36 +359,60 @@ impl ZeroDriver {
             bad,
             tokens,
         } = micro;
+        let flat = matches!(grad, Grad::Flat);
+        let (mut buf, range) = match grad {
+            Grad::Flat => (
+                std::mem::take(&mut self.flat_grad),
+                self.shard.range.clone(),
+            ),
+            Grad::Chunk(v) => {
+                let n = v.len();
+                (v, 0..n)
+            }
+        };
+        let g = &mut buf[range];
         if self.loss_scale != 1.0 {
             let inv = (1.0 / self.loss_scale) as f32;
-            grad.iter_mut().for_each(|g| *g *= inv);
+            par::scale(&self.pool, g, inv);
         }
-        let local_sq: f64 = grad.iter().map(|&g| f64::from(g) * f64::from(g)).sum();
+        // One sum in element order, as ever (splitting it would change its bits).
+        let local_sq: f64 = g.iter().map(|&g| f64::from(g) * f64::from(g)).sum();
         let mut stats = [loss_sum, bad, tokens as f64, local_sq];
         if self.cfg.stage == 0 {
             stats[3] = 0.0; // every rank holds the whole gradient: not summed over ranks
         }
-        bd.comm += timed(&mut self.comms, "all_reduce_f64", 32, || {
+        let summed = timed(&mut self.comms, "all_reduce_f64", 32, || {
             comm.all_reduce_sum_f64(&mut stats)
-        })?;
+        });
         let sq = if self.cfg.stage == 0 {
             local_sq
         } else {
             stats[3]
         };
         let grad_norm = sq.sqrt();
+        let skip = stats[1] > 0.0 || !grad_norm.is_finite();
+        let run = summed.is_ok() && !skip;
+        if run {
+            let t = Instant::now();
+            self.adamw(g, hp, lr, grad_norm);
+            bd.step = t.elapsed().as_secs_f64();
+        }
+        // The buffer is kept for the next step.
+        if flat {
+            self.flat_grad = buf;
+        } else {
+            self.grad_chunk = buf;
+        }
+        bd.comm += summed?;
         let out = |loss, bd| StepOut {
             loss,
             grad_norm,
             tokens: stats[2] as u64,
             breakdown: bd,
         };
-        if stats[1] > 0.0 || !grad_norm.is_finite() {
+        if !run {
             return Ok(out(None, bd));
         }
-        let t = Instant::now();
-        self.adamw(&mut grad, hp, lr, grad_norm);
-        bd.step = t.elapsed().as_secs_f64();
         if self.cfg.stage == 3 {
             self.engine_current = false;
         } else {
@@ -533,10 +577,11 @@ impl ZeroDriver {
         Ok(())
     }
 
-    /// Sums the flat gradient over ranks: all-reduce in buckets (stages 0, 1), or
-    /// reduce-scatter in buckets (stages 2, 3: only this rank's chunk is summed, into the
-    /// start of `flat_grad`). Returns the seconds spent.
-    fn reduce_gradients(&mut self, comm: &mut dyn Comm) -> Result<f64, DistError> {
+    /// Sums the flat gradient over ranks: all-reduce in buckets (stages 0, 1: this rank's
+    /// shard is then its range of `flat_grad`), or reduce-scatter in buckets (stages 2, 3:
+    /// only this rank's chunk is summed, into a chunk buffer). Returns the seconds spent and
+    /// where the shard is.
+    fn reduce_gradients(&mut self, comm: &mut dyn Comm) -> Result<(f64, Grad), DistError> {
         let bucket = self.cfg.reduce_bucket_size.max(1);
         let mut secs = 0.0;
         if self.cfg.stage < 2 {
@@ -546,41 +591,50 @@ impl ZeroDriver {
                     comm.all_reduce_sum(b)
                 })?;
             }
-            return Ok(secs);
+            return Ok((secs, Grad::Flat));
         }
         let (w, c) = (self.layout.world, self.layout.chunk);
-        let mut mine = vec![0.0f32; c];
-        let mut input = Vec::with_capacity(w * bucket.min(c));
+        let mut mine = std::mem::take(&mut self.grad_chunk);
+        mine.resize(c, 0.0); // every element is written below
+        let mut staged = Vec::new();
         let mut at = 0;
         while at < c {
             let n = bucket.min(c - at);
-            input.clear();
-            for r in 0..w {
-                input.extend_from_slice(&self.flat_grad[r * c + at..r * c + at + n]);
-            }
+            // Every rank's elements `at..at + n` of its chunk, end to end: at world size 1
+            // the flat buffer's own slice.
+            let input: &[f32] = if w == 1 {
+                &self.flat_grad[at..at + n]
+            } else {
+                staged.resize(w * n, 0.0);
+                for (r, dst) in staged.chunks_mut(n).enumerate() {
+                    let src = &self.flat_grad[r * c + at..r * c + at + n];
+                    par::copy(&self.pool, dst, src);
+                }
+                &staged
+            };
             let out = &mut mine[at..at + n];
             secs += timed(&mut self.comms, "reduce_scatter", 4 * w * n, || {
-                comm.reduce_scatter_sum(&input, out)
+                comm.reduce_scatter_sum(input, out)
             })?;
             at += n;
         }
-        self.flat_grad[..c].copy_from_slice(&mine);
-        Ok(secs)
+        Ok((secs, Grad::Chunk(mine)))
     }
 
-    /// This rank's summed gradient shard.
-    fn take_grad_shard(&self) -> Vec<f32> {
-        match self.cfg.stage {
-            0 | 1 => self.flat_grad[self.shard.range.clone()].to_vec(),
-            _ => self.flat_grad[..self.layout.chunk].to_vec(),
-        }
+    /// A chunk-long gradient buffer whose padding (past this rank's parameters) is zero; the
+    /// rest is to be written whole.
+    pub(super) fn take_grad_chunk(&mut self) -> Vec<f32> {
+        let mut g = std::mem::take(&mut self.grad_chunk);
+        g.resize(self.layout.chunk, 0.0);
+        let owned = self.layout.owned(self.rank).len();
+        g[owned..].iter_mut().for_each(|x| *x = 0.0);
+        g
     }
 
     /// Clipping with the global norm and AdamW on the shard (the simd tier's kernel).
     fn adamw(&mut self, grad: &mut [f32], hp: &AdamWConfig, lr: f64, norm: f64) {
         if let Some(coef) = hp.clip_coef(norm) {
-            let c = coef as f32;
-            grad.iter_mut().for_each(|g| *g *= c);
+            par::scale(&self.pool, grad, coef as f32);
         }
         self.shard.step += 1;
         let s = &mut self.shard;
@@ -606,7 +660,10 @@ impl ZeroDriver {
     ) -> Result<f64, DistError> {
         if self.cfg.stage == 0 {
             let s = &self.shard;
-            engine.set_parameters(&self.layout.unflatten(&s.master))?;
+            par::unflatten_into(&self.pool, &self.layout, &s.master, &mut self.named);
+            let set = engine.set_parameters(&self.named);
+            self.named = Vec::new(); // the next step's gradients() brings another
+            set?;
             if self.in_engine {
                 engine.set_optimizer_state(&reference::engine::OptimizerState {
                     step: s.step,
@@ -626,7 +683,15 @@ impl ZeroDriver {
         let secs = timed(&mut self.comms, "all_gather", 4 * full.len(), || {
             comm.all_gather(master, &mut full)
         })?;
-        engine.set_parameters(&self.layout.unflatten(&full))?;
+        par::unflatten_into(&self.pool, &self.layout, &full, &mut self.named);
+        let set = engine.set_parameters(&self.named);
+        // Only whole-model stage 3 publishes before the next gradients() (at the next step's
+        // start), into the tensors kept; elsewhere they go now, as no copy outlived a step
+        // before.
+        if self.on_device || self.cfg.stage < 3 || self.layered == Some(true) {
+            self.named = Vec::new();
+        }
+        set?;
         if self.on_device {
             // The moments go into the engine, which holds the optimizer from now on.
             engine.set_optimizer_shard(&self.shard)?;
@@ -644,4 +709,12 @@ impl ZeroDriver {
     pub fn rank(&self) -> usize {
         self.rank
     }
+}
+
+/// Where [`ZeroDriver::finish`] finds this rank's summed gradient shard.
+pub(super) enum Grad {
+    /// Its range of `flat_grad` (stages 0–1).
+    Flat,
+    /// A chunk buffer of its own (stages 2–3), kept afterwards as `grad_chunk`.
+    Chunk(Vec<f32>),
 }

@@ -20,6 +20,7 @@
 //!   through which the hook's gathers reach it;
 //! - `hook.rs`: the stage-3 hook: parameters gathered a group at a time (with prefetch), and
 //!   each group's gradient reduce-scattered into this rank's chunk;
+//! - `par.rs`: whole-model copies and scalings on the driver's thread pool;
 //! - `ranges.rs`: flat-range bookkeeping: the range each rank's optimizer owns, each group's
 //!   ranges and each rank's part of a range.
 //!
@@ -29,6 +30,7 @@
 mod bucket;
 mod driver;
 mod hook;
+mod par;
 mod ranges;
 mod stage3;
 mod streamed;

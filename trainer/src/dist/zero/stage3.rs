@@ -9,6 +9,7 @@ use std::time::Instant;
 use reference::comm::{Comm, CommResult};
 use reference::{AdamWConfig, TrainingEngine};
 
+use super::driver::Grad;
 use super::hook::{Gather, GatherCfg, GradSink, Scatter};
 use super::{batch, Breakdown, MicroOut, StepOut, ZeroDriver};
 use crate::dist::DistError;
@@ -34,7 +35,8 @@ impl ZeroDriver {
         let t = Instant::now();
         let count = micro.len();
         let scale = self.loss_scale / (count * comm.world()) as f64;
-        let mut grad = vec![0.0f32; self.layout.chunk];
+        // Each group's gradient writes its part of this rank's parameters.
+        let mut grad = self.take_grad_chunk();
         let scatter = Scatter {
             layout: &self.layout,
             groups: &self.groups,
@@ -164,7 +166,8 @@ impl ZeroDriver {
         self.comms.extend(log);
         self.live_peak = Some(peak);
         self.layered = Some(true);
-        // The engine holds no parameters now; a sync gathers them all.
+        self.named = Vec::new(); // no whole-model buffer on this path
+                                 // The engine holds no parameters now; a sync gathers them all.
         self.engine_current = false;
         let bd = Breakdown {
             forward_backward: t.elapsed().as_secs_f64() - (secs - overlapped),
@@ -172,7 +175,7 @@ impl ZeroDriver {
             step: 0.0,
             comm_overlapped: overlapped,
         };
-        self.finish(engine, comm, bd, grad, out, count, (hp, lr))
+        self.finish(engine, comm, bd, Grad::Chunk(grad), out, count, (hp, lr))
             .map(Some)
     }
 }

@@ -10,6 +10,8 @@ use reference::comm::{Comm, CommResult};
 use reference::{AdamWConfig, TrainingEngine};
 
 use super::bucket::{Bucket, Packer, Reducer, Sink};
+use super::driver::Grad;
+use super::par;
 use super::{batch, Breakdown, CommRecord, MicroOut, StepOut, ZeroDriver};
 use crate::dist::shard::FlatLayout;
 use crate::dist::DistError;
@@ -51,7 +53,8 @@ impl ZeroDriver {
         let scatter = self.cfg.stage == 2;
         // Stages 0–1 sum into the whole flat buffer; stage 2 into this rank's chunk.
         let mut dest = if scatter {
-            vec![0.0f32; self.layout.chunk]
+            // The reducer writes every element of this rank's parameters.
+            self.take_grad_chunk()
         } else {
             let mut f = std::mem::take(&mut self.flat_grad);
             f.resize(self.layout.padded(), 0.0);
@@ -70,7 +73,9 @@ impl ZeroDriver {
         let Some(s) = streamed else {
             // Every rank runs the same engine kind, so every rank falls back here.
             self.streamed = Some(false);
-            if !scatter {
+            if scatter {
+                self.grad_chunk = dest;
+            } else {
                 self.flat_grad = dest;
             }
             let b = last;
@@ -88,17 +93,17 @@ impl ZeroDriver {
         self.comms.extend(s.log);
         if self.in_engine {
             // The sums go back into the engine, which runs its own AdamW on them.
-            engine.set_gradients(&self.layout.unflatten(&dest))?;
+            par::unflatten_into(&self.pool, &self.layout, &dest, &mut self.named);
+            engine.set_gradients(&self.named)?;
             self.flat_grad = dest;
             let stats = [out.loss_sum, out.bad, out.tokens as f64];
             return self.step_in_engine(engine, comm, bd, stats, count, (hp, lr), true);
         }
         let grad = if scatter {
-            dest
+            Grad::Chunk(dest)
         } else {
-            let g = dest[self.shard.range.clone()].to_vec();
             self.flat_grad = dest;
-            g
+            Grad::Flat
         };
         self.finish(engine, comm, bd, grad, out, count, (hp, lr))
     }
