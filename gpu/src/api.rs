@@ -1,8 +1,8 @@
 //! `reference::InferenceEngine` and `reference::TrainingEngine` for [`GpuEngine`].
 
 use reference::engine::{
-    check_len, params_from_named, LossOutput, MemoryUse, NamedTensors, OptimizerShard,
-    OptimizerState, ParamHook,
+    check_len, check_named, LossOutput, MemoryUse, NamedTensors, OptimizerShard, OptimizerState,
+    ParamHook,
 };
 use reference::model::Batch;
 use reference::optim::StepStats;
@@ -35,6 +35,18 @@ impl GpuEngine {
         Ok(v)
     }
 
+    /// `buf` (in the layout's offsets) as named tensors, read tensor by tensor straight from
+    /// the device (no whole-model staging copy on the host).
+    fn read_named(&self, buf: &crate::cuda::Buf) -> Result<NamedTensors> {
+        let mut out = Vec::with_capacity(self.model.layout.slots.len());
+        for s in &self.model.layout.slots {
+            let mut t = Tensor::zeros(&s.shape);
+            buf.read(s.off, &mut t.data)?;
+            out.push((s.name.clone(), t));
+        }
+        Ok(out)
+    }
+
     fn named_from_flat(&self, flat: &[f32]) -> NamedTensors {
         self.model
             .layout
@@ -50,7 +62,7 @@ impl GpuEngine {
     /// Writes `named` (checked against the config) into `buf` at the layout's offsets, tensor
     /// by tensor (no whole-model copy on the host).
     fn upload_named(&self, buf: &crate::cuda::Buf, named: &[(String, Tensor<f32>)]) -> Result<()> {
-        params_from_named::<f32>(&self.model.cfg, named)?;
+        check_named(&self.model.cfg, named)?;
         for (slot, (_, t)) in self.model.layout.slots.iter().zip(named) {
             buf.write_staged(slot.off, &t.data)?;
         }
@@ -400,7 +412,7 @@ impl InferenceEngine for GpuEngine {
     fn parameters(&self) -> Result<NamedTensors> {
         self.model.whole("parameters")?;
         self.model.dev.bind()?;
-        Ok(self.named_from_flat(&self.download_flat(&self.model.params)?))
+        self.read_named(&self.model.params)
     }
 }
 
@@ -624,7 +636,7 @@ impl TrainingEngine for GpuEngine {
 
     fn set_parameters(&mut self, named: &[(String, Tensor<f32>)]) -> Result<()> {
         self.model.dev.bind()?;
-        params_from_named::<f32>(&self.model.cfg, named)?;
+        check_named(&self.model.cfg, named)?;
         self.go_whole()?;
         self.upload_named(&self.model.params, named)?;
         self.model.refresh_shadow()?;
@@ -634,7 +646,7 @@ impl TrainingEngine for GpuEngine {
     fn gradients(&self) -> Result<NamedTensors> {
         self.model.whole("gradients")?;
         self.model.dev.bind()?;
-        Ok(self.named_from_flat(&self.download_flat(&self.train.grads)?))
+        self.read_named(&self.train.grads)
     }
 
     fn optimizer_state(&self) -> Result<OptimizerState> {

@@ -622,12 +622,21 @@ pub fn params_from_named<T: Float>(
     cfg: &MambaConfig,
     named: &[(String, Tensor<f32>)],
 ) -> Result<Params<T>> {
+    check_named(cfg, named)?;
+    Ok(Params::from_ordered(
+        cfg,
+        named.iter().map(|(_, t)| t.cast()).collect(),
+    ))
+}
+
+/// Checks `named` against the spec: names, order, shapes, and each tensor's data as long as
+/// its shape says (what [`params_from_named`] checks, without building anything).
+pub fn check_named(cfg: &MambaConfig, named: &[(String, Tensor<f32>)]) -> Result<()> {
     let specs = param_specs(cfg);
     let mismatch = specs.len() != named.len()
-        || specs
-            .iter()
-            .zip(named)
-            .any(|((sn, ss), (n, t))| sn != n || ss != &t.shape);
+        || specs.iter().zip(named).any(|((sn, ss), (n, t))| {
+            sn != n || ss != &t.shape || t.data.len() != ss.iter().product::<usize>()
+        });
     if mismatch {
         let want: Vec<_> = specs.iter().map(|(n, s)| format!("{n} {s:?}")).collect();
         let got: Vec<_> = named
@@ -639,8 +648,5 @@ pub fn params_from_named<T: Float>(
             msg: format!("got [{}], expected [{}]", got.join(", "), want.join(", ")),
         });
     }
-    Ok(Params::from_ordered(
-        cfg,
-        named.iter().map(|(_, t)| t.cast()).collect(),
-    ))
+    Ok(())
 }
