@@ -13,6 +13,8 @@ nproc
 case "${1:-test}" in
 test)
     "$out/gpu_zero" --test-threads=1 --nocapture
+    echo "== again without the engine's prefetch"
+    VET_STAGE3_PREFETCH=0 "$out/gpu_zero" --test-threads=1 --nocapture gpu_zero_stage_3
     ;;
 bench)
     shift

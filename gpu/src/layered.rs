@@ -69,12 +69,31 @@ pub(crate) struct Groups<'a> {
     /// Elements of parameters and gradients held now, and the most at once.
     held: usize,
     pub(crate) peak: usize,
+    /// The order the passes fill the groups in (the hook's `fill_order`).
+    order: Vec<ParamGroup>,
+    /// The next group's parameters, asked of the hook while the current group's kernels ran
+    /// ([`prefetch_on`]).
+    ahead: Option<(ParamGroup, Vec<Tensor<f32>>)>,
+    prefetch: bool,
+}
+
+/// Whether a group's release first asks the hook for the next group's parameters, so that the
+/// driver's gather (and its copies on the host) overlap the kernels still running on the
+/// released group; the upload waits for the release as before. `VET_STAGE3_PREFETCH=0` turns
+/// it off. The bits are the same either way.
+pub(crate) fn prefetch_on() -> bool {
+    std::env::var("VET_STAGE3_PREFETCH").map_or(true, |v| v != "0")
 }
 
 impl<'a> Groups<'a> {
     pub(crate) fn new(m: &'a Model, grads: &'a Buf, hook: &'a mut dyn ParamHook) -> Groups<'a> {
-        let mut all: Vec<ParamGroup> = (0..m.cfg.n_layer).map(ParamGroup::Layer).collect();
+        let n = m.cfg.n_layer;
+        let mut all: Vec<ParamGroup> = (0..n).map(ParamGroup::Layer).collect();
         all.push(ParamGroup::Outer);
+        let mut order = vec![ParamGroup::Outer];
+        order.extend((0..n).map(ParamGroup::Layer));
+        order.push(ParamGroup::Outer);
+        order.extend((0..n).rev().map(ParamGroup::Layer));
         Groups {
             groups: all.into_iter().map(|g| group(m, g)).collect(),
             m,
@@ -83,7 +102,18 @@ impl<'a> Groups<'a> {
             fills: 0,
             held: 0,
             peak: 0,
+            order,
+            ahead: None,
+            prefetch: prefetch_on(),
         }
+    }
+
+    /// The group's parameters from the hook, with their shapes.
+    fn ask(&mut self, g: ParamGroup) -> Result<Vec<Tensor<f32>>> {
+        let gr = &self.groups[index(&self.m.cfg, g)];
+        let mut t: Vec<Tensor<f32>> = gr.slots.iter().map(|(_, s)| Tensor::zeros(s)).collect();
+        self.hook.fill(g, &mut t)?;
+        Ok(t)
     }
 
     fn numel(&self, g: ParamGroup) -> usize {
@@ -97,6 +127,10 @@ impl<'a> Groups<'a> {
         let m = self.m;
         let backward = self.fills > m.cfg.n_layer;
         self.fills += 1;
+        let (t, asked) = match self.ahead.take() {
+            Some((a, t)) if a == g => (t, false),
+            _ => (self.ask(g)?, true),
+        };
         let gr = &self.groups[index(&m.cfg, g)];
         for r in &gr.ranges {
             m.params.map(4 * r.start..4 * r.end)?;
@@ -104,8 +138,6 @@ impl<'a> Groups<'a> {
                 s.map(2 * r.start..2 * r.end)?;
             }
         }
-        let mut t: Vec<Tensor<f32>> = gr.slots.iter().map(|(_, s)| Tensor::zeros(s)).collect();
-        self.hook.fill(g, &mut t)?;
         for ((off, _), t) in gr.slots.iter().zip(&t) {
             m.params.write_staged(*off, &t.data)?;
         }
@@ -124,14 +156,15 @@ impl<'a> Groups<'a> {
                 unsafe { cast_lowp(&m.dev, &p) }?;
             }
         }
-        let mut n = self.numel(g);
+        // A prefetched group counts as held from when it was asked for.
+        let mut n = if asked { self.numel(g) } else { 0 };
         if backward {
             let gr = &self.groups[index(&m.cfg, g)];
             for r in &gr.ranges {
                 self.grads.map(4 * r.start..4 * r.end)?;
                 self.grads.zero_bytes(4 * r.start..4 * r.end)?;
             }
-            n *= 2;
+            n += self.numel(g);
         }
         self.held += n;
         self.peak = self.peak.max(self.held);
@@ -141,6 +174,15 @@ impl<'a> Groups<'a> {
     /// Waits for the kernels that read the group, unmaps its parameters and tells the hook.
     fn release(&mut self, g: ParamGroup) -> Result<()> {
         let m = self.m;
+        if self.prefetch && self.ahead.is_none() {
+            if let Some(&next) = self.order.get(self.fills) {
+                // The kernels of `g` are still running: the next group's gather overlaps them.
+                let t = self.ask(next)?;
+                self.held += self.numel(next);
+                self.peak = self.peak.max(self.held);
+                self.ahead = Some((next, t));
+            }
+        }
         m.dev.sync()?;
         for r in &self.groups[index(&m.cfg, g)].ranges {
             m.params.unmap(4 * r.start..4 * r.end)?;
