@@ -545,8 +545,9 @@ impl TrainingEngine for GpuEngine {
 
     /// Layer by layer on paged buffers (`crate::layered`): the first call drops the whole
     /// model's parameter, shadow and gradient memory (and any int8 copy and decode graph);
-    /// [`TrainingEngine::set_parameters`] brings it back. Not with a carried final-state
-    /// gradient (stateful training through several windows): `Ok(None)`, nothing done.
+    /// [`TrainingEngine::set_parameters`] brings it back. `Ok(None)`, nothing done, unless
+    /// turned on (`GpuEngine::set_layered`), and never with a carried final-state gradient
+    /// (stateful training through several windows) or a sharded on-device optimizer.
     fn loss_and_backward_layered(
         &mut self,
         input: &Batch,
@@ -556,7 +557,10 @@ impl TrainingEngine for GpuEngine {
         grad_scale: f64,
         hook: &mut dyn ParamHook,
     ) -> Result<Option<LossOutput>> {
-        if self.train.carry.final_grad().is_some() || self.train.shard.is_some() {
+        if !self.train.layered_on
+            || self.train.carry.final_grad().is_some()
+            || self.train.shard.is_some()
+        {
             return Ok(None);
         }
         self.model.dev.bind()?;

@@ -43,6 +43,16 @@ pub(crate) struct Training {
     /// The most parameter and gradient elements the last layer-by-layer pass held at once
     /// (`crate::layered`).
     pub(crate) layered_peak: Option<usize>,
+    /// Whether ZeRO stage 3 may run layer by layer here ([`GpuEngine::set_layered`]).
+    pub(crate) layered_on: bool,
+}
+
+/// Whether a new engine steps ZeRO stage 3 layer by layer (`crate::layered`): opt-in with
+/// `VET_GPU_LAYERED=1` until the path has run on a device (it was written and tested on no GPU
+/// yet: `trainer/tests/gpu_zero.rs` holds it to stage 2's bits and turns it on itself).
+/// Without it, stage 3 gathers the whole model into the engine for each step, as before.
+pub fn layered_default() -> bool {
+    std::env::var("VET_GPU_LAYERED").is_ok_and(|v| v == "1")
 }
 
 /// What the kernels support of `cfg`.
@@ -108,6 +118,7 @@ impl GpuEngine {
             carry: Default::default(),
             shard: None,
             layered_peak: None,
+            layered_on: layered_default(),
         };
         let model = Model {
             cfg: cfg.clone(),
@@ -197,6 +208,13 @@ impl GpuEngine {
             self.model.shadow = Some(dev.alloc(2 * numel)?);
         }
         Ok(())
+    }
+
+    /// Whether ZeRO stage 3 steps layer by layer on this engine (`crate::layered`; the default
+    /// is [`layered_default`]). Off: `loss_and_backward_layered` declines and the driver
+    /// gathers the whole model for each step.
+    pub fn set_layered(&mut self, on: bool) {
+        self.train.layered_on = on;
     }
 
     /// The most parameter and gradient elements the last layer-by-layer step held at once

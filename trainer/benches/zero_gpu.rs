@@ -40,6 +40,10 @@ struct Args {
         value_delimiter = ','
     )]
     cases: Vec<String>,
+    /// Stage 3 layer by layer on the device (`GpuEngine::set_layered`; off: the whole model
+    /// is gathered into the engine for each step).
+    #[arg(long)]
+    layered: bool,
     /// Host threads of the driver's AdamW (0: every core).
     #[arg(long, default_value_t = 0)]
     threads: usize,
@@ -125,6 +129,7 @@ fn main() {
             precision: gpu::Precision::Bf16,
         };
         let mut e = gpu::GpuEngine::new(&cfg, gpu::bench::params(&cfg), &opts).expect("engine");
+        e.set_layered(a.layered);
         let mut d = ZeroDriver::new(&mut e, &mut comm, zc).expect("driver");
         let place = if d.in_engine() {
             "device, whole"

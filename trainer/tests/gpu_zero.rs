@@ -186,6 +186,7 @@ fn host_side(
         ..ZeroConfig::default()
     };
     let mut e = engine_for(c);
+    e.set_layered(true);
     let mut d = ZeroDriver::new(&mut e, comm, zc).unwrap();
     assert!(
         !d.on_device() && !d.in_engine(),

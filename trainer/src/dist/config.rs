@@ -24,11 +24,13 @@ pub struct ZeroConfig {
     /// `carry_state`, engines that cannot hand out gradients during the backward) the flat
     /// buffer is cut into pieces of this many elements. No effect where the GPU engine sums
     /// its own flat buffer in one collective (stages 0–2 without `offload_optimizer`) or at
-    /// stage 3 layer by layer on the CPU and GPU engines (one collective per group).
+    /// stage 3 layer by layer (the CPU engine, the GPU engine with `VET_GPU_LAYERED=1`: one
+    /// collective per group).
     pub reduce_bucket_size: usize,
     /// Stages 0–2 on the CPU engine: each full bucket is summed over the ranks on a
     /// communication thread while the engine's backward goes on (off: in line, in the
-    /// backward, as each bucket fills). Stage 3 layer by layer (CPU and GPU engines): each
+    /// backward, as each bucket fills). Stage 3 layer by layer (the CPU engine, the GPU engine
+    /// with `VET_GPU_LAYERED=1`): each
     /// group's reduce-scatter is queued on that thread, which runs the parameter gathers too,
     /// in order. The same bits either way. No effect on the GPU engine at stages 0–2 or with
     /// `carry_state` (see [`ZeroConfig::no_effect`]).
@@ -116,16 +118,16 @@ impl ZeroConfig {
         let d = ZeroConfig::default();
         let mut out = Vec::new();
         if self.overlap_comm {
-            out.push("zero_optimization.overlap_comm: no effect on the GPU engine at stages 0-2 or with carry_state, which reduce after the backward (the CPU engine reduces each bucket on a communication thread while its backward runs, and at stage 3 the CPU and GPU engines queue each layer's gradient there)".to_string());
+            out.push("zero_optimization.overlap_comm: no effect on the GPU engine at stages 0-2 or with carry_state, which reduce after the backward (the CPU engine reduces each bucket on a communication thread while its backward runs, and at stage 3 the CPU engine, and the GPU engine with VET_GPU_LAYERED=1, queue each layer's gradient there)".to_string());
         }
         if self.stage == 3 && self.reduce_bucket_size != d.reduce_bucket_size {
-            out.push("zero_optimization.reduce_bucket_size: at stage 3 the CPU and GPU engines reduce-scatter each group's gradient in its own collective (the key applies with carry_state)".to_string());
+            out.push("zero_optimization.reduce_bucket_size: at stage 3 the CPU engine, and the GPU engine with VET_GPU_LAYERED=1, reduce-scatter each group's gradient in its own collective (the key applies with carry_state and on the GPU engine without it)".to_string());
         }
         if self.contiguous_gradients != d.contiguous_gradients {
             out.push("zero_optimization.contiguous_gradients: gradients are always copied into one flat buffer (at stage 3 on the CPU engine, this rank's flat chunk)".to_string());
         }
         if self.offload_param == OffloadDevice::Cpu {
-            out.push("zero_optimization.offload_param: the stage-3 shards live in host memory in the driver anyway; an engine that steps layer by layer (CPU or GPU, without carry_state) holds one or two layers at a time".to_string());
+            out.push("zero_optimization.offload_param: the stage-3 shards live in host memory in the driver anyway; an engine that steps layer by layer (CPU, or GPU with VET_GPU_LAYERED=1, without carry_state) holds one or two layers at a time; otherwise the engine holds every parameter during a step".to_string());
         }
         let s3 = [
             (
@@ -144,7 +146,7 @@ impl ZeroConfig {
                     self.stage
                 ));
             } else if self.stage == 3 {
-                out.push(format!("zero_optimization.{k}: no effect with carry_state, which gathers every parameter for each step (the layer-by-layer stage 3 of the CPU and GPU engines uses it)"));
+                out.push(format!("zero_optimization.{k}: no effect with carry_state, which gathers every parameter for each step (the layer-by-layer stage 3 of the CPU engine, and of the GPU engine with VET_GPU_LAYERED=1, uses it)"));
             }
         }
         if self.stage3_gather_16bit_weights_on_model_save {

@@ -92,11 +92,11 @@
 //!     lopsided across the chunks moves part by part, by broadcast and all-reduce, instead of
 //!     one padded all-gather and reduce-scatter). [`ZeroDriver::live_peak`] reports it; a
 //!     limit below one group cannot be met and is exceeded by that group;
-//!   - the GPU engine steps layer by layer too (`gpu/src/layered.rs`): its parameter, shadow
-//!     and gradient buffers become paged device memory, and only the groups in use have
-//!     memory behind them;
+//!   - the GPU engine steps layer by layer too with `VET_GPU_LAYERED=1` (opt-in until it has
+//!     run on a device; `gpu/src/layered.rs`): its parameter, shadow and gradient buffers
+//!     become paged device memory, and only the groups in use have memory behind them;
 //!   - an engine that cannot step layer by layer (the reference engine, which keeps the
-//!     trait's default) and stateful training (`carry_state`, which runs its windows through
+//!     trait's default, and the GPU engine without `VET_GPU_LAYERED=1`) and stateful training (`carry_state`, which runs its windows through
 //!     [`ZeroDriver::step_with`]) get every parameter all-gathered into the engine at the start
 //!     of each step ([`ZeroDriver::sync_engine`]), as before: no memory saved over stage 2
 //!     there. A checkpoint or an evaluation gathers the whole model into the engine too.
