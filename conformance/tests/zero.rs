@@ -665,7 +665,7 @@ impl TrainingEngine for ChunkEngine {
             comm.all_reduce_sum(&mut g)?;
             g[chunk].to_vec()
         };
-        Ok(self.grad.iter().map(|&x| f64::from(x) * f64::from(x)).sum())
+        Ok(trainer::dist::sum_of_squares(&self.grad))
     }
     fn optimizer_step_shard(
         &mut self,

@@ -120,7 +120,7 @@ pub mod zero;
 pub use config::ZeroConfig;
 pub use run::train_distributed;
 pub use shard::FlatLayout;
-pub use zero::{StepOut, ZeroDriver};
+pub use zero::{sum_of_squares, StepOut, ZeroDriver};
 
 use reference::comm::CommError;
 

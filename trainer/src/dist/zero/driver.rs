@@ -375,8 +375,8 @@ impl ZeroDriver {
             let inv = (1.0 / self.loss_scale) as f32;
             par::scale(&self.pool, g, inv);
         }
-        // One sum in element order, as ever (splitting it would change its bits).
-        let local_sq: f64 = g.iter().map(|&g| f64::from(g) * f64::from(g)).sum();
+        // In fixed blocks on the pool (the same bits on any number of threads).
+        let local_sq: f64 = self.pool.install(|| par::sum_of_squares(g));
         let mut stats = [loss_sum, bad, tokens as f64, local_sq];
         if self.cfg.stage == 0 {
             stats[3] = 0.0; // every rank holds the whole gradient: not summed over ranks

@@ -30,7 +30,7 @@
 mod bucket;
 mod driver;
 mod hook;
-mod par;
+pub(crate) mod par;
 mod ranges;
 mod stage3;
 mod streamed;
@@ -43,6 +43,7 @@ use reference::model::Batch;
 use crate::train::source::TrainBatch;
 
 pub use driver::ZeroDriver;
+pub use par::sum_of_squares;
 pub use ranges::owned;
 
 /// One collective as `comms_logger` records it.

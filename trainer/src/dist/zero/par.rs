@@ -1,7 +1,8 @@
 //! Whole-model element-wise work on the driver's thread pool: copies between the engine's
 //! named tensors and the flat buffers (and their bytes), and products by one scalar. Each
 //! element is computed as before, on its own, so splitting the work over threads changes no
-//! bit; sums (the gradient norm) stay serial where they are.
+//! bit. The gradient norm's Σ g² ([`sum_of_squares`]) has one fixed order of its own, in
+//! blocks that do not depend on the number of threads.
 
 use rayon::prelude::*;
 use rayon::ThreadPool;
@@ -13,6 +14,33 @@ use crate::dist::DistError;
 
 /// Elements a thread copies or scales at a time.
 const PIECE: usize = 1 << 16;
+
+/// Elements of one block of [`sum_of_squares`]: fixed, so the order of the sum is the same on
+/// any number of threads.
+pub const SUMSQ_BLOCK: usize = 1 << 16;
+
+/// Σ x² in f64, in one fixed order whatever the threads: each block of [`SUMSQ_BLOCK`]
+/// elements is summed in four lanes (lane `j` takes the elements `≡ j mod 4` in order, then
+/// `(l0 + l1) + (l2 + l3)`), and the blocks' sums are added in block order. The blocks run on
+/// the current rayon pool. A serial sum over a billion elements is a chain of dependent adds
+/// (about 1.8 s at 1.37 B parameters); this is 4 × threads times shorter.
+pub fn sum_of_squares(x: &[f32]) -> f64 {
+    fn block(b: &[f32]) -> f64 {
+        let mut l = [0f64; 4];
+        let mut q = b.chunks_exact(4);
+        for c in &mut q {
+            for (l, &v) in l.iter_mut().zip(c) {
+                *l += f64::from(v) * f64::from(v);
+            }
+        }
+        for (l, &v) in l.iter_mut().zip(q.remainder()) {
+            *l += f64::from(v) * f64::from(v);
+        }
+        (l[0] + l[1]) + (l[2] + l[3])
+    }
+    let parts: Vec<f64> = x.par_chunks(SUMSQ_BLOCK).map(block).collect();
+    parts.iter().sum()
+}
 
 /// `dst = src` (equal lengths).
 pub(super) fn copy(pool: &ThreadPool, dst: &mut [f32], src: &[f32]) {
@@ -203,5 +231,35 @@ mod tests {
         assert_eq!(bytes, want);
         from_le_bytes(&p, &bytes, &mut dst);
         assert_eq!(dst, src);
+    }
+
+    #[test]
+    fn the_sum_of_squares_has_one_order_on_any_number_of_threads() {
+        let mut r = reference::rng::Rng::new(31);
+        // Values over many magnitudes, so that a different order would round differently.
+        let x: Vec<f32> = (0..5 * SUMSQ_BLOCK + 13)
+            .map(|_| r.uniform(-0.5, 0.5) as f32 * 10f32.powi(r.below(7) as i32 - 3))
+            .collect();
+        let one = pool(1).install(|| sum_of_squares(&x));
+        for t in [2, 3, 5] {
+            let got = pool(t).install(|| sum_of_squares(&x));
+            assert_eq!(got.to_bits(), one.to_bits(), "{t} threads");
+        }
+        // The order written down: four lanes a block, blocks in order.
+        let mut want = 0f64;
+        for b in x.chunks(SUMSQ_BLOCK) {
+            let mut l = [0f64; 4];
+            for (i, &v) in b.iter().enumerate() {
+                l[i % 4] += f64::from(v) * f64::from(v);
+            }
+            want += (l[0] + l[1]) + (l[2] + l[3]);
+        }
+        assert_eq!(one.to_bits(), want.to_bits());
+        let serial: f64 = x.iter().map(|&v| f64::from(v) * f64::from(v)).sum();
+        assert!(
+            (one - serial).abs() <= 1e-12 * serial,
+            "{one} against {serial}"
+        );
+        assert_eq!(sum_of_squares(&[]), 0.0);
     }
 }
