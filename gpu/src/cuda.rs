@@ -878,14 +878,16 @@ impl Buf {
             let at = self.ptr + (i * p.page) as u64;
             // SAFETY: page `i` lies inside the reserved range and is unmapped (no entry);
             // `h` is a whole page of physical memory that nothing else maps.
-            let mapped = unsafe { drv_sys::cuMemMap(at, p.page, 0, h, 0) }
-                .result()
-                .and_then(|()| {
-                    unsafe { drv_sys::cuMemSetAccess(at, p.page, &p.access, 1) }.result()
-                });
-            if let Err(e) = mapped {
+            if let Err(e) = unsafe { drv_sys::cuMemMap(at, p.page, 0, h, 0) }.result() {
                 st.free.push(h);
                 return Err(self.dev.err("mapping a page", e));
+            }
+            // SAFETY: `at` was mapped just above.
+            if let Err(e) = unsafe { drv_sys::cuMemSetAccess(at, p.page, &p.access, 1) }.result() {
+                // SAFETY: mapped above, used by nothing yet.
+                let _ = unsafe { drv_sys::cuMemUnmap(at, p.page) };
+                st.free.push(h);
+                return Err(self.dev.err("making a page accessible", e));
             }
             st.pages[i] = Some((h, 1));
             st.mapped += 1;
