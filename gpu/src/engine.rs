@@ -158,7 +158,6 @@ impl GpuEngine {
         Ok((m.ptr, v.ptr))
     }
 
-    /// Where every parameter lives in the flat buffers.
     /// Layer by layer (ZeRO stage 3, `crate::layered`): the parameters, their shadow and the
     /// gradients become paged buffers with nothing mapped, so only the groups a pass is using
     /// take memory. The int8 copy and the decode step's graph (which hold the old addresses)
@@ -173,18 +172,8 @@ impl GpuEngine {
     /// New paged buffers with nothing mapped, in place of whatever the engine held (after a
     /// failed layered pass, the pages it left mapped go with the old ones).
     pub(crate) fn fresh_paged(&mut self) -> reference::Result<()> {
-        let dev = self.model.dev.clone();
-        dev.sync()?;
-        let numel = self.model.layout.numel;
-        self.decoder.forget_graph();
         self.model.q8 = None;
-        // Free first, then reserve: the whole model never exists twice.
-        self.model.params = dev.paged(4 * numel)?;
-        self.train.grads = dev.paged(4 * numel)?;
-        if self.model.shadow.is_some() {
-            self.model.shadow = Some(dev.paged(2 * numel)?);
-        }
-        Ok(())
+        self.new_buffers(true)
     }
 
     /// Back from [`GpuEngine::go_paged`]: plain buffers for the whole model (the parameters
@@ -194,18 +183,36 @@ impl GpuEngine {
         if !self.model.params.is_paged() {
             return Ok(());
         }
-        let dev = self.model.dev.clone();
-        dev.sync()?;
-        let numel = self.model.layout.numel;
-        self.decoder.forget_graph();
         // The training workspace goes too (the next training pass makes it again): an
         // evaluation or a checkpoint of a model that only trains layer by layer would
         // otherwise need the whole model and the activations at once.
         self.train.ws = None;
-        self.model.params = dev.alloc(4 * numel)?;
-        self.train.grads = dev.zeros(4 * numel)?;
+        self.new_buffers(false)
+    }
+
+    /// New parameter, shadow and gradient buffers, paged (nothing mapped) or plain (gradients
+    /// zeroed), after the old ones' kernels are done; the decode graph, which holds the old
+    /// addresses, goes. Each old buffer is freed as its new one takes its place (a paged one
+    /// holds next to no memory, so the whole model is never there twice).
+    fn new_buffers(&mut self, paged: bool) -> reference::Result<()> {
+        let dev = self.model.dev.clone();
+        dev.sync()?;
+        self.decoder.forget_graph();
+        let numel = self.model.layout.numel;
+        let make = |bytes: usize| {
+            if paged {
+                dev.paged(bytes)
+            } else {
+                dev.alloc(bytes)
+            }
+        };
+        self.model.params = make(4 * numel)?;
+        self.train.grads = make(4 * numel)?;
+        if !paged {
+            self.train.grads.zero()?;
+        }
         if self.model.shadow.is_some() {
-            self.model.shadow = Some(dev.alloc(2 * numel)?);
+            self.model.shadow = Some(make(2 * numel)?);
         }
         Ok(())
     }
@@ -223,6 +230,7 @@ impl GpuEngine {
         self.train.layered_peak
     }
 
+    /// Where every parameter lives in the flat buffers.
     pub fn layout(&self) -> &Layout {
         &self.model.layout
     }
