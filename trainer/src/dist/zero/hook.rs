@@ -243,11 +243,12 @@ impl ParamHook for Gather<'_> {
             // A caller off the usual order: prefetch again from where it is.
             self.order.iter().position(|&o| o == g).map_or(0, |p| p + 1) % self.order.len()
         };
-        for (s, d) in data
-            .iter()
-            .zip(tensors.iter_mut().flat_map(|t| t.data.iter_mut()))
-        {
-            *d = *s;
+        // Tensor by tensor (their lengths sum to `want`, checked above).
+        let mut at = 0;
+        for t in tensors.iter_mut() {
+            let n = t.data.len();
+            t.data.copy_from_slice(&data[at..at + n]);
+            at += n;
         }
         self.held += want;
         let ahead = self.ahead.as_ref().map_or(0, |a| a.1.len());
@@ -267,7 +268,10 @@ impl ParamHook for Gather<'_> {
         if got != want {
             return Err(group_error(g, got, want));
         }
-        let values: Vec<f32> = grads.iter().flat_map(|t| t.data.iter().copied()).collect();
+        let mut values = Vec::with_capacity(want);
+        for t in grads {
+            values.extend_from_slice(&t.data);
+        }
         match &mut self.grads {
             GradSink::Inline(s) => s.reduce(&mut *self.comm, idx, &values)?,
             GradSink::Thread(tx) => tx
