@@ -29,12 +29,6 @@ impl GpuEngine {
         self.model.shadow.is_some()
     }
 
-    fn download_flat(&self, buf: &crate::cuda::Buf) -> Result<Vec<f32>> {
-        let mut v = vec![0f32; self.model.layout.numel];
-        buf.read(0, &mut v)?;
-        Ok(v)
-    }
-
     /// `buf` (in the layout's offsets) as named tensors, read tensor by tensor straight from
     /// the device (no whole-model staging copy on the host).
     fn read_named(&self, buf: &crate::cuda::Buf) -> Result<NamedTensors> {
@@ -45,18 +39,6 @@ impl GpuEngine {
             out.push((s.name.clone(), t));
         }
         Ok(out)
-    }
-
-    fn named_from_flat(&self, flat: &[f32]) -> NamedTensors {
-        self.model
-            .layout
-            .slots
-            .iter()
-            .map(|s| {
-                let data = flat[s.off..s.off + s.numel].to_vec();
-                (s.name.clone(), Tensor::from_vec(&s.shape, data))
-            })
-            .collect()
     }
 
     /// Writes `named` (checked against the config) into `buf` at the layout's offsets, tensor
@@ -657,16 +639,18 @@ impl TrainingEngine for GpuEngine {
         self.not_sharded("optimizer_state")?;
         self.model.dev.bind()?;
         let (m, v) = match &self.train.moments {
-            Some((m, v)) => (self.download_flat(m)?, self.download_flat(v)?),
+            Some((m, v)) => (self.read_named(m)?, self.read_named(v)?),
             None => {
-                let n = self.model.layout.numel;
-                (vec![0.0; n], vec![0.0; n])
+                let zeros: NamedTensors = (self.model.layout.slots.iter())
+                    .map(|s| (s.name.clone(), Tensor::zeros(&s.shape)))
+                    .collect();
+                (zeros.clone(), zeros)
             }
         };
         Ok(OptimizerState {
             step: self.train.opt_step,
-            m: self.named_from_flat(&m),
-            v: self.named_from_flat(&v),
+            m,
+            v,
         })
     }
 

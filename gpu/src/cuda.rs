@@ -700,7 +700,6 @@ struct PagedState {
     pages: Vec<Option<(drv_sys::CUmemGenericAllocationHandle, u32)>>,
     free: Vec<drv_sys::CUmemGenericAllocationHandle>,
     mapped: usize,
-    peak: usize,
 }
 
 impl Buf {
@@ -812,14 +811,6 @@ impl Buf {
         }
     }
 
-    /// The most bytes a paged buffer had mapped at once (all of a plain one).
-    pub fn peak_bytes(&self) -> usize {
-        match &self.paged {
-            None => self.bytes,
-            Some(p) => p.state.lock().unwrap_or_else(|e| e.into_inner()).peak * p.page,
-        }
-    }
-
     /// The pages of a paged buffer that bytes `r` lie on.
     fn page_span(
         &self,
@@ -891,7 +882,6 @@ impl Buf {
             }
             st.pages[i] = Some((h, 1));
             st.mapped += 1;
-            st.peak = st.peak.max(st.mapped);
         }
         Ok(())
     }

@@ -15,7 +15,7 @@
 use std::ops::Range;
 
 use reference::engine::{ParamGroup, ParamHook};
-use reference::{param_specs, MambaConfig, Result, Tensor};
+use reference::{Result, Tensor};
 
 use crate::cuda::Buf;
 use crate::forward::Phase;
@@ -32,12 +32,11 @@ struct Group {
 }
 
 fn group(m: &Model, g: ParamGroup) -> Group {
-    let specs = param_specs(&m.cfg);
     let mut slots = Vec::new();
     let mut ranges: Vec<Range<usize>> = Vec::new();
+    // The layout's slots are `param_specs` in order, which `tensors` indexes.
     for i in g.tensors(&m.cfg) {
         let s = &m.layout.slots[i];
-        debug_assert_eq!(s.name, specs[i].0);
         slots.push((s.off, s.shape.clone()));
         let r = s.off..s.off + s.numel;
         match ranges.last_mut() {
@@ -46,13 +45,6 @@ fn group(m: &Model, g: ParamGroup) -> Group {
         }
     }
     Group { slots, ranges }
-}
-
-fn index(cfg: &MambaConfig, g: ParamGroup) -> usize {
-    match g {
-        ParamGroup::Layer(i) => i,
-        ParamGroup::Outer => cfg.n_layer,
-    }
 }
 
 /// What one layered pass holds, told each [`Phase`] ([`Groups::on`]).
@@ -69,7 +61,7 @@ pub(crate) struct Groups<'a> {
     /// Elements of parameters and gradients held now, and the most at once.
     held: usize,
     pub(crate) peak: usize,
-    /// The order the passes fill the groups in (the hook's `fill_order`).
+    /// The order the passes fill the groups in ([`ParamGroup::fill_order`]).
     order: Vec<ParamGroup>,
     /// The next group's parameters, asked of the hook while the current group's kernels ran
     /// ([`prefetch_on`]).
@@ -87,22 +79,18 @@ pub(crate) fn prefetch_on() -> bool {
 
 impl<'a> Groups<'a> {
     pub(crate) fn new(m: &'a Model, grads: &'a Buf, hook: &'a mut dyn ParamHook) -> Groups<'a> {
-        let n = m.cfg.n_layer;
-        let mut all: Vec<ParamGroup> = (0..n).map(ParamGroup::Layer).collect();
-        all.push(ParamGroup::Outer);
-        let mut order = vec![ParamGroup::Outer];
-        order.extend((0..n).map(ParamGroup::Layer));
-        order.push(ParamGroup::Outer);
-        order.extend((0..n).rev().map(ParamGroup::Layer));
         Groups {
-            groups: all.into_iter().map(|g| group(m, g)).collect(),
+            groups: ParamGroup::all(&m.cfg)
+                .into_iter()
+                .map(|g| group(m, g))
+                .collect(),
             m,
             grads,
             hook,
             fills: 0,
             held: 0,
             peak: 0,
-            order,
+            order: ParamGroup::fill_order(m.cfg.n_layer),
             ahead: None,
             prefetch: prefetch_on(),
         }
@@ -110,14 +98,14 @@ impl<'a> Groups<'a> {
 
     /// The group's parameters from the hook, with their shapes.
     fn ask(&mut self, g: ParamGroup) -> Result<Vec<Tensor<f32>>> {
-        let gr = &self.groups[index(&self.m.cfg, g)];
+        let gr = &self.groups[g.index(self.m.cfg.n_layer)];
         let mut t: Vec<Tensor<f32>> = gr.slots.iter().map(|(_, s)| Tensor::zeros(s)).collect();
         self.hook.fill(g, &mut t)?;
         Ok(t)
     }
 
     fn numel(&self, g: ParamGroup) -> usize {
-        let gr = &self.groups[index(&self.m.cfg, g)];
+        let gr = &self.groups[g.index(self.m.cfg.n_layer)];
         gr.ranges.iter().map(|r| r.len()).sum()
     }
 
@@ -131,7 +119,7 @@ impl<'a> Groups<'a> {
             Some((a, t)) if a == g => (t, false),
             _ => (self.ask(g)?, true),
         };
-        let gr = &self.groups[index(&m.cfg, g)];
+        let gr = &self.groups[g.index(m.cfg.n_layer)];
         for r in &gr.ranges {
             m.params.map(4 * r.start..4 * r.end)?;
             if let Some(s) = &m.shadow {
@@ -159,7 +147,7 @@ impl<'a> Groups<'a> {
         // A prefetched group counts as held from when it was asked for.
         let mut n = if asked { self.numel(g) } else { 0 };
         if backward {
-            let gr = &self.groups[index(&m.cfg, g)];
+            let gr = &self.groups[g.index(m.cfg.n_layer)];
             for r in &gr.ranges {
                 self.grads.map(4 * r.start..4 * r.end)?;
                 self.grads.zero_bytes(4 * r.start..4 * r.end)?;
@@ -184,7 +172,7 @@ impl<'a> Groups<'a> {
             }
         }
         m.dev.sync()?;
-        for r in &self.groups[index(&m.cfg, g)].ranges {
+        for r in &self.groups[g.index(m.cfg.n_layer)].ranges {
             m.params.unmap(4 * r.start..4 * r.end)?;
             if let Some(s) = &m.shadow {
                 s.unmap(2 * r.start..2 * r.end)?;
@@ -197,7 +185,7 @@ impl<'a> Groups<'a> {
     /// Reads the group's final gradient out, hands it to the hook and unmaps it.
     fn grads(&mut self, g: ParamGroup) -> Result<()> {
         let m = self.m;
-        let gr = &self.groups[index(&m.cfg, g)];
+        let gr = &self.groups[g.index(m.cfg.n_layer)];
         let mut t: Vec<Tensor<f32>> = gr.slots.iter().map(|(_, s)| Tensor::zeros(s)).collect();
         for ((off, _), t) in gr.slots.iter().zip(&mut t) {
             self.grads.read(*off, &mut t.data)?;

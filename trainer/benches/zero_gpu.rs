@@ -73,10 +73,7 @@ fn main() {
     let cfg = MambaConfig::new(a.d_model, a.layers, 50280);
     // Made again for each case and moved into its engine: the host holds no spare copy of a
     // model that may take most of its memory.
-    let n_params: usize = reference::param_specs(&cfg)
-        .iter()
-        .map(|(_, s)| s.iter().product::<usize>())
-        .sum();
+    let n_params = reference::io_limits::param_count(&cfg) as usize;
     let n = a.batch * a.seq;
     let toks = gpu::bench::tokens(n + 1, cfg.vocab_size, 7);
     let micro = [TrainBatch {

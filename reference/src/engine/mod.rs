@@ -120,6 +120,25 @@ impl ParamGroup {
         g.push(ParamGroup::Outer);
         g
     }
+
+    /// Where the group stands in [`ParamGroup::all`] of a model of `n_layer` layers.
+    pub fn index(self, n_layer: usize) -> usize {
+        match self {
+            ParamGroup::Layer(i) => i,
+            ParamGroup::Outer => n_layer,
+        }
+    }
+
+    /// The order in which [`TrainingEngine::loss_and_backward_layered`] fills the groups of
+    /// one micro-batch: the outer group (embedding lookup), every layer, the outer group
+    /// (final norm and head), every layer in reverse.
+    pub fn fill_order(n_layer: usize) -> Vec<ParamGroup> {
+        let mut o = vec![ParamGroup::Outer];
+        o.extend((0..n_layer).map(ParamGroup::Layer));
+        o.push(ParamGroup::Outer);
+        o.extend((0..n_layer).rev().map(ParamGroup::Layer));
+        o
+    }
 }
 
 /// The caller's side of [`TrainingEngine::loss_and_backward_layered`]: where the engine gets a

@@ -71,10 +71,7 @@ impl Packer<'_> {
 
 impl GradHook for Packer<'_> {
     fn gradients(&mut self, g: ParamGroup, grads: &[&Tensor<f32>]) -> reference::Result<()> {
-        let idx = match g {
-            ParamGroup::Layer(i) => i,
-            ParamGroup::Outer => self.groups.len() - 1,
-        };
+        let idx = g.index(self.groups.len() - 1);
         let want = self.sizes.get(idx).copied();
         let got: usize = grads.iter().map(|t| t.numel()).sum();
         if want != Some(got)

@@ -12,7 +12,6 @@ use reference::engine::{NamedTensors, ParamGroup};
 use reference::model::Batch;
 use reference::{AdamWConfig, TrainingEngine};
 
-use super::hook::fill_order;
 use super::par;
 use super::ranges::{group_ranges, owned};
 use super::{timed, Breakdown, CommRecord, MicroOut, Shard, StepOut};
@@ -165,7 +164,7 @@ impl ZeroDriver {
             loss_scale: 1.0,
             groups,
             group_sizes,
-            fill_order: fill_order(engine.config().n_layer),
+            fill_order: ParamGroup::fill_order(engine.config().n_layer),
             live_peak: None,
             layered: None,
             streamed: None,

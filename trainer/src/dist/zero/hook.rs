@@ -43,7 +43,7 @@ pub(super) struct Gather<'a> {
     /// Elements of each group.
     sizes: &'a [usize],
     /// The order in which an engine fills the groups in one micro-batch
-    /// ([`fill_order`]), and where in it the next fill is expected.
+    /// ([`ParamGroup::fill_order`]), and where in it the next fill is expected.
     order: &'a [ParamGroup],
     pos: usize,
     /// A group gathered ahead of its fill, with its values.
@@ -99,25 +99,9 @@ impl<'a> Gather<'a> {
     }
 }
 
-/// The order in which [`TrainingEngine::loss_and_backward_layered`] fills the groups of one
-/// micro-batch: the outer group (embedding lookup), every layer, the outer group (final norm
-/// and head), every layer in reverse.
-///
-/// [`TrainingEngine::loss_and_backward_layered`]: reference::TrainingEngine::loss_and_backward_layered
-pub(super) fn fill_order(n_layer: usize) -> Vec<ParamGroup> {
-    let mut o = vec![ParamGroup::Outer];
-    o.extend((0..n_layer).map(ParamGroup::Layer));
-    o.push(ParamGroup::Outer);
-    o.extend((0..n_layer).rev().map(ParamGroup::Layer));
-    o
-}
-
 impl Gather<'_> {
     fn index(&self, g: ParamGroup) -> usize {
-        match g {
-            ParamGroup::Layer(i) => i,
-            ParamGroup::Outer => self.groups.len() - 1,
-        }
+        g.index(self.groups.len() - 1)
     }
 
     /// The values of `groups` (each in its tensors' canonical order) gathered from every

@@ -166,8 +166,9 @@ impl ZeroDriver {
         self.comms.extend(log);
         self.live_peak = Some(peak);
         self.layered = Some(true);
-        self.named = Vec::new(); // no whole-model buffer on this path
-                                 // The engine holds no parameters now; a sync gathers them all.
+        // No whole-model buffer on this path. The engine holds no parameters now; a sync
+        // gathers them all.
+        self.named = Vec::new();
         self.engine_current = false;
         let bd = Breakdown {
             forward_backward: t.elapsed().as_secs_f64() - (secs - overlapped),
