@@ -1,8 +1,8 @@
 //! `reference::InferenceEngine` and `reference::TrainingEngine` for [`GpuEngine`].
 
 use reference::engine::{
-    check_len, check_named, LossOutput, MemoryUse, NamedTensors, OptimizerShard, OptimizerState,
-    ParamHook,
+    check_len, check_named, GradHook, LossOutput, MemoryUse, NamedTensors, OptimizerShard,
+    OptimizerState, ParamHook, SumInBackward,
 };
 use reference::model::Batch;
 use reference::optim::StepStats;
@@ -14,6 +14,7 @@ use reference::{
 use crate::backward::{token_csr, Backward};
 use crate::decode::StepOn;
 use crate::engine::GpuEngine;
+use crate::forward::Phase;
 use crate::head_loss::loss_dev;
 use crate::layered::Groups;
 use crate::model::ensure_ws;
@@ -22,6 +23,7 @@ use crate::ops::adamw::{
 };
 use crate::params::{Ptr, PtrMut};
 use crate::work::Mode;
+use crate::zero::SumAsDone;
 use crate::Precision;
 
 impl GpuEngine {
@@ -97,6 +99,18 @@ impl GpuEngine {
             Some(on) => Err(self.model.dev.err(
                 op,
                 format!("the optimizer is sharded (this rank holds {:?})", on.range),
+            )),
+            None => Ok(()),
+        }
+    }
+
+    /// An error once the gradients were summed over the ranks during a backward: adding to
+    /// them now would mix summed and unsummed terms.
+    fn not_summed(&self, op: &str) -> Result<()> {
+        match self.train.summed {
+            Some(_) => Err(self.model.dev.err(
+                op,
+                "the gradients were summed over the ranks in the last backward; zero_grad first",
             )),
             None => Ok(()),
         }
@@ -398,17 +412,29 @@ impl InferenceEngine for GpuEngine {
     }
 }
 
+/// How [`GpuEngine::train_pass`] holds the model and what its backward tells.
+enum Pass<'a, 'c> {
+    /// The whole model held ([`TrainingEngine::loss_and_backward`]).
+    Whole,
+    /// Group by group through a stage-3 hook on paged buffers (`crate::layered`).
+    Layered(&'a mut dyn ParamHook),
+    /// The whole model held, each bucket of final gradients queued for the sum over the ranks
+    /// ([`TrainingEngine::loss_and_backward_summed`]).
+    Summed(&'a mut SumAsDone<'c>),
+    /// The whole model held, each group's final gradient read out and handed to a hook
+    /// ([`TrainingEngine::loss_and_backward_streamed`]).
+    Streamed(&'a mut dyn GradHook),
+}
+
 impl GpuEngine {
-    /// Forward, loss and backward into the gradient buffers: the whole model held
-    /// ([`TrainingEngine::loss_and_backward`], `layered` `None`), or group by group through a
-    /// stage-3 hook on paged buffers (`crate::layered`).
+    /// Forward, loss and backward into the gradient buffers (see [`Pass`]).
     fn train_pass(
         &mut self,
         input: &Batch,
         (targets, mask): (&[u32], Option<&[bool]>),
         state: Option<&State<f32>>,
         grad_scale: f64,
-        mut layered: Option<&mut dyn ParamHook>,
+        mut pass: Pass,
     ) -> Result<LossOutput> {
         input.check(&self.model.cfg, "loss_and_backward")?;
         if let Some(s) = state {
@@ -441,7 +467,7 @@ impl GpuEngine {
         let n_targets = (0..n).filter(|&i| counts(i)).count();
         self.train.grad_scale_sum += grad_scale;
         let final_grad = self.train.carry.final_grad();
-        if n_targets == 0 && final_grad.is_none() && layered.is_none() {
+        if n_targets == 0 && final_grad.is_none() && matches!(pass, Pass::Whole) {
             return Ok(LossOutput {
                 loss: 0.0,
                 n_targets,
@@ -475,14 +501,32 @@ impl GpuEngine {
             let grads = &self.train.grads;
             let back =
                 Backward::new(&self.model, &ws, grads, state.is_some()).with_final_grad(final_grad);
-            match layered.as_deref_mut() {
-                None => {
+            match &mut pass {
+                Pass::Whole => {
                     self.model.forward_dev(&ws, state.is_some(), 0)?;
                     loss_dev(&self.model, &ws, grads, mask.is_some(), k)?;
                     back.run(csr)?;
                 }
-                Some(hook) => {
-                    let mut g = Groups::new(&self.model, grads, hook);
+                Pass::Summed(sum) => {
+                    self.model.forward_dev(&ws, state.is_some(), 0)?;
+                    loss_dev(&self.model, &ws, grads, mask.is_some(), k)?;
+                    back.run_with(csr, &mut |p| sum.on(p))?;
+                }
+                Pass::Streamed(hook) => {
+                    self.model.forward_dev(&ws, state.is_some(), 0)?;
+                    loss_dev(&self.model, &ws, grads, mask.is_some(), k)?;
+                    let m = &self.model;
+                    back.run_with(csr, &mut |p| match p {
+                        // The read waits for the group's kernels on the stream.
+                        Phase::Grads(g) => {
+                            let t = crate::layered::group(m, g).read(grads)?;
+                            hook.gradients(g, &t.iter().collect::<Vec<_>>())
+                        }
+                        _ => Ok(()),
+                    })?;
+                }
+                Pass::Layered(hook) => {
+                    let mut g = Groups::new(&self.model, grads, &mut **hook);
                     self.model
                         .forward_dev_with(&ws, state.is_some(), 0, &mut |p| g.on(p))?;
                     loss_dev(&self.model, &ws, grads, mask.is_some(), k)?;
@@ -522,7 +566,79 @@ impl TrainingEngine for GpuEngine {
         grad_scale: f64,
     ) -> Result<LossOutput> {
         self.model.whole("loss_and_backward")?;
-        self.train_pass(input, (targets, mask), state, grad_scale, None)
+        self.not_summed("loss_and_backward")?;
+        self.train_pass(input, (targets, mask), state, grad_scale, Pass::Whole)
+    }
+
+    /// The whole-model pass, each group's gradient read out (a copy that waits for the group's
+    /// kernels) and handed to `hook` as soon as the backward has finished the group, so that
+    /// the driver reduces it on the host while the backward goes on (ZeRO stages 0–2 with the
+    /// optimizer in host memory). Not on paged (layer-by-layer) buffers.
+    fn loss_and_backward_streamed(
+        &mut self,
+        input: &Batch,
+        targets: &[u32],
+        mask: Option<&[bool]>,
+        state: Option<&State<f32>>,
+        grad_scale: f64,
+        hook: &mut dyn GradHook,
+    ) -> Result<Option<LossOutput>> {
+        if self.train.grads.is_paged() {
+            return Ok(None);
+        }
+        self.not_summed("loss_and_backward_streamed")?;
+        let out = self.train_pass(
+            input,
+            (targets, mask),
+            state,
+            grad_scale,
+            Pass::Streamed(hook),
+        )?;
+        Ok(Some(out))
+    }
+
+    /// The whole-model pass with each bucket's sum queued on `comm` as the backward finishes
+    /// its groups (`crate::zero::SumAsDone`); the communicator's stream waits for the engine's
+    /// at each bucket, and the call waits for every sum before it returns. `Ok(None)` where
+    /// [`TrainingEngine::all_reduce_gradients`] would say no (fp16, whose loss scale is per
+    /// rank) and on paged (layer-by-layer) buffers.
+    fn loss_and_backward_summed(
+        &mut self,
+        input: &Batch,
+        targets: &[u32],
+        mask: Option<&[bool]>,
+        grad_scale: f64,
+        sum: SumInBackward<'_>,
+    ) -> Result<Option<LossOutput>> {
+        if self.model.precision == Precision::Fp16 || self.train.grads.is_paged() {
+            return Ok(None);
+        }
+        self.not_summed("loss_and_backward_summed")?;
+        self.model.dev.bind()?;
+        let mut s = SumAsDone::new(self, sum.comm, sum.bucket, sum.scatter)?;
+        let out = self.train_pass(
+            input,
+            (targets, mask),
+            None,
+            grad_scale,
+            Pass::Summed(&mut s),
+        );
+        // Whatever was queued is waited for, also after an error.
+        let waited = s.wait();
+        let out = out?;
+        waited?;
+        if s.queued != self.model.layout.numel {
+            return Err(self.model.dev.err(
+                "summing gradients in the backward",
+                format!(
+                    "{} of {} elements were summed",
+                    s.queued, self.model.layout.numel
+                ),
+            ));
+        }
+        self.model.dev.bind()?;
+        self.train.summed = Some(sum.scatter);
+        Ok(Some(out))
     }
 
     /// Layer by layer on paged buffers (`crate::layered`): the first call drops the whole
@@ -547,7 +663,13 @@ impl TrainingEngine for GpuEngine {
         }
         self.model.dev.bind()?;
         self.go_paged()?;
-        match self.train_pass(input, (targets, mask), state, grad_scale, Some(hook)) {
+        match self.train_pass(
+            input,
+            (targets, mask),
+            state,
+            grad_scale,
+            Pass::Layered(hook),
+        ) {
             Ok(out) => Ok(Some(out)),
             Err(e) => {
                 // Whatever the failed pass left mapped is dropped with its buffers.
@@ -577,6 +699,7 @@ impl TrainingEngine for GpuEngine {
 
     fn zero_grad(&mut self) -> Result<()> {
         self.train.grad_scale_sum = 0.0;
+        self.train.summed = None;
         if self.train.grads.is_paged() {
             // Layer by layer: no gradient is held between calls.
             return Ok(());
@@ -670,6 +793,10 @@ impl TrainingEngine for GpuEngine {
         if self.model.precision == Precision::Fp16 {
             // The loss scale is per rank; the driver refuses fp16 before this.
             return Ok(false);
+        }
+        if self.train.summed.is_some() {
+            // Summed during the backward (`loss_and_backward_summed`).
+            return Ok(true);
         }
         self.model.dev.bind()?;
         self.model.dev.sync()?;

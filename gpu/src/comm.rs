@@ -20,7 +20,9 @@
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 
-use cudarc::driver::{CudaContext, CudaSlice, CudaStream, CudaView, CudaViewMut, DriverError};
+use cudarc::driver::{
+    CudaContext, CudaEvent, CudaSlice, CudaStream, CudaView, CudaViewMut, DriverError,
+};
 use cudarc::nccl::safe::{Comm as NcclComm, Id, ReduceOp};
 use reference::comm::{length_error, world_multiple_mismatch, Comm, CommError, CommResult};
 
@@ -56,6 +58,9 @@ pub struct Nccl {
     /// the input (the all-reduce's buffer in place) and the output.
     send: Option<CudaSlice<f32>>,
     recv: Option<CudaSlice<f32>>,
+    /// Marks the caller's stream for [`Comm::reduce_sum_device_queued`] (made at its first
+    /// use): recorded there, waited on by this communicator's stream.
+    after: Option<CudaEvent>,
 }
 
 /// `dst = src` (equal lengths) split over the machine's cores: at world size 1 a
@@ -131,6 +136,7 @@ impl Nccl {
             world,
             send: None,
             recv: None,
+            after: None,
         })
     }
 
@@ -362,6 +368,65 @@ impl Comm for Nccl {
         self.sync(op)?;
         Ok(true)
     }
+
+    fn reduce_sum_device_queued(
+        &mut self,
+        ptr: u64,
+        len: usize,
+        root: Option<usize>,
+        after: u64,
+    ) -> CommResult<bool> {
+        let op = "reduce_sum_device_queued";
+        if let Some(r) = root.filter(|&r| r >= self.world) {
+            return Err(length_error(
+                self.rank,
+                op,
+                format!("root {r} of a world of {}", self.world),
+            ));
+        }
+        if len == 0 {
+            return Ok(true);
+        }
+        self.bind(op)?;
+        if self.after.is_none() {
+            let ev = self
+                .stream
+                .context()
+                .new_event(None)
+                .map_err(|x| nccl_err(self.rank, op, x))?;
+            self.after = Some(ev);
+        }
+        let ev = self.after.as_ref().expect("made above").cu_event();
+        // SAFETY: `after` is a live stream of this context (the caller's contract) and the
+        // event is this communicator's own. The wait takes the event as recorded now, so the
+        // next call may record it again.
+        unsafe {
+            cudarc::driver::result::event::record(ev, after as _).and_then(|()| {
+                cudarc::driver::result::stream::wait_event(
+                    self.stream.cu_stream(),
+                    ev,
+                    cudarc::driver::sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT,
+                )
+            })
+        }
+        .map_err(|x| nccl_err(self.rank, op, x))?;
+        let mut buf = self.device(ptr, len);
+        match root {
+            None => self.comm.all_reduce_in_place(&mut buf, &ReduceOp::Sum),
+            Some(r) => {
+                let src = self.device(ptr, len);
+                let dst = (r == self.rank).then_some(&mut buf);
+                self.comm.reduce(&src, dst, &ReduceOp::Sum, r as i32)
+            }
+        }
+        .map_err(|x| nccl_err(self.rank, op, x))?;
+        Ok(true)
+    }
+
+    fn wait_device(&mut self) -> CommResult<()> {
+        self.bind("wait_device")?;
+        self.sync("wait_device")
+    }
 }
 
 impl Nccl {
@@ -377,8 +442,10 @@ impl Nccl {
 
 /// `len` f32 of device memory another owner allocated (an engine's flat gradient buffer in
 /// the same context), seen by NCCL as a slice on this communicator's stream. The owner has
-/// synchronised its writes before the collective, and [`Comm::all_reduce_sum_device`]
-/// synchronises this stream before returning, so no event tracking is needed.
+/// synchronised its writes before the collective (or, for
+/// [`Comm::reduce_sum_device_queued`], this stream waits for an event on the owner's), and
+/// the collectives synchronise this stream before returning (the queued ones before
+/// [`Comm::wait_device`] returns), so no event tracking is needed.
 struct DeviceF32 {
     ptr: u64,
     len: usize,

@@ -45,6 +45,9 @@ pub(crate) struct Training {
     pub(crate) layered_peak: Option<usize>,
     /// Whether ZeRO stage 3 may run layer by layer here ([`GpuEngine::set_layered`]).
     pub(crate) layered_on: bool,
+    /// The gradients were summed over the ranks during the last backward
+    /// (`TrainingEngine::loss_and_backward_summed`; `Some(scatter)`), until `zero_grad`.
+    pub(crate) summed: Option<bool>,
 }
 
 /// Whether a new engine steps ZeRO stage 3 layer by layer (`crate::layered`): opt-in with
@@ -119,6 +122,7 @@ impl GpuEngine {
             shard: None,
             layered_peak: None,
             layered_on: layered_default(),
+            summed: None,
         };
         let model = Model {
             cfg: cfg.clone(),

@@ -24,14 +24,25 @@ use crate::ops::elementwise::{cast_lowp, CastLowpF32};
 use crate::params::{Ptr, PtrMut};
 
 /// One group's place in the flat buffers.
-struct Group {
+pub(crate) struct Group {
     /// Its tensors: element offset, shape.
     slots: Vec<(usize, Vec<usize>)>,
     /// Its element ranges, merged where they touch.
-    ranges: Vec<Range<usize>>,
+    pub(crate) ranges: Vec<Range<usize>>,
 }
 
-fn group(m: &Model, g: ParamGroup) -> Group {
+impl Group {
+    /// The group's tensors of `buf` (a flat f32 buffer in the layout's offsets), read out.
+    pub(crate) fn read(&self, buf: &Buf) -> Result<Vec<Tensor<f32>>> {
+        let mut t: Vec<Tensor<f32>> = self.slots.iter().map(|(_, s)| Tensor::zeros(s)).collect();
+        for ((off, _), t) in self.slots.iter().zip(&mut t) {
+            buf.read(*off, &mut t.data)?;
+        }
+        Ok(t)
+    }
+}
+
+pub(crate) fn group(m: &Model, g: ParamGroup) -> Group {
     let mut slots = Vec::new();
     let mut ranges: Vec<Range<usize>> = Vec::new();
     // The layout's slots are `param_specs` in order, which `tensors` indexes.
@@ -186,10 +197,7 @@ impl<'a> Groups<'a> {
     fn grads(&mut self, g: ParamGroup) -> Result<()> {
         let m = self.m;
         let gr = &self.groups[g.index(m.cfg.n_layer)];
-        let mut t: Vec<Tensor<f32>> = gr.slots.iter().map(|(_, s)| Tensor::zeros(s)).collect();
-        for ((off, _), t) in gr.slots.iter().zip(&mut t) {
-            self.grads.read(*off, &mut t.data)?;
-        }
+        let t = gr.read(self.grads)?;
         for r in &gr.ranges {
             self.grads.unmap(4 * r.start..4 * r.end)?;
         }

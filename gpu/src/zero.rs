@@ -109,6 +109,16 @@ impl GpuEngine {
         let on = self.shard_on()?;
         self.model.dev.bind()?;
         self.model.dev.sync()?;
+        match self.train.summed {
+            // Summed during the backward (`loss_and_backward_summed`).
+            Some(s) if s == scatter => return self.grad_sumsq(on.range.start, on.range.len()),
+            Some(s) => {
+                return Err(self.shard_err(format!(
+                "the gradients were summed in the backward with scatter {s}, asked for {scatter}"
+            )))
+            }
+            None => {}
+        }
         let ptr = self.train.grads.ptr;
         let done = if scatter {
             comm.reduce_scatter_sum_device(ptr, on.range.len())?
@@ -183,5 +193,268 @@ impl GpuEngine {
         v.write(0, &s.v)?;
         self.train.opt_step = s.step;
         Ok(())
+    }
+}
+
+/// One collective of [`bucket_plan`]: flat elements `range`, summed on every rank (`root`
+/// `None`) or on rank `root` only.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Piece {
+    pub(crate) range: Range<usize>,
+    pub(crate) root: Option<usize>,
+}
+
+/// The buckets of a backward that sums its gradients as it goes
+/// (`TrainingEngine::loss_and_backward_summed`). `groups` holds each group's flat ranges in
+/// the order the backward finishes them. Whole groups are packed into a bucket until it
+/// holds at least `bucket` elements; a bucket's ranges are merged where they touch, and with
+/// `chunk` (each rank's share of a sharded flat buffer) split where a chunk ends, each piece
+/// summed on the rank that owns it. Returns, for each bucket, how many groups must be done
+/// before it is queued, and its pieces. Every element of every group is in exactly one piece.
+pub(crate) fn bucket_plan(
+    groups: &[Vec<Range<usize>>],
+    bucket: usize,
+    chunk: Option<usize>,
+) -> Vec<(usize, Vec<Piece>)> {
+    let bucket = bucket.max(1);
+    let mut out = Vec::new();
+    let mut ranges: Vec<Range<usize>> = Vec::new();
+    let mut held = 0;
+    for (i, g) in groups.iter().enumerate() {
+        for r in g.iter().filter(|r| !r.is_empty()) {
+            held += r.len();
+            ranges.push(r.clone());
+        }
+        if held >= bucket || i + 1 == groups.len() {
+            ranges.sort_by_key(|r| r.start);
+            let mut merged: Vec<Range<usize>> = Vec::new();
+            for r in ranges.drain(..) {
+                match merged.last_mut() {
+                    Some(last) if last.end == r.start => last.end = r.end,
+                    _ => merged.push(r),
+                }
+            }
+            let mut pieces = Vec::new();
+            for r in merged {
+                match chunk {
+                    None => pieces.push(Piece {
+                        range: r,
+                        root: None,
+                    }),
+                    Some(c) => {
+                        let c = c.max(1);
+                        let mut a = r.start;
+                        while a < r.end {
+                            let owner = a / c;
+                            let b = r.end.min((owner + 1) * c);
+                            pieces.push(Piece {
+                                range: a..b,
+                                root: Some(owner),
+                            });
+                            a = b;
+                        }
+                    }
+                }
+            }
+            if !pieces.is_empty() {
+                out.push((i + 1, pieces));
+            }
+            held = 0;
+        }
+    }
+    out
+}
+
+/// The backward's side of `loss_and_backward_summed`: told each group's `Phase::Grads`, it
+/// queues every bucket whose groups are done.
+pub(crate) struct SumAsDone<'a> {
+    comm: &'a mut dyn Comm,
+    /// The groups in the order the backward finishes them.
+    order: Vec<reference::engine::ParamGroup>,
+    plan: std::iter::Peekable<std::vec::IntoIter<(usize, Vec<Piece>)>>,
+    done: usize,
+    grads: u64,
+    stream: u64,
+    dev: std::sync::Arc<crate::cuda::Dev>,
+    /// Elements queued, for the check that every one was.
+    pub(crate) queued: usize,
+}
+
+impl<'a> SumAsDone<'a> {
+    pub(crate) fn new(
+        e: &GpuEngine,
+        comm: &'a mut dyn Comm,
+        bucket: usize,
+        scatter: bool,
+    ) -> Result<SumAsDone<'a>> {
+        use reference::engine::ParamGroup;
+        let cfg = &e.model.cfg;
+        let mut order: Vec<ParamGroup> = (0..cfg.n_layer).rev().map(ParamGroup::Layer).collect();
+        order.push(ParamGroup::Outer);
+        let groups: Vec<Vec<Range<usize>>> = order
+            .iter()
+            .map(|&g| crate::layered::group(&e.model, g).ranges)
+            .collect();
+        let chunk = match (&e.train.shard, scatter) {
+            (Some(on), true) => Some(on.range.len()),
+            (_, false) => None,
+            (None, true) => {
+                return Err(
+                    e.shard_err("a reduce to each chunk's rank without a sharded optimizer".into())
+                )
+            }
+        };
+        Ok(SumAsDone {
+            comm,
+            order,
+            plan: bucket_plan(&groups, bucket, chunk).into_iter().peekable(),
+            done: 0,
+            grads: e.train.grads.ptr,
+            stream: e.model.dev.cu_stream() as u64,
+            dev: e.model.dev.clone(),
+            queued: 0,
+        })
+    }
+
+    /// Waits for every queued sum.
+    pub(crate) fn wait(&mut self) -> Result<()> {
+        Ok(self.comm.wait_device()?)
+    }
+
+    /// What the backward calls at each phase: on a group's final gradient, queues the
+    /// buckets it completes.
+    pub(crate) fn on(&mut self, p: crate::forward::Phase) -> Result<()> {
+        let crate::forward::Phase::Grads(g) = p else {
+            return Ok(());
+        };
+        if self.order.get(self.done) != Some(&g) {
+            let next = self.order.get(self.done);
+            return Err(self.dev.err(
+                "summing gradients in the backward",
+                format!("the backward finished {g:?} where {next:?} was next"),
+            ));
+        }
+        self.done += 1;
+        while self
+            .plan
+            .peek()
+            .is_some_and(|(after, _)| *after <= self.done)
+        {
+            let (_, pieces) = self.plan.next().expect("peeked");
+            for p in pieces {
+                let ptr = self.grads + 4 * p.range.start as u64;
+                if !self
+                    .comm
+                    .reduce_sum_device_queued(ptr, p.range.len(), p.root, self.stream)?
+                {
+                    return Err(self.dev.err(
+                        "summing gradients in the backward",
+                        "the communicator stopped reaching device memory",
+                    ));
+                }
+                self.queued += p.range.len();
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Each element of every group in exactly one piece, and with `chunk` on its owner.
+    fn covers(groups: &[Vec<Range<usize>>], plan: &[(usize, Vec<Piece>)], chunk: Option<usize>) {
+        let n = groups.iter().flatten().map(|r| r.end).max().unwrap_or(0);
+        let mut seen = vec![0u8; n];
+        for (_, pieces) in plan {
+            for p in pieces {
+                for x in p.range.clone() {
+                    seen[x] += 1;
+                }
+                match chunk {
+                    None => assert_eq!(p.root, None),
+                    Some(c) => {
+                        assert_eq!(p.root, Some(p.range.start / c), "{p:?}");
+                        assert_eq!(
+                            (p.range.end - 1) / c,
+                            p.range.start / c,
+                            "{p:?} spans chunks"
+                        );
+                    }
+                }
+            }
+        }
+        for r in groups.iter().flatten() {
+            assert!(seen[r.clone()].iter().all(|&k| k == 1), "{r:?}: {seen:?}");
+        }
+        assert_eq!(
+            seen.iter().map(|&k| k as usize).sum::<usize>(),
+            groups.iter().flatten().map(|r| r.len()).sum::<usize>()
+        );
+    }
+
+    /// A model of 4 layers of 10 elements after an outer group of 3 at the front and 2 at the
+    /// back, in the backward's order (the layers in reverse, the outer group last).
+    fn model() -> Vec<Vec<Range<usize>>> {
+        let mut g: Vec<Vec<Range<usize>>> = (0..4)
+            .rev()
+            .map(|i| std::iter::once(3 + 10 * i..13 + 10 * i).collect())
+            .collect();
+        g.push(vec![0..3, 43..45]);
+        g
+    }
+
+    #[test]
+    fn buckets_hold_whole_groups_in_the_backwards_order_and_every_element_once() {
+        let g = model();
+        let plan = bucket_plan(&g, 15, None);
+        // Two layers a bucket (20 ≥ 15), then the outer group alone.
+        let after: Vec<usize> = plan.iter().map(|b| b.0).collect();
+        assert_eq!(after, vec![2, 4, 5]);
+        // Neighbouring layers merge into one range.
+        assert_eq!(
+            plan[0].1,
+            vec![Piece {
+                range: 23..43,
+                root: None
+            }]
+        );
+        assert_eq!(plan[2].1.len(), 2);
+        covers(&g, &plan, None);
+        // One element a bucket: one bucket per group; a bucket past the model: one bucket.
+        assert_eq!(bucket_plan(&g, 0, None).len(), 5);
+        let one = bucket_plan(&g, 1000, None);
+        assert_eq!(one.len(), 1);
+        assert_eq!(one[0].0, 5);
+        covers(&g, &one, None);
+    }
+
+    #[test]
+    fn a_sharded_bucket_is_cut_where_each_ranks_chunk_ends() {
+        let g = model();
+        // 45 elements over 4 ranks: chunks of 12 (the last rank's padded).
+        for bucket in [1, 7, 15, 1000] {
+            let plan = bucket_plan(&g, bucket, Some(12));
+            covers(&g, &plan, Some(12));
+        }
+        let plan = bucket_plan(&g, 15, Some(12));
+        assert_eq!(
+            plan[0].1,
+            vec![
+                Piece {
+                    range: 23..24,
+                    root: Some(1)
+                },
+                Piece {
+                    range: 24..36,
+                    root: Some(2)
+                },
+                Piece {
+                    range: 36..43,
+                    root: Some(3)
+                },
+            ]
+        );
     }
 }

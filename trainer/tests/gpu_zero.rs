@@ -280,3 +280,110 @@ fn gpu_zero_stage_3_goes_layer_by_layer_with_the_bits_of_stage_2() {
         );
     }
 }
+
+/// Stages 0–2 through the driver, `overlap` on or off, buckets of `bucket` elements: the
+/// weights, the gradient norms, and whether the driver summed in the engine's backward and
+/// streamed gradients out of it.
+fn overlapped(
+    comm: &mut Nccl,
+    stage: u8,
+    offload: bool,
+    overlap: bool,
+    bucket: usize,
+) -> (Vec<f32>, Vec<f64>, Option<bool>, Option<bool>) {
+    let zc = ZeroConfig {
+        stage,
+        offload_optimizer: if offload {
+            trainer::dist::config::OffloadDevice::Cpu
+        } else {
+            trainer::dist::config::OffloadDevice::None
+        },
+        overlap_comm: overlap,
+        reduce_bucket_size: bucket,
+        ..ZeroConfig::default()
+    };
+    let mut e = engine();
+    let mut d = ZeroDriver::new(&mut e, comm, zc).unwrap();
+    let mut norms = Vec::new();
+    for s in 0..STEPS {
+        let mine = [micro(s, 0), micro(s, 1)];
+        let out = d.step(&mut e, comm, &mine, &hp(), lr(s)).unwrap();
+        assert!(out.loss.is_some_and(f64::is_finite));
+        norms.push(out.grad_norm);
+    }
+    d.sync_engine(&mut e, comm).unwrap();
+    (flat(&e), norms, d.summed(), d.streamed())
+}
+
+/// `overlap_comm` at stages 0–2: with the optimizer on the device, the last micro-batch's
+/// backward queues each bucket's sum on NCCL's stream as its layers finish
+/// (`loss_and_backward_summed`); with it in host memory, each layer's gradient is copied out
+/// and reduced on the driver's communication thread (`loss_and_backward_streamed`). At world
+/// size 1 the bits are those of summing after the backward. Buckets of 40,000 elements cut
+/// the model (about 32,700 a layer) into several. Also: an engine whose gradients were summed
+/// in its backward refuses to add another micro-batch to them.
+#[test]
+fn gpu_zero_overlap_sums_in_the_backward_with_the_same_bits() {
+    let name = "gpu_zero_overlap_sums_in_the_backward_with_the_same_bits";
+    if let Err(e) = gpu::available() {
+        println!("skipping {name}: {e}");
+        return;
+    }
+    let id = match unique_id() {
+        Ok(id) => id,
+        Err(e) => {
+            println!("skipping {name}: {e}");
+            return;
+        }
+    };
+    let mut comm = Nccl::new(0, 1, &id, 0).unwrap();
+    let bucket = 40_000;
+    for (stage, offload) in [(0u8, false), (1, false), (2, false), (2, true)] {
+        let what = format!("stage {stage} offload {offload}");
+        let (want, want_norms, s0, _) = overlapped(&mut comm, stage, offload, false, bucket);
+        assert_eq!(
+            s0, None,
+            "{what}: summed in the backward without overlap_comm"
+        );
+        let (got, norms, summed, streamed) = overlapped(&mut comm, stage, offload, true, bucket);
+        if offload {
+            assert_eq!(streamed, Some(true), "{what}: no gradient streamed out");
+        } else {
+            assert_eq!(summed, Some(true), "{what}: not summed in the backward");
+        }
+        assert_eq!(norms, want_norms, "{what}: gradient norms differ");
+        assert!(
+            got == want,
+            "{what}: weights differ from summing after the backward"
+        );
+    }
+    // The engine-level contract.
+    let mut e = engine();
+    let b = micro(0, 0);
+    let input = Batch {
+        batch: b.batch,
+        seq_len: b.seq_len,
+        tokens: &b.inputs,
+        resets: Some(&b.resets),
+    };
+    assert!(e.all_reduce_gradients(&mut comm).unwrap());
+    e.zero_grad().unwrap();
+    let sum = reference::engine::SumInBackward {
+        comm: &mut comm,
+        bucket,
+        scatter: false,
+    };
+    let lo = e
+        .loss_and_backward_summed(&input, &b.targets, None, 1.0, sum)
+        .unwrap();
+    assert!(lo.is_some_and(|l| l.loss.is_finite()));
+    assert!(
+        e.loss_and_backward(&input, &b.targets, None, None, 1.0)
+            .is_err(),
+        "added a micro-batch to summed gradients"
+    );
+    e.zero_grad().unwrap();
+    assert!(e
+        .loss_and_backward(&input, &b.targets, None, None, 1.0)
+        .is_ok());
+}

@@ -94,6 +94,28 @@ pub trait Comm: Send {
         let _ = (ptr, chunk);
         Ok(false)
     }
+    /// Queues the sum over every rank of `len` f32 at the device address `ptr`, in place, and
+    /// returns without waiting for it: on every rank (`root` `None`, an all-reduce) or on rank
+    /// `root` only (a reduce; the other ranks' memory is left as it was). The collective
+    /// starts once the device work queued so far on the stream `after` (a `CUstream` of the
+    /// same context, as an integer) is done, so an engine can queue a bucket of gradients
+    /// while its backward goes on. [`Comm::wait_device`] waits for every queued collective.
+    /// Every rank queues the same calls in the same order. `Ok(false)` where this
+    /// communicator does not reach device memory (nothing is queued).
+    fn reduce_sum_device_queued(
+        &mut self,
+        ptr: u64,
+        len: usize,
+        root: Option<usize>,
+        after: u64,
+    ) -> CommResult<bool> {
+        let _ = (ptr, len, root, after);
+        Ok(false)
+    }
+    /// Waits for every collective [`Comm::reduce_sum_device_queued`] queued.
+    fn wait_device(&mut self) -> CommResult<()> {
+        Ok(())
+    }
 }
 
 /// The error for lengths that do not fit a collective.

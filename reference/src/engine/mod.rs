@@ -169,6 +169,25 @@ pub trait GradHook {
     fn gradients(&mut self, group: ParamGroup, grads: &[&Tensor<f32>]) -> Result<()>;
 }
 
+/// How [`TrainingEngine::loss_and_backward_summed`] sums the gradients during the backward.
+pub struct SumInBackward<'a> {
+    pub comm: &'a mut dyn crate::comm::Comm,
+    /// Elements a bucket holds at least (`reduce_bucket_size`); 0 counts as 1.
+    pub bucket: usize,
+    /// With a sharded optimizer at stage 2: each element is summed on the rank whose chunk
+    /// holds it only (a reduce per chunk); otherwise on every rank (an all-reduce).
+    pub scatter: bool,
+}
+
+impl std::fmt::Debug for SumInBackward<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SumInBackward")
+            .field("bucket", &self.bucket)
+            .field("scatter", &self.scatter)
+            .finish_non_exhaustive()
+    }
+}
+
 /// A ticket for a state an engine holds (see [`InferenceEngine::hold_state`]). An engine
 /// holds one state at a time: holding another invalidates earlier tickets, and using a stale
 /// ticket is an error, never a silent use of someone else's state.
@@ -487,6 +506,29 @@ pub trait TrainingEngine: InferenceEngine {
         hook: &mut dyn GradHook,
     ) -> Result<Option<LossOutput>> {
         let _ = (input, targets, mask, state, grad_scale, hook);
+        Ok(None)
+    }
+    /// [`TrainingEngine::loss_and_backward`] for a step's last micro-batch where the engine
+    /// sums its own gradients (after [`TrainingEngine::all_reduce_gradients`] or
+    /// [`TrainingEngine::shard_optimizer`] said it can): the backward also queues on
+    /// `sum.comm` the sum over the ranks of the gradients it has finished, whole
+    /// [`ParamGroup`]s in the backward's order packed into buckets of at least `sum.bucket`
+    /// elements (the last may be smaller), each as soon as its groups are done, so that the
+    /// collectives overlap the rest of the backward (ZeRO's `overlap_comm`). When it returns,
+    /// the buffers hold what [`TrainingEngine::all_reduce_gradients`] (with a sharded
+    /// optimizer, [`TrainingEngine::reduce_gradient_shard`] with `sum.scatter`: each element
+    /// summed at least on the rank whose chunk holds it) would have left, and those two then
+    /// sum nothing again until [`TrainingEngine::zero_grad`]. `Ok(None)` (the default): this
+    /// engine cannot, and nothing happened.
+    fn loss_and_backward_summed(
+        &mut self,
+        input: &Batch,
+        targets: &[u32],
+        mask: Option<&[bool]>,
+        grad_scale: f64,
+        sum: SumInBackward<'_>,
+    ) -> Result<Option<LossOutput>> {
+        let _ = (input, targets, mask, grad_scale, sum);
         Ok(None)
     }
     /// Replaces the gradient buffers (named f32 tensors in canonical order), e.g. with sums

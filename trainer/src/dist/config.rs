@@ -113,12 +113,12 @@ impl ZeroConfig {
     }
 
     /// Each setting that is on (or away from its default) but changes nothing here, with
-    /// why; the caller prints these.
-    pub fn no_effect(&self) -> Vec<String> {
+    /// why (`carry_state`: the run is stateful, `train.carry_state`); the caller prints these.
+    pub fn no_effect(&self, carry_state: bool) -> Vec<String> {
         let d = ZeroConfig::default();
         let mut out = Vec::new();
-        if self.overlap_comm {
-            out.push("zero_optimization.overlap_comm: no effect on the GPU engine at stages 0-2 or with carry_state, which reduce after the backward (the CPU engine reduces each bucket on a communication thread while its backward runs, and at stage 3 the CPU engine, and the GPU engine with VET_GPU_LAYERED=1, queue each layer's gradient there)".to_string());
+        if self.overlap_comm && carry_state {
+            out.push("zero_optimization.overlap_comm: no effect with carry_state, whose steps sum the gradients after the backward of every window (without carry_state, stages 0-2 sum each bucket while the backward goes on: on the device over NCCL, or on the driver's communication thread)".to_string());
         }
         if self.stage == 3 && self.reduce_bucket_size != d.reduce_bucket_size {
             out.push("zero_optimization.reduce_bucket_size: at stage 3 the CPU engine, and the GPU engine with VET_GPU_LAYERED=1, reduce-scatter each group's gradient in its own collective (the key applies with carry_state and on the GPU engine without it)".to_string());

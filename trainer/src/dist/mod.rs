@@ -8,7 +8,9 @@
 //!   ([`TrainingEngine::all_reduce_gradients`]) is plain data parallelism: every rank runs
 //!   the engine's own AdamW on identical sums, and the driver's shard is only a copy for
 //!   checkpoints. On the GPU engine over NCCL the flat gradient buffer is all-reduced in place
-//!   on the device (no host copy at all; at world size 1 this is the plain run bit for bit);
+//!   on the device (no host copy at all; at world size 1 this is the plain run bit for bit):
+//!   after the backward, or with `overlap_comm` during the last micro-batch's backward (next
+//!   point but one);
 //!   on the CPU engine the driver sums the gradients in buckets as the backward hands them out
 //!   (next points) and puts the sums back into the engine
 //!   ([`TrainingEngine::set_gradients`]; this keeps a whole-model flat gradient buffer in the
@@ -22,11 +24,23 @@
 //!   at stage 2), runs AdamW on its chunk and all-gathers the updated weights in place. The
 //!   f32 weights and the whole gradient buffer stay on every rank (the backward accumulates
 //!   into every layer), so stage 2 saves no more device memory than stage 1 here.
+//! - With `overlap_comm`, stages 0–2 with the optimizer on the GPU (the two points above) run
+//!   the last micro-batch through [`TrainingEngine::loss_and_backward_summed`]: the engine
+//!   packs whole groups, in the backward's order, into buckets of `reduce_bucket_size`
+//!   elements, and as soon as a bucket's layers are done it records an event on its stream
+//!   and queues the bucket's sum on NCCL's stream behind it (an all-reduce at stages 0–1; at
+//!   stage 2 a reduce of each piece to the rank whose chunk holds it), so the collectives
+//!   run beside the rest of the backward; the call waits for them at its end. At world size 1
+//!   the bits are those of summing after the backward (`trainer/tests/gpu_zero.rs`); at
+//!   world 3 and above NCCL may order a bucket's sum differently from the whole buffer's, a
+//!   rounding. These collectives have no time of their own in `comms_logger` (they ran
+//!   inside `forward_backward`).
 //! - Otherwise the optimizer (f32 master weights and AdamW moments) lives in the driver, in
 //!   host memory, and AdamW runs on the host with the simd tier's kernel: what DeepSpeed calls
 //!   `offload_optimizer: {device: "cpu"}`. On the CPU engine that is the only place it could
 //!   be; GPU engines take it with `offload_optimizer` and at stage 3.
-//! - Stages 0–2 on the CPU engine (every path above that reduces on the host): every
+//! - Stages 0–2 reducing on the host (the CPU engine on every path above; the GPU engine with
+//!   `offload_optimizer`): every
 //!   micro-batch but the last accumulates in the engine, and the last runs through
 //!   [`TrainingEngine::loss_and_backward_streamed`], which hands each group's gradient (a layer,
 //!   or the embedding, final norm and head; now final) out as soon as the backward is done
@@ -41,9 +55,11 @@
 //!   the buckets filled, the same on every rank, and each element is the rank-order sum of the
 //!   engines' buffers, so the bits are those of reducing after the whole backward. Only the
 //!   last micro-batch overlaps (the gradients are final only then), and with the default
-//!   bucket size of 5·10⁸ a small model is one bucket, which nothing can overlap. The engines
-//!   that cannot hand gradients out (GPU, reference) and stateful training (`carry_state`,
-//!   [`ZeroDriver::step_with`]) reduce after the backward, as before.
+//!   bucket size of 5·10⁸ a small model is one bucket, which nothing can overlap. The GPU
+//!   engine hands each group out by copying it to the host once its kernels are done (the
+//!   copy waits for them, so the device idles while it runs; the host collectives overlap).
+//!   The reference engine, which cannot hand gradients out, and stateful training
+//!   (`carry_state`, [`ZeroDriver::step_with`]) reduce after the backward, as before.
 //! - The wall-clock breakdown reports forward and backward together (the engines fuse them;
 //!   with in-line buckets their collectives are taken out), `comm` every collective's seconds
 //!   wherever it ran, and `comm_overlapped` the part of them that ran on the communication
@@ -106,6 +122,7 @@
 //! [`TrainingEngine::all_reduce_gradients`]: reference::TrainingEngine::all_reduce_gradients
 //! [`TrainingEngine::loss_and_backward_layered`]: reference::TrainingEngine::loss_and_backward_layered
 //! [`TrainingEngine::loss_and_backward_streamed`]: reference::TrainingEngine::loss_and_backward_streamed
+//! [`TrainingEngine::loss_and_backward_summed`]: reference::TrainingEngine::loss_and_backward_summed
 //! [`TrainingEngine::set_gradients`]: reference::TrainingEngine::set_gradients
 //! [`TrainingEngine::shard_optimizer`]: reference::TrainingEngine::shard_optimizer
 

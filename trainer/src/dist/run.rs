@@ -38,7 +38,7 @@ pub fn train_distributed(
     // the same overflow, so all keep the same scale.
     zero.loss_scaled = cfg.optim.precision == crate::train::run_config::Precision::Fp16;
     if comm.rank() == 0 {
-        for n in zero.no_effect() {
+        for n in zero.no_effect(!cfg.train.carry_state.is_off()) {
             eprintln!("note: {n}");
         }
         eprintln!(

@@ -447,7 +447,11 @@ mod tests {
         assert_eq!(ds.zero_stage, Some(2));
         let z = ds.zero.clone().unwrap();
         assert!(z.overlap_comm && !z.wall_clock_breakdown);
-        assert!(z.no_effect().iter().any(|n| n.contains("overlap_comm")));
+        assert!(z.no_effect(true).iter().any(|n| n.contains("overlap_comm")));
+        assert!(!z
+            .no_effect(false)
+            .iter()
+            .any(|n| n.contains("overlap_comm")));
         assert_eq!(ds.unsupported, vec!["steps_per_print"]);
     }
 
@@ -472,7 +476,7 @@ mod tests {
         assert!(z.comms_logger && z.wall_clock_breakdown);
         assert!(z.stage3_gather_16bit_weights_on_model_save);
         assert_eq!(ds.unsupported, vec!["zero_optimization.sub_group_size"]);
-        let ne = z.no_effect().join("\n");
+        let ne = z.no_effect(false).join("\n");
         for k in [
             "offload_param",
             "stage3_prefetch_bucket_size",

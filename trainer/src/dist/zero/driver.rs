@@ -71,6 +71,13 @@ pub struct ZeroDriver {
     /// ([`TrainingEngine::loss_and_backward_streamed`]), so that buckets are reduced as they
     /// fill; `None` until the first step asks.
     pub(super) streamed: Option<bool>,
+    /// Stages 0–2 with the optimizer in the engine and `overlap_comm`: whether the engine
+    /// sums its gradients over the ranks during the last micro-batch's backward
+    /// ([`TrainingEngine::loss_and_backward_summed`]); `None` until the first step asks.
+    pub(super) summed: Option<bool>,
+    /// Whether the communicator reaches device memory (NCCL): with the optimizer in the
+    /// engine, the gradients are then summed on the device, never through host copies.
+    pub(super) device_comm: bool,
 }
 
 impl ZeroDriver {
@@ -137,6 +144,8 @@ impl ZeroDriver {
             step: 0,
             range,
         };
+        // Every rank probes the same communicator kind (nothing moves at length 0).
+        let device_comm = comm.all_reduce_sum_device(0, 0)?;
         let groups = group_ranges(engine.config(), &layout);
         let group_sizes = groups
             .iter()
@@ -168,6 +177,8 @@ impl ZeroDriver {
             live_peak: None,
             layered: None,
             streamed: None,
+            summed: None,
+            device_comm,
         })
     }
 
@@ -244,7 +255,19 @@ impl ZeroDriver {
             }
         }
         if self.cfg.stage < 3
+            && (self.in_engine || self.on_device)
+            && self.device_comm
+            && self.cfg.overlap_comm
+            && self.summed != Some(false)
+            && !micro.is_empty()
+        {
+            return self.step_summed(engine, comm, micro, hp, lr);
+        }
+        // An engine that sums where its gradients live on the device (over NCCL) does so
+        // after the backward when it does not during it: no host copies.
+        if self.cfg.stage < 3
             && !self.on_device
+            && !(self.in_engine && self.device_comm)
             && self.streamed != Some(false)
             && !micro.is_empty()
         {
@@ -323,7 +346,7 @@ impl ZeroDriver {
         }
         if self.on_device {
             let stats = [loss_sum, bad, tokens as f64, 0.0];
-            return self.step_on_device(engine, comm, bd, stats, count, (hp, lr));
+            return self.step_on_device(engine, comm, bd, stats, count, (hp, lr), false);
         }
         if self.flat_grad.len() != self.layout.padded() {
             self.flat_grad = vec![0.0; self.layout.padded()];
@@ -480,7 +503,9 @@ impl ZeroDriver {
     /// reduce-scatter at stage 2), the global norm from every rank's Σ g² over its chunk,
     /// AdamW on the chunk and the all-gather of the updated weights, all in the engine.
     /// `stats`: this rank's loss sum, bad micro-batches, tokens, and a slot for Σ g².
-    fn step_on_device(
+    /// `summed`: the engine summed the gradients during the backward (only Σ g² is left).
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn step_on_device(
         &mut self,
         engine: &mut dyn TrainingEngine,
         comm: &mut dyn Comm,
@@ -488,21 +513,24 @@ impl ZeroDriver {
         mut stats: [f64; 4],
         micro: usize,
         (hp, lr): (&AdamWConfig, f64),
+        summed: bool,
     ) -> Result<StepOut, DistError> {
         let scatter = self.cfg.stage >= 2;
         let t = Instant::now();
         stats[3] = engine.reduce_gradient_shard(comm, scatter)?;
         let secs = t.elapsed().as_secs_f64();
-        self.comms.push(CommRecord {
-            op: if scatter {
-                "reduce_scatter_in_engine"
-            } else {
-                "all_reduce_in_engine"
-            },
-            bytes: 4 * self.layout.padded(),
-            secs,
-        });
-        bd.comm += secs;
+        if !summed {
+            self.comms.push(CommRecord {
+                op: if scatter {
+                    "reduce_scatter_in_engine"
+                } else {
+                    "all_reduce_in_engine"
+                },
+                bytes: 4 * self.layout.padded(),
+                secs,
+            });
+            bd.comm += secs;
+        }
         bd.comm += timed(&mut self.comms, "all_reduce_f64", 32, || {
             comm.all_reduce_sum_f64(&mut stats)
         })?;

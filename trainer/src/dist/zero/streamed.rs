@@ -7,6 +7,7 @@ use std::sync::mpsc;
 use std::time::Instant;
 
 use reference::comm::{Comm, CommResult};
+use reference::engine::SumInBackward;
 use reference::{AdamWConfig, TrainingEngine};
 
 use super::bucket::{Bucket, Packer, Reducer, Sink};
@@ -106,6 +107,74 @@ impl ZeroDriver {
             Grad::Flat
         };
         self.finish(engine, comm, bd, grad, out, count, (hp, lr))
+    }
+
+    /// Stages 0–2 with the optimizer in the engine (stage 0, or a sharded optimizer on the
+    /// device) and `overlap_comm`: every micro-batch but the last accumulates in the engine,
+    /// and the last runs through [`TrainingEngine::loss_and_backward_summed`], whose backward
+    /// queues the sum over the ranks of each bucket of `reduce_bucket_size` elements where
+    /// the gradients live as soon as its layers are done (all-reduce at stages 0–1, a reduce
+    /// to each chunk's rank at stage 2). An engine that cannot takes the path that sums after
+    /// the backward (from its last micro-batch on, nothing run twice).
+    pub(super) fn step_summed(
+        &mut self,
+        engine: &mut dyn TrainingEngine,
+        comm: &mut dyn Comm,
+        micro: &[TrainBatch],
+        hp: &AdamWConfig,
+        lr: f64,
+    ) -> Result<StepOut, DistError> {
+        let mut bd = Breakdown {
+            comm: self.sync_engine(engine, comm)?,
+            ..Breakdown::default()
+        };
+        let t = Instant::now();
+        engine.zero_grad()?;
+        let count = micro.len();
+        let scale = self.loss_scale / (count * comm.world()) as f64;
+        let mut out = MicroOut::default();
+        let (last, rest) = micro.split_last().expect("at least one micro-batch");
+        for b in rest {
+            let lo =
+                engine.loss_and_backward(&batch(b), &b.targets, b.mask.as_deref(), None, scale)?;
+            out.add(lo.loss, b.inputs.len());
+        }
+        let sum = SumInBackward {
+            comm: &mut *comm,
+            bucket: self.cfg.reduce_bucket_size,
+            scatter: self.cfg.stage == 2 && self.on_device,
+        };
+        let (input, mask) = (batch(last), last.mask.as_deref());
+        let summed =
+            match engine.loss_and_backward_summed(&input, &last.targets, mask, scale, sum)? {
+                Some(lo) => {
+                    out.add(lo.loss, last.inputs.len());
+                    true
+                }
+                None => {
+                    // Every rank runs the same engine kind, so every rank falls back here.
+                    let lo = engine.loss_and_backward(&input, &last.targets, mask, None, scale)?;
+                    out.add(lo.loss, last.inputs.len());
+                    false
+                }
+            };
+        self.summed = Some(summed);
+        bd.forward_backward = t.elapsed().as_secs_f64();
+        // The collectives of a summed backward ran on the device beside it and have no time
+        // of their own: `comms_logger` shows none for them (they are in `forward_backward`).
+        if self.in_engine {
+            let stats = [out.loss_sum, out.bad, out.tokens as f64];
+            return self.step_in_engine(engine, comm, bd, stats, count, (hp, lr), summed);
+        }
+        let stats = [out.loss_sum, out.bad, out.tokens as f64, 0.0];
+        self.step_on_device(engine, comm, bd, stats, count, (hp, lr), summed)
+    }
+
+    /// Stages 0–2 with the optimizer in the engine and `overlap_comm`: whether the engine
+    /// sums its gradients during the last backward (`Some(true)`) or after it (`Some(false)`:
+    /// it cannot); `None` before the first such step.
+    pub fn summed(&self) -> Option<bool> {
+        self.summed
     }
 
     /// Stages 0–2: whether the engine hands its gradients out during the backward, so that
