@@ -740,6 +740,13 @@ impl Buf {
     /// copies into its staging buffer before returning, so `src` may change or go right
     /// after; the work queued after the copy sees the new values.
     pub fn write_staged<T: Copy>(&self, off: usize, src: &[T]) -> Result<()> {
+        self.write_on(&self.dev.stream, off, src)
+    }
+
+    /// [`Buf::write_staged`] on `stream` (of this device's context) instead of the device's
+    /// own: the copy runs beside the kernels queued there, and work on another stream that
+    /// reads the destination must wait for an event recorded on `stream` after it.
+    pub fn write_on<T: Copy>(&self, stream: &CudaStream, off: usize, src: &[T]) -> Result<()> {
         let bytes = std::mem::size_of_val(src);
         let start = off * std::mem::size_of::<T>();
         if start + bytes > self.bytes {
@@ -753,7 +760,7 @@ impl Buf {
         }
         // SAFETY: bounds checked above; from pageable memory the driver stages `src` before
         // returning, so it may be dropped after.
-        unsafe { drv::memcpy_htod_async(self.ptr + start as u64, src, self.dev.cu_stream()) }
+        unsafe { drv::memcpy_htod_async(self.ptr + start as u64, src, stream.cu_stream()) }
             .map_err(|e| self.dev.err("upload", e))
     }
 

@@ -17,6 +17,10 @@ use std::ops::Range;
 use reference::engine::{ParamGroup, ParamHook};
 use reference::{Result, Tensor};
 
+use std::sync::Arc;
+
+use cudarc::driver::{CudaEvent, CudaStream};
+
 use crate::cuda::Buf;
 use crate::forward::Phase;
 use crate::model::Model;
@@ -74,16 +78,21 @@ pub(crate) struct Groups<'a> {
     pub(crate) peak: usize,
     /// The order the passes fill the groups in ([`ParamGroup::fill_order`]).
     order: Vec<ParamGroup>,
-    /// The next group's parameters, asked of the hook while the current group's kernels ran
-    /// ([`prefetch_on`]).
-    ahead: Option<(ParamGroup, Vec<Tensor<f32>>)>,
+    /// The next group, asked of the hook and uploaded on `copy` while the current group's
+    /// kernels ran ([`prefetch_on`]): its pages are mapped, and its parameters have landed
+    /// once the event has.
+    ahead: Option<(ParamGroup, CudaEvent)>,
     prefetch: bool,
+    /// The stream of the uploads ahead, made at the first.
+    copy: Option<Arc<CudaStream>>,
 }
 
-/// Whether a group's release first asks the hook for the next group's parameters, so that the
-/// driver's gather (and its copies on the host) overlap the kernels still running on the
-/// released group; the upload waits for the release as before. `VET_STAGE3_PREFETCH=0` turns
-/// it off. The bits are the same either way.
+/// Whether a group's release first asks the hook for the next group's parameters, maps its
+/// pages and uploads them on a stream of their own, so that the driver's gather, its copies
+/// on the host and the upload overlap the kernels still running on the released group; the
+/// next group's kernels wait for the upload's event. `VET_STAGE3_PREFETCH=0` turns it off
+/// (the next group is asked for and uploaded when it is filled, after the released group's
+/// kernels). The bits are the same either way.
 pub(crate) fn prefetch_on() -> bool {
     std::env::var("VET_STAGE3_PREFETCH").map_or(true, |v| v != "0")
 }
@@ -104,6 +113,7 @@ impl<'a> Groups<'a> {
             order: ParamGroup::fill_order(m.cfg.n_layer),
             ahead: None,
             prefetch: prefetch_on(),
+            copy: None,
         }
     }
 
@@ -120,26 +130,50 @@ impl<'a> Groups<'a> {
         gr.ranges.iter().map(|r| r.len()).sum()
     }
 
-    /// Maps the group's ranges in the parameters and the shadow, fills them from the hook and
-    /// casts them into the shadow; in the backward also maps and zeroes its gradient.
-    fn fill(&mut self, g: ParamGroup) -> Result<()> {
+    /// Maps the group's ranges in the parameters and the shadow.
+    fn map(&self, g: ParamGroup) -> Result<()> {
         let m = self.m;
-        let backward = self.fills > m.cfg.n_layer;
-        self.fills += 1;
-        let (t, asked) = match self.ahead.take() {
-            Some((a, t)) if a == g => (t, false),
-            _ => (self.ask(g)?, true),
-        };
-        let gr = &self.groups[g.index(m.cfg.n_layer)];
-        for r in &gr.ranges {
+        for r in &self.groups[g.index(m.cfg.n_layer)].ranges {
             m.params.map(4 * r.start..4 * r.end)?;
             if let Some(s) = &m.shadow {
                 s.map(2 * r.start..2 * r.end)?;
             }
         }
-        for ((off, _), t) in gr.slots.iter().zip(&t) {
-            m.params.write_staged(*off, &t.data)?;
-        }
+        Ok(())
+    }
+
+    /// Maps the group's ranges in the parameters and the shadow, fills them from the hook (or
+    /// waits for the upload ahead) and casts them into the shadow; in the backward also maps
+    /// and zeroes its gradient.
+    fn fill(&mut self, g: ParamGroup) -> Result<()> {
+        let m = self.m;
+        let backward = self.fills > m.cfg.n_layer;
+        self.fills += 1;
+        let asked = match self.ahead.take() {
+            Some((a, ev)) if a == g => {
+                m.dev
+                    .stream
+                    .wait(&ev)
+                    .map_err(|e| m.dev.err("waiting for an upload", e))?;
+                false
+            }
+            Some((a, _)) => {
+                return Err(m.dev.err(
+                    "stage 3 layer by layer",
+                    format!("{a:?} was uploaded ahead, {g:?} was filled"),
+                ))
+            }
+            None => {
+                let t = self.ask(g)?;
+                self.map(g)?;
+                let gr = &self.groups[g.index(m.cfg.n_layer)];
+                for ((off, _), t) in gr.slots.iter().zip(&t) {
+                    m.params.write_staged(*off, &t.data)?;
+                }
+                true
+            }
+        };
+        let gr = &self.groups[g.index(m.cfg.n_layer)];
         if let Some(s) = &m.shadow {
             for r in &gr.ranges {
                 let p = CastLowpF32 {
@@ -150,8 +184,8 @@ impl<'a> Groups<'a> {
                     dst: PtrMut::new(s.at::<u16>(r.start)),
                     mode: m.lp_mode(),
                 };
-                // SAFETY: both ranges were mapped above: `r.len()` f32 of the parameters and
-                // as many u16 of the shadow.
+                // SAFETY: both ranges were mapped, above or by the upload ahead: `r.len()` f32
+                // of the parameters and as many u16 of the shadow.
                 unsafe { cast_lowp(&m.dev, &p) }?;
             }
         }
@@ -171,15 +205,42 @@ impl<'a> Groups<'a> {
     }
 
     /// Waits for the kernels that read the group, unmaps its parameters and tells the hook.
+    /// First (with [`prefetch_on`]) the next group is asked for and uploaded ahead.
     fn release(&mut self, g: ParamGroup) -> Result<()> {
         let m = self.m;
         if self.prefetch && self.ahead.is_none() {
             if let Some(&next) = self.order.get(self.fills) {
-                // The kernels of `g` are still running: the next group's gather overlaps them.
+                // The kernels of `g` are still running: the next group's gather, and its
+                // upload on a stream of its own, overlap them.
                 let t = self.ask(next)?;
+                self.map(next)?;
+                let copy = match &self.copy {
+                    Some(c) => c.clone(),
+                    None => {
+                        let c = m
+                            .dev
+                            .ctx
+                            .new_stream()
+                            .map_err(|e| m.dev.err("creating a stream", e))?;
+                        self.copy = Some(c.clone());
+                        c
+                    }
+                };
+                let gr = &self.groups[next.index(m.cfg.n_layer)];
+                for ((off, _), t) in gr.slots.iter().zip(&t) {
+                    // From pageable memory: staged by the driver before this returns, so `t`
+                    // may go right after.
+                    m.params.write_on(&copy, *off, &t.data)?;
+                }
+                let ev = m
+                    .dev
+                    .ctx
+                    .new_event(None)
+                    .and_then(|ev| ev.record(&copy).map(|()| ev))
+                    .map_err(|e| m.dev.err("recording an upload", e))?;
                 self.held += self.numel(next);
                 self.peak = self.peak.max(self.held);
-                self.ahead = Some((next, t));
+                self.ahead = Some((next, ev));
             }
         }
         m.dev.sync()?;
