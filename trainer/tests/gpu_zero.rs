@@ -266,17 +266,31 @@ fn gpu_zero_stage_3_goes_layer_by_layer_with_the_bits_of_stage_2() {
             "d_model {d}: the engine held {peak} elements at once (bound {bound}, model {numel})"
         );
         // Two micro-batches: stage 2 adds the second one's gradient into the engine's
-        // buffers (each sum rounded once), stage 3 sums the two handed-over gradients.
-        let (want, _, _) = host_side(&c, &mut comm, 2, 2);
-        let (got, _, _) = host_side(&c, &mut comm, 3, 2);
-        let worst = got
-            .iter()
-            .zip(&want)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0f32, f32::max);
+        // buffers (cuBLAS accumulating into them with its own order), stage 3 sums the two
+        // handed-over gradients on the host: the gradients differ by roundings. A group's
+        // gradient lost or counted twice would move every step's norm by far more than 1e-5.
+        // AdamW turns an element whose two terms nearly cancel into an update of about ±lr
+        // whichever way the rounding went, so a few weights may differ by up to the sum of
+        // the learning rates; all but a few in ten thousand must agree to 1e-5.
+        let (want, want_norms, _) = host_side(&c, &mut comm, 2, 2);
+        let (got, norms, _) = host_side(&c, &mut comm, 3, 2);
+        for (s, (a, b)) in norms.iter().zip(&want_norms).enumerate() {
+            assert!(
+                (a - b).abs() <= 1e-5 * b,
+                "d_model {d}, two micro-batches, step {s}: gradient norm {a} against {b}"
+            );
+        }
+        let diffs: Vec<f32> = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).collect();
+        let worst = diffs.iter().fold(0f32, |m, &x| m.max(x));
+        let off = diffs.iter().filter(|&&x| x > 1e-5).count();
+        println!(
+            "d_model {d}, two micro-batches: {off} of {numel} weights differ by more than 1e-5 \
+             from stage 2's, the most by {worst:.3e}"
+        );
+        let lr_sum: f64 = (0..STEPS).map(lr).sum();
         assert!(
-            worst < 1e-5,
-            "d_model {d}: stage 3 with two micro-batches is off by {worst}"
+            off * 10_000 <= numel && (worst as f64) <= 2.0 * lr_sum,
+            "d_model {d}: stage 3 with two micro-batches: {off} weights off, the most by {worst}"
         );
     }
 }
