@@ -19,21 +19,25 @@ pub struct ZeroConfig {
     /// Elements per gradient bucket. Stages 0–2 on the CPU engine: the groups' gradients (a
     /// layer, or the embedding, final norm and head) are packed whole, in the order the
     /// backward finishes them, into buckets of about this many elements (a group larger than
-    /// this is a bucket by itself), and each bucket is one collective. Where the gradients are
-    /// reduced after the backward (GPU engine with `offload_optimizer`, stage 3 with
-    /// `carry_state`, engines that cannot hand out gradients during the backward) the flat
-    /// buffer is cut into pieces of this many elements. No effect where the GPU engine sums
-    /// its own flat buffer in one collective (stages 0–2 without `offload_optimizer`) or at
-    /// stage 3 layer by layer (the CPU engine, the GPU engine with `VET_GPU_LAYERED=1`: one
-    /// collective per group).
+    /// this is a bucket by itself), and each bucket is one collective; on the GPU engine with
+    /// the optimizer on the device and `overlap_comm`, each bucket's sum is queued on NCCL's
+    /// stream as the backward finishes its layers. Where the gradients are reduced on the host
+    /// after the backward (stage 3 with `carry_state`, engines that cannot hand out gradients
+    /// during the backward) the flat buffer is cut into pieces of this many elements. No
+    /// effect where the GPU engine sums its own flat buffer after the backward in one
+    /// collective (stages 0–2 without `offload_optimizer` or `overlap_comm`) or at stage 3
+    /// layer by layer (the CPU engine, the GPU engine with `VET_GPU_LAYERED=1`: one collective
+    /// per group).
     pub reduce_bucket_size: usize,
-    /// Stages 0–2 on the CPU engine: each full bucket is summed over the ranks on a
-    /// communication thread while the engine's backward goes on (off: in line, in the
-    /// backward, as each bucket fills). Stage 3 layer by layer (the CPU engine, the GPU engine
-    /// with `VET_GPU_LAYERED=1`): each
-    /// group's reduce-scatter is queued on that thread, which runs the parameter gathers too,
-    /// in order. The same bits either way. No effect on the GPU engine at stages 0–2 or with
-    /// `carry_state` (see [`ZeroConfig::no_effect`]).
+    /// Stages 0–2 reducing on the host (the CPU engine; the GPU engine with
+    /// `offload_optimizer`): each full bucket is summed over the ranks on a communication
+    /// thread while the engine's backward goes on (off: in line, in the backward, as each
+    /// bucket fills). Stages 0–2 on the GPU engine with the optimizer on the device: each
+    /// bucket's NCCL sum is queued on NCCL's stream while the backward goes on (off: one sum
+    /// after the backward). Stage 3 layer by layer (the CPU engine, the GPU engine with
+    /// `VET_GPU_LAYERED=1`): each group's reduce-scatter is queued on the communication
+    /// thread, which runs the parameter gathers too, in order. The same bits either way at
+    /// world size 1 and 2. No effect with `carry_state` (see [`ZeroConfig::no_effect`]).
     pub overlap_comm: bool,
     pub contiguous_gradients: bool,
     pub offload_optimizer: OffloadDevice,
