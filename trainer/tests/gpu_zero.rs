@@ -143,20 +143,28 @@ fn sharded(comm: &mut Nccl, stage: u8, resume_after: Option<usize>) -> (Vec<f32>
     (flat(&e), norms)
 }
 
+/// NCCL at world size 1 on GPU 0, or `None` after a `skipping` line naming the test and why
+/// (no CUDA device, no libnccl).
+fn nccl_or_skip(name: &str) -> Option<Nccl> {
+    if let Err(e) = gpu::available() {
+        println!("skipping {name}: {e}");
+        return None;
+    }
+    match unique_id() {
+        Ok(id) => Some(Nccl::new(0, 1, &id, 0).unwrap()),
+        Err(e) => {
+            println!("skipping {name}: {e}");
+            None
+        }
+    }
+}
+
 #[test]
 fn gpu_zero_stages_1_and_2_on_the_device_equal_the_plain_step() {
-    if let Err(e) = gpu::available() {
-        println!("skipping gpu_zero_stages_1_and_2_on_the_device_equal_the_plain_step: {e}");
+    let name = "gpu_zero_stages_1_and_2_on_the_device_equal_the_plain_step";
+    let Some(mut comm) = nccl_or_skip(name) else {
         return;
-    }
-    let id = match unique_id() {
-        Ok(id) => id,
-        Err(e) => {
-            println!("skipping gpu_zero_stages_1_and_2_on_the_device_equal_the_plain_step: {e}");
-            return;
-        }
     };
-    let mut comm = Nccl::new(0, 1, &id, 0).unwrap();
     let (want, want_norms) = plain();
     for stage in [1u8, 2] {
         let (got, norms) = sharded(&mut comm, stage, None);
@@ -223,18 +231,9 @@ fn host_side(
 #[test]
 fn gpu_zero_stage_3_goes_layer_by_layer_with_the_bits_of_stage_2() {
     let name = "gpu_zero_stage_3_goes_layer_by_layer_with_the_bits_of_stage_2";
-    if let Err(e) = gpu::available() {
-        println!("skipping {name}: {e}");
+    let Some(mut comm) = nccl_or_skip(name) else {
         return;
-    }
-    let id = match unique_id() {
-        Ok(id) => id,
-        Err(e) => {
-            println!("skipping {name}: {e}");
-            return;
-        }
     };
-    let mut comm = Nccl::new(0, 1, &id, 0).unwrap();
     for c in [cfg(), wide()] {
         let numel = FlatLayout::new(&c, 1).numel;
         let d = c.d_model;
@@ -339,18 +338,9 @@ fn overlapped(
 #[test]
 fn gpu_zero_overlap_sums_in_the_backward_with_the_same_bits() {
     let name = "gpu_zero_overlap_sums_in_the_backward_with_the_same_bits";
-    if let Err(e) = gpu::available() {
-        println!("skipping {name}: {e}");
+    let Some(mut comm) = nccl_or_skip(name) else {
         return;
-    }
-    let id = match unique_id() {
-        Ok(id) => id,
-        Err(e) => {
-            println!("skipping {name}: {e}");
-            return;
-        }
     };
-    let mut comm = Nccl::new(0, 1, &id, 0).unwrap();
     let bucket = 40_000;
     for (stage, offload) in [(0u8, false), (1, false), (2, false), (2, true)] {
         let what = format!("stage {stage} offload {offload}");

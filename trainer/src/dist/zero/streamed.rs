@@ -36,21 +36,9 @@ impl ZeroDriver {
         hp: &AdamWConfig,
         lr: f64,
     ) -> Result<StepOut, DistError> {
-        let mut bd = Breakdown {
-            comm: self.sync_engine(engine, comm)?,
-            ..Breakdown::default()
-        };
-        let t = Instant::now();
-        engine.zero_grad()?;
+        let (mut bd, t, scale, mut out) = self.all_but_last(engine, comm, micro)?;
         let count = micro.len();
-        let scale = self.loss_scale / (count * comm.world()) as f64;
-        let mut out = MicroOut::default();
-        let (last, rest) = micro.split_last().expect("at least one micro-batch");
-        for b in rest {
-            let lo =
-                engine.loss_and_backward(&batch(b), &b.targets, b.mask.as_deref(), None, scale)?;
-            out.add(lo.loss, b.inputs.len());
-        }
+        let last = micro.last().expect("at least one micro-batch");
         let scatter = self.cfg.stage == 2;
         // Stages 0–1 sum into the whole flat buffer; stage 2 into this rank's chunk.
         let mut dest = if scatter {
@@ -109,6 +97,32 @@ impl ZeroDriver {
         self.finish(engine, comm, bd, grad, out, count, (hp, lr))
     }
 
+    /// The start of a step whose last micro-batch's backward hands out or sums its gradients:
+    /// the engine brought up to date and zeroed, and every micro-batch but the last run into
+    /// its buffers. Returns the breakdown so far, when the forward and backward began, each
+    /// micro-batch's loss scale, and what they gave.
+    fn all_but_last(
+        &mut self,
+        engine: &mut dyn TrainingEngine,
+        comm: &mut dyn Comm,
+        micro: &[TrainBatch],
+    ) -> Result<(Breakdown, Instant, f64, MicroOut), DistError> {
+        let bd = Breakdown {
+            comm: self.sync_engine(engine, comm)?,
+            ..Breakdown::default()
+        };
+        let t = Instant::now();
+        engine.zero_grad()?;
+        let scale = self.loss_scale / (micro.len() * comm.world()) as f64;
+        let mut out = MicroOut::default();
+        for b in &micro[..micro.len().saturating_sub(1)] {
+            let lo =
+                engine.loss_and_backward(&batch(b), &b.targets, b.mask.as_deref(), None, scale)?;
+            out.add(lo.loss, b.inputs.len());
+        }
+        Ok((bd, t, scale, out))
+    }
+
     /// Stages 0–2 with the optimizer in the engine (stage 0, or a sharded optimizer on the
     /// device) and `overlap_comm`: every micro-batch but the last accumulates in the engine,
     /// and the last runs through [`TrainingEngine::loss_and_backward_summed`], whose backward
@@ -124,21 +138,9 @@ impl ZeroDriver {
         hp: &AdamWConfig,
         lr: f64,
     ) -> Result<StepOut, DistError> {
-        let mut bd = Breakdown {
-            comm: self.sync_engine(engine, comm)?,
-            ..Breakdown::default()
-        };
-        let t = Instant::now();
-        engine.zero_grad()?;
+        let (mut bd, t, scale, mut out) = self.all_but_last(engine, comm, micro)?;
         let count = micro.len();
-        let scale = self.loss_scale / (count * comm.world()) as f64;
-        let mut out = MicroOut::default();
-        let (last, rest) = micro.split_last().expect("at least one micro-batch");
-        for b in rest {
-            let lo =
-                engine.loss_and_backward(&batch(b), &b.targets, b.mask.as_deref(), None, scale)?;
-            out.add(lo.loss, b.inputs.len());
-        }
+        let last = micro.last().expect("at least one micro-batch");
         let sum = SumInBackward {
             comm: &mut *comm,
             bucket: self.cfg.reduce_bucket_size,
