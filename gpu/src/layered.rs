@@ -87,6 +87,15 @@ pub(crate) struct Groups<'a> {
     copy: Option<Arc<CudaStream>>,
 }
 
+impl Drop for Groups<'_> {
+    /// An upload ahead that a failed pass never waited for lands before its pages can go.
+    fn drop(&mut self) {
+        if let Some(c) = &self.copy {
+            let _ = c.synchronize();
+        }
+    }
+}
+
 /// Whether a group's release first asks the hook for the next group's parameters, maps its
 /// pages and uploads them on a stream of their own, so that the driver's gather, its copies
 /// on the host and the upload overlap the kernels still running on the released group; the
