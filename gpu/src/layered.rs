@@ -139,14 +139,21 @@ impl<'a> Groups<'a> {
         gr.ranges.iter().map(|r| r.len()).sum()
     }
 
-    /// Maps the group's ranges in the parameters and the shadow.
-    fn map(&self, g: ParamGroup) -> Result<()> {
+    /// Maps the group's ranges in the parameters and the shadow, and queues the upload of its
+    /// parameters `t` on `stream`.
+    fn map_and_upload(&self, g: ParamGroup, t: &[Tensor<f32>], stream: &CudaStream) -> Result<()> {
         let m = self.m;
-        for r in &self.groups[g.index(m.cfg.n_layer)].ranges {
+        let gr = &self.groups[g.index(m.cfg.n_layer)];
+        for r in &gr.ranges {
             m.params.map(4 * r.start..4 * r.end)?;
             if let Some(s) = &m.shadow {
                 s.map(2 * r.start..2 * r.end)?;
             }
+        }
+        for ((off, _), t) in gr.slots.iter().zip(t) {
+            // From pageable memory: staged by the driver before this returns, so `t` may go
+            // right after.
+            m.params.write_on(stream, *off, &t.data)?;
         }
         Ok(())
     }
@@ -174,11 +181,7 @@ impl<'a> Groups<'a> {
             }
             None => {
                 let t = self.ask(g)?;
-                self.map(g)?;
-                let gr = &self.groups[g.index(m.cfg.n_layer)];
-                for ((off, _), t) in gr.slots.iter().zip(&t) {
-                    m.params.write_staged(*off, &t.data)?;
-                }
+                self.map_and_upload(g, &t, &m.dev.stream)?;
                 true
             }
         };
@@ -222,7 +225,6 @@ impl<'a> Groups<'a> {
                 // The kernels of `g` are still running: the next group's gather, and its
                 // upload on a stream of its own, overlap them.
                 let t = self.ask(next)?;
-                self.map(next)?;
                 let copy = match &self.copy {
                     Some(c) => c.clone(),
                     None => {
@@ -235,12 +237,7 @@ impl<'a> Groups<'a> {
                         c
                     }
                 };
-                let gr = &self.groups[next.index(m.cfg.n_layer)];
-                for ((off, _), t) in gr.slots.iter().zip(&t) {
-                    // From pageable memory: staged by the driver before this returns, so `t`
-                    // may go right after.
-                    m.params.write_on(&copy, *off, &t.data)?;
-                }
+                self.map_and_upload(next, &t, &copy)?;
                 let ev = m
                     .dev
                     .ctx

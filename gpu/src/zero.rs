@@ -287,10 +287,7 @@ impl<'a> SumAsDone<'a> {
         bucket: usize,
         scatter: bool,
     ) -> Result<SumAsDone<'a>> {
-        use reference::engine::ParamGroup;
-        let cfg = &e.model.cfg;
-        let mut order: Vec<ParamGroup> = (0..cfg.n_layer).rev().map(ParamGroup::Layer).collect();
-        order.push(ParamGroup::Outer);
+        let order = reference::engine::ParamGroup::grads_order(e.model.cfg.n_layer);
         let groups: Vec<Vec<Range<usize>>> = order
             .iter()
             .map(|&g| crate::layered::group(&e.model, g).ranges)

@@ -139,6 +139,16 @@ impl ParamGroup {
         o.extend((0..n_layer).rev().map(ParamGroup::Layer));
         o
     }
+
+    /// The order in which a backward finishes the groups' gradients
+    /// ([`TrainingEngine::loss_and_backward_streamed`], the gradients of
+    /// [`TrainingEngine::loss_and_backward_layered`]): every layer in reverse, then the outer
+    /// group (the tied embedding's gradient is final only after the lookup's backward).
+    pub fn grads_order(n_layer: usize) -> Vec<ParamGroup> {
+        let mut o: Vec<_> = (0..n_layer).rev().map(ParamGroup::Layer).collect();
+        o.push(ParamGroup::Outer);
+        o
+    }
 }
 
 /// The caller's side of [`TrainingEngine::loss_and_backward_layered`]: where the engine gets a
